@@ -1,0 +1,1 @@
+"""Shared plumbing of the gateway's services: settings, gRPC server and error helpers, logging, CLI."""

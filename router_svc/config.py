@@ -1,0 +1,77 @@
+"""Settings of the router (flags and RESPGW_* environment variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.settings import option
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    host: str = option("127.0.0.1", "Address the HTTP server binds.", env="RESPGW_ROUTER_HOST")
+    port: int = option(
+        8080, "Port of the HTTP server (0 picks a free one).", env="RESPGW_ROUTER_PORT"
+    )
+    hub_url: str = option(
+        "",
+        "Base URL of the model server, up to and including /v1 "
+        "(e.g. http://127.0.0.1:8000/v1 for vLLM, http://127.0.0.1:11434/v1 for Ollama). Required.",
+        env="RESPGW_HUB_URL",
+    )
+    hub_api: str = option(
+        "chat",
+        "What the hub speaks: chat (Chat Completions, e.g. vLLM, SGLang, llama.cpp, Ollama) "
+        "or responses (the Responses API, e.g. OpenAI).",
+        env="RESPGW_HUB_API",
+    )
+    hub_api_key: str = option(
+        "", "Bearer token sent to the hub; empty sends none.", env="RESPGW_HUB_API_KEY"
+    )
+    hub_timeout_s: float = option(
+        600.0,
+        "Seconds a hub call may take in all before the client gets a 504.",
+        env="RESPGW_HUB_TIMEOUT_S",
+    )
+    hub_connect_timeout_s: float = option(
+        10.0, "Seconds to connect to the hub.", env="RESPGW_HUB_CONNECT_TIMEOUT_S"
+    )
+    default_model: str = option(
+        "",
+        "Model used when a request names none; empty makes model required.",
+        env="RESPGW_DEFAULT_MODEL",
+    )
+    state_address: str = option(
+        "127.0.0.1:50051",
+        "gRPC target of the state service (dns:///state:50051 spreads calls "
+        "over every replica a headless Service resolves to).",
+        env="RESPGW_STATE_ADDRESS",
+    )
+    state_timeout_s: float = option(
+        5.0, "Deadline of each state service call, in seconds.", env="RESPGW_STATE_TIMEOUT_S"
+    )
+    bootstrap_address: str = option(
+        "",
+        "gRPC target of the bootstrap service; empty uses the built-in no-op, which prepares "
+        "nothing.",
+        env="RESPGW_BOOTSTRAP_ADDRESS",
+    )
+    bootstrap_timeout_s: float = option(
+        10.0, "Deadline of each bootstrap call, in seconds.", env="RESPGW_BOOTSTRAP_TIMEOUT_S"
+    )
+    bootstrap_headers: str = option(
+        "",
+        "Comma-separated request headers forwarded to the bootstrap service (never authorization).",
+        env="RESPGW_BOOTSTRAP_HEADERS",
+    )
+    api_keys: str = option(
+        "",
+        "Comma-separated KEY=TENANT pairs. Empty runs single-tenant without authentication "
+        "(every caller is tenant 'default'): for local use only.",
+        env="RESPGW_API_KEYS",
+    )
+    max_body_bytes: int = option(
+        32 * 1024 * 1024, "Largest request body accepted, in bytes.", env="RESPGW_MAX_BODY_BYTES"
+    )
+    log_level: str = option("info", "Log level.", env="RESPGW_LOG_LEVEL")
+    log_format: str = option("json", "Log format: json or text.", env="RESPGW_LOG_FORMAT")
