@@ -1,0 +1,226 @@
+"""The router's errors, and the one place where they become OpenAI-shaped HTTP responses.
+
+Exception tree::
+
+    ApiError                      any error the client sees; carries status, type, code, param
+    ├── InvalidRequest            400 invalid_request_error (a bad field; param names it)
+    ├── Unauthenticated           401 (missing or wrong API key)
+    ├── NotFound                  404 (a response, conversation or item that does not exist)
+    ├── Conflict                  409 (a conversation changed under a turn; safe to retry)
+    ├── RateLimited               429
+    ├── UpstreamError             502 / 504 server_error (the hub failed, timed out or spoke nonsense)
+    ├── StateUnavailable          503 server_error (the state service cannot be reached)
+    └── BootstrapFailed           code stateful_tool_bootstrap_failed (the bootstrap service failed)
+
+Errors from gRPC services are mapped once, here (:func:`from_state_error`,
+:func:`from_bootstrap_error`), with ``raise ... from exc`` at the call site. Every
+``grpc.StatusCode`` has an entry; a test fails if one is added without a mapping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from gateway.grpcerrors import RemoteError
+
+SERVER_ERROR = "server_error"
+INVALID_REQUEST = "invalid_request_error"
+
+
+class ApiError(Exception):
+    """An error answered to the client as ``{"error": {message, type, param, code}}``."""
+
+    status: int = 500
+    type: str = SERVER_ERROR
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        if status is not None:
+            self.status = status
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(ApiError):
+    status = 400
+    type = INVALID_REQUEST
+
+
+class Unauthenticated(ApiError):
+    status = 401
+    type = INVALID_REQUEST
+    default_code = "invalid_api_key"
+
+
+class NotFound(ApiError):
+    status = 404
+    type = INVALID_REQUEST
+    default_code = "not_found"
+
+
+class Conflict(ApiError):
+    status = 409
+    type = INVALID_REQUEST
+    default_code = "conversation_locked"
+
+
+class RateLimited(ApiError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class UpstreamError(ApiError):
+    status = 502
+    default_code = "upstream_error"
+
+
+class StateUnavailable(ApiError):
+    status = 503
+    default_code = "state_unavailable"
+
+
+class BootstrapFailed(ApiError):
+    default_code = "stateful_tool_bootstrap_failed"
+
+
+def previous_response_not_found(response_id: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Previous response with id '{response_id}' not found.",
+        param="previous_response_id",
+        code="previous_response_not_found",
+    )
+
+
+def response_not_found(response_id: str) -> NotFound:
+    return NotFound(f"Response with id '{response_id}' not found.", code="not_found")
+
+
+def conversation_not_found(conversation_id: str, param: str | None = None) -> NotFound:
+    return NotFound(
+        f"Conversation with id '{conversation_id}' not found.", param=param, code="not_found"
+    )
+
+
+# For each status code of the state service: the HTTP status and error class used when the
+# reason gives nothing more specific. Codes that mean "the service is unwell" become 503 so the
+# client may retry; codes that mean "the router sent something wrong" become 500 (a bug here).
+_STATE_STATUS: dict[grpc.StatusCode, tuple[type[ApiError], int]] = {
+    grpc.StatusCode.OK: (ApiError, 500),
+    grpc.StatusCode.CANCELLED: (StateUnavailable, 503),
+    grpc.StatusCode.UNKNOWN: (StateUnavailable, 503),
+    grpc.StatusCode.INVALID_ARGUMENT: (InvalidRequest, 400),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (StateUnavailable, 503),
+    grpc.StatusCode.NOT_FOUND: (NotFound, 404),
+    grpc.StatusCode.ALREADY_EXISTS: (Conflict, 409),
+    grpc.StatusCode.PERMISSION_DENIED: (ApiError, 500),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (StateUnavailable, 503),
+    grpc.StatusCode.FAILED_PRECONDITION: (InvalidRequest, 400),
+    grpc.StatusCode.ABORTED: (Conflict, 409),
+    grpc.StatusCode.OUT_OF_RANGE: (InvalidRequest, 400),
+    grpc.StatusCode.UNIMPLEMENTED: (ApiError, 500),
+    grpc.StatusCode.INTERNAL: (StateUnavailable, 503),
+    grpc.StatusCode.UNAVAILABLE: (StateUnavailable, 503),
+    grpc.StatusCode.DATA_LOSS: (ApiError, 500),
+    grpc.StatusCode.UNAUTHENTICATED: (ApiError, 500),
+}
+
+_STATE_CODES: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: "state_timeout",
+    grpc.StatusCode.ALREADY_EXISTS: "conflict",
+    grpc.StatusCode.FAILED_PRECONDITION: "history_unavailable",
+    grpc.StatusCode.ABORTED: "conversation_locked",
+    grpc.StatusCode.OUT_OF_RANGE: "invalid_value",
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_value",
+}
+
+
+def from_state_error(err: RemoteError, *, param: str | None = None) -> ApiError:
+    """Maps a failed state service call to the error the client sees."""
+    cls, status = _STATE_STATUS.get(err.code, (StateUnavailable, 503))
+    if err.reason == "HISTORY_BROKEN":
+        return InvalidRequest(
+            "The history of this response cannot be loaded because an earlier response in its "
+            "chain was deleted or has expired.",
+            param=param,
+            code="history_unavailable",
+        )
+    if err.reason == "VERSION_MISMATCH":
+        return Conflict(
+            "Another request changed this conversation while this one was running. "
+            "Please try again.",
+            param=param,
+        )
+    if cls is StateUnavailable:
+        return StateUnavailable(
+            f"The state service is unavailable ({err.code.name.lower()}): {err.message}",
+            code=_STATE_CODES.get(err.code, "state_unavailable"),
+        )
+    if cls is ApiError:
+        return ApiError(
+            f"The state service rejected the router's call ({err.code.name}): {err.message}",
+            code="internal_error",
+            status=status,
+        )
+    return cls(err.message, param=param, code=_STATE_CODES.get(err.code), status=status)
+
+
+# For each status code of the bootstrap service: the HTTP status the client sees. The contract in
+# bootstrap_service.proto says which of them a caller retries; the router has already retried
+# those it may by the time it maps the error.
+_BOOTSTRAP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 500,
+    grpc.StatusCode.CANCELLED: 503,
+    grpc.StatusCode.UNKNOWN: 502,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 400,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 400,
+    grpc.StatusCode.INTERNAL: 502,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 502,
+    grpc.StatusCode.UNAUTHENTICATED: 502,
+}
+
+
+def from_bootstrap_error(err: RemoteError) -> BootstrapFailed:
+    """Maps a failed bootstrap call to ``stateful_tool_bootstrap_failed``."""
+    status = _BOOTSTRAP_STATUS.get(err.code, 502)
+    error = BootstrapFailed(
+        f"Preparing the stateful tools failed ({err.code.name}"
+        + (f", {err.reason}" if err.reason else "")
+        + f"): {err.message or 'no detail'}",
+        param="tools",
+        status=status,
+    )
+    error.type = INVALID_REQUEST if status < 500 and status != 429 else SERVER_ERROR
+    return error
