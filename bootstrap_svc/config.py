@@ -29,6 +29,12 @@ class BootstrapSettings:
         "Most live execution sessions one tenant may hold; more is RESOURCE_EXHAUSTED.",
         env="RESPGW_BOOTSTRAP_MAX_SESSIONS_PER_TENANT",
     )
+    replay_ttl_s: float = option(
+        900.0,
+        "Seconds a PrepareTools result is kept for replays of its request_id (the contract asks "
+        "for at least 600).",
+        env="RESPGW_BOOTSTRAP_REPLAY_TTL_S",
+    )
     max_message_bytes: int = option(
         16 * 1024 * 1024,
         "Largest gRPC message the server sends or accepts, in bytes.",

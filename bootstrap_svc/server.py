@@ -1,0 +1,75 @@
+"""Runs the reference bootstrap service: the servicer on a GrpcServer, plus the session sweeper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from bootstrap_svc import service, sessions
+from bootstrap_svc.config import BootstrapSettings
+from gateway import logs, metrics
+from gateway.grpcserver import GrpcServer
+from respgw.bootstrap.v1 import bootstrap_service_pb2, bootstrap_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = bootstrap_service_pb2.DESCRIPTOR.services_by_name["BootstrapService"].full_name
+
+
+@dataclass
+class Running:
+    """A started service: its bound port, and how to stop it."""
+
+    port: int
+    server: GrpcServer
+    store: sessions.SessionStore
+    sweeper: asyncio.Task[None]
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stops serving (in-flight calls get ``grace`` seconds), then closes the registry."""
+        try:
+            await self.server.stop(grace)
+        finally:
+            self.sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sweeper
+            self.store.close()
+
+
+async def start(settings: BootstrapSettings) -> Running:
+    """Opens the session registry in settings.workdir and starts serving on settings.listen."""
+    store = sessions.SessionStore(
+        settings.workdir,
+        idle_ttl_s=settings.idle_ttl_s,
+        max_sessions_per_tenant=settings.max_sessions_per_tenant,
+        replay_ttl_s=settings.replay_ttl_s,
+    )
+    servicer = service.BootstrapServicer(store)
+    server = GrpcServer(
+        settings.listen,
+        lambda s: bootstrap_service_pb2_grpc.add_BootstrapServiceServicer_to_server(servicer, s),
+        [SERVICE_NAME],
+        max_message_bytes=settings.max_message_bytes,
+        max_connection_age_s=settings.max_connection_age_s,
+        interceptors=[metrics.ServerInterceptor()],
+    )
+    try:
+        port = await server.start()
+    except BaseException:
+        store.close()
+        raise
+    sweeper = asyncio.create_task(store.run_sweeper(), name="bootstrap-session-sweeper")
+    return Running(port=port, server=server, store=store, sweeper=sweeper)
+
+
+async def run(settings: BootstrapSettings) -> None:
+    """Serves until SIGTERM or SIGINT, then stops gracefully."""
+    logs.setup(settings.log_level, settings.log_format)
+    metrics.serve_metrics(settings.metrics_port)
+    running = await start(settings)
+    try:
+        await running.server.serve_until_signal(settings.shutdown_grace_s)
+    finally:
+        await running.stop(0)

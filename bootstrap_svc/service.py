@@ -1,0 +1,256 @@
+"""The reference BootstrapService servicer: validates calls as bootstrap_service.proto says, keeps
+PrepareTools idempotent on (tenant, request_id), and prepares one execution session per tool.
+
+Every refusal is a gRPC status with a google.rpc.ErrorInfo in the domain ``bootstrap.respgw.dev``
+whose reason is one of: REQUEST_ID_REQUIRED, TENANT_REQUIRED, TOOLS_REQUIRED, KIND_UNSPECIFIED,
+KIND_DUPLICATED, TOOL_JSON_INVALID, SCOPE_CONFLICT, SCOPE_REQUIRED (INVALID_ARGUMENT);
+KIND_UNSUPPORTED (UNIMPLEMENTED); REQUEST_ID_CONFLICT (ALREADY_EXISTS); SESSION_LIMIT
+(RESOURCE_EXHAUSTED); SESSION_GONE (FAILED_PRECONDITION); WORKDIR_UNAVAILABLE (INTERNAL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import orjson
+from google.protobuf import timestamp_pb2
+
+from bootstrap_svc import sessions
+from gateway.grpcerrors import BOOTSTRAP_DOMAIN, ServiceError, abort
+from respgw.bootstrap.v1 import bootstrap_service_pb2 as pb
+from respgw.bootstrap.v1 import bootstrap_service_pb2_grpc, resources_pb2
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATION = "respgw-reference/0.1"
+
+# The kinds this service prepares, by their Responses API tool type.
+KINDS: dict[resources_pb2.ToolKind.ValueType, str] = {
+    resources_pb2.TOOL_KIND_CODE_INTERPRETER: "code_interpreter",
+    resources_pb2.TOOL_KIND_SHELL: "shell",
+}
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+R = TypeVar("R")
+
+
+def _invalid(reason: str, message: str, field: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        reason,
+        message,
+        metadata={"field": field},
+        domain=BOOTSTRAP_DOMAIN,
+    )
+
+
+async def _guard(context: Ctx, call: Callable[[], Awaitable[R]]) -> R:
+    """Runs one RPC, turning ServiceError into its status (abort never returns)."""
+    try:
+        return await call()
+    except ServiceError as err:
+        if err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            log.warning(
+                "bootstrap call refused", extra={"reason": err.reason, "error": err.message}
+            )
+        await abort(context, err)
+        raise AssertionError("unreachable") from err
+
+
+def _claims(request: pb.PrepareToolsRequest) -> list[sessions.Claim]:
+    """Validates the declared tools; returns what each needs from the session store."""
+    if not request.tools:
+        raise _invalid("TOOLS_REQUIRED", "at least one tool is required", "tools")
+    claims: list[sessions.Claim] = []
+    seen: set[resources_pb2.ToolKind.ValueType] = set()
+    for i, tool in enumerate(request.tools):
+        field = f"tools[{i}]"
+        if tool.kind == resources_pb2.TOOL_KIND_UNSPECIFIED:
+            raise _invalid("KIND_UNSPECIFIED", f"{field}.kind is unspecified", f"{field}.kind")
+        if tool.kind in seen:
+            raise _invalid(
+                "KIND_DUPLICATED", f"{field}.kind is declared more than once", f"{field}.kind"
+            )
+        seen.add(tool.kind)
+        try:
+            obj = orjson.loads(tool.json)
+        except orjson.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise _invalid(
+                "TOOL_JSON_INVALID", f"{field}.json is not a UTF-8 JSON object", f"{field}.json"
+            )
+        kind = KINDS.get(tool.kind)
+        if kind is None:
+            continue  # UNIMPLEMENTED, reported after every INVALID_ARGUMENT check
+        if obj.get("type", kind) != kind:
+            raise _invalid(
+                "TOOL_JSON_INVALID",
+                f"{field}.json has type {obj.get('type')!r}, not {kind!r}",
+                f"{field}.json",
+            )
+        container = obj.get("container")
+        if container is not None and not isinstance(container, str | dict):
+            raise _invalid(
+                "TOOL_JSON_INVALID",
+                f"{field}.json container must be a container id or an object",
+                f"{field}.json",
+            )
+        # A container id asks for that session; an object ({"type": "auto"}) lets us choose.
+        claims.append(sessions.Claim(kind, container if isinstance(container, str) else ""))
+    for i, tool in enumerate(request.tools):
+        if tool.kind not in KINDS:
+            raise ServiceError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "KIND_UNSUPPORTED",
+                f"tools[{i}].kind {tool.kind} is not supported; see GetCapabilities",
+                metadata={"field": f"tools[{i}].kind"},
+                domain=BOOTSTRAP_DOMAIN,
+            )
+    return claims
+
+
+def _instructions(session: sessions.Session) -> str:
+    if session.kind == "code_interpreter":
+        return (
+            f"The code_interpreter tool runs your code in container {session.id}. Its working "
+            f"directory is {session.directory}; files written there stay available to later "
+            "turns of this conversation until the container expires after a period without use."
+        )
+    return (
+        f"The shell tool runs your commands in session {session.id} with the working directory "
+        f"{session.directory}; files written there stay available to later turns of this "
+        "conversation until the session expires after a period without use."
+    )
+
+
+def _render(
+    request: pb.PrepareToolsRequest, found: list[sessions.Session]
+) -> pb.PrepareToolsResponse:
+    response = pb.PrepareToolsResponse()
+    for tool, session in zip(request.tools, found, strict=True):
+        item = {
+            "type": "message",
+            "role": "developer",
+            "content": [{"type": "input_text", "text": _instructions(session)}],
+        }
+        response.injected_items.append(orjson.dumps(item))
+        expire = timestamp_pb2.Timestamp()
+        expire.FromNanoseconds(int(session.expire_at * 1e9))
+        state = {"session_id": session.id, "kind": session.kind, "directory": session.directory}
+        response.prepared.append(
+            resources_pb2.PreparedTool(
+                kind=tool.kind,
+                state=orjson.dumps(state),
+                resource_id=session.id,
+                expire_time=expire,
+            )
+        )
+    return response
+
+
+class BootstrapServicer(bootstrap_service_pb2_grpc.BootstrapServiceServicer):
+    """Implements respgw.bootstrap.v1.BootstrapService over a :class:`sessions.SessionStore`."""
+
+    def __init__(self, store: sessions.SessionStore) -> None:
+        self._store = store
+
+    async def GetCapabilities(
+        self, request: pb.GetCapabilitiesRequest, context: Ctx
+    ) -> pb.GetCapabilitiesResponse:
+        return pb.GetCapabilitiesResponse(
+            tool_kinds=sorted(KINDS),
+            supports_release=True,
+            sessions_survive_restart=True,
+            implementation=IMPLEMENTATION,
+        )
+
+    async def PrepareTools(
+        self, request: pb.PrepareToolsRequest, context: Ctx
+    ) -> pb.PrepareToolsResponse:
+        return await _guard(context, lambda: self._prepare(request))
+
+    async def _prepare(self, request: pb.PrepareToolsRequest) -> pb.PrepareToolsResponse:
+        if not request.request_id:
+            raise _invalid("REQUEST_ID_REQUIRED", "request_id is required", "request_id")
+        if not request.tenant:
+            raise _invalid("TENANT_REQUIRED", "tenant is required", "tenant")
+        claims = _claims(request)
+        if request.conversation_id and request.previous_response_id:
+            raise _invalid(
+                "SCOPE_CONFLICT",
+                "conversation_id and previous_response_id cannot both be set",
+                "previous_response_id",
+            )
+        # Deterministic serialization orders the map fields, so equal content gives equal bytes.
+        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+        scope = sessions.Scope(
+            conversation_id=request.conversation_id,
+            previous_response_id=request.previous_response_id,
+            response_id=request.response_id,
+        )
+        try:
+            result, replayed = self._store.prepare(
+                tenant=request.tenant,
+                request_id=request.request_id,
+                fingerprint=fingerprint,
+                claims=claims,
+                scope=scope,
+                render=lambda found: _render(request, found).SerializeToString(),
+            )
+        except sessions.RequestConflict as exc:
+            raise self._error(grpc.StatusCode.ALREADY_EXISTS, exc) from exc
+        except sessions.SessionLimit as exc:
+            raise self._error(grpc.StatusCode.RESOURCE_EXHAUSTED, exc) from exc
+        except sessions.SessionGone as exc:
+            raise self._error(grpc.StatusCode.FAILED_PRECONDITION, exc) from exc
+        except OSError as exc:
+            log.exception("cannot create a session directory")
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL,
+                "WORKDIR_UNAVAILABLE",
+                f"cannot create a session directory: {exc.strerror or exc}",
+                domain=BOOTSTRAP_DOMAIN,
+            ) from exc
+        response = pb.PrepareToolsResponse.FromString(result)
+        response.replayed = replayed
+        log.info(
+            "prepared tools",
+            extra={
+                "tenant": request.tenant,
+                "sessions": [p.resource_id for p in response.prepared],
+                "replayed": replayed,
+            },
+        )
+        return response
+
+    async def ReleaseTools(
+        self, request: pb.ReleaseToolsRequest, context: Ctx
+    ) -> pb.ReleaseToolsResponse:
+        return await _guard(context, lambda: self._release(request))
+
+    async def _release(self, request: pb.ReleaseToolsRequest) -> pb.ReleaseToolsResponse:
+        if not request.tenant:
+            raise _invalid("TENANT_REQUIRED", "tenant is required", "tenant")
+        if not request.conversation_id and not request.response_id:
+            raise _invalid(
+                "SCOPE_REQUIRED",
+                "conversation_id or response_id is required",
+                "conversation_id",
+            )
+        count = await self._store.release(
+            request.tenant,
+            conversation_id=request.conversation_id,
+            response_id=request.response_id,
+        )
+        if count:
+            log.info("released sessions", extra={"tenant": request.tenant, "count": count})
+        return pb.ReleaseToolsResponse(released_count=count)
+
+    @staticmethod
+    def _error(code: grpc.StatusCode, exc: sessions.SessionError) -> ServiceError:
+        return ServiceError(code, exc.reason, str(exc), domain=BOOTSTRAP_DOMAIN)
