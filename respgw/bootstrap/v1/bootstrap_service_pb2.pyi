@@ -50,7 +50,8 @@ class GetCapabilitiesResponse(_message.Message):
     """True when ReleaseTools is implemented."""
     sessions_survive_restart: _builtins.bool
     """True when prepared sessions survive a restart of the service (a reused session keeps its
-    files); false when a restart starts every session afresh.
+    files); false when a restart starts every session afresh. The reference implementation sets it:
+    it keeps its session registry and its replay records in its work folder.
     """
     implementation: _builtins.str
     """A short name and version of the implementation, for logs (for example "respgw-reference/0.1")."""
