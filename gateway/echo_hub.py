@@ -1,0 +1,96 @@
+"""A demo model server that echoes the last user message, for trying the gateway without a model.
+
+It speaks just enough of the Chat Completions API (non-streaming and streaming, with usage) for
+the router. It is a demo, never a default: point the router at a real model server in production.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def _usage(messages: list[dict[str, Any]], text: str) -> dict[str, int]:
+    prompt = sum(len(str(m.get("content", "")).split()) for m in messages)
+    completion = len(text.split())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await request.json(loads=orjson.loads)
+    messages = body.get("messages") or []
+    text = f"You said: {_last_user_text(messages)}"
+    model = body.get("model", "echo")
+    created = int(time.time())
+    if not body.get("stream"):
+        return web.json_response(
+            {
+                "id": "chatcmpl-echo",
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": _usage(messages, text),
+            },
+            dumps=lambda o: orjson.dumps(o).decode(),
+        )
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    base = {"id": "chatcmpl-echo", "object": "chat.completion.chunk", "created": created, "model": model}
+    words = text.split(" ")
+    for i, word in enumerate(words):
+        delta: dict[str, Any] = {"content": word if i == 0 else " " + word}
+        if i == 0:
+            delta["role"] = "assistant"
+        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    done = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    await resp.write(b"data: " + orjson.dumps(done) + b"\n\n")
+    usage = {**base, "choices": [], "usage": _usage(messages, text)}
+    await resp.write(b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [{"id": "echo", "object": "model", "owned_by": "respgw"}]})
+
+
+def make_app() -> web.Application:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+async def start(host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Starts the echo hub in the running loop; returns the runner and the bound port."""
+    runner = web.AppRunner(make_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    assert server is not None
+    bound: int = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    return runner, bound

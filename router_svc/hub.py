@@ -1,0 +1,190 @@
+"""The router's client of the hub: an OpenAI-compatible model server.
+
+aiohttp is used rather than httpx's default transport: under concurrency its connection pool
+is several times faster on this workload (measured in the shared PERFORMANCE.md, and again by
+``bench/bench_router.py``). Every failure comes out as an :class:`errors.ApiError` with a code:
+502 for a refused connection, a 5xx, a rejected request or a malformed reply, 504 for a timeout,
+400 ``context_length_exceeded`` when the hub says the input is too long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from prometheus_client import Counter, Histogram
+
+from gateway.logs import REQUEST_ID_HEADER, request_id_var
+from gateway.metrics import LATENCY_BUCKETS
+from router_svc import errors
+
+log = logging.getLogger(__name__)
+
+HUB_LATENCY = Histogram(
+    "respgw_router_hub_latency_seconds",
+    "Time from sending a hub request to its last byte.",
+    ["path", "stream"],
+    buckets=LATENCY_BUCKETS,
+)
+HUB_ERRORS = Counter(
+    "respgw_router_hub_errors_total", "Failed hub calls, by error code.", ["code"]
+)
+
+_CONTEXT_HINTS = ("context length", "context_length", "maximum context", "too many tokens")
+
+
+class HubClient:
+    """POSTs JSON to the hub, whole or as a stream of server-sent events."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str = "",
+        timeout_s: float = 600.0,
+        connect_timeout_s: float = 10.0,
+        max_connections: int = 0,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._headers = {"content-type": "application/json"}
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout_s, sock_connect=connect_timeout_s
+        )
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, json_serialize=lambda o: orjson.dumps(o).decode()
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _request_headers(self) -> dict[str, str]:
+        rid = request_id_var.get()
+        return {**self._headers, REQUEST_ID_HEADER: rid} if rid else self._headers
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POSTs ``body`` and returns the JSON object the hub answered."""
+        start = time.perf_counter()
+        try:
+            async with self._client().post(
+                self._base + path, data=orjson.dumps(body), headers=self._request_headers()
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise _status_error(resp.status, raw)
+                try:
+                    parsed = orjson.loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    raise _fail("upstream_malformed_response", "The model server answered with malformed JSON.") from exc
+                if not isinstance(parsed, dict):
+                    raise _fail("upstream_malformed_response", "The model server's answer is not a JSON object.")
+                return parsed
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            raise _fail("upstream_timeout", "The model server did not answer in time.", 504) from exc
+        except aiohttp.ClientError as exc:
+            raise _fail("upstream_unreachable", f"The model server could not be reached: {exc}") from exc
+        finally:
+            HUB_LATENCY.labels(path, "false").observe(time.perf_counter() - start)
+
+    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """POSTs ``body`` and yields each JSON object of the hub's event stream, up to ``[DONE]``
+        (or the end of the stream)."""
+        start = time.perf_counter()
+        try:
+            async with self._client().post(
+                self._base + path, data=orjson.dumps(body), headers=self._request_headers()
+            ) as resp:
+                if resp.status >= 400:
+                    raise _status_error(resp.status, await resp.read())
+                data: list[bytes] = []
+                async for raw_line in resp.content:
+                    line = raw_line.rstrip(b"\r\n")
+                    if line.startswith(b"data:"):
+                        data.append(line[5:].lstrip())
+                        continue
+                    if line or not data:
+                        continue  # comments, "event:" lines and keep-alives
+                    payload = b"\n".join(data)
+                    data = []
+                    if payload == b"[DONE]":
+                        return
+                    yield _parse_event(payload)
+                if data and data != [b"[DONE]"]:
+                    yield _parse_event(b"\n".join(data))
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            raise _fail("upstream_timeout", "The model server did not answer in time.", 504) from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise _fail("upstream_stream_broken", f"The model server's stream broke off: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            raise _fail("upstream_unreachable", f"The model server could not be reached: {exc}") from exc
+        finally:
+            HUB_LATENCY.labels(path, "true").observe(time.perf_counter() - start)
+
+
+def _parse_event(payload: bytes) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise _fail("upstream_malformed_response", "The model server sent a malformed stream event.") from exc
+    if not isinstance(parsed, dict):
+        raise _fail("upstream_malformed_response", "A stream event of the model server is not a JSON object.")
+    if "error" in parsed and not parsed.get("choices"):
+        message = _error_message(parsed) or "The model server reported an error mid-stream."
+        raise _fail("upstream_error", f"The model server failed: {message}")
+    return parsed
+
+
+def _error_message(parsed: Any) -> str:
+    if isinstance(parsed, dict):
+        err = parsed.get("error", parsed)
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if isinstance(parsed.get("detail"), str):
+            return str(parsed["detail"])
+    return ""
+
+
+def _status_error(status: int, raw: bytes) -> errors.ApiError:
+    try:
+        message = _error_message(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        message = raw[:500].decode("utf-8", "replace")
+    if status == 400 and any(hint in message.lower() for hint in _CONTEXT_HINTS):
+        HUB_ERRORS.labels("context_length_exceeded").inc()
+        return errors.InvalidRequest(
+            f"The input exceeds the model's context window: {message}",
+            param="input",
+            code="context_length_exceeded",
+        )
+    if status in (408, 504):
+        return _fail("upstream_timeout", f"The model server timed out ({status}): {message}", 504)
+    if status == 429:
+        return _fail("upstream_rate_limited", f"The model server is rate limiting ({status}): {message}", 429)
+    if status >= 500:
+        return _fail("upstream_error", f"The model server failed ({status}): {message}")
+    return _fail("upstream_rejected", f"The model server rejected the request ({status}): {message}")
+
+
+def _fail(code: str, message: str, status: int = 502) -> errors.ApiError:
+    HUB_ERRORS.labels(code).inc()
+    log.warning("hub call failed", extra={"code": code, "detail": message})
+    if status == 429:
+        return errors.RateLimited(message, code=code)
+    return errors.UpstreamError(message, code=code, status=status)

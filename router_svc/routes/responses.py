@@ -1,0 +1,142 @@
+"""The Responses API: POST /v1/responses and the stored-response endpoints."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from prometheus_client import Gauge
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from respgw.state.v1 import state_service_pb2
+from router_svc import errors, stream, turn, validate
+from router_svc.http import JSONResponse, list_page, query_limit, query_order, read_json, services, tenant
+
+OPEN_STREAMS = Gauge("respgw_router_open_streams", "Streaming responses being sent right now.")
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def create_response(request: Request) -> Response:
+    svc = services(request)
+    who = tenant(request)
+    body = await read_json(request)
+    req = validate.parse_turn_request(body, default_model=svc.settings.default_model)
+    if req.background:
+        raise errors.InvalidRequest(
+            "Background responses are not supported by this gateway yet; send background: false.",
+            param="background",
+            code="unsupported_parameter",
+        )
+    key = request.headers.get("idempotency-key", "").strip()
+    if key and req.store:
+        first = await turn.find_idempotent(svc, who, key)
+        if first is not None:
+            if req.stream:
+                return _sse(_replay(first, -1))
+            return JSONResponse(first)
+    t = await turn.begin(svc, req, tenant=who, idempotency_key=key, headers=request.headers)
+    if req.stream:
+        return _sse(await turn.open_stream(svc, t), t.headers())
+    return JSONResponse(await turn.complete(svc, t), headers=t.headers())
+
+
+def _sse(body: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
+    return StreamingResponse(
+        _counted(body), media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}
+    )
+
+
+async def _counted(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    OPEN_STREAMS.inc()
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        OPEN_STREAMS.dec()
+
+
+async def _replay(response: dict[str, Any], starting_after: int) -> AsyncIterator[bytes]:
+    for event in stream.replay_events(response):
+        if int(event["sequence_number"]) > starting_after:
+            yield stream.sse_encode(event)
+
+
+async def _stored(request: Request) -> tuple[str, str, state_service_pb2.GetResponseResponse]:
+    svc = services(request)
+    who = tenant(request)
+    response_id = request.path_params["response_id"]
+    reply = await svc.state.call(
+        "GetResponse",
+        state_service_pb2.GetResponseRequest(tenant=who, response_id=response_id),
+        not_found=lambda err: errors.response_not_found(response_id),
+    )
+    return who, response_id, reply
+
+
+async def get_response(request: Request) -> Response:
+    _, _, reply = await _stored(request)
+    response: dict[str, Any] = orjson.loads(reply.response.response_json)
+    if request.query_params.get("stream", "false").lower() == "true":
+        raw_after = request.query_params.get("starting_after", "-1")
+        try:
+            after = int(raw_after)
+        except ValueError as exc:
+            raise errors.InvalidRequest(
+                f"Invalid type for 'starting_after': expected an integer, but got '{raw_after}'.",
+                param="starting_after",
+                code="invalid_type",
+            ) from exc
+        return _sse(_replay(response, after))
+    return JSONResponse(response)
+
+
+async def delete_response(request: Request) -> Response:
+    svc = services(request)
+    who = tenant(request)
+    response_id = request.path_params["response_id"]
+    await svc.state.call(
+        "DeleteResponse",
+        state_service_pb2.DeleteResponseRequest(tenant=who, response_id=response_id),
+        not_found=lambda err: errors.response_not_found(response_id),
+    )
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+async def list_input_items(request: Request) -> Response:
+    _, _, reply = await _stored(request)
+    limit = query_limit(request)
+    order = query_order(request)
+    items = [turn.item_from_proto(i) for i in reply.response.input_items]
+    if order == "desc":
+        items.reverse()
+    after = request.query_params.get("after")
+    if after:
+        ids = [i.get("id") for i in items]
+        if after not in ids:
+            raise errors.NotFound(
+                f"Item with id '{after}' not found in the input of this response.", param="after"
+            )
+        items = items[ids.index(after) + 1 :]
+    return JSONResponse(list_page(items[:limit], len(items) > limit))
+
+
+async def cancel_response(request: Request) -> Response:
+    await _stored(request)
+    raise errors.InvalidRequest(
+        "Only responses created with background: true can be cancelled.",
+        param="response_id",
+        code="not_cancellable",
+    )
+
+
+routes = [
+    Route("/v1/responses", create_response, methods=["POST"]),
+    Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+    Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+    Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
+    Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
+]

@@ -1,0 +1,36 @@
+"""What a request handler needs, built once per process by the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from router_svc.auth import Authenticator
+from router_svc.bootstrap import Bootstrapper
+from router_svc.config import RouterSettings
+from router_svc.hub import HubClient
+from router_svc.state_client import StateClient
+
+
+@dataclass
+class Services:
+    settings: RouterSettings
+    state: StateClient
+    hub: HubClient
+    bootstrapper: Bootstrapper
+    auth: Authenticator
+    # Turns that outlive their HTTP request (a streamed turn whose client went away is still read
+    # to the end and stored); shutdown waits for them.
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
+
+    async def drain(self, timeout_s: float) -> None:
+        if self.background:
+            await asyncio.wait(set(self.background), timeout=timeout_s)

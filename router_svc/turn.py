@@ -1,0 +1,360 @@
+"""One turn of POST /v1/responses: load the history, prepare stateful tools, call the hub, store.
+
+Three bodies are kept apart:
+
+- the caller's body (``TurnRequest.body``), never mutated;
+- the upstream body (:meth:`Turn.upstream`): the current request's instructions, the replayed
+  history, the items a bootstrap service injected, then the caller's input;
+- the stored turn (:func:`store`): the caller's own input items, the output items and the response
+  object; never replayed history, never injected items.
+
+Order of the steps, and what each failure leaves behind:
+
+1. validation (the route) -- nothing called yet;
+2. history, in one state call -- the hub is not called when it fails (503);
+3. bootstrap, once, only when stateful tools are declared -- the hub is not called on failure;
+4. the hub -- nothing is stored when it fails (502/504);
+5. store -- the client is answered 200 (or sees ``response.completed``) only after this succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.grpcerrors import RemoteError
+from respgw.state.v1 import resources_pb2, state_service_pb2
+from router_svc import bootstrap, errors, stream, translate
+from router_svc.ids import new_id
+from router_svc.services import Services
+from router_svc.validate import TurnRequest
+
+log = logging.getLogger(__name__)
+
+HISTORY_TRUNCATED_HEADER = "x-respgw-history-truncated"
+
+
+@dataclass
+class Turn:
+    """A validated request with everything the hub call needs."""
+
+    req: TurnRequest
+    tenant: str
+    response_id: str
+    created_at: int
+    history: list[dict[str, Any]]
+    prepared: bootstrap.Prepared
+    conversation_version: int | None
+    idempotency_key: str
+    omitted_history_items: int = 0
+
+    @property
+    def tool_resources(self) -> dict[str, str]:
+        return {kind: p.resource_id for kind, p in self.prepared.tools.items() if p.resource_id}
+
+    def upstream(self, hub_api: str, *, stream: bool) -> tuple[str, dict[str, Any]]:
+        """The hub path and the body sent upstream."""
+        injected = self.prepared.injected_items
+        if hub_api == "responses":
+            return "/responses", translate.responses_request(
+                self.req, self.history, injected, stream=stream
+            )
+        return "/chat/completions", translate.chat_request(
+            self.req, self.history, injected, stream=stream
+        )
+
+    def headers(self) -> dict[str, str]:
+        if self.omitted_history_items:
+            return {HISTORY_TRUNCATED_HEADER: str(self.omitted_history_items)}
+        return {}
+
+
+def item_to_proto(item: Mapping[str, Any]) -> resources_pb2.Item:
+    return resources_pb2.Item(id=str(item["id"]), json=orjson.dumps(item))
+
+
+def item_from_proto(item: resources_pb2.Item) -> dict[str, Any]:
+    parsed: dict[str, Any] = orjson.loads(item.json)
+    return parsed
+
+
+async def find_idempotent(svc: Services, tenant: str, key: str) -> dict[str, Any] | None:
+    """The response already stored for this Idempotency-Key, if any."""
+    try:
+        reply = await svc.state.call(
+            "GetResponse",
+            state_service_pb2.GetResponseRequest(tenant=tenant, idempotency_key=key),
+            not_found=_NotFoundSignal.raise_it,
+        )
+    except _NotFoundSignal:
+        return None
+    found: dict[str, Any] = orjson.loads(reply.response.response_json)
+    return found
+
+
+class _NotFoundSignal(errors.ApiError):
+    @staticmethod
+    def raise_it(err: RemoteError) -> errors.ApiError:
+        return _NotFoundSignal(err.message)
+
+
+async def begin(
+    svc: Services,
+    req: TurnRequest,
+    *,
+    tenant: str,
+    idempotency_key: str = "",
+    headers: Mapping[str, str] | None = None,
+) -> Turn:
+    """Steps 2 and 3: the history, then the bootstrap."""
+    history: list[dict[str, Any]] = []
+    version: int | None = None
+    omitted = 0
+    anchor: dict[str, str] = {}
+    if req.previous_response_id:
+        anchor = {"response_id": req.previous_response_id}
+        param = "previous_response_id"
+        prev = req.previous_response_id
+
+        def not_found(err: RemoteError) -> errors.ApiError:
+            return errors.previous_response_not_found(prev)
+    elif req.conversation_id:
+        anchor = {"conversation_id": req.conversation_id}
+        param = "conversation"
+        conv = req.conversation_id
+
+        def not_found(err: RemoteError) -> errors.ApiError:
+            return errors.conversation_not_found(conv, param="conversation")
+    if anchor:
+        reply = await svc.state.call(
+            "GetHistory",
+            state_service_pb2.GetHistoryRequest(tenant=tenant, **anchor),
+            param=param,
+            not_found=not_found,
+        )
+        history = [item_from_proto(i) for i in reply.items]
+        if req.conversation_id:
+            version = reply.conversation_version
+        if reply.truncated:
+            omitted = reply.omitted_item_count
+            if req.body.get("truncation", "disabled") != "auto":
+                raise errors.InvalidRequest(
+                    f"The stored history is longer than this gateway replays ({omitted} older "
+                    "items would be left out). Send truncation: 'auto' to accept that.",
+                    param="truncation",
+                    code="context_length_exceeded",
+                )
+            log.warning("history truncated", extra={"omitted_items": omitted})
+
+    response_id = new_id("resp")
+    prepared = bootstrap.Prepared.EMPTY
+    declared = bootstrap.stateful_tools(req.tools)
+    if declared:
+        prepared = await svc.bootstrapper.prepare(
+            request_id=_bootstrap_request_id(tenant, idempotency_key, response_id),
+            tenant=tenant,
+            tools=declared,
+            response_id=response_id,
+            conversation_id=req.conversation_id or "",
+            previous_response_id=req.previous_response_id or "",
+            headers=_selected_headers(svc, headers or {}),
+            metadata=req.metadata,
+        )
+    return Turn(
+        req=req,
+        tenant=tenant,
+        response_id=response_id,
+        created_at=int(time.time()),
+        history=history,
+        prepared=prepared,
+        conversation_version=version,
+        idempotency_key=idempotency_key,
+        omitted_history_items=omitted,
+    )
+
+
+def _bootstrap_request_id(tenant: str, idempotency_key: str, response_id: str) -> str:
+    # A client retry with the same Idempotency-Key must not prepare state twice, so the request id
+    # is derived from the key; without a key each request is its own.
+    if idempotency_key:
+        digest = hashlib.sha256(f"{tenant}\x00{idempotency_key}".encode()).hexdigest()[:32]
+        return f"idem_{digest}"
+    return response_id
+
+
+def _selected_headers(svc: Services, headers: Mapping[str, str]) -> dict[str, str]:
+    wanted = [h.strip().lower() for h in svc.settings.bootstrap_headers.split(",") if h.strip()]
+    return {
+        name: headers[name] for name in wanted if name != "authorization" and name in headers
+    }
+
+
+async def store(svc: Services, turn: Turn, response: dict[str, Any]) -> dict[str, Any]:
+    """Step 5: stores the turn (when ``store`` is true) and returns the response to answer.
+
+    On a replay (the Idempotency-Key was used by a turn stored meanwhile) the first response is
+    returned instead. A failure here means the turn may or may not be stored, so without an
+    Idempotency-Key the error tells the client not to retry (a retry could duplicate the turn).
+    """
+    if not turn.req.store:
+        return response
+    stored = resources_pb2.StoredResponse(
+        id=turn.response_id,
+        previous_response_id=turn.req.previous_response_id or "",
+        conversation_id=turn.req.conversation_id or "",
+        input_items=[item_to_proto(i) for i in turn.req.input_items],
+        output_items=[item_to_proto(i) for i in response.get("output", [])],
+        response_json=orjson.dumps(response),
+        idempotency_key=turn.idempotency_key,
+    )
+    put = state_service_pb2.PutTurnRequest(tenant=turn.tenant, response=stored)
+    if turn.conversation_version is not None:
+        put.expected_conversation_version = turn.conversation_version
+    try:
+        reply = await svc.state.call("PutTurn", put, not_found=lambda err: _put_not_found(turn))
+    except errors.ApiError as exc:
+        if exc.status >= 500 and not turn.idempotency_key:
+            exc.headers["x-should-retry"] = "false"
+        raise
+    if reply.replayed and reply.response.id != turn.response_id:
+        first: dict[str, Any] = orjson.loads(reply.response.response_json)
+        return first
+    return response
+
+
+def _put_not_found(turn: Turn) -> errors.ApiError:
+    if turn.req.previous_response_id:
+        return errors.previous_response_not_found(turn.req.previous_response_id)
+    return errors.conversation_not_found(turn.req.conversation_id or "", param="conversation")
+
+
+async def complete(svc: Services, turn: Turn) -> dict[str, Any]:
+    """Steps 4 and 5 without streaming."""
+    path, body = turn.upstream(svc.settings.hub_api, stream=False)
+    upstream = await svc.hub.post(path, body)
+    if svc.settings.hub_api == "responses":
+        response = translate.from_responses_result(
+            turn.req,
+            upstream,
+            response_id=turn.response_id,
+            created_at=turn.created_at,
+            tool_resources=turn.tool_resources,
+        )
+    else:
+        response = translate.from_chat_completion(
+            turn.req,
+            upstream,
+            response_id=turn.response_id,
+            created_at=turn.created_at,
+            tool_resources=turn.tool_resources,
+        )
+    return await store(svc, turn, response)
+
+
+_END = object()
+
+
+async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
+    """Steps 4 and 5 with streaming; returns the SSE byte stream for the client.
+
+    The hub is called here, before the HTTP response starts, so that a hub that cannot be reached
+    or rejects the request gives the client an ordinary error response. After that, the hub is read
+    by a task of its own: if the client goes away mid-stream, the task still reads the hub to the
+    end and stores the turn (the turn is not lost). The terminal event (``response.completed``)
+    is sent only after the turn was stored, so a request chained on it right away finds it.
+    """
+    path, body = turn.upstream(svc.settings.hub_api, stream=True)
+    chunks = svc.hub.stream(path, body)
+    try:
+        first: dict[str, Any] | None = await anext(chunks)
+    except StopAsyncIteration:
+        first = None
+    translator: stream.ChatStreamTranslator | stream.ResponsesStreamTranslator
+    kind = (
+        stream.ResponsesStreamTranslator
+        if svc.settings.hub_api == "responses"
+        else stream.ChatStreamTranslator
+    )
+    translator = kind(
+        turn.req,
+        response_id=turn.response_id,
+        created_at=turn.created_at,
+        tool_resources=turn.tool_resources,
+    )
+    queue: asyncio.Queue[object] = asyncio.Queue()
+    svc.spawn(_pump(svc, turn, translator, chunks, first, queue))
+    return _drain(queue)
+
+
+async def _pump(
+    svc: Services,
+    turn: Turn,
+    translator: stream.ChatStreamTranslator | stream.ResponsesStreamTranslator,
+    chunks: AsyncIterator[dict[str, Any]],
+    first: dict[str, Any] | None,
+    queue: asyncio.Queue[object],
+) -> None:
+    def push(events: list[dict[str, Any]]) -> None:
+        for event in events:
+            queue.put_nowait(stream.sse_encode(event))
+
+    try:
+        push(translator.start())
+        if first is not None:
+            push(translator.feed(first))
+            async for chunk in chunks:
+                push(translator.feed(chunk))
+        final = translator.finish()
+        terminal = final[-1]
+        push(final[:-1])
+        try:
+            answered = await store(svc, turn, translator.response)
+        except errors.ApiError as exc:
+            push(_failed_after(terminal, translator.response, exc))
+            return
+        if answered is not translator.response:
+            terminal = {**terminal, "response": answered}
+        push([terminal])
+    except errors.ApiError as exc:
+        push(translator.fail(exc.code or "server_error", exc.message))
+    except Exception:
+        log.exception("streamed turn failed")
+        push(translator.fail("server_error", "The gateway failed while streaming the response."))
+    finally:
+        queue.put_nowait(_END)
+        await _close(chunks)
+
+
+async def _close(chunks: AsyncIterator[dict[str, Any]]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _failed_after(
+    terminal: dict[str, Any], response: dict[str, Any], exc: errors.ApiError
+) -> list[dict[str, Any]]:
+    """The error events that replace ``response.completed`` when storing the turn failed."""
+    seq = int(terminal.get("sequence_number", 0))
+    error = {"code": exc.code or "server_error", "message": exc.message}
+    failed = {**response, "status": "failed", "error": error}
+    return [
+        {"type": "error", "sequence_number": seq, "code": error["code"], "message": exc.message, "param": None},
+        {"type": "response.failed", "sequence_number": seq + 1, "response": failed},
+    ]
+
+
+async def _drain(queue: asyncio.Queue[object]) -> AsyncIterator[bytes]:
+    while True:
+        item = await queue.get()
+        if item is _END:
+            return
+        assert isinstance(item, bytes)
+        yield item

@@ -1,0 +1,274 @@
+"""The one fake of the test suites: a small OpenAI-compatible model server that records every
+request it gets and answers from a script.
+
+It serves ``POST /v1/chat/completions`` (whole or streamed) and ``POST /v1/responses`` (a hub that
+speaks the Responses API), on 127.0.0.1 with a port of its own, from a thread of its own so that
+synchronous and asynchronous clients can both use it. Without a script it echoes the last user
+message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Reply:
+    """One scripted answer.
+
+    text / tool_calls / finish_reason / usage shape a normal answer; status+error_body make the
+    hub fail; delay_s waits first; malformed sends broken JSON; break_after_chunks cuts a stream.
+    """
+
+    text: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str = "stop"
+    usage: dict[str, int] | None = None
+    status: int = 200
+    error_body: Any = None
+    delay_s: float = 0.0
+    malformed: bool = False
+    break_after_chunks: int | None = None
+    chunk_delay_s: float = 0.0
+    reasoning: str | None = None
+
+
+def text_of(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+class FakeHub:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.paths: list[str] = []
+        self.script: deque[Reply] = deque()
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> FakeHub:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def enqueue(self, *replies: Reply) -> None:
+        with self._lock:
+            self.script.extend(replies)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.paths.clear()
+            self.script.clear()
+
+    def chat_requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r, p in zip(self.requests, self.paths, strict=True) if p.endswith("/chat/completions")]
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/responses", self._responses)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    def _next(self, body: dict[str, Any], path: str) -> Reply:
+        with self._lock:
+            self.requests.append(body)
+            self.paths.append(path)
+            if self.script:
+                return self.script.popleft()
+        last = ""
+        for message in reversed(body.get("messages") or []):
+            if message.get("role") == "user":
+                last = text_of(message)
+                break
+        if not body.get("messages"):
+            items = body.get("input")
+            last = items if isinstance(items, str) else "(items)"
+        return Reply(text=f"echo: {last}")
+
+    async def _fail(self, reply: Reply) -> web.Response | None:
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+        if reply.status != 200:
+            body = reply.error_body if reply.error_body is not None else {
+                "error": {"message": "scripted failure", "type": "server_error"}
+            }
+            raw = body if isinstance(body, bytes) else orjson.dumps(body)
+            return web.Response(status=reply.status, body=raw, content_type="application/json")
+        if reply.malformed:
+            return web.Response(status=200, body=b'{"choices": [', content_type="application/json")
+        return None
+
+    def _usage(self, reply: Reply) -> dict[str, Any]:
+        return reply.usage or {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        reply = self._next(body, request.path)
+        failed = await self._fail(reply)
+        if failed is not None:
+            return failed
+        created = int(time.time())
+        base = {"id": "chatcmpl-fake", "created": created, "model": body.get("model", "fake")}
+        if not body.get("stream"):
+            message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+            if reply.reasoning is not None:
+                message["reasoning_content"] = reply.reasoning
+            if reply.tool_calls:
+                message["tool_calls"] = [
+                    {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                    for c in reply.tool_calls
+                ]
+            return web.json_response(
+                {
+                    **base,
+                    "object": "chat.completion",
+                    "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
+                    "usage": self._usage(reply),
+                },
+                dumps=lambda o: orjson.dumps(o).decode(),
+            )
+        return await self._chat_stream(request, body, reply, base)
+
+    async def _chat_stream(
+        self, request: web.Request, body: dict[str, Any], reply: Reply, base: dict[str, Any]
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        chunks: list[dict[str, Any]] = []
+        if reply.text:
+            pieces = reply.text.split(" ")
+            for i, piece in enumerate(pieces):
+                delta: dict[str, Any] = {"content": piece if i == 0 else " " + piece}
+                if i == 0:
+                    delta["role"] = "assistant"
+                chunks.append(delta)
+        for index, call in enumerate(reply.tool_calls):
+            args = call["arguments"]
+            half = len(args) // 2
+            chunks.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                           "function": {"name": call["name"], "arguments": args[:half]}}]})
+            chunks.append({"tool_calls": [{"index": index, "function": {"arguments": args[half:]}}]})
+        sent = 0
+        for delta in chunks:
+            if reply.break_after_chunks is not None and sent >= reply.break_after_chunks:
+                # Cut the connection without a terminating chunk, as a crashing server would.
+                transport = request.transport
+                if transport is not None:
+                    transport.abort()
+                return resp
+            if reply.chunk_delay_s:
+                await asyncio.sleep(reply.chunk_delay_s)
+            chunk = {**base, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            sent += 1
+        if reply.malformed:
+            await resp.write(b"data: {not json\n\n")
+            await resp.write_eof()
+            return resp
+        end = {**base, "object": "chat.completion.chunk",
+               "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]}
+        await resp.write(b"data: " + orjson.dumps(end) + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {**base, "object": "chat.completion.chunk", "choices": [], "usage": self._usage(reply)}
+            await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """A Responses-API hub (like OpenAI itself), non-streaming and streaming."""
+        body = orjson.loads(await request.read())
+        reply = self._next(body, request.path)
+        failed = await self._fail(reply)
+        if failed is not None:
+            return failed
+        text = reply.text or ""
+        item = {
+            "id": "msg_upstream1",
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+        }
+        usage = {
+            "input_tokens": 11,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 7,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 18,
+        }
+        response = {
+            "id": "resp_upstream1",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": body.get("model", "fake"),
+            "output": [item],
+            "usage": usage,
+            "store": False,
+        }
+        if not body.get("stream"):
+            return web.json_response(response, dumps=lambda o: orjson.dumps(o).decode())
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        in_progress = {**response, "status": "in_progress", "output": [], "usage": None}
+        empty_item = {**item, "status": "in_progress", "content": []}
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": in_progress},
+            {"type": "response.in_progress", "response": in_progress},
+            {"type": "response.output_item.added", "output_index": 0, "item": empty_item},
+            {"type": "response.content_part.added", "item_id": item["id"], "output_index": 0,
+             "content_index": 0, "part": part},
+        ]
+        for piece in [text[: len(text) // 2], text[len(text) // 2 :]]:
+            events.append({"type": "response.output_text.delta", "item_id": item["id"], "output_index": 0,
+                           "content_index": 0, "delta": piece, "logprobs": []})
+        events += [
+            {"type": "response.output_text.done", "item_id": item["id"], "output_index": 0,
+             "content_index": 0, "text": text, "logprobs": []},
+            {"type": "response.content_part.done", "item_id": item["id"], "output_index": 0,
+             "content_index": 0, "part": {**part, "text": text}},
+            {"type": "response.output_item.done", "output_index": 0, "item": item},
+            {"type": "response.completed", "response": response},
+        ]
+        for seq, event in enumerate(events):
+            event["sequence_number"] = seq
+            await resp.write(b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n")
+        await resp.write_eof()
+        return resp
