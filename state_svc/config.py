@@ -23,6 +23,12 @@ class StateSettings:
     sqlite_path: str = option(
         "respgw-state.db", "SQLite database file (backend sqlite).", env="RESPGW_STATE_SQLITE_PATH"
     )
+    sqlite_synchronous: str = option(
+        "full",
+        "SQLite synchronous mode: full (an acknowledged write survives a power loss) or normal "
+        "(faster; survives a process crash, may lose the last writes on a power loss).",
+        env="RESPGW_STATE_SQLITE_SYNCHRONOUS",
+    )
     postgres_dsn: str = option(
         "",
         "PostgreSQL connection string, e.g. postgresql://user@host:5432/db (backend postgres).",
@@ -40,8 +46,15 @@ class StateSettings:
     )
     retention_s: float = option(
         0.0,
-        "Seconds a stored response or conversation stays retrievable; 0 keeps it forever.",
+        "Seconds a stored response stays retrievable after it was stored, and a conversation "
+        "after its last append; 0 keeps them forever.",
         env="RESPGW_STATE_RETENTION_S",
+    )
+    sweep_interval_s: float = option(
+        60.0,
+        "Seconds between sweeps that delete expired responses and conversations (expired ones "
+        "are invisible at once either way); 0 disables the sweeper.",
+        env="RESPGW_STATE_SWEEP_INTERVAL_S",
     )
     history_max_items: int = option(
         0,

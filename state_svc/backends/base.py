@@ -1,0 +1,460 @@
+"""The storage backend contract of the state service, and what every backend shares.
+
+A backend stores plain dataclasses (items keep their JSON as bytes), never API messages; the
+servicer converts at the boundary. Backend errors are :class:`gateway.grpcerrors.ServiceError`
+with the reasons ``state_service.proto`` lists, built with the helpers below so every backend
+words them the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import grpc
+
+from gateway.grpcerrors import ServiceError
+
+MICROS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One stored item. ``sequence`` is the conversation sequence number, or the 1-based
+    position inside a stored response; 0 on writes, where the backend assigns it."""
+
+    id: str
+    json: bytes
+    sequence: int = 0
+    create_time_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One stored response with its own input and output items."""
+
+    id: str
+    response_json: bytes
+    previous_response_id: str = ""
+    conversation_id: str = ""
+    input_items: Sequence[Item] = ()
+    output_items: Sequence[Item] = ()
+    idempotency_key: str = ""
+    create_time_us: int = 0
+    expire_time_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PutTurnResult:
+    turn: Turn
+    replayed: bool
+    conversation_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A resolved history, oldest first; ``omitted`` items were cut from its old end."""
+
+    items: Sequence[Item]
+    omitted: int = 0
+    conversation_version: int = 0
+    response_ids: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    version: int = 0
+    create_time_us: int = 0
+    expire_time_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedConversation:
+    conversation: Conversation
+    items: Sequence[Item]
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    items: Sequence[Item]
+    conversation_version: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ItemPage:
+    items: Sequence[Item]
+    has_more: bool
+
+
+class Backend(Protocol):
+    """Where the state service keeps responses and conversations. Every method is scoped to a
+    tenant, and every lookup treats expired rows as absent."""
+
+    async def put_turn(
+        self, tenant: str, turn: Turn, *, expected_conversation_version: int | None
+    ) -> PutTurnResult: ...
+
+    async def get_response(
+        self, tenant: str, *, response_id: str = "", idempotency_key: str = ""
+    ) -> Turn: ...
+
+    async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
+        """The chain ending at ``response_id`` in one query; ``limit`` 0 means all items."""
+        ...
+
+    async def conversation_history(
+        self, tenant: str, conversation_id: str, *, limit: int
+    ) -> History: ...
+
+    async def delete_response(self, tenant: str, response_id: str) -> None: ...
+
+    async def create_conversation(
+        self, tenant: str, metadata: Mapping[str, str], items: Sequence[Item], request_id: str
+    ) -> CreatedConversation: ...
+
+    async def get_conversation(self, tenant: str, conversation_id: str) -> Conversation: ...
+
+    async def update_conversation(
+        self, tenant: str, conversation_id: str, metadata: Mapping[str, str]
+    ) -> Conversation: ...
+
+    async def delete_conversation(self, tenant: str, conversation_id: str) -> None: ...
+
+    async def append_items(
+        self,
+        tenant: str,
+        conversation_id: str,
+        items: Sequence[Item],
+        *,
+        expected_version: int | None,
+    ) -> AppendResult: ...
+
+    async def list_items(
+        self,
+        tenant: str,
+        conversation_id: str,
+        *,
+        descending: bool,
+        limit: int,
+        after_sequence: int | None,
+        after_item_id: str,
+    ) -> ItemPage:
+        """One page keyed on the sequence: ``after_sequence`` (from a page token) wins over
+        ``after_item_id``; ``has_more`` says whether another page follows."""
+        ...
+
+    async def get_item(self, tenant: str, conversation_id: str, item_id: str) -> Item: ...
+
+    async def delete_item(
+        self, tenant: str, conversation_id: str, item_id: str
+    ) -> Conversation: ...
+
+    async def sweep(self) -> int:
+        """Deletes expired responses and conversations; returns how many rows went."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# --- time and ids -------------------------------------------------------------------------
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def expire_at(now: int, retention_s: float) -> int | None:
+    """The expiry of a row written at ``now``; None keeps it forever."""
+    return now + int(retention_s * MICROS) if retention_s > 0 else None
+
+
+def live(expire_time_us: int | None, now: int) -> bool:
+    return expire_time_us is None or expire_time_us > now
+
+
+def new_conversation_id() -> str:
+    return "conv_" + secrets.token_hex(24)
+
+
+# --- content digests for idempotency -----------------------------------------------------
+
+
+class _Digest:
+    """Length-prefixed fields, so that no two different contents hash alike by concatenation."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def add(self, data: bytes | str | int) -> None:
+        if isinstance(data, int):
+            data = str(data)
+        if isinstance(data, str):
+            data = data.encode()
+        self._h.update(len(data).to_bytes(8, "big"))
+        self._h.update(data)
+
+    def add_items(self, items: Sequence[Item]) -> None:
+        self.add(len(items))
+        for item in items:
+            self.add(item.id)
+            self.add(item.json)
+
+    def digest(self) -> bytes:
+        return self._h.digest()
+
+
+def turn_digest(turn: Turn) -> bytes:
+    """What makes two PutTurn calls "the same turn": every caller-set field."""
+    d = _Digest()
+    for value in (
+        turn.id,
+        turn.previous_response_id,
+        turn.conversation_id,
+        turn.idempotency_key,
+        turn.response_json,
+    ):
+        d.add(value)
+    d.add_items(turn.input_items)
+    d.add_items(turn.output_items)
+    return d.digest()
+
+
+def conversation_digest(metadata: Mapping[str, str], items: Sequence[Item]) -> bytes:
+    """What makes two CreateConversation calls with one request_id "the same request"."""
+    d = _Digest()
+    d.add(len(metadata))
+    for key in sorted(metadata):
+        d.add(key)
+        d.add(metadata[key])
+    d.add_items(items)
+    return d.digest()
+
+
+# --- shared decisions ---------------------------------------------------------------------
+
+
+def positioned(items: Iterable[Item], create_time_us: int) -> tuple[Item, ...]:
+    """A response's items with their 1-based positions as sequence."""
+    return tuple(
+        Item(id=item.id, json=item.json, sequence=i, create_time_us=create_time_us)
+        for i, item in enumerate(items, 1)
+    )
+
+
+def stored_turn(turn: Turn, now: int, expire_time_us: int | None) -> Turn:
+    """The turn as stored: server-set times, items numbered by position."""
+    return replace(
+        turn,
+        input_items=positioned(turn.input_items, now),
+        output_items=positioned(turn.output_items, now),
+        create_time_us=now,
+        expire_time_us=expire_time_us,
+    )
+
+
+def classify_append(
+    conversation_id: str, requested: Sequence[Item], existing: Mapping[str, Item]
+) -> tuple[Item, ...] | None:
+    """Decides whether an append of ``requested`` is new (None), a replay (the stored items, in
+    the requested order) or a conflict (raises ITEM_ID_CONFLICT). ``existing`` holds the stored
+    items of the conversation whose ids are among the requested ones."""
+    if not existing:
+        return None
+    for item in requested:
+        stored = existing.get(item.id)
+        if stored is None or stored.json != item.json:
+            clash = item.id if stored is not None else next(iter(existing))
+            raise item_id_conflict(conversation_id, clash)
+    return tuple(existing[item.id] for item in requested)
+
+
+def cut_oldest(items: Sequence[Item], limit: int) -> tuple[Sequence[Item], int]:
+    """Keeps the newest ``limit`` items (all when 0); returns them and how many were left out."""
+    if limit <= 0 or len(items) <= limit:
+        return items, 0
+    return items[len(items) - limit :], len(items) - limit
+
+
+def check_version(conversation_id: str, expected: int | None, actual: int) -> None:
+    if expected is not None and expected != actual:
+        raise ServiceError(
+            grpc.StatusCode.ABORTED,
+            "VERSION_MISMATCH",
+            f"conversation {conversation_id} is at version {actual}, not {expected}",
+            {
+                "conversation_id": conversation_id,
+                "expected_version": str(expected),
+                "actual_version": str(actual),
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TurnLookup:
+    """What the rows matching a new turn's id, previous id or idempotency key say."""
+
+    replay: tuple[int, int] | None  # (pk, conversation version) of the turn to return instead
+    expired: Sequence[int]  # pks of expired rows holding the id or the key, to delete first
+    previous_live: bool
+
+
+def lookup_turn(turn: Turn, digest: bytes, rows: Iterable[Any], now: int) -> TurnLookup:
+    """Decides a PutTurn from the rows (pk, id, idempotency key, digest, conversation version,
+    expire time) of the tenant whose id is the turn's id or previous id, or whose key is the
+    turn's key: a replay of the same id (or RESPONSE_ID_CONFLICT), a replay of the same key, or
+    a new turn."""
+    expired: list[int] = []
+    by_key: tuple[int, int] | None = None
+    previous_live = False
+    key = turn.idempotency_key
+    for pk, rid, row_key, row_digest, version, expire in rows:
+        if not live(expire, now):
+            if rid == turn.id or (key and row_key == key):
+                expired.append(pk)
+            continue
+        if rid == turn.id:
+            if row_digest != digest:
+                raise response_id_conflict(turn.id)
+            return TurnLookup((pk, version), (), True)
+        if key and row_key == key:
+            by_key = (pk, version)
+        if rid == turn.previous_response_id:
+            previous_live = True
+    return TurnLookup(by_key, expired, previous_live)
+
+
+# --- rows of the SQL backends' history queries ----------------------------------------------
+
+
+def history_from_rows(response_id: str, rows: Sequence[Any]) -> History:
+    """Builds a History from the rows of the chain query : per
+    response, oldest first, one chain row (pk, id, prev, create time) then its kept items
+    (pk, -, -, -, kind, position, item id, json, total item count)."""
+    if not rows:
+        raise response_not_found(response_id)
+    if rows[0][2]:
+        # The oldest response reached still names a previous one: that link is gone.
+        raise history_broken(response_id, rows[0][2])
+    response_ids: list[str] = []
+    items: list[Item] = []
+    total = 0
+    create_time = 0
+    for row in rows:
+        if row[4] is None:
+            response_ids.append(row[1])
+            create_time = row[3]
+        else:
+            items.append(Item(id=row[6], json=row[7], sequence=row[5], create_time_us=create_time))
+            total = row[8]
+    return History(items=items, omitted=total - len(items), response_ids=response_ids)
+
+
+def conversation_history_from_rows(conversation_id: str, rows: Sequence[Any]) -> History:
+    """Builds a History from the newest-first rows (version, total, seq, id, json, create time)."""
+    if not rows:
+        raise conversation_not_found(conversation_id)
+    items = [
+        Item(id=row[3], json=row[4], sequence=row[2], create_time_us=row[5])
+        for row in reversed(rows)
+        if row[2] is not None
+    ]
+    return History(items=items, omitted=rows[0][1] - len(items), conversation_version=rows[0][0])
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def response_not_found(response_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "RESPONSE_NOT_FOUND",
+        f"response {response_id} not found",
+        {"response_id": response_id},
+    )
+
+
+def idempotency_key_not_found(key: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "RESPONSE_NOT_FOUND",
+        "no response stored with this idempotency key",
+        {"idempotency_key": key},
+    )
+
+
+def previous_response_not_found(response_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "PREVIOUS_RESPONSE_NOT_FOUND",
+        f"previous response {response_id} not found",
+        {"previous_response_id": response_id},
+    )
+
+
+def conversation_not_found(conversation_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "CONVERSATION_NOT_FOUND",
+        f"conversation {conversation_id} not found",
+        {"conversation_id": conversation_id},
+    )
+
+
+def item_not_found(conversation_id: str, item_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "ITEM_NOT_FOUND",
+        f"item {item_id} not found in conversation {conversation_id}",
+        {"conversation_id": conversation_id, "item_id": item_id},
+    )
+
+
+def response_id_conflict(response_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        "RESPONSE_ID_CONFLICT",
+        f"response {response_id} is already stored with different content",
+        {"response_id": response_id},
+    )
+
+
+def item_id_conflict(conversation_id: str, item_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        "ITEM_ID_CONFLICT",
+        f"item {item_id} is already in conversation {conversation_id}",
+        {"conversation_id": conversation_id, "item_id": item_id},
+    )
+
+
+def request_id_conflict(request_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        "REQUEST_ID_CONFLICT",
+        "request_id was already used with different content",
+        {"request_id": request_id},
+    )
+
+
+def history_broken(response_id: str, missing_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "HISTORY_BROKEN",
+        f"the history of {response_id} is broken: {missing_id} was deleted or has expired",
+        {"response_id": response_id, "missing_response_id": missing_id},
+    )
+
+
+def backend_unavailable(detail: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "BACKEND_UNAVAILABLE",
+        f"the storage backend cannot be reached: {detail}",
+    )

@@ -1,0 +1,331 @@
+"""In-memory backend for tests and development: everything is lost on exit.
+
+Each method runs to completion without awaiting, so on one event loop every call is atomic and
+appends to a conversation are serialized without locks.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from state_svc.backends import base
+from state_svc.backends.base import (
+    AppendResult,
+    Conversation,
+    CreatedConversation,
+    History,
+    Item,
+    ItemPage,
+    PutTurnResult,
+    Turn,
+)
+
+
+@dataclass
+class _Response:
+    pk: int
+    tenant: str
+    turn: Turn
+    digest: bytes
+    conversation_version: int
+
+
+@dataclass
+class _Conversation:
+    tenant: str
+    id: str
+    metadata: dict[str, str]
+    create_time_us: int
+    expire_time_us: int | None
+    request_id: str
+    request_digest: bytes
+    version: int = 0
+    items: dict[int, Item] = field(default_factory=dict)
+    seq_by_id: dict[str, int] = field(default_factory=dict)
+    seqs: list[int] = field(default_factory=list)
+
+    def public(self) -> Conversation:
+        return Conversation(
+            id=self.id,
+            metadata=dict(self.metadata),
+            version=self.version,
+            create_time_us=self.create_time_us,
+            expire_time_us=self.expire_time_us,
+        )
+
+    def append(self, items: Sequence[Item], now: int) -> tuple[Item, ...]:
+        stored = []
+        for item in items:
+            self.version += 1
+            row = Item(id=item.id, json=item.json, sequence=self.version, create_time_us=now)
+            self.items[self.version] = row
+            self.seq_by_id[item.id] = self.version
+            self.seqs.append(self.version)
+            stored.append(row)
+        return tuple(stored)
+
+
+class MemoryBackend:
+    """Dictionaries keyed by (tenant, id); ``pk`` mirrors the SQL backends' insertion order."""
+
+    def __init__(self, retention_s: float = 0.0) -> None:
+        self._retention_s = retention_s
+        self._pk = 0
+        self._responses: dict[tuple[str, str], _Response] = {}
+        self._keys: dict[tuple[str, str], str] = {}
+        self._conversations: dict[tuple[str, str], _Conversation] = {}
+        self._requests: dict[tuple[str, str], str] = {}
+
+    # --- lookups that hide expired rows ---------------------------------------------------
+
+    def _response(self, tenant: str, response_id: str, now: int) -> _Response | None:
+        row = self._responses.get((tenant, response_id))
+        if row is None:
+            return None
+        if not base.live(row.turn.expire_time_us, now):
+            self._drop_response(row)
+            return None
+        return row
+
+    def _find_conversation(
+        self, tenant: str, conversation_id: str, now: int
+    ) -> _Conversation | None:
+        conv = self._conversations.get((tenant, conversation_id))
+        if conv is not None and not base.live(conv.expire_time_us, now):
+            self._drop_conversation(conv)
+            return None
+        return conv
+
+    def _conversation(self, tenant: str, conversation_id: str, now: int) -> _Conversation:
+        conv = self._find_conversation(tenant, conversation_id, now)
+        if conv is None:
+            raise base.conversation_not_found(conversation_id)
+        return conv
+
+    def _drop_response(self, row: _Response) -> None:
+        del self._responses[(row.tenant, row.turn.id)]
+        if row.turn.idempotency_key:
+            self._keys.pop((row.tenant, row.turn.idempotency_key), None)
+
+    def _drop_conversation(self, conv: _Conversation) -> None:
+        del self._conversations[(conv.tenant, conv.id)]
+        if conv.request_id:
+            self._requests.pop((conv.tenant, conv.request_id), None)
+
+    # --- responses ------------------------------------------------------------------------
+
+    async def put_turn(
+        self, tenant: str, turn: Turn, *, expected_conversation_version: int | None
+    ) -> PutTurnResult:
+        now = base.now_us()
+        digest = base.turn_digest(turn)
+        existing = self._response(tenant, turn.id, now)
+        if existing is not None:
+            if existing.digest != digest:
+                raise base.response_id_conflict(turn.id)
+            return PutTurnResult(existing.turn, True, existing.conversation_version)
+        if turn.idempotency_key:
+            first_id = self._keys.get((tenant, turn.idempotency_key))
+            first = self._response(tenant, first_id, now) if first_id else None
+            if first is not None:
+                return PutTurnResult(first.turn, True, first.conversation_version)
+        if turn.previous_response_id and not self._response(tenant, turn.previous_response_id, now):
+            raise base.previous_response_not_found(turn.previous_response_id)
+        stored = base.stored_turn(turn, now, base.expire_at(now, self._retention_s))
+        version = 0
+        if turn.conversation_id:
+            conv = self._conversation(tenant, turn.conversation_id, now)
+            base.check_version(conv.id, expected_conversation_version, conv.version)
+            items = [*turn.input_items, *turn.output_items]
+            for item in items:
+                if item.id in conv.seq_by_id:
+                    raise base.item_id_conflict(conv.id, item.id)
+            conv.append(items, now)
+            self._touch(conv, now)
+            version = conv.version
+        self._pk += 1
+        self._responses[(tenant, turn.id)] = _Response(self._pk, tenant, stored, digest, version)
+        if turn.idempotency_key:
+            self._keys[(tenant, turn.idempotency_key)] = turn.id
+        return PutTurnResult(stored, False, version)
+
+    async def get_response(
+        self, tenant: str, *, response_id: str = "", idempotency_key: str = ""
+    ) -> Turn:
+        now = base.now_us()
+        if idempotency_key:
+            found = self._keys.get((tenant, idempotency_key))
+            row = self._response(tenant, found, now) if found else None
+            if row is None:
+                raise base.idempotency_key_not_found(idempotency_key)
+            return row.turn
+        row = self._response(tenant, response_id, now)
+        if row is None:
+            raise base.response_not_found(response_id)
+        return row.turn
+
+    async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
+        now = base.now_us()
+        row = self._response(tenant, response_id, now)
+        if row is None:
+            raise base.response_not_found(response_id)
+        chain = [row]
+        while chain[-1].turn.previous_response_id:
+            prev_id = chain[-1].turn.previous_response_id
+            prev = self._response(tenant, prev_id, now)
+            # A previous response stored after its follower is a re-created id, not the
+            # original link: the original was deleted, so the history is broken.
+            if prev is None or prev.pk >= chain[-1].pk:
+                raise base.history_broken(response_id, prev_id)
+            chain.append(prev)
+        chain.reverse()
+        items = [i for r in chain for i in (*r.turn.input_items, *r.turn.output_items)]
+        kept, omitted = base.cut_oldest(items, limit)
+        return History(items=kept, omitted=omitted, response_ids=[r.turn.id for r in chain])
+
+    async def delete_response(self, tenant: str, response_id: str) -> None:
+        row = self._response(tenant, response_id, base.now_us())
+        if row is None:
+            raise base.response_not_found(response_id)
+        self._drop_response(row)
+
+    # --- conversations --------------------------------------------------------------------
+
+    def _touch(self, conv: _Conversation, now: int) -> None:
+        if self._retention_s > 0:
+            conv.expire_time_us = base.expire_at(now, self._retention_s)
+
+    async def create_conversation(
+        self, tenant: str, metadata: Mapping[str, str], items: Sequence[Item], request_id: str
+    ) -> CreatedConversation:
+        now = base.now_us()
+        digest = base.conversation_digest(metadata, items) if request_id else b""
+        if request_id:
+            first_id = self._requests.get((tenant, request_id))
+            first = self._find_conversation(tenant, first_id, now) if first_id else None
+            if first is not None:
+                if first.request_digest != digest:
+                    raise base.request_id_conflict(request_id)
+                # The first call's result: its items got sequence 1..n at creation.
+                return CreatedConversation(
+                    first.public(), base.positioned(items, first.create_time_us)
+                )
+        conv = _Conversation(
+            tenant=tenant,
+            id=base.new_conversation_id(),
+            metadata=dict(metadata),
+            create_time_us=now,
+            expire_time_us=base.expire_at(now, self._retention_s),
+            request_id=request_id,
+            request_digest=digest,
+        )
+        stored = conv.append(items, now)
+        self._conversations[(tenant, conv.id)] = conv
+        if request_id:
+            self._requests[(tenant, request_id)] = conv.id
+        return CreatedConversation(conv.public(), stored)
+
+    async def get_conversation(self, tenant: str, conversation_id: str) -> Conversation:
+        return self._conversation(tenant, conversation_id, base.now_us()).public()
+
+    async def update_conversation(
+        self, tenant: str, conversation_id: str, metadata: Mapping[str, str]
+    ) -> Conversation:
+        conv = self._conversation(tenant, conversation_id, base.now_us())
+        conv.metadata = dict(metadata)
+        return conv.public()
+
+    async def delete_conversation(self, tenant: str, conversation_id: str) -> None:
+        self._drop_conversation(self._conversation(tenant, conversation_id, base.now_us()))
+
+    async def conversation_history(
+        self, tenant: str, conversation_id: str, *, limit: int
+    ) -> History:
+        conv = self._conversation(tenant, conversation_id, base.now_us())
+        items = [conv.items[s] for s in conv.seqs]
+        kept, omitted = base.cut_oldest(items, limit)
+        return History(items=kept, omitted=omitted, conversation_version=conv.version)
+
+    async def append_items(
+        self,
+        tenant: str,
+        conversation_id: str,
+        items: Sequence[Item],
+        *,
+        expected_version: int | None,
+    ) -> AppendResult:
+        now = base.now_us()
+        conv = self._conversation(tenant, conversation_id, now)
+        existing = {i.id: conv.items[conv.seq_by_id[i.id]] for i in items if i.id in conv.seq_by_id}
+        replayed = base.classify_append(conv.id, items, existing)
+        if replayed is not None:
+            return AppendResult(replayed, conv.version, True)
+        base.check_version(conv.id, expected_version, conv.version)
+        stored = conv.append(items, now)
+        self._touch(conv, now)
+        return AppendResult(stored, conv.version, False)
+
+    async def list_items(
+        self,
+        tenant: str,
+        conversation_id: str,
+        *,
+        descending: bool,
+        limit: int,
+        after_sequence: int | None,
+        after_item_id: str,
+    ) -> ItemPage:
+        conv = self._conversation(tenant, conversation_id, base.now_us())
+        if after_sequence is None and after_item_id:
+            after_sequence = conv.seq_by_id.get(after_item_id)
+            if after_sequence is None:
+                raise base.item_not_found(conv.id, after_item_id)
+        if descending:
+            end = (
+                len(conv.seqs)
+                if after_sequence is None
+                else bisect.bisect_left(conv.seqs, after_sequence)
+            )
+            seqs = conv.seqs[max(0, end - limit - 1) : end][::-1]
+        else:
+            start = 0 if after_sequence is None else bisect.bisect_right(conv.seqs, after_sequence)
+            seqs = conv.seqs[start : start + limit + 1]
+        return ItemPage([conv.items[s] for s in seqs[:limit]], len(seqs) > limit)
+
+    async def get_item(self, tenant: str, conversation_id: str, item_id: str) -> Item:
+        conv = self._conversation(tenant, conversation_id, base.now_us())
+        seq = conv.seq_by_id.get(item_id)
+        if seq is None:
+            raise base.item_not_found(conv.id, item_id)
+        return conv.items[seq]
+
+    async def delete_item(self, tenant: str, conversation_id: str, item_id: str) -> Conversation:
+        conv = self._conversation(tenant, conversation_id, base.now_us())
+        seq = conv.seq_by_id.pop(item_id, None)
+        if seq is None:
+            raise base.item_not_found(conv.id, item_id)
+        del conv.items[seq]
+        conv.seqs.pop(bisect.bisect_left(conv.seqs, seq))
+        return conv.public()
+
+    # --- housekeeping ---------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        now = base.now_us()
+        gone_responses = [
+            r for r in self._responses.values() if not base.live(r.turn.expire_time_us, now)
+        ]
+        for row in gone_responses:
+            self._drop_response(row)
+        gone_conversations = [
+            c for c in self._conversations.values() if not base.live(c.expire_time_us, now)
+        ]
+        for conv in gone_conversations:
+            self._drop_conversation(conv)
+        return len(gone_responses) + len(gone_conversations)
+
+    async def close(self) -> None:
+        self._responses.clear()
+        self._conversations.clear()

@@ -1,0 +1,795 @@
+"""PostgreSQL backend: an asyncpg pool over tables the service creates and migrates itself in
+its own schema.
+
+Appends to one conversation serialize on the conversation's row lock (``UPDATE ... RETURNING``
+or ``SELECT ... FOR UPDATE``), taken in the transaction that inserts the items, so replicas
+share one total order. Transactions run at READ COMMITTED; a transaction that loses a race on a
+unique key (two replays of one turn at once) is retried and then finds the winner's row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+
+from state_svc.backends import base
+from state_svc.backends.base import (
+    AppendResult,
+    Conversation,
+    CreatedConversation,
+    History,
+    Item,
+    ItemPage,
+    PutTurnResult,
+    Turn,
+)
+
+T = TypeVar("T")
+
+Conn = asyncpg.Connection
+
+# Each migration is a list of statements ({s} is the quoted schema) applied in one transaction;
+# append, never edit.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE {s}.responses (
+            pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            tenant text NOT NULL,
+            id text NOT NULL,
+            previous_response_id text NOT NULL,
+            conversation_id text NOT NULL,
+            idempotency_key text NOT NULL,
+            response_json bytea NOT NULL,
+            digest bytea NOT NULL,
+            conversation_version bigint NOT NULL,
+            create_time_us bigint NOT NULL,
+            expire_time_us bigint,
+            CONSTRAINT responses_id UNIQUE (tenant, id)
+        )""",
+        """CREATE UNIQUE INDEX responses_idempotency_key ON {s}.responses
+            (tenant, idempotency_key) WHERE idempotency_key <> ''""",
+        """CREATE INDEX responses_expiry ON {s}.responses (expire_time_us)
+            WHERE expire_time_us IS NOT NULL""",
+        """CREATE TABLE {s}.response_items (
+            response_pk bigint NOT NULL REFERENCES {s}.responses (pk) ON DELETE CASCADE,
+            kind smallint NOT NULL,
+            position integer NOT NULL,
+            item_id text NOT NULL,
+            json bytea NOT NULL,
+            PRIMARY KEY (response_pk, kind, position)
+        )""",
+        """CREATE TABLE {s}.conversations (
+            pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            tenant text NOT NULL,
+            id text NOT NULL,
+            metadata text NOT NULL,
+            version bigint NOT NULL,
+            request_id text NOT NULL,
+            request_digest bytea NOT NULL,
+            create_time_us bigint NOT NULL,
+            expire_time_us bigint,
+            CONSTRAINT conversations_id UNIQUE (tenant, id)
+        )""",
+        """CREATE UNIQUE INDEX conversations_request_id ON {s}.conversations
+            (tenant, request_id) WHERE request_id <> ''""",
+        """CREATE INDEX conversations_expiry ON {s}.conversations (expire_time_us)
+            WHERE expire_time_us IS NOT NULL""",
+        """CREATE TABLE {s}.conversation_items (
+            conversation_pk bigint NOT NULL
+                REFERENCES {s}.conversations (pk) ON DELETE CASCADE,
+            seq bigint NOT NULL,
+            item_id text NOT NULL,
+            json bytea NOT NULL,
+            create_time_us bigint NOT NULL,
+            PRIMARY KEY (conversation_pk, seq),
+            CONSTRAINT conversation_items_id UNIQUE (conversation_pk, item_id)
+        )""",
+    ],
+]
+
+# A unique violation on these means another transaction stored the same id or key first: the
+# retry finds that row and answers a replay (or a conflict).
+_RACE_CONSTRAINTS = {"responses_id", "responses_idempotency_key", "conversations_request_id"}
+
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+_ATTEMPTS = 5
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _lock_key(schema: str) -> int:
+    """The advisory lock that serializes migrations of one schema across processes."""
+    digest = hashlib.blake2b(b"respgw-state-migrate:" + schema.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class PostgresBackend:
+    """The state store in PostgreSQL; every table lives in ``schema``."""
+
+    def __init__(
+        self, dsn: str, *, schema: str = "respgw", pool_size: int = 10, retention_s: float = 0.0
+    ) -> None:
+        self._dsn = dsn
+        self._schema = schema
+        self._pool_size = pool_size
+        self._retention_s = retention_s
+        self._pool: asyncpg.Pool | None = None
+        s = _quote(schema)
+        self._s = s
+        live = "(expire_time_us IS NULL OR expire_time_us > $3)"
+        # Walks the chain like the SQLite backend; see HISTORY_SQL there for why each step must
+        # reach an older row.
+        self._history_sql = f"""
+WITH RECURSIVE chain (pk, id, prev, create_time_us) AS (
+    SELECT pk, id, previous_response_id, create_time_us FROM {s}.responses
+    WHERE tenant = $1 AND id = $2 AND {live}
+  UNION ALL
+    SELECT r.pk, r.id, r.previous_response_id, r.create_time_us
+    FROM chain c JOIN {s}.responses r ON r.tenant = $1 AND r.id = c.prev AND r.pk < c.pk
+    WHERE r.expire_time_us IS NULL OR r.expire_time_us > $3
+),
+items AS (
+    SELECT i.response_pk, i.kind, i.position, i.item_id, i.json,
+        row_number() OVER (ORDER BY i.response_pk DESC, i.kind DESC, i.position DESC) AS rank,
+        count(*) OVER () AS total
+    FROM chain c JOIN {s}.response_items i ON i.response_pk = c.pk
+)
+SELECT pk, id, prev, create_time_us, NULL::smallint AS kind, NULL::integer AS position,
+    NULL::text, NULL::bytea, NULL::bigint
+FROM chain
+UNION ALL
+SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, json, total
+FROM items WHERE $4::bigint = 0 OR rank <= $4::bigint
+ORDER BY 1, 5 NULLS FIRST, 6
+"""
+        self._conversation_history_sql = f"""
+WITH c AS MATERIALIZED (
+    SELECT pk, version,
+        (SELECT count(*) FROM {s}.conversation_items x WHERE x.conversation_pk = v.pk) AS total
+    FROM {s}.conversations v WHERE tenant = $1 AND id = $2 AND {live}
+)
+SELECT c.version, c.total, i.seq, i.item_id, i.json, i.create_time_us
+FROM c LEFT JOIN {s}.conversation_items i ON i.conversation_pk = c.pk
+ORDER BY i.seq DESC LIMIT $4
+"""
+
+    async def open(self) -> PostgresBackend:
+        """Creates the pool, then the schema and its tables (or migrates them)."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=self._pool_size, timeout=10
+            )
+            await self._migrate()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _migrate(self) -> None:
+        async with self._acquire() as conn, conn.transaction():
+            # A transaction-scoped advisory lock: a second process starting at the same moment
+            # waits here, then finds the schema current. CREATE SCHEMA IF NOT EXISTS alone is not
+            # safe under concurrency.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(self._schema))
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._s}")
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {self._s}.schema_version (version integer NOT NULL)"
+            )
+            current = await conn.fetchval(f"SELECT max(version) FROM {self._s}.schema_version")
+            current = current or 0
+            for version, statements in enumerate(MIGRATIONS[current:], current + 1):
+                for statement in statements:
+                    await conn.execute(statement.format(s=self._s))
+                await conn.execute(
+                    f"INSERT INTO {self._s}.schema_version (version) VALUES ($1)", version
+                )
+
+    def _acquire(self) -> Any:
+        if self._pool is None:
+            raise base.backend_unavailable("the PostgreSQL pool is closed")
+        return self._pool.acquire()
+
+    async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any, write: bool = True) -> T:
+        """Runs ``fn(conn, *args)`` in one transaction, retrying the races a retry resolves."""
+        for attempt in range(_ATTEMPTS):
+            try:
+                async with self._acquire() as conn:
+                    if not write:
+                        return await fn(conn, *args)
+                    async with conn.transaction():
+                        return await fn(conn, *args)
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name not in _RACE_CONSTRAINTS or attempt == _ATTEMPTS - 1:
+                    raise
+            except asyncpg.exceptions.TransactionRollbackError as exc:
+                if attempt == _ATTEMPTS - 1:
+                    raise base.backend_unavailable(str(exc)) from exc
+            except _UNAVAILABLE as exc:
+                raise base.backend_unavailable(str(exc) or type(exc).__name__) from exc
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    # --- responses ------------------------------------------------------------------------
+
+    async def put_turn(
+        self, tenant: str, turn: Turn, *, expected_conversation_version: int | None
+    ) -> PutTurnResult:
+        digest = base.turn_digest(turn)
+        return await self._run(self._put_turn, tenant, turn, digest, expected_conversation_version)
+
+    async def _put_turn(
+        self, conn: Conn, tenant: str, turn: Turn, digest: bytes, expected: int | None
+    ) -> PutTurnResult:
+        s = self._s
+        now = base.now_us()
+        # KEY SHARE keeps the previous response from being deleted until this turn commits.
+        rows = await conn.fetch(
+            f"""SELECT pk, id, idempotency_key, digest, conversation_version, expire_time_us
+            FROM {s}.responses WHERE tenant = $1
+                AND (id = $2 OR id = $3 OR (idempotency_key = $4 AND $4 <> ''))
+            FOR KEY SHARE""",
+            tenant,
+            turn.id,
+            turn.previous_response_id,
+            turn.idempotency_key,
+        )
+        found = base.lookup_turn(turn, digest, rows, now)
+        if found.replay is not None:
+            pk, version = found.replay
+            return PutTurnResult(await self._load_turn(conn, pk), True, version)
+        if found.expired:
+            # Expired but not yet swept: such rows must not block the id or the key.
+            await conn.execute(f"DELETE FROM {s}.responses WHERE pk = any($1)", found.expired)
+        if turn.previous_response_id and not found.previous_live:
+            raise base.previous_response_not_found(turn.previous_response_id)
+
+        expire = base.expire_at(now, self._retention_s)
+        appended = [*turn.input_items, *turn.output_items]
+        version = 0
+        conversation_pk = None
+        if turn.conversation_id:
+            # The row lock that serializes appends to this conversation, held until commit.
+            row = await conn.fetchrow(
+                f"""UPDATE {s}.conversations
+                SET version = version + $4, expire_time_us = coalesce($5, expire_time_us)
+                WHERE tenant = $1 AND id = $2
+                    AND (expire_time_us IS NULL OR expire_time_us > $3)
+                RETURNING pk, version""",
+                tenant,
+                turn.conversation_id,
+                now,
+                len(appended),
+                expire,
+            )
+            if row is None:
+                raise base.conversation_not_found(turn.conversation_id)
+            conversation_pk, version = row["pk"], row["version"]
+            base.check_version(turn.conversation_id, expected, version - len(appended))
+
+        kinds, positions, ids, jsons = [], [], [], []
+        for kind, items in enumerate((turn.input_items, turn.output_items)):
+            for position, item in enumerate(items, 1):
+                kinds.append(kind)
+                positions.append(position)
+                ids.append(item.id)
+                jsons.append(item.json)
+        await conn.execute(
+            f"""WITH r AS (
+                INSERT INTO {s}.responses (tenant, id, previous_response_id, conversation_id,
+                    idempotency_key, response_json, digest, conversation_version,
+                    create_time_us, expire_time_us)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING pk
+            )
+            INSERT INTO {s}.response_items (response_pk, kind, position, item_id, json)
+            SELECT r.pk, u.kind, u.position, u.item_id, u.json
+            FROM r, unnest($11::smallint[], $12::integer[], $13::text[], $14::bytea[])
+                AS u (kind, position, item_id, json)""",
+            tenant,
+            turn.id,
+            turn.previous_response_id,
+            turn.conversation_id,
+            turn.idempotency_key,
+            turn.response_json,
+            digest,
+            version,
+            now,
+            expire,
+            kinds,
+            positions,
+            ids,
+            jsons,
+        )
+        if conversation_pk is not None:
+            await self._insert_items(
+                conn, conversation_pk, turn.conversation_id, appended, version, now
+            )
+        return PutTurnResult(base.stored_turn(turn, now, expire), False, version)
+
+    async def _insert_items(
+        self,
+        conn: Conn,
+        conversation_pk: int,
+        conversation_id: str,
+        items: Sequence[Item],
+        version: int,
+        now: int,
+    ) -> tuple[Item, ...]:
+        """Inserts ``items`` so that the last gets sequence ``version`` (the caller holds the
+        conversation's row lock and sets the version)."""
+        first = version - len(items) + 1
+        stored = tuple(
+            Item(id=item.id, json=item.json, sequence=seq, create_time_us=now)
+            for seq, item in enumerate(items, first)
+        )
+        if not stored:
+            return stored
+        inserted = await conn.fetch(
+            f"""INSERT INTO {self._s}.conversation_items
+                (conversation_pk, seq, item_id, json, create_time_us)
+            SELECT $1, u.seq, u.item_id, u.json, $5
+            FROM unnest($2::bigint[], $3::text[], $4::bytea[]) AS u (seq, item_id, json)
+            ON CONFLICT (conversation_pk, item_id) DO NOTHING
+            RETURNING item_id""",
+            conversation_pk,
+            [i.sequence for i in stored],
+            [i.id for i in stored],
+            [i.json for i in stored],
+            now,
+        )
+        if len(inserted) < len(stored):
+            fresh = {row["item_id"] for row in inserted}
+            clash = next(i.id for i in stored if i.id not in fresh)
+            raise base.item_id_conflict(conversation_id, clash)
+        return stored
+
+    async def _load_turn(self, conn: Conn, pk: int) -> Turn:
+        rows = await conn.fetch(
+            f"""SELECT r.id, r.previous_response_id, r.conversation_id, r.idempotency_key,
+                r.response_json, r.create_time_us, r.expire_time_us, i.kind, i.position,
+                i.item_id, i.json
+            FROM {self._s}.responses r
+            LEFT JOIN {self._s}.response_items i ON i.response_pk = r.pk
+            WHERE r.pk = $1 ORDER BY i.kind, i.position""",
+            pk,
+        )
+        return _turn_from_rows(rows)
+
+    async def get_response(
+        self, tenant: str, *, response_id: str = "", idempotency_key: str = ""
+    ) -> Turn:
+        return await self._run(
+            self._get_response, tenant, response_id, idempotency_key, write=False
+        )
+
+    async def _get_response(self, conn: Conn, tenant: str, response_id: str, key: str) -> Turn:
+        column, value = ("idempotency_key", key) if key else ("id", response_id)
+        rows = await conn.fetch(
+            f"""SELECT r.id, r.previous_response_id, r.conversation_id, r.idempotency_key,
+                r.response_json, r.create_time_us, r.expire_time_us, i.kind, i.position,
+                i.item_id, i.json
+            FROM {self._s}.responses r
+            LEFT JOIN {self._s}.response_items i ON i.response_pk = r.pk
+            WHERE r.tenant = $1 AND r.{column} = $2
+                AND (r.expire_time_us IS NULL OR r.expire_time_us > $3)
+            ORDER BY i.kind, i.position""",
+            tenant,
+            value,
+            base.now_us(),
+        )
+        if not rows:
+            if key:
+                raise base.idempotency_key_not_found(key)
+            raise base.response_not_found(response_id)
+        return _turn_from_rows(rows)
+
+    async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
+        rows = await self._run(
+            _fetch, self._history_sql, tenant, response_id, base.now_us(), limit, write=False
+        )
+        return base.history_from_rows(response_id, rows)
+
+    async def delete_response(self, tenant: str, response_id: str) -> None:
+        status = await self._run(
+            _execute,
+            f"""DELETE FROM {self._s}.responses WHERE tenant = $1 AND id = $2
+                AND (expire_time_us IS NULL OR expire_time_us > $3)""",
+            tenant,
+            response_id,
+            base.now_us(),
+        )
+        if status == "DELETE 0":
+            raise base.response_not_found(response_id)
+
+    # --- conversations --------------------------------------------------------------------
+
+    async def create_conversation(
+        self, tenant: str, metadata: Mapping[str, str], items: Sequence[Item], request_id: str
+    ) -> CreatedConversation:
+        digest = base.conversation_digest(metadata, items) if request_id else b""
+        return await self._run(
+            self._create_conversation, tenant, metadata, items, request_id, digest
+        )
+
+    async def _create_conversation(
+        self,
+        conn: Conn,
+        tenant: str,
+        metadata: Mapping[str, str],
+        items: Sequence[Item],
+        request_id: str,
+        digest: bytes,
+    ) -> CreatedConversation:
+        s = self._s
+        now = base.now_us()
+        if request_id:
+            row = await conn.fetchrow(
+                f"""SELECT {_CONVERSATION_COLUMNS}, pk, request_digest FROM {s}.conversations
+                WHERE tenant = $1 AND request_id = $2""",
+                tenant,
+                request_id,
+            )
+            if row is not None and base.live(row["expire_time_us"], now):
+                if row["request_digest"] != digest:
+                    raise base.request_id_conflict(request_id)
+                first = _conversation(row)
+                # The first call's result: its items got sequence 1..n at creation.
+                return CreatedConversation(first, base.positioned(items, first.create_time_us))
+            if row is not None:
+                await conn.execute(f"DELETE FROM {s}.conversations WHERE pk = $1", row["pk"])
+        conversation = Conversation(
+            id=base.new_conversation_id(),
+            metadata=dict(metadata),
+            version=len(items),
+            create_time_us=now,
+            expire_time_us=base.expire_at(now, self._retention_s),
+        )
+        pk = await conn.fetchval(
+            f"""INSERT INTO {s}.conversations (tenant, id, metadata, version, request_id,
+                request_digest, create_time_us, expire_time_us)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING pk""",
+            tenant,
+            conversation.id,
+            _dump_metadata(metadata),
+            len(items),
+            request_id,
+            digest,
+            now,
+            conversation.expire_time_us,
+        )
+        stored = await self._insert_items(conn, pk, conversation.id, items, len(items), now)
+        return CreatedConversation(conversation, stored)
+
+    async def get_conversation(self, tenant: str, conversation_id: str) -> Conversation:
+        row = await self._run(
+            _fetchrow,
+            f"""SELECT {_CONVERSATION_COLUMNS} FROM {self._s}.conversations
+            WHERE tenant = $1 AND id = $2 AND (expire_time_us IS NULL OR expire_time_us > $3)""",
+            tenant,
+            conversation_id,
+            base.now_us(),
+            write=False,
+        )
+        if row is None:
+            raise base.conversation_not_found(conversation_id)
+        return _conversation(row)
+
+    async def update_conversation(
+        self, tenant: str, conversation_id: str, metadata: Mapping[str, str]
+    ) -> Conversation:
+        row = await self._run(
+            _fetchrow,
+            f"""UPDATE {self._s}.conversations SET metadata = $4
+            WHERE tenant = $1 AND id = $2 AND (expire_time_us IS NULL OR expire_time_us > $3)
+            RETURNING {_CONVERSATION_COLUMNS}""",
+            tenant,
+            conversation_id,
+            base.now_us(),
+            _dump_metadata(metadata),
+        )
+        if row is None:
+            raise base.conversation_not_found(conversation_id)
+        return _conversation(row)
+
+    async def delete_conversation(self, tenant: str, conversation_id: str) -> None:
+        status = await self._run(
+            _execute,
+            f"""DELETE FROM {self._s}.conversations WHERE tenant = $1 AND id = $2
+                AND (expire_time_us IS NULL OR expire_time_us > $3)""",
+            tenant,
+            conversation_id,
+            base.now_us(),
+        )
+        if status == "DELETE 0":
+            raise base.conversation_not_found(conversation_id)
+
+    async def conversation_history(
+        self, tenant: str, conversation_id: str, *, limit: int
+    ) -> History:
+        rows = await self._run(
+            _fetch,
+            self._conversation_history_sql,
+            tenant,
+            conversation_id,
+            base.now_us(),
+            limit or None,
+            write=False,
+        )
+        return base.conversation_history_from_rows(conversation_id, rows)
+
+    async def append_items(
+        self,
+        tenant: str,
+        conversation_id: str,
+        items: Sequence[Item],
+        *,
+        expected_version: int | None,
+    ) -> AppendResult:
+        return await self._run(self._append_items, tenant, conversation_id, items, expected_version)
+
+    async def _append_items(
+        self,
+        conn: Conn,
+        tenant: str,
+        conversation_id: str,
+        items: Sequence[Item],
+        expected: int | None,
+    ) -> AppendResult:
+        s = self._s
+        now = base.now_us()
+        # Lock first, then look: a concurrent replay of the same items waits here and then
+        # sees them stored.
+        row = await conn.fetchrow(
+            f"""SELECT pk, version FROM {s}.conversations WHERE tenant = $1 AND id = $2
+                AND (expire_time_us IS NULL OR expire_time_us > $3) FOR UPDATE""",
+            tenant,
+            conversation_id,
+            now,
+        )
+        if row is None:
+            raise base.conversation_not_found(conversation_id)
+        pk, version = row["pk"], row["version"]
+        existing = {
+            r["item_id"]: Item(
+                id=r["item_id"], json=r["json"], sequence=r["seq"], create_time_us=r["ct"]
+            )
+            for r in await conn.fetch(
+                f"""SELECT seq, item_id, json, create_time_us AS ct FROM {s}.conversation_items
+                WHERE conversation_pk = $1 AND item_id = any($2::text[])""",
+                pk,
+                [i.id for i in items],
+            )
+        }
+        replayed = base.classify_append(conversation_id, items, existing)
+        if replayed is not None:
+            return AppendResult(replayed, version, True)
+        base.check_version(conversation_id, expected, version)
+        version += len(items)
+        await conn.execute(
+            f"""UPDATE {s}.conversations
+            SET version = $2, expire_time_us = coalesce($3, expire_time_us) WHERE pk = $1""",
+            pk,
+            version,
+            base.expire_at(now, self._retention_s),
+        )
+        stored = await self._insert_items(conn, pk, conversation_id, items, version, now)
+        return AppendResult(stored, version, False)
+
+    async def list_items(
+        self,
+        tenant: str,
+        conversation_id: str,
+        *,
+        descending: bool,
+        limit: int,
+        after_sequence: int | None,
+        after_item_id: str,
+    ) -> ItemPage:
+        return await self._run(
+            self._list_items,
+            tenant,
+            conversation_id,
+            descending,
+            limit,
+            after_sequence,
+            after_item_id,
+            write=False,
+        )
+
+    async def _list_items(
+        self,
+        conn: Conn,
+        tenant: str,
+        conversation_id: str,
+        descending: bool,
+        limit: int,
+        after_sequence: int | None,
+        after_item_id: str,
+    ) -> ItemPage:
+        s = self._s
+        compare, order = ("<", "DESC") if descending else (">", "ASC")
+        default = (1 << 62) if descending else 0
+        # The cursor is resolved in the same statement as the page (one snapshot for both); a
+        # missing conversation gives no row, a missing cursor item a NULL `after`.
+        cursor: int | str = default if after_sequence is None else after_sequence
+        cursor_sql = "$4::bigint"
+        if after_sequence is None and after_item_id:
+            cursor = after_item_id
+            cursor_sql = f"""(SELECT seq FROM {s}.conversation_items
+                WHERE conversation_pk = v.pk AND item_id = $4)"""
+        rows = await conn.fetch(
+            f"""WITH c AS MATERIALIZED (
+                SELECT v.pk, {cursor_sql} AS after FROM {s}.conversations v
+                WHERE v.tenant = $1 AND v.id = $2
+                    AND (v.expire_time_us IS NULL OR v.expire_time_us > $3)
+            )
+            SELECT c.after, i.seq, i.item_id, i.json, i.create_time_us
+            FROM c LEFT JOIN LATERAL (
+                SELECT * FROM {s}.conversation_items x
+                WHERE x.conversation_pk = c.pk AND x.seq {compare} coalesce(c.after, {default})
+                ORDER BY x.seq {order} LIMIT $5
+            ) i ON true""",
+            tenant,
+            conversation_id,
+            base.now_us(),
+            cursor,
+            limit + 1,
+        )
+        if not rows:
+            raise base.conversation_not_found(conversation_id)
+        if after_sequence is None and after_item_id and rows[0]["after"] is None:
+            raise base.item_not_found(conversation_id, after_item_id)
+        items = [
+            Item(
+                id=r["item_id"],
+                json=r["json"],
+                sequence=r["seq"],
+                create_time_us=r["create_time_us"],
+            )
+            for r in rows[:limit]
+            if r["seq"] is not None
+        ]
+        return ItemPage(items, len(rows) > limit)
+
+    async def get_item(self, tenant: str, conversation_id: str, item_id: str) -> Item:
+        row = await self._run(
+            _fetchrow,
+            f"""SELECT i.seq, i.item_id, i.json, i.create_time_us
+            FROM {self._s}.conversations c LEFT JOIN {self._s}.conversation_items i
+                ON i.conversation_pk = c.pk AND i.item_id = $4
+            WHERE c.tenant = $1 AND c.id = $2
+                AND (c.expire_time_us IS NULL OR c.expire_time_us > $3)""",
+            tenant,
+            conversation_id,
+            base.now_us(),
+            item_id,
+            write=False,
+        )
+        if row is None:
+            raise base.conversation_not_found(conversation_id)
+        if row["seq"] is None:
+            raise base.item_not_found(conversation_id, item_id)
+        return Item(
+            id=row["item_id"],
+            json=row["json"],
+            sequence=row["seq"],
+            create_time_us=row["create_time_us"],
+        )
+
+    async def delete_item(self, tenant: str, conversation_id: str, item_id: str) -> Conversation:
+        return await self._run(self._delete_item, tenant, conversation_id, item_id)
+
+    async def _delete_item(
+        self, conn: Conn, tenant: str, conversation_id: str, item_id: str
+    ) -> Conversation:
+        s = self._s
+        row = await conn.fetchrow(
+            f"""SELECT {_CONVERSATION_COLUMNS}, pk FROM {s}.conversations
+            WHERE tenant = $1 AND id = $2 AND (expire_time_us IS NULL OR expire_time_us > $3)""",
+            tenant,
+            conversation_id,
+            base.now_us(),
+        )
+        if row is None:
+            raise base.conversation_not_found(conversation_id)
+        status = await conn.execute(
+            f"DELETE FROM {s}.conversation_items WHERE conversation_pk = $1 AND item_id = $2",
+            row["pk"],
+            item_id,
+        )
+        if status == "DELETE 0":
+            raise base.item_not_found(conversation_id, item_id)
+        return _conversation(row)
+
+    # --- housekeeping ---------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        total = 0
+        for table in ("responses", "conversations"):
+            while True:
+                # Small batches keep each transaction short; items go by ON DELETE CASCADE.
+                status = await self._run(
+                    _execute,
+                    f"""DELETE FROM {self._s}.{table} WHERE pk IN (
+                        SELECT pk FROM {self._s}.{table}
+                        WHERE expire_time_us IS NOT NULL AND expire_time_us <= $1 LIMIT 500)""",
+                    base.now_us(),
+                )
+                gone = int(status.split()[-1])
+                total += gone
+                if gone < 500:
+                    break
+        return total
+
+
+_CONVERSATION_COLUMNS = "id, metadata, version, create_time_us, expire_time_us"
+
+
+async def _fetch(conn: Conn, sql: str, *args: Any) -> list[Any]:
+    return list(await conn.fetch(sql, *args))
+
+
+async def _fetchrow(conn: Conn, sql: str, *args: Any) -> Any:
+    return await conn.fetchrow(sql, *args)
+
+
+async def _execute(conn: Conn, sql: str, *args: Any) -> str:
+    return str(await conn.execute(sql, *args))
+
+
+def _conversation(row: Any) -> Conversation:
+    return Conversation(
+        id=row["id"],
+        metadata=orjson.loads(row["metadata"]),
+        version=row["version"],
+        create_time_us=row["create_time_us"],
+        expire_time_us=row["expire_time_us"],
+    )
+
+
+def _dump_metadata(metadata: Mapping[str, str]) -> str:
+    return orjson.dumps(dict(metadata), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _turn_from_rows(rows: Sequence[Any]) -> Turn:
+    """A turn from its row joined with its items (kind, position, item id, json)."""
+    head = rows[0]
+    groups: tuple[list[Item], list[Item]] = ([], [])
+    for row in rows:
+        if row["kind"] is not None:
+            groups[row["kind"]].append(
+                Item(
+                    id=row["item_id"],
+                    json=row["json"],
+                    sequence=row["position"],
+                    create_time_us=head["create_time_us"],
+                )
+            )
+    return Turn(
+        id=head["id"],
+        previous_response_id=head["previous_response_id"],
+        conversation_id=head["conversation_id"],
+        idempotency_key=head["idempotency_key"],
+        response_json=head["response_json"],
+        create_time_us=head["create_time_us"],
+        expire_time_us=head["expire_time_us"],
+        input_items=tuple(groups[0]),
+        output_items=tuple(groups[1]),
+    )

@@ -1,0 +1,724 @@
+"""SQLite backend (the default): one database file in WAL mode, shared safely by any number of
+connections and processes.
+
+Why the standard library's sqlite3 in worker threads rather than an async wrapper: each
+transaction runs as one plain function on one thread, from ``BEGIN IMMEDIATE`` to ``COMMIT``, so
+the write lock is held only for the statements themselves and never across an event-loop hop
+(aiosqlite goes back to the loop between statements). Writes of one process go through a single
+writer thread, so they queue in order instead of spinning in SQLite's busy handler; writers in
+other processes wait on the file lock through ``busy_timeout``. Reads use a small pool of reader
+threads and never block on writers (WAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import orjson
+
+from state_svc.backends import base
+from state_svc.backends.base import (
+    AppendResult,
+    Conversation,
+    CreatedConversation,
+    History,
+    Item,
+    ItemPage,
+    PutTurnResult,
+    Turn,
+)
+
+T = TypeVar("T")
+
+LIVE = "(expire_time_us IS NULL OR expire_time_us > :now)"
+
+# Each migration is a list of statements applied in one transaction; append, never edit.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE responses (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            tenant TEXT NOT NULL,
+            id TEXT NOT NULL,
+            previous_response_id TEXT NOT NULL,
+            conversation_id TEXT NOT NULL,
+            idempotency_key TEXT NOT NULL,
+            response_json BLOB NOT NULL,
+            digest BLOB NOT NULL,
+            conversation_version INTEGER NOT NULL,
+            create_time_us INTEGER NOT NULL,
+            expire_time_us INTEGER
+        )""",
+        "CREATE UNIQUE INDEX responses_id ON responses (tenant, id)",
+        """CREATE UNIQUE INDEX responses_idempotency_key ON responses (tenant, idempotency_key)
+            WHERE idempotency_key <> ''""",
+        """CREATE INDEX responses_expiry ON responses (expire_time_us)
+            WHERE expire_time_us IS NOT NULL""",
+        """CREATE TABLE response_items (
+            response_pk INTEGER NOT NULL REFERENCES responses (pk) ON DELETE CASCADE,
+            kind INTEGER NOT NULL,
+            position INTEGER NOT NULL,
+            item_id TEXT NOT NULL,
+            json BLOB NOT NULL,
+            PRIMARY KEY (response_pk, kind, position)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE conversations (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            tenant TEXT NOT NULL,
+            id TEXT NOT NULL,
+            metadata TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            request_id TEXT NOT NULL,
+            request_digest BLOB NOT NULL,
+            create_time_us INTEGER NOT NULL,
+            expire_time_us INTEGER
+        )""",
+        "CREATE UNIQUE INDEX conversations_id ON conversations (tenant, id)",
+        """CREATE UNIQUE INDEX conversations_request_id ON conversations (tenant, request_id)
+            WHERE request_id <> ''""",
+        """CREATE INDEX conversations_expiry ON conversations (expire_time_us)
+            WHERE expire_time_us IS NOT NULL""",
+        """CREATE TABLE conversation_items (
+            conversation_pk INTEGER NOT NULL REFERENCES conversations (pk) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            item_id TEXT NOT NULL,
+            json BLOB NOT NULL,
+            create_time_us INTEGER NOT NULL,
+            PRIMARY KEY (conversation_pk, seq)
+        ) WITHOUT ROWID""",
+        """CREATE UNIQUE INDEX conversation_items_id
+            ON conversation_items (conversation_pk, item_id)""",
+    ],
+]
+
+# The chain behind a response in one statement. Each step must go to an older row (smaller pk):
+# a previous response is always stored before its follower, so a link to a newer row means the
+# original was deleted and its id reused; the walk stops there and the history reads as broken.
+# This also makes the walk finite whatever ids callers reuse.
+HISTORY_SQL = f"""
+WITH RECURSIVE chain (pk, id, prev, create_time_us) AS (
+    SELECT pk, id, previous_response_id, create_time_us FROM responses
+    WHERE tenant = :tenant AND id = :id AND {LIVE}
+  UNION ALL
+    SELECT r.pk, r.id, r.previous_response_id, r.create_time_us
+    FROM chain c JOIN responses r ON r.tenant = :tenant AND r.id = c.prev AND r.pk < c.pk
+    WHERE r.expire_time_us IS NULL OR r.expire_time_us > :now
+),
+items AS (
+    SELECT i.response_pk, i.kind, i.position, i.item_id, i.json,
+        row_number() OVER (ORDER BY i.response_pk DESC, i.kind DESC, i.position DESC) AS rank,
+        count(*) OVER () AS total
+    FROM chain c JOIN response_items i ON i.response_pk = c.pk
+)
+SELECT pk, id, prev, create_time_us, NULL AS kind, NULL AS position, NULL, NULL, NULL
+FROM chain
+UNION ALL
+SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, json, total
+FROM items WHERE :limit = 0 OR rank <= :limit
+ORDER BY 1, 5 NULLS FIRST, 6
+"""
+
+CONVERSATION_HISTORY_SQL = f"""
+WITH c AS MATERIALIZED (
+    SELECT pk, version,
+        (SELECT count(*) FROM conversation_items x WHERE x.conversation_pk = conversations.pk)
+        AS total
+    FROM conversations WHERE tenant = :tenant AND id = :id AND {LIVE}
+)
+SELECT c.version, c.total, i.seq, i.item_id, i.json, i.create_time_us
+FROM c LEFT JOIN conversation_items i ON i.conversation_pk = c.pk
+ORDER BY i.seq DESC LIMIT :limit
+"""
+
+_UNAVAILABLE_MARKERS = ("locked", "busy", "unable to open", "disk i/o", "readonly", "full")
+
+
+class SqliteBackend:
+    """The state store in one SQLite file; see the module docstring for the threading model."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        retention_s: float = 0.0,
+        synchronous: str = "full",
+        readers: int = 4,
+        busy_timeout_s: float = 30.0,
+    ) -> None:
+        self._path = path
+        self._retention_s = retention_s
+        if synchronous.lower() not in {"full", "normal", "extra"}:
+            raise ValueError(
+                f"sqlite synchronous must be full, normal or extra, not {synchronous!r}"
+            )
+        self._synchronous = synchronous.upper()
+        self._busy_timeout_s = busy_timeout_s
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-read")
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+
+    async def open(self) -> SqliteBackend:
+        """Creates or migrates the schema; safe when several processes open one file at once."""
+        await self._run(self._writer, self._migrate)
+        return self
+
+    # --- threads, connections and transactions --------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self._path,
+                timeout=self._busy_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    def _migrate(self) -> None:
+        conn = self._conn()
+        # WAL is a property of the file; switching needs no transaction and is a no-op after.
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            current: int = row[0] or 0
+            for version, statements in enumerate(MIGRATIONS[current:], current + 1):
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _transaction(self, write: bool, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._conn()
+        # IMMEDIATE takes the write lock up front (waiting through busy_timeout), so a write
+        # never fails half-way on a lock upgrade; DEFERRED gives reads one consistent snapshot.
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            result = fn(conn, *args)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    async def _run(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(pool, fn, *args)
+        except sqlite3.OperationalError as exc:
+            if any(marker in str(exc).lower() for marker in _UNAVAILABLE_MARKERS):
+                raise base.backend_unavailable(str(exc)) from exc
+            raise
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._run(self._writer, self._transaction, True, fn, *args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._run(self._readers, self._transaction, False, fn, *args)
+
+    async def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    # --- responses ------------------------------------------------------------------------
+
+    async def put_turn(
+        self, tenant: str, turn: Turn, *, expected_conversation_version: int | None
+    ) -> PutTurnResult:
+        return await self._write(self._put_turn, tenant, turn, expected_conversation_version)
+
+    def _put_turn(
+        self, conn: sqlite3.Connection, tenant: str, turn: Turn, expected: int | None
+    ) -> PutTurnResult:
+        now = base.now_us()
+        digest = base.turn_digest(turn)
+        rows = conn.execute(
+            """SELECT pk, id, idempotency_key, digest, conversation_version, expire_time_us
+            FROM responses WHERE tenant = ?
+                AND (id = ? OR id = ? OR (idempotency_key = ? AND idempotency_key <> ''))""",
+            (tenant, turn.id, turn.previous_response_id, turn.idempotency_key),
+        ).fetchall()
+        found = base.lookup_turn(turn, digest, rows, now)
+        if found.replay is not None:
+            pk, version = found.replay
+            return PutTurnResult(_load_turn(conn, pk), True, version)
+        # Expired but not yet swept: such rows must not block the id or the key.
+        conn.executemany("DELETE FROM responses WHERE pk = ?", [(pk,) for pk in found.expired])
+        if turn.previous_response_id and not found.previous_live:
+            raise base.previous_response_not_found(turn.previous_response_id)
+
+        conversation_pk: int | None = None
+        version = 0
+        appended = [*turn.input_items, *turn.output_items]
+        if turn.conversation_id:
+            conversation_pk, version = _conversation_key(conn, tenant, turn.conversation_id, now)
+            base.check_version(turn.conversation_id, expected, version)
+            version += len(appended)
+
+        expire = base.expire_at(now, self._retention_s)
+        cur = conn.execute(
+            """INSERT INTO responses (tenant, id, previous_response_id, conversation_id,
+                idempotency_key, response_json, digest, conversation_version, create_time_us,
+                expire_time_us)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                tenant,
+                turn.id,
+                turn.previous_response_id,
+                turn.conversation_id,
+                turn.idempotency_key,
+                turn.response_json,
+                digest,
+                version,
+                now,
+                expire,
+            ),
+        )
+        response_pk = cur.lastrowid
+        conn.executemany(
+            """INSERT INTO response_items (response_pk, kind, position, item_id, json)
+            VALUES (?, ?, ?, ?, ?)""",
+            [
+                (response_pk, kind, position, item.id, item.json)
+                for kind, items in enumerate((turn.input_items, turn.output_items))
+                for position, item in enumerate(items, 1)
+            ],
+        )
+        if conversation_pk is not None:
+            self._append(conn, conversation_pk, turn.conversation_id, appended, version, now)
+        return PutTurnResult(base.stored_turn(turn, now, expire), False, version)
+
+    def _append(
+        self,
+        conn: sqlite3.Connection,
+        conversation_pk: int,
+        conversation_id: str,
+        items: Sequence[Item],
+        version: int,
+        now: int,
+    ) -> tuple[Item, ...]:
+        """Appends ``items`` so that the last gets sequence ``version``, and sets the version."""
+        first = version - len(items) + 1
+        stored = tuple(
+            Item(id=item.id, json=item.json, sequence=seq, create_time_us=now)
+            for seq, item in enumerate(items, first)
+        )
+        try:
+            conn.executemany(
+                """INSERT INTO conversation_items (conversation_pk, seq, item_id, json,
+                    create_time_us) VALUES (?, ?, ?, ?, ?)""",
+                [(conversation_pk, i.sequence, i.id, i.json, now) for i in stored],
+            )
+        except sqlite3.IntegrityError as exc:
+            raise base.item_id_conflict(
+                conversation_id, _first_existing(conn, conversation_pk, items)
+            ) from exc
+        conn.execute(
+            """UPDATE conversations SET version = ?, expire_time_us = coalesce(?, expire_time_us)
+            WHERE pk = ?""",
+            (version, base.expire_at(now, self._retention_s), conversation_pk),
+        )
+        return stored
+
+    async def get_response(
+        self, tenant: str, *, response_id: str = "", idempotency_key: str = ""
+    ) -> Turn:
+        return await self._read(self._get_response, tenant, response_id, idempotency_key)
+
+    def _get_response(
+        self, conn: sqlite3.Connection, tenant: str, response_id: str, key: str
+    ) -> Turn:
+        column, value = ("idempotency_key", key) if key else ("id", response_id)
+        row = conn.execute(
+            f"SELECT pk FROM responses WHERE tenant = :tenant AND {column} = :value AND {LIVE}",
+            {"tenant": tenant, "value": value, "now": base.now_us()},
+        ).fetchone()
+        if row is None:
+            if key:
+                raise base.idempotency_key_not_found(key)
+            raise base.response_not_found(response_id)
+        return _load_turn(conn, row[0])
+
+    async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
+        return await self._read(self._response_history, tenant, response_id, limit)
+
+    def _response_history(
+        self, conn: sqlite3.Connection, tenant: str, response_id: str, limit: int
+    ) -> History:
+        rows = conn.execute(
+            HISTORY_SQL,
+            {"tenant": tenant, "id": response_id, "now": base.now_us(), "limit": limit},
+        ).fetchall()
+        return base.history_from_rows(response_id, rows)
+
+    async def delete_response(self, tenant: str, response_id: str) -> None:
+        await self._write(self._delete_response, tenant, response_id)
+
+    def _delete_response(self, conn: sqlite3.Connection, tenant: str, response_id: str) -> None:
+        cur = conn.execute(
+            f"DELETE FROM responses WHERE tenant = :tenant AND id = :id AND {LIVE}",
+            {"tenant": tenant, "id": response_id, "now": base.now_us()},
+        )
+        if cur.rowcount == 0:
+            raise base.response_not_found(response_id)
+
+    # --- conversations --------------------------------------------------------------------
+
+    async def create_conversation(
+        self, tenant: str, metadata: Mapping[str, str], items: Sequence[Item], request_id: str
+    ) -> CreatedConversation:
+        return await self._write(self._create_conversation, tenant, metadata, items, request_id)
+
+    def _create_conversation(
+        self,
+        conn: sqlite3.Connection,
+        tenant: str,
+        metadata: Mapping[str, str],
+        items: Sequence[Item],
+        request_id: str,
+    ) -> CreatedConversation:
+        now = base.now_us()
+        digest = base.conversation_digest(metadata, items) if request_id else b""
+        if request_id:
+            row = conn.execute(
+                f"""SELECT {_CONVERSATION_COLUMNS}, pk, request_digest FROM conversations
+                WHERE tenant = ? AND request_id = ?""",
+                (tenant, request_id),
+            ).fetchone()
+            if row is not None and base.live(row[4], now):
+                if row[6] != digest:
+                    raise base.request_id_conflict(request_id)
+                first = _conversation(row)
+                # The first call's result: its items got sequence 1..n at creation.
+                return CreatedConversation(first, base.positioned(items, first.create_time_us))
+            if row is not None:
+                conn.execute("DELETE FROM conversations WHERE pk = ?", (row[5],))
+        conversation = Conversation(
+            id=base.new_conversation_id(),
+            metadata=dict(metadata),
+            version=len(items),
+            create_time_us=now,
+            expire_time_us=base.expire_at(now, self._retention_s),
+        )
+        cur = conn.execute(
+            """INSERT INTO conversations (tenant, id, metadata, version, request_id,
+                request_digest, create_time_us, expire_time_us)
+            VALUES (?, ?, ?, 0, ?, ?, ?, ?)""",
+            (
+                tenant,
+                conversation.id,
+                _dump_metadata(metadata),
+                request_id,
+                digest,
+                now,
+                conversation.expire_time_us,
+            ),
+        )
+        assert cur.lastrowid is not None
+        stored = self._append(conn, cur.lastrowid, conversation.id, items, len(items), now)
+        return CreatedConversation(conversation, stored)
+
+    async def get_conversation(self, tenant: str, conversation_id: str) -> Conversation:
+        return await self._read(_find_conversation, tenant, conversation_id)
+
+    async def update_conversation(
+        self, tenant: str, conversation_id: str, metadata: Mapping[str, str]
+    ) -> Conversation:
+        return await self._write(self._update_conversation, tenant, conversation_id, metadata)
+
+    def _update_conversation(
+        self,
+        conn: sqlite3.Connection,
+        tenant: str,
+        conversation_id: str,
+        metadata: Mapping[str, str],
+    ) -> Conversation:
+        conn.execute(
+            f"""UPDATE conversations SET metadata = :metadata
+            WHERE tenant = :tenant AND id = :id AND {LIVE}""",
+            {
+                "metadata": _dump_metadata(metadata),
+                "tenant": tenant,
+                "id": conversation_id,
+                "now": base.now_us(),
+            },
+        )
+        return _find_conversation(conn, tenant, conversation_id)
+
+    async def delete_conversation(self, tenant: str, conversation_id: str) -> None:
+        await self._write(self._delete_conversation, tenant, conversation_id)
+
+    def _delete_conversation(
+        self, conn: sqlite3.Connection, tenant: str, conversation_id: str
+    ) -> None:
+        cur = conn.execute(
+            f"DELETE FROM conversations WHERE tenant = :tenant AND id = :id AND {LIVE}",
+            {"tenant": tenant, "id": conversation_id, "now": base.now_us()},
+        )
+        if cur.rowcount == 0:
+            raise base.conversation_not_found(conversation_id)
+
+    async def conversation_history(
+        self, tenant: str, conversation_id: str, *, limit: int
+    ) -> History:
+        return await self._read(self._conversation_history, tenant, conversation_id, limit)
+
+    def _conversation_history(
+        self, conn: sqlite3.Connection, tenant: str, conversation_id: str, limit: int
+    ) -> History:
+        rows = conn.execute(
+            CONVERSATION_HISTORY_SQL,
+            {"tenant": tenant, "id": conversation_id, "now": base.now_us(), "limit": limit or -1},
+        ).fetchall()
+        return base.conversation_history_from_rows(conversation_id, rows)
+
+    async def append_items(
+        self,
+        tenant: str,
+        conversation_id: str,
+        items: Sequence[Item],
+        *,
+        expected_version: int | None,
+    ) -> AppendResult:
+        return await self._write(
+            self._append_items, tenant, conversation_id, items, expected_version
+        )
+
+    def _append_items(
+        self,
+        conn: sqlite3.Connection,
+        tenant: str,
+        conversation_id: str,
+        items: Sequence[Item],
+        expected: int | None,
+    ) -> AppendResult:
+        now = base.now_us()
+        pk, version = _conversation_key(conn, tenant, conversation_id, now)
+        marks = ",".join("?" * len(items))
+        existing = {
+            row[1]: Item(id=row[1], json=row[2], sequence=row[0], create_time_us=row[3])
+            for row in conn.execute(
+                f"""SELECT seq, item_id, json, create_time_us FROM conversation_items
+                WHERE conversation_pk = ? AND item_id IN ({marks})""",
+                (pk, *(i.id for i in items)),
+            )
+        }
+        replayed = base.classify_append(conversation_id, items, existing)
+        if replayed is not None:
+            return AppendResult(replayed, version, True)
+        base.check_version(conversation_id, expected, version)
+        version += len(items)
+        stored = self._append(conn, pk, conversation_id, items, version, now)
+        return AppendResult(stored, version, False)
+
+    async def list_items(
+        self,
+        tenant: str,
+        conversation_id: str,
+        *,
+        descending: bool,
+        limit: int,
+        after_sequence: int | None,
+        after_item_id: str,
+    ) -> ItemPage:
+        return await self._read(
+            _list_items,
+            tenant,
+            conversation_id,
+            descending,
+            limit,
+            after_sequence,
+            after_item_id,
+        )
+
+    async def get_item(self, tenant: str, conversation_id: str, item_id: str) -> Item:
+        return await self._read(_get_item, tenant, conversation_id, item_id)
+
+    async def delete_item(self, tenant: str, conversation_id: str, item_id: str) -> Conversation:
+        return await self._write(_delete_item, tenant, conversation_id, item_id)
+
+    # --- housekeeping ---------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        total = 0
+        for table in ("responses", "conversations"):
+            while True:
+                # Small batches keep each write transaction (and the lock) short.
+                gone = await self._write(_sweep_batch, table, 500)
+                total += gone
+                if gone < 500:
+                    break
+        return total
+
+
+# --- statements shared by the functions above (all run inside a transaction) ----------------
+
+_CONVERSATION_COLUMNS = "id, metadata, version, create_time_us, expire_time_us"
+
+
+def _conversation(row: Sequence[Any]) -> Conversation:
+    return Conversation(
+        id=row[0],
+        metadata=orjson.loads(row[1]),
+        version=row[2],
+        create_time_us=row[3],
+        expire_time_us=row[4],
+    )
+
+
+def _dump_metadata(metadata: Mapping[str, str]) -> str:
+    return orjson.dumps(dict(metadata), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _find_conversation(conn: sqlite3.Connection, tenant: str, conversation_id: str) -> Conversation:
+    row = conn.execute(
+        f"""SELECT {_CONVERSATION_COLUMNS} FROM conversations
+        WHERE tenant = :tenant AND id = :id AND {LIVE}""",
+        {"tenant": tenant, "id": conversation_id, "now": base.now_us()},
+    ).fetchone()
+    if row is None:
+        raise base.conversation_not_found(conversation_id)
+    return _conversation(row)
+
+
+def _conversation_key(
+    conn: sqlite3.Connection, tenant: str, conversation_id: str, now: int
+) -> tuple[int, int]:
+    """The live conversation's pk and version."""
+    row = conn.execute(
+        f"SELECT pk, version FROM conversations WHERE tenant = :tenant AND id = :id AND {LIVE}",
+        {"tenant": tenant, "id": conversation_id, "now": now},
+    ).fetchone()
+    if row is None:
+        raise base.conversation_not_found(conversation_id)
+    return row[0], row[1]
+
+
+def _first_existing(conn: sqlite3.Connection, conversation_pk: int, items: Sequence[Item]) -> str:
+    for item in items:
+        if conn.execute(
+            "SELECT 1 FROM conversation_items WHERE conversation_pk = ? AND item_id = ?",
+            (conversation_pk, item.id),
+        ).fetchone():
+            return item.id
+    return items[0].id
+
+
+def _load_turn(conn: sqlite3.Connection, pk: int) -> Turn:
+    row = conn.execute(
+        """SELECT id, previous_response_id, conversation_id, idempotency_key, response_json,
+            create_time_us, expire_time_us FROM responses WHERE pk = ?""",
+        (pk,),
+    ).fetchone()
+    groups: tuple[list[Item], list[Item]] = ([], [])
+    for kind, position, item_id, data in conn.execute(
+        """SELECT kind, position, item_id, json FROM response_items WHERE response_pk = ?
+        ORDER BY kind, position""",
+        (pk,),
+    ):
+        groups[kind].append(Item(id=item_id, json=data, sequence=position, create_time_us=row[5]))
+    return Turn(
+        id=row[0],
+        previous_response_id=row[1],
+        conversation_id=row[2],
+        idempotency_key=row[3],
+        response_json=row[4],
+        create_time_us=row[5],
+        expire_time_us=row[6],
+        input_items=tuple(groups[0]),
+        output_items=tuple(groups[1]),
+    )
+
+
+def _list_items(
+    conn: sqlite3.Connection,
+    tenant: str,
+    conversation_id: str,
+    descending: bool,
+    limit: int,
+    after_sequence: int | None,
+    after_item_id: str,
+) -> ItemPage:
+    pk, _ = _conversation_key(conn, tenant, conversation_id, base.now_us())
+    if after_sequence is None and after_item_id:
+        row = conn.execute(
+            "SELECT seq FROM conversation_items WHERE conversation_pk = ? AND item_id = ?",
+            (pk, after_item_id),
+        ).fetchone()
+        if row is None:
+            raise base.item_not_found(conversation_id, after_item_id)
+        after_sequence = row[0]
+    if descending:
+        where, order = "seq < ?", "DESC"
+        bound = (1 << 62) if after_sequence is None else after_sequence
+    else:
+        where, order = "seq > ?", "ASC"
+        bound = 0 if after_sequence is None else after_sequence
+    rows = conn.execute(
+        f"""SELECT seq, item_id, json, create_time_us FROM conversation_items
+        WHERE conversation_pk = ? AND {where} ORDER BY seq {order} LIMIT ?""",
+        (pk, bound, limit + 1),
+    ).fetchall()
+    items = [Item(id=r[1], json=r[2], sequence=r[0], create_time_us=r[3]) for r in rows[:limit]]
+    return ItemPage(items, len(rows) > limit)
+
+
+def _get_item(conn: sqlite3.Connection, tenant: str, conversation_id: str, item_id: str) -> Item:
+    row = conn.execute(
+        """SELECT i.seq, i.item_id, i.json, i.create_time_us
+        FROM conversations c LEFT JOIN conversation_items i
+            ON i.conversation_pk = c.pk AND i.item_id = :item_id
+        WHERE c.tenant = :tenant AND c.id = :id
+            AND (c.expire_time_us IS NULL OR c.expire_time_us > :now)""",
+        {"tenant": tenant, "id": conversation_id, "item_id": item_id, "now": base.now_us()},
+    ).fetchone()
+    if row is None:
+        raise base.conversation_not_found(conversation_id)
+    if row[0] is None:
+        raise base.item_not_found(conversation_id, item_id)
+    return Item(id=row[1], json=row[2], sequence=row[0], create_time_us=row[3])
+
+
+def _delete_item(
+    conn: sqlite3.Connection, tenant: str, conversation_id: str, item_id: str
+) -> Conversation:
+    pk, _ = _conversation_key(conn, tenant, conversation_id, base.now_us())
+    cur = conn.execute(
+        "DELETE FROM conversation_items WHERE conversation_pk = ? AND item_id = ?", (pk, item_id)
+    )
+    if cur.rowcount == 0:
+        raise base.item_not_found(conversation_id, item_id)
+    return _find_conversation(conn, tenant, conversation_id)
+
+
+def _sweep_batch(conn: sqlite3.Connection, table: str, batch: int) -> int:
+    # Items go with their parent row through ON DELETE CASCADE.
+    cur = conn.execute(
+        f"""DELETE FROM {table} WHERE pk IN (
+            SELECT pk FROM {table} WHERE expire_time_us IS NOT NULL AND expire_time_us <= ?
+            LIMIT ?)""",
+        (base.now_us(), batch),
+    )
+    return cur.rowcount

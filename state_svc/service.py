@@ -1,0 +1,498 @@
+"""The StateService servicer: validates requests, converts between API messages and the
+backend's dataclasses, and maps every error once, here, to a status with ErrorInfo."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import orjson
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Histogram
+
+from gateway import grpcerrors, metrics
+from gateway.grpcerrors import ServiceError
+from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
+from state_svc.backends import base
+from state_svc.backends.base import Backend
+from state_svc.config import StateSettings
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+SERVICE_NAME = state_service_pb2.DESCRIPTOR.services_by_name["StateService"].full_name
+
+MAX_METADATA_PAIRS = 16
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+
+BACKEND_LATENCY = Histogram(
+    "respgw_state_backend_latency_seconds",
+    "Time the storage backend took for one operation, by backend and operation.",
+    ["backend", "op"],
+    buckets=metrics.LATENCY_BUCKETS,
+)
+
+
+class StateServicer(state_service_pb2_grpc.StateServiceServicer):
+    """Serves StateService from a :class:`Backend`."""
+
+    def __init__(self, backend: Backend, settings: StateSettings) -> None:
+        self._backend = backend
+        self._settings = settings
+        self._backend_name = settings.backend
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    async def _serve(
+        self, context: Context, handler: Callable[[Req], Awaitable[Resp]], request: Req
+    ) -> Resp:
+        try:
+            return await handler(request)
+        except ServiceError as exc:
+            error = exc
+        except Exception:
+            log.exception("state call failed", extra={"handler": handler.__name__})
+            error = ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+        await grpcerrors.abort(context, error)
+        raise AssertionError("abort returned")
+
+    async def _timed(self, op: str, call: Awaitable[T]) -> T:
+        start = time.perf_counter()
+        try:
+            return await call
+        finally:
+            BACKEND_LATENCY.labels(self._backend_name, op).observe(time.perf_counter() - start)
+
+    # --- responses ------------------------------------------------------------------------
+
+    async def PutTurn(
+        self, request: state_service_pb2.PutTurnRequest, context: Context
+    ) -> state_service_pb2.PutTurnResponse:
+        return await self._serve(context, self._put_turn, request)
+
+    async def _put_turn(
+        self, request: state_service_pb2.PutTurnRequest
+    ) -> state_service_pb2.PutTurnResponse:
+        tenant = _tenant(request.tenant)
+        r = request.response
+        _require(r.id, "response.id")
+        _require(r.response_json, "response.response_json")
+        if not _is_json_object(r.response_json):
+            raise _invalid("response.response_json", "response_json must be a JSON object")
+        if r.previous_response_id and r.conversation_id:
+            raise _invalid(
+                "response.conversation_id",
+                "a turn cannot have both previous_response_id and conversation_id",
+            )
+        # Item ids key a conversation, so a turn appended to one must not repeat an id.
+        seen: set[str] | None = set() if r.conversation_id else None
+        turn = base.Turn(
+            id=r.id,
+            response_json=r.response_json,
+            previous_response_id=r.previous_response_id,
+            conversation_id=r.conversation_id,
+            input_items=_items(r.input_items, "response.input_items", seen),
+            output_items=_items(r.output_items, "response.output_items", seen),
+            idempotency_key=r.idempotency_key,
+        )
+        expected = (
+            request.expected_conversation_version
+            if request.HasField("expected_conversation_version")
+            else None
+        )
+        result = await self._timed(
+            "put_turn",
+            self._backend.put_turn(tenant, turn, expected_conversation_version=expected),
+        )
+        return state_service_pb2.PutTurnResponse(
+            response=_turn_pb(result.turn),
+            replayed=result.replayed,
+            conversation_version=result.conversation_version,
+        )
+
+    async def GetResponse(
+        self, request: state_service_pb2.GetResponseRequest, context: Context
+    ) -> state_service_pb2.GetResponseResponse:
+        return await self._serve(context, self._get_response, request)
+
+    async def _get_response(
+        self, request: state_service_pb2.GetResponseRequest
+    ) -> state_service_pb2.GetResponseResponse:
+        tenant = _tenant(request.tenant)
+        which = request.WhichOneof("selector")
+        if which is None or not getattr(request, which):
+            raise _invalid("selector", "set response_id or idempotency_key")
+        turn = await self._timed(
+            "get_response",
+            self._backend.get_response(
+                tenant, response_id=request.response_id, idempotency_key=request.idempotency_key
+            ),
+        )
+        return state_service_pb2.GetResponseResponse(response=_turn_pb(turn))
+
+    async def GetHistory(
+        self, request: state_service_pb2.GetHistoryRequest, context: Context
+    ) -> state_service_pb2.GetHistoryResponse:
+        return await self._serve(context, self._get_history, request)
+
+    async def _get_history(
+        self, request: state_service_pb2.GetHistoryRequest
+    ) -> state_service_pb2.GetHistoryResponse:
+        tenant = _tenant(request.tenant)
+        which = request.WhichOneof("anchor")
+        if which is None or not getattr(request, which):
+            raise _invalid("anchor", "set response_id or conversation_id")
+        if request.max_items < 0:
+            raise _invalid("max_items", "max_items must not be negative")
+        limits = [n for n in (request.max_items, self._settings.history_max_items) if n > 0]
+        limit = min(limits, default=0)
+        if which == "response_id":
+            history = await self._timed(
+                "response_history",
+                self._backend.response_history(tenant, request.response_id, limit=limit),
+            )
+        else:
+            history = await self._timed(
+                "conversation_history",
+                self._backend.conversation_history(tenant, request.conversation_id, limit=limit),
+            )
+        return state_service_pb2.GetHistoryResponse(
+            items=[_item_pb(i) for i in history.items],
+            truncated=history.omitted > 0,
+            omitted_item_count=history.omitted,
+            conversation_version=history.conversation_version,
+            response_ids=history.response_ids,
+        )
+
+    async def DeleteResponse(
+        self, request: state_service_pb2.DeleteResponseRequest, context: Context
+    ) -> state_service_pb2.DeleteResponseResponse:
+        return await self._serve(context, self._delete_response, request)
+
+    async def _delete_response(
+        self, request: state_service_pb2.DeleteResponseRequest
+    ) -> state_service_pb2.DeleteResponseResponse:
+        tenant = _tenant(request.tenant)
+        _require(request.response_id, "response_id")
+        await self._timed(
+            "delete_response", self._backend.delete_response(tenant, request.response_id)
+        )
+        return state_service_pb2.DeleteResponseResponse()
+
+    # --- conversations --------------------------------------------------------------------
+
+    async def CreateConversation(
+        self, request: state_service_pb2.CreateConversationRequest, context: Context
+    ) -> state_service_pb2.CreateConversationResponse:
+        return await self._serve(context, self._create_conversation, request)
+
+    async def _create_conversation(
+        self, request: state_service_pb2.CreateConversationRequest
+    ) -> state_service_pb2.CreateConversationResponse:
+        tenant = _tenant(request.tenant)
+        metadata = _metadata(request.metadata)
+        items = _items(request.items, "items", set())
+        created = await self._timed(
+            "create_conversation",
+            self._backend.create_conversation(tenant, metadata, items, request.request_id),
+        )
+        return state_service_pb2.CreateConversationResponse(
+            conversation=_conversation_pb(created.conversation),
+            items=[_item_pb(i) for i in created.items],
+        )
+
+    async def GetConversation(
+        self, request: state_service_pb2.GetConversationRequest, context: Context
+    ) -> state_service_pb2.GetConversationResponse:
+        return await self._serve(context, self._get_conversation, request)
+
+    async def _get_conversation(
+        self, request: state_service_pb2.GetConversationRequest
+    ) -> state_service_pb2.GetConversationResponse:
+        tenant = _tenant(request.tenant)
+        _require(request.conversation_id, "conversation_id")
+        conversation = await self._timed(
+            "get_conversation", self._backend.get_conversation(tenant, request.conversation_id)
+        )
+        return state_service_pb2.GetConversationResponse(
+            conversation=_conversation_pb(conversation)
+        )
+
+    async def UpdateConversation(
+        self, request: state_service_pb2.UpdateConversationRequest, context: Context
+    ) -> state_service_pb2.UpdateConversationResponse:
+        return await self._serve(context, self._update_conversation, request)
+
+    async def _update_conversation(
+        self, request: state_service_pb2.UpdateConversationRequest
+    ) -> state_service_pb2.UpdateConversationResponse:
+        tenant = _tenant(request.tenant)
+        _require(request.conversation_id, "conversation_id")
+        metadata = _metadata(request.metadata)
+        conversation = await self._timed(
+            "update_conversation",
+            self._backend.update_conversation(tenant, request.conversation_id, metadata),
+        )
+        return state_service_pb2.UpdateConversationResponse(
+            conversation=_conversation_pb(conversation)
+        )
+
+    async def DeleteConversation(
+        self, request: state_service_pb2.DeleteConversationRequest, context: Context
+    ) -> state_service_pb2.DeleteConversationResponse:
+        return await self._serve(context, self._delete_conversation, request)
+
+    async def _delete_conversation(
+        self, request: state_service_pb2.DeleteConversationRequest
+    ) -> state_service_pb2.DeleteConversationResponse:
+        tenant = _tenant(request.tenant)
+        _require(request.conversation_id, "conversation_id")
+        await self._timed(
+            "delete_conversation",
+            self._backend.delete_conversation(tenant, request.conversation_id),
+        )
+        return state_service_pb2.DeleteConversationResponse()
+
+    async def CreateConversationItems(
+        self, request: state_service_pb2.CreateConversationItemsRequest, context: Context
+    ) -> state_service_pb2.CreateConversationItemsResponse:
+        return await self._serve(context, self._create_items, request)
+
+    async def _create_items(
+        self, request: state_service_pb2.CreateConversationItemsRequest
+    ) -> state_service_pb2.CreateConversationItemsResponse:
+        tenant = _tenant(request.tenant)
+        _require(request.conversation_id, "conversation_id")
+        if not request.items:
+            raise _invalid("items", "at least one item is required")
+        items = _items(request.items, "items", set())
+        expected = request.expected_version if request.HasField("expected_version") else None
+        result = await self._timed(
+            "append_items",
+            self._backend.append_items(
+                tenant, request.conversation_id, items, expected_version=expected
+            ),
+        )
+        return state_service_pb2.CreateConversationItemsResponse(
+            items=[_item_pb(i) for i in result.items],
+            conversation_version=result.conversation_version,
+            replayed=result.replayed,
+        )
+
+    async def ListConversationItems(
+        self, request: state_service_pb2.ListConversationItemsRequest, context: Context
+    ) -> state_service_pb2.ListConversationItemsResponse:
+        return await self._serve(context, self._list_items, request)
+
+    async def _list_items(
+        self, request: state_service_pb2.ListConversationItemsRequest
+    ) -> state_service_pb2.ListConversationItemsResponse:
+        tenant = _tenant(request.tenant)
+        _require(request.conversation_id, "conversation_id")
+        if request.order not in (state_service_pb2.ORDER_ASC, state_service_pb2.ORDER_DESC):
+            raise _invalid("order", "order must be ORDER_ASC or ORDER_DESC")
+        if request.page_size < 0:
+            raise _invalid("page_size", "page_size must not be negative")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = (
+            decode_page_token(request.page_token, request.conversation_id, request.order)
+            if request.page_token
+            else None
+        )
+        page = await self._timed(
+            "list_items",
+            self._backend.list_items(
+                tenant,
+                request.conversation_id,
+                descending=request.order == state_service_pb2.ORDER_DESC,
+                limit=size,
+                after_sequence=after,
+                after_item_id=request.after_item_id,
+            ),
+        )
+        token = ""
+        if page.has_more and page.items:
+            token = encode_page_token(
+                request.conversation_id, request.order, page.items[-1].sequence
+            )
+        return state_service_pb2.ListConversationItemsResponse(
+            items=[_item_pb(i) for i in page.items], next_page_token=token
+        )
+
+    async def GetConversationItem(
+        self, request: state_service_pb2.GetConversationItemRequest, context: Context
+    ) -> state_service_pb2.GetConversationItemResponse:
+        return await self._serve(context, self._get_item, request)
+
+    async def _get_item(
+        self, request: state_service_pb2.GetConversationItemRequest
+    ) -> state_service_pb2.GetConversationItemResponse:
+        tenant = _tenant(request.tenant)
+        _require(request.conversation_id, "conversation_id")
+        _require(request.item_id, "item_id")
+        item = await self._timed(
+            "get_item",
+            self._backend.get_item(tenant, request.conversation_id, request.item_id),
+        )
+        return state_service_pb2.GetConversationItemResponse(item=_item_pb(item))
+
+    async def DeleteConversationItem(
+        self, request: state_service_pb2.DeleteConversationItemRequest, context: Context
+    ) -> state_service_pb2.DeleteConversationItemResponse:
+        return await self._serve(context, self._delete_item, request)
+
+    async def _delete_item(
+        self, request: state_service_pb2.DeleteConversationItemRequest
+    ) -> state_service_pb2.DeleteConversationItemResponse:
+        tenant = _tenant(request.tenant)
+        _require(request.conversation_id, "conversation_id")
+        _require(request.item_id, "item_id")
+        conversation = await self._timed(
+            "delete_item",
+            self._backend.delete_item(tenant, request.conversation_id, request.item_id),
+        )
+        return state_service_pb2.DeleteConversationItemResponse(
+            conversation=_conversation_pb(conversation)
+        )
+
+
+# --- validation ---------------------------------------------------------------------------
+
+
+def _invalid(field: str, message: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", message, {"field": field}
+    )
+
+
+def _tenant(tenant: str) -> str:
+    if not tenant:
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "TENANT_REQUIRED",
+            "tenant is required",
+            {"field": "tenant"},
+        )
+    return tenant
+
+
+def _require(value: str | bytes, field: str) -> None:
+    if not value:
+        raise _invalid(field, f"{field} is required")
+
+
+def _is_json_object(data: bytes) -> bool:
+    try:
+        return isinstance(orjson.loads(data), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
+def _items(
+    items: Sequence[resources_pb2.Item], field: str, seen: set[str] | None
+) -> tuple[base.Item, ...]:
+    """Checks items (id, JSON object, and unique ids when ``seen`` is given) and converts them;
+    server-set fields are ignored."""
+    out = []
+    for n, item in enumerate(items):
+        _require(item.id, f"{field}[{n}].id")
+        _require(item.json, f"{field}[{n}].json")
+        if not _is_json_object(item.json):
+            raise _invalid(f"{field}[{n}].json", "item JSON must be a JSON object")
+        if seen is not None:
+            if item.id in seen:
+                raise _invalid(f"{field}[{n}].id", f"item id {item.id} appears twice")
+            seen.add(item.id)
+        out.append(base.Item(id=item.id, json=item.json))
+    return tuple(out)
+
+
+def _metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise _invalid("metadata", f"at most {MAX_METADATA_PAIRS} metadata pairs are allowed")
+    return dict(metadata)
+
+
+# --- page tokens --------------------------------------------------------------------------
+
+# Not a secret: the check value only tells a token this service issued from a mangled or
+# hand-made one. Knowing a sequence number gives a caller nothing it could not list anyway.
+_TOKEN_KEY = b"respgw.state.v1.page-token"
+
+
+def encode_page_token(conversation_id: str, order: int, sequence: int) -> str:
+    payload = orjson.dumps([1, conversation_id, order, sequence])
+    check = hashlib.blake2b(payload, key=_TOKEN_KEY, digest_size=8).digest()
+    return base64.urlsafe_b64encode(check + payload).rstrip(b"=").decode()
+
+
+def decode_page_token(token: str, conversation_id: str, order: int) -> int:
+    """The last sequence of the previous page, or INVALID_ARGUMENT when the token was not
+    issued for this conversation and order."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        check, payload = raw[:8], raw[8:]
+        if hashlib.blake2b(payload, key=_TOKEN_KEY, digest_size=8).digest() != check:
+            raise ValueError("check value")
+        version, conv, token_order, sequence = orjson.loads(payload)
+    except (ValueError, TypeError) as exc:
+        raise _invalid("page_token", "page_token is not a token this service issued") from exc
+    if version != 1 or conv != conversation_id or token_order != order:
+        raise _invalid("page_token", "page_token was issued for another listing")
+    if not isinstance(sequence, int) or sequence < 0:
+        raise _invalid("page_token", "page_token is not a token this service issued")
+    return sequence
+
+
+# --- conversions --------------------------------------------------------------------------
+
+
+def _timestamp(us: int) -> Timestamp:
+    return Timestamp(seconds=us // base.MICROS, nanos=(us % base.MICROS) * 1000)
+
+
+def _item_pb(item: base.Item) -> resources_pb2.Item:
+    return resources_pb2.Item(
+        id=item.id,
+        sequence=item.sequence,
+        json=item.json,
+        create_time=_timestamp(item.create_time_us),
+    )
+
+
+def _turn_pb(turn: base.Turn) -> resources_pb2.StoredResponse:
+    pb = resources_pb2.StoredResponse(
+        id=turn.id,
+        previous_response_id=turn.previous_response_id,
+        conversation_id=turn.conversation_id,
+        input_items=[_item_pb(i) for i in turn.input_items],
+        output_items=[_item_pb(i) for i in turn.output_items],
+        response_json=turn.response_json,
+        create_time=_timestamp(turn.create_time_us),
+        idempotency_key=turn.idempotency_key,
+    )
+    if turn.expire_time_us is not None:
+        pb.expire_time.CopyFrom(_timestamp(turn.expire_time_us))
+    return pb
+
+
+def _conversation_pb(conversation: base.Conversation) -> resources_pb2.Conversation:
+    pb = resources_pb2.Conversation(
+        id=conversation.id,
+        metadata=dict(conversation.metadata),
+        create_time=_timestamp(conversation.create_time_us),
+        version=conversation.version,
+    )
+    if conversation.expire_time_us is not None:
+        pb.expire_time.CopyFrom(_timestamp(conversation.expire_time_us))
+    return pb
