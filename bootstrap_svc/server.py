@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bootstrap_svc import service, sessions
 from bootstrap_svc.config import BootstrapSettings
@@ -26,9 +26,14 @@ class Running:
     server: GrpcServer
     store: sessions.SessionStore
     sweeper: asyncio.Task[None]
+    stopped: bool = field(default=False)
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Stops serving (in-flight calls get ``grace`` seconds), then closes the registry."""
+        """Stops serving (in-flight calls get ``grace`` seconds), then closes the registry.
+        Stopping twice is harmless."""
+        if self.stopped:
+            return
+        self.stopped = True
         try:
             await self.server.stop(grace)
         finally:
