@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client import Counter, Histogram
 
 from gateway import grpcerrors
@@ -71,7 +71,11 @@ class StateClient:
     ) -> None:
         self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.StateServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._health_check = self._channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
         self._timeout_s = timeout_s
 
     async def close(self) -> None:
@@ -80,7 +84,7 @@ class StateClient:
     async def ready(self) -> bool:
         """True when the state service answers its health check with SERVING."""
         try:
-            reply = await self._health.Check(
+            reply = await self._health_check(
                 health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=self._timeout_s
             )
         except grpc.RpcError:

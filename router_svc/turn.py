@@ -117,25 +117,25 @@ async def begin(
     history: list[dict[str, Any]] = []
     version: int | None = None
     omitted = 0
-    anchor: dict[str, str] = {}
+    lookup = state_service_pb2.GetHistoryRequest(tenant=tenant)
     if req.previous_response_id:
-        anchor = {"response_id": req.previous_response_id}
+        lookup.response_id = req.previous_response_id
         param = "previous_response_id"
         prev = req.previous_response_id
 
         def not_found(err: RemoteError) -> errors.ApiError:
             return errors.previous_response_not_found(prev)
     elif req.conversation_id:
-        anchor = {"conversation_id": req.conversation_id}
+        lookup.conversation_id = req.conversation_id
         param = "conversation"
         conv = req.conversation_id
 
         def not_found(err: RemoteError) -> errors.ApiError:
             return errors.conversation_not_found(conv, param="conversation")
-    if anchor:
+    if lookup.HasField("response_id") or lookup.HasField("conversation_id"):
         reply = await svc.state.call(
             "GetHistory",
-            state_service_pb2.GetHistoryRequest(tenant=tenant, **anchor),
+            lookup,
             param=param,
             not_found=not_found,
         )

@@ -105,10 +105,16 @@ class Stack:
         self.tl.run(self._stop())
         self.tl.close()
 
+    def stop_state(self) -> None:
+        """Stops the state service only (an outage, as the router sees it)."""
+        self.tl.run(self._state.stop(0.5))
+        self._state_stopped = True
+
     async def _stop(self) -> None:
         self._server.should_exit = True
         await self._task
-        await self._state.stop(1.0)
+        if not getattr(self, "_state_stopped", False):
+            await self._state.stop(1.0)
 
 
 class Process:
