@@ -1,0 +1,913 @@
+"""Request validation and input normalization: OpenAI's codes, params and messages."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import pytest
+from openai._models import validate_type
+from openai.types.responses.response_item import ResponseItem
+
+from router_svc import errors, validate
+from router_svc.ids import new_id
+
+
+def parse(body: Any, **kwargs: Any) -> validate.TurnRequest:
+    return validate.parse_turn_request(body, **kwargs)
+
+
+def rejected(body: Any, **kwargs: Any) -> errors.InvalidRequest:
+    with pytest.raises(errors.InvalidRequest) as info:
+        validate.parse_turn_request(body, **kwargs)
+    return info.value
+
+
+def test_new_id_is_prefixed_random_hex() -> None:
+    first, second = new_id("resp"), new_id("resp")
+    assert re.fullmatch(r"resp_[0-9a-f]{48}", first)
+    assert first != second
+
+
+def test_minimal_request_defaults() -> None:
+    req = parse({"model": "m", "input": "hello"})
+    assert req.model == "m"
+    assert req.store is True
+    assert req.stream is False
+    assert req.background is False
+    assert req.instructions is None
+    assert req.previous_response_id is None
+    assert req.conversation_id is None
+    assert req.metadata == {}
+    assert req.tools == []
+    assert req.include == []
+    [item] = req.input_items
+    assert re.fullmatch(r"msg_[0-9a-f]{48}", item["id"])
+    assert item == {
+        "id": item["id"],
+        "type": "message",
+        "status": "completed",
+        "role": "user",
+        "content": [{"type": "input_text", "text": "hello"}],
+    }
+
+
+def test_every_sdk_request_field_is_accepted() -> None:
+    body: dict[str, Any] = {
+        "model": "m",
+        "input": [{"role": "user", "content": "hi"}],
+        "instructions": "be brief",
+        "previous_response_id": "resp_abc",
+        "store": True,
+        "stream": True,
+        "stream_options": {"include_obfuscation": False},
+        "background": True,
+        "metadata": {"k": "v"},
+        "max_output_tokens": 16,
+        "max_tool_calls": 3,
+        "temperature": 2,
+        "top_p": 0.5,
+        "top_logprobs": 20,
+        "parallel_tool_calls": False,
+        "tool_choice": {"type": "function", "name": "f"},
+        "tools": [
+            {"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": True},
+            {"type": "code_interpreter", "container": {"type": "auto"}},
+            {"type": "web_search"},
+        ],
+        "text": {"format": {"type": "json_schema", "name": "s", "schema": {}}, "verbosity": "low"},
+        "reasoning": {"effort": "high", "summary": "auto"},
+        "truncation": "auto",
+        "include": ["message.output_text.logprobs", "reasoning.encrypted_content"],
+        "user": "u",
+        "safety_identifier": "s",
+        "prompt_cache_key": "k",
+        "prompt_cache_retention": "24h",
+        "prompt_cache_options": {"ttl": "30m"},
+        "service_tier": "flex",
+        "prompt": {"id": "pmpt_1", "version": "2", "variables": {"x": "y"}},
+        "context_management": [{"type": "compaction", "compact_threshold": 1000}],
+        "access_programs": {"cyber": "standard"},
+        "image": {"context_compression": "auto"},
+        "moderation": {"model": "omni-moderation-latest"},
+    }
+    original = copy.deepcopy(body)
+    req = parse(body)
+    assert body == original, "the caller's body must never be mutated"
+    assert req.body is body
+    assert req.stream is True and req.background is True
+    assert req.previous_response_id == "resp_abc"
+    assert req.instructions == "be brief"
+    assert req.metadata == {"k": "v"}
+    assert [t["type"] for t in req.tools] == ["function", "code_interpreter", "web_search"]
+    assert req.include == ["message.output_text.logprobs", "reasoning.encrypted_content"]
+
+
+def test_nulls_mean_absent() -> None:
+    fields = [
+        "instructions",
+        "previous_response_id",
+        "conversation",
+        "store",
+        "stream",
+        "background",
+        "metadata",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "top_logprobs",
+        "tool_choice",
+        "tools",
+        "text",
+        "reasoning",
+        "truncation",
+        "include",
+        "input",
+    ]
+    req = parse({"model": "m", **dict.fromkeys(fields)})
+    assert req.store is True
+    assert req.input_items == []
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "param", "message"),
+    [
+        ({"model": "m", "foo": 1}, "unknown_parameter", "foo", "Unknown parameter: 'foo'."),
+        (
+            {"input": "x"},
+            "missing_required_parameter",
+            "model",
+            "Missing required parameter: 'model'.",
+        ),
+        (
+            {"model": 3},
+            "invalid_type",
+            "model",
+            "Invalid type for 'model': expected a string, but got an integer instead.",
+        ),
+        ({"model": ""}, "empty_string", "model", "empty string"),
+        (
+            {"model": "m", "temperature": "hot"},
+            "invalid_type",
+            "temperature",
+            "Invalid type for 'temperature': expected a decimal, but got a string instead.",
+        ),
+        (
+            {"model": "m", "temperature": 2.5},
+            "decimal_above_max_value",
+            "temperature",
+            "Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got 2.5 instead.",
+        ),
+        (
+            {"model": "m", "temperature": -0.1},
+            "decimal_below_min_value",
+            "temperature",
+            "decimal below minimum value",
+        ),
+        (
+            {"model": "m", "temperature": True},
+            "invalid_type",
+            "temperature",
+            "got a boolean instead",
+        ),
+        (
+            {"model": "m", "top_p": 1.01},
+            "decimal_above_max_value",
+            "top_p",
+            "Expected a value <= 1",
+        ),
+        ({"model": "m", "top_p": -1}, "decimal_below_min_value", "top_p", "Expected a value >= 0"),
+        (
+            {"model": "m", "max_output_tokens": 15},
+            "integer_below_min_value",
+            "max_output_tokens",
+            "Invalid 'max_output_tokens': integer below minimum value. Expected a value >= 16, but got 15 instead.",
+        ),
+        (
+            {"model": "m", "max_output_tokens": 16.5},
+            "invalid_type",
+            "max_output_tokens",
+            "expected an integer, but got a decimal",
+        ),
+        ({"model": "m", "max_tool_calls": -1}, "integer_below_min_value", "max_tool_calls", ">= 0"),
+        (
+            {"model": "m", "top_logprobs": 21},
+            "integer_above_max_value",
+            "top_logprobs",
+            "Expected a value <= 20",
+        ),
+        ({"model": "m", "top_logprobs": -1}, "integer_below_min_value", "top_logprobs", ">= 0"),
+        (
+            {"model": "m", "store": "yes"},
+            "invalid_type",
+            "store",
+            "expected a boolean, but got a string",
+        ),
+        (
+            {"model": "m", "stream": 1},
+            "invalid_type",
+            "stream",
+            "expected a boolean, but got an integer",
+        ),
+        ({"model": "m", "background": []}, "invalid_type", "background", "got an array"),
+        (
+            {"model": "m", "parallel_tool_calls": "no"},
+            "invalid_type",
+            "parallel_tool_calls",
+            "expected a boolean",
+        ),
+        (
+            {"model": "m", "truncation": "sometimes"},
+            "invalid_value",
+            "truncation",
+            "Invalid value: 'sometimes'. Supported values are: 'auto' and 'disabled'.",
+        ),
+        (
+            {"model": "m", "service_tier": "gold"},
+            "invalid_value",
+            "service_tier",
+            "'auto', 'default', 'flex'",
+        ),
+        (
+            {"model": "m", "prompt_cache_retention": "1h"},
+            "invalid_value",
+            "prompt_cache_retention",
+            "'in_memory' and '24h'",
+        ),
+        (
+            {"model": "m", "safety_identifier": "x" * 129},
+            "string_above_max_length",
+            "safety_identifier",
+            "maximum length 128",
+        ),
+        ({"model": "m", "user": 5}, "invalid_type", "user", "expected a string"),
+        (
+            {"model": "m", "instructions": ["x"]},
+            "invalid_type",
+            "instructions",
+            "expected a string, but got an array",
+        ),
+        ({"model": "m", "include": "x"}, "invalid_type", "include", "expected an array"),
+        (
+            {"model": "m", "include": ["nope"]},
+            "invalid_value",
+            "include[0]",
+            "Invalid value: 'nope'.",
+        ),
+        (
+            {"model": "m", "stream_options": {"x": 1}},
+            "unknown_parameter",
+            "stream_options.x",
+            "Unknown parameter: 'stream_options.x'.",
+        ),
+        (
+            {"model": "m", "stream_options": {"include_obfuscation": "no"}},
+            "invalid_type",
+            "stream_options.include_obfuscation",
+            "boolean",
+        ),
+        (
+            {"model": "m", "previous_response_id": "resp_1", "conversation": "conv_1"},
+            "mutually_exclusive_parameters",
+            "conversation",
+            "'previous_response_id' or 'conversation'",
+        ),
+        (
+            {"model": "m", "previous_response_id": "abc"},
+            "invalid_value",
+            "previous_response_id",
+            "Expected an ID that begins with 'resp'.",
+        ),
+        (
+            {"model": "m", "previous_response_id": ""},
+            "empty_string",
+            "previous_response_id",
+            "empty string",
+        ),
+        (
+            {"model": "m", "previous_response_id": 5},
+            "invalid_type",
+            "previous_response_id",
+            "expected a string",
+        ),
+        (
+            {"model": "m", "conversation": "abc"},
+            "invalid_value",
+            "conversation",
+            "begins with 'conv'",
+        ),
+        (
+            {"model": "m", "conversation": {"id": "x"}},
+            "invalid_value",
+            "conversation.id",
+            "begins with 'conv'",
+        ),
+        (
+            {"model": "m", "conversation": {}},
+            "missing_required_parameter",
+            "conversation.id",
+            "'conversation.id'",
+        ),
+        (
+            {"model": "m", "conversation": {"id": "conv_1", "x": 1}},
+            "unknown_parameter",
+            "conversation.x",
+            "Unknown parameter",
+        ),
+        (
+            {"model": "m", "conversation": 5},
+            "invalid_type",
+            "conversation",
+            "one of a string or an object",
+        ),
+        (
+            {"model": "m", "background": True, "store": False},
+            "invalid_value",
+            "background",
+            "requires 'store'",
+        ),
+        ({"model": "m", "text": "json"}, "invalid_type", "text", "expected an object"),
+        (
+            {"model": "m", "text": {"format": {"type": "xml"}}},
+            "invalid_value",
+            "text.format.type",
+            "'text', 'json_schema', and 'json_object'",
+        ),
+        (
+            {"model": "m", "text": {"format": {"type": "json_schema", "schema": {}}}},
+            "missing_required_parameter",
+            "text.format.name",
+            "'text.format.name'",
+        ),
+        (
+            {"model": "m", "text": {"format": {"type": "json_schema", "name": "s"}}},
+            "missing_required_parameter",
+            "text.format.schema",
+            "'text.format.schema'",
+        ),
+        (
+            {
+                "model": "m",
+                "text": {"format": {"type": "json_schema", "name": "a b", "schema": {}}},
+            },
+            "invalid_value",
+            "text.format.name",
+            "pattern",
+        ),
+        (
+            {"model": "m", "text": {"format": {"type": "json_schema", "name": "s", "schema": []}}},
+            "invalid_type",
+            "text.format.schema",
+            "expected an object",
+        ),
+        (
+            {"model": "m", "text": {"format": {"type": "text", "name": "s"}}},
+            "unknown_parameter",
+            "text.format.name",
+            "Unknown parameter",
+        ),
+        (
+            {"model": "m", "text": {"verbosity": "loud"}},
+            "invalid_value",
+            "text.verbosity",
+            "'low', 'medium', and 'high'",
+        ),
+        (
+            {"model": "m", "text": {"style": 1}},
+            "unknown_parameter",
+            "text.style",
+            "Unknown parameter",
+        ),
+        (
+            {"model": "m", "reasoning": {"effort": "extreme"}},
+            "invalid_value",
+            "reasoning.effort",
+            "Invalid value: 'extreme'",
+        ),
+        (
+            {"model": "m", "reasoning": {"summary": "long"}},
+            "invalid_value",
+            "reasoning.summary",
+            "'auto', 'concise', and 'detailed'",
+        ),
+        (
+            {"model": "m", "reasoning": {"depth": 1}},
+            "unknown_parameter",
+            "reasoning.depth",
+            "Unknown parameter",
+        ),
+        (
+            {"model": "m", "prompt": {"version": "1"}},
+            "missing_required_parameter",
+            "prompt.id",
+            "'prompt.id'",
+        ),
+        (
+            {"model": "m", "prompt": {"id": "p", "x": 1}},
+            "unknown_parameter",
+            "prompt.x",
+            "Unknown parameter",
+        ),
+        (
+            {"model": "m", "context_management": [{"compact_threshold": 3}]},
+            "missing_required_parameter",
+            "context_management[0].type",
+            "'context_management[0].type'",
+        ),
+        ({"model": "m", "moderation": "on"}, "invalid_type", "moderation", "expected an object"),
+    ],
+)
+def test_invalid_fields(body: dict[str, Any], code: str, param: str, message: str) -> None:
+    error = rejected(body)
+    assert (error.code, error.param) == (code, param)
+    assert message in error.message
+    assert error.status == 400
+    assert error.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_body_must_be_an_object() -> None:
+    error = rejected(["model", "m"])
+    assert error.code == "invalid_type"
+    assert "expected an object, but got an array" in error.message
+
+
+def test_default_model_fills_a_missing_or_empty_model() -> None:
+    assert parse({"input": "x"}, default_model="d").model == "d"
+    assert parse({"model": "", "input": "x"}, default_model="d").model == "d"
+    assert parse({"model": "m"}, default_model="d").model == "m"
+
+
+def test_conversation_id_forms() -> None:
+    assert parse({"model": "m", "conversation": "conv_1"}).conversation_id == "conv_1"
+    assert parse({"model": "m", "conversation": {"id": "conv_2"}}).conversation_id == "conv_2"
+
+
+# --- metadata ----------------------------------------------------------------------------------
+
+
+def test_metadata_at_the_limits_is_accepted() -> None:
+    metadata = {f"{i:064d}": "v" * 512 for i in range(16)}
+    assert parse({"model": "m", "metadata": metadata}).metadata == metadata
+
+
+@pytest.mark.parametrize(
+    ("metadata", "code", "message"),
+    [
+        (
+            {f"k{i}": "v" for i in range(17)},
+            "object_above_max_properties",
+            "at most 16 properties, but got an object with 17",
+        ),
+        ({"k" * 65: "v"}, "string_above_max_length", "length 65"),
+        (
+            {"k": "v" * 513},
+            "string_above_max_length",
+            "maximum length 512, but got a string with length 513",
+        ),
+        (
+            {"k": 1},
+            "invalid_type",
+            "Invalid type for 'metadata.k': expected a string, but got an integer",
+        ),
+        ({"k": None}, "invalid_type", "got null instead"),
+        ("k=v", "invalid_type", "expected an object"),
+    ],
+)
+def test_metadata_limits(metadata: Any, code: str, message: str) -> None:
+    error = rejected({"model": "m", "metadata": metadata})
+    assert (error.code, error.param) == (code, "metadata")
+    assert message in error.message
+
+
+def test_parse_metadata_with_another_param() -> None:
+    assert validate.parse_metadata(None) == {}
+    with pytest.raises(errors.InvalidRequest) as error:
+        validate.parse_metadata([], param="body.metadata")
+    assert error.value.param == "body.metadata"
+
+
+# --- tools and tool_choice -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tools", "code", "param"),
+    [
+        ("f", "invalid_type", "tools"),
+        (["f"], "invalid_type", "tools[0]"),
+        ([{"name": "f"}], "missing_required_parameter", "tools[0].type"),
+        ([{"type": "teleport"}], "invalid_value", "tools[0].type"),
+        ([{"type": "function"}], "missing_required_parameter", "tools[0].name"),
+        ([{"type": "function", "name": "bad name"}], "invalid_value", "tools[0].name"),
+        (
+            [{"type": "function", "name": "f", "parameters": "x"}],
+            "invalid_type",
+            "tools[0].parameters",
+        ),
+        ([{"type": "function", "name": "f", "strict": "yes"}], "invalid_type", "tools[0].strict"),
+        (
+            [{"type": "function", "name": "f", "description": 1}],
+            "invalid_type",
+            "tools[0].description",
+        ),
+        (
+            [{"type": "function", "name": "f", "function": {}}],
+            "unknown_parameter",
+            "tools[0].function",
+        ),
+        ([{"type": "code_interpreter"}], "missing_required_parameter", "tools[0].container"),
+        ([{"type": "code_interpreter", "container": 1}], "invalid_type", "tools[0].container"),
+        ([{"type": "mcp"}], "missing_required_parameter", "tools[0].server_label"),
+        ([{"type": "custom"}], "missing_required_parameter", "tools[0].name"),
+    ],
+)
+def test_invalid_tools(tools: Any, code: str, param: str) -> None:
+    error = rejected({"model": "m", "tools": tools})
+    assert (error.code, error.param) == (code, param)
+
+
+_F = {"type": "function", "name": "f"}
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        "none",
+        "auto",
+        "required",
+        {"type": "function", "name": "f"},
+        {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "f"}]},
+        {"type": "file_search"},
+        {"type": "code_interpreter"},
+        {"type": "mcp", "server_label": "s"},
+        {"type": "shell"},
+        {"type": "apply_patch"},
+    ],
+)
+def test_valid_tool_choices(choice: Any) -> None:
+    assert parse({"model": "m", "tools": [_F], "tool_choice": choice}).body["tool_choice"] == choice
+
+
+@pytest.mark.parametrize(
+    ("choice", "code", "param"),
+    [
+        ("sometimes", "invalid_value", "tool_choice"),
+        (3, "invalid_type", "tool_choice"),
+        ({"name": "f"}, "missing_required_parameter", "tool_choice.type"),
+        ({"type": "function"}, "missing_required_parameter", "tool_choice.name"),
+        ({"type": "function", "name": "g"}, "invalid_value", "tool_choice"),
+        ({"type": "function", "name": "f", "x": 1}, "unknown_parameter", "tool_choice.x"),
+        (
+            {"type": "allowed_tools", "mode": "maybe", "tools": []},
+            "invalid_value",
+            "tool_choice.mode",
+        ),
+        (
+            {"type": "allowed_tools", "mode": "auto"},
+            "missing_required_parameter",
+            "tool_choice.tools",
+        ),
+        ({"type": "mcp"}, "missing_required_parameter", "tool_choice.server_label"),
+        ({"type": "telepathy"}, "invalid_value", "tool_choice.type"),
+    ],
+)
+def test_invalid_tool_choices(choice: Any, code: str, param: str) -> None:
+    error = rejected({"model": "m", "tools": [_F], "tool_choice": choice})
+    assert (error.code, error.param) == (code, param)
+
+
+# --- input items ---------------------------------------------------------------------------------
+
+
+def items(raw: Any) -> list[dict[str, Any]]:
+    return parse({"model": "m", "input": raw}).input_items
+
+
+def test_every_input_message_form_normalizes() -> None:
+    out = items(
+        [
+            {"role": "user", "content": "a"},
+            {
+                "type": "message",
+                "role": "developer",
+                "content": [{"type": "input_text", "text": "b"}],
+            },
+            {"role": "system", "content": "c"},
+            {"role": "assistant", "content": "d", "phase": "final_answer"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "output_text", "text": "e", "annotations": []},
+                    {"type": "refusal", "refusal": "no"},
+                ],
+                "id": "msg_keep",
+                "status": "incomplete",
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+                    {"type": "input_image", "file_id": "file_1", "detail": "low"},
+                    {
+                        "type": "input_file",
+                        "file_data": "data:application/pdf;base64,AA",
+                        "filename": "a.pdf",
+                    },
+                ],
+            },
+        ]
+    )
+    assert [i["role"] for i in out] == [
+        "user",
+        "developer",
+        "system",
+        "assistant",
+        "assistant",
+        "user",
+    ]
+    assert all(i["type"] == "message" and i["id"].startswith("msg_") for i in out)
+    assert out[0]["content"] == [{"type": "input_text", "text": "a"}]
+    assert out[0]["status"] == "completed"
+    assert out[3]["content"] == [
+        {"type": "output_text", "annotations": [], "logprobs": [], "text": "d"}
+    ]
+    assert out[3]["phase"] == "final_answer"
+    assert out[4]["id"] == "msg_keep"
+    assert out[4]["status"] == "incomplete"
+    assert out[4]["content"][1] == {"type": "refusal", "refusal": "no"}
+    images = out[5]["content"]
+    assert images[0] == {
+        "type": "input_image",
+        "detail": "auto",
+        "file_id": None,
+        "image_url": "data:image/png;base64,AAAA",
+    }
+    assert images[1] == {
+        "type": "input_image",
+        "detail": "low",
+        "file_id": "file_1",
+        "image_url": None,
+    }
+    assert images[2]["filename"] == "a.pdf"
+    # What is stored is what the Responses API serves from input_items.
+    for item in out:
+        validate_type(type_=ResponseItem, value=item)  # type: ignore[arg-type]
+
+
+def test_tool_items_normalize_with_ids_and_status() -> None:
+    out = items(
+        [
+            {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "42"},
+            {
+                "type": "function_call_output",
+                "call_id": "call_2",
+                "output": [
+                    {"type": "input_text", "text": "a"},
+                    {"type": "input_image", "image_url": "http://x/y.png"},
+                ],
+            },
+            {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "s"}]},
+            {"type": "custom_tool_call", "call_id": "call_3", "name": "c", "input": "raw"},
+            {"type": "custom_tool_call_output", "call_id": "call_3", "output": "ok"},
+            {
+                "type": "web_search_call",
+                "status": "completed",
+                "action": {"type": "search", "query": "q"},
+            },
+        ]
+    )
+    prefixes = [i["id"].split("_")[0] for i in out]
+    assert prefixes == ["fc", "fco", "fco", "rs", "ctc", "ctco", "ws"]
+    assert out[0] == {
+        "id": out[0]["id"],
+        "type": "function_call",
+        "status": "completed",
+        "arguments": "{}",
+        "call_id": "call_1",
+        "name": "f",
+    }
+    assert out[1]["status"] == "completed" and out[1]["output"] == "42"
+    assert out[2]["output"][1]["detail"] == "auto"
+    assert out[3] == {
+        "id": "rs_1",
+        "type": "reasoning",
+        "summary": [{"type": "summary_text", "text": "s"}],
+    }
+    assert out[6]["action"] == {"type": "search", "query": "q"}
+    for item in out:
+        validate_type(type_=ResponseItem, value=item)  # type: ignore[arg-type]
+
+
+def test_caller_ids_are_kept_and_new_ids_unique() -> None:
+    out = items(
+        [{"role": "user", "content": "x"}] * 3
+        + [{"type": "function_call", "id": "fc_mine", "call_id": "c", "name": "f", "arguments": ""}]
+    )
+    assert len({i["id"] for i in out}) == 4
+    assert out[3]["id"] == "fc_mine"
+
+
+def test_normalized_items_do_not_alias_the_body() -> None:
+    body = {
+        "model": "m",
+        "input": [
+            {
+                "role": "assistant",
+                "content": [
+                    {
+                        "type": "output_text",
+                        "text": "a",
+                        "annotations": [{"type": "file_path", "file_id": "f", "index": 0}],
+                    }
+                ],
+            },
+            {
+                "type": "web_search_call",
+                "id": "ws_1",
+                "status": "completed",
+                "action": {"type": "search"},
+            },
+        ],
+    }
+    original = copy.deepcopy(body)
+    req = parse(body)
+    req.input_items[0]["content"][0]["annotations"].append("x")
+    req.input_items[1]["action"]["type"] = "changed"
+    assert body == original
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "param"),
+    [
+        (5, "invalid_type", "input"),
+        ({"role": "user", "content": "x"}, "invalid_type", "input"),
+        ([5], "invalid_type", "input[0]"),
+        ([{}], "missing_required_parameter", "input[0].type"),
+        ([{"type": "message", "content": "x"}], "missing_required_parameter", "input[0].role"),
+        ([{"role": "tool", "content": "x"}], "invalid_value", "input[0].role"),
+        ([{"role": "user"}], "missing_required_parameter", "input[0].content"),
+        ([{"role": "user", "content": 3}], "invalid_type", "input[0].content"),
+        ([{"role": "user", "content": "x", "name": "bob"}], "unknown_parameter", "input[0].name"),
+        ([{"role": "user", "content": "x", "status": "done"}], "invalid_value", "input[0].status"),
+        (
+            [{"role": "user", "content": [{"type": "output_text", "text": "x"}]}],
+            "invalid_value",
+            "input[0].content[0].type",
+        ),
+        (
+            [{"role": "assistant", "content": [{"type": "input_text", "text": "x"}]}],
+            "invalid_value",
+            "input[0].content[0].type",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "input_text"}]}],
+            "missing_required_parameter",
+            "input[0].content[0].text",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "input_text", "text": 1}]}],
+            "invalid_type",
+            "input[0].content[0].text",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "input_text", "text": "x", "x": 1}]}],
+            "unknown_parameter",
+            "input[0].content[0].x",
+        ),
+        (
+            [{"role": "user", "content": [{"text": "x"}]}],
+            "missing_required_parameter",
+            "input[0].content[0].type",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "input_image"}]}],
+            "missing_required_parameter",
+            "input[0].content[0]",
+        ),
+        (
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "input_image", "image_url": "u", "detail": "max"}],
+                }
+            ],
+            "invalid_value",
+            "input[0].content[0].detail",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "input_file", "filename": "a"}]}],
+            "missing_required_parameter",
+            "input[0].content[0]",
+        ),
+        (
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_audio", "input_audio": {"data": "A", "format": "wav"}}
+                    ],
+                }
+            ],
+            "invalid_value",
+            "input[0].content[0].type",
+        ),
+        (
+            [{"role": "assistant", "content": [{"type": "refusal"}]}],
+            "missing_required_parameter",
+            "input[0].content[0].refusal",
+        ),
+        (
+            [{"role": "assistant", "content": "x", "phase": "draft"}],
+            "invalid_value",
+            "input[0].phase",
+        ),
+        ([{"role": "user", "content": "x", "id": ""}], "empty_string", "input[0].id"),
+        ([{"role": "user", "content": "x", "id": 7}], "invalid_type", "input[0].id"),
+        (
+            [{"type": "function_call", "name": "f", "arguments": "{}"}],
+            "missing_required_parameter",
+            "input[0].call_id",
+        ),
+        (
+            [{"type": "function_call", "call_id": "c", "arguments": "{}"}],
+            "missing_required_parameter",
+            "input[0].name",
+        ),
+        (
+            [{"type": "function_call", "call_id": "c", "name": "f"}],
+            "missing_required_parameter",
+            "input[0].arguments",
+        ),
+        (
+            [{"type": "function_call", "call_id": "c", "name": "f", "arguments": {}}],
+            "invalid_type",
+            "input[0].arguments",
+        ),
+        (
+            [{"type": "function_call_output", "output": "x"}],
+            "missing_required_parameter",
+            "input[0].call_id",
+        ),
+        (
+            [{"type": "function_call_output", "call_id": "c"}],
+            "missing_required_parameter",
+            "input[0].output",
+        ),
+        (
+            [{"type": "function_call_output", "call_id": "c", "output": 5}],
+            "invalid_type",
+            "input[0].output",
+        ),
+        (
+            [
+                {
+                    "type": "function_call_output",
+                    "call_id": "c",
+                    "output": [{"type": "refusal", "refusal": "x"}],
+                }
+            ],
+            "invalid_value",
+            "input[0].output[0].type",
+        ),
+        ([{"type": "reasoning", "summary": []}], "missing_required_parameter", "input[0].id"),
+        ([{"type": "reasoning", "id": "rs_1"}], "missing_required_parameter", "input[0].summary"),
+        (
+            [{"type": "reasoning", "id": "rs_1", "summary": [{"type": "text", "text": "x"}]}],
+            "invalid_value",
+            "input[0].summary[0].type",
+        ),
+        ([{"type": "teleport"}], "invalid_value", "input[0].type"),
+        (
+            [
+                {"role": "user", "content": "ok"},
+                {
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "ok"}, {"type": "input_text"}],
+                },
+            ],
+            "missing_required_parameter",
+            "input[1].content[1].text",
+        ),
+    ],
+)
+def test_invalid_input_items(raw: Any, code: str, param: str) -> None:
+    error = rejected({"model": "m", "input": raw})
+    assert (error.code, error.param) == (code, param)
+    if code != "invalid_value":  # OpenAI's invalid_value messages quote the value, not the path
+        assert f"'{param}'" in error.message
+
+
+@pytest.mark.parametrize("raw", [[{"type": "item_reference", "id": "msg_1"}], [{"id": "msg_1"}]])
+def test_item_references_are_rejected_clearly(raw: Any) -> None:
+    error = rejected({"model": "m", "input": raw})
+    assert (error.code, error.param) == ("unsupported_value", "input[0]")
+    assert "msg_1" in error.message
+
+
+def test_normalize_items_for_conversations_uses_its_param() -> None:
+    out = validate.normalize_items([{"role": "user", "content": "x"}], param="items")
+    assert out[0]["role"] == "user"
+    with pytest.raises(errors.InvalidRequest) as info:
+        validate.normalize_items([{"role": "user"}], param="items")
+    assert info.value.param == "items[0].content"
