@@ -167,7 +167,14 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
         return self.proc.returncode
+
+    def stopped_gracefully(self) -> bool:
+        """Stops with SIGTERM; True when the process exited cleanly (uvicorn re-raises the
+        signal after a graceful shutdown, so dying of SIGTERM itself counts)."""
+        return self.stop() in (0, -signal.SIGTERM)
 
 
 STATE_READY = r"gRPC server listening.*port[=:\" ]+(\d+)"

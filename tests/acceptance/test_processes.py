@@ -27,8 +27,9 @@ def gateway(tmp_path: Path, hub: FakeHub) -> Iterator[str]:
         port = router.start(ROUTER_READY)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        assert router.stop() == 0, "".join(router.lines[-20:])
-        assert state.stop() == 0, "".join(state.lines[-20:])
+        assert router.stopped_gracefully(), "".join(router.lines[-20:])
+        assert any("Application shutdown complete" in line for line in router.lines)
+        assert state.stopped_gracefully(), "".join(state.lines[-20:])
 
 
 def test_chained_turn_replays_history_but_not_instructions(gateway: str, hub: FakeHub) -> None:

@@ -141,7 +141,7 @@ def test_stream_replay_from_storage(stack: Stack, hub: FakeHub) -> None:
     client = client_for(stack)
     hub.enqueue(Reply(text="replay me please"))
     with client.responses.stream(model="fake-model", input="r") as stream:
-        live = [e.model_dump() for e in stream]
+        live = [e.model_dump(warnings=False) for e in stream]
         final = stream.get_final_response()
     replayed = [e.model_dump() for e in client.responses.retrieve(final.id, stream=True)]
     assert [e["type"] for e in replayed] == [e["type"] for e in live]
