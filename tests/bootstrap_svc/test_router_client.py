@@ -317,7 +317,7 @@ async def test_a_stalled_service_hits_the_deadline_within_the_budget(
         await client.close()
     elapsed = time.monotonic() - started
     assert info.value.status == 504
-    assert elapsed < client.budget_s + 0.3
+    assert elapsed < client.budget_s + 1.0
     # The retry after DEADLINE_EXCEEDED carries the same request_id, so the replay finds the state.
     assert len(servicer.calls) >= 2
     assert {r.request_id for r, _ in servicer.calls} == {"resp_1"}

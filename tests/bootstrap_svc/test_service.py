@@ -179,14 +179,14 @@ async def test_a_container_id_names_the_session_to_reuse(stub: Stub) -> None:
 async def test_idle_sessions_expire_and_their_directories_go(
     start: Start, settings: BootstrapSettings
 ) -> None:
-    running = await start(idle_ttl_s=0.3)
+    running = await start(idle_ttl_s=1.0)
     channel, stub = await _channel_stub(running)
     async with channel:
         (s1,) = await _ids(stub, _req(CI, conversation_id="conv_idle"))
         directory = os.path.join(settings.workdir, s1)
         # Use keeps it alive past its TTL.
         for _ in range(4):
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.3)
             assert await _ids(stub, _req(CI, conversation_id="conv_idle")) == [s1]
         await _until(lambda: not _exists(directory))
         assert running.store.live_sessions(TENANT) == []
