@@ -86,6 +86,7 @@ class StoredResponse(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    STREAM_EVENTS_JSON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The response id ("resp_..."), unique within the tenant. Required on writes."""
     previous_response_id: _builtins.str
@@ -103,6 +104,12 @@ class StoredResponse(_message.Message):
     idempotency_key: _builtins.str
     """The client's idempotency key for the request that made this turn. Empty means none was sent.
     Unique per tenant: a second turn with the same key is a replay (see PutTurn).
+    """
+    stream_events_json: _builtins.bytes
+    """The events of a streamed turn exactly as they were sent, as a UTF-8 JSON array of event
+    objects, so that a replay (GET /v1/responses/{id}?stream=true) gives a client the same events
+    and sequence numbers it saw live. Empty for a turn that was not streamed. Stored and returned
+    unchanged; part of the content a PutTurn replay is compared on.
     """
     @_builtins.property
     def input_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
@@ -136,10 +143,11 @@ class StoredResponse(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         idempotency_key: _builtins.str = ...,
+        stream_events_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "idempotency_key", b"idempotency_key", "input_items", b"input_items", "output_items", b"output_items", "previous_response_id", b"previous_response_id", "response_json", b"response_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "idempotency_key", b"idempotency_key", "input_items", b"input_items", "output_items", b"output_items", "previous_response_id", b"previous_response_id", "response_json", b"response_json", "stream_events_json", b"stream_events_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
