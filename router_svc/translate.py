@@ -1,0 +1,628 @@
+"""Responses API <-> Chat Completions: the hub request, the Response object, and back.
+
+Going out, a turn becomes one Chat Completions request: a system message from the current
+request's ``instructions`` only (never an earlier turn's), then the history, the items a bootstrap
+service injected and the caller's input, oldest first. Consecutive function calls become ONE
+assistant message with ``tool_calls`` (hubs reject one assistant message per call), reasoning items
+are not replayed, and only function tools are offered: built-in tools (including the stateful
+``code_interpreter`` and ``shell``) are not something a chat model can call. Request fields a chat
+hub has no use for (store, metadata, truncation, service_tier, prompt_cache_key, ...) are dropped
+from the hub request, as OpenAI-compatible servers do, and still echoed on the response.
+
+Coming back, a chat completion becomes output items in OpenAI's shapes: a reasoning item (when the
+hub returned ``reasoning_content``), a message (``msg_``), then one ``function_call`` (``fc_``) per
+tool call, with usage in Responses terms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+
+from router_svc import errors
+from router_svc.ids import new_id
+from router_svc.validate import TurnRequest, output_text
+
+# The codes a Response object's "error" may carry (ResponseError.code in the openai SDK); any
+# other failure is reported there as server_error.
+RESPONSE_ERROR_CODES = frozenset(
+    {
+        "server_error",
+        "rate_limit_exceeded",
+        "invalid_prompt",
+        "vector_store_timeout",
+        "invalid_image",
+        "invalid_image_format",
+        "invalid_base64_image",
+        "invalid_image_url",
+        "image_too_large",
+        "image_too_small",
+        "image_parse_error",
+        "image_content_policy_violation",
+        "invalid_image_mode",
+        "image_file_too_large",
+        "unsupported_image_media_type",
+        "empty_image_file",
+        "failed_to_download_image",
+        "image_file_not_found",
+    }
+)
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+NO_RESOURCES: Mapping[str, str] = MappingProxyType({})
+
+# Fields of the caller's body that the gateway itself implements, so a Responses hub never sees
+# them: the hub is used statelessly and the gateway stores the turn.
+_GATEWAY_FIELDS = frozenset(
+    {"previous_response_id", "conversation", "store", "background", "stream", "stream_options"}
+)
+_CHAT_IMAGE_DETAILS = ("auto", "low", "high")
+
+
+# --- out: Chat Completions -------------------------------------------------------------------
+
+
+def chat_request(
+    req: TurnRequest,
+    history: list[dict[str, Any]],
+    injected: list[dict[str, Any]],
+    *,
+    stream: bool,
+) -> dict[str, Any]:
+    """The body for POST {hub}/chat/completions."""
+    body = req.body
+    messages: list[dict[str, Any]] = []
+    if req.instructions:
+        messages.append({"role": "system", "content": req.instructions})
+    messages.extend(chat_messages([*history, *injected, *req.input_items]))
+    out: dict[str, Any] = {"model": req.model, "messages": messages}
+
+    tools = chat_tools(req.tools)
+    choice, allowed = _chat_tool_choice(
+        body.get("tool_choice"), {t["function"]["name"] for t in tools}
+    )
+    if allowed is not None:
+        tools = [t for t in tools if t["function"]["name"] in allowed]
+    if tools:
+        out["tools"] = tools
+        if choice is not None:
+            out["tool_choice"] = choice
+        if body.get("parallel_tool_calls") is not None:
+            out["parallel_tool_calls"] = body["parallel_tool_calls"]
+
+    for key in ("temperature", "top_p", "user"):
+        if body.get(key) is not None:
+            out[key] = body[key]
+    if body.get("max_output_tokens") is not None:
+        out["max_tokens"] = body["max_output_tokens"]
+    if body.get("top_logprobs") is not None:
+        out["logprobs"] = True
+        out["top_logprobs"] = body["top_logprobs"]
+    elif LOGPROBS_INCLUDE in req.include:
+        out["logprobs"] = True
+    response_format = _response_format((body.get("text") or {}).get("format"))
+    if response_format is not None:
+        out["response_format"] = response_format
+    effort = (body.get("reasoning") or {}).get("effort")
+    if effort is not None:
+        out["reasoning_effort"] = effort
+    if stream:
+        out["stream"] = True
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def chat_messages(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Responses items, oldest first, as Chat Completions messages."""
+    messages: list[dict[str, Any]] = []
+    for item in items:
+        kind = item.get("type") or ("message" if "role" in item else None)
+        if kind == "message":
+            messages.append(_chat_message(item))
+        elif kind in ("function_call", "custom_tool_call"):
+            if kind == "function_call":
+                arguments = item.get("arguments") or ""
+            else:
+                # A custom tool's input is free text; chat templates expect JSON arguments.
+                arguments = orjson.dumps({"input": item.get("input") or ""}).decode()
+            call = {
+                "id": item.get("call_id", ""),
+                "type": "function",
+                "function": {"name": item.get("name", ""), "arguments": arguments},
+            }
+            last = messages[-1] if messages else None
+            # A call joins the assistant message right before it: the text and the calls of one
+            # model turn (and parallel calls) go back as the one message the model produced.
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item.get("call_id", ""),
+                    "content": _tool_content(item.get("output", "")),
+                }
+            )
+        # Anything else (reasoning, built-in tool calls) has no Chat Completions form: reasoning
+        # is never replayed to a chat hub, and the chat model never called those tools.
+    return messages
+
+
+def _chat_message(item: Mapping[str, Any]) -> dict[str, Any]:
+    role = item.get("role", "user")
+    content = item.get("content", "")
+    parts: list[Any] = [content] if isinstance(content, str) else list(content or [])
+    if role == "assistant":
+        texts: list[str] = []
+        refusals: list[str] = []
+        for part in parts:
+            if isinstance(part, str):
+                texts.append(part)
+            elif part.get("type") == "refusal":
+                refusals.append(part.get("refusal", ""))
+            else:
+                texts.append(part.get("text", ""))
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+        if refusals:
+            message["refusal"] = "".join(refusals)
+        return message
+    chat_parts = [_chat_part(part) for part in parts]
+    if role in ("system", "developer"):
+        # System messages are plain text on every hub.
+        return {"role": "system", "content": "\n".join(p.get("text", "") for p in chat_parts)}
+    if len(chat_parts) == 1 and chat_parts[0]["type"] == "text":
+        return {"role": "user", "content": chat_parts[0]["text"]}
+    return {"role": "user", "content": chat_parts}
+
+
+def _chat_part(part: Any) -> dict[str, Any]:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    kind = part.get("type")
+    if kind in ("input_text", "output_text", "text"):
+        return {"type": "text", "text": part.get("text", "")}
+    if kind == "input_image":
+        url = part.get("image_url")
+        if not url:
+            raise errors.InvalidRequest(
+                "An input_image given only by file_id cannot be sent to this model server: give "
+                "its image_url (a URL or a data URL) instead.",
+                param="input",
+                code="unsupported_value",
+            )
+        image: dict[str, Any] = {"url": url}
+        if part.get("detail") in _CHAT_IMAGE_DETAILS:
+            image["detail"] = part["detail"]
+        return {"type": "image_url", "image_url": image}
+    if kind == "input_file":
+        file = {k: part[k] for k in ("file_data", "file_id", "filename") if part.get(k) is not None}
+        if "file_data" not in file and "file_id" not in file:
+            raise errors.InvalidRequest(
+                "An input_file given only by file_url cannot be sent to this model server: give "
+                "its file_data instead.",
+                param="input",
+                code="unsupported_value",
+            )
+        return {"type": "file", "file": file}
+    if kind == "refusal":
+        return {"type": "text", "text": part.get("refusal", "")}
+    raise errors.InvalidRequest(
+        f"Content of type '{kind}' cannot be sent to this model server.",
+        param="input",
+        code="unsupported_value",
+    )
+
+
+def _tool_content(output: Any) -> str | list[dict[str, Any]]:
+    if isinstance(output, str):
+        return output
+    parts = [_chat_part(part) for part in output or []]
+    if all(p["type"] == "text" for p in parts):
+        return "\n".join(p["text"] for p in parts)
+    return parts
+
+
+def chat_tools(tools: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The function tools as Chat Completions tools; other tool types are left out."""
+    out: list[dict[str, Any]] = []
+    for tool in tools:
+        if tool.get("type") != "function":
+            continue
+        function: dict[str, Any] = {"name": tool["name"]}
+        for key in ("description", "parameters", "strict"):
+            if tool.get(key) is not None:
+                function[key] = tool[key]
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _chat_tool_choice(
+    choice: Any, names: set[str]
+) -> tuple[str | dict[str, Any] | None, set[str] | None]:
+    """The chat tool_choice, and the tool names to offer when the choice restricts them."""
+    if choice is None or isinstance(choice, str):
+        return choice, None
+    kind = choice.get("type")
+    if kind == "function":
+        if choice.get("name") in names:
+            return {"type": "function", "function": {"name": choice["name"]}}, None
+        return None, None
+    if kind == "allowed_tools":
+        # Offering only the allowed functions works on every hub, unlike chat's allowed_tools.
+        allowed = {t.get("name") for t in choice.get("tools") or [] if t.get("type") == "function"}
+        return choice.get("mode", "auto"), {n for n in allowed if isinstance(n, str)}
+    # A built-in tool the chat hub is not given cannot be forced.
+    return None, None
+
+
+def _response_format(fmt: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not fmt or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    schema: dict[str, Any] = {"name": fmt.get("name"), "schema": fmt.get("schema")}
+    for key in ("description", "strict"):
+        if fmt.get(key) is not None:
+            schema[key] = fmt[key]
+    return {"type": "json_schema", "json_schema": schema}
+
+
+# --- out: a Responses hub ------------------------------------------------------------------
+
+
+def responses_request(
+    req: TurnRequest,
+    history: list[dict[str, Any]],
+    injected: list[dict[str, Any]],
+    *,
+    stream: bool,
+) -> dict[str, Any]:
+    """The body for POST {hub}/responses: the hub is used statelessly (store false).
+
+    The result shares nested values with the request; it is meant to be serialized, not mutated.
+    """
+    out: dict[str, Any] = {
+        key: value
+        for key, value in req.body.items()
+        if key not in _GATEWAY_FIELDS and key not in ("model", "input", "instructions")
+    }
+    out["model"] = req.model
+    out["input"] = [item for item in (*history, *injected, *req.input_items) if _replayable(item)]
+    if req.instructions is not None:
+        out["instructions"] = req.instructions
+    out["store"] = False
+    if stream:
+        out["stream"] = True
+        if req.body.get("stream_options") is not None:
+            out["stream_options"] = req.body["stream_options"]
+    return out
+
+
+def _replayable(item: Mapping[str, Any]) -> bool:
+    # With store false the hub cannot look a reasoning item up by id; only its encrypted content
+    # lets it be replayed.
+    return item.get("type") != "reasoning" or bool(item.get("encrypted_content"))
+
+
+# --- the Response object ---------------------------------------------------------------------
+
+
+def response_object(
+    req: TurnRequest,
+    *,
+    response_id: str,
+    created_at: int,
+    status: str,
+    output: list[dict[str, Any]],
+    usage: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    incomplete_details: dict[str, Any] | None = None,
+    tool_resources: Mapping[str, str] = NO_RESOURCES,
+    completed_at: int | None = None,
+) -> dict[str, Any]:
+    """The Response object, echoing the request's parameters (and OpenAI's defaults) as OpenAI does.
+
+    ``completed_at`` defaults to now for a completed response and is null otherwise.
+    """
+    body = req.body
+
+    def given(key: str, default: Any = None) -> Any:
+        value = body.get(key)
+        return default if value is None else value
+
+    if status == "completed" and completed_at is None:
+        completed_at = int(time.time())
+    elif status != "completed":
+        completed_at = None
+    reasoning = given("reasoning", {})
+    text = given("text", {})
+    tier = given("service_tier", "auto")
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": status,
+        "background": req.background,
+        "completed_at": completed_at,
+        "conversation": {"id": req.conversation_id} if req.conversation_id else None,
+        "error": error,
+        "incomplete_details": incomplete_details,
+        "instructions": req.instructions,
+        "max_output_tokens": given("max_output_tokens"),
+        "max_tool_calls": given("max_tool_calls"),
+        "model": req.model,
+        "output": output,
+        "parallel_tool_calls": given("parallel_tool_calls", True),
+        "previous_response_id": req.previous_response_id,
+        "prompt": given("prompt"),
+        "prompt_cache_key": given("prompt_cache_key"),
+        "prompt_cache_retention": given("prompt_cache_retention"),
+        "reasoning": {
+            **reasoning,
+            "effort": reasoning.get("effort"),
+            "summary": reasoning.get("summary"),
+        },
+        "safety_identifier": given("safety_identifier"),
+        "service_tier": "default" if tier == "auto" else tier,
+        "store": req.store,
+        "temperature": given("temperature", 1.0),
+        "text": {
+            **text,
+            "format": text.get("format") or {"type": "text"},
+            "verbosity": text.get("verbosity") or "medium",
+        },
+        "tool_choice": given("tool_choice", "auto"),
+        "tools": echo_tools(req.tools, tool_resources),
+        "top_logprobs": given("top_logprobs", 0),
+        "top_p": given("top_p", 1.0),
+        "truncation": given("truncation", "disabled"),
+        "usage": usage,
+        "user": given("user"),
+        "metadata": dict(req.metadata),
+    }
+
+
+def echo_tools(
+    tools: Iterable[Mapping[str, Any]], tool_resources: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """The request's tools as the response echoes them, with prepared stateful resources."""
+    out: list[dict[str, Any]] = []
+    for tool in tools:
+        echoed = dict(tool)
+        kind = echoed.get("type")
+        if kind == "code_interpreter" and tool_resources.get("code_interpreter"):
+            echoed["container"] = tool_resources["code_interpreter"]
+        elif kind == "shell" and tool_resources.get("shell"):
+            echoed["environment"] = {
+                "type": "container_reference",
+                "container_id": tool_resources["shell"],
+            }
+        out.append(echoed)
+    return out
+
+
+def error_object(code: str, message: str) -> dict[str, Any]:
+    """A Response's ``error``: codes outside OpenAI's list are reported as server_error."""
+    return {"code": code if code in RESPONSE_ERROR_CODES else "server_error", "message": message}
+
+
+# --- output items ----------------------------------------------------------------------------
+
+
+def message_item(
+    parts: list[dict[str, Any]], *, status: str = "completed", item_id: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": item_id or new_id("msg"),
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": parts,
+    }
+
+
+def function_call_item(
+    *,
+    call_id: str,
+    name: str,
+    arguments: str,
+    status: str = "completed",
+    item_id: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": item_id or new_id("fc"),
+        "type": "function_call",
+        "status": status,
+        "arguments": arguments,
+        "call_id": call_id,
+        "name": name,
+    }
+
+
+def reasoning_item(
+    text: str, *, status: str = "completed", item_id: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": item_id or new_id("rs"),
+        "type": "reasoning",
+        "status": status,
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+    }
+
+
+def chat_logprobs(content: Any) -> list[dict[str, Any]]:
+    """Chat ``logprobs.content`` entries as ``output_text`` logprobs."""
+    out: list[dict[str, Any]] = []
+    for entry in content or []:
+        if not isinstance(entry, dict):
+            continue
+        out.append(
+            {
+                "token": entry.get("token", ""),
+                "bytes": entry.get("bytes") or [],
+                "logprob": entry.get("logprob", 0.0),
+                "top_logprobs": [
+                    {
+                        "token": top.get("token", ""),
+                        "bytes": top.get("bytes") or [],
+                        "logprob": top.get("logprob", 0.0),
+                    }
+                    for top in entry.get("top_logprobs") or []
+                    if isinstance(top, dict)
+                ],
+            }
+        )
+    return out
+
+
+def chat_reasoning(source: Mapping[str, Any]) -> str:
+    """The reasoning text of a chat message or delta (vLLM: reasoning_content, later reasoning)."""
+    text = source.get("reasoning_content") or source.get("reasoning")
+    return text if isinstance(text, str) else ""
+
+
+# Why a chat completion stopped -> the Response's status and incomplete_details.
+INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+# --- back: Chat Completions ------------------------------------------------------------------
+
+
+def usage_from_chat(usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Chat usage in Responses terms, with the detail counts always present (0 when unknown)."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens"))
+    total = usage.get("total_tokens")
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {
+            "cached_tokens": _count(prompt_details.get("cached_tokens")),
+            "cache_write_tokens": 0,
+        },
+        "output_tokens": completion,
+        "output_tokens_details": {
+            "reasoning_tokens": _count(completion_details.get("reasoning_tokens"))
+        },
+        "total_tokens": _count(total) if total is not None else prompt + completion,
+    }
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def from_chat_completion(
+    req: TurnRequest,
+    completion: dict[str, Any],
+    *,
+    response_id: str,
+    created_at: int,
+    tool_resources: Mapping[str, str] = NO_RESOURCES,
+) -> dict[str, Any]:
+    """A chat completion from the hub as our Response object."""
+    choices = completion.get("choices") if isinstance(completion, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise errors.UpstreamError("The model server returned a chat completion without choices.")
+    choice = choices[0]
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise errors.UpstreamError("The model server returned a choice without a message.")
+
+    output: list[dict[str, Any]] = []
+    reasoning = chat_reasoning(message)
+    if reasoning:
+        output.append(reasoning_item(reasoning))
+    parts: list[dict[str, Any]] = []
+    content = message.get("content")
+    if isinstance(content, list):  # a few hubs answer with content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if isinstance(content, str) and content:
+        part = output_text(content)
+        if LOGPROBS_INCLUDE in req.include:
+            part["logprobs"] = chat_logprobs((choice.get("logprobs") or {}).get("content"))
+        parts.append(part)
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        parts.append({"type": "refusal", "refusal": refusal})
+    if parts:
+        output.append(message_item(parts))
+    for call in message.get("tool_calls") or []:
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function") or {}
+        output.append(
+            function_call_item(
+                call_id=call.get("id") or new_id("call"),
+                name=function.get("name") or "",
+                arguments=function.get("arguments") or "",
+            )
+        )
+
+    status, details = "completed", None
+    reason = INCOMPLETE_REASONS.get(choice.get("finish_reason") or "")
+    if reason is not None:
+        status, details = "incomplete", {"reason": reason}
+        if output:
+            # The item being generated when the limit hit is the one cut short.
+            output[-1]["status"] = "incomplete"
+    return response_object(
+        req,
+        response_id=response_id,
+        created_at=created_at,
+        status=status,
+        output=output,
+        usage=usage_from_chat(completion.get("usage")),
+        incomplete_details=details,
+        tool_resources=tool_resources,
+    )
+
+
+# --- back: a Responses hub -------------------------------------------------------------------
+
+
+def from_responses_result(
+    req: TurnRequest,
+    upstream: dict[str, Any],
+    *,
+    response_id: str,
+    created_at: int,
+    tool_resources: Mapping[str, str] = NO_RESOURCES,
+) -> dict[str, Any]:
+    """A Responses hub's response as ours: our id and echo, the hub's items (with their ids)."""
+    output = upstream.get("output") if isinstance(upstream, dict) else None
+    if not isinstance(output, list) or not all(isinstance(i, dict) for i in output):
+        raise errors.UpstreamError("The model server returned a response without an output list.")
+    status = upstream.get("status") or "completed"
+    completed_at = upstream.get("completed_at")
+    return response_object(
+        req,
+        response_id=response_id,
+        created_at=created_at,
+        status=status,
+        output=[with_id(item) for item in output],
+        usage=upstream.get("usage"),
+        error=upstream.get("error"),
+        incomplete_details=upstream.get("incomplete_details"),
+        tool_resources=tool_resources,
+        completed_at=completed_at if isinstance(completed_at, int) else None,
+    )
+
+
+def with_id(item: dict[str, Any]) -> dict[str, Any]:
+    """The item with an id (a few item types have an optional one), so that it can be stored."""
+    if item.get("id"):
+        return item
+    prefix = {"function_call": "fc", "custom_tool_call": "ctc"}.get(str(item.get("type")), "item")
+    return {"id": new_id(prefix), **item}

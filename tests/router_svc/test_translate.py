@@ -1,0 +1,923 @@
+"""Responses <-> Chat Completions translation, the echoed Response object, and a Responses hub."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from openai._models import validate_type
+from openai.types.chat import completion_create_params
+from openai.types.responses import Response
+from pydantic import TypeAdapter
+
+from router_svc import errors, translate, validate
+
+CHAT_BODY = TypeAdapter(completion_create_params.CompletionCreateParamsNonStreaming)
+CHAT_STREAM_BODY = TypeAdapter(completion_create_params.CompletionCreateParamsStreaming)
+
+
+def req(**body: Any) -> validate.TurnRequest:
+    return validate.parse_turn_request({"model": "m", **body})
+
+
+def checked(response: dict[str, Any]) -> Response:
+    """The response validated strictly against the openai SDK's Response model."""
+    assert "output_text" not in response  # computed by the SDK, never on the wire
+    return validate_type(type_=Response, value=response)
+
+
+def user(text: str) -> dict[str, Any]:
+    return validate.normalize_items(text)[0]
+
+
+# --- chat_request: messages --------------------------------------------------------------------
+
+
+def test_message_order_instructions_history_injected_input() -> None:
+    history = [
+        user("first question"),
+        *validate.normalize_items([{"role": "assistant", "content": "first answer"}]),
+    ]
+    injected = validate.normalize_items([{"role": "developer", "content": "sandbox ready"}])
+    body = translate.chat_request(
+        req(input="second question", instructions="be brief"), history, injected, stream=False
+    )
+    assert body["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "system", "content": "sandbox ready"},
+        {"role": "user", "content": "second question"},
+    ]
+    CHAT_BODY.validate_python(body)
+
+
+def test_no_instructions_means_no_system_message() -> None:
+    body = translate.chat_request(req(input="hi"), [], [], stream=False)
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_developer_and_system_roles_become_system_text() -> None:
+    items = validate.normalize_items(
+        [
+            {"role": "developer", "content": "d"},
+            {
+                "role": "system",
+                "content": [
+                    {"type": "input_text", "text": "a"},
+                    {"type": "input_text", "text": "b"},
+                ],
+            },
+        ]
+    )
+    messages = translate.chat_messages(items)
+    assert messages == [{"role": "system", "content": "d"}, {"role": "system", "content": "a\nb"}]
+
+
+def test_tool_call_round_trip_is_one_assistant_message() -> None:
+    items = validate.normalize_items(
+        [
+            {"role": "user", "content": "weather in Paris and Rome?"},
+            {
+                "type": "reasoning",
+                "id": "rs_1",
+                "summary": [{"type": "summary_text", "text": "hmm"}],
+            },
+            {
+                "type": "function_call",
+                "call_id": "c1",
+                "name": "weather",
+                "arguments": '{"city":"Paris"}',
+            },
+            {
+                "type": "function_call",
+                "call_id": "c2",
+                "name": "weather",
+                "arguments": '{"city":"Rome"}',
+            },
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+            {
+                "type": "function_call_output",
+                "call_id": "c2",
+                "output": [
+                    {"type": "input_text", "text": "rain"},
+                    {"type": "input_text", "text": "12C"},
+                ],
+            },
+        ]
+    )
+    messages = translate.chat_messages(items)
+    assert messages == [
+        {"role": "user", "content": "weather in Paris and Rome?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city":"Paris"}'},
+                },
+                {
+                    "id": "c2",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city":"Rome"}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c2", "content": "rain\n12C"},
+    ]
+
+
+def test_assistant_text_followed_by_calls_is_one_message() -> None:
+    items = validate.normalize_items(
+        [
+            {"role": "assistant", "content": "Let me check."},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+            {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{}"},
+        ]
+    )
+    messages = translate.chat_messages(items)
+    assert [m["role"] for m in messages] == ["assistant", "tool", "assistant"]
+    assert messages[0]["content"] == "Let me check."
+    assert [c["id"] for c in messages[0]["tool_calls"]] == ["c1"]
+    assert [c["id"] for c in messages[2]["tool_calls"]] == ["c2"]
+
+
+def test_reasoning_items_are_not_replayed() -> None:
+    items = [
+        translate.reasoning_item("secret thoughts"),
+        *validate.normalize_items([{"role": "assistant", "content": "answer"}]),
+    ]
+    assert translate.chat_messages(items) == [{"role": "assistant", "content": "answer"}]
+
+
+def test_images_and_files_become_chat_parts() -> None:
+    items = validate.normalize_items(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "what is this?"},
+                    {"type": "input_image", "image_url": "https://x/y.png", "detail": "high"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,AA"},
+                    {"type": "input_image", "image_url": "https://x/z.png", "detail": "original"},
+                    {
+                        "type": "input_file",
+                        "file_data": "data:application/pdf;base64,AA",
+                        "filename": "a.pdf",
+                    },
+                ],
+            },
+            {
+                "type": "function_call_output",
+                "call_id": "c1",
+                "output": [
+                    {"type": "input_text", "text": "chart:"},
+                    {"type": "input_image", "image_url": "https://x/c.png"},
+                ],
+            },
+        ]
+    )
+    messages = translate.chat_messages(items)
+    assert messages[0]["content"] == [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "high"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA", "detail": "auto"}},
+        {"type": "image_url", "image_url": {"url": "https://x/z.png"}},
+        {
+            "type": "file",
+            "file": {"file_data": "data:application/pdf;base64,AA", "filename": "a.pdf"},
+        },
+    ]
+    assert messages[1]["content"] == [
+        {"type": "text", "text": "chart:"},
+        {"type": "image_url", "image_url": {"url": "https://x/c.png", "detail": "auto"}},
+    ]
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "input_image", "file_id": "file_1"},
+        {"type": "input_file", "file_url": "https://x/a.pdf"},
+    ],
+)
+def test_content_a_chat_hub_cannot_fetch_is_a_clear_400(part: dict[str, Any]) -> None:
+    request = req(input=[{"role": "user", "content": [part]}])
+    with pytest.raises(errors.InvalidRequest) as info:
+        translate.chat_request(request, [], [], stream=False)
+    assert info.value.code == "unsupported_value"
+    assert info.value.status == 400
+
+
+def test_assistant_refusal_and_custom_tool_calls() -> None:
+    items = validate.normalize_items(
+        [
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+            {"role": "user", "content": "ok"},
+            {"type": "custom_tool_call", "call_id": "c9", "name": "grep", "input": "TODO"},
+            {"type": "custom_tool_call_output", "call_id": "c9", "output": "3 hits"},
+        ]
+    )
+    messages = translate.chat_messages(items)
+    assert messages[0] == {"role": "assistant", "content": "", "refusal": "I can't."}
+    assert messages[2]["tool_calls"][0]["function"] == {
+        "name": "grep",
+        "arguments": '{"input":"TODO"}',
+    }
+    assert messages[3] == {"role": "tool", "tool_call_id": "c9", "content": "3 hits"}
+
+
+# --- chat_request: tools and parameters ----------------------------------------------------------
+
+FUNCTION = {
+    "type": "function",
+    "name": "weather",
+    "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    "strict": True,
+}
+TOOLS = [
+    FUNCTION,
+    {"type": "function", "name": "time"},
+    {"type": "code_interpreter", "container": {"type": "auto"}},
+    {"type": "shell"},
+    {"type": "web_search"},
+]
+
+
+def test_only_function_tools_reach_a_chat_hub() -> None:
+    body = translate.chat_request(req(input="x", tools=TOOLS), [], [], stream=False)
+    assert body["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "weather",
+                "description": "Weather of a city",
+                "parameters": FUNCTION["parameters"],
+                "strict": True,
+            },
+        },
+        {"type": "function", "function": {"name": "time"}},
+    ]
+    CHAT_BODY.validate_python(body)
+
+
+def test_no_function_tools_means_no_tool_fields() -> None:
+    body = translate.chat_request(
+        req(input="x", tools=TOOLS[2:], tool_choice="required", parallel_tool_calls=False),
+        [],
+        [],
+        stream=False,
+    )
+    assert not {"tools", "tool_choice", "parallel_tool_calls"} & set(body)
+
+
+@pytest.mark.parametrize(
+    ("choice", "chat_choice", "names"),
+    [
+        ("auto", "auto", ["weather", "time"]),
+        ("none", "none", ["weather", "time"]),
+        ("required", "required", ["weather", "time"]),
+        (
+            {"type": "function", "name": "time"},
+            {"type": "function", "function": {"name": "time"}},
+            ["weather", "time"],
+        ),
+        (
+            {
+                "type": "allowed_tools",
+                "mode": "required",
+                "tools": [{"type": "function", "name": "time"}],
+            },
+            "required",
+            ["time"],
+        ),
+        ({"type": "code_interpreter"}, None, ["weather", "time"]),
+        ({"type": "web_search_preview"}, None, ["weather", "time"]),
+    ],
+)
+def test_tool_choice_mapping(choice: Any, chat_choice: Any, names: list[str]) -> None:
+    body = translate.chat_request(
+        req(input="x", tools=TOOLS, tool_choice=choice), [], [], stream=False
+    )
+    assert body.get("tool_choice") == chat_choice
+    assert [t["function"]["name"] for t in body["tools"]] == names
+
+
+def test_parameters_mapped_and_unusable_ones_dropped() -> None:
+    request = req(
+        input="x",
+        instructions="sys",
+        tools=[FUNCTION],
+        parallel_tool_calls=False,
+        temperature=0.2,
+        top_p=0.9,
+        user="u-1",
+        max_output_tokens=64,
+        top_logprobs=3,
+        text={
+            "format": {
+                "type": "json_schema",
+                "name": "out",
+                "schema": {"type": "object"},
+                "strict": True,
+            },
+            "verbosity": "low",
+        },
+        reasoning={"effort": "low", "summary": "auto"},
+        store=False,
+        metadata={"a": "b"},
+        truncation="auto",
+        service_tier="flex",
+        prompt_cache_key="k",
+        safety_identifier="s",
+        include=["message.output_text.logprobs"],
+        max_tool_calls=2,
+    )
+    body = translate.chat_request(request, [], [], stream=False)
+    assert set(body) == {
+        "model",
+        "messages",
+        "tools",
+        "parallel_tool_calls",
+        "temperature",
+        "top_p",
+        "user",
+        "max_tokens",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "reasoning_effort",
+    }
+    assert body["parallel_tool_calls"] is False
+    assert (body["temperature"], body["top_p"], body["user"]) == (0.2, 0.9, "u-1")
+    assert body["max_tokens"] == 64
+    assert (body["logprobs"], body["top_logprobs"]) == (True, 3)
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "out", "schema": {"type": "object"}, "strict": True},
+    }
+    assert body["reasoning_effort"] == "low"
+    CHAT_BODY.validate_python(body)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expected"),
+    [
+        ({"type": "text"}, None),
+        ({"type": "json_object"}, {"type": "json_object"}),
+        (
+            {"type": "json_schema", "name": "n", "schema": {}, "description": "d"},
+            {"type": "json_schema", "json_schema": {"name": "n", "schema": {}, "description": "d"}},
+        ),
+    ],
+)
+def test_text_format_to_response_format(fmt: dict[str, Any], expected: Any) -> None:
+    body = translate.chat_request(req(input="x", text={"format": fmt}), [], [], stream=False)
+    assert body.get("response_format") == expected
+
+
+def test_logprobs_requested_by_include_alone() -> None:
+    body = translate.chat_request(
+        req(input="x", include=["message.output_text.logprobs"]), [], [], stream=False
+    )
+    assert body["logprobs"] is True and "top_logprobs" not in body
+
+
+def test_streaming_asks_for_usage() -> None:
+    body = translate.chat_request(req(input="x", stream=True), [], [], stream=True)
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    CHAT_STREAM_BODY.validate_python(body)
+    assert "stream" not in translate.chat_request(req(input="x"), [], [], stream=False)
+
+
+def test_chat_request_leaves_request_and_history_untouched() -> None:
+    request = req(
+        input=[{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}],
+        tools=[FUNCTION],
+    )
+    history = [user("h")]
+    before = copy.deepcopy((request.body, request.input_items, history))
+    translate.chat_request(request, history, [], stream=True)
+    assert (request.body, request.input_items, history) == before
+
+
+# --- responses_request -------------------------------------------------------------------------
+
+
+def test_responses_hub_is_used_statelessly() -> None:
+    request = req(
+        input="now",
+        instructions="current",
+        previous_response_id="resp_1",
+        background=True,
+        stream=True,
+        stream_options={"include_obfuscation": False},
+        temperature=0.3,
+        metadata={"a": "b"},
+        tools=[FUNCTION],
+    )
+    history = [
+        user("before"),
+        translate.reasoning_item("no encrypted content"),
+        {**translate.reasoning_item("x"), "encrypted_content": "gAAA"},
+    ]
+    injected = validate.normalize_items([{"role": "developer", "content": "inj"}])
+    body = translate.responses_request(request, history, injected, stream=True)
+    assert body["store"] is False
+    assert not {"previous_response_id", "conversation", "background"} & set(body)
+    assert body["instructions"] == "current"
+    assert body["model"] == "m"
+    assert body["stream"] is True and body["stream_options"] == {"include_obfuscation": False}
+    assert (body["temperature"], body["metadata"], body["tools"]) == (0.3, {"a": "b"}, [FUNCTION])
+    assert [i.get("role") or i["type"] for i in body["input"]] == [
+        "user",
+        "reasoning",
+        "developer",
+        "user",
+    ]
+    assert body["input"][1]["encrypted_content"] == "gAAA"
+    assert body["input"][-1] is request.input_items[0]
+
+    plain = translate.responses_request(
+        req(input="x", stream=True, conversation="conv_1"), [], [], stream=False
+    )
+    assert "stream" not in plain and "conversation" not in plain and "instructions" not in plain
+
+
+# --- response_object ---------------------------------------------------------------------------
+
+
+def test_response_object_echoes_defaults_like_openai() -> None:
+    response = translate.response_object(
+        req(input="x"),
+        response_id="resp_1",
+        created_at=100,
+        status="completed",
+        output=[],
+        completed_at=101,
+    )
+    assert response == {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 100,
+        "status": "completed",
+        "background": False,
+        "completed_at": 101,
+        "conversation": None,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": None,
+        "max_output_tokens": None,
+        "max_tool_calls": None,
+        "model": "m",
+        "output": [],
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "prompt": None,
+        "prompt_cache_key": None,
+        "prompt_cache_retention": None,
+        "reasoning": {"effort": None, "summary": None},
+        "safety_identifier": None,
+        "service_tier": "default",
+        "store": True,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}, "verbosity": "medium"},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_logprobs": 0,
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": None,
+        "user": None,
+        "metadata": {},
+    }
+    checked(response)
+
+
+def test_response_object_echoes_every_parameter() -> None:
+    request = req(
+        input="x",
+        instructions="sys",
+        conversation={"id": "conv_9"},
+        store=True,
+        background=True,
+        metadata={"k": "v"},
+        max_output_tokens=100,
+        max_tool_calls=4,
+        temperature=0.5,
+        top_p=0.7,
+        top_logprobs=2,
+        parallel_tool_calls=False,
+        tools=[
+            FUNCTION,
+            {"type": "code_interpreter", "container": {"type": "auto"}},
+            {"type": "shell"},
+        ],
+        tool_choice={"type": "function", "name": "weather"},
+        text={"format": {"type": "json_object"}},
+        reasoning={"effort": "high"},
+        truncation="auto",
+        user="u",
+        safety_identifier="sid",
+        prompt_cache_key="pck",
+        prompt_cache_retention="24h",
+        service_tier="priority",
+        prompt={"id": "pmpt_1"},
+    )
+    response = translate.response_object(
+        request,
+        response_id="resp_2",
+        created_at=5,
+        status="in_progress",
+        output=[],
+        tool_resources={"code_interpreter": "cntr_abc", "shell": "cntr_sh"},
+    )
+    expected = {
+        "background": True,
+        "completed_at": None,
+        "conversation": {"id": "conv_9"},
+        "instructions": "sys",
+        "metadata": {"k": "v"},
+        "max_output_tokens": 100,
+        "max_tool_calls": 4,
+        "temperature": 0.5,
+        "top_p": 0.7,
+        "top_logprobs": 2,
+        "parallel_tool_calls": False,
+        "tool_choice": {"type": "function", "name": "weather"},
+        "text": {"format": {"type": "json_object"}, "verbosity": "medium"},
+        "reasoning": {"effort": "high", "summary": None},
+        "truncation": "auto",
+        "user": "u",
+        "safety_identifier": "sid",
+        "prompt_cache_key": "pck",
+        "prompt_cache_retention": "24h",
+        "service_tier": "priority",
+        "prompt": {"id": "pmpt_1"},
+        "store": True,
+    }
+    assert {k: response[k] for k in expected} == expected
+    assert response["tools"][0] == FUNCTION
+    assert response["tools"][1] == {"type": "code_interpreter", "container": "cntr_abc"}
+    assert response["tools"][2] == {
+        "type": "shell",
+        "environment": {"type": "container_reference", "container_id": "cntr_sh"},
+    }
+    assert request.tools[1]["container"] == {"type": "auto"}, "the request's tools are not changed"
+    parsed = checked(response)
+    assert parsed.conversation is not None and parsed.conversation.id == "conv_9"
+
+
+def test_completed_at_defaults_to_now_only_when_completed() -> None:
+    request = req(input="x")
+    done = translate.response_object(
+        request, response_id="r", created_at=1, status="completed", output=[]
+    )
+    assert isinstance(done["completed_at"], int) and done["completed_at"] > 1
+    failed = translate.response_object(
+        request, response_id="r", created_at=1, status="failed", output=[], completed_at=9
+    )
+    assert failed["completed_at"] is None
+
+
+def test_error_object_keeps_openai_codes_only() -> None:
+    assert translate.error_object("rate_limit_exceeded", "slow") == {
+        "code": "rate_limit_exceeded",
+        "message": "slow",
+    }
+    assert translate.error_object("upstream_error", "hub died") == {
+        "code": "server_error",
+        "message": "hub died",
+    }
+
+
+# --- back from chat ------------------------------------------------------------------------------
+
+
+def completion(
+    message: dict[str, Any], finish: str = "stop", usage: Any = None, **choice: Any
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", **message},
+                "finish_reason": finish,
+                **choice,
+            }
+        ],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+USAGE = {
+    "prompt_tokens": 10,
+    "completion_tokens": 5,
+    "total_tokens": 15,
+    "prompt_tokens_details": {"cached_tokens": 4},
+    "completion_tokens_details": {"reasoning_tokens": 2},
+}
+
+
+def back(
+    message: dict[str, Any], request: validate.TurnRequest | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    response = translate.from_chat_completion(
+        request or req(input="x"), completion(message, **kwargs), response_id="resp_1", created_at=7
+    )
+    checked(response)
+    return response
+
+
+def test_text_completion_becomes_a_message_item() -> None:
+    response = back({"content": "Hello!"}, usage=USAGE)
+    assert response["status"] == "completed"
+    assert response["id"] == "resp_1" and response["created_at"] == 7
+    [item] = response["output"]
+    assert item["id"].startswith("msg_")
+    assert item == {
+        "id": item["id"],
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": "Hello!"}],
+    }
+    assert response["usage"] == {
+        "input_tokens": 10,
+        "input_tokens_details": {"cached_tokens": 4, "cache_write_tokens": 0},
+        "output_tokens": 5,
+        "output_tokens_details": {"reasoning_tokens": 2},
+        "total_tokens": 15,
+    }
+
+
+def test_tool_calls_become_function_call_items() -> None:
+    response = back(
+        {
+            "content": "Checking.",
+            "tool_calls": [
+                {
+                    "id": "call_a",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city":"Paris"}'},
+                },
+                {
+                    "id": "call_b",
+                    "type": "function",
+                    "function": {"name": "time", "arguments": "{}"},
+                },
+            ],
+        },
+        finish="tool_calls",
+    )
+    message, first, second = response["output"]
+    assert message["type"] == "message"
+    assert first["id"].startswith("fc_") and first["id"] != second["id"]
+    assert first == {
+        "id": first["id"],
+        "type": "function_call",
+        "status": "completed",
+        "arguments": '{"city":"Paris"}',
+        "call_id": "call_a",
+        "name": "weather",
+    }
+    assert (second["call_id"], second["name"]) == ("call_b", "time")
+
+
+def test_calls_only_have_no_message_item() -> None:
+    response = back(
+        {
+            "content": None,
+            "tool_calls": [
+                {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
+        finish="tool_calls",
+    )
+    assert [i["type"] for i in response["output"]] == ["function_call"]
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_from_the_hub_comes_first(field: str) -> None:
+    response = back({"content": "42", field: "Let me think."})
+    reasoning, message = response["output"]
+    assert reasoning["id"].startswith("rs_")
+    assert reasoning["type"] == "reasoning"
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": "Let me think."}]
+    assert reasoning["summary"] == []
+    assert message["type"] == "message"
+
+
+def test_no_reasoning_item_without_reasoning() -> None:
+    response = back({"content": "42", "reasoning_content": None})
+    assert [i["type"] for i in response["output"]] == ["message"]
+
+
+@pytest.mark.parametrize(
+    ("finish", "status", "reason"),
+    [
+        ("length", "incomplete", "max_output_tokens"),
+        ("content_filter", "incomplete", "content_filter"),
+        ("stop", "completed", None),
+    ],
+)
+def test_finish_reasons(finish: str, status: str, reason: str | None) -> None:
+    response = back({"content": "cut sh"}, finish=finish)
+    assert response["status"] == status
+    assert response["incomplete_details"] == ({"reason": reason} if reason else None)
+    assert response["output"][0]["status"] == ("incomplete" if reason else "completed")
+    assert (response["completed_at"] is None) == (status != "completed")
+
+
+def test_length_marks_only_the_last_item_incomplete() -> None:
+    response = back(
+        {
+            "content": "a",
+            "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"x'}}
+            ],
+        },
+        finish="length",
+    )
+    assert [i["status"] for i in response["output"]] == ["completed", "incomplete"]
+
+
+def test_refusal_becomes_a_refusal_part() -> None:
+    response = back({"content": None, "refusal": "I can't help with that."})
+    assert response["output"][0]["content"] == [
+        {"type": "refusal", "refusal": "I can't help with that."}
+    ]
+
+
+def test_logprobs_only_when_included() -> None:
+    logprobs = {
+        "content": [
+            {
+                "token": "Hi",
+                "logprob": -0.1,
+                "bytes": [72, 105],
+                "top_logprobs": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105]}],
+            }
+        ]
+    }
+    plain = back({"content": "Hi"}, logprobs=logprobs)
+    assert plain["output"][0]["content"][0]["logprobs"] == []
+    included = back(
+        {"content": "Hi"},
+        req(input="x", include=["message.output_text.logprobs"]),
+        logprobs=logprobs,
+    )
+    assert included["output"][0]["content"][0]["logprobs"] == [
+        {
+            "token": "Hi",
+            "bytes": [72, 105],
+            "logprob": -0.1,
+            "top_logprobs": [{"token": "Hi", "bytes": [72, 105], "logprob": -0.1}],
+        }
+    ]
+
+
+def test_empty_completion_is_a_completed_empty_response() -> None:
+    response = back({"content": ""})
+    assert response["output"] == [] and response["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {},
+        {"choices": []},
+        {"choices": [None]},
+        {"choices": [{"index": 0}]},
+        {"choices": [{"message": "text"}]},
+    ],
+)
+def test_nonsense_from_the_hub_is_an_upstream_error(bad: dict[str, Any]) -> None:
+    with pytest.raises(errors.UpstreamError):
+        translate.from_chat_completion(req(input="x"), bad, response_id="r", created_at=1)
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        (None, None),
+        ("junk", None),
+        (
+            {"prompt_tokens": 3, "completion_tokens": 4},
+            {
+                "input_tokens": 3,
+                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens": 4,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": 7,
+            },
+        ),
+        (
+            {
+                "prompt_tokens": 3,
+                "completion_tokens": 4,
+                "total_tokens": 9,
+                "prompt_tokens_details": None,
+            },
+            {
+                "input_tokens": 3,
+                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens": 4,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": 9,
+            },
+        ),
+    ],
+)
+def test_usage_from_chat(usage: Any, expected: Any) -> None:
+    assert translate.usage_from_chat(usage) == expected
+
+
+def test_response_echoes_tool_resources() -> None:
+    request = req(input="x", tools=[{"type": "code_interpreter", "container": {"type": "auto"}}])
+    response = translate.from_chat_completion(
+        request,
+        completion({"content": "ok"}),
+        response_id="r",
+        created_at=1,
+        tool_resources={"code_interpreter": "cntr_1"},
+    )
+    assert response["tools"] == [{"type": "code_interpreter", "container": "cntr_1"}]
+    checked(response)
+
+
+# --- back from a Responses hub -------------------------------------------------------------------
+
+
+def test_responses_hub_result_gets_our_id_and_echo() -> None:
+    upstream = {
+        "id": "resp_upstream",
+        "object": "response",
+        "created_at": 99,
+        "status": "incomplete",
+        "completed_at": None,
+        "incomplete_details": {"reason": "max_output_tokens"},
+        "model": "gpt-upstream",
+        "store": False,
+        "output": [
+            {
+                "id": "rs_up",
+                "type": "reasoning",
+                "summary": [{"type": "summary_text", "text": "s"}],
+            },
+            {
+                "type": "function_call",
+                "call_id": "call_1",
+                "name": "f",
+                "arguments": "{}",
+                "status": "completed",
+            },
+            {
+                "id": "msg_up",
+                "type": "message",
+                "status": "incomplete",
+                "role": "assistant",
+                "content": [{"type": "output_text", "annotations": [], "text": "par"}],
+            },
+        ],
+        "usage": {
+            "input_tokens": 1,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": 2,
+            "output_tokens_details": {"reasoning_tokens": 1},
+            "total_tokens": 3,
+        },
+    }
+    request = req(input="x", previous_response_id="resp_prev", metadata={"a": "1"})
+    response = translate.from_responses_result(
+        request, upstream, response_id="resp_ours", created_at=5
+    )
+    assert response["id"] == "resp_ours" and response["created_at"] == 5
+    assert response["model"] == "m" and response["store"] is True
+    assert response["previous_response_id"] == "resp_prev" and response["metadata"] == {"a": "1"}
+    assert response["status"] == "incomplete"
+    assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert response["usage"] == upstream["usage"]
+    assert [i["id"] for i in response["output"]][::2] == ["rs_up", "msg_up"]
+    assert response["output"][1]["id"].startswith("fc_")
+    checked(response)
+
+
+def test_responses_hub_without_output_is_an_upstream_error() -> None:
+    with pytest.raises(errors.UpstreamError):
+        translate.from_responses_result(
+            req(input="x"), {"status": "completed"}, response_id="r", created_at=1
+        )
