@@ -29,6 +29,12 @@ class StateSettings:
         "(faster; survives a process crash, may lose the last writes on a power loss).",
         env="RESPGW_STATE_SQLITE_SYNCHRONOUS",
     )
+    sqlite_busy_timeout_s: float = option(
+        30.0,
+        "Seconds a SQLite write waits for another process's write lock before the call fails "
+        "with UNAVAILABLE (safe to retry).",
+        env="RESPGW_STATE_SQLITE_BUSY_TIMEOUT_S",
+    )
     postgres_dsn: str = option(
         "",
         "PostgreSQL connection string, e.g. postgresql://user@host:5432/db (backend postgres).",

@@ -22,6 +22,7 @@ async def open_backend(settings: StateSettings) -> Backend:
             settings.sqlite_path,
             retention_s=settings.retention_s,
             synchronous=settings.sqlite_synchronous,
+            busy_timeout_s=settings.sqlite_busy_timeout_s,
         ).open()
     if settings.backend == "postgres":
         if not settings.postgres_dsn:

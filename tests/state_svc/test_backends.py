@@ -1,0 +1,657 @@
+"""The contract suite: every guarantee of state_service.proto, through the real gRPC stub, held
+against each backend (memory, SQLite, PostgreSQL) alike."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+
+import asyncpg
+import grpc
+import pytest
+
+from gateway.grpcerrors import error_info
+from respgw.state.v1 import resources_pb2
+from respgw.state.v1 import state_service_pb2 as pb
+from state_svc import server
+from state_svc.config import StateSettings
+from tests.state_svc.conftest import (
+    POSTGRES_DSN,
+    TENANT,
+    Client,
+    Start,
+    assert_error,
+    fails,
+    item,
+    simple_turn,
+    turn,
+)
+
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+async def test_put_and_get_returns_bytes_unchanged(client: Client) -> None:
+    odd = item("msg_odd", "ünïcode \u2028 \\u0000 {}")
+    put = await client.put(turn("resp_1", inputs=[odd, item("msg_2")], outputs=[item("msg_3")]))
+    assert not put.replayed
+    assert put.conversation_version == 0
+    got = (await client.get("resp_1")).response
+    assert got == put.response
+    assert [i.id for i in got.input_items] == ["msg_odd", "msg_2"]
+    assert [i.sequence for i in got.input_items] == [1, 2]
+    assert [i.sequence for i in got.output_items] == [1]
+    assert got.input_items[0].json == odd.json
+    assert got.response_json == turn("resp_1").response_json
+    assert got.create_time.seconds > 0
+    assert not got.HasField("expire_time")
+
+
+async def test_replay_of_same_turn_stores_nothing(client: Client) -> None:
+    first = await client.put(simple_turn("resp_1"))
+    again = await client.put(simple_turn("resp_1"))
+    assert again.replayed
+    assert again.response == first.response
+    history = await client.history(response_id="resp_1")
+    assert [i.id for i in history.items] == ["resp_1-in", "resp_1-out"]
+
+
+async def test_same_id_different_content_is_conflict(client: Client) -> None:
+    await client.put(simple_turn("resp_1"))
+    err = await fails(client.put(simple_turn("resp_1", body="other")))
+    assert_error(err, grpc.StatusCode.ALREADY_EXISTS, "RESPONSE_ID_CONFLICT", response_id="resp_1")
+    changed_items = turn("resp_1", inputs=[item("resp_1-in", "changed")])
+    err = await fails(client.put(changed_items))
+    assert err.reason == "RESPONSE_ID_CONFLICT"
+    got = (await client.get("resp_1")).response
+    assert got.response_json == simple_turn("resp_1").response_json
+    assert got.input_items[0].json == item("resp_1-in").json
+
+
+async def test_idempotency_key_returns_first_response(client: Client) -> None:
+    first = await client.put(simple_turn("resp_1", key="key-1"))
+    second = await client.put(simple_turn("resp_2", key="key-1"))
+    assert second.replayed
+    assert second.response == first.response
+    assert_error(await fails(client.get("resp_2")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+    by_key = await client.stub.GetResponse(
+        pb.GetResponseRequest(tenant=TENANT, idempotency_key="key-1")
+    )
+    assert by_key.response.id == "resp_1"
+    err = await fails(
+        client.stub.GetResponse(pb.GetResponseRequest(tenant=TENANT, idempotency_key="nope"))
+    )
+    assert_error(err, NOT_FOUND, "RESPONSE_NOT_FOUND")
+
+
+async def test_put_checks_what_it_builds_on(client: Client) -> None:
+    err = await fails(client.put(simple_turn("resp_1", previous="resp_missing")))
+    assert_error(err, NOT_FOUND, "PREVIOUS_RESPONSE_NOT_FOUND", previous_response_id="resp_missing")
+    err = await fails(client.put(simple_turn("resp_1", conversation="conv_missing")))
+    assert_error(err, NOT_FOUND, "CONVERSATION_NOT_FOUND", conversation_id="conv_missing")
+    # Nothing was stored by the failed calls.
+    assert_error(await fails(client.get("resp_1")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+
+
+async def test_long_chain_history_in_one_call_oldest_first(client: Client) -> None:
+    turns = 210
+    previous = ""
+    for n in range(turns):
+        await client.put(simple_turn(f"resp_{n:03d}", previous=previous))
+        previous = f"resp_{n:03d}"
+    history = await client.history(response_id=previous)
+    expected = [f"resp_{n:03d}-{kind}" for n in range(turns) for kind in ("in", "out")]
+    assert [i.id for i in history.items] == expected
+    assert list(history.response_ids) == [f"resp_{n:03d}" for n in range(turns)]
+    assert not history.truncated and history.omitted_item_count == 0
+    # A middle anchor gives the chain up to it, not beyond.
+    middle = await client.history(response_id="resp_099")
+    assert [i.id for i in middle.items] == expected[:200]
+    # max_items keeps the newest items and says how many were left out.
+    cut = await client.history(response_id=previous, max_items=7)
+    assert [i.id for i in cut.items] == expected[-7:]
+    assert cut.truncated and cut.omitted_item_count == len(expected) - 7
+    assert len(cut.response_ids) == turns
+
+
+async def test_service_cap_is_reported(start: Start, connect: Callable[..., Client]) -> None:
+    running = await start(history_max_items=5)
+    client = connect(running.port)
+    previous = ""
+    for n in range(4):
+        await client.put(simple_turn(f"resp_{n}", previous=previous))
+        previous = f"resp_{n}"
+    capped = await client.history(response_id=previous)
+    assert [i.id for i in capped.items] == [
+        "resp_1-out", "resp_2-in", "resp_2-out", "resp_3-in", "resp_3-out",
+    ]  # fmt: skip
+    assert capped.truncated and capped.omitted_item_count == 3
+    # A smaller max_items wins over the cap; a larger one does not lift it.
+    assert len((await client.history(response_id=previous, max_items=2)).items) == 2
+    assert len((await client.history(response_id=previous, max_items=50)).items) == 5
+    conv = await client.conversation([item(f"m{n}") for n in range(8)])
+    capped = await client.history(conversation_id=conv)
+    assert [i.sequence for i in capped.items] == [4, 5, 6, 7, 8]
+    assert capped.truncated and capped.omitted_item_count == 3
+
+
+async def test_turn_with_no_items_is_part_of_the_chain(client: Client) -> None:
+    await client.put(simple_turn("resp_1"))
+    await client.put(turn("resp_2", previous="resp_1"))
+    await client.put(simple_turn("resp_3", previous="resp_2"))
+    history = await client.history(response_id="resp_3")
+    assert list(history.response_ids) == ["resp_1", "resp_2", "resp_3"]
+    assert [i.id for i in history.items] == ["resp_1-in", "resp_1-out", "resp_3-in", "resp_3-out"]
+
+
+async def test_delete_response_breaks_later_history(client: Client) -> None:
+    await client.put(simple_turn("resp_1"))
+    await client.put(simple_turn("resp_2", previous="resp_1"))
+    await client.put(simple_turn("resp_3", previous="resp_2"))
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_2"))
+    assert_error(await fails(client.get("resp_2")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+    err = await fails(client.history(response_id="resp_2"))
+    assert_error(err, NOT_FOUND, "RESPONSE_NOT_FOUND")
+    err = await fails(client.history(response_id="resp_3"))
+    assert_error(
+        err,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "HISTORY_BROKEN",
+        response_id="resp_3",
+        missing_response_id="resp_2",
+    )
+    err = await fails(client.put(simple_turn("resp_4", previous="resp_2")))
+    assert err.reason == "PREVIOUS_RESPONSE_NOT_FOUND"
+    # The later turn keeps its own items; the earlier chain is whole.
+    assert (await client.get("resp_3")).response.input_items[0].id == "resp_3-in"
+    assert list((await client.history(response_id="resp_1")).response_ids) == ["resp_1"]
+    # A replayed delete is NOT_FOUND.
+    err = await fails(
+        client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_2"))
+    )
+    assert_error(err, NOT_FOUND, "RESPONSE_NOT_FOUND")
+
+
+async def test_reused_id_does_not_mend_or_loop_a_broken_chain(client: Client) -> None:
+    await client.put(simple_turn("resp_a"))
+    await client.put(simple_turn("resp_b", previous="resp_a"))
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_a"))
+    # A new resp_a chained on resp_b would make a cycle a -> b -> a if links were followed
+    # blindly; b's history must stay broken (its resp_a is gone) and nothing may loop.
+    await client.put(simple_turn("resp_a", previous="resp_b", body="new"))
+    err = await fails(client.history(response_id="resp_b"))
+    assert err.reason == "HISTORY_BROKEN"
+    err = await fails(client.history(response_id="resp_a"))
+    assert err.reason == "HISTORY_BROKEN"
+
+
+async def test_conversation_turn_keeps_items_after_response_delete(client: Client) -> None:
+    conv = await client.conversation()
+    put = await client.put(simple_turn("resp_1", conversation=conv))
+    assert put.conversation_version == 2
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_1"))
+    assert [i.id for i in await client.conversation_items(conv)] == ["resp_1-in", "resp_1-out"]
+
+
+# --- conversations: ordering, concurrency, versions ---------------------------------------
+
+
+async def test_sequences_follow_write_order_not_time(client: Client) -> None:
+    conv = await client.conversation([item(f"init_{n}") for n in range(3)])
+    # Many items within the same millisecond, in one call and in back-to-back calls.
+    names = [f"z_{n}" for n in range(30)] + [f"a_{n}" for n in range(30)]
+    await client.append(conv, [item(n) for n in names[:30]])
+    for n in names[30:]:
+        await client.append(conv, [item(n)])
+    await client.put(turn("resp_1", conversation=conv, inputs=[item("in")], outputs=[item("out")]))
+    items = await client.conversation_items(conv)
+    assert [i.id for i in items] == [f"init_{n}" for n in range(3)] + names + ["in", "out"]
+    assert [i.sequence for i in items] == list(range(1, len(items) + 1))
+    created = [i.create_time.ToNanoseconds() for i in items]
+    assert created == sorted(created)
+    listed = await client.list(conv, page_size=100)
+    assert [i.id for i in listed.items] == [i.id for i in items]
+
+
+async def test_concurrent_turns_land_in_one_total_order(
+    running: server.Running, connect: Callable[..., Client]
+) -> None:
+    setup = connect(running.port)
+    conv = await setup.conversation([item("first")])
+    callers = [connect(running.port) for _ in range(32)]
+
+    async def one(n: int, client: Client) -> int:
+        reply = await client.put(
+            turn(
+                f"resp_{n}",
+                conversation=conv,
+                inputs=[item(f"t{n}-in-1"), item(f"t{n}-in-2")],
+                outputs=[item(f"t{n}-out")],
+            )
+        )
+        return reply.conversation_version
+
+    versions = await asyncio.gather(*(one(n, c) for n, c in enumerate(callers)))
+    assert sorted(versions) == [1 + 3 * k for k in range(1, 33)]
+    items = await setup.conversation_items(conv)
+    check_total_order(items, [f"t{n}" for n in range(32)], ["in-1", "in-2", "out"], first=1)
+    conversation = await setup.stub.GetConversation(
+        pb.GetConversationRequest(tenant=TENANT, conversation_id=conv)
+    )
+    assert conversation.conversation.version == 97
+
+
+def check_total_order(
+    items: Sequence[resources_pb2.Item], turns: list[str], parts: list[str], first: int = 0
+) -> None:
+    """Sequences are gapless from 1; after ``first`` items, every turn's items ``<turn>-<part>``
+    appear exactly once, contiguous and in order."""
+    assert [i.sequence for i in items] == list(range(1, len(items) + 1))
+    ids = [i.id for i in items][first:]
+    assert sorted(ids) == sorted(f"{t}-{p}" for t in turns for p in parts)
+    for start in range(0, len(ids), len(parts)):
+        owner = ids[start].split("-", 1)[0]
+        assert ids[start : start + len(parts)] == [f"{owner}-{p}" for p in parts]
+
+
+async def test_expected_version_mismatch_writes_nothing(client: Client) -> None:
+    conv = await client.conversation([item("a")])
+    err = await fails(client.append(conv, [item("b")], expected=0))
+    assert_error(
+        err,
+        grpc.StatusCode.ABORTED,
+        "VERSION_MISMATCH",
+        conversation_id=conv,
+        expected_version="0",
+        actual_version="1",
+    )
+    err = await fails(client.put(simple_turn("resp_1", conversation=conv), expected=5))
+    assert_error(err, grpc.StatusCode.ABORTED, "VERSION_MISMATCH")
+    assert_error(await fails(client.get("resp_1")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+    assert [i.id for i in await client.conversation_items(conv)] == ["a"]
+    appended = await client.append(conv, [item("b")], expected=1)
+    assert appended.conversation_version == 2
+    put = await client.put(simple_turn("resp_1", conversation=conv), expected=2)
+    assert put.conversation_version == 4
+    history = await client.history(conversation_id=conv)
+    assert history.conversation_version == 4
+    # expected_conversation_version is ignored for a turn outside a conversation.
+    assert not (await client.put(simple_turn("resp_2"), expected=99)).replayed
+
+
+async def test_create_items_replay_and_conflicts(client: Client) -> None:
+    conv = await client.conversation([item("a")])
+    first = await client.append(conv, [item("b"), item("c")])
+    assert [i.sequence for i in first.items] == [2, 3] and not first.replayed
+    again = await client.append(conv, [item("b"), item("c")], expected=1)
+    assert again.replayed and again.conversation_version == 3
+    assert list(again.items) == list(first.items)
+    err = await fails(client.append(conv, [item("b", "changed"), item("c")]))
+    assert_error(err, grpc.StatusCode.ALREADY_EXISTS, "ITEM_ID_CONFLICT", item_id="b")
+    err = await fails(client.append(conv, [item("c"), item("d")]))
+    assert_error(err, grpc.StatusCode.ALREADY_EXISTS, "ITEM_ID_CONFLICT", item_id="c")
+    err = await fails(client.put(turn("resp_1", conversation=conv, inputs=[item("a")])))
+    assert_error(err, grpc.StatusCode.ALREADY_EXISTS, "ITEM_ID_CONFLICT", item_id="a")
+    assert_error(await fails(client.get("resp_1")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+    assert [i.id for i in await client.conversation_items(conv)] == ["a", "b", "c"]
+
+
+async def test_create_conversation_request_id(client: Client) -> None:
+    items = [item("a"), item("b")]
+    first = await client.stub.CreateConversation(
+        pb.CreateConversationRequest(
+            tenant=TENANT, items=items, request_id="req-1", metadata={"k": "v"}
+        )
+    )
+    assert first.conversation.id.startswith("conv_")
+    assert [i.sequence for i in first.items] == [1, 2]
+    assert first.conversation.version == 2
+    again = await client.stub.CreateConversation(
+        pb.CreateConversationRequest(
+            tenant=TENANT, items=items, request_id="req-1", metadata={"k": "v"}
+        )
+    )
+    assert again == first
+    err = await fails(
+        client.stub.CreateConversation(
+            pb.CreateConversationRequest(tenant=TENANT, items=items, request_id="req-1")
+        )
+    )
+    assert_error(err, grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_CONFLICT", request_id="req-1")
+    ids = {await client.conversation(items) for _ in range(3)}
+    assert len(ids) == 3 and first.conversation.id not in ids
+
+
+async def test_conversation_metadata_and_delete(client: Client) -> None:
+    conv = await client.conversation([item("a")], k1="v1")
+    got = (
+        await client.stub.GetConversation(
+            pb.GetConversationRequest(tenant=TENANT, conversation_id=conv)
+        )
+    ).conversation
+    assert dict(got.metadata) == {"k1": "v1"} and got.version == 1
+    updated = await client.stub.UpdateConversation(
+        pb.UpdateConversationRequest(tenant=TENANT, conversation_id=conv, metadata={"k2": "v2"})
+    )
+    assert dict(updated.conversation.metadata) == {"k2": "v2"}
+    assert updated.conversation.create_time == got.create_time
+    await client.put(simple_turn("resp_1", conversation=conv))
+    await client.stub.DeleteConversation(
+        pb.DeleteConversationRequest(tenant=TENANT, conversation_id=conv)
+    )
+    for call in conversation_calls(client, conv, "a"):
+        assert_error(await fails(call), NOT_FOUND, "CONVERSATION_NOT_FOUND")
+    # Responses made in it stay retrievable.
+    assert (await client.get("resp_1")).response.conversation_id == conv
+    err = await fails(client.put(simple_turn("resp_2", conversation=conv)))
+    assert err.reason == "CONVERSATION_NOT_FOUND"
+
+
+def conversation_calls(client: Client, conv: str, item_id: str, tenant: str = TENANT) -> list:  # type: ignore[type-arg]
+    """Every RPC that names a conversation."""
+    stub = client.stub
+    return [
+        stub.GetConversation(pb.GetConversationRequest(tenant=tenant, conversation_id=conv)),
+        stub.UpdateConversation(
+            pb.UpdateConversationRequest(tenant=tenant, conversation_id=conv, metadata={"x": "y"})
+        ),
+        stub.GetHistory(pb.GetHistoryRequest(tenant=tenant, conversation_id=conv)),
+        stub.CreateConversationItems(
+            pb.CreateConversationItemsRequest(
+                tenant=tenant, conversation_id=conv, items=[item("new")]
+            )
+        ),
+        stub.ListConversationItems(
+            pb.ListConversationItemsRequest(tenant=tenant, conversation_id=conv, order=pb.ORDER_ASC)
+        ),
+        stub.GetConversationItem(
+            pb.GetConversationItemRequest(tenant=tenant, conversation_id=conv, item_id=item_id)
+        ),
+        stub.DeleteConversationItem(
+            pb.DeleteConversationItemRequest(tenant=tenant, conversation_id=conv, item_id=item_id)
+        ),
+        stub.PutTurn(
+            pb.PutTurnRequest(tenant=tenant, response=simple_turn("resp_x", conversation=conv))
+        ),
+        stub.DeleteConversation(pb.DeleteConversationRequest(tenant=tenant, conversation_id=conv)),
+    ]
+
+
+async def test_delete_item_keeps_other_sequences(client: Client) -> None:
+    conv = await client.conversation([item("a"), item("b"), item("c")])
+    deleted = await client.stub.DeleteConversationItem(
+        pb.DeleteConversationItemRequest(tenant=TENANT, conversation_id=conv, item_id="b")
+    )
+    assert deleted.conversation.version == 3
+    err = await fails(
+        client.stub.GetConversationItem(
+            pb.GetConversationItemRequest(tenant=TENANT, conversation_id=conv, item_id="b")
+        )
+    )
+    assert_error(err, NOT_FOUND, "ITEM_NOT_FOUND", item_id="b")
+    err = await fails(
+        client.stub.DeleteConversationItem(
+            pb.DeleteConversationItemRequest(tenant=TENANT, conversation_id=conv, item_id="b")
+        )
+    )
+    assert_error(err, NOT_FOUND, "ITEM_NOT_FOUND")
+    appended = await client.append(conv, [item("d")])
+    assert appended.items[0].sequence == 4
+    items = await client.conversation_items(conv)
+    assert [(i.id, i.sequence) for i in items] == [("a", 1), ("c", 3), ("d", 4)]
+    got = await client.stub.GetConversationItem(
+        pb.GetConversationItemRequest(tenant=TENANT, conversation_id=conv, item_id="c")
+    )
+    assert got.item == items[1]
+
+
+# --- tenancy ------------------------------------------------------------------------------
+
+
+async def test_other_tenant_sees_nothing(
+    running: server.Running, connect: Callable[..., Client]
+) -> None:
+    a = connect(running.port, "tenant-a")
+    b = connect(running.port, "tenant-b")
+    await a.put(simple_turn("resp_1", key="key-1"))
+    await a.put(simple_turn("resp_2", previous="resp_1"))
+    conv = await a.conversation([item("a")])
+    snapshot = (await a.get("resp_2"), await a.history(conversation_id=conv))
+
+    for call in [
+        b.get("resp_1"),
+        b.stub.GetResponse(pb.GetResponseRequest(tenant="tenant-b", idempotency_key="key-1")),
+        b.history(response_id="resp_2"),
+        b.stub.DeleteResponse(pb.DeleteResponseRequest(tenant="tenant-b", response_id="resp_1")),
+    ]:
+        assert_error(await fails(call), NOT_FOUND, "RESPONSE_NOT_FOUND")
+    err = await fails(b.put(simple_turn("resp_9", previous="resp_2")))
+    assert err.reason == "PREVIOUS_RESPONSE_NOT_FOUND"
+    for call in conversation_calls(b, conv, "a", tenant="tenant-b"):
+        assert_error(await fails(call), NOT_FOUND, "CONVERSATION_NOT_FOUND")
+    # Ids are per tenant: B may store its own resp_1, and the key is B's own.
+    own = await b.put(simple_turn("resp_1", key="key-1", body="b's"))
+    assert not own.replayed
+    assert (await a.get("resp_2"), await a.history(conversation_id=conv)) == snapshot
+    assert (await a.get("resp_1")).response.response_json != own.response.response_json
+
+
+# --- pagination ---------------------------------------------------------------------------
+
+
+async def test_pages_are_stable_under_concurrent_appends(client: Client) -> None:
+    conv = await client.conversation([item(f"i{n:02d}") for n in range(25)])
+    seen: list[resources_pb2.Item] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await client.list(conv, page_size=10, page_token=token)
+        seen.extend(page.items)
+        pages += 1
+        # Appends between pages extend the listing at its end, never shift it.
+        if pages <= 2:
+            await client.append(conv, [item(f"late{pages}")])
+        token = page.next_page_token
+        if not token:
+            break
+    assert [i.sequence for i in seen] == list(range(1, 28))
+    assert [i.id for i in seen][-2:] == ["late1", "late2"]
+
+    newest_first: list[int] = []
+    token = ""
+    while True:
+        page = await client.list(conv, order=pb.ORDER_DESC, page_size=7, page_token=token)
+        newest_first.extend(i.sequence for i in page.items)
+        await client.append(conv, [item(f"later{len(newest_first)}")])
+        token = page.next_page_token
+        if not token:
+            break
+    assert newest_first == list(range(27, 0, -1))
+
+
+async def test_page_sizes_cursor_and_end(client: Client) -> None:
+    conv = await client.conversation([item(f"i{n:03d}") for n in range(130)])
+    assert len((await client.list(conv)).items) == 20
+    assert len((await client.list(conv, page_size=500)).items) == 100
+    exact = await client.conversation([item(f"e{n}") for n in range(10)])
+    page = await client.list(exact, page_size=10)
+    assert len(page.items) == 10 and page.next_page_token == ""
+    after = await client.list(conv, after="i009", page_size=3)
+    assert [i.id for i in after.items] == ["i010", "i011", "i012"]
+    after = await client.list(conv, order=pb.ORDER_DESC, after="i009", page_size=3)
+    assert [i.id for i in after.items] == ["i008", "i007", "i006"]
+    last = await client.list(conv, order=pb.ORDER_DESC, after="i000")
+    assert list(last.items) == [] and last.next_page_token == ""
+    empty = await client.list(await client.conversation())
+    assert list(empty.items) == [] and empty.next_page_token == ""
+    err = await fails(client.list(conv, after="nope"))
+    assert_error(err, NOT_FOUND, "ITEM_NOT_FOUND", item_id="nope")
+
+
+async def test_foreign_or_mangled_page_token_is_invalid(client: Client) -> None:
+    conv = await client.conversation([item(f"i{n}") for n in range(5)])
+    other = await client.conversation([item(f"o{n}") for n in range(5)])
+    token = (await client.list(conv, page_size=2)).next_page_token
+    assert token
+    bad_tokens = {
+        "other conversation": (other, pb.ORDER_ASC, token),
+        "other order": (conv, pb.ORDER_DESC, token),
+        "garbage": (conv, pb.ORDER_ASC, "not a token"),
+        "tampered": (conv, pb.ORDER_ASC, token[:-2] + ("AA" if token[-2:] != "AA" else "BB")),
+        "truncated": (conv, pb.ORDER_ASC, token[:5]),
+    }
+    for name, (target, order, bad) in bad_tokens.items():
+        err = await fails(client.list(target, order=order, page_token=bad))
+        assert (err.code, err.reason, err.metadata.get("field")) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+            "page_token",
+        ), name
+    # The good token still works, and the page token wins over after_item_id.
+    page = await client.list(conv, page_size=2, page_token=token, after="i4")
+    assert [i.id for i in page.items] == ["i2", "i3"]
+
+
+# --- retention ----------------------------------------------------------------------------
+
+
+async def test_expired_rows_vanish_everywhere_and_are_swept(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    running = await start(retention_s=2.0)
+    client = connect(running.port)
+    first = await client.put(simple_turn("resp_1", key="key-1"))
+    assert first.response.HasField("expire_time")
+    conv = await client.conversation([item("a")])
+    await asyncio.sleep(1.2)
+    second = await client.put(simple_turn("resp_2", previous="resp_1"))
+    assert await client.history(response_id="resp_2")
+    await sleep_until(first.response.expire_time.ToNanoseconds() / 1e9 + 0.05)
+    # resp_1 has expired, resp_2 has not (it expires 1.2 s later).
+    assert time.time() < second.response.expire_time.ToNanoseconds() / 1e9
+    assert_error(await fails(client.get("resp_1")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+    err = await fails(
+        client.stub.GetResponse(pb.GetResponseRequest(tenant=TENANT, idempotency_key="key-1"))
+    )
+    assert err.reason == "RESPONSE_NOT_FOUND"
+    assert (await fails(client.history(response_id="resp_1"))).reason == "RESPONSE_NOT_FOUND"
+    assert (await fails(client.history(response_id="resp_2"))).reason == "HISTORY_BROKEN"
+    err = await fails(client.put(simple_turn("resp_3", previous="resp_1")))
+    assert err.reason == "PREVIOUS_RESPONSE_NOT_FOUND"
+    for call in conversation_calls(client, conv, "a"):
+        assert_error(await fails(call), NOT_FOUND, "CONVERSATION_NOT_FOUND")
+    # An expired id and key are free again.
+    fresh = await client.put(simple_turn("resp_1", key="key-1", body="new"))
+    assert not fresh.replayed
+    await sleep_until(second.response.expire_time.ToNanoseconds() / 1e9 + 0.05)
+    # The sweeper deletes what expired; what is live stays.
+    assert await running.backend.sweep() >= 1
+    assert await running.backend.sweep() == 0
+    assert (await client.get("resp_1")).response.response_json == fresh.response.response_json
+    counts = await stored_rows(running.settings)
+    if counts is not None and time.time() < fresh.response.expire_time.ToNanoseconds() / 1e9:
+        assert counts == {
+            "responses": 1,
+            "response_items": 2,
+            "conversations": 0,
+            "conversation_items": 0,
+        }
+
+
+async def stored_rows(settings: StateSettings) -> dict[str, int] | None:
+    """Row counts of the store's tables, read around the service (None for memory)."""
+    tables = ["responses", "response_items", "conversations", "conversation_items"]
+    if settings.backend == "sqlite":
+        with sqlite3.connect(settings.sqlite_path) as db:
+            return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
+    if settings.backend == "postgres":
+        conn = await asyncpg.connect(POSTGRES_DSN)
+        try:
+            schema = settings.postgres_schema
+            return {t: await conn.fetchval(f'SELECT count(*) FROM "{schema}".{t}') for t in tables}
+        finally:
+            await conn.close()
+    return None
+
+
+async def sleep_until(when: float) -> None:
+    await asyncio.sleep(max(0.0, when - time.time()))
+
+
+async def test_conversation_expiry_slides_with_appends(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    running = await start(retention_s=30.0)
+    client = connect(running.port)
+    created = await client.stub.CreateConversation(pb.CreateConversationRequest(tenant=TENANT))
+    await asyncio.sleep(0.05)
+    await client.append(created.conversation.id, [item("a")])
+    now = await client.stub.GetConversation(
+        pb.GetConversationRequest(tenant=TENANT, conversation_id=created.conversation.id)
+    )
+    assert (
+        now.conversation.expire_time.ToNanoseconds()
+        > created.conversation.expire_time.ToNanoseconds()
+    )
+
+
+# --- the backend going away ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_locked_store_is_unavailable_and_retry_succeeds(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    running = await start(sqlite_busy_timeout_s=0.2)
+    client = connect(running.port)
+    await client.put(simple_turn("resp_1"))
+    # Another process's writer holds the lock longer than the service waits.
+    holder = sqlite3.connect(running.settings.sqlite_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        err = await fails(client.put(simple_turn("resp_2", previous="resp_1")))
+        assert_error(err, grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
+        # Reads are not blocked by a writer (WAL).
+        assert (await client.get("resp_1")).response.id == "resp_1"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    # Nothing was written, and the retry succeeds.
+    assert not (await client.put(simple_turn("resp_2", previous="resp_1"))).replayed
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_lost_database_connections_are_unavailable_never_internal(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    running = await start()
+    client = connect(running.port)
+    await client.put(simple_turn("resp_0"))
+    for n in range(1, 4):
+        # Cut every connection of this service's pool (their last query names its schema).
+        admin = await asyncpg.connect(POSTGRES_DSN)
+        try:
+            await admin.execute(
+                """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                WHERE pid <> pg_backend_pid() AND strpos(query, $1) > 0""",
+                running.settings.postgres_schema,
+            )
+        finally:
+            await admin.close()
+        # Each call either succeeds on a fresh connection or is UNAVAILABLE (safe to retry).
+        for _attempt in range(5):
+            try:
+                await client.put(simple_turn(f"resp_{n}", previous=f"resp_{n - 1}"))
+                break
+            except grpc.aio.AioRpcError as exc:
+                assert_error(error_info(exc), grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
+        else:
+            pytest.fail("the service did not recover its database connections")
+    history = await client.history(response_id="resp_3")
+    assert list(history.response_ids) == ["resp_0", "resp_1", "resp_2", "resp_3"]
