@@ -49,10 +49,21 @@ end
 """
 
 
-def wrk(url: str, body: dict[str, Any], connections: int, seconds: int, script: Path) -> dict[str, float]:
+def wrk(
+    url: str, body: dict[str, Any], connections: int, seconds: int, script: Path
+) -> dict[str, float]:
     threads = 1 if connections == 1 else 2
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -65,7 +76,9 @@ def wrk(url: str, body: dict[str, Any], connections: int, seconds: int, script: 
     raise RuntimeError(f"wrk gave no result:\n{out.stdout}\n{out.stderr}")
 
 
-async def ttfb(session: aiohttp.ClientSession, url: str, body: dict[str, Any], n: int) -> list[float]:
+async def ttfb(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], n: int
+) -> list[float]:
     times = []
     for _ in range(n):
         start = time.perf_counter()
@@ -101,7 +114,9 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=8, help="duration of each wrk run")
-    parser.add_argument("--chains", type=int, default=5, help="chains of 50 turns for the turn-1/turn-50 comparison")
+    parser.add_argument(
+        "--chains", type=int, default=5, help="chains of 50 turns for the turn-1/turn-50 comparison"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
@@ -114,18 +129,41 @@ def main() -> None:
         hub = Process(["echo-hub", "--port", "0"])
         procs.append(hub)
         hub_port = hub.start(ECHO_READY)
-        state = Process(["state", "--backend", "sqlite", "--sqlite-path", str(work / "state.db"),
-                         "--listen", "127.0.0.1:0", "--metrics-port", "0"])
+        state = Process(
+            [
+                "state",
+                "--backend",
+                "sqlite",
+                "--sqlite-path",
+                str(work / "state.db"),
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-port",
+                "0",
+            ]
+        )
         procs.append(state)
         state_port = state.start(STATE_READY)
-        router = Process(["router", "--port", "0", "--hub-url", f"http://127.0.0.1:{hub_port}/v1",
-                          "--state-address", f"127.0.0.1:{state_port}"])
+        router = Process(
+            [
+                "router",
+                "--port",
+                "0",
+                "--hub-url",
+                f"http://127.0.0.1:{hub_port}/v1",
+                "--state-address",
+                f"127.0.0.1:{state_port}",
+            ]
+        )
         procs.append(router)
         router_port = router.start(ROUTER_READY)
         hub_url = f"http://127.0.0.1:{hub_port}/v1"
         router_url = f"http://127.0.0.1:{router_port}/v1"
 
-        chat_body = {"model": "echo", "messages": [{"role": "user", "content": "Say hello to the benchmark."}]}
+        chat_body = {
+            "model": "echo",
+            "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+        }
         resp_body = {"model": "echo", "input": "Say hello to the benchmark.", "store": True}
         print(f"# router benchmark: wrk {args.seconds}s per row; hub client in the router: aiohttp")
         print(f"{'path':<42} {'conns':>5} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'errors':>6}")
@@ -137,7 +175,9 @@ def main() -> None:
             ):
                 r = wrk(url, body, conns, args.seconds, script)
                 results[(name, conns)] = r
-                print(f"{name:<42} {conns:>5} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['rps']:>9.1f} {int(r['errors']):>6}")
+                print(
+                    f"{name:<42} {conns:>5} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['rps']:>9.1f} {int(r['errors']):>6}"
+                )
         print("\n# ratios router / hub (latency: higher is slower; throughput: lower is slower)")
         for conns in (1, 32):
             h = results[("hub directly (chat/completions)", conns)]
@@ -149,22 +189,30 @@ def main() -> None:
 
         async def streaming() -> tuple[list[float], list[float], dict[int, list[float]]]:
             async with aiohttp.ClientSession() as session:
-                direct = await ttfb(session, f"{hub_url}/chat/completions", {**chat_body, "stream": True}, 200)
-                routed = await ttfb(session, f"{router_url}/responses", {**resp_body, "stream": True}, 200)
+                direct = await ttfb(
+                    session, f"{hub_url}/chat/completions", {**chat_body, "stream": True}, 200
+                )
+                routed = await ttfb(
+                    session, f"{router_url}/responses", {**resp_body, "stream": True}, 200
+                )
             chains = await chain_latency(router_url, 50, args.chains)
             return direct, routed, chains
 
         direct, routed, chains = asyncio.run(streaming())
         print("\n# streaming time to first byte, 200 sequential requests")
         print(f"hub directly  p50 {pct(direct, 0.5):.3f} ms  p99 {pct(direct, 0.99):.3f} ms")
-        print(f"router        p50 {pct(routed, 0.5):.3f} ms  p99 {pct(routed, 0.99):.3f} ms  "
-              f"(x{pct(routed, 0.5) / pct(direct, 0.5):.2f} at p50)")
+        print(
+            f"router        p50 {pct(routed, 0.5):.3f} ms  p99 {pct(routed, 0.99):.3f} ms  "
+            f"(x{pct(routed, 0.5) / pct(direct, 0.5):.2f} at p50)"
+        )
         t1 = statistics.median(chains[1])
         t50 = statistics.median(chains[50])
         hub_p50 = results[("hub directly (chat/completions)", 1)]["p50_ms"]
         print(f"\n# previous_response_id chain, {args.chains} chains of 50 turns, median per turn")
         print(f"turn 1   {t1:.3f} ms (added over the hub: {t1 - hub_p50:.3f} ms)")
-        print(f"turn 50  {t50:.3f} ms (added over the hub: {t50 - hub_p50:.3f} ms)  x{t50 / t1:.2f} of turn 1")
+        print(
+            f"turn 50  {t50:.3f} ms (added over the hub: {t50 - hub_p50:.3f} ms)  x{t50 / t1:.2f} of turn 1"
+        )
     finally:
         for p in reversed(procs):
             p.stop()

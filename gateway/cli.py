@@ -23,7 +23,8 @@ class LocalSettings:
     host: str = option("127.0.0.1", "Address the HTTP server binds.", env="RESPGW_ROUTER_HOST")
     port: int = option(8080, "Port of the Responses API.", env="RESPGW_ROUTER_PORT")
     hub_url: str = option(
-        "", "Base URL of the model server, up to and including /v1. Required unless --echo-hub.",
+        "",
+        "Base URL of the model server, up to and including /v1. Required unless --echo-hub.",
         env="RESPGW_HUB_URL",
     )
     hub_api: str = option("chat", "What the hub speaks: chat or responses.", env="RESPGW_HUB_API")
@@ -32,15 +33,19 @@ class LocalSettings:
         "", "Model used when a request names none.", env="RESPGW_DEFAULT_MODEL"
     )
     echo_hub: bool = option(
-        False, "Start the built-in echo demo model server and use it as the hub (a demo: it "
-        "only repeats your last message).", env="RESPGW_ECHO_HUB",
+        False,
+        "Start the built-in echo demo model server and use it as the hub (a demo: it "
+        "only repeats your last message).",
+        env="RESPGW_ECHO_HUB",
     )
     sqlite_path: str = option(
-        "respgw-state.db", "SQLite file the embedded state service keeps everything in.",
+        "respgw-state.db",
+        "SQLite file the embedded state service keeps everything in.",
         env="RESPGW_STATE_SQLITE_PATH",
     )
     api_keys: str = option(
-        "", "Comma-separated KEY=TENANT pairs; empty is single-tenant without keys.",
+        "",
+        "Comma-separated KEY=TENANT pairs; empty is single-tenant without keys.",
         env="RESPGW_API_KEYS",
     )
     log_level: str = option("info", "Log level.", env="RESPGW_LOG_LEVEL")
@@ -68,10 +73,22 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: list[tuple[str, type, str]] = [
         ("router", RouterSettings, "Serve the Responses and Conversations API over HTTP."),
-        ("state", StateSettings, "Serve the state service (gRPC): stored responses and conversations."),
-        ("bootstrap", BootstrapSettings, "Serve the reference bootstrap service (gRPC) for stateful tools."),
-        ("local", LocalSettings, "Run a whole gateway on this machine: router and state service on "
-         "embedded SQLite, in one process."),
+        (
+            "state",
+            StateSettings,
+            "Serve the state service (gRPC): stored responses and conversations.",
+        ),
+        (
+            "bootstrap",
+            BootstrapSettings,
+            "Serve the reference bootstrap service (gRPC) for stateful tools.",
+        ),
+        (
+            "local",
+            LocalSettings,
+            "Run a whole gateway on this machine: router and state service on "
+            "embedded SQLite, in one process.",
+        ),
         ("echo-hub", EchoHubSettings, "Serve the echo demo model server (Chat Completions)."),
     ]
     for name, cls, help_text in commands:
@@ -140,7 +157,9 @@ async def run_local(settings: LocalSettings) -> None:
     if not hub_url:
         raise ValueError("give --hub-url (your model server) or --echo-hub (a demo)")
     state = await state_server.start(
-        replace(StateSettings(), listen="127.0.0.1:0", sqlite_path=settings.sqlite_path, metrics_port=0)
+        replace(
+            StateSettings(), listen="127.0.0.1:0", sqlite_path=settings.sqlite_path, metrics_port=0
+        )
     )
     router_settings = replace(
         RouterSettings(),

@@ -28,7 +28,11 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
 def _usage(messages: list[dict[str, Any]], text: str) -> dict[str, int]:
     prompt = sum(len(str(m.get("content", "")).split()) for m in messages)
     completion = len(text.split())
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -57,7 +61,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         )
     resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await resp.prepare(request)
-    base = {"id": "chatcmpl-echo", "object": "chat.completion.chunk", "created": created, "model": model}
+    base = {
+        "id": "chatcmpl-echo",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+    }
     words = text.split(" ")
     for i, word in enumerate(words):
         delta: dict[str, Any] = {"content": word if i == 0 else " " + word}
@@ -74,7 +83,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [{"id": "echo", "object": "model", "owned_by": "respgw"}]})
+    return web.json_response(
+        {"object": "list", "data": [{"id": "echo", "object": "model", "owned_by": "respgw"}]}
+    )
 
 
 def make_app() -> web.Application:

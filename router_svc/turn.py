@@ -132,6 +132,7 @@ async def begin(
 
         def not_found(err: RemoteError) -> errors.ApiError:
             return errors.conversation_not_found(conv, param="conversation")
+
     if lookup.HasField("response_id") or lookup.HasField("conversation_id"):
         reply = await svc.state.call(
             "GetHistory",
@@ -153,12 +154,12 @@ async def begin(
                 )
             log.warning("history truncated", extra={"omitted_items": omitted})
 
-    response_id = new_id("resp")
+    response_id = _response_id(tenant, idempotency_key)
     prepared = bootstrap.Prepared.EMPTY
     declared = bootstrap.stateful_tools(req.tools)
     if declared:
         prepared = await svc.bootstrapper.prepare(
-            request_id=_bootstrap_request_id(tenant, idempotency_key, response_id),
+            request_id=response_id,
             tenant=tenant,
             tools=declared,
             response_id=response_id,
@@ -180,23 +181,27 @@ async def begin(
     )
 
 
-def _bootstrap_request_id(tenant: str, idempotency_key: str, response_id: str) -> str:
-    # A client retry with the same Idempotency-Key must not prepare state twice, so the request id
-    # is derived from the key; without a key each request is its own.
+def _response_id(tenant: str, idempotency_key: str) -> str:
+    """A new response id; with an Idempotency-Key, the same one on every retry, so that a retry
+    is the same request to the bootstrap service (which prepares nothing twice) and to the state
+    service (which stores the turn once)."""
     if idempotency_key:
-        digest = hashlib.sha256(f"{tenant}\x00{idempotency_key}".encode()).hexdigest()[:32]
-        return f"idem_{digest}"
-    return response_id
+        digest = hashlib.sha256(f"{tenant}\x00{idempotency_key}".encode()).hexdigest()[:48]
+        return f"resp_{digest}"
+    return new_id("resp")
 
 
 def _selected_headers(svc: Services, headers: Mapping[str, str]) -> dict[str, str]:
     wanted = [h.strip().lower() for h in svc.settings.bootstrap_headers.split(",") if h.strip()]
-    return {
-        name: headers[name] for name in wanted if name != "authorization" and name in headers
-    }
+    return {name: headers[name] for name in wanted if name != "authorization" and name in headers}
 
 
-async def store(svc: Services, turn: Turn, response: dict[str, Any]) -> dict[str, Any]:
+async def store(
+    svc: Services,
+    turn: Turn,
+    response: dict[str, Any],
+    events: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Step 5: stores the turn (when ``store`` is true) and returns the response to answer.
 
     On a replay (the Idempotency-Key was used by a turn stored meanwhile) the first response is
@@ -213,12 +218,20 @@ async def store(svc: Services, turn: Turn, response: dict[str, Any]) -> dict[str
         output_items=[item_to_proto(i) for i in response.get("output", [])],
         response_json=orjson.dumps(response),
         idempotency_key=turn.idempotency_key,
+        stream_events_json=orjson.dumps(events) if events else b"",
     )
     put = state_service_pb2.PutTurnRequest(tenant=turn.tenant, response=stored)
     if turn.conversation_version is not None:
         put.expected_conversation_version = turn.conversation_version
     try:
         reply = await svc.state.call("PutTurn", put, not_found=lambda err: _put_not_found(turn))
+    except errors.Conflict:
+        if turn.idempotency_key:
+            # A concurrent request with the same Idempotency-Key stored its turn first.
+            first = await find_idempotent(svc, turn.tenant, turn.idempotency_key)
+            if first is not None:
+                return first
+        raise
     except errors.ApiError as exc:
         if exc.status >= 500 and not turn.idempotency_key:
             exc.headers["x-should-retry"] = "false"
@@ -301,8 +314,11 @@ async def _pump(
     first: dict[str, Any] | None,
     queue: asyncio.Queue[object],
 ) -> None:
+    sent: list[dict[str, Any]] = []
+
     def push(events: list[dict[str, Any]]) -> None:
         for event in events:
+            sent.append(event)
             queue.put_nowait(stream.sse_encode(event))
 
     try:
@@ -315,7 +331,7 @@ async def _pump(
         terminal = final[-1]
         push(final[:-1])
         try:
-            answered = await store(svc, turn, translator.response)
+            answered = await store(svc, turn, translator.response, [*sent, terminal])
         except errors.ApiError as exc:
             push(_failed_after(terminal, translator.response, exc))
             return
@@ -346,7 +362,13 @@ def _failed_after(
     error = {"code": exc.code or "server_error", "message": exc.message}
     failed = {**response, "status": "failed", "error": error}
     return [
-        {"type": "error", "sequence_number": seq, "code": error["code"], "message": exc.message, "param": None},
+        {
+            "type": "error",
+            "sequence_number": seq,
+            "code": error["code"],
+            "message": exc.message,
+            "param": None,
+        },
         {"type": "response.failed", "sequence_number": seq + 1, "response": failed},
     ]
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.bootstrap_conformance.conftest import pytest_addoption  # noqa: F401  (--bootstrap-address, --bootstrap-impl for runs of all of tests/)
 from tests.fakehub import FakeHub
 from tests.support import Stack
 

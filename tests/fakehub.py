@@ -89,7 +89,11 @@ class FakeHub:
 
     def chat_requests(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [r for r, p in zip(self.requests, self.paths, strict=True) if p.endswith("/chat/completions")]
+            return [
+                r
+                for r, p in zip(self.requests, self.paths, strict=True)
+                if p.endswith("/chat/completions")
+            ]
 
     async def _start(self) -> None:
         app = web.Application()
@@ -123,9 +127,11 @@ class FakeHub:
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
         if reply.status != 200:
-            body = reply.error_body if reply.error_body is not None else {
-                "error": {"message": "scripted failure", "type": "server_error"}
-            }
+            body = (
+                reply.error_body
+                if reply.error_body is not None
+                else {"error": {"message": "scripted failure", "type": "server_error"}}
+            )
             raw = body if isinstance(body, bytes) else orjson.dumps(body)
             return web.Response(status=reply.status, body=raw, content_type="application/json")
         if reply.malformed:
@@ -149,14 +155,20 @@ class FakeHub:
                 message["reasoning_content"] = reply.reasoning
             if reply.tool_calls:
                 message["tool_calls"] = [
-                    {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                    {
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {"name": c["name"], "arguments": c["arguments"]},
+                    }
                     for c in reply.tool_calls
                 ]
             return web.json_response(
                 {
                     **base,
                     "object": "chat.completion",
-                    "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
+                    "choices": [
+                        {"index": 0, "message": message, "finish_reason": reply.finish_reason}
+                    ],
                     "usage": self._usage(reply),
                 },
                 dumps=lambda o: orjson.dumps(o).decode(),
@@ -179,9 +191,21 @@ class FakeHub:
         for index, call in enumerate(reply.tool_calls):
             args = call["arguments"]
             half = len(args) // 2
-            chunks.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                           "function": {"name": call["name"], "arguments": args[:half]}}]})
-            chunks.append({"tool_calls": [{"index": index, "function": {"arguments": args[half:]}}]})
+            chunks.append(
+                {
+                    "tool_calls": [
+                        {
+                            "index": index,
+                            "id": call["id"],
+                            "type": "function",
+                            "function": {"name": call["name"], "arguments": args[:half]},
+                        }
+                    ]
+                }
+            )
+            chunks.append(
+                {"tool_calls": [{"index": index, "function": {"arguments": args[half:]}}]}
+            )
         sent = 0
         for delta in chunks:
             if reply.break_after_chunks is not None and sent >= reply.break_after_chunks:
@@ -192,19 +216,30 @@ class FakeHub:
                 return resp
             if reply.chunk_delay_s:
                 await asyncio.sleep(reply.chunk_delay_s)
-            chunk = {**base, "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            chunk = {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            }
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
             sent += 1
         if reply.malformed:
             await resp.write(b"data: {not json\n\n")
             await resp.write_eof()
             return resp
-        end = {**base, "object": "chat.completion.chunk",
-               "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]}
+        end = {
+            **base,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}],
+        }
         await resp.write(b"data: " + orjson.dumps(end) + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {**base, "object": "chat.completion.chunk", "choices": [], "usage": self._usage(reply)}
+            usage = {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [],
+                "usage": self._usage(reply),
+            }
             await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
@@ -253,22 +288,48 @@ class FakeHub:
             {"type": "response.created", "response": in_progress},
             {"type": "response.in_progress", "response": in_progress},
             {"type": "response.output_item.added", "output_index": 0, "item": empty_item},
-            {"type": "response.content_part.added", "item_id": item["id"], "output_index": 0,
-             "content_index": 0, "part": part},
+            {
+                "type": "response.content_part.added",
+                "item_id": item["id"],
+                "output_index": 0,
+                "content_index": 0,
+                "part": part,
+            },
         ]
         for piece in [text[: len(text) // 2], text[len(text) // 2 :]]:
-            events.append({"type": "response.output_text.delta", "item_id": item["id"], "output_index": 0,
-                           "content_index": 0, "delta": piece, "logprobs": []})
+            events.append(
+                {
+                    "type": "response.output_text.delta",
+                    "item_id": item["id"],
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": piece,
+                    "logprobs": [],
+                }
+            )
         events += [
-            {"type": "response.output_text.done", "item_id": item["id"], "output_index": 0,
-             "content_index": 0, "text": text, "logprobs": []},
-            {"type": "response.content_part.done", "item_id": item["id"], "output_index": 0,
-             "content_index": 0, "part": {**part, "text": text}},
+            {
+                "type": "response.output_text.done",
+                "item_id": item["id"],
+                "output_index": 0,
+                "content_index": 0,
+                "text": text,
+                "logprobs": [],
+            },
+            {
+                "type": "response.content_part.done",
+                "item_id": item["id"],
+                "output_index": 0,
+                "content_index": 0,
+                "part": {**part, "text": text},
+            },
             {"type": "response.output_item.done", "output_index": 0, "item": item},
             {"type": "response.completed", "response": response},
         ]
         for seq, event in enumerate(events):
             event["sequence_number"] = seq
-            await resp.write(b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n")
+            await resp.write(
+                b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+            )
         await resp.write_eof()
         return resp

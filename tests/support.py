@@ -25,7 +25,9 @@ from state_svc.config import StateSettings
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
-POSTGRES_DSN = os.environ.get("RESPGW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_DSN = os.environ.get(
+    "RESPGW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 
 class ThreadLoop:

@@ -11,7 +11,15 @@ from starlette.routing import Route
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
 from router_svc import errors, turn, validate
-from router_svc.http import JSONResponse, list_page, query_limit, query_order, read_json, services, tenant
+from router_svc.http import (
+    JSONResponse,
+    list_page,
+    query_limit,
+    query_order,
+    read_json,
+    services,
+    tenant,
+)
 
 MAX_ITEMS_PER_CALL = 20
 
@@ -45,7 +53,9 @@ def _items(body: dict[str, Any], *, required: bool) -> list[dict[str, Any]]:
     if raw is None:
         if required:
             raise errors.InvalidRequest(
-                "Missing required parameter: 'items'.", param="items", code="missing_required_parameter"
+                "Missing required parameter: 'items'.",
+                param="items",
+                code="missing_required_parameter",
             )
         return []
     items = validate.normalize_items(raw, param="items")

@@ -13,7 +13,15 @@ from starlette.routing import Route
 
 from respgw.state.v1 import state_service_pb2
 from router_svc import errors, stream, turn, validate
-from router_svc.http import JSONResponse, list_page, query_limit, query_order, read_json, services, tenant
+from router_svc.http import (
+    JSONResponse,
+    list_page,
+    query_limit,
+    query_order,
+    read_json,
+    services,
+    tenant,
+)
 
 OPEN_STREAMS = Gauge("respgw_router_open_streams", "Streaming responses being sent right now.")
 
@@ -59,8 +67,10 @@ async def _counted(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         OPEN_STREAMS.dec()
 
 
-async def _replay(response: dict[str, Any], starting_after: int) -> AsyncIterator[bytes]:
-    for event in stream.replay_events(response):
+async def _replay(
+    response: dict[str, Any], starting_after: int, events: list[dict[str, Any]] | None = None
+) -> AsyncIterator[bytes]:
+    for event in events or stream.replay_events(response):
         if int(event["sequence_number"]) > starting_after:
             yield stream.sse_encode(event)
 
@@ -90,7 +100,8 @@ async def get_response(request: Request) -> Response:
                 param="starting_after",
                 code="invalid_type",
             ) from exc
-        return _sse(_replay(response, after))
+        live = reply.response.stream_events_json
+        return _sse(_replay(response, after, orjson.loads(live) if live else None))
     return JSONResponse(response)
 
 

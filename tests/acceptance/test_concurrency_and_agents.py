@@ -15,7 +15,9 @@ CLIENTS = 8
 TURNS = 20
 
 
-async def test_concurrent_chains_each_see_exactly_their_own_history(stack: Stack, hub: FakeHub) -> None:
+async def test_concurrent_chains_each_see_exactly_their_own_history(
+    stack: Stack, hub: FakeHub
+) -> None:
     client = openai.AsyncOpenAI(base_url=stack.url, api_key="unused", max_retries=0)
 
     async def chain(c: int) -> None:
@@ -40,7 +42,10 @@ async def test_concurrent_chains_each_see_exactly_their_own_history(stack: Stack
         c, t = (int(x) for x in last.removeprefix("client ").split(" turn "))
         expected = [("system", f"instructions {c}.{t}")]
         for earlier in range(t):
-            expected += [("user", f"client {c} turn {earlier}"), ("assistant", f"echo: client {c} turn {earlier}")]
+            expected += [
+                ("user", f"client {c} turn {earlier}"),
+                ("assistant", f"echo: client {c} turn {earlier}"),
+            ]
         expected.append(("user", last))
         assert [(m["role"], text_of(m)) for m in messages] == expected
 
@@ -67,8 +72,11 @@ async def test_agents_runner_with_previous_response_id(
         model=OpenAIResponsesModel(model="m", openai_client=agent_client),
     )
     hub.enqueue(
-        Reply(text=None, tool_calls=[{"id": "call_add", "name": "add", "arguments": '{"a": 2, "b": 3}'}],
-              finish_reason="tool_calls"),
+        Reply(
+            text=None,
+            tool_calls=[{"id": "call_add", "name": "add", "arguments": '{"a": 2, "b": 3}'}],
+            finish_reason="tool_calls",
+        ),
         Reply(text="The sum is 5."),
     )
     result = await Runner.run(agent, "What is 2 + 3?")
@@ -87,13 +95,27 @@ async def test_agents_runner_with_previous_response_id(
     assert "What is 2 + 3?" in texts and "The sum is 5." in texts and texts[-1] == "And again?"
 
 
-async def test_agents_runner_with_a_conversation(agent_client: openai.AsyncOpenAI, hub: FakeHub) -> None:
-    agent = Agent(name="chat", instructions="Be brief.", model=OpenAIResponsesModel(model="m", openai_client=agent_client))
+async def test_agents_runner_with_a_conversation(
+    agent_client: openai.AsyncOpenAI, hub: FakeHub
+) -> None:
+    agent = Agent(
+        name="chat",
+        instructions="Be brief.",
+        model=OpenAIResponsesModel(model="m", openai_client=agent_client),
+    )
     conv = await agent_client.conversations.create()
     await Runner.run(agent, "first message", conversation_id=conv.id)
     second = await Runner.run(agent, "second message", conversation_id=conv.id)
     assert second.final_output == "echo: second message"
     texts = [text_of(m) for m in hub.chat_requests()[-1]["messages"]]
     assert texts == ["Be brief.", "first message", "echo: first message", "second message"]
-    items = [text_of(i.model_dump()) async for i in agent_client.conversations.items.list(conv.id, order="asc")]
-    assert items == ["first message", "echo: first message", "second message", "echo: second message"]
+    items = [
+        text_of(i.model_dump())
+        async for i in agent_client.conversations.items.list(conv.id, order="asc")
+    ]
+    assert items == [
+        "first message",
+        "echo: first message",
+        "second message",
+        "echo: second message",
+    ]

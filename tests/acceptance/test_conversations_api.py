@@ -27,7 +27,10 @@ def test_conversation_lifecycle(stack: Stack, hub: FakeHub) -> None:
     desc = client.conversations.items.list(conv.id, limit=2)
     assert [text_of(i.model_dump()) for i in desc.data] == ["m4", "m3"]
     assert desc.has_more
-    walked = [text_of(i.model_dump()) for i in client.conversations.items.list(conv.id, limit=2, order="asc")]
+    walked = [
+        text_of(i.model_dump())
+        for i in client.conversations.items.list(conv.id, limit=2, order="asc")
+    ]
     assert walked == ["m0", "m1", "m2", "m3", "m4"]
     after = client.conversations.items.list(conv.id, order="asc", after=ids[2])
     assert [i.id for i in after.data] == ids[3:]

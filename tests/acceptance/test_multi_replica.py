@@ -35,16 +35,31 @@ def schema() -> Iterator[str]:
 
 def test_two_routers_two_state_services_survive_a_state_kill(hub: FakeHub, schema: str) -> None:
     states = [
-        Process(["state", "--backend", "postgres", "--postgres-dsn", POSTGRES_DSN,
-                 "--postgres-schema", schema, "--listen", "127.0.0.1:0", "--metrics-port", "0"])
+        Process(
+            [
+                "state",
+                "--backend",
+                "postgres",
+                "--postgres-dsn",
+                POSTGRES_DSN,
+                "--postgres-schema",
+                schema,
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-port",
+                "0",
+            ]
+        )
         for _ in range(2)
     ]
     routers: list[Process] = []
     try:
         state_ports = [s.start(STATE_READY) for s in states]
         target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in state_ports)
-        routers = [Process(["router", "--port", "0", "--hub-url", hub.url, "--state-address", target])
-                   for _ in range(2)]
+        routers = [
+            Process(["router", "--port", "0", "--hub-url", hub.url, "--state-address", target])
+            for _ in range(2)
+        ]
         urls = [f"http://127.0.0.1:{r.start(ROUTER_READY)}/v1" for r in routers]
         clients = [openai.OpenAI(base_url=u, api_key="unused", max_retries=0) for u in urls]
 
@@ -56,8 +71,12 @@ def test_two_routers_two_state_services_survive_a_state_kill(hub: FakeHub, schem
                 # Interleave: each turn of a chain goes to the other router.
                 client = clients[(step + c) % 2]
                 kwargs = {"previous_response_id": chains[c]} if chains[c] else {}
-                chains[c] = client.responses.create(model="m", input=f"chain {c} step {step}", **kwargs).id  # type: ignore[arg-type]
-            clients[step % 2].responses.create(model="m", input=f"conv step {step}", conversation=conv.id)
+                chains[c] = client.responses.create(
+                    model="m", input=f"chain {c} step {step}", **kwargs
+                ).id  # type: ignore[arg-type]
+            clients[step % 2].responses.create(
+                model="m", input=f"conv step {step}", conversation=conv.id
+            )
 
         for step in range(3):
             turn(step)
@@ -81,7 +100,10 @@ def test_two_routers_two_state_services_survive_a_state_kill(hub: FakeHub, schem
                 for s in range(step):
                     expected += [f"conv step {s}", f"echo: conv step {s}"]
                 assert texts == [*expected, last]
-        items = [text_of(i.model_dump()) for i in clients[1].conversations.items.list(conv.id, order="asc")]
+        items = [
+            text_of(i.model_dump())
+            for i in clients[1].conversations.items.list(conv.id, order="asc")
+        ]
         assert len(items) == 12
     finally:
         for r in routers:

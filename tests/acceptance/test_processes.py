@@ -16,12 +16,29 @@ from tests.support import ROUTER_READY, STATE_READY, Process
 @pytest.fixture
 def gateway(tmp_path: Path, hub: FakeHub) -> Iterator[str]:
     state = Process(
-        ["state", "--backend", "sqlite", "--sqlite-path", str(tmp_path / "state.db"),
-         "--listen", "127.0.0.1:0", "--metrics-port", "0"]
+        [
+            "state",
+            "--backend",
+            "sqlite",
+            "--sqlite-path",
+            str(tmp_path / "state.db"),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-port",
+            "0",
+        ]
     )
     state_port = state.start(STATE_READY)
     router = Process(
-        ["router", "--port", "0", "--hub-url", hub.url, "--state-address", f"127.0.0.1:{state_port}"]
+        [
+            "router",
+            "--port",
+            "0",
+            "--hub-url",
+            hub.url,
+            "--state-address",
+            f"127.0.0.1:{state_port}",
+        ]
     )
     try:
         port = router.start(ROUTER_READY)
@@ -35,7 +52,9 @@ def gateway(tmp_path: Path, hub: FakeHub) -> Iterator[str]:
 def test_chained_turn_replays_history_but_not_instructions(gateway: str, hub: FakeHub) -> None:
     client = openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0)
     first = client.responses.create(
-        model="fake-model", instructions="Answer like a pirate.", input="What is the capital of France?"
+        model="fake-model",
+        instructions="Answer like a pirate.",
+        input="What is the capital of France?",
     )
     assert first.status == "completed"
     assert first.output_text == "echo: What is the capital of France?"

@@ -27,7 +27,11 @@ def test_create_retrieve_and_usage(stack: Stack, hub: FakeHub) -> None:
     assert resp.output_text == "echo: Hello there"
     assert resp.metadata == {"k": "v"}
     assert resp.usage is not None
-    assert (resp.usage.input_tokens, resp.usage.output_tokens, resp.usage.total_tokens) == (11, 7, 18)
+    assert (resp.usage.input_tokens, resp.usage.output_tokens, resp.usage.total_tokens) == (
+        11,
+        7,
+        18,
+    )
     assert resp.usage.input_tokens_details.cached_tokens == 0
     assert resp.usage.output_tokens_details.reasoning_tokens == 0
     again = client.responses.retrieve(resp.id)
@@ -66,7 +70,10 @@ def test_function_calls_round_trip_as_one_assistant_message(stack: Stack, hub: F
     ]
     first = client.responses.create(model="fake-model", input="Weather?", tools=tools)  # type: ignore[arg-type]
     calls = [o for o in first.output if o.type == "function_call"]
-    assert [(c.call_id, c.name) for c in calls] == [("call_a", "get_weather"), ("call_b", "get_weather")]
+    assert [(c.call_id, c.name) for c in calls] == [
+        ("call_a", "get_weather"),
+        ("call_b", "get_weather"),
+    ]
     assert all(c.id and c.id.startswith("fc") for c in calls)
     assert hub.chat_requests()[0]["tools"][0]["function"]["name"] == "get_weather"
 
@@ -76,7 +83,11 @@ def test_function_calls_round_trip_as_one_assistant_message(stack: Stack, hub: F
         tools=tools,  # type: ignore[arg-type]
         input=[
             {"type": "function_call_output", "call_id": "call_a", "output": "sunny"},
-            {"type": "function_call_output", "call_id": "call_b", "output": [{"type": "input_text", "text": "rainy"}]},
+            {
+                "type": "function_call_output",
+                "call_id": "call_b",
+                "output": [{"type": "input_text", "text": "rainy"}],
+            },
         ],
     )
     assert second.status == "completed"
@@ -92,7 +103,10 @@ def test_max_output_tokens_makes_an_incomplete_response(stack: Stack, hub: FakeH
     hub.enqueue(Reply(text="cut off", finish_reason="length"))
     resp = client.responses.create(model="fake-model", input="long", max_output_tokens=16)
     assert resp.status == "incomplete"
-    assert resp.incomplete_details is not None and resp.incomplete_details.reason == "max_output_tokens"
+    assert (
+        resp.incomplete_details is not None
+        and resp.incomplete_details.reason == "max_output_tokens"
+    )
 
 
 def test_stream_text_is_accepted_by_the_sdk_and_stored(stack: Stack, hub: FakeHub) -> None:
@@ -106,7 +120,9 @@ def test_stream_text_is_accepted_by_the_sdk_and_stored(stack: Stack, hub: FakeHu
     assert types.count("response.output_text.delta") == 3
     assert final.output_text == "one two three"
     # Stored before response.completed went out: chaining at once finds it.
-    chained = client.responses.create(model="fake-model", input="next", previous_response_id=final.id)
+    chained = client.responses.create(
+        model="fake-model", input="next", previous_response_id=final.id
+    )
     assert chained.status == "completed"
     messages = hub.chat_requests()[-1]["messages"]
     assert [text_of(m) for m in messages] == ["count", "one two three", "next"]
@@ -150,10 +166,14 @@ def test_stream_replay_from_storage(stack: Stack, hub: FakeHub) -> None:
     assert [e.sequence_number for e in after] == list(range(4, len(live)))
 
 
-def test_hub_failure_mid_stream_fails_the_response_and_stores_nothing(stack: Stack, hub: FakeHub) -> None:
+def test_hub_failure_mid_stream_fails_the_response_and_stores_nothing(
+    stack: Stack, hub: FakeHub
+) -> None:
     hub.enqueue(Reply(text="a b c d e f", break_after_chunks=2))
     with httpx.Client(timeout=10) as http:
-        with http.stream("POST", f"{stack.url}/responses", json={"model": "m", "input": "x", "stream": True}) as r:
+        with http.stream(
+            "POST", f"{stack.url}/responses", json={"model": "m", "input": "x", "stream": True}
+        ) as r:
             assert r.status_code == 200
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     types = [e["type"] for e in events]
@@ -169,7 +189,9 @@ def test_hub_failure_mid_stream_fails_the_response_and_stores_nothing(stack: Sta
 def test_client_disconnect_mid_stream_still_stores_the_turn(stack: Stack, hub: FakeHub) -> None:
     hub.enqueue(Reply(text="w1 w2 w3 w4 w5 w6", chunk_delay_s=0.1))
     with httpx.Client(timeout=10) as http:
-        with http.stream("POST", f"{stack.url}/responses", json={"model": "m", "input": "x", "stream": True}) as r:
+        with http.stream(
+            "POST", f"{stack.url}/responses", json={"model": "m", "input": "x", "stream": True}
+        ) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     response_id = json.loads(line[6:])["response"]["id"]
@@ -207,7 +229,9 @@ def test_delete_and_input_items(stack: Stack, hub: FakeHub) -> None:
     page = client.responses.input_items.list(resp.id, limit=2)
     assert [text_of(i.model_dump()) for i in page.data] == ["part 4", "part 3"]
     assert page.has_more is True
-    everything = [text_of(i.model_dump()) for i in client.responses.input_items.list(resp.id, limit=2)]
+    everything = [
+        text_of(i.model_dump()) for i in client.responses.input_items.list(resp.id, limit=2)
+    ]
     assert everything == ["part 4", "part 3", "part 2", "part 1", "part 0"]
     asc = client.responses.input_items.list(resp.id, order="asc")
     assert [text_of(i.model_dump()) for i in asc.data] == [f"part {i}" for i in range(5)]
@@ -221,7 +245,8 @@ def test_delete_and_input_items(stack: Stack, hub: FakeHub) -> None:
 def test_conversation_items_come_first_and_the_turn_is_appended(stack: Stack, hub: FakeHub) -> None:
     client = client_for(stack)
     conv = client.conversations.create(
-        items=[{"type": "message", "role": "user", "content": "I like tea."}], metadata={"topic": "drinks"}
+        items=[{"type": "message", "role": "user", "content": "I like tea."}],
+        metadata={"topic": "drinks"},
     )
     assert conv.metadata == {"topic": "drinks"}
     resp = client.responses.create(model="m", input="What do I like?", conversation=conv.id)
@@ -239,12 +264,16 @@ def test_conversation_items_come_first_and_the_turn_is_appended(stack: Stack, hu
     assert len(hub.chat_requests()[-1]["messages"]) == 4
 
 
-def test_conversation_and_previous_response_are_mutually_exclusive(stack: Stack, hub: FakeHub) -> None:
+def test_conversation_and_previous_response_are_mutually_exclusive(
+    stack: Stack, hub: FakeHub
+) -> None:
     client = client_for(stack)
     conv = client.conversations.create()
     first = client.responses.create(model="m", input="x")
     with pytest.raises(openai.BadRequestError) as info:
-        client.responses.create(model="m", input="y", conversation=conv.id, previous_response_id=first.id)
+        client.responses.create(
+            model="m", input="y", conversation=conv.id, previous_response_id=first.id
+        )
     assert info.value.code == "mutually_exclusive_parameters"
     assert len(hub.chat_requests()) == 1
 
@@ -265,7 +294,12 @@ def test_idempotency_key_returns_the_first_result(stack: Stack, hub: FakeHub) ->
         (Reply(status=400, error_body={"error": {"message": "bad"}}), 502, "upstream_rejected"),
         (Reply(malformed=True), 502, "upstream_malformed_response"),
         (
-            Reply(status=400, error_body={"error": {"message": "This model's maximum context length is 10 tokens"}}),
+            Reply(
+                status=400,
+                error_body={
+                    "error": {"message": "This model's maximum context length is 10 tokens"}
+                },
+            ),
             400,
             "context_length_exceeded",
         ),
@@ -340,11 +374,20 @@ def test_invalid_requests_never_reach_the_hub(stack: Stack, hub: FakeHub) -> Non
             assert error["param"] == param, error
             if code:
                 assert error["code"] == code
-        r = http.post(f"{stack.url}/responses", content=b"{not json", headers={"content-type": "application/json"})
+        r = http.post(
+            f"{stack.url}/responses",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 400
         assert r.json()["error"]["type"] == "invalid_request_error"
         r = http.get(f"{stack.url}/nothing-here")
-        assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert r.status_code == 404 and set(r.json()["error"]) == {
+            "message",
+            "type",
+            "param",
+            "code",
+        }
     assert hub.chat_requests() == []
 
 
@@ -374,7 +417,9 @@ def test_api_keys_scope_tenants(hub: FakeHub) -> None:
 async def test_async_sdk_streams_and_chains(stack: Stack, hub: FakeHub) -> None:
     client = openai.AsyncOpenAI(base_url=stack.url, api_key="unused", max_retries=0)
     first = await client.responses.create(model="m", input="async one")
-    async with client.responses.stream(model="m", input="async two", previous_response_id=first.id) as stream:
+    async with client.responses.stream(
+        model="m", input="async two", previous_response_id=first.id
+    ) as stream:
         async for _ in stream:
             pass
         final = await stream.get_final_response()
