@@ -1,0 +1,745 @@
+"""Responses API streaming events: from Chat Completions chunks, from a Responses hub, and replayed.
+
+Every sequence starts with ``response.created`` and ``response.in_progress``; ``sequence_number``
+starts at 0 and grows by one per event. Each output item is opened with
+``response.output_item.added`` and closed with ``response.output_item.done`` before the next one
+opens, keeps its id and ``output_index`` throughout, and is followed by the terminal event:
+``response.completed``, ``response.incomplete`` (the hub hit max tokens), or ``error`` then
+``response.failed``. Items still open when a stream fails are not closed: the failed response
+carries them with status ``incomplete``.
+
+:func:`replay_events` rebuilds that sequence from a stored response, event type for event type,
+with one delta per content part (the stored response does not keep the hub's chunk boundaries).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from router_svc import errors, translate
+from router_svc.ids import new_id
+from router_svc.translate import NO_RESOURCES
+from router_svc.validate import TurnRequest, output_text
+
+_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+
+
+def sse_encode(event: dict[str, Any]) -> bytes:
+    """One server-sent event whose ``event:`` line is the event's type."""
+    return b"event: " + str(event["type"]).encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+class _Events:
+    """Numbers the events of one stream."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def make(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": kind, "sequence_number": self.next, **fields}
+        self.next += 1
+        return event
+
+
+@dataclass
+class _Part:
+    """An open content part; its text is kept in pieces and joined when read."""
+
+    data: dict[str, Any]  # the part inside its item's "content"
+    key: str  # "text" or "refusal"
+    pieces: list[str] = field(default_factory=list)
+
+    def render(self) -> None:
+        self.data[self.key] = "".join(self.pieces)
+
+
+@dataclass
+class _Item:
+    """An output item being streamed."""
+
+    index: int
+    data: dict[str, Any]  # the item inside the response's output
+    parts: list[_Part] = field(default_factory=list)
+    arguments: list[str] = field(default_factory=list)
+    call: _Call | None = None  # the chat tool call a function_call item streams
+
+    def render(self) -> None:
+        for part in self.parts:
+            part.render()
+        if self.data["type"] == "function_call":
+            self.data["arguments"] = "".join(self.arguments)
+
+
+@dataclass
+class _Call:
+    """A tool call of the chat stream, by its chunk index; added once its name is known."""
+
+    call_id: str = ""
+    name: str = ""
+    pending: list[str] = field(default_factory=list)
+    item: _Item | None = None
+    closed: bool = False
+
+
+class ChatStreamTranslator:
+    """Turns the chunks of one streamed chat completion into Responses streaming events."""
+
+    def __init__(
+        self,
+        req: TurnRequest,
+        *,
+        response_id: str,
+        created_at: int,
+        tool_resources: Mapping[str, str] = NO_RESOURCES,
+    ) -> None:
+        self._req = req
+        self._id = response_id
+        self._created_at = created_at
+        self._resources = dict(tool_resources)
+        self._events = _Events()
+        self._output: list[dict[str, Any]] = []
+        self._open: list[_Item] = []  # the item being streamed (a call joins once named)
+        self._calls: dict[int, _Call] = {}
+        self._last_call: int | None = None
+        self._finish_reason: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._logprobs = translate.LOGPROBS_INCLUDE in req.include
+        self._started = False
+        self._final: dict[str, Any] | None = None
+
+    # -- the Response object
+
+    def _response(self, status: str, **extra: Any) -> dict[str, Any]:
+        return translate.response_object(
+            self._req,
+            response_id=self._id,
+            created_at=self._created_at,
+            status=status,
+            output=self._output,
+            usage=self._usage,
+            tool_resources=self._resources,
+            **extra,
+        )
+
+    @property
+    def response(self) -> dict[str, Any]:
+        """The Response object as it stands; final once finish() or fail() ran."""
+        if self._final is not None:
+            return self._final
+        for item in self._open:
+            item.render()
+        return self._response("in_progress")
+
+    # -- lifecycle
+
+    def start(self) -> list[dict[str, Any]]:
+        """``response.created`` and ``response.in_progress``."""
+        if self._started:
+            return []
+        self._started = True
+        snapshot = translate.response_object(
+            self._req,
+            response_id=self._id,
+            created_at=self._created_at,
+            status="in_progress",
+            output=[],
+            tool_resources=self._resources,
+        )
+        return [
+            self._events.make("response.created", response=snapshot),
+            self._events.make("response.in_progress", response=copy.copy(snapshot)),
+        ]
+
+    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """The events for one parsed ``chat.completion.chunk``."""
+        if self._final is not None:
+            return []
+        events = self.start()
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self._usage = translate.usage_from_chat(usage)
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            reasoning = translate.chat_reasoning(delta)
+            if reasoning:
+                events += self._part_delta("reasoning", "reasoning_text", reasoning, None)
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                logprobs = None
+                if self._logprobs:
+                    logprobs = translate.chat_logprobs(
+                        (choice.get("logprobs") or {}).get("content")
+                    )
+                events += self._part_delta("message", "output_text", content, logprobs)
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str) and refusal:
+                events += self._part_delta("message", "refusal", refusal, None)
+            for call in delta.get("tool_calls") or []:
+                if isinstance(call, dict):
+                    events += self._call_delta(call)
+            if choice.get("finish_reason"):
+                self._finish_reason = choice["finish_reason"]
+        return events
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Closes the open items, then ``response.completed`` (or ``response.incomplete``)."""
+        if self._final is not None:
+            return []
+        events = self.start()
+        reason = translate.INCOMPLETE_REASONS.get(self._finish_reason or "")
+        events += self._close_all(last_status="incomplete" if reason else "completed")
+        if reason is None:
+            self._final = self._response("completed")
+            events.append(self._events.make("response.completed", response=self._final))
+        else:
+            self._final = self._response("incomplete", incomplete_details={"reason": reason})
+            events.append(self._events.make("response.incomplete", response=self._final))
+        return events
+
+    def fail(self, code: str, message: str) -> list[dict[str, Any]]:
+        """An ``error`` event and ``response.failed``; open items stay open, as incomplete."""
+        if self._final is not None:
+            return []
+        events = self.start()
+        for call in self._calls.values():
+            if call.item is None and not call.closed:
+                events += self._add_call(call)
+        for item in self._open:
+            item.render()
+            item.data["status"] = "incomplete"
+        self._open = []
+        self._final = self._response("failed", error=translate.error_object(code, message))
+        events.append(self._events.make("error", code=code, message=message, param=None))
+        events.append(self._events.make("response.failed", response=self._final))
+        return events
+
+    # -- items
+
+    def _add(self, data: dict[str, Any]) -> tuple[_Item, dict[str, Any]]:
+        item = _Item(index=len(self._output), data=data)
+        self._output.append(data)
+        self._open.append(item)
+        event = self._events.make(
+            "response.output_item.added", output_index=item.index, item=copy.deepcopy(data)
+        )
+        return item, event
+
+    def _close_all(self, *, last_status: str = "completed") -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        for call in self._calls.values():
+            if call.item is None and not call.closed:
+                events += self._add_call(call)
+        last = len(self._output) - 1
+        for item in list(self._open):
+            status = last_status if item.index == last else "completed"
+            events += self._close(item, status)
+        return events
+
+    def _close(self, item: _Item, status: str) -> list[dict[str, Any]]:
+        self._open.remove(item)
+        if item.call is not None:
+            item.call.closed = True
+        item.render()
+        events: list[dict[str, Any]] = []
+        data = item.data
+        if data["type"] == "function_call":
+            events.append(
+                self._events.make(
+                    "response.function_call_arguments.done",
+                    item_id=data["id"],
+                    output_index=item.index,
+                    name=data["name"],
+                    arguments=data["arguments"],
+                )
+            )
+        elif item.parts:
+            events += self._close_part(item, len(item.parts) - 1)
+        data["status"] = status
+        events.append(
+            self._events.make(
+                "response.output_item.done", output_index=item.index, item=copy.deepcopy(data)
+            )
+        )
+        return events
+
+    def _close_part(self, item: _Item, content_index: int) -> list[dict[str, Any]]:
+        part = item.parts[content_index]
+        part.render()
+        common = {"item_id": item.data["id"], "output_index": item.index}
+        kind = part.data["type"]
+        if kind == "output_text":
+            done = self._events.make(
+                "response.output_text.done",
+                **common,
+                content_index=content_index,
+                text=part.data["text"],
+                logprobs=list(part.data["logprobs"]),
+            )
+        elif kind == "refusal":
+            done = self._events.make(
+                "response.refusal.done",
+                **common,
+                content_index=content_index,
+                refusal=part.data["refusal"],
+            )
+        else:
+            done = self._events.make(
+                "response.reasoning_text.done",
+                **common,
+                content_index=content_index,
+                text=part.data["text"],
+            )
+        return [
+            done,
+            self._events.make(
+                "response.content_part.done",
+                **common,
+                content_index=content_index,
+                part=copy.deepcopy(part.data),
+            ),
+        ]
+
+    def _part_delta(
+        self, item_type: str, part_type: str, text: str, logprobs: list[dict[str, Any]] | None
+    ) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        item = self._open[-1] if self._open else None
+        if item is None or item.data["type"] != item_type:
+            events += self._close_all()
+            if item_type == "message":
+                data = translate.message_item([], status="in_progress")
+            else:
+                data = translate.reasoning_item("", status="in_progress")
+                data["content"] = []
+            item, added = self._add(data)
+            events.append(added)
+        if not item.parts or item.parts[-1].data["type"] != part_type:
+            if item.parts:
+                events += self._close_part(item, len(item.parts) - 1)
+            if part_type == "output_text":
+                part = _Part(output_text(""), "text")
+            elif part_type == "refusal":
+                part = _Part({"type": "refusal", "refusal": ""}, "refusal")
+            else:
+                part = _Part({"type": "reasoning_text", "text": ""}, "text")
+            item.data["content"].append(part.data)
+            item.parts.append(part)
+            events.append(
+                self._events.make(
+                    "response.content_part.added",
+                    item_id=item.data["id"],
+                    output_index=item.index,
+                    content_index=len(item.parts) - 1,
+                    part=copy.deepcopy(part.data),
+                )
+            )
+        part = item.parts[-1]
+        part.pieces.append(text)
+        common = {
+            "item_id": item.data["id"],
+            "output_index": item.index,
+            "content_index": len(item.parts) - 1,
+        }
+        if part_type == "output_text":
+            entries = logprobs or []
+            part.data["logprobs"].extend(entries)
+            events.append(
+                self._events.make(
+                    "response.output_text.delta", **common, delta=text, logprobs=entries
+                )
+            )
+        elif part_type == "refusal":
+            events.append(self._events.make("response.refusal.delta", **common, delta=text))
+        else:
+            events.append(self._events.make("response.reasoning_text.delta", **common, delta=text))
+        return events
+
+    def _call_delta(self, delta: dict[str, Any]) -> list[dict[str, Any]]:
+        index = delta.get("index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            index = self._implicit_index(delta.get("id"))
+        function = delta.get("function") or {}
+        events: list[dict[str, Any]] = []
+        call = self._calls.get(index)
+        if call is None:
+            events += self._close_all()
+            call = self._calls[index] = _Call()
+            self._last_call = index
+        elif call.closed:
+            raise errors.UpstreamError(
+                "The model server interleaved the deltas of parallel tool calls, which this "
+                "gateway cannot stream."
+            )
+        if isinstance(delta.get("id"), str) and delta["id"] and not call.call_id:
+            call.call_id = delta["id"]
+        name = function.get("name")
+        if isinstance(name, str) and name and not call.name:
+            call.name = name
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            call.pending.append(arguments)
+        if call.item is None and call.name:
+            return events + self._add_call(call)
+        if call.item is not None and call.pending:
+            events += self._flush_arguments(call.item, call.pending)
+        return events
+
+    def _implicit_index(self, call_id: object) -> int:
+        # Hubs that leave the index out send one call at a time: a new id starts a new call.
+        last = self._last_call
+        if last is None:
+            return 0
+        known = self._calls[last].call_id
+        if isinstance(call_id, str) and call_id and known not in ("", call_id):
+            return last + 1
+        return last
+
+    def _add_call(self, call: _Call) -> list[dict[str, Any]]:
+        data = translate.function_call_item(
+            call_id=call.call_id or new_id("call"),
+            name=call.name,
+            arguments="",
+            status="in_progress",
+        )
+        item, added = self._add(data)
+        item.call = call
+        call.item = item
+        return [added, *self._flush_arguments(item, call.pending)]
+
+    def _flush_arguments(self, item: _Item, pending: list[str]) -> list[dict[str, Any]]:
+        if not pending:
+            return []
+        text = "".join(pending)
+        pending.clear()
+        item.arguments.append(text)
+        return [
+            self._events.make(
+                "response.function_call_arguments.delta",
+                item_id=item.data["id"],
+                output_index=item.index,
+                delta=text,
+            )
+        ]
+
+
+class ResponsesStreamTranslator:
+    """Re-emits a Responses hub's events as ours: our response id and echo, our sequence numbers.
+
+    Items keep the hub's ids. The hub's own ``response.created`` / ``response.in_progress`` are
+    replaced by ours from :meth:`start`; its terminal event becomes ours with our Response object.
+    """
+
+    def __init__(
+        self,
+        req: TurnRequest,
+        *,
+        response_id: str,
+        created_at: int,
+        tool_resources: Mapping[str, str] = NO_RESOURCES,
+    ) -> None:
+        self._req = req
+        self._id = response_id
+        self._created_at = created_at
+        self._resources = dict(tool_resources)
+        self._events = _Events()
+        self._items: dict[int, dict[str, Any]] = {}
+        self._closed: set[int] = set()
+        self._ids: dict[int, str] = {}  # ids given to items the hub sent without one
+        self._started = False
+        self._final: dict[str, Any] | None = None
+
+    def _response(self, status: str, output: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return translate.response_object(
+            self._req,
+            response_id=self._id,
+            created_at=self._created_at,
+            status=status,
+            output=output,
+            tool_resources=self._resources,
+            **extra,
+        )
+
+    @property
+    def response(self) -> dict[str, Any]:
+        """The Response object as it stands; final once the terminal event passed."""
+        if self._final is not None:
+            return self._final
+        return self._response("in_progress", [self._items[i] for i in sorted(self._items)])
+
+    def start(self) -> list[dict[str, Any]]:
+        if self._started:
+            return []
+        self._started = True
+        snapshot = self._response("in_progress", [])
+        return [
+            self._events.make("response.created", response=snapshot),
+            self._events.make("response.in_progress", response=copy.copy(snapshot)),
+        ]
+
+    def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """Our events for one event of the hub's stream."""
+        if self._final is not None:
+            return []
+        events = self.start()
+        kind = event.get("type")
+        if not isinstance(kind, str) or kind in (
+            "response.created",
+            "response.in_progress",
+            "response.queued",
+        ):
+            return events
+        if kind in _TERMINAL:
+            upstream = event.get("response")
+            if not isinstance(upstream, dict) or not isinstance(upstream.get("output"), list):
+                upstream = {**(upstream if isinstance(upstream, dict) else {}), "output": []}
+            upstream = {**upstream, "output": self._with_ids(upstream["output"])}
+            if kind == "response.completed":
+                upstream.setdefault("status", "completed")
+            self._final = translate.from_responses_result(
+                self._req,
+                upstream,
+                response_id=self._id,
+                created_at=self._created_at,
+                tool_resources=self._resources,
+            )
+            events.append(self._events.make(kind, response=self._final))
+            return events
+        out = {k: v for k, v in event.items() if k not in ("type", "sequence_number")}
+        index = event.get("output_index")
+        if kind in ("response.output_item.added", "response.output_item.done") and isinstance(
+            index, int
+        ):
+            item = event.get("item")
+            if isinstance(item, dict):
+                item = self._item_with_id(index, item)
+                out["item"] = item
+                self._items[index] = item
+                if kind == "response.output_item.done":
+                    self._closed.add(index)
+        elif isinstance(index, int) and index in self._ids and "item_id" in out:
+            out["item_id"] = self._ids[index]
+        events.append(self._events.make(kind, **out))
+        return events
+
+    def _item_with_id(self, index: int, item: dict[str, Any]) -> dict[str, Any]:
+        if item.get("id"):
+            return item
+        if index not in self._ids:
+            self._ids[index] = translate.with_id(item)["id"]
+        return {"id": self._ids[index], **item}
+
+    def _with_ids(self, output: list[Any]) -> list[dict[str, Any]]:
+        return [
+            self._item_with_id(i, item) if i in self._ids else translate.with_id(item)
+            for i, item in enumerate(output)
+            if isinstance(item, dict)
+        ]
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Nothing after the hub's terminal event; a hub stream that ended without one failed."""
+        if self._final is not None:
+            return []
+        return self.fail(
+            "server_error", "The model server ended the stream before the response was complete."
+        )
+
+    def fail(self, code: str, message: str) -> list[dict[str, Any]]:
+        if self._final is not None:
+            return []
+        events = self.start()
+        output = []
+        for index in sorted(self._items):
+            item = self._items[index]
+            if index not in self._closed and "status" in item:
+                item = {**item, "status": "incomplete"}
+            output.append(item)
+        self._final = self._response("failed", output, error=translate.error_object(code, message))
+        events.append(self._events.make("error", code=code, message=message, param=None))
+        events.append(self._events.make("response.failed", response=self._final))
+        return events
+
+
+# --- replay ----------------------------------------------------------------------------------
+
+
+def replay_events(response: dict[str, Any]) -> list[dict[str, Any]]:
+    """The whole event sequence of a stored response, from ``response.created`` at sequence 0.
+
+    A queued or in-progress response gets no terminal event (it has none yet); a cancelled one
+    gets none either, since the Responses API has no event for it.
+    """
+    events = _Events()
+    status = response.get("status")
+    snapshot = {
+        **response,
+        "status": "queued" if status == "queued" else "in_progress",
+        "completed_at": None,
+        "error": None,
+        "incomplete_details": None,
+        "output": [],
+        "usage": None,
+    }
+    out = [
+        events.make("response.created", response=snapshot),
+        events.make("response.in_progress", response={**snapshot, "status": "in_progress"}),
+    ]
+    if status == "queued":
+        return out[:1]
+    failed = status == "failed"
+    for index, item in enumerate(response.get("output") or []):
+        # In a failed response an incomplete item is one the failure left open.
+        closed = not (failed and item.get("status") in ("incomplete", "in_progress"))
+        out += _replay_item(events, index, item, closed=closed)
+    if status == "completed":
+        out.append(events.make("response.completed", response=response))
+    elif status == "incomplete":
+        out.append(events.make("response.incomplete", response=response))
+    elif failed:
+        error = response.get("error") or {}
+        out.append(
+            events.make(
+                "error",
+                code=error.get("code"),
+                message=error.get("message", ""),
+                param=error.get("param"),
+            )
+        )
+        out.append(events.make("response.failed", response=response))
+    return out
+
+
+def _replay_item(
+    events: _Events, index: int, item: dict[str, Any], *, closed: bool
+) -> list[dict[str, Any]]:
+    kind = item.get("type")
+    item_id = item.get("id", "")
+    common = {"item_id": item_id, "output_index": index}
+    opened = {**item}
+    if "status" in item:
+        opened["status"] = "in_progress"
+    out: list[dict[str, Any]] = []
+    if kind == "message":
+        opened["content"] = []
+        out.append(events.make("response.output_item.added", output_index=index, item=opened))
+        parts = item.get("content") or []
+        for j, part in enumerate(parts):
+            out += _replay_part(events, common, j, part, closed=closed or j < len(parts) - 1)
+    elif kind == "reasoning":
+        opened["summary"] = []
+        if "content" in item:
+            opened["content"] = []
+        out.append(events.make("response.output_item.added", output_index=index, item=opened))
+        for j, summary in enumerate(item.get("summary") or []):
+            text = summary.get("text", "")
+            out.append(
+                events.make(
+                    "response.reasoning_summary_part.added",
+                    **common,
+                    summary_index=j,
+                    part={"type": "summary_text", "text": ""},
+                )
+            )
+            if text:
+                out.append(
+                    events.make(
+                        "response.reasoning_summary_text.delta",
+                        **common,
+                        summary_index=j,
+                        delta=text,
+                    )
+                )
+            out.append(
+                events.make(
+                    "response.reasoning_summary_text.done", **common, summary_index=j, text=text
+                )
+            )
+            out.append(
+                events.make(
+                    "response.reasoning_summary_part.done",
+                    **common,
+                    summary_index=j,
+                    part={"type": "summary_text", "text": text},
+                )
+            )
+        parts = item.get("content") or []
+        for j, part in enumerate(parts):
+            out += _replay_part(events, common, j, part, closed=closed or j < len(parts) - 1)
+    elif kind == "function_call":
+        opened["arguments"] = ""
+        out.append(events.make("response.output_item.added", output_index=index, item=opened))
+        arguments = item.get("arguments", "")
+        if arguments:
+            out.append(
+                events.make("response.function_call_arguments.delta", **common, delta=arguments)
+            )
+        if closed:
+            out.append(
+                events.make(
+                    "response.function_call_arguments.done",
+                    **common,
+                    name=item.get("name", ""),
+                    arguments=arguments,
+                )
+            )
+    else:
+        out.append(events.make("response.output_item.added", output_index=index, item=opened))
+    if closed:
+        out.append(events.make("response.output_item.done", output_index=index, item=item))
+    return out
+
+
+def _replay_part(
+    events: _Events,
+    common: dict[str, Any],
+    content_index: int,
+    part: dict[str, Any],
+    *,
+    closed: bool,
+) -> list[dict[str, Any]]:
+    kind = part.get("type")
+    where = {**common, "content_index": content_index}
+    out: list[dict[str, Any]] = []
+    if kind == "output_text":
+        text = part.get("text", "")
+        logprobs = part.get("logprobs") or []
+        out.append(events.make("response.content_part.added", **where, part=output_text("")))
+        if text:
+            out.append(
+                events.make("response.output_text.delta", **where, delta=text, logprobs=logprobs)
+            )
+        if closed:
+            out.append(
+                events.make("response.output_text.done", **where, text=text, logprobs=logprobs)
+            )
+    elif kind == "refusal":
+        text = part.get("refusal", "")
+        out.append(
+            events.make(
+                "response.content_part.added", **where, part={"type": "refusal", "refusal": ""}
+            )
+        )
+        if text:
+            out.append(events.make("response.refusal.delta", **where, delta=text))
+        if closed:
+            out.append(events.make("response.refusal.done", **where, refusal=text))
+    else:
+        text = part.get("text", "")
+        out.append(
+            events.make(
+                "response.content_part.added", **where, part={"type": str(kind), "text": ""}
+            )
+        )
+        if text:
+            out.append(events.make("response.reasoning_text.delta", **where, delta=text))
+        if closed:
+            out.append(events.make("response.reasoning_text.done", **where, text=text))
+    if closed:
+        out.append(events.make("response.content_part.done", **where, part=part))
+    return out
