@@ -31,7 +31,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support import ROUTER_READY, STATE_READY, Process  # noqa: E402
+from tests.support import POSTGRES_DSN, ROUTER_READY, STATE_READY, Process  # noqa: E402
 
 ECHO_READY = r"echo hub listening on http://[^:]+:(\d+)"
 
@@ -117,6 +117,12 @@ def main() -> None:
     parser.add_argument(
         "--chains", type=int, default=5, help="chains of 50 turns for the turn-1/turn-50 comparison"
     )
+    parser.add_argument(
+        "--backend",
+        default="sqlite",
+        choices=["sqlite", "memory", "postgres"],
+        help="state backend (postgres: RESPGW_TEST_POSTGRES_DSN, schema respgw_bench)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
@@ -129,13 +135,17 @@ def main() -> None:
         hub = Process(["echo-hub", "--port", "0"])
         procs.append(hub)
         hub_port = hub.start(ECHO_READY)
+        backend_args = {
+            "sqlite": ["--sqlite-path", str(work / "state.db")],
+            "memory": [],
+            "postgres": ["--postgres-dsn", POSTGRES_DSN, "--postgres-schema", "respgw_bench"],
+        }[args.backend]
         state = Process(
             [
                 "state",
                 "--backend",
-                "sqlite",
-                "--sqlite-path",
-                str(work / "state.db"),
+                args.backend,
+                *backend_args,
                 "--listen",
                 "127.0.0.1:0",
                 "--metrics-port",
@@ -165,7 +175,7 @@ def main() -> None:
             "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
         }
         resp_body = {"model": "echo", "input": "Say hello to the benchmark.", "store": True}
-        print(f"# router benchmark: wrk {args.seconds}s per row; hub client in the router: aiohttp")
+        print(f"# router benchmark: wrk {args.seconds}s per row; state backend {args.backend}; hub client in the router: aiohttp")
         print(f"{'path':<42} {'conns':>5} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'errors':>6}")
         results: dict[tuple[str, int], dict[str, float]] = {}
         for conns in (1, 32):
