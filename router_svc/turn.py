@@ -272,6 +272,8 @@ async def complete(svc: Services, turn: Turn) -> dict[str, Any]:
 
 
 _END = object()
+# The terminal events of a turn that is stored; response.failed is not (nothing half-stored).
+_STORED_TERMINALS = frozenset({"response.completed", "response.incomplete"})
 
 
 async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
@@ -315,9 +317,13 @@ async def _pump(
     queue: asyncio.Queue[object],
 ) -> None:
     sent: list[dict[str, Any]] = []
+    held: list[dict[str, Any]] = []
 
     def push(events: list[dict[str, Any]]) -> None:
         for event in events:
+            if event["type"] in _STORED_TERMINALS:
+                held.append(event)  # goes out only once the turn is stored
+                continue
             sent.append(event)
             queue.put_nowait(stream.sse_encode(event))
 
@@ -327,17 +333,17 @@ async def _pump(
             push(translator.feed(first))
             async for chunk in chunks:
                 push(translator.feed(chunk))
-        final = translator.finish()
-        terminal = final[-1]
-        push(final[:-1])
-        try:
-            answered = await store(svc, turn, translator.response, [*sent, terminal])
-        except errors.ApiError as exc:
-            push(_failed_after(terminal, translator.response, exc))
-            return
-        if answered is not translator.response:
-            terminal = {**terminal, "response": answered}
-        push([terminal])
+        push(translator.finish())
+        if held:
+            terminal = held[0]
+            try:
+                answered = await store(svc, turn, translator.response, [*sent, terminal])
+            except errors.ApiError as exc:
+                push(_failed_after(terminal, translator.response, exc))
+                return
+            if answered is not translator.response:
+                terminal = {**terminal, "response": answered}
+            queue.put_nowait(stream.sse_encode(terminal))
     except errors.ApiError as exc:
         push(translator.fail(exc.code or "server_error", exc.message))
     except Exception:
