@@ -100,11 +100,11 @@ def chat_request(
             out[key] = body[key]
     if body.get("max_output_tokens") is not None:
         out["max_tokens"] = body["max_output_tokens"]
-    if body.get("top_logprobs") is not None:
+    top_logprobs = body.get("top_logprobs") or 0
+    if top_logprobs or LOGPROBS_INCLUDE in req.include:
         out["logprobs"] = True
-        out["top_logprobs"] = body["top_logprobs"]
-    elif LOGPROBS_INCLUDE in req.include:
-        out["logprobs"] = True
+        if top_logprobs:
+            out["top_logprobs"] = top_logprobs
     response_format = _response_format((body.get("text") or {}).get("format"))
     if response_format is not None:
         out["response_format"] = response_format

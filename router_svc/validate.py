@@ -17,10 +17,14 @@ import copy
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+import orjson
 
 from router_svc import errors
 from router_svc.ids import new_id
+
+_T = TypeVar("_T")
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
@@ -196,6 +200,15 @@ class TurnRequest:
     metadata: dict[str, str]
     tools: list[dict[str, Any]]
     include: list[str]
+
+
+def _copy(value: _T) -> _T:
+    """A deep copy of a JSON value; orjson's round trip is several times faster than deepcopy."""
+    try:
+        copied: _T = orjson.loads(orjson.dumps(value))
+        return copied
+    except TypeError:  # not JSON-serializable by orjson (an integer above 64 bits, ...)
+        return copy.deepcopy(value)
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -657,7 +670,7 @@ def _tool(raw: object, path: str) -> dict[str, Any]:
         _string(_required(tool, "name", path), f"{path}.name")
     elif kind == "mcp":
         _string(_required(tool, "server_label", path), f"{path}.server_label")
-    return copy.deepcopy(tool)
+    return _copy(tool)
 
 
 def _tool_choice(value: object, tools: list[dict[str, Any]]) -> None:
@@ -765,7 +778,7 @@ def _item(raw: object, path: str) -> dict[str, Any]:
             code="unsupported_value",
         )
     # Item types of built-in tools: stored as given, never interpreted by the gateway.
-    stored = copy.deepcopy(item)
+    stored = _copy(item)
     stored["type"] = kind
     if stored.get("id") is None:
         stored = {"id": new_id(ID_PREFIXES[kind]), **stored}
@@ -863,7 +876,7 @@ def _input_part(raw: object, path: str, allowed: tuple[str, ...]) -> dict[str, A
                 code="missing_required_parameter",
             )
     if breakpoint_ is not None:
-        out["prompt_cache_breakpoint"] = copy.deepcopy(
+        out["prompt_cache_breakpoint"] = _copy(
             _object(breakpoint_, f"{path}.prompt_cache_breakpoint")
         )
     return out
@@ -888,7 +901,7 @@ def _assistant_content(content: object, path: str) -> list[dict[str, Any]]:
         out = output_text(_string(_required(part, "text", ppath), f"{ppath}.text"))
         for key in ("annotations", "logprobs"):
             if part.get(key) is not None:
-                out[key] = copy.deepcopy(_array(part[key], f"{ppath}.{key}"))
+                out[key] = _copy(_array(part[key], f"{ppath}.{key}"))
         parts.append(out)
     return parts
 
@@ -910,7 +923,7 @@ def _function_call(item: Mapping[str, Any], path: str) -> dict[str, Any]:
     }
     for key in ("namespace", "caller"):
         if item.get(key) is not None:
-            out[key] = copy.deepcopy(item[key])
+            out[key] = _copy(item[key])
     return out
 
 
@@ -936,7 +949,7 @@ def _function_call_output(item: Mapping[str, Any], path: str) -> dict[str, Any]:
     }
     for key in ("name", "namespace", "caller"):
         if item.get(key) is not None:
-            out[key] = copy.deepcopy(item[key])
+            out[key] = _copy(item[key])
     return out
 
 
@@ -979,7 +992,7 @@ def _custom_tool_call(item: Mapping[str, Any], path: str) -> dict[str, Any]:
     }
     for key in ("namespace", "caller"):
         if item.get(key) is not None:
-            out[key] = copy.deepcopy(item[key])
+            out[key] = _copy(item[key])
     return out
 
 
@@ -993,5 +1006,5 @@ def _custom_tool_call_output(item: Mapping[str, Any], path: str) -> dict[str, An
         "output": _call_output(_required(item, "output", path), f"{path}.output"),
     }
     if item.get("caller") is not None:
-        out["caller"] = copy.deepcopy(item["caller"])
+        out["caller"] = _copy(item["caller"])
     return out

@@ -382,6 +382,11 @@ def test_text_format_to_response_format(fmt: dict[str, Any], expected: Any) -> N
     assert body.get("response_format") == expected
 
 
+def test_top_logprobs_zero_asks_for_nothing() -> None:
+    body = translate.chat_request(req(input="x", top_logprobs=0), [], [], stream=False)
+    assert "logprobs" not in body and "top_logprobs" not in body
+
+
 def test_logprobs_requested_by_include_alone() -> None:
     body = translate.chat_request(
         req(input="x", include=["message.output_text.logprobs"]), [], [], stream=False
