@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
                 dest=name,
                 default=default,
                 type=_parse_bool,
+                nargs="?",
+                const=True,
                 metavar="BOOL",
                 help=help_text,
             )
