@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import openai
 import uvicorn
 
 from router_svc import app as router_app
@@ -63,6 +64,13 @@ class Stack:
         self.tl = ThreadLoop()
         self.port = 0
         self.state_port = 0
+        self._clients: list[openai.OpenAI] = []
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        """A synchronous SDK client for this gateway, closed when the stack stops."""
+        c = openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0)
+        self._clients.append(c)
+        return c
 
     @property
     def url(self) -> str:
@@ -104,6 +112,8 @@ class Stack:
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
 
     def stop(self) -> None:
+        for c in self._clients:
+            c.close()
         self.tl.run(self._stop())
         self.tl.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import openai
 import pytest
@@ -51,9 +52,11 @@ async def test_concurrent_chains_each_see_exactly_their_own_history(
 
 
 @pytest.fixture
-def agent_client(stack: Stack) -> openai.AsyncOpenAI:
+async def agent_client(stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
     set_tracing_disabled(True)
-    return openai.AsyncOpenAI(base_url=stack.url, api_key="unused", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=stack.url, api_key="unused", max_retries=0)
+    yield client
+    await client.close()
 
 
 @function_tool

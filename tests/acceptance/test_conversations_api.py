@@ -10,7 +10,7 @@ from tests.support import Stack
 
 
 def test_conversation_lifecycle(stack: Stack, hub: FakeHub) -> None:
-    client = openai.OpenAI(base_url=stack.url, api_key="unused", max_retries=0)
+    client = stack.client()
     conv = client.conversations.create(metadata={"a": "1"})
     assert conv.id.startswith("conv_") and conv.object == "conversation"
     assert client.conversations.retrieve(conv.id).metadata == {"a": "1"}
@@ -54,7 +54,7 @@ def test_conversation_lifecycle(stack: Stack, hub: FakeHub) -> None:
 
 
 def test_too_many_items_at_once_is_a_400(stack: Stack, hub: FakeHub) -> None:
-    client = openai.OpenAI(base_url=stack.url, api_key="unused", max_retries=0)
+    client = stack.client()
     conv = client.conversations.create()
     with pytest.raises(openai.BadRequestError) as info:
         client.conversations.items.create(

@@ -13,16 +13,24 @@ def test_local_gateway_with_echo_hub_answers_chains_and_streams(tmp_path: Path) 
     db = tmp_path / "state.db"
     local = Process(["local", "--echo-hub", "--port", "0", "--sqlite-path", str(db)])
     port = local.start(ROUTER_READY)
+    local_client: list[openai.OpenAI] = []
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
+        )
+        local_client.append(client)
         first = client.responses.create(model="echo", input="Remember 7")
         assert first.output_text == "You said: Remember 7"
-        second = client.responses.create(model="echo", input="Which?", previous_response_id=first.id)
+        second = client.responses.create(
+            model="echo", input="Which?", previous_response_id=first.id
+        )
         assert second.output_text == "You said: Which?"
         with client.responses.stream(model="echo", input="Stream this") as stream:
             deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
         assert "".join(deltas) == "You said: Stream this"
         assert client.responses.retrieve(second.id).previous_response_id == first.id
     finally:
+        for c in local_client:
+            c.close()
         assert local.stopped_gracefully(), "".join(local.lines[-20:])
     assert db.exists()

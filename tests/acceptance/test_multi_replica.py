@@ -53,6 +53,7 @@ def test_two_routers_two_state_services_survive_a_state_kill(hub: FakeHub, schem
         for _ in range(2)
     ]
     routers: list[Process] = []
+    clients: list[openai.OpenAI] = []
     try:
         state_ports = [s.start(STATE_READY) for s in states]
         target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in state_ports)
@@ -61,7 +62,7 @@ def test_two_routers_two_state_services_survive_a_state_kill(hub: FakeHub, schem
             for _ in range(2)
         ]
         urls = [f"http://127.0.0.1:{r.start(ROUTER_READY)}/v1" for r in routers]
-        clients = [openai.OpenAI(base_url=u, api_key="unused", max_retries=0) for u in urls]
+        clients += [openai.OpenAI(base_url=u, api_key="unused", max_retries=0) for u in urls]
 
         chains: dict[int, str | None] = {c: None for c in range(4)}
         conv = clients[0].conversations.create()
@@ -106,6 +107,8 @@ def test_two_routers_two_state_services_survive_a_state_kill(hub: FakeHub, schem
         ]
         assert len(items) == 12
     finally:
+        for client in clients:
+            client.close()
         for r in routers:
             r.stop()
         for s in states:

@@ -49,8 +49,15 @@ def gateway(tmp_path: Path, hub: FakeHub) -> Iterator[str]:
         assert state.stopped_gracefully(), "".join(state.lines[-20:])
 
 
-def test_chained_turn_replays_history_but_not_instructions(gateway: str, hub: FakeHub) -> None:
-    client = openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0)
+@pytest.fixture
+def client(gateway: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def test_chained_turn_replays_history_but_not_instructions(
+    client: openai.OpenAI, hub: FakeHub
+) -> None:
     first = client.responses.create(
         model="fake-model",
         instructions="Answer like a pirate.",
@@ -89,8 +96,7 @@ def test_chained_turn_replays_history_but_not_instructions(gateway: str, hub: Fa
     assert fetched.previous_response_id == first.id
 
 
-def test_unknown_previous_response_is_a_400(gateway: str, hub: FakeHub) -> None:
-    client = openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0)
+def test_unknown_previous_response_is_a_400(client: openai.OpenAI, hub: FakeHub) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model="fake-model", input="hi", previous_response_id="resp_missing")
     body = info.value.body

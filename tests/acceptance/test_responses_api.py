@@ -14,8 +14,8 @@ from tests.fakehub import FakeHub, Reply, text_of
 from tests.support import Stack
 
 
-def client_for(stack: Stack, **kwargs: object) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url, api_key="unused", max_retries=0, **kwargs)  # type: ignore[arg-type]
+def client_for(stack: Stack) -> openai.OpenAI:
+    return stack.client()
 
 
 def test_create_retrieve_and_usage(stack: Stack, hub: FakeHub) -> None:
@@ -394,9 +394,9 @@ def test_invalid_requests_never_reach_the_hub(stack: Stack, hub: FakeHub) -> Non
 def test_api_keys_scope_tenants(hub: FakeHub) -> None:
     stack = Stack(hub.url, router={"api_keys": "key-a=tenant-a,key-b=tenant-b"}).start()
     try:
-        a = openai.OpenAI(base_url=stack.url, api_key="key-a", max_retries=0)
-        b = openai.OpenAI(base_url=stack.url, api_key="key-b", max_retries=0)
-        wrong = openai.OpenAI(base_url=stack.url, api_key="nope", max_retries=0)
+        a = stack.client("key-a")
+        b = stack.client("key-b")
+        wrong = stack.client("nope")
         resp = a.responses.create(model="m", input="mine")
         assert a.responses.retrieve(resp.id).id == resp.id
         with pytest.raises(openai.NotFoundError):

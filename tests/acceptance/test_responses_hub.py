@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import openai
 import pytest
 
 from tests.fakehub import FakeHub, Reply
@@ -34,7 +33,7 @@ def texts(items: list[dict[str, object]]) -> list[str]:
 def test_responses_hub_gets_expanded_history_and_store_false(
     responses_stack: Stack, hub: FakeHub, streaming: bool
 ) -> None:
-    client = openai.OpenAI(base_url=responses_stack.url, api_key="unused", max_retries=0)
+    client = responses_stack.client()
     hub.enqueue(Reply(text="first answer"), Reply(text="second answer"))
     first = client.responses.create(model="m", input="first question", instructions="Be kind.")
     assert first.output_text == "first answer"

@@ -71,7 +71,7 @@ def tooled(hub: FakeHub, bootstrap: Bootstrap) -> Iterator[Stack]:
 
 
 def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url, api_key="unused", max_retries=0)
+    return stack.client()
 
 
 def injected(messages: list[dict[str, Any]]) -> list[str]:
