@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
@@ -158,7 +157,7 @@ class Client:
             request.expected_version = expected
         return self.stub.CreateConversationItems(request)
 
-    def list(
+    def list_items(
         self,
         conversation_id: str,
         *,
@@ -279,6 +278,7 @@ class StateProcess:
         self.settings = settings
         self.lines: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
+        self.reader: threading.Thread | None = None
 
     def start(self, timeout: float = 30) -> int:
         s = self.settings
@@ -316,7 +316,8 @@ class StateProcess:
                     port.append(int(record["port"]))
                     ready.set()
 
-        threading.Thread(target=read, daemon=True).start()
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
         if not ready.wait(timeout):
             self.stop(signal.SIGKILL)
             raise TimeoutError("state service did not start:\n" + "".join(self.lines[-30:]))
@@ -332,6 +333,10 @@ class StateProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.reader is not None:
+            self.reader.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
         return self.proc.returncode
 
 
@@ -348,8 +353,3 @@ def processes() -> Iterator[Callable[[StateSettings], StateProcess]]:
     yield maker
     for proc in made:
         proc.stop(signal.SIGKILL)
-
-
-async def gather_limited(calls: Iterable[Awaitable[Any]]) -> list[Any]:
-    """Runs calls concurrently; returns results and exceptions alike."""
-    return list(await asyncio.gather(*calls, return_exceptions=True))

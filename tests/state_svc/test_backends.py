@@ -12,7 +12,6 @@ import asyncpg
 import grpc
 import pytest
 
-from gateway.grpcerrors import error_info
 from respgw.state.v1 import resources_pb2
 from respgw.state.v1 import state_service_pb2 as pb
 from state_svc import server
@@ -213,7 +212,7 @@ async def test_sequences_follow_write_order_not_time(client: Client) -> None:
     assert [i.sequence for i in items] == list(range(1, len(items) + 1))
     created = [i.create_time.ToNanoseconds() for i in items]
     assert created == sorted(created)
-    listed = await client.list(conv, page_size=100)
+    listed = await client.list_items(conv, page_size=100)
     assert [i.id for i in listed.items] == [i.id for i in items]
 
 
@@ -449,7 +448,7 @@ async def test_pages_are_stable_under_concurrent_appends(client: Client) -> None
     token = ""
     pages = 0
     while True:
-        page = await client.list(conv, page_size=10, page_token=token)
+        page = await client.list_items(conv, page_size=10, page_token=token)
         seen.extend(page.items)
         pages += 1
         # Appends between pages extend the listing at its end, never shift it.
@@ -464,7 +463,7 @@ async def test_pages_are_stable_under_concurrent_appends(client: Client) -> None
     newest_first: list[int] = []
     token = ""
     while True:
-        page = await client.list(conv, order=pb.ORDER_DESC, page_size=7, page_token=token)
+        page = await client.list_items(conv, order=pb.ORDER_DESC, page_size=7, page_token=token)
         newest_first.extend(i.sequence for i in page.items)
         await client.append(conv, [item(f"later{len(newest_first)}")])
         token = page.next_page_token
@@ -475,27 +474,27 @@ async def test_pages_are_stable_under_concurrent_appends(client: Client) -> None
 
 async def test_page_sizes_cursor_and_end(client: Client) -> None:
     conv = await client.conversation([item(f"i{n:03d}") for n in range(130)])
-    assert len((await client.list(conv)).items) == 20
-    assert len((await client.list(conv, page_size=500)).items) == 100
+    assert len((await client.list_items(conv)).items) == 20
+    assert len((await client.list_items(conv, page_size=500)).items) == 100
     exact = await client.conversation([item(f"e{n}") for n in range(10)])
-    page = await client.list(exact, page_size=10)
+    page = await client.list_items(exact, page_size=10)
     assert len(page.items) == 10 and page.next_page_token == ""
-    after = await client.list(conv, after="i009", page_size=3)
+    after = await client.list_items(conv, after="i009", page_size=3)
     assert [i.id for i in after.items] == ["i010", "i011", "i012"]
-    after = await client.list(conv, order=pb.ORDER_DESC, after="i009", page_size=3)
+    after = await client.list_items(conv, order=pb.ORDER_DESC, after="i009", page_size=3)
     assert [i.id for i in after.items] == ["i008", "i007", "i006"]
-    last = await client.list(conv, order=pb.ORDER_DESC, after="i000")
+    last = await client.list_items(conv, order=pb.ORDER_DESC, after="i000")
     assert list(last.items) == [] and last.next_page_token == ""
-    empty = await client.list(await client.conversation())
+    empty = await client.list_items(await client.conversation())
     assert list(empty.items) == [] and empty.next_page_token == ""
-    err = await fails(client.list(conv, after="nope"))
+    err = await fails(client.list_items(conv, after="nope"))
     assert_error(err, NOT_FOUND, "ITEM_NOT_FOUND", item_id="nope")
 
 
 async def test_foreign_or_mangled_page_token_is_invalid(client: Client) -> None:
     conv = await client.conversation([item(f"i{n}") for n in range(5)])
     other = await client.conversation([item(f"o{n}") for n in range(5)])
-    token = (await client.list(conv, page_size=2)).next_page_token
+    token = (await client.list_items(conv, page_size=2)).next_page_token
     assert token
     bad_tokens = {
         "other conversation": (other, pb.ORDER_ASC, token),
@@ -505,14 +504,14 @@ async def test_foreign_or_mangled_page_token_is_invalid(client: Client) -> None:
         "truncated": (conv, pb.ORDER_ASC, token[:5]),
     }
     for name, (target, order, bad) in bad_tokens.items():
-        err = await fails(client.list(target, order=order, page_token=bad))
+        err = await fails(client.list_items(target, order=order, page_token=bad))
         assert (err.code, err.reason, err.metadata.get("field")) == (
             grpc.StatusCode.INVALID_ARGUMENT,
             "INVALID_ARGUMENT",
             "page_token",
         ), name
     # The good token still works, and the page token wins over after_item_id.
-    page = await client.list(conv, page_size=2, page_token=token, after="i4")
+    page = await client.list_items(conv, page_size=2, page_token=token, after="i4")
     assert [i.id for i in page.items] == ["i2", "i3"]
 
 
@@ -627,31 +626,32 @@ async def test_locked_store_is_unavailable_and_retry_succeeds(
 @pytest.mark.parametrize(
     "backend", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
 )
-async def test_lost_database_connections_are_unavailable_never_internal(
+async def test_lost_database_connection_is_unavailable_and_retry_succeeds(
     start: Start, connect: Callable[..., Client]
 ) -> None:
     running = await start()
     client = connect(running.port)
     await client.put(simple_turn("resp_0"))
-    for n in range(1, 4):
-        # Cut every connection of this service's pool (their last query names its schema).
-        admin = await asyncpg.connect(POSTGRES_DSN)
-        try:
-            await admin.execute(
-                """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                WHERE pid <> pg_backend_pid() AND strpos(query, $1) > 0""",
-                running.settings.postgres_schema,
-            )
-        finally:
-            await admin.close()
-        # Each call either succeeds on a fresh connection or is UNAVAILABLE (safe to retry).
-        for _attempt in range(5):
-            try:
-                await client.put(simple_turn(f"resp_{n}", previous=f"resp_{n - 1}"))
+    schema = running.settings.postgres_schema
+    admin = await asyncpg.connect(POSTGRES_DSN)
+    try:
+        lock = admin.transaction()
+        await lock.start()
+        await admin.execute(f'LOCK TABLE "{schema}".responses IN ACCESS EXCLUSIVE MODE')
+        call = asyncio.ensure_future(client.put(simple_turn("resp_1", previous="resp_0")))
+        # Wait until the service's query blocks on the lock, then cut its connection.
+        blocked = """SELECT pid FROM pg_stat_activity
+            WHERE pg_backend_pid() = any(pg_blocking_pids(pid))"""
+        for _ in range(500):
+            if await admin.fetch(blocked):
                 break
-            except grpc.aio.AioRpcError as exc:
-                assert_error(error_info(exc), grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
-        else:
-            pytest.fail("the service did not recover its database connections")
-    history = await client.history(response_id="resp_3")
-    assert list(history.response_ids) == ["resp_0", "resp_1", "resp_2", "resp_3"]
+            await asyncio.sleep(0.01)
+        await admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({blocked}) AS b")
+        assert_error(await fails(call), grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
+        await lock.rollback()
+    finally:
+        await admin.close()
+    # Nothing was written, and the retry succeeds on a fresh connection.
+    assert not (await client.put(simple_turn("resp_1", previous="resp_0"))).replayed
+    history = await client.history(response_id="resp_1")
+    assert list(history.response_ids) == ["resp_0", "resp_1"]
