@@ -132,21 +132,29 @@ class PostgresBackend:
         self._s = s
         live = "(expire_time_us IS NULL OR expire_time_us > $3)"
         # Walks the chain like the SQLite backend; see HISTORY_SQL there for why each step must
-        # reach an older row.
+        # reach an older row. The LATERAL subqueries (OFFSET 0 keeps the planner from flattening
+        # them) make each link and its items index lookups: on a young table without statistics
+        # the planner otherwise hash-joined the tenant's whole table at every step (measured:
+        # 100 ms instead of 3 ms for a 200-turn chain).
         self._history_sql = f"""
 WITH RECURSIVE chain (pk, id, prev, create_time_us) AS (
     SELECT pk, id, previous_response_id, create_time_us FROM {s}.responses
     WHERE tenant = $1 AND id = $2 AND {live}
   UNION ALL
     SELECT r.pk, r.id, r.previous_response_id, r.create_time_us
-    FROM chain c JOIN {s}.responses r ON r.tenant = $1 AND r.id = c.prev AND r.pk < c.pk
-    WHERE r.expire_time_us IS NULL OR r.expire_time_us > $3
+    FROM chain c CROSS JOIN LATERAL (
+        SELECT pk, id, previous_response_id, create_time_us FROM {s}.responses
+        WHERE tenant = $1 AND id = c.prev AND pk < c.pk AND {live}
+        LIMIT 1
+    ) r
 ),
 items AS (
     SELECT i.response_pk, i.kind, i.position, i.item_id, i.json,
         row_number() OVER (ORDER BY i.response_pk DESC, i.kind DESC, i.position DESC) AS rank,
         count(*) OVER () AS total
-    FROM chain c JOIN {s}.response_items i ON i.response_pk = c.pk
+    FROM chain c CROSS JOIN LATERAL (
+        SELECT * FROM {s}.response_items WHERE response_pk = c.pk OFFSET 0
+    ) i
 )
 SELECT pk, id, prev, create_time_us, NULL::smallint AS kind, NULL::integer AS position,
     NULL::text, NULL::bytea, NULL::bigint
@@ -240,11 +248,18 @@ ORDER BY i.seq DESC LIMIT $4
     ) -> PutTurnResult:
         s = self._s
         now = base.now_us()
-        # KEY SHARE keeps the previous response from being deleted until this turn commits.
+        # One indexed lookup per part (as in the SQLite backend); KEY SHARE keeps the previous
+        # response from being deleted until this turn commits.
         rows = await conn.fetch(
             f"""SELECT pk, id, idempotency_key, digest, conversation_version, expire_time_us
-            FROM {s}.responses WHERE tenant = $1
-                AND (id = $2 OR id = $3 OR (idempotency_key = $4 AND $4 <> ''))
+            FROM {s}.responses WHERE pk IN (
+                SELECT pk FROM {s}.responses WHERE tenant = $1 AND id = $2
+                UNION ALL
+                SELECT pk FROM {s}.responses WHERE tenant = $1 AND id = $3
+                UNION ALL
+                SELECT pk FROM {s}.responses
+                WHERE tenant = $1 AND idempotency_key = $4 AND idempotency_key <> ''
+            )
             FOR KEY SHARE""",
             tenant,
             turn.id,
@@ -380,18 +395,19 @@ ORDER BY i.seq DESC LIMIT $4
         )
 
     async def _get_response(self, conn: Conn, tenant: str, response_id: str, key: str) -> Turn:
-        column, value = ("idempotency_key", key) if key else ("id", response_id)
+        # The key's index is partial: the query must repeat its condition to use it.
+        where = "r.idempotency_key = $2 AND r.idempotency_key <> ''" if key else "r.id = $2"
         rows = await conn.fetch(
             f"""SELECT r.id, r.previous_response_id, r.conversation_id, r.idempotency_key,
                 r.response_json, r.create_time_us, r.expire_time_us, i.kind, i.position,
                 i.item_id, i.json
             FROM {self._s}.responses r
             LEFT JOIN {self._s}.response_items i ON i.response_pk = r.pk
-            WHERE r.tenant = $1 AND r.{column} = $2
+            WHERE r.tenant = $1 AND {where}
                 AND (r.expire_time_us IS NULL OR r.expire_time_us > $3)
             ORDER BY i.kind, i.position""",
             tenant,
-            value,
+            key or response_id,
             base.now_us(),
         )
         if not rows:
@@ -442,7 +458,7 @@ ORDER BY i.seq DESC LIMIT $4
         if request_id:
             row = await conn.fetchrow(
                 f"""SELECT {_CONVERSATION_COLUMNS}, pk, request_digest FROM {s}.conversations
-                WHERE tenant = $1 AND request_id = $2""",
+                WHERE tenant = $1 AND request_id = $2 AND request_id <> ''""",
                 tenant,
                 request_id,
             )

@@ -122,6 +122,18 @@ FROM items WHERE :limit = 0 OR rank <= :limit
 ORDER BY 1, 5 NULLS FIRST, 6
 """
 
+# The rows a new turn must be checked against: its id, its previous id and its idempotency key.
+# One indexed lookup each: written as an OR, SQLite scans every response of the tenant instead.
+_TURN_COLUMNS = "pk, id, idempotency_key, digest, conversation_version, expire_time_us"
+TURN_LOOKUP_SQL = f"""
+SELECT {_TURN_COLUMNS} FROM responses WHERE tenant = :tenant AND id = :id
+UNION
+SELECT {_TURN_COLUMNS} FROM responses WHERE tenant = :tenant AND id = :previous
+UNION
+SELECT {_TURN_COLUMNS} FROM responses
+WHERE tenant = :tenant AND idempotency_key = :key AND idempotency_key <> ''
+"""
+
 CONVERSATION_HISTORY_SQL = f"""
 WITH c AS MATERIALIZED (
     SELECT pk, version,
@@ -255,10 +267,13 @@ class SqliteBackend:
         now = base.now_us()
         digest = base.turn_digest(turn)
         rows = conn.execute(
-            """SELECT pk, id, idempotency_key, digest, conversation_version, expire_time_us
-            FROM responses WHERE tenant = ?
-                AND (id = ? OR id = ? OR (idempotency_key = ? AND idempotency_key <> ''))""",
-            (tenant, turn.id, turn.previous_response_id, turn.idempotency_key),
+            TURN_LOOKUP_SQL,
+            {
+                "tenant": tenant,
+                "id": turn.id,
+                "previous": turn.previous_response_id,
+                "key": turn.idempotency_key,
+            },
         ).fetchall()
         found = base.lookup_turn(turn, digest, rows, now)
         if found.replay is not None:
@@ -350,9 +365,11 @@ class SqliteBackend:
     def _get_response(
         self, conn: sqlite3.Connection, tenant: str, response_id: str, key: str
     ) -> Turn:
-        column, value = ("idempotency_key", key) if key else ("id", response_id)
+        # The key's index is partial: the query must repeat its condition to use it.
+        where = "idempotency_key = :value AND idempotency_key <> ''" if key else "id = :value"
+        value = key or response_id
         row = conn.execute(
-            f"SELECT pk FROM responses WHERE tenant = :tenant AND {column} = :value AND {LIVE}",
+            f"SELECT pk FROM responses WHERE tenant = :tenant AND {where} AND {LIVE}",
             {"tenant": tenant, "value": value, "now": base.now_us()},
         ).fetchone()
         if row is None:
@@ -404,7 +421,7 @@ class SqliteBackend:
         if request_id:
             row = conn.execute(
                 f"""SELECT {_CONVERSATION_COLUMNS}, pk, request_digest FROM conversations
-                WHERE tenant = ? AND request_id = ?""",
+                WHERE tenant = ? AND request_id = ? AND request_id <> ''""",
                 (tenant, request_id),
             ).fetchone()
             if row is not None and base.live(row[4], now):
