@@ -55,5 +55,12 @@ class BootstrapSettings:
         "Port of the Prometheus /metrics HTTP endpoint; 0 disables it.",
         env="RESPGW_BOOTSTRAP_METRICS_PORT",
     )
+    otel_endpoint: str = option(
+        "",
+        "OTLP/gRPC endpoint that receives OpenTelemetry traces (e.g. http://otel-collector:4317); "
+        "empty turns tracing off. Needs the 'tracing' extra installed; without it the service "
+        "logs an error and runs untraced.",
+        env="RESPGW_OTEL_ENDPOINT",
+    )
     log_level: str = option("info", "Log level.", env="RESPGW_LOG_LEVEL")
     log_format: str = option("json", "Log format: json or text.", env="RESPGW_LOG_FORMAT")

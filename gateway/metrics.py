@@ -1,8 +1,10 @@
 """Prometheus metrics shared by the gateway's services, and the gRPC server interceptor that
-records them and carries the request id from gRPC metadata into the logs."""
+records them, carries the request id from gRPC metadata into the logs and, when tracing is on,
+continues the caller's trace."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -10,7 +12,10 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
+from gateway import tracing
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -50,8 +55,13 @@ def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host)
 
 
+# Health checks come every few seconds from probes: spans of them would bury the real traffic.
+_UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Counts calls by method and code, times them, and sets the request id for the logs."""
+    """Counts calls by method and code, times them, sets the request id for the logs, logs each
+    call at debug level, and starts a SERVER span per call when tracing is on."""
 
     async def intercept_service(
         self,
@@ -63,26 +73,41 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        full_method = handler_call_details.method
+        method = full_method.rsplit("/", 1)[-1]
         request_id = ""
         for key, value in handler_call_details.invocation_metadata or ():
             if key == REQUEST_ID_HEADER and isinstance(value, str):
                 request_id = value
+        traced = tracing.enabled and not full_method.startswith(_UNTRACED_PREFIXES)
         inner: Any = handler.unary_unary
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             token = request_id_var.set(request_id)
+            if traced:
+                span, span_token = _start_span(full_method, handler_call_details, request_id)
             start = time.perf_counter()
             code = "OK"
+            error: BaseException | None = None
             try:
                 return await inner(request, context)
-            except BaseException:
+            except BaseException as exc:
                 got = context.code()
                 code = got.name if isinstance(got, grpc.StatusCode) else "UNKNOWN"
+                error = exc
                 raise
             finally:
-                GRPC_SERVER_LATENCY.labels(method).observe(time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                GRPC_SERVER_LATENCY.labels(method).observe(elapsed)
                 GRPC_SERVER_REQUESTS.labels(method, code).inc()
+                if traced:
+                    tracing.end_grpc(span, code, server=True, error=error)
+                    tracing.detach(span_token)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "gRPC call served",
+                        extra={"rpc": full_method, "code": code, "ms": round(elapsed * 1000, 3)},
+                    )
                 request_id_var.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -90,3 +115,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _start_span(
+    full_method: str, details: grpc.HandlerCallDetails, request_id: str
+) -> tuple[tracing.Span, tracing.Token]:
+    """The SERVER span of one call, child of the caller's span named in its metadata."""
+    carrier = {
+        key: value
+        for key, value in details.invocation_metadata or ()
+        if key in tracing.TRACE_HEADERS and isinstance(value, str)
+    }
+    attributes = {**tracing.grpc_attributes(full_method), "respgw.request_id": request_id}
+    return tracing.start_server(full_method.lstrip("/"), carrier, attributes)

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import logs
+from gateway import logs, tracing
 from gateway.metrics import LATENCY_BUCKETS
 from router_svc import auth, bootstrap, errors
 from router_svc.config import RouterSettings
@@ -126,6 +126,7 @@ class RequestContext:
                 rid = value.decode("latin-1")[:128]
         rid = rid or "req_" + secrets.token_hex(16)
         token = logs.request_id_var.set(rid)
+        traced = _start_span(scope, rid) if tracing.enabled and scope["path"] not in _UNTRACED else None
         start = time.perf_counter()
         status = 500
 
@@ -137,12 +138,36 @@ class RequestContext:
                 route = _route_name(scope)
                 HTTP_LATENCY.labels(route).observe(time.perf_counter() - start)
                 HTTP_REQUESTS.labels(route, str(status)).inc()
+                if traced is not None:
+                    tracing.http_response(traced[0], route, status)
             await send(message)
 
+        error: BaseException | None = None
         try:
             await self.app(scope, receive, send_with_id)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
+            if traced is not None:
+                tracing.end_server(*traced, error)
             logs.request_id_var.reset(token)
+
+
+# Probes and scrapes come every few seconds: spans of them would only bury the real traffic.
+_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _start_span(scope: Scope, rid: str) -> tuple[tracing.Span, tracing.Token]:
+    """The SERVER span of one request (renamed after its route once routing is done)."""
+    carrier = {
+        key.decode("latin-1"): value.decode("latin-1")
+        for key, value in scope["headers"]
+        if key.decode("latin-1") in tracing.TRACE_HEADERS
+    }
+    method = scope.get("method", "")
+    attributes = {"http.request.method": method, "url.path": scope["path"], "respgw.request_id": rid}
+    return tracing.start_server(method, carrier, attributes)
 
 
 def _route_name(scope: Scope) -> str:
@@ -192,6 +217,7 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
 
 def run(settings: RouterSettings) -> None:
     """Serves the router until SIGTERM/SIGINT (uvicorn handles both and drains connections)."""
+    tracing.setup("respgw-router", settings.otel_endpoint)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import grpc
 import orjson
 
-from gateway import grpcerrors
+from gateway import grpcerrors, tracing
 from gateway.grpcserver import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from respgw.bootstrap.v1 import bootstrap_service_pb2 as pb
@@ -217,18 +217,31 @@ class GrpcBootstrapper:
             metadata=metadata,
         )
         stub = self._client()
-        call_metadata = ((REQUEST_ID_HEADER, request_id_var.get() or request_id),)
+        call_metadata: tuple[tuple[str, str], ...] = (
+            (REQUEST_ID_HEADER, request_id_var.get() or request_id),
+        )
+        span = None
+        if tracing.enabled:
+            span, call_metadata = _traced("PrepareTools", call_metadata)
+        code = "OK"
         try:
             reply = await self._with_retries(
                 lambda timeout: stub.PrepareTools(request, timeout=timeout, metadata=call_metadata),
             )
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         except grpc.RpcError as exc:
             err = grpcerrors.error_info(exc)
+            code = err.code.name
             log.warning(
                 "bootstrap failed",
                 extra={"code": err.code.name, "reason": err.reason, "detail": err.message},
             )
             raise errors.from_bootstrap_error(err) from exc
+        finally:
+            if span is not None:
+                tracing.end_grpc(span, code, server=False)
         return _prepared(reply, [STATEFUL_TOOL_TYPES[t["type"]] for t in declared])
 
     async def release(
@@ -239,14 +252,22 @@ class GrpcBootstrapper:
         request = pb.ReleaseToolsRequest(
             tenant=tenant, conversation_id=conversation_id, response_id=response_id
         )
-        call_metadata = ((REQUEST_ID_HEADER, request_id_var.get()),)
+        call_metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id_var.get()),)
+        span = None
+        if tracing.enabled:
+            span, call_metadata = _traced("ReleaseTools", call_metadata)
+        code = "OK"
         try:
             stub = self._client()
             await self._with_retries(
                 lambda timeout: stub.ReleaseTools(request, timeout=timeout, metadata=call_metadata)
             )
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         except grpc.RpcError as exc:
             err = grpcerrors.error_info(exc)
+            code = err.code.name
             # A service that keeps nothing says so with UNIMPLEMENTED: nothing to release.
             level = logging.DEBUG if err.code == grpc.StatusCode.UNIMPLEMENTED else logging.WARNING
             log.log(
@@ -255,7 +276,11 @@ class GrpcBootstrapper:
                 extra={"code": err.code.name, "reason": err.reason, "detail": err.message},
             )
         except Exception:
+            code = "UNKNOWN"
             log.exception("releasing stateful tools failed")
+        finally:
+            if span is not None:
+                tracing.end_grpc(span, code, server=False)
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -284,6 +309,18 @@ class GrpcBootstrapper:
                 )
                 await asyncio.sleep(pause)
                 attempt += 1
+
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["BootstrapService"].full_name
+
+
+def _traced(
+    method: str, metadata: tuple[tuple[str, str], ...]
+) -> tuple[tracing.Span, tuple[tuple[str, str], ...]]:
+    """A CLIENT span for one bootstrap call, and the metadata that carries its trace."""
+    full = f"{_SERVICE}/{method}"
+    span = tracing.start_client(full, tracing.grpc_attributes(full))
+    return span, tracing.grpc_metadata(span, metadata)
 
 
 def _forwardable(headers: Mapping[str, str]) -> dict[str, str]:

@@ -73,5 +73,12 @@ class RouterSettings:
     max_body_bytes: int = option(
         32 * 1024 * 1024, "Largest request body accepted, in bytes.", env="RESPGW_MAX_BODY_BYTES"
     )
+    otel_endpoint: str = option(
+        "",
+        "OTLP/gRPC endpoint that receives OpenTelemetry traces (e.g. http://otel-collector:4317); "
+        "empty turns tracing off. Needs the 'tracing' extra installed; without it the service "
+        "logs an error and runs untraced.",
+        env="RESPGW_OTEL_ENDPOINT",
+    )
     log_level: str = option("info", "Log level.", env="RESPGW_LOG_LEVEL")
     log_format: str = option("json", "Log format: json or text.", env="RESPGW_LOG_FORMAT")

@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 from prometheus_client import Counter, Histogram
 
+from gateway import tracing
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from gateway.metrics import LATENCY_BUCKETS
 from router_svc import errors
@@ -77,63 +78,97 @@ class HubClient:
         rid = request_id_var.get()
         return {**self._headers, REQUEST_ID_HEADER: rid} if rid else self._headers
 
+    def _traced(
+        self, path: str, headers: dict[str, str], *, stream: bool
+    ) -> tuple[tracing.Span, dict[str, str]]:
+        """A CLIENT span for one hub call, and the headers that carry its trace to the hub."""
+        span = tracing.start_client(
+            f"POST {path}",
+            {"http.request.method": "POST", "url.full": self._base + path, "respgw.stream": stream},
+        )
+        return span, {**headers, **tracing.headers(span)}
+
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POSTs ``body`` and returns the JSON object the hub answered."""
+        headers = self._request_headers()
+        span = None
+        if tracing.enabled:
+            span, headers = self._traced(path, headers, stream=False)
         start = time.perf_counter()
+        error: BaseException | None = None
         try:
-            async with self._client().post(
-                self._base + path, data=orjson.dumps(body), headers=self._request_headers()
-            ) as resp:
-                raw = await resp.read()
-                if resp.status >= 400:
-                    raise _status_error(resp.status, raw)
-                try:
-                    parsed = orjson.loads(raw)
-                except orjson.JSONDecodeError as exc:
-                    raise _fail("upstream_malformed_response", "The model server answered with malformed JSON.") from exc
-                if not isinstance(parsed, dict):
-                    raise _fail("upstream_malformed_response", "The model server's answer is not a JSON object.")
-                return parsed
-        except (TimeoutError, asyncio.TimeoutError) as exc:
-            raise _fail("upstream_timeout", "The model server did not answer in time.", 504) from exc
-        except aiohttp.ClientError as exc:
-            raise _fail("upstream_unreachable", f"The model server could not be reached: {exc}") from exc
+            try:
+                async with self._client().post(
+                    self._base + path, data=orjson.dumps(body), headers=headers
+                ) as resp:
+                    raw = await resp.read()
+                    if resp.status >= 400:
+                        raise _status_error(resp.status, raw)
+                    try:
+                        parsed = orjson.loads(raw)
+                    except orjson.JSONDecodeError as exc:
+                        raise _fail("upstream_malformed_response", "The model server answered with malformed JSON.") from exc
+                    if not isinstance(parsed, dict):
+                        raise _fail("upstream_malformed_response", "The model server's answer is not a JSON object.")
+                    return parsed
+            except (TimeoutError, asyncio.TimeoutError) as exc:
+                raise _fail("upstream_timeout", "The model server did not answer in time.", 504) from exc
+            except aiohttp.ClientError as exc:
+                raise _fail("upstream_unreachable", f"The model server could not be reached: {exc}") from exc
+            finally:
+                HUB_LATENCY.labels(path, "false").observe(time.perf_counter() - start)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            HUB_LATENCY.labels(path, "false").observe(time.perf_counter() - start)
+            if span is not None:
+                tracing.end(span, error)
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """POSTs ``body`` and yields each JSON object of the hub's event stream, up to ``[DONE]``
         (or the end of the stream)."""
+        headers = self._request_headers()
+        span = None
+        if tracing.enabled:
+            span, headers = self._traced(path, headers, stream=True)
         start = time.perf_counter()
+        error: BaseException | None = None
         try:
-            async with self._client().post(
-                self._base + path, data=orjson.dumps(body), headers=self._request_headers()
-            ) as resp:
-                if resp.status >= 400:
-                    raise _status_error(resp.status, await resp.read())
-                data: list[bytes] = []
-                async for raw_line in resp.content:
-                    line = raw_line.rstrip(b"\r\n")
-                    if line.startswith(b"data:"):
-                        data.append(line[5:].lstrip())
-                        continue
-                    if line or not data:
-                        continue  # comments, "event:" lines and keep-alives
-                    payload = b"\n".join(data)
-                    data = []
-                    if payload == b"[DONE]":
-                        return
-                    yield _parse_event(payload)
-                if data and data != [b"[DONE]"]:
-                    yield _parse_event(b"\n".join(data))
-        except (TimeoutError, asyncio.TimeoutError) as exc:
-            raise _fail("upstream_timeout", "The model server did not answer in time.", 504) from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise _fail("upstream_stream_broken", f"The model server's stream broke off: {exc}") from exc
-        except aiohttp.ClientError as exc:
-            raise _fail("upstream_unreachable", f"The model server could not be reached: {exc}") from exc
+            try:
+                async with self._client().post(
+                    self._base + path, data=orjson.dumps(body), headers=headers
+                ) as resp:
+                    if resp.status >= 400:
+                        raise _status_error(resp.status, await resp.read())
+                    data: list[bytes] = []
+                    async for raw_line in resp.content:
+                        line = raw_line.rstrip(b"\r\n")
+                        if line.startswith(b"data:"):
+                            data.append(line[5:].lstrip())
+                            continue
+                        if line or not data:
+                            continue  # comments, "event:" lines and keep-alives
+                        payload = b"\n".join(data)
+                        data = []
+                        if payload == b"[DONE]":
+                            return
+                        yield _parse_event(payload)
+                    if data and data != [b"[DONE]"]:
+                        yield _parse_event(b"\n".join(data))
+            except (TimeoutError, asyncio.TimeoutError) as exc:
+                raise _fail("upstream_timeout", "The model server did not answer in time.", 504) from exc
+            except aiohttp.ClientPayloadError as exc:
+                raise _fail("upstream_stream_broken", f"The model server's stream broke off: {exc}") from exc
+            except aiohttp.ClientError as exc:
+                raise _fail("upstream_unreachable", f"The model server could not be reached: {exc}") from exc
+            finally:
+                HUB_LATENCY.labels(path, "true").observe(time.perf_counter() - start)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            HUB_LATENCY.labels(path, "true").observe(time.perf_counter() - start)
+            if span is not None:
+                tracing.end(span, error)
 
 
 def _parse_event(payload: bytes) -> dict[str, Any]:

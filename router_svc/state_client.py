@@ -19,7 +19,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
 from prometheus_client import Counter, Histogram
 
-from gateway import grpcerrors
+from gateway import grpcerrors, tracing
 from gateway.grpcserver import channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from gateway.metrics import LATENCY_BUCKETS
@@ -102,7 +102,13 @@ class StateClient:
         """Calls ``method`` with ``request``; maps a failure with :func:`errors.from_state_error`
         (or ``not_found`` for NOT_FOUND)."""
         rpc = getattr(self._stub, method)
-        metadata = ((REQUEST_ID_HEADER, request_id_var.get()),)
+        metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id_var.get()),)
+        span = None
+        if tracing.enabled:
+            full = f"{SERVICE_NAME}/{method}"
+            span = tracing.start_client(full, tracing.grpc_attributes(full))
+            metadata = tracing.grpc_metadata(span, metadata)
+        code = "OK"
         attempts = len(_BACKOFF_S) + 1 if method in RETRYABLE else 1
         start = time.perf_counter()
         try:
@@ -121,7 +127,8 @@ class StateClient:
                         await asyncio.sleep(_BACKOFF_S[attempt])
                         continue
                     info = grpcerrors.error_info(exc)
-                    STATE_CALL_ERRORS.labels(method, info.code.name).inc()
+                    code = info.code.name
+                    STATE_CALL_ERRORS.labels(method, code).inc()
                     if info.code == grpc.StatusCode.NOT_FOUND and not_found is not None:
                         raise not_found(info) from exc
                     mapped = errors.from_state_error(info, param=param)
@@ -132,5 +139,10 @@ class StateClient:
                         )
                     raise mapped from exc
             raise AssertionError("unreachable")
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         finally:
             STATE_CALL_LATENCY.labels(method).observe(time.perf_counter() - start)
+            if span is not None:
+                tracing.end_grpc(span, code, server=False)
