@@ -53,6 +53,8 @@ def text_of(message: dict[str, Any]) -> str:
 class FakeHub:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        # The headers of each request, in the order of ``requests``, names lowercased.
+        self.headers: list[dict[str, str]] = []
         self.paths: list[str] = []
         self.script: deque[Reply] = deque()
         self._lock = threading.Lock()
@@ -84,6 +86,7 @@ class FakeHub:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.headers.clear()
             self.paths.clear()
             self.script.clear()
 
@@ -107,9 +110,11 @@ class FakeHub:
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
-    def _next(self, body: dict[str, Any], path: str) -> Reply:
+    def _next(self, body: dict[str, Any], request: web.Request) -> Reply:
+        path = request.path
         with self._lock:
             self.requests.append(body)
+            self.headers.append({k.lower(): v for k, v in request.headers.items()})
             self.paths.append(path)
             if self.script:
                 return self.script.popleft()
@@ -143,7 +148,7 @@ class FakeHub:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
-        reply = self._next(body, request.path)
+        reply = self._next(body, request)
         failed = await self._fail(reply)
         if failed is not None:
             return failed
@@ -248,7 +253,7 @@ class FakeHub:
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         """A Responses-API hub (like OpenAI itself), non-streaming and streaming."""
         body = orjson.loads(await request.read())
-        reply = self._next(body, request.path)
+        reply = self._next(body, request)
         failed = await self._fail(reply)
         if failed is not None:
             return failed
