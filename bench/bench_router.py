@@ -175,7 +175,9 @@ def main() -> None:
             "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
         }
         resp_body = {"model": "echo", "input": "Say hello to the benchmark.", "store": True}
-        print(f"# router benchmark: wrk {args.seconds}s per row; state backend {args.backend}; hub client in the router: aiohttp")
+        print(
+            f"# router benchmark: wrk {args.seconds}s per row; state backend {args.backend}; hub client in the router: aiohttp"
+        )
         print(f"{'path':<42} {'conns':>5} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'errors':>6}")
         results: dict[tuple[str, int], dict[str, float]] = {}
         for conns in (1, 32):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from bootstrap_svc import service, sessions
 from bootstrap_svc.config import BootstrapSettings
-from gateway import logs, metrics
+from gateway import logs, metrics, tracing
 from gateway.grpcserver import GrpcServer
 from respgw.bootstrap.v1 import bootstrap_service_pb2, bootstrap_service_pb2_grpc
 
@@ -72,6 +72,7 @@ async def start(settings: BootstrapSettings) -> Running:
 async def run(settings: BootstrapSettings) -> None:
     """Serves until SIGTERM or SIGINT, then stops gracefully."""
     logs.setup(settings.log_level, settings.log_format)
+    tracing.setup("respgw-bootstrap", settings.otel_endpoint)
     metrics.serve_metrics(settings.metrics_port)
     running = await start(settings)
     try:

@@ -22,8 +22,8 @@ from gateway import logs, tracing
 from gateway.metrics import LATENCY_BUCKETS
 from router_svc import auth, bootstrap, errors
 from router_svc.config import RouterSettings
-from router_svc.hub import HubClient
 from router_svc.http import JSONResponse
+from router_svc.hub import HubClient
 from router_svc.routes import conversations, responses
 from router_svc.services import Services
 from router_svc.state_client import StateClient
@@ -31,7 +31,9 @@ from router_svc.state_client import StateClient
 log = logging.getLogger(__name__)
 
 HTTP_REQUESTS = Counter(
-    "respgw_router_requests_total", "HTTP requests answered, by route and status.", ["route", "status"]
+    "respgw_router_requests_total",
+    "HTTP requests answered, by route and status.",
+    ["route", "status"],
 )
 HTTP_LATENCY = Histogram(
     "respgw_router_request_latency_seconds",
@@ -40,7 +42,9 @@ HTTP_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 API_ERRORS = Counter(
-    "respgw_router_errors_total", "Error responses, by HTTP status and error code.", ["status", "code"]
+    "respgw_router_errors_total",
+    "Error responses, by HTTP status and error code.",
+    ["status", "code"],
 )
 
 
@@ -67,13 +71,21 @@ async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.ApiError)
     API_ERRORS.labels(str(exc.status), exc.code or "").inc()
     if exc.status >= 500:
-        log.warning("request failed", extra={"status": exc.status, "code": exc.code, "detail": exc.message})
+        log.warning(
+            "request failed", extra={"status": exc.status, "code": exc.code, "detail": exc.message}
+        )
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    code = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
+    code = (
+        "not_found"
+        if exc.status_code == 404
+        else "method_not_allowed"
+        if exc.status_code == 405
+        else None
+    )
     message = (
         f"Invalid URL ({request.method} {request.url.path})"
         if exc.status_code in (404, 405)
@@ -126,7 +138,9 @@ class RequestContext:
                 rid = value.decode("latin-1")[:128]
         rid = rid or "req_" + secrets.token_hex(16)
         token = logs.request_id_var.set(rid)
-        traced = _start_span(scope, rid) if tracing.enabled and scope["path"] not in _UNTRACED else None
+        traced = (
+            _start_span(scope, rid) if tracing.enabled and scope["path"] not in _UNTRACED else None
+        )
         start = time.perf_counter()
         status = 500
 
@@ -166,7 +180,11 @@ def _start_span(scope: Scope, rid: str) -> tuple[tracing.Span, tracing.Token]:
         if key.decode("latin-1") in tracing.TRACE_HEADERS
     }
     method = scope.get("method", "")
-    attributes = {"http.request.method": method, "url.path": scope["path"], "respgw.request_id": rid}
+    attributes = {
+        "http.request.method": method,
+        "url.path": scope["path"],
+        "respgw.request_id": rid,
+    }
     return tracing.start_server(method, carrier, attributes)
 
 
@@ -185,7 +203,11 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
         app.state.services = svc
         log.info(
             "router ready",
-            extra={"hub": settings.hub_url, "hub_api": settings.hub_api, "state": settings.state_address},
+            extra={
+                "hub": settings.hub_url,
+                "hub_api": settings.hub_api,
+                "state": settings.state_address,
+            },
         )
         try:
             yield

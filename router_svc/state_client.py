@@ -69,7 +69,9 @@ class StateClient:
     def __init__(
         self, target: str, *, timeout_s: float, max_message_bytes: int = 64 * 1024 * 1024
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._channel = grpc.aio.insecure_channel(
+            target, options=channel_options(max_message_bytes)
+        )
         self._stub = pb_grpc.StateServiceStub(self._channel)
         self._health_check = self._channel.unary_unary(
             "/grpc.health.v1.Health/Check",
@@ -116,9 +118,7 @@ class StateClient:
                 try:
                     return await rpc(request, timeout=self._timeout_s, metadata=metadata)
                 except grpc.aio.AioRpcError as exc:
-                    retry = (
-                        exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < attempts - 1
-                    )
+                    retry = exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < attempts - 1
                     if retry:
                         log.warning(
                             "state call unavailable, retrying",
@@ -135,7 +135,11 @@ class StateClient:
                     if mapped.status >= 500:
                         log.error(
                             "state call failed",
-                            extra={"method": method, "code": info.code.name, "detail": info.message},
+                            extra={
+                                "method": method,
+                                "code": info.code.name,
+                                "detail": info.message,
+                            },
                         )
                     raise mapped from exc
             raise AssertionError("unreachable")

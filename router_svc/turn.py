@@ -228,9 +228,9 @@ async def store(
     except errors.Conflict:
         if turn.idempotency_key:
             # A concurrent request with the same Idempotency-Key stored its turn first.
-            first = await find_idempotent(svc, turn.tenant, turn.idempotency_key)
-            if first is not None:
-                return first
+            winner = await find_idempotent(svc, turn.tenant, turn.idempotency_key)
+            if winner is not None:
+                return winner
         raise
     except errors.ApiError as exc:
         if exc.status >= 500 and not turn.idempotency_key:
