@@ -7,12 +7,12 @@ import base64
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import orjson
-from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from prometheus_client import Histogram
 
 from gateway import grpcerrors, metrics
@@ -166,13 +166,14 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
                 "conversation_history",
                 self._backend.conversation_history(tenant, request.conversation_id, limit=limit),
             )
-        return state_service_pb2.GetHistoryResponse(
-            items=[_item_pb(i) for i in history.items],
+        reply = state_service_pb2.GetHistoryResponse(
             truncated=history.omitted > 0,
             omitted_item_count=history.omitted,
             conversation_version=history.conversation_version,
             response_ids=history.response_ids,
         )
+        _add_items(reply.items, history.items)
+        return reply
 
     async def DeleteResponse(
         self, request: state_service_pb2.DeleteResponseRequest, context: Context
@@ -206,10 +207,11 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             "create_conversation",
             self._backend.create_conversation(tenant, metadata, items, request.request_id),
         )
-        return state_service_pb2.CreateConversationResponse(
-            conversation=_conversation_pb(created.conversation),
-            items=[_item_pb(i) for i in created.items],
+        reply = state_service_pb2.CreateConversationResponse(
+            conversation=_conversation_pb(created.conversation)
         )
+        _add_items(reply.items, created.items)
+        return reply
 
     async def GetConversation(
         self, request: state_service_pb2.GetConversationRequest, context: Context
@@ -283,11 +285,11 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
                 tenant, request.conversation_id, items, expected_version=expected
             ),
         )
-        return state_service_pb2.CreateConversationItemsResponse(
-            items=[_item_pb(i) for i in result.items],
-            conversation_version=result.conversation_version,
-            replayed=result.replayed,
+        reply = state_service_pb2.CreateConversationItemsResponse(
+            conversation_version=result.conversation_version, replayed=result.replayed
         )
+        _add_items(reply.items, result.items)
+        return reply
 
     async def ListConversationItems(
         self, request: state_service_pb2.ListConversationItemsRequest, context: Context
@@ -325,9 +327,9 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             token = encode_page_token(
                 request.conversation_id, request.order, page.items[-1].sequence
             )
-        return state_service_pb2.ListConversationItemsResponse(
-            items=[_item_pb(i) for i in page.items], next_page_token=token
-        )
+        reply = state_service_pb2.ListConversationItemsResponse(next_page_token=token)
+        _add_items(reply.items, page.items)
+        return reply
 
     async def GetConversationItem(
         self, request: state_service_pb2.GetConversationItemRequest, context: Context
@@ -457,42 +459,44 @@ def decode_page_token(token: str, conversation_id: str, order: int) -> int:
 # --- conversions --------------------------------------------------------------------------
 
 
-def _timestamp(us: int) -> Timestamp:
-    return Timestamp(seconds=us // base.MICROS, nanos=(us % base.MICROS) * 1000)
+def _add_items(
+    target: RepeatedCompositeFieldContainer[resources_pb2.Item], items: Iterable[base.Item]
+) -> None:
+    """Appends ``items`` to a repeated field in place (half the cost of building each Item
+    message and copying it in: this is most of GetHistory's CPU time)."""
+    add = target.add
+    for item in items:
+        msg = add(id=item.id, sequence=item.sequence, json=item.json)
+        msg.create_time.FromMicroseconds(item.create_time_us)
 
 
 def _item_pb(item: base.Item) -> resources_pb2.Item:
-    return resources_pb2.Item(
-        id=item.id,
-        sequence=item.sequence,
-        json=item.json,
-        create_time=_timestamp(item.create_time_us),
-    )
+    msg = resources_pb2.Item(id=item.id, sequence=item.sequence, json=item.json)
+    msg.create_time.FromMicroseconds(item.create_time_us)
+    return msg
 
 
 def _turn_pb(turn: base.Turn) -> resources_pb2.StoredResponse:
-    pb = resources_pb2.StoredResponse(
+    msg = resources_pb2.StoredResponse(
         id=turn.id,
         previous_response_id=turn.previous_response_id,
         conversation_id=turn.conversation_id,
-        input_items=[_item_pb(i) for i in turn.input_items],
-        output_items=[_item_pb(i) for i in turn.output_items],
         response_json=turn.response_json,
-        create_time=_timestamp(turn.create_time_us),
         idempotency_key=turn.idempotency_key,
     )
+    _add_items(msg.input_items, turn.input_items)
+    _add_items(msg.output_items, turn.output_items)
+    msg.create_time.FromMicroseconds(turn.create_time_us)
     if turn.expire_time_us is not None:
-        pb.expire_time.CopyFrom(_timestamp(turn.expire_time_us))
-    return pb
+        msg.expire_time.FromMicroseconds(turn.expire_time_us)
+    return msg
 
 
 def _conversation_pb(conversation: base.Conversation) -> resources_pb2.Conversation:
-    pb = resources_pb2.Conversation(
-        id=conversation.id,
-        metadata=dict(conversation.metadata),
-        create_time=_timestamp(conversation.create_time_us),
-        version=conversation.version,
+    msg = resources_pb2.Conversation(
+        id=conversation.id, metadata=dict(conversation.metadata), version=conversation.version
     )
+    msg.create_time.FromMicroseconds(conversation.create_time_us)
     if conversation.expire_time_us is not None:
-        pb.expire_time.CopyFrom(_timestamp(conversation.expire_time_us))
-    return pb
+        msg.expire_time.FromMicroseconds(conversation.expire_time_us)
+    return msg

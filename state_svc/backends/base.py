@@ -334,9 +334,9 @@ def lookup_turn(turn: Turn, digest: bytes, rows: Iterable[Any], now: int) -> Tur
 
 
 def history_from_rows(response_id: str, rows: Sequence[Any]) -> History:
-    """Builds a History from the rows of the chain query : per
-    response, oldest first, one chain row (pk, id, prev, create time) then its kept items
-    (pk, -, -, -, kind, position, item id, json, total item count)."""
+    """Builds a History from the rows of a chain query: per response, oldest first, one chain
+    row (pk, id, prev, create time) then its items (pk, -, -, -, kind, position, item id, json,
+    count of all items when the query kept only the newest, else NULL)."""
     if not rows:
         raise response_not_found(response_id)
     if rows[0][2]:
@@ -344,7 +344,7 @@ def history_from_rows(response_id: str, rows: Sequence[Any]) -> History:
         raise history_broken(response_id, rows[0][2])
     response_ids: list[str] = []
     items: list[Item] = []
-    total = 0
+    total: int | None = None
     create_time = 0
     for row in rows:
         if row[4] is None:
@@ -353,7 +353,8 @@ def history_from_rows(response_id: str, rows: Sequence[Any]) -> History:
         else:
             items.append(Item(id=row[6], json=row[7], sequence=row[5], create_time_us=create_time))
             total = row[8]
-    return History(items=items, omitted=total - len(items), response_ids=response_ids)
+    omitted = total - len(items) if total is not None else 0
+    return History(items=items, omitted=omitted, response_ids=response_ids)
 
 
 def conversation_history_from_rows(conversation_id: str, rows: Sequence[Any]) -> History:

@@ -136,7 +136,7 @@ class PostgresBackend:
         # them) make each link and its items index lookups: on a young table without statistics
         # the planner otherwise hash-joined the tenant's whole table at every step (measured:
         # 100 ms instead of 3 ms for a 200-turn chain).
-        self._history_sql = f"""
+        chain = f"""
 WITH RECURSIVE chain (pk, id, prev, create_time_us) AS (
     SELECT pk, id, previous_response_id, create_time_us FROM {s}.responses
     WHERE tenant = $1 AND id = $2 AND {live}
@@ -147,21 +147,31 @@ WITH RECURSIVE chain (pk, id, prev, create_time_us) AS (
         WHERE tenant = $1 AND id = c.prev AND pk < c.pk AND {live}
         LIMIT 1
     ) r
-),
+)"""
+        chain_rows = """SELECT pk, id, prev, create_time_us, NULL::smallint, NULL::integer,
+    NULL::text, NULL::bytea, NULL::bigint FROM chain"""
+        items = f"""chain c CROSS JOIN LATERAL (
+    SELECT * FROM {s}.response_items WHERE response_pk = c.pk OFFSET 0
+) i"""
+        self._history_sql = f"""{chain}
+{chain_rows}
+UNION ALL
+SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id, i.json, NULL
+FROM {items}
+ORDER BY 1, 5 NULLS FIRST, 6
+"""
+        # With a limit ($4), only the newest items, each with the count of all (see SQLite).
+        self._history_capped_sql = f"""{chain},
 items AS (
     SELECT i.response_pk, i.kind, i.position, i.item_id, i.json,
         row_number() OVER (ORDER BY i.response_pk DESC, i.kind DESC, i.position DESC) AS rank,
         count(*) OVER () AS total
-    FROM chain c CROSS JOIN LATERAL (
-        SELECT * FROM {s}.response_items WHERE response_pk = c.pk OFFSET 0
-    ) i
+    FROM {items}
 )
-SELECT pk, id, prev, create_time_us, NULL::smallint AS kind, NULL::integer AS position,
-    NULL::text, NULL::bytea, NULL::bigint
-FROM chain
+{chain_rows}
 UNION ALL
 SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, json, total
-FROM items WHERE $4::bigint = 0 OR rank <= $4::bigint
+FROM items WHERE rank <= $4
 ORDER BY 1, 5 NULLS FIRST, 6
 """
         self._conversation_history_sql = f"""
@@ -417,9 +427,12 @@ ORDER BY i.seq DESC LIMIT $4
         return _turn_from_rows(rows)
 
     async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
-        rows = await self._run(
-            _fetch, self._history_sql, tenant, response_id, base.now_us(), limit, write=False
-        )
+        args: list[object] = [tenant, response_id, base.now_us()]
+        sql = self._history_sql
+        if limit:
+            sql = self._history_capped_sql
+            args.append(limit)
+        rows = await self._run(_fetch, sql, *args, write=False)
         return base.history_from_rows(response_id, rows)
 
     async def delete_response(self, tenant: str, response_id: str) -> None:

