@@ -257,8 +257,9 @@ class SqliteBackend:
         return await self._run(self._readers, self._transaction, False, fn, *args)
 
     async def close(self) -> None:
-        self._writer.shutdown(wait=True)
-        self._readers.shutdown(wait=True)
+        # A write may still wait on another process's lock: wait for it off the event loop.
+        await asyncio.to_thread(self._writer.shutdown, True)
+        await asyncio.to_thread(self._readers.shutdown, True)
         with self._connections_lock:
             for conn in self._connections:
                 conn.close()

@@ -18,6 +18,7 @@ from state_svc import server
 from state_svc.config import StateSettings
 from tests.state_svc.conftest import (
     POSTGRES_DSN,
+    STORES,
     TENANT,
     Client,
     Start,
@@ -575,6 +576,26 @@ async def stored_rows(settings: StateSettings) -> dict[str, int] | None:
         finally:
             await conn.close()
     return None
+
+
+@pytest.mark.parametrize("backend", STORES, indirect=True)
+async def test_sweeper_runs_on_its_own(start: Start, connect: Callable[..., Client]) -> None:
+    running = await start(retention_s=0.3, sweep_interval_s=0.2)
+    client = connect(running.port)
+    await client.put(simple_turn("resp_1", key="key-1"))
+    await client.conversation([item("a")])
+    assert await stored_rows(running.settings) == {
+        "responses": 1,
+        "response_items": 2,
+        "conversations": 1,
+        "conversation_items": 1,
+    }
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if not any((await stored_rows(running.settings) or {}).values()):
+            break
+    else:
+        pytest.fail("the sweeper did not delete the expired rows")
 
 
 async def sleep_until(when: float) -> None:

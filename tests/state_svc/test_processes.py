@@ -41,28 +41,28 @@ async def test_two_processes_append_in_one_total_order(
     store: StateSettings, processes: Processes, connect: Callable[..., Client]
 ) -> None:
     # Both start at once on a fresh store: creating the schema must not race either.
-    ports = await asyncio.gather(*(asyncio.to_thread(processes(store).start) for _ in range(2)))
+    started = [processes(store) for _ in range(2)]
+    ports = await asyncio.gather(*(asyncio.to_thread(p.start) for p in started))
     conv = await connect(ports[0]).conversation([item("first")])
-    callers = [connect(ports[n % 2]) for n in range(32)]
+    callers = [connect(ports[n % 2]) for n in range(40)]
 
     async def one(n: int, client: Client) -> None:
-        if n % 4 == 3:
+        inputs, outputs = [item(f"t{n}-in-1"), item(f"t{n}-in-2")], [item(f"t{n}-out")]
+        if n >= 32:
             # Mixed in: plain appends, which take sequence numbers the same way.
-            await client.append(conv, [item(f"t{n}-in-1"), item(f"t{n}-in-2"), item(f"t{n}-out")])
+            await client.append(conv, [*inputs, *outputs])
             return
-        await client.put(
-            turn(
-                f"resp_{n}",
-                conversation=conv,
-                inputs=[item(f"t{n}-in-1"), item(f"t{n}-in-2")],
-                outputs=[item(f"t{n}-out")],
-            )
+        reply = await client.put(
+            turn(f"resp_{n}", conversation=conv, inputs=inputs, outputs=outputs)
         )
+        assert not reply.replayed
 
     await asyncio.gather(*(one(n, c) for n, c in enumerate(callers)))
     for port in ports:
         items = await connect(port).conversation_items(conv)
-        check_total_order(items, [f"t{n}" for n in range(32)], ["in-1", "in-2", "out"], first=1)
+        check_total_order(items, [f"t{n}" for n in range(40)], ["in-1", "in-2", "out"], first=1)
+    for proc in started:
+        assert proc.stop() == 0, "".join(proc.lines[-20:])
 
 
 async def test_acknowledged_writes_survive_sigkill(
