@@ -82,15 +82,14 @@ async def _sweep_forever(backend: Backend, interval_s: float) -> None:
 async def run(settings: StateSettings) -> None:
     """Serves until SIGTERM or SIGINT, then stops gracefully and closes the backend."""
     running = await start(settings)
-    metrics.serve_metrics(settings.metrics_port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info(
-        "state service ready",
-        extra={"port": running.port, "backend": settings.backend},
-    )
-    await stop.wait()
-    log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
-    await running.stop()
+    try:
+        metrics.serve_metrics(settings.metrics_port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("state service ready", extra={"port": running.port, "backend": settings.backend})
+        await stop.wait()
+        log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
+    finally:
+        await running.stop()

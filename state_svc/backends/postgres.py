@@ -174,6 +174,11 @@ SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, json, total
 FROM items WHERE rank <= $4
 ORDER BY 1, 5 NULLS FIRST, 6
 """
+        # A turn joined with its items (see _turn_from_rows).
+        self._turn_sql = f"""SELECT r.id, r.previous_response_id, r.conversation_id,
+    r.idempotency_key, r.response_json, r.create_time_us, r.expire_time_us, i.kind, i.position,
+    i.item_id, i.json
+FROM {s}.responses r LEFT JOIN {s}.response_items i ON i.response_pk = r.pk"""
         self._conversation_history_sql = f"""
 WITH c AS MATERIALIZED (
     SELECT pk, version,
@@ -386,15 +391,7 @@ ORDER BY i.seq DESC LIMIT $4
         return stored
 
     async def _load_turn(self, conn: Conn, pk: int) -> Turn:
-        rows = await conn.fetch(
-            f"""SELECT r.id, r.previous_response_id, r.conversation_id, r.idempotency_key,
-                r.response_json, r.create_time_us, r.expire_time_us, i.kind, i.position,
-                i.item_id, i.json
-            FROM {self._s}.responses r
-            LEFT JOIN {self._s}.response_items i ON i.response_pk = r.pk
-            WHERE r.pk = $1 ORDER BY i.kind, i.position""",
-            pk,
-        )
+        rows = await conn.fetch(f"{self._turn_sql} WHERE r.pk = $1 ORDER BY i.kind, i.position", pk)
         return _turn_from_rows(rows)
 
     async def get_response(
@@ -408,12 +405,7 @@ ORDER BY i.seq DESC LIMIT $4
         # The key's index is partial: the query must repeat its condition to use it.
         where = "r.idempotency_key = $2 AND r.idempotency_key <> ''" if key else "r.id = $2"
         rows = await conn.fetch(
-            f"""SELECT r.id, r.previous_response_id, r.conversation_id, r.idempotency_key,
-                r.response_json, r.create_time_us, r.expire_time_us, i.kind, i.position,
-                i.item_id, i.json
-            FROM {self._s}.responses r
-            LEFT JOIN {self._s}.response_items i ON i.response_pk = r.pk
-            WHERE r.tenant = $1 AND {where}
+            f"""{self._turn_sql} WHERE r.tenant = $1 AND {where}
                 AND (r.expire_time_us IS NULL OR r.expire_time_us > $3)
             ORDER BY i.kind, i.position""",
             tenant,
