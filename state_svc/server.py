@@ -9,7 +9,7 @@ import logging
 import signal
 from dataclasses import dataclass
 
-from gateway import metrics
+from gateway import metrics, tracing
 from gateway.grpcserver import GrpcServer
 from respgw.state.v1 import state_service_pb2_grpc
 from state_svc import backends, service
@@ -81,6 +81,7 @@ async def _sweep_forever(backend: Backend, interval_s: float) -> None:
 
 async def run(settings: StateSettings) -> None:
     """Serves until SIGTERM or SIGINT, then stops gracefully and closes the backend."""
+    tracing.setup("respgw-state", settings.otel_endpoint)
     running = await start(settings)
     try:
         metrics.serve_metrics(settings.metrics_port)

@@ -104,6 +104,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             input_items=_items(r.input_items, "response.input_items", seen),
             output_items=_items(r.output_items, "response.output_items", seen),
             idempotency_key=r.idempotency_key,
+            stream_events_json=r.stream_events_json,
         )
         expected = (
             request.expected_conversation_version
@@ -483,6 +484,7 @@ def _turn_pb(turn: base.Turn) -> resources_pb2.StoredResponse:
         conversation_id=turn.conversation_id,
         response_json=turn.response_json,
         idempotency_key=turn.idempotency_key,
+        stream_events_json=turn.stream_events_json,
     )
     _add_items(msg.input_items, turn.input_items)
     _add_items(msg.output_items, turn.output_items)

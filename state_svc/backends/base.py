@@ -46,6 +46,7 @@ class Turn:
     idempotency_key: str = ""
     create_time_us: int = 0
     expire_time_us: int | None = None
+    stream_events_json: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +220,7 @@ def turn_digest(turn: Turn) -> bytes:
         turn.conversation_id,
         turn.idempotency_key,
         turn.response_json,
+        turn.stream_events_json,
     ):
         d.add(value)
     d.add_items(turn.input_items)

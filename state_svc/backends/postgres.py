@@ -89,6 +89,8 @@ MIGRATIONS: list[list[str]] = [
             CONSTRAINT conversation_items_id UNIQUE (conversation_pk, item_id)
         )""",
     ],
+    # 2: the events of a streamed turn, for an exact replay.
+    ["ALTER TABLE {s}.responses ADD COLUMN stream_events_json bytea NOT NULL DEFAULT ''::bytea"],
 ]
 
 # A unique violation on these means another transaction stored the same id or key first: the
@@ -176,8 +178,8 @@ ORDER BY 1, 5 NULLS FIRST, 6
 """
         # A turn joined with its items (see _turn_from_rows).
         self._turn_sql = f"""SELECT r.id, r.previous_response_id, r.conversation_id,
-    r.idempotency_key, r.response_json, r.create_time_us, r.expire_time_us, i.kind, i.position,
-    i.item_id, i.json
+    r.idempotency_key, r.response_json, r.create_time_us, r.expire_time_us,
+    r.stream_events_json, i.kind, i.position, i.item_id, i.json
 FROM {s}.responses r LEFT JOIN {s}.response_items i ON i.response_pk = r.pk"""
         self._conversation_history_sql = f"""
 WITH c AS MATERIALIZED (
@@ -325,8 +327,8 @@ ORDER BY i.seq DESC LIMIT $4
             f"""WITH r AS (
                 INSERT INTO {s}.responses (tenant, id, previous_response_id, conversation_id,
                     idempotency_key, response_json, digest, conversation_version,
-                    create_time_us, expire_time_us)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING pk
+                    create_time_us, expire_time_us, stream_events_json)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $15) RETURNING pk
             )
             INSERT INTO {s}.response_items (response_pk, kind, position, item_id, json)
             SELECT r.pk, u.kind, u.position, u.item_id, u.json
@@ -346,6 +348,7 @@ ORDER BY i.seq DESC LIMIT $4
             positions,
             ids,
             jsons,
+            turn.stream_events_json,
         )
         if conversation_pk is not None:
             await self._insert_items(
@@ -811,6 +814,7 @@ def _turn_from_rows(rows: Sequence[Any]) -> Turn:
         response_json=head["response_json"],
         create_time_us=head["create_time_us"],
         expire_time_us=head["expire_time_us"],
+        stream_events_json=head["stream_events_json"],
         input_items=tuple(groups[0]),
         output_items=tuple(groups[1]),
     )

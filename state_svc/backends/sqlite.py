@@ -93,6 +93,8 @@ MIGRATIONS: list[list[str]] = [
         """CREATE UNIQUE INDEX conversation_items_id
             ON conversation_items (conversation_pk, item_id)""",
     ],
+    # 2: the events of a streamed turn, for an exact replay.
+    ["ALTER TABLE responses ADD COLUMN stream_events_json BLOB NOT NULL DEFAULT x''"],
 ]
 
 # The chain behind a response in one statement. Each step must go to an older row (smaller pk):
@@ -307,8 +309,8 @@ class SqliteBackend:
         cur = conn.execute(
             """INSERT INTO responses (tenant, id, previous_response_id, conversation_id,
                 idempotency_key, response_json, digest, conversation_version, create_time_us,
-                expire_time_us)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                expire_time_us, stream_events_json)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 tenant,
                 turn.id,
@@ -320,6 +322,7 @@ class SqliteBackend:
                 version,
                 now,
                 expire,
+                turn.stream_events_json,
             ),
         )
         response_pk = cur.lastrowid
@@ -657,7 +660,7 @@ def _first_existing(conn: sqlite3.Connection, conversation_pk: int, items: Seque
 def _load_turn(conn: sqlite3.Connection, pk: int) -> Turn:
     row = conn.execute(
         """SELECT id, previous_response_id, conversation_id, idempotency_key, response_json,
-            create_time_us, expire_time_us FROM responses WHERE pk = ?""",
+            create_time_us, expire_time_us, stream_events_json FROM responses WHERE pk = ?""",
         (pk,),
     ).fetchone()
     groups: tuple[list[Item], list[Item]] = ([], [])
@@ -675,6 +678,7 @@ def _load_turn(conn: sqlite3.Connection, pk: int) -> Turn:
         response_json=row[4],
         create_time_us=row[5],
         expire_time_us=row[6],
+        stream_events_json=row[7],
         input_items=tuple(groups[0]),
         output_items=tuple(groups[1]),
     )

@@ -51,6 +51,20 @@ async def test_put_and_get_returns_bytes_unchanged(client: Client) -> None:
     assert not got.HasField("expire_time")
 
 
+async def test_stream_events_are_kept_and_compared(client: Client) -> None:
+    events = b'[{"type": "response.created", "sequence_number": 0}]'
+    streamed = turn("resp_s")
+    streamed.stream_events_json = events
+    await client.put(streamed)
+    assert (await client.get("resp_s")).response.stream_events_json == events
+    assert (await client.put(streamed)).replayed
+    other = turn("resp_s")
+    other.stream_events_json = b"[]"
+    err = await fails(client.put(other))
+    assert err.reason == "RESPONSE_ID_CONFLICT"
+    assert (await client.get("resp_s")).response.stream_events_json == events
+
+
 async def test_replay_of_same_turn_stores_nothing(client: Client) -> None:
     first = await client.put(simple_turn("resp_1"))
     again = await client.put(simple_turn("resp_1"))
