@@ -168,6 +168,20 @@ def from_state_error(err: RemoteError, *, param: str | None = None) -> ApiError:
             param=param,
             code="history_unavailable",
         )
+    if err.reason == "ITEM_ID_CONFLICT":
+        item = err.metadata.get("item_id", "")
+        return InvalidRequest(
+            f"An item with id '{item}' is already in this conversation with other content."
+            if item
+            else "An item with one of these ids is already in this conversation.",
+            param=param or "items",
+            code="duplicate_item_id",
+        )
+    if err.reason == "REQUEST_ID_CONFLICT":
+        return InvalidRequest(
+            "This Idempotency-Key was already used for a request with other content.",
+            code="idempotency_key_reused",
+        )
     if err.reason == "VERSION_MISMATCH":
         return Conflict(
             "Another request changed this conversation while this one was running. "

@@ -62,3 +62,17 @@ def test_too_many_items_at_once_is_a_400(stack: Stack, hub: FakeHub) -> None:
             items=[{"type": "message", "role": "user", "content": "x"}] * 21,  # type: ignore[list-item]
         )
     assert info.value.param == "items"
+
+
+def test_an_item_id_already_in_the_conversation_is_a_clear_400(stack: Stack, hub: FakeHub) -> None:
+    client = stack.client()
+    conv = client.conversations.create(
+        items=[{"type": "message", "role": "user", "content": "hi", "id": "msg_fixed"}]  # type: ignore[list-item]
+    )
+    with pytest.raises(openai.BadRequestError) as info:
+        client.conversations.items.create(
+            conv.id,
+            items=[{"type": "message", "role": "user", "content": "other", "id": "msg_fixed"}],  # type: ignore[list-item]
+        )
+    assert info.value.code == "duplicate_item_id"
+    assert "msg_fixed" in info.value.message
