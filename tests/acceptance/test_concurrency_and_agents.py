@@ -122,3 +122,31 @@ async def test_agents_runner_with_a_conversation(
         "second message",
         "echo: second message",
     ]
+
+
+async def test_concurrent_turns_on_one_conversation_never_answer_from_a_stale_history(
+    stack: Stack, hub: FakeHub
+) -> None:
+    # Both turns read the empty history; the second to store is refused with 409 and the SDK's
+    # own retry runs it again on top of the first turn.
+    client = openai.AsyncOpenAI(base_url=stack.url, api_key="unused", max_retries=2)
+    conv = await client.conversations.create()
+    hub.enqueue(Reply(text="answer A", delay_s=0.3), Reply(text="answer B", delay_s=0.3))
+    a, b = await asyncio.gather(
+        client.responses.create(model="m", input="question A", conversation=conv.id),
+        client.responses.create(model="m", input="question B", conversation=conv.id),
+    )
+    items = [
+        text_of(i.model_dump()) async for i in client.conversations.items.list(conv.id, order="asc")
+    ]
+    await client.close()
+    assert len(hub.chat_requests()) == 3
+    first, second = (a, b) if items[0] == "question A" else (b, a)
+    assert items == [
+        f"question {'A' if first is a else 'B'}",
+        first.output_text,
+        f"question {'B' if first is a else 'A'}",
+        second.output_text,
+    ]
+    retried = [text_of(m) for m in hub.chat_requests()[-1]["messages"]]
+    assert retried == items[:3]
