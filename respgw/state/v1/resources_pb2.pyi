@@ -87,6 +87,7 @@ class StoredResponse(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     STREAM_EVENTS_JSON_FIELD_NUMBER: _builtins.int
+    IN_PROGRESS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The response id ("resp_..."), unique within the tenant. Required on writes."""
     previous_response_id: _builtins.str
@@ -110,6 +111,12 @@ class StoredResponse(_message.Message):
     objects, so that a replay (GET /v1/responses/{id}?stream=true) gives a client the same events
     and sequence numbers it saw live. Empty for a turn that was not streamed. Stored and returned
     unchanged; part of the content a PutTurn replay is compared on.
+    """
+    in_progress: _builtins.bool
+    """True while the response is still running (a background response that is queued or in
+    progress). A running turn can be retrieved but not built on, and its items are not in its
+    conversation until a final turn with the same id replaces it (see PutTurn). Default false:
+    the turn is final.
     """
     @_builtins.property
     def input_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
@@ -144,10 +151,11 @@ class StoredResponse(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         idempotency_key: _builtins.str = ...,
         stream_events_json: _builtins.bytes = ...,
+        in_progress: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "idempotency_key", b"idempotency_key", "input_items", b"input_items", "output_items", b"output_items", "previous_response_id", b"previous_response_id", "response_json", b"response_json", "stream_events_json", b"stream_events_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "idempotency_key", b"idempotency_key", "in_progress", b"in_progress", "input_items", b"input_items", "output_items", b"output_items", "previous_response_id", b"previous_response_id", "response_json", b"response_json", "stream_events_json", b"stream_events_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -51,7 +51,7 @@ class StateServiceStub:
     trailer) with domain "state.respgw.dev" and a stable reason: TENANT_REQUIRED, INVALID_ARGUMENT,
     RESPONSE_NOT_FOUND, PREVIOUS_RESPONSE_NOT_FOUND, CONVERSATION_NOT_FOUND, ITEM_NOT_FOUND,
     RESPONSE_ID_CONFLICT, ITEM_ID_CONFLICT, REQUEST_ID_CONFLICT, VERSION_MISMATCH, HISTORY_BROKEN,
-    BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
+    RESPONSE_IN_PROGRESS, BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
     Any RPC may also return UNAVAILABLE (reason BACKEND_UNAVAILABLE) when the storage backend cannot
     be reached; nothing was written and the call is safe to retry.
     """
@@ -70,10 +70,21 @@ class StateServiceStub:
     another stored response of the tenant stores nothing and returns that response with replayed
     set.
 
+    A running turn (in_progress set, for a background response) is stored and retrievable, but its
+    items are not appended to its conversation yet, and nothing can build on it. A later PutTurn
+    with the same id replaces a stored running turn whole (response_json, items, stream events,
+    in_progress) instead of being compared with it, keeping its create_time, expire_time and
+    idempotency_key; its previous_response_id and conversation_id must be unchanged
+    (INVALID_ARGUMENT otherwise). When the replacing turn is final, its items are appended to the
+    conversation then (and expected_conversation_version is checked then). A final turn is never
+    replaced: the replay and conflict rules above apply, so a turn that one caller finished (for
+    example as cancelled) cannot be overwritten by another.
+
     Returns INVALID_ARGUMENT for a missing id, missing response_json, an item without id or JSON,
     or both previous_response_id and conversation_id set; NOT_FOUND
     (PREVIOUS_RESPONSE_NOT_FOUND, CONVERSATION_NOT_FOUND) when what the turn builds on does not
-    exist for the tenant; ABORTED (VERSION_MISMATCH) when expected_conversation_version is set and
+    exist for the tenant; FAILED_PRECONDITION (RESPONSE_IN_PROGRESS) when previous_response_id
+    names a running turn; ABORTED (VERSION_MISMATCH) when expected_conversation_version is set and
     differs.
     """
     GetResponse: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetResponseRequest, _state_service_pb2.GetResponseResponse]
@@ -92,8 +103,9 @@ class StateServiceStub:
     items are left out and truncated is set.
 
     Returns NOT_FOUND (RESPONSE_NOT_FOUND, CONVERSATION_NOT_FOUND) when the anchor does not exist
-    for the tenant, and FAILED_PRECONDITION (HISTORY_BROKEN) when a response in the chain behind
-    the anchor was deleted or has expired, because the history can no longer be given whole.
+    for the tenant, FAILED_PRECONDITION (HISTORY_BROKEN) when a response in the chain behind the
+    anchor was deleted or has expired, because the history can no longer be given whole, and
+    FAILED_PRECONDITION (RESPONSE_IN_PROGRESS) when the anchor response is a running turn.
     """
     DeleteResponse: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.DeleteResponseRequest, _state_service_pb2.DeleteResponseResponse]
     """Deletes one stored response and its own items. It disappears from GetResponse, GetHistory
@@ -180,7 +192,7 @@ class StateServiceAsyncStub(StateServiceStub):
     trailer) with domain "state.respgw.dev" and a stable reason: TENANT_REQUIRED, INVALID_ARGUMENT,
     RESPONSE_NOT_FOUND, PREVIOUS_RESPONSE_NOT_FOUND, CONVERSATION_NOT_FOUND, ITEM_NOT_FOUND,
     RESPONSE_ID_CONFLICT, ITEM_ID_CONFLICT, REQUEST_ID_CONFLICT, VERSION_MISMATCH, HISTORY_BROKEN,
-    BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
+    RESPONSE_IN_PROGRESS, BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
     Any RPC may also return UNAVAILABLE (reason BACKEND_UNAVAILABLE) when the storage backend cannot
     be reached; nothing was written and the call is safe to retry.
     """
@@ -196,10 +208,21 @@ class StateServiceAsyncStub(StateServiceStub):
     another stored response of the tenant stores nothing and returns that response with replayed
     set.
 
+    A running turn (in_progress set, for a background response) is stored and retrievable, but its
+    items are not appended to its conversation yet, and nothing can build on it. A later PutTurn
+    with the same id replaces a stored running turn whole (response_json, items, stream events,
+    in_progress) instead of being compared with it, keeping its create_time, expire_time and
+    idempotency_key; its previous_response_id and conversation_id must be unchanged
+    (INVALID_ARGUMENT otherwise). When the replacing turn is final, its items are appended to the
+    conversation then (and expected_conversation_version is checked then). A final turn is never
+    replaced: the replay and conflict rules above apply, so a turn that one caller finished (for
+    example as cancelled) cannot be overwritten by another.
+
     Returns INVALID_ARGUMENT for a missing id, missing response_json, an item without id or JSON,
     or both previous_response_id and conversation_id set; NOT_FOUND
     (PREVIOUS_RESPONSE_NOT_FOUND, CONVERSATION_NOT_FOUND) when what the turn builds on does not
-    exist for the tenant; ABORTED (VERSION_MISMATCH) when expected_conversation_version is set and
+    exist for the tenant; FAILED_PRECONDITION (RESPONSE_IN_PROGRESS) when previous_response_id
+    names a running turn; ABORTED (VERSION_MISMATCH) when expected_conversation_version is set and
     differs.
     """
     GetResponse: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetResponseRequest, _state_service_pb2.GetResponseResponse]  # type: ignore[assignment]
@@ -218,8 +241,9 @@ class StateServiceAsyncStub(StateServiceStub):
     items are left out and truncated is set.
 
     Returns NOT_FOUND (RESPONSE_NOT_FOUND, CONVERSATION_NOT_FOUND) when the anchor does not exist
-    for the tenant, and FAILED_PRECONDITION (HISTORY_BROKEN) when a response in the chain behind
-    the anchor was deleted or has expired, because the history can no longer be given whole.
+    for the tenant, FAILED_PRECONDITION (HISTORY_BROKEN) when a response in the chain behind the
+    anchor was deleted or has expired, because the history can no longer be given whole, and
+    FAILED_PRECONDITION (RESPONSE_IN_PROGRESS) when the anchor response is a running turn.
     """
     DeleteResponse: _aio.UnaryUnaryMultiCallable[_state_service_pb2.DeleteResponseRequest, _state_service_pb2.DeleteResponseResponse]  # type: ignore[assignment]
     """Deletes one stored response and its own items. It disappears from GetResponse, GetHistory
@@ -305,7 +329,7 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
     trailer) with domain "state.respgw.dev" and a stable reason: TENANT_REQUIRED, INVALID_ARGUMENT,
     RESPONSE_NOT_FOUND, PREVIOUS_RESPONSE_NOT_FOUND, CONVERSATION_NOT_FOUND, ITEM_NOT_FOUND,
     RESPONSE_ID_CONFLICT, ITEM_ID_CONFLICT, REQUEST_ID_CONFLICT, VERSION_MISMATCH, HISTORY_BROKEN,
-    BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
+    RESPONSE_IN_PROGRESS, BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
     Any RPC may also return UNAVAILABLE (reason BACKEND_UNAVAILABLE) when the storage backend cannot
     be reached; nothing was written and the call is safe to retry.
     """
@@ -325,10 +349,21 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         another stored response of the tenant stores nothing and returns that response with replayed
         set.
 
+        A running turn (in_progress set, for a background response) is stored and retrievable, but its
+        items are not appended to its conversation yet, and nothing can build on it. A later PutTurn
+        with the same id replaces a stored running turn whole (response_json, items, stream events,
+        in_progress) instead of being compared with it, keeping its create_time, expire_time and
+        idempotency_key; its previous_response_id and conversation_id must be unchanged
+        (INVALID_ARGUMENT otherwise). When the replacing turn is final, its items are appended to the
+        conversation then (and expected_conversation_version is checked then). A final turn is never
+        replaced: the replay and conflict rules above apply, so a turn that one caller finished (for
+        example as cancelled) cannot be overwritten by another.
+
         Returns INVALID_ARGUMENT for a missing id, missing response_json, an item without id or JSON,
         or both previous_response_id and conversation_id set; NOT_FOUND
         (PREVIOUS_RESPONSE_NOT_FOUND, CONVERSATION_NOT_FOUND) when what the turn builds on does not
-        exist for the tenant; ABORTED (VERSION_MISMATCH) when expected_conversation_version is set and
+        exist for the tenant; FAILED_PRECONDITION (RESPONSE_IN_PROGRESS) when previous_response_id
+        names a running turn; ABORTED (VERSION_MISMATCH) when expected_conversation_version is set and
         differs.
         """
 
@@ -359,8 +394,9 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         items are left out and truncated is set.
 
         Returns NOT_FOUND (RESPONSE_NOT_FOUND, CONVERSATION_NOT_FOUND) when the anchor does not exist
-        for the tenant, and FAILED_PRECONDITION (HISTORY_BROKEN) when a response in the chain behind
-        the anchor was deleted or has expired, because the history can no longer be given whole.
+        for the tenant, FAILED_PRECONDITION (HISTORY_BROKEN) when a response in the chain behind the
+        anchor was deleted or has expired, because the history can no longer be given whole, and
+        FAILED_PRECONDITION (RESPONSE_IN_PROGRESS) when the anchor response is a running turn.
         """
 
     @_abc_1.abstractmethod
