@@ -161,6 +161,14 @@ _STATE_CODES: dict[grpc.StatusCode, str] = {
 def from_state_error(err: RemoteError, *, param: str | None = None) -> ApiError:
     """Maps a failed state service call to the error the client sees."""
     cls, status = _STATE_STATUS.get(err.code, (StateUnavailable, 503))
+    if err.reason == "RESPONSE_IN_PROGRESS":
+        response_id = err.metadata.get("response_id", "")
+        return InvalidRequest(
+            f"Previous response with id '{response_id}' is still in progress; wait until it "
+            "has finished before building on it.",
+            param=param or "previous_response_id",
+            code="previous_response_in_progress",
+        )
     if err.reason == "HISTORY_BROKEN":
         return InvalidRequest(
             "The history of this response cannot be loaded because an earlier response in its "

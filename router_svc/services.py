@@ -24,6 +24,9 @@ class Services:
     # Turns that outlive their HTTP request (a streamed turn whose client went away is still read
     # to the end and stored); shutdown waits for them.
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Background responses running in this process, by (tenant, response id), so that a cancel
+    # that reaches this replica stops the hub call at once.
+    running: dict[tuple[str, str], asyncio.Task[Any]] = field(default_factory=dict)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)

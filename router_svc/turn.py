@@ -201,6 +201,8 @@ async def store(
     turn: Turn,
     response: dict[str, Any],
     events: list[dict[str, Any]] | None = None,
+    *,
+    in_progress: bool = False,
 ) -> dict[str, Any]:
     """Step 5: stores the turn (when ``store`` is true) and returns the response to answer.
 
@@ -219,9 +221,12 @@ async def store(
         response_json=orjson.dumps(response),
         idempotency_key=turn.idempotency_key,
         stream_events_json=orjson.dumps(events) if events else b"",
+        in_progress=in_progress,
     )
     put = state_service_pb2.PutTurnRequest(tenant=turn.tenant, response=stored)
-    if turn.conversation_version is not None:
+    # A background turn ran on the history of its start, whatever was appended since: nobody is
+    # there to retry it, and the caller asked for exactly that.
+    if turn.conversation_version is not None and not turn.req.background:
         put.expected_conversation_version = turn.conversation_version
     try:
         reply = await svc.state.call("PutTurn", put, not_found=lambda err: _put_not_found(turn))
@@ -250,6 +255,11 @@ def _put_not_found(turn: Turn) -> errors.ApiError:
 
 async def complete(svc: Services, turn: Turn) -> dict[str, Any]:
     """Steps 4 and 5 without streaming."""
+    return await store(svc, turn, await answer(svc, turn))
+
+
+async def answer(svc: Services, turn: Turn) -> dict[str, Any]:
+    """Step 4 without streaming: the hub's answer as a Response object."""
     path, body = turn.upstream(svc.settings.hub_api, stream=False)
     upstream = await svc.hub.post(path, body)
     if svc.settings.hub_api == "responses":
@@ -268,7 +278,54 @@ async def complete(svc: Services, turn: Turn) -> dict[str, Any]:
             created_at=turn.created_at,
             tool_resources=turn.tool_resources,
         )
-    return await store(svc, turn, response)
+    return response
+
+
+def snapshot(turn: Turn, status: str, **fields: Any) -> dict[str, Any]:
+    """The Response object of a turn with no output yet (queued, in progress, failed, cancelled)."""
+    return translate.response_object(
+        turn.req,
+        response_id=turn.response_id,
+        created_at=turn.created_at,
+        status=status,
+        output=[],
+        tool_resources=turn.tool_resources,
+        **fields,
+    )
+
+
+async def start_background(svc: Services, turn: Turn) -> dict[str, Any]:
+    """Stores the turn as running (status queued), runs it in a task of its own and returns the
+    queued response at once. The final turn replaces the running one when the hub has answered;
+    a failure is stored as a failed response; a cancel stores a cancelled one."""
+    queued = snapshot(turn, "queued")
+    await store(svc, turn, queued, in_progress=True)
+    key = (turn.tenant, turn.response_id)
+    task = svc.spawn(_run_background(svc, turn))
+    svc.running[key] = task
+    task.add_done_callback(lambda _: svc.running.pop(key, None))
+    return queued
+
+
+async def _run_background(svc: Services, turn: Turn) -> None:
+    try:
+        await store(svc, turn, snapshot(turn, "in_progress"), in_progress=True)
+        try:
+            response = await answer(svc, turn)
+        except errors.ApiError as exc:
+            error = translate.error_object(exc.code or "server_error", exc.message)
+            response = snapshot(turn, "failed", error=error)
+        await store(svc, turn, response)
+    except asyncio.CancelledError:
+        # Cancelled through this replica: the canceller stores the cancelled response.
+        raise
+    except errors.Conflict:
+        log.info("background response finished after it was cancelled; its result is dropped")
+    except errors.ApiError as exc:
+        log.error(
+            "background response could not be stored",
+            extra={"response_id": turn.response_id, "code": exc.code, "detail": exc.message},
+        )
 
 
 _END = object()
@@ -304,7 +361,11 @@ async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
         tool_resources=turn.tool_resources,
     )
     queue: asyncio.Queue[object] = asyncio.Queue()
-    svc.spawn(_pump(svc, turn, translator, chunks, first, queue))
+    task = svc.spawn(_pump(svc, turn, translator, chunks, first, queue))
+    if turn.req.background:
+        key = (turn.tenant, turn.response_id)
+        svc.running[key] = task
+        task.add_done_callback(lambda _: svc.running.pop(key, None))
     return _drain(queue)
 
 
@@ -346,12 +407,25 @@ async def _pump(
             queue.put_nowait(stream.sse_encode(terminal))
     except errors.ApiError as exc:
         push(translator.fail(exc.code or "server_error", exc.message))
+        await _store_failed(svc, turn, translator.response)
     except Exception:
         log.exception("streamed turn failed")
         push(translator.fail("server_error", "The gateway failed while streaming the response."))
+        await _store_failed(svc, turn, translator.response)
     finally:
         queue.put_nowait(_END)
         await _close(chunks)
+
+
+async def _store_failed(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
+    """A background turn's failure is kept (it is retrievable as failed); any other failed turn
+    stores nothing."""
+    if not turn.req.background:
+        return
+    try:
+        await store(svc, turn, response)
+    except errors.ApiError as exc:
+        log.error("failed background response could not be stored", extra={"code": exc.code})
 
 
 async def _close(chunks: AsyncIterator[dict[str, Any]]) -> None:

@@ -11,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from respgw.state.v1 import state_service_pb2
-from router_svc import errors, stream, turn, validate
+from respgw.state.v1 import resources_pb2, state_service_pb2
+from router_svc import errors, stream, translate, turn, validate
 from router_svc.http import (
     JSONResponse,
     list_page,
@@ -33,12 +33,6 @@ async def create_response(request: Request) -> Response:
     who = tenant(request)
     body = await read_json(request)
     req = validate.parse_turn_request(body, default_model=svc.settings.default_model)
-    if req.background:
-        raise errors.InvalidRequest(
-            "Background responses are not supported by this gateway yet; send background: false.",
-            param="background",
-            code="unsupported_parameter",
-        )
     key = request.headers.get("idempotency-key", "").strip()
     if key and req.store:
         first = await turn.find_idempotent(svc, who, key)
@@ -47,6 +41,18 @@ async def create_response(request: Request) -> Response:
                 return _sse(_replay(first, -1))
             return JSONResponse(first)
     t = await turn.begin(svc, req, tenant=who, idempotency_key=key, headers=request.headers)
+    if req.background and not req.stream:
+        return JSONResponse(await turn.start_background(svc, t), headers=t.headers())
+    if req.background:
+        # Retrievable (as queued) from the start; the stream's end replaces it.
+        await turn.store(svc, t, turn.snapshot(t, "queued"), in_progress=True)
+        try:
+            events = await turn.open_stream(svc, t)
+        except errors.ApiError as exc:
+            error = translate.error_object(exc.code or "server_error", exc.message)
+            await turn.store(svc, t, turn.snapshot(t, "failed", error=error))
+            raise
+        return _sse(events, t.headers())
     if req.stream:
         return _sse(await turn.open_stream(svc, t), t.headers())
     return JSONResponse(await turn.complete(svc, t), headers=t.headers())
@@ -136,12 +142,42 @@ async def list_input_items(request: Request) -> Response:
 
 
 async def cancel_response(request: Request) -> Response:
-    await _stored(request)
-    raise errors.InvalidRequest(
-        "Only responses created with background: true can be cancelled.",
-        param="response_id",
-        code="not_cancellable",
-    )
+    svc = services(request)
+    who, response_id, reply = await _stored(request)
+    stored = reply.response
+    response: dict[str, Any] = orjson.loads(stored.response_json)
+    if not response.get("background"):
+        raise errors.InvalidRequest(
+            "Only responses created with background: true can be cancelled.",
+            param="response_id",
+            code="not_cancellable",
+        )
+    if not stored.in_progress:
+        return JSONResponse(response)  # finished already: cancelling changes nothing
+    task = svc.running.get((who, response_id))
+    if task is not None:
+        task.cancel()
+    cancelled = {**response, "status": "cancelled", "completed_at": None}
+    final = resources_pb2.StoredResponse()
+    final.CopyFrom(stored)
+    final.ClearField("create_time")
+    final.ClearField("expire_time")
+    del final.output_items[:]
+    final.response_json = orjson.dumps(cancelled)
+    final.stream_events_json = b""
+    final.in_progress = False
+    try:
+        await svc.state.call(
+            "PutTurn",
+            state_service_pb2.PutTurnRequest(tenant=who, response=final),
+            not_found=lambda err: errors.response_not_found(response_id),
+        )
+    except errors.Conflict:
+        # It finished (on another replica) before the cancel landed: that result stands.
+        _, _, reply = await _stored(request)
+        finished: dict[str, Any] = orjson.loads(reply.response.response_json)
+        return JSONResponse(finished)
+    return JSONResponse(cancelled)
 
 
 routes = [
