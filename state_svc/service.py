@@ -105,6 +105,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             output_items=_items(r.output_items, "response.output_items", seen),
             idempotency_key=r.idempotency_key,
             stream_events_json=r.stream_events_json,
+            in_progress=r.in_progress,
         )
         expected = (
             request.expected_conversation_version
@@ -485,6 +486,7 @@ def _turn_pb(turn: base.Turn) -> resources_pb2.StoredResponse:
         response_json=turn.response_json,
         idempotency_key=turn.idempotency_key,
         stream_events_json=turn.stream_events_json,
+        in_progress=turn.in_progress,
     )
     _add_items(msg.input_items, turn.input_items)
     _add_items(msg.output_items, turn.output_items)

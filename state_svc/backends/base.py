@@ -47,6 +47,7 @@ class Turn:
     create_time_us: int = 0
     expire_time_us: int | None = None
     stream_events_json: bytes = b""
+    in_progress: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +222,7 @@ def turn_digest(turn: Turn) -> bytes:
         turn.idempotency_key,
         turn.response_json,
         turn.stream_events_json,
+        int(turn.in_progress),
     ):
         d.add(value)
     d.add_items(turn.input_items)
@@ -298,6 +300,29 @@ def check_version(conversation_id: str, expected: int | None, actual: int) -> No
         )
 
 
+def replacing_turn(running: Turn, turn: Turn) -> Turn:
+    """``turn`` as it replaces the stored ``running`` turn: that turn's times and idempotency
+    key, the new content. Raises INVALID_ARGUMENT when the turn moved to another chain or
+    conversation. The backend stores the digest of ``turn`` as sent, so that a retry of the
+    same call is a replay even when it carried no key or another one."""
+    for name, stored, sent in (
+        ("previous_response_id", running.previous_response_id, turn.previous_response_id),
+        ("conversation_id", running.conversation_id, turn.conversation_id),
+    ):
+        if stored != sent:
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "INVALID_ARGUMENT",
+                f"response {turn.id} is running with {name} {stored!r}; the turn that replaces "
+                f"it must keep it, not {sent!r}",
+                {"field": f"response.{name}", "response_id": turn.id},
+            )
+    return replace(
+        stored_turn(turn, running.create_time_us, running.expire_time_us),
+        idempotency_key=running.idempotency_key,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class TurnLookup:
     """What the rows matching a new turn's id, previous id or idempotency key say."""
@@ -305,23 +330,36 @@ class TurnLookup:
     replay: tuple[int, int] | None  # (pk, conversation version) of the turn to return instead
     expired: Sequence[int]  # pks of expired rows holding the id or the key, to delete first
     previous_live: bool
+    previous_running: bool = False
+    running: int | None = None  # pk of the stored running turn with this id, to replace
+
+    def check_previous(self, turn: Turn) -> None:
+        """Raises when a new turn's previous response is missing or still running."""
+        if not turn.previous_response_id:
+            return
+        if not self.previous_live:
+            raise previous_response_not_found(turn.previous_response_id)
+        if self.previous_running:
+            raise previous_response_in_progress(turn.previous_response_id)
 
 
 def lookup_turn(turn: Turn, digest: bytes, rows: Iterable[Any], now: int) -> TurnLookup:
     """Decides a PutTurn from the rows (pk, id, idempotency key, digest, conversation version,
-    expire time) of the tenant whose id is the turn's id or previous id, or whose key is the
-    turn's key: a replay of the same id (or RESPONSE_ID_CONFLICT), a replay of the same key, or
-    a new turn."""
+    expire time, in progress) of the tenant whose id is the turn's id or previous id, or whose
+    key is the turn's key: the replacement of a running turn with the same id, a replay of the
+    same id (or RESPONSE_ID_CONFLICT), a replay of the same key, or a new turn."""
     expired: list[int] = []
     by_key: tuple[int, int] | None = None
-    previous_live = False
+    previous_live = previous_running = False
     key = turn.idempotency_key
-    for pk, rid, row_key, row_digest, version, expire in rows:
+    for pk, rid, row_key, row_digest, version, expire, running in rows:
         if not live(expire, now):
             if rid == turn.id or (key and row_key == key):
                 expired.append(pk)
             continue
         if rid == turn.id:
+            if running:
+                return TurnLookup(None, (), True, running=pk)
             if row_digest != digest:
                 raise response_id_conflict(turn.id)
             return TurnLookup((pk, version), (), True)
@@ -329,7 +367,8 @@ def lookup_turn(turn: Turn, digest: bytes, rows: Iterable[Any], now: int) -> Tur
             by_key = (pk, version)
         if rid == turn.previous_response_id:
             previous_live = True
-    return TurnLookup(by_key, expired, previous_live)
+            previous_running = bool(running)
+    return TurnLookup(by_key, expired, previous_live, previous_running)
 
 
 # --- rows of the SQL backends' history queries ----------------------------------------------
@@ -337,24 +376,28 @@ def lookup_turn(turn: Turn, digest: bytes, rows: Iterable[Any], now: int) -> Tur
 
 def history_from_rows(response_id: str, rows: Sequence[Any]) -> History:
     """Builds a History from the rows of a chain query: per response, oldest first, one chain
-    row (pk, id, prev, create time) then its items (pk, -, -, -, kind, position, item id, json,
-    count of all items when the query kept only the newest, else NULL)."""
+    row (pk, id, prev, create time, -, -, -, -, -, in progress) then its items (pk, -, -, -,
+    kind, position, item id, json, count of all items when the query kept only the newest, else
+    NULL)."""
     if not rows:
         raise response_not_found(response_id)
-    if rows[0][2]:
-        # The oldest response reached still names a previous one: that link is gone.
-        raise history_broken(response_id, rows[0][2])
     response_ids: list[str] = []
     items: list[Item] = []
     total: int | None = None
     create_time = 0
     for row in rows:
         if row[4] is None:
+            if row[9]:
+                # Only the anchor can be running: no turn is ever stored on a running one.
+                raise response_in_progress(row[1])
             response_ids.append(row[1])
             create_time = row[3]
         else:
             items.append(Item(id=row[6], json=row[7], sequence=row[5], create_time_us=create_time))
             total = row[8]
+    if rows[0][2]:
+        # The oldest response reached still names a previous one: that link is gone.
+        raise history_broken(response_id, rows[0][2])
     omitted = total - len(items) if total is not None else 0
     return History(items=items, omitted=omitted, response_ids=response_ids)
 
@@ -443,6 +486,24 @@ def request_id_conflict(request_id: str) -> ServiceError:
         "REQUEST_ID_CONFLICT",
         "request_id was already used with different content",
         {"request_id": request_id},
+    )
+
+
+def response_in_progress(response_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RESPONSE_IN_PROGRESS",
+        f"response {response_id} is still running: nothing can build on it until it is final",
+        {"response_id": response_id},
+    )
+
+
+def previous_response_in_progress(response_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RESPONSE_IN_PROGRESS",
+        f"previous response {response_id} is still running: a turn cannot build on it yet",
+        {"previous_response_id": response_id},
     )
 
 

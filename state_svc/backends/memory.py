@@ -123,6 +123,8 @@ class MemoryBackend:
         digest = base.turn_digest(turn)
         existing = self._response(tenant, turn.id, now)
         if existing is not None:
+            if existing.turn.in_progress:
+                return self._replace(existing, turn, digest, expected_conversation_version, now)
             if existing.digest != digest:
                 raise base.response_id_conflict(turn.id)
             return PutTurnResult(existing.turn, True, existing.conversation_version)
@@ -131,25 +133,46 @@ class MemoryBackend:
             first = self._response(tenant, first_id, now) if first_id else None
             if first is not None:
                 return PutTurnResult(first.turn, True, first.conversation_version)
-        if turn.previous_response_id and not self._response(tenant, turn.previous_response_id, now):
-            raise base.previous_response_not_found(turn.previous_response_id)
+        if turn.previous_response_id:
+            previous = self._response(tenant, turn.previous_response_id, now)
+            if previous is None:
+                raise base.previous_response_not_found(turn.previous_response_id)
+            if previous.turn.in_progress:
+                raise base.previous_response_in_progress(turn.previous_response_id)
         stored = base.stored_turn(turn, now, base.expire_at(now, self._retention_s))
-        version = 0
-        if turn.conversation_id:
-            conv = self._conversation(tenant, turn.conversation_id, now)
-            base.check_version(conv.id, expected_conversation_version, conv.version)
-            items = [*turn.input_items, *turn.output_items]
-            for item in items:
-                if item.id in conv.seq_by_id:
-                    raise base.item_id_conflict(conv.id, item.id)
-            conv.append(items, now)
-            self._touch(conv, now)
-            version = conv.version
+        version = self._add_to_conversation(tenant, turn, expected_conversation_version, now)
         self._pk += 1
         self._responses[(tenant, turn.id)] = _Response(self._pk, tenant, stored, digest, version)
         if turn.idempotency_key:
             self._keys[(tenant, turn.idempotency_key)] = turn.id
         return PutTurnResult(stored, False, version)
+
+    def _replace(
+        self, row: _Response, turn: Turn, digest: bytes, expected: int | None, now: int
+    ) -> PutTurnResult:
+        """Replaces a running turn in place (its pk keeps its place in the chain order)."""
+        stored = base.replacing_turn(row.turn, turn)
+        row.conversation_version = self._add_to_conversation(row.tenant, turn, expected, now)
+        row.turn = stored
+        row.digest = digest
+        return PutTurnResult(stored, False, row.conversation_version)
+
+    def _add_to_conversation(self, tenant: str, turn: Turn, expected: int | None, now: int) -> int:
+        """Checks the turn's conversation and appends a final turn's items to it; returns the
+        conversation's version after (0 without one). Raises before changing anything."""
+        if not turn.conversation_id:
+            return 0
+        conv = self._conversation(tenant, turn.conversation_id, now)
+        base.check_version(conv.id, expected, conv.version)
+        if turn.in_progress:
+            return conv.version
+        items = [*turn.input_items, *turn.output_items]
+        for item in items:
+            if item.id in conv.seq_by_id:
+                raise base.item_id_conflict(conv.id, item.id)
+        conv.append(items, now)
+        self._touch(conv, now)
+        return conv.version
 
     async def get_response(
         self, tenant: str, *, response_id: str = "", idempotency_key: str = ""
@@ -171,6 +194,8 @@ class MemoryBackend:
         row = self._response(tenant, response_id, now)
         if row is None:
             raise base.response_not_found(response_id)
+        if row.turn.in_progress:
+            raise base.response_in_progress(response_id)
         chain = [row]
         while chain[-1].turn.previous_response_id:
             prev_id = chain[-1].turn.previous_response_id

@@ -91,6 +91,8 @@ MIGRATIONS: list[list[str]] = [
     ],
     # 2: the events of a streamed turn, for an exact replay.
     ["ALTER TABLE {s}.responses ADD COLUMN stream_events_json bytea NOT NULL DEFAULT ''::bytea"],
+    # 3: running turns (background responses), replaced whole by their final turn.
+    ["ALTER TABLE {s}.responses ADD COLUMN in_progress boolean NOT NULL DEFAULT false"],
 ]
 
 # A unique violation on these means another transaction stored the same id or key first: the
@@ -139,26 +141,26 @@ class PostgresBackend:
         # the planner otherwise hash-joined the tenant's whole table at every step (measured:
         # 100 ms instead of 3 ms for a 200-turn chain).
         chain = f"""
-WITH RECURSIVE chain (pk, id, prev, create_time_us) AS (
-    SELECT pk, id, previous_response_id, create_time_us FROM {s}.responses
+WITH RECURSIVE chain (pk, id, prev, create_time_us, in_progress) AS (
+    SELECT pk, id, previous_response_id, create_time_us, in_progress FROM {s}.responses
     WHERE tenant = $1 AND id = $2 AND {live}
   UNION ALL
-    SELECT r.pk, r.id, r.previous_response_id, r.create_time_us
+    SELECT r.pk, r.id, r.previous_response_id, r.create_time_us, r.in_progress
     FROM chain c CROSS JOIN LATERAL (
-        SELECT pk, id, previous_response_id, create_time_us FROM {s}.responses
+        SELECT pk, id, previous_response_id, create_time_us, in_progress FROM {s}.responses
         WHERE tenant = $1 AND id = c.prev AND pk < c.pk AND {live}
         LIMIT 1
     ) r
 )"""
         chain_rows = """SELECT pk, id, prev, create_time_us, NULL::smallint, NULL::integer,
-    NULL::text, NULL::bytea, NULL::bigint FROM chain"""
+    NULL::text, NULL::bytea, NULL::bigint, in_progress FROM chain"""
         items = f"""chain c CROSS JOIN LATERAL (
     SELECT * FROM {s}.response_items WHERE response_pk = c.pk OFFSET 0
 ) i"""
         self._history_sql = f"""{chain}
 {chain_rows}
 UNION ALL
-SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id, i.json, NULL
+SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id, i.json, NULL, NULL
 FROM {items}
 ORDER BY 1, 5 NULLS FIRST, 6
 """
@@ -172,14 +174,14 @@ items AS (
 )
 {chain_rows}
 UNION ALL
-SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, json, total
+SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, json, total, NULL
 FROM items WHERE rank <= $4
 ORDER BY 1, 5 NULLS FIRST, 6
 """
         # A turn joined with its items (see _turn_from_rows).
         self._turn_sql = f"""SELECT r.id, r.previous_response_id, r.conversation_id,
     r.idempotency_key, r.response_json, r.create_time_us, r.expire_time_us,
-    r.stream_events_json, i.kind, i.position, i.item_id, i.json
+    r.stream_events_json, r.in_progress, i.kind, i.position, i.item_id, i.json
 FROM {s}.responses r LEFT JOIN {s}.response_items i ON i.response_pk = r.pk"""
         self._conversation_history_sql = f"""
 WITH c AS MATERIALIZED (
@@ -265,70 +267,51 @@ ORDER BY i.seq DESC LIMIT $4
     ) -> PutTurnResult:
         s = self._s
         now = base.now_us()
-        # One indexed lookup per part (as in the SQLite backend); KEY SHARE keeps the previous
-        # response from being deleted until this turn commits.
+        # One indexed lookup per part (as in the SQLite backend). The row with the turn's own id
+        # is locked as for an update: two calls replacing one running turn serialize here, and
+        # the second then reads the first's committed row (READ COMMITTED re-reads a row it
+        # waited for). KEY SHARE keeps the previous response from being deleted until this turn
+        # commits without blocking other turns chained on it.
         rows = await conn.fetch(
-            f"""SELECT pk, id, idempotency_key, digest, conversation_version, expire_time_us
-            FROM {s}.responses WHERE pk IN (
-                SELECT pk FROM {s}.responses WHERE tenant = $1 AND id = $2
-                UNION ALL
-                SELECT pk FROM {s}.responses WHERE tenant = $1 AND id = $3
-                UNION ALL
-                SELECT pk FROM {s}.responses
-                WHERE tenant = $1 AND idempotency_key = $4 AND idempotency_key <> ''
+            f"""WITH own AS (
+                SELECT {_TURN_COLUMNS} FROM {s}.responses WHERE tenant = $1 AND id = $2
+                FOR NO KEY UPDATE
+            ), other AS (
+                SELECT {_TURN_COLUMNS} FROM {s}.responses WHERE id <> $2 AND pk IN (
+                    SELECT pk FROM {s}.responses WHERE tenant = $1 AND id = $3
+                    UNION ALL
+                    SELECT pk FROM {s}.responses
+                    WHERE tenant = $1 AND idempotency_key = $4 AND idempotency_key <> ''
+                )
+                FOR KEY SHARE
             )
-            FOR KEY SHARE""",
+            SELECT * FROM own UNION ALL SELECT * FROM other""",
             tenant,
             turn.id,
             turn.previous_response_id,
             turn.idempotency_key,
         )
         found = base.lookup_turn(turn, digest, rows, now)
+        if found.running is not None:
+            return await self._replace_turn(conn, tenant, found.running, turn, digest, expected)
         if found.replay is not None:
             pk, version = found.replay
             return PutTurnResult(await self._load_turn(conn, pk), True, version)
         if found.expired:
             # Expired but not yet swept: such rows must not block the id or the key.
             await conn.execute(f"DELETE FROM {s}.responses WHERE pk = any($1)", found.expired)
-        if turn.previous_response_id and not found.previous_live:
-            raise base.previous_response_not_found(turn.previous_response_id)
+        found.check_previous(turn)
 
         expire = base.expire_at(now, self._retention_s)
-        appended = [*turn.input_items, *turn.output_items]
-        version = 0
-        conversation_pk = None
-        if turn.conversation_id:
-            # The row lock that serializes appends to this conversation, held until commit.
-            row = await conn.fetchrow(
-                f"""UPDATE {s}.conversations
-                SET version = version + $4, expire_time_us = coalesce($5, expire_time_us)
-                WHERE tenant = $1 AND id = $2
-                    AND (expire_time_us IS NULL OR expire_time_us > $3)
-                RETURNING pk, version""",
-                tenant,
-                turn.conversation_id,
-                now,
-                len(appended),
-                expire,
-            )
-            if row is None:
-                raise base.conversation_not_found(turn.conversation_id)
-            conversation_pk, version = row["pk"], row["version"]
-            base.check_version(turn.conversation_id, expected, version - len(appended))
-
-        kinds, positions, ids, jsons = [], [], [], []
-        for kind, items in enumerate((turn.input_items, turn.output_items)):
-            for position, item in enumerate(items, 1):
-                kinds.append(kind)
-                positions.append(position)
-                ids.append(item.id)
-                jsons.append(item.json)
+        conversation = await self._conversation_for(conn, tenant, turn, expected, now)
+        version = conversation[1] if conversation else 0
+        kinds, positions, ids, jsons = _response_item_columns(turn)
         await conn.execute(
             f"""WITH r AS (
                 INSERT INTO {s}.responses (tenant, id, previous_response_id, conversation_id,
                     idempotency_key, response_json, digest, conversation_version,
-                    create_time_us, expire_time_us, stream_events_json)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $15) RETURNING pk
+                    create_time_us, expire_time_us, stream_events_json, in_progress)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $15, $16) RETURNING pk
             )
             INSERT INTO {s}.response_items (response_pk, kind, position, item_id, json)
             SELECT r.pk, u.kind, u.position, u.item_id, u.json
@@ -349,12 +332,98 @@ ORDER BY i.seq DESC LIMIT $4
             ids,
             jsons,
             turn.stream_events_json,
+            turn.in_progress,
         )
-        if conversation_pk is not None:
+        if conversation is not None and not turn.in_progress:
+            appended = [*turn.input_items, *turn.output_items]
             await self._insert_items(
-                conn, conversation_pk, turn.conversation_id, appended, version, now
+                conn, conversation[0], turn.conversation_id, appended, version, now
             )
         return PutTurnResult(base.stored_turn(turn, now, expire), False, version)
+
+    async def _replace_turn(
+        self,
+        conn: Conn,
+        tenant: str,
+        pk: int,
+        turn: Turn,
+        digest: bytes,
+        expected: int | None,
+    ) -> PutTurnResult:
+        """Replaces the running turn ``pk`` (locked by the caller) in place, keeping its pk and
+        so its place in the chain order; a final turn's items join its conversation now."""
+        s = self._s
+        now = base.now_us()
+        stored = base.replacing_turn(await self._load_turn(conn, pk), turn)
+        conversation = await self._conversation_for(conn, tenant, turn, expected, now)
+        version = conversation[1] if conversation else 0
+        await conn.execute(
+            f"""UPDATE {s}.responses SET response_json = $2, digest = $3,
+                conversation_version = $4, stream_events_json = $5, in_progress = $6
+            WHERE pk = $1""",
+            pk,
+            turn.response_json,
+            digest,
+            version,
+            turn.stream_events_json,
+            turn.in_progress,
+        )
+        await conn.execute(f"DELETE FROM {s}.response_items WHERE response_pk = $1", pk)
+        kinds, positions, ids, jsons = _response_item_columns(turn)
+        await conn.execute(
+            f"""INSERT INTO {s}.response_items (response_pk, kind, position, item_id, json)
+            SELECT $1, u.kind, u.position, u.item_id, u.json
+            FROM unnest($2::smallint[], $3::integer[], $4::text[], $5::bytea[])
+                AS u (kind, position, item_id, json)""",
+            pk,
+            kinds,
+            positions,
+            ids,
+            jsons,
+        )
+        if conversation is not None and not turn.in_progress:
+            appended = [*turn.input_items, *turn.output_items]
+            await self._insert_items(
+                conn, conversation[0], turn.conversation_id, appended, version, now
+            )
+        return PutTurnResult(stored, False, version)
+
+    async def _conversation_for(
+        self, conn: Conn, tenant: str, turn: Turn, expected: int | None, now: int
+    ) -> tuple[int, int] | None:
+        """The turn's live conversation as (pk, version after the turn), checked against
+        ``expected``; None for a turn outside a conversation. For a final turn this takes the
+        row lock that serializes appends (held until commit) and sets the new version; a
+        running turn appends nothing, so it only reads."""
+        if not turn.conversation_id:
+            return None
+        if turn.in_progress:
+            row = await conn.fetchrow(
+                f"""SELECT pk, version FROM {self._s}.conversations WHERE tenant = $1 AND id = $2
+                    AND (expire_time_us IS NULL OR expire_time_us > $3)""",
+                tenant,
+                turn.conversation_id,
+                now,
+            )
+            appended = 0
+        else:
+            appended = len(turn.input_items) + len(turn.output_items)
+            row = await conn.fetchrow(
+                f"""UPDATE {self._s}.conversations
+                SET version = version + $4, expire_time_us = coalesce($5, expire_time_us)
+                WHERE tenant = $1 AND id = $2
+                    AND (expire_time_us IS NULL OR expire_time_us > $3)
+                RETURNING pk, version""",
+                tenant,
+                turn.conversation_id,
+                now,
+                appended,
+                base.expire_at(now, self._retention_s),
+            )
+        if row is None:
+            raise base.conversation_not_found(turn.conversation_id)
+        base.check_version(turn.conversation_id, expected, row["version"] - appended)
+        return row["pk"], row["version"]
 
     async def _insert_items(
         self,
@@ -764,6 +833,7 @@ ORDER BY i.seq DESC LIMIT $4
 
 
 _CONVERSATION_COLUMNS = "id, metadata, version, create_time_us, expire_time_us"
+_TURN_COLUMNS = "pk, id, idempotency_key, digest, conversation_version, expire_time_us, in_progress"
 
 
 async def _fetch(conn: Conn, sql: str, *args: Any) -> list[Any]:
@@ -792,6 +862,23 @@ def _dump_metadata(metadata: Mapping[str, str]) -> str:
     return orjson.dumps(dict(metadata), option=orjson.OPT_SORT_KEYS).decode()
 
 
+def _response_item_columns(
+    turn: Turn,
+) -> tuple[list[int], list[int], list[str], list[bytes]]:
+    """A turn's items as the columns (kind, position, id, json) for one unnest insert."""
+    kinds: list[int] = []
+    positions: list[int] = []
+    ids: list[str] = []
+    jsons: list[bytes] = []
+    for kind, items in enumerate((turn.input_items, turn.output_items)):
+        for position, item in enumerate(items, 1):
+            kinds.append(kind)
+            positions.append(position)
+            ids.append(item.id)
+            jsons.append(item.json)
+    return kinds, positions, ids, jsons
+
+
 def _turn_from_rows(rows: Sequence[Any]) -> Turn:
     """A turn from its row joined with its items (kind, position, item id, json)."""
     head = rows[0]
@@ -815,6 +902,7 @@ def _turn_from_rows(rows: Sequence[Any]) -> Turn:
         create_time_us=head["create_time_us"],
         expire_time_us=head["expire_time_us"],
         stream_events_json=head["stream_events_json"],
+        in_progress=head["in_progress"],
         input_items=tuple(groups[0]),
         output_items=tuple(groups[1]),
     )

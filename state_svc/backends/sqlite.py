@@ -95,6 +95,8 @@ MIGRATIONS: list[list[str]] = [
     ],
     # 2: the events of a streamed turn, for an exact replay.
     ["ALTER TABLE responses ADD COLUMN stream_events_json BLOB NOT NULL DEFAULT x''"],
+    # 3: running turns (background responses), replaced whole by their final turn.
+    ["ALTER TABLE responses ADD COLUMN in_progress INTEGER NOT NULL DEFAULT 0"],
 ]
 
 # The chain behind a response in one statement. Each step must go to an older row (smaller pk):
@@ -102,19 +104,20 @@ MIGRATIONS: list[list[str]] = [
 # original was deleted and its id reused; the walk stops there and the history reads as broken.
 # This also makes the walk finite whatever ids callers reuse.
 _CHAIN_SQL = f"""
-WITH RECURSIVE chain (pk, id, prev, create_time_us) AS (
-    SELECT pk, id, previous_response_id, create_time_us FROM responses
+WITH RECURSIVE chain (pk, id, prev, create_time_us, in_progress) AS (
+    SELECT pk, id, previous_response_id, create_time_us, in_progress FROM responses
     WHERE tenant = :tenant AND id = :id AND {LIVE}
   UNION ALL
-    SELECT r.pk, r.id, r.previous_response_id, r.create_time_us
+    SELECT r.pk, r.id, r.previous_response_id, r.create_time_us, r.in_progress
     FROM chain c JOIN responses r ON r.tenant = :tenant AND r.id = c.prev AND r.pk < c.pk
     WHERE r.expire_time_us IS NULL OR r.expire_time_us > :now
 )"""
-_CHAIN_ROWS = "SELECT pk, id, prev, create_time_us, NULL, NULL, NULL, NULL, NULL FROM chain"
+_CHAIN_ROWS = """SELECT pk, id, prev, create_time_us, NULL, NULL, NULL, NULL, NULL, in_progress
+FROM chain"""
 HISTORY_SQL = f"""{_CHAIN_SQL}
 {_CHAIN_ROWS}
 UNION ALL
-SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id, i.json, NULL
+SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id, i.json, NULL, NULL
 FROM chain c JOIN response_items i ON i.response_pk = c.pk
 ORDER BY 1, 5 NULLS FIRST, 6
 """
@@ -129,14 +132,14 @@ items AS (
 )
 {_CHAIN_ROWS}
 UNION ALL
-SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, json, total
+SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, json, total, NULL
 FROM items WHERE rank <= :limit
 ORDER BY 1, 5 NULLS FIRST, 6
 """
 
 # The rows a new turn must be checked against: its id, its previous id and its idempotency key.
 # One indexed lookup each: written as an OR, SQLite scans every response of the tenant instead.
-_TURN_COLUMNS = "pk, id, idempotency_key, digest, conversation_version, expire_time_us"
+_TURN_COLUMNS = "pk, id, idempotency_key, digest, conversation_version, expire_time_us, in_progress"
 TURN_LOOKUP_SQL = f"""
 SELECT {_TURN_COLUMNS} FROM responses WHERE tenant = :tenant AND id = :id
 UNION
@@ -289,28 +292,23 @@ class SqliteBackend:
             },
         ).fetchall()
         found = base.lookup_turn(turn, digest, rows, now)
+        if found.running is not None:
+            return self._replace_turn(conn, tenant, found.running, turn, digest, expected, now)
         if found.replay is not None:
             pk, version = found.replay
             return PutTurnResult(_load_turn(conn, pk), True, version)
         # Expired but not yet swept: such rows must not block the id or the key.
         conn.executemany("DELETE FROM responses WHERE pk = ?", [(pk,) for pk in found.expired])
-        if turn.previous_response_id and not found.previous_live:
-            raise base.previous_response_not_found(turn.previous_response_id)
+        found.check_previous(turn)
 
-        conversation_pk: int | None = None
-        version = 0
-        appended = [*turn.input_items, *turn.output_items]
-        if turn.conversation_id:
-            conversation_pk, version = _conversation_key(conn, tenant, turn.conversation_id, now)
-            base.check_version(turn.conversation_id, expected, version)
-            version += len(appended)
-
+        conversation = _turn_conversation(conn, tenant, turn, expected, now)
+        version = conversation[1] if conversation else 0
         expire = base.expire_at(now, self._retention_s)
         cur = conn.execute(
             """INSERT INTO responses (tenant, id, previous_response_id, conversation_id,
                 idempotency_key, response_json, digest, conversation_version, create_time_us,
-                expire_time_us, stream_events_json)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                expire_time_us, stream_events_json, in_progress)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 tenant,
                 turn.id,
@@ -323,21 +321,44 @@ class SqliteBackend:
                 now,
                 expire,
                 turn.stream_events_json,
+                turn.in_progress,
             ),
         )
-        response_pk = cur.lastrowid
-        conn.executemany(
-            """INSERT INTO response_items (response_pk, kind, position, item_id, json)
-            VALUES (?, ?, ?, ?, ?)""",
-            [
-                (response_pk, kind, position, item.id, item.json)
-                for kind, items in enumerate((turn.input_items, turn.output_items))
-                for position, item in enumerate(items, 1)
-            ],
-        )
-        if conversation_pk is not None:
-            self._append(conn, conversation_pk, turn.conversation_id, appended, version, now)
+        assert cur.lastrowid is not None
+        _insert_response_items(conn, cur.lastrowid, turn)
+        if conversation is not None and not turn.in_progress:
+            appended = [*turn.input_items, *turn.output_items]
+            self._append(conn, conversation[0], turn.conversation_id, appended, version, now)
         return PutTurnResult(base.stored_turn(turn, now, expire), False, version)
+
+    def _replace_turn(
+        self,
+        conn: sqlite3.Connection,
+        tenant: str,
+        pk: int,
+        turn: Turn,
+        digest: bytes,
+        expected: int | None,
+        now: int,
+    ) -> PutTurnResult:
+        """Replaces the running turn ``pk`` in place, keeping its pk and so its place in the
+        chain order (the one writer's transaction makes this atomic); a final turn's items
+        join its conversation now."""
+        stored = base.replacing_turn(_load_turn(conn, pk), turn)
+        conversation = _turn_conversation(conn, tenant, turn, expected, now)
+        version = conversation[1] if conversation else 0
+        conn.execute(
+            """UPDATE responses SET response_json = ?, digest = ?, conversation_version = ?,
+                stream_events_json = ?, in_progress = ?
+            WHERE pk = ?""",
+            (turn.response_json, digest, version, turn.stream_events_json, turn.in_progress, pk),
+        )
+        conn.execute("DELETE FROM response_items WHERE response_pk = ?", (pk,))
+        _insert_response_items(conn, pk, turn)
+        if conversation is not None and not turn.in_progress:
+            appended = [*turn.input_items, *turn.output_items]
+            self._append(conn, conversation[0], turn.conversation_id, appended, version, now)
+        return PutTurnResult(stored, False, version)
 
     def _append(
         self,
@@ -647,6 +668,20 @@ def _conversation_key(
     return row[0], row[1]
 
 
+def _turn_conversation(
+    conn: sqlite3.Connection, tenant: str, turn: Turn, expected: int | None, now: int
+) -> tuple[int, int] | None:
+    """The turn's live conversation as (pk, version after the turn), checked against
+    ``expected``; None for a turn outside a conversation. A running turn appends nothing."""
+    if not turn.conversation_id:
+        return None
+    pk, version = _conversation_key(conn, tenant, turn.conversation_id, now)
+    base.check_version(turn.conversation_id, expected, version)
+    if not turn.in_progress:
+        version += len(turn.input_items) + len(turn.output_items)
+    return pk, version
+
+
 def _first_existing(conn: sqlite3.Connection, conversation_pk: int, items: Sequence[Item]) -> str:
     for item in items:
         if conn.execute(
@@ -657,10 +692,23 @@ def _first_existing(conn: sqlite3.Connection, conversation_pk: int, items: Seque
     return items[0].id
 
 
+def _insert_response_items(conn: sqlite3.Connection, response_pk: int, turn: Turn) -> None:
+    conn.executemany(
+        """INSERT INTO response_items (response_pk, kind, position, item_id, json)
+        VALUES (?, ?, ?, ?, ?)""",
+        [
+            (response_pk, kind, position, item.id, item.json)
+            for kind, items in enumerate((turn.input_items, turn.output_items))
+            for position, item in enumerate(items, 1)
+        ],
+    )
+
+
 def _load_turn(conn: sqlite3.Connection, pk: int) -> Turn:
     row = conn.execute(
         """SELECT id, previous_response_id, conversation_id, idempotency_key, response_json,
-            create_time_us, expire_time_us, stream_events_json FROM responses WHERE pk = ?""",
+            create_time_us, expire_time_us, stream_events_json, in_progress
+        FROM responses WHERE pk = ?""",
         (pk,),
     ).fetchone()
     groups: tuple[list[Item], list[Item]] = ([], [])
@@ -679,6 +727,7 @@ def _load_turn(conn: sqlite3.Connection, pk: int) -> Turn:
         create_time_us=row[5],
         expire_time_us=row[6],
         stream_events_json=row[7],
+        in_progress=bool(row[8]),
         input_items=tuple(groups[0]),
         output_items=tuple(groups[1]),
     )
