@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 
+from gateway.grpcerrors import error_info
 from respgw.state.v1 import resources_pb2
 from respgw.state.v1 import state_service_pb2 as pb
 from state_svc import server
@@ -30,6 +32,10 @@ from tests.state_svc.conftest import (
 )
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+ALREADY_EXISTS = grpc.StatusCode.ALREADY_EXISTS
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
+ABORTED = grpc.StatusCode.ABORTED
 
 
 # --- responses ----------------------------------------------------------------------------
@@ -421,6 +427,340 @@ async def test_delete_item_keeps_other_sequences(client: Client) -> None:
         pb.GetConversationItemRequest(tenant=TENANT, conversation_id=conv, item_id="c")
     )
     assert got.item == items[1]
+
+
+# --- running turns (background responses) ------------------------------------------------
+
+
+def running_turn(
+    response_id: str, *, body: str = "running", **kwargs: Any
+) -> resources_pb2.StoredResponse:
+    """A running turn: ``turn`` with in_progress set."""
+    response = turn(response_id, body=body, **kwargs)
+    response.in_progress = True
+    return response
+
+
+def by_key(client: Client, key: str) -> Awaitable[pb.GetResponseResponse]:
+    return client.stub.GetResponse(pb.GetResponseRequest(tenant=TENANT, idempotency_key=key))
+
+
+async def test_running_turn_is_retrievable_but_not_built_on(client: Client) -> None:
+    await client.put(simple_turn("resp_1"))
+    conv = await client.conversation([item("a")])
+    put = await client.put(
+        running_turn("resp_bg", previous="resp_1", key="key-bg", inputs=[item("bg-in")])
+    )
+    assert put.response.in_progress and not put.replayed and put.conversation_version == 0
+    got = (await client.get("resp_bg")).response
+    assert got == put.response
+    assert [i.id for i in got.input_items] == ["bg-in"]
+    # The idempotency key finds the running turn, and a second request with it replays it.
+    assert (await by_key(client, "key-bg")).response == got
+    again = await client.put(simple_turn("resp_other", key="key-bg"))
+    assert again.replayed and again.response == got
+    assert_error(await fails(client.get("resp_other")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+
+    err = await fails(client.history(response_id="resp_bg"))
+    assert_error(err, FAILED_PRECONDITION, "RESPONSE_IN_PROGRESS", response_id="resp_bg")
+    err = await fails(client.history(response_id="resp_bg", max_items=1))
+    assert_error(err, FAILED_PRECONDITION, "RESPONSE_IN_PROGRESS", response_id="resp_bg")
+    err = await fails(client.put(simple_turn("resp_next", previous="resp_bg")))
+    assert_error(err, FAILED_PRECONDITION, "RESPONSE_IN_PROGRESS", previous_response_id="resp_bg")
+    assert_error(await fails(client.get("resp_next")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+    # What it was chained on is untouched.
+    assert list((await client.history(response_id="resp_1")).response_ids) == ["resp_1"]
+
+    # In a conversation, a running turn's items stay out of it until the turn is final.
+    in_conv = await client.put(running_turn("resp_bg2", conversation=conv, inputs=[item("b")]))
+    assert in_conv.response.in_progress and in_conv.conversation_version == 1
+    assert [i.id for i in await client.conversation_items(conv)] == ["a"]
+    assert [i.id for i in (await client.list_items(conv)).items] == ["a"]
+    conversation = await client.stub.GetConversation(
+        pb.GetConversationRequest(tenant=TENANT, conversation_id=conv)
+    )
+    assert conversation.conversation.version == 1
+    err = await fails(
+        client.stub.GetConversationItem(
+            pb.GetConversationItemRequest(tenant=TENANT, conversation_id=conv, item_id="b")
+        )
+    )
+    assert_error(err, NOT_FOUND, "ITEM_NOT_FOUND")
+
+
+async def test_running_turn_is_replaced_whole_until_final(client: Client) -> None:
+    await client.put(simple_turn("resp_1"))
+    first = await client.put(
+        running_turn("resp_bg", previous="resp_1", key="key-bg", body="queued")
+    )
+    # A status update: everything replaced, create and expire time and key kept (this call
+    # sends no key).
+    update = running_turn(
+        "resp_bg", previous="resp_1", body="in_progress", outputs=[item("partial")]
+    )
+    update.stream_events_json = b'[{"type": "response.created", "sequence_number": 0}]'
+    second = await client.put(update)
+    assert not second.replayed and second.response.in_progress
+    assert second.response.create_time == first.response.create_time
+    assert second.response.idempotency_key == "key-bg"
+    got = (await client.get("resp_bg")).response
+    assert got == second.response
+    assert got.response_json == update.response_json
+    assert got.stream_events_json == update.stream_events_json
+    assert [i.id for i in got.output_items] == ["partial"]
+
+    final = turn(
+        "resp_bg",
+        previous="resp_1",
+        key="key-bg",
+        body="completed",
+        inputs=[item("bg-in")],
+        outputs=[item("bg-out-1"), item("bg-out-2")],
+    )
+    done = await client.put(final)
+    assert not done.replayed and not done.response.in_progress
+    assert done.response.create_time == first.response.create_time
+    got = (await client.get("resp_bg")).response
+    assert got == done.response
+    # The old items are gone, the stream events too (the final turn sent none).
+    assert [i.id for i in got.input_items] == ["bg-in"]
+    assert [(i.id, i.sequence) for i in got.output_items] == [("bg-out-1", 1), ("bg-out-2", 2)]
+    assert got.stream_events_json == b""
+    assert (await by_key(client, "key-bg")).response == got
+    history = await client.history(response_id="resp_bg")
+    assert list(history.response_ids) == ["resp_1", "resp_bg"]
+    assert [i.id for i in history.items] == [
+        "resp_1-in", "resp_1-out", "bg-in", "bg-out-1", "bg-out-2",
+    ]  # fmt: skip
+    assert not (await client.put(simple_turn("resp_next", previous="resp_bg"))).replayed
+
+    # Final now: the same final turn is a replay, anything else a conflict, running or not.
+    assert (await client.put(final)).replayed
+    for other in [
+        turn("resp_bg", previous="resp_1", key="key-bg", body="cancelled"),
+        running_turn("resp_bg", previous="resp_1", key="key-bg", body="in_progress"),
+        running_turn(
+            "resp_bg",
+            previous="resp_1",
+            key="key-bg",
+            body="completed",
+            inputs=[item("bg-in")],
+            outputs=[item("bg-out-1"), item("bg-out-2")],
+        ),
+    ]:
+        err = await fails(client.put(other))
+        assert_error(err, ALREADY_EXISTS, "RESPONSE_ID_CONFLICT", response_id="resp_bg")
+    assert (await client.get("resp_bg")).response == got
+
+
+async def test_final_turn_appends_after_what_came_meanwhile(client: Client) -> None:
+    conv = await client.conversation([item("a")])
+    await client.put(running_turn("resp_bg", conversation=conv, inputs=[item("bg-in")]))
+    await client.append(conv, [item("b")])
+    await client.put(simple_turn("resp_2", conversation=conv))
+    update = await client.put(
+        running_turn("resp_bg", conversation=conv, inputs=[item("bg-in")], outputs=[item("p")])
+    )
+    assert update.conversation_version == 4
+    assert [i.id for i in await client.conversation_items(conv)] == [
+        "a", "b", "resp_2-in", "resp_2-out",
+    ]  # fmt: skip
+    final = turn(
+        "resp_bg",
+        conversation=conv,
+        inputs=[item("bg-in")],
+        outputs=[item("bg-out-1"), item("bg-out-2")],
+        body="completed",
+    )
+    done = await client.put(final)
+    assert done.conversation_version == 7 and not done.replayed
+    items = await client.conversation_items(conv)
+    assert [(i.id, i.sequence) for i in items] == [
+        ("a", 1), ("b", 2), ("resp_2-in", 3), ("resp_2-out", 4),
+        ("bg-in", 5), ("bg-out-1", 6), ("bg-out-2", 7),
+    ]  # fmt: skip
+    # A retry of the final call appends nothing again.
+    again = await client.put(final)
+    assert again.replayed and again.conversation_version == 7
+    assert len(await client.conversation_items(conv)) == 7
+    await client.append(conv, [item("c")])
+    assert [i.sequence for i in (await client.list_items(conv)).items] == list(range(1, 9))
+
+
+async def test_replacement_keeps_chain_and_conversation(client: Client) -> None:
+    await client.put(simple_turn("resp_1"))
+    conv = await client.conversation()
+    other_conv = await client.conversation()
+    await client.put(running_turn("resp_c", conversation=conv))
+    await client.put(running_turn("resp_p", previous="resp_1"))
+    cases = [
+        (turn("resp_c"), "response.conversation_id"),
+        (turn("resp_c", conversation=other_conv), "response.conversation_id"),
+        (running_turn("resp_c", conversation=other_conv), "response.conversation_id"),
+        (turn("resp_c", previous="resp_1"), "response.previous_response_id"),
+        (turn("resp_p"), "response.previous_response_id"),
+        (turn("resp_p", conversation=conv), "response.previous_response_id"),
+    ]
+    for changed, field in cases:
+        err = await fails(client.put(changed))
+        assert_error(err, INVALID_ARGUMENT, "INVALID_ARGUMENT", field=field, response_id=changed.id)
+    for response_id, conversation, previous in [("resp_c", conv, ""), ("resp_p", "", "resp_1")]:
+        got = (await client.get(response_id)).response
+        assert got.in_progress and got.response_json == running_turn(response_id).response_json
+        assert (got.conversation_id, got.previous_response_id) == (conversation, previous)
+    assert await client.conversation_items(conv) == []
+    assert await client.conversation_items(other_conv) == []
+
+
+async def test_version_mismatch_at_finalization_keeps_the_turn_running(client: Client) -> None:
+    conv = await client.conversation([item("a")])
+    # The expected version is checked for a running turn too, and then nothing is stored.
+    err = await fails(client.put(running_turn("resp_bg", conversation=conv), expected=0))
+    assert_error(err, ABORTED, "VERSION_MISMATCH", expected_version="0", actual_version="1")
+    assert_error(await fails(client.get("resp_bg")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+    started = await client.put(
+        running_turn("resp_bg", conversation=conv, inputs=[item("bg-in")]), expected=1
+    )
+    assert started.conversation_version == 1
+    await client.append(conv, [item("b")])
+    final = turn("resp_bg", conversation=conv, inputs=[item("bg-in")], outputs=[item("bg-out")])
+    err = await fails(client.put(final, expected=1))
+    assert_error(
+        err,
+        ABORTED,
+        "VERSION_MISMATCH",
+        conversation_id=conv,
+        expected_version="1",
+        actual_version="2",
+    )
+    assert (await client.get("resp_bg")).response == started.response
+    assert [i.id for i in await client.conversation_items(conv)] == ["a", "b"]
+    done = await client.put(final, expected=2)
+    assert done.conversation_version == 4 and not done.response.in_progress
+    assert [i.id for i in await client.conversation_items(conv)] == ["a", "b", "bg-in", "bg-out"]
+
+
+async def test_finalization_that_cannot_append_writes_nothing(client: Client) -> None:
+    conv = await client.conversation([item("a")])
+    started = await client.put(running_turn("resp_bg", conversation=conv, inputs=[item("x")]))
+    # An item with the same id reached the conversation meanwhile.
+    await client.append(conv, [item("x")])
+    err = await fails(client.put(turn("resp_bg", conversation=conv, inputs=[item("x")])))
+    assert_error(err, ALREADY_EXISTS, "ITEM_ID_CONFLICT", conversation_id=conv, item_id="x")
+    assert (await client.get("resp_bg")).response == started.response
+    assert [i.id for i in await client.conversation_items(conv)] == ["a", "x"]
+    # Once the conversation is gone, the turn cannot be finished in it.
+    await client.stub.DeleteConversation(
+        pb.DeleteConversationRequest(tenant=TENANT, conversation_id=conv)
+    )
+    err = await fails(client.put(turn("resp_bg", conversation=conv, inputs=[item("y")])))
+    assert_error(err, NOT_FOUND, "CONVERSATION_NOT_FOUND", conversation_id=conv)
+    assert (await client.get("resp_bg")).response == started.response
+
+
+async def test_concurrent_finalizations_exactly_one_wins(
+    running: server.Running, connect: Callable[..., Client]
+) -> None:
+    setup = connect(running.port)
+    conv = await setup.conversation([item("a")])
+    await setup.put(running_turn("resp_bg", conversation=conv, inputs=[item("bg-in")]))
+    callers = [connect(running.port) for _ in range(8)]
+    finals = [
+        turn(
+            "resp_bg",
+            conversation=conv,
+            inputs=[item("bg-in")],
+            outputs=[item(f"out-{n}")],
+            body=f"final {n}",
+        )
+        for n in range(len(callers))
+    ]
+    results = await asyncio.gather(
+        *(c.put(f) for c, f in zip(callers, finals, strict=True)), return_exceptions=True
+    )
+    won = [n for n, r in enumerate(results) if isinstance(r, pb.PutTurnResponse)]
+    assert len(won) == 1, results
+    winner = won[0]
+    for n, result in enumerate(results):
+        if n != winner:
+            assert isinstance(result, grpc.aio.AioRpcError), result
+            err = error_info(result)
+            assert_error(err, ALREADY_EXISTS, "RESPONSE_ID_CONFLICT", response_id="resp_bg")
+    got = (await setup.get("resp_bg")).response
+    assert got.response_json == finals[winner].response_json and not got.in_progress
+    items = await setup.conversation_items(conv)
+    assert [(i.id, i.sequence) for i in items] == [
+        ("a", 1), ("bg-in", 2), (f"out-{winner}", 3),
+    ]  # fmt: skip
+    # The winner's call replays; a loser's still conflicts.
+    assert (await setup.put(finals[winner])).replayed
+    loser = finals[(winner + 1) % len(finals)]
+    assert (await fails(setup.put(loser))).reason == "RESPONSE_ID_CONFLICT"
+
+
+async def test_delete_running_turn(client: Client) -> None:
+    conv = await client.conversation([item("a")])
+    await client.put(running_turn("resp_bg", conversation=conv, key="key-bg", inputs=[item("b")]))
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_bg"))
+    assert_error(await fails(client.get("resp_bg")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+    assert_error(await fails(by_key(client, "key-bg")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+    assert_error(
+        await fails(client.history(response_id="resp_bg")), NOT_FOUND, "RESPONSE_NOT_FOUND"
+    )
+    err = await fails(
+        client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_bg"))
+    )
+    assert_error(err, NOT_FOUND, "RESPONSE_NOT_FOUND")
+    assert [i.id for i in await client.conversation_items(conv)] == ["a"]
+    # The id and the key are free: a turn stored with them now is new, not a replacement.
+    fresh = await client.put(
+        turn("resp_bg", conversation=conv, key="key-bg", inputs=[item("b")], body="new")
+    )
+    assert not fresh.replayed and not fresh.response.in_progress
+    assert fresh.conversation_version == 2
+    assert [i.id for i in await client.conversation_items(conv)] == ["a", "b"]
+
+
+@pytest.mark.parametrize("backend", STORES, indirect=True)
+async def test_store_written_before_running_turns_is_migrated(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    first = await start()
+    client = connect(first.port)
+    await client.put(simple_turn("resp_1", key="key-1"))
+    before = (await client.get("resp_1")).response
+    await first.stop(0)
+    await downgrade_to_version_2(first.settings)
+
+    again = await start()
+    client = connect(again.port)
+    assert (await client.get("resp_1")).response == before
+    assert not before.in_progress
+    assert (await by_key(client, "key-1")).response == before
+    await client.put(running_turn("resp_bg", previous="resp_1"))
+    assert (await client.get("resp_bg")).response.in_progress
+    await client.put(turn("resp_bg", previous="resp_1", outputs=[item("out")]))
+    history = await client.history(response_id="resp_bg")
+    assert [i.id for i in history.items] == ["resp_1-in", "resp_1-out", "out"]
+
+
+async def downgrade_to_version_2(settings: StateSettings) -> None:
+    """Turns the store back into what migration 2 left: no in_progress column."""
+    statements = [
+        "ALTER TABLE {s}responses DROP COLUMN in_progress",
+        "DELETE FROM {s}schema_version WHERE version > 2",
+    ]
+    if settings.backend == "sqlite":
+        with sqlite3.connect(settings.sqlite_path) as db:
+            for statement in statements:
+                db.execute(statement.format(s=""))
+        return
+    conn = await asyncpg.connect(POSTGRES_DSN)
+    try:
+        for statement in statements:
+            await conn.execute(statement.format(s=f'"{settings.postgres_schema}".'))
+    finally:
+        await conn.close()
 
 
 # --- tenancy ------------------------------------------------------------------------------
