@@ -162,7 +162,9 @@ def from_state_error(err: RemoteError, *, param: str | None = None) -> ApiError:
     """Maps a failed state service call to the error the client sees."""
     cls, status = _STATE_STATUS.get(err.code, (StateUnavailable, 503))
     if err.reason == "RESPONSE_IN_PROGRESS":
-        response_id = err.metadata.get("response_id", "")
+        response_id = err.metadata.get("response_id") or err.metadata.get(
+            "previous_response_id", ""
+        )
         return InvalidRequest(
             f"Previous response with id '{response_id}' is still in progress; wait until it "
             "has finished before building on it.",
