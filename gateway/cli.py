@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, replace
 
 from gateway import logs
+from gateway.grpcerrors import ServiceError
 from gateway.settings import add_arguments, from_namespace, option
 
 log = logging.getLogger("respgw")
@@ -122,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         log.error(str(exc))
         sys.exit(2)
+    except ServiceError as exc:
+        # A backend that cannot be opened at start (a missing folder, a database that refuses).
+        log.error(f"cannot start: {exc.message}")
+        sys.exit(1)
     except KeyboardInterrupt:
         pass
 

@@ -48,11 +48,21 @@ API_ERRORS = Counter(
 )
 
 
-def build_services(settings: RouterSettings) -> Services:
+def check_settings(settings: RouterSettings) -> None:
+    """Raises ValueError, with what to change, for settings the router cannot start with."""
     if not settings.hub_url:
         raise ValueError("the hub URL is required (--hub-url or RESPGW_HUB_URL)")
+    if not settings.hub_url.startswith(("http://", "https://")):
+        raise ValueError(f"--hub-url must start with http:// or https://, got {settings.hub_url!r}")
     if settings.hub_api not in ("chat", "responses"):
         raise ValueError(f"--hub-api must be chat or responses, got {settings.hub_api!r}")
+    if not settings.state_address:
+        raise ValueError("the state service address is required (--state-address)")
+    auth.parse_api_keys(settings.api_keys)
+
+
+def build_services(settings: RouterSettings) -> Services:
+    check_settings(settings)
     return Services(
         settings=settings,
         state=StateClient(settings.state_address, timeout_s=settings.state_timeout_s),
@@ -239,6 +249,7 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
 
 def run(settings: RouterSettings) -> None:
     """Serves the router until SIGTERM/SIGINT (uvicorn handles both and drains connections)."""
+    check_settings(settings)
     tracing.setup("respgw-router", settings.otel_endpoint)
     config = uvicorn.Config(
         create_app(settings),
