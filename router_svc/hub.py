@@ -9,6 +9,7 @@ is several times faster on this workload (measured in the shared PERFORMANCE.md,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -85,103 +86,79 @@ class HubClient:
         )
         return span, {**headers, **tracing.headers(span)}
 
-    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POSTs ``body`` and returns the JSON object the hub answered."""
+    @contextlib.asynccontextmanager
+    async def _call(
+        self, path: str, body: dict[str, Any], *, stream: bool
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One POST to the hub: its span, its latency, and every failure mapped to an ApiError.
+        Yields the response once its status is known to be a success."""
         headers = self._request_headers()
         span = None
         if tracing.enabled:
-            span, headers = self._traced(path, headers, stream=False)
+            span, headers = self._traced(path, headers, stream=stream)
         start = time.perf_counter()
         error: BaseException | None = None
         try:
-            try:
-                async with self._client().post(
-                    self._base + path, data=orjson.dumps(body), headers=headers
-                ) as resp:
-                    raw = await resp.read()
-                    if resp.status >= 400:
-                        raise _status_error(resp.status, raw)
-                    try:
-                        parsed = orjson.loads(raw)
-                    except orjson.JSONDecodeError as exc:
-                        raise _fail(
-                            "upstream_malformed_response",
-                            "The model server answered with malformed JSON.",
-                        ) from exc
-                    if not isinstance(parsed, dict):
-                        raise _fail(
-                            "upstream_malformed_response",
-                            "The model server's answer is not a JSON object.",
-                        )
-                    return parsed
-            except TimeoutError as exc:
-                raise _fail(
-                    "upstream_timeout", "The model server did not answer in time.", 504
-                ) from exc
-            except aiohttp.ClientError as exc:
-                raise _fail(
-                    "upstream_unreachable", f"The model server could not be reached: {exc}"
-                ) from exc
-            finally:
-                HUB_LATENCY.labels(path, "false").observe(time.perf_counter() - start)
+            async with self._client().post(
+                self._base + path, data=orjson.dumps(body), headers=headers
+            ) as resp:
+                if resp.status >= 400:
+                    raise _status_error(resp.status, await resp.read())
+                yield resp
+        except TimeoutError as exc:
+            error = _fail("upstream_timeout", "The model server did not answer in time.", 504)
+            raise error from exc
+        except aiohttp.ClientPayloadError as exc:
+            error = _fail("upstream_stream_broken", f"The model server's answer broke off: {exc}")
+            raise error from exc
+        except aiohttp.ClientError as exc:
+            error = _fail("upstream_unreachable", f"The model server could not be reached: {exc}")
+            raise error from exc
         except BaseException as exc:
             error = exc
             raise
         finally:
+            HUB_LATENCY.labels(path, "true" if stream else "false").observe(
+                time.perf_counter() - start
+            )
             if span is not None:
                 tracing.end(span, error)
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POSTs ``body`` and returns the JSON object the hub answered."""
+        async with self._call(path, body, stream=False) as resp:
+            raw = await resp.read()
+        try:
+            parsed = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise _fail(
+                "upstream_malformed_response", "The model server answered with malformed JSON."
+            ) from exc
+        if not isinstance(parsed, dict):
+            raise _fail(
+                "upstream_malformed_response", "The model server's answer is not a JSON object."
+            )
+        return parsed
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """POSTs ``body`` and yields each JSON object of the hub's event stream, up to ``[DONE]``
         (or the end of the stream)."""
-        headers = self._request_headers()
-        span = None
-        if tracing.enabled:
-            span, headers = self._traced(path, headers, stream=True)
-        start = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            try:
-                async with self._client().post(
-                    self._base + path, data=orjson.dumps(body), headers=headers
-                ) as resp:
-                    if resp.status >= 400:
-                        raise _status_error(resp.status, await resp.read())
-                    data: list[bytes] = []
-                    async for raw_line in resp.content:
-                        line = raw_line.rstrip(b"\r\n")
-                        if line.startswith(b"data:"):
-                            data.append(line[5:].lstrip())
-                            continue
-                        if line or not data:
-                            continue  # comments, "event:" lines and keep-alives
-                        payload = b"\n".join(data)
-                        data = []
-                        if payload == b"[DONE]":
-                            return
-                        yield _parse_event(payload)
-                    if data and data != [b"[DONE]"]:
-                        yield _parse_event(b"\n".join(data))
-            except TimeoutError as exc:
-                raise _fail(
-                    "upstream_timeout", "The model server did not answer in time.", 504
-                ) from exc
-            except aiohttp.ClientPayloadError as exc:
-                raise _fail(
-                    "upstream_stream_broken", f"The model server's stream broke off: {exc}"
-                ) from exc
-            except aiohttp.ClientError as exc:
-                raise _fail(
-                    "upstream_unreachable", f"The model server could not be reached: {exc}"
-                ) from exc
-            finally:
-                HUB_LATENCY.labels(path, "true").observe(time.perf_counter() - start)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if span is not None:
-                tracing.end(span, error)
+        async with self._call(path, body, stream=True) as resp:
+            data: list[bytes] = []
+            async for raw_line in resp.content:
+                line = raw_line.rstrip(b"\r\n")
+                if line.startswith(b"data:"):
+                    data.append(line[5:].lstrip())
+                    continue
+                if line or not data:
+                    continue  # comments, "event:" lines and keep-alives
+                payload = b"\n".join(data)
+                data = []
+                if payload == b"[DONE]":
+                    return
+                yield _parse_event(payload)
+            if data and data != [b"[DONE]"]:
+                yield _parse_event(b"\n".join(data))
 
 
 def _parse_event(payload: bytes) -> dict[str, Any]:

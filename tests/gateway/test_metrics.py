@@ -4,6 +4,8 @@ by code, the open-streams gauge, and the gRPC servers' per-RPC counts and latenc
 
 from __future__ import annotations
 
+import time
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -152,11 +154,25 @@ def test_grpc_services_count_and_time_each_rpc(
     )
     assert ok.status_code == 200, ok.text
     assert http.get(f"{processes.base}/v1/responses/resp_nothere").status_code == 404
-    state = Scrape(http, processes.state_metrics)
-    bootstrap = Scrape(http, processes.bootstrap_metrics)
 
     def grew(after: Scrape, before: Scrape, name: str, labels: Labels) -> float:
         return after.value(name, labels) - before.value(name, labels)
+
+    # A failed call's status reaches the client before the server's interceptor has counted it
+    # (abort sends the status first), so a scrape right after may be a moment early.
+    deadline = time.monotonic() + 5
+    while True:
+        state = Scrape(http, processes.state_metrics)
+        counted = grew(
+            state,
+            state_before,
+            "respgw_grpc_server_requests_total",
+            {"method": "GetResponse", "code": "NOT_FOUND"},
+        )
+        if counted >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    bootstrap = Scrape(http, processes.bootstrap_metrics)
 
     requests = "respgw_grpc_server_requests_total"
     latency = "respgw_grpc_server_latency_seconds_count"
