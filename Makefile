@@ -58,8 +58,8 @@ pytest:
 	$(BIN)/pytest -q -p no:cacheprovider
 
 bench: install-dev
-	$(BIN)/python bench/bench_router.py
-	$(BIN)/python bench/bench_state.py
+	$(BIN)/python -m bench.bench_router
+	$(BIN)/python -m bench.bench_state
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

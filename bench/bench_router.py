@@ -9,7 +9,7 @@ own process on loopback, then measures:
 3. the added latency of turn 1 against turn 50 of a previous_response_id chain.
 
 Numbers drift on a shared machine; the ratios against the hub in the same run are what matter.
-Needs ``wrk`` (Debian package ``wrk``). Run: ``python bench/bench_router.py [--seconds 8]``.
+Needs ``wrk`` (Debian package ``wrk``). Run: ``python -m bench.bench_router [--seconds 8]``.
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ from typing import Any
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tests.support import POSTGRES_DSN, ROUTER_READY, STATE_READY, Process  # noqa: E402
+from tests.support import POSTGRES_DSN, ROUTER_READY, STATE_READY, Process
 
 ECHO_READY = r"echo hub listening on http://[^:]+:(\d+)"
 

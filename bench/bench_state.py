@@ -10,7 +10,7 @@ loopback and measures, through real gRPC calls from this process:
    chain in one query, so the ratio grows with the bytes returned, not with one round trip per turn.
 
 Numbers drift on a shared machine; compare rows of the same run. Run:
-``python bench/bench_state.py [--seconds 1.5] [--backends memory,sqlite,postgres]``.
+``python -m bench.bench_state [--seconds 1.5] [--backends memory,sqlite,postgres]``.
 """
 
 from __future__ import annotations
@@ -29,11 +29,8 @@ from pathlib import Path
 
 import grpc
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc  # noqa: E402
-from tests.support import POSTGRES_DSN, STATE_READY, Process  # noqa: E402
+from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
+from tests.support import POSTGRES_DSN, STATE_READY, Process
 
 TENANT = "bench"
 CHAINS = (1, 20, 200)
