@@ -29,6 +29,7 @@ from router_svc.services import Services
 from router_svc.state_client import StateClient
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("respgw.access")
 
 HTTP_REQUESTS = Counter(
     "respgw_router_requests_total",
@@ -175,6 +176,17 @@ class RequestContext:
         finally:
             if traced is not None:
                 tracing.end_server(*traced, error)
+            if scope["path"] not in _UNTRACED:
+                # One line per request, written when its last byte went out (a stream's end).
+                access_log.info(
+                    "request",
+                    extra={
+                        "method": scope.get("method", ""),
+                        "path": scope["path"],
+                        "status": status,
+                        "ms": round((time.perf_counter() - start) * 1000, 2),
+                    },
+                )
             logs.request_id_var.reset(token)
 
 
