@@ -427,3 +427,22 @@ async def test_async_sdk_streams_and_chains(stack: Stack, hub: FakeHub) -> None:
     got = await client.responses.retrieve(final.id)
     assert got.output_text == final.output_text
     await client.close()
+
+
+def test_stream_max_tokens_ends_incomplete_and_is_stored(stack: Stack, hub: FakeHub) -> None:
+    client = client_for(stack)
+    hub.enqueue(Reply(text="cut short here", finish_reason="length"))
+    with client.responses.stream(model="m", input="long", max_output_tokens=16) as stream:
+        events = list(stream)
+    types = [e.type for e in events]
+    assert types[-1] == "response.incomplete"
+    assert "response.completed" not in types
+    last = events[-1]
+    assert last.type == "response.incomplete"
+    stored = client.responses.retrieve(last.response.id)
+    assert stored.status == "incomplete"
+    assert stored.incomplete_details is not None
+    assert stored.incomplete_details.reason == "max_output_tokens"
+    assert stored.output_text == "cut short here"
+    sent = hub.chat_requests()[-1]
+    assert sent["max_tokens"] == 16 and sent["stream_options"] == {"include_usage": True}
