@@ -150,3 +150,18 @@ class StateClient:
             STATE_CALL_LATENCY.labels(method).observe(time.perf_counter() - start)
             if span is not None:
                 tracing.end_grpc(span, code, server=False)
+
+    async def find(self, method: str, request: Any) -> Any | None:
+        """Like :meth:`call`, but NOT_FOUND answers None instead of raising."""
+        try:
+            return await self.call(method, request, not_found=_Missing.of)
+        except _Missing:
+            return None
+
+
+class _Missing(errors.ApiError):
+    """NOT_FOUND inside :meth:`StateClient.find`; never leaves this module."""
+
+    @classmethod
+    def of(cls, err: grpcerrors.RemoteError) -> errors.ApiError:
+        return cls(err.message)

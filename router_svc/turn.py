@@ -87,22 +87,13 @@ def item_from_proto(item: resources_pb2.Item) -> dict[str, Any]:
 
 async def find_idempotent(svc: Services, tenant: str, key: str) -> dict[str, Any] | None:
     """The response already stored for this Idempotency-Key, if any."""
-    try:
-        reply = await svc.state.call(
-            "GetResponse",
-            state_service_pb2.GetResponseRequest(tenant=tenant, idempotency_key=key),
-            not_found=_NotFoundSignal.raise_it,
-        )
-    except _NotFoundSignal:
+    reply = await svc.state.find(
+        "GetResponse", state_service_pb2.GetResponseRequest(tenant=tenant, idempotency_key=key)
+    )
+    if reply is None:
         return None
     found: dict[str, Any] = orjson.loads(reply.response.response_json)
     return found
-
-
-class _NotFoundSignal(errors.ApiError):
-    @staticmethod
-    def raise_it(err: RemoteError) -> errors.ApiError:
-        return _NotFoundSignal(err.message)
 
 
 async def begin(
