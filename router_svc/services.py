@@ -34,6 +34,15 @@ class Services:
         task.add_done_callback(self.background.discard)
         return task
 
+    def spawn_cancellable(
+        self, key: tuple[str, str], coro: Coroutine[Any, Any, Any]
+    ) -> asyncio.Task[Any]:
+        """Spawns a background response's task, findable by (tenant, response id) while it runs."""
+        task = self.spawn(coro)
+        self.running[key] = task
+        task.add_done_callback(lambda _: self.running.pop(key, None))
+        return task
+
     async def drain(self, timeout_s: float) -> None:
         if self.background:
             await asyncio.wait(set(self.background), timeout=timeout_s)

@@ -291,10 +291,7 @@ async def start_background(svc: Services, turn: Turn) -> dict[str, Any]:
     a failure is stored as a failed response; a cancel stores a cancelled one."""
     queued = snapshot(turn, "queued")
     await store(svc, turn, queued, in_progress=True)
-    key = (turn.tenant, turn.response_id)
-    task = svc.spawn(_run_background(svc, turn))
-    svc.running[key] = task
-    task.add_done_callback(lambda _: svc.running.pop(key, None))
+    svc.spawn_cancellable((turn.tenant, turn.response_id), _run_background(svc, turn))
     return queued
 
 
@@ -352,11 +349,11 @@ async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
         tool_resources=turn.tool_resources,
     )
     queue: asyncio.Queue[object] = asyncio.Queue()
-    task = svc.spawn(_pump(svc, turn, translator, chunks, first, queue))
+    pump = _pump(svc, turn, translator, chunks, first, queue)
     if turn.req.background:
-        key = (turn.tenant, turn.response_id)
-        svc.running[key] = task
-        task.add_done_callback(lambda _: svc.running.pop(key, None))
+        svc.spawn_cancellable((turn.tenant, turn.response_id), pump)
+    else:
+        svc.spawn(pump)
     return _drain(queue)
 
 
@@ -391,6 +388,10 @@ async def _pump(
             try:
                 answered = await store(svc, turn, translator.response, [*sent, terminal])
             except errors.ApiError as exc:
+                log.error(
+                    "streamed turn could not be stored",
+                    extra={"code": exc.code, "detail": exc.message},
+                )
                 push(_failed_after(terminal, translator.response, exc))
                 return
             if answered is not translator.response:
