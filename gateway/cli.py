@@ -49,6 +49,17 @@ class LocalSettings:
         "Comma-separated KEY=TENANT pairs; empty is single-tenant without keys.",
         env="RESPGW_API_KEYS",
     )
+    bootstrap: bool = option(
+        False,
+        "Also run the reference bootstrap service in this process, so requests with "
+        "code_interpreter or shell tools get execution sessions.",
+        env="RESPGW_LOCAL_BOOTSTRAP",
+    )
+    bootstrap_workdir: str = option(
+        "respgw-sessions",
+        "Folder for the execution sessions of --bootstrap.",
+        env="RESPGW_BOOTSTRAP_WORKDIR",
+    )
     log_level: str = option("info", "Log level.", env="RESPGW_LOG_LEVEL")
     log_format: str = option("text", "Log format: json or text.", env="RESPGW_LOG_FORMAT")
 
@@ -166,6 +177,21 @@ async def run_local(settings: LocalSettings) -> None:
             StateSettings(), listen="127.0.0.1:0", sqlite_path=settings.sqlite_path, metrics_port=0
         )
     )
+    bootstrap = None
+    bootstrap_address = ""
+    if settings.bootstrap:
+        from bootstrap_svc import server as bootstrap_server
+        from bootstrap_svc.config import BootstrapSettings
+
+        bootstrap = await bootstrap_server.start(
+            replace(
+                BootstrapSettings(),
+                listen="127.0.0.1:0",
+                workdir=settings.bootstrap_workdir,
+                metrics_port=0,
+            )
+        )
+        bootstrap_address = f"127.0.0.1:{bootstrap.port}"
     router_settings = replace(
         RouterSettings(),
         host=settings.host,
@@ -175,6 +201,7 @@ async def run_local(settings: LocalSettings) -> None:
         hub_api_key=settings.hub_api_key,
         default_model=settings.default_model or ("echo" if settings.echo_hub else ""),
         state_address=f"127.0.0.1:{state.port}",
+        bootstrap_address=bootstrap_address,
         api_keys=settings.api_keys,
     )
     config = uvicorn.Config(
@@ -193,5 +220,7 @@ async def run_local(settings: LocalSettings) -> None:
         await uvicorn.Server(config).serve()
     finally:
         await state.stop(5.0)
+        if bootstrap is not None:
+            await bootstrap.stop(5.0)
         if echo_runner is not None:
             await echo_runner.cleanup()

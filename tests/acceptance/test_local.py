@@ -34,3 +34,34 @@ def test_local_gateway_with_echo_hub_answers_chains_and_streams(tmp_path: Path) 
             c.close()
         assert local.stopped_gracefully(), "".join(local.lines[-20:])
     assert db.exists()
+
+
+def test_local_gateway_with_bootstrap_prepares_code_interpreter_sessions(tmp_path: Path) -> None:
+    local = Process(
+        [
+            "local",
+            "--echo-hub",
+            "--bootstrap",
+            "--port",
+            "0",
+            "--sqlite-path",
+            str(tmp_path / "s.db"),
+            "--bootstrap-workdir",
+            str(tmp_path / "sessions"),
+        ]
+    )
+    port = local.start(ROUTER_READY)
+    try:
+        with openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
+        ) as client:
+            resp = client.responses.create(
+                model="echo",
+                input="run code",
+                tools=[{"type": "code_interpreter", "container": {"type": "auto"}}],
+            )
+            container = resp.tools[0].container
+            assert isinstance(container, str) and container.startswith("cntr_")
+            assert (tmp_path / "sessions").is_dir()
+    finally:
+        assert local.stopped_gracefully(), "".join(local.lines[-20:])
