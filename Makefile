@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 BUF := npm exec --yes --package=@bufbuild/buf@1.75.0 -- buf
 
-.PHONY: install install-dev run test lint format typecheck generate check-generated buf-lint deploy-validate pytest bench clean
+.PHONY: install install-dev run test lint format typecheck generate check-generated buf-lint buf-breaking deploy-validate pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ run: install
 	@if [ -n "$(HUB)" ]; then $(BIN)/respgw local --hub-url "$(HUB)"; else $(BIN)/respgw local --echo-hub; fi
 
 ## test: lint, types, contracts, manifests and every test suite.
-test: install-dev lint typecheck check-generated buf-lint deploy-validate pytest
+test: install-dev lint typecheck check-generated buf-lint buf-breaking deploy-validate pytest
 
 lint:
 	$(BIN)/ruff check .
@@ -50,6 +50,11 @@ check-generated:
 buf-lint:
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
+
+## buf-breaking: the v1 packages stay wire- and source-compatible with v1 as first published
+## (the repository's first commit); a breaking change needs a v2 package.
+buf-breaking:
+	$(BUF) breaking --against ".git#ref=$$(git rev-list --max-parents=0 HEAD)"
 
 deploy-validate:
 	PATH="$(abspath $(BIN)):$$PATH" scripts/validate-deploy.sh
