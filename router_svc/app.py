@@ -234,7 +234,7 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
         try:
             yield
         finally:
-            await svc.drain(30.0)
+            await svc.drain(settings.drain_timeout_s)
             await svc.hub.close()
             await svc.state.close()
             await svc.bootstrapper.close()

@@ -73,6 +73,12 @@ class RouterSettings:
     max_body_bytes: int = option(
         32 * 1024 * 1024, "Largest request body accepted, in bytes.", env="RESPGW_MAX_BODY_BYTES"
     )
+    drain_timeout_s: float = option(
+        30.0,
+        "Seconds a stopping router waits for turns still running (streams whose client left, "
+        "background responses); what is still running then is stored as failed.",
+        env="RESPGW_DRAIN_TIMEOUT_S",
+    )
     otel_endpoint: str = option(
         "",
         "OTLP/gRPC endpoint that receives OpenTelemetry traces (e.g. http://otel-collector:4317); "

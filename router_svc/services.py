@@ -43,6 +43,17 @@ class Services:
         task.add_done_callback(lambda _: self.running.pop(key, None))
         return task
 
+    # Set once the drain time is over: a background turn cancelled then stores itself as failed.
+    shutting_down: bool = False
+
     async def drain(self, timeout_s: float) -> None:
+        """Waits up to ``timeout_s`` for the turns still running, then cancels the rest (a
+        background response among them is stored as failed, not left in progress)."""
         if self.background:
             await asyncio.wait(set(self.background), timeout=timeout_s)
+        left = set(self.background)
+        if left:
+            self.shutting_down = True
+            for task in left:
+                task.cancel()
+            await asyncio.wait(left, timeout=5.0)

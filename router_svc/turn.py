@@ -305,7 +305,10 @@ async def _run_background(svc: Services, turn: Turn) -> None:
             response = snapshot(turn, "failed", error=error)
         await store(svc, turn, response)
     except asyncio.CancelledError:
-        # Cancelled through this replica: the canceller stores the cancelled response.
+        # Cancelled by a cancel request (which stores the cancelled response itself), or by a
+        # router that is stopping (which must not leave the response in progress forever).
+        if svc.shutting_down:
+            await _store_failed(svc, turn, _shut_down(turn))
         raise
     except errors.Conflict:
         log.info("background response finished after it was cancelled; its result is dropped")
@@ -404,9 +407,18 @@ async def _pump(
         log.exception("streamed turn failed")
         push(translator.fail("server_error", "The gateway failed while streaming the response."))
         await _store_failed(svc, turn, translator.response)
+    except asyncio.CancelledError:
+        if svc.shutting_down:
+            await _store_failed(svc, turn, _shut_down(turn))
+        raise
     finally:
         queue.put_nowait(_END)
         await _close(chunks)
+
+
+def _shut_down(turn: Turn) -> dict[str, Any]:
+    message = "The gateway was stopped before this response finished; send it again."
+    return snapshot(turn, "failed", error=translate.error_object("server_error", message))
 
 
 async def _store_failed(svc: Services, turn: Turn, response: dict[str, Any]) -> None:

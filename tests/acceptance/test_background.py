@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import openai
 import pytest
 from openai.types.responses import Response
 
+from state_svc.config import StateSettings
 from tests.fakehub import FakeHub, Reply, text_of
 from tests.support import Stack
 
@@ -100,3 +103,22 @@ def test_background_stream_and_conversation(stack: Stack, hub: FakeHub) -> None:
     assert stored.status == "completed"
     items = [text_of(i.model_dump()) for i in client.conversations.items.list(conv.id, order="asc")]
     assert items == ["stream it", "streamed in the background"]
+
+
+def test_a_router_that_stops_stores_its_unfinished_background_responses_as_failed(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    state = replace(StateSettings(), backend="sqlite", sqlite_path=str(tmp_path / "state.db"))
+    first = Stack(hub.url, state=state, router={"drain_timeout_s": 0.3}).start()
+    try:
+        hub.enqueue(Reply(text="never delivered", delay_s=3))
+        started = first.client().responses.create(model="m", input="slow", background=True)
+    finally:
+        first.stop()
+    second = Stack(hub.url, state=state).start()
+    try:
+        stored = second.client().responses.retrieve(started.id)
+        assert stored.status == "failed"
+        assert stored.error is not None and "stopped" in stored.error.message
+    finally:
+        second.stop()
