@@ -137,6 +137,7 @@ class Process:
         self.env = {**os.environ, "RESPGW_LOG_FORMAT": "text", **(env or {})}
         self.lines: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
+        self.reader: threading.Thread | None = None
 
     def start(self, ready: str, timeout: float = 20) -> int:
         """Starts the process and waits for a log line matching ``ready`` (a regex whose group 1
@@ -163,7 +164,8 @@ class Process:
                     port.append(int(m.group(1)))
                     found.set()
 
-        threading.Thread(target=read, daemon=True).start()
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
         if not found.wait(timeout):
             self.stop()
             raise TimeoutError(f"{self.args[0]} did not start:\n{''.join(self.lines[-30:])}")
@@ -179,6 +181,8 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.reader is not None:
+            self.reader.join(5)  # it reads to the end of stderr, so close the pipe only after
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         return self.proc.returncode

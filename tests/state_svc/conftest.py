@@ -8,9 +8,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,11 +21,11 @@ from gateway.grpcerrors import RemoteError, error_info
 from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
 from state_svc import server
 from state_svc.config import StateSettings
+from tests.support import STATE_READY, Process
 
 POSTGRES_DSN = os.environ.get(
     "RESPGW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
 )
-REPO = Path(__file__).resolve().parents[2]
 TENANT = "tenant-a"
 
 BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -271,73 +268,36 @@ def client(running: server.Running, connect: Callable[..., Client]) -> Client:
 # --- processes ----------------------------------------------------------------------------
 
 
-class StateProcess:
-    """``python -m state_svc`` as its own process, reading its JSON logs for the port."""
+class StateProcess(Process):
+    """A state service process, run as in production (``respgw state``), on ``settings``."""
 
     def __init__(self, settings: StateSettings) -> None:
-        self.settings = settings
-        self.lines: list[str] = []
-        self.proc: subprocess.Popen[str] | None = None
-        self.reader: threading.Thread | None = None
-
-    def start(self, timeout: float = 30) -> int:
-        s = self.settings
-        args = [
-            "--backend", s.backend,
-            "--listen", "127.0.0.1:0",
-            "--sqlite-path", s.sqlite_path,
-            "--postgres-dsn", s.postgres_dsn,
-            "--postgres-schema", s.postgres_schema,
-            "--postgres-pool-size", str(s.postgres_pool_size),
-            "--metrics-port", "0",
-            "--log-format", "json",
-            "--shutdown-grace-s", "2",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "state_svc", *args],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        s = settings
+        super().__init__(
+            [
+                "state",
+                "--backend",
+                s.backend,
+                "--listen",
+                "127.0.0.1:0",
+                "--sqlite-path",
+                s.sqlite_path,
+                "--postgres-dsn",
+                s.postgres_dsn,
+                "--postgres-schema",
+                s.postgres_schema,
+                "--postgres-pool-size",
+                str(s.postgres_pool_size),
+                "--metrics-port",
+                "0",
+                "--shutdown-grace-s",
+                "2",
+            ]
         )
-        ready = threading.Event()
-        port: list[int] = []
+        self.settings = settings
 
-        def read() -> None:
-            assert self.proc is not None and self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if record.get("msg") == "state service ready":
-                    port.append(int(record["port"]))
-                    ready.set()
-
-        self.reader = threading.Thread(target=read, daemon=True)
-        self.reader.start()
-        if not ready.wait(timeout):
-            self.stop(signal.SIGKILL)
-            raise TimeoutError("state service did not start:\n" + "".join(self.lines[-30:]))
-        return port[0]
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.reader is not None:
-            self.reader.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        return self.proc.returncode
+    def start(self, ready: str = STATE_READY, timeout: float = 30) -> int:
+        return super().start(ready, timeout)
 
 
 @pytest.fixture
