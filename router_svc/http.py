@@ -58,18 +58,23 @@ async def read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-def query_limit(request: Request, default: int = 20) -> int:
-    raw = request.query_params.get("limit")
+def query_int(request: Request, name: str, default: int) -> int:
+    """An integer query parameter, or a 400 naming it."""
+    raw = request.query_params.get(name)
     if raw is None:
         return default
     try:
-        value = int(raw)
+        return int(raw)
     except ValueError as exc:
         raise errors.InvalidRequest(
-            f"Invalid type for 'limit': expected an integer, but got '{raw}' instead.",
-            param="limit",
+            f"Invalid type for '{name}': expected an integer, but got '{raw}' instead.",
+            param=name,
             code="invalid_type",
         ) from exc
+
+
+def query_limit(request: Request, default: int = 20) -> int:
+    value = query_int(request, "limit", default)
     if value < 1 or value > 100:
         raise errors.InvalidRequest(
             f"Invalid 'limit': expected a value between 1 and 100, but got {value} instead.",

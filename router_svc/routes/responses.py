@@ -16,6 +16,7 @@ from router_svc import errors, stream, translate, turn, validate
 from router_svc.http import (
     JSONResponse,
     list_page,
+    query_int,
     query_limit,
     query_order,
     read_json,
@@ -97,15 +98,7 @@ async def get_response(request: Request) -> Response:
     _, _, reply = await _stored(request)
     response: dict[str, Any] = orjson.loads(reply.response.response_json)
     if request.query_params.get("stream", "false").lower() == "true":
-        raw_after = request.query_params.get("starting_after", "-1")
-        try:
-            after = int(raw_after)
-        except ValueError as exc:
-            raise errors.InvalidRequest(
-                f"Invalid type for 'starting_after': expected an integer, but got '{raw_after}'.",
-                param="starting_after",
-                code="invalid_type",
-            ) from exc
+        after = query_int(request, "starting_after", -1)
         live = reply.response.stream_events_json
         return _sse(_replay(response, after, orjson.loads(live) if live else None))
     return JSONResponse(response)

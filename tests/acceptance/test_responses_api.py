@@ -446,3 +446,17 @@ def test_stream_max_tokens_ends_incomplete_and_is_stored(stack: Stack, hub: Fake
     assert stored.output_text == "cut short here"
     sent = hub.chat_requests()[-1]
     assert sent["max_tokens"] == 16 and sent["stream_options"] == {"include_usage": True}
+
+
+def test_bad_query_parameters_are_400s_naming_them(stack: Stack, hub: FakeHub) -> None:
+    resp = client_for(stack).responses.create(model="m", input="x")
+    with httpx.Client(timeout=10) as http:
+        for query, param in [
+            ("input_items?limit=abc", "limit"),
+            ("input_items?limit=0", "limit"),
+            ("input_items?order=sideways", "order"),
+            ("?stream=true&starting_after=x", "starting_after"),
+        ]:
+            r = http.get(f"{stack.url}/responses/{resp.id}/{query}".replace("/?", "?"))
+            assert r.status_code == 400, (query, r.text)
+            assert r.json()["error"]["param"] == param
