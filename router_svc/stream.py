@@ -86,8 +86,9 @@ class _Call:
     closed: bool = False
 
 
-class ChatStreamTranslator:
-    """Turns the chunks of one streamed chat completion into Responses streaming events."""
+class _Translator:
+    """What both translators share: the request, the response's identity and echo, the event
+    numbering, and the two events every stream opens with."""
 
     def __init__(
         self,
@@ -102,6 +103,42 @@ class ChatStreamTranslator:
         self._created_at = created_at
         self._resources = dict(tool_resources)
         self._events = _Events()
+        self._started = False
+        self._final: dict[str, Any] | None = None
+
+    def start(self) -> list[dict[str, Any]]:
+        """``response.created`` and ``response.in_progress``."""
+        if self._started:
+            return []
+        self._started = True
+        snapshot = translate.response_object(
+            self._req,
+            response_id=self._id,
+            created_at=self._created_at,
+            status="in_progress",
+            output=[],
+            tool_resources=self._resources,
+        )
+        return [
+            self._events.make("response.created", response=snapshot),
+            self._events.make("response.in_progress", response=copy.copy(snapshot)),
+        ]
+
+
+class ChatStreamTranslator(_Translator):
+    """Turns the chunks of one streamed chat completion into Responses streaming events."""
+
+    def __init__(
+        self,
+        req: TurnRequest,
+        *,
+        response_id: str,
+        created_at: int,
+        tool_resources: Mapping[str, str] = NO_RESOURCES,
+    ) -> None:
+        super().__init__(
+            req, response_id=response_id, created_at=created_at, tool_resources=tool_resources
+        )
         self._output: list[dict[str, Any]] = []
         self._open: list[_Item] = []  # the item being streamed (a call joins once named)
         self._calls: dict[int, _Call] = {}
@@ -109,8 +146,6 @@ class ChatStreamTranslator:
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
         self._logprobs = translate.LOGPROBS_INCLUDE in req.include
-        self._started = False
-        self._final: dict[str, Any] | None = None
 
     # -- the Response object
 
@@ -136,24 +171,6 @@ class ChatStreamTranslator:
         return self._response("in_progress")
 
     # -- lifecycle
-
-    def start(self) -> list[dict[str, Any]]:
-        """``response.created`` and ``response.in_progress``."""
-        if self._started:
-            return []
-        self._started = True
-        snapshot = translate.response_object(
-            self._req,
-            response_id=self._id,
-            created_at=self._created_at,
-            status="in_progress",
-            output=[],
-            tool_resources=self._resources,
-        )
-        return [
-            self._events.make("response.created", response=snapshot),
-            self._events.make("response.in_progress", response=copy.copy(snapshot)),
-        ]
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         """The events for one parsed ``chat.completion.chunk``."""
@@ -429,7 +446,7 @@ class ChatStreamTranslator:
         ]
 
 
-class ResponsesStreamTranslator:
+class ResponsesStreamTranslator(_Translator):
     """Re-emits a Responses hub's events as ours: our response id and echo, our sequence numbers.
 
     Items keep the hub's ids. The hub's own ``response.created`` / ``response.in_progress`` are
@@ -444,16 +461,12 @@ class ResponsesStreamTranslator:
         created_at: int,
         tool_resources: Mapping[str, str] = NO_RESOURCES,
     ) -> None:
-        self._req = req
-        self._id = response_id
-        self._created_at = created_at
-        self._resources = dict(tool_resources)
-        self._events = _Events()
+        super().__init__(
+            req, response_id=response_id, created_at=created_at, tool_resources=tool_resources
+        )
         self._items: dict[int, dict[str, Any]] = {}
         self._closed: set[int] = set()
         self._ids: dict[int, str] = {}  # ids given to items the hub sent without one
-        self._started = False
-        self._final: dict[str, Any] | None = None
 
     def _response(self, status: str, output: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return translate.response_object(
@@ -472,16 +485,6 @@ class ResponsesStreamTranslator:
         if self._final is not None:
             return self._final
         return self._response("in_progress", [self._items[i] for i in sorted(self._items)])
-
-    def start(self) -> list[dict[str, Any]]:
-        if self._started:
-            return []
-        self._started = True
-        snapshot = self._response("in_progress", [])
-        return [
-            self._events.make("response.created", response=snapshot),
-            self._events.make("response.in_progress", response=copy.copy(snapshot)),
-        ]
 
     def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Our events for one event of the hub's stream."""
