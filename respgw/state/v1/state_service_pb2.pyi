@@ -53,12 +53,22 @@ class PutTurnRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
     EXPECTED_CONVERSATION_VERSION_FIELD_NUMBER: _builtins.int
+    REQUIRE_INTACT_CHAIN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """The tenant that owns the turn. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
     expected_conversation_version: _builtins.int
     """When set, the conversation's version must equal it or the call is ABORTED (VERSION_MISMATCH)
     and nothing is stored. Unset means append whatever the version is. Ignored without
     response.conversation_id.
+    """
+    require_intact_chain: _builtins.bool
+    """When true, the server also checks that the whole chain behind response.previous_response_id
+    is intact, from the previous response back to the first turn (no response in it deleted or
+    expired), and stores nothing otherwise: FAILED_PRECONDITION (HISTORY_BROKEN). A caller that
+    built the turn on a history it remembered from its own earlier PutTurn calls, instead of
+    reading it with GetHistory, sets it, so that no turn is ever stored on a history that was
+    broken meanwhile. Default false: only the previous response itself is checked. Ignored
+    without response.previous_response_id.
     """
     @_builtins.property
     def response(self) -> _resources_pb2.StoredResponse:
@@ -72,10 +82,11 @@ class PutTurnRequest(_message.Message):
         tenant: _builtins.str = ...,
         response: _resources_pb2.StoredResponse | None = ...,
         expected_conversation_version: _builtins.int | None = ...,
+        require_intact_chain: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_conversation_version", b"_expected_conversation_version", "expected_conversation_version", b"expected_conversation_version", "response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_conversation_version", b"_expected_conversation_version", "expected_conversation_version", b"expected_conversation_version", "response", b"response", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_conversation_version", b"_expected_conversation_version", "expected_conversation_version", b"expected_conversation_version", "require_intact_chain", b"require_intact_chain", "response", b"response", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_conversation_version: _TypeAlias = _typing.Literal["expected_conversation_version"]  # noqa: Y015
     _WhichOneofArgType__expected_conversation_version: _TypeAlias = _typing.Literal["_expected_conversation_version", b"_expected_conversation_version"]  # noqa: Y015
@@ -92,12 +103,17 @@ class PutTurnResponse(_message.Message):
     RESPONSE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
     CONVERSATION_VERSION_FIELD_NUMBER: _builtins.int
+    HISTORY_MAX_ITEMS_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
     """True when nothing was written because the same turn (or the same idempotency key) was already
     stored.
     """
     conversation_version: _builtins.int
     """The conversation's version after the turn, 0 when the turn is not in a conversation."""
+    history_max_items: _builtins.int
+    """The service's own cap on the items GetHistory returns (the operator's setting), 0 for none.
+    A caller that remembers histories uses it to cut them exactly as GetHistory would.
+    """
     @_builtins.property
     def response(self) -> _resources_pb2.StoredResponse:
         """The stored turn, with server-set fields filled in. On a replay, the first stored turn."""
@@ -108,10 +124,11 @@ class PutTurnResponse(_message.Message):
         response: _resources_pb2.StoredResponse | None = ...,
         replayed: _builtins.bool = ...,
         conversation_version: _builtins.int = ...,
+        history_max_items: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_version", b"conversation_version", "replayed", b"replayed", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_version", b"conversation_version", "history_max_items", b"history_max_items", "replayed", b"replayed", "response", b"response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
