@@ -4,9 +4,18 @@ Every sequence starts with ``response.created`` and ``response.in_progress``; ``
 starts at 0 and grows by one per event. Each output item is opened with
 ``response.output_item.added`` and closed with ``response.output_item.done`` before the next one
 opens, keeps its id and ``output_index`` throughout, and is followed by the terminal event:
-``response.completed``, ``response.incomplete`` (the hub hit max tokens), or ``error`` then
-``response.failed``. Items still open when a stream fails are not closed: the failed response
-carries them with status ``incomplete``.
+``response.completed``, ``response.incomplete`` (the hub hit max tokens or its content filter),
+or ``error`` then ``response.failed``. Items still open when a stream fails are not closed: the
+failed response carries them with status ``incomplete``. The SSE stream the client gets ends with
+:data:`SSE_DONE` after that, as OpenAI's does.
+
+A hub's stream is finished only when the hub said so: a chat stream by a ``finish_reason`` in its
+choice, a Responses stream by its terminal event. A stream that ends without it (a model server
+that stopped or was restarted mid-answer and closed the connection cleanly, with or without
+``[DONE]``) is an early end: ``finish()`` raises :class:`errors.UpstreamError` with code
+:data:`STREAM_INCOMPLETE`, the caller answers ``response.failed`` (:meth:`fail`), and the partial
+answer is never stored as ``completed`` (nor as ``incomplete``, whose reasons say the model stopped
+on purpose), so no later turn builds on it.
 
 :func:`replay_events` rebuilds that sequence from a stored response, event type for event type,
 with one delta per content part (the stored response does not keep the hub's chunk boundaries).
@@ -28,10 +37,28 @@ from router_svc.validate import TurnRequest, output_text
 
 _TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 
+# The error code of a hub stream that ended before the hub said it had finished.
+STREAM_INCOMPLETE = "upstream_stream_incomplete"
+
+# finish_reason values that say the hub stopped without finishing the answer: vLLM and SGLang end an
+# aborted request's stream (engine shutdown, preemption, an abort) with "abort", then [DONE].
+_ABORTED = frozenset({"abort", "error"})
+
+# The last bytes of every SSE stream the router sends, after its terminal event (as OpenAI ends its
+# streams); the openai SDK stops reading there.
+SSE_DONE = b"data: [DONE]\n\n"
+
 
 def sse_encode(event: dict[str, Any]) -> bytes:
     """One server-sent event whose ``event:`` line is the event's type."""
     return b"event: " + str(event["type"]).encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def _ended_early(detail: str) -> errors.UpstreamError:
+    return errors.UpstreamError(
+        f"The model server ended the stream before the answer was finished ({detail}).",
+        code=STREAM_INCOMPLETE,
+    )
 
 
 class _Events:
@@ -201,16 +228,28 @@ class ChatStreamTranslator(_Translator):
             for call in delta.get("tool_calls") or []:
                 if isinstance(call, dict):
                     events += self._call_delta(call)
-            if choice.get("finish_reason"):
-                self._finish_reason = choice["finish_reason"]
+            finish_reason = choice.get("finish_reason")
+            if isinstance(finish_reason, str) and finish_reason:
+                self._finish_reason = finish_reason
         return events
 
     def finish(self) -> list[dict[str, Any]]:
-        """Closes the open items, then ``response.completed`` (or ``response.incomplete``)."""
+        """The hub's stream ended: closes the open items, then ``response.completed`` (any
+        finish_reason that says the answer is whole: stop, tool_calls, ...) or
+        ``response.incomplete`` (length, content_filter).
+
+        Raises :class:`errors.UpstreamError` (code :data:`STREAM_INCOMPLETE`) when the hub never
+        sent a finish_reason, or sent one that says it gave up (abort, error); the caller then
+        answers :meth:`fail`.
+        """
         if self._final is not None:
             return []
+        if not self._finish_reason:
+            raise _ended_early("no finish_reason")
+        if self._finish_reason in _ABORTED:
+            raise _ended_early(f"finish_reason {self._finish_reason!r}")
         events = self.start()
-        reason = translate.INCOMPLETE_REASONS.get(self._finish_reason or "")
+        reason = translate.INCOMPLETE_REASONS.get(self._finish_reason)
         events += self._close_all(last_status="incomplete" if reason else "completed")
         if reason is None:
             self._final = self._response("completed")
@@ -546,12 +585,12 @@ class ResponsesStreamTranslator(_Translator):
         ]
 
     def finish(self) -> list[dict[str, Any]]:
-        """Nothing after the hub's terminal event; a hub stream that ended without one failed."""
+        """Nothing after the hub's terminal event. Raises :class:`errors.UpstreamError` (code
+        :data:`STREAM_INCOMPLETE`) when the hub's stream ended without one; the caller then
+        answers :meth:`fail`."""
         if self._final is not None:
             return []
-        return self.fail(
-            "server_error", "The model server ended the stream before the response was complete."
-        )
+        raise _ended_early("no response.completed, response.incomplete or response.failed")
 
     def fail(self, code: str, message: str) -> list[dict[str, Any]]:
         if self._final is not None:

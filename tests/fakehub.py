@@ -26,6 +26,9 @@ class Reply:
 
     text / tool_calls / finish_reason / usage shape a normal answer; status+error_body make the
     hub fail; delay_s waits first; malformed sends broken JSON; break_after_chunks cuts a stream.
+    A stream that ends cleanly but early: send_finish_reason=False leaves out the chunk with the
+    finish_reason, send_done=False the closing ``data: [DONE]`` (chat), send_terminal=False the
+    terminal event (a Responses hub); the connection is then closed normally.
     """
 
     text: str | None = None
@@ -39,6 +42,9 @@ class Reply:
     break_after_chunks: int | None = None
     chunk_delay_s: float = 0.0
     reasoning: str | None = None
+    send_finish_reason: bool = True
+    send_done: bool = True
+    send_terminal: bool = True
 
 
 def text_of(message: dict[str, Any]) -> str:
@@ -237,7 +243,8 @@ class FakeHub:
             "object": "chat.completion.chunk",
             "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}],
         }
-        await resp.write(b"data: " + orjson.dumps(end) + b"\n\n")
+        if reply.send_finish_reason:
+            await resp.write(b"data: " + orjson.dumps(end) + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {
                 **base,
@@ -246,7 +253,8 @@ class FakeHub:
                 "usage": self._usage(reply),
             }
             await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
+        if reply.send_done:
+            await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
 
@@ -329,8 +337,9 @@ class FakeHub:
                 "part": {**part, "text": text},
             },
             {"type": "response.output_item.done", "output_index": 0, "item": item},
-            {"type": "response.completed", "response": response},
         ]
+        if reply.send_terminal:
+            events.append({"type": "response.completed", "response": response})
         for seq, event in enumerate(events):
             event["sequence_number"] = seq
             await resp.write(

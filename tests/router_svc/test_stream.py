@@ -37,14 +37,16 @@ class SdkResult:
         return [e.type for e in self.events]
 
 
-def through_sdk(events: list[dict[str, Any]], *, starting_after: int | None = None) -> SdkResult:
-    """Feeds the SSE bytes to the SDK exactly as a server would send them.
+def through_sdk(
+    events: list[dict[str, Any]], *, starting_after: int | None = None, after_done: bytes = b""
+) -> SdkResult:
+    """Feeds the SSE bytes to the SDK exactly as a server would send them, ``data: [DONE]`` last.
 
     The client validates every event strictly against the SDK's types and the SDK's stream helper
     (ResponseStream) accumulates them, raising on any inconsistency: a first event other than
     response.created, a delta before its item, a repeated output_index, a changed identity.
     """
-    body = b"".join(stream.sse_encode(e) for e in events)
+    body = b"".join(stream.sse_encode(e) for e in events) + stream.SSE_DONE + after_done
     client = OpenAI(
         api_key="test", base_url="http://127.0.0.1:9/v1", _strict_response_validation=True
     )
@@ -161,6 +163,15 @@ def test_sse_encoding() -> None:
     assert encoded.endswith(b"\n\n")
     assert encoded.count(b"\n") == 3, "the JSON payload stays on one line"
     assert orjson.loads(encoded.split(b"data: ", 1)[1]) == event
+
+
+def test_streams_end_with_done_and_the_sdk_stops_there() -> None:
+    assert stream.SSE_DONE == b"data: [DONE]\n\n"
+    _, events = run([chunk({"content": "Hi"}), chunk(finish="stop")])
+    garbage = stream.sse_encode({"type": "response.output_text.delta", "sequence_number": 99})
+    sdk = through_sdk(events, after_done=garbage + b"data: {not json\n\n")
+    assert sdk.types == types(events), "nothing after [DONE] is read"
+    assert sdk.final.output_text == "Hi"
 
 
 def test_text_stream() -> None:
@@ -434,6 +445,109 @@ def test_max_tokens_in_a_call_after_text() -> None:
     )
     assert [i["status"] for i in translator.response["output"]] == ["completed", "incomplete"]
     through_sdk(events)
+
+
+# --- how a chat hub's stream ends ----------------------------------------------------------------
+
+HELLO = [
+    chunk({"role": "assistant", "content": ""}),
+    chunk({"content": "Hel"}),
+    chunk({"content": "lo"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("tail", "terminal", "reason"),
+    [
+        # vLLM, SGLang, llama.cpp, Ollama: finish_reason in the last choice chunk, then usage.
+        ([chunk(finish="stop"), usage_chunk()], "response.completed", None),
+        # The finish_reason on the chunk with the last text (older vLLM, some proxies).
+        ([chunk({"content": "!"}, finish="stop")], "response.completed", None),
+        # Names other servers give a natural stop (TGI) count as finished too.
+        ([chunk(finish="eos_token")], "response.completed", None),
+        # A later chunk without finish_reason does not take it back.
+        ([chunk(finish="stop"), chunk()], "response.completed", None),
+        ([chunk(finish="length"), usage_chunk()], "response.incomplete", "max_output_tokens"),
+        ([chunk(finish="content_filter")], "response.incomplete", "content_filter"),
+    ],
+    ids=["stop", "stop with text", "eos_token", "stop then empty", "length", "content_filter"],
+)
+def test_a_stream_the_hub_finished(
+    tail: list[dict[str, Any]], terminal: str, reason: str | None
+) -> None:
+    """Whether [DONE] followed or the hub just closed the stream after its finish_reason, the
+    translator sees the same chunks: the finish_reason alone says the answer is finished."""
+    translator, events = run([*HELLO, *tail])
+    assert_well_formed(events)
+    assert types(events)[-2:] == ["response.output_item.done", terminal]
+    final = translator.response
+    assert final["status"] == terminal.removeprefix("response.")
+    assert final["incomplete_details"] == (None if reason is None else {"reason": reason})
+    assert final["output"][0]["status"] == ("completed" if reason is None else "incomplete")
+    assert final["output"][0]["content"][0]["text"].startswith("Hello")
+    sdk = through_sdk(events)
+    assert sdk.types[-1] == terminal
+    assert (sdk.final is not None) == (reason is None)
+
+
+def test_a_stream_the_hub_finished_with_tool_calls() -> None:
+    translator, events = run(
+        [
+            chunk({"tool_calls": [call(0, id="call_a", name="weather", args='{"c":')]}),
+            chunk({"tool_calls": [call(0, args="1}")]}),
+            chunk(finish="tool_calls"),
+        ]
+    )
+    assert types(events)[-1] == "response.completed"
+    assert translator.response["status"] == "completed"
+    assert translator.response["output"][0]["status"] == "completed"
+    assert translator.response["output"][0]["arguments"] == '{"c":1}'
+    assert through_sdk(events).final.output[0].type == "function_call"
+
+
+EARLY_ENDS: dict[str, list[dict[str, Any]]] = {
+    # The hub closed the stream cleanly mid-answer, with or without [DONE] (the translator sees
+    # the same chunks either way): no finish_reason ever came.
+    "mid text": HELLO,
+    "usage but no finish_reason": [*HELLO, usage_chunk()],
+    "empty chunks only": [*HELLO, chunk(), chunk({})],
+    "before any chunk": [],
+    "mid call": [*HELLO, chunk({"tool_calls": [call(0, id="call_a", name="weather", args="{")]})],
+    "call waiting for its name": [chunk({"tool_calls": [call(0, id="call_a", args="{")]})],
+    # vLLM ends a request its engine aborted with finish_reason "abort", then [DONE].
+    "abort": [*HELLO, chunk(finish="abort"), usage_chunk()],
+    "error": [*HELLO, chunk(finish="error")],
+}
+
+
+@pytest.mark.parametrize("name", EARLY_ENDS)
+def test_a_stream_that_ends_before_the_hub_finished_fails(name: str) -> None:
+    translator = stream.ChatStreamTranslator(req(), response_id="resp_1", created_at=100)
+    events = translator.start()
+    for c in EARLY_ENDS[name]:
+        events += translator.feed(c)
+    with pytest.raises(errors.UpstreamError) as raised:
+        translator.finish()
+    assert raised.value.code == stream.STREAM_INCOMPLETE
+    assert "before the answer was finished" in raised.value.message
+    assert translator.response["status"] == "in_progress", "finish() decided nothing"
+    # What the router then does (turn._pump): fail() with the error's code and message.
+    events += translator.fail(raised.value.code, raised.value.message)
+    assert_well_formed(events)
+    assert types(events)[-2:] == ["error", "response.failed"]
+    assert events[-2]["code"] == "upstream_stream_incomplete"
+    assert not {"response.completed", "response.incomplete"} & set(types(events))
+    final = translator.response
+    assert final["status"] == "failed"
+    assert final["error"] == {"code": "server_error", "message": raised.value.message}
+    statuses = [item["status"] for item in final["output"]]
+    if statuses:  # the item being streamed is left incomplete; those before it were closed
+        assert statuses == [*["completed"] * (len(statuses) - 1), "incomplete"]
+    sdk = through_sdk(events)
+    assert sdk.final is None and sdk.types[-1] == "response.failed"
+    replayed = stream.replay_events(orjson.loads(orjson.dumps(final)))
+    assert collapsed(replayed) == collapsed(events), "a stored failure replays the same"
+    through_sdk(replayed)
 
 
 def test_failure_mid_text() -> None:
@@ -738,12 +852,36 @@ def test_responses_hub_events_are_re_emitted_as_ours() -> None:
     assert sdk.final.id == "resp_1" and sdk.final.output_text == "Hi!"
 
 
-def test_responses_hub_stream_that_stops_early_fails() -> None:
-    translator, events = run_responses(upstream_events()[:6])
+@pytest.mark.parametrize(
+    ("cut", "statuses"),
+    [
+        (2, []),  # before any item
+        (6, ["incomplete"]),  # mid text
+        (8, ["completed"]),  # between two items
+        (10, ["completed", "incomplete"]),  # mid call
+        (12, ["completed", "completed"]),  # every item done, but no terminal event
+    ],
+)
+def test_responses_hub_stream_that_stops_early_fails(cut: int, statuses: list[str]) -> None:
+    """A Responses hub's stream is finished only by its terminal event; without one, finish()
+    raises and the caller answers response.failed, never response.completed."""
+    translator = stream.ResponsesStreamTranslator(req(), response_id="resp_1", created_at=100)
+    events = translator.start()
+    for event in upstream_events()[:cut]:
+        events += translator.feed(event)
+    with pytest.raises(errors.UpstreamError) as raised:
+        translator.finish()
+    assert raised.value.code == stream.STREAM_INCOMPLETE
+    events += translator.fail(raised.value.code, raised.value.message)
     assert types(events)[-2:] == ["error", "response.failed"]
+    assert events[-2]["code"] == "upstream_stream_incomplete"
+    assert "response.completed" not in types(events)
     assert translator.response["status"] == "failed"
-    assert translator.response["output"][0]["status"] == "incomplete"
-    through_sdk(events)
+    assert translator.response["error"]["code"] == "server_error"
+    assert [i["status"] for i in translator.response["output"]] == statuses
+    assert_well_formed(events)
+    sdk = through_sdk(events)
+    assert sdk.final is None
 
 
 def test_responses_hub_failure_is_passed_on() -> None:
