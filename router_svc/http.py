@@ -28,8 +28,37 @@ def tenant(request: Request) -> str:
     return services(request).auth.tenant(request.headers.get("authorization"))
 
 
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def require_json_content_type(request: Request) -> None:
+    """A 415 unless the request says its body is JSON (``application/json``, any parameters).
+
+    The point is cross-site requests: a web page may POST to a gateway on localhost (keyless in
+    local mode) without a CORS preflight only with a "simple" request, whose Content-Type is
+    text/plain, application/x-www-form-urlencoded or multipart/form-data, or which has none at all
+    (fetch() and sendBeacon() send none for a Blob or ArrayBuffer body). Refusing every body that is
+    not declared JSON leaves such a page only requests the browser preflights, which the router
+    never allows (it sends no CORS headers). The openai SDK and every JSON client send
+    ``application/json``.
+    """
+    declared = request.headers.get("content-type", "")
+    if _media_type(declared) == "application/json":
+        return
+    shown = f"'{declared}'" if declared else "missing"
+    raise errors.InvalidRequest(
+        f"Unsupported Content-Type ({shown}): this endpoint takes a JSON body, sent with "
+        "'Content-Type: application/json'.",
+        status=415,
+        code="unsupported_media_type",
+    )
+
+
 async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 in OpenAI's words."""
+    """The request body as a JSON object, or a 400 in OpenAI's words (a 415 for a body that is
+    not declared JSON, see :func:`require_json_content_type`)."""
+    require_json_content_type(request)
     limit = services(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
