@@ -7,7 +7,9 @@ assistant message with ``tool_calls`` (hubs reject one assistant message per cal
 are not replayed, and only function tools are offered: built-in tools (including the stateful
 ``code_interpreter`` and ``shell``) are not something a chat model can call. Request fields a chat
 hub has no use for (store, metadata, truncation, service_tier, prompt_cache_key, ...) are dropped
-from the hub request, as OpenAI-compatible servers do, and still echoed on the response.
+from the hub request, as OpenAI-compatible servers do, and still echoed on the response; the
+hub's own sampling parameters (penalties, seed, vLLM's extras) reach it as given, and top-level
+fields the gateway does not know reach no hub.
 
 Coming back, a chat completion becomes output items in OpenAI's shapes: a reasoning item (when the
 hub returned ``reasoning_content``), a message (``msg_``), then one ``function_call`` (``fc_``) per
@@ -25,7 +27,7 @@ import orjson
 
 from router_svc import errors
 from router_svc.ids import new_id
-from router_svc.validate import TurnRequest, output_text
+from router_svc.validate import HUB_SAMPLING_FIELDS, REQUEST_FIELDS, TurnRequest, output_text
 
 # The codes a Response object's "error" may carry (ResponseError.code in the openai SDK); any
 # other failure is reported there as server_error.
@@ -55,13 +57,25 @@ RESPONSE_ERROR_CODES = frozenset(
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 NO_RESOURCES: Mapping[str, str] = MappingProxyType({})
+NO_STRICT: Mapping[str, bool] = MappingProxyType({})
 
 # Fields of the caller's body that the gateway itself implements, so a Responses hub never sees
-# them: the hub is used statelessly and the gateway stores the turn.
+# them: the hub is used statelessly and the gateway stores the turn (and runs background turns).
 _GATEWAY_FIELDS = frozenset(
-    {"previous_response_id", "conversation", "store", "background", "stream", "stream_options"}
+    {
+        "previous_response_id",
+        "conversation",
+        "store",
+        "background",
+        "background_options",
+        "stream",
+        "stream_options",
+    }
 )
 _CHAT_IMAGE_DETAILS = ("auto", "low", "high")
+# Sampling parameters whose zero changes nothing: a zero is not sent to a Responses hub, which
+# (OpenAI's) may not know them.
+_NEUTRAL_AT_ZERO = ("presence_penalty", "frequency_penalty")
 
 
 # --- out: Chat Completions -------------------------------------------------------------------
@@ -95,7 +109,7 @@ def chat_request(
         if body.get("parallel_tool_calls") is not None:
             out["parallel_tool_calls"] = body["parallel_tool_calls"]
 
-    for key in ("temperature", "top_p", "user"):
+    for key in ("temperature", "top_p", "user", *sorted(HUB_SAMPLING_FIELDS)):
         if body.get(key) is not None:
             out[key] = body[key]
     if body.get("max_output_tokens") is not None:
@@ -291,8 +305,14 @@ def responses_request(
     out: dict[str, Any] = {
         key: value
         for key, value in req.body.items()
-        if key not in _GATEWAY_FIELDS and key not in ("model", "input", "instructions")
+        if key in REQUEST_FIELDS
+        and key not in _GATEWAY_FIELDS
+        and key not in ("model", "input", "instructions")
     }
+    for key in HUB_SAMPLING_FIELDS:
+        value = req.body.get(key)
+        if value is not None and not (key in _NEUTRAL_AT_ZERO and value == 0):
+            out[key] = value
     out["model"] = req.model
     out["input"] = [item for item in (*history, *injected, *req.input_items) if _replayable(item)]
     if req.instructions is not None:
@@ -326,10 +346,12 @@ def response_object(
     incomplete_details: dict[str, Any] | None = None,
     tool_resources: Mapping[str, str] = NO_RESOURCES,
     completed_at: int | None = None,
+    function_strict: Mapping[str, bool] = NO_STRICT,
 ) -> dict[str, Any]:
     """The Response object, echoing the request's parameters (and OpenAI's defaults) as OpenAI does.
 
     ``completed_at`` defaults to now for a completed response and is null otherwise.
+    ``function_strict`` is the strictness a Responses hub applied to function tools, by name.
     """
     body = req.body
 
@@ -344,6 +366,9 @@ def response_object(
     reasoning = given("reasoning", {})
     text = given("text", {})
     tier = given("service_tier", "auto")
+    # OpenAI reports the tier that served the request: "auto" is served at "default", and "fast"
+    # is served (and reported) as "priority".
+    tier = {"auto": "default", "fast": "priority"}.get(tier, tier)
     return {
         "id": response_id,
         "object": "response",
@@ -370,7 +395,7 @@ def response_object(
             "summary": reasoning.get("summary"),
         },
         "safety_identifier": given("safety_identifier"),
-        "service_tier": "default" if tier == "auto" else tier,
+        "service_tier": tier,
         "store": req.store,
         "temperature": given("temperature", 1.0),
         "text": {
@@ -379,25 +404,74 @@ def response_object(
             "verbosity": text.get("verbosity") or "medium",
         },
         "tool_choice": given("tool_choice", "auto"),
-        "tools": echo_tools(req.tools, tool_resources),
+        "tools": echo_tools(req.tools, tool_resources, function_strict),
         "top_logprobs": given("top_logprobs", 0),
         "top_p": given("top_p", 1.0),
+        "presence_penalty": given("presence_penalty", 0.0),
+        "frequency_penalty": given("frequency_penalty", 0.0),
         "truncation": given("truncation", "disabled"),
         "usage": usage,
         "user": given("user"),
         "metadata": dict(req.metadata),
+        **_platform_echo(body),
+    }
+
+
+def _platform_echo(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the Response object says about the fields that mean something on OpenAI's platform
+    only: what was applied, in the Response object's shapes (openai's ``Response`` type)."""
+    programs = body.get("access_programs") or {}
+    image = body.get("image")
+    options = body.get("prompt_cache_options")
+    applied_options = None
+    diagnostics = None
+    if options is not None:
+        applied_options = {
+            "mode": options.get("mode") or "implicit",
+            "ttl": options.get("ttl") or "30m",
+            "comparison_response_id": options.get("comparison_response_id"),
+        }
+        if options.get("comparison_response_id") is not None:
+            # Asked for: the gateway keeps no prompt cache to diagnose.
+            diagnostics = {"type": "unavailable"}
+    compression = (image or {}).get("context_compression")
+    return {
+        # Null is OpenAI's "the implicit Standard program".
+        "access_programs": {"cyber": programs["cyber"]} if programs.get("cyber") else None,
+        # The policy applied: "auto" chooses none here (the gateway does not compress images).
+        "image": None
+        if image is None
+        else {"context_compression": "disabled" if compression in (None, "auto") else compression},
+        # Moderation results: the gateway moderates nothing, so there are none.
+        "moderation": None,
+        "prompt_cache_options": applied_options,
+        "prompt_cache_diagnostics": diagnostics,
     }
 
 
 def echo_tools(
-    tools: Iterable[Mapping[str, Any]], tool_resources: Mapping[str, str]
+    tools: Iterable[Mapping[str, Any]],
+    tool_resources: Mapping[str, str],
+    function_strict: Mapping[str, bool] = NO_STRICT,
 ) -> list[dict[str, Any]]:
-    """The request's tools as the response echoes them, with prepared stateful resources."""
+    """The request's tools as the response echoes them, with prepared stateful resources.
+
+    A function tool always carries ``description``, ``parameters`` (null when not given) and
+    ``strict``. A ``strict`` the caller left out (or null) is echoed as what was applied: false
+    for a chat hub, which gets no ``strict`` then and calls the function best-effort (OpenAI's
+    own fallback when it cannot make a schema strict), or what a Responses hub reports in
+    ``function_strict``.
+    """
     out: list[dict[str, Any]] = []
     for tool in tools:
         echoed = dict(tool)
         kind = echoed.get("type")
-        if kind == "code_interpreter" and tool_resources.get("code_interpreter"):
+        if kind == "function":
+            echoed.setdefault("description", None)
+            echoed.setdefault("parameters", None)
+            if echoed.get("strict") is None:
+                echoed["strict"] = function_strict.get(str(echoed.get("name")), False)
+        elif kind == "code_interpreter" and tool_resources.get("code_interpreter"):
             echoed["container"] = tool_resources["code_interpreter"]
         elif kind == "shell" and tool_resources.get("shell"):
             echoed["environment"] = {
@@ -617,7 +691,23 @@ def from_responses_result(
         incomplete_details=upstream.get("incomplete_details"),
         tool_resources=tool_resources,
         completed_at=completed_at if isinstance(completed_at, int) else None,
+        function_strict=_strict_by_name(upstream.get("tools")),
     )
+
+
+def _strict_by_name(tools: Any) -> dict[str, bool]:
+    """The strictness a Responses hub echoes for its function tools (OpenAI makes a function
+    strict when it can, unless the caller said otherwise)."""
+    out: dict[str, bool] = {}
+    for tool in tools if isinstance(tools, list) else []:
+        if (
+            isinstance(tool, dict)
+            and tool.get("type") == "function"
+            and isinstance(tool.get("name"), str)
+            and isinstance(tool.get("strict"), bool)
+        ):
+            out[tool["name"]] = tool["strict"]
+    return out
 
 
 def with_id(item: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,12 @@ codes (``unknown_parameter``, ``invalid_type``, ``invalid_value``, ``missing_req
 (``input[2].content[0].text``). Fields a chat hub cannot use are still accepted: the translation
 drops them from the hub request and the response echoes them.
 
+Besides the fields of OpenAI's ``ResponseCreateParams``, the sampling parameters of Chat
+Completions hubs (``presence_penalty``, ``frequency_penalty``, ``seed``, and vLLM's extras such as
+``top_k``) are accepted and reach the hub. A top-level field the gateway does not know is ignored,
+counted in ``respgw_router_ignored_parameters_total`` and logged once per name, so that clients
+keep working when the API grows; with ``strict_params`` it is refused (``unknown_parameter``).
+
 Input items are normalized into what the Responses API serves back from ``input_items`` and
 conversation listings: a string input becomes one user message, message content becomes a list of
 parts, and every item gets an id (``msg_``, ``fc_``, ``fco_`` ...) and a status where OpenAI has one.
@@ -14,17 +20,36 @@ parts, and every item gets an id (``msg_``, ``fc_``, ``fco_`` ...) and a status 
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
+from prometheus_client import Counter
 
 from router_svc import errors
 from router_svc.ids import new_id
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
+
+IGNORED_PARAMETERS = Counter(
+    "respgw_router_ignored_parameters_total",
+    "Top-level request parameters the router did not know and ignored, by name (64 names at "
+    "most; any further name, or one that is not a plain identifier, counts as 'other').",
+    ["param"],
+)
+# The ignored names that get a label of their own: a bounded set, so that clients cannot grow
+# the metric without limit.
+MAX_IGNORED_NAMES = 64
+OTHER_PARAMETER = "other"
+_LABEL_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ignored_names: set[str] = set()
+_other_logged = False
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
@@ -33,11 +58,13 @@ MIN_OUTPUT_TOKENS = 16
 
 _NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
-# Every field of ResponseCreateParams in the openai SDK, plus stream.
-_FIELDS = frozenset(
+# Every field of ResponseCreateParams in the openai SDK, plus stream (a test fails when the
+# installed SDK has one more).
+REQUEST_FIELDS = frozenset(
     {
         "access_programs",
         "background",
+        "background_options",
         "context_management",
         "conversation",
         "image",
@@ -71,6 +98,31 @@ _FIELDS = frozenset(
         "user",
     }
 )
+
+# Sampling parameters of Chat Completions hubs that the Responses API lacks: OpenAI's penalties
+# and seed, and the extras vLLM, SGLang and llama.cpp servers take. They reach the hub as given;
+# the response echoes the two penalties (0 when not given), as Open Responses defines them.
+HUB_SAMPLING_FIELDS = frozenset(
+    {
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "stop",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "length_penalty",
+        "min_tokens",
+        "logit_bias",
+        "stop_token_ids",
+        "ignore_eos",
+        "skip_special_tokens",
+        "include_stop_str_in_output",
+        "spaces_between_special_tokens",
+        "chat_template_kwargs",
+    }
+)
+_KNOWN_FIELDS = REQUEST_FIELDS | HUB_SAMPLING_FIELDS
 
 INCLUDABLE = (
     "file_search_call.results",
@@ -389,14 +441,20 @@ def _id_with_prefix(value: object, param: str, prefix: str) -> str:
 # --- the request -----------------------------------------------------------------------------
 
 
-def parse_turn_request(body: object, *, default_model: str = "") -> TurnRequest:
-    """Validates a POST /v1/responses body; raises :class:`errors.InvalidRequest` on any bad field."""
+def parse_turn_request(
+    body: object, *, default_model: str = "", strict_params: bool = False
+) -> TurnRequest:
+    """Validates a POST /v1/responses body; raises :class:`errors.InvalidRequest` on any bad field.
+
+    A top-level field the gateway does not know is ignored (and counted), or refused with
+    ``unknown_parameter`` when ``strict_params`` is true.
+    """
     if not isinstance(body, dict):
         raise errors.InvalidRequest(
             f"Invalid type for request body: expected an object, but got {_kind(body)} instead.",
             code="invalid_type",
         )
-    _check_keys(body, _FIELDS, "")
+    _unknown_fields(body, strict=strict_params)
 
     model = body.get("model")
     if model is None or model == "":
@@ -444,6 +502,7 @@ def parse_turn_request(body: object, *, default_model: str = "") -> TurnRequest:
 
     metadata = parse_metadata(body.get("metadata"))
     _scalars(body)
+    _sampling(body)
     tools = _tools(body.get("tools"))
     if body.get("tool_choice") is not None:
         _tool_choice(body["tool_choice"], tools)
@@ -468,6 +527,36 @@ def parse_turn_request(body: object, *, default_model: str = "") -> TurnRequest:
         tools=tools,
         include=include,
     )
+
+
+def _unknown_fields(body: Mapping[str, Any], *, strict: bool) -> None:
+    for key in body:
+        if key in _KNOWN_FIELDS:
+            continue
+        if strict:
+            raise unknown(key)
+        IGNORED_PARAMETERS.labels(_ignored_label(key)).inc()
+
+
+def _ignored_label(name: str) -> str:
+    """The metric label of an ignored parameter; the first time a name is seen, one log line."""
+    global _other_logged
+    if name in _ignored_names:
+        return name
+    if len(_ignored_names) < MAX_IGNORED_NAMES and _LABEL_PATTERN.match(name):
+        _ignored_names.add(name)
+        log.warning(
+            "ignoring an unknown request parameter (--strict-params refuses it)",
+            extra={"param": name},
+        )
+        return name
+    if not _other_logged:
+        _other_logged = True
+        log.warning(
+            "ignoring unknown request parameters; from now on any new name (or one that is not a "
+            f"plain identifier) is counted as '{OTHER_PARAMETER}'"
+        )
+    return OTHER_PARAMETER
 
 
 def _flag(body: Mapping[str, Any], key: str, *, default: bool) -> bool:
@@ -556,6 +645,50 @@ def _scalars(body: Mapping[str, Any]) -> None:
         _string(body["safety_identifier"], "safety_identifier", max_length=128)
 
 
+def _sampling(body: Mapping[str, Any]) -> None:
+    for key, check in _SAMPLING_CHECKS.items():
+        if body.get(key) is not None:
+            check(body[key], key)
+
+
+def _penalty(value: object, param: str) -> None:
+    _decimal(value, param, minimum=-2, maximum=2)
+
+
+def _stop(value: object, param: str) -> None:
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list):
+        raise invalid_type(param, "one of a string or an array of strings", value)
+    for i, entry in enumerate(value):
+        _string(entry, f"{param}[{i}]")
+
+
+def _integers(value: object, param: str) -> None:
+    for i, entry in enumerate(_array(value, param)):
+        _integer(entry, f"{param}[{i}]")
+
+
+_SAMPLING_CHECKS: dict[str, Callable[[object, str], object]] = {
+    "presence_penalty": _penalty,
+    "frequency_penalty": _penalty,
+    "seed": _integer,
+    "stop": _stop,
+    "top_k": lambda v, p: _integer(v, p, minimum=-1),
+    "min_p": lambda v, p: _decimal(v, p, minimum=0, maximum=1),
+    "repetition_penalty": lambda v, p: _decimal(v, p, minimum=0, maximum=math.inf),
+    "length_penalty": lambda v, p: _decimal(v, p, minimum=-math.inf, maximum=math.inf),
+    "min_tokens": lambda v, p: _integer(v, p, minimum=0),
+    "logit_bias": _object,
+    "stop_token_ids": _integers,
+    "ignore_eos": _boolean,
+    "skip_special_tokens": _boolean,
+    "include_stop_str_in_output": _boolean,
+    "spaces_between_special_tokens": _boolean,
+    "chat_template_kwargs": _object,
+}
+
+
 def _include(value: object) -> list[str]:
     if value is None:
         return []
@@ -619,10 +752,28 @@ def _reasoning(value: object) -> None:
 
 
 def _other_objects(body: Mapping[str, Any]) -> None:
-    # Fields the gateway only echoes (or ignores): their shape is checked, their content is not.
+    # Fields that only mean something on OpenAI's platform: the gateway accepts them, echoes what
+    # the Response object has of them, and checks what it echoes. Keys it does not know inside
+    # them are left alone (these objects grow with OpenAI's platform).
     for key in ("access_programs", "image", "moderation", "prompt_cache_options"):
         if body.get(key) is not None:
             _object(body[key], key)
+    _optional_enum(body, "access_programs", "cyber", _CYBER_PROGRAMS)
+    _optional_enum(body, "image", "context_compression", ("auto", "enabled", "disabled"))
+    if body.get("moderation") is not None:
+        _string(_required(body["moderation"], "model", "moderation"), "moderation.model")
+    options = body.get("prompt_cache_options")
+    if options is not None:
+        _optional_enum(body, "prompt_cache_options", "mode", ("implicit", "explicit"))
+        _optional_enum(body, "prompt_cache_options", "ttl", ("30m", "12h"))
+        if options.get("comparison_response_id") is not None:
+            _string(
+                options["comparison_response_id"], "prompt_cache_options.comparison_response_id"
+            )
+        if options.get("prewarm") is not None:
+            _boolean(options["prewarm"], "prompt_cache_options.prewarm")
+    if body.get("background_options") is not None:
+        _background_options(body)
     if body.get("prompt") is not None:
         prompt = _object(body["prompt"], "prompt")
         _check_keys(prompt, {"id", "version", "variables"}, "prompt")
@@ -639,6 +790,34 @@ def _other_objects(body: Mapping[str, Any]) -> None:
             _string(_required(obj, "type", path), f"{path}.type")
             if obj.get("compact_threshold") is not None:
                 _integer(obj["compact_threshold"], f"{path}.compact_threshold", minimum=0)
+
+
+_CYBER_PROGRAMS = ("standard", "daybreak_blue", "daybreak_red")
+
+
+def _optional_enum(
+    body: Mapping[str, Any], parent: str, key: str, allowed: Collection[str]
+) -> None:
+    """Checks ``body[parent][key]`` (the parent an object already checked) when present."""
+    obj = body.get(parent)
+    if obj is not None and obj.get(key) is not None:
+        _enum(obj[key], f"{parent}.{key}", allowed)
+
+
+def _background_options(body: Mapping[str, Any]) -> None:
+    options = _object(body["background_options"], "background_options")
+    window = options.get("completion_window")
+    if window is not None:
+        window = _enum(window, "background_options.completion_window", ("soonest", "2h", "8h"))
+    if options.get("continuation_id") is not None:
+        _string(options["continuation_id"], "background_options.continuation_id")
+    if window in ("2h", "8h") and (not body.get("background") or body.get("stream")):
+        raise errors.InvalidRequest(
+            f"Invalid value for 'background_options.completion_window': the '{window}' "
+            "completion window requires 'background' to be true and 'stream' to be false.",
+            param="background_options.completion_window",
+            code="invalid_value",
+        )
 
 
 # --- tools -----------------------------------------------------------------------------------

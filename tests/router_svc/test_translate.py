@@ -366,6 +366,29 @@ def test_parameters_mapped_and_unusable_ones_dropped() -> None:
     CHAT_BODY.validate_python(body)
 
 
+def test_hub_sampling_fields_reach_a_chat_hub() -> None:
+    sampling = {
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0,
+        "seed": 42,
+        "stop": ["END"],
+        "top_k": 20,
+        "min_p": 0.1,
+        "repetition_penalty": 1.05,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    body = translate.chat_request(
+        req(input="x", top_logprobs=5, client_metadata={"a": "b"}, **sampling),
+        [],
+        [],
+        stream=False,
+    )
+    assert {k: body[k] for k in sampling} == sampling
+    assert body["top_logprobs"] == 5 and body["logprobs"] is True
+    assert "client_metadata" not in body, "fields the gateway does not know reach no hub"
+    CHAT_BODY.validate_python(body)
+
+
 @pytest.mark.parametrize(
     ("fmt", "expected"),
     [
@@ -456,6 +479,27 @@ def test_responses_hub_is_used_statelessly() -> None:
     assert "stream" not in plain and "conversation" not in plain and "instructions" not in plain
 
 
+def test_responses_hub_gets_known_fields_only() -> None:
+    body = translate.responses_request(
+        req(
+            input="x",
+            client_metadata={"installation_id": "i"},
+            background_options={"completion_window": "soonest"},
+            presence_penalty=0,
+            frequency_penalty=0.3,
+            seed=3,
+            top_logprobs=2,
+        ),
+        [],
+        [],
+        stream=False,
+    )
+    assert "client_metadata" not in body, "fields the gateway does not know reach no hub"
+    assert "presence_penalty" not in body, "a zero penalty changes nothing and is not sent"
+    assert (body["frequency_penalty"], body["seed"], body["top_logprobs"]) == (0.3, 3, 2)
+    assert "background_options" not in body, "the gateway runs background turns itself"
+
+
 # --- response_object ---------------------------------------------------------------------------
 
 
@@ -498,10 +542,17 @@ def test_response_object_echoes_defaults_like_openai() -> None:
         "tools": [],
         "top_logprobs": 0,
         "top_p": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
         "truncation": "disabled",
         "usage": None,
         "user": None,
         "metadata": {},
+        "access_programs": None,
+        "image": None,
+        "moderation": None,
+        "prompt_cache_options": None,
+        "prompt_cache_diagnostics": None,
     }
     checked(response)
 
@@ -578,6 +629,104 @@ def test_response_object_echoes_every_parameter() -> None:
     assert request.tools[1]["container"] == {"type": "auto"}, "the request's tools are not changed"
     parsed = checked(response)
     assert parsed.conversation is not None and parsed.conversation.id == "conv_9"
+
+
+def test_response_object_echoes_penalties() -> None:
+    response = translate.response_object(
+        req(input="x", presence_penalty=0.5, frequency_penalty=-1),
+        response_id="r",
+        created_at=1,
+        status="completed",
+        output=[],
+    )
+    assert (response["presence_penalty"], response["frequency_penalty"]) == (0.5, -1)
+    checked(response)
+
+
+def test_echoed_function_tools_always_carry_strict_description_and_parameters() -> None:
+    request = req(
+        input="x",
+        tools=[
+            {"type": "function", "name": "bare"},
+            {"type": "function", "name": "null_strict", "strict": None, "parameters": None},
+            {"type": "function", "name": "loose", "strict": False, "description": "d"},
+            FUNCTION,
+            {"type": "web_search"},
+        ],
+    )
+    response = translate.response_object(
+        request, response_id="r", created_at=1, status="completed", output=[]
+    )
+    assert response["tools"] == [
+        {
+            "type": "function",
+            "name": "bare",
+            "description": None,
+            "parameters": None,
+            "strict": False,
+        },
+        {
+            "type": "function",
+            "name": "null_strict",
+            "strict": False,
+            "parameters": None,
+            "description": None,
+        },
+        {
+            "type": "function",
+            "name": "loose",
+            "strict": False,
+            "description": "d",
+            "parameters": None,
+        },
+        FUNCTION,
+        {"type": "web_search"},
+    ]
+    assert request.tools[0] == {"type": "function", "name": "bare"}, "the request is not changed"
+    checked(response)
+    # A chat hub gets no strict it was not given: the function is called best-effort.
+    chat = translate.chat_request(request, [], [], stream=False)
+    assert [t["function"].get("strict") for t in chat["tools"]] == [None, None, False, True]
+
+
+def test_platform_only_fields_echo_in_the_response_objects_shapes() -> None:
+    request = req(
+        input="x",
+        access_programs={"cyber": "daybreak_blue"},
+        image={"context_compression": "auto"},
+        moderation={"model": "omni-moderation-latest", "policy": {"input": {"mode": "block"}}},
+        prompt_cache_options={"ttl": "12h", "comparison_response_id": "resp_0", "prewarm": False},
+        background_options={"completion_window": "soonest"},
+        context_management=[{"type": "compaction", "compact_threshold": 1000}],
+        stream_options={"include_obfuscation": False},
+        service_tier="fast",
+    )
+    response = translate.response_object(
+        request, response_id="r", created_at=1, status="completed", output=[]
+    )
+    assert response["access_programs"] == {"cyber": "daybreak_blue"}
+    assert response["image"] == {"context_compression": "disabled"}
+    assert response["moderation"] is None
+    assert response["prompt_cache_options"] == {
+        "mode": "implicit",
+        "ttl": "12h",
+        "comparison_response_id": "resp_0",
+    }
+    assert response["prompt_cache_diagnostics"] == {"type": "unavailable"}
+    assert response["service_tier"] == "priority"
+    assert not {"background_options", "context_management", "stream_options"} & set(response)
+    checked(response)
+
+    explicit = translate.response_object(
+        req(input="x", access_programs={}, image={"context_compression": "enabled"}),
+        response_id="r",
+        created_at=1,
+        status="completed",
+        output=[],
+    )
+    assert explicit["access_programs"] is None, "null is OpenAI's implicit Standard program"
+    assert explicit["image"] == {"context_compression": "enabled"}
+    checked(explicit)
 
 
 def test_completed_at_defaults_to_now_only_when_completed() -> None:
@@ -918,6 +1067,30 @@ def test_responses_hub_result_gets_our_id_and_echo() -> None:
     assert response["usage"] == upstream["usage"]
     assert [i["id"] for i in response["output"]][::2] == ["rs_up", "msg_up"]
     assert response["output"][1]["id"].startswith("fc_")
+    checked(response)
+
+
+def test_responses_hub_reports_the_strictness_it_applied() -> None:
+    request = req(
+        input="x",
+        tools=[
+            {"type": "function", "name": "normalized", "parameters": {"type": "object"}},
+            {"type": "function", "name": "mine", "strict": False},
+            {"type": "function", "name": "unreported"},
+        ],
+    )
+    upstream = {
+        "status": "completed",
+        "output": [],
+        "tools": [
+            {"type": "function", "name": "normalized", "strict": True},
+            {"type": "function", "name": "mine", "strict": True},
+            {"type": "web_search"},
+            "nonsense",
+        ],
+    }
+    response = translate.from_responses_result(request, upstream, response_id="r", created_at=1)
+    assert [t["strict"] for t in response["tools"]] == [True, False, False]
     checked(response)
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import logging
 import re
-from typing import Any
+from typing import Any, get_type_hints
 
 import pytest
 from openai._models import validate_type
+from openai.types.responses import response_create_params
 from openai.types.responses.response_item import ResponseItem
+from prometheus_client import REGISTRY
 
 from router_svc import errors, validate
 from router_svc.ids import new_id
@@ -91,7 +94,11 @@ def test_every_sdk_request_field_is_accepted() -> None:
         "access_programs": {"cyber": "standard"},
         "image": {"context_compression": "auto"},
         "moderation": {"model": "omni-moderation-latest"},
+        "background_options": {"completion_window": "soonest", "continuation_id": "c"},
     }
+    # Every field of the SDK is exercised here (conversation, which excludes previous_response_id,
+    # in test_conversation_id_forms).
+    assert set(body) | {"conversation"} >= validate.REQUEST_FIELDS
     original = copy.deepcopy(body)
     req = parse(body)
     assert body == original, "the caller's body must never be mutated"
@@ -133,7 +140,6 @@ def test_nulls_mean_absent() -> None:
 @pytest.mark.parametrize(
     ("body", "code", "param", "message"),
     [
-        ({"model": "m", "foo": 1}, "unknown_parameter", "foo", "Unknown parameter: 'foo'."),
         (
             {"input": "x"},
             "missing_required_parameter",
@@ -416,6 +422,114 @@ def test_nulls_mean_absent() -> None:
             "'context_management[0].type'",
         ),
         ({"model": "m", "moderation": "on"}, "invalid_type", "moderation", "expected an object"),
+        (
+            {"model": "m", "moderation": {}},
+            "missing_required_parameter",
+            "moderation.model",
+            "'moderation.model'",
+        ),
+        (
+            {"model": "m", "access_programs": {"cyber": "red"}},
+            "invalid_value",
+            "access_programs.cyber",
+            "'standard', 'daybreak_blue', and 'daybreak_red'",
+        ),
+        (
+            {"model": "m", "image": {"context_compression": "max"}},
+            "invalid_value",
+            "image.context_compression",
+            "Invalid value: 'max'",
+        ),
+        (
+            {"model": "m", "prompt_cache_options": {"ttl": "1h"}},
+            "invalid_value",
+            "prompt_cache_options.ttl",
+            "'30m' and '12h'",
+        ),
+        (
+            {"model": "m", "prompt_cache_options": {"mode": "never"}},
+            "invalid_value",
+            "prompt_cache_options.mode",
+            "'implicit' and 'explicit'",
+        ),
+        (
+            {"model": "m", "prompt_cache_options": {"prewarm": "yes"}},
+            "invalid_type",
+            "prompt_cache_options.prewarm",
+            "expected a boolean",
+        ),
+        (
+            {"model": "m", "background_options": []},
+            "invalid_type",
+            "background_options",
+            "expected an object",
+        ),
+        (
+            {"model": "m", "background_options": {"completion_window": "1d"}},
+            "invalid_value",
+            "background_options.completion_window",
+            "'soonest', '2h', and '8h'",
+        ),
+        (
+            {"model": "m", "background_options": {"completion_window": "2h"}},
+            "invalid_value",
+            "background_options.completion_window",
+            "requires 'background' to be true and 'stream' to be false",
+        ),
+        (
+            {
+                "model": "m",
+                "background": True,
+                "stream": True,
+                "background_options": {"completion_window": "8h"},
+            },
+            "invalid_value",
+            "background_options.completion_window",
+            "requires 'background' to be true",
+        ),
+        (
+            {"model": "m", "presence_penalty": 2.5},
+            "decimal_above_max_value",
+            "presence_penalty",
+            "Expected a value <= 2",
+        ),
+        (
+            {"model": "m", "frequency_penalty": -3},
+            "decimal_below_min_value",
+            "frequency_penalty",
+            "Expected a value >= -2",
+        ),
+        (
+            {"model": "m", "frequency_penalty": "high"},
+            "invalid_type",
+            "frequency_penalty",
+            "expected a decimal",
+        ),
+        ({"model": "m", "seed": 1.5}, "invalid_type", "seed", "expected an integer"),
+        ({"model": "m", "stop": 3}, "invalid_type", "stop", "a string or an array of strings"),
+        ({"model": "m", "stop": ["a", 1]}, "invalid_type", "stop[1]", "expected a string"),
+        ({"model": "m", "top_k": -2}, "integer_below_min_value", "top_k", ">= -1"),
+        ({"model": "m", "min_p": 1.5}, "decimal_above_max_value", "min_p", "<= 1"),
+        (
+            {"model": "m", "repetition_penalty": -1},
+            "decimal_below_min_value",
+            "repetition_penalty",
+            ">= 0",
+        ),
+        ({"model": "m", "logit_bias": [1]}, "invalid_type", "logit_bias", "expected an object"),
+        (
+            {"model": "m", "stop_token_ids": [1, "2"]},
+            "invalid_type",
+            "stop_token_ids[1]",
+            "expected an integer",
+        ),
+        ({"model": "m", "ignore_eos": 1}, "invalid_type", "ignore_eos", "expected a boolean"),
+        (
+            {"model": "m", "chat_template_kwargs": "x"},
+            "invalid_type",
+            "chat_template_kwargs",
+            "expected an object",
+        ),
     ],
 )
 def test_invalid_fields(body: dict[str, Any], code: str, param: str, message: str) -> None:
@@ -424,6 +538,90 @@ def test_invalid_fields(body: dict[str, Any], code: str, param: str, message: st
     assert message in error.message
     assert error.status == 400
     assert error.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_gateway_knows_every_field_of_the_installed_sdk() -> None:
+    # Fails when the openai SDK grows a request field: teach validate (and translate) its meaning.
+    fields = set(get_type_hints(response_create_params.ResponseCreateParamsBase))
+    fields |= set(get_type_hints(response_create_params.ResponseCreateParamsStreaming))
+    fields |= set(get_type_hints(response_create_params.ResponseCreateParamsNonStreaming))
+    assert fields - validate.REQUEST_FIELDS == set(), "fields of the SDK the gateway does not know"
+    assert validate.REQUEST_FIELDS - fields == set(), "fields the SDK no longer has"
+    assert not validate.REQUEST_FIELDS & validate.HUB_SAMPLING_FIELDS
+
+
+def test_every_hub_sampling_field_is_checked() -> None:
+    assert set(validate._SAMPLING_CHECKS) == validate.HUB_SAMPLING_FIELDS
+
+
+def test_hub_sampling_fields_are_accepted() -> None:
+    body = {
+        "model": "m",
+        "presence_penalty": -2,
+        "frequency_penalty": 1.5,
+        "seed": 7,
+        "stop": ["END", "STOP"],
+        "top_k": 40,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+        "length_penalty": -0.5,
+        "min_tokens": 1,
+        "logit_bias": {"50256": -100},
+        "stop_token_ids": [2],
+        "ignore_eos": False,
+        "skip_special_tokens": True,
+        "include_stop_str_in_output": False,
+        "spaces_between_special_tokens": True,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    assert set(body) - {"model"} == validate.HUB_SAMPLING_FIELDS
+    assert parse(body).body == body
+    assert parse({"model": "m", "stop": "END", "top_k": -1}).body["stop"] == "END"
+
+
+def ignored_count(name: str) -> float:
+    value = REGISTRY.get_sample_value("respgw_router_ignored_parameters_total", {"param": name})
+    return value or 0.0
+
+
+def test_unknown_top_level_fields_are_ignored_counted_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    name = "client_metadata_" + new_id("x")[-8:]
+    before = ignored_count(name)
+    body = {"model": "m", "input": "hi", name: {"installation_id": "abc"}}
+    with caplog.at_level(logging.WARNING, logger="router_svc.validate"):
+        req = parse(body)
+        parse(body)
+    assert req.input_items[0]["content"] == [{"type": "input_text", "text": "hi"}]
+    assert ignored_count(name) - before == 2
+    logged = [r for r in caplog.records if getattr(r, "param", None) == name]
+    assert len(logged) == 1, "one log line per name per process"
+
+
+def test_unknown_fields_are_refused_in_strict_mode() -> None:
+    error = rejected({"model": "m", "foo": 1}, strict_params=True)
+    assert (error.code, error.param) == ("unknown_parameter", "foo")
+    assert error.message == "Unknown parameter: 'foo'."
+    # Known fields, and the hub's sampling fields, are not "unknown" in strict mode.
+    parse({"model": "m", "background_options": {}, "seed": 1}, strict_params=True)
+
+
+def test_ignored_parameter_labels_are_bounded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(validate, "_ignored_names", set())
+    monkeypatch.setattr(validate, "_other_logged", False)
+    names = [f"bounded_{i}" for i in range(validate.MAX_IGNORED_NAMES)]
+    other_before = ignored_count("other")
+    with caplog.at_level(logging.WARNING, logger="router_svc.validate"):
+        parse({"model": "m", **dict.fromkeys(names, 1)})
+        parse({"model": "m", "one_too_many": 1, "not an identifier!": 1, "x" * 65: 1})
+    assert validate._ignored_names == set(names)
+    assert ignored_count("one_too_many") == 0
+    assert ignored_count("other") - other_before == 3
+    overflow = [r for r in caplog.records if "counted as 'other'" in r.getMessage()]
+    assert len(overflow) == 1
 
 
 def test_body_must_be_an_object() -> None:
