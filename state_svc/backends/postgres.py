@@ -271,18 +271,21 @@ ORDER BY i.seq DESC LIMIT $4
         # is locked as for an update: two calls replacing one running turn serialize here, and
         # the second then reads the first's committed row (READ COMMITTED re-reads a row it
         # waited for). KEY SHARE keeps the previous response from being deleted until this turn
-        # commits without blocking other turns chained on it.
+        # commits without blocking other turns chained on it. `pk = any(ARRAY(...))` fetches
+        # the other rows by primary key: with `pk IN (...)` and statistics in which most rows
+        # have no key, a turn without one (key '') was planned as a hash join over a sequential
+        # scan of the whole table.
         rows = await conn.fetch(
             f"""WITH own AS (
                 SELECT {_TURN_COLUMNS} FROM {s}.responses WHERE tenant = $1 AND id = $2
                 FOR NO KEY UPDATE
             ), other AS (
-                SELECT {_TURN_COLUMNS} FROM {s}.responses WHERE id <> $2 AND pk IN (
+                SELECT {_TURN_COLUMNS} FROM {s}.responses WHERE id <> $2 AND pk = any(ARRAY(
                     SELECT pk FROM {s}.responses WHERE tenant = $1 AND id = $3
                     UNION ALL
                     SELECT pk FROM {s}.responses
                     WHERE tenant = $1 AND idempotency_key = $4 AND idempotency_key <> ''
-                )
+                ))
                 FOR KEY SHARE
             )
             SELECT * FROM own UNION ALL SELECT * FROM other""",
@@ -818,11 +821,14 @@ ORDER BY i.seq DESC LIMIT $4
         for table in ("responses", "conversations"):
             while True:
                 # Small batches keep each transaction short; items go by ON DELETE CASCADE.
+                # `= any(ARRAY(...))` deletes the batch by primary key: with `IN (subquery)`
+                # the planner may hash-join a sequential scan of the whole table instead.
                 status = await self._run(
                     _execute,
-                    f"""DELETE FROM {self._s}.{table} WHERE pk IN (
+                    f"""DELETE FROM {self._s}.{table} WHERE pk = any(ARRAY(
                         SELECT pk FROM {self._s}.{table}
-                        WHERE expire_time_us IS NOT NULL AND expire_time_us <= $1 LIMIT 500)""",
+                        WHERE expire_time_us IS NOT NULL AND expire_time_us <= $1
+                        ORDER BY expire_time_us LIMIT 500))""",
                     base.now_us(),
                 )
                 gone = int(status.split()[-1])

@@ -109,7 +109,7 @@ WITH RECURSIVE chain (pk, id, prev, create_time_us, in_progress) AS (
     WHERE tenant = :tenant AND id = :id AND {LIVE}
   UNION ALL
     SELECT r.pk, r.id, r.previous_response_id, r.create_time_us, r.in_progress
-    FROM chain c JOIN responses r ON r.tenant = :tenant AND r.id = c.prev AND r.pk < c.pk
+    FROM chain c CROSS JOIN responses r ON r.tenant = :tenant AND r.id = c.prev AND r.pk < c.pk
     WHERE r.expire_time_us IS NULL OR r.expire_time_us > :now
 )"""
 _CHAIN_ROWS = """SELECT pk, id, prev, create_time_us, NULL, NULL, NULL, NULL, NULL, in_progress
@@ -118,7 +118,7 @@ HISTORY_SQL = f"""{_CHAIN_SQL}
 {_CHAIN_ROWS}
 UNION ALL
 SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id, i.json, NULL, NULL
-FROM chain c JOIN response_items i ON i.response_pk = c.pk
+FROM chain c CROSS JOIN response_items i ON i.response_pk = c.pk
 ORDER BY 1, 5 NULLS FIRST, 6
 """
 # With a limit, only the newest :limit items, each with the count of all. Kept apart because
@@ -128,7 +128,7 @@ items AS (
     SELECT i.response_pk, i.kind, i.position, i.item_id, i.json,
         row_number() OVER (ORDER BY i.response_pk DESC, i.kind DESC, i.position DESC) AS rank,
         count(*) OVER () AS total
-    FROM chain c JOIN response_items i ON i.response_pk = c.pk
+    FROM chain c CROSS JOIN response_items i ON i.response_pk = c.pk
 )
 {_CHAIN_ROWS}
 UNION ALL
