@@ -55,6 +55,12 @@ class BootstrapSettings:
         "Port of the Prometheus /metrics HTTP endpoint; 0 disables it.",
         env="RESPGW_BOOTSTRAP_METRICS_PORT",
     )
+    metrics_host: str = option(
+        "",
+        "Address the /metrics endpoint binds; empty means the host of --listen, so metrics are "
+        "reachable exactly where the gRPC server is.",
+        env="RESPGW_BOOTSTRAP_METRICS_HOST",
+    )
     otel_endpoint: str = option(
         "",
         "OTLP/gRPC endpoint that receives OpenTelemetry traces (e.g. http://otel-collector:4317); "

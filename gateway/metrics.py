@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
@@ -49,10 +50,51 @@ GRPC_SERVER_LATENCY = Histogram(
 )
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
-    """Serves /metrics on its own port from a daemon thread; port 0 disables it."""
-    if port:
-        start_http_server(port, addr=host)
+def serve_metrics(port: int, host: str = "0.0.0.0") -> WSGIServer | None:
+    """Serves /metrics on ``host:port`` from a daemon thread; port 0 disables it. Returns the
+    server (``shutdown()`` stops it), None when disabled."""
+    if not port:
+        return None
+    server, _thread = start_http_server(port, addr=host)
+    return server
+
+
+class ServiceSettings(Protocol):
+    """The settings of a gRPC service that serves /metrics on a port of its own."""
+
+    @property
+    def listen(self) -> str: ...
+    @property
+    def metrics_port(self) -> int: ...
+    @property
+    def metrics_host(self) -> str: ...
+
+
+def listen_host(listen: str) -> str:
+    """The host of a ``host:port`` listen address, as a bind address (``[::]:50051`` is ``::``).
+
+    Raises ValueError for an address without a host (gRPC refuses those too).
+    """
+    host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"cannot tell the host of listen address {listen!r}: set the metrics host")
+    return host
+
+
+def metrics_host(settings: ServiceSettings) -> str:
+    """Where a service's /metrics binds: its own metrics host setting, else the host it listens
+    on, so a service kept on loopback keeps its metrics there too."""
+    return settings.metrics_host or listen_host(settings.listen)
+
+
+def serve_service_metrics(settings: ServiceSettings) -> WSGIServer | None:
+    """Serves a gRPC service's /metrics on ``metrics_host(settings):settings.metrics_port``;
+    metrics port 0 disables it."""
+    if not settings.metrics_port:
+        return None
+    return serve_metrics(settings.metrics_port, metrics_host(settings))
 
 
 # Health checks come every few seconds from probes: spans of them would bury the real traffic.

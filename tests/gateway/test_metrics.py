@@ -1,16 +1,27 @@
 """The Prometheus metrics of every service, scraped over HTTP from the services running as
 processes after real traffic: request counts and latencies, hub and state call latencies, errors
-by code, the open-streams gauge, and the gRPC servers' per-RPC counts and latencies."""
+by code, the open-streams gauge, and the gRPC servers' per-RPC counts and latencies. And where the
+gRPC services' /metrics binds: the host they listen on, or the metrics host setting."""
 
 from __future__ import annotations
 
+import argparse
+import socket
 import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bootstrap_svc.config import BootstrapSettings
+from gateway import metrics, settings
+from state_svc.config import StateSettings
 from tests.fakehub import FakeHub, Reply
-from tests.gateway.conftest import CODE_INTERPRETER, Processes
+from tests.gateway.conftest import CODE_INTERPRETER, Processes, free_port
+from tests.support import STATE_READY, Process
 
 Labels = dict[str, str]
 
@@ -196,3 +207,128 @@ def test_grpc_services_count_and_time_each_rpc(
         "Check",
     }
     assert "PrepareTools" not in {ls["method"] for ls in state.label_sets(requests)}
+
+
+# -- where /metrics binds -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "host"),
+    [
+        ("127.0.0.1:50051", "127.0.0.1"),
+        ("0.0.0.0:50051", "0.0.0.0"),
+        ("[::]:50051", "::"),
+        ("[::1]:0", "::1"),
+        ("localhost:50052", "localhost"),
+        ("respgw-state-0.respgw-state:50051", "respgw-state-0.respgw-state"),
+    ],
+)
+def test_listen_host(listen: str, host: str) -> None:
+    assert metrics.listen_host(listen) == host
+
+
+@pytest.mark.parametrize("listen", [":50051", "50051", "[]:50051", "unix:/run/respgw.sock", "h:x"])
+def test_listen_host_refuses_an_address_without_one(listen: str) -> None:
+    with pytest.raises(ValueError, match="metrics host"):
+        metrics.listen_host(listen)
+
+
+@pytest.mark.parametrize("cls", [StateSettings, BootstrapSettings])
+def test_metrics_host_is_the_listen_host_unless_set(cls: type[Any]) -> None:
+    assert metrics.metrics_host(cls()) == "127.0.0.1", "the default listen is loopback"
+    assert metrics.metrics_host(replace(cls(), listen="0.0.0.0:1")) == "0.0.0.0"
+    assert metrics.metrics_host(replace(cls(), listen="[::]:1")) == "::"
+    chosen = replace(cls(), listen="0.0.0.0:1", metrics_host="10.1.2.3")
+    assert metrics.metrics_host(chosen) == "10.1.2.3"
+
+
+@pytest.mark.parametrize(
+    ("cls", "prefix"), [(StateSettings, "STATE"), (BootstrapSettings, "BOOTSTRAP")]
+)
+def test_metrics_host_is_a_flag_and_a_variable(
+    cls: type[Any], prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert f"RESPGW_{prefix}_METRICS_HOST" in settings.env_names(cls)
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, cls)
+    parsed = settings.from_namespace(cls, parser.parse_args(["--metrics-host", "::1"]))
+    assert parsed.metrics_host == "::1"
+    monkeypatch.setenv(f"RESPGW_{prefix}_METRICS_HOST", "127.0.0.9")
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, cls)
+    assert settings.from_namespace(cls, parser.parse_args([])).metrics_host == "127.0.0.9"
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except ConnectionRefusedError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("listen", "metrics_host", "bound", "not_bound"),
+    [
+        ("127.0.0.2:0", "", "127.0.0.2", "127.0.0.1"),  # the service's own host
+        ("127.0.0.2:0", "127.0.0.3", "127.0.0.3", "127.0.0.2"),  # the metrics host setting
+    ],
+)
+def test_service_metrics_bind_only_the_chosen_address(
+    listen: str, metrics_host: str, bound: str, not_bound: str, http: httpx.Client
+) -> None:
+    # Linux routes all of 127.0.0.0/8 to loopback: a listener on 127.0.0.2 does not answer on
+    # 127.0.0.1, one on 0.0.0.0 would answer on both.
+    port = free_port()
+    chosen = replace(StateSettings(), listen=listen, metrics_port=port, metrics_host=metrics_host)
+    server = metrics.serve_service_metrics(chosen)
+    assert server is not None
+    try:
+        assert server.server_address[0] == bound
+        Scrape(http, f"http://{bound}:{port}/metrics")
+        for other in {not_bound, "127.0.0.1"}:
+            assert not _answers(other, port), f"/metrics also answers on {other}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_metrics_port_zero_serves_nothing() -> None:
+    assert metrics.serve_service_metrics(replace(BootstrapSettings(), metrics_port=0)) is None
+    assert metrics.serve_metrics(0) is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="state_svc/server.py and bootstrap_svc/server.py still call "
+    "metrics.serve_metrics(settings.metrics_port), which binds 0.0.0.0; they are to call "
+    "metrics.serve_service_metrics(settings) (then drop this mark)",
+)
+@pytest.mark.parametrize("service", ["state", "bootstrap"])
+def test_a_service_on_loopback_keeps_its_metrics_there(
+    service: str, tmp_path: Path, http: httpx.Client
+) -> None:
+    port = free_port()
+    prefix = service.upper()
+    proc = Process(
+        [
+            service,
+            "--listen",
+            "127.0.0.2:0",
+            *(["--backend", "memory"] if service == "state" else []),
+        ],
+        env={
+            f"RESPGW_{prefix}_METRICS_PORT": str(port),
+            "RESPGW_BOOTSTRAP_WORKDIR": str(tmp_path / "sessions"),
+        },
+    )
+    proc.start(STATE_READY)
+    try:
+        deadline = time.monotonic() + 10
+        while not _answers("127.0.0.2", port):  # the state service opens /metrics after gRPC
+            assert time.monotonic() < deadline, "/metrics never answered on 127.0.0.2"
+            time.sleep(0.05)
+        Scrape(http, f"http://127.0.0.2:{port}/metrics")
+        assert not _answers("127.0.0.1", port), "/metrics answers on every interface"
+    finally:
+        proc.stop()
