@@ -114,12 +114,18 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         )
         result = await self._timed(
             "put_turn",
-            self._backend.put_turn(tenant, turn, expected_conversation_version=expected),
+            self._backend.put_turn(
+                tenant,
+                turn,
+                expected_conversation_version=expected,
+                require_intact_chain=request.require_intact_chain,
+            ),
         )
         return state_service_pb2.PutTurnResponse(
             response=_turn_pb(result.turn),
             replayed=result.replayed,
             conversation_version=result.conversation_version,
+            history_max_items=self._settings.history_max_items,
         )
 
     async def GetResponse(

@@ -100,8 +100,19 @@ class Backend(Protocol):
     tenant, and every lookup treats expired rows as absent."""
 
     async def put_turn(
-        self, tenant: str, turn: Turn, *, expected_conversation_version: int | None
-    ) -> PutTurnResult: ...
+        self,
+        tenant: str,
+        turn: Turn,
+        *,
+        expected_conversation_version: int | None,
+        require_intact_chain: bool = False,
+    ) -> PutTurnResult:
+        """Stores a turn (see PutTurn in the proto). With ``require_intact_chain`` a new turn's
+        whole chain, from its previous response back to the first turn, must be live and linked
+        as GetHistory walks it (:func:`check_chain`), or nothing is stored (HISTORY_BROKEN). It
+        is checked where the previous response is: a replay, or the replacement of a running
+        turn, stores nothing new on the chain and answers as without it."""
+        ...
 
     async def get_response(
         self, tenant: str, *, response_id: str = "", idempotency_key: str = ""
@@ -369,6 +380,19 @@ def lookup_turn(turn: Turn, digest: bytes, rows: Iterable[Any], now: int) -> Tur
             previous_live = True
             previous_running = bool(running)
     return TurnLookup(by_key, expired, previous_live, previous_running)
+
+
+def check_chain(previous_id: str, chain: Sequence[tuple[str, str]]) -> None:
+    """Raises HISTORY_BROKEN unless ``chain``, the (id, previous id) of the live responses
+    reached from ``previous_id`` (oldest first, each older than the next), is whole: it starts
+    at a first turn and each response names the one before it."""
+    expected = ""
+    for response_id, previous in chain:
+        if previous != expected:
+            raise history_broken(previous_id, previous)
+        expected = response_id
+    if expected != previous_id:
+        raise previous_response_not_found(previous_id)
 
 
 # --- rows of the SQL backends' history queries ----------------------------------------------

@@ -117,7 +117,12 @@ class MemoryBackend:
     # --- responses ------------------------------------------------------------------------
 
     async def put_turn(
-        self, tenant: str, turn: Turn, *, expected_conversation_version: int | None
+        self,
+        tenant: str,
+        turn: Turn,
+        *,
+        expected_conversation_version: int | None,
+        require_intact_chain: bool = False,
     ) -> PutTurnResult:
         now = base.now_us()
         digest = base.turn_digest(turn)
@@ -139,6 +144,8 @@ class MemoryBackend:
                 raise base.previous_response_not_found(turn.previous_response_id)
             if previous.turn.in_progress:
                 raise base.previous_response_in_progress(turn.previous_response_id)
+            if require_intact_chain:
+                self._chain(tenant, previous, now)
         stored = base.stored_turn(turn, now, base.expire_at(now, self._retention_s))
         version = self._add_to_conversation(tenant, turn, expected_conversation_version, now)
         self._pk += 1
@@ -196,6 +203,14 @@ class MemoryBackend:
             raise base.response_not_found(response_id)
         if row.turn.in_progress:
             raise base.response_in_progress(response_id)
+        chain = self._chain(tenant, row, now)
+        items = [i for r in chain for i in (*r.turn.input_items, *r.turn.output_items)]
+        kept, omitted = base.cut_oldest(items, limit)
+        return History(items=kept, omitted=omitted, response_ids=[r.turn.id for r in chain])
+
+    def _chain(self, tenant: str, row: _Response, now: int) -> list[_Response]:
+        """The chain ending at ``row``, oldest first; raises HISTORY_BROKEN when a link is
+        gone."""
         chain = [row]
         while chain[-1].turn.previous_response_id:
             prev_id = chain[-1].turn.previous_response_id
@@ -203,12 +218,10 @@ class MemoryBackend:
             # A previous response stored after its follower is a re-created id, not the
             # original link: the original was deleted, so the history is broken.
             if prev is None or prev.pk >= chain[-1].pk:
-                raise base.history_broken(response_id, prev_id)
+                raise base.history_broken(row.turn.id, prev_id)
             chain.append(prev)
         chain.reverse()
-        items = [i for r in chain for i in (*r.turn.input_items, *r.turn.output_items)]
-        kept, omitted = base.cut_oldest(items, limit)
-        return History(items=kept, omitted=omitted, response_ids=[r.turn.id for r in chain])
+        return chain
 
     async def delete_response(self, tenant: str, response_id: str) -> None:
         row = self._response(tenant, response_id, base.now_us())

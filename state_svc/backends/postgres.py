@@ -152,6 +152,14 @@ WITH RECURSIVE chain (pk, id, prev, create_time_us, in_progress) AS (
         LIMIT 1
     ) r
 )"""
+        # The chain behind a new turn's previous response for require_intact_chain, locked
+        # (KEY SHARE, like the previous response itself) so that no response in it can be
+        # deleted until the turn commits; a response deleted between the walk and the lock is
+        # not returned, and base.check_chain then finds the gap.
+        self._chain_links_sql = f"""{chain}
+SELECT id, previous_response_id FROM {s}.responses
+WHERE pk = any(ARRAY(SELECT pk FROM chain)) ORDER BY pk FOR KEY SHARE
+"""
         chain_rows = """SELECT pk, id, prev, create_time_us, NULL::smallint, NULL::integer,
     NULL::text, NULL::bytea, NULL::bigint, in_progress FROM chain"""
         items = f"""chain c CROSS JOIN LATERAL (
@@ -257,13 +265,31 @@ ORDER BY i.seq DESC LIMIT $4
     # --- responses ------------------------------------------------------------------------
 
     async def put_turn(
-        self, tenant: str, turn: Turn, *, expected_conversation_version: int | None
+        self,
+        tenant: str,
+        turn: Turn,
+        *,
+        expected_conversation_version: int | None,
+        require_intact_chain: bool = False,
     ) -> PutTurnResult:
         digest = base.turn_digest(turn)
-        return await self._run(self._put_turn, tenant, turn, digest, expected_conversation_version)
+        return await self._run(
+            self._put_turn,
+            tenant,
+            turn,
+            digest,
+            expected_conversation_version,
+            require_intact_chain,
+        )
 
     async def _put_turn(
-        self, conn: Conn, tenant: str, turn: Turn, digest: bytes, expected: int | None
+        self,
+        conn: Conn,
+        tenant: str,
+        turn: Turn,
+        digest: bytes,
+        expected: int | None,
+        intact_chain: bool,
     ) -> PutTurnResult:
         s = self._s
         now = base.now_us()
@@ -304,6 +330,9 @@ ORDER BY i.seq DESC LIMIT $4
             # Expired but not yet swept: such rows must not block the id or the key.
             await conn.execute(f"DELETE FROM {s}.responses WHERE pk = any($1)", found.expired)
         found.check_previous(turn)
+        if intact_chain and turn.previous_response_id:
+            links = await conn.fetch(self._chain_links_sql, tenant, turn.previous_response_id, now)
+            base.check_chain(turn.previous_response_id, [(r[0], r[1]) for r in links])
 
         expire = base.expire_at(now, self._retention_s)
         conversation = await self._conversation_for(conn, tenant, turn, expected, now)

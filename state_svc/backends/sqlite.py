@@ -137,6 +137,12 @@ FROM items WHERE rank <= :limit
 ORDER BY 1, 5 NULLS FIRST, 6
 """
 
+# The chain behind a new turn's previous response, (id, previous id) oldest first, for
+# require_intact_chain (base.check_chain): the same walk as GetHistory's, over responses only.
+CHAIN_LINKS_SQL = f"""{_CHAIN_SQL}
+SELECT id, prev FROM chain ORDER BY pk
+"""
+
 # The rows a new turn must be checked against: its id, its previous id and its idempotency key.
 # One indexed lookup each: written as an OR, SQLite scans every response of the tenant instead.
 _TURN_COLUMNS = "pk, id, idempotency_key, digest, conversation_version, expire_time_us, in_progress"
@@ -273,12 +279,24 @@ class SqliteBackend:
     # --- responses ------------------------------------------------------------------------
 
     async def put_turn(
-        self, tenant: str, turn: Turn, *, expected_conversation_version: int | None
+        self,
+        tenant: str,
+        turn: Turn,
+        *,
+        expected_conversation_version: int | None,
+        require_intact_chain: bool = False,
     ) -> PutTurnResult:
-        return await self._write(self._put_turn, tenant, turn, expected_conversation_version)
+        return await self._write(
+            self._put_turn, tenant, turn, expected_conversation_version, require_intact_chain
+        )
 
     def _put_turn(
-        self, conn: sqlite3.Connection, tenant: str, turn: Turn, expected: int | None
+        self,
+        conn: sqlite3.Connection,
+        tenant: str,
+        turn: Turn,
+        expected: int | None,
+        intact_chain: bool = False,
     ) -> PutTurnResult:
         now = base.now_us()
         digest = base.turn_digest(turn)
@@ -300,6 +318,11 @@ class SqliteBackend:
         # Expired but not yet swept: such rows must not block the id or the key.
         conn.executemany("DELETE FROM responses WHERE pk = ?", [(pk,) for pk in found.expired])
         found.check_previous(turn)
+        if intact_chain and turn.previous_response_id:
+            links = conn.execute(
+                CHAIN_LINKS_SQL, {"tenant": tenant, "id": turn.previous_response_id, "now": now}
+            ).fetchall()
+            base.check_chain(turn.previous_response_id, links)
 
         conversation = _turn_conversation(conn, tenant, turn, expected, now)
         version = conversation[1] if conversation else 0

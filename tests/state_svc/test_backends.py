@@ -209,6 +209,112 @@ async def test_reused_id_does_not_mend_or_loop_a_broken_chain(client: Client) ->
     assert err.reason == "HISTORY_BROKEN"
 
 
+def put_intact(
+    client: Client, response: resources_pb2.StoredResponse
+) -> Awaitable[pb.PutTurnResponse]:
+    """PutTurn with require_intact_chain."""
+    return client.stub.PutTurn(
+        pb.PutTurnRequest(tenant=TENANT, response=response, require_intact_chain=True)
+    )
+
+
+async def test_intact_chain_required(client: Client) -> None:
+    for n in (1, 2, 3):
+        await client.put(simple_turn(f"resp_{n}", previous=f"resp_{n - 1}" if n > 1 else ""))
+    stored = await put_intact(client, simple_turn("resp_4", previous="resp_3"))
+    assert not stored.replayed
+    history = await client.history(response_id="resp_4")
+    assert list(history.response_ids) == ["resp_1", "resp_2", "resp_3", "resp_4"]
+    # Ignored without a previous response.
+    assert not (await put_intact(client, simple_turn("resp_first"))).replayed
+
+    # The grandparent goes: the previous response is there, its history is not.
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_2"))
+    err = await fails(put_intact(client, simple_turn("resp_5", previous="resp_3")))
+    assert_error(
+        err,
+        FAILED_PRECONDITION,
+        "HISTORY_BROKEN",
+        response_id="resp_3",
+        missing_response_id="resp_2",
+    )
+    assert_error(await fails(client.get("resp_5")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+    # Deeper too, and a retry of a turn stored while the chain was whole is still a replay.
+    err = await fails(put_intact(client, simple_turn("resp_5", previous="resp_4")))
+    assert_error(err, FAILED_PRECONDITION, "HISTORY_BROKEN", missing_response_id="resp_2")
+    assert (await put_intact(client, simple_turn("resp_4", previous="resp_3"))).replayed
+    # A missing previous response is reported as before.
+    err = await fails(put_intact(client, simple_turn("resp_5", previous="resp_2")))
+    assert_error(err, NOT_FOUND, "PREVIOUS_RESPONSE_NOT_FOUND", previous_response_id="resp_2")
+    assert_error(await fails(client.get("resp_5")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+
+    # Without the flag nothing changed: only the previous response is checked.
+    assert not (await client.put(simple_turn("resp_5", previous="resp_3"))).replayed
+    err = await fails(client.history(response_id="resp_5"))
+    assert_error(err, FAILED_PRECONDITION, "HISTORY_BROKEN", missing_response_id="resp_2")
+
+
+async def test_intact_chain_walks_like_history(client: Client) -> None:
+    # A re-created id is not the original link (see the test above it for GetHistory).
+    await client.put(simple_turn("resp_a"))
+    await client.put(simple_turn("resp_b", previous="resp_a"))
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_a"))
+    await client.put(simple_turn("resp_a", previous="resp_b", body="new"))
+    err = await fails(put_intact(client, simple_turn("resp_c", previous="resp_b")))
+    assert_error(err, FAILED_PRECONDITION, "HISTORY_BROKEN", missing_response_id="resp_a")
+    err = await fails(put_intact(client, simple_turn("resp_c", previous="resp_a")))
+    assert err.reason == "HISTORY_BROKEN"
+    # A running previous response is reported as before.
+    await client.put(simple_turn("resp_1"))
+    await client.put(running_turn("resp_bg", previous="resp_1"))
+    err = await fails(put_intact(client, simple_turn("resp_c", previous="resp_bg")))
+    assert_error(err, FAILED_PRECONDITION, "RESPONSE_IN_PROGRESS", previous_response_id="resp_bg")
+    assert_error(await fails(client.get("resp_c")), NOT_FOUND, "RESPONSE_NOT_FOUND")
+    # A long chain is walked whole.
+    previous = ""
+    for n in range(150):
+        await client.put(simple_turn(f"long_{n}", previous=previous))
+        previous = f"long_{n}"
+    assert not (await put_intact(client, simple_turn("long_end", previous=previous))).replayed
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="long_0"))
+    err = await fails(put_intact(client, simple_turn("long_next", previous="long_end")))
+    assert_error(err, FAILED_PRECONDITION, "HISTORY_BROKEN", missing_response_id="long_0")
+
+
+async def test_intact_chain_refuses_an_expired_ancestor(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    running = await start(retention_s=2.0)
+    client = connect(running.port)
+    first = await client.put(simple_turn("resp_1"))
+    await asyncio.sleep(1.2)
+    second = await client.put(simple_turn("resp_2", previous="resp_1"))
+    assert not (await put_intact(client, simple_turn("resp_3", previous="resp_2"))).replayed
+    await sleep_until(first.response.expire_time.ToNanoseconds() / 1e9 + 0.05)
+    err = await fails(put_intact(client, simple_turn("resp_4", previous="resp_2")))
+    assert_error(
+        err,
+        FAILED_PRECONDITION,
+        "HISTORY_BROKEN",
+        response_id="resp_2",
+        missing_response_id="resp_1",
+    )
+    # resp_2 has not expired yet: without the flag the turn is stored on it.
+    assert time.time() < second.response.expire_time.ToNanoseconds() / 1e9
+    assert not (await client.put(simple_turn("resp_4", previous="resp_2"))).replayed
+
+
+@pytest.mark.parametrize("backend", ["memory"], indirect=True)
+async def test_put_reports_the_history_cap(start: Start, connect: Callable[..., Client]) -> None:
+    uncapped = connect((await start()).port)
+    assert (await uncapped.put(simple_turn("resp_1"))).history_max_items == 0
+    capped = connect((await start(history_max_items=7)).port)
+    assert (await capped.put(simple_turn("resp_1"))).history_max_items == 7
+    # On a replay too.
+    replayed = await capped.put(simple_turn("resp_1"))
+    assert replayed.replayed and replayed.history_max_items == 7
+
+
 async def test_conversation_turn_keeps_items_after_response_delete(client: Client) -> None:
     conv = await client.conversation()
     put = await client.put(simple_turn("resp_1", conversation=conv))
