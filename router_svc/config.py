@@ -70,6 +70,14 @@ class RouterSettings:
         "(every caller is tenant 'default'): for local use only.",
         env="RESPGW_API_KEYS",
     )
+    strict_params: bool = option(
+        False,
+        "Refuse a POST /v1/responses body with a top-level parameter the gateway does not know "
+        "(400 unknown_parameter). Off, such parameters are ignored, counted in "
+        "respgw_router_ignored_parameters_total and logged once per name, so that clients keep "
+        "working when the API grows.",
+        env="RESPGW_STRICT_PARAMS",
+    )
     max_body_bytes: int = option(
         32 * 1024 * 1024, "Largest request body accepted, in bytes.", env="RESPGW_MAX_BODY_BYTES"
     )

@@ -33,7 +33,11 @@ async def create_response(request: Request) -> Response:
     svc = services(request)
     who = tenant(request)
     body = await read_json(request)
-    req = validate.parse_turn_request(body, default_model=svc.settings.default_model)
+    req = validate.parse_turn_request(
+        body,
+        default_model=svc.settings.default_model,
+        strict_params=svc.settings.strict_params,
+    )
     key = request.headers.get("idempotency-key", "").strip()
     if key and req.store:
         first = await turn.find_idempotent(svc, who, key)
