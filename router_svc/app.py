@@ -24,7 +24,7 @@ from router_svc import auth, bootstrap, errors
 from router_svc.config import RouterSettings
 from router_svc.http import JSONResponse
 from router_svc.hub import HubClient
-from router_svc.routes import conversations, responses
+from router_svc.routes import conversations, passthrough, responses
 from router_svc.services import Services
 from router_svc.state_client import StateClient
 
@@ -248,6 +248,7 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
         routes=[
             *responses.routes,
             *conversations.routes,
+            *passthrough.routes,
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),

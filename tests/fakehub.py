@@ -1,10 +1,10 @@
 """The one fake of the test suites: a small OpenAI-compatible model server that records every
 request it gets and answers from a script.
 
-It serves ``POST /v1/chat/completions`` (whole or streamed) and ``POST /v1/responses`` (a hub that
-speaks the Responses API), on 127.0.0.1 with a port of its own, from a thread of its own so that
-synchronous and asynchronous clients can both use it. Without a script it echoes the last user
-message.
+It serves ``POST /v1/chat/completions`` (whole or streamed), ``POST /v1/responses`` (a hub that
+speaks the Responses API) and ``GET /v1/models`` (``MODELS``), on 127.0.0.1 with a port of its own,
+from a thread of its own so that synchronous and asynchronous clients can both use it. Without a
+script it echoes the last user message.
 """
 
 from __future__ import annotations
@@ -18,6 +18,15 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+# The hub's model list, as vLLM serves it.
+MODELS: dict[str, Any] = {
+    "object": "list",
+    "data": [
+        {"id": "fake-model", "object": "model", "created": 1700000000, "owned_by": "fakehub"},
+        {"id": "org/other-model", "object": "model", "created": 1700000001, "owned_by": "fakehub"},
+    ],
+}
 
 
 @dataclass
@@ -108,6 +117,7 @@ class FakeHub:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._responses)
+        app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -148,6 +158,14 @@ class FakeHub:
         if reply.malformed:
             return web.Response(status=200, body=b'{"choices": [', content_type="application/json")
         return None
+
+    async def _models(self, request: web.Request) -> web.Response:
+        """The model list (recorded with an empty body); a scripted failure fails it too."""
+        reply = self._next({}, request)
+        failed = await self._fail(reply)
+        if failed is not None:
+            return failed
+        return web.json_response(MODELS, dumps=lambda o: orjson.dumps(o).decode())
 
     def _usage(self, reply: Reply) -> dict[str, Any]:
         return reply.usage or {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
