@@ -8,15 +8,23 @@ the write lock is held only for the statements themselves and never across an ev
 writer thread, so they queue in order instead of spinning in SQLite's busy handler; writers in
 other processes wait on the file lock through ``busy_timeout``. Reads use a small pool of reader
 threads and never block on writers (WAL).
+
+Group commit: the writer thread takes every write waiting in its queue (up to
+``GROUP_COMMIT_MAX``) into one transaction, each write in its own savepoint, and commits once, so
+concurrent writes share one fsync. A write that fails is rolled back to its savepoint alone and
+its caller gets its own error; every caller is answered only after the COMMIT that holds its
+write. Writes still apply one after another in arrival order, each seeing those before it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -169,6 +177,43 @@ ORDER BY i.seq DESC LIMIT :limit
 
 _UNAVAILABLE_MARKERS = ("locked", "busy", "unable to open", "disk i/o", "readonly", "full")
 
+# Most writes committed in one transaction (see the module docstring).
+GROUP_COMMIT_MAX = 64
+
+
+def _unavailable(exc: BaseException) -> BaseException:
+    """A lock timeout or a storage failure as BACKEND_UNAVAILABLE; any other error as is."""
+    if isinstance(exc, sqlite3.OperationalError) and any(
+        marker in str(exc).lower() for marker in _UNAVAILABLE_MARKERS
+    ):
+        error = base.backend_unavailable(str(exc))
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+@dataclass(slots=True)
+class _Write:
+    """A write waiting for the writer thread, and where to answer its caller."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    result: Any = None
+    error: BaseException | None = None
+
+
+def _answer(writes: Sequence[_Write]) -> None:
+    """On the callers' event loop: each caller gets its write's result or error."""
+    for write in writes:
+        if write.future.done():  # the caller went away (cancelled)
+            continue
+        if write.error is not None:
+            write.future.set_exception(write.error)
+        else:
+            write.future.set_result(write.result)
+
 
 class SqliteBackend:
     """The state store in one SQLite file; see the module docstring for the threading model."""
@@ -191,6 +236,8 @@ class SqliteBackend:
         self._synchronous = synchronous.upper()
         self._busy_timeout_s = busy_timeout_s
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
+        self._queue: collections.deque[_Write] = collections.deque()
+        self._queue_lock = threading.Lock()
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-read")
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -238,11 +285,10 @@ class SqliteBackend:
             raise
         conn.execute("COMMIT")
 
-    def _transaction(self, write: bool, fn: Callable[..., T], *args: Any) -> T:
+    def _read_transaction(self, fn: Callable[..., T], *args: Any) -> T:
         conn = self._conn()
-        # IMMEDIATE takes the write lock up front (waiting through busy_timeout), so a write
-        # never fails half-way on a lock upgrade; DEFERRED gives reads one consistent snapshot.
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        # DEFERRED gives a read one consistent snapshot without taking the write lock.
+        conn.execute("BEGIN")
         try:
             result = fn(conn, *args)
         except BaseException:
@@ -257,15 +303,78 @@ class SqliteBackend:
         try:
             return await loop.run_in_executor(pool, fn, *args)
         except sqlite3.OperationalError as exc:
-            if any(marker in str(exc).lower() for marker in _UNAVAILABLE_MARKERS):
-                raise base.backend_unavailable(str(exc)) from exc
-            raise
+            raise _unavailable(exc) from exc
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._run(self._writer, self._transaction, True, fn, *args)
+        """Runs ``fn(conn, *args)`` in the writer thread's next group commit."""
+        loop = asyncio.get_running_loop()
+        write = _Write(fn, args, loop, loop.create_future())
+        with self._queue_lock:
+            self._queue.append(write)
+            try:
+                # One drain per write: a drain takes whatever is queued by then, so most of
+                # them find the queue empty under load.
+                self._writer.submit(self._drain)
+            except RuntimeError:  # closed
+                self._queue.remove(write)
+                raise
+        result: T = await write.future
+        return result
+
+    def _drain(self) -> None:
+        """The writer thread: commits every queued write (up to GROUP_COMMIT_MAX) at once."""
+        with self._queue_lock:
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), GROUP_COMMIT_MAX))]
+        if not batch:
+            return
+        try:
+            self._commit_group(self._conn(), batch)
+        finally:
+            by_loop: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
+            for write in batch:
+                by_loop.setdefault(write.loop, []).append(write)
+            for loop, writes in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_answer, writes)
+                except RuntimeError:  # that loop is closed: nobody waits any more
+                    pass
+
+    def _commit_group(self, conn: sqlite3.Connection, batch: Sequence[_Write]) -> None:
+        """Runs each write in its own savepoint of one transaction, then commits. A write's
+        result counts only once COMMIT returned; if the transaction itself fails (BEGIN, COMMIT,
+        or an error that makes SQLite roll it all back), every write gets that error."""
+        try:
+            # IMMEDIATE takes the write lock up front (waiting through busy_timeout), so a
+            # write never fails half-way on a lock upgrade.
+            conn.execute("BEGIN IMMEDIATE")
+        except Exception as exc:
+            for write in batch:
+                write.error = _unavailable(exc)
+            return
+        try:
+            for write in batch:
+                conn.execute("SAVEPOINT one_write")
+                try:
+                    write.result = write.fn(conn, *write.args)
+                except Exception as exc:
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled the whole transaction back
+                    conn.execute("ROLLBACK TO one_write")
+                    write.error = _unavailable(exc)
+                conn.execute("RELEASE one_write")
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            for write in batch:
+                write.result = None
+                if write.error is None:
+                    write.error = _unavailable(exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if not isinstance(exc, Exception):
+                raise
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._run(self._readers, self._transaction, False, fn, *args)
+        return await self._run(self._readers, self._read_transaction, fn, *args)
 
     async def close(self) -> None:
         # A write may still wait on another process's lock: wait for it off the event loop.

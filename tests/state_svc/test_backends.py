@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 
-from gateway.grpcerrors import error_info
+from gateway.grpcerrors import ServiceError, error_info
 from respgw.state.v1 import resources_pb2
 from respgw.state.v1 import state_service_pb2 as pb
 from state_svc import server
+from state_svc.backends.base import Item, PutTurnResult, Turn
+from state_svc.backends.sqlite import SqliteBackend
 from state_svc.config import StateSettings
 from tests.state_svc.conftest import (
     POSTGRES_DSN,
@@ -1077,6 +1081,129 @@ async def test_conversation_expiry_slides_with_appends(
         now.conversation.expire_time.ToNanoseconds()
         > created.conversation.expire_time.ToNanoseconds()
     )
+
+
+# --- SQLite group commit -----------------------------------------------------------------
+
+
+class CountingSqlite(SqliteBackend):
+    """The SQLite backend, counting the transactions its writer commits."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.commits = 0
+        self._counted: set[int] = set()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = super()._conn()
+        if id(conn) not in self._counted:
+            self._counted.add(id(conn))
+            conn.set_trace_callback(self._count)
+        return conn
+
+    def _count(self, statement: str) -> None:
+        writer = threading.current_thread().name.startswith("sqlite-write")
+        if writer and statement.strip().upper() == "COMMIT":
+            self.commits += 1
+
+
+def backend_turn(response_id: str, **fields: Any) -> Turn:
+    """A turn for the backend itself, with items ``<id>-in`` and ``<id>-out`` by default."""
+    items = {
+        "input_items": (Item(id=f"{response_id}-in", json=b"{}"),),
+        "output_items": (Item(id=f"{response_id}-out", json=b"{}"),),
+    }
+    return Turn(id=response_id, response_json=b'{"object": "response"}', **(items | fields))
+
+
+async def queued_while_locked(path: str, writes: list[Awaitable[Any]]) -> list[Any]:
+    """Starts ``writes`` while another connection holds the write lock, so that they queue up
+    behind it; checks that none is answered before it is committed; returns their outcomes."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        tasks = [asyncio.ensure_future(w) for w in writes]
+        await asyncio.sleep(0.3)
+        assert not any(t.done() for t in tasks)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_sqlite_group_commit_keeps_every_write_and_their_order(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    backend = await CountingSqlite(path).open()
+    try:
+        conv = (await backend.create_conversation(TENANT, {}, [], "")).conversation.id
+        backend.commits = 0
+        writes: list[Awaitable[Any]] = []
+        for n in range(150):
+            fields = {"conversation_id": conv} if n % 2 else {}
+            turn = backend_turn(f"resp_{n:03d}", **fields)
+            writes.append(backend.put_turn(TENANT, turn, expected_conversation_version=None))
+        results = await queued_while_locked(path, writes)
+        # Shared transactions (the first writes may have gone alone before the rest queued),
+        # and every caller answered with its own turn.
+        assert backend.commits <= 4, backend.commits
+        assert [r.turn.id for r in results] == [f"resp_{n:03d}" for n in range(150)]
+        assert not any(r.replayed for r in results)
+        # Applied in arrival order: conversation versions and stored order follow the calls.
+        assert [r.conversation_version for r in results[1::2]] == list(range(2, 151, 2))
+        with sqlite3.connect(path) as db:
+            ids = [row[0] for row in db.execute("SELECT id FROM responses ORDER BY pk")]
+        assert ids == [f"resp_{n:03d}" for n in range(150)]
+        history = await backend.conversation_history(TENANT, conv, limit=0)
+        assert [i.sequence for i in history.items] == list(range(1, 151))
+        assert [i.id for i in history.items][:4] == [
+            "resp_001-in", "resp_001-out", "resp_003-in", "resp_003-out",
+        ]  # fmt: skip
+    finally:
+        await backend.close()
+
+
+async def test_sqlite_group_commit_isolates_a_failing_write(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    backend = await CountingSqlite(path).open()
+    try:
+        created = await backend.create_conversation(TENANT, {}, [Item("taken", b"{}")], "")
+        conv = created.conversation.id
+        backend.commits = 0
+        none: dict[str, Any] = {"expected_conversation_version": None}
+        good = [backend_turn(f"resp_{n}", conversation_id=conv) for n in range(10)]
+        # Fails late: its response row and items are written before its item id clashes.
+        bad = backend_turn("resp_bad", conversation_id=conv, input_items=(Item("taken", b"{}"),))
+        # The same id right after it, chained on a turn of the same batch: stored new.
+        again = backend_turn("resp_bad", previous_response_id="resp_4")
+        writes = [backend.put_turn(TENANT, t, **none) for t in good[:5]]
+        writes.append(backend.put_turn(TENANT, bad, **none))
+        writes.append(backend.put_turn(TENANT, again, **none))
+        writes += [backend.put_turn(TENANT, t, **none) for t in good[5:]]
+        results = await queued_while_locked(path, writes)
+        assert backend.commits <= 2, backend.commits
+
+        failed = results[5]
+        assert isinstance(failed, ServiceError) and failed.reason == "ITEM_ID_CONFLICT", failed
+        stored = [r for n, r in enumerate(results) if n != 5]
+        assert all(isinstance(r, PutTurnResult) and not r.replayed for r in stored), results
+        assert [r.conversation_version for r in stored if r.turn.conversation_id] == list(
+            range(3, 22, 2)
+        )
+        # Nothing of the failed write is stored: the turn with its id is the one after it.
+        got = await backend.get_response(TENANT, response_id="resp_bad")
+        assert (got.previous_response_id, got.conversation_id) == ("resp_4", "")
+        history = await backend.conversation_history(TENANT, conv, limit=0)
+        assert [i.id for i in history.items] == ["taken"] + [
+            f"resp_{n}-{part}" for n in range(10) for part in ("in", "out")
+        ]
+        with sqlite3.connect(path) as db:
+            counts = [db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES]
+        assert counts == [11, 22, 1, 21]
+    finally:
+        await backend.close()
+
+
+TABLES = ["responses", "response_items", "conversations", "conversation_items"]
 
 
 # --- the backend going away ---------------------------------------------------------------
