@@ -57,6 +57,8 @@ def check_settings(settings: RouterSettings) -> None:
         raise ValueError(f"--hub-url must start with http:// or https://, got {settings.hub_url!r}")
     if settings.hub_api not in ("chat", "responses"):
         raise ValueError(f"--hub-api must be chat or responses, got {settings.hub_api!r}")
+    if settings.state_streams < 0:
+        raise ValueError(f"--state-streams must be 0 or more, got {settings.state_streams}")
     if not settings.state_address:
         raise ValueError("the state service address is required (--state-address)")
     auth.parse_api_keys(settings.api_keys)
@@ -66,7 +68,11 @@ def build_services(settings: RouterSettings) -> Services:
     check_settings(settings)
     return Services(
         settings=settings,
-        state=StateClient(settings.state_address, timeout_s=settings.state_timeout_s),
+        state=StateClient(
+            settings.state_address,
+            timeout_s=settings.state_timeout_s,
+            exchange_streams=settings.state_streams,
+        ),
         hub=HubClient(
             settings.hub_url,
             api_key=settings.hub_api_key,

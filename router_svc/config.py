@@ -50,6 +50,13 @@ class RouterSettings:
     state_timeout_s: float = option(
         5.0, "Deadline of each state service call, in seconds.", env="RESPGW_STATE_TIMEOUT_S"
     )
+    state_streams: int = option(
+        2,
+        "Exchange streams to the state service that carry the request path's calls (PutTurn, "
+        "GetHistory, GetResponse) at a fraction of a unary call's CPU; 0 makes every call a "
+        "unary RPC.",
+        env="RESPGW_STATE_STREAMS",
+    )
     bootstrap_address: str = option(
         "",
         "gRPC target of the bootstrap service; empty uses the built-in no-op, which prepares "

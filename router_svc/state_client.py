@@ -9,6 +9,7 @@ nothing, or the replay is harmless by contract); any other RPC is never retried.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -60,6 +61,179 @@ def retryable_methods() -> frozenset[str]:
 RETRYABLE = retryable_methods()
 _BACKOFF_S = (0.05, 0.2)
 
+# The RPCs that go over Exchange streams, with their field in ExchangeRequest.call.
+_EXCHANGED = {"PutTurn": "put_turn", "GetHistory": "get_history", "GetResponse": "get_response"}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class CallFailed(Exception):
+    """A call on an Exchange stream that ended with a status other than OK."""
+
+    def __init__(self, info: grpcerrors.RemoteError) -> None:
+        super().__init__(info.message)
+        self.info = info
+
+
+def _unavailable(message: str) -> CallFailed:
+    return CallFailed(
+        grpcerrors.RemoteError(
+            code=grpc.StatusCode.UNAVAILABLE,
+            reason="",
+            message=message,
+            metadata={},
+            domain="",
+        )
+    )
+
+
+class Exchange:
+    """The calls of the request path over a few long-lived Exchange streams (round robin, so
+    that with several state replicas the streams spread over them, and each replaced after
+    ``max_age_s``). A stream that ends fails its unanswered calls as UNAVAILABLE, which the caller
+    retries on a new stream (all three RPCs are safe to replay); the next call opens the new
+    stream."""
+
+    def __init__(self, channel: grpc.aio.Channel, streams: int, max_age_s: float = 60.0) -> None:
+        self._open = channel.stream_stream(
+            f"/{SERVICE_NAME}/Exchange",
+            request_serializer=pb.ExchangeRequest.SerializeToString,
+            response_deserializer=pb.ExchangeResponse.FromString,
+        )
+        self._lanes: list[_Lane | None] = [None] * streams
+        self._turn = 0
+        self._ids = itertools.count()
+        # Streams are replaced after this long, so that new state replicas (and the connection a
+        # server's maximum connection age opened) get their share of the calls.
+        self._max_age_s = max_age_s
+
+    def close(self) -> None:
+        for lane in self._lanes:
+            if lane is not None:
+                lane.close()
+
+    async def call(self, field: str, request: Any, request_id: str, timeout_s: float) -> Any:
+        self._turn = (self._turn + 1) % len(self._lanes)
+        lane = self._lanes[self._turn]
+        if lane is None or lane.closed or time.monotonic() - lane.born > self._max_age_s:
+            if lane is not None and not lane.closed:
+                lane.retire()
+            lane = self._lanes[self._turn] = _Lane(self._open())
+        result = await lane.call(next(self._ids), field, request, request_id, timeout_s)
+        if result.status.code:
+            status = result.status
+            raise CallFailed(
+                grpcerrors.RemoteError(
+                    code=_CODES.get(status.code, grpc.StatusCode.UNKNOWN),
+                    reason=status.reason,
+                    message=status.message,
+                    metadata=dict(status.metadata),
+                    domain=status.domain,
+                )
+            )
+        return getattr(result, field)
+
+
+class _Lane:
+    """One Exchange stream. Calls go into the batch being filled; a writer task sends the batch
+    whenever the previous write is done, and a reader task hands each answer to its caller by
+    call_id."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._pending: dict[int, asyncio.Future[pb.ExchangeResult]] = {}
+        self._batch = pb.ExchangeRequest()
+        self._ready = asyncio.Event()
+        self.closed = False
+        # A retired stream takes no new calls and closes once its last call is answered.
+        self.retired = False
+        self.born = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read())
+        self._writer = loop.create_task(self._write())
+
+    async def call(
+        self, call_id: int, field: str, request: Any, request_id: str, timeout_s: float
+    ) -> pb.ExchangeResult:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[pb.ExchangeResult] = loop.create_future()
+        self._pending[call_id] = future
+        call = self._batch.calls.add(call_id=call_id, request_id=request_id)
+        getattr(call, field).CopyFrom(request)
+        self._ready.set()
+        deadline = loop.call_later(timeout_s, _expire, future)
+        try:
+            return await future
+        finally:
+            deadline.cancel()
+            self._pending.pop(call_id, None)
+            if self.retired and not self._pending:
+                self.close()
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                if self._batch.calls:
+                    batch, self._batch = self._batch, pb.ExchangeRequest()
+                    await self._stream.write(batch)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            self._end(f"the state service stream broke: {exc}")
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                reply = await self._stream.read()
+                if reply is grpc.aio.EOF:
+                    break
+                for result in reply.results:
+                    future = self._pending.pop(result.call_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(result)
+        except grpc.aio.AioRpcError as exc:
+            self._end(f"the state service stream ended: {exc.code().name} {exc.details()}")
+            return
+        except asyncio.CancelledError:
+            self._end("the state client is closing")
+            raise
+        self._end("the state service ended the stream")
+
+    def _end(self, why: str) -> None:
+        """Marks the stream closed and fails every call still waiting on it."""
+        if not self.closed:
+            self.closed = True
+            self._stream.cancel()
+            self._writer.cancel()
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(_unavailable(why))
+
+    def retire(self) -> None:
+        self.retired = True
+        if not self._pending:
+            self.close()
+
+    def close(self) -> None:
+        self._end("the state client is closing")
+        self._reader.cancel()
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(
+            CallFailed(
+                grpcerrors.RemoteError(
+                    code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                    reason="",
+                    message="the state service did not answer in time",
+                    metadata={},
+                    domain="",
+                )
+            )
+        )
+
+
 Resp = TypeVar("Resp")
 
 
@@ -67,7 +241,12 @@ class StateClient:
     """Calls the state service; every failure comes out as a :class:`errors.ApiError`."""
 
     def __init__(
-        self, target: str, *, timeout_s: float, max_message_bytes: int = 64 * 1024 * 1024
+        self,
+        target: str,
+        *,
+        timeout_s: float,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        exchange_streams: int = 2,
     ) -> None:
         self._channel = grpc.aio.insecure_channel(
             target, options=channel_options(max_message_bytes)
@@ -79,8 +258,11 @@ class StateClient:
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
         )
         self._timeout_s = timeout_s
+        self._exchange = Exchange(self._channel, exchange_streams) if exchange_streams else None
 
     async def close(self) -> None:
+        if self._exchange is not None:
+            self._exchange.close()
         await self._channel.close()
 
     async def ready(self) -> bool:
@@ -102,11 +284,16 @@ class StateClient:
         not_found: Callable[[grpcerrors.RemoteError], errors.ApiError] | None = None,
     ) -> Any:
         """Calls ``method`` with ``request``; maps a failure with :func:`errors.from_state_error`
-        (or ``not_found`` for NOT_FOUND)."""
-        rpc = getattr(self._stub, method)
-        metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id_var.get()),)
+        (or ``not_found`` for NOT_FOUND).
+
+        The request path's RPCs (PutTurn, GetHistory, GetResponse) go over the Exchange streams
+        unless tracing is on (a unary call carries its own span to the server)."""
+        rid = request_id_var.get()
+        field = _EXCHANGED.get(method) if self._exchange is not None else None
         span = None
+        metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, rid),)
         if tracing.enabled:
+            field = None
             full = f"{SERVICE_NAME}/{method}"
             span = tracing.start_client(full, tracing.grpc_attributes(full))
             metadata = tracing.grpc_metadata(span, metadata)
@@ -116,32 +303,35 @@ class StateClient:
         try:
             for attempt in range(attempts):
                 try:
+                    if field is not None:
+                        assert self._exchange is not None
+                        return await self._exchange.call(field, request, rid, self._timeout_s)
+                    rpc = getattr(self._stub, method)
                     return await rpc(request, timeout=self._timeout_s, metadata=metadata)
                 except grpc.aio.AioRpcError as exc:
-                    retry = exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < attempts - 1
-                    if retry:
-                        log.warning(
-                            "state call unavailable, retrying",
-                            extra={"method": method, "attempt": attempt + 1},
-                        )
-                        await asyncio.sleep(_BACKOFF_S[attempt])
-                        continue
                     info = grpcerrors.error_info(exc)
-                    code = info.code.name
-                    STATE_CALL_ERRORS.labels(method, code).inc()
-                    if info.code == grpc.StatusCode.NOT_FOUND and not_found is not None:
-                        raise not_found(info) from exc
-                    mapped = errors.from_state_error(info, param=param)
-                    if mapped.status >= 500:
-                        log.error(
-                            "state call failed",
-                            extra={
-                                "method": method,
-                                "code": info.code.name,
-                                "detail": info.message,
-                            },
-                        )
-                    raise mapped from exc
+                    cause: BaseException = exc
+                except CallFailed as exc:
+                    info = exc.info
+                    cause = exc
+                if info.code == grpc.StatusCode.UNAVAILABLE and attempt < attempts - 1:
+                    log.warning(
+                        "state call unavailable, retrying",
+                        extra={"method": method, "attempt": attempt + 1},
+                    )
+                    await asyncio.sleep(_BACKOFF_S[attempt])
+                    continue
+                code = info.code.name
+                STATE_CALL_ERRORS.labels(method, code).inc()
+                if info.code == grpc.StatusCode.NOT_FOUND and not_found is not None:
+                    raise not_found(info) from cause
+                mapped = errors.from_state_error(info, param=param)
+                if mapped.status >= 500:
+                    log.error(
+                        "state call failed",
+                        extra={"method": method, "code": info.code.name, "detail": info.message},
+                    )
+                raise mapped from cause
             raise AssertionError("unreachable")
         except asyncio.CancelledError:
             code = "CANCELLED"

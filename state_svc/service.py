@@ -3,6 +3,7 @@ backend's dataclasses, and maps every error once, here, to a status with ErrorIn
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
@@ -17,6 +18,7 @@ from prometheus_client import Histogram
 
 from gateway import grpcerrors, metrics
 from gateway.grpcerrors import ServiceError
+from gateway.logs import request_id_var
 from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
 from state_svc.backends import base
 from state_svc.backends.base import Backend
@@ -50,6 +52,12 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         self._backend = backend
         self._settings = settings
         self._backend_name = settings.backend
+        # The RPCs an Exchange call may name, by its oneof field: (method name, handler).
+        self._exchanged: dict[str, tuple[str, Callable[[Any], Awaitable[Any]]]] = {
+            "put_turn": ("PutTurn", self._put_turn),
+            "get_history": ("GetHistory", self._get_history),
+            "get_response": ("GetResponse", self._get_response),
+        }
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -65,6 +73,102 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             error = ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
         await grpcerrors.abort(context, error)
         raise AssertionError("abort returned")
+
+    # --- Exchange: the request path's RPCs over one stream ----------------------------------
+
+    async def Exchange(  # type: ignore[override]  # the reader/writer API, not an iterator
+        self,
+        request_iterator: Any,
+        context: Context,
+    ) -> None:
+        """Serves the calls of one Exchange stream concurrently, each as its unary RPC would be
+        served; a writer sends the answers ready at each moment in one message (see the proto)."""
+        tasks: dict[int, asyncio.Task[None]] = {}
+        outbox = [state_service_pb2.ExchangeResponse()]  # the batch being filled
+        ready = asyncio.Event()
+
+        async def answer(call: state_service_pb2.ExchangeCall) -> None:
+            try:
+                await self._exchange_call(call, lambda: outbox[0].results.add(call_id=call.call_id))
+            finally:
+                tasks.pop(call.call_id, None)
+                ready.set()
+
+        async def write() -> None:
+            while True:
+                await ready.wait()
+                ready.clear()
+                if outbox[0].results:
+                    batch, outbox[0] = outbox[0], state_service_pb2.ExchangeResponse()
+                    await context.write(batch)
+
+        writer = asyncio.create_task(write())
+        try:
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    break
+                if not request.calls:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "calls must not be empty")
+                for call in request.calls:
+                    if call.WhichOneof("call") is None:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a call must be set")
+                    if call.call_id in tasks:
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"call_id {call.call_id} is already in flight on this stream",
+                        )
+                    tasks[call.call_id] = asyncio.create_task(answer(call))
+            # The caller closed its side: answer what is still running, then end the stream.
+            while tasks:
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
+            while outbox[0].results and not writer.done():
+                ready.set()
+                await asyncio.sleep(0)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            writer.cancel()
+
+    async def _exchange_call(
+        self,
+        call: state_service_pb2.ExchangeCall,
+        slot: Callable[[], state_service_pb2.ExchangeResult],
+    ) -> None:
+        """Serves one call of an Exchange stream; its answer goes into ``slot()``, a new result
+        in the batch being filled, taken only once the answer is complete."""
+        which = call.WhichOneof("call") or ""
+        method, handler = self._exchanged[which]
+        token = request_id_var.set(call.request_id)
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            reply = await handler(getattr(call, which))
+            getattr(slot(), which).CopyFrom(reply)
+        except ServiceError as exc:
+            code = exc.code.name
+            _set_status(slot().status, exc)
+        except Exception:
+            log.exception("state call failed", extra={"rpc": method})
+            code = "INTERNAL"
+            error = ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+            _set_status(slot().status, error)
+        finally:
+            elapsed = time.perf_counter() - start
+            metrics.GRPC_SERVER_LATENCY.labels(method).observe(elapsed)
+            metrics.GRPC_SERVER_REQUESTS.labels(method, code).inc()
+            if log.isEnabledFor(logging.DEBUG):
+                # The same line the interceptor writes for a unary call.
+                log.debug(
+                    "gRPC call served",
+                    extra={
+                        "rpc": f"/{SERVICE_NAME}/{method}",
+                        "code": code,
+                        "ms": round(elapsed * 1000, 3),
+                        "via": "Exchange",
+                    },
+                )
+            request_id_var.reset(token)
 
     async def _timed(self, op: str, call: Awaitable[T]) -> T:
         start = time.perf_counter()
@@ -374,6 +478,14 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         return state_service_pb2.DeleteConversationItemResponse(
             conversation=_conversation_pb(conversation)
         )
+
+
+def _set_status(status: state_service_pb2.CallStatus, error: ServiceError) -> None:
+    status.code = error.code.value[0]
+    status.message = error.message
+    status.reason = error.reason
+    status.domain = error.domain
+    status.metadata.update(error.metadata)
 
 
 # --- validation ---------------------------------------------------------------------------

@@ -13,8 +13,10 @@ from router_svc import errors, state_client
 def test_retryable_calls_are_those_the_proto_marks_safe() -> None:
     service = pb.DESCRIPTOR.services_by_name["StateService"]
     levels = {m.name: m.GetOptions().idempotency_level for m in service.methods}
-    # Every RPC of the v1 contract declares itself safe to replay...
-    assert state_client.RETRYABLE == set(levels)
+    # Every unary RPC of the v1 contract declares itself safe to replay (Exchange is a stream
+    # whose calls are retried by the rules of the RPCs they carry)...
+    assert state_client.RETRYABLE == set(levels) - {"Exchange"}
+    assert set(state_client._EXCHANGED) <= state_client.RETRYABLE
     # ...and the reads are marked as having no side effects at all.
     reads = {
         "GetResponse",

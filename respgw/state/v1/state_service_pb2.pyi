@@ -828,3 +828,209 @@ class DeleteConversationItemResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteConversationItemResponse: _TypeAlias = DeleteConversationItemResponse  # noqa: Y015
+
+@_typing.final
+class ExchangeRequest(_message.Message):
+    """A batch of calls on an Exchange stream: every call the caller had ready when it wrote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExchangeCall]:
+        """The calls, at least one."""
+
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[Global___ExchangeCall] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExchangeRequest: _TypeAlias = ExchangeRequest  # noqa: Y015
+
+@_typing.final
+class ExchangeCall(_message.Message):
+    """One call on an Exchange stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PUT_TURN_FIELD_NUMBER: _builtins.int
+    GET_HISTORY_FIELD_NUMBER: _builtins.int
+    GET_RESPONSE_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """Chosen by the caller to match the answer to the call; unique among the calls in flight on the
+    stream (a duplicate ends the stream with INVALID_ARGUMENT). Any value, 0 included.
+    """
+    request_id: _builtins.str
+    """The caller's request id, for the server's logs. Empty means none."""
+    @_builtins.property
+    def put_turn(self) -> Global___PutTurnRequest:
+        """A PutTurn call."""
+
+    @_builtins.property
+    def get_history(self) -> Global___GetHistoryRequest:
+        """A GetHistory call."""
+
+    @_builtins.property
+    def get_response(self) -> Global___GetResponseRequest:
+        """A GetResponse call."""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+        put_turn: Global___PutTurnRequest | None = ...,
+        get_history: Global___GetHistoryRequest | None = ...,
+        get_response: Global___GetResponseRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "get_history", b"get_history", "get_response", b"get_response", "put_turn", b"put_turn"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "call_id", b"call_id", "get_history", b"get_history", "get_response", b"get_response", "put_turn", b"put_turn", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["put_turn", "get_history", "get_response"]  # noqa: Y015
+    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+
+Global___ExchangeCall: _TypeAlias = ExchangeCall  # noqa: Y015
+
+@_typing.final
+class ExchangeResponse(_message.Message):
+    """A batch of answers on an Exchange stream: every answer the server had ready when it wrote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExchangeResult]:
+        """The answers, at least one, in no particular order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ExchangeResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExchangeResponse: _TypeAlias = ExchangeResponse  # noqa: Y015
+
+@_typing.final
+class ExchangeResult(_message.Message):
+    """The answer to one call on an Exchange stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    PUT_TURN_FIELD_NUMBER: _builtins.int
+    GET_HISTORY_FIELD_NUMBER: _builtins.int
+    GET_RESPONSE_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """The call_id of the call this answers."""
+    @_builtins.property
+    def status(self) -> Global___CallStatus:
+        """OK, or the status the unary RPC would have returned; when not OK, no result is set."""
+
+    @_builtins.property
+    def put_turn(self) -> Global___PutTurnResponse:
+        """The answer to a PutTurn call."""
+
+    @_builtins.property
+    def get_history(self) -> Global___GetHistoryResponse:
+        """The answer to a GetHistory call."""
+
+    @_builtins.property
+    def get_response(self) -> Global___GetResponseResponse:
+        """The answer to a GetResponse call."""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        status: Global___CallStatus | None = ...,
+        put_turn: Global___PutTurnResponse | None = ...,
+        get_history: Global___GetHistoryResponse | None = ...,
+        get_response: Global___GetResponseResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["get_history", b"get_history", "get_response", b"get_response", "put_turn", b"put_turn", "result", b"result", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "get_history", b"get_history", "get_response", b"get_response", "put_turn", b"put_turn", "result", b"result", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["put_turn", "get_history", "get_response"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___ExchangeResult: _TypeAlias = ExchangeResult  # noqa: Y015
+
+@_typing.final
+class CallStatus(_message.Message):
+    """The outcome of one call on an Exchange stream: a gRPC status code with the google.rpc.ErrorInfo
+    fields a unary call carries in its grpc-status-details-bin trailer.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The google.rpc.Code value (0 is OK)."""
+    message: _builtins.str
+    """The error message; empty when OK."""
+    reason: _builtins.str
+    """ErrorInfo.reason: one of the reasons listed on StateService; empty when OK."""
+    domain: _builtins.str
+    """ErrorInfo.domain ("state.respgw.dev"); empty when OK."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """ErrorInfo.metadata: the offending field or id where there is one."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        domain: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "domain", b"domain", "message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallStatus: _TypeAlias = CallStatus  # noqa: Y015

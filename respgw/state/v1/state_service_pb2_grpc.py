@@ -121,6 +121,11 @@ class StateServiceStub:
                 request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.DeleteConversationItemRequest.SerializeToString,
                 response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.DeleteConversationItemResponse.FromString,
                 _registered_method=True)
+        self.Exchange = channel.stream_stream(
+                '/respgw.state.v1.StateService/Exchange',
+                request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeRequest.SerializeToString,
+                response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeResponse.FromString,
+                _registered_method=True)
 
 
 class StateServiceServicer:
@@ -306,6 +311,32 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exchange(self, request_iterator, context):
+        """Carries many calls of the request path's RPCs (PutTurn, GetHistory, GetResponse) over one
+        long-lived stream, for callers that make thousands of them a second: a call on an open stream
+        costs a fraction of a unary call's CPU on both sides (measured by bench/bench_router.py).
+
+        Each ExchangeCall is one call, handled exactly as the unary RPC it names with the same
+        request (same validation, same idempotency, same durability: a PutTurn is answered only after
+        its turn is stored), and answered by one ExchangeResult with the same call_id. Calls on one
+        stream run concurrently and their answers may come in any order. Both sides batch: an
+        ExchangeRequest carries the calls the caller had ready, an ExchangeResponse the answers the
+        server had ready, so that under load one message carries many calls. A call that fails carries
+        the status and ErrorInfo the unary RPC would have returned in ExchangeResult.status; the
+        stream itself stays open.
+
+        The stream ends with a status only for the stream as a whole: INVALID_ARGUMENT for an
+        ExchangeRequest without calls, a call with no request set or a call_id already in flight, UNAVAILABLE or CANCELLED when the server stops
+        or closes the connection (for example at its maximum connection age). Calls still unanswered
+        when the stream ends have an unknown outcome: the caller treats each as UNAVAILABLE from its
+        unary RPC, and since all three RPCs are safe to replay (see each), retries it, on a new stream.
+        The request id of a call for the server's logs is ExchangeCall.request_id instead of the
+        x-request-id metadata of a unary call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -368,6 +399,11 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.DeleteConversationItem,
                     request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.DeleteConversationItemRequest.FromString,
                     response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.DeleteConversationItemResponse.SerializeToString,
+            ),
+            'Exchange': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeRequest.FromString,
+                    response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -721,6 +757,33 @@ class StateService:
             '/respgw.state.v1.StateService/DeleteConversationItem',
             respgw_dot_state_dot_v1_dot_state__service__pb2.DeleteConversationItemRequest.SerializeToString,
             respgw_dot_state_dot_v1_dot_state__service__pb2.DeleteConversationItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exchange(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/respgw.state.v1.StateService/Exchange',
+            respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeRequest.SerializeToString,
+            respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -165,6 +165,28 @@ class StateServiceStub:
     the deleted number is never reused. Returns NOT_FOUND (CONVERSATION_NOT_FOUND,
     ITEM_NOT_FOUND), which is also what a replay returns.
     """
+    Exchange: _grpc.StreamStreamMultiCallable[_state_service_pb2.ExchangeRequest, _state_service_pb2.ExchangeResponse]
+    """Carries many calls of the request path's RPCs (PutTurn, GetHistory, GetResponse) over one
+    long-lived stream, for callers that make thousands of them a second: a call on an open stream
+    costs a fraction of a unary call's CPU on both sides (measured by bench/bench_router.py).
+
+    Each ExchangeCall is one call, handled exactly as the unary RPC it names with the same
+    request (same validation, same idempotency, same durability: a PutTurn is answered only after
+    its turn is stored), and answered by one ExchangeResult with the same call_id. Calls on one
+    stream run concurrently and their answers may come in any order. Both sides batch: an
+    ExchangeRequest carries the calls the caller had ready, an ExchangeResponse the answers the
+    server had ready, so that under load one message carries many calls. A call that fails carries
+    the status and ErrorInfo the unary RPC would have returned in ExchangeResult.status; the
+    stream itself stays open.
+
+    The stream ends with a status only for the stream as a whole: INVALID_ARGUMENT for an
+    ExchangeRequest without calls, a call with no request set or a call_id already in flight, UNAVAILABLE or CANCELLED when the server stops
+    or closes the connection (for example at its maximum connection age). Calls still unanswered
+    when the stream ends have an unknown outcome: the caller treats each as UNAVAILABLE from its
+    unary RPC, and since all three RPCs are safe to replay (see each), retries it, on a new stream.
+    The request id of a call for the server's logs is ExchangeCall.request_id instead of the
+    x-request-id metadata of a unary call.
+    """
 
 @_typing.type_check_only
 class StateServiceAsyncStub(StateServiceStub):
@@ -302,6 +324,28 @@ class StateServiceAsyncStub(StateServiceStub):
     """Deletes one item of a conversation. The sequence numbers of the other items do not change and
     the deleted number is never reused. Returns NOT_FOUND (CONVERSATION_NOT_FOUND,
     ITEM_NOT_FOUND), which is also what a replay returns.
+    """
+    Exchange: _aio.StreamStreamMultiCallable[_state_service_pb2.ExchangeRequest, _state_service_pb2.ExchangeResponse]  # type: ignore[assignment]
+    """Carries many calls of the request path's RPCs (PutTurn, GetHistory, GetResponse) over one
+    long-lived stream, for callers that make thousands of them a second: a call on an open stream
+    costs a fraction of a unary call's CPU on both sides (measured by bench/bench_router.py).
+
+    Each ExchangeCall is one call, handled exactly as the unary RPC it names with the same
+    request (same validation, same idempotency, same durability: a PutTurn is answered only after
+    its turn is stored), and answered by one ExchangeResult with the same call_id. Calls on one
+    stream run concurrently and their answers may come in any order. Both sides batch: an
+    ExchangeRequest carries the calls the caller had ready, an ExchangeResponse the answers the
+    server had ready, so that under load one message carries many calls. A call that fails carries
+    the status and ErrorInfo the unary RPC would have returned in ExchangeResult.status; the
+    stream itself stays open.
+
+    The stream ends with a status only for the stream as a whole: INVALID_ARGUMENT for an
+    ExchangeRequest without calls, a call with no request set or a call_id already in flight, UNAVAILABLE or CANCELLED when the server stops
+    or closes the connection (for example at its maximum connection age). Calls still unanswered
+    when the stream ends have an unknown outcome: the caller treats each as UNAVAILABLE from its
+    unary RPC, and since all three RPCs are safe to replay (see each), retries it, on a new stream.
+    The request id of a call for the server's logs is ExchangeCall.request_id instead of the
+    x-request-id metadata of a unary call.
     """
 
 class StateServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -509,6 +553,34 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         """Deletes one item of a conversation. The sequence numbers of the other items do not change and
         the deleted number is never reused. Returns NOT_FOUND (CONVERSATION_NOT_FOUND,
         ITEM_NOT_FOUND), which is also what a replay returns.
+        """
+
+    @_abc_1.abstractmethod
+    def Exchange(
+        self,
+        request_iterator: _MaybeAsyncIterator[_state_service_pb2.ExchangeRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_state_service_pb2.ExchangeResponse], _abc.AsyncIterator[_state_service_pb2.ExchangeResponse]]:
+        """Carries many calls of the request path's RPCs (PutTurn, GetHistory, GetResponse) over one
+        long-lived stream, for callers that make thousands of them a second: a call on an open stream
+        costs a fraction of a unary call's CPU on both sides (measured by bench/bench_router.py).
+
+        Each ExchangeCall is one call, handled exactly as the unary RPC it names with the same
+        request (same validation, same idempotency, same durability: a PutTurn is answered only after
+        its turn is stored), and answered by one ExchangeResult with the same call_id. Calls on one
+        stream run concurrently and their answers may come in any order. Both sides batch: an
+        ExchangeRequest carries the calls the caller had ready, an ExchangeResponse the answers the
+        server had ready, so that under load one message carries many calls. A call that fails carries
+        the status and ErrorInfo the unary RPC would have returned in ExchangeResult.status; the
+        stream itself stays open.
+
+        The stream ends with a status only for the stream as a whole: INVALID_ARGUMENT for an
+        ExchangeRequest without calls, a call with no request set or a call_id already in flight, UNAVAILABLE or CANCELLED when the server stops
+        or closes the connection (for example at its maximum connection age). Calls still unanswered
+        when the stream ends have an unknown outcome: the caller treats each as UNAVAILABLE from its
+        unary RPC, and since all three RPCs are safe to replay (see each), retries it, on a new stream.
+        The request id of a call for the server's logs is ExchangeCall.request_id instead of the
+        x-request-id metadata of a unary call.
         """
 
 def add_StateServiceServicer_to_server(servicer: StateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
