@@ -22,6 +22,7 @@ from gateway import logs, tracing
 from gateway.metrics import LATENCY_BUCKETS
 from router_svc import auth, bootstrap, errors
 from router_svc.config import RouterSettings
+from router_svc.history_cache import HistoryCache
 from router_svc.http import JSONResponse
 from router_svc.hub import HubClient
 from router_svc.routes import conversations, passthrough, responses
@@ -57,6 +58,8 @@ def check_settings(settings: RouterSettings) -> None:
         raise ValueError(f"--hub-url must start with http:// or https://, got {settings.hub_url!r}")
     if settings.hub_api not in ("chat", "responses"):
         raise ValueError(f"--hub-api must be chat or responses, got {settings.hub_api!r}")
+    if settings.history_cache_mb < 0:
+        raise ValueError(f"--history-cache-mb must be 0 or more, got {settings.history_cache_mb}")
     if settings.state_streams < 0:
         raise ValueError(f"--state-streams must be 0 or more, got {settings.state_streams}")
     if not settings.state_address:
@@ -81,6 +84,11 @@ def build_services(settings: RouterSettings) -> Services:
         ),
         bootstrapper=bootstrap.make_bootstrapper(settings),
         auth=auth.Authenticator(auth.parse_api_keys(settings.api_keys)),
+        history_cache=(
+            HistoryCache(settings.history_cache_mb * 1024 * 1024)
+            if settings.history_cache_mb > 0
+            else None
+        ),
     )
 
 

@@ -50,6 +50,13 @@ class RouterSettings:
     state_timeout_s: float = option(
         5.0, "Deadline of each state service call, in seconds.", env="RESPGW_STATE_TIMEOUT_S"
     )
+    history_cache_mb: int = option(
+        64,
+        "Memory for the histories of the chains this router stored turns on, so that a turn "
+        "chained on one of them needs no history call (the state service still checks the chain "
+        "when the turn is stored); 0 turns the cache off.",
+        env="RESPGW_HISTORY_CACHE_MB",
+    )
     state_streams: int = option(
         2,
         "Exchange streams to the state service that carry the request path's calls (PutTurn, "

@@ -10,6 +10,7 @@ from typing import Any
 from router_svc.auth import Authenticator
 from router_svc.bootstrap import Bootstrapper
 from router_svc.config import RouterSettings
+from router_svc.history_cache import HistoryCache
 from router_svc.hub import HubClient
 from router_svc.state_client import StateClient
 
@@ -21,6 +22,9 @@ class Services:
     hub: HubClient
     bootstrapper: Bootstrapper
     auth: Authenticator
+    # Histories of the chains this router stored turns on (None: every chained turn reads its
+    # history with GetHistory).
+    history_cache: HistoryCache | None = None
     # Turns that outlive their HTTP request (a streamed turn whose client went away is still read
     # to the end and stored); shutdown waits for them.
     background: set[asyncio.Task[Any]] = field(default_factory=set)

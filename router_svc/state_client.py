@@ -265,6 +265,12 @@ class StateClient:
             self._exchange.close()
         await self._channel.close()
 
+    def connected(self) -> bool:
+        """True while the channel to the state service is connected (no call made): a turn
+        that could not be stored must not call the hub, so remembered histories are used only
+        then."""
+        return self._channel.get_state() == grpc.ChannelConnectivity.READY
+
     async def ready(self) -> bool:
         """True when the state service answers its health check with SERVING."""
         try:

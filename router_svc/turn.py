@@ -32,6 +32,7 @@ import orjson
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
 from router_svc import bootstrap, errors, stream, translate
+from router_svc.history_cache import Chain, HistoryCache
 from router_svc.ids import new_id
 from router_svc.services import Services
 from router_svc.validate import TurnRequest
@@ -54,6 +55,10 @@ class Turn:
     conversation_version: int | None
     idempotency_key: str
     omitted_history_items: int = 0
+    # The remembered chain the history came from (instead of a GetHistory call), if any.
+    parent_chain: Chain | None = None
+    # The JSON bytes of a history read with GetHistory (for the history cache's accounting).
+    history_bytes: int = 0
 
     @property
     def tool_resources(self) -> dict[str, str]:
@@ -108,42 +113,52 @@ async def begin(
     history: list[dict[str, Any]] = []
     version: int | None = None
     omitted = 0
-    lookup = state_service_pb2.GetHistoryRequest(tenant=tenant)
-    if req.previous_response_id:
-        lookup.response_id = req.previous_response_id
-        param = "previous_response_id"
-        prev = req.previous_response_id
+    history_bytes = 0
+    parent_chain = None
+    cache = svc.history_cache
+    if req.previous_response_id and req.store and cache is not None and svc.state.connected():
+        # Verified when the turn is stored (require_intact_chain): see history_cache.
+        parent_chain = cache.get(tenant, req.previous_response_id)
+    if parent_chain is not None:
+        history = list(parent_chain.items)
+        assert cache is not None
+        if cache.max_items and len(history) > cache.max_items:
+            omitted = len(history) - cache.max_items
+            history = history[omitted:]
+    elif req.previous_response_id or req.conversation_id:
+        lookup = state_service_pb2.GetHistoryRequest(tenant=tenant)
+        if req.previous_response_id:
+            lookup.response_id = req.previous_response_id
+            param = "previous_response_id"
+            prev = req.previous_response_id
 
-        def not_found(err: RemoteError) -> errors.ApiError:
-            return errors.previous_response_not_found(prev)
-    elif req.conversation_id:
-        lookup.conversation_id = req.conversation_id
-        param = "conversation"
-        conv = req.conversation_id
+            def not_found(err: RemoteError) -> errors.ApiError:
+                return errors.previous_response_not_found(prev)
+        else:
+            assert req.conversation_id
+            lookup.conversation_id = req.conversation_id
+            param = "conversation"
+            conv = req.conversation_id
 
-        def not_found(err: RemoteError) -> errors.ApiError:
-            return errors.conversation_not_found(conv, param="conversation")
+            def not_found(err: RemoteError) -> errors.ApiError:
+                return errors.conversation_not_found(conv, param="conversation")
 
-    if lookup.HasField("response_id") or lookup.HasField("conversation_id"):
-        reply = await svc.state.call(
-            "GetHistory",
-            lookup,
-            param=param,
-            not_found=not_found,
-        )
+        reply = await svc.state.call("GetHistory", lookup, param=param, not_found=not_found)
         history = [item_from_proto(i) for i in reply.items]
+        history_bytes = sum(len(i.json) for i in reply.items)
         if req.conversation_id:
             version = reply.conversation_version
         if reply.truncated:
             omitted = reply.omitted_item_count
-            if req.body.get("truncation", "disabled") != "auto":
-                raise errors.InvalidRequest(
-                    f"The stored history is longer than this gateway replays ({omitted} older "
-                    "items would be left out). Send truncation: 'auto' to accept that.",
-                    param="truncation",
-                    code="context_length_exceeded",
-                )
-            log.warning("history truncated", extra={"omitted_items": omitted})
+    if omitted:
+        if req.body.get("truncation", "disabled") != "auto":
+            raise errors.InvalidRequest(
+                f"The stored history is longer than this gateway replays ({omitted} older "
+                "items would be left out). Send truncation: 'auto' to accept that.",
+                param="truncation",
+                code="context_length_exceeded",
+            )
+        log.warning("history truncated", extra={"omitted_items": omitted})
 
     response_id = _response_id(tenant, idempotency_key)
     prepared = bootstrap.Prepared.EMPTY
@@ -169,6 +184,8 @@ async def begin(
         conversation_version=version,
         idempotency_key=idempotency_key,
         omitted_history_items=omitted,
+        parent_chain=parent_chain,
+        history_bytes=history_bytes,
     )
 
 
@@ -214,13 +231,22 @@ async def store(
         stream_events_json=orjson.dumps(events) if events else b"",
         in_progress=in_progress,
     )
-    put = state_service_pb2.PutTurnRequest(tenant=turn.tenant, response=stored)
+    put = state_service_pb2.PutTurnRequest(
+        tenant=turn.tenant,
+        response=stored,
+        require_intact_chain=turn.parent_chain is not None,
+    )
     # A background turn ran on the history of its start, whatever was appended since: nobody is
     # there to retry it, and the caller asked for exactly that.
     if turn.conversation_version is not None and not turn.req.background:
         put.expected_conversation_version = turn.conversation_version
     try:
-        reply = await svc.state.call("PutTurn", put, not_found=lambda err: _put_not_found(turn))
+        reply = await svc.state.call(
+            "PutTurn",
+            put,
+            param="previous_response_id" if turn.req.previous_response_id else None,
+            not_found=lambda err: _put_not_found(turn),
+        )
     except errors.Conflict:
         if turn.idempotency_key:
             # A concurrent request with the same Idempotency-Key stored its turn first.
@@ -235,7 +261,37 @@ async def store(
     if reply.replayed and reply.response.id != turn.response_id:
         first: dict[str, Any] = orjson.loads(reply.response.response_json)
         return first
+    if svc.history_cache is not None and not in_progress and not reply.replayed:
+        _remember(svc.history_cache, turn, stored, reply)
     return response
+
+
+def _remember(
+    cache: HistoryCache,
+    turn: Turn,
+    stored: resources_pb2.StoredResponse,
+    reply: state_service_pb2.PutTurnResponse,
+) -> None:
+    """Remembers the history ending at the turn just stored, when it is whole and its expiry
+    is known (see history_cache)."""
+    cache.max_items = reply.history_max_items
+    if turn.req.conversation_id or turn.omitted_history_items:
+        return
+    expire_us = (
+        reply.response.expire_time.ToMicroseconds()
+        if reply.response.HasField("expire_time")
+        else None
+    )
+    own = [orjson.loads(i.json) for i in (*stored.input_items, *stored.output_items)]
+    nbytes = sum(len(i.json) for i in stored.input_items) + sum(
+        len(i.json) for i in stored.output_items
+    )
+    if turn.parent_chain is None and turn.req.previous_response_id:
+        if expire_us is not None:
+            return  # when the older turns of the chain expire is not known here
+        own = [*turn.history, *own]
+        nbytes += turn.history_bytes
+    cache.remember(turn.tenant, turn.response_id, turn.parent_chain, own, nbytes, expire_us)
 
 
 def _put_not_found(turn: Turn) -> errors.ApiError:

@@ -112,6 +112,9 @@ async def delete_response(request: Request) -> Response:
     svc = services(request)
     who = tenant(request)
     response_id = request.path_params["response_id"]
+    if svc.history_cache is not None:
+        # Chains through the deleted response are broken: forget them before the delete lands.
+        svc.history_cache.forget_tenant(who)
     await svc.state.call(
         "DeleteResponse",
         state_service_pb2.DeleteResponseRequest(tenant=who, response_id=response_id),
