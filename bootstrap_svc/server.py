@@ -73,7 +73,7 @@ async def run(settings: BootstrapSettings) -> None:
     """Serves until SIGTERM or SIGINT, then stops gracefully."""
     logs.setup(settings.log_level, settings.log_format)
     tracing.setup("respgw-bootstrap", settings.otel_endpoint)
-    metrics.serve_metrics(settings.metrics_port)
+    metrics.serve_service_metrics(settings)
     running = await start(settings)
     try:
         await running.server.serve_until_signal(settings.shutdown_grace_s)

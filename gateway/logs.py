@@ -65,6 +65,13 @@ class TextFormatter(logging.Formatter):
 
 def setup(level: str = "info", fmt: str = "json") -> None:
     """Configures the root logger once per process."""
+    # No formatter here shows the caller's file and line, thread or process: skip collecting
+    # them for every record (the logging HOWTO's "Optimization"; the access log writes a record
+    # per request).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

@@ -59,6 +59,16 @@ class Turn:
     parent_chain: Chain | None = None
     # The JSON bytes of a history read with GetHistory (for the history cache's accounting).
     history_bytes: int = 0
+    # The response object last stored for this turn and its JSON as stored, so that the answer
+    # is not encoded twice.
+    stored_response: dict[str, Any] | None = None
+    stored_json: bytes = b""
+
+    def json_of(self, response: dict[str, Any]) -> bytes:
+        """``response`` as JSON: the stored bytes when it is the response just stored."""
+        if response is self.stored_response:
+            return self.stored_json
+        return orjson.dumps(response)
 
     @property
     def tool_resources(self) -> dict[str, str]:
@@ -263,6 +273,7 @@ async def store(
         return first
     if svc.history_cache is not None and not in_progress and not reply.replayed:
         _remember(svc.history_cache, turn, stored, reply)
+    turn.stored_response, turn.stored_json = response, stored.response_json
     return response
 
 
@@ -383,18 +394,13 @@ _STORED_TERMINALS = frozenset({"response.completed", "response.incomplete"})
 async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
     """Steps 4 and 5 with streaming; returns the SSE byte stream for the client.
 
-    The hub is called here, before the HTTP response starts, so that a hub that cannot be reached
-    or rejects the request gives the client an ordinary error response. After that, the hub is read
-    by a task of its own: if the client goes away mid-stream, the task still reads the hub to the
-    end and stores the turn (the turn is not lost). The terminal event (``response.completed``)
-    is sent only after the turn was stored, so a request chained on it right away finds it.
+    As at OpenAI, ``response.created`` and ``response.in_progress`` go out as soon as the turn is
+    accepted, before the hub answers; a hub that fails then ends the stream with ``error`` and
+    ``response.failed``. The hub is read by a task of its own: if the client goes away
+    mid-stream, the task still reads the hub to the end and stores the turn (the turn is not
+    lost). The terminal event (``response.completed``) is sent only after the turn was stored,
+    so a request chained on it right away finds it; ``data: [DONE]`` follows it.
     """
-    path, body = turn.upstream(svc.settings.hub_api, stream=True)
-    chunks = svc.hub.stream(path, body)
-    try:
-        first: dict[str, Any] | None = await anext(chunks)
-    except StopAsyncIteration:
-        first = None
     translator: stream.ChatStreamTranslator | stream.ResponsesStreamTranslator
     kind = (
         stream.ResponsesStreamTranslator
@@ -408,7 +414,7 @@ async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
         tool_resources=turn.tool_resources,
     )
     queue: asyncio.Queue[object] = asyncio.Queue()
-    pump = _pump(svc, turn, translator, chunks, first, queue)
+    pump = _pump(svc, turn, translator, queue)
     if turn.req.background:
         svc.spawn_cancellable((turn.tenant, turn.response_id), pump)
     else:
@@ -420,8 +426,6 @@ async def _pump(
     svc: Services,
     turn: Turn,
     translator: stream.ChatStreamTranslator | stream.ResponsesStreamTranslator,
-    chunks: AsyncIterator[dict[str, Any]],
-    first: dict[str, Any] | None,
     queue: asyncio.Queue[object],
 ) -> None:
     sent: list[dict[str, Any]] = []
@@ -435,13 +439,17 @@ async def _pump(
             sent.append(event)
             queue.put_nowait(stream.sse_encode(event))
 
+    push(translator.start())
+    path, body = turn.upstream(svc.settings.hub_api, stream=True)
+    chunks = svc.hub.stream(path, body)
     try:
-        push(translator.start())
-        if first is not None:
-            push(translator.feed(first))
-            async for chunk in chunks:
-                push(translator.feed(chunk))
+        async for chunk in chunks:
+            push(translator.feed(chunk))
         push(translator.finish())
+        if not held:
+            # The hub's own response.failed (a Responses-API hub): a background turn is kept
+            # as failed, never left in progress.
+            await _store_failed(svc, turn, translator.response)
         if held:
             terminal = held[0]
             try:
@@ -517,6 +525,7 @@ async def _drain(queue: asyncio.Queue[object]) -> AsyncIterator[bytes]:
     while True:
         item = await queue.get()
         if item is _END:
+            yield stream.SSE_DONE
             return
         assert isinstance(item, bytes)
         yield item

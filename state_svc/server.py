@@ -84,7 +84,7 @@ async def run(settings: StateSettings) -> None:
     tracing.setup("respgw-state", settings.otel_endpoint)
     running = await start(settings)
     try:
-        metrics.serve_metrics(settings.metrics_port)
+        metrics.serve_service_metrics(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

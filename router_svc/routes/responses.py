@@ -12,7 +12,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import errors, stream, translate, turn, validate
+from router_svc import errors, stream, turn, validate
 from router_svc.http import (
     JSONResponse,
     list_page,
@@ -51,16 +51,11 @@ async def create_response(request: Request) -> Response:
     if req.background:
         # Retrievable (as queued) from the start; the stream's end replaces it.
         await turn.store(svc, t, turn.snapshot(t, "queued"), in_progress=True)
-        try:
-            events = await turn.open_stream(svc, t)
-        except errors.ApiError as exc:
-            error = translate.error_object(exc.code or "server_error", exc.message)
-            await turn.store(svc, t, turn.snapshot(t, "failed", error=error))
-            raise
-        return _sse(events, t.headers())
+        return _sse(await turn.open_stream(svc, t), t.headers())
     if req.stream:
         return _sse(await turn.open_stream(svc, t), t.headers())
-    return JSONResponse(await turn.complete(svc, t), headers=t.headers())
+    answered = await turn.complete(svc, t)
+    return Response(t.json_of(answered), media_type="application/json", headers=t.headers())
 
 
 def _sse(body: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
@@ -84,6 +79,7 @@ async def _replay(
     for event in events or stream.replay_events(response):
         if int(event["sequence_number"]) > starting_after:
             yield stream.sse_encode(event)
+    yield stream.SSE_DONE
 
 
 async def _stored(request: Request) -> tuple[str, str, state_service_pb2.GetResponseResponse]:

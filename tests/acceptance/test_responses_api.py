@@ -175,7 +175,9 @@ def test_hub_failure_mid_stream_fails_the_response_and_stores_nothing(
             "POST", f"{stack.url}/responses", json={"model": "m", "input": "x", "stream": True}
         ) as r:
             assert r.status_code == 200
-            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
     types = [e["type"] for e in events]
     assert types[0] == "response.created"
     assert types[-2:] == ["error", "response.failed"]

@@ -298,12 +298,6 @@ def test_metrics_port_zero_serves_nothing() -> None:
     assert metrics.serve_metrics(0) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="state_svc/server.py and bootstrap_svc/server.py still call "
-    "metrics.serve_metrics(settings.metrics_port), which binds 0.0.0.0; they are to call "
-    "metrics.serve_service_metrics(settings) (then drop this mark)",
-)
 @pytest.mark.parametrize("service", ["state", "bootstrap"])
 def test_a_service_on_loopback_keeps_its_metrics_there(
     service: str, tmp_path: Path, http: httpx.Client

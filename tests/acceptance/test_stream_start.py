@@ -1,0 +1,90 @@
+"""A streamed turn opens at once, as at OpenAI: response.created and response.in_progress go out
+before the hub answers, a hub failure ends the stream with error and response.failed (nothing
+stored), and every stream ends with data: [DONE]."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakehub import FakeHub, Reply
+from tests.support import Stack
+
+
+def read_stream(
+    stack: Stack, body: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[str], float]:
+    """The events, the raw data lines and the seconds until the first event arrived."""
+    start = time.monotonic()
+    first_at = 0.0
+    lines: list[str] = []
+    with httpx.Client(timeout=20) as http:
+        with http.stream("POST", f"{stack.url}/responses", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    if not lines:
+                        first_at = time.monotonic() - start
+                    lines.append(line)
+    events = [json.loads(line[6:]) for line in lines if line != "data: [DONE]"]
+    return events, lines, first_at
+
+
+def test_created_goes_out_before_the_hub_answers(stack: Stack, hub: FakeHub) -> None:
+    hub.enqueue(Reply(text="slow answer", delay_s=1.0))
+    events, lines, first_at = read_stream(stack, {"model": "m", "input": "x"})
+    assert first_at < 0.8, "response.created waited for the hub"
+    assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert events[-1]["type"] == "response.completed"
+    assert lines[-1] == "data: [DONE]"
+
+
+@pytest.mark.parametrize(
+    ("reply", "code"),
+    [
+        (Reply(status=500), "upstream_error"),
+        (Reply(status=400, error_body={"error": {"message": "bad"}}), "upstream_rejected"),
+    ],
+)
+def test_a_hub_failure_ends_the_stream_and_stores_nothing(
+    stack: Stack, hub: FakeHub, reply: Reply, code: str
+) -> None:
+    hub.enqueue(reply)
+    events, lines, _ = read_stream(stack, {"model": "m", "input": "x"})
+    assert [e["type"] for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "error",
+        "response.failed",
+    ]
+    assert events[2]["code"] == code
+    assert events[3]["response"]["status"] == "failed"
+    assert lines[-1] == "data: [DONE]"
+    with httpx.Client() as http:
+        stored = http.get(f"{stack.url}/responses/{events[0]['response']['id']}")
+    assert stored.status_code == 404
+
+
+def test_an_unreachable_hub_ends_the_stream(hub: FakeHub) -> None:
+    stack = Stack("http://127.0.0.1:9/v1").start()
+    try:
+        events, lines, _ = read_stream(stack, {"model": "m", "input": "x"})
+        assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
+        assert events[-2]["code"] == "upstream_unreachable"
+        assert lines[-1] == "data: [DONE]"
+    finally:
+        stack.stop()
+
+
+def test_a_replayed_stream_ends_with_done(stack: Stack, hub: FakeHub) -> None:
+    events, _, _ = read_stream(stack, {"model": "m", "input": "x"})
+    response_id = events[0]["response"]["id"]
+    with httpx.Client() as http:
+        replay = http.get(f"{stack.url}/responses/{response_id}", params={"stream": "true"})
+    data = [line for line in replay.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]"
+    assert [json.loads(d[6:]) for d in data[:-1]] == events
