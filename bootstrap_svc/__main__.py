@@ -4,7 +4,8 @@ RESPGW_BOOTSTRAP_* environment variables."""
 from __future__ import annotations
 
 import argparse
-import asyncio
+
+import uvloop
 
 from bootstrap_svc import server
 from bootstrap_svc.config import BootstrapSettings
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     settings.add_arguments(parser, BootstrapSettings)
     args = parser.parse_args(argv)
-    asyncio.run(server.run(settings.from_namespace(BootstrapSettings, args)))
+    uvloop.run(server.run(settings.from_namespace(BootstrapSettings, args)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import logging
 import sys
 from dataclasses import dataclass, replace
 
+import uvloop
+
 from gateway import logs
 from gateway.grpcerrors import ServiceError
 from gateway.settings import add_arguments, from_namespace, option
@@ -122,13 +124,13 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "state":
             from state_svc import server as state_server
 
-            asyncio.run(state_server.run(settings))
+            uvloop.run(state_server.run(settings))
         elif args.command == "bootstrap":
             from bootstrap_svc import server as bootstrap_server
 
-            asyncio.run(bootstrap_server.run(settings))
+            uvloop.run(bootstrap_server.run(settings))
         elif args.command == "local":
-            asyncio.run(run_local(settings))
+            uvloop.run(run_local(settings))
         elif args.command == "echo-hub":
             asyncio.run(run_echo_hub(settings))
     except ValueError as exc:

@@ -245,6 +245,7 @@ async def store(
         tenant=turn.tenant,
         response=stored,
         require_intact_chain=turn.parent_chain is not None,
+        omit_stored_content=True,
     )
     # A background turn ran on the history of its start, whatever was appended since: nobody is
     # there to retry it, and the caller asked for exactly that.

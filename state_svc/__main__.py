@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+
+import uvloop
 
 from gateway import logs, settings
 from state_svc import server
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     settings.add_arguments(parser, StateSettings)
     config = settings.from_namespace(StateSettings, parser.parse_args(argv))
     logs.setup(config.log_level, config.log_format)
-    asyncio.run(server.run(config))
+    uvloop.run(server.run(config))
 
 
 if __name__ == "__main__":

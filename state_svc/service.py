@@ -226,7 +226,11 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             ),
         )
         return state_service_pb2.PutTurnResponse(
-            response=_turn_pb(result.turn),
+            response=(
+                _turn_header_pb(result.turn)
+                if request.omit_stored_content and not result.replayed
+                else _turn_pb(result.turn)
+            ),
             replayed=result.replayed,
             conversation_version=result.conversation_version,
             history_max_items=self._settings.history_max_items,
@@ -608,6 +612,15 @@ def _turn_pb(turn: base.Turn) -> resources_pb2.StoredResponse:
     )
     _add_items(msg.input_items, turn.input_items)
     _add_items(msg.output_items, turn.output_items)
+    msg.create_time.FromMicroseconds(turn.create_time_us)
+    if turn.expire_time_us is not None:
+        msg.expire_time.FromMicroseconds(turn.expire_time_us)
+    return msg
+
+
+def _turn_header_pb(turn: base.Turn) -> resources_pb2.StoredResponse:
+    """Only the server-set fields of a stored turn (PutTurnRequest.omit_stored_content)."""
+    msg = resources_pb2.StoredResponse(id=turn.id)
     msg.create_time.FromMicroseconds(turn.create_time_us)
     if turn.expire_time_us is not None:
         msg.expire_time.FromMicroseconds(turn.expire_time_us)

@@ -54,6 +54,7 @@ class PutTurnRequest(_message.Message):
     RESPONSE_FIELD_NUMBER: _builtins.int
     EXPECTED_CONVERSATION_VERSION_FIELD_NUMBER: _builtins.int
     REQUIRE_INTACT_CHAIN_FIELD_NUMBER: _builtins.int
+    OMIT_STORED_CONTENT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """The tenant that owns the turn. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
     expected_conversation_version: _builtins.int
@@ -70,6 +71,12 @@ class PutTurnRequest(_message.Message):
     broken meanwhile. Default false: only the previous response itself is checked. Ignored
     without response.previous_response_id.
     """
+    omit_stored_content: _builtins.bool
+    """When true, a newly stored turn is answered with only the server-set fields of
+    PutTurnResponse.response (id, create_time, expire_time), without the items, response_json and
+    stream events the caller just sent and already holds. A replay is always answered whole (the
+    caller needs the first turn's content). Default false: the whole stored turn.
+    """
     @_builtins.property
     def response(self) -> _resources_pb2.StoredResponse:
         """The turn to store. Its id, response_json and every item's id and JSON are required; server-set
@@ -83,10 +90,11 @@ class PutTurnRequest(_message.Message):
         response: _resources_pb2.StoredResponse | None = ...,
         expected_conversation_version: _builtins.int | None = ...,
         require_intact_chain: _builtins.bool = ...,
+        omit_stored_content: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_conversation_version", b"_expected_conversation_version", "expected_conversation_version", b"expected_conversation_version", "response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_conversation_version", b"_expected_conversation_version", "expected_conversation_version", b"expected_conversation_version", "require_intact_chain", b"require_intact_chain", "response", b"response", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_conversation_version", b"_expected_conversation_version", "expected_conversation_version", b"expected_conversation_version", "omit_stored_content", b"omit_stored_content", "require_intact_chain", b"require_intact_chain", "response", b"response", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_conversation_version: _TypeAlias = _typing.Literal["expected_conversation_version"]  # noqa: Y015
     _WhichOneofArgType__expected_conversation_version: _TypeAlias = _typing.Literal["_expected_conversation_version", b"_expected_conversation_version"]  # noqa: Y015
@@ -116,7 +124,9 @@ class PutTurnResponse(_message.Message):
     """
     @_builtins.property
     def response(self) -> _resources_pb2.StoredResponse:
-        """The stored turn, with server-set fields filled in. On a replay, the first stored turn."""
+        """The stored turn, with server-set fields filled in. On a replay, the first stored turn. With
+        omit_stored_content and no replay, only id, create_time and expire_time are set.
+        """
 
     def __init__(
         self,
