@@ -15,6 +15,14 @@ keep working when the API grows; with ``strict_params`` it is refused (``unknown
 Input items are normalized into what the Responses API serves back from ``input_items`` and
 conversation listings: a string input becomes one user message, message content becomes a list of
 parts, and every item gets an id (``msg_``, ``fc_``, ``fco_`` ...) and a status where OpenAI has one.
+
+Once every field is well-formed, the request as a whole is checked as OpenAI checks it: a turn
+with no input and nothing to continue from, a ``function_call_output`` whose call is nowhere
+(when there is no history it could be in), and ``tool_choice: "required"`` without tools are
+refused. What a Chat Completions hub cannot do is refused too (:func:`check_chat_hub`): a
+``prompt`` template, which the gateway cannot resolve, and the tools nobody would run; the web
+search tools (and the stateful ones, prepared by the bootstrap service) are accepted but not
+offered to the model, and are reported (:data:`CHAT_NOT_RUN_TOOLS`).
 """
 
 from __future__ import annotations
@@ -161,6 +169,33 @@ TOOL_TYPES = (
     "web_search_preview_2025_03_11",
     "apply_patch",
 )
+# What a Chat Completions hub gets of each tool type (README, "Known limits"). Offered as
+# functions: function tools; custom tools (a function taking the free text as its one string
+# argument, "input"); the function and custom tools of a namespace, flattened.
+CHAT_OFFERED_TOOLS = frozenset({"function", "custom", "namespace"})
+# Accepted but not offered to the model, and reported: a web search the gateway cannot run (the
+# model answers without searching, as OpenAI's model may choose to), and the stateful tools the
+# bootstrap service prepares, which a chat model cannot call.
+CHAT_NOT_RUN_TOOLS = frozenset(
+    {
+        "web_search",
+        "web_search_2025_08_26",
+        "web_search_preview",
+        "web_search_preview_2025_03_11",
+        "code_interpreter",
+        "shell",
+    }
+)
+# Refused: the tools whose results the caller would be relying on (file search over its vector
+# stores, MCP servers, image generation), and those whose calls only OpenAI's models make.
+_CHAT_HOSTED_REFUSED = (
+    "file_search",
+    "mcp",
+    "image_generation",
+    "tool_search",
+    "programmatic_tool_calling",
+)
+_CHAT_CLIENT_REFUSED = ("computer", "computer_use_preview", "local_shell", "apply_patch")
 _HOSTED_TOOL_CHOICES = (
     "file_search",
     "web_search_preview",
@@ -442,12 +477,18 @@ def _id_with_prefix(value: object, param: str, prefix: str) -> str:
 
 
 def parse_turn_request(
-    body: object, *, default_model: str = "", strict_params: bool = False
+    body: object,
+    *,
+    default_model: str = "",
+    strict_params: bool = False,
+    hub_api: str | None = None,
 ) -> TurnRequest:
     """Validates a POST /v1/responses body; raises :class:`errors.InvalidRequest` on any bad field.
 
     A top-level field the gateway does not know is ignored (and counted), or refused with
-    ``unknown_parameter`` when ``strict_params`` is true.
+    ``unknown_parameter`` when ``strict_params`` is true. With ``hub_api="chat"`` what a Chat
+    Completions hub cannot do is refused here too (:func:`check_chat_hub`), before any history
+    is loaded or the bootstrap service called.
     """
     if not isinstance(body, dict):
         raise errors.InvalidRequest(
@@ -513,7 +554,21 @@ def parse_turn_request(
     include = _include(body.get("include"))
     _other_objects(body)
 
-    return TurnRequest(
+    # The request as a whole, once each field is well-formed.
+    if body.get("tool_choice") == "required" and not tools:
+        raise errors.InvalidRequest(
+            "Tool choice 'required' must be specified with 'tools' parameter.",
+            param="tool_choice",
+        )
+    has_history = previous is not None or conversation_id is not None
+    if not has_history and body.get("prompt") is None:
+        # A prompt template may bring the input; on a chat hub check_chat_hub refuses it.
+        _has_input(body.get("input"))
+    if not has_history:
+        # With a history, the call may be in it: the turn checks that once it has loaded it.
+        check_tool_outputs(input_items)
+
+    req = TurnRequest(
         body=body,
         model=model,
         input_items=input_items,
@@ -527,6 +582,96 @@ def parse_turn_request(
         tools=tools,
         include=include,
     )
+    if hub_api == "chat":
+        check_chat_hub(req)
+    return req
+
+
+def _has_input(raw: object) -> None:
+    """A turn with nothing to continue from needs input (OpenAI's errors for a missing input and
+    an empty array)."""
+    if raw is None:
+        raise missing("input")
+    if isinstance(raw, list) and not raw:
+        raise errors.InvalidRequest(
+            "Invalid 'input': empty array. Expected an array with minimum length 1, but got an "
+            "empty array instead.",
+            param="input",
+            code="empty_array",
+        )
+
+
+# The item that answers each kind of tool call, and the calls it may answer.
+_OUTPUT_CALLS = {
+    "function_call_output": ("function_call", "function call"),
+    "custom_tool_call_output": ("custom_tool_call", "custom tool call"),
+}
+
+
+def check_tool_outputs(
+    items: list[dict[str, Any]], earlier: Collection[Mapping[str, Any]] = ()
+) -> None:
+    """Refuses a tool call output whose call is neither among ``items`` nor ``earlier`` (the
+    history), with OpenAI's error (400, ``param: "input"``, no code).
+
+    :func:`parse_turn_request` checks a request without history; a turn that continues a
+    previous response or a conversation checks its input against the history it loaded.
+    """
+    calls: dict[str, set[str]] = {}
+    for item in (*earlier, *items):
+        if item.get("type") in ("function_call", "custom_tool_call"):
+            calls.setdefault(str(item.get("type")), set()).add(str(item.get("call_id")))
+    for item in items:
+        kind = _OUTPUT_CALLS.get(str(item.get("type")))
+        if kind is None:
+            continue
+        call_type, words = kind
+        if item.get("call_id") not in calls.get(call_type, ()):
+            raise errors.InvalidRequest(
+                f"No tool call found for {words} output with call_id {item.get('call_id')}.",
+                param="input",
+            )
+
+
+def check_chat_hub(req: TurnRequest) -> list[str]:
+    """Refuses what a Chat Completions hub cannot do; returns the types of the declared tools
+    that are accepted but not offered to the model (:data:`CHAT_NOT_RUN_TOOLS`), in order.
+
+    Refused: a ``prompt`` template (the gateway has no prompt store to resolve it from, and
+    answering without it would answer another question), and the tools nobody would run
+    (OpenAI's error for a hosted tool a model does not support, with the reason).
+    """
+    prompt = req.body.get("prompt")
+    if prompt is not None:
+        raise errors.InvalidRequest(
+            f"Prompt templates are not supported by this server: prompt '{prompt.get('id')}' "
+            "cannot be resolved, because its model server speaks Chat Completions. Send the "
+            "prompt's text as 'instructions' and 'input' instead.",
+            param="prompt",
+            code="unsupported_parameter",
+        )
+    not_run: list[str] = []
+    for tool in req.tools:
+        kind = str(tool.get("type"))
+        if kind in CHAT_OFFERED_TOOLS:
+            continue
+        if kind in CHAT_NOT_RUN_TOOLS:
+            if kind not in not_run:
+                not_run.append(kind)
+            continue
+        if kind in _CHAT_CLIENT_REFUSED:
+            message = (
+                f"Tool '{kind}' is not supported with {req.model}: this server's model server "
+                "speaks Chat Completions, which has no such tool. Declare a function tool "
+                "instead."
+            )
+        else:
+            message = (
+                f"Hosted tool '{kind}' is not supported with {req.model}: this server's model "
+                f"server speaks Chat Completions, and the gateway does not run '{kind}' itself."
+            )
+        raise errors.InvalidRequest(message, param="tools")
+    return not_run
 
 
 def _unknown_fields(body: Mapping[str, Any], *, strict: bool) -> None:
@@ -847,6 +992,19 @@ def _tool(raw: object, path: str) -> dict[str, Any]:
             raise invalid_type(f"{path}.container", "one of a string or an object", container)
     elif kind == "custom":
         _string(_required(tool, "name", path), f"{path}.name")
+    elif kind == "namespace":
+        _check_keys(tool, {"type", "name", "description", "tools"}, path)
+        _nonempty(_required(tool, "name", path), f"{path}.name")
+        if tool.get("description") is not None:
+            _string(tool["description"], f"{path}.description")
+        for j, member in enumerate(_array(_required(tool, "tools", path), f"{path}.tools")):
+            mpath = f"{path}.tools[{j}]"
+            _enum(
+                _required(_object(member, mpath), "type", mpath),
+                f"{mpath}.type",
+                ("function", "custom"),
+            )
+            _tool(member, mpath)
     elif kind == "mcp":
         _string(_required(tool, "server_label", path), f"{path}.server_label")
     return _copy(tool)
@@ -862,7 +1020,8 @@ def _tool_choice(value: object, tools: list[dict[str, Any]]) -> None:
     if kind in ("function", "custom"):
         _check_keys(value, {"type", "name"}, "tool_choice")
         name = _string(_required(value, "name", "tool_choice"), "tool_choice.name")
-        if not any(t.get("type") == kind and t.get("name") == name for t in tools):
+        declared = [*tools, *(m for t in tools if t["type"] == "namespace" for m in t["tools"])]
+        if not any(t.get("type") == kind and t.get("name") == name for t in declared):
             raise errors.InvalidRequest(
                 f"Invalid value for 'tool_choice': tool '{name}' was not found in 'tools'.",
                 param="tool_choice",

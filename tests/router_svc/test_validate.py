@@ -132,7 +132,10 @@ def test_nulls_mean_absent() -> None:
         "include",
         "input",
     ]
-    req = parse({"model": "m", **dict.fromkeys(fields)})
+    # Null input is no input: with nothing to continue from either, that is refused.
+    error = rejected({"model": "m", **dict.fromkeys(fields)})
+    assert (error.code, error.param) == ("missing_required_parameter", "input")
+    req = parse({"model": "m", **dict.fromkeys(fields), "previous_response_id": "resp_1"})
     assert req.store is True
     assert req.input_items == []
 
@@ -575,8 +578,9 @@ def test_hub_sampling_fields_are_accepted() -> None:
         "chat_template_kwargs": {"enable_thinking": False},
     }
     assert set(body) - {"model"} == validate.HUB_SAMPLING_FIELDS
+    body["input"] = "x"
     assert parse(body).body == body
-    assert parse({"model": "m", "stop": "END", "top_k": -1}).body["stop"] == "END"
+    assert parse({"model": "m", "input": "x", "stop": "END", "top_k": -1}).body["stop"] == "END"
 
 
 def ignored_count(name: str) -> float:
@@ -604,7 +608,7 @@ def test_unknown_fields_are_refused_in_strict_mode() -> None:
     assert (error.code, error.param) == ("unknown_parameter", "foo")
     assert error.message == "Unknown parameter: 'foo'."
     # Known fields, and the hub's sampling fields, are not "unknown" in strict mode.
-    parse({"model": "m", "background_options": {}, "seed": 1}, strict_params=True)
+    parse({"model": "m", "input": "x", "background_options": {}, "seed": 1}, strict_params=True)
 
 
 def test_ignored_parameter_labels_are_bounded(
@@ -615,8 +619,8 @@ def test_ignored_parameter_labels_are_bounded(
     names = [f"bounded_{i}" for i in range(validate.MAX_IGNORED_NAMES)]
     other_before = ignored_count("other")
     with caplog.at_level(logging.WARNING, logger="router_svc.validate"):
-        parse({"model": "m", **dict.fromkeys(names, 1)})
-        parse({"model": "m", "one_too_many": 1, "not an identifier!": 1, "x" * 65: 1})
+        parse({"model": "m", "input": "x", **dict.fromkeys(names, 1)})
+        parse({"model": "m", "input": "x", "one_too_many": 1, "not an identifier!": 1, "x" * 65: 1})
     assert validate._ignored_names == set(names)
     assert ignored_count("one_too_many") == 0
     assert ignored_count("other") - other_before == 3
@@ -633,7 +637,7 @@ def test_body_must_be_an_object() -> None:
 def test_default_model_fills_a_missing_or_empty_model() -> None:
     assert parse({"input": "x"}, default_model="d").model == "d"
     assert parse({"model": "", "input": "x"}, default_model="d").model == "d"
-    assert parse({"model": "m"}, default_model="d").model == "m"
+    assert parse({"model": "m", "input": "x"}, default_model="d").model == "m"
 
 
 def test_conversation_id_forms() -> None:
@@ -646,7 +650,7 @@ def test_conversation_id_forms() -> None:
 
 def test_metadata_at_the_limits_is_accepted() -> None:
     metadata = {f"{i:064d}": "v" * 512 for i in range(16)}
-    assert parse({"model": "m", "metadata": metadata}).metadata == metadata
+    assert parse({"model": "m", "input": "x", "metadata": metadata}).metadata == metadata
 
 
 @pytest.mark.parametrize(
@@ -717,6 +721,23 @@ def test_parse_metadata_with_another_param() -> None:
         ([{"type": "code_interpreter", "container": 1}], "invalid_type", "tools[0].container"),
         ([{"type": "mcp"}], "missing_required_parameter", "tools[0].server_label"),
         ([{"type": "custom"}], "missing_required_parameter", "tools[0].name"),
+        ([{"type": "namespace", "tools": []}], "missing_required_parameter", "tools[0].name"),
+        ([{"type": "namespace", "name": "n"}], "missing_required_parameter", "tools[0].tools"),
+        (
+            [{"type": "namespace", "name": "n", "tools": [{"type": "web_search"}]}],
+            "invalid_value",
+            "tools[0].tools[0].type",
+        ),
+        (
+            [{"type": "namespace", "name": "n", "tools": [{"type": "function", "name": "a b"}]}],
+            "invalid_value",
+            "tools[0].tools[0].name",
+        ),
+        (
+            [{"type": "namespace", "name": "n", "tools": [], "server_label": "s"}],
+            "unknown_parameter",
+            "tools[0].server_label",
+        ),
     ],
 )
 def test_invalid_tools(tools: Any, code: str, param: str) -> None:
@@ -743,7 +764,8 @@ _F = {"type": "function", "name": "f"}
     ],
 )
 def test_valid_tool_choices(choice: Any) -> None:
-    assert parse({"model": "m", "tools": [_F], "tool_choice": choice}).body["tool_choice"] == choice
+    body = {"model": "m", "input": "x", "tools": [_F], "tool_choice": choice}
+    assert parse(body).body["tool_choice"] == choice
 
 
 @pytest.mark.parametrize(
@@ -778,7 +800,8 @@ def test_invalid_tool_choices(choice: Any, code: str, param: str) -> None:
 
 
 def items(raw: Any) -> list[dict[str, Any]]:
-    return parse({"model": "m", "input": raw}).input_items
+    # Continuing a response: a call output's call may be in its history.
+    return parse({"model": "m", "input": raw, "previous_response_id": "resp_1"}).input_items
 
 
 def test_every_input_message_form_normalizes() -> None:
@@ -1109,3 +1132,166 @@ def test_normalize_items_for_conversations_uses_its_param() -> None:
     with pytest.raises(errors.InvalidRequest) as info:
         validate.normalize_items([{"role": "user"}], param="items")
     assert info.value.param == "items[0].content"
+
+
+# --- the request as a whole (OpenAI's errors once every field is well-formed) --------------------
+
+
+def test_a_turn_without_input_or_history_is_refused() -> None:
+    error = rejected({"model": "m"})
+    assert (error.message, error.param, error.code) == (
+        "Missing required parameter: 'input'.",
+        "input",
+        "missing_required_parameter",
+    )
+    error = rejected({"model": "m", "input": []})
+    assert (error.message, error.param, error.code) == (
+        "Invalid 'input': empty array. Expected an array with minimum length 1, but got an empty "
+        "array instead.",
+        "input",
+        "empty_array",
+    )
+    # Continuing a response or a conversation, the new input may be empty; a prompt template
+    # may bring the input (on a Responses hub that resolves it).
+    assert parse({"model": "m", "previous_response_id": "resp_1"}).input_items == []
+    assert parse({"model": "m", "input": [], "conversation": "conv_1"}).input_items == []
+    assert parse({"model": "m", "prompt": {"id": "pmpt_1"}}, hub_api="responses").input_items == []
+    # A field error is reported first, as OpenAI does.
+    assert rejected({"model": "m", "temperature": 9}).param == "temperature"
+
+
+def call(call_id: str) -> dict[str, Any]:
+    return {"type": "function_call", "call_id": call_id, "name": "f", "arguments": "{}"}
+
+
+def output(call_id: str, kind: str = "function_call_output") -> dict[str, Any]:
+    return {"type": kind, "call_id": call_id, "output": "42"}
+
+
+def test_a_function_call_output_without_its_call_is_refused() -> None:
+    error = rejected({"model": "m", "input": [call("call_1"), output("call_1"), output("call_9")]})
+    assert (error.message, error.param, error.code) == (
+        "No tool call found for function call output with call_id call_9.",
+        "input",
+        None,
+    )
+    assert error.body()["error"]["code"] is None
+    custom = {"type": "custom_tool_call", "call_id": "call_2", "name": "c", "input": "x"}
+    error = rejected(
+        {"model": "m", "input": [call("call_3"), output("call_3", "custom_tool_call_output")]}
+    )
+    assert error.message == "No tool call found for custom tool call output with call_id call_3."
+    parse({"model": "m", "input": [custom, output("call_2", "custom_tool_call_output")]})
+    parse({"model": "m", "input": [call("call_1"), output("call_1")]})
+
+
+@pytest.mark.parametrize(
+    "history", [{"previous_response_id": "resp_1"}, {"conversation": "conv_1"}]
+)
+def test_a_call_output_may_answer_a_call_in_the_history(history: dict[str, str]) -> None:
+    req = parse({"model": "m", "input": [output("call_1")], **history})
+    # The turn checks the input against the history it loaded.
+    validate.check_tool_outputs(req.input_items, [call("call_1")])
+    with pytest.raises(errors.InvalidRequest) as info:
+        validate.check_tool_outputs(req.input_items, [call("call_2")])
+    assert info.value.message == "No tool call found for function call output with call_id call_1."
+
+
+def test_tool_choice_required_needs_tools() -> None:
+    for tools in ({}, {"tools": []}, {"tools": None}):
+        error = rejected({"model": "m", "input": "x", "tool_choice": "required", **tools})
+        assert (error.message, error.param, error.code) == (
+            "Tool choice 'required' must be specified with 'tools' parameter.",
+            "tool_choice",
+            None,
+        )
+    parse({"model": "m", "input": "x", "tool_choice": "auto"})
+    parse(
+        {"model": "m", "input": "x", "tool_choice": "required", "tools": [{"type": "web_search"}]}
+    )
+
+
+NAMESPACE = {
+    "type": "namespace",
+    "name": "crm",
+    "description": "The CRM",
+    "tools": [
+        {"type": "function", "name": "lookup", "parameters": {"type": "object"}},
+        {"type": "custom", "name": "note"},
+    ],
+}
+
+
+def test_namespace_tools_are_checked_and_their_members_can_be_chosen() -> None:
+    req = parse({"model": "m", "input": "x", "tools": [NAMESPACE]})
+    assert req.tools == [NAMESPACE]
+    choice = {"type": "function", "name": "lookup"}
+    assert parse({"model": "m", "input": "x", "tools": [NAMESPACE], "tool_choice": choice})
+
+
+@pytest.mark.parametrize(
+    ("tool", "message"),
+    [
+        (
+            {"type": "file_search", "vector_store_ids": ["vs_1"]},
+            "Hosted tool 'file_search' is not supported with m: this server's model server "
+            "speaks Chat Completions, and the gateway does not run 'file_search' itself.",
+        ),
+        (
+            {"type": "mcp", "server_label": "s", "server_url": "http://127.0.0.1:1"},
+            "Hosted tool 'mcp' is not supported with m:",
+        ),
+        ({"type": "image_generation"}, "Hosted tool 'image_generation' is not supported with m:"),
+        ({"type": "tool_search"}, "Hosted tool 'tool_search' is not supported with m:"),
+        ({"type": "local_shell"}, "Tool 'local_shell' is not supported with m:"),
+        ({"type": "computer_use_preview"}, "Tool 'computer_use_preview' is not supported"),
+        ({"type": "apply_patch"}, "Tool 'apply_patch' is not supported with m:"),
+    ],
+)
+def test_tools_nobody_would_run_are_refused_for_a_chat_hub(
+    tool: dict[str, Any], message: str
+) -> None:
+    body = {"model": "m", "input": "x", "tools": [{"type": "function", "name": "f"}, tool]}
+    error = rejected(body, hub_api="chat")
+    assert error.message.startswith(message)
+    assert (error.param, error.code, error.status) == ("tools", None, 400)
+    # A Responses hub runs them (OpenAI's own); without a hub the request is well-formed.
+    parse(body, hub_api="responses")
+    with pytest.raises(errors.InvalidRequest):
+        validate.check_chat_hub(parse(body))
+
+
+def test_web_search_and_stateful_tools_are_accepted_but_not_run_on_a_chat_hub() -> None:
+    tools = [
+        {"type": "web_search", "external_web_access": False},
+        NAMESPACE,
+        {"type": "custom", "name": "c"},
+        {"type": "code_interpreter", "container": {"type": "auto"}},
+        {"type": "web_search_preview"},
+        {"type": "web_search"},
+        {"type": "shell"},
+    ]
+    req = parse({"model": "m", "input": "x", "tools": tools}, hub_api="chat")
+    assert validate.check_chat_hub(req) == [
+        "web_search",
+        "code_interpreter",
+        "web_search_preview",
+        "shell",
+    ]
+    assert set(validate.TOOL_TYPES) == (
+        validate.CHAT_OFFERED_TOOLS
+        | validate.CHAT_NOT_RUN_TOOLS
+        | set(validate._CHAT_HOSTED_REFUSED)
+        | set(validate._CHAT_CLIENT_REFUSED)
+    ), "every tool type has a fate on a chat hub"
+
+
+def test_prompt_templates_are_refused_for_a_chat_hub() -> None:
+    body = {"model": "m", "prompt": {"id": "pmpt_1", "variables": {"city": "Paris"}}}
+    error = rejected(body, hub_api="chat")
+    assert (error.param, error.code) == ("prompt", "unsupported_parameter")
+    assert error.message.startswith(
+        "Prompt templates are not supported by this server: prompt 'pmpt_1' cannot be resolved"
+    )
+    # A Responses hub (OpenAI's) resolves it.
+    assert parse(body, hub_api="responses").body["prompt"] == body["prompt"]
