@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -210,6 +211,25 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def wait_answering(url: str, timeout_s: float = 30.0) -> None:
+    """Waits until ``url`` answers a turn with 200."""
+    body = json.dumps({"model": "echo", "input": "ready?"}).encode()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            request = urllib.request.Request(
+                url, data=body, headers={"content-type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer")
+        time.sleep(0.2)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -298,6 +318,11 @@ def main() -> None:
         default="sqlite,memory",
         help="state backends, comma-separated: sqlite, memory, postgres "
         "(postgres: RESPGW_TEST_POSTGRES_DSN, schema respgw_bench)",
+    )
+    parser.add_argument(
+        "--smg",
+        default=shutil.which("smg") or "",
+        help="the smg command of the Rust peer, measured the same way when given (pip install smg)",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -394,11 +419,11 @@ def main() -> None:
             router.stop()
             state.stop()
 
-        if shutil.which("smg"):
+        if args.smg:
             port = free_port()
             smg = subprocess.Popen(
                 [
-                    "smg",
+                    args.smg,
                     "launch",
                     "--backend",
                     "openai",
@@ -408,12 +433,16 @@ def main() -> None:
                     hub_url.removesuffix("/v1"),
                     "--port",
                     str(port),
+                    "--prometheus-host",
+                    "127.0.0.1",
+                    "--prometheus-port",
+                    str(free_port()),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
             try:
-                time.sleep(3)
+                wait_answering(f"http://127.0.0.1:{port}/v1/responses")
                 print("\n# SMG (Rust peer), memory history")
                 bench_gateway(
                     "smg",

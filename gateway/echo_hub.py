@@ -1,11 +1,12 @@
 """A demo model server that echoes the last user message, for trying the gateway without a model.
 
 It speaks just enough of the Chat Completions API (non-streaming and streaming, with usage) for
-the router. It is a demo, never a default: point the router at a real model server in production.
+the router, and a non-streaming Responses API. It is a demo, never a default: point the router at a real model server in production.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -82,6 +83,43 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def responses(request: web.Request) -> web.Response:
+    """A non-streaming Responses API answer (``store`` is ignored: nothing is kept), so that the
+    router's responses dialect, and gateways that call a Responses API, can be tried too."""
+    body = await request.json(loads=orjson.loads)
+    raw = body.get("input") or []
+    items = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
+    messages = [i for i in items if isinstance(i, dict) and i.get("role")]
+    text = f"You said: {_last_user_text(messages)}"
+    usage = _usage(messages, text)
+    return web.json_response(
+        {
+            "id": f"resp_{os.urandom(12).hex()}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": body.get("model", "echo"),
+            "output": [
+                {
+                    "id": "msg_echo",
+                    "type": "message",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ],
+            "usage": {
+                "input_tokens": usage["prompt_tokens"],
+                "output_tokens": usage["completion_tokens"],
+                "total_tokens": usage["total_tokens"],
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0},
+            },
+        },
+        dumps=lambda o: orjson.dumps(o).decode(),
+    )
+
+
 async def models(request: web.Request) -> web.Response:
     return web.json_response(
         {"object": "list", "data": [{"id": "echo", "object": "model", "owned_by": "respgw"}]}
@@ -91,6 +129,7 @@ async def models(request: web.Request) -> web.Response:
 def make_app() -> web.Application:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", models)
     return app
 
