@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 BUF := npm exec --yes --package=@bufbuild/buf@1.75.0 -- buf
 
-.PHONY: install install-dev run test lint format typecheck generate check-generated buf-lint buf-breaking deploy-validate pytest bench clean
+.PHONY: install install-dev clients run test lint format typecheck generate check-generated buf-lint buf-breaking deploy-validate pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ $(VENV)/.installed-dev: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+
+## clients: the Node.js clients the acceptance tests run (Codex CLI, Vercel AI SDK), exactly as
+## tests/clients/package-lock.json locks them.
+CLIENTS := tests/clients
+clients: $(CLIENTS)/node_modules/.package-lock.json
+$(CLIENTS)/node_modules/.package-lock.json: $(CLIENTS)/package.json $(CLIENTS)/package-lock.json
+	npm ci --prefix $(CLIENTS) --no-audit --no-fund
 
 ## run: the gateway on http://127.0.0.1:8080/v1 with embedded SQLite and the echo demo hub.
 ## Use a real model server with: make run HUB=http://127.0.0.1:8000/v1
@@ -59,7 +66,7 @@ buf-breaking:
 deploy-validate:
 	PATH="$(abspath $(BIN)):$$PATH" scripts/validate-deploy.sh
 
-pytest:
+pytest: clients
 	$(BIN)/pytest -q -p no:cacheprovider
 
 bench: install-dev
