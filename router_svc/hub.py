@@ -76,69 +76,16 @@ class HubClient:
         rid = request_id_var.get()
         return {**self._headers, REQUEST_ID_HEADER: rid} if rid else self._headers
 
-    def _traced(
-        self, path: str, headers: dict[str, str], *, stream: bool
-    ) -> tuple[tracing.Span, dict[str, str]]:
-        """A CLIENT span for one hub call, and the headers that carry its trace to the hub."""
-        span = tracing.start_client(
-            f"POST {path}",
-            {"http.request.method": "POST", "url.full": self._base + path, "respgw.stream": stream},
-        )
-        return span, {**headers, **tracing.headers(span)}
-
-    @contextlib.asynccontextmanager
-    async def _call(
+    def _call(
         self, path: str, body: dict[str, Any], *, stream: bool
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One POST to the hub: its span, its latency, and every failure mapped to an ApiError.
-        Yields the response once its status is known to be a success."""
-        headers = self._request_headers()
-        span = None
-        if tracing.enabled:
-            span, headers = self._traced(path, headers, stream=stream)
-        start = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            async with self._client().post(
-                self._base + path, data=orjson.dumps(body), headers=headers
-            ) as resp:
-                if resp.status >= 400:
-                    raise _status_error(resp.status, await resp.read())
-                yield resp
-        except TimeoutError as exc:
-            error = _fail("upstream_timeout", "The model server did not answer in time.", 504)
-            raise error from exc
-        except aiohttp.ClientPayloadError as exc:
-            error = _fail("upstream_stream_broken", f"The model server's answer broke off: {exc}")
-            raise error from exc
-        except aiohttp.ClientError as exc:
-            error = _fail("upstream_unreachable", f"The model server could not be reached: {exc}")
-            raise error from exc
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            HUB_LATENCY.labels(path, "true" if stream else "false").observe(
-                time.perf_counter() - start
-            )
-            if span is not None:
-                tracing.end(span, error)
+    ) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """One POST of a JSON body to the hub (see :meth:`_request`)."""
+        return self._request("POST", path, orjson.dumps(body), stream=stream)
 
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POSTs ``body`` and returns the JSON object the hub answered."""
         async with self._call(path, body, stream=False) as resp:
-            raw = await resp.read()
-        try:
-            parsed = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise _fail(
-                "upstream_malformed_response", "The model server answered with malformed JSON."
-            ) from exc
-        if not isinstance(parsed, dict):
-            raise _fail(
-                "upstream_malformed_response", "The model server's answer is not a JSON object."
-            )
-        return parsed
+            return _json_object(await resp.read())
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """POSTs ``body`` and yields each JSON object of the hub's event stream, up to ``[DONE]``
@@ -160,15 +107,13 @@ class HubClient:
             if data and data != [b"[DONE]"]:
                 yield _parse_event(b"\n".join(data))
 
-    # --- pass-through: GET /v1/models, POST /v1/chat/completions --------------------------------
-
     @contextlib.asynccontextmanager
-    async def _forward(
+    async def _request(
         self, method: str, path: str, body: bytes | None, *, stream: bool
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One call passed through to the hub as it came (``body`` already encoded): like
-        :meth:`_call`, its span, its latency, the request id, and every failure mapped to an
-        ApiError. Yields the response once its status is known to be a success."""
+        """One call to the hub (``body`` already encoded): its span, its latency, the request
+        id, and every failure mapped to an ApiError. Yields the response once its status is
+        known to be a success."""
         headers = self._request_headers()
         if body is None:
             headers = {k: v for k, v in headers.items() if k != "content-type"}
@@ -211,33 +156,39 @@ class HubClient:
             if span is not None:
                 tracing.end(span, error)
 
+    # --- pass-through: GET /v1/models, POST /v1/chat/completions --------------------------------
+
     async def get_json(self, path: str) -> dict[str, Any]:
         """GETs ``path`` and returns the JSON object the hub answered."""
-        async with self._forward("GET", path, None, stream=False) as resp:
-            raw = await resp.read()
-        try:
-            parsed = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise _fail(
-                "upstream_malformed_response", "The model server answered with malformed JSON."
-            ) from exc
-        if not isinstance(parsed, dict):
-            raise _fail(
-                "upstream_malformed_response", "The model server's answer is not a JSON object."
-            )
-        return parsed
+        async with self._request("GET", path, None, stream=False) as resp:
+            return _json_object(await resp.read())
 
     async def forward(self, path: str, body: bytes) -> bytes:
         """POSTs ``body`` unchanged and returns the hub's answer unchanged."""
-        async with self._forward("POST", path, body, stream=False) as resp:
+        async with self._request("POST", path, body, stream=False) as resp:
             return await resp.read()
 
     async def forward_stream(self, path: str, body: bytes) -> AsyncIterator[bytes]:
         """POSTs ``body`` unchanged and yields the hub's answer (an event stream) unchanged, as
         the bytes arrive. A failure before the first byte, or mid-stream, is an ApiError."""
-        async with self._forward("POST", path, body, stream=True) as resp:
+        async with self._request("POST", path, body, stream=True) as resp:
             async for chunk in resp.content.iter_any():
                 yield chunk
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The hub's answer as a JSON object, or a 502 saying what is wrong with it."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _fail(
+            "upstream_malformed_response", "The model server answered with malformed JSON."
+        ) from exc
+    if not isinstance(parsed, dict):
+        raise _fail(
+            "upstream_malformed_response", "The model server's answer is not a JSON object."
+        )
+    return parsed
 
 
 def _parse_event(payload: bytes) -> dict[str, Any]:
