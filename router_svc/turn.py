@@ -31,7 +31,7 @@ import orjson
 
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import bootstrap, errors, stream, translate
+from router_svc import bootstrap, errors, stream, translate, validate
 from router_svc.history_cache import Chain, HistoryCache
 from router_svc.ids import new_id
 from router_svc.services import Services
@@ -160,6 +160,10 @@ async def begin(
             version = reply.conversation_version
         if reply.truncated:
             omitted = reply.omitted_item_count
+    if history and not omitted:
+        # A call output must answer a call of the input or of the history (OpenAI's 400); a
+        # cut history cannot say, so it is not checked then.
+        validate.check_tool_outputs(req.input_items, history)
     if omitted:
         if req.body.get("truncation", "disabled") != "auto":
             raise errors.InvalidRequest(
@@ -441,9 +445,11 @@ async def _pump(
             queue.put_nowait(stream.sse_encode(event))
 
     push(translator.start())
-    path, body = turn.upstream(svc.settings.hub_api, stream=True)
-    chunks = svc.hub.stream(path, body)
+    chunks: AsyncIterator[dict[str, Any]] | None = None
     try:
+        # Inside the try: a request the translation refuses ends the stream like a hub failure.
+        path, body = turn.upstream(svc.settings.hub_api, stream=True)
+        chunks = svc.hub.stream(path, body)
         async for chunk in chunks:
             push(translator.feed(chunk))
         push(translator.finish())
@@ -478,7 +484,8 @@ async def _pump(
         raise
     finally:
         queue.put_nowait(_END)
-        await _close(chunks)
+        if chunks is not None:
+            await _close(chunks)
 
 
 def _shut_down(turn: Turn) -> dict[str, Any]:

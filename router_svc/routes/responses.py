@@ -37,6 +37,7 @@ async def create_response(request: Request) -> Response:
         body,
         default_model=svc.settings.default_model,
         strict_params=svc.settings.strict_params,
+        hub_api=svc.settings.hub_api,
     )
     key = request.headers.get("idempotency-key", "").strip()
     if key and req.store:

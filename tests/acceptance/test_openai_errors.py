@@ -117,11 +117,6 @@ def test_a_function_call_output_may_answer_a_call_in_the_history(
     assert second.status == "completed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validate.py cannot see the history; turn.begin must call "
-    "validate.check_tool_outputs(req.input_items, history) once the history is loaded.",
-)
 def test_a_function_call_output_whose_call_is_not_in_the_history(
     stack: Stack, hub: FakeHub
 ) -> None:
@@ -200,13 +195,6 @@ def test_tools_nobody_runs_reach_a_responses_hub(responses_stack: Stack, hub: Fa
     assert hub.requests[0]["tools"] == tools
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A streamed request opens its stream before turn.upstream() builds the hub request, "
-    "outside _pump's try, so a refusal there leaves the stream open forever. Needs "
-    "routes/responses.py to pass hub_api=svc.settings.hub_api to validate.parse_turn_request "
-    "(refused before the stream opens), and turn._pump to call turn.upstream() inside its try.",
-)
 def test_a_streamed_request_with_a_refused_tool_is_answered(stack: Stack, hub: FakeHub) -> None:
     body = {
         "model": "fake-model",
