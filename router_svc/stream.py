@@ -100,6 +100,8 @@ class _Item:
             part.render()
         if self.data["type"] == "function_call":
             self.data["arguments"] = "".join(self.arguments)
+        elif self.data["type"] == "custom_tool_call":
+            self.data["input"] = translate.custom_input("".join(self.arguments))
 
 
 @dataclass
@@ -167,6 +169,8 @@ class ChatStreamTranslator(_Translator):
             req, response_id=response_id, created_at=created_at, tool_resources=tool_resources
         )
         self._output: list[dict[str, Any]] = []
+        # The names the hub knows the declared tools by (namespace functions, custom tools).
+        self._toolset = translate.ChatToolset(req.tools)
         self._open: list[_Item] = []  # the item being streamed (a call joins once named)
         self._calls: dict[int, _Call] = {}
         self._last_call: int | None = None
@@ -315,6 +319,19 @@ class ChatStreamTranslator(_Translator):
                     arguments=data["arguments"],
                 )
             )
+        elif data["type"] == "custom_tool_call":
+            # The hub streams a JSON object around the input: it goes out whole, once decoded.
+            common = {"item_id": data["id"], "output_index": item.index}
+            events.append(
+                self._events.make(
+                    "response.custom_tool_call_input.delta", **common, delta=data["input"]
+                )
+            )
+            events.append(
+                self._events.make(
+                    "response.custom_tool_call_input.done", **common, input=data["input"]
+                )
+            )
         elif item.parts:
             events += self._close_part(item, len(item.parts) - 1)
         data["status"] = status
@@ -458,9 +475,9 @@ class ChatStreamTranslator(_Translator):
         return last
 
     def _add_call(self, call: _Call) -> list[dict[str, Any]]:
-        data = translate.function_call_item(
+        data = self._toolset.call_item(
             call_id=call.call_id or new_id("call"),
-            name=call.name,
+            chat_name=call.name,
             arguments="",
             status="in_progress",
         )
@@ -475,6 +492,8 @@ class ChatStreamTranslator(_Translator):
         text = "".join(pending)
         pending.clear()
         item.arguments.append(text)
+        if item.data["type"] != "function_call":
+            return []  # a custom tool's input goes out decoded, when the call closes
         return [
             self._events.make(
                 "response.function_call_arguments.delta",

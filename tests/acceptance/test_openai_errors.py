@@ -276,13 +276,6 @@ def test_namespace_and_custom_tools_are_offered_and_called_back(stack: Stack, hu
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stream.ChatStreamTranslator._add_call builds every call with "
-    "translate.function_call_item: it must use translate.ChatToolset(req.tools).call_item, "
-    "which adds a namespace function's namespace and makes a custom tool's call a "
-    "custom_tool_call (with response.custom_tool_call_input.* events).",
-)
 def test_streamed_namespace_and_custom_tool_calls(stack: Stack, hub: FakeHub) -> None:
     hub.enqueue(
         Reply(
@@ -295,7 +288,13 @@ def test_streamed_namespace_and_custom_tool_calls(stack: Stack, hub: FakeHub) ->
     )
     tools: Any = [NAMESPACE, PATCH]
     with stack.client().responses.stream(model="fake-model", input="Fix", tools=tools) as stream:
+        events = list(stream)
         final = stream.get_final_response()
     lookup, patch = final.output
     assert lookup.type == "function_call" and lookup.namespace == "crm"
     assert patch.type == "custom_tool_call" and patch.input == "*** Begin"
+    by_item = [(e.type, getattr(e, "item_id", None)) for e in events]
+    assert ("response.custom_tool_call_input.done", patch.id) in by_item
+    assert ("response.function_call_arguments.delta", patch.id) not in by_item
+    done = next(e for e in events if e.type == "response.custom_tool_call_input.done")
+    assert done.input == "*** Begin"
