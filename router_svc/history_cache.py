@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import Counter, Gauge
 
@@ -39,9 +37,10 @@ CACHE_BYTES = Gauge(
 @dataclass(frozen=True, slots=True)
 class Chain:
     """The history up to and including one stored response, oldest first: every turn's input
-    items then its output items, as the state service stored them."""
+    items then its output items, as the JSON the state service stored (bytes, so that the
+    garbage collector never walks a full cache; a hit parses them, as a GetHistory reply is)."""
 
-    items: tuple[dict[str, Any], ...]
+    items: tuple[bytes, ...]
     nbytes: int
     # When the first response of the chain to expire does (epoch microseconds); None: never.
     expire_us: int | None
@@ -84,21 +83,20 @@ class HistoryCache:
         tenant: str,
         response_id: str,
         parent: Chain | None,
-        items: Sequence[dict[str, Any]],
-        nbytes: int,
+        items: tuple[bytes, ...],
         expire_us: int | None,
     ) -> None:
         """Remembers the chain ending at ``response_id``: ``parent``'s (None for a first turn)
-        followed by the turn's own ``items`` (``nbytes`` of JSON)."""
+        followed by the turn's own ``items`` (JSON)."""
+        nbytes = sum(len(item) for item in items)
+        history = items
         if parent is not None:
             nbytes += parent.nbytes
+            history = parent.items + items
             if parent.expire_us is not None:
                 expire_us = (
                     parent.expire_us if expire_us is None else min(expire_us, parent.expire_us)
                 )
-            history: tuple[dict[str, Any], ...] = parent.items + tuple(items)
-        else:
-            history = tuple(items)
         if nbytes > self._max_bytes // 4:
             return  # one huge chain would evict everything else
         key = (tenant, response_id)

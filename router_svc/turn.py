@@ -57,8 +57,9 @@ class Turn:
     omitted_history_items: int = 0
     # The remembered chain the history came from (instead of a GetHistory call), if any.
     parent_chain: Chain | None = None
-    # The JSON bytes of a history read with GetHistory (for the history cache's accounting).
-    history_bytes: int = 0
+    # The history's items as stored (JSON), when read with GetHistory: the history cache keeps
+    # JSON, which the garbage collector never has to walk.
+    history_json: tuple[bytes, ...] = ()
     # The response object last stored for this turn and its JSON as stored, so that the answer
     # is not encoded twice.
     stored_response: dict[str, Any] | None = None
@@ -123,14 +124,14 @@ async def begin(
     history: list[dict[str, Any]] = []
     version: int | None = None
     omitted = 0
-    history_bytes = 0
+    history_json: tuple[bytes, ...] = ()
     parent_chain = None
     cache = svc.history_cache
     if req.previous_response_id and req.store and cache is not None and svc.state.connected():
         # Verified when the turn is stored (require_intact_chain): see history_cache.
         parent_chain = cache.get(tenant, req.previous_response_id)
     if parent_chain is not None:
-        history = list(parent_chain.items)
+        history = [orjson.loads(raw) for raw in parent_chain.items]
         assert cache is not None
         if cache.max_items and len(history) > cache.max_items:
             omitted = len(history) - cache.max_items
@@ -154,8 +155,8 @@ async def begin(
                 return errors.conversation_not_found(conv, param="conversation")
 
         reply = await svc.state.call("GetHistory", lookup, param=param, not_found=not_found)
-        history = [item_from_proto(i) for i in reply.items]
-        history_bytes = sum(len(i.json) for i in reply.items)
+        history_json = tuple(i.json for i in reply.items)
+        history = [orjson.loads(raw) for raw in history_json]
         if req.conversation_id:
             version = reply.conversation_version
         if reply.truncated:
@@ -199,7 +200,7 @@ async def begin(
         idempotency_key=idempotency_key,
         omitted_history_items=omitted,
         parent_chain=parent_chain,
-        history_bytes=history_bytes,
+        history_json=history_json,
     )
 
 
@@ -298,16 +299,12 @@ def _remember(
         if reply.response.HasField("expire_time")
         else None
     )
-    own = [orjson.loads(i.json) for i in (*stored.input_items, *stored.output_items)]
-    nbytes = sum(len(i.json) for i in stored.input_items) + sum(
-        len(i.json) for i in stored.output_items
-    )
+    own = tuple(i.json for i in (*stored.input_items, *stored.output_items))
     if turn.parent_chain is None and turn.req.previous_response_id:
         if expire_us is not None:
             return  # when the older turns of the chain expire is not known here
-        own = [*turn.history, *own]
-        nbytes += turn.history_bytes
-    cache.remember(turn.tenant, turn.response_id, turn.parent_chain, own, nbytes, expire_us)
+        own = turn.history_json + own
+    cache.remember(turn.tenant, turn.response_id, turn.parent_chain, own, expire_us)
 
 
 def _put_not_found(turn: Turn) -> errors.ApiError:
