@@ -4,6 +4,7 @@ expiry."""
 from __future__ import annotations
 
 import time
+
 import orjson
 
 from router_svc.history_cache import HistoryCache
