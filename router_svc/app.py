@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import logs, tracing
+from gateway import gctune, logs, tracing
 from gateway.metrics import LATENCY_BUCKETS
 from router_svc import auth, bootstrap, errors
 from router_svc.config import RouterSettings
@@ -278,6 +278,7 @@ def run(settings: RouterSettings) -> None:
     """Serves the router until SIGTERM/SIGINT (uvicorn handles both and drains connections)."""
     check_settings(settings)
     tracing.setup("respgw-router", settings.otel_endpoint)
+    gctune.tune()
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,

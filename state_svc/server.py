@@ -9,7 +9,7 @@ import logging
 import signal
 from dataclasses import dataclass
 
-from gateway import metrics, tracing
+from gateway import gctune, metrics, tracing
 from gateway.grpcserver import GrpcServer
 from respgw.state.v1 import state_service_pb2_grpc
 from state_svc import backends, service
@@ -83,6 +83,7 @@ async def run(settings: StateSettings) -> None:
     """Serves until SIGTERM or SIGINT, then stops gracefully and closes the backend."""
     tracing.setup("respgw-state", settings.otel_endpoint)
     running = await start(settings)
+    gctune.tune()
     try:
         metrics.serve_service_metrics(settings)
         stop = asyncio.Event()
