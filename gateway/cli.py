@@ -206,13 +206,9 @@ async def run_local(settings: LocalSettings) -> None:
         bootstrap_address=bootstrap_address,
         api_keys=settings.api_keys,
     )
-    config = uvicorn.Config(
-        router_app.create_app(router_settings),
-        host=settings.host,
-        port=settings.port,
-        loop="none",
-        log_config=None,
-        access_log=False,
+    # The router's own server configuration (its limits and timeouts), on this event loop.
+    config = router_app.server_config(
+        router_app.create_app(router_settings), router_settings, loop="none"
     )
     log.info(
         f"gateway listening on http://{settings.host}:{settings.port}/v1 "

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
@@ -17,13 +20,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway import gctune, logs, tracing
 from gateway.metrics import LATENCY_BUCKETS
 from router_svc import auth, bootstrap, errors
 from router_svc.config import RouterSettings
 from router_svc.history_cache import HistoryCache
-from router_svc.http import JSONResponse
+from router_svc.http import MAX_ID_CHARS, JSONResponse, StreamSlots
 from router_svc.hub import HubClient
 from router_svc.routes import conversations, passthrough, responses
 from router_svc.services import Services
@@ -160,8 +164,11 @@ class RequestContext:
         rid = ""
         for key, value in scope["headers"]:
             if key == b"x-request-id":
-                rid = value.decode("latin-1")[:128]
-        rid = rid or "req_" + secrets.token_hex(16)
+                rid = value.decode("latin-1")
+        # The id goes into logs, gRPC metadata and the hub's headers: only printable ASCII of a
+        # sensible length is kept, anything else is replaced.
+        if not (rid and len(rid) <= 128 and rid.isascii() and rid.isprintable()):
+            rid = "req_" + secrets.token_hex(16)
         token = logs.request_id_var.set(rid)
         traced = (
             _start_span(scope, rid) if tracing.enabled and scope["path"] not in _UNTRACED else None
@@ -183,6 +190,11 @@ class RequestContext:
 
         error: BaseException | None = None
         try:
+            path = scope["path"]
+            if len(path) > _MAX_PATH_CHARS or "\x00" in path:
+                # No stored object has such an id; the state service is not asked.
+                await _answer(send_with_id, _no_such_id())
+                return
             await self.app(scope, receive, send_with_id)
         except BaseException as exc:
             error = exc
@@ -206,6 +218,32 @@ class RequestContext:
 
 # Probes and scrapes come every few seconds: spans of them would only bury the real traffic.
 _UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
+# A path with two ids of MAX_ID_CHARS, and room to spare.
+_MAX_PATH_CHARS = 4 * MAX_ID_CHARS
+
+
+def _no_such_id() -> errors.ApiError:
+    return errors.NotFound(
+        f"No object has this id: ids are at most {MAX_ID_CHARS} printable characters.",
+        code="not_found",
+    )
+
+
+async def _answer(send: Send, error: errors.ApiError) -> None:
+    API_ERRORS.labels(str(error.status), error.code or "").inc()
+    body = orjson.dumps(error.body())
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *((k.encode(), v.encode()) for k, v in error.headers.items()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _start_span(scope: Scope, rid: str) -> tuple[tracing.Span, tracing.Token]:
@@ -271,7 +309,252 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
         lifespan=lifespan,
     )
     app.add_middleware(RequestContext)
+    app.state.stream_slots = StreamSlots(settings.max_streams, settings.max_streams_per_tenant)
     return app
+
+
+# --- the HTTP protocol guard ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What a client may send before the app sees its request (see :class:`GuardedProtocol`)."""
+
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 0
+
+    @classmethod
+    def of(cls, settings: RouterSettings) -> ConnectionLimits:
+        return cls(
+            max_header_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            max_connections=settings.max_connections,
+        )
+
+
+# Where the guard is in a request: before its first byte, in its line and headers, in its body, or
+# past its end (the app answers; the next request may be pipelined behind it).
+_IDLE, _HEAD, _BODY, _DONE = range(4)
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing a request the guard refuses."""
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits it lacks (httptools buffers a header line of
+    any length, uvicorn has no timeout before a request is complete, and answers its own errors in
+    text/plain):
+
+    - the request line and headers: at most ``max_header_bytes`` (counted as the bytes arrive,
+      so an unfinished header is refused as soon as it is too long) and ``max_headers`` fields,
+      else 431 (414 for the URL alone);
+    - time: a connection's first request must have its headers within ``header_timeout_s`` of
+      the connection's start, every later one within ``header_timeout_s`` of its first byte, and
+      a body must be complete within ``body_timeout_s`` of its headers, else 408 (time the app
+      takes to read a body it has not asked for yet is not counted); between requests, uvicorn's
+      keep-alive timeout applies;
+    - more than ``max_connections`` open connections: the request of the one over it is answered
+      503 and the connection closed;
+    - every answer of its own, and uvicorn's 400 for a request that does not parse, is JSON in
+      OpenAI's error shape, and closes the connection.
+
+    The body's size is checked as it is read (:func:`router_svc.http.read_body`). The checks
+    cost a counter per header and a comparison per read; a timer only runs while a request is
+    incomplete after a read (a request that arrives in one piece arms none).
+    """
+
+    limits = ConnectionLimits()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._phase = _IDLE
+        self._raw_head = 0  # bytes received while in a request's line and headers
+        self._head_size = 0  # the current request's URL, header names and values
+        self._header_count = 0
+        self._refusal: tuple[int, str, str] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_phase = _IDLE
+        limits = self.limits
+        if limits.max_connections and len(self.connections) > limits.max_connections:
+            self.app = _over_capacity
+        self._arm(_HEAD, limits.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase != _BODY:
+            self._raw_head += len(data)
+        super().data_received(data)
+        if self.transport.is_closing():
+            self._disarm()
+            return
+        phase = self._phase
+        if phase == _HEAD or (phase == _IDLE and self._raw_head):
+            if self._raw_head > self.limits.max_header_bytes:
+                self._refuse(431, "request_header_fields_too_large", self._too_large_head())
+            elif self._timer_phase != _HEAD:
+                self._arm(_HEAD, self.limits.header_timeout_s)
+        elif phase == _BODY:
+            if self._timer_phase != _BODY:
+                self._arm(_BODY, self.limits.body_timeout_s)
+        elif self._timer is not None:
+            self._disarm()
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._phase = _HEAD
+        self._head_size = 0
+        self._header_count = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        if self._head_size > self.limits.max_header_bytes:
+            self._stop(414, "uri_too_long", "The request URL is too long.")
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value)
+        self._header_count += 1
+        if self._header_count > self.limits.max_headers:
+            self._stop(
+                431,
+                "request_header_fields_too_large",
+                f"The request has more than {self.limits.max_headers} header fields.",
+            )
+        if self._head_size > self.limits.max_header_bytes:
+            self._stop(431, "request_header_fields_too_large", self._too_large_head())
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._phase = _BODY
+        self._raw_head = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._phase = _DONE
+        super().on_message_complete()
+
+    # Refusals
+
+    def _too_large_head(self) -> str:
+        return (
+            f"The request's line and headers are larger than {self.limits.max_header_bytes} bytes."
+        )
+
+    def _stop(self, status: int, code: str, message: str) -> None:
+        """Refuses the request from inside a parser callback: the parser stops, and uvicorn's
+        answer to a request that does not parse (send_400_response) sends this refusal."""
+        self._refusal = (status, code, message)
+        raise _Refused(message)
+
+    def send_400_response(self, msg: str) -> None:
+        refusal, self._refusal = self._refusal, None
+        if refusal is None:
+            refusal = (400, "invalid_request", "The request is not valid HTTP/1.1.")
+        self._refuse(*refusal)
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answers ``status`` in OpenAI's error shape and closes the connection. A request whose
+        app has started its answer already only has its connection closed."""
+        self._disarm()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started or self._phase in (_IDLE, _HEAD):
+                # An answer (or the answer to a pipelined request before this one) is on its way.
+                self.transport.close()
+                return
+            # The app is waiting for the body: it now sees the client as gone.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+        if status >= 500:
+            error["type"] = "server_error"
+        body = orjson.dumps({"error": error})
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(
+            b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % len(body)
+        )
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+    # Timers
+
+    def _arm(self, phase: int, delay_s: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_phase = phase
+        self._timer = self.loop.call_later(delay_s, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_phase = _IDLE
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        phase = self._phase
+        if phase == _BODY:
+            if self.flow.read_paused:
+                # The app has not read what arrived yet (or a pipelined request waits): the delay
+                # is the router's, not the client's.
+                self._arm(_BODY, self.limits.body_timeout_s)
+                return
+            self._refuse(408, "request_timeout", "The request body did not arrive in time.")
+        elif phase == _HEAD or (phase == _IDLE and self._raw_head):
+            self._refuse(408, "request_timeout", "The request headers did not arrive in time.")
+        elif phase == _IDLE:
+            self.transport.close()  # a connection that never sent a byte
+        else:
+            self._timer_phase = _IDLE
+
+
+async def _over_capacity(scope: Scope, receive: Receive, send: Send) -> None:
+    error = errors.ApiError(
+        "The gateway has as many connections open as it can; please try again shortly.",
+        status=503,
+        code="server_overloaded",
+        headers={"connection": "close", "x-should-retry": "true"},
+    )
+    await _answer(send, error)
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
+    """The protocol class uvicorn serves with, holding ``limits``."""
+    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
+
+
+def server_config(app: ASGIApp, settings: RouterSettings, **overrides: Any) -> uvicorn.Config:
+    """The uvicorn configuration the router is served with (the guarded protocol on uvloop);
+    ``overrides`` are passed to uvicorn.Config (tests and ``respgw local`` run it in their own
+    event loop with ``loop="none"``)."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": guarded_protocol(ConnectionLimits.of(settings)),
+        "log_config": None,
+        "access_log": False,
+        "timeout_keep_alive": settings.keep_alive_s,
+        "timeout_graceful_shutdown": 30,
+        **overrides,
+    }
+    return uvicorn.Config(app, **options)
 
 
 def run(settings: RouterSettings) -> None:
@@ -279,14 +562,4 @@ def run(settings: RouterSettings) -> None:
     check_settings(settings)
     tracing.setup("respgw-router", settings.otel_endpoint)
     gctune.tune()
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
-    uvicorn.Server(config).run()
+    uvicorn.Server(server_config(create_app(settings), settings)).run()

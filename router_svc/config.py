@@ -93,7 +93,53 @@ class RouterSettings:
         env="RESPGW_STRICT_PARAMS",
     )
     max_body_bytes: int = option(
-        32 * 1024 * 1024, "Largest request body accepted, in bytes.", env="RESPGW_MAX_BODY_BYTES"
+        32 * 1024 * 1024,
+        "Largest request body accepted, in bytes (checked while the body is read, chunked "
+        "bodies too: 413).",
+        env="RESPGW_MAX_BODY_BYTES",
+    )
+    max_header_bytes: int = option(
+        64 * 1024,
+        "Largest request line and headers of a request, in bytes (431, or 414 for the URL "
+        "alone), checked while they arrive.",
+        env="RESPGW_MAX_HEADER_BYTES",
+    )
+    max_headers: int = option(
+        100, "Most header fields in a request (431).", env="RESPGW_MAX_HEADERS"
+    )
+    header_timeout_s: float = option(
+        10.0,
+        "Seconds a request's line and headers may take to arrive, from its first byte (or from "
+        "the connection's start, for its first request); then 408 and the connection is closed.",
+        env="RESPGW_HEADER_TIMEOUT_S",
+    )
+    body_timeout_s: float = option(
+        60.0,
+        "Seconds a request's body may take to arrive after its headers; then 408 and the "
+        "connection is closed.",
+        env="RESPGW_BODY_TIMEOUT_S",
+    )
+    keep_alive_s: int = option(
+        5,
+        "Seconds an idle keep-alive connection is kept open between requests.",
+        env="RESPGW_KEEP_ALIVE_S",
+    )
+    max_connections: int = option(
+        4096,
+        "Most open client connections; a request on a connection over it is answered 503 and "
+        "the connection closed. 0 for no limit.",
+        env="RESPGW_MAX_CONNECTIONS",
+    )
+    max_streams: int = option(
+        1024,
+        "Most streamed responses (POST /v1/responses with stream: true) served at once; one "
+        "more is a 503. 0 for no limit.",
+        env="RESPGW_MAX_STREAMS",
+    )
+    max_streams_per_tenant: int = option(
+        256,
+        "Most streamed responses served at once for one tenant; one more is a 429. 0 for no limit.",
+        env="RESPGW_MAX_STREAMS_PER_TENANT",
     )
     drain_timeout_s: float = option(
         30.0,

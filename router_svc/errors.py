@@ -10,6 +10,7 @@ Exception tree::
     ├── RateLimited               429
     ├── UpstreamError             502 / 504 server_error (the hub failed, timed out or spoke nonsense)
     ├── StateUnavailable          503 server_error (the state service cannot be reached)
+    ├── RequestTooLarge           413 invalid_request_error (a body over --max-body-bytes)
     └── BootstrapFailed           code stateful_tool_bootstrap_failed (the bootstrap service failed)
 
 Errors from gRPC services are mapped once, here (:func:`from_state_error`,
@@ -52,6 +53,17 @@ class ApiError(Exception):
         if status is not None:
             self.status = status
         self.headers: dict[str, str] = dict(headers or {})
+        # True when the failed call may have written what it was asked to (a deadline, a broken
+        # connection): a retry of the request could then duplicate it, unless something makes the
+        # retry the same write (an idempotency key, ids fixed by the first attempt).
+        self.outcome_unknown = False
+
+    def retry_header(self, *, retry_is_safe: bool) -> None:
+        """Sets ``x-should-retry`` on a server-side failure: ``true`` when nothing was written
+        or a retry is the same write, ``false`` when a retry could duplicate what was written."""
+        if self.status >= 500:
+            safe = retry_is_safe or not self.outcome_unknown
+            self.headers["x-should-retry"] = "true" if safe else "false"
 
     def body(self) -> dict[str, Any]:
         return {
@@ -103,6 +115,22 @@ class StateUnavailable(ApiError):
     default_code = "state_unavailable"
 
 
+class RequestTooLarge(ApiError):
+    status = 413
+    type = INVALID_REQUEST
+    default_code = "request_too_large"
+
+
+def invalid_id(param: str, limit: int) -> InvalidRequest:
+    """A 400 for an id (or key) that no stored object can have: too long, or with control
+    characters."""
+    return InvalidRequest(
+        f"Invalid '{param}': expected an ID of at most {limit} printable characters.",
+        param=param,
+        code="invalid_value",
+    )
+
+
 class BootstrapFailed(ApiError):
     default_code = "stateful_tool_bootstrap_failed"
 
@@ -147,6 +175,9 @@ _STATE_STATUS: dict[grpc.StatusCode, tuple[type[ApiError], int]] = {
     grpc.StatusCode.DATA_LOSS: (ApiError, 500),
     grpc.StatusCode.UNAUTHENTICATED: (ApiError, 500),
 }
+
+# The state service's reason for "nothing was written, try again" (every other 5xx may have written).
+_NOTHING_WRITTEN = frozenset({"BACKEND_UNAVAILABLE"})
 
 _STATE_CODES: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: "state_timeout",
@@ -198,17 +229,23 @@ def from_state_error(err: RemoteError, *, param: str | None = None) -> ApiError:
             "Please try again.",
             param=param,
         )
+    # The detail of a server-side failure (gRPC's transport messages name addresses) goes to the
+    # router's log (state_client), never to the client.
     if cls is StateUnavailable:
-        return StateUnavailable(
-            f"The state service is unavailable ({err.code.name.lower()}): {err.message}",
+        unavailable = StateUnavailable(
+            f"The state service is unavailable ({err.code.name.lower()}); please try again.",
             code=_STATE_CODES.get(err.code, "state_unavailable"),
         )
+        unavailable.outcome_unknown = err.reason not in _NOTHING_WRITTEN
+        return unavailable
     if cls is ApiError:
-        return ApiError(
-            f"The state service rejected the router's call ({err.code.name}): {err.message}",
+        failed = ApiError(
+            f"The state service rejected the router's call ({err.code.name}).",
             code="internal_error",
             status=status,
         )
+        failed.outcome_unknown = True
+        return failed
     return cls(err.message, param=param, code=_STATE_CODES.get(err.code), status=status)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import aclosing
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from router_svc import errors
 from router_svc.services import Services
@@ -55,25 +58,43 @@ def require_json_content_type(request: Request) -> None:
     )
 
 
-async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 in OpenAI's words (a 415 for a body that is
-    not declared JSON, see :func:`require_json_content_type`)."""
+def _too_large(limit: int) -> errors.RequestTooLarge:
+    # The connection is closed after the answer, so that the rest of the body is not read.
+    return errors.RequestTooLarge(
+        f"The request body is larger than the limit of {limit} bytes.",
+        headers={"connection": "close"},
+    )
+
+
+async def read_body(request: Request) -> bytes:
+    """The raw request body, read as it arrives and refused (413) as soon as it is over
+    ``--max-body-bytes``, whether it declared its length or is chunked. (A body that arrives too
+    slowly is the protocol guard's: see :mod:`router_svc.app`.)"""
     require_json_content_type(request)
     limit = services(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise errors.ApiError(
-            f"The request body is larger than the limit of {limit} bytes.",
-            status=413,
-            code="request_too_large",
-        )
-    raw = await request.body()
-    if len(raw) > limit:
-        raise errors.ApiError(
-            f"The request body is larger than the limit of {limit} bytes.",
-            status=413,
-            code="request_too_large",
-        )
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with aclosing(request.stream()) as stream:
+            async for chunk in stream:
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+    except ClientDisconnect as exc:
+        # Nobody reads this answer; it only ends the request quietly.
+        raise errors.InvalidRequest(
+            "The connection was closed before the request body was complete.",
+            code="incomplete_body",
+        ) from exc
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """``raw`` as a JSON object, or a 400 in OpenAI's words."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -85,6 +106,128 @@ async def read_json(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise errors.InvalidRequest("The request body must be a JSON object.")
     return body
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 in OpenAI's words (a 415 for a body that is
+    not declared JSON, see :func:`require_json_content_type`; a 413 for one that is too large)."""
+    return parse_json(await read_body(request))
+
+
+# --- ids from clients ---------------------------------------------------------------------------
+
+# The longest id (response, conversation, item) or Idempotency-Key the router passes on. Ids the
+# gateway mints are 53 characters; longer ones can only come from clients, and the storage behind
+# the state service cannot index ids of a few kilobytes.
+MAX_ID_CHARS = 256
+
+
+def valid_id(value: str) -> bool:
+    """True for an id the state service can hold: at most MAX_ID_CHARS printable characters
+    (no NUL, no control characters)."""
+    return len(value) <= MAX_ID_CHARS and value.isprintable()
+
+
+def check_item_ids(items: list[dict[str, Any]], param: str) -> None:
+    """A 400 naming the first item whose (client-chosen) id is not a valid id."""
+    for i, item in enumerate(items):
+        item_id = item.get("id")
+        if isinstance(item_id, str) and not valid_id(item_id):
+            raise errors.invalid_id(f"{param}[{i}].id", MAX_ID_CHARS)
+
+
+def shown_id(value: str) -> str:
+    """An id as error messages quote it (cut, and without control characters)."""
+    cut = value[:64] + "..." if len(value) > 64 else value
+    return "".join(c if c.isprintable() else "?" for c in cut)
+
+
+def idempotency_key(request: Request) -> str:
+    """The request's ``Idempotency-Key`` (empty when none), or a 400 when it cannot be one."""
+    key = request.headers.get("idempotency-key", "").strip()
+    if key and not (len(key) <= MAX_ID_CHARS and key.isascii() and key.isprintable()):
+        raise errors.InvalidRequest(
+            f"Invalid 'Idempotency-Key' header: expected at most {MAX_ID_CHARS} printable ASCII "
+            "characters.",
+            code="invalid_idempotency_key",
+        )
+    return key
+
+
+# --- concurrent streams -------------------------------------------------------------------------
+
+
+class StreamSlots:
+    """Counts the streamed responses being served, in all and per tenant, and refuses one more
+    over either cap (0 means no cap): a 429 for a tenant over its share, a 503 for the router."""
+
+    def __init__(self, total: int, per_tenant: int) -> None:
+        self.total = total
+        self.per_tenant = per_tenant
+        self.open = 0
+        self.by_tenant: dict[str, int] = {}
+
+    def take(self, tenant: str) -> None:
+        held = self.by_tenant.get(tenant, 0)
+        if self.per_tenant and held >= self.per_tenant:
+            raise errors.RateLimited(
+                f"Too many concurrent streams for this API key (at most {self.per_tenant}); "
+                "wait for one to finish.",
+            )
+        if self.total and self.open >= self.total:
+            raise errors.ApiError(
+                "The gateway is serving as many streams as it can; please try again shortly.",
+                status=503,
+                code="server_overloaded",
+                headers={"x-should-retry": "true"},
+            )
+        self.open += 1
+        self.by_tenant[tenant] = held + 1
+
+    def give(self, tenant: str) -> None:
+        self.open -= 1
+        held = self.by_tenant[tenant] - 1
+        if held:
+            self.by_tenant[tenant] = held
+        else:
+            del self.by_tenant[tenant]
+
+
+def stream_slots(request: Request) -> StreamSlots:
+    slots: StreamSlots = request.app.state.stream_slots
+    return slots
+
+
+class Releasing(Response):
+    """Sends ``inner`` and then calls ``release``, however the sending ends (a client that
+    leaves before the first byte included)."""
+
+    def __init__(self, inner: Response, release: Callable[[], None]) -> None:
+        self.inner = inner
+        self.release = release
+        self.status_code = inner.status_code
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            self.release()
+
+
+# --- SDK retries --------------------------------------------------------------------------------
+
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
+
+
+def sdk_attempt(request: Request) -> int | None:
+    """Which attempt of an official SDK's call this request is (0 for the first), from the
+    ``x-stainless-retry-count`` header the SDKs send; None for other clients."""
+    raw = request.headers.get(RETRY_COUNT_HEADER)
+    if raw is None:
+        return None
+    raw = raw.strip()
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 6 else 0
 
 
 def query_int(request: Request, name: str, default: int) -> int:

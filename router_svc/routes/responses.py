@@ -15,14 +15,20 @@ from respgw.state.v1 import resources_pb2, state_service_pb2
 from router_svc import errors, stream, turn, validate
 from router_svc.http import (
     JSONResponse,
+    Releasing,
+    check_item_ids,
+    idempotency_key,
     list_page,
+    parse_json,
     query_int,
     query_limit,
     query_order,
-    read_json,
+    read_body,
     services,
+    stream_slots,
     tenant,
 )
+from router_svc.services import Services
 
 OPEN_STREAMS = Gauge("respgw_router_open_streams", "Streaming responses being sent right now.")
 
@@ -32,14 +38,30 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 async def create_response(request: Request) -> Response:
     svc = services(request)
     who = tenant(request)
-    body = await read_json(request)
+    body = parse_json(await read_body(request))
     req = validate.parse_turn_request(
         body,
         default_model=svc.settings.default_model,
         strict_params=svc.settings.strict_params,
         hub_api=svc.settings.hub_api,
     )
-    key = request.headers.get("idempotency-key", "").strip()
+    key = idempotency_key(request)
+    check_item_ids(req.input_items, "input")
+    if not req.stream:
+        return await _create(request, svc, who, req, key)
+    slots = stream_slots(request)
+    slots.take(who)
+    try:
+        answer = await _create(request, svc, who, req, key)
+    except BaseException:
+        slots.give(who)
+        raise
+    return Releasing(answer, lambda: slots.give(who))
+
+
+async def _create(
+    request: Request, svc: Services, who: str, req: validate.TurnRequest, key: str
+) -> Response:
     if key and req.store:
         first = await turn.find_idempotent(svc, who, key)
         if first is not None:
