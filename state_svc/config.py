@@ -68,6 +68,13 @@ class StateSettings:
         "0 means no cap.",
         env="RESPGW_STATE_HISTORY_MAX_ITEMS",
     )
+    watch_poll_interval_s: float = option(
+        0.25,
+        "Seconds between the reads of an idle WatchResponseEvents stream, which sees the events "
+        "appended through other replicas this late at most (those appended through its own "
+        "replica wake it at once).",
+        env="RESPGW_STATE_WATCH_POLL_INTERVAL_S",
+    )
     max_message_bytes: int = option(
         64 * 1024 * 1024,
         "Largest gRPC message the server sends or accepts, in bytes.",

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import orjson
+from google.protobuf import duration_pb2
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from prometheus_client import Histogram
 
@@ -36,6 +38,8 @@ SERVICE_NAME = state_service_pb2.DESCRIPTOR.services_by_name["StateService"].ful
 MAX_METADATA_PAIRS = 16
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+# Most events in one WatchResponseEvents message (a longer backlog goes in several).
+WATCH_BATCH = 256
 
 BACKEND_LATENCY = Histogram(
     "respgw_state_backend_latency_seconds",
@@ -58,6 +62,9 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             "get_history": ("GetHistory", self._get_history),
             "get_response": ("GetResponse", self._get_response),
         }
+        # The open WatchResponseEvents streams of this replica, by (tenant, response id): an
+        # append through this replica wakes them at once (other replicas' appends are polled).
+        self._watchers: dict[tuple[str, str], set[asyncio.Event]] = {}
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -482,6 +489,287 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         return state_service_pb2.DeleteConversationItemResponse(
             conversation=_conversation_pb(conversation)
         )
+
+    # --- background responses: jobs, leases and event logs ----------------------------------
+
+    async def EnqueueBackgroundResponse(
+        self, request: state_service_pb2.EnqueueBackgroundResponseRequest, context: Context
+    ) -> state_service_pb2.EnqueueBackgroundResponseResponse:
+        return await self._serve(context, self._enqueue, request)
+
+    async def _enqueue(
+        self, request: state_service_pb2.EnqueueBackgroundResponseRequest
+    ) -> state_service_pb2.EnqueueBackgroundResponseResponse:
+        tenant = _tenant(request.tenant)
+        if not request.response.in_progress:
+            raise _invalid("response.in_progress", "a background response is enqueued running")
+        turn = _turn(request.response)
+        lease_us = 0
+        if request.owner:
+            lease_us = _positive_us(request.lease_duration, "lease_duration")
+        for name in ("max_pending_per_tenant", "max_pending_total"):
+            if getattr(request, name) < 0:
+                raise _invalid(name, f"{name} must not be negative")
+        result = await self._timed(
+            "enqueue_job",
+            self._backend.enqueue_job(
+                tenant,
+                turn,
+                request.spec,
+                owner=request.owner,
+                lease_us=lease_us,
+                require_intact_chain=request.require_intact_chain,
+                max_pending_per_tenant=request.max_pending_per_tenant,
+                max_pending_total=request.max_pending_total,
+            ),
+        )
+        put = result.put
+        reply = state_service_pb2.EnqueueBackgroundResponseResponse(
+            response=_turn_pb(put.turn) if put.replayed else _turn_header_pb(put.turn),
+            replayed=put.replayed,
+        )
+        if result.job is not None:
+            reply.job.CopyFrom(_job_pb(result.job))
+        return reply
+
+    async def ClaimBackgroundResponse(
+        self, request: state_service_pb2.ClaimBackgroundResponseRequest, context: Context
+    ) -> state_service_pb2.ClaimBackgroundResponseResponse:
+        return await self._serve(context, self._claim, request)
+
+    async def _claim(
+        self, request: state_service_pb2.ClaimBackgroundResponseRequest
+    ) -> state_service_pb2.ClaimBackgroundResponseResponse:
+        if request.any_tenant:
+            if request.tenant:
+                raise _invalid("tenant", "tenant must be empty with any_tenant")
+            tenant = ""
+        else:
+            tenant = _tenant(request.tenant)
+        _require(request.owner, "owner")
+        lease_us = _positive_us(request.lease_duration, "lease_duration")
+        job = await self._timed(
+            "claim_job", self._backend.claim_job(tenant, request.owner, lease_us)
+        )
+        reply = state_service_pb2.ClaimBackgroundResponseResponse()
+        if job is not None:
+            reply.job.CopyFrom(_job_pb(job))
+        return reply
+
+    async def RenewBackgroundLease(
+        self, request: state_service_pb2.RenewBackgroundLeaseRequest, context: Context
+    ) -> state_service_pb2.RenewBackgroundLeaseResponse:
+        return await self._serve(context, self._renew, request)
+
+    async def _renew(
+        self, request: state_service_pb2.RenewBackgroundLeaseRequest
+    ) -> state_service_pb2.RenewBackgroundLeaseResponse:
+        tenant = _tenant(request.tenant)
+        _require(request.response_id, "response_id")
+        _lease_token(request.lease_token)
+        lease_us = _positive_us(request.lease_duration, "lease_duration")
+        renewal = await self._timed(
+            "renew_lease",
+            self._backend.renew_lease(tenant, request.response_id, request.lease_token, lease_us),
+        )
+        reply = state_service_pb2.RenewBackgroundLeaseResponse(
+            cancel_requested=renewal.cancel_requested
+        )
+        if not renewal.cancel_requested:
+            reply.lease_expire_time.FromMicroseconds(renewal.lease_expire_us)
+        return reply
+
+    async def AppendResponseEvents(
+        self, request: state_service_pb2.AppendResponseEventsRequest, context: Context
+    ) -> state_service_pb2.AppendResponseEventsResponse:
+        return await self._serve(context, self._append_events, request)
+
+    async def _append_events(
+        self, request: state_service_pb2.AppendResponseEventsRequest
+    ) -> state_service_pb2.AppendResponseEventsResponse:
+        tenant = _tenant(request.tenant)
+        _require(request.response_id, "response_id")
+        _lease_token(request.lease_token)
+        if not request.events:
+            raise _invalid("events", "at least one event is required")
+        events = _events(request.events)
+        last = await self._timed(
+            "append_events",
+            self._backend.append_events(tenant, request.response_id, request.lease_token, events),
+        )
+        self._wake(tenant, request.response_id)
+        return state_service_pb2.AppendResponseEventsResponse(last_sequence_number=last)
+
+    async def FinishBackgroundResponse(
+        self, request: state_service_pb2.FinishBackgroundResponseRequest, context: Context
+    ) -> state_service_pb2.FinishBackgroundResponseResponse:
+        return await self._serve(context, self._finish, request)
+
+    async def _finish(
+        self, request: state_service_pb2.FinishBackgroundResponseRequest
+    ) -> state_service_pb2.FinishBackgroundResponseResponse:
+        tenant = _tenant(request.tenant)
+        if request.response.in_progress:
+            raise _invalid("response.in_progress", "the final turn must not be running")
+        turn = _turn(request.response)
+        _lease_token(request.lease_token)
+        events = _events(request.events)
+        result = await self._timed(
+            "finish_job",
+            self._backend.finish_job(tenant, turn, request.lease_token, events),
+        )
+        self._wake(tenant, turn.id)
+        return state_service_pb2.FinishBackgroundResponseResponse(
+            response=_turn_pb(result.turn) if result.replayed else _turn_header_pb(result.turn),
+            replayed=result.replayed,
+            conversation_version=result.conversation_version,
+        )
+
+    async def CancelBackgroundResponse(
+        self, request: state_service_pb2.CancelBackgroundResponseRequest, context: Context
+    ) -> state_service_pb2.CancelBackgroundResponseResponse:
+        return await self._serve(context, self._cancel, request)
+
+    async def _cancel(
+        self, request: state_service_pb2.CancelBackgroundResponseRequest
+    ) -> state_service_pb2.CancelBackgroundResponseResponse:
+        tenant = _tenant(request.tenant)
+        if request.response.in_progress:
+            raise _invalid("response.in_progress", "the cancelled turn must not be running")
+        turn = _turn(request.response)
+        event = request.cancel_event_json
+        if event and not _is_json_object(event):
+            raise _invalid("cancel_event_json", "cancel_event_json must be a JSON object")
+        result = await self._timed("cancel_job", self._backend.cancel_job(tenant, turn, event))
+        if result.cancelled:
+            self._wake(tenant, turn.id)
+        return state_service_pb2.CancelBackgroundResponseResponse(
+            response=_turn_pb(result.turn), cancelled=result.cancelled
+        )
+
+    async def WatchResponseEvents(
+        self, request: state_service_pb2.WatchResponseEventsRequest, context: Context
+    ) -> AsyncIterator[state_service_pb2.WatchResponseEventsResponse]:
+        """Sends the log after starting_after, then waits for more: woken by an append through
+        this replica, or after the poll interval for the other replicas' appends."""
+        try:
+            tenant = _tenant(request.tenant)
+            _require(request.response_id, "response_id")
+            after = request.starting_after if request.HasField("starting_after") else -1
+            if after < -1:
+                raise _invalid("starting_after", "starting_after must be -1 or more")
+        except ServiceError as exc:
+            await grpcerrors.abort(context, exc)
+            return
+        key = (tenant, request.response_id)
+        wake = asyncio.Event()
+        self._watchers.setdefault(key, set()).add(wake)
+        try:
+            while True:
+                wake.clear()
+                try:
+                    page = await self._timed(
+                        "read_events",
+                        self._backend.read_events(
+                            tenant, request.response_id, after=after, limit=WATCH_BATCH
+                        ),
+                    )
+                except ServiceError as exc:
+                    error = exc
+                except Exception:
+                    log.exception("state call failed", extra={"rpc": "WatchResponseEvents"})
+                    error = ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+                else:
+                    if page.events:
+                        reply = state_service_pb2.WatchResponseEventsResponse()
+                        for event in page.events:
+                            reply.events.add(sequence_number=event.sequence, json=event.json)
+                        yield reply
+                        after = page.events[-1].sequence
+                    if len(page.events) == WATCH_BATCH:
+                        continue
+                    if page.final:
+                        return
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), self._settings.watch_poll_interval_s)
+                    continue
+                await grpcerrors.abort(context, error)
+                return
+        finally:
+            watchers = self._watchers.get(key)
+            if watchers is not None:
+                watchers.discard(wake)
+                if not watchers:
+                    del self._watchers[key]
+
+    def _wake(self, tenant: str, response_id: str) -> None:
+        for wake in self._watchers.get((tenant, response_id), ()):
+            wake.set()
+
+
+def _turn(r: resources_pb2.StoredResponse) -> base.Turn:
+    """A turn sent to the background RPCs, checked as PutTurn checks its turn."""
+    _require(r.id, "response.id")
+    _require(r.response_json, "response.response_json")
+    if not _is_json_object(r.response_json):
+        raise _invalid("response.response_json", "response_json must be a JSON object")
+    if r.previous_response_id and r.conversation_id:
+        raise _invalid(
+            "response.conversation_id",
+            "a turn cannot have both previous_response_id and conversation_id",
+        )
+    seen: set[str] | None = set() if r.conversation_id else None
+    return base.Turn(
+        id=r.id,
+        response_json=r.response_json,
+        previous_response_id=r.previous_response_id,
+        conversation_id=r.conversation_id,
+        input_items=_items(r.input_items, "response.input_items", seen),
+        output_items=_items(r.output_items, "response.output_items", seen),
+        idempotency_key=r.idempotency_key,
+        stream_events_json=r.stream_events_json,
+        in_progress=r.in_progress,
+    )
+
+
+def _positive_us(duration: duration_pb2.Duration, field: str) -> int:
+    micros = duration.seconds * 1_000_000 + duration.nanos // 1000
+    if micros <= 0:
+        raise _invalid(field, f"{field} must be positive")
+    return micros
+
+
+def _lease_token(token: int) -> None:
+    if token < 1:
+        raise _invalid("lease_token", "lease_token must be 1 or more")
+
+
+def _events(events: Sequence[resources_pb2.ResponseEvent]) -> list[base.Event]:
+    """Checks an append's events: JSON objects with consecutive sequence numbers."""
+    out: list[base.Event] = []
+    for n, event in enumerate(events):
+        if event.sequence_number < 0 or (n and event.sequence_number != out[-1].sequence + 1):
+            raise _invalid(
+                f"events[{n}].sequence_number", "events must have consecutive sequence numbers"
+            )
+        if not _is_json_object(event.json):
+            raise _invalid(f"events[{n}].json", "an event must be a JSON object")
+        out.append(base.Event(event.sequence_number, event.json))
+    return out
+
+
+def _job_pb(job: base.Job) -> resources_pb2.BackgroundJob:
+    msg = resources_pb2.BackgroundJob(
+        tenant=job.tenant,
+        response_id=job.response_id,
+        spec=job.spec,
+        lease_token=job.lease_token,
+        owner=job.owner,
+        last_sequence_number=job.last_sequence,
+    )
+    msg.lease_expire_time.FromMicroseconds(job.lease_expire_us)
+    msg.create_time.FromMicroseconds(job.create_time_us)
+    return msg
 
 
 def _set_status(status: state_service_pb2.CallStatus, error: ServiceError) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import grpc
+import orjson
 
 from gateway.grpcerrors import ServiceError
 
@@ -95,6 +96,69 @@ class ItemPage:
     has_more: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of a response's event log: its sequence number and its JSON object."""
+
+    sequence: int
+    json: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """The job of a background response as a claim sees it (see BackgroundJob in the proto)."""
+
+    tenant: str
+    response_id: str
+    spec: bytes
+    lease_token: int
+    owner: str
+    lease_expire_us: int
+    last_sequence: int
+    create_time_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    put: PutTurnResult
+    job: Job | None  # set when the caller holds the job's lease
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    lease_expire_us: int  # 0 when cancelled
+    cancel_requested: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    turn: Turn
+    cancelled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """Events after a sequence number, read together with whether the response is final (one
+    snapshot: a final response's log is complete)."""
+
+    events: Sequence[Event]
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """What the rows of a response and its job say, for the lease checks below."""
+
+    pk: int
+    running: bool
+    has_job: bool
+    lease_token: int = 0
+    done: bool = False
+    cancelled: bool = False
+    finished_token: int = 0
+    owner: str = ""
+
+
 class Backend(Protocol):
     """Where the state service keeps responses and conversations. Every method is scoped to a
     tenant, and every lookup treats expired rows as absent."""
@@ -172,6 +236,50 @@ class Backend(Protocol):
     async def sweep(self) -> int:
         """Deletes expired responses and conversations; returns how many rows went."""
         ...
+
+    # --- background responses (see "Background responses" in the proto) ---------------------
+
+    async def enqueue_job(
+        self,
+        tenant: str,
+        turn: Turn,
+        spec: bytes,
+        *,
+        owner: str,
+        lease_us: int,
+        require_intact_chain: bool,
+        max_pending_per_tenant: int,
+        max_pending_total: int,
+    ) -> EnqueueResult:
+        """Stores a running turn and its job at once (claimed by ``owner`` when set), after
+        the caps (:func:`check_pending`)."""
+        ...
+
+    async def claim_job(self, tenant: str, owner: str, lease_us: int) -> Job | None:
+        """Claims the oldest claimable job of ``tenant`` ('' for any tenant), or None."""
+        ...
+
+    async def renew_lease(
+        self, tenant: str, response_id: str, lease_token: int, lease_us: int
+    ) -> Renewal: ...
+
+    async def append_events(
+        self, tenant: str, response_id: str, lease_token: int, events: Sequence[Event]
+    ) -> int:
+        """Appends to the log for the current holder; returns the log's last sequence."""
+        ...
+
+    async def finish_job(
+        self, tenant: str, turn: Turn, lease_token: int, events: Sequence[Event]
+    ) -> PutTurnResult:
+        """The holder's final turn, with the last events, its stream events set to the log."""
+        ...
+
+    async def cancel_job(self, tenant: str, turn: Turn, cancel_event: bytes) -> CancelResult: ...
+
+    async def read_events(
+        self, tenant: str, response_id: str, *, after: int, limit: int
+    ) -> EventPage: ...
 
     async def close(self) -> None: ...
 
@@ -395,6 +503,76 @@ def check_chain(previous_id: str, chain: Sequence[tuple[str, str]]) -> None:
         raise previous_response_not_found(previous_id)
 
 
+# --- background jobs: the rules every backend applies ----------------------------------------
+
+
+def check_pending(
+    tenant_pending: int, total_pending: int, max_per_tenant: int, max_total: int
+) -> None:
+    """Raises BACKGROUND_QUEUE_FULL when one more background response would pass a cap."""
+    for scope, pending, limit in (
+        ("tenant", tenant_pending, max_per_tenant),
+        ("total", total_pending, max_total),
+    ):
+        if limit > 0 and pending >= limit:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "BACKGROUND_QUEUE_FULL",
+                f"{pending} background responses are queued or running ({scope} cap {limit})",
+                {"scope": scope, "limit": str(limit)},
+            )
+
+
+def check_holder(state: JobState | None, response_id: str, lease_token: int) -> JobState:
+    """The job's state when ``lease_token`` is its current lease; raises otherwise."""
+    if state is None or not state.has_job:
+        raise response_not_found(response_id)
+    if state.done or state.lease_token != lease_token:
+        raise lease_lost(response_id, lease_token, state)
+    return state
+
+
+def new_events(
+    response_id: str, last: int, stored: Mapping[int, bytes], events: Sequence[Event]
+) -> Sequence[Event]:
+    """The events of an append that are not in the log yet. ``last`` is the log's last
+    sequence (-1 when empty) and ``stored`` the stored events among the numbers sent; the
+    servicer has checked that the numbers are consecutive."""
+    if not events:
+        return events
+    if events[0].sequence > last + 1:
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+            f"the log of {response_id} ends at {last}: event {events[0].sequence} leaves a gap",
+            {"field": "events[0].sequence_number", "response_id": response_id},
+        )
+    for event in events:
+        if event.sequence > last:
+            break
+        if stored.get(event.sequence) != event.json:
+            raise ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "EVENT_CONFLICT",
+                f"event {event.sequence} of {response_id} is stored with other content",
+                {"response_id": response_id, "sequence_number": str(event.sequence)},
+            )
+    return [e for e in events if e.sequence > last]
+
+
+def joined_log(jsons: Iterable[bytes]) -> bytes:
+    """The event log as a JSON array (a final turn's stream_events_json); empty for none."""
+    jsons = list(jsons)
+    return b"[" + b",".join(jsons) + b"]" if jsons else b""
+
+
+def stamped(event_json: bytes, sequence: int) -> bytes:
+    """A cancel event with the sequence number the server took for it."""
+    event = orjson.loads(event_json)
+    event["sequence_number"] = sequence
+    return orjson.dumps(event)
+
+
 # --- rows of the SQL backends' history queries ----------------------------------------------
 
 
@@ -545,4 +723,29 @@ def backend_unavailable(detail: str) -> ServiceError:
         grpc.StatusCode.UNAVAILABLE,
         "BACKEND_UNAVAILABLE",
         f"the storage backend cannot be reached: {detail}",
+    )
+
+
+def lease_lost(response_id: str, lease_token: int, state: JobState) -> ServiceError:
+    why = "was finished" if state.done else f"was claimed again (token {state.lease_token})"
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "LEASE_LOST",
+        f"lease {lease_token} of background response {response_id} is no longer current: the "
+        f"job {why}",
+        {
+            "response_id": response_id,
+            "lease_token": str(lease_token),
+            "current_lease_token": str(state.lease_token),
+            "cancelled": "true" if state.cancelled else "false",
+        },
+    )
+
+
+def not_background(response_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOT_BACKGROUND",
+        f"response {response_id} is running but has no background job",
+        {"response_id": response_id},
     )

@@ -8,19 +8,40 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from state_svc.backends import base
 from state_svc.backends.base import (
     AppendResult,
+    CancelResult,
     Conversation,
     CreatedConversation,
+    EnqueueResult,
+    Event,
+    EventPage,
     History,
     Item,
     ItemPage,
+    Job,
+    JobState,
     PutTurnResult,
+    Renewal,
     Turn,
 )
+
+
+@dataclass
+class _Job:
+    """A background response's job (see BackgroundJob in the proto)."""
+
+    spec: bytes
+    create_time_us: int
+    owner: str = ""
+    lease_token: int = 0
+    lease_expire_us: int = 0  # 0: queued
+    done: bool = False
+    cancelled: bool = False
+    finished_token: int = 0
 
 
 @dataclass
@@ -30,6 +51,9 @@ class _Response:
     turn: Turn
     digest: bytes
     conversation_version: int
+    # A background response's job and event log go with its row (and so with its deletion).
+    job: _Job | None = None
+    events: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +101,8 @@ class MemoryBackend:
         self._keys: dict[tuple[str, str], str] = {}
         self._conversations: dict[tuple[str, str], _Conversation] = {}
         self._requests: dict[tuple[str, str], str] = {}
+        # (tenant, response id) of the background responses whose job may not be finished.
+        self._pending: set[tuple[str, str]] = set()
 
     # --- lookups that hide expired rows ---------------------------------------------------
 
@@ -364,6 +390,190 @@ class MemoryBackend:
             self._drop_conversation(conv)
         return len(gone_responses) + len(gone_conversations)
 
+    # --- background jobs ------------------------------------------------------------------
+
+    def _state(self, row: _Response | None) -> JobState | None:
+        if row is None:
+            return None
+        job = row.job
+        if job is None:
+            return JobState(row.pk, row.turn.in_progress, False)
+        return JobState(
+            row.pk,
+            row.turn.in_progress,
+            True,
+            job.lease_token,
+            job.done,
+            job.cancelled,
+            job.finished_token,
+            job.owner,
+        )
+
+    def _job(self, row: _Response) -> Job:
+        job = row.job
+        assert job is not None
+        return Job(
+            tenant=row.tenant,
+            response_id=row.turn.id,
+            spec=job.spec,
+            lease_token=job.lease_token,
+            owner=job.owner,
+            lease_expire_us=job.lease_expire_us,
+            last_sequence=len(row.events) - 1,
+            create_time_us=job.create_time_us,
+        )
+
+    def _pending_rows(self, now: int) -> list[_Response]:
+        """The live running responses whose job is not finished (forgetting the others)."""
+        rows = []
+        for key in list(self._pending):
+            row = self._response(*key, now)
+            if row is None or row.job is None or row.job.done or not row.turn.in_progress:
+                self._pending.discard(key)
+            else:
+                rows.append(row)
+        return rows
+
+    async def enqueue_job(
+        self,
+        tenant: str,
+        turn: Turn,
+        spec: bytes,
+        *,
+        owner: str,
+        lease_us: int,
+        require_intact_chain: bool,
+        max_pending_per_tenant: int,
+        max_pending_total: int,
+    ) -> EnqueueResult:
+        now = base.now_us()
+        row = self._response(tenant, turn.id, now)
+        if row is not None and row.job is not None:
+            held = bool(owner) and row.job.owner == owner and not row.job.done
+            return EnqueueResult(
+                PutTurnResult(row.turn, True, row.conversation_version),
+                self._job(row) if held else None,
+            )
+        pending = self._pending_rows(now)
+        base.check_pending(
+            sum(r.tenant == tenant for r in pending),
+            len(pending),
+            max_pending_per_tenant,
+            max_pending_total,
+        )
+        # put_turn never awaits, so this method stays atomic on the event loop.
+        result = await self.put_turn(
+            tenant,
+            turn,
+            expected_conversation_version=None,
+            require_intact_chain=require_intact_chain,
+        )
+        if result.replayed:
+            return EnqueueResult(result, None)
+        row = self._responses[(tenant, turn.id)]
+        row.job = _Job(spec=spec, create_time_us=now)
+        if owner:
+            row.job.owner, row.job.lease_token = owner, 1
+            row.job.lease_expire_us = now + lease_us
+        self._pending.add((tenant, turn.id))
+        return EnqueueResult(result, self._job(row) if owner else None)
+
+    async def claim_job(self, tenant: str, owner: str, lease_us: int) -> Job | None:
+        now = base.now_us()
+        claimable = [
+            r
+            for r in self._pending_rows(now)
+            if r.job is not None
+            and r.job.lease_expire_us <= now
+            and (not tenant or r.tenant == tenant)
+        ]
+        if not claimable:
+            return None
+        row = min(claimable, key=lambda r: (r.job.lease_expire_us if r.job else 0, r.pk))
+        assert row.job is not None
+        row.job.owner = owner
+        row.job.lease_token += 1
+        row.job.lease_expire_us = now + lease_us
+        return self._job(row)
+
+    async def renew_lease(
+        self, tenant: str, response_id: str, lease_token: int, lease_us: int
+    ) -> Renewal:
+        now = base.now_us()
+        row = self._response(tenant, response_id, now)
+        state = self._state(row)
+        if state is not None and state.cancelled:
+            return Renewal(0, True)
+        base.check_holder(state, response_id, lease_token)
+        assert row is not None and row.job is not None
+        row.job.lease_expire_us = now + lease_us
+        return Renewal(row.job.lease_expire_us, False)
+
+    def _fresh_events(self, row: _Response, events: Sequence[Event]) -> Sequence[Event]:
+        last = len(row.events) - 1
+        stored = {e.sequence: row.events[e.sequence] for e in events if 0 <= e.sequence <= last}
+        return base.new_events(row.turn.id, last, stored, events)
+
+    async def append_events(
+        self, tenant: str, response_id: str, lease_token: int, events: Sequence[Event]
+    ) -> int:
+        row = self._response(tenant, response_id, base.now_us())
+        base.check_holder(self._state(row), response_id, lease_token)
+        assert row is not None
+        row.events.extend(e.json for e in self._fresh_events(row, events))
+        return len(row.events) - 1
+
+    async def finish_job(
+        self, tenant: str, turn: Turn, lease_token: int, events: Sequence[Event]
+    ) -> PutTurnResult:
+        row = self._response(tenant, turn.id, base.now_us())
+        state = self._state(row)
+        if row is not None and state is not None and state.done and not state.cancelled:
+            if state.finished_token == lease_token:
+                return PutTurnResult(row.turn, True, row.conversation_version)
+        base.check_holder(state, turn.id, lease_token)
+        assert row is not None and row.job is not None
+        log = [*row.events, *(e.json for e in self._fresh_events(row, events))]
+        # put_turn checks everything before it changes anything: the log grows only after.
+        final = replace(turn, stream_events_json=base.joined_log(log))
+        result = await self.put_turn(tenant, final, expected_conversation_version=None)
+        row.events = log
+        row.job.done, row.job.finished_token = True, lease_token
+        self._pending.discard((tenant, turn.id))
+        return result
+
+    async def cancel_job(self, tenant: str, turn: Turn, cancel_event: bytes) -> CancelResult:
+        row = self._response(tenant, turn.id, base.now_us())
+        if row is None:
+            raise base.response_not_found(turn.id)
+        if not row.turn.in_progress:
+            return CancelResult(row.turn, False)
+        if row.job is None:
+            raise base.not_background(turn.id)
+        log = list(row.events)
+        if cancel_event:
+            log.append(base.stamped(cancel_event, len(log)))
+        final = replace(turn, stream_events_json=base.joined_log(log))
+        result = await self.put_turn(tenant, final, expected_conversation_version=None)
+        row.events = log
+        row.job.done = row.job.cancelled = True
+        self._pending.discard((tenant, turn.id))
+        return CancelResult(result.turn, True)
+
+    async def read_events(
+        self, tenant: str, response_id: str, *, after: int, limit: int
+    ) -> EventPage:
+        row = self._response(tenant, response_id, base.now_us())
+        if row is None:
+            raise base.response_not_found(response_id)
+        if row.turn.in_progress and row.job is None:
+            raise base.not_background(response_id)
+        first = after + 1
+        last = min(len(row.events), first + limit)
+        events = [Event(seq, row.events[seq]) for seq in range(first, last)]
+        return EventPage(events, not row.turn.in_progress)
+
     async def close(self) -> None:
         self._responses.clear()
         self._conversations.clear()
+        self._pending.clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import asyncpg
@@ -19,12 +20,19 @@ import orjson
 from state_svc.backends import base
 from state_svc.backends.base import (
     AppendResult,
+    CancelResult,
     Conversation,
     CreatedConversation,
+    EnqueueResult,
+    Event,
+    EventPage,
     History,
     Item,
     ItemPage,
+    Job,
+    JobState,
     PutTurnResult,
+    Renewal,
     Turn,
 )
 
@@ -93,6 +101,31 @@ MIGRATIONS: list[list[str]] = [
     ["ALTER TABLE {s}.responses ADD COLUMN stream_events_json bytea NOT NULL DEFAULT ''::bytea"],
     # 3: running turns (background responses), replaced whole by their final turn.
     ["ALTER TABLE {s}.responses ADD COLUMN in_progress boolean NOT NULL DEFAULT false"],
+    # 4: background responses as jobs held by leases, and the event log of each (IF NOT EXISTS:
+    # a store set back to an older version by hand keeps these tables).
+    [
+        """CREATE TABLE IF NOT EXISTS {s}.background_jobs (
+            response_pk bigint PRIMARY KEY REFERENCES {s}.responses (pk) ON DELETE CASCADE,
+            tenant text NOT NULL,
+            response_id text NOT NULL,
+            spec bytea NOT NULL,
+            owner text NOT NULL,
+            lease_token bigint NOT NULL,
+            lease_expire_us bigint NOT NULL,
+            done boolean NOT NULL DEFAULT false,
+            cancelled boolean NOT NULL DEFAULT false,
+            finished_token bigint NOT NULL DEFAULT 0,
+            create_time_us bigint NOT NULL
+        )""",
+        """CREATE INDEX IF NOT EXISTS background_jobs_claimable ON {s}.background_jobs
+            (lease_expire_us, response_pk) WHERE NOT done""",
+        """CREATE TABLE IF NOT EXISTS {s}.response_events (
+            response_pk bigint NOT NULL REFERENCES {s}.responses (pk) ON DELETE CASCADE,
+            seq bigint NOT NULL,
+            json bytea NOT NULL,
+            PRIMARY KEY (response_pk, seq)
+        )""",
+    ],
 ]
 
 # A unique violation on these means another transaction stored the same id or key first: the
@@ -115,9 +148,12 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def _lock_key(schema: str) -> int:
-    """The advisory lock that serializes migrations of one schema across processes."""
-    digest = hashlib.blake2b(b"respgw-state-migrate:" + schema.encode(), digest_size=8).digest()
+def _lock_key(schema: str, purpose: str = "migrate") -> int:
+    """The advisory lock that serializes migrations of one schema across processes (or, with
+    purpose "enqueue", the capped enqueues of background responses)."""
+    digest = hashlib.blake2b(
+        f"respgw-state-{purpose}:".encode() + schema.encode(), digest_size=8
+    ).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
@@ -843,6 +879,339 @@ ORDER BY i.seq DESC LIMIT $4
             raise base.item_not_found(conversation_id, item_id)
         return _conversation(row)
 
+    # --- background jobs ------------------------------------------------------------------
+    #
+    # Locks are taken in one order, the response's row before its job's (as DeleteResponse's
+    # cascade takes them), so that these transactions never deadlock with each other or a delete.
+
+    async def _job_state(
+        self, conn: Conn, tenant: str, response_id: str, now: int, *, lock: bool = True
+    ) -> JobState | None:
+        s = self._s
+        row = await conn.fetchrow(
+            f"""SELECT pk, in_progress FROM {s}.responses WHERE tenant = $1 AND id = $2
+                AND (expire_time_us IS NULL OR expire_time_us > $3)
+            {"FOR NO KEY UPDATE" if lock else ""}""",
+            tenant,
+            response_id,
+            now,
+        )
+        if row is None:
+            return None
+        job = await conn.fetchrow(
+            f"""SELECT lease_token, done, cancelled, finished_token, owner
+            FROM {s}.background_jobs WHERE response_pk = $1 {"FOR UPDATE" if lock else ""}""",
+            row["pk"],
+        )
+        if job is None:
+            return JobState(row["pk"], row["in_progress"], False)
+        return JobState(
+            row["pk"],
+            row["in_progress"],
+            True,
+            job["lease_token"],
+            job["done"],
+            job["cancelled"],
+            job["finished_token"],
+            job["owner"],
+        )
+
+    async def _last_sequence(self, conn: Conn, response_pk: int) -> int:
+        last = await conn.fetchval(
+            f"SELECT max(seq) FROM {self._s}.response_events WHERE response_pk = $1", response_pk
+        )
+        return -1 if last is None else int(last)
+
+    async def _load_job(self, conn: Conn, response_pk: int) -> Job:
+        row = await conn.fetchrow(
+            f"SELECT {_JOB_COLUMNS} FROM {self._s}.background_jobs WHERE response_pk = $1",
+            response_pk,
+        )
+        return _job(row, await self._last_sequence(conn, response_pk))
+
+    async def _stored_turn(self, conn: Conn, response_pk: int) -> PutTurnResult:
+        version = await conn.fetchval(
+            f"SELECT conversation_version FROM {self._s}.responses WHERE pk = $1", response_pk
+        )
+        return PutTurnResult(await self._load_turn(conn, response_pk), True, version)
+
+    async def enqueue_job(
+        self,
+        tenant: str,
+        turn: Turn,
+        spec: bytes,
+        *,
+        owner: str,
+        lease_us: int,
+        require_intact_chain: bool,
+        max_pending_per_tenant: int,
+        max_pending_total: int,
+    ) -> EnqueueResult:
+        return await self._run(
+            self._enqueue_job,
+            tenant,
+            turn,
+            spec,
+            owner,
+            lease_us,
+            require_intact_chain,
+            max_pending_per_tenant,
+            max_pending_total,
+        )
+
+    async def _enqueue_job(
+        self,
+        conn: Conn,
+        tenant: str,
+        turn: Turn,
+        spec: bytes,
+        owner: str,
+        lease_us: int,
+        intact_chain: bool,
+        max_per_tenant: int,
+        max_total: int,
+    ) -> EnqueueResult:
+        s = self._s
+        if max_per_tenant > 0 or max_total > 0:
+            # Capped enqueues take turns, so that concurrent ones cannot all pass the count.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1)", _lock_key(self._schema, "enqueue")
+            )
+        now = base.now_us()
+        state = await self._job_state(conn, tenant, turn.id, now, lock=False)
+        if state is not None and state.has_job:
+            held = bool(owner) and state.owner == owner and not state.done
+            job = await self._load_job(conn, state.pk) if held else None
+            return EnqueueResult(await self._stored_turn(conn, state.pk), job)
+        if max_per_tenant > 0 or max_total > 0:
+            row = await conn.fetchrow(
+                f"""SELECT count(*) AS total, count(*) FILTER (WHERE j.tenant = $1) AS of_tenant
+                FROM {s}.background_jobs j JOIN {s}.responses r ON r.pk = j.response_pk
+                WHERE NOT j.done AND r.in_progress
+                    AND (r.expire_time_us IS NULL OR r.expire_time_us > $2)""",
+                tenant,
+                now,
+            )
+            assert row is not None
+            base.check_pending(row["of_tenant"], row["total"], max_per_tenant, max_total)
+        digest = base.turn_digest(turn)
+        result = await self._put_turn(conn, tenant, turn, digest, None, intact_chain)
+        if result.replayed:
+            return EnqueueResult(result, None)
+        pk = await conn.fetchval(
+            f"""INSERT INTO {s}.background_jobs (response_pk, tenant, response_id, spec, owner,
+                lease_token, lease_expire_us, create_time_us)
+            SELECT pk, $1, $2, $3, $4, $5, $6, $7 FROM {s}.responses
+            WHERE tenant = $1 AND id = $2 AND (expire_time_us IS NULL OR expire_time_us > $7)
+            RETURNING response_pk""",
+            tenant,
+            turn.id,
+            spec,
+            owner,
+            1 if owner else 0,
+            now + lease_us if owner else 0,
+            now,
+        )
+        return EnqueueResult(result, await self._load_job(conn, pk) if owner else None)
+
+    async def claim_job(self, tenant: str, owner: str, lease_us: int) -> Job | None:
+        return await self._run(self._claim_job, tenant, owner, lease_us)
+
+    async def _claim_job(self, conn: Conn, tenant: str, owner: str, lease_us: int) -> Job | None:
+        s = self._s
+        now = base.now_us()
+        # One statement: the oldest claimable job, skipping any that a concurrent claim has
+        # locked, gets the next token; two claims never get the same job.
+        row = await conn.fetchrow(
+            f"""WITH c AS (
+                SELECT j.response_pk FROM {s}.background_jobs j
+                JOIN {s}.responses r ON r.pk = j.response_pk
+                WHERE NOT j.done AND j.lease_expire_us <= $1 AND r.in_progress
+                    AND (r.expire_time_us IS NULL OR r.expire_time_us > $1)
+                    AND ($2 = '' OR j.tenant = $2)
+                ORDER BY j.lease_expire_us, j.response_pk
+                LIMIT 1
+                FOR UPDATE OF j SKIP LOCKED
+            )
+            UPDATE {s}.background_jobs j
+            SET owner = $3, lease_token = j.lease_token + 1, lease_expire_us = $4
+            FROM c WHERE j.response_pk = c.response_pk
+            RETURNING {_JOB_COLUMNS.replace("response_pk", "j.response_pk")}""",
+            now,
+            tenant,
+            owner,
+            now + lease_us,
+        )
+        if row is None:
+            return None
+        return _job(row, await self._last_sequence(conn, row["response_pk"]))
+
+    async def renew_lease(
+        self, tenant: str, response_id: str, lease_token: int, lease_us: int
+    ) -> Renewal:
+        return await self._run(self._renew_lease, tenant, response_id, lease_token, lease_us)
+
+    async def _renew_lease(
+        self, conn: Conn, tenant: str, response_id: str, lease_token: int, lease_us: int
+    ) -> Renewal:
+        now = base.now_us()
+        # Only the job's row is locked (as a claim locks it): renewals never wait on the turn.
+        row = await conn.fetchrow(
+            f"""UPDATE {self._s}.background_jobs SET lease_expire_us = $4
+            WHERE lease_token = $3 AND NOT done AND response_pk = (
+                SELECT pk FROM {self._s}.responses WHERE tenant = $1 AND id = $2
+                    AND (expire_time_us IS NULL OR expire_time_us > $5))
+            RETURNING lease_expire_us""",
+            tenant,
+            response_id,
+            lease_token,
+            now + lease_us,
+            now,
+        )
+        if row is not None:
+            return Renewal(row["lease_expire_us"], False)
+        state = await self._job_state(conn, tenant, response_id, now, lock=False)
+        if state is not None and state.cancelled:
+            return Renewal(0, True)
+        base.check_holder(state, response_id, lease_token)
+        raise AssertionError("a current lease that could not be renewed")
+
+    async def _insert_events(
+        self, conn: Conn, response_pk: int, response_id: str, events: Sequence[Event]
+    ) -> int:
+        """Appends the events not in the log yet (base.new_events); returns the last sequence.
+        The caller holds the job's row lock, which serializes appends to one log."""
+        last = await self._last_sequence(conn, response_pk)
+        if not events:
+            return last
+        stored = {
+            r["seq"]: r["json"]
+            for r in await conn.fetch(
+                f"""SELECT seq, json FROM {self._s}.response_events
+                WHERE response_pk = $1 AND seq BETWEEN $2 AND $3""",
+                response_pk,
+                events[0].sequence,
+                events[-1].sequence,
+            )
+        }
+        fresh = base.new_events(response_id, last, stored, events)
+        if fresh:
+            await conn.execute(
+                f"""INSERT INTO {self._s}.response_events (response_pk, seq, json)
+                SELECT $1, u.seq, u.json FROM unnest($2::bigint[], $3::bytea[]) AS u (seq, json)""",
+                response_pk,
+                [e.sequence for e in fresh],
+                [e.json for e in fresh],
+            )
+        return max(last, events[-1].sequence)
+
+    async def _joined_log(self, conn: Conn, response_pk: int) -> bytes:
+        rows = await conn.fetch(
+            f"SELECT json FROM {self._s}.response_events WHERE response_pk = $1 ORDER BY seq",
+            response_pk,
+        )
+        return base.joined_log(r["json"] for r in rows)
+
+    async def append_events(
+        self, tenant: str, response_id: str, lease_token: int, events: Sequence[Event]
+    ) -> int:
+        return await self._run(self._append_events, tenant, response_id, lease_token, events)
+
+    async def _append_events(
+        self, conn: Conn, tenant: str, response_id: str, lease_token: int, events: Sequence[Event]
+    ) -> int:
+        state = await self._job_state(conn, tenant, response_id, base.now_us())
+        state = base.check_holder(state, response_id, lease_token)
+        return await self._insert_events(conn, state.pk, response_id, events)
+
+    async def finish_job(
+        self, tenant: str, turn: Turn, lease_token: int, events: Sequence[Event]
+    ) -> PutTurnResult:
+        return await self._run(self._finish_job, tenant, turn, lease_token, events)
+
+    async def _finish_job(
+        self, conn: Conn, tenant: str, turn: Turn, lease_token: int, events: Sequence[Event]
+    ) -> PutTurnResult:
+        state = await self._job_state(conn, tenant, turn.id, base.now_us())
+        if state is not None and state.done and not state.cancelled:
+            if state.finished_token == lease_token:
+                return await self._stored_turn(conn, state.pk)
+        state = base.check_holder(state, turn.id, lease_token)
+        await self._insert_events(conn, state.pk, turn.id, events)
+        final = replace(turn, stream_events_json=await self._joined_log(conn, state.pk))
+        result = await self._put_turn(conn, tenant, final, base.turn_digest(final), None, False)
+        await conn.execute(
+            f"""UPDATE {self._s}.background_jobs SET done = true, finished_token = $2
+            WHERE response_pk = $1""",
+            state.pk,
+            lease_token,
+        )
+        return result
+
+    async def cancel_job(self, tenant: str, turn: Turn, cancel_event: bytes) -> CancelResult:
+        return await self._run(self._cancel_job, tenant, turn, cancel_event)
+
+    async def _cancel_job(
+        self, conn: Conn, tenant: str, turn: Turn, cancel_event: bytes
+    ) -> CancelResult:
+        s = self._s
+        state = await self._job_state(conn, tenant, turn.id, base.now_us())
+        if state is None:
+            raise base.response_not_found(turn.id)
+        if not state.running:
+            return CancelResult(await self._load_turn(conn, state.pk), False)
+        if not state.has_job:
+            raise base.not_background(turn.id)
+        if cancel_event:
+            seq = await self._last_sequence(conn, state.pk) + 1
+            await conn.execute(
+                f"INSERT INTO {s}.response_events (response_pk, seq, json) VALUES ($1, $2, $3)",
+                state.pk,
+                seq,
+                base.stamped(cancel_event, seq),
+            )
+        final = replace(turn, stream_events_json=await self._joined_log(conn, state.pk))
+        result = await self._put_turn(conn, tenant, final, base.turn_digest(final), None, False)
+        await conn.execute(
+            f"""UPDATE {s}.background_jobs SET done = true, cancelled = true
+            WHERE response_pk = $1""",
+            state.pk,
+        )
+        return CancelResult(result.turn, True)
+
+    async def read_events(
+        self, tenant: str, response_id: str, *, after: int, limit: int
+    ) -> EventPage:
+        s = self._s
+        # One statement, so one snapshot: when it finds the response final, the events it read
+        # are the whole rest of the log.
+        rows = await self._run(
+            _fetch,
+            f"""SELECT r.in_progress, j.response_pk IS NOT NULL AS has_job, e.seq, e.json
+            FROM {s}.responses r
+            LEFT JOIN {s}.background_jobs j ON j.response_pk = r.pk
+            LEFT JOIN LATERAL (
+                SELECT seq, json FROM {s}.response_events
+                WHERE response_pk = r.pk AND seq > $4 ORDER BY seq LIMIT $5
+            ) e ON true
+            WHERE r.tenant = $1 AND r.id = $2
+                AND (r.expire_time_us IS NULL OR r.expire_time_us > $3)
+            ORDER BY e.seq""",
+            tenant,
+            response_id,
+            base.now_us(),
+            after,
+            limit,
+            write=False,
+        )
+        if not rows:
+            raise base.response_not_found(response_id)
+        running = rows[0]["in_progress"]
+        if running and not rows[0]["has_job"]:
+            raise base.not_background(response_id)
+        events = [Event(r["seq"], r["json"]) for r in rows if r["seq"] is not None]
+        return EventPage(events, not running)
+
     # --- housekeeping ---------------------------------------------------------------------
 
     async def sweep(self) -> int:
@@ -868,6 +1237,8 @@ ORDER BY i.seq DESC LIMIT $4
 
 
 _CONVERSATION_COLUMNS = "id, metadata, version, create_time_us, expire_time_us"
+_JOB_COLUMNS = """response_pk, tenant, response_id, spec, lease_token, owner, lease_expire_us,
+    create_time_us"""
 _TURN_COLUMNS = "pk, id, idempotency_key, digest, conversation_version, expire_time_us, in_progress"
 
 
@@ -881,6 +1252,19 @@ async def _fetchrow(conn: Conn, sql: str, *args: Any) -> Any:
 
 async def _execute(conn: Conn, sql: str, *args: Any) -> str:
     return str(await conn.execute(sql, *args))
+
+
+def _job(row: Any, last_sequence: int) -> Job:
+    return Job(
+        tenant=row["tenant"],
+        response_id=row["response_id"],
+        spec=row["spec"],
+        lease_token=row["lease_token"],
+        owner=row["owner"],
+        lease_expire_us=row["lease_expire_us"],
+        last_sequence=last_sequence,
+        create_time_us=row["create_time_us"],
+    )
 
 
 def _conversation(row: Any) -> Conversation:

@@ -24,7 +24,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import orjson
@@ -32,12 +32,19 @@ import orjson
 from state_svc.backends import base
 from state_svc.backends.base import (
     AppendResult,
+    CancelResult,
     Conversation,
     CreatedConversation,
+    EnqueueResult,
+    Event,
+    EventPage,
     History,
     Item,
     ItemPage,
+    Job,
+    JobState,
     PutTurnResult,
+    Renewal,
     Turn,
 )
 
@@ -105,7 +112,58 @@ MIGRATIONS: list[list[str]] = [
     ["ALTER TABLE responses ADD COLUMN stream_events_json BLOB NOT NULL DEFAULT x''"],
     # 3: running turns (background responses), replaced whole by their final turn.
     ["ALTER TABLE responses ADD COLUMN in_progress INTEGER NOT NULL DEFAULT 0"],
+    # 4: background responses as jobs held by leases, and the event log of each (IF NOT EXISTS:
+    # a store set back to an older version by hand keeps these tables).
+    [
+        """CREATE TABLE IF NOT EXISTS background_jobs (
+            response_pk INTEGER PRIMARY KEY REFERENCES responses (pk) ON DELETE CASCADE,
+            tenant TEXT NOT NULL,
+            response_id TEXT NOT NULL,
+            spec BLOB NOT NULL,
+            owner TEXT NOT NULL,
+            lease_token INTEGER NOT NULL,
+            lease_expire_us INTEGER NOT NULL,
+            done INTEGER NOT NULL DEFAULT 0,
+            cancelled INTEGER NOT NULL DEFAULT 0,
+            finished_token INTEGER NOT NULL DEFAULT 0,
+            create_time_us INTEGER NOT NULL
+        )""",
+        """CREATE INDEX IF NOT EXISTS background_jobs_claimable
+            ON background_jobs (lease_expire_us, response_pk) WHERE done = 0""",
+        """CREATE TABLE IF NOT EXISTS response_events (
+            response_pk INTEGER NOT NULL REFERENCES responses (pk) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            json BLOB NOT NULL,
+            PRIMARY KEY (response_pk, seq)
+        ) WITHOUT ROWID""",
+    ],
 ]
+
+# The live background jobs that are not finished, with their response still running: what
+# the caps count and what a claim chooses from.
+_PENDING_JOBS = """background_jobs j JOIN responses r ON r.pk = j.response_pk
+WHERE j.done = 0 AND r.in_progress AND (r.expire_time_us IS NULL OR r.expire_time_us > :now)"""
+
+# One statement, under the one writer: the oldest claimable job gets the next token.
+CLAIM_SQL = f"""
+UPDATE background_jobs
+SET owner = :owner, lease_token = lease_token + 1, lease_expire_us = :expire
+WHERE response_pk = (
+    SELECT j.response_pk FROM {_PENDING_JOBS}
+        AND j.lease_expire_us <= :now AND (:tenant = '' OR j.tenant = :tenant)
+    ORDER BY j.lease_expire_us, j.response_pk LIMIT 1
+)
+RETURNING response_pk, tenant, response_id, spec, lease_token, owner, lease_expire_us,
+    create_time_us
+"""
+
+_JOB_STATE_SQL = """
+SELECT r.pk, r.in_progress, j.response_pk IS NOT NULL, j.lease_token, j.done, j.cancelled,
+    j.finished_token, j.owner
+FROM responses r LEFT JOIN background_jobs j ON j.response_pk = r.pk
+WHERE r.tenant = :tenant AND r.id = :id
+    AND (r.expire_time_us IS NULL OR r.expire_time_us > :now)
+"""
 
 # The chain behind a response in one statement. Each step must go to an older row (smaller pk):
 # a previous response is always stored before its follower, so a link to a newer row means the
@@ -755,6 +813,287 @@ class SqliteBackend:
                 if gone < 500:
                     break
         return total
+
+    # --- background jobs (each function runs in the one writer's transaction) -----------------
+
+    async def enqueue_job(
+        self,
+        tenant: str,
+        turn: Turn,
+        spec: bytes,
+        *,
+        owner: str,
+        lease_us: int,
+        require_intact_chain: bool,
+        max_pending_per_tenant: int,
+        max_pending_total: int,
+    ) -> EnqueueResult:
+        return await self._write(
+            self._enqueue_job,
+            tenant,
+            turn,
+            spec,
+            owner,
+            lease_us,
+            require_intact_chain,
+            max_pending_per_tenant,
+            max_pending_total,
+        )
+
+    def _enqueue_job(
+        self,
+        conn: sqlite3.Connection,
+        tenant: str,
+        turn: Turn,
+        spec: bytes,
+        owner: str,
+        lease_us: int,
+        intact_chain: bool,
+        max_per_tenant: int,
+        max_total: int,
+    ) -> EnqueueResult:
+        now = base.now_us()
+        state = _job_state(conn, tenant, turn.id, now)
+        if state is not None and state.has_job:
+            held = bool(owner) and state.owner == owner and not state.done
+            version = conn.execute(
+                "SELECT conversation_version FROM responses WHERE pk = ?", (state.pk,)
+            ).fetchone()[0]
+            return EnqueueResult(
+                PutTurnResult(_load_turn(conn, state.pk), True, version),
+                _load_job(conn, state.pk) if held else None,
+            )
+        if max_per_tenant > 0 or max_total > 0:
+            total, of_tenant = conn.execute(
+                f"SELECT count(*), coalesce(sum(j.tenant = :tenant), 0) FROM {_PENDING_JOBS}",
+                {"tenant": tenant, "now": now},
+            ).fetchone()
+            base.check_pending(of_tenant, total, max_per_tenant, max_total)
+        result = self._put_turn(conn, tenant, turn, None, intact_chain)
+        if result.replayed:
+            return EnqueueResult(result, None)
+        pk = conn.execute(
+            f"SELECT pk FROM responses WHERE tenant = :tenant AND id = :id AND {LIVE}",
+            {"tenant": tenant, "id": turn.id, "now": now},
+        ).fetchone()[0]
+        conn.execute(
+            """INSERT INTO background_jobs (response_pk, tenant, response_id, spec, owner,
+                lease_token, lease_expire_us, create_time_us)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                pk,
+                tenant,
+                turn.id,
+                spec,
+                owner,
+                1 if owner else 0,
+                now + lease_us if owner else 0,
+                now,
+            ),
+        )
+        return EnqueueResult(result, _load_job(conn, pk) if owner else None)
+
+    async def claim_job(self, tenant: str, owner: str, lease_us: int) -> Job | None:
+        return await self._write(_claim_job, tenant, owner, lease_us)
+
+    async def renew_lease(
+        self, tenant: str, response_id: str, lease_token: int, lease_us: int
+    ) -> Renewal:
+        return await self._write(_renew_lease, tenant, response_id, lease_token, lease_us)
+
+    async def append_events(
+        self, tenant: str, response_id: str, lease_token: int, events: Sequence[Event]
+    ) -> int:
+        return await self._write(_append_events, tenant, response_id, lease_token, events)
+
+    async def finish_job(
+        self, tenant: str, turn: Turn, lease_token: int, events: Sequence[Event]
+    ) -> PutTurnResult:
+        return await self._write(self._finish_job, tenant, turn, lease_token, events)
+
+    def _finish_job(
+        self,
+        conn: sqlite3.Connection,
+        tenant: str,
+        turn: Turn,
+        lease_token: int,
+        events: Sequence[Event],
+    ) -> PutTurnResult:
+        state = _job_state(conn, tenant, turn.id, base.now_us())
+        if state is not None and state.done and not state.cancelled:
+            if state.finished_token == lease_token:
+                version = conn.execute(
+                    "SELECT conversation_version FROM responses WHERE pk = ?", (state.pk,)
+                ).fetchone()[0]
+                return PutTurnResult(_load_turn(conn, state.pk), True, version)
+        state = base.check_holder(state, turn.id, lease_token)
+        _insert_events(conn, state.pk, turn.id, events)
+        final = replace(turn, stream_events_json=_joined_log(conn, state.pk))
+        # A failure here rolls the write back to its savepoint: the events go too.
+        result = self._put_turn(conn, tenant, final, None)
+        conn.execute(
+            "UPDATE background_jobs SET done = 1, finished_token = ? WHERE response_pk = ?",
+            (lease_token, state.pk),
+        )
+        return result
+
+    async def cancel_job(self, tenant: str, turn: Turn, cancel_event: bytes) -> CancelResult:
+        return await self._write(self._cancel_job, tenant, turn, cancel_event)
+
+    def _cancel_job(
+        self, conn: sqlite3.Connection, tenant: str, turn: Turn, cancel_event: bytes
+    ) -> CancelResult:
+        state = _job_state(conn, tenant, turn.id, base.now_us())
+        if state is None:
+            raise base.response_not_found(turn.id)
+        if not state.running:
+            return CancelResult(_load_turn(conn, state.pk), False)
+        if not state.has_job:
+            raise base.not_background(turn.id)
+        if cancel_event:
+            last = _last_sequence(conn, state.pk)
+            conn.execute(
+                "INSERT INTO response_events (response_pk, seq, json) VALUES (?, ?, ?)",
+                (state.pk, last + 1, base.stamped(cancel_event, last + 1)),
+            )
+        final = replace(turn, stream_events_json=_joined_log(conn, state.pk))
+        result = self._put_turn(conn, tenant, final, None)
+        conn.execute(
+            "UPDATE background_jobs SET done = 1, cancelled = 1 WHERE response_pk = ?",
+            (state.pk,),
+        )
+        return CancelResult(result.turn, True)
+
+    async def read_events(
+        self, tenant: str, response_id: str, *, after: int, limit: int
+    ) -> EventPage:
+        return await self._read(_read_events, tenant, response_id, after, limit)
+
+
+# --- background jobs: statements (all run inside a transaction) ------------------------------
+
+
+def _job_state(
+    conn: sqlite3.Connection, tenant: str, response_id: str, now: int
+) -> JobState | None:
+    row = conn.execute(_JOB_STATE_SQL, {"tenant": tenant, "id": response_id, "now": now}).fetchone()
+    if row is None:
+        return None
+    pk, running, has_job, token, done, cancelled, finished, owner = row
+    if not has_job:
+        return JobState(pk, bool(running), False)
+    return JobState(pk, bool(running), True, token, bool(done), bool(cancelled), finished, owner)
+
+
+def _last_sequence(conn: sqlite3.Connection, response_pk: int) -> int:
+    row = conn.execute(
+        "SELECT coalesce(max(seq), -1) FROM response_events WHERE response_pk = ?", (response_pk,)
+    ).fetchone()
+    return int(row[0])
+
+
+def _load_job(conn: sqlite3.Connection, response_pk: int) -> Job:
+    row = conn.execute(
+        """SELECT response_pk, tenant, response_id, spec, lease_token, owner, lease_expire_us,
+            create_time_us FROM background_jobs WHERE response_pk = ?""",
+        (response_pk,),
+    ).fetchone()
+    return _job(conn, row)
+
+
+def _job(conn: sqlite3.Connection, row: Sequence[Any]) -> Job:
+    return Job(
+        tenant=row[1],
+        response_id=row[2],
+        spec=row[3],
+        lease_token=row[4],
+        owner=row[5],
+        lease_expire_us=row[6],
+        last_sequence=_last_sequence(conn, row[0]),
+        create_time_us=row[7],
+    )
+
+
+def _claim_job(conn: sqlite3.Connection, tenant: str, owner: str, lease_us: int) -> Job | None:
+    now = base.now_us()
+    row = conn.execute(
+        CLAIM_SQL, {"tenant": tenant, "owner": owner, "expire": now + lease_us, "now": now}
+    ).fetchone()
+    return None if row is None else _job(conn, row)
+
+
+def _renew_lease(
+    conn: sqlite3.Connection, tenant: str, response_id: str, lease_token: int, lease_us: int
+) -> Renewal:
+    now = base.now_us()
+    state = _job_state(conn, tenant, response_id, now)
+    if state is not None and state.cancelled:
+        return Renewal(0, True)
+    state = base.check_holder(state, response_id, lease_token)
+    conn.execute(
+        "UPDATE background_jobs SET lease_expire_us = ? WHERE response_pk = ?",
+        (now + lease_us, state.pk),
+    )
+    return Renewal(now + lease_us, False)
+
+
+def _insert_events(
+    conn: sqlite3.Connection, response_pk: int, response_id: str, events: Sequence[Event]
+) -> int:
+    """Appends the events not in the log yet (base.new_events); returns the last sequence."""
+    last = _last_sequence(conn, response_pk)
+    if not events:
+        return last
+    stored = dict(
+        conn.execute(
+            "SELECT seq, json FROM response_events WHERE response_pk = ? AND seq BETWEEN ? AND ?",
+            (response_pk, events[0].sequence, events[-1].sequence),
+        ).fetchall()
+    )
+    fresh = base.new_events(response_id, last, stored, events)
+    conn.executemany(
+        "INSERT INTO response_events (response_pk, seq, json) VALUES (?, ?, ?)",
+        [(response_pk, e.sequence, e.json) for e in fresh],
+    )
+    return max(last, events[-1].sequence)
+
+
+def _append_events(
+    conn: sqlite3.Connection,
+    tenant: str,
+    response_id: str,
+    lease_token: int,
+    events: Sequence[Event],
+) -> int:
+    state = base.check_holder(
+        _job_state(conn, tenant, response_id, base.now_us()), response_id, lease_token
+    )
+    return _insert_events(conn, state.pk, response_id, events)
+
+
+def _joined_log(conn: sqlite3.Connection, response_pk: int) -> bytes:
+    return base.joined_log(
+        row[0]
+        for row in conn.execute(
+            "SELECT json FROM response_events WHERE response_pk = ? ORDER BY seq", (response_pk,)
+        )
+    )
+
+
+def _read_events(
+    conn: sqlite3.Connection, tenant: str, response_id: str, after: int, limit: int
+) -> EventPage:
+    state = _job_state(conn, tenant, response_id, base.now_us())
+    if state is None:
+        raise base.response_not_found(response_id)
+    if state.running and not state.has_job:
+        raise base.not_background(response_id)
+    rows = conn.execute(
+        """SELECT seq, json FROM response_events WHERE response_pk = ? AND seq > ?
+        ORDER BY seq LIMIT ?""",
+        (state.pk, after, limit),
+    ).fetchall()
+    return EventPage([Event(seq, data) for seq, data in rows], not state.running)
 
 
 # --- statements shared by the functions above (all run inside a transaction) ----------------

@@ -227,3 +227,93 @@ class Conversation(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Conversation: _TypeAlias = Conversation  # noqa: Y015
+
+@_typing.final
+class BackgroundJob(_message.Message):
+    """A BackgroundJob is the durable work of one background response: what a worker needs to run it,
+    and the lease that says who runs it now (see StateService).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_SEQUENCE_NUMBER_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant of the response."""
+    response_id: _builtins.str
+    """The response the job finishes."""
+    spec: _builtins.bytes
+    """What the worker needs to run the response, as given to EnqueueBackgroundResponse: stored and
+    returned unchanged, never interpreted by the server.
+    """
+    lease_token: _builtins.int
+    """The fencing token of the current lease: how many times the job was claimed, 1 for the first
+    claim, so also the attempt number. Every write of the holder carries it.
+    """
+    owner: _builtins.str
+    """The owner of the current lease, as it named itself when it claimed."""
+    last_sequence_number: _builtins.int
+    """The sequence number of the last event in the response's log, -1 when the log is empty: a
+    worker that takes over continues the log after it.
+    """
+    @_builtins.property
+    def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the lease runs out unless it is renewed (the state service's clock)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the job was enqueued. Set by the server."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        response_id: _builtins.str = ...,
+        spec: _builtins.bytes = ...,
+        lease_token: _builtins.int = ...,
+        owner: _builtins.str = ...,
+        lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        last_sequence_number: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_sequence_number", b"last_sequence_number", "lease_expire_time", b"lease_expire_time", "lease_token", b"lease_token", "owner", b"owner", "response_id", b"response_id", "spec", b"spec", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackgroundJob: _TypeAlias = BackgroundJob  # noqa: Y015
+
+@_typing.final
+class ResponseEvent(_message.Message):
+    """A ResponseEvent is one streaming event in the event log of a background response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_NUMBER_FIELD_NUMBER: _builtins.int
+    JSON_FIELD_NUMBER: _builtins.int
+    sequence_number: _builtins.int
+    """The event's sequence number (0, 1, 2, ... within the response): the key of the log."""
+    json: _builtins.bytes
+    """The event as a UTF-8 JSON object, exactly as a client is sent it (its own "sequence_number"
+    member included). Stored and returned unchanged.
+    """
+    def __init__(
+        self,
+        *,
+        sequence_number: _builtins.int = ...,
+        json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json", b"json", "sequence_number", b"sequence_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResponseEvent: _TypeAlias = ResponseEvent  # noqa: Y015

@@ -5,7 +5,9 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from respgw.state.v1 import resources_pb2 as _resources_pb2
@@ -1044,3 +1046,485 @@ class CallStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CallStatus: _TypeAlias = CallStatus  # noqa: Y015
+
+@_typing.final
+class EnqueueBackgroundResponseRequest(_message.Message):
+    """Request for EnqueueBackgroundResponse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    LEASE_DURATION_FIELD_NUMBER: _builtins.int
+    REQUIRE_INTACT_CHAIN_FIELD_NUMBER: _builtins.int
+    MAX_PENDING_PER_TENANT_FIELD_NUMBER: _builtins.int
+    MAX_PENDING_TOTAL_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
+    spec: _builtins.bytes
+    """What a worker needs to run the response, opaque to the server: stored with the job and
+    returned unchanged by every claim. Empty is allowed.
+    """
+    owner: _builtins.str
+    """When set, the caller claims the job at once (lease_token 1) for lease_duration. Empty queues
+    the job for ClaimBackgroundResponse.
+    """
+    require_intact_chain: _builtins.bool
+    """As PutTurnRequest.require_intact_chain."""
+    max_pending_per_tenant: _builtins.int
+    """The most background responses of the tenant that may be not final at once, this one included;
+    0 means no cap. Negative is INVALID_ARGUMENT.
+    """
+    max_pending_total: _builtins.int
+    """The most background responses of all tenants that may be not final at once, this one
+    included; 0 means no cap. Negative is INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def response(self) -> _resources_pb2.StoredResponse:
+        """The running turn to store, as for PutTurn; in_progress must be set."""
+
+    @_builtins.property
+    def lease_duration(self) -> _duration_pb2.Duration:
+        """The length of the lease when owner is set; must then be positive. Ignored without owner."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        response: _resources_pb2.StoredResponse | None = ...,
+        spec: _builtins.bytes = ...,
+        owner: _builtins.str = ...,
+        lease_duration: _duration_pb2.Duration | None = ...,
+        require_intact_chain: _builtins.bool = ...,
+        max_pending_per_tenant: _builtins.int = ...,
+        max_pending_total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration", "max_pending_per_tenant", b"max_pending_per_tenant", "max_pending_total", b"max_pending_total", "owner", b"owner", "require_intact_chain", b"require_intact_chain", "response", b"response", "spec", b"spec", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueBackgroundResponseRequest: _TypeAlias = EnqueueBackgroundResponseRequest  # noqa: Y015
+
+@_typing.final
+class EnqueueBackgroundResponseResponse(_message.Message):
+    """Response for EnqueueBackgroundResponse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when nothing was written (see the RPC)."""
+    @_builtins.property
+    def response(self) -> _resources_pb2.StoredResponse:
+        """The stored turn: only its server-set fields (id, create_time, expire_time), or on a replay
+        the whole stored turn.
+        """
+
+    @_builtins.property
+    def job(self) -> _resources_pb2.BackgroundJob:
+        """The job, set when the caller holds its lease (owner was set); unset otherwise."""
+
+    def __init__(
+        self,
+        *,
+        response: _resources_pb2.StoredResponse | None = ...,
+        replayed: _builtins.bool = ...,
+        job: _resources_pb2.BackgroundJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "replayed", b"replayed", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueBackgroundResponseResponse: _TypeAlias = EnqueueBackgroundResponseResponse  # noqa: Y015
+
+@_typing.final
+class ClaimBackgroundResponseRequest(_message.Message):
+    """Request for ClaimBackgroundResponse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    ANY_TENANT_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    LEASE_DURATION_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Claims only jobs of this tenant. Required unless any_tenant is set, and then must be empty."""
+    any_tenant: _builtins.bool
+    """Claims a job of any tenant (a worker serving every tenant). Default false."""
+    owner: _builtins.str
+    """Who claims: a name unique to the worker (for example its host and process), recorded as the
+    job's owner for operators and for EnqueueBackgroundResponse replays. Required.
+    """
+    @_builtins.property
+    def lease_duration(self) -> _duration_pb2.Duration:
+        """How long the lease lasts unless renewed. Required, positive."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        any_tenant: _builtins.bool = ...,
+        owner: _builtins.str = ...,
+        lease_duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["any_tenant", b"any_tenant", "lease_duration", b"lease_duration", "owner", b"owner", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimBackgroundResponseRequest: _TypeAlias = ClaimBackgroundResponseRequest  # noqa: Y015
+
+@_typing.final
+class ClaimBackgroundResponseResponse(_message.Message):
+    """Response for ClaimBackgroundResponse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _resources_pb2.BackgroundJob:
+        """The claimed job; unset when there was nothing to claim."""
+
+    def __init__(
+        self,
+        *,
+        job: _resources_pb2.BackgroundJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimBackgroundResponseResponse: _TypeAlias = ClaimBackgroundResponseResponse  # noqa: Y015
+
+@_typing.final
+class RenewBackgroundLeaseRequest(_message.Message):
+    """Request for RenewBackgroundLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    LEASE_DURATION_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
+    response_id: _builtins.str
+    """The response whose job is held. Required."""
+    lease_token: _builtins.int
+    """The lease_token of the caller's claim. Required, 1 or more."""
+    @_builtins.property
+    def lease_duration(self) -> _duration_pb2.Duration:
+        """The lease then runs out this long from now. Required, positive."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        response_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        lease_duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration", "lease_token", b"lease_token", "response_id", b"response_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewBackgroundLeaseRequest: _TypeAlias = RenewBackgroundLeaseRequest  # noqa: Y015
+
+@_typing.final
+class RenewBackgroundLeaseResponse(_message.Message):
+    """Response for RenewBackgroundLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    cancel_requested: _builtins.bool
+    """True when the response was cancelled: the caller stops its work and drops its result."""
+    @_builtins.property
+    def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the lease now runs out; unset when cancel_requested is set."""
+
+    def __init__(
+        self,
+        *,
+        lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        cancel_requested: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewBackgroundLeaseResponse: _TypeAlias = RenewBackgroundLeaseResponse  # noqa: Y015
+
+@_typing.final
+class AppendResponseEventsRequest(_message.Message):
+    """Request for AppendResponseEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
+    response_id: _builtins.str
+    """The running response. Required."""
+    lease_token: _builtins.int
+    """The lease_token of the caller's claim. Required, 1 or more."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.ResponseEvent]:
+        """The events, in order, at least one."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        response_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        events: _abc.Iterable[_resources_pb2.ResponseEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "lease_token", b"lease_token", "response_id", b"response_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendResponseEventsRequest: _TypeAlias = AppendResponseEventsRequest  # noqa: Y015
+
+@_typing.final
+class AppendResponseEventsResponse(_message.Message):
+    """Response for AppendResponseEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAST_SEQUENCE_NUMBER_FIELD_NUMBER: _builtins.int
+    last_sequence_number: _builtins.int
+    """The sequence number of the last event in the log after the call."""
+    def __init__(
+        self,
+        *,
+        last_sequence_number: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_sequence_number", b"last_sequence_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendResponseEventsResponse: _TypeAlias = AppendResponseEventsResponse  # noqa: Y015
+
+@_typing.final
+class FinishBackgroundResponseRequest(_message.Message):
+    """Request for FinishBackgroundResponse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
+    lease_token: _builtins.int
+    """The lease_token of the caller's claim. Required, 1 or more."""
+    @_builtins.property
+    def response(self) -> _resources_pb2.StoredResponse:
+        """The final turn (in_progress unset), as for PutTurn; its id names the response. Its
+        stream_events_json is ignored: the server sets it to the event log.
+        """
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.ResponseEvent]:
+        """The last events of the log (the terminal event among them), appended first as
+        AppendResponseEvents appends. Empty appends nothing.
+        """
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        response: _resources_pb2.StoredResponse | None = ...,
+        events: _abc.Iterable[_resources_pb2.ResponseEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "lease_token", b"lease_token", "response", b"response", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishBackgroundResponseRequest: _TypeAlias = FinishBackgroundResponseRequest  # noqa: Y015
+
+@_typing.final
+class FinishBackgroundResponseResponse(_message.Message):
+    """Response for FinishBackgroundResponse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    CONVERSATION_VERSION_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when nothing was written because the job was already finished with this lease_token."""
+    conversation_version: _builtins.int
+    """The conversation's version after the turn, 0 when the turn is not in a conversation."""
+    @_builtins.property
+    def response(self) -> _resources_pb2.StoredResponse:
+        """The stored turn: only its server-set fields (id, create_time, expire_time), or on a replay
+        the whole stored turn.
+        """
+
+    def __init__(
+        self,
+        *,
+        response: _resources_pb2.StoredResponse | None = ...,
+        replayed: _builtins.bool = ...,
+        conversation_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_version", b"conversation_version", "replayed", b"replayed", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishBackgroundResponseResponse: _TypeAlias = FinishBackgroundResponseResponse  # noqa: Y015
+
+@_typing.final
+class CancelBackgroundResponseRequest(_message.Message):
+    """Request for CancelBackgroundResponse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    CANCEL_EVENT_JSON_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
+    cancel_event_json: _builtins.bytes
+    """The event that ends the log, as a JSON object; the server sets its "sequence_number" member.
+    Empty appends no event.
+    """
+    @_builtins.property
+    def response(self) -> _resources_pb2.StoredResponse:
+        """The cancelled form of the response (in_progress unset), as for PutTurn; its id names the
+        response. Its stream_events_json is ignored: the server sets it to the event log.
+        """
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        response: _resources_pb2.StoredResponse | None = ...,
+        cancel_event_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_event_json", b"cancel_event_json", "response", b"response", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelBackgroundResponseRequest: _TypeAlias = CancelBackgroundResponseRequest  # noqa: Y015
+
+@_typing.final
+class CancelBackgroundResponseResponse(_message.Message):
+    """Response for CancelBackgroundResponse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    cancelled: _builtins.bool
+    """True when this call cancelled the response; false when it was final already."""
+    @_builtins.property
+    def response(self) -> _resources_pb2.StoredResponse:
+        """The response as stored after the call: the cancelled turn, or the final turn that was there
+        before (when cancelled is unset).
+        """
+
+    def __init__(
+        self,
+        *,
+        response: _resources_pb2.StoredResponse | None = ...,
+        cancelled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelBackgroundResponseResponse: _TypeAlias = CancelBackgroundResponseResponse  # noqa: Y015
+
+@_typing.final
+class WatchResponseEventsRequest(_message.Message):
+    """Request for WatchResponseEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    STARTING_AFTER_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
+    response_id: _builtins.str
+    """The response. Required."""
+    starting_after: _builtins.int
+    """Only events with a greater sequence number are sent. Unset means from the first event; -1
+    means the same.
+    """
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        response_id: _builtins.str = ...,
+        starting_after: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_starting_after", b"_starting_after", "starting_after", b"starting_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_starting_after", b"_starting_after", "response_id", b"response_id", "starting_after", b"starting_after", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__starting_after: _TypeAlias = _typing.Literal["starting_after"]  # noqa: Y015
+    _WhichOneofArgType__starting_after: _TypeAlias = _typing.Literal["_starting_after", b"_starting_after"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__starting_after) -> _WhichOneofReturnType__starting_after | None: ...
+
+Global___WatchResponseEventsRequest: _TypeAlias = WatchResponseEventsRequest  # noqa: Y015
+
+@_typing.final
+class WatchResponseEventsResponse(_message.Message):
+    """One message of a WatchResponseEvents stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.ResponseEvent]:
+        """Events in sequence order, at least one, continuing the previous message without a gap."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_resources_pb2.ResponseEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchResponseEventsResponse: _TypeAlias = WatchResponseEventsResponse  # noqa: Y015

@@ -50,9 +50,39 @@ class StateServiceStub:
     trailer) with domain "state.respgw.dev" and a stable reason: TENANT_REQUIRED, INVALID_ARGUMENT,
     RESPONSE_NOT_FOUND, PREVIOUS_RESPONSE_NOT_FOUND, CONVERSATION_NOT_FOUND, ITEM_NOT_FOUND,
     RESPONSE_ID_CONFLICT, ITEM_ID_CONFLICT, REQUEST_ID_CONFLICT, VERSION_MISMATCH, HISTORY_BROKEN,
-    RESPONSE_IN_PROGRESS, BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
+    RESPONSE_IN_PROGRESS, LEASE_LOST, NOT_BACKGROUND, EVENT_CONFLICT, BACKGROUND_QUEUE_FULL,
+    BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
     Any RPC may also return UNAVAILABLE (reason BACKEND_UNAVAILABLE) when the storage backend cannot
     be reached; nothing was written and the call is safe to retry.
+
+    Background responses: a background response is a durable job of this service, keyed by its
+    response (tenant, id), so that it is owned by a lease and not by the process that accepted it.
+    EnqueueBackgroundResponse stores the running turn and its job together. A worker holds a job by a
+    lease: ClaimBackgroundResponse takes a job that is queued or whose lease has run out, and gives
+    the claimer a lease_token, the number of claims so far, which grows by one at every claim (a
+    fencing token). Only the holder of the current token may renew the lease (RenewBackgroundLease),
+    append to the response's event log (AppendResponseEvents) or write its final turn
+    (FinishBackgroundResponse); a call with an older token is refused with FAILED_PRECONDITION
+    (LEASE_LOST) and writes nothing, so a response is never finalized twice, even by a worker that
+    stalled past its lease and woke up after another one took over. A claim is one atomic statement
+    (on PostgreSQL a row lock taken with FOR UPDATE SKIP LOCKED, on SQLite the one writer), so two
+    claims never get the same token. A lease that runs out is not taken away by itself: the job
+    counts as queued again, and the next claim, by any caller through any replica, takes it; until
+    then the old holder's token stays current. This service runs no work itself: a job that nobody
+    claims waits.
+
+    Delivery is at least once: a worker that dies or loses its lease mid-work leaves no result, and
+    the next claim runs the work again from the start, so the work (a model call) may run more than
+    once for one response, while only one result is ever stored. The lease_token of a claim is its
+    attempt number; the caller decides when to give up and finish the response as failed.
+    CancelBackgroundResponse finalizes a running background response as cancelled at once, whoever
+    holds it; the holder learns it at its next renewal and its later writes are refused.
+
+    Event logs: every background response has an append-only log of its streaming events, keyed by
+    their sequence_number, which WatchResponseEvents streams live from any replica.
+
+    Lease times are read on the state service's clock: replicas sharing PostgreSQL must agree on the
+    time to well within a lease's length (as NTP keeps them).
     """
 
     def __init__(self, channel):
@@ -126,6 +156,41 @@ class StateServiceStub:
                 request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeRequest.SerializeToString,
                 response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeResponse.FromString,
                 _registered_method=True)
+        self.EnqueueBackgroundResponse = channel.unary_unary(
+                '/respgw.state.v1.StateService/EnqueueBackgroundResponse',
+                request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.EnqueueBackgroundResponseRequest.SerializeToString,
+                response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.EnqueueBackgroundResponseResponse.FromString,
+                _registered_method=True)
+        self.ClaimBackgroundResponse = channel.unary_unary(
+                '/respgw.state.v1.StateService/ClaimBackgroundResponse',
+                request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ClaimBackgroundResponseRequest.SerializeToString,
+                response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ClaimBackgroundResponseResponse.FromString,
+                _registered_method=True)
+        self.RenewBackgroundLease = channel.unary_unary(
+                '/respgw.state.v1.StateService/RenewBackgroundLease',
+                request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.RenewBackgroundLeaseRequest.SerializeToString,
+                response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.RenewBackgroundLeaseResponse.FromString,
+                _registered_method=True)
+        self.AppendResponseEvents = channel.unary_unary(
+                '/respgw.state.v1.StateService/AppendResponseEvents',
+                request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.AppendResponseEventsRequest.SerializeToString,
+                response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.AppendResponseEventsResponse.FromString,
+                _registered_method=True)
+        self.FinishBackgroundResponse = channel.unary_unary(
+                '/respgw.state.v1.StateService/FinishBackgroundResponse',
+                request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.FinishBackgroundResponseRequest.SerializeToString,
+                response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.FinishBackgroundResponseResponse.FromString,
+                _registered_method=True)
+        self.CancelBackgroundResponse = channel.unary_unary(
+                '/respgw.state.v1.StateService/CancelBackgroundResponse',
+                request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.CancelBackgroundResponseRequest.SerializeToString,
+                response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.CancelBackgroundResponseResponse.FromString,
+                _registered_method=True)
+        self.WatchResponseEvents = channel.unary_stream(
+                '/respgw.state.v1.StateService/WatchResponseEvents',
+                request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.WatchResponseEventsRequest.SerializeToString,
+                response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.WatchResponseEventsResponse.FromString,
+                _registered_method=True)
 
 
 class StateServiceServicer:
@@ -153,9 +218,39 @@ class StateServiceServicer:
     trailer) with domain "state.respgw.dev" and a stable reason: TENANT_REQUIRED, INVALID_ARGUMENT,
     RESPONSE_NOT_FOUND, PREVIOUS_RESPONSE_NOT_FOUND, CONVERSATION_NOT_FOUND, ITEM_NOT_FOUND,
     RESPONSE_ID_CONFLICT, ITEM_ID_CONFLICT, REQUEST_ID_CONFLICT, VERSION_MISMATCH, HISTORY_BROKEN,
-    RESPONSE_IN_PROGRESS, BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
+    RESPONSE_IN_PROGRESS, LEASE_LOST, NOT_BACKGROUND, EVENT_CONFLICT, BACKGROUND_QUEUE_FULL,
+    BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
     Any RPC may also return UNAVAILABLE (reason BACKEND_UNAVAILABLE) when the storage backend cannot
     be reached; nothing was written and the call is safe to retry.
+
+    Background responses: a background response is a durable job of this service, keyed by its
+    response (tenant, id), so that it is owned by a lease and not by the process that accepted it.
+    EnqueueBackgroundResponse stores the running turn and its job together. A worker holds a job by a
+    lease: ClaimBackgroundResponse takes a job that is queued or whose lease has run out, and gives
+    the claimer a lease_token, the number of claims so far, which grows by one at every claim (a
+    fencing token). Only the holder of the current token may renew the lease (RenewBackgroundLease),
+    append to the response's event log (AppendResponseEvents) or write its final turn
+    (FinishBackgroundResponse); a call with an older token is refused with FAILED_PRECONDITION
+    (LEASE_LOST) and writes nothing, so a response is never finalized twice, even by a worker that
+    stalled past its lease and woke up after another one took over. A claim is one atomic statement
+    (on PostgreSQL a row lock taken with FOR UPDATE SKIP LOCKED, on SQLite the one writer), so two
+    claims never get the same token. A lease that runs out is not taken away by itself: the job
+    counts as queued again, and the next claim, by any caller through any replica, takes it; until
+    then the old holder's token stays current. This service runs no work itself: a job that nobody
+    claims waits.
+
+    Delivery is at least once: a worker that dies or loses its lease mid-work leaves no result, and
+    the next claim runs the work again from the start, so the work (a model call) may run more than
+    once for one response, while only one result is ever stored. The lease_token of a claim is its
+    attempt number; the caller decides when to give up and finish the response as failed.
+    CancelBackgroundResponse finalizes a running background response as cancelled at once, whoever
+    holds it; the holder learns it at its next renewal and its later writes are refused.
+
+    Event logs: every background response has an append-only log of its streaming events, keyed by
+    their sequence_number, which WatchResponseEvents streams live from any replica.
+
+    Lease times are read on the state service's clock: replicas sharing PostgreSQL must agree on the
+    time to well within a lease's length (as NTP keeps them).
     """
 
     def PutTurn(self, request, context):
@@ -337,6 +432,156 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnqueueBackgroundResponse(self, request, context):
+        """Stores the running turn of a background response together with its job, in one transaction,
+        so that no running turn is ever stored without the work that finishes it. The turn is stored
+        exactly as PutTurn stores a running turn (response.in_progress must be set), with the same
+        validation and the same checks of what it builds on, require_intact_chain included. With owner
+        set, the job is claimed by owner at once (lease_token 1) and returned; without it the job is
+        queued for ClaimBackgroundResponse.
+
+        Back-pressure: when max_pending_per_tenant or max_pending_total is set and the tenant, or all
+        tenants together, already have that many background responses that are not final (queued or
+        running), nothing is stored and the call returns RESOURCE_EXHAUSTED (BACKGROUND_QUEUE_FULL,
+        metadata "scope" = "tenant" or "total" and "limit"); the caller may try again later.
+
+        Idempotent: a response id that already has a job stores nothing and returns the stored turn
+        with replayed set, and its job when owner holds the job's lease (the retry of a call that
+        claimed). A turn whose idempotency_key belongs to another stored response stores nothing and
+        returns that response with replayed set and no job.
+
+        Returns INVALID_ARGUMENT for what PutTurn refuses, for response.in_progress unset, for an owner
+        without a positive lease_duration and for a negative limit; NOT_FOUND and FAILED_PRECONDITION
+        as PutTurn does; RESOURCE_EXHAUSTED (BACKGROUND_QUEUE_FULL) as above.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimBackgroundResponse(self, request, context):
+        """Claims one background response whose job is queued or whose lease has run out (the oldest
+        first: queued ones, then those whose lease ran out longest ago) for owner, for lease_duration:
+        the job's lease_token grows by one, and the job comes back with its spec and the last sequence
+        number of its event log. Jobs of responses that are final, deleted or expired are never
+        claimed. With nothing to claim the reply has no job; that is not an error. Each call claims at
+        most one job, and concurrent calls through one replica or many never get the same one.
+
+        Not idempotent: a retry claims again (another job, or the same one with a higher token, which
+        makes the first claim's token stale). A caller that lost the answer lets the lease run out.
+
+        Returns INVALID_ARGUMENT (TENANT_REQUIRED) when neither tenant nor any_tenant is set, and
+        INVALID_ARGUMENT when both are, for an empty owner, or a lease_duration that is not positive.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewBackgroundLease(self, request, context):
+        """Extends the lease of the current holder: it then runs out lease_duration from now. It is also
+        how the holder learns of a cancel: when the response was cancelled (CancelBackgroundResponse)
+        the reply has cancel_requested set, the lease is not extended, and the holder stops at once;
+        whatever it writes afterwards is refused. A holder whose lease ran out while nobody claimed the
+        job still holds the current token, and renewing gives it a lease again.
+
+        Idempotent: a replay extends the lease again, from the time of the replay.
+
+        Returns NOT_FOUND (RESPONSE_NOT_FOUND) when the response is gone (deleted or expired) or has no
+        job; FAILED_PRECONDITION (LEASE_LOST) when lease_token is not the current one (another claim
+        took the job: the caller stops at once and drops its result) or the job was finished;
+        INVALID_ARGUMENT for a missing response_id, a lease_token below 1 or a lease_duration that is
+        not positive.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendResponseEvents(self, request, context):
+        """Appends streaming events of a running background response to its event log, for the holder of
+        the current lease. The events must have consecutive sequence numbers, the first at most one past
+        the last stored (0 for an empty log). Events whose number is already stored are a replay:
+        skipped when their JSON is identical, ALREADY_EXISTS (EVENT_CONFLICT) otherwise, and then
+        nothing is appended. Appended events are visible at once to WatchResponseEvents through every
+        replica.
+
+        Idempotent (the replay rule above).
+
+        Returns NOT_FOUND (RESPONSE_NOT_FOUND) and FAILED_PRECONDITION (LEASE_LOST) as
+        RenewBackgroundLease does (the log of a cancelled or finished response is closed);
+        INVALID_ARGUMENT for no events, an event whose JSON is not a JSON object, numbers that are not
+        consecutive or that would leave a gap after the log, and what RenewBackgroundLease refuses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishBackgroundResponse(self, request, context):
+        """Writes the final turn of a background response, for the holder of the current lease, in one
+        transaction with the last events of its log (events, appended as AppendResponseEvents
+        appends): the turn replaces the running one as PutTurn replaces it (its items join its
+        conversation now, on top of what the conversation holds then), its stream_events_json is set
+        by the server to the whole event log as a JSON array (whatever the request carried; empty when
+        the log is), and the job is finished: no claim takes it again, and every later write with any
+        token is refused. response.in_progress must be unset.
+
+        Idempotent: a replay with the same lease_token after the job was finished with it stores
+        nothing and returns the stored turn with replayed set.
+
+        Returns FAILED_PRECONDITION (LEASE_LOST) when lease_token is not the current one or the job was
+        finished otherwise (cancelled, or with another token): the caller's result is dropped. Returns
+        NOT_FOUND (RESPONSE_NOT_FOUND) when the response is gone or has no job; what PutTurn returns
+        when the turn cannot be stored (for example ALREADY_EXISTS (ITEM_ID_CONFLICT) or NOT_FOUND
+        (CONVERSATION_NOT_FOUND)), with nothing written; INVALID_ARGUMENT for a running turn, a
+        lease_token below 1, and the event rules of AppendResponseEvents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBackgroundResponse(self, request, context):
+        """Cancels a running background response at once, through any replica. In one transaction its
+        final turn (response: the cancelled form the caller built) replaces the running one as PutTurn
+        replaces it, cancel_event_json is appended to its event log as the next event (the server sets
+        the event's "sequence_number" member to the number it takes), the final turn's
+        stream_events_json is set to the whole log, and the job is finished with the cancel recorded.
+        The lease holder learns it at its next RenewBackgroundLease and stops; its later writes are
+        refused (LEASE_LOST), so a result that arrives after a cancel is dropped. A response that is
+        final already is returned unchanged with cancelled unset, and nothing is written: a cancel
+        never overrides a finished response.
+
+        Idempotent: a replay finds the response final and returns it unchanged.
+
+        Returns NOT_FOUND (RESPONSE_NOT_FOUND) when there is no such response; FAILED_PRECONDITION
+        (NOT_BACKGROUND) when it is running but has no job (a running turn stored by PutTurn alone,
+        which the caller finishes with PutTurn instead); INVALID_ARGUMENT for a missing response id, a
+        running turn (in_progress set) or a cancel_event_json that is not a JSON object; what PutTurn
+        returns when the final turn cannot be stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchResponseEvents(self, request, context):
+        """Streams the event log of a response: the stored events after starting_after, then each event as
+        it is appended, in sequence order and each exactly once, and ends (OK) once the response is
+        final and every event of its log was sent. Events appended through this replica arrive at
+        once, those appended through another one within the service's poll interval
+        (--watch-poll-interval-s, a few hundred milliseconds), which bounds what an idle stream costs.
+        A response that is final already gets its stored events after starting_after and the end; a
+        turn that kept no log (stored with PutTurn alone) gets none.
+
+        A caller that loses the stream calls again with the last sequence number it got as
+        starting_after, and so misses nothing and gets nothing twice.
+
+        Returns NOT_FOUND (RESPONSE_NOT_FOUND) when the response does not exist or is deleted while
+        watched; FAILED_PRECONDITION (NOT_BACKGROUND) when it is running without a job, so that the
+        stream would never end; INVALID_ARGUMENT for a missing response_id or a starting_after below -1.
+        The stream also ends with UNAVAILABLE or CANCELLED when the server stops or the connection is
+        closed: call again from the last sequence number.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -405,6 +650,41 @@ def add_StateServiceServicer_to_server(servicer, server):
                     request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeRequest.FromString,
                     response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeResponse.SerializeToString,
             ),
+            'EnqueueBackgroundResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnqueueBackgroundResponse,
+                    request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.EnqueueBackgroundResponseRequest.FromString,
+                    response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.EnqueueBackgroundResponseResponse.SerializeToString,
+            ),
+            'ClaimBackgroundResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimBackgroundResponse,
+                    request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ClaimBackgroundResponseRequest.FromString,
+                    response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ClaimBackgroundResponseResponse.SerializeToString,
+            ),
+            'RenewBackgroundLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewBackgroundLease,
+                    request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.RenewBackgroundLeaseRequest.FromString,
+                    response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.RenewBackgroundLeaseResponse.SerializeToString,
+            ),
+            'AppendResponseEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendResponseEvents,
+                    request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.AppendResponseEventsRequest.FromString,
+                    response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.AppendResponseEventsResponse.SerializeToString,
+            ),
+            'FinishBackgroundResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishBackgroundResponse,
+                    request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.FinishBackgroundResponseRequest.FromString,
+                    response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.FinishBackgroundResponseResponse.SerializeToString,
+            ),
+            'CancelBackgroundResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBackgroundResponse,
+                    request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.CancelBackgroundResponseRequest.FromString,
+                    response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.CancelBackgroundResponseResponse.SerializeToString,
+            ),
+            'WatchResponseEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchResponseEvents,
+                    request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.WatchResponseEventsRequest.FromString,
+                    response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.WatchResponseEventsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'respgw.state.v1.StateService', rpc_method_handlers)
@@ -438,9 +718,39 @@ class StateService:
     trailer) with domain "state.respgw.dev" and a stable reason: TENANT_REQUIRED, INVALID_ARGUMENT,
     RESPONSE_NOT_FOUND, PREVIOUS_RESPONSE_NOT_FOUND, CONVERSATION_NOT_FOUND, ITEM_NOT_FOUND,
     RESPONSE_ID_CONFLICT, ITEM_ID_CONFLICT, REQUEST_ID_CONFLICT, VERSION_MISMATCH, HISTORY_BROKEN,
-    RESPONSE_IN_PROGRESS, BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
+    RESPONSE_IN_PROGRESS, LEASE_LOST, NOT_BACKGROUND, EVENT_CONFLICT, BACKGROUND_QUEUE_FULL,
+    BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
     Any RPC may also return UNAVAILABLE (reason BACKEND_UNAVAILABLE) when the storage backend cannot
     be reached; nothing was written and the call is safe to retry.
+
+    Background responses: a background response is a durable job of this service, keyed by its
+    response (tenant, id), so that it is owned by a lease and not by the process that accepted it.
+    EnqueueBackgroundResponse stores the running turn and its job together. A worker holds a job by a
+    lease: ClaimBackgroundResponse takes a job that is queued or whose lease has run out, and gives
+    the claimer a lease_token, the number of claims so far, which grows by one at every claim (a
+    fencing token). Only the holder of the current token may renew the lease (RenewBackgroundLease),
+    append to the response's event log (AppendResponseEvents) or write its final turn
+    (FinishBackgroundResponse); a call with an older token is refused with FAILED_PRECONDITION
+    (LEASE_LOST) and writes nothing, so a response is never finalized twice, even by a worker that
+    stalled past its lease and woke up after another one took over. A claim is one atomic statement
+    (on PostgreSQL a row lock taken with FOR UPDATE SKIP LOCKED, on SQLite the one writer), so two
+    claims never get the same token. A lease that runs out is not taken away by itself: the job
+    counts as queued again, and the next claim, by any caller through any replica, takes it; until
+    then the old holder's token stays current. This service runs no work itself: a job that nobody
+    claims waits.
+
+    Delivery is at least once: a worker that dies or loses its lease mid-work leaves no result, and
+    the next claim runs the work again from the start, so the work (a model call) may run more than
+    once for one response, while only one result is ever stored. The lease_token of a claim is its
+    attempt number; the caller decides when to give up and finish the response as failed.
+    CancelBackgroundResponse finalizes a running background response as cancelled at once, whoever
+    holds it; the holder learns it at its next renewal and its later writes are refused.
+
+    Event logs: every background response has an append-only log of its streaming events, keyed by
+    their sequence_number, which WatchResponseEvents streams live from any replica.
+
+    Lease times are read on the state service's clock: replicas sharing PostgreSQL must agree on the
+    time to well within a lease's length (as NTP keeps them).
     """
 
     @staticmethod
@@ -784,6 +1094,195 @@ class StateService:
             '/respgw.state.v1.StateService/Exchange',
             respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeRequest.SerializeToString,
             respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnqueueBackgroundResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/respgw.state.v1.StateService/EnqueueBackgroundResponse',
+            respgw_dot_state_dot_v1_dot_state__service__pb2.EnqueueBackgroundResponseRequest.SerializeToString,
+            respgw_dot_state_dot_v1_dot_state__service__pb2.EnqueueBackgroundResponseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimBackgroundResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/respgw.state.v1.StateService/ClaimBackgroundResponse',
+            respgw_dot_state_dot_v1_dot_state__service__pb2.ClaimBackgroundResponseRequest.SerializeToString,
+            respgw_dot_state_dot_v1_dot_state__service__pb2.ClaimBackgroundResponseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewBackgroundLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/respgw.state.v1.StateService/RenewBackgroundLease',
+            respgw_dot_state_dot_v1_dot_state__service__pb2.RenewBackgroundLeaseRequest.SerializeToString,
+            respgw_dot_state_dot_v1_dot_state__service__pb2.RenewBackgroundLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendResponseEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/respgw.state.v1.StateService/AppendResponseEvents',
+            respgw_dot_state_dot_v1_dot_state__service__pb2.AppendResponseEventsRequest.SerializeToString,
+            respgw_dot_state_dot_v1_dot_state__service__pb2.AppendResponseEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishBackgroundResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/respgw.state.v1.StateService/FinishBackgroundResponse',
+            respgw_dot_state_dot_v1_dot_state__service__pb2.FinishBackgroundResponseRequest.SerializeToString,
+            respgw_dot_state_dot_v1_dot_state__service__pb2.FinishBackgroundResponseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBackgroundResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/respgw.state.v1.StateService/CancelBackgroundResponse',
+            respgw_dot_state_dot_v1_dot_state__service__pb2.CancelBackgroundResponseRequest.SerializeToString,
+            respgw_dot_state_dot_v1_dot_state__service__pb2.CancelBackgroundResponseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchResponseEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/respgw.state.v1.StateService/WatchResponseEvents',
+            respgw_dot_state_dot_v1_dot_state__service__pb2.WatchResponseEventsRequest.SerializeToString,
+            respgw_dot_state_dot_v1_dot_state__service__pb2.WatchResponseEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
