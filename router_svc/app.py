@@ -27,7 +27,7 @@ from gateway.metrics import LATENCY_BUCKETS
 from router_svc import auth, bootstrap, errors
 from router_svc.config import RouterSettings
 from router_svc.history_cache import HistoryCache
-from router_svc.http import MAX_ID_CHARS, JSONResponse, StreamSlots
+from router_svc.http import MAX_ID_CHARS, JSONResponse, KeyedLocks, StreamSlots
 from router_svc.hub import HubClient
 from router_svc.routes import conversations, passthrough, responses
 from router_svc.services import Services
@@ -310,6 +310,7 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
     )
     app.add_middleware(RequestContext)
     app.state.stream_slots = StreamSlots(settings.max_streams, settings.max_streams_per_tenant)
+    app.state.conversation_locks = KeyedLocks()
     return app
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import aclosing
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import orjson
@@ -90,7 +91,9 @@ async def read_body(request: Request) -> bytes:
             "The connection was closed before the request body was complete.",
             code="incomplete_body",
         ) from exc
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    request._body = raw  # as Request.body() keeps it, for a later request.body()
+    return raw
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -213,6 +216,37 @@ class Releasing(Response):
             await self.inner(scope, receive, send)
         finally:
             self.release()
+
+
+# --- one conversation's streamed turns ------------------------------------------------------------
+
+
+class KeyedLocks:
+    """asyncio locks by key, each dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Any, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: Any) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            users = self._locks[key][1] - 1
+            if users:
+                self._locks[key] = (lock, users)
+            else:
+                del self._locks[key]
+
+
+def conversation_locks(request: Request) -> KeyedLocks:
+    locks: KeyedLocks = request.app.state.conversation_locks
+    return locks
 
 
 # --- SDK retries --------------------------------------------------------------------------------

@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -33,6 +35,7 @@ from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
 from router_svc import bootstrap, errors, stream, translate, validate
 from router_svc.history_cache import Chain, HistoryCache
+from router_svc.http import shown_id, valid_id
 from router_svc.ids import new_id
 from router_svc.services import Services
 from router_svc.validate import TurnRequest
@@ -55,6 +58,8 @@ class Turn:
     conversation_version: int | None
     idempotency_key: str
     omitted_history_items: int = 0
+    # How the turn is told apart from a retry (Identity.kind): "", "explicit", "first", "retry".
+    key_kind: str = ""
     # The remembered chain the history came from (instead of a GetHistory call), if any.
     parent_chain: Chain | None = None
     # The history's items as stored (JSON), when read with GetHistory: the history cache keeps
@@ -101,6 +106,106 @@ def item_from_proto(item: resources_pb2.Item) -> dict[str, Any]:
     return parsed
 
 
+# --- retries: explicit Idempotency-Key and the official SDKs' retries ----------------------------
+
+# A retry of an SDK call finds a first attempt that started in the same window of this many
+# seconds or the one before (so at least this long ago): the SDK's default timeout (600 s) and
+# back-off included.
+RETRY_WINDOW_S = 900
+_AUTO_PREFIX = "sdk-retry:"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What tells a POST /v1/responses apart from a retry of an earlier one (README, "Retries").
+
+    ``kind`` is "explicit" (an Idempotency-Key), "first" (the first attempt of an official SDK's
+    call: stored under ``idempotency_key`` so that its retries find it), "retry" (a later attempt
+    of one: ``lookup`` holds the keys its first attempt may be stored under) or "" (neither).
+    """
+
+    kind: str = ""
+    idempotency_key: str = ""
+    response_id: str = ""
+    lookup: tuple[str, ...] = ()
+    # With an Idempotency-Key: the response ids a first request with the same body has.
+    accepted_ids: frozenset[str] = field(default_factory=frozenset)
+
+
+NO_IDENTITY = Identity()
+
+
+def identify(
+    tenant: str,
+    raw: bytes,
+    body: Mapping[str, Any],
+    key: str,
+    attempt: int | None,
+    *,
+    store: bool,
+    now: float | None = None,
+) -> Identity:
+    """The identity of a request with body ``raw`` (``body`` parsed), Idempotency-Key ``key``
+    (empty for none) and SDK attempt ``attempt`` (None for other clients)."""
+    if key:
+        # The body's digest is part of the response id, so that the same key with another body
+        # is told apart (a 400) from a retry; the body is compared as JSON, not as bytes.
+        digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        response_id = _digest_id(f"{tenant}\x00{key}\x00{digest}")
+        return Identity(
+            kind="explicit",
+            idempotency_key=key,
+            response_id=response_id,
+            lookup=(key,) if store else (),
+            accepted_ids=frozenset({response_id, _response_id(tenant, key)}),
+        )
+    if attempt is None or not store:
+        return NO_IDENTITY
+    # An official SDK sends a retry with the same body bytes and no id of its call, so the
+    # tenant, the body and the time tell it apart.
+    body_hash = hashlib.sha256(tenant.encode() + b"\x00" + raw).hexdigest()[:40]
+    window = int((time.time() if now is None else now) // RETRY_WINDOW_S)
+    auto_key = f"{_AUTO_PREFIX}{body_hash}:{window}"
+    if attempt == 0:
+        return Identity(kind="first", idempotency_key=auto_key)
+    return Identity(
+        kind="retry",
+        idempotency_key=auto_key,
+        response_id=_retry_id(auto_key),
+        lookup=(auto_key, f"{_AUTO_PREFIX}{body_hash}:{window - 1}"),
+    )
+
+
+def _digest_id(text: str) -> str:
+    return "resp_" + hashlib.sha256(text.encode()).hexdigest()[:48]
+
+
+def _retry_id(auto_key: str) -> str:
+    """The response id of every retry of the calls whose first attempt has ``auto_key``: two
+    retries running at once store one turn."""
+    return _digest_id(f"retry\x00{auto_key}")
+
+
+def idempotency_key_reused() -> errors.InvalidRequest:
+    return errors.InvalidRequest(
+        "This Idempotency-Key was already used for a request with other content.",
+        code="idempotency_key_reused",
+    )
+
+
+async def find_first(svc: Services, tenant: str, ident: Identity) -> dict[str, Any] | None:
+    """The response a first request of this one already stored (an Idempotency-Key's, or the
+    first attempt of an SDK call), if any; a 400 for an Idempotency-Key used with another body."""
+    for key in ident.lookup:
+        first = await find_idempotent(svc, tenant, key)
+        if first is None:
+            continue
+        if ident.kind == "explicit" and first.get("id") not in ident.accepted_ids:
+            raise idempotency_key_reused()
+        return first
+    return None
+
+
 async def find_idempotent(svc: Services, tenant: str, key: str) -> dict[str, Any] | None:
     """The response already stored for this Idempotency-Key, if any."""
     reply = await svc.state.find(
@@ -119,8 +224,28 @@ async def begin(
     tenant: str,
     idempotency_key: str = "",
     headers: Mapping[str, str] | None = None,
+    ident: Identity | None = None,
+    response_id: str = "",
 ) -> Turn:
-    """Steps 2 and 3: the history, then the bootstrap."""
+    """Steps 2 and 3: the history, then the bootstrap.
+
+    ``ident`` says how the turn is told from a retry (an ``idempotency_key`` alone is an
+    explicit one); ``response_id`` keeps the id of an earlier attempt of this turn."""
+    if ident is None:
+        ident = identify(tenant, b"", req.body, idempotency_key, None, store=req.store)
+    # Ids no stored object can have are not found, without asking the state service.
+    if req.previous_response_id and not valid_id(req.previous_response_id):
+        raise errors.previous_response_not_found(shown_id(req.previous_response_id))
+    if req.conversation_id and not valid_id(req.conversation_id):
+        raise errors.conversation_not_found(shown_id(req.conversation_id), param="conversation")
+    if req.store and not svc.state.connected() and not await svc.state.ready():
+        # A turn that cannot be stored must not call the hub (the channel is down: one health
+        # check decides, only then).
+        raise errors.StateUnavailable(
+            "The state service is unavailable: nothing was stored and the model was not "
+            "called; please try again.",
+            headers={"x-should-retry": "true"},
+        )
     history: list[dict[str, Any]] = []
     version: int | None = None
     omitted = 0
@@ -175,7 +300,7 @@ async def begin(
             )
         log.warning("history truncated", extra={"omitted_items": omitted})
 
-    response_id = _response_id(tenant, idempotency_key)
+    response_id = response_id or ident.response_id or new_id("resp")
     prepared = bootstrap.Prepared.EMPTY
     declared = bootstrap.stateful_tools(req.tools)
     if declared:
@@ -197,7 +322,8 @@ async def begin(
         history=history,
         prepared=prepared,
         conversation_version=version,
-        idempotency_key=idempotency_key,
+        idempotency_key=ident.idempotency_key,
+        key_kind=ident.kind,
         omitted_history_items=omitted,
         parent_chain=parent_chain,
         history_json=history_json,
@@ -205,9 +331,8 @@ async def begin(
 
 
 def _response_id(tenant: str, idempotency_key: str) -> str:
-    """A new response id; with an Idempotency-Key, the same one on every retry, so that a retry
-    is the same request to the bootstrap service (which prepares nothing twice) and to the state
-    service (which stores the turn once)."""
+    """A new response id; with an Idempotency-Key, the same one on every retry. (Turns stored
+    with an Idempotency-Key before the body's digest was part of the id have this id.)"""
     if idempotency_key:
         digest = hashlib.sha256(f"{tenant}\x00{idempotency_key}".encode()).hexdigest()[:48]
         return f"resp_{digest}"
@@ -229,9 +354,10 @@ async def store(
 ) -> dict[str, Any]:
     """Step 5: stores the turn (when ``store`` is true) and returns the response to answer.
 
-    On a replay (the Idempotency-Key was used by a turn stored meanwhile) the first response is
-    returned instead. A failure here means the turn may or may not be stored, so without an
-    Idempotency-Key the error tells the client not to retry (a retry could duplicate the turn).
+    On a replay (the turn's key was used by a turn stored meanwhile) the first response is
+    returned instead; with an Idempotency-Key, a first response with another body is a 400. A
+    failure after which the turn may be stored tells the client not to retry (x-should-retry:
+    false) unless a retry would find it (any key).
     """
     if not turn.req.store:
         return response
@@ -263,19 +389,28 @@ async def store(
             param="previous_response_id" if turn.req.previous_response_id else None,
             not_found=lambda err: _put_not_found(turn),
         )
-    except errors.Conflict:
-        if turn.idempotency_key:
-            # A concurrent request with the same Idempotency-Key stored its turn first.
+    except errors.Conflict as exc:
+        if exc.code == "conflict" and turn.idempotency_key:
+            # A concurrent request with the same key (and response id) stored its turn first.
             winner = await find_idempotent(svc, turn.tenant, turn.idempotency_key)
             if winner is not None:
                 return winner
         raise
     except errors.ApiError as exc:
-        if exc.status >= 500 and not turn.idempotency_key:
-            exc.headers["x-should-retry"] = "false"
+        exc.retry_header(retry_is_safe=bool(turn.idempotency_key))
         raise
     if reply.replayed and reply.response.id != turn.response_id:
         first: dict[str, Any] = orjson.loads(reply.response.response_json)
+        if turn.key_kind == "explicit" and first.get("id") != _response_id(
+            turn.tenant, turn.idempotency_key
+        ):
+            raise idempotency_key_reused()
+        if turn.key_kind == "first" and reply.response.id != _retry_id(turn.idempotency_key):
+            # An identical request stored earlier in the window, not a retry of this one (which
+            # would have the retry id): a client asking the same on purpose gets a turn of its
+            # own, stored without the key.
+            turn.idempotency_key, turn.key_kind = "", ""
+            return await store(svc, turn, response, events, in_progress=in_progress)
         return first
     if svc.history_cache is not None and not in_progress and not reply.replayed:
         _remember(svc.history_cache, turn, stored, reply)
@@ -322,6 +457,18 @@ async def answer(svc: Services, turn: Turn) -> dict[str, Any]:
     """Step 4 without streaming: the hub's answer as a Response object."""
     path, body = turn.upstream(svc.settings.hub_api, stream=False)
     upstream = await svc.hub.post(path, body)
+    try:
+        return _translated(svc, turn, upstream)
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError) as exc:
+        # JSON of the wrong shape from the hub (a field of the wrong type) is the hub's fault.
+        log.warning("hub answer could not be translated", extra={"detail": repr(exc)[:300]})
+        raise errors.UpstreamError(
+            "The model server's answer has fields of the wrong type.",
+            code="upstream_malformed_response",
+        ) from exc
+
+
+def _translated(svc: Services, turn: Turn, upstream: Any) -> dict[str, Any]:
     if svc.settings.hub_api == "responses":
         response = translate.from_responses_result(
             turn.req,
@@ -403,18 +550,7 @@ async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
     lost). The terminal event (``response.completed``) is sent only after the turn was stored,
     so a request chained on it right away finds it; ``data: [DONE]`` follows it.
     """
-    translator: stream.ChatStreamTranslator | stream.ResponsesStreamTranslator
-    kind = (
-        stream.ResponsesStreamTranslator
-        if svc.settings.hub_api == "responses"
-        else stream.ChatStreamTranslator
-    )
-    translator = kind(
-        turn.req,
-        response_id=turn.response_id,
-        created_at=turn.created_at,
-        tool_resources=turn.tool_resources,
-    )
+    translator = _translator(svc, turn)
     queue: asyncio.Queue[object] = asyncio.Queue()
     pump = _pump(svc, turn, translator, queue)
     if turn.req.background:
@@ -424,12 +560,109 @@ async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
     return _drain(queue)
 
 
+def _translator(
+    svc: Services, turn: Turn
+) -> stream.ChatStreamTranslator | stream.ResponsesStreamTranslator:
+    kind = (
+        stream.ResponsesStreamTranslator
+        if svc.settings.hub_api == "responses"
+        else stream.ChatStreamTranslator
+    )
+    return kind(
+        turn.req,
+        response_id=turn.response_id,
+        created_at=turn.created_at,
+        tool_resources=turn.tool_resources,
+    )
+
+
+# A conversation turn whose conversation changed after its history was read (VERSION_MISMATCH) is
+# run again on the new history this many times in all before the client gets the 409.
+CONVERSATION_ATTEMPTS = 6
+
+
+async def settle(
+    svc: Services,
+    req: TurnRequest,
+    *,
+    tenant: str,
+    ident: Identity,
+    headers: Mapping[str, str] | None = None,
+    lock: AbstractAsyncContextManager[Any] | None = None,
+) -> tuple[Turn, dict[str, Any] | list[bytes]]:
+    """Steps 2 to 5 for a turn whose answer is held until it is stored: a conversation turn
+    (whole, or streamed into a buffer) and a streamed SDK retry. Returns the turn and its answer
+    (the response, or the stream's bytes).
+
+    A conversation turn that loses the race for the conversation (another turn was appended
+    after its history was read) is run again on the new history, up to CONVERSATION_ATTEMPTS
+    times, with the same response id; only then is it a 409, before any byte was sent. ``lock``
+    (held around all of it) serializes the turns of one conversation in this router, so that
+    they do not call the hub only to lose the race.
+    """
+    response_id = ""
+    async with lock or nullcontext():
+        for attempt in range(CONVERSATION_ATTEMPTS):
+            t = await begin(
+                svc, req, tenant=tenant, headers=headers, ident=ident, response_id=response_id
+            )
+            response_id = t.response_id
+            try:
+                if not req.stream:
+                    return t, await complete(svc, t)
+                return t, await buffered_stream(svc, t)
+            except errors.Conflict as exc:
+                if exc.code != "conversation_locked" or attempt == CONVERSATION_ATTEMPTS - 1:
+                    raise
+            log.info("conversation changed under a turn; running it again on the new history")
+            await asyncio.sleep(random.uniform(0.0, 0.01 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+async def buffered_stream(svc: Services, turn: Turn) -> list[bytes]:
+    """Steps 4 and 5 with streaming, nothing sent before the turn is stored: the stream's bytes.
+
+    A failure to store is raised (an HTTP error, before any byte: a conversation that changed
+    meanwhile is a 409 the caller may run again); a turn that another response answers (the
+    first attempt of an SDK call this one retries) is that response's stream."""
+    queue: asyncio.Queue[object] = asyncio.Queue()
+    outcome = await _pump(svc, turn, _translator(svc, turn), queue, buffered=True)
+    if outcome.store_error is not None:
+        raise outcome.store_error
+    if outcome.holder is not None:
+        return [
+            *(stream.sse_encode(e) for e in stream.replay_events(outcome.holder)),
+            stream.SSE_DONE,
+        ]
+    chunks: list[bytes] = []
+    while True:
+        item = queue.get_nowait()
+        if item is _END:
+            chunks.append(stream.SSE_DONE)
+            return chunks
+        assert isinstance(item, bytes)
+        chunks.append(item)
+
+
+@dataclass
+class _Outcome:
+    """How a buffered stream ended other than with its own events."""
+
+    # Storing the turn failed (nothing was sent yet).
+    store_error: errors.ApiError | None = None
+    # Another response answers this request (see store).
+    holder: dict[str, Any] | None = None
+
+
 async def _pump(
     svc: Services,
     turn: Turn,
     translator: stream.ChatStreamTranslator | stream.ResponsesStreamTranslator,
     queue: asyncio.Queue[object],
-) -> None:
+    *,
+    buffered: bool = False,
+) -> _Outcome:
+    outcome = _Outcome()
     sent: list[dict[str, Any]] = []
     held: list[dict[str, Any]] = []
 
@@ -463,9 +696,22 @@ async def _pump(
                     "streamed turn could not be stored",
                     extra={"code": exc.code, "detail": exc.message},
                 )
-                push(_failed_after(terminal, translator.response, exc))
-                return
+                if buffered:
+                    outcome.store_error = exc
+                elif exc.outcome_unknown:
+                    push([_unknown_outcome(terminal, turn, exc)])
+                else:
+                    push(_failed_after(terminal, translator.response, exc))
+                return outcome
             if answered is not translator.response:
+                if answered.get("id") != turn.response_id:
+                    # What is stored for this request is another response (the first attempt of
+                    # the SDK call this one retries, or the retry of this one).
+                    if buffered:
+                        outcome.holder = answered
+                    else:
+                        push(_failed_after(terminal, translator.response, _superseded(answered)))
+                    return outcome
                 terminal = {**terminal, "response": answered}
             queue.put_nowait(stream.sse_encode(terminal))
     except errors.ApiError as exc:
@@ -483,6 +729,7 @@ async def _pump(
         queue.put_nowait(_END)
         if chunks is not None:
             await _close(chunks)
+    return outcome
 
 
 def _shut_down(turn: Turn) -> dict[str, Any]:
@@ -524,6 +771,30 @@ def _failed_after(
         },
         {"type": "response.failed", "sequence_number": seq + 1, "response": failed},
     ]
+
+
+def _unknown_outcome(terminal: dict[str, Any], turn: Turn, exc: errors.ApiError) -> dict[str, Any]:
+    """The terminal event of a stream whose turn may or may not have been stored: an ``error``
+    that says so, and no response.failed (which could contradict a stored turn)."""
+    return {
+        "type": "error",
+        "sequence_number": int(terminal.get("sequence_number", 0)),
+        "code": "store_outcome_unknown",
+        "message": (
+            f"The response was answered, but whether it was stored is unknown ({exc.code}): "
+            f"GET /v1/responses/{turn.response_id} tells."
+        ),
+        "param": None,
+    }
+
+
+def _superseded(answered: dict[str, Any]) -> errors.ApiError:
+    return errors.ApiError(
+        f"This request was answered and stored as response '{answered.get('id')}' by another "
+        "attempt of the same call; this response was not stored.",
+        code="superseded",
+        status=409,
+    )
 
 
 async def _drain(queue: asyncio.Queue[object]) -> AsyncIterator[bytes]:

@@ -54,6 +54,9 @@ class Reply:
     send_finish_reason: bool = True
     send_done: bool = True
     send_terminal: bool = True
+    # Sent as the whole (non-streamed) answer instead of a well-formed one: JSON of the wrong
+    # shape, for instance.
+    raw_body: bytes | None = None
 
 
 def text_of(message: dict[str, Any]) -> str:
@@ -157,6 +160,8 @@ class FakeHub:
             return web.Response(status=reply.status, body=raw, content_type="application/json")
         if reply.malformed:
             return web.Response(status=200, body=b'{"choices": [', content_type="application/json")
+        if reply.raw_body is not None:
+            return web.Response(status=200, body=reply.raw_body, content_type="application/json")
         return None
 
     async def _models(self, request: web.Request) -> web.Response:

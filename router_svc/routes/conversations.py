@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
 from typing import Any
 
 from starlette.requests import Request
@@ -12,14 +14,24 @@ from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
 from router_svc import errors, turn, validate
 from router_svc.http import (
+    MAX_ID_CHARS,
     JSONResponse,
+    idempotency_key,
     list_page,
+    parse_json,
     query_limit,
     query_order,
+    read_body,
     read_json,
+    sdk_attempt,
     services,
+    shown_id,
     tenant,
+    valid_id,
 )
+from router_svc.ids import new_id
+from router_svc.services import Services
+from router_svc.turn import RETRY_WINDOW_S
 
 MAX_ITEMS_PER_CALL = 20
 
@@ -35,7 +47,21 @@ def conversation_json(conv: resources_pb2.Conversation) -> dict[str, Any]:
 
 def _conversation_id(request: Request) -> str:
     conversation_id: str = request.path_params["conversation_id"]
+    if not valid_id(conversation_id):
+        # No conversation has such an id; the state service is not asked.
+        raise errors.conversation_not_found(shown_id(conversation_id))
     return conversation_id
+
+
+def _item_id(request: Request) -> str:
+    item_id: str = request.path_params["item_id"]
+    if not valid_id(item_id):
+        raise errors.NotFound(f"Item with id '{shown_id(item_id)}' not found.", code="not_found")
+    return item_id
+
+
+def _item_not_found(item_id: str) -> errors.NotFound:
+    return errors.NotFound(f"Item with id '{shown_id(item_id)}' not found.", code="not_found")
 
 
 def _not_found(conversation_id: str) -> Any:
@@ -59,6 +85,9 @@ def _items(body: dict[str, Any], *, required: bool) -> list[dict[str, Any]]:
             )
         return []
     items = validate.normalize_items(raw, param="items")
+    for i, item in enumerate(items):
+        if not valid_id(str(item["id"])):
+            raise errors.invalid_id(f"items[{i}].id", MAX_ID_CHARS)
     if len(items) > MAX_ITEMS_PER_CALL:
         raise errors.InvalidRequest(
             f"Invalid 'items': array too long. Expected an array with maximum length "
@@ -75,6 +104,36 @@ def _metadata(body: dict[str, Any]) -> dict[str, str]:
     return validate.parse_metadata(body["metadata"])
 
 
+def _minted(body: dict[str, Any]) -> list[int]:
+    """The indexes of the items whose id the router mints (the client sent none)."""
+    raw = body.get("items")
+    if not isinstance(raw, list):
+        return []
+    return [
+        i
+        for i, entry in enumerate(raw)
+        if not (isinstance(entry, dict) and entry.get("id") is not None)
+    ]
+
+
+def _with_ids(items: list[dict[str, Any]], minted: list[int], seed: str) -> list[dict[str, Any]]:
+    """``items`` with the ids the router minted replaced by ids derived from ``seed`` (the same
+    on every attempt of one request), keeping each id's prefix."""
+    out = list(items)
+    for i in minted:
+        prefix = str(items[i]["id"]).split("_", 1)[0]
+        digest = hashlib.sha256(f"{seed}\x00{i}".encode()).hexdigest()[:48]
+        out[i] = {**items[i], "id": f"{prefix}_{digest}"}
+    return out
+
+
+def _with_new_ids(items: list[dict[str, Any]], minted: list[int]) -> list[dict[str, Any]]:
+    out = list(items)
+    for i in minted:
+        out[i] = {**items[i], "id": new_id(str(items[i]["id"]).split("_", 1)[0])}
+    return out
+
+
 async def create_conversation(request: Request) -> Response:
     svc = services(request)
     who = tenant(request)
@@ -86,13 +145,23 @@ async def create_conversation(request: Request) -> Response:
             f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter"
         )
     items = _items(body, required=False)
+    key = idempotency_key(request)
+    if key:
+        # A retry with the Idempotency-Key sends the same items: with the same ids.
+        items = _with_ids(items, _minted(body), f"conversation\x00{who}\x00{key}")
     req = state_service_pb2.CreateConversationRequest(
         tenant=who,
         metadata=_metadata(body),
         items=[turn.item_to_proto(i) for i in items],
-        request_id=request.headers.get("idempotency-key", "").strip(),
+        request_id=key,
     )
-    reply = await svc.state.call("CreateConversation", req)
+    try:
+        reply = await svc.state.call("CreateConversation", req)
+    except errors.ApiError as exc:
+        # Without a key, a retry after a call that may have been carried out could make a
+        # second conversation (README, "Retries").
+        exc.retry_header(retry_is_safe=bool(key))
+        raise
     return JSONResponse(conversation_json(reply.conversation))
 
 
@@ -118,13 +187,17 @@ async def update_conversation(request: Request) -> Response:
             param="metadata",
             code="missing_required_parameter",
         )
-    reply = await svc.state.call(
-        "UpdateConversation",
-        state_service_pb2.UpdateConversationRequest(
-            tenant=who, conversation_id=cid, metadata=_metadata(body)
-        ),
-        not_found=_not_found(cid),
-    )
+    try:
+        reply = await svc.state.call(
+            "UpdateConversation",
+            state_service_pb2.UpdateConversationRequest(
+                tenant=who, conversation_id=cid, metadata=_metadata(body)
+            ),
+            not_found=_not_found(cid),
+        )
+    except errors.ApiError as exc:
+        exc.retry_header(retry_is_safe=True)  # replacing the metadata again changes nothing
+        raise
     return JSONResponse(conversation_json(reply.conversation))
 
 
@@ -132,11 +205,15 @@ async def delete_conversation(request: Request) -> Response:
     svc = services(request)
     who = tenant(request)
     cid = _conversation_id(request)
-    await svc.state.call(
-        "DeleteConversation",
-        state_service_pb2.DeleteConversationRequest(tenant=who, conversation_id=cid),
-        not_found=_not_found(cid),
-    )
+    try:
+        await svc.state.call(
+            "DeleteConversation",
+            state_service_pb2.DeleteConversationRequest(tenant=who, conversation_id=cid),
+            not_found=_not_found(cid),
+        )
+    except errors.ApiError as exc:
+        exc.retry_header(retry_is_safe=True)  # a replay is a 404, never a second delete
+        raise
     # Execution sessions held for the conversation go with it (best effort, never fails the call).
     await svc.bootstrapper.release(tenant=who, conversation_id=cid)
     return JSONResponse({"id": cid, "object": "conversation.deleted", "deleted": True})
@@ -146,7 +223,8 @@ async def create_items(request: Request) -> Response:
     svc = services(request)
     who = tenant(request)
     cid = _conversation_id(request)
-    body = await read_json(request)
+    raw = await read_body(request)
+    body = parse_json(raw)
     items = _items(body, required=True)
     if not items:
         raise errors.InvalidRequest(
@@ -154,15 +232,89 @@ async def create_items(request: Request) -> Response:
             param="items",
             code="empty_array",
         )
-    reply = await svc.state.call(
-        "CreateConversationItems",
-        state_service_pb2.CreateConversationItemsRequest(
-            tenant=who, conversation_id=cid, items=[turn.item_to_proto(i) for i in items]
+    minted = _minted(body)
+    key = idempotency_key(request)
+    attempt = sdk_attempt(request)
+    if not minted:
+        # Every id is the client's: a retry is a replay of the same ids (or a 400).
+        return await _append(svc, who, cid, items, retry_is_safe=True)
+    if key:
+        seeded = _with_ids(items, minted, f"items\x00{who}\x00{cid}\x00{key}")
+        return await _append(svc, who, cid, seeded, retry_is_safe=True, key_reused=True)
+    if attempt is None:
+        return await _append(svc, who, cid, items, retry_is_safe=False)
+    # An official SDK's call: its retries send the same body, so the ids are derived from it and
+    # the time window (as for POST /v1/responses): a retry appends nothing twice.
+    body_hash = hashlib.sha256(f"{who}\x00{cid}\x00".encode() + raw).hexdigest()[:40]
+    window = int(time.time() // RETRY_WINDOW_S)
+
+    def ids_of(w: int) -> list[dict[str, Any]]:
+        return _with_ids(items, minted, f"sdk-items\x00{body_hash}\x00{w}")
+
+    if attempt > 0:
+        earlier = ids_of(window - 1)
+        if await _stored(svc, who, cid, str(earlier[minted[0]]["id"])):
+            return await _append(svc, who, cid, earlier, retry_is_safe=True)
+        return await _append(svc, who, cid, ids_of(window), retry_is_safe=True)
+    reply = await _call_append(svc, who, cid, ids_of(window), retry_is_safe=True)
+    if reply.replayed:
+        # The same items were appended earlier in the window by a request that this one does
+        # not retry (its first attempt): a client adding them again on purpose.
+        reply = await _call_append(svc, who, cid, _with_new_ids(items, minted), retry_is_safe=False)
+    return JSONResponse(list_page([turn.item_from_proto(i) for i in reply.items], False))
+
+
+async def _stored(svc: Services, who: str, cid: str, item_id: str) -> bool:
+    found = await svc.state.find(
+        "GetConversationItem",
+        state_service_pb2.GetConversationItemRequest(
+            tenant=who, conversation_id=cid, item_id=item_id
         ),
-        not_found=_not_found(cid),
-        param="items",
+    )
+    return found is not None
+
+
+async def _append(
+    svc: Services,
+    who: str,
+    cid: str,
+    items: list[dict[str, Any]],
+    *,
+    retry_is_safe: bool,
+    key_reused: bool = False,
+) -> Response:
+    reply = await _call_append(
+        svc, who, cid, items, retry_is_safe=retry_is_safe, key_reused=key_reused
     )
     return JSONResponse(list_page([turn.item_from_proto(i) for i in reply.items], False))
+
+
+async def _call_append(
+    svc: Services,
+    who: str,
+    cid: str,
+    items: list[dict[str, Any]],
+    *,
+    retry_is_safe: bool,
+    key_reused: bool = False,
+) -> Any:
+    """CreateConversationItems; ``retry_is_safe`` when a retry of the request appends the same
+    ids (so x-should-retry is true after a call that may have been carried out)."""
+    try:
+        return await svc.state.call(
+            "CreateConversationItems",
+            state_service_pb2.CreateConversationItemsRequest(
+                tenant=who, conversation_id=cid, items=[turn.item_to_proto(i) for i in items]
+            ),
+            not_found=_not_found(cid),
+            param="items",
+        )
+    except errors.ApiError as exc:
+        if key_reused and exc.code == "duplicate_item_id":
+            # The ids derived from the Idempotency-Key are there with other content.
+            raise turn.idempotency_key_reused() from exc
+        exc.retry_header(retry_is_safe=retry_is_safe)
+        raise
 
 
 async def list_items(request: Request) -> Response:
@@ -171,6 +323,8 @@ async def list_items(request: Request) -> Response:
     limit = query_limit(request)
     order = query_order(request)
     after = request.query_params.get("after", "")
+    if after and not valid_id(after):
+        raise _item_not_found(after)
     reply = await svc.state.call(
         "ListConversationItems",
         state_service_pb2.ListConversationItemsRequest(
@@ -193,7 +347,7 @@ async def get_item(request: Request) -> Response:
     reply = await svc.state.call(
         "GetConversationItem",
         state_service_pb2.GetConversationItemRequest(
-            tenant=tenant(request), conversation_id=cid, item_id=request.path_params["item_id"]
+            tenant=tenant(request), conversation_id=cid, item_id=_item_id(request)
         ),
         not_found=_not_found(cid),
     )
@@ -203,13 +357,17 @@ async def get_item(request: Request) -> Response:
 async def delete_item(request: Request) -> Response:
     svc = services(request)
     cid = _conversation_id(request)
-    reply = await svc.state.call(
-        "DeleteConversationItem",
-        state_service_pb2.DeleteConversationItemRequest(
-            tenant=tenant(request), conversation_id=cid, item_id=request.path_params["item_id"]
-        ),
-        not_found=_not_found(cid),
-    )
+    try:
+        reply = await svc.state.call(
+            "DeleteConversationItem",
+            state_service_pb2.DeleteConversationItemRequest(
+                tenant=tenant(request), conversation_id=cid, item_id=_item_id(request)
+            ),
+            not_found=_not_found(cid),
+        )
+    except errors.ApiError as exc:
+        exc.retry_header(retry_is_safe=True)  # a replay is a 404, never a second delete
+        raise
     return JSONResponse(conversation_json(reply.conversation))
 
 

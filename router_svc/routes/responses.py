@@ -17,6 +17,7 @@ from router_svc.http import (
     JSONResponse,
     Releasing,
     check_item_ids,
+    conversation_locks,
     idempotency_key,
     list_page,
     parse_json,
@@ -24,6 +25,7 @@ from router_svc.http import (
     query_limit,
     query_order,
     read_body,
+    sdk_attempt,
     services,
     stream_slots,
     tenant,
@@ -38,21 +40,23 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 async def create_response(request: Request) -> Response:
     svc = services(request)
     who = tenant(request)
-    body = parse_json(await read_body(request))
+    raw = await read_body(request)
     req = validate.parse_turn_request(
-        body,
+        parse_json(raw),
         default_model=svc.settings.default_model,
         strict_params=svc.settings.strict_params,
         hub_api=svc.settings.hub_api,
     )
-    key = idempotency_key(request)
     check_item_ids(req.input_items, "input")
+    ident = turn.identify(
+        who, raw, req.body, idempotency_key(request), sdk_attempt(request), store=req.store
+    )
     if not req.stream:
-        return await _create(request, svc, who, req, key)
+        return await _create(request, svc, who, req, ident)
     slots = stream_slots(request)
     slots.take(who)
     try:
-        answer = await _create(request, svc, who, req, key)
+        answer = await _create(request, svc, who, req, ident)
     except BaseException:
         slots.give(who)
         raise
@@ -60,15 +64,29 @@ async def create_response(request: Request) -> Response:
 
 
 async def _create(
-    request: Request, svc: Services, who: str, req: validate.TurnRequest, key: str
+    request: Request, svc: Services, who: str, req: validate.TurnRequest, ident: turn.Identity
 ) -> Response:
-    if key and req.store:
-        first = await turn.find_idempotent(svc, who, key)
+    if ident.lookup:
+        first = await turn.find_first(svc, who, ident)
         if first is not None:
             if req.stream:
                 return _sse(_replay(first, -1))
             return JSONResponse(first)
-    t = await turn.begin(svc, req, tenant=who, idempotency_key=key, headers=request.headers)
+    held = not req.background and (
+        req.conversation_id is not None or (req.stream and ident.kind == "retry")
+    )
+    if held:
+        # Answered only once stored: see turn.settle.
+        lock = None
+        if req.stream and req.conversation_id is not None:
+            lock = conversation_locks(request).hold((who, req.conversation_id))
+        t, answer = await turn.settle(
+            svc, req, tenant=who, ident=ident, headers=request.headers, lock=lock
+        )
+        if isinstance(answer, list):
+            return _sse(_sent(answer), t.headers())
+        return Response(t.json_of(answer), media_type="application/json", headers=t.headers())
+    t = await turn.begin(svc, req, tenant=who, ident=ident, headers=request.headers)
     if req.background and not req.stream:
         return JSONResponse(await turn.start_background(svc, t), headers=t.headers())
     if req.background:
@@ -79,6 +97,11 @@ async def _create(
         return _sse(await turn.open_stream(svc, t), t.headers())
     answered = await turn.complete(svc, t)
     return Response(t.json_of(answered), media_type="application/json", headers=t.headers())
+
+
+async def _sent(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
 
 
 def _sse(body: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:

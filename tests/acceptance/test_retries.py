@@ -1,0 +1,307 @@
+"""Retries never duplicate (issue 13, item 2), a streamed conversation turn that loses the race
+is run again before anything is sent (item 3), and a turn whose store outcome is unknown says
+so. Through the official openai SDK (its own retries, default settings) and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from tests.fakehub import FakeHub, Reply, text_of
+from tests.support import Stack
+
+
+def item_texts(client: openai.OpenAI, conversation_id: str) -> list[str]:
+    return [
+        text_of(i.model_dump())
+        for i in client.conversations.items.list(conversation_id, order="asc", limit=100)
+    ]
+
+
+def sse_events(body: bytes) -> list[dict[str, Any]]:
+    events = []
+    for block in body.split(b"\n\n"):
+        for line in block.split(b"\n"):
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                events.append(orjson.loads(line[6:]))
+    return events
+
+
+# --- SDK retries --------------------------------------------------------------------------------
+
+
+def test_an_sdk_retry_after_a_lost_reply_stores_the_turn_once(stack: Stack, hub: FakeHub) -> None:
+    # The SDK gives up on each attempt after 0.5 s and retries with the same body; the router
+    # keeps running the first attempt and stores it. The retries find it instead of storing a
+    # second turn.
+    client = openai.OpenAI(base_url=stack.url, api_key="unused", max_retries=2, timeout=0.5)
+    conv = client.conversations.create()
+    hub.enqueue(Reply(text="slow answer", delay_s=1.0), Reply(text="second try", delay_s=1.0))
+    answer = client.responses.create(model="m", input="hello", conversation=conv.id)
+    assert answer.output_text == "slow answer"
+    time.sleep(1.5)  # the second attempt's own turn is finished (and not stored) by now
+    assert item_texts(client, conv.id) == ["hello", "slow answer"]
+    client.close()
+
+
+def test_the_same_request_sent_twice_on_purpose_makes_two_turns(stack: Stack, hub: FakeHub) -> None:
+    client = openai.OpenAI(base_url=stack.url, api_key="unused")  # default retries
+    conv = client.conversations.create()
+    first = client.responses.create(model="m", input="again", conversation=conv.id)
+    second = client.responses.create(model="m", input="again", conversation=conv.id)
+    assert first.id != second.id
+    assert item_texts(client, conv.id) == ["again", "echo: again", "again", "echo: again"]
+    plain = [client.responses.create(model="m", input="same") for _ in range(2)]
+    assert plain[0].id != plain[1].id
+    assert [client.responses.retrieve(r.id).id for r in plain] == [r.id for r in plain]
+    client.close()
+
+
+def test_a_retried_stream_replays_the_first_attempt(stack: Stack, hub: FakeHub) -> None:
+    body = {"model": "m", "input": "stream me", "stream": True}
+    with httpx.Client(timeout=10) as http:
+        url = f"{stack.url}/responses"
+        first = http.post(url, json=body, headers={"x-stainless-retry-count": "0"})
+        retry = http.post(url, json=body, headers={"x-stainless-retry-count": "1"})
+    first_events, retry_events = sse_events(first.content), sse_events(retry.content)
+    assert first_events[-1]["type"] == "response.completed"
+    assert retry_events[-1]["type"] == "response.completed"
+    assert retry_events[-1]["response"]["id"] == first_events[-1]["response"]["id"]
+    assert len(hub.chat_requests()) == 1
+
+
+def test_a_retry_of_a_failed_first_attempt_makes_the_turn(stack: Stack, hub: FakeHub) -> None:
+    hub.enqueue(Reply(status=500))
+    client = openai.OpenAI(base_url=stack.url, api_key="unused", max_retries=2)
+    conv = client.conversations.create()
+    answer = client.responses.create(model="m", input="try", conversation=conv.id)
+    assert answer.output_text == "echo: try"
+    assert item_texts(client, conv.id) == ["try", "echo: try"]
+    client.close()
+
+
+# --- Idempotency-Key -----------------------------------------------------------------------------
+
+
+def test_an_idempotency_key_with_another_body_is_a_400(stack: Stack, hub: FakeHub) -> None:
+    with httpx.Client(timeout=10) as http:
+        url = f"{stack.url}/responses"
+        headers = {"Idempotency-Key": "k-1"}
+        first = http.post(url, json={"model": "m", "input": "one"}, headers=headers)
+        assert first.status_code == 200
+        same = http.post(url, json={"input": "one", "model": "m"}, headers=headers)
+        assert same.json()["id"] == first.json()["id"]
+        other = http.post(url, json={"model": "m", "input": "two"}, headers=headers)
+    assert other.status_code == 400
+    error = other.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "idempotency_key_reused"
+    assert len(hub.chat_requests()) == 1
+
+
+def test_an_idempotency_key_too_long_is_a_400(stack: Stack, hub: FakeHub) -> None:
+    with httpx.Client(timeout=10) as http:
+        r = http.post(
+            f"{stack.url}/responses",
+            json={"model": "m", "input": "x"},
+            headers={"Idempotency-Key": "k" * 3000},
+        )
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_idempotency_key"
+    assert hub.chat_requests() == []
+
+
+# --- conversations and their items ------------------------------------------------------------
+
+
+def test_conversation_items_with_a_key_are_appended_once(stack: Stack, hub: FakeHub) -> None:
+    client = stack.client()
+    conv = client.conversations.create()
+    message = {"type": "message", "role": "user", "content": "note"}
+    with httpx.Client(timeout=10) as http:
+        url = f"{stack.url}/conversations/{conv.id}/items"
+        headers = {"Idempotency-Key": "items-1"}
+        first = http.post(url, json={"items": [message]}, headers=headers)
+        again = http.post(url, json={"items": [message]}, headers=headers)
+        other = http.post(url, json={"items": [{**message, "content": "other"}]}, headers=headers)
+    assert first.status_code == again.status_code == 200
+    assert again.json()["data"][0]["id"] == first.json()["data"][0]["id"]
+    assert other.status_code == 400
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert item_texts(client, conv.id) == ["note"]
+
+
+def test_a_conversation_created_with_a_key_and_items_is_created_once(
+    stack: Stack, hub: FakeHub
+) -> None:
+    body = {"items": [{"type": "message", "role": "user", "content": "hi"}]}
+    with httpx.Client(timeout=10) as http:
+        url = f"{stack.url}/conversations"
+        made = [http.post(url, json=body, headers={"Idempotency-Key": "c-1"}) for _ in range(2)]
+    assert [r.status_code for r in made] == [200, 200]
+    assert made[0].json()["id"] == made[1].json()["id"]
+
+
+def test_sdk_retries_of_conversation_items_append_once(stack: Stack, hub: FakeHub) -> None:
+    client = stack.client()
+    conv = client.conversations.create()
+    body = {"items": [{"type": "message", "role": "user", "content": "once"}]}
+    with httpx.Client(timeout=10) as http:
+        url = f"{stack.url}/conversations/{conv.id}/items"
+        first = http.post(url, json=body, headers={"x-stainless-retry-count": "0"})
+        retry = http.post(url, json=body, headers={"x-stainless-retry-count": "1"})
+        assert retry.json()["data"][0]["id"] == first.json()["data"][0]["id"]
+        assert item_texts(client, conv.id) == ["once"]
+        # The same body as a new call (a first attempt) is appended again.
+        again = http.post(url, json=body, headers={"x-stainless-retry-count": "0"})
+    assert again.json()["data"][0]["id"] != first.json()["data"][0]["id"]
+    assert item_texts(client, conv.id) == ["once", "once"]
+
+
+# --- streamed conversation turns ------------------------------------------------------------------
+
+
+async def test_32_concurrent_streamed_turns_on_one_conversation_all_succeed(
+    stack: Stack, hub: FakeHub
+) -> None:
+    client = openai.AsyncOpenAI(base_url=stack.url, api_key="unused")  # default retries
+    conv = await client.conversations.create()
+
+    async def turn(i: int) -> str:
+        async with client.responses.stream(
+            model="m", input=f"question {i}", conversation=conv.id
+        ) as events:
+            final = await events.get_final_response()
+        return final.output_text
+
+    answers = await asyncio.gather(*(turn(i) for i in range(32)))
+    assert sorted(answers) == sorted(f"echo: question {i}" for i in range(32))
+    items = [
+        text_of(i.model_dump())
+        async for i in client.conversations.items.list(conv.id, order="asc", limit=100)
+    ]
+    await client.close()
+    assert len(items) == 64
+    seen = [[text_of(m) for m in r["messages"]] for r in hub.chat_requests()]
+    for j in range(32):
+        question, answer = items[2 * j], items[2 * j + 1]
+        assert answer == f"echo: {question}"
+        # The turn was answered on exactly the conversation stored before it.
+        assert items[: 2 * j + 1] in seen
+
+
+def test_a_streamed_conversation_turn_that_loses_the_race_is_run_again(
+    stack: Stack, hub: FakeHub
+) -> None:
+    # A non-streamed turn (not held back by the streamed turns' lock) wins the race; the streamed
+    # one is run again on the new history before anything is sent.
+    client = stack.client()
+    conv = client.conversations.create()
+    hub.enqueue(Reply(text="streamed, first try", delay_s=0.6), Reply(text="plain", delay_s=0.1))
+    result: dict[str, Any] = {}
+
+    def streamed() -> None:
+        with httpx.Client(timeout=10) as http:
+            r = http.post(
+                f"{stack.url}/responses",
+                json={"model": "m", "input": "streamed", "conversation": conv.id, "stream": True},
+            )
+            result["status"] = r.status_code
+            result["events"] = sse_events(r.content)
+
+    thread = threading.Thread(target=streamed)
+    thread.start()
+    time.sleep(0.2)
+    client.responses.create(model="m", input="plain", conversation=conv.id)
+    thread.join(10)
+    assert result["status"] == 200
+    events = result["events"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["type"] == "response.created"
+    assert events[-1]["type"] == "response.completed"
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "echo: streamed"
+    assert item_texts(client, conv.id) == ["plain", "plain", "streamed", "echo: streamed"]
+
+
+# --- the store's outcome unknown ------------------------------------------------------------------
+
+
+def _stop_state_soon(stack: Stack, after_s: float) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(after_s), stack.stop_state()))
+    thread.start()
+    return thread
+
+
+def test_a_stream_whose_store_outcome_is_unknown_says_so(stack: Stack, hub: FakeHub) -> None:
+    hub.enqueue(Reply(text="a b c d", chunk_delay_s=0.3))
+    stopper = _stop_state_soon(stack, 0.4)
+    with httpx.Client(timeout=20) as http:
+        r = http.post(f"{stack.url}/responses", json={"model": "m", "input": "x", "stream": True})
+    stopper.join()
+    events = sse_events(r.content)
+    assert r.content.endswith(b"data: [DONE]\n\n")
+    assert events[-1]["type"] == "error"
+    assert events[-1]["code"] == "store_outcome_unknown"
+    # Nothing that could contradict a stored turn.
+    assert not any(e["type"] in ("response.failed", "response.completed") for e in events)
+
+
+@pytest.mark.parametrize(
+    ("headers", "retry"), [({}, "false"), ({"x-stainless-retry-count": "0"}, "true")]
+)
+def test_a_turn_that_may_be_stored_says_whether_a_retry_is_safe(
+    stack: Stack, hub: FakeHub, headers: dict[str, str], retry: str
+) -> None:
+    # Without a key, a retry could store the turn twice; an SDK's retry would find it.
+    hub.enqueue(Reply(text="late", delay_s=0.6))
+    stopper = _stop_state_soon(stack, 0.2)
+    with httpx.Client(timeout=20) as http:
+        r = http.post(f"{stack.url}/responses", json={"model": "m", "input": "x"}, headers=headers)
+    stopper.join()
+    assert r.status_code == 503
+    assert r.headers["x-should-retry"] == retry
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "127.0.0.1" not in error["message"]
+
+
+# --- the hub's answer of the wrong shape ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"choices": "none"}',
+        b'{"choices": [{"message": "text", "finish_reason": "stop"}]}',
+        b'{"choices": [{"message": {"content": "x", "tool_calls": [{"function": 3}]}}]}',
+        b"[]",
+    ],
+)
+def test_hub_json_of_the_wrong_shape_is_a_502(stack: Stack, hub: FakeHub, raw: bytes) -> None:
+    hub.enqueue(Reply(raw_body=raw))
+    with httpx.Client(timeout=10) as http:
+        r = http.post(f"{stack.url}/responses", json={"model": "m", "input": "x"})
+    assert r.status_code == 502, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"choices": [{"message": {"content": 5}, "finish_reason": "stop"}]}',
+        b'{"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": "many"}}',
+    ],
+)
+def test_hub_json_with_odd_values_is_never_a_500(stack: Stack, hub: FakeHub, raw: bytes) -> None:
+    # The translation reads these leniently (no text, no token counts); never a 500.
+    hub.enqueue(Reply(raw_body=raw))
+    with httpx.Client(timeout=10) as http:
+        r = http.post(f"{stack.url}/responses", json={"model": "m", "input": "x"})
+    assert r.status_code in (200, 502), r.text
