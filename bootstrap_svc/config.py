@@ -35,6 +35,78 @@ class BootstrapSettings:
         "for at least 600).",
         env="RESPGW_BOOTSTRAP_REPLAY_TTL_S",
     )
+    sandbox_bwrap: str = option(
+        "bwrap",
+        "The bubblewrap program that sandboxes every call (Debian package bubblewrap).",
+        env="RESPGW_BOOTSTRAP_SANDBOX_BWRAP",
+    )
+    sandbox_python: str = option(
+        "",
+        "The Python interpreter code_interpreter calls run in, under /usr; empty picks "
+        "/usr/local/bin/python3 or /usr/bin/python3.",
+        env="RESPGW_BOOTSTRAP_SANDBOX_PYTHON",
+    )
+    sandbox_uid_base: int = option(
+        200_000,
+        "When the service runs as root, each session's processes run as uid base+n (a uid of "
+        "their own per session, so one session's process limit counts its processes only).",
+        env="RESPGW_BOOTSTRAP_SANDBOX_UID_BASE",
+    )
+    call_timeout_s: float = option(
+        60.0,
+        "Wall-clock limit of one Python call or one shell command, unless the call asks for less "
+        "(or for more, up to --max-call-timeout-s).",
+        env="RESPGW_BOOTSTRAP_CALL_TIMEOUT_S",
+    )
+    max_call_timeout_s: float = option(
+        600.0,
+        "The longest wall-clock limit a call may ask for.",
+        env="RESPGW_BOOTSTRAP_MAX_CALL_TIMEOUT_S",
+    )
+    call_cpu_s: int = option(
+        60,
+        "CPU seconds one Python call or one shell command may use.",
+        env="RESPGW_BOOTSTRAP_CALL_CPU_S",
+    )
+    memory_mb: int = option(
+        1024,
+        "Memory (address space) of each sandboxed process, in MiB, unless its session was created "
+        "with another memory_limit.",
+        env="RESPGW_BOOTSTRAP_MEMORY_MB",
+    )
+    max_memory_mb: int = option(
+        4096,
+        "The largest memory_limit a session may be created with, in MiB.",
+        env="RESPGW_BOOTSTRAP_MAX_MEMORY_MB",
+    )
+    max_processes: int = option(
+        64,
+        "Processes and threads that may run at once in one session.",
+        env="RESPGW_BOOTSTRAP_MAX_PROCESSES",
+    )
+    max_file_mb: int = option(
+        256,
+        "Largest file a call may write or a client upload, in MiB.",
+        env="RESPGW_BOOTSTRAP_MAX_FILE_MB",
+    )
+    disk_mb: int = option(
+        1024, "Total size of one session's files, in MiB.", env="RESPGW_BOOTSTRAP_DISK_MB"
+    )
+    max_output_kb: int = option(
+        1024,
+        "Output kept per stream (stdout, stderr) of one call or command, in KiB; more is dropped.",
+        env="RESPGW_BOOTSTRAP_MAX_OUTPUT_KB",
+    )
+    max_concurrent_calls: int = option(
+        8,
+        "Calls that run at once in all sessions; more wait their turn.",
+        env="RESPGW_BOOTSTRAP_MAX_CONCURRENT_CALLS",
+    )
+    max_idle_ttl_s: float = option(
+        86400.0,
+        "The longest idle TTL a session may be created with (Containers API expires_after).",
+        env="RESPGW_BOOTSTRAP_MAX_IDLE_TTL_S",
+    )
     max_message_bytes: int = option(
         16 * 1024 * 1024,
         "Largest gRPC message the server sends or accepts, in bytes.",

@@ -7,15 +7,26 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from bootstrap_svc import service, sessions
+import grpc
+
+from bootstrap_svc import execution, executor, service, sessions
 from bootstrap_svc.config import BootstrapSettings
+from bootstrap_svc.sandbox import Sandbox
 from gateway import logs, metrics, tracing
 from gateway.grpcserver import GrpcServer
-from respgw.bootstrap.v1 import bootstrap_service_pb2, bootstrap_service_pb2_grpc
+from respgw.bootstrap.v1 import (
+    bootstrap_service_pb2,
+    bootstrap_service_pb2_grpc,
+    execution_service_pb2,
+    execution_service_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = bootstrap_service_pb2.DESCRIPTOR.services_by_name["BootstrapService"].full_name
+EXECUTION_SERVICE_NAME = execution_service_pb2.DESCRIPTOR.services_by_name[
+    "ExecutionService"
+].full_name
 
 
 @dataclass
@@ -26,6 +37,7 @@ class Running:
     server: GrpcServer
     store: sessions.SessionStore
     sweeper: asyncio.Task[None]
+    executor: executor.Executor
     stopped: bool = field(default=False)
 
     async def stop(self, grace: float = 0.0) -> None:
@@ -40,6 +52,7 @@ class Running:
             self.sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.sweeper
+            await self.executor.close()
             self.store.close()
 
 
@@ -52,10 +65,34 @@ async def start(settings: BootstrapSettings) -> Running:
         replay_ttl_s=settings.replay_ttl_s,
     )
     servicer = service.BootstrapServicer(store)
+    sandbox = Sandbox(
+        bwrap=settings.sandbox_bwrap,
+        python=settings.sandbox_python,
+        uid_base=settings.sandbox_uid_base,
+    )
+    await sandbox.check()
+    runner = executor.Executor(
+        store,
+        sandbox,
+        limits(settings),
+        max_concurrent_calls=settings.max_concurrent_calls,
+    )
+    executing = execution.ExecutionServicer(
+        store,
+        runner,
+        max_timeout_s=settings.max_call_timeout_s,
+        max_memory_bytes=settings.max_memory_mb * MIB,
+        max_idle_ttl_s=settings.max_idle_ttl_s,
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        bootstrap_service_pb2_grpc.add_BootstrapServiceServicer_to_server(servicer, server)
+        execution_service_pb2_grpc.add_ExecutionServiceServicer_to_server(executing, server)
+
     server = GrpcServer(
         settings.listen,
-        lambda s: bootstrap_service_pb2_grpc.add_BootstrapServiceServicer_to_server(servicer, s),
-        [SERVICE_NAME],
+        register,
+        [SERVICE_NAME, EXECUTION_SERVICE_NAME],
         max_message_bytes=settings.max_message_bytes,
         max_connection_age_s=settings.max_connection_age_s,
         interceptors=[metrics.ServerInterceptor()],
@@ -66,7 +103,23 @@ async def start(settings: BootstrapSettings) -> Running:
         store.close()
         raise
     sweeper = asyncio.create_task(store.run_sweeper(), name="bootstrap-session-sweeper")
-    return Running(port=port, server=server, store=store, sweeper=sweeper)
+    return Running(port=port, server=server, store=store, sweeper=sweeper, executor=runner)
+
+
+MIB = 1024 * 1024
+
+
+def limits(settings: BootstrapSettings) -> executor.CallLimits:
+    """The default limits of a call, from the settings."""
+    return executor.CallLimits(
+        timeout_s=settings.call_timeout_s,
+        cpu_s=settings.call_cpu_s,
+        memory_bytes=settings.memory_mb * MIB,
+        processes=settings.max_processes,
+        file_bytes=settings.max_file_mb * MIB,
+        output_bytes=settings.max_output_kb * 1024,
+        disk_bytes=settings.disk_mb * MIB,
+    )
 
 
 async def run(settings: BootstrapSettings) -> None:

@@ -100,6 +100,22 @@ def _claims(request: pb.PrepareToolsRequest) -> list[sessions.Claim]:
                 f"{field}.json container must be a container id or an object",
                 f"{field}.json",
             )
+        environment = obj.get("environment")
+        if (
+            kind == "shell"
+            and isinstance(environment, dict)
+            and environment.get("type") == "container_reference"
+        ):
+            reference = environment.get("container_id")
+            if not isinstance(reference, str) or not reference:
+                raise _invalid(
+                    "TOOL_JSON_INVALID",
+                    f"{field}.json environment.container_id must be a container id",
+                    f"{field}.json",
+                )
+            # OpenAI's shell in a container of the Containers API (or a code_interpreter's).
+            claims.append(sessions.Claim(kind, reference, any_kind=True))
+            continue
         # A container id asks for that session; an object ({"type": "auto"}) lets us choose.
         claims.append(sessions.Claim(kind, container if isinstance(container, str) else ""))
     for i, tool in enumerate(request.tools):
@@ -117,13 +133,16 @@ def _claims(request: pb.PrepareToolsRequest) -> list[sessions.Claim]:
 def _instructions(session: sessions.Session) -> str:
     if session.kind == "code_interpreter":
         return (
-            f"The code_interpreter tool runs your code in container {session.id}. Its working "
-            f"directory is {session.directory}; files written there stay available to later "
-            "turns of this conversation until the container expires after a period without use."
+            f"The code_interpreter tool runs your code in container {session.id}: Python in a "
+            "sandbox without network access, whose working directory is /mnt/data (kept by the "
+            f"service in {session.directory}). Variables, imports and the files written to "
+            "/mnt/data stay available to later calls and later turns of this conversation until "
+            "the container expires after a period without use."
         )
     return (
-        f"The shell tool runs your commands in session {session.id} with the working directory "
-        f"{session.directory}; files written there stay available to later turns of this "
+        f"The shell tool runs your commands in session {session.id}: a sandbox without network "
+        "access whose working directory is /mnt/data (kept by the service in "
+        f"{session.directory}). Files written there stay available to later turns of this "
         "conversation until the session expires after a period without use."
     )
 

@@ -1,4 +1,5 @@
-"""Which bootstrap service the conformance suite checks.
+"""Which bootstrap service the conformance suite checks (its BootstrapService, and the
+ExecutionService served on the same address when it has one).
 
     pytest tests/bootstrap_conformance                              reference and Node.js, both started here
     pytest tests/bootstrap_conformance --bootstrap-impl node        only the Node.js example
@@ -20,7 +21,11 @@ import pytest
 from grpc_health.v1 import health_pb2_grpc
 
 from respgw.bootstrap.v1 import bootstrap_service_pb2 as pb
-from respgw.bootstrap.v1 import bootstrap_service_pb2_grpc
+from respgw.bootstrap.v1 import (
+    bootstrap_service_pb2_grpc,
+    execution_service_pb2,
+    execution_service_pb2_grpc,
+)
 from tests.bootstrap_conformance import launch
 
 IMPLEMENTATIONS = ("reference", "node")
@@ -101,3 +106,27 @@ def service(request: pytest.FixtureRequest) -> Iterator[Service]:
         channel.close()
         if proc is not None:
             proc.stop()
+
+
+@dataclass
+class Execution:
+    """The ExecutionService served beside a BootstrapService (same address), with its
+    capabilities; ``capabilities`` is None when the implementation does not serve it."""
+
+    service: Service
+    stub: execution_service_pb2_grpc.ExecutionServiceStub
+    capabilities: execution_service_pb2.GetExecutionCapabilitiesResponse | None
+
+
+@pytest.fixture(scope="session")
+def execution(service: Service) -> Execution:
+    stub = execution_service_pb2_grpc.ExecutionServiceStub(service.channel)
+    try:
+        caps = stub.GetExecutionCapabilities(
+            execution_service_pb2.GetExecutionCapabilitiesRequest(), timeout=10
+        )
+    except grpc.RpcError as exc:
+        if not (isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNIMPLEMENTED):
+            raise
+        return Execution(service=service, stub=stub, capabilities=None)
+    return Execution(service=service, stub=stub, capabilities=caps)
