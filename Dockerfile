@@ -36,6 +36,12 @@ LABEL org.opencontainers.image.title="responses-gateway" \
 RUN groupadd --system --gid 10001 respgw \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin respgw
+# bubblewrap sandboxes every code_interpreter and shell call of `respgw bootstrap`
+# (bootstrap_svc/sandbox.py says why bubblewrap); no other service uses it. Pinned like the
+# base image; util-linux (setpriv, prlimit) is already in the base.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends bubblewrap=0.8.0-2+deb12u1 \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /opt/venv /opt/venv
 # The services bind loopback by default; in a container they must listen on every interface.
 ENV PATH=/opt/venv/bin:$PATH \
