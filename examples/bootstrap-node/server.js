@@ -1,16 +1,21 @@
 'use strict';
-// A minimal implementation of respgw.bootstrap.v1.BootstrapService, written from the proto alone.
-// It keeps everything in memory: sessions (ids only, no sandbox behind them), the response-id ->
+// A minimal implementation of respgw.bootstrap.v1.BootstrapService, written from the proto alone,
+// with the shell part of respgw.bootstrap.v1.ExecutionService beside it (execution.js). It keeps
+// its registry in memory: sessions (an id and a working directory each), the response-id ->
 // session map that makes a previous_response_id chain reuse its session, and the PrepareTools
 // results kept for replays. A restart forgets all of it, as GetCapabilities says.
 
 const crypto = require('node:crypto');
+const fs = require('node:fs');
+const os = require('node:os');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 const { HealthImplementation } = require('grpc-health-check');
+const { Execution } = require('./execution');
 
 const SERVICE_NAME = 'respgw.bootstrap.v1.BootstrapService';
+const EXECUTION_SERVICE_NAME = 'respgw.bootstrap.v1.ExecutionService';
 const KIND = { UNSPECIFIED: 0, CODE_INTERPRETER: 1, SHELL: 2 };
 // The kinds this service prepares: kind -> [Responses API tool type, session id prefix].
 const SUPPORTED = new Map([
@@ -28,18 +33,23 @@ const LISTEN = setting('--listen', 'BOOTSTRAP_LISTEN', '127.0.0.1:50053');
 const PROTOS = setting('--protos', 'BOOTSTRAP_PROTOS_DIR', path.resolve(__dirname, '..', '..', 'protos'));
 const IDLE_TTL_MS = Number(setting('--idle-ttl-s', 'BOOTSTRAP_IDLE_TTL_S', '1200')) * 1000;
 const MAX_SESSIONS = Number(setting('--max-sessions-per-tenant', 'BOOTSTRAP_MAX_SESSIONS_PER_TENANT', '16'));
+// Each session's working directory is made under this folder (a fresh one when not given).
+const OWN_WORKDIR = !setting('--workdir', 'BOOTSTRAP_WORKDIR', '');
+const WORKDIR = setting('--workdir', 'BOOTSTRAP_WORKDIR', '') || fs.mkdtempSync(path.join(os.tmpdir(), 'respgw-node-sessions-'));
+const TIMEOUT_S = Number(setting('--call-timeout-s', 'BOOTSTRAP_CALL_TIMEOUT_S', '60'));
+// When the service runs as root, session n runs as uid UID_BASE + n.
+const UID_BASE = Number(setting('--sandbox-uid-base', 'BOOTSTRAP_SANDBOX_UID_BASE', '300000'));
 // The contract asks for replays to work for at least 10 minutes.
 const REPLAY_TTL_MS = 15 * 60 * 1000;
 
-const definition = protoLoader.loadSync('respgw/bootstrap/v1/bootstrap_service.proto', {
-  includeDirs: [PROTOS],
-  keepCase: true,
-  longs: String,
-  defaults: true,
-});
+const definition = protoLoader.loadSync(
+  ['respgw/bootstrap/v1/bootstrap_service.proto', 'respgw/bootstrap/v1/execution_service.proto'],
+  { includeDirs: [PROTOS], keepCase: true, longs: String, defaults: true, oneofs: true },
+);
 const proto = grpc.loadPackageDefinition(definition).respgw.bootstrap.v1;
 
-const sessions = new Map(); // session id -> {id, tenant, kind, conversationId, lastUsed}
+const sessions = new Map(); // session id -> {id, tenant, kind, conversationId, lastUsed, directory, uid}
+let nextSlot = 1;
 const byResponse = new Map(); // tenant \0 response id \0 kind -> session id
 const requests = new Map(); // tenant \0 request id -> {fingerprint, response, at}
 
@@ -145,7 +155,11 @@ function prepare(req) {
   wanted.forEach((c, i) => {
     let s = found[i];
     if (!s) {
-      s = { id: SUPPORTED.get(c.kind)[1] + crypto.randomBytes(16).toString('hex'), tenant: req.tenant, kind: c.kind, conversationId: req.conversation_id };
+      const id = SUPPORTED.get(c.kind)[1] + crypto.randomBytes(16).toString('hex');
+      s = { id, tenant: req.tenant, kind: c.kind, conversationId: req.conversation_id, createdAt: now, directory: path.join(WORKDIR, id), uid: UID_BASE + nextSlot };
+      nextSlot += 1;
+      fs.mkdirSync(s.directory, { mode: 0o700 });
+      if (process.getuid() === 0) fs.chownSync(s.directory, s.uid, s.uid);
       sessions.set(s.id, s);
     }
     s.lastUsed = now;
@@ -168,7 +182,11 @@ function prepare(req) {
 }
 
 function forget(ids) {
-  for (const id of ids) sessions.delete(id);
+  for (const id of ids) {
+    const s = sessions.get(id);
+    if (s) fs.rmSync(s.directory, { recursive: true, force: true });
+    sessions.delete(id);
+  }
   for (const [key, id] of byResponse) if (ids.has(id)) byResponse.delete(key);
 }
 
@@ -207,6 +225,26 @@ const sweeper = setInterval(() => {
 }, Math.min(Math.max(IDLE_TTL_MS / 4, 50), 30000));
 sweeper.unref();
 
+const execution = new Execution({
+  sessions: {
+    // A live session of this tenant, of either kind.
+    live: (id, tenant, now) => {
+      const s = sessions.get(id);
+      return s && s.tenant === tenant && now - s.lastUsed <= IDLE_TTL_MS ? s : null;
+    },
+    idleTtlMs: IDLE_TTL_MS,
+  },
+  limits: {
+    timeoutS: TIMEOUT_S,
+    maxTimeoutS: 600,
+    cpuS: 60,
+    memoryBytes: 1024 * 1024 * 1024,
+    processes: 64,
+    fileBytes: 256 * 1024 * 1024,
+    outputBytes: 1024 * 1024,
+  },
+});
+
 const server = new grpc.Server();
 server.addService(proto.BootstrapService.service, {
   GetCapabilities: unary(() => ({
@@ -218,7 +256,8 @@ server.addService(proto.BootstrapService.service, {
   PrepareTools: unary(prepare),
   ReleaseTools: unary(release),
 });
-const health = new HealthImplementation({ '': 'SERVING', [SERVICE_NAME]: 'SERVING' });
+server.addService(proto.ExecutionService.service, execution.handlers());
+const health = new HealthImplementation({ '': 'SERVING', [SERVICE_NAME]: 'SERVING', [EXECUTION_SERVICE_NAME]: 'SERVING' });
 health.addToServer(server);
 
 server.bindAsync(LISTEN, grpc.ServerCredentials.createInsecure(), (err, port) => {
@@ -233,9 +272,15 @@ server.bindAsync(LISTEN, grpc.ServerCredentials.createInsecure(), (err, port) =>
 function shutdown() {
   health.setStatus('', 'NOT_SERVING');
   health.setStatus(SERVICE_NAME, 'NOT_SERVING');
+  health.setStatus(EXECUTION_SERVICE_NAME, 'NOT_SERVING');
   const force = setTimeout(() => server.forceShutdown(), 10000);
   force.unref();
-  server.tryShutdown(() => process.exit(0));
+  server.tryShutdown(() => {
+    // Sessions are forgotten with the process: their directories go too.
+    if (OWN_WORKDIR) fs.rmSync(WORKDIR, { recursive: true, force: true });
+    else forget(new Set(sessions.keys()));
+    process.exit(0);
+  });
 }
 process.on('SIGTERM', shutdown);
 process.on('SIGINT', shutdown);
