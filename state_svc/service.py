@@ -547,9 +547,11 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         else:
             tenant = _tenant(request.tenant)
         _require(request.owner, "owner")
+        _require(request.request_id, "request_id")
         lease_us = _positive_us(request.lease_duration, "lease_duration")
         job = await self._timed(
-            "claim_job", self._backend.claim_job(tenant, request.owner, lease_us)
+            "claim_job",
+            self._backend.claim_job(tenant, request.owner, lease_us, request.request_id),
         )
         reply = state_service_pb2.ClaimBackgroundResponseResponse()
         if job is not None:

@@ -255,8 +255,11 @@ class Backend(Protocol):
         the caps (:func:`check_pending`)."""
         ...
 
-    async def claim_job(self, tenant: str, owner: str, lease_us: int) -> Job | None:
-        """Claims the oldest claimable job of ``tenant`` ('' for any tenant), or None."""
+    async def claim_job(
+        self, tenant: str, owner: str, lease_us: int, request_id: str
+    ) -> Job | None:
+        """Claims the oldest claimable job of ``tenant`` ('' for any tenant), or None; a
+        replay of ``request_id`` returns the job that claim got while it still holds it."""
         ...
 
     async def renew_lease(

@@ -103,6 +103,9 @@ class MemoryBackend:
         self._requests: dict[tuple[str, str], str] = {}
         # (tenant, response id) of the background responses whose job may not be finished.
         self._pending: set[tuple[str, str]] = set()
+        # The job and lease token each claim got, by its request_id (for replays); a claim's
+        # entry goes when its job is finished.
+        self._claims: dict[str, tuple[tuple[str, str], int]] = {}
 
     # --- lookups that hide expired rows ---------------------------------------------------
 
@@ -478,8 +481,17 @@ class MemoryBackend:
         self._pending.add((tenant, turn.id))
         return EnqueueResult(result, self._job(row) if owner else None)
 
-    async def claim_job(self, tenant: str, owner: str, lease_us: int) -> Job | None:
+    async def claim_job(
+        self, tenant: str, owner: str, lease_us: int, request_id: str
+    ) -> Job | None:
         now = base.now_us()
+        first = self._claims.get(request_id)
+        if first is not None:
+            key, token = first
+            row = self._response(*key, now)
+            if row is not None and row.job is not None and row.job.lease_token == token:
+                if not row.job.done:
+                    return self._job(row)
         claimable = [
             r
             for r in self._pending_rows(now)
@@ -494,6 +506,7 @@ class MemoryBackend:
         row.job.owner = owner
         row.job.lease_token += 1
         row.job.lease_expire_us = now + lease_us
+        self._claims[request_id] = ((row.tenant, row.turn.id), row.job.lease_token)
         return self._job(row)
 
     async def renew_lease(
@@ -540,6 +553,7 @@ class MemoryBackend:
         row.events = log
         row.job.done, row.job.finished_token = True, lease_token
         self._pending.discard((tenant, turn.id))
+        self._forget_claims((tenant, turn.id))
         return result
 
     async def cancel_job(self, tenant: str, turn: Turn, cancel_event: bytes) -> CancelResult:
@@ -558,7 +572,12 @@ class MemoryBackend:
         row.events = log
         row.job.done = row.job.cancelled = True
         self._pending.discard((tenant, turn.id))
+        self._forget_claims((tenant, turn.id))
         return CancelResult(result.turn, True)
+
+    def _forget_claims(self, key: tuple[str, str]) -> None:
+        for request_id in [r for r, (k, _) in self._claims.items() if k == key]:
+            del self._claims[request_id]
 
     async def read_events(
         self, tenant: str, response_id: str, *, after: int, limit: int
@@ -577,3 +596,4 @@ class MemoryBackend:
         self._responses.clear()
         self._conversations.clear()
         self._pending.clear()
+        self._claims.clear()

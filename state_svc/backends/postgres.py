@@ -126,11 +126,27 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (response_pk, seq)
         )""",
     ],
+    # 5: the latest claim of each job by its request_id, so that a retried claim gets its job.
+    [
+        """CREATE TABLE IF NOT EXISTS {s}.background_claims (
+            claim_id text NOT NULL,
+            response_pk bigint NOT NULL REFERENCES {s}.responses (pk) ON DELETE CASCADE,
+            lease_token bigint NOT NULL,
+            CONSTRAINT background_claims_id PRIMARY KEY (claim_id)
+        )""",
+        """CREATE INDEX IF NOT EXISTS background_claims_response
+            ON {s}.background_claims (response_pk)""",
+    ],
 ]
 
 # A unique violation on these means another transaction stored the same id or key first: the
 # retry finds that row and answers a replay (or a conflict).
-_RACE_CONSTRAINTS = {"responses_id", "responses_idempotency_key", "conversations_request_id"}
+_RACE_CONSTRAINTS = {
+    "responses_id",
+    "responses_idempotency_key",
+    "conversations_request_id",
+    "background_claims_id",
+}
 
 _UNAVAILABLE = (
     OSError,
@@ -1014,11 +1030,23 @@ ORDER BY i.seq DESC LIMIT $4
         )
         return EnqueueResult(result, await self._load_job(conn, pk) if owner else None)
 
-    async def claim_job(self, tenant: str, owner: str, lease_us: int) -> Job | None:
-        return await self._run(self._claim_job, tenant, owner, lease_us)
+    async def claim_job(
+        self, tenant: str, owner: str, lease_us: int, request_id: str
+    ) -> Job | None:
+        return await self._run(self._claim_job, tenant, owner, lease_us, request_id)
 
-    async def _claim_job(self, conn: Conn, tenant: str, owner: str, lease_us: int) -> Job | None:
+    async def _claim_job(
+        self, conn: Conn, tenant: str, owner: str, lease_us: int, request_id: str
+    ) -> Job | None:
         s = self._s
+        first = await conn.fetchval(
+            f"""SELECT c.response_pk FROM {s}.background_claims c
+            JOIN {s}.background_jobs j ON j.response_pk = c.response_pk
+            WHERE c.claim_id = $1 AND j.lease_token = c.lease_token AND NOT j.done""",
+            request_id,
+        )
+        if first is not None:
+            return await self._load_job(conn, first)
         now = base.now_us()
         # One statement: the oldest claimable job, skipping any that a concurrent claim has
         # locked, gets the next token; two claims never get the same job.
@@ -1044,6 +1072,18 @@ ORDER BY i.seq DESC LIMIT $4
         )
         if row is None:
             return None
+        await conn.execute(
+            f"DELETE FROM {s}.background_claims WHERE response_pk = $1", row["response_pk"]
+        )
+        # A concurrent replay of the same claim makes this insert fail (background_claims_id):
+        # the retry then finds that claim.
+        await conn.execute(
+            f"""INSERT INTO {s}.background_claims (claim_id, response_pk, lease_token)
+            VALUES ($1, $2, $3)""",
+            request_id,
+            row["response_pk"],
+            row["lease_token"],
+        )
         return _job(row, await self._last_sequence(conn, row["response_pk"]))
 
     async def renew_lease(

@@ -137,6 +137,16 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (response_pk, seq)
         ) WITHOUT ROWID""",
     ],
+    # 5: the latest claim of each job by its request_id, so that a retried claim gets its job.
+    [
+        """CREATE TABLE IF NOT EXISTS background_claims (
+            claim_id TEXT PRIMARY KEY,
+            response_pk INTEGER NOT NULL REFERENCES responses (pk) ON DELETE CASCADE,
+            lease_token INTEGER NOT NULL
+        )""",
+        """CREATE INDEX IF NOT EXISTS background_claims_response
+            ON background_claims (response_pk)""",
+    ],
 ]
 
 # The live background jobs that are not finished, with their response still running: what
@@ -893,8 +903,10 @@ class SqliteBackend:
         )
         return EnqueueResult(result, _load_job(conn, pk) if owner else None)
 
-    async def claim_job(self, tenant: str, owner: str, lease_us: int) -> Job | None:
-        return await self._write(_claim_job, tenant, owner, lease_us)
+    async def claim_job(
+        self, tenant: str, owner: str, lease_us: int, request_id: str
+    ) -> Job | None:
+        return await self._write(_claim_job, tenant, owner, lease_us, request_id)
 
     async def renew_lease(
         self, tenant: str, response_id: str, lease_token: int, lease_us: int
@@ -1014,12 +1026,30 @@ def _job(conn: sqlite3.Connection, row: Sequence[Any]) -> Job:
     )
 
 
-def _claim_job(conn: sqlite3.Connection, tenant: str, owner: str, lease_us: int) -> Job | None:
+def _claim_job(
+    conn: sqlite3.Connection, tenant: str, owner: str, lease_us: int, request_id: str
+) -> Job | None:
+    first = conn.execute(
+        """SELECT c.response_pk FROM background_claims c
+        JOIN background_jobs j ON j.response_pk = c.response_pk
+        WHERE c.claim_id = ? AND j.lease_token = c.lease_token AND j.done = 0""",
+        (request_id,),
+    ).fetchone()
+    if first is not None:
+        return _load_job(conn, first[0])
     now = base.now_us()
     row = conn.execute(
         CLAIM_SQL, {"tenant": tenant, "owner": owner, "expire": now + lease_us, "now": now}
     ).fetchone()
-    return None if row is None else _job(conn, row)
+    if row is None:
+        return None
+    conn.execute("DELETE FROM background_claims WHERE response_pk = ?", (row[0],))
+    conn.execute(
+        "INSERT OR REPLACE INTO background_claims (claim_id, response_pk, lease_token) "
+        "VALUES (?, ?, ?)",
+        (request_id, row[0], row[4]),
+    )
+    return _job(conn, row)
 
 
 def _renew_lease(

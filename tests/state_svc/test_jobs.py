@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -88,13 +89,20 @@ class Jobs:
             )
         )
 
-    async def claim(self, owner: str = "w", seconds: float = 30, any_tenant: bool = True) -> Any:
+    async def claim(
+        self,
+        owner: str = "w",
+        seconds: float = 30,
+        any_tenant: bool = True,
+        request_id: str = "",
+    ) -> Any:
         reply = await self.stub.ClaimBackgroundResponse(
             pb.ClaimBackgroundResponseRequest(
                 tenant="" if any_tenant else self.tenant,
                 any_tenant=any_tenant,
                 owner=owner,
                 lease_duration=lease(seconds),
+                request_id=request_id or secrets.token_hex(8),
             )
         )
         return reply.job if reply.HasField("job") else None
@@ -390,7 +398,7 @@ async def test_claims_are_scoped_to_a_tenant_and_skip_finished_or_deleted(
     err = await fails(
         a.stub.ClaimBackgroundResponse(
             pb.ClaimBackgroundResponseRequest(
-                tenant="t", any_tenant=True, owner="w", lease_duration=lease(1)
+                tenant="t", any_tenant=True, owner="w", lease_duration=lease(1), request_id="c"
             )
         )
     )
@@ -474,3 +482,25 @@ async def test_watch_wakes_on_an_append_through_another_replica(
     await writer.append("resp_bg", 1, event(0, "response.created"))
     await writer.finish(final("resp_bg"), 1, event(1, "response.completed"))
     assert await asyncio.wait_for(watching, 5) == [0, 1]
+
+
+async def test_a_retried_claim_gets_its_job_again(jobs: Jobs) -> None:
+    await jobs.enqueue(running("resp_1"))
+    await jobs.enqueue(running("resp_2"))
+    first = await jobs.claim("w", request_id="claim-1", seconds=0.3)
+    again = await jobs.claim("w", request_id="claim-1", seconds=0.3)
+    assert (again.response_id, again.lease_token) == (first.response_id, 1)
+    assert again.lease_expire_time == first.lease_expire_time
+    other = await jobs.claim("w", request_id="claim-2")
+    assert other.response_id != first.response_id
+    # Once a later claim took the job, the replay is a claim of its own (nothing left here).
+    await asyncio.sleep(0.4)
+    taken = await jobs.claim("w", request_id="claim-3")
+    assert (taken.response_id, taken.lease_token) == (first.response_id, 2)
+    assert await jobs.claim("w", request_id="claim-1") is None
+    err = await fails(
+        jobs.stub.ClaimBackgroundResponse(
+            pb.ClaimBackgroundResponseRequest(any_tenant=True, owner="w", lease_duration=lease(1))
+        )
+    )
+    assert_error(err, INVALID_ARGUMENT, "INVALID_ARGUMENT", field="request_id")

@@ -1155,6 +1155,7 @@ class ClaimBackgroundResponseRequest(_message.Message):
     ANY_TENANT_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Claims only jobs of this tenant. Required unless any_tenant is set, and then must be empty."""
     any_tenant: _builtins.bool
@@ -1162,6 +1163,10 @@ class ClaimBackgroundResponseRequest(_message.Message):
     owner: _builtins.str
     """Who claims: a name unique to the worker (for example its host and process), recorded as the
     job's owner for operators and for EnqueueBackgroundResponse replays. Required.
+    """
+    request_id: _builtins.str
+    """A caller-chosen id unique to this claim, which makes a retry of it return its job instead of
+    claiming again (see the RPC). Required.
     """
     @_builtins.property
     def lease_duration(self) -> _duration_pb2.Duration:
@@ -1174,10 +1179,11 @@ class ClaimBackgroundResponseRequest(_message.Message):
         any_tenant: _builtins.bool = ...,
         owner: _builtins.str = ...,
         lease_duration: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["any_tenant", b"any_tenant", "lease_duration", b"lease_duration", "owner", b"owner", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["any_tenant", b"any_tenant", "lease_duration", b"lease_duration", "owner", b"owner", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

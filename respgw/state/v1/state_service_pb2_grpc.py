@@ -466,11 +466,13 @@ class StateServiceServicer:
         claimed. With nothing to claim the reply has no job; that is not an error. Each call claims at
         most one job, and concurrent calls through one replica or many never get the same one.
 
-        Not idempotent: a retry claims again (another job, or the same one with a higher token, which
-        makes the first claim's token stale). A caller that lost the answer lets the lease run out.
+        Idempotent on request_id: a replay with the request_id of a claim that got a job returns that
+        job, with the same lease_token and without extending the lease, as long as no later claim
+        took the job and it is not finished; otherwise the replay is a new claim.
 
         Returns INVALID_ARGUMENT (TENANT_REQUIRED) when neither tenant nor any_tenant is set, and
-        INVALID_ARGUMENT when both are, for an empty owner, or a lease_duration that is not positive.
+        INVALID_ARGUMENT when both are, for an empty owner or request_id, or a lease_duration that is
+        not positive.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
