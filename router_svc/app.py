@@ -24,7 +24,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway import gctune, logs, tracing
 from gateway.metrics import LATENCY_BUCKETS
-from router_svc import auth, bootstrap, errors
+from router_svc import auth, background, bootstrap, errors
 from router_svc.config import RouterSettings
 from router_svc.history_cache import HistoryCache
 from router_svc.http import MAX_ID_CHARS, JSONResponse, KeyedLocks, StreamSlots
@@ -275,6 +275,7 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         svc = services or build_services(settings)
         app.state.services = svc
+        background.start_worker(svc)  # runs and takes over background responses
         log.info(
             "router ready",
             extra={

@@ -147,6 +147,44 @@ class RouterSettings:
         "background responses); what is still running then is stored as failed.",
         env="RESPGW_DRAIN_TIMEOUT_S",
     )
+    background_lease_s: float = option(
+        10.0,
+        "Seconds a router's claim on a background response lasts unless renewed (it renews "
+        "every third of that while the model runs). Another router takes over a response whose "
+        "lease ran out, so a crashed router's responses finish elsewhere within about this long "
+        "plus --background-scan-interval-s.",
+        env="RESPGW_BACKGROUND_LEASE_S",
+    )
+    background_scan_interval_s: float = option(
+        2.0,
+        "Mean seconds between a router's looks for background responses to take over (queued, "
+        "or whose lease ran out); each wait is drawn between half and one and a half times this.",
+        env="RESPGW_BACKGROUND_SCAN_INTERVAL_S",
+    )
+    background_max_attempts: int = option(
+        3,
+        "Times a background response is started (the first run and each takeover) before it is "
+        "stored as failed; the model may be called this many times for one response.",
+        env="RESPGW_BACKGROUND_MAX_ATTEMPTS",
+    )
+    background_max_running: int = option(
+        64,
+        "Most background responses one router takes over to run at once (the ones it accepted "
+        "itself always run).",
+        env="RESPGW_BACKGROUND_MAX_RUNNING",
+    )
+    background_max_pending_per_tenant: int = option(
+        1000,
+        "Most background responses of one tenant that may be queued or running at once; past "
+        "it, new ones are refused with 429. 0 means no cap.",
+        env="RESPGW_BACKGROUND_MAX_PENDING_PER_TENANT",
+    )
+    background_max_pending: int = option(
+        10000,
+        "Most background responses of all tenants that may be queued or running at once; past "
+        "it, new ones are refused with 429. 0 means no cap.",
+        env="RESPGW_BACKGROUND_MAX_PENDING",
+    )
     otel_endpoint: str = option(
         "",
         "OTLP/gRPC endpoint that receives OpenTelemetry traces (e.g. http://otel-collector:4317); "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router_svc.auth import Authenticator
 from router_svc.bootstrap import Bootstrapper
@@ -13,6 +13,9 @@ from router_svc.config import RouterSettings
 from router_svc.history_cache import HistoryCache
 from router_svc.hub import HubClient
 from router_svc.state_client import StateClient
+
+if TYPE_CHECKING:
+    from router_svc.background import Worker
 
 
 @dataclass
@@ -31,6 +34,9 @@ class Services:
     # Background responses running in this process, by (tenant, response id), so that a cancel
     # that reaches this replica stops the hub call at once.
     running: dict[tuple[str, str], asyncio.Task[Any]] = field(default_factory=dict)
+    # Runs background responses and takes over those of other routers (router_svc.background),
+    # started by the app's lifespan.
+    worker: Worker | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -53,6 +59,15 @@ class Services:
     async def drain(self, timeout_s: float) -> None:
         """Waits up to ``timeout_s`` for the turns still running, then cancels the rest (a
         background response among them is stored as failed, not left in progress)."""
+        if self.worker is not None:
+            self.worker.stop_scanning()  # take over nothing more
+        try:
+            await self._drain(timeout_s)
+        finally:
+            if self.worker is not None:
+                await self.worker.close()
+
+    async def _drain(self, timeout_s: float) -> None:
         if self.background:
             await asyncio.wait(set(self.background), timeout=timeout_s)
         left = set(self.background)

@@ -502,37 +502,12 @@ def snapshot(turn: Turn, status: str, **fields: Any) -> dict[str, Any]:
 
 
 async def start_background(svc: Services, turn: Turn) -> dict[str, Any]:
-    """Stores the turn as running (status queued), runs it in a task of its own and returns the
-    queued response at once. The final turn replaces the running one when the hub has answered;
-    a failure is stored as a failed response; a cancel stores a cancelled one."""
-    queued = snapshot(turn, "queued")
-    await store(svc, turn, queued, in_progress=True)
-    svc.spawn_cancellable((turn.tenant, turn.response_id), _run_background(svc, turn))
-    return queued
+    """Stores the turn as a queued background response and runs it (router_svc.background:
+    a durable job held by a lease, taken over by another router if this one dies); returns the
+    queued response at once."""
+    from router_svc import background  # imports this module
 
-
-async def _run_background(svc: Services, turn: Turn) -> None:
-    try:
-        await store(svc, turn, snapshot(turn, "in_progress"), in_progress=True)
-        try:
-            response = await answer(svc, turn)
-        except errors.ApiError as exc:
-            error = translate.error_object(exc.code or "server_error", exc.message)
-            response = snapshot(turn, "failed", error=error)
-        await store(svc, turn, response)
-    except asyncio.CancelledError:
-        # Cancelled by a cancel request (which stores the cancelled response itself), or by a
-        # router that is stopping (which must not leave the response in progress forever).
-        if svc.shutting_down:
-            await _store_failed(svc, turn, _shut_down(turn))
-        raise
-    except errors.Conflict:
-        log.info("background response finished after it was cancelled; its result is dropped")
-    except errors.ApiError as exc:
-        log.error(
-            "background response could not be stored",
-            extra={"response_id": turn.response_id, "code": exc.code, "detail": exc.message},
-        )
+    return await background.start(svc, turn)
 
 
 _END = object()

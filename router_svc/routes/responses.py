@@ -11,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import errors, stream, turn, validate
+from respgw.state.v1 import state_service_pb2
+from router_svc import background, errors, stream, turn, validate
 from router_svc.http import (
     JSONResponse,
     Releasing,
@@ -88,11 +88,10 @@ async def _create(
         return Response(t.json_of(answer), media_type="application/json", headers=t.headers())
     t = await turn.begin(svc, req, tenant=who, ident=ident, headers=request.headers)
     if req.background and not req.stream:
-        return JSONResponse(await turn.start_background(svc, t), headers=t.headers())
+        return JSONResponse(await background.start(svc, t), headers=t.headers())
     if req.background:
-        # Retrievable (as queued) from the start; the stream's end replaces it.
-        await turn.store(svc, t, turn.snapshot(t, "queued"), in_progress=True)
-        return _sse(await turn.open_stream(svc, t), t.headers())
+        # A durable job: retrievable (as queued) from the start, streamed from its event log.
+        return _sse(await background.open_stream(svc, t), t.headers())
     if req.stream:
         return _sse(await turn.open_stream(svc, t), t.headers())
     answered = await turn.complete(svc, t)
@@ -141,10 +140,13 @@ async def _stored(request: Request) -> tuple[str, str, state_service_pb2.GetResp
 
 
 async def get_response(request: Request) -> Response:
-    _, _, reply = await _stored(request)
+    who, response_id, reply = await _stored(request)
     response: dict[str, Any] = orjson.loads(reply.response.response_json)
     if request.query_params.get("stream", "false").lower() == "true":
         after = query_int(request, "starting_after", -1)
+        if reply.response.in_progress:
+            # Its events as they reach its log, whichever router runs it.
+            return _sse(background.follow(services(request), who, response_id, after))
         live = reply.response.stream_events_json
         return _sse(_replay(response, after, orjson.loads(live) if live else None))
     return JSONResponse(response)
@@ -185,7 +187,7 @@ async def list_input_items(request: Request) -> Response:
 
 async def cancel_response(request: Request) -> Response:
     svc = services(request)
-    who, response_id, reply = await _stored(request)
+    who, _, reply = await _stored(request)
     stored = reply.response
     response: dict[str, Any] = orjson.loads(stored.response_json)
     if not response.get("background"):
@@ -196,30 +198,7 @@ async def cancel_response(request: Request) -> Response:
         )
     if not stored.in_progress:
         return JSONResponse(response)  # finished already: cancelling changes nothing
-    task = svc.running.get((who, response_id))
-    if task is not None:
-        task.cancel()
-    cancelled = {**response, "status": "cancelled", "completed_at": None}
-    final = resources_pb2.StoredResponse()
-    final.CopyFrom(stored)
-    final.ClearField("create_time")
-    final.ClearField("expire_time")
-    del final.output_items[:]
-    final.response_json = orjson.dumps(cancelled)
-    final.stream_events_json = b""
-    final.in_progress = False
-    try:
-        await svc.state.call(
-            "PutTurn",
-            state_service_pb2.PutTurnRequest(tenant=who, response=final),
-            not_found=lambda err: errors.response_not_found(response_id),
-        )
-    except errors.Conflict:
-        # It finished (on another replica) before the cancel landed: that result stands.
-        _, _, reply = await _stored(request)
-        finished: dict[str, Any] = orjson.loads(reply.response.response_json)
-        return JSONResponse(finished)
-    return JSONResponse(cancelled)
+    return JSONResponse(await background.cancel(svc, who, stored))
 
 
 routes = [

@@ -122,3 +122,81 @@ def test_a_router_that_stops_stores_its_unfinished_background_responses_as_faile
         assert stored.error is not None and "stopped" in stored.error.message
     finally:
         second.stop()
+
+
+def test_past_the_cap_a_background_response_is_a_429(hub: FakeHub) -> None:
+    s = Stack(hub.url, router={"background_max_pending_per_tenant": 2}).start()
+    try:
+        client = s.client()
+        hub.enqueue(*(Reply(text="slow", delay_s=1.5) for _ in range(3)))
+        first = [client.responses.create(model="m", input="q", background=True) for _ in range(2)]
+        with pytest.raises(openai.RateLimitError) as info:
+            client.responses.create(model="m", input="one too many", background=True)
+        body = info.value.body
+        assert isinstance(body, dict)
+        assert set(body) == {"message", "type", "param", "code"}
+        assert body["code"] == "rate_limit_exceeded"
+        # Foreground turns are not counted; a finished background response makes room.
+        assert client.responses.create(model="m", input="now").status == "completed"
+        client.responses.cancel(first[0].id)
+        assert client.responses.create(model="m", input="q", background=True).status == "queued"
+    finally:
+        s.stop()
+
+
+def test_background_options_are_accepted(stack: Stack, hub: FakeHub) -> None:
+    client = stack.client()
+    started = client.responses.create(
+        model="m",
+        input="with options",
+        background=True,
+        extra_body={"background_options": {"completion_window": "2h", "continuation_id": "c1"}},
+    )
+    assert wait_for(client, started.id, until={"completed"}).output_text == "echo: with options"
+
+
+def test_a_running_response_streams_live_to_its_end_and_then_replays_the_same(
+    stack: Stack, hub: FakeHub
+) -> None:
+    client = stack.client()
+    hub.enqueue(Reply(text="one two three four five", chunk_delay_s=0.1))
+    started = client.responses.create(model="m", input="live", background=True)
+    with client.responses.retrieve(started.id, stream=True) as events:
+        live = [e.model_dump() for e in events]
+    assert live[0]["type"] == "response.created"
+    assert live[-1]["type"] == "response.completed"
+    assert [e["sequence_number"] for e in live] == list(range(len(live)))
+    assert [e["delta"] for e in live if e["type"] == "response.output_text.delta"] == [
+        "one", " two", " three", " four", " five",
+    ]  # fmt: skip
+    with client.responses.retrieve(started.id, stream=True, starting_after=3) as events:
+        assert [e.model_dump() for e in events] == live[4:]
+
+
+def test_a_hub_failure_ends_the_live_stream_with_response_failed(
+    stack: Stack, hub: FakeHub
+) -> None:
+    client = stack.client()
+    hub.enqueue(Reply(text="one two three four", chunk_delay_s=0.1, break_after_chunks=2))
+    started = client.responses.create(model="m", input="doomed", background=True)
+    with client.responses.retrieve(started.id, stream=True) as events:
+        kinds = [e.type for e in events]
+    assert kinds[-2:] == ["error", "response.failed"]
+    assert client.responses.retrieve(started.id).status == "failed"
+
+
+def test_a_cancel_ends_the_posted_stream_with_response_cancelled(
+    stack: Stack, hub: FakeHub
+) -> None:
+    client = stack.client()
+    hub.enqueue(Reply(text="a b c d e f g h i j k l m n o p", chunk_delay_s=0.1))
+    seen = []
+    with client.responses.create(model="m", input="cancel me", background=True, stream=True) as s:
+        for event in s:
+            seen.append(event.model_dump())
+            if len(seen) == 4:
+                assert client.responses.cancel(seen[0]["response"]["id"]).status == "cancelled"
+    assert seen[-1]["type"] == "response.cancelled"
+    assert [e["sequence_number"] for e in seen] == list(range(len(seen)))
+    stored = client.responses.retrieve(seen[0]["response"]["id"])
+    assert stored.status == "cancelled"
