@@ -13,7 +13,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -54,6 +54,9 @@ class Reply:
     send_finish_reason: bool = True
     send_done: bool = True
     send_terminal: bool = True
+    # A chat answer made from the last tool message of the request: "{tool}" is replaced by its
+    # content (what a model does with a tool's output).
+    text_from_tool: str | None = None
     # Sent as the whole (non-streamed) answer instead of a well-formed one: JSON of the wrong
     # shape, for instance.
     raw_body: bytes | None = None
@@ -178,6 +181,16 @@ class FakeHub:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
         reply = self._next(body, request)
+        if reply.text_from_tool is not None:
+            tool = next(
+                (
+                    text_of(m)
+                    for m in reversed(body.get("messages") or [])
+                    if m.get("role") == "tool"
+                ),
+                "",
+            )
+            reply = replace(reply, text=reply.text_from_tool.replace("{tool}", tool))
         failed = await self._fail(reply)
         if failed is not None:
             return failed

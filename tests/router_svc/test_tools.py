@@ -1,0 +1,386 @@
+"""The tool loop (router_svc.tools) against the real reference bootstrap and execution service and
+the fake hub, with and without streaming, before any route is involved."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+import pytest
+
+from bootstrap_svc import server as bootstrap_server
+from bootstrap_svc.config import BootstrapSettings
+from router_svc import bootstrap, execution, tools, validate
+from router_svc.config import RouterSettings
+from router_svc.hub import HubClient
+from router_svc.turn import Turn
+from tests.fakehub import FakeHub, Reply
+
+pytestmark = pytest.mark.timeout(60)
+CI = {"type": "code_interpreter", "container": {"type": "auto"}}
+# A 1x1 PNG.
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+
+
+def python_call(code: str, call_id: str = "call_1") -> dict[str, Any]:
+    return {"id": call_id, "name": "python", "arguments": orjson.dumps({"code": code}).decode()}
+
+
+def shell_call(commands: list[str], call_id: str = "call_sh") -> dict[str, Any]:
+    return {
+        "id": call_id,
+        "name": "shell",
+        "arguments": orjson.dumps({"commands": commands}).decode(),
+    }
+
+
+@dataclass
+class Env:
+    svc: Any
+    bootstrapper: bootstrap.GrpcBootstrapper
+    hub: FakeHub
+
+    async def turn(
+        self, body: dict[str, Any], history: list[dict[str, Any]] | None = None, **ids: str
+    ) -> Turn:
+        req = validate.parse_turn_request({"model": "m", **body}, hub_api="chat")
+        response_id = f"resp_{time.monotonic_ns()}"
+        prepared = await self.bootstrapper.prepare(
+            request_id=response_id,
+            tenant="acme",
+            tools=bootstrap.stateful_tools(req.tools),
+            response_id=response_id,
+            conversation_id=ids.get("conversation_id", ""),
+            previous_response_id=ids.get("previous_response_id", ""),
+            headers={},
+            metadata={},
+        )
+        return Turn(
+            req=req,
+            tenant="acme",
+            response_id=response_id,
+            created_at=int(time.time()),
+            history=history or [],
+            prepared=prepared,
+            conversation_version=None,
+            idempotency_key="",
+        )
+
+
+@pytest.fixture
+async def env(hub: FakeHub, tmp_path: Path) -> AsyncIterator[Env]:
+    running = await bootstrap_server.start(
+        replace(
+            BootstrapSettings(),
+            listen="127.0.0.1:0",
+            workdir=str(tmp_path / "sessions"),
+            metrics_port=0,
+            call_timeout_s=2.0,
+            call_cpu_s=2,
+        )
+    )
+    address = f"127.0.0.1:{running.port}"
+    bootstrapper = bootstrap.GrpcBootstrapper(address, 10.0)
+    executor = execution.GrpcExecutor(address)
+    hub_client = HubClient(hub.url)
+    svc = SimpleNamespace(
+        settings=replace(RouterSettings(), hub_url=hub.url, bootstrap_address=address),
+        hub=hub_client,
+        executor=executor,
+    )
+    try:
+        yield Env(svc, bootstrapper, hub)
+    finally:
+        await hub_client.close()
+        await executor.close()
+        await bootstrapper.close()
+        await running.stop()
+
+
+async def streamed(env: Env, turn: Turn) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    loop = tools.StreamLoop(env.svc, turn)
+    events = loop.start()
+    async for chunk in loop.rounds():
+        events += loop.feed(chunk)
+    events += loop.finish()
+    return events, loop.response
+
+
+# -- code_interpreter, whole answers -------------------------------------------------------------
+
+
+async def test_a_python_call_runs_and_its_output_reaches_the_model(env: Env) -> None:
+    env.hub.enqueue(
+        Reply(tool_calls=[python_call("x = 6 * 7\nprint(x)")], finish_reason="tool_calls"),
+        Reply(text_from_tool="The answer is {tool}."),
+    )
+    turn = await env.turn({"input": "Compute 6*7", "tools": [CI]})
+    assert tools.runs_tools(env.svc, turn)
+    response = await tools.answer(env.svc, turn)
+    call, message = response["output"]
+    container = turn.prepared.tools["code_interpreter"].resource_id
+    assert call["type"] == "code_interpreter_call" and call["status"] == "completed"
+    assert call["code"] == "x = 6 * 7\nprint(x)" and call["container_id"] == container
+    assert call["outputs"] is None  # not asked for with include
+    assert message["content"][0]["text"] == "The answer is 42."
+    assert response["status"] == "completed" and response["tools"][0]["container"] == container
+    assert response["usage"]["input_tokens"] == 22 and response["usage"]["total_tokens"] == 36
+    first, second = env.hub.chat_requests()
+    assert [t["function"]["name"] for t in first["tools"]] == ["python"]
+    assert second["messages"][-2]["tool_calls"][0]["function"]["name"] == "python"
+    assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_1", "content": "42"}
+
+
+async def test_outputs_logs_images_and_file_citations(env: Env) -> None:
+    code = (
+        "import base64\n"
+        f"open('chart.png', 'wb').write(base64.b64decode({PNG!r}))\n"
+        "open('report.csv', 'w').write('a,b\\n1,2\\n')\n"
+        "print('written')"
+    )
+    env.hub.enqueue(
+        Reply(tool_calls=[python_call(code)], finish_reason="tool_calls"),
+        Reply(text="See report.csv and the chart in /mnt/data/chart.png."),
+    )
+    turn = await env.turn(
+        {"input": "x", "tools": [CI], "include": ["code_interpreter_call.outputs"]}
+    )
+    response = await tools.answer(env.svc, turn)
+    call, message = response["output"]
+    logs, image = call["outputs"]
+    assert logs == {"type": "logs", "logs": "written"}
+    assert image["type"] == "image" and image["url"] == f"data:image/png;base64,{PNG}"
+    text = message["content"][0]["text"]
+    cited = message["content"][0]["annotations"]
+    assert [(a["filename"], text[a["start_index"] : a["end_index"]]) for a in cited] == [
+        ("report.csv", "report.csv"),
+        ("chart.png", "/mnt/data/chart.png"),
+    ]
+    assert all(a["type"] == "container_file_citation" for a in cited)
+    assert all(a["container_id"] == call["container_id"] for a in cited)
+    assert all(a["file_id"].startswith("cfile_") for a in cited)
+    tool_message = env.hub.chat_requests()[1]["messages"][-1]["content"]
+    assert "written" in tool_message and "/mnt/data/report.csv" in tool_message
+
+
+async def test_a_timeout_is_the_calls_output_and_the_model_answers(env: Env) -> None:
+    env.hub.enqueue(
+        Reply(tool_calls=[python_call("while True:\n    pass")], finish_reason="tool_calls"),
+        Reply(text_from_tool="Sorry: {tool}"),
+    )
+    response = await tools.answer(env.svc, await env.turn({"input": "loop", "tools": [CI]}))
+    call, message = response["output"]
+    assert call["status"] == "failed"
+    assert "stopped" in message["content"][0]["text"]
+    assert response["status"] == "completed"
+
+
+async def test_max_tool_calls_and_the_round_cap(env: Env) -> None:
+    env.hub.enqueue(
+        Reply(
+            tool_calls=[python_call("1", "call_a"), python_call("2", "call_b")],
+            finish_reason="tool_calls",
+        ),
+        Reply(text="done"),
+    )
+    response = await tools.answer(
+        env.svc, await env.turn({"input": "x", "tools": [CI], "max_tool_calls": 1})
+    )
+    first, second, message = response["output"]
+    assert (first["status"], second["status"]) == ("completed", "incomplete")
+    assert message["content"][0]["text"] == "done"
+    answers = env.hub.chat_requests()[1]["messages"][-2:]
+    assert answers[0]["content"] == "1" and answers[1]["content"] == "(not run)"
+    # The next call is made without the tools: max_tool_calls is spent.
+    assert "tools" not in env.hub.chat_requests()[1]
+
+    env.hub.reset()
+    env.svc.settings = SimpleNamespace(**{**vars(env.svc.settings), "tool_max_rounds": 2})
+    env.hub.enqueue(
+        Reply(tool_calls=[python_call("1")], finish_reason="tool_calls"),
+        Reply(tool_calls=[python_call("2", "call_2")], finish_reason="tool_calls"),
+    )
+    response = await tools.answer(env.svc, await env.turn({"input": "x", "tools": [CI]}))
+    assert [i["status"] for i in response["output"]] == ["completed", "incomplete"]
+    assert len(env.hub.chat_requests()) == 2 and "tools" not in env.hub.chat_requests()[1]
+
+
+async def test_a_callers_function_call_ends_the_loop(env: Env) -> None:
+    weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    env.hub.enqueue(
+        Reply(
+            tool_calls=[
+                python_call("3 * 3"),
+                {"id": "call_w", "name": "get_weather", "arguments": "{}"},
+            ],
+            finish_reason="tool_calls",
+        )
+    )
+    response = await tools.answer(env.svc, await env.turn({"input": "x", "tools": [weather, CI]}))
+    assert [i["type"] for i in response["output"]] == ["code_interpreter_call", "function_call"]
+    assert response["output"][1]["name"] == "get_weather"
+    assert len(env.hub.chat_requests()) == 1
+    names = [t["function"]["name"] for t in env.hub.chat_requests()[0]["tools"]]
+    assert names == ["get_weather", "python"]
+
+
+async def test_a_callers_tool_named_python_keeps_its_name(env: Env) -> None:
+    own = {"type": "function", "name": "python", "parameters": {"type": "object"}}
+    env.hub.enqueue(Reply(text="no call"))
+    await tools.answer(env.svc, await env.turn({"input": "x", "tools": [own, CI]}))
+    names = [t["function"]["name"] for t in env.hub.chat_requests()[0]["tools"]]
+    assert names == ["python", "python_tool"]
+
+
+async def test_a_stored_call_is_replayed_as_the_call_and_output_it_was(env: Env) -> None:
+    env.hub.enqueue(
+        Reply(tool_calls=[python_call("y = 5\ny")], finish_reason="tool_calls"),
+        Reply(text="five"),
+    )
+    first = await env.turn(
+        {"input": "first", "tools": [CI], "include": ["code_interpreter_call.outputs"]}
+    )
+    one = await tools.answer(env.svc, first)
+    history = [*first.req.input_items, *one["output"]]
+    env.hub.reset()
+    env.hub.enqueue(
+        Reply(tool_calls=[python_call("y * 2", "call_2")], finish_reason="tool_calls"),
+        Reply(text_from_tool="{tool}"),
+    )
+    second = await env.turn(
+        {"input": "again", "tools": [CI]}, history, previous_response_id=first.response_id
+    )
+    two = await tools.answer(env.svc, second)
+    # The same interpreter: y survived from the first turn.
+    assert two["output"][-1]["content"][0]["text"] == "10"
+    messages = env.hub.chat_requests()[0]["messages"]
+    roles = [m["role"] for m in messages]
+    assert roles[:4] == ["user", "assistant", "tool", "assistant"]
+    call = messages[1]["tool_calls"][0]
+    assert call["function"] == {"name": "python", "arguments": '{"code":"y = 5\\ny"}'}
+    assert messages[2] == {"role": "tool", "tool_call_id": call["id"], "content": "5"}
+
+
+# -- shell -------------------------------------------------------------------------------------
+
+
+async def test_a_shell_call_runs_each_command(env: Env) -> None:
+    env.hub.enqueue(
+        Reply(
+            tool_calls=[shell_call(["echo hi > f.txt; cat f.txt", "exit 3"])],
+            finish_reason="tool_calls",
+        ),
+        Reply(text_from_tool="{tool}"),
+    )
+    response = await tools.answer(
+        env.svc, await env.turn({"input": "x", "tools": [{"type": "shell"}]})
+    )
+    call, output, message = response["output"]
+    session = response["tools"][0]["environment"]["container_id"]
+    assert call["type"] == "shell_call" and call["status"] == "completed"
+    assert call["action"]["commands"] == ["echo hi > f.txt; cat f.txt", "exit 3"]
+    assert call["environment"] == {"type": "container_reference", "container_id": session}
+    assert output["type"] == "shell_call_output" and output["call_id"] == call["call_id"]
+    assert output["output"] == [
+        {"stdout": "hi\n", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}},
+        {"stdout": "", "stderr": "", "outcome": {"type": "exit", "exit_code": 3}},
+    ]
+    assert (
+        message["content"][0]["text"]
+        == "$ echo hi > f.txt; cat f.txt\nhi\n[exit code 0]\n$ exit 3\n[exit code 3]\n[files written: /mnt/data/f.txt]"
+    )
+
+
+# -- streaming ---------------------------------------------------------------------------------
+
+
+async def test_a_streamed_python_call_has_the_sdks_events(env: Env) -> None:
+    env.hub.enqueue(
+        Reply(tool_calls=[python_call("x = 6 * 7\nprint(x)")], finish_reason="tool_calls"),
+        Reply(text_from_tool="The answer is {tool}."),
+    )
+    events, response = await streamed(env, await env.turn({"input": "x", "tools": [CI]}))
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    kinds = [e["type"] for e in events]
+    start = kinds.index("response.output_item.added")
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[start + 1] == "response.code_interpreter_call.in_progress"
+    deltas = [
+        e["delta"] for e in events if e["type"] == "response.code_interpreter_call_code.delta"
+    ]
+    assert "".join(deltas) == "x = 6 * 7\nprint(x)"
+    order = [
+        "response.code_interpreter_call_code.done",
+        "response.code_interpreter_call.interpreting",
+        "response.code_interpreter_call.completed",
+        "response.output_item.done",
+    ]
+    positions = [kinds.index(k, start) for k in order]
+    assert positions == sorted(positions)
+    assert kinds[-1] == "response.completed"
+    assert [e["output_index"] for e in events if e["type"] == "response.output_item.added"] == [
+        0,
+        1,
+    ]
+    final = events[-1]["response"]
+    assert final is response
+    assert [i["type"] for i in final["output"]] == ["code_interpreter_call", "message"]
+    assert final["output"][1]["content"][0]["text"] == "The answer is 42."
+    done = [e for e in events if e["type"] == "response.output_item.done"]
+    assert (
+        done[0]["item"]["status"] == "completed"
+        and done[0]["item"]["code"] == "x = 6 * 7\nprint(x)"
+    )
+
+
+async def test_a_streamed_shell_call_streams_its_output(env: Env) -> None:
+    env.hub.enqueue(
+        Reply(
+            tool_calls=[shell_call(["printf one", "printf two >&2; exit 4"])],
+            finish_reason="tool_calls",
+        ),
+        Reply(text="ok"),
+    )
+    events, response = await streamed(
+        env, await env.turn({"input": "x", "tools": [{"type": "shell"}]})
+    )
+    kinds = [e["type"] for e in events]
+    commands = [e for e in events if e["type"] == "response.shell_call_command.done"]
+    assert [c["command"] for c in commands] == ["printf one", "printf two >&2; exit 4"]
+    deltas = [e["delta"] for e in events if e["type"] == "response.shell_call_output_content.delta"]
+    assert {"stdout": "one"} in deltas and {"stderr": "two"} in deltas
+    done = [e for e in events if e["type"] == "response.shell_call_output_content.done"]
+    assert [d["output"][0]["outcome"] for d in done] == [
+        {"type": "exit", "exit_code": 0},
+        {"type": "exit", "exit_code": 4},
+    ]
+    assert kinds[-1] == "response.completed"
+    assert [i["type"] for i in response["output"]] == ["shell_call", "shell_call_output", "message"]
+    added = [e["output_index"] for e in events if e["type"] == "response.output_item.added"]
+    assert added == [0, 1, 2]
+
+
+async def test_a_streamed_answer_cites_the_files_it_names(env: Env) -> None:
+    env.hub.enqueue(
+        Reply(
+            tool_calls=[python_call("open('out.txt', 'w').write('x')")], finish_reason="tool_calls"
+        ),
+        Reply(text="Saved to out.txt for you"),
+    )
+    events, response = await streamed(env, await env.turn({"input": "x", "tools": [CI]}))
+    added = [e for e in events if e["type"] == "response.output_text.annotation.added"]
+    assert len(added) == 1 and added[0]["annotation"]["filename"] == "out.txt"
+    kinds = [e["type"] for e in events]
+    assert kinds.index("response.output_text.annotation.added") < kinds.index(
+        "response.output_text.done"
+    )
+    part_done = next(e for e in events if e["type"] == "response.content_part.done")
+    assert part_done["part"]["annotations"] == [added[0]["annotation"]]
+    text_part = response["output"][1]["content"][0]
+    assert text_part["annotations"] == [added[0]["annotation"]]
+    assert text_part["text"][9:16] == "out.txt"
