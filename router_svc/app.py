@@ -24,7 +24,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway import gctune, logs, tracing
 from gateway.metrics import LATENCY_BUCKETS
-from router_svc import auth, background, bootstrap, errors
+from router_svc import auth, background, bootstrap, errors, execution
 from router_svc.config import RouterSettings
 from router_svc.history_cache import HistoryCache
 from router_svc.http import MAX_ID_CHARS, JSONResponse, KeyedLocks, StreamSlots
@@ -87,6 +87,7 @@ def build_services(settings: RouterSettings) -> Services:
             connect_timeout_s=settings.hub_connect_timeout_s,
         ),
         bootstrapper=bootstrap.make_bootstrapper(settings),
+        executor=execution.make_executor(settings.bootstrap_address, settings.bootstrap_timeout_s),
         auth=auth.Authenticator(auth.parse_api_keys(settings.api_keys)),
         history_cache=(
             HistoryCache(settings.history_cache_mb * 1024 * 1024)
@@ -291,6 +292,8 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
             await svc.hub.close()
             await svc.state.close()
             await svc.bootstrapper.close()
+            if svc.executor is not None:
+                await svc.executor.close()
 
     handlers: dict[Any, Any] = {
         errors.ApiError: api_error,

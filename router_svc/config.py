@@ -73,6 +73,18 @@ class RouterSettings:
     bootstrap_timeout_s: float = option(
         10.0, "Deadline of each bootstrap call, in seconds.", env="RESPGW_BOOTSTRAP_TIMEOUT_S"
     )
+    tool_max_rounds: int = option(
+        8,
+        "Most hub calls of one turn whose code_interpreter or shell calls the router runs (the "
+        "tool loop); the last one is made without those tools, so the model answers.",
+        env="RESPGW_TOOL_MAX_ROUNDS",
+    )
+    tool_output_chars: int = option(
+        16000,
+        "Most characters of a code_interpreter or shell call's output the model reads back (the "
+        "middle of a longer output is left out).",
+        env="RESPGW_TOOL_OUTPUT_CHARS",
+    )
     bootstrap_headers: str = option(
         "",
         "Comma-separated request headers forwarded to the bootstrap service (never authorization).",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from router_svc.auth import Authenticator
 from router_svc.bootstrap import Bootstrapper
 from router_svc.config import RouterSettings
+from router_svc.execution import GrpcExecutor
 from router_svc.history_cache import HistoryCache
 from router_svc.hub import HubClient
 from router_svc.state_client import StateClient
@@ -25,6 +26,9 @@ class Services:
     hub: HubClient
     bootstrapper: Bootstrapper
     auth: Authenticator
+    # The ExecutionService beside the bootstrap service (None without one): the tool loop and the
+    # Containers API use it.
+    executor: GrpcExecutor | None = None
     # Histories of the chains this router stored turns on (None: every chained turn reads its
     # history with GetHistory).
     history_cache: HistoryCache | None = None

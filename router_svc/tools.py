@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from router_svc import execution, stream, translate
+from router_svc import errors, execution, stream, translate
 from router_svc.ids import new_id
 
 if TYPE_CHECKING:
@@ -52,8 +52,6 @@ CODE_INTERPRETER = "code_interpreter"
 SHELL = "shell"
 STATEFUL = (CODE_INTERPRETER, SHELL)
 OUTPUTS_INCLUDE = "code_interpreter_call.outputs"
-DEFAULT_MAX_ROUNDS = 8
-DEFAULT_OUTPUT_CHARS = 16_000
 # Images a call wrote are shown in ``outputs`` as data URLs up to this size.
 IMAGE_BYTES = 1024 * 1024
 # The item types of stateful tool calls a history may hold.
@@ -98,25 +96,21 @@ SHELL_PARAMETERS: Mapping[str, Any] = {
 
 @dataclass(frozen=True)
 class LoopSettings:
-    max_rounds: int = DEFAULT_MAX_ROUNDS
-    output_chars: int = DEFAULT_OUTPUT_CHARS
+    max_rounds: int
+    output_chars: int
 
 
 def loop_settings(svc: Services) -> LoopSettings:
-    """The loop's settings (``--tool-max-rounds``, ``--tool-output-chars``), with their defaults
-    when the router's settings do not have them."""
+    """The loop's settings (``--tool-max-rounds``, ``--tool-output-chars``)."""
     return LoopSettings(
-        max_rounds=max(1, int(getattr(svc.settings, "tool_max_rounds", DEFAULT_MAX_ROUNDS))),
-        output_chars=max(
-            1000, int(getattr(svc.settings, "tool_output_chars", DEFAULT_OUTPUT_CHARS))
-        ),
+        max_rounds=max(1, svc.settings.tool_max_rounds),
+        output_chars=max(1000, svc.settings.tool_output_chars),
     )
 
 
 def executor_of(svc: Services) -> execution.GrpcExecutor | None:
     """The router's execution client, if it has one."""
-    found = getattr(svc, "executor", None)
-    return found if isinstance(found, execution.GrpcExecutor) else None
+    return svc.executor
 
 
 def runs_tools(svc: Services, turn: Turn) -> bool:
@@ -732,9 +726,16 @@ async def answer(svc: Services, turn: Turn) -> dict[str, Any]:
     status, details = "completed", None
     for round_no in range(loop.settings.max_rounds):
         completion = await svc.hub.post("/chat/completions", loop.body(round_no))
-        answered = translate.from_chat_completion(
-            turn.req, completion, response_id=turn.response_id, created_at=turn.created_at
-        )
+        try:
+            answered = translate.from_chat_completion(
+                turn.req, completion, response_id=turn.response_id, created_at=turn.created_at
+            )
+        except (TypeError, KeyError, AttributeError, IndexError, ValueError) as exc:
+            # JSON of the wrong shape from the hub (a field of the wrong type) is the hub's fault.
+            raise errors.UpstreamError(
+                "The model server's answer has fields of the wrong type.",
+                code="upstream_malformed_response",
+            ) from exc
         loop.add_usage(answered.get("usage"))
         status, details = answered["status"], answered.get("incomplete_details")
         tool_messages: list[dict[str, Any]] = []

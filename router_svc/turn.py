@@ -33,7 +33,7 @@ import orjson
 
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import bootstrap, errors, stream, translate, validate
+from router_svc import bootstrap, errors, stream, tools, translate, validate
 from router_svc.history_cache import Chain, HistoryCache
 from router_svc.http import shown_id, valid_id
 from router_svc.ids import new_id
@@ -455,6 +455,8 @@ async def complete(svc: Services, turn: Turn) -> dict[str, Any]:
 
 async def answer(svc: Services, turn: Turn) -> dict[str, Any]:
     """Step 4 without streaming: the hub's answer as a Response object."""
+    if tools.runs_tools(svc, turn):
+        return await tools.answer(svc, turn)  # code_interpreter and shell run in a tool loop
     path, body = turn.upstream(svc.settings.hub_api, stream=False)
     upstream = await svc.hub.post(path, body)
     try:
@@ -537,7 +539,9 @@ async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
 
 def _translator(
     svc: Services, turn: Turn
-) -> stream.ChatStreamTranslator | stream.ResponsesStreamTranslator:
+) -> stream.ChatStreamTranslator | stream.ResponsesStreamTranslator | tools.StreamLoop:
+    if tools.runs_tools(svc, turn):
+        return tools.StreamLoop(svc, turn)  # code_interpreter and shell run in a tool loop
     kind = (
         stream.ResponsesStreamTranslator
         if svc.settings.hub_api == "responses"
@@ -632,7 +636,7 @@ class _Outcome:
 async def _pump(
     svc: Services,
     turn: Turn,
-    translator: stream.ChatStreamTranslator | stream.ResponsesStreamTranslator,
+    translator: stream.ChatStreamTranslator | stream.ResponsesStreamTranslator | tools.StreamLoop,
     queue: asyncio.Queue[object],
     *,
     buffered: bool = False,
@@ -653,8 +657,11 @@ async def _pump(
     chunks: AsyncIterator[dict[str, Any]] | None = None
     try:
         # Inside the try: a request the translation refuses ends the stream like a hub failure.
-        path, body = turn.upstream(svc.settings.hub_api, stream=True)
-        chunks = svc.hub.stream(path, body)
+        if isinstance(translator, tools.StreamLoop):
+            chunks = translator.rounds()  # each hub call of the loop, and the calls it runs
+        else:
+            path, body = turn.upstream(svc.settings.hub_api, stream=True)
+            chunks = svc.hub.stream(path, body)
         async for chunk in chunks:
             push(translator.feed(chunk))
         push(translator.finish())
