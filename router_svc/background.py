@@ -31,7 +31,6 @@ Nothing here runs on the path of a foreground turn.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import json
@@ -41,8 +40,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -54,7 +52,7 @@ from gateway import grpcerrors
 from gateway.grpcserver import channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
-from router_svc import bootstrap, errors, stream, turn, validate
+from router_svc import bootstrap, errors, stream, translate, turn, validate
 from router_svc.services import Services
 from router_svc.state_client import CallFailed
 
@@ -194,12 +192,13 @@ class Worker:
                 "taking over a background response",
                 extra={"response_id": job.response_id, "attempt": job.lease_token},
             )
+            headers: dict[str, str] | None = None
             try:
-                t = turn_of(self.svc, job)
+                t, headers = turn_of(self.svc, job)
             except Exception:
                 log.exception("background job has a spec this router cannot read")
                 t = await _turn_of_stored(self.svc, job)
-            self.run(t, job, start="takeover")
+            self.run(t, job, start="takeover", bootstrap_headers=headers)
             taken += 1
         return taken
 
@@ -210,9 +209,16 @@ class Worker:
         client: _Client | None = None,
         *,
         start: str = "new",
-    ) -> None:
+        bootstrap_headers: dict[str, str] | None = None,
+    ) -> bool:
+        """Runs the job; False when this router runs it under that lease already (a retried
+        request that found the job it had just enqueued)."""
         key = (t.tenant, t.response_id)
+        running = self.runs.get(key)
+        if running is not None and running.token == job.lease_token:
+            return False
         run = _Run(self, t, job.lease_token, job.last_sequence_number, client, start)
+        run.bootstrap_headers = bootstrap_headers
         self.runs[key] = run
         task = self.svc.spawn_cancellable(key, run.execute())
         run.task = task
@@ -222,6 +228,7 @@ class Worker:
                 del self.runs[key]
 
         task.add_done_callback(forget)
+        return True
 
 
 def worker(svc: Services) -> Worker:
@@ -241,27 +248,23 @@ def start_worker(svc: Services) -> Worker:
 # --- the job's spec: what another router needs to run the turn ------------------------------
 
 
-def spec_of(t: turn.Turn) -> bytes:
-    """The turn as the job's spec: the validated request, the history it was read with, what the
-    bootstrap service prepared; everything a router needs to run it without the original
-    request."""
+def spec_of(svc: Services, t: turn.Turn, headers: Mapping[str, str]) -> bytes:
+    """The turn as the job's spec: the validated request and the history it was read with,
+    everything a router needs to run it without the original request. What the bootstrap service
+    prepared is not in it (that is never stored): a router that takes the response over asks the
+    bootstrap service again with the same request (idempotent on its request id, the response
+    id), so the spec keeps the forwarded headers of a turn with stateful tools (never
+    ``authorization``)."""
+    declared = bool(bootstrap.stateful_tools(t.req.tools))
     spec = {
         "v": 1,
         "req": {f.name: getattr(t.req, f.name) for f in dataclasses.fields(t.req)},
         "created_at": t.created_at,
         "history": t.history,
-        "injected": t.prepared.injected_items,
-        "tools": {
-            kind: {
-                "state": base64.b64encode(p.state).decode(),
-                "resource_id": p.resource_id,
-                "expire_time": p.expire_time.isoformat() if p.expire_time else None,
-            }
-            for kind, p in t.prepared.tools.items()
-        },
         "conversation_version": t.conversation_version,
         "idempotency_key": t.idempotency_key,
         "omitted": t.omitted_history_items,
+        "bootstrap_headers": forwarded_headers(svc, headers) if declared else None,
     }
     try:
         return orjson.dumps(spec)
@@ -269,8 +272,18 @@ def spec_of(t: turn.Turn) -> bytes:
         return json.dumps(spec).encode()
 
 
-def turn_of(svc: Services, job: resources_pb2.BackgroundJob) -> turn.Turn:
-    """The turn a job's spec describes."""
+def forwarded_headers(svc: Services, headers: Mapping[str, str]) -> dict[str, str]:
+    """The request headers the bootstrap service is sent (``--bootstrap-headers``), as
+    turn.begin picks them."""
+    wanted = [h.strip().lower() for h in svc.settings.bootstrap_headers.split(",") if h.strip()]
+    return {name: headers[name] for name in wanted if name != "authorization" and name in headers}
+
+
+def turn_of(
+    svc: Services, job: resources_pb2.BackgroundJob
+) -> tuple[turn.Turn, dict[str, str] | None]:
+    """The turn a job's spec describes (without what the bootstrap service prepared), and the
+    headers to prepare its stateful tools with (None: it declares none)."""
     spec = orjson.loads(job.spec)
     fields = spec["req"]
     names = {f.name for f in dataclasses.fields(validate.TurnRequest)}
@@ -282,24 +295,32 @@ def turn_of(svc: Services, job: resources_pb2.BackgroundJob) -> turn.Turn:
             {**fields["body"], "model": fields["model"]}, default_model=fields["model"]
         )
         req.input_items = fields["input_items"]
-    tools = {
-        kind: bootstrap.PreparedToolState(
-            state=base64.b64decode(p["state"]),
-            resource_id=p["resource_id"],
-            expire_time=datetime.fromisoformat(p["expire_time"]) if p["expire_time"] else None,
-        )
-        for kind, p in spec["tools"].items()
-    }
-    return turn.Turn(
+    t = turn.Turn(
         req=req,
         tenant=job.tenant,
         response_id=job.response_id,
         created_at=spec["created_at"],
         history=spec["history"],
-        prepared=bootstrap.Prepared(injected_items=spec["injected"], tools=tools),
+        prepared=bootstrap.Prepared.EMPTY,
         conversation_version=spec["conversation_version"],
         idempotency_key=spec["idempotency_key"],
         omitted_history_items=spec["omitted"],
+    )
+    return t, spec.get("bootstrap_headers")
+
+
+async def prepare_again(svc: Services, t: turn.Turn, headers: dict[str, str]) -> None:
+    """Asks the bootstrap service for what it prepared for the turn, as turn.begin asked it
+    (the same request id, so the same answer)."""
+    t.prepared = await svc.bootstrapper.prepare(
+        request_id=t.response_id,
+        tenant=t.tenant,
+        tools=bootstrap.stateful_tools(t.req.tools),
+        response_id=t.response_id,
+        conversation_id=t.req.conversation_id or "",
+        previous_response_id=t.req.previous_response_id or "",
+        headers=headers,
+        metadata=t.req.metadata,
     )
 
 
@@ -341,15 +362,17 @@ async def _turn_of_stored(svc: Services, job: resources_pb2.BackgroundJob) -> tu
 
 # --- accepting a background response ----------------------------------------------------------
 
+EMPTY_HEADERS: Mapping[str, str] = {}
+
 
 def _stored(
-    t: turn.Turn, response: dict[str, Any], *, in_progress: bool
+    t: turn.Turn, response: dict[str, Any], *, in_progress: bool, inputs: bool = True
 ) -> resources_pb2.StoredResponse:
     return resources_pb2.StoredResponse(
         id=t.response_id,
         previous_response_id=t.req.previous_response_id or "",
         conversation_id=t.req.conversation_id or "",
-        input_items=[turn.item_to_proto(i) for i in t.req.input_items],
+        input_items=[turn.item_to_proto(i) for i in t.req.input_items] if inputs else [],
         output_items=[turn.item_to_proto(i) for i in response.get("output", [])],
         response_json=orjson.dumps(response),
         idempotency_key=t.idempotency_key,
@@ -358,7 +381,7 @@ def _stored(
 
 
 async def _enqueue(
-    svc: Services, t: turn.Turn
+    svc: Services, t: turn.Turn, headers: Mapping[str, str]
 ) -> tuple[dict[str, Any], resources_pb2.BackgroundJob | None]:
     """Stores the queued turn and its job, claimed by this router; returns the response to
     answer and the job (None on a replay whose lease another router holds)."""
@@ -373,7 +396,7 @@ async def _enqueue(
     request = state_service_pb2.EnqueueBackgroundResponseRequest(
         tenant=t.tenant,
         response=_stored(t, queued, in_progress=True),
-        spec=spec_of(t),
+        spec=spec_of(svc, t, headers),
         owner=w.owner,
         lease_duration=w.lease,
         require_intact_chain=t.parent_chain is not None,
@@ -416,25 +439,31 @@ def _not_found(t: turn.Turn) -> errors.ApiError:
     return errors.conversation_not_found(t.req.conversation_id or "", param="conversation")
 
 
-async def start(svc: Services, t: turn.Turn) -> dict[str, Any]:
+async def start(
+    svc: Services, t: turn.Turn, headers: Mapping[str, str] = EMPTY_HEADERS
+) -> dict[str, Any]:
     """POST /v1/responses with background: true: stores the response as queued and runs it
-    here; returns the queued response at once."""
-    answered, job = await _enqueue(svc, t)
+    here; returns the queued response at once. ``headers`` are the request's (those forwarded
+    to the bootstrap service are kept for a takeover)."""
+    answered, job = await _enqueue(svc, t, headers)
     if job is not None:
         worker(svc).run(t, job)
     return answered
 
 
-async def open_stream(svc: Services, t: turn.Turn) -> AsyncIterator[bytes]:
+async def open_stream(
+    svc: Services, t: turn.Turn, headers: Mapping[str, str] = EMPTY_HEADERS
+) -> AsyncIterator[bytes]:
     """POST /v1/responses with background and stream: as :func:`start`, and the client is sent
     the response's events as they reach its log."""
-    answered, job = await _enqueue(svc, t)
+    answered, job = await _enqueue(svc, t, headers)
     response_id = str(answered.get("id", t.response_id))
     if job is None:
         # The same request was accepted before (Idempotency-Key): follow that one's log.
         return follow(svc, t.tenant, response_id, -1)
     client = _Client()
-    worker(svc).run(t, job, client)
+    if not worker(svc).run(t, job, client):
+        return follow(svc, t.tenant, response_id, -1)
     return client.stream(svc, t.tenant, t.response_id)
 
 
@@ -554,6 +583,8 @@ class _Run:
         self.client = client
         self.start = start
         self.task: asyncio.Task[Any] | None = None
+        # Set for a run that took the response over and must ask the bootstrap service again.
+        self.bootstrap_headers: dict[str, str] | None = None
         self.stopped = ""  # why the run was stopped from outside: "cancelled" or "lost"
         self.finishing = False
         self.pending: list[_Event] = []
@@ -644,10 +675,12 @@ class _Run:
             if self.client is not None:
                 self.client.deliver(batch)
 
-    async def _finish(self, response: dict[str, Any], terminal: Sequence[_Event]) -> str:
+    async def _finish(
+        self, response: dict[str, Any], terminal: Sequence[_Event], *, inputs: bool = True
+    ) -> str:
         """Writes the final turn with the rest of the log; returns the outcome."""
         self.finishing = True
-        final = _stored(self.turn, response, in_progress=False)
+        final = _stored(self.turn, response, in_progress=False, inputs=inputs)
         async with self._write:
             events = [*self.pending, *terminal]
             try:
@@ -716,10 +749,20 @@ class _Run:
 
         try:
             stitch = _Stitch(await self._read_log(), self.last_sequence)
-            push(translator.start())
             gave_up = self.token > self.svc.settings.background_max_attempts
+            failed: errors.ApiError | None = None
+            if self.bootstrap_headers is not None and not gave_up:
+                try:
+                    await prepare_again(self.svc, t, self.bootstrap_headers)
+                except errors.ApiError as exc:
+                    failed = exc
+                # Echoes the tools' resources (the container id) as the first run did.
+                translator = _translator(self.svc, t)
+            push(translator.start())
             if gave_up:
                 push(translator.fail("server_error", _gave_up(self.token - 1)))
+            elif failed is not None:
+                push(translator.fail(failed.code or "server_error", failed.message))
             else:
                 # Retrievable as in progress (a write that fails once the turn is final).
                 status = asyncio.create_task(
@@ -730,7 +773,16 @@ class _Run:
                     await status
             if not held:  # every translator ends with a terminal event; this is a safety net
                 push(translator.fail("server_error", "The model server's answer did not end."))
-            outcome = await self._finish(translator.response, held[:1])
+            try:
+                outcome = await self._finish(translator.response, held[:1])
+            except errors.ApiError as exc:
+                if exc.status >= 500:
+                    raise  # the lease runs out and another attempt stores it
+                # The turn cannot be stored as it is (an item of it reached its conversation
+                # meanwhile): it is stored as failed without items, saying why, instead of
+                # being left running.
+                unstorable, events = _unstorable(translator.response, held[0], exc)
+                outcome = await self._finish(unstorable, events, inputs=False)
             if gave_up and outcome != "lost":
                 outcome = "gave_up"
         except asyncio.CancelledError:
@@ -799,6 +851,22 @@ def _translator(
         created_at=t.created_at,
         tool_resources=t.tool_resources,
     )
+
+
+def _unstorable(
+    response: dict[str, Any], terminal: _Event, exc: errors.ApiError
+) -> tuple[dict[str, Any], list[_Event]]:
+    """The failed form of a turn whose final form the state service refused, and its terminal
+    event (in the place of the refused one)."""
+    error = translate.error_object(
+        exc.code or "server_error", f"The response could not be stored: {exc.message}"
+    )
+    failed = {**response, "status": "failed", "output": [], "error": error}
+    return failed, [
+        _Event.of(
+            {"type": "response.failed", "sequence_number": terminal.sequence, "response": failed}
+        )
+    ]
 
 
 def _gave_up(attempts: int) -> str:

@@ -88,10 +88,10 @@ async def _create(
         return Response(t.json_of(answer), media_type="application/json", headers=t.headers())
     t = await turn.begin(svc, req, tenant=who, ident=ident, headers=request.headers)
     if req.background and not req.stream:
-        return JSONResponse(await background.start(svc, t), headers=t.headers())
+        return JSONResponse(await background.start(svc, t, request.headers), headers=t.headers())
     if req.background:
         # A durable job: retrievable (as queued) from the start, streamed from its event log.
-        return _sse(await background.open_stream(svc, t), t.headers())
+        return _sse(await background.open_stream(svc, t, request.headers), t.headers())
     if req.stream:
         return _sse(await turn.open_stream(svc, t), t.headers())
     answered = await turn.complete(svc, t)

@@ -200,3 +200,23 @@ def test_a_cancel_ends_the_posted_stream_with_response_cancelled(
     assert [e["sequence_number"] for e in seen] == list(range(len(seen)))
     stored = client.responses.retrieve(seen[0]["response"]["id"])
     assert stored.status == "cancelled"
+
+
+def test_a_final_turn_its_conversation_refuses_is_stored_failed(stack: Stack, hub: FakeHub) -> None:
+    client = stack.client()
+    conv = client.conversations.create()
+    hub.enqueue(Reply(text="one two three", chunk_delay_s=0.2))
+    item = {"type": "message", "role": "user", "content": "mine", "id": "msg_taken"}
+    started = client.responses.create(
+        model="m",
+        input=[item],
+        conversation=conv.id,
+        background=True,  # type: ignore[list-item]
+    )
+    # The same item id reaches the conversation while the response runs.
+    client.conversations.items.create(conv.id, items=[item])  # type: ignore[list-item]
+    failed = wait_for(client, started.id, until={"failed", "completed"})
+    assert failed.status == "failed"
+    assert failed.error is not None and "could not be stored" in failed.error.message
+    with client.responses.retrieve(started.id, stream=True) as events:
+        assert [e.type for e in events][-1] == "response.failed"

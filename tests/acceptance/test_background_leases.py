@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ import openai
 import pytest
 from openai.types.responses import Response
 
+from bootstrap_svc import server as bootstrap_server
+from bootstrap_svc.config import BootstrapSettings
 from tests.fakehub import FakeHub, Reply, text_of
-from tests.support import POSTGRES_DSN, ROUTER_READY, STATE_READY, Process
+from tests.support import POSTGRES_DSN, ROUTER_READY, STATE_READY, Process, ThreadLoop
 
 pytestmark = [pytest.mark.slow]
 
@@ -318,3 +321,50 @@ def test_fifty_background_responses_survive_a_router_killed_midway(
         assert terminal["id"] == final.id
         assert [i["id"] for i in terminal["output"]] == [i.id for i in final.output]
         assert terminal["output"][0]["content"][0]["text"] == final.output_text
+
+
+def test_a_takeover_asks_the_bootstrap_service_again_and_keeps_the_container(
+    hub: FakeHub, tmp_path: Path, schema: str
+) -> None:
+    tl = ThreadLoop()
+    settings = replace(
+        BootstrapSettings(),
+        listen="127.0.0.1:0",
+        workdir=str(tmp_path / "sessions"),
+        metrics_port=0,
+    )
+    tools = tl.run(bootstrap_server.start(settings))
+    c = make_cluster(
+        "sqlite",
+        hub,
+        tmp_path,
+        schema,
+        "--bootstrap-address",
+        f"127.0.0.1:{tools.port}",
+        "--bootstrap-headers",
+        "x-user",
+    )
+    try:
+        hub.enqueue(Reply(text=SLOW, chunk_delay_s=0.1), Reply(text="second run"))
+        a, b = c.clients
+        started = a.responses.create(
+            model="m",
+            input="run my code",
+            tools=[{"type": "code_interpreter", "container": {"type": "auto"}}],
+            background=True,
+            extra_headers={"x-user": "user-1"},
+        )
+        container = started.model_dump()["tools"][0]["container"]
+        assert isinstance(container, str) and container
+        wait_for_events(b, started.id, 4)
+        c.routers[0].stop(signal.SIGKILL)
+        done = wait_for(b, started.id, {"completed", "failed"})
+        assert done.status == "completed", done.error
+        assert done.model_dump()["tools"][0]["container"] == container
+        first, second = hub.chat_requests()
+        # The second run got what the bootstrap service prepared for the first (same request).
+        assert first["messages"] == second["messages"]
+    finally:
+        c.stop()
+        tl.run(tools.stop(0.5))
+        tl.close()
