@@ -52,7 +52,7 @@ from gateway import grpcerrors
 from gateway.grpcserver import channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
-from router_svc import bootstrap, errors, stream, translate, turn, validate
+from router_svc import bootstrap, errors, stream, tools, translate, turn, validate
 from router_svc.services import Services
 from router_svc.state_client import CallFailed
 
@@ -815,14 +815,15 @@ class _Run:
                 self.client.close()
 
     async def _call_hub(
-        self,
-        translator: stream.ChatStreamTranslator | stream.ResponsesStreamTranslator,
-        push: Callable[[list[dict[str, Any]]], None],
+        self, translator: _Translator, push: Callable[[list[dict[str, Any]]], None]
     ) -> None:
         chunks: AsyncIterator[dict[str, Any]] | None = None
         try:
-            path, body = self.turn.upstream(self.svc.settings.hub_api, stream=True)
-            chunks = self.svc.hub.stream(path, body)
+            if isinstance(translator, tools.StreamLoop):
+                chunks = translator.rounds()  # each hub call of the loop, and the calls it runs
+            else:
+                path, body = self.turn.upstream(self.svc.settings.hub_api, stream=True)
+                chunks = self.svc.hub.stream(path, body)
             async for chunk in chunks:
                 push(translator.feed(chunk))
             push(translator.finish())
@@ -837,20 +838,12 @@ class _Run:
                 await aclose()
 
 
-def _translator(
-    svc: Services, t: turn.Turn
-) -> stream.ChatStreamTranslator | stream.ResponsesStreamTranslator:
-    kind = (
-        stream.ResponsesStreamTranslator
-        if svc.settings.hub_api == "responses"
-        else stream.ChatStreamTranslator
-    )
-    return kind(
-        t.req,
-        response_id=t.response_id,
-        created_at=t.created_at,
-        tool_resources=t.tool_resources,
-    )
+_Translator = stream.ChatStreamTranslator | stream.ResponsesStreamTranslator | tools.StreamLoop
+
+
+def _translator(svc: Services, t: turn.Turn) -> _Translator:
+    """What a streamed foreground turn uses (the tool loop when code_interpreter or shell run)."""
+    return turn._translator(svc, t)
 
 
 def _unstorable(
