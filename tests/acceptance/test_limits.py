@@ -39,11 +39,20 @@ LIMITS = {
 
 
 class GuardedStack(Stack):
-    """The in-process stack, served with the router's own uvicorn configuration."""
+    """The in-process stack, served with the router's own uvicorn configuration; with
+    ``state_port``, a router only, on the state service of another stack (a second replica)."""
+
+    def __init__(self, hub_url: str, *, state_port: int = 0, **kwargs: Any) -> None:
+        super().__init__(hub_url, **kwargs)
+        self.shared_state_port = state_port
 
     async def _start(self) -> None:
-        self._state = await state_server.start(self.state_settings)
-        self.state_port = self._state.port
+        if self.shared_state_port:
+            self._state_stopped = True  # not this stack's to stop
+            self.state_port = self.shared_state_port
+        else:
+            self._state = await state_server.start(self.state_settings)
+            self.state_port = self._state.port
         settings = replace(
             RouterSettings(),
             host="127.0.0.1",

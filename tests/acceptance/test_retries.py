@@ -14,6 +14,7 @@ import openai
 import orjson
 import pytest
 
+from tests.acceptance.test_limits import GuardedStack
 from tests.fakehub import FakeHub, Reply, text_of
 from tests.support import Stack
 
@@ -305,3 +306,38 @@ def test_hub_json_with_odd_values_is_never_a_500(stack: Stack, hub: FakeHub, raw
     with httpx.Client(timeout=10) as http:
         r = http.post(f"{stack.url}/responses", json={"model": "m", "input": "x"})
     assert r.status_code in (200, 502), r.text
+
+
+async def test_32_streamed_turns_on_one_conversation_through_two_routers_all_succeed(
+    stack: Stack, hub: FakeHub
+) -> None:
+    # Across replicas nothing serializes the turns before the state service: the losers of each
+    # race are run again on the new history, by the router and then by the SDK's retries.
+    second = GuardedStack(
+        hub.url, state_port=stack.state_port, router={"default_model": "fake-model"}
+    )
+    await asyncio.to_thread(second.start)
+    try:
+        clients = [openai.AsyncOpenAI(base_url=s.url, api_key="unused") for s in (stack, second)]
+        conv = await clients[0].conversations.create()
+
+        async def turn(i: int) -> str:
+            async with clients[i % 2].responses.stream(
+                model="m", input=f"question {i}", conversation=conv.id
+            ) as events:
+                final = await events.get_final_response()
+            return final.output_text
+
+        answers = await asyncio.gather(*(turn(i) for i in range(32)))
+        assert sorted(answers) == sorted(f"echo: question {i}" for i in range(32))
+        items = [
+            text_of(i.model_dump())
+            async for i in clients[1].conversations.items.list(conv.id, order="asc", limit=100)
+        ]
+        for c in clients:
+            await c.close()
+    finally:
+        await asyncio.to_thread(second.stop)
+    assert len(items) == 64
+    for j in range(32):
+        assert items[2 * j + 1] == f"echo: {items[2 * j]}"
