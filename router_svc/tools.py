@@ -56,6 +56,7 @@ OUTPUTS_INCLUDE = "code_interpreter_call.outputs"
 IMAGE_BYTES = 1024 * 1024
 # The item types of stateful tool calls a history may hold.
 _TOOL_ITEMS = frozenset({"code_interpreter_call", "shell_call", "shell_call_output"})
+_OUTPUT_ITEMS = frozenset({"function_call_output", "custom_tool_call_output"})
 
 PYTHON_DESCRIPTION = (
     "Runs Python code in a stateful sandbox, like a notebook: variables, imports and files "
@@ -507,15 +508,22 @@ class _Loop:
             name = self.names.python if kind == CODE_INTERPRETER else self.names.shell
             self.offers[name] = Offer(kind, name, prepared.resource_id, prepared.state)
         offered = {o.kind for o in self.offers.values()}
+        # Outputs the input opens with answer calls at the end of the history: they go right
+        # after them, ahead of the injected items, since a chat hub wants a tool call answered
+        # by the very next messages.
+        items = replayable(self.req.input_items, self.names)
+        answers = 0
+        while answers < len(items) and items[answers].get("type") in _OUTPUT_ITEMS:
+            answers += 1
         # The tools nobody runs stay in the request, so translate reports them as not run.
         req = dataclasses.replace(
             self.req,
             tools=[t for t in self.req.tools if t.get("type") not in offered],
-            input_items=replayable(self.req.input_items, self.names),
+            input_items=items[answers:],
         )
         body = translate.chat_request(
             req,
-            replayable(self.turn.history, self.names),
+            [*replayable(self.turn.history, self.names), *items[:answers]],
             self.turn.prepared.injected_items,
             stream=stream,
         )
@@ -892,7 +900,15 @@ class StreamLoop(_Loop):
         if self._started:
             return []
         self._started = True
-        snapshot = self.response_now()
+        # Its own (empty) output list: the events are kept, and stored, after the output grew.
+        snapshot = translate.response_object(
+            self.req,
+            response_id=self.turn.response_id,
+            created_at=self.turn.created_at,
+            status="in_progress",
+            output=[],
+            tool_resources=self.turn.tool_resources,
+        )
         return [
             self._event("response.created", response=snapshot),
             self._event("response.in_progress", response=copy.copy(snapshot)),

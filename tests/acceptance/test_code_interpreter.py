@@ -1,0 +1,326 @@
+"""code_interpreter and shell that run: the openai SDK and openai-agents against the real router,
+state service and reference bootstrap/execution service (bubblewrap sandboxes), with the fake hub
+scripted to call the tools."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from agents import Agent, CodeInterpreterTool, OpenAIResponsesModel, Runner, set_tracing_disabled
+
+from bootstrap_svc import server as bootstrap_server
+from bootstrap_svc.config import BootstrapSettings
+from tests.fakehub import FakeHub, Reply, text_of
+from tests.support import Stack, ThreadLoop
+
+CODE_INTERPRETER: Any = {"type": "code_interpreter", "container": {"type": "auto"}}
+SHELL: Any = {"type": "shell"}
+
+
+def python(code: str, call_id: str = "call_py") -> Reply:
+    arguments = json.dumps({"code": code})
+    return Reply(
+        tool_calls=[{"id": call_id, "name": "python", "arguments": arguments}],
+        finish_reason="tool_calls",
+    )
+
+
+class Bootstrap:
+    """The reference bootstrap and execution service, on a loop of its own."""
+
+    def __init__(self, workdir: Path, **overrides: Any) -> None:
+        self.tl = ThreadLoop()
+        settings = replace(
+            BootstrapSettings(),
+            listen="127.0.0.1:0",
+            workdir=str(workdir),
+            metrics_port=0,
+            **overrides,
+        )
+        self.running = self.tl.run(bootstrap_server.start(settings))
+        self.address = f"127.0.0.1:{self.running.port}"
+
+    def stop(self) -> None:
+        self.tl.run(self.running.stop(0.5))
+        self.tl.close()
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Bootstrap]:
+    b = Bootstrap(tmp_path / "sessions", call_timeout_s=2.0, call_cpu_s=2)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def gateway(hub: FakeHub, sandbox: Bootstrap) -> Iterator[Stack]:
+    s = Stack(hub.url, router={"bootstrap_address": sandbox.address}).start()
+    yield s
+    s.stop()
+
+
+def test_the_answer_uses_the_tools_output(gateway: Stack, hub: FakeHub) -> None:
+    client = gateway.client()
+    hub.enqueue(python("x = 6 * 7\nprint(f'x is {x}')"), Reply(text_from_tool="I ran it: {tool}."))
+    response = client.responses.create(
+        model="m",
+        input="What is 6 times 7? Use Python.",
+        tools=[CODE_INTERPRETER],
+        include=["code_interpreter_call.outputs"],
+    )
+    assert response.output_text == "I ran it: x is 42."
+    call = response.output[0]
+    assert call.type == "code_interpreter_call" and call.status == "completed"
+    assert call.code == "x = 6 * 7\nprint(f'x is {x}')"
+    assert call.container_id == response.tools[0].container  # type: ignore[union-attr]
+    assert call.outputs is not None and call.outputs[0].type == "logs"
+    assert call.outputs[0].logs == "x is 42"
+    # Stored as it was answered.
+    again = client.responses.retrieve(response.id)
+    assert again.model_dump() == response.model_dump()
+    tool_message = hub.chat_requests()[1]["messages"][-1]
+    assert tool_message["role"] == "tool" and text_of(tool_message) == "x is 42"
+
+
+def test_turn_two_of_a_chain_uses_a_variable_of_turn_one(gateway: Stack, hub: FakeHub) -> None:
+    client = gateway.client()
+    hub.enqueue(python("secret = 1234"), Reply(text="Stored it."))
+    first = client.responses.create(model="m", input="Remember 1234.", tools=[CODE_INTERPRETER])
+    hub.enqueue(python("print(secret + 1)", "call_two"), Reply(text_from_tool="It was {tool}."))
+    second = client.responses.create(
+        model="m",
+        input="Add one to it.",
+        tools=[CODE_INTERPRETER],
+        previous_response_id=first.id,
+    )
+    assert second.output_text == "It was 1235."
+    assert second.output[0].container_id == first.output[0].container_id  # type: ignore[union-attr]
+    # Turn two's model saw turn one's call and its output, as the call and output they were.
+    messages = hub.chat_requests()[2]["messages"]
+    assert [m["role"] for m in messages[:4]] == ["user", "assistant", "tool", "assistant"]
+    assert messages[1]["tool_calls"][0]["function"]["name"] == "python"
+    assert json.loads(messages[1]["tool_calls"][0]["function"]["arguments"]) == {
+        "code": "secret = 1234"
+    }
+
+
+def test_a_conversation_keeps_its_interpreter(gateway: Stack, hub: FakeHub) -> None:
+    client = gateway.client()
+    conv = client.conversations.create()
+    hub.enqueue(python("import math\nr = math.sqrt(81)"), Reply(text="ok"))
+    client.responses.create(model="m", input="a", tools=[CODE_INTERPRETER], conversation=conv.id)
+    hub.enqueue(python("r"), Reply(text_from_tool="{tool}"))
+    answer = client.responses.create(
+        model="m", input="b", tools=[CODE_INTERPRETER], conversation=conv.id
+    )
+    assert answer.output_text == "9.0"
+    kinds = [i.type for i in client.conversations.items.list(conv.id, order="asc")]
+    assert kinds == [
+        "message",
+        "code_interpreter_call",
+        "message",
+        "message",
+        "code_interpreter_call",
+        "message",
+    ]
+
+
+def test_the_streamed_turn_passes_the_sdks_stream_helper(gateway: Stack, hub: FakeHub) -> None:
+    client = gateway.client()
+    hub.enqueue(
+        python("total = sum(range(10))\ntotal"), Reply(text_from_tool="The total is {tool}.")
+    )
+    kinds: list[str] = []
+    with client.responses.stream(
+        model="m",
+        input="Sum 0..9",
+        tools=[CODE_INTERPRETER],
+        include=["code_interpreter_call.outputs"],
+    ) as events:
+        code = ""
+        for event in events:
+            kinds.append(event.type)
+            if event.type == "response.code_interpreter_call_code.delta":
+                code += event.delta
+        final = events.get_final_response()
+    assert code == "total = sum(range(10))\ntotal"
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    expected = [
+        "response.output_item.added",
+        "response.code_interpreter_call.in_progress",
+        "response.code_interpreter_call_code.delta",
+        "response.code_interpreter_call_code.done",
+        "response.code_interpreter_call.interpreting",
+        "response.code_interpreter_call.completed",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    deduped = [k for n, k in enumerate(kinds[2:]) if n == 0 or k != kinds[2:][n - 1]]
+    assert deduped[: len(expected)] == expected
+    assert kinds[-1] == "response.completed"
+    assert final.output_text == "The total is 45."
+    call = final.output[0]
+    assert call.type == "code_interpreter_call" and call.outputs is not None
+    assert call.outputs[0].logs == "45"  # type: ignore[union-attr]
+    stored = client.responses.retrieve(final.id)
+    # (The stream helper adds "parsed" to text parts; the items are otherwise the same.)
+    assert stored.output[0].model_dump() == call.model_dump()
+    assert stored.output_text == final.output_text and stored.usage == final.usage
+    # A stored streamed turn replays through the same helper.
+    with client.responses.stream(response_id=final.id) as replay:
+        assert replay.get_final_response().output_text == "The total is 45."
+
+
+def test_a_shell_tool_runs_the_same_way(gateway: Stack, hub: FakeHub) -> None:
+    client = gateway.client()
+    commands = {"commands": ["echo hello > greeting.txt", "cat greeting.txt", "ls /mnt/data"]}
+    hub.enqueue(
+        Reply(
+            tool_calls=[{"id": "call_sh", "name": "shell", "arguments": json.dumps(commands)}],
+            finish_reason="tool_calls",
+        ),
+        Reply(text="Done."),
+    )
+    response = client.responses.create(model="m", input="Write a file", tools=[SHELL])
+    call, output, message = response.output
+    assert call.type == "shell_call" and call.action.commands == commands["commands"]
+    assert output.type == "shell_call_output" and output.call_id == call.call_id
+    assert [o.stdout for o in output.output] == ["", "hello\n", "greeting.txt\n"]
+    assert all(o.outcome.type == "exit" and o.outcome.exit_code == 0 for o in output.output)  # type: ignore[union-attr]
+    assert message.type == "message"
+    hub.enqueue(
+        Reply(
+            tool_calls=[
+                {"id": "call_2", "name": "shell", "arguments": '{"commands": ["cat greeting.txt"]}'}
+            ],
+            finish_reason="tool_calls",
+        ),
+        Reply(text_from_tool="{tool}"),
+    )
+    with client.responses.stream(
+        model="m", input="again", tools=[SHELL], previous_response_id=response.id
+    ) as events:
+        deltas = [
+            e.delta.stdout
+            for e in events
+            if e.type == "response.shell_call_output_content.delta" and e.delta.stdout
+        ]
+        final = events.get_final_response()
+    assert "".join(deltas) == "hello\n"
+    assert final.output_text.startswith("$ cat greeting.txt\nhello")
+
+
+def test_hostile_code_ends_in_a_tool_error_the_model_sees(gateway: Stack, hub: FakeHub) -> None:
+    client = gateway.client()
+    hostile = {
+        "infinite loop": "while True:\n    pass",
+        "fork bomb": "import os\nwhile True:\n    os.fork()",
+        "memory bomb": "hog = []\nwhile True:\n    hog.append(bytearray(64 * 1024 * 1024))",
+        "socket": "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)",
+    }
+    for name, code in hostile.items():
+        hub.enqueue(python(code), Reply(text_from_tool="Tool said: {tool}"))
+        response = client.responses.create(model="m", input=name, tools=[CODE_INTERPRETER])
+        assert response.status == "completed", name
+        assert response.output_text.startswith("Tool said: ")
+        assert len(response.output_text) > len("Tool said: ") + 10, name
+    # The service and the session keep working.
+    hub.enqueue(python("print('still here')"), Reply(text_from_tool="{tool}"))
+    after = client.responses.create(model="m", input="ok?", tools=[CODE_INTERPRETER])
+    assert after.output_text == "still here"
+
+
+def test_a_callers_function_is_returned_to_it(gateway: Stack, hub: FakeHub) -> None:
+    client = gateway.client()
+    lookup: Any = {
+        "type": "function",
+        "name": "lookup",
+        "parameters": {"type": "object", "properties": {}},
+        "strict": False,
+    }
+    hub.enqueue(
+        Reply(
+            tool_calls=[
+                {"id": "call_py", "name": "python", "arguments": '{"code": "2 ** 10"}'},
+                {"id": "call_lookup", "name": "lookup", "arguments": "{}"},
+            ],
+            finish_reason="tool_calls",
+        ),
+        Reply(text="1024 and found"),
+    )
+    # The outputs are kept (and so replayed to the model) when include asks for them.
+    response = client.responses.create(
+        model="m",
+        input="x",
+        tools=[lookup, CODE_INTERPRETER],
+        include=["code_interpreter_call.outputs"],
+    )
+    assert [i.type for i in response.output] == ["code_interpreter_call", "function_call"]
+    answered = client.responses.create(
+        model="m",
+        tools=[lookup, CODE_INTERPRETER],
+        previous_response_id=response.id,
+        input=[{"type": "function_call_output", "call_id": "call_lookup", "output": "found"}],
+    )
+    assert answered.output_text == "1024 and found"
+    messages = hub.chat_requests()[1]["messages"]
+    # Each call is answered by the very next message, as chat hubs want.
+    for n, message in enumerate(messages):
+        for call in message.get("tool_calls") or []:
+            assert messages[n + 1]["role"] == "tool"
+            assert call["id"] in [m.get("tool_call_id") for m in messages[n + 1 : n + 3]]
+    assert [text_of(m) for m in messages if m["role"] == "tool"] == ["1024", "found"]
+
+
+@pytest.fixture
+async def agent_client(gateway: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
+    set_tracing_disabled(True)
+    client = openai.AsyncOpenAI(base_url=gateway.url, api_key="unused", max_retries=0)
+    yield client
+    await client.close()
+
+
+async def test_openai_agents_code_interpreter_tool(
+    agent_client: openai.AsyncOpenAI, hub: FakeHub
+) -> None:
+    agent = Agent(
+        name="analyst",
+        instructions="Use Python for arithmetic.",
+        tools=[CodeInterpreterTool(tool_config=CODE_INTERPRETER)],
+        model=OpenAIResponsesModel(model="m", openai_client=agent_client),
+    )
+    hub.enqueue(python("print(2 ** 20)"), Reply(text_from_tool="2**20 = {tool}"))
+    result = await Runner.run(agent, "What is 2 to the 20th?")
+    assert result.final_output == "2**20 = 1048576"
+    kinds = [item.type for item in result.new_items]
+    assert "tool_call_item" in kinds and kinds[-1] == "message_output_item"
+    hub.enqueue(python("print(2 ** 21)", "call_2"), Reply(text_from_tool="{tool}"))
+    follow = await Runner.run(
+        agent, [*result.to_input_list(), {"role": "user", "content": "and 21?"}]
+    )
+    assert follow.final_output == "2097152"
+
+
+def test_a_responses_hub_gets_the_tools_as_declared(hub: FakeHub, sandbox: Bootstrap) -> None:
+    stack = Stack(
+        hub.url, router={"bootstrap_address": sandbox.address, "hub_api": "responses"}
+    ).start()
+    try:
+        with httpx.Client(timeout=20) as http:
+            r = http.post(
+                f"{stack.url}/responses",
+                json={"model": "m", "input": "x", "tools": [CODE_INTERPRETER]},
+            )
+        assert r.status_code == 200
+        sent = hub.requests[-1]
+        assert sent["tools"] == [CODE_INTERPRETER]
+    finally:
+        stack.stop()
