@@ -2,11 +2,17 @@
 
 It speaks just enough of the Chat Completions API (non-streaming and streaming, with usage) for
 the router, and a non-streaming Responses API. It is a demo, never a default: point the router at a real model server in production.
+
+To try code_interpreter and shell (``respgw local --echo-hub --bootstrap``): when the router offers
+its ``python`` (or ``shell``) tool and the last user message holds a fenced ```python (or ```sh)
+block, the echo hub calls the tool with that code, and answers the tool's output with
+"The tool said: ...".
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
@@ -36,13 +42,43 @@ def _usage(messages: list[dict[str, Any]], text: str) -> dict[str, int]:
     }
 
 
+_FENCE = re.compile(r"```(python|py|sh|bash|shell)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def _tool_turn(body: dict[str, Any], messages: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The demo of the tool loop: (text, tool call) for this request; the call is empty when the
+    echo hub answers with text."""
+    last = messages[-1] if messages else {}
+    if last.get("role") == "tool":
+        return f"The tool said: {str(last.get('content') or '').strip()}", {}
+    offered = {
+        (t.get("function") or {}).get("name")
+        for t in body.get("tools") or []
+        if isinstance(t, dict) and t.get("type") == "function"
+    }
+    found = _FENCE.search(_last_user_text(messages))
+    if found is not None:
+        language, code = found.group(1) or "python", found.group(2)
+        if language in ("python", "py") and "python" in offered:
+            return "", {"name": "python", "arguments": orjson.dumps({"code": code}).decode()}
+        if language in ("sh", "bash", "shell") and "shell" in offered:
+            arguments = orjson.dumps({"commands": [code.strip()]}).decode()
+            return "", {"name": "shell", "arguments": arguments}
+    return f"You said: {_last_user_text(messages)}", {}
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await request.json(loads=orjson.loads)
     messages = body.get("messages") or []
-    text = f"You said: {_last_user_text(messages)}"
+    text, call = _tool_turn(body, messages)
+    if call:
+        call = {"id": f"call_{os.urandom(12).hex()}", "type": "function", "function": call}
     model = body.get("model", "echo")
     created = int(time.time())
     if not body.get("stream"):
+        message: dict[str, Any] = {"role": "assistant", "content": text or None}
+        if call:
+            message["tool_calls"] = [call]
         return web.json_response(
             {
                 "id": "chatcmpl-echo",
@@ -52,8 +88,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop",
+                        "message": message,
+                        "finish_reason": "tool_calls" if call else "stop",
                     }
                 ],
                 "usage": _usage(messages, text),
@@ -68,14 +104,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "created": created,
         "model": model,
     }
-    words = text.split(" ")
+    words = text.split(" ") if text else []
     for i, word in enumerate(words):
         delta: dict[str, Any] = {"content": word if i == 0 else " " + word}
         if i == 0:
             delta["role"] = "assistant"
         chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
         await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-    done = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    if call:
+        delta = {"role": "assistant", "tool_calls": [{"index": 0, **call}]}
+        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    finish = "tool_calls" if call else "stop"
+    done = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
     await resp.write(b"data: " + orjson.dumps(done) + b"\n\n")
     usage = {**base, "choices": [], "usage": _usage(messages, text)}
     await resp.write(b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n")

@@ -18,7 +18,7 @@ from agents import Agent, CodeInterpreterTool, OpenAIResponsesModel, Runner, set
 from bootstrap_svc import server as bootstrap_server
 from bootstrap_svc.config import BootstrapSettings
 from tests.fakehub import FakeHub, Reply, text_of
-from tests.support import Stack, ThreadLoop
+from tests.support import ROUTER_READY, Process, Stack, ThreadLoop
 
 CODE_INTERPRETER: Any = {"type": "code_interpreter", "container": {"type": "auto"}}
 SHELL: Any = {"type": "shell"}
@@ -324,3 +324,45 @@ def test_a_responses_hub_gets_the_tools_as_declared(hub: FakeHub, sandbox: Boots
         assert sent["tools"] == [CODE_INTERPRETER]
     finally:
         stack.stop()
+
+
+def test_respgw_local_with_the_echo_hub_runs_fenced_code(tmp_path: Path) -> None:
+    """`respgw local --echo-hub --bootstrap`: the echo hub calls the tools with a fenced block."""
+    local = Process(
+        [
+            "local",
+            "--echo-hub",
+            "--bootstrap",
+            "--port",
+            "0",
+            "--sqlite-path",
+            str(tmp_path / "state.db"),
+            "--bootstrap-workdir",
+            str(tmp_path / "sessions"),
+        ]
+    )
+    port = local.start(ROUTER_READY)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    try:
+        first = client.responses.create(
+            model="echo",
+            input="Run this:\n```python\nanswer = 6 * 7\nprint(answer)\n```",
+            tools=[CODE_INTERPRETER],
+        )
+        assert first.output_text == "The tool said: 42"
+        assert first.output[0].type == "code_interpreter_call"
+        with client.responses.stream(
+            model="echo",
+            input="```python\nanswer + 1\n```",
+            tools=[CODE_INTERPRETER],
+            previous_response_id=first.id,
+        ) as events:
+            final = events.get_final_response()
+        assert final.output_text == "The tool said: 43"
+        shell = client.responses.create(
+            model="echo", input="```sh\necho from the shell\n```", tools=[SHELL]
+        )
+        assert shell.output_text.startswith("The tool said: $ echo from the shell\nfrom the shell")
+    finally:
+        client.close()
+        assert local.stopped_gracefully(), "".join(local.lines[-20:])
