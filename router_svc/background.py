@@ -111,7 +111,7 @@ class _Stop(Exception):
             return None
         if info.reason == "LEASE_LOST":
             return cls("cancelled" if info.metadata.get("cancelled") == "true" else "lost")
-        if info.code == grpc.StatusCode.NOT_FOUND:
+        if info.reason == "RESPONSE_NOT_FOUND":
             return cls("lost")
         return None
 

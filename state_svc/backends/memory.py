@@ -549,12 +549,25 @@ class MemoryBackend:
         log = [*row.events, *(e.json for e in self._fresh_events(row, events))]
         # put_turn checks everything before it changes anything: the log grows only after.
         final = replace(turn, stream_events_json=base.joined_log(log))
-        result = await self.put_turn(tenant, final, expected_conversation_version=None)
+        result = await self._put_final(tenant, row, final)
         row.events = log
         row.job.done, row.job.finished_token = True, lease_token
         self._pending.discard((tenant, turn.id))
         self._forget_claims((tenant, turn.id))
         return result
+
+    async def _put_final(self, tenant: str, row: _Response, final: Turn) -> PutTurnResult:
+        """The final turn of a background job, as PutTurn replaces a running turn; when its
+        conversation was deleted meanwhile, stored without appending its items anywhere."""
+        conversation = final.conversation_id
+        live = (
+            self._find_conversation(tenant, conversation, base.now_us()) if conversation else None
+        )
+        if live is not None or not conversation or not row.turn.in_progress:
+            return await self.put_turn(tenant, final, expected_conversation_version=None)
+        stored = base.replacing_turn(row.turn, final)
+        row.turn, row.digest, row.conversation_version = stored, base.turn_digest(final), 0
+        return PutTurnResult(stored, False, 0)
 
     async def cancel_job(self, tenant: str, turn: Turn, cancel_event: bytes) -> CancelResult:
         row = self._response(tenant, turn.id, base.now_us())
@@ -568,7 +581,7 @@ class MemoryBackend:
         if cancel_event:
             log.append(base.stamped(cancel_event, len(log)))
         final = replace(turn, stream_events_json=base.joined_log(log))
-        result = await self.put_turn(tenant, final, expected_conversation_version=None)
+        result = await self._put_final(tenant, row, final)
         row.events = log
         row.job.done = row.job.cancelled = True
         self._pending.discard((tenant, turn.id))

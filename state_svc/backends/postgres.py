@@ -1179,7 +1179,7 @@ ORDER BY i.seq DESC LIMIT $4
         state = base.check_holder(state, turn.id, lease_token)
         await self._insert_events(conn, state.pk, turn.id, events)
         final = replace(turn, stream_events_json=await self._joined_log(conn, state.pk))
-        result = await self._put_turn(conn, tenant, final, base.turn_digest(final), None, False)
+        result = await self._put_final(conn, tenant, state.pk, final)
         await conn.execute(
             f"""UPDATE {self._s}.background_jobs SET done = true, finished_token = $2
             WHERE response_pk = $1""",
@@ -1187,6 +1187,47 @@ ORDER BY i.seq DESC LIMIT $4
             lease_token,
         )
         return result
+
+    async def _put_final(self, conn: Conn, tenant: str, pk: int, final: Turn) -> PutTurnResult:
+        """The final turn of a background job, as PutTurn replaces a running turn; when its
+        conversation was deleted meanwhile, stored without appending its items anywhere."""
+        s = self._s
+        digest = base.turn_digest(final)
+        if not final.conversation_id or await conn.fetchval(
+            f"""SELECT 1 FROM {s}.conversations WHERE tenant = $1 AND id = $2
+                AND (expire_time_us IS NULL OR expire_time_us > $3)""",
+            tenant,
+            final.conversation_id,
+            base.now_us(),
+        ):
+            return await self._put_turn(conn, tenant, final, digest, None, False)
+        running = await self._load_turn(conn, pk)
+        if not running.in_progress:
+            return await self._put_turn(conn, tenant, final, digest, None, False)
+        stored = base.replacing_turn(running, final)
+        await conn.execute(
+            f"""UPDATE {s}.responses SET response_json = $2, digest = $3,
+                stream_events_json = $4, in_progress = false
+            WHERE pk = $1""",
+            pk,
+            final.response_json,
+            digest,
+            final.stream_events_json,
+        )
+        await conn.execute(f"DELETE FROM {s}.response_items WHERE response_pk = $1", pk)
+        kinds, positions, ids, jsons = _response_item_columns(final)
+        await conn.execute(
+            f"""INSERT INTO {s}.response_items (response_pk, kind, position, item_id, json)
+            SELECT $1, u.kind, u.position, u.item_id, u.json
+            FROM unnest($2::smallint[], $3::integer[], $4::text[], $5::bytea[])
+                AS u (kind, position, item_id, json)""",
+            pk,
+            kinds,
+            positions,
+            ids,
+            jsons,
+        )
+        return PutTurnResult(stored, False, 0)
 
     async def cancel_job(self, tenant: str, turn: Turn, cancel_event: bytes) -> CancelResult:
         return await self._run(self._cancel_job, tenant, turn, cancel_event)
@@ -1211,7 +1252,7 @@ ORDER BY i.seq DESC LIMIT $4
                 base.stamped(cancel_event, seq),
             )
         final = replace(turn, stream_events_json=await self._joined_log(conn, state.pk))
-        result = await self._put_turn(conn, tenant, final, base.turn_digest(final), None, False)
+        result = await self._put_final(conn, tenant, state.pk, final)
         await conn.execute(
             f"""UPDATE {s}.background_jobs SET done = true, cancelled = true
             WHERE response_pk = $1""",

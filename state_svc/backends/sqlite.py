@@ -942,12 +942,36 @@ class SqliteBackend:
         _insert_events(conn, state.pk, turn.id, events)
         final = replace(turn, stream_events_json=_joined_log(conn, state.pk))
         # A failure here rolls the write back to its savepoint: the events go too.
-        result = self._put_turn(conn, tenant, final, None)
+        result = self._put_final(conn, tenant, state.pk, final)
         conn.execute(
             "UPDATE background_jobs SET done = 1, finished_token = ? WHERE response_pk = ?",
             (lease_token, state.pk),
         )
         return result
+
+    def _put_final(
+        self, conn: sqlite3.Connection, tenant: str, pk: int, final: Turn
+    ) -> PutTurnResult:
+        """The final turn of a background job, as PutTurn replaces a running turn; when its
+        conversation was deleted meanwhile, stored without appending its items anywhere."""
+        conversation = final.conversation_id
+        running = _load_turn(conn, pk)
+        if (
+            not conversation
+            or not running.in_progress
+            or _live_conversation(conn, tenant, conversation, base.now_us())
+        ):
+            return self._put_turn(conn, tenant, final, None)
+        stored = base.replacing_turn(running, final)
+        conn.execute(
+            """UPDATE responses SET response_json = ?, digest = ?, stream_events_json = ?,
+                in_progress = 0
+            WHERE pk = ?""",
+            (final.response_json, base.turn_digest(final), final.stream_events_json, pk),
+        )
+        conn.execute("DELETE FROM response_items WHERE response_pk = ?", (pk,))
+        _insert_response_items(conn, pk, final)
+        return PutTurnResult(stored, False, 0)
 
     async def cancel_job(self, tenant: str, turn: Turn, cancel_event: bytes) -> CancelResult:
         return await self._write(self._cancel_job, tenant, turn, cancel_event)
@@ -969,7 +993,7 @@ class SqliteBackend:
                 (state.pk, last + 1, base.stamped(cancel_event, last + 1)),
             )
         final = replace(turn, stream_events_json=_joined_log(conn, state.pk))
-        result = self._put_turn(conn, tenant, final, None)
+        result = self._put_final(conn, tenant, state.pk, final)
         conn.execute(
             "UPDATE background_jobs SET done = 1, cancelled = 1 WHERE response_pk = ?",
             (state.pk,),
@@ -995,6 +1019,18 @@ def _job_state(
     if not has_job:
         return JobState(pk, bool(running), False)
     return JobState(pk, bool(running), True, token, bool(done), bool(cancelled), finished, owner)
+
+
+def _live_conversation(
+    conn: sqlite3.Connection, tenant: str, conversation_id: str, now: int
+) -> bool:
+    return (
+        conn.execute(
+            f"SELECT 1 FROM conversations WHERE tenant = :tenant AND id = :id AND {LIVE}",
+            {"tenant": tenant, "id": conversation_id, "now": now},
+        ).fetchone()
+        is not None
+    )
 
 
 def _last_sequence(conn: sqlite3.Connection, response_pk: int) -> int:

@@ -220,3 +220,17 @@ def test_a_final_turn_its_conversation_refuses_is_stored_failed(stack: Stack, hu
     assert failed.error is not None and "could not be stored" in failed.error.message
     with client.responses.retrieve(started.id, stream=True) as events:
         assert [e.type for e in events][-1] == "response.failed"
+
+
+def test_a_response_whose_conversation_is_deleted_meanwhile_still_ends(
+    stack: Stack, hub: FakeHub
+) -> None:
+    client = stack.client()
+    conv = client.conversations.create()
+    hub.enqueue(Reply(text="one two three", chunk_delay_s=0.2))
+    started = client.responses.create(
+        model="m", input="orphan", conversation=conv.id, background=True
+    )
+    client.conversations.delete(conv.id)
+    done = wait_for(client, started.id, until={"completed", "failed"})
+    assert done.status == "completed" and done.output_text == "one two three"

@@ -136,11 +136,16 @@ class Jobs:
             )
         )
 
-    def cancel(self, response_id: str, event_json: bytes = b"") -> Any:
+    def cancel(self, response_id: str, event_json: bytes = b"", conversation: str = "") -> Any:
         return self.stub.CancelBackgroundResponse(
             pb.CancelBackgroundResponseRequest(
                 tenant=self.tenant,
-                response=turn(response_id, body="cancelled", inputs=[item(f"{response_id}-in")]),
+                response=turn(
+                    response_id,
+                    body="cancelled",
+                    inputs=[item(f"{response_id}-in")],
+                    conversation=conversation,
+                ),
                 cancel_event_json=event_json,
             )
         )
@@ -504,3 +509,22 @@ async def test_a_retried_claim_gets_its_job_again(jobs: Jobs) -> None:
         )
     )
     assert_error(err, INVALID_ARGUMENT, "INVALID_ARGUMENT", field="request_id")
+
+
+async def test_a_job_whose_conversation_was_deleted_still_finishes(
+    jobs: Jobs, client: Client
+) -> None:
+    conv = await client.conversation([item("a")])
+    await jobs.enqueue(running("resp_bg", conversation=conv), owner="w")
+    await jobs.enqueue(running("resp_bg2", conversation=conv), owner="w")
+    await client.stub.DeleteConversation(
+        pb.DeleteConversationRequest(tenant=TENANT, conversation_id=conv)
+    )
+    done = await jobs.finish(final("resp_bg", conversation=conv), 1, event(0, "response.completed"))
+    assert not done.replayed and done.conversation_version == 0
+    stored = (await client.get("resp_bg")).response
+    assert not stored.in_progress and stored.conversation_id == conv
+    assert [i.id for i in stored.output_items] == ["resp_bg-out-completed"]
+    cancelled = await jobs.cancel("resp_bg2", conversation=conv)
+    assert cancelled.cancelled and not cancelled.response.in_progress
+    assert await jobs.claim() is None

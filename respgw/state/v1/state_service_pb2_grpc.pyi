@@ -292,7 +292,9 @@ class StateServiceStub:
     conversation now, on top of what the conversation holds then), its stream_events_json is set
     by the server to the whole event log as a JSON array (whatever the request carried; empty when
     the log is), and the job is finished: no claim takes it again, and every later write with any
-    token is refused. response.in_progress must be unset.
+    token is refused. response.in_progress must be unset. When the response's conversation was
+    deleted while it ran, the turn is stored without appending its items anywhere (there is
+    nowhere left to append them), so that a background response always ends.
 
     Idempotent: a replay with the same lease_token after the job was finished with it stores
     nothing and returns the stored turn with replayed set.
@@ -309,7 +311,8 @@ class StateServiceStub:
     final turn (response: the cancelled form the caller built) replaces the running one as PutTurn
     replaces it, cancel_event_json is appended to its event log as the next event (the server sets
     the event's "sequence_number" member to the number it takes), the final turn's
-    stream_events_json is set to the whole log, and the job is finished with the cancel recorded.
+    stream_events_json is set to the whole log, and the job is finished with the cancel recorded
+    (a deleted conversation as for FinishBackgroundResponse).
     The lease holder learns it at its next RenewBackgroundLease and stops; its later writes are
     refused (LEASE_LOST), so a result that arrives after a cancel is dropped. A response that is
     final already is returned unchanged with cancelled unset, and nothing is written: a cancel
@@ -606,7 +609,9 @@ class StateServiceAsyncStub(StateServiceStub):
     conversation now, on top of what the conversation holds then), its stream_events_json is set
     by the server to the whole event log as a JSON array (whatever the request carried; empty when
     the log is), and the job is finished: no claim takes it again, and every later write with any
-    token is refused. response.in_progress must be unset.
+    token is refused. response.in_progress must be unset. When the response's conversation was
+    deleted while it ran, the turn is stored without appending its items anywhere (there is
+    nowhere left to append them), so that a background response always ends.
 
     Idempotent: a replay with the same lease_token after the job was finished with it stores
     nothing and returns the stored turn with replayed set.
@@ -623,7 +628,8 @@ class StateServiceAsyncStub(StateServiceStub):
     final turn (response: the cancelled form the caller built) replaces the running one as PutTurn
     replaces it, cancel_event_json is appended to its event log as the next event (the server sets
     the event's "sequence_number" member to the number it takes), the final turn's
-    stream_events_json is set to the whole log, and the job is finished with the cancel recorded.
+    stream_events_json is set to the whole log, and the job is finished with the cancel recorded
+    (a deleted conversation as for FinishBackgroundResponse).
     The lease holder learns it at its next RenewBackgroundLease and stops; its later writes are
     refused (LEASE_LOST), so a result that arrives after a cancel is dropped. A response that is
     final already is returned unchanged with cancelled unset, and nothing is written: a cancel
@@ -1025,7 +1031,9 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         conversation now, on top of what the conversation holds then), its stream_events_json is set
         by the server to the whole event log as a JSON array (whatever the request carried; empty when
         the log is), and the job is finished: no claim takes it again, and every later write with any
-        token is refused. response.in_progress must be unset.
+        token is refused. response.in_progress must be unset. When the response's conversation was
+        deleted while it ran, the turn is stored without appending its items anywhere (there is
+        nowhere left to append them), so that a background response always ends.
 
         Idempotent: a replay with the same lease_token after the job was finished with it stores
         nothing and returns the stored turn with replayed set.
@@ -1048,7 +1056,8 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         final turn (response: the cancelled form the caller built) replaces the running one as PutTurn
         replaces it, cancel_event_json is appended to its event log as the next event (the server sets
         the event's "sequence_number" member to the number it takes), the final turn's
-        stream_events_json is set to the whole log, and the job is finished with the cancel recorded.
+        stream_events_json is set to the whole log, and the job is finished with the cancel recorded
+        (a deleted conversation as for FinishBackgroundResponse).
         The lease holder learns it at its next RenewBackgroundLease and stops; its later writes are
         refused (LEASE_LOST), so a result that arrives after a cancel is dropped. A response that is
         final already is returned unchanged with cancelled unset, and nothing is written: a cancel
