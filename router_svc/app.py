@@ -29,7 +29,7 @@ from router_svc.config import RouterSettings
 from router_svc.history_cache import HistoryCache
 from router_svc.http import MAX_ID_CHARS, JSONResponse, KeyedLocks, StreamSlots
 from router_svc.hub import HubClient
-from router_svc.routes import conversations, passthrough, responses
+from router_svc.routes import containers, conversations, passthrough, responses
 from router_svc.services import Services
 from router_svc.state_client import StateClient
 
@@ -304,6 +304,7 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
         routes=[
             *responses.routes,
             *conversations.routes,
+            *containers.routes,
             *passthrough.routes,
             Route("/healthz", healthz),
             Route("/readyz", readyz),
