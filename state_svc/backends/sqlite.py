@@ -22,6 +22,7 @@ import asyncio
 import collections
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -338,7 +339,18 @@ class SqliteBackend:
     def _migrate(self) -> None:
         conn = self._conn()
         # WAL is a property of the file; switching needs no transaction and is a no-op after.
-        conn.execute("PRAGMA journal_mode = WAL")
+        # Two processes opening a new file at once can both try the switch, and SQLite answers
+        # the loser "database is locked" at once, without its busy handler: try again, within
+        # the busy timeout.
+        deadline = time.monotonic() + self._busy_timeout_s
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
