@@ -57,6 +57,9 @@ from router_svc.services import Services
 from router_svc.state_client import CallFailed
 
 log = logging.getLogger(__name__)
+# Back-off jitter from a generator of our own: the global one is the application's (and tests
+# seed it).
+_jitter = random.Random()
 
 RUNS = Counter(
     "respgw_router_background_runs_total",
@@ -164,7 +167,7 @@ class Worker:
     async def _scan_forever(self) -> None:
         interval = self.svc.settings.background_scan_interval_s
         while True:
-            await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+            await asyncio.sleep(interval * _jitter.uniform(0.5, 1.5))
             try:
                 await self.scan()
             except grpc.aio.AioRpcError as exc:

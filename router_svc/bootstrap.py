@@ -35,6 +35,9 @@ from router_svc import errors
 from router_svc.config import RouterSettings
 
 log = logging.getLogger(__name__)
+# Back-off jitter from a generator of our own: the global one is the application's (and tests
+# seed it).
+_jitter = random.Random()
 
 STATEFUL_TOOL_TYPES: dict[str, resources_pb2.ToolKind.ValueType] = {
     "code_interpreter": resources_pb2.TOOL_KIND_CODE_INTERPRETER,
@@ -300,7 +303,7 @@ class GrpcBootstrapper:
                 if exc.code() not in RETRYABLE or attempt >= MAX_RETRIES:
                     raise
                 # Jittered so that many routers retrying at once do not arrive together.
-                pause = BACKOFF_S[attempt] * (0.5 + random.random())
+                pause = BACKOFF_S[attempt] * (0.5 + _jitter.random())
                 if deadline - time.monotonic() - pause < 0.01:
                     raise
                 log.info(

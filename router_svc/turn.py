@@ -41,6 +41,9 @@ from router_svc.services import Services
 from router_svc.validate import TurnRequest
 
 log = logging.getLogger(__name__)
+# Back-off jitter from a generator of our own: the global one is the application's (and tests
+# seed it).
+_jitter = random.Random()
 
 HISTORY_TRUNCATED_HEADER = "x-respgw-history-truncated"
 
@@ -594,7 +597,7 @@ async def settle(
                 if exc.code != "conversation_locked" or attempt == CONVERSATION_ATTEMPTS - 1:
                     raise
             log.info("conversation changed under a turn; running it again on the new history")
-            await asyncio.sleep(random.uniform(0.0, 0.01 * 2**attempt))
+            await asyncio.sleep(_jitter.uniform(0.0, 0.01 * 2**attempt))
     raise AssertionError("unreachable")
 
 
