@@ -91,14 +91,9 @@ class Stack:
             **self.router_overrides,
         )
         self.router_settings = settings
-        config = uvicorn.Config(
-            router_app.create_app(settings),
-            host="127.0.0.1",
-            port=0,
-            loop="none",
-            log_config=None,
-            access_log=False,
-            lifespan="on",
+        # As `respgw router` serves it (the guarded protocol), in this thread's loop.
+        config = router_app.server_config(
+            router_app.create_app(settings), settings, loop="none", lifespan="on"
         )
         self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve())
