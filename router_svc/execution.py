@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
-from gateway import grpcerrors
+from gateway import grpcerrors, tracing
 from gateway.grpcserver import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from respgw.bootstrap.v1 import execution_resources_pb2 as res
@@ -33,6 +34,8 @@ from respgw.bootstrap.v1 import execution_service_pb2_grpc
 from router_svc import errors
 
 log = logging.getLogger(__name__)
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["ExecutionService"].full_name
 
 T = TypeVar("T")
 # How long a capabilities answer (or its absence) is trusted.
@@ -111,6 +114,7 @@ class ExecResult:
     interpreter_restarted: bool = False
     interpreter_stopped: bool = False
     error: str = ""
+    started: bool = False  # the service said the call began (ExecutionStarted)
 
 
 # Called with (command index, "stdout" or "stderr", text) as output arrives.
@@ -215,6 +219,28 @@ class GrpcExecutor:
     def _metadata() -> tuple[tuple[str, str], ...]:
         return ((REQUEST_ID_HEADER, request_id_var.get()),)
 
+    @contextlib.contextmanager
+    def _traced(self, method: str) -> Iterator[tuple[tuple[str, str], ...]]:
+        """The metadata of one call, carrying its CLIENT span's trace when tracing is on (so
+        the execution service's spans join the request's trace)."""
+        metadata = self._metadata()
+        if not tracing.enabled:
+            yield metadata
+            return
+        full = f"{_SERVICE}/{method}"
+        span = tracing.start_client(full, tracing.grpc_attributes(full))
+        code = "OK"
+        try:
+            yield tracing.grpc_metadata(span, metadata)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+            raise
+        except errors.ApiError:
+            code = "UNKNOWN"
+            raise
+        finally:
+            tracing.end_grpc(span, code, server=False)
+
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
@@ -228,11 +254,10 @@ class GrpcExecutor:
         if now - self._capabilities_at < CAPABILITIES_TTL_S:
             return self._capabilities
         try:
-            reply = await self._client().GetExecutionCapabilities(
-                pb.GetExecutionCapabilitiesRequest(),
-                timeout=self.timeout_s,
-                metadata=self._metadata(),
-            )
+            with self._traced("GetExecutionCapabilities") as metadata:
+                reply = await self._client().GetExecutionCapabilities(
+                    pb.GetExecutionCapabilitiesRequest(), timeout=self.timeout_s, metadata=metadata
+                )
         except grpc.aio.AioRpcError as exc:
             level = (
                 logging.DEBUG if exc.code() == grpc.StatusCode.UNIMPLEMENTED else logging.WARNING
@@ -317,56 +342,71 @@ class GrpcExecutor:
         it raises the RpcError."""
         decoders: dict[tuple[int, str], codecs.IncrementalDecoder] = {}
         chunks: dict[tuple[int, str], list[str]] = {}
-        started = False
+        result.started = False
         try:
-            async for message in self._client().Execute(
-                request, timeout=deadline, metadata=self._metadata()
-            ):
-                kind = message.WhichOneof("event")
-                if kind == "started":
-                    started = True
-                elif kind == "output":
-                    stream = (
-                        "stdout" if message.output.stream == res.OUTPUT_STREAM_STDOUT else "stderr"
-                    )
-                    key = (message.output.command_index, stream)
-                    decoder = decoders.setdefault(
-                        key, codecs.getincrementaldecoder("utf-8")(errors="replace")
-                    )
-                    text = decoder.decode(message.output.data)
-                    if text:
-                        chunks.setdefault(key, []).append(text)
-                        if on_output is not None:
-                            await on_output(key[0], stream, text)
-                elif kind == "command_result":
-                    got = message.command_result
-                    result.commands.append(
-                        CommandOutput(
-                            index=got.command_index,
-                            outcome=_OUTCOMES.get(got.outcome, "failed"),
-                            exit_code=got.exit_code,
-                            message=got.message,
-                            truncated=got.output_truncated,
-                        )
-                    )
-                elif kind == "finished":
-                    done = message.finished
-                    result.files = [file_info(f) for f in done.files_changed]
-                    result.interpreter_restarted = done.interpreter_restarted
-                    result.interpreter_stopped = done.interpreter_stopped
+            with self._traced("Execute") as metadata:
+                await self._read(request, deadline, metadata, result, on_output, decoders, chunks)
         except grpc.aio.AioRpcError as exc:
-            if not started:
+            if not result.started:
                 raise
             result.error = _call_error(grpcerrors.error_info(exc))
             _fill(result, decoders, chunks)
             raise _Started from exc
         _fill(result, decoders, chunks)
 
+    async def _read(
+        self,
+        request: pb.ExecuteRequest,
+        deadline: float,
+        metadata: tuple[tuple[str, str], ...],
+        result: ExecResult,
+        on_output: OnOutput | None,
+        decoders: dict[tuple[int, str], codecs.IncrementalDecoder],
+        chunks: dict[tuple[int, str], list[str]],
+    ) -> None:
+        async for message in self._client().Execute(request, timeout=deadline, metadata=metadata):
+            kind = message.WhichOneof("event")
+            if kind == "started":
+                result.started = True
+            elif kind == "output":
+                stream = "stdout" if message.output.stream == res.OUTPUT_STREAM_STDOUT else "stderr"
+                key = (message.output.command_index, stream)
+                decoder = decoders.setdefault(
+                    key, codecs.getincrementaldecoder("utf-8")(errors="replace")
+                )
+                text = decoder.decode(message.output.data)
+                if text:
+                    chunks.setdefault(key, []).append(text)
+                    if on_output is not None:
+                        await on_output(key[0], stream, text)
+            elif kind == "command_result":
+                got = message.command_result
+                result.commands.append(
+                    CommandOutput(
+                        index=got.command_index,
+                        outcome=_OUTCOMES.get(got.outcome, "failed"),
+                        exit_code=got.exit_code,
+                        message=got.message,
+                        truncated=got.output_truncated,
+                    )
+                )
+            elif kind == "finished":
+                done = message.finished
+                result.files = [file_info(f) for f in done.files_changed]
+                result.interpreter_restarted = done.interpreter_restarted
+                result.interpreter_stopped = done.interpreter_stopped
+
     # -- sessions -------------------------------------------------------------------------------
 
-    async def _unary(self, call: Callable[[], Awaitable[T]], param: str | None = None) -> T:
+    async def _unary(
+        self,
+        method: str,
+        call: Callable[[tuple[tuple[str, str], ...]], Awaitable[T]],
+        param: str | None = None,
+    ) -> T:
         try:
-            return await call()
+            with self._traced(method) as metadata:
+                return await call(metadata)
         except grpc.aio.AioRpcError as exc:
             err = grpcerrors.error_info(exc)
             log.warning(
@@ -390,19 +430,16 @@ class GrpcExecutor:
         if idle_ttl_s is not None:
             request.idle_ttl.FromNanoseconds(int(idle_ttl_s * 1e9))
         reply = await self._unary(
-            lambda: self._client().CreateSession(
-                request, timeout=self.timeout_s, metadata=self._metadata()
-            )
+            "CreateSession",
+            lambda md: self._client().CreateSession(request, timeout=self.timeout_s, metadata=md),
         )
         return session_info(reply.session)
 
     async def get_session(self, tenant: str, session_id: str) -> SessionInfo:
+        request = pb.GetSessionRequest(tenant=tenant, session_id=session_id)
         reply = await self._unary(
-            lambda: self._client().GetSession(
-                pb.GetSessionRequest(tenant=tenant, session_id=session_id),
-                timeout=self.timeout_s,
-                metadata=self._metadata(),
-            )
+            "GetSession",
+            lambda md: self._client().GetSession(request, timeout=self.timeout_s, metadata=md),
         )
         return session_info(reply.session)
 
@@ -413,9 +450,10 @@ class GrpcExecutor:
         while True:
             request = pb.ListSessionsRequest(tenant=tenant, page_size=1000, page_token=token)
             reply = await self._unary(
-                lambda r=request: self._client().ListSessions(  # type: ignore[misc]
-                    r, timeout=self.timeout_s, metadata=self._metadata()
-                )
+                "ListSessions",
+                lambda md, r=request: self._client().ListSessions(  # type: ignore[misc]
+                    r, timeout=self.timeout_s, metadata=md
+                ),
             )
             out.extend(session_info(s) for s in reply.sessions)
             token = reply.next_page_token
@@ -423,12 +461,10 @@ class GrpcExecutor:
                 return out
 
     async def delete_session(self, tenant: str, session_id: str) -> None:
+        request = pb.DeleteSessionRequest(tenant=tenant, session_id=session_id)
         await self._unary(
-            lambda: self._client().DeleteSession(
-                pb.DeleteSessionRequest(tenant=tenant, session_id=session_id),
-                timeout=self.timeout_s,
-                metadata=self._metadata(),
-            )
+            "DeleteSession",
+            lambda md: self._client().DeleteSession(request, timeout=self.timeout_s, metadata=md),
         )
 
     # -- files ----------------------------------------------------------------------------------
@@ -442,9 +478,10 @@ class GrpcExecutor:
                 tenant=tenant, session_id=session_id, page_size=1000, page_token=token
             )
             reply = await self._unary(
-                lambda r=request: self._client().ListFiles(  # type: ignore[misc]
-                    r, timeout=self.timeout_s, metadata=self._metadata()
-                )
+                "ListFiles",
+                lambda md, r=request: self._client().ListFiles(  # type: ignore[misc]
+                    r, timeout=self.timeout_s, metadata=md
+                ),
             )
             out.extend(file_info(f) for f in reply.files)
             token = reply.next_page_token
@@ -452,22 +489,18 @@ class GrpcExecutor:
                 return out
 
     async def get_file(self, tenant: str, session_id: str, file_id: str) -> FileInfo:
+        request = pb.GetFileRequest(tenant=tenant, session_id=session_id, file_id=file_id)
         reply = await self._unary(
-            lambda: self._client().GetFile(
-                pb.GetFileRequest(tenant=tenant, session_id=session_id, file_id=file_id),
-                timeout=self.timeout_s,
-                metadata=self._metadata(),
-            )
+            "GetFile",
+            lambda md: self._client().GetFile(request, timeout=self.timeout_s, metadata=md),
         )
         return file_info(reply.file)
 
     async def delete_file(self, tenant: str, session_id: str, file_id: str) -> None:
+        request = pb.DeleteFileRequest(tenant=tenant, session_id=session_id, file_id=file_id)
         await self._unary(
-            lambda: self._client().DeleteFile(
-                pb.DeleteFileRequest(tenant=tenant, session_id=session_id, file_id=file_id),
-                timeout=self.timeout_s,
-                metadata=self._metadata(),
-            )
+            "DeleteFile",
+            lambda md: self._client().DeleteFile(request, timeout=self.timeout_s, metadata=md),
         )
 
     async def upload_file(self, tenant: str, session_id: str, path: str, data: bytes) -> FileInfo:
@@ -479,9 +512,8 @@ class GrpcExecutor:
                 yield pb.UploadFileRequest(data=data[start : start + UPLOAD_CHUNK])
 
         reply = await self._unary(
-            lambda: self._client().UploadFile(
-                parts(), timeout=self.timeout_s * 6, metadata=self._metadata()
-            ),
+            "UploadFile",
+            lambda md: self._client().UploadFile(parts(), timeout=self.timeout_s * 6, metadata=md),
             param="file",
         )
         return file_info(reply.file)
@@ -491,18 +523,22 @@ class GrpcExecutor:
     ) -> tuple[FileInfo, AsyncIterator[bytes]]:
         """The file and an iterator of its content. The first message is read here, so that a
         missing file is an error before any content is promised."""
-        call = self._client().DownloadFile(
-            pb.DownloadFileRequest(tenant=tenant, session_id=session_id, file_id=file_id),
-            timeout=self.timeout_s * 30,
-            metadata=self._metadata(),
-        )
-        stream = call.__aiter__()
-        first = await self._unary(lambda: anext(stream))
-        info = file_info(first.file)
+        request = pb.DownloadFileRequest(tenant=tenant, session_id=session_id, file_id=file_id)
+        calls: list[Any] = []
+
+        async def first(md: tuple[tuple[str, str], ...]) -> pb.DownloadFileResponse:
+            call = self._client().DownloadFile(request, timeout=self.timeout_s * 30, metadata=md)
+            calls.append(call)
+            message: pb.DownloadFileResponse = await anext(call.__aiter__())
+            return message
+
+        head = await self._unary("DownloadFile", first)
+        call = calls[0]
+        info = file_info(head.file)
 
         async def content() -> AsyncIterator[bytes]:
             try:
-                async for message in stream:
+                async for message in call:
                     yield message.data
             finally:
                 call.cancel()
