@@ -200,11 +200,13 @@ def test_grpc_services_count_and_time_each_rpc(
         grew(bootstrap, bootstrap_before, requests, {"method": "PrepareTools", "code": "OK"}) == 1
     )
     assert grew(bootstrap, bootstrap_before, latency, {"method": "PrepareTools"}) == 1
-    # Each process exposes its own RPCs only.
+    # Each process exposes its own RPCs only (the bootstrap service serves the ExecutionService
+    # too, whose capabilities the router reads before it offers code_interpreter).
     assert {ls["method"] for ls in bootstrap.label_sets(requests)} <= {
         "PrepareTools",
         "ReleaseTools",
         "Check",
+        "GetExecutionCapabilities",
     }
     assert "PrepareTools" not in {ls["method"] for ls in state.label_sets(requests)}
 
