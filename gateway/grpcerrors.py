@@ -34,14 +34,25 @@ class ServiceError(Exception):
         return f"{self.code.name} {self.reason}: {self.message}"
 
     def to_status(self) -> grpc.Status:
+        # A caller's id echoed whole could push the trailers past gRPC's metadata limit, which
+        # turns the status into RESOURCE_EXHAUSTED: echoes are cut.
         info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=self.domain, metadata=dict(self.metadata)
+            reason=self.reason,
+            domain=self.domain,
+            metadata={k: clip(v) for k, v in self.metadata.items()},
         )
         detail = any_pb2.Any()
         detail.Pack(info)
-        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+        status = status_pb2.Status(
+            code=self.code.value[0], message=clip(self.message, 1024), details=[detail]
+        )
         result: grpc.Status = rpc_status.to_status(status)
         return result
+
+
+def clip(text: str, limit: int = 256) -> str:
+    """``text`` cut to ``limit`` characters (marked with an ellipsis when cut)."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 async def abort(context: grpc.aio.ServicerContext[object, object], error: ServiceError) -> None:

@@ -72,6 +72,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         self, context: Context, handler: Callable[[Req], Awaitable[Resp]], request: Req
     ) -> Resp:
         try:
+            check_strings(request)
             return await handler(request)
         except ServiceError as exc:
             error = exc
@@ -150,7 +151,9 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         start = time.perf_counter()
         code = "OK"
         try:
-            reply = await handler(getattr(call, which))
+            request = getattr(call, which)
+            check_strings(request)
+            reply = await handler(request)
             getattr(slot(), which).CopyFrom(reply)
         except ServiceError as exc:
             code = exc.code.name
@@ -772,6 +775,40 @@ def _job_pb(job: base.Job) -> resources_pb2.BackgroundJob:
     msg.lease_expire_time.FromMicroseconds(job.lease_expire_us)
     msg.create_time.FromMicroseconds(job.create_time_us)
     return msg
+
+
+# --- every request's strings, before any handler -------------------------------------------
+
+MAX_ID_CHARS = 512
+
+
+def check_strings(request: Any, prefix: str = "") -> None:
+    """Refuses a request whose tenant, ids, keys or owners (every string field, and those of its
+    messages and items) are over MAX_ID_CHARS characters or hold a NUL: INVALID_ARGUMENT naming
+    the field, before anything is read or written (PostgreSQL cannot store a NUL, and no stored
+    id is that long); metadata keys and values likewise. JSON (bytes) is checked elsewhere."""
+    for fd, value in request.ListFields():
+        name = f"{prefix}{fd.name}"
+        if isinstance(value, str):
+            _check_string(name, value)
+        elif fd.type != fd.TYPE_MESSAGE:
+            continue
+        elif fd.message_type.GetOptions().map_entry:
+            for key, item in value.items():
+                _check_string(f"{name}[{key[:32]}]", key)
+                if isinstance(item, str):
+                    _check_string(f"{name}[{key[:32]}]", item)
+        else:
+            if fd.is_repeated:
+                for n, element in enumerate(value):
+                    check_strings(element, f"{name}[{n}].")
+            elif fd.message_type.full_name.startswith("respgw."):
+                check_strings(value, f"{name}.")
+
+
+def _check_string(name: str, value: str) -> None:
+    if len(value) > MAX_ID_CHARS or "\x00" in value:
+        raise _invalid(name, f"{name} must be at most {MAX_ID_CHARS} characters, without NUL")
 
 
 def _set_status(status: state_service_pb2.CallStatus, error: ServiceError) -> None:

@@ -55,6 +55,11 @@ class StateServiceStub:
     Any RPC may also return UNAVAILABLE (reason BACKEND_UNAVAILABLE) when the storage backend cannot
     be reached; nothing was written and the call is safe to retry.
 
+    Limits: every string of a request (tenant, ids, keys, owners, metadata keys and values) is at
+    most 512 characters and holds no NUL character; otherwise the call is INVALID_ARGUMENT
+    (reason INVALID_ARGUMENT, metadata "field" names it) and nothing is read or written. Ids and
+    messages echoed in an error are cut to a few hundred characters.
+
     Background responses: a background response is a durable job of this service, keyed by its
     response (tenant, id), so that it is owned by a lease and not by the process that accepted it.
     EnqueueBackgroundResponse stores the running turn and its job together. A worker holds a job by a
@@ -222,6 +227,11 @@ class StateServiceServicer:
     BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
     Any RPC may also return UNAVAILABLE (reason BACKEND_UNAVAILABLE) when the storage backend cannot
     be reached; nothing was written and the call is safe to retry.
+
+    Limits: every string of a request (tenant, ids, keys, owners, metadata keys and values) is at
+    most 512 characters and holds no NUL character; otherwise the call is INVALID_ARGUMENT
+    (reason INVALID_ARGUMENT, metadata "field" names it) and nothing is read or written. Ids and
+    messages echoed in an error are cut to a few hundred characters.
 
     Background responses: a background response is a durable job of this service, keyed by its
     response (tenant, id), so that it is owned by a lease and not by the process that accepted it.
@@ -727,6 +737,11 @@ class StateService:
     BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
     Any RPC may also return UNAVAILABLE (reason BACKEND_UNAVAILABLE) when the storage backend cannot
     be reached; nothing was written and the call is safe to retry.
+
+    Limits: every string of a request (tenant, ids, keys, owners, metadata keys and values) is at
+    most 512 characters and holds no NUL character; otherwise the call is INVALID_ARGUMENT
+    (reason INVALID_ARGUMENT, metadata "field" names it) and nothing is read or written. Ids and
+    messages echoed in an error are cut to a few hundred characters.
 
     Background responses: a background response is a durable job of this service, keyed by its
     response (tenant, id), so that it is owned by a lease and not by the process that accepted it.
