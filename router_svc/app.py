@@ -85,6 +85,7 @@ def build_services(settings: RouterSettings) -> Services:
             api_key=settings.hub_api_key,
             timeout_s=settings.hub_timeout_s,
             connect_timeout_s=settings.hub_connect_timeout_s,
+            session_header=settings.hub_session_header,
         ),
         bootstrapper=bootstrap.make_bootstrapper(settings),
         executor=execution.make_executor(settings.bootstrap_address, settings.bootstrap_timeout_s),

@@ -96,6 +96,20 @@ class RouterSettings:
         "(every caller is tenant 'default'): for local use only.",
         env="RESPGW_API_KEYS",
     )
+    hub_session_header: str = option(
+        "x-session-id",
+        "Header that carries a turn's session key to the hub: the same for every turn of a "
+        "conversation or previous_response_id chain, so that a prefix-cache-aware router in "
+        "front of the model servers (vLLM's router, llm-d, an Envoy or Caddy hash on the header) "
+        "keeps them on the replica that holds their prompt prefix. Empty sends no header.",
+        env="RESPGW_HUB_SESSION_HEADER",
+    )
+    hub_prompt_cache_key: bool = option(
+        True,
+        "Also send the session key as prompt_cache_key in the hub request when the client sent "
+        "none (OpenAI uses it to route to a warm prompt cache; vLLM ignores it).",
+        env="RESPGW_HUB_PROMPT_CACHE_KEY",
+    )
     strict_params: bool = option(
         False,
         "Refuse a POST /v1/responses body with a top-level parameter the gateway does not know "

@@ -45,6 +45,8 @@ class Chain:
     # When the first response of the chain to expire does (epoch microseconds); None: never.
     expire_us: int | None
     epoch: int
+    # The id of the chain's first response (the hub session key of every turn of the chain).
+    root: str = ""
 
 
 class HistoryCache:
@@ -85,6 +87,7 @@ class HistoryCache:
         parent: Chain | None,
         items: tuple[bytes, ...],
         expire_us: int | None,
+        root: str = "",
     ) -> None:
         """Remembers the chain ending at ``response_id``: ``parent``'s (None for a first turn)
         followed by the turn's own ``items`` (JSON)."""
@@ -102,7 +105,8 @@ class HistoryCache:
         key = (tenant, response_id)
         if key in self._entries:
             self._forget(key)
-        self._entries[key] = Chain(history, nbytes, expire_us, self._epochs.get(tenant, 0))
+        root = parent.root if parent is not None else root
+        self._entries[key] = Chain(history, nbytes, expire_us, self._epochs.get(tenant, 0), root)
         self._bytes += nbytes
         while self._bytes > self._max_bytes and self._entries:
             self._forget(next(iter(self._entries)))

@@ -10,6 +10,7 @@ is several times faster on this workload (measured in the shared PERFORMANCE.md,
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -37,6 +38,11 @@ HUB_ERRORS = Counter("respgw_router_hub_errors_total", "Failed hub calls, by err
 _CONTEXT_HINTS = ("context length", "context_length", "maximum context", "too many tokens")
 
 
+# The current turn's session key (see turn.session_key), sent to the hub as the session header
+# so that prefix-cache-aware routers keep a conversation or a chain on one replica.
+session_var: contextvars.ContextVar[str] = contextvars.ContextVar("hub_session", default="")
+
+
 class HubClient:
     """POSTs JSON to the hub, whole or as a stream of server-sent events."""
 
@@ -48,6 +54,7 @@ class HubClient:
         timeout_s: float = 600.0,
         connect_timeout_s: float = 10.0,
         max_connections: int = 0,
+        session_header: str = "",
     ) -> None:
         self._base = base_url.rstrip("/")
         self._headers = {"content-type": "application/json"}
@@ -55,6 +62,7 @@ class HubClient:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._max_connections = max_connections
+        self._session_header = session_header
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -74,7 +82,11 @@ class HubClient:
 
     def _request_headers(self) -> dict[str, str]:
         rid = request_id_var.get()
-        return {**self._headers, REQUEST_ID_HEADER: rid} if rid else self._headers
+        headers = {**self._headers, REQUEST_ID_HEADER: rid} if rid else self._headers
+        session = session_var.get()
+        if session and self._session_header:
+            headers = {**headers, self._session_header: session}
+        return headers
 
     def _call(
         self, path: str, body: dict[str, Any], *, stream: bool

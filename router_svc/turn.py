@@ -33,7 +33,7 @@ import orjson
 
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import bootstrap, errors, stream, tools, translate, validate
+from router_svc import bootstrap, errors, hub, stream, tools, translate, validate
 from router_svc.history_cache import Chain, HistoryCache
 from router_svc.http import shown_id, valid_id
 from router_svc.ids import new_id
@@ -65,6 +65,11 @@ class Turn:
     key_kind: str = ""
     # The remembered chain the history came from (instead of a GetHistory call), if any.
     parent_chain: Chain | None = None
+    # The id of the first response of the turn's chain (its own id for a first turn), and the
+    # prompt_cache_key the hub request gets when the client sent none (see session_key; empty
+    # when --hub-prompt-cache-key is off).
+    chain_root: str = ""
+    session_key: str = ""
     # The history's items as stored (JSON), when read with GetHistory: the history cache keeps
     # JSON, which the garbage collector never has to walk.
     history_json: tuple[bytes, ...] = ()
@@ -87,12 +92,14 @@ class Turn:
         """The hub path and the body sent upstream."""
         injected = self.prepared.injected_items
         if hub_api == "responses":
-            return "/responses", translate.responses_request(
-                self.req, self.history, injected, stream=stream
-            )
-        return "/chat/completions", translate.chat_request(
-            self.req, self.history, injected, stream=stream
-        )
+            path = "/responses"
+            body = translate.responses_request(self.req, self.history, injected, stream=stream)
+        else:
+            path = "/chat/completions"
+            body = translate.chat_request(self.req, self.history, injected, stream=stream)
+        if self.session_key:
+            body.setdefault("prompt_cache_key", self.session_key)
+        return path, body
 
     def headers(self) -> dict[str, str]:
         if self.omitted_history_items:
@@ -254,11 +261,13 @@ async def begin(
     omitted = 0
     history_json: tuple[bytes, ...] = ()
     parent_chain = None
+    chain_root = ""
     cache = svc.history_cache
     if req.previous_response_id and req.store and cache is not None and svc.state.connected():
         # Verified when the turn is stored (require_intact_chain): see history_cache.
         parent_chain = cache.get(tenant, req.previous_response_id)
     if parent_chain is not None:
+        chain_root = parent_chain.root
         history = [orjson.loads(raw) for raw in parent_chain.items]
         assert cache is not None
         if cache.max_items and len(history) > cache.max_items:
@@ -287,6 +296,8 @@ async def begin(
         history = [orjson.loads(raw) for raw in history_json]
         if req.conversation_id:
             version = reply.conversation_version
+        elif reply.response_ids:
+            chain_root = reply.response_ids[0]
         if reply.truncated:
             omitted = reply.omitted_item_count
     if history and not omitted:
@@ -304,6 +315,10 @@ async def begin(
         log.warning("history truncated", extra={"omitted_items": omitted})
 
     response_id = response_id or ident.response_id or new_id("resp")
+    chain_root = chain_root or req.previous_response_id or response_id
+    session = session_key(tenant, req, chain_root)
+    hub.session_var.set(session)
+    session_in_body = session if svc.settings.hub_prompt_cache_key else ""
     prepared = bootstrap.Prepared.EMPTY
     declared = bootstrap.stateful_tools(req.tools)
     if declared:
@@ -330,7 +345,23 @@ async def begin(
         omitted_history_items=omitted,
         parent_chain=parent_chain,
         history_json=history_json,
+        chain_root=chain_root,
+        session_key=session_in_body,
     )
+
+
+def session_key(tenant: str, req: TurnRequest, chain_root: str) -> str:
+    """The hub session key of a turn: the same for every turn of a conversation or of a
+    previous_response_id chain, so that a prefix-cache-aware router in front of the model servers
+    (vLLM's router, llm-d, an Envoy hash on the header) keeps them on the replica that holds their
+    prefix. The client's own prompt_cache_key wins; otherwise a digest of the tenant and the
+    conversation id or the chain's first response id (ids are not shown to the hub)."""
+    given = req.body.get("prompt_cache_key")
+    if isinstance(given, str) and given:
+        return given
+    anchor = req.conversation_id or chain_root
+    digest = hashlib.blake2b(f"{tenant}\x00{anchor}".encode(), digest_size=16).hexdigest()
+    return f"rg-{digest}"
 
 
 def _response_id(tenant: str, idempotency_key: str) -> str:
@@ -442,7 +473,9 @@ def _remember(
         if expire_us is not None:
             return  # when the older turns of the chain expire is not known here
         own = turn.history_json + own
-    cache.remember(turn.tenant, turn.response_id, turn.parent_chain, own, expire_us)
+    cache.remember(
+        turn.tenant, turn.response_id, turn.parent_chain, own, expire_us, root=turn.chain_root
+    )
 
 
 def _put_not_found(turn: Turn) -> errors.ApiError:
