@@ -974,18 +974,28 @@ _WATCH_RETRIES = 5
 
 async def _follow(svc: Services, tenant: str, response_id: str, after: int) -> AsyncIterator[bytes]:
     last, ended, failures = after, False, 0
+    opened_ended = False
     metadata = ((REQUEST_ID_HEADER, request_id_var.get()),)
     while not ended:
         request = state_service_pb2.WatchResponseEventsRequest(
             tenant=tenant, response_id=response_id, starting_after=last
         )
         try:
-            async for reply in worker(svc).stub.WatchResponseEvents(request, metadata=metadata):
+            watch = worker(svc).stub.WatchResponseEvents(request, metadata=metadata)
+            async for reply in watch:
                 for e in reply.events:
                     kind = orjson.loads(e.json).get("type", "")
+                    if e.sequence_number == 0 and kind in TERMINAL_EVENTS:
+                        # Ended before it ever ran (cancelled while queued): the log holds only
+                        # its end. It is told as stored below, from response.created on.
+                        opened_ended = True
+                        break
                     yield b"event: " + str(kind).encode() + b"\ndata: " + e.json + b"\n\n"
                     last = e.sequence_number
                     ended = ended or kind in TERMINAL_EVENTS
+                if opened_ended:
+                    watch.cancel()
+                    break
                 failures = 0
             break
         except grpc.aio.AioRpcError as exc:
@@ -1012,7 +1022,6 @@ async def _follow(svc: Services, tenant: str, response_id: str, after: int) -> A
         return
     response: dict[str, Any] = orjson.loads(found.response.response_json)
     stored = found.response.stream_events_json
-    events = orjson.loads(stored) if stored else stream.replay_events(response)
-    for event in events:
+    for event in stream.stored_stream(response, orjson.loads(stored) if stored else None):
         if int(event["sequence_number"]) > last:
             yield stream.sse_encode(event)

@@ -630,6 +630,23 @@ class ResponsesStreamTranslator(_Translator):
 # --- replay ----------------------------------------------------------------------------------
 
 
+def stored_stream(
+    response: dict[str, Any], events: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """The events a stored response is streamed with: the ones stored with it, or
+    :func:`replay_events`. Either way the stream opens with ``response.created``; a log that
+    holds only its end (a background response cancelled before it ran) is told from
+    ``response.created`` on, and a cancelled response ends with ``response.cancelled``."""
+    if not events or events[0].get("type") != "response.created":
+        events = replay_events(response)
+    if response.get("status") == "cancelled" and events[-1]["type"] != "response.cancelled":
+        events = [
+            *events,
+            {"type": "response.cancelled", "sequence_number": len(events), "response": response},
+        ]
+    return events
+
+
 def replay_events(response: dict[str, Any]) -> list[dict[str, Any]]:
     """The whole event sequence of a stored response, from ``response.created`` at sequence 0.
 

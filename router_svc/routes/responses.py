@@ -121,7 +121,7 @@ async def _counted(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 async def _replay(
     response: dict[str, Any], starting_after: int, events: list[dict[str, Any]] | None = None
 ) -> AsyncIterator[bytes]:
-    for event in events or stream.replay_events(response):
+    for event in stream.stored_stream(response, events):
         if int(event["sequence_number"]) > starting_after:
             yield stream.sse_encode(event)
     yield stream.SSE_DONE

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import grpc
+import httpx
 import openai
 import pytest
 from openai.types.responses import Response
 
+from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
 from state_svc.config import StateSettings
 from tests.fakehub import FakeHub, Reply, text_of
 from tests.support import Stack
@@ -234,3 +239,59 @@ def test_a_response_whose_conversation_is_deleted_meanwhile_still_ends(
     client.conversations.delete(conv.id)
     done = wait_for(client, started.id, until={"completed", "failed"})
     assert done.status == "completed" and done.output_text == "one two three"
+
+
+def test_a_response_cancelled_while_queued_streams_from_response_created(hub: FakeHub) -> None:
+    """A background response cancelled before any router ran it has only its end in the event
+    log; following it still starts with response.created (so the SDK's stream reading accepts
+    it), ends with response.cancelled, and resumes consistently after any sequence number."""
+    # No scan within the test: nothing claims the job, which stays queued.
+    stack = Stack(hub.url, router={"background_scan_interval_s": 3600}).start()
+    try:
+        queued = {
+            "id": "resp_queued1",
+            "object": "response",
+            "created_at": 1,
+            "status": "queued",
+            "background": True,
+            "model": "m",
+            "output": [],
+        }
+
+        async def enqueue() -> None:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.state_port}") as channel:
+                stub = state_service_pb2_grpc.StateServiceStub(channel)
+                await stub.EnqueueBackgroundResponse(
+                    state_service_pb2.EnqueueBackgroundResponseRequest(
+                        tenant="default",
+                        response=resources_pb2.StoredResponse(
+                            id="resp_queued1",
+                            response_json=json.dumps(queued).encode(),
+                            in_progress=True,
+                        ),
+                        spec=b"{}",
+                    )
+                )
+
+        stack.tl.run(enqueue())
+        client = stack.client()
+        assert client.responses.cancel("resp_queued1").status == "cancelled"
+
+        def events(after: int | None = None) -> list[dict[str, Any]]:
+            params = {"stream": "true"}
+            if after is not None:
+                params["starting_after"] = str(after)
+            with httpx.Client(timeout=10) as http:
+                r = http.get(f"{stack.url}/responses/resp_queued1", params=params)
+            lines = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert lines[-1] == "[DONE]"
+            return [json.loads(line) for line in lines[:-1]]
+
+        whole = events()
+        assert whole[0]["type"] == "response.created"
+        assert whole[-1]["type"] == "response.cancelled"
+        assert [e["sequence_number"] for e in whole] == list(range(len(whole)))
+        assert events(after=0) == whole[1:]
+        assert events(after=whole[-2]["sequence_number"]) == whole[-1:]
+    finally:
+        stack.stop()
