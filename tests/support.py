@@ -57,6 +57,7 @@ class Stack:
         *,
         state: StateSettings | None = None,
         router: dict[str, Any] | None = None,
+        state_port: int = 0,
     ) -> None:
         self.state_settings = state or replace(StateSettings(), backend="memory")
         self.state_settings = replace(self.state_settings, listen="127.0.0.1:0", metrics_port=0)
@@ -65,6 +66,8 @@ class Stack:
         self.port = 0
         self.state_port = 0
         self._clients: list[openai.OpenAI] = []
+        # With state_port: a router only, on the state service of another stack (a replica).
+        self.shared_state_port = state_port
 
     def client(self, api_key: str = "unused") -> openai.OpenAI:
         """A synchronous SDK client for this gateway, closed when the stack stops."""
@@ -81,8 +84,12 @@ class Stack:
         return self
 
     async def _start(self) -> None:
-        self._state = await state_server.start(self.state_settings)
-        self.state_port = self._state.port
+        if self.shared_state_port:
+            self._state_stopped = True  # not this stack's to stop
+            self.state_port = self.shared_state_port
+        else:
+            self._state = await state_server.start(self.state_settings)
+            self.state_port = self._state.port
         settings = replace(
             RouterSettings(),
             host="127.0.0.1",

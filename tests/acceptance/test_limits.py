@@ -5,22 +5,16 @@ answered in OpenAI's error shape. Raw sockets against the router as ``respgw rou
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import uvicorn
 
-from router_svc import app as router_app
-from router_svc.config import RouterSettings
-from state_svc import server as state_server
 from tests.fakehub import FakeHub, Reply
 from tests.support import Stack
 
@@ -38,42 +32,8 @@ LIMITS = {
 }
 
 
-class GuardedStack(Stack):
-    """The in-process stack, served with the router's own uvicorn configuration; with
-    ``state_port``, a router only, on the state service of another stack (a second replica)."""
-
-    def __init__(self, hub_url: str, *, state_port: int = 0, **kwargs: Any) -> None:
-        super().__init__(hub_url, **kwargs)
-        self.shared_state_port = state_port
-
-    async def _start(self) -> None:
-        if self.shared_state_port:
-            self._state_stopped = True  # not this stack's to stop
-            self.state_port = self.shared_state_port
-        else:
-            self._state = await state_server.start(self.state_settings)
-            self.state_port = self._state.port
-        settings = replace(
-            RouterSettings(),
-            host="127.0.0.1",
-            port=0,
-            state_address=f"127.0.0.1:{self.state_port}",
-            **self.router_overrides,
-        )
-        self.router_settings = settings
-        config = router_app.server_config(
-            router_app.create_app(settings), settings, loop="none", lifespan="on"
-        )
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-            if time.monotonic() > deadline:
-                raise TimeoutError("router did not start")
-            await asyncio.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+# The in-process Stack serves the router as `respgw router` does (the guarded protocol).
+GuardedStack = Stack
 
 
 @pytest.fixture(scope="module")
