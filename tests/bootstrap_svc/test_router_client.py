@@ -90,7 +90,9 @@ class Scripted(bootstrap_service_pb2_grpc.BootstrapServiceServicer):
 @pytest.fixture
 async def scripted() -> AsyncIterator[tuple[Scripted, str]]:
     servicer = Scripted()
-    srv = grpc.aio.server()
+    # As every server of ours (gateway.grpcserver): without SO_REUSEPORT, port 0 never hands
+    # this server a port that another test's server still holds.
+    srv = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     bootstrap_service_pb2_grpc.add_BootstrapServiceServicer_to_server(servicer, srv)
     port = srv.add_insecure_port("127.0.0.1:0")
     await srv.start()
