@@ -85,6 +85,8 @@ def build_services(settings: RouterSettings) -> Services:
             api_key=settings.hub_api_key,
             timeout_s=settings.hub_timeout_s,
             connect_timeout_s=settings.hub_connect_timeout_s,
+            first_byte_timeout_s=settings.hub_first_byte_timeout_s,
+            idle_timeout_s=settings.hub_idle_timeout_s,
             session_header=settings.hub_session_header,
         ),
         bootstrapper=bootstrap.make_bootstrapper(settings),

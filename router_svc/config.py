@@ -29,12 +29,24 @@ class RouterSettings:
         "", "Bearer token sent to the hub; empty sends none.", env="RESPGW_HUB_API_KEY"
     )
     hub_timeout_s: float = option(
-        600.0,
-        "Seconds a hub call may take in all before the client gets a 504.",
+        0.0,
+        "Seconds a hub call may take in all before the client gets a 504; 0 sets no total, so a "
+        "long live stream is never cut while it keeps sending (the bounds below still apply).",
         env="RESPGW_HUB_TIMEOUT_S",
     )
     hub_connect_timeout_s: float = option(
         10.0, "Seconds to connect to the hub.", env="RESPGW_HUB_CONNECT_TIMEOUT_S"
+    )
+    hub_first_byte_timeout_s: float = option(
+        300.0,
+        "Seconds the hub may take to start its answer (queueing and prefill included); 0: none.",
+        env="RESPGW_HUB_FIRST_BYTE_TIMEOUT_S",
+    )
+    hub_idle_timeout_s: float = option(
+        120.0,
+        "Seconds the hub may go quiet in the middle of an answer (between two events of a "
+        "stream); 0: none.",
+        env="RESPGW_HUB_IDLE_TIMEOUT_S",
     )
     default_model: str = option(
         "",

@@ -9,6 +9,7 @@ is several times faster on this workload (measured in the shared PERFORMANCE.md,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import logging
@@ -51,8 +52,10 @@ class HubClient:
         base_url: str,
         *,
         api_key: str = "",
-        timeout_s: float = 600.0,
+        timeout_s: float = 0.0,
         connect_timeout_s: float = 10.0,
+        first_byte_timeout_s: float = 300.0,
+        idle_timeout_s: float = 120.0,
         max_connections: int = 0,
         session_header: str = "",
     ) -> None:
@@ -60,7 +63,15 @@ class HubClient:
         self._headers = {"content-type": "application/json"}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
+        # Four bounds, each its own: connecting; the wait for the answer to start (a model may
+        # queue and prefill for long); the gap between two pieces of the answer (a stream that
+        # goes quiet); and, only when set, the whole call (a long live stream is not cut by a
+        # budget meant for a stuck one). 0 means no bound.
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout_s or None, sock_connect=connect_timeout_s or None, sock_read=None
+        )
+        self._first_byte_s = first_byte_timeout_s or None
+        self._idle_s = idle_timeout_s or None
         self._max_connections = max_connections
         self._session_header = session_header
         self._session: aiohttp.ClientSession | None = None
@@ -97,14 +108,22 @@ class HubClient:
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POSTs ``body`` and returns the JSON object the hub answered."""
         async with self._call(path, body, stream=False) as resp:
-            return _json_object(await resp.read())
+            async with self._quiet_limit() as gap:
+                gap.reschedule(self._idle_deadline())
+                raw = await resp.read()
+            return _json_object(raw)
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """POSTs ``body`` and yields each JSON object of the hub's event stream, up to ``[DONE]``
         (or the end of the stream)."""
         async with self._call(path, body, stream=True) as resp:
             data: list[bytes] = []
-            async for raw_line in resp.content:
+            while True:
+                async with self._quiet_limit() as gap:
+                    gap.reschedule(self._idle_deadline())
+                    raw_line = await resp.content.readline()
+                if not raw_line:
+                    break
                 line = raw_line.rstrip(b"\r\n")
                 if line.startswith(b"data:"):
                     data.append(line[5:].lstrip())
@@ -118,6 +137,23 @@ class HubClient:
                 yield _parse_event(payload)
             if data and data != [b"[DONE]"]:
                 yield _parse_event(b"\n".join(data))
+
+    @contextlib.asynccontextmanager
+    async def _quiet_limit(self) -> AsyncIterator[asyncio.Timeout]:
+        """A bound on the next read of the answer (``--hub-idle-timeout-s``): a 504 saying the
+        model server went quiet."""
+        try:
+            async with asyncio.timeout(None) as gap:
+                yield gap
+        except TimeoutError as exc:
+            raise _fail(
+                "upstream_timeout",
+                f"The model server sent nothing for {self._idle_s:g} s in the middle of its answer.",
+                504,
+            ) from exc
+
+    def _idle_deadline(self) -> float | None:
+        return None if self._idle_s is None else asyncio.get_running_loop().time() + self._idle_s
 
     @contextlib.asynccontextmanager
     async def _request(
@@ -142,15 +178,26 @@ class HubClient:
             headers = {**headers, **tracing.headers(span)}
         start = time.perf_counter()
         error: BaseException | None = None
+        started = False
         try:
-            async with self._client().request(
-                method, self._base + path, data=body, headers=headers
-            ) as resp:
-                if resp.status >= 400:
-                    raise _status_error(resp.status, await resp.read())
-                yield resp
+            async with asyncio.timeout(None) as first_byte:
+                if self._first_byte_s is not None:
+                    first_byte.reschedule(asyncio.get_running_loop().time() + self._first_byte_s)
+                async with self._client().request(
+                    method, self._base + path, data=body, headers=headers
+                ) as resp:
+                    started = True
+                    first_byte.reschedule(None)  # the answer started: idle gaps bound it now
+                    if resp.status >= 400:
+                        raise _status_error(resp.status, await resp.read())
+                    yield resp
         except TimeoutError as exc:
-            error = _fail("upstream_timeout", "The model server did not answer in time.", 504)
+            message = (
+                "The model server did not finish in time."
+                if started
+                else "The model server did not start answering in time."
+            )
+            error = _fail("upstream_timeout", message, 504)
             raise error from exc
         except aiohttp.ClientPayloadError as exc:
             error = _fail("upstream_stream_broken", f"The model server's answer broke off: {exc}")
