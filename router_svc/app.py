@@ -29,7 +29,7 @@ from router_svc.config import RouterSettings
 from router_svc.history_cache import HistoryCache
 from router_svc.http import MAX_ID_CHARS, JSONResponse, KeyedLocks, StreamSlots
 from router_svc.hub import HubClient
-from router_svc.routes import containers, conversations, passthrough, responses
+from router_svc.routes import containers, conversations, input_tokens, passthrough, responses
 from router_svc.services import Services
 from router_svc.state_client import StateClient
 
@@ -62,6 +62,8 @@ def check_settings(settings: RouterSettings) -> None:
         raise ValueError(f"--hub-url must start with http:// or https://, got {settings.hub_url!r}")
     if settings.hub_api not in ("chat", "responses"):
         raise ValueError(f"--hub-api must be chat or responses, got {settings.hub_api!r}")
+    if settings.tokenizer not in ("auto", "llamacpp", "off"):
+        raise ValueError(f"--tokenizer must be auto, llamacpp or off, got {settings.tokenizer!r}")
     if settings.history_cache_mb < 0:
         raise ValueError(f"--history-cache-mb must be 0 or more, got {settings.history_cache_mb}")
     if settings.state_streams < 0:
@@ -305,6 +307,7 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
     }
     app = Starlette(
         routes=[
+            *input_tokens.routes,
             *responses.routes,
             *conversations.routes,
             *containers.routes,

@@ -122,6 +122,15 @@ class RouterSettings:
         "none (OpenAI uses it to route to a warm prompt cache; vLLM ignores it).",
         env="RESPGW_HUB_PROMPT_CACHE_KEY",
     )
+    tokenizer: str = option(
+        "auto",
+        "How POST /v1/responses/input_tokens counts: auto asks the hub's tokenizer (a chat hub's "
+        "POST /tokenize at its root, the shape vLLM and SGLang serve, chat template applied; a "
+        "Responses hub's POST /responses/input_tokens) and estimates when the hub has none "
+        "(remembered for 10 minutes); llamacpp uses llama.cpp's /apply-template and /tokenize; "
+        "off always estimates (bytes of the request's text / 4).",
+        env="RESPGW_TOKENIZER",
+    )
     strict_params: bool = option(
         False,
         "Refuse a POST /v1/responses body with a top-level parameter the gateway does not know "

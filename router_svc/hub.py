@@ -215,6 +215,38 @@ class HubClient:
             if span is not None:
                 tracing.end(span, error)
 
+    # --- token counting: the hub's tokenizer endpoints ------------------------------------------
+
+    @property
+    def root(self) -> str:
+        """The hub's server root: its base URL without a trailing ``/v1`` (where vLLM, SGLang
+        and llama.cpp serve ``/tokenize``)."""
+        return self._base[:-3] if self._base.endswith("/v1") else self._base
+
+    async def post_raw(self, path: str, body: dict[str, Any], *, root: bool) -> tuple[int, bytes]:
+        """POSTs ``body`` to ``path`` (under :attr:`root` when ``root``, else under the base URL)
+        and returns the status and the answer's bytes, whatever the status: the caller tells a
+        missing endpoint from a failure. A refused connection or a timeout is an ApiError as for
+        every hub call."""
+        url = (self.root if root else self._base) + path
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._first_byte_s):
+                async with self._client().post(
+                    url, data=orjson.dumps(body), headers=self._request_headers()
+                ) as resp:
+                    return resp.status, await resp.read()
+        except TimeoutError as exc:
+            raise _fail(
+                "upstream_timeout", "The model server did not answer in time.", 504
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise _fail(
+                "upstream_unreachable", f"The model server could not be reached: {exc}"
+            ) from exc
+        finally:
+            HUB_LATENCY.labels(path, "false").observe(time.perf_counter() - start)
+
     # --- pass-through: GET /v1/models, POST /v1/chat/completions --------------------------------
 
     async def get_json(self, path: str) -> dict[str, Any]:
@@ -278,6 +310,16 @@ def _error_message(parsed: Any) -> str:
         if isinstance(parsed.get("detail"), str):
             return str(parsed["detail"])
     return ""
+
+
+def status_error(status: int, raw: bytes) -> errors.ApiError:
+    """The error a hub answer of ``status`` (400 or more) with body ``raw`` is to the client."""
+    return _status_error(status, raw)
+
+
+def malformed(message: str) -> errors.ApiError:
+    """A 502 ``upstream_malformed_response``: the hub answered, with nothing usable."""
+    return _fail("upstream_malformed_response", message)
 
 
 def _status_error(status: int, raw: bytes) -> errors.ApiError:

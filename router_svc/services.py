@@ -57,6 +57,10 @@ class Services:
         task.add_done_callback(lambda _: self.running.pop(key, None))
         return task
 
+    # Until when (time.monotonic()) the hub is known to have no tokenizer endpoint: token counts
+    # are estimated without asking it (router_svc.tokens).
+    tokenizer_absent_until: float = 0.0
+
     # Set once the drain time is over: a background turn cancelled then stores itself as failed.
     shutting_down: bool = False
 

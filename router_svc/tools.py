@@ -475,6 +475,14 @@ def _hex(text: str) -> bool:
 # --- the loop ------------------------------------------------------------------------------
 
 
+async def first_request(svc: Services, turn: Turn) -> dict[str, Any]:
+    """The chat request of the loop's first round, as :func:`answer` would send it (what
+    POST /v1/responses/input_tokens counts)."""
+    loop = _Loop(svc, turn)
+    await loop.prepare(stream=False)
+    return loop.body(0)
+
+
 class _Loop:
     """What both paths share: the offered tools, the chat request, the output, the limits."""
 

@@ -236,11 +236,13 @@ async def begin(
     headers: Mapping[str, str] | None = None,
     ident: Identity | None = None,
     response_id: str = "",
+    prepare_tools: bool = True,
 ) -> Turn:
     """Steps 2 and 3: the history, then the bootstrap.
 
     ``ident`` says how the turn is told from a retry (an ``idempotency_key`` alone is an
-    explicit one); ``response_id`` keeps the id of an earlier attempt of this turn."""
+    explicit one); ``response_id`` keeps the id of an earlier attempt of this turn;
+    ``prepare_tools=False`` calls no bootstrap service (a turn only counted, never run)."""
     if ident is None:
         ident = identify(tenant, b"", req.body, idempotency_key, None, store=req.store)
     # Ids no stored object can have are not found, without asking the state service.
@@ -321,7 +323,7 @@ async def begin(
     session_in_body = session if svc.settings.hub_prompt_cache_key else ""
     prepared = bootstrap.Prepared.EMPTY
     declared = bootstrap.stateful_tools(req.tools)
-    if declared:
+    if declared and prepare_tools:
         prepared = await svc.bootstrapper.prepare(
             request_id=response_id,
             tenant=tenant,

@@ -2,7 +2,9 @@
 request it gets and answers from a script.
 
 It serves ``POST /v1/chat/completions`` (whole or streamed), ``POST /v1/responses`` (a hub that
-speaks the Responses API) and ``GET /v1/models`` (``MODELS``), on 127.0.0.1 with a port of its own,
+speaks the Responses API), ``GET /v1/models`` (``MODELS``) and, at its root as vLLM does,
+``POST /tokenize`` in vLLM's and llama.cpp's shapes, llama.cpp's ``POST /apply-template`` and
+OpenAI's ``POST /v1/responses/input_tokens`` (``tokenizer``; see :func:`token_count`), on 127.0.0.1 with a port of its own,
 from a thread of its own so that synchronous and asynchronous clients can both use it. Without a
 script it echoes the last user message.
 """
@@ -71,6 +73,35 @@ def text_of(message: dict[str, Any]) -> str:
     return ""
 
 
+def render(messages: list[dict[str, Any]], tools: list[Any], *, generation_prompt: bool) -> str:
+    """The fake model's chat template: each message as ``<|role|> text`` and its tool calls as
+    JSON, after the tools as JSON."""
+    parts = [f"<|tools|> {orjson.dumps(tools).decode()}"] if tools else []
+    for message in messages:
+        parts.append(f"<|{message.get('role')}|> {text_of(message)}")
+        parts.extend(orjson.dumps(call).decode() for call in message.get("tool_calls") or [])
+    if generation_prompt:
+        parts.append("<|assistant|>")
+    return " ".join(parts)
+
+
+def token_count(
+    messages: list[dict[str, Any]],
+    tools: list[Any] | None = None,
+    *,
+    generation_prompt: bool = True,
+) -> int:
+    """The fake tokenizer's count: the words of the rendered template."""
+    return len(render(messages, tools or [], generation_prompt=generation_prompt).split())
+
+
+def responses_token_count(body: dict[str, Any]) -> int:
+    """The fake Responses hub's count of a request: the words of its instructions, input and
+    tools as JSON."""
+    text = orjson.dumps([body.get("instructions"), body.get("input"), body.get("tools")])
+    return len(text.decode().split())
+
+
 class FakeHub:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
@@ -78,6 +109,8 @@ class FakeHub:
         self.headers: list[dict[str, str]] = []
         self.paths: list[str] = []
         self.script: deque[Reply] = deque()
+        # Whether POST /tokenize is served (else 404, as a server without it answers).
+        self.tokenizer = True
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -110,6 +143,11 @@ class FakeHub:
             self.headers.clear()
             self.paths.clear()
             self.script.clear()
+            self.tokenizer = True
+
+    def tokenize_requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r, p in zip(self.requests, self.paths, strict=True) if p == "/tokenize"]
 
     def chat_requests(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -124,6 +162,9 @@ class FakeHub:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/v1/responses/input_tokens", self._input_tokens)
+        app.router.add_post("/apply-template", self._apply_template)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -174,6 +215,50 @@ class FakeHub:
         if failed is not None:
             return failed
         return web.json_response(MODELS, dumps=lambda o: orjson.dumps(o).decode())
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's POST /tokenize of chat messages: ``{"count", "max_model_len", "tokens"}``."""
+        body = orjson.loads(await request.read())
+        reply = self._next(body, request)
+        if not self.tokenizer:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        failed = await self._fail(reply)
+        if failed is not None:
+            return failed
+        if "content" in body:  # llama.cpp's shape: the text of an applied template
+            words = str(body["content"]).split()
+            return web.json_response({"tokens": list(range(len(words)))})
+        count = token_count(
+            body.get("messages") or [],
+            body.get("tools"),
+            generation_prompt=body.get("add_generation_prompt", True),
+        )
+        answer = {"count": count, "max_model_len": 4096, "tokens": list(range(count))}
+        return web.json_response(answer, dumps=lambda o: orjson.dumps(o).decode())
+
+    async def _input_tokens(self, request: web.Request) -> web.Response:
+        """OpenAI's POST /v1/responses/input_tokens (when ``tokenizer``)."""
+        body = orjson.loads(await request.read())
+        reply = self._next(body, request)
+        if not self.tokenizer:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        failed = await self._fail(reply)
+        if failed is not None:
+            return failed
+        answer = {"object": "response.input_tokens", "input_tokens": responses_token_count(body)}
+        return web.json_response(answer)
+
+    async def _apply_template(self, request: web.Request) -> web.Response:
+        """llama.cpp's POST /apply-template: ``{"prompt"}``, the chat template applied."""
+        body = orjson.loads(await request.read())
+        reply = self._next(body, request)
+        if not self.tokenizer:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        failed = await self._fail(reply)
+        if failed is not None:
+            return failed
+        prompt = render(body.get("messages") or [], body.get("tools") or [], generation_prompt=True)
+        return web.json_response({"prompt": prompt})
 
     def _usage(self, reply: Reply) -> dict[str, Any]:
         return reply.usage or {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
