@@ -254,8 +254,15 @@ _FUNCTION_OUTPUT_KEYS = frozenset(
 _REASONING_KEYS = frozenset({"type", "id", "summary", "content", "encrypted_content", "status"})
 _CUSTOM_CALL_KEYS = frozenset(
     {"type", "id", "call_id", "input", "name", "namespace", "caller", "status", "created_by"}
+    | {"async"}
 )
-_CUSTOM_OUTPUT_KEYS = frozenset({"type", "id", "call_id", "output", "caller", "status"})
+_CUSTOM_OUTPUT_KEYS = frozenset(
+    {"type", "id", "call_id", "output", "caller", "status", "created_by"}
+)
+# Fields of a call or call output item the gateway never interprets and stores as given, so that
+# an item read back (input_items, GET) is the item sent: who made it, the program that called
+# the tool, and whether the call ran asynchronously.
+_KEPT_CALL_FIELDS = ("namespace", "caller", "created_by", "async")
 _FUNCTION_TOOL_KEYS = frozenset(
     {
         "type",
@@ -1259,10 +1266,15 @@ def _function_call(item: Mapping[str, Any], path: str) -> dict[str, Any]:
         "call_id": _nonempty(_required(item, "call_id", path), f"{path}.call_id"),
         "name": _nonempty(_required(item, "name", path), f"{path}.name"),
     }
-    for key in ("namespace", "caller"):
+    _keep(item, out, _KEPT_CALL_FIELDS)
+    return out
+
+
+def _keep(item: Mapping[str, Any], out: dict[str, Any], keys: Collection[str]) -> None:
+    """Copies the fields ``keys`` the item has (not null) into ``out``, as given."""
+    for key in keys:
         if item.get(key) is not None:
             out[key] = _copy(item[key])
-    return out
 
 
 def _call_output(value: object, path: str) -> str | list[dict[str, Any]]:
@@ -1285,9 +1297,7 @@ def _function_call_output(item: Mapping[str, Any], path: str) -> dict[str, Any]:
         "call_id": _nonempty(_required(item, "call_id", path), f"{path}.call_id"),
         "output": _call_output(_required(item, "output", path), f"{path}.output"),
     }
-    for key in ("name", "namespace", "caller"):
-        if item.get(key) is not None:
-            out[key] = _copy(item[key])
+    _keep(item, out, ("name", *_KEPT_CALL_FIELDS))
     return out
 
 
@@ -1328,9 +1338,7 @@ def _custom_tool_call(item: Mapping[str, Any], path: str) -> dict[str, Any]:
         "input": _string(_required(item, "input", path), f"{path}.input"),
         "name": _nonempty(_required(item, "name", path), f"{path}.name"),
     }
-    for key in ("namespace", "caller"):
-        if item.get(key) is not None:
-            out[key] = _copy(item[key])
+    _keep(item, out, _KEPT_CALL_FIELDS)
     return out
 
 
@@ -1343,6 +1351,5 @@ def _custom_tool_call_output(item: Mapping[str, Any], path: str) -> dict[str, An
         "call_id": _nonempty(_required(item, "call_id", path), f"{path}.call_id"),
         "output": _call_output(_required(item, "output", path), f"{path}.output"),
     }
-    if item.get("caller") is not None:
-        out["caller"] = _copy(item["caller"])
+    _keep(item, out, _KEPT_CALL_FIELDS)
     return out

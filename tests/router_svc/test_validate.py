@@ -1295,3 +1295,32 @@ def test_prompt_templates_are_refused_for_a_chat_hub() -> None:
     )
     # A Responses hub (OpenAI's) resolves it.
     assert parse(body, hub_api="responses").body["prompt"] == body["prompt"]
+
+
+def test_call_items_keep_the_fields_the_gateway_does_not_interpret() -> None:
+    """Items read back from input_items carry created_by (and calls caller and async): sent
+    again, they are stored as given, not trimmed and not refused."""
+    extra = {"caller": {"type": "direct"}, "created_by": "resp_elsewhere"}
+    items = validate.normalize_items(
+        [
+            {
+                "type": "function_call",
+                "call_id": "c1",
+                "name": "f",
+                "arguments": "{}",
+                "async": True,
+            }
+            | extra
+            | {"namespace": "ns"},
+            {"type": "function_call_output", "call_id": "c1", "output": "ok"} | extra,
+            {"type": "custom_tool_call", "call_id": "c2", "name": "g", "input": "x", "async": False}
+            | extra,
+            {"type": "custom_tool_call_output", "call_id": "c2", "output": "ok"} | extra,
+        ]
+    )
+    for item in items:
+        assert item["caller"] == {"type": "direct"}
+        assert item["created_by"] == "resp_elsewhere"
+    assert items[0]["async"] is True
+    assert items[0]["namespace"] == "ns"
+    assert items[2]["async"] is False

@@ -1,0 +1,393 @@
+"""Every item type round-trips, through the openai SDK (issue 12, "Round trip everything").
+
+For each of: an assistant message with ``phase``, a (plain) reasoning item, a function call and
+its output, a custom tool call and its output, and a call to a ``namespace`` tool's function:
+
+1. turn 1 stores it (as the model's output, or as the client's input);
+2. GET /v1/responses/{id} returns the response exactly as created, and input_items lists the
+   stored input exactly as sent (with the ids and statuses the gateway gave it);
+3. turn 2, chained with previous_response_id, sends the hub exactly the expected chat messages;
+4. the same items sent back as explicit input with ``store: false`` (the Codex way) make the hub
+   request of turn 2 again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+import pytest
+
+from tests.fakehub import FakeHub, Reply
+from tests.support import Stack
+
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    "strict": False,
+}
+SQL: dict[str, Any] = {"type": "custom", "name": "run_sql", "description": "Runs one SQL query"}
+LOOKUP: dict[str, Any] = {
+    "type": "function",
+    "name": "lookup",
+    "description": "Finds a customer",
+    "parameters": {"type": "object", "properties": {"email": {"type": "string"}}},
+}
+CRM: dict[str, Any] = {
+    "type": "namespace",
+    "name": "crm",
+    "description": "The customer database",
+    "tools": [LOOKUP],
+}
+
+
+@dataclass
+class Turns:
+    """The JSON of both turns as the gateway answered and stored them."""
+
+    first: dict[str, Any]
+    first_input: list[dict[str, Any]]
+    second: dict[str, Any]
+    second_input: list[dict[str, Any]]
+    chained_messages: list[dict[str, Any]]
+
+
+def created(client: openai.OpenAI, **params: Any) -> dict[str, Any]:
+    raw = client.responses.with_raw_response.create(**params)
+    body: dict[str, Any] = raw.http_response.json()
+    return body
+
+
+def stored_input(client: openai.OpenAI, response_id: str) -> list[dict[str, Any]]:
+    raw = client.responses.input_items.with_raw_response.list(response_id, order="asc")
+    data: list[dict[str, Any]] = raw.http_response.json()["data"]
+    return data
+
+
+def contains(kept: Any, given: Any) -> bool:
+    """Whether ``kept`` holds everything of ``given``: the same values, objects with at least
+    its fields (the gateway adds ids, statuses and an output_text's empty annotations and
+    logprobs, as OpenAI does)."""
+    if isinstance(given, dict):
+        return isinstance(kept, dict) and all(
+            k in kept and contains(kept[k], v) for k, v in given.items()
+        )
+    if isinstance(given, list):
+        return (
+            isinstance(kept, list)
+            and len(kept) == len(given)
+            and all(contains(a, b) for a, b in zip(kept, given, strict=True))
+        )
+    return bool(kept == given)
+
+
+def assert_stored_as_sent(sent: list[dict[str, Any]], stored: list[dict[str, Any]]) -> None:
+    """Each item is stored with every field as sent (a string content as its one text part),
+    plus the id and status the gateway gives an item without them."""
+    assert len(stored) == len(sent)
+    for given, kept in zip(sent, stored, strict=True):
+        assert kept["id"]
+        for key, value in given.items():
+            if key == "content" and isinstance(value, str):
+                assert [p["text"] for p in kept["content"]] == [value]
+            else:
+                assert contains(kept[key], value), (key, kept[key], value)
+
+
+def round_trip(
+    client: openai.OpenAI,
+    hub: FakeHub,
+    *,
+    first_input: list[dict[str, Any]],
+    second_input: list[dict[str, Any]],
+    expected: list[dict[str, Any]],
+    first_reply: Reply | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> Turns:
+    extra: dict[str, Any] = {"tools": tools} if tools else {}
+    if first_reply is not None:
+        hub.enqueue(first_reply)
+    first = created(client, model="fake-model", input=first_input, **extra)
+    raw = client.responses.with_raw_response.retrieve(first["id"])
+    assert raw.http_response.json() == first
+    stored_first = stored_input(client, first["id"])
+    assert_stored_as_sent(first_input, stored_first)
+
+    second = created(
+        client, model="fake-model", input=second_input, previous_response_id=first["id"], **extra
+    )
+    chained = hub.chat_requests()[-1]["messages"]
+    assert chained == expected
+    assert client.responses.with_raw_response.retrieve(second["id"]).http_response.json() == second
+    stored_second = stored_input(client, second["id"])
+    assert_stored_as_sent(second_input, stored_second)
+
+    # The Codex way: every item sent again, nothing stored.
+    replayed = [*stored_first, *first["output"], *stored_second]
+    created(client, model="fake-model", input=replayed, store=False, **extra)
+    assert hub.chat_requests()[-1]["messages"] == chained
+    # The items as the client gave them (without the ids the gateway added) do the same.
+    created(
+        client,
+        model="fake-model",
+        input=[*first_input, *first["output"], *second_input],
+        store=False,
+        **extra,
+    )
+    assert hub.chat_requests()[-1]["messages"] == chained
+    return Turns(first, stored_first, second, stored_second, chained)
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    yield stack.client()
+
+
+def call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+
+
+def test_assistant_messages_keep_their_phase(client: openai.OpenAI, hub: FakeHub) -> None:
+    first_input: list[dict[str, Any]] = [
+        {"type": "message", "role": "user", "content": "Plan the trip."},
+        {
+            "type": "message",
+            "role": "assistant",
+            "phase": "commentary",
+            "content": [{"type": "output_text", "text": "Looking at trains.", "annotations": []}],
+        },
+        {
+            "type": "message",
+            "role": "assistant",
+            "phase": "final_answer",
+            "content": "Take the 9:10.",
+        },
+        {"type": "message", "role": "user", "content": "Thanks."},
+    ]
+    turns = round_trip(
+        client,
+        hub,
+        first_input=first_input,
+        second_input=[{"type": "message", "role": "user", "content": "And back?"}],
+        expected=[
+            {"role": "user", "content": "Plan the trip."},
+            {"role": "assistant", "content": "Looking at trains."},
+            {"role": "assistant", "content": "Take the 9:10."},
+            {"role": "user", "content": "Thanks."},
+            {"role": "assistant", "content": "echo: Thanks."},
+            {"role": "user", "content": "And back?"},
+        ],
+    )
+    assert [i.get("phase") for i in turns.first_input] == [None, "commentary", "final_answer", None]
+    items = client.responses.input_items.list(turns.first["id"], order="asc").data
+    assert [getattr(i, "phase", None) for i in items] == [
+        None,
+        "commentary",
+        "final_answer",
+        None,
+    ]
+
+
+def test_phase_reaches_a_responses_hub(hub: FakeHub) -> None:
+    stack = Stack(hub.url, router={"default_model": "fake-model", "hub_api": "responses"}).start()
+    try:
+        client = stack.client()
+        said = {
+            "type": "message",
+            "role": "assistant",
+            "phase": "commentary",
+            "content": [{"type": "output_text", "text": "Checking.", "annotations": []}],
+        }
+        first = client.responses.create(
+            model="fake-model", input=[{"role": "user", "content": "Hi"}, said]
+        )
+        client.responses.create(model="fake-model", input="Go on", previous_response_id=first.id)
+        chained = hub.requests[-1]["input"]
+        client.responses.create(
+            model="fake-model",
+            input=[
+                *(
+                    i.model_dump(exclude_none=True)
+                    for i in client.responses.input_items.list(first.id, order="asc").data
+                ),
+                *(o.model_dump(exclude_none=True) for o in first.output),
+                {"type": "message", "role": "user", "content": "Go on"},
+            ],
+            store=False,
+        )
+        explicit = hub.requests[-1]["input"]
+    finally:
+        stack.stop()
+    assert chained[1]["phase"] == "commentary"
+    assert chained[1]["content"][0]["text"] == "Checking."
+    assert [i["role"] for i in chained] == ["user", "assistant", "assistant", "user"]
+    assert [{k: v for k, v in i.items() if k != "id"} for i in explicit[:3]] == [
+        {k: v for k, v in i.items() if k != "id"} for i in chained[:3]
+    ]
+
+
+def test_reasoning_is_stored_and_not_replayed_to_a_chat_hub(
+    client: openai.OpenAI, hub: FakeHub
+) -> None:
+    turns = round_trip(
+        client,
+        hub,
+        first_reply=Reply(text="It is 4.", reasoning="Two and two make four."),
+        first_input=[{"type": "message", "role": "user", "content": "2+2?"}],
+        second_input=[{"type": "message", "role": "user", "content": "And 3+3?"}],
+        expected=[
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "It is 4."},
+            {"role": "user", "content": "And 3+3?"},
+        ],
+    )
+    reasoning = turns.first["output"][0]
+    assert reasoning["type"] == "reasoning"
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": "Two and two make four."}]
+    # A reasoning item the client sends is stored as sent.
+    given = {
+        "type": "reasoning",
+        "id": "rs_client1",
+        "summary": [{"type": "summary_text", "text": "Thought about it."}],
+        "content": [{"type": "reasoning_text", "text": "Long thoughts."}],
+    }
+    response = created(
+        client, model="fake-model", input=[{"role": "user", "content": "Hm?"}, given]
+    )
+    assert stored_input(client, response["id"])[1] == given
+    assert hub.chat_requests()[-1]["messages"] == [{"role": "user", "content": "Hm?"}]
+
+
+def test_function_calls_and_outputs(client: openai.OpenAI, hub: FakeHub) -> None:
+    turns = round_trip(
+        client,
+        hub,
+        tools=[WEATHER],
+        first_reply=Reply(
+            text=None,
+            tool_calls=[{"id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'}],
+            finish_reason="tool_calls",
+        ),
+        first_input=[{"type": "message", "role": "user", "content": "Weather in Paris?"}],
+        second_input=[{"type": "function_call_output", "call_id": "call_1", "output": "Sunny"}],
+        expected=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [call("call_1", "get_weather", '{"city":"Paris"}')],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+        ],
+    )
+    fc = turns.first["output"][0]
+    assert (fc["type"], fc["call_id"], fc["name"]) == ("function_call", "call_1", "get_weather")
+
+
+def test_function_calls_sent_by_the_client(client: openai.OpenAI, hub: FakeHub) -> None:
+    """A call and its output given as input (an agent that ran the tool itself)."""
+    round_trip(
+        client,
+        hub,
+        tools=[WEATHER],
+        first_input=[
+            {"type": "message", "role": "user", "content": "Weather in Rome?"},
+            {
+                "type": "function_call",
+                "id": "fc_client1",
+                "call_id": "call_r",
+                "name": "get_weather",
+                "arguments": '{"city": "Rome"}',
+                "status": "completed",
+                "caller": {"type": "direct"},
+                "async": False,
+                "created_by": "resp_elsewhere",
+            },
+            {
+                "type": "function_call_output",
+                "call_id": "call_r",
+                "output": [{"type": "input_text", "text": "Rainy"}],
+                "created_by": "resp_elsewhere",
+            },
+        ],
+        second_input=[{"type": "message", "role": "user", "content": "Umbrella?"}],
+        expected=[
+            {"role": "user", "content": "Weather in Rome?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [call("call_r", "get_weather", '{"city": "Rome"}')],
+            },
+            {"role": "tool", "tool_call_id": "call_r", "content": "Rainy"},
+            {"role": "assistant", "content": "echo: Weather in Rome?"},
+            {"role": "user", "content": "Umbrella?"},
+        ],
+    )
+
+
+def test_custom_tool_calls_and_outputs(client: openai.OpenAI, hub: FakeHub) -> None:
+    turns = round_trip(
+        client,
+        hub,
+        tools=[SQL],
+        first_reply=Reply(
+            text=None,
+            tool_calls=[{"id": "call_s", "name": "run_sql", "arguments": '{"input": "SELECT 1"}'}],
+            finish_reason="tool_calls",
+        ),
+        first_input=[{"type": "message", "role": "user", "content": "Count the rows."}],
+        second_input=[{"type": "custom_tool_call_output", "call_id": "call_s", "output": "1 row"}],
+        expected=[
+            {"role": "user", "content": "Count the rows."},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [call("call_s", "run_sql", '{"input":"SELECT 1"}')],
+            },
+            {"role": "tool", "tool_call_id": "call_s", "content": "1 row"},
+        ],
+    )
+    ctc = turns.first["output"][0]
+    assert (ctc["type"], ctc["name"], ctc["input"]) == ("custom_tool_call", "run_sql", "SELECT 1")
+
+
+def test_namespace_calls_replay_under_their_offered_name(
+    client: openai.OpenAI, hub: FakeHub
+) -> None:
+    # The namespace's "lookup" is offered as crm__lookup: a top-level function has its name.
+    tools = [CRM, {**LOOKUP, "description": "Finds a word"}]
+    turns = round_trip(
+        client,
+        hub,
+        tools=tools,
+        first_reply=Reply(
+            text="Let me look.",
+            tool_calls=[{"id": "call_n", "name": "crm__lookup", "arguments": '{"email":"a@b.c"}'}],
+            finish_reason="tool_calls",
+        ),
+        first_input=[{"type": "message", "role": "user", "content": "Who is a@b.c?"}],
+        second_input=[
+            {"type": "function_call_output", "call_id": "call_n", "output": '{"name":"Ada"}'}
+        ],
+        expected=[
+            {"role": "user", "content": "Who is a@b.c?"},
+            {
+                "role": "assistant",
+                "content": "Let me look.",
+                "tool_calls": [call("call_n", "crm__lookup", '{"email":"a@b.c"}')],
+            },
+            {"role": "tool", "tool_call_id": "call_n", "content": '{"name":"Ada"}'},
+        ],
+    )
+    fc = turns.first["output"][1]
+    assert (fc["name"], fc["namespace"]) == ("lookup", "crm")
+    offered = [t["function"]["name"] for t in hub.chat_requests()[-1]["tools"]]
+    assert offered == ["crm__lookup", "lookup"]
