@@ -307,8 +307,9 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
     }
     app = Starlette(
         routes=[
-            *input_tokens.routes,
             *responses.routes,
+            # After them: POST /v1/responses is matched first, as before (one regex less).
+            *input_tokens.routes,
             *conversations.routes,
             *containers.routes,
             *passthrough.routes,

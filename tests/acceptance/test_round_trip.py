@@ -13,6 +13,7 @@ its output, a custom tool call and its output, and a call to a ``namespace`` too
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,19 @@ def created(client: openai.OpenAI, **params: Any) -> dict[str, Any]:
     return body
 
 
+def streamed(client: openai.OpenAI, **params: Any) -> dict[str, Any]:
+    """The response of a streamed turn, as JSON, from its ``response.completed`` event."""
+    raw = client.responses.with_raw_response.create(stream=True, **params)
+    completed = None
+    for line in raw.http_response.iter_lines():
+        if line.startswith("data: {"):
+            event = json.loads(line[6:])
+            if event["type"] == "response.completed":
+                completed = event["response"]
+    assert completed is not None
+    return completed
+
+
 def stored_input(client: openai.OpenAI, response_id: str) -> list[dict[str, Any]]:
     raw = client.responses.input_items.with_raw_response.list(response_id, order="asc")
     data: list[dict[str, Any]] = raw.http_response.json()["data"]
@@ -107,11 +121,14 @@ def round_trip(
     expected: list[dict[str, Any]],
     first_reply: Reply | None = None,
     tools: list[dict[str, Any]] | None = None,
+    stream: bool = False,
 ) -> Turns:
     extra: dict[str, Any] = {"tools": tools} if tools else {}
     if first_reply is not None:
         hub.enqueue(first_reply)
-    first = created(client, model="fake-model", input=first_input, **extra)
+    first = (streamed if stream else created)(
+        client, model="fake-model", input=first_input, **extra
+    )
     raw = client.responses.with_raw_response.retrieve(first["id"])
     assert raw.http_response.json() == first
     stored_first = stored_input(client, first["id"])
@@ -234,12 +251,14 @@ def test_phase_reaches_a_responses_hub(hub: FakeHub) -> None:
     ]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_reasoning_is_stored_and_not_replayed_to_a_chat_hub(
-    client: openai.OpenAI, hub: FakeHub
+    client: openai.OpenAI, hub: FakeHub, stream: bool
 ) -> None:
     turns = round_trip(
         client,
         hub,
+        stream=stream,
         first_reply=Reply(text="It is 4.", reasoning="Two and two make four."),
         first_input=[{"type": "message", "role": "user", "content": "2+2?"}],
         second_input=[{"type": "message", "role": "user", "content": "And 3+3?"}],
@@ -266,10 +285,12 @@ def test_reasoning_is_stored_and_not_replayed_to_a_chat_hub(
     assert hub.chat_requests()[-1]["messages"] == [{"role": "user", "content": "Hm?"}]
 
 
-def test_function_calls_and_outputs(client: openai.OpenAI, hub: FakeHub) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_function_calls_and_outputs(client: openai.OpenAI, hub: FakeHub, stream: bool) -> None:
     turns = round_trip(
         client,
         hub,
+        stream=stream,
         tools=[WEATHER],
         first_reply=Reply(
             text=None,
@@ -333,10 +354,12 @@ def test_function_calls_sent_by_the_client(client: openai.OpenAI, hub: FakeHub) 
     )
 
 
-def test_custom_tool_calls_and_outputs(client: openai.OpenAI, hub: FakeHub) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_custom_tool_calls_and_outputs(client: openai.OpenAI, hub: FakeHub, stream: bool) -> None:
     turns = round_trip(
         client,
         hub,
+        stream=stream,
         tools=[SQL],
         first_reply=Reply(
             text=None,
@@ -359,14 +382,16 @@ def test_custom_tool_calls_and_outputs(client: openai.OpenAI, hub: FakeHub) -> N
     assert (ctc["type"], ctc["name"], ctc["input"]) == ("custom_tool_call", "run_sql", "SELECT 1")
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_namespace_calls_replay_under_their_offered_name(
-    client: openai.OpenAI, hub: FakeHub
+    client: openai.OpenAI, hub: FakeHub, stream: bool
 ) -> None:
     # The namespace's "lookup" is offered as crm__lookup: a top-level function has its name.
     tools = [CRM, {**LOOKUP, "description": "Finds a word"}]
     turns = round_trip(
         client,
         hub,
+        stream=stream,
         tools=tools,
         first_reply=Reply(
             text="Let me look.",
