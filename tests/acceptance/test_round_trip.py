@@ -386,8 +386,10 @@ def test_custom_tool_calls_and_outputs(client: openai.OpenAI, hub: FakeHub, stre
 def test_namespace_calls_replay_under_their_offered_name(
     client: openai.OpenAI, hub: FakeHub, stream: bool
 ) -> None:
-    # The namespace's "lookup" is offered as crm__lookup: a top-level function has its name.
-    tools = [CRM, {**LOOKUP, "description": "Finds a word"}]
+    # The namespace's "lookup" is offered as crm__lookup (a top-level function has its name), its
+    # custom tool "note" under its own name; the model calls both at once.
+    note = {"type": "custom", "name": "note", "description": "Writes a note"}
+    tools = [{**CRM, "tools": [LOOKUP, note]}, {**LOOKUP, "description": "Finds a word"}]
     turns = round_trip(
         client,
         hub,
@@ -395,24 +397,39 @@ def test_namespace_calls_replay_under_their_offered_name(
         tools=tools,
         first_reply=Reply(
             text="Let me look.",
-            tool_calls=[{"id": "call_n", "name": "crm__lookup", "arguments": '{"email":"a@b.c"}'}],
+            tool_calls=[
+                {"id": "call_n", "name": "crm__lookup", "arguments": '{"email":"a@b.c"}'},
+                {"id": "call_m", "name": "note", "arguments": '{"input":"asked about a@b.c"}'},
+            ],
             finish_reason="tool_calls",
         ),
         first_input=[{"type": "message", "role": "user", "content": "Who is a@b.c?"}],
         second_input=[
-            {"type": "function_call_output", "call_id": "call_n", "output": '{"name":"Ada"}'}
+            {"type": "function_call_output", "call_id": "call_n", "output": '{"name":"Ada"}'},
+            {"type": "custom_tool_call_output", "call_id": "call_m", "output": "noted"},
         ],
         expected=[
             {"role": "user", "content": "Who is a@b.c?"},
             {
                 "role": "assistant",
                 "content": "Let me look.",
-                "tool_calls": [call("call_n", "crm__lookup", '{"email":"a@b.c"}')],
+                "tool_calls": [
+                    call("call_n", "crm__lookup", '{"email":"a@b.c"}'),
+                    call("call_m", "note", '{"input":"asked about a@b.c"}'),
+                ],
             },
             {"role": "tool", "tool_call_id": "call_n", "content": '{"name":"Ada"}'},
+            {"role": "tool", "tool_call_id": "call_m", "content": "noted"},
         ],
     )
-    fc = turns.first["output"][1]
-    assert (fc["name"], fc["namespace"]) == ("lookup", "crm")
+    message, fc, ctc = turns.first["output"]
+    assert message["type"] == "message"
+    assert (fc["type"], fc["name"], fc["namespace"]) == ("function_call", "lookup", "crm")
+    assert (ctc["type"], ctc["name"], ctc["namespace"], ctc["input"]) == (
+        "custom_tool_call",
+        "note",
+        "crm",
+        "asked about a@b.c",
+    )
     offered = [t["function"]["name"] for t in hub.chat_requests()[-1]["tools"]]
-    assert offered == ["crm__lookup", "lookup"]
+    assert offered == ["crm__lookup", "note", "lookup"]
