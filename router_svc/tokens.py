@@ -7,7 +7,7 @@ hub's own tokenizer when it has one (``--tokenizer``):
   chat template applied, generation prompt included), answered ``{"count": N, ...}``: the shape
   vLLM and SGLang serve, at the server root (the hub URL without ``/v1``);
 - ``auto``, a Responses hub: ``POST {hub}/responses/input_tokens`` (OpenAI's own endpoint);
-- ``llamacpp``: llama.cpp's ``POST {root}/apply-template`` (the chat template applied), then
+- ``llamacpp``, a chat hub: llama.cpp's ``POST {root}/apply-template`` (the chat template applied), then
   ``POST {root}/tokenize`` of that prompt, answered ``{"tokens": [...]}``;
 - ``off``, or a hub without the endpoint: an estimate, the bytes of the JSON of the request's
   messages (or input), instructions and tools divided by 4.
@@ -65,10 +65,10 @@ async def count(
     mode = svc.settings.tokenizer
     if mode == "off" or time.monotonic() < svc.tokenizer_absent_until:
         return estimate(body), "estimated"
-    if mode == "llamacpp":
-        counted = await _llamacpp(svc, body)
-    elif path == "/responses":
+    if path == "/responses":
         counted = await _responses_hub(svc, body, model_given=model_given)
+    elif mode == "llamacpp":
+        counted = await _llamacpp(svc, body)
     else:
         counted = await _tokenize(svc, body, model_given=model_given)
     if counted is None:

@@ -224,3 +224,28 @@ def test_a_tokenizer_answering_garbage_is_a_502(client: openai.OpenAI, hub: Fake
     _, method = count(client, model="fake-model", input="x")
     assert method == "tokenizer"
     assert len(hub.tokenize_requests()) == 5
+
+
+def test_stateful_tool_items_are_counted_as_the_tool_loop_sends_them(
+    client: openai.OpenAI, hub: FakeHub
+) -> None:
+    """A code_interpreter call in the input goes to a chat hub as the tool loop replays it."""
+    items: list[Any] = [
+        {"type": "message", "role": "user", "content": "Compute 6*7."},
+        {
+            "type": "code_interpreter_call",
+            "id": "ci_1",
+            "code": "print(6*7)",
+            "container_id": "cntr_1",
+            "status": "completed",
+            "outputs": [{"type": "logs", "logs": "42"}],
+        },
+        {"type": "message", "role": "user", "content": "And?"},
+    ]
+    tokens, method = count(client, model="fake-model", input=items)
+    assert method == "tokenizer"
+    client.responses.create(model="fake-model", input=items, store=False)
+    sent = hub.chat_requests()[-1]["messages"]
+    assert any(m.get("tool_calls") for m in sent)  # the call replayed as a function call
+    assert hub.tokenize_requests()[-1]["messages"] == sent
+    assert tokens == token_count(sent)
