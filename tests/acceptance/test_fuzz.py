@@ -227,6 +227,15 @@ def test_turn_bodies(http: httpx.Client, known: dict[str, str], body: dict[str, 
 
 
 @FUZZ
+@given(body=turn_body, personality=nasty_text | json_value)
+def test_count_bodies(
+    http: httpx.Client, known: dict[str, str], body: dict[str, Any], personality: Any
+) -> None:
+    counted = {**body, "personality": personality}
+    check(http.post("/responses/input_tokens", content=orjson.dumps(counted), headers=JSON))
+
+
+@FUZZ
 @given(
     raw=st.binary(max_size=200)
     | st.text(max_size=200).map(str.encode)
@@ -241,7 +250,7 @@ def test_turn_bodies(http: httpx.Client, known: dict[str, str], body: dict[str, 
     )
 )
 def test_raw_bodies(http: httpx.Client, raw: bytes) -> None:
-    for path in ("/responses", "/conversations", "/chat/completions"):
+    for path in ("/responses", "/responses/input_tokens", "/conversations", "/chat/completions"):
         check(http.post(path, content=raw, headers=JSON))
 
 
