@@ -62,6 +62,8 @@ class Reply:
     # Sent as the whole (non-streamed) answer instead of a well-formed one: JSON of the wrong
     # shape, for instance.
     raw_body: bytes | None = None
+    # The phase of the message a Responses hub answers with ("commentary", "final_answer").
+    phase: str | None = None
 
 
 def text_of(message: dict[str, Any]) -> str:
@@ -399,6 +401,8 @@ class FakeHub:
             "status": "completed",
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
         }
+        if reply.phase is not None:
+            item["phase"] = reply.phase
         usage = {
             "input_tokens": 11,
             "input_tokens_details": {"cached_tokens": 0},

@@ -66,7 +66,7 @@ def created(client: openai.OpenAI, **params: Any) -> dict[str, Any]:
 def streamed(client: openai.OpenAI, **params: Any) -> dict[str, Any]:
     """The response of a streamed turn, as JSON, from its ``response.completed`` event."""
     raw = client.responses.with_raw_response.create(stream=True, **params)
-    completed = None
+    completed: dict[str, Any] | None = None
     for line in raw.http_response.iter_lines():
         if line.startswith("data: {"):
             event = json.loads(line[6:])
@@ -214,6 +214,8 @@ def test_assistant_messages_keep_their_phase(client: openai.OpenAI, hub: FakeHub
 
 
 def test_phase_reaches_a_responses_hub(hub: FakeHub) -> None:
+    """A Responses hub gets the items as stored, phase included, chained or sent back; the phase
+    of its own answer is kept."""
     stack = Stack(hub.url, router={"default_model": "fake-model", "hub_api": "responses"}).start()
     try:
         client = stack.client()
@@ -223,32 +225,23 @@ def test_phase_reaches_a_responses_hub(hub: FakeHub) -> None:
             "phase": "commentary",
             "content": [{"type": "output_text", "text": "Checking.", "annotations": []}],
         }
-        first = client.responses.create(
-            model="fake-model", input=[{"role": "user", "content": "Hi"}, said]
-        )
-        client.responses.create(model="fake-model", input="Go on", previous_response_id=first.id)
+        hub.enqueue(Reply(text="All good.", phase="final_answer"))
+        first = created(client, model="fake-model", input=[{"role": "user", "content": "Hi"}, said])
+        retrieved = client.responses.with_raw_response.retrieve(first["id"])
+        assert retrieved.http_response.json() == first
+        assert client.responses.retrieve(first["id"]).output[0].phase == "final_answer"  # type: ignore[union-attr]
+        stored = stored_input(client, first["id"])
+        created(client, model="fake-model", input="Go on", previous_response_id=first["id"])
         chained = hub.requests[-1]["input"]
-        client.responses.create(
-            model="fake-model",
-            input=[
-                *(
-                    i.model_dump(exclude_none=True)
-                    for i in client.responses.input_items.list(first.id, order="asc").data
-                ),
-                *(o.model_dump(exclude_none=True) for o in first.output),
-                {"type": "message", "role": "user", "content": "Go on"},
-            ],
-            store=False,
-        )
+        then = {"type": "message", "role": "user", "content": "Go on"}
+        created(client, model="fake-model", input=[*stored, *first["output"], then], store=False)
         explicit = hub.requests[-1]["input"]
     finally:
         stack.stop()
-    assert chained[1]["phase"] == "commentary"
-    assert chained[1]["content"][0]["text"] == "Checking."
-    assert [i["role"] for i in chained] == ["user", "assistant", "assistant", "user"]
-    assert [{k: v for k, v in i.items() if k != "id"} for i in explicit[:3]] == [
-        {k: v for k, v in i.items() if k != "id"} for i in chained[:3]
-    ]
+    assert chained[:3] == [*stored, *first["output"]]
+    assert [i.get("phase") for i in chained] == [None, "commentary", "final_answer", None]
+    assert explicit[:3] == chained[:3]
+    assert explicit[3]["content"] == chained[3]["content"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
