@@ -308,14 +308,14 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
     app = Starlette(
         routes=[
             *responses.routes,
-            # After them: POST /v1/responses is matched first, as before (one regex less).
-            *input_tokens.routes,
             *conversations.routes,
             *containers.routes,
             *passthrough.routes,
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            # Last: every other route is matched as before, without trying one more pattern.
+            *input_tokens.routes,
         ],
         exception_handlers=handlers,
         lifespan=lifespan,
