@@ -106,6 +106,10 @@ class MemoryBackend:
         # The job and lease token each claim got, by its request_id (for replays); a claim's
         # entry goes when its job is finished.
         self._claims: dict[str, tuple[tuple[str, str], int]] = {}
+        # Where each (tenant, item id) was stored: (RESPONSE_COPY, response id) or
+        # (CONVERSATION_COPY, conversation id). Entries are only added; get_items checks each
+        # against the live rows and drops those that no longer hold the item.
+        self._item_index: dict[tuple[str, str], set[tuple[int, str]]] = {}
 
     # --- lookups that hide expired rows ---------------------------------------------------
 
@@ -143,6 +147,21 @@ class MemoryBackend:
         if conv.request_id:
             self._requests.pop((conv.tenant, conv.request_id), None)
 
+    def _index(self, tenant: str, where: int, owner: str, items: Sequence[Item]) -> None:
+        for item in items:
+            self._item_index.setdefault((tenant, item.id), set()).add((where, owner))
+
+    def _index_turn(self, tenant: str, turn: Turn) -> None:
+        if not turn.in_progress:
+            self._index(tenant, base.RESPONSE_COPY, turn.id, turn.input_items)
+            self._index(tenant, base.RESPONSE_COPY, turn.id, turn.output_items)
+
+    def _append(
+        self, tenant: str, conv: _Conversation, items: Sequence[Item], now: int
+    ) -> tuple[Item, ...]:
+        self._index(tenant, base.CONVERSATION_COPY, conv.id, items)
+        return conv.append(items, now)
+
     # --- responses ------------------------------------------------------------------------
 
     async def put_turn(
@@ -179,6 +198,7 @@ class MemoryBackend:
         version = self._add_to_conversation(tenant, turn, expected_conversation_version, now)
         self._pk += 1
         self._responses[(tenant, turn.id)] = _Response(self._pk, tenant, stored, digest, version)
+        self._index_turn(tenant, stored)
         if turn.idempotency_key:
             self._keys[(tenant, turn.idempotency_key)] = turn.id
         return PutTurnResult(stored, False, version)
@@ -191,6 +211,7 @@ class MemoryBackend:
         row.conversation_version = self._add_to_conversation(row.tenant, turn, expected, now)
         row.turn = stored
         row.digest = digest
+        self._index_turn(row.tenant, stored)
         return PutTurnResult(stored, False, row.conversation_version)
 
     def _add_to_conversation(self, tenant: str, turn: Turn, expected: int | None, now: int) -> int:
@@ -206,7 +227,7 @@ class MemoryBackend:
         for item in items:
             if item.id in conv.seq_by_id:
                 raise base.item_id_conflict(conv.id, item.id)
-        conv.append(items, now)
+        self._append(tenant, conv, items, now)
         self._touch(conv, now)
         return conv.version
 
@@ -252,6 +273,47 @@ class MemoryBackend:
         chain.reverse()
         return chain
 
+    async def get_items(self, tenant: str, item_ids: Sequence[str]) -> dict[str, Item]:
+        now = base.now_us()
+        rows: list[tuple[str, bytes, int, int, int, int]] = []
+        for item_id in item_ids:
+            places = self._item_index.get((tenant, item_id))
+            if not places:
+                continue
+            for where, owner in list(places):
+                found = self._copies(tenant, item_id, where, owner, now)
+                if not found:
+                    places.discard((where, owner))
+                rows.extend(found)
+            if not places:
+                del self._item_index[(tenant, item_id)]
+        return base.newest_items(rows)
+
+    def _copies(
+        self, tenant: str, item_id: str, where: int, owner: str, now: int
+    ) -> list[tuple[str, bytes, int, int, int, int]]:
+        """The live copies of an item where the index says it was stored (rows for
+        base.newest_items); none when that place is gone or no longer holds it."""
+        if where == base.CONVERSATION_COPY:
+            conv = self._find_conversation(tenant, owner, now)
+            seq = conv.seq_by_id.get(item_id) if conv is not None else None
+            if conv is None or seq is None:
+                return []
+            item = conv.items[seq]
+            return [(item_id, item.json, item.create_time_us, seq, where, seq)]
+        row = self._response(tenant, owner, now)
+        if row is None:
+            return []
+        turn = row.turn
+        if turn.in_progress:
+            # Its final turn indexes its items again when it replaces it.
+            return []
+        return [
+            (item_id, i.json, turn.create_time_us, i.sequence, where, row.pk)
+            for i in (*turn.input_items, *turn.output_items)
+            if i.id == item_id
+        ]
+
     async def delete_response(self, tenant: str, response_id: str) -> None:
         row = self._response(tenant, response_id, base.now_us())
         if row is None:
@@ -288,7 +350,7 @@ class MemoryBackend:
             request_id=request_id,
             request_digest=digest,
         )
-        stored = conv.append(items, now)
+        stored = self._append(tenant, conv, items, now)
         self._conversations[(tenant, conv.id)] = conv
         if request_id:
             self._requests[(tenant, request_id)] = conv.id
@@ -330,7 +392,7 @@ class MemoryBackend:
         if replayed is not None:
             return AppendResult(replayed, conv.version, True)
         base.check_version(conv.id, expected_version, conv.version)
-        stored = conv.append(items, now)
+        stored = self._append(tenant, conv, items, now)
         self._touch(conv, now)
         return AppendResult(stored, conv.version, False)
 
@@ -567,6 +629,7 @@ class MemoryBackend:
             return await self.put_turn(tenant, final, expected_conversation_version=None)
         stored = base.replacing_turn(row.turn, final)
         row.turn, row.digest, row.conversation_version = stored, base.turn_digest(final), 0
+        self._index_turn(tenant, stored)
         return PutTurnResult(stored, False, 0)
 
     async def cancel_job(self, tenant: str, turn: Turn, cancel_event: bytes) -> CancelResult:
