@@ -1120,7 +1120,8 @@ def test_invalid_input_items(raw: Any, code: str, param: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "ref", [{"type": "item_reference", "id": "msg_1"}, {"id": "msg_1"}, {"type": None, "id": "msg_1"}]
+    "ref",
+    [{"type": "item_reference", "id": "msg_1"}, {"id": "msg_1"}, {"type": None, "id": "msg_1"}],
 )
 def test_item_references_are_kept_for_the_turn_to_resolve(ref: Any) -> None:
     """The typed form and OpenAI's bare form (only an id) are both references, marked by
