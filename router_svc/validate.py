@@ -519,10 +519,13 @@ def parse_turn_request(
             raise missing("model")
     model = _string(model, "model")
 
-    input_items = normalize_items(body.get("input"), param="input", references=True)
-    references = tuple(
-        i for i, item in enumerate(input_items) if item.get("type") == "item_reference"
-    )
+    raw_input = body.get("input")
+    input_items = normalize_items(raw_input, param="input", references=True)
+    references: tuple[int, ...] = ()
+    if isinstance(raw_input, list):
+        references = tuple(
+            i for i, item in enumerate(input_items) if item.get("type") == "item_reference"
+        )
 
     instructions = body.get("instructions")
     if instructions is not None:

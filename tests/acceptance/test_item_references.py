@@ -5,6 +5,7 @@ hub alike; an id the tenant has no item for is OpenAI's 400 naming the reference
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -244,3 +245,24 @@ def test_a_referenced_function_call_answers_its_output(stack: Stack, hub: FakeHu
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model="m", tools=tools, input=[ref("fc_nope"), output])
     assert isinstance(info.value.body, dict) and info.value.body["param"] == "input[0]"
+
+
+def test_a_background_turn_runs_on_the_resolved_items(stack: Stack, hub: FakeHub) -> None:
+    client = stack.client()
+    hub.enqueue(Reply(text="Hello Ada."), Reply(text="You are Ada."))
+    first = client.responses.create(model="m", input="My name is Ada.")
+    started = client.responses.create(
+        model="m",
+        background=True,
+        input=[ref(first.output[0].id), {"role": "user", "content": "Who am I?"}],
+    )
+    deadline = time.monotonic() + 10
+    while client.responses.retrieve(started.id).status != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert chat_messages(hub.chat_requests()[-1]) == [
+        ("assistant", "Hello Ada."),
+        ("user", "Who am I?"),
+    ]
+    stored = list(client.responses.input_items.list(started.id, order="asc"))
+    assert stored[0].model_dump() == first.output[0].model_dump()
