@@ -137,11 +137,15 @@ MIGRATIONS: list[list[str]] = [
         """CREATE INDEX IF NOT EXISTS background_claims_response
             ON {s}.background_claims (response_pk)""",
     ],
-    # 6: items by id, for GetItems (item_reference inputs).
+    # 6: items by id, for GetItems (item_reference inputs). The unique constraint on a
+    # conversation's item ids is led by the item id now, which serves both lookups (by
+    # conversation and id, and by id alone), so that an append maintains no more indexes than
+    # before; ON CONFLICT (conversation_pk, item_id) infers it whatever its column order.
     [
         "CREATE INDEX IF NOT EXISTS response_items_item_id ON {s}.response_items (item_id)",
-        """CREATE INDEX IF NOT EXISTS conversation_items_item_id
-            ON {s}.conversation_items (item_id)""",
+        "ALTER TABLE {s}.conversation_items DROP CONSTRAINT IF EXISTS conversation_items_id",
+        """ALTER TABLE {s}.conversation_items
+            ADD CONSTRAINT conversation_items_id UNIQUE (item_id, conversation_pk)""",
     ],
 ]
 

@@ -148,10 +148,14 @@ MIGRATIONS: list[list[str]] = [
         """CREATE INDEX IF NOT EXISTS background_claims_response
             ON background_claims (response_pk)""",
     ],
-    # 6: items by id, for GetItems (item_reference inputs).
+    # 6: items by id, for GetItems (item_reference inputs). A conversation's items keep one
+    # unique index, led by the item id now, which serves both lookups (by conversation and id,
+    # and by id alone), so that an append maintains no more indexes than before.
     [
         "CREATE INDEX IF NOT EXISTS response_items_item_id ON response_items (item_id)",
-        "CREATE INDEX IF NOT EXISTS conversation_items_item_id ON conversation_items (item_id)",
+        "DROP INDEX IF EXISTS conversation_items_id",
+        """CREATE UNIQUE INDEX IF NOT EXISTS conversation_items_item_id
+            ON conversation_items (item_id, conversation_pk)""",
     ],
 ]
 
