@@ -141,15 +141,27 @@ class MemoryBackend:
         del self._responses[(row.tenant, row.turn.id)]
         if row.turn.idempotency_key:
             self._keys.pop((row.tenant, row.turn.idempotency_key), None)
+        items = (*row.turn.input_items, *row.turn.output_items)
+        self._unindex(row.tenant, base.RESPONSE_COPY, row.turn.id, items)
 
     def _drop_conversation(self, conv: _Conversation) -> None:
         del self._conversations[(conv.tenant, conv.id)]
         if conv.request_id:
             self._requests.pop((conv.tenant, conv.request_id), None)
+        self._unindex(conv.tenant, base.CONVERSATION_COPY, conv.id, list(conv.items.values()))
 
     def _index(self, tenant: str, where: int, owner: str, items: Sequence[Item]) -> None:
         for item in items:
             self._item_index.setdefault((tenant, item.id), set()).add((where, owner))
+
+    def _unindex(self, tenant: str, where: int, owner: str, items: Sequence[Item]) -> None:
+        """Forgets where deleted items were (get_items would drop the entries anyway)."""
+        for item in items:
+            places = self._item_index.get((tenant, item.id))
+            if places is not None:
+                places.discard((where, owner))
+                if not places:
+                    del self._item_index[(tenant, item.id)]
 
     def _index_turn(self, tenant: str, turn: Turn) -> None:
         if not turn.in_progress:
@@ -435,7 +447,7 @@ class MemoryBackend:
         seq = conv.seq_by_id.pop(item_id, None)
         if seq is None:
             raise base.item_not_found(conv.id, item_id)
-        del conv.items[seq]
+        self._unindex(tenant, base.CONVERSATION_COPY, conv.id, [conv.items.pop(seq)])
         conv.seqs.pop(bisect.bisect_left(conv.seqs, seq))
         return conv.public()
 
