@@ -394,7 +394,7 @@ def _stored(
         id=t.response_id,
         previous_response_id=t.req.previous_response_id or "",
         conversation_id=t.req.conversation_id or "",
-        input_items=[turn.item_to_proto(i) for i in t.req.input_items] if inputs else [],
+        input_items=[turn.item_to_proto(i) for i in t.req.stored_inputs()] if inputs else [],
         output_items=[turn.item_to_proto(i) for i in response.get("output", [])],
         response_json=orjson.dumps(response),
         idempotency_key=t.idempotency_key,

@@ -143,6 +143,11 @@ def previous_response_not_found(response_id: str) -> InvalidRequest:
     )
 
 
+def item_not_found(item_id: str, param: str) -> InvalidRequest:
+    """An item reference to an item the tenant has not stored (OpenAI's 400)."""
+    return InvalidRequest(f"Item with id '{item_id}' not found.", param=param, code="not_found")
+
+
 def response_not_found(response_id: str) -> NotFound:
     return NotFound(f"Response with id '{response_id}' not found.", code="not_found")
 

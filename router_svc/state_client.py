@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -64,6 +64,8 @@ _BACKOFF_S = (0.05, 0.2)
 # The RPCs that go over Exchange streams, with their field in ExchangeRequest.call.
 _EXCHANGED = {"PutTurn": "put_turn", "GetHistory": "get_history", "GetResponse": "get_response"}
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# The most ids one GetItems call may ask for (its contract).
+MAX_ITEM_IDS = 100
 
 
 class CallFailed(Exception):
@@ -346,6 +348,18 @@ class StateClient:
             STATE_CALL_LATENCY.labels(method).observe(time.perf_counter() - start)
             if span is not None:
                 tracing.end_grpc(span, code, server=False)
+
+    async def get_items(self, tenant: str, item_ids: Sequence[str]) -> dict[str, bytes]:
+        """The JSON of the stored items with these ids (GetItems, up to MAX_ITEM_IDS ids a
+        call), by id; ids not found are left out."""
+        found: dict[str, bytes] = {}
+        for start in range(0, len(item_ids), MAX_ITEM_IDS):
+            request = pb.GetItemsRequest(
+                tenant=tenant, item_ids=item_ids[start : start + MAX_ITEM_IDS]
+            )
+            reply = await self.call("GetItems", request)
+            found.update((item.id, item.json) for item in reply.items)
+        return found
 
     async def find(self, method: str, request: Any) -> Any | None:
         """Like :meth:`call`, but NOT_FOUND answers None instead of raising."""

@@ -20,6 +20,7 @@ Order of the steps, and what each failure leaves behind:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import random
@@ -302,7 +303,10 @@ async def begin(
             chain_root = reply.response_ids[0]
         if reply.truncated:
             omitted = reply.omitted_item_count
-    if history and not omitted:
+    references = bool(req.references)
+    if references:
+        req = await resolve_references(svc, tenant, req, history)
+    if (history or references) and not omitted:
         # A call output must answer a call of the input or of the history (OpenAI's 400); a
         # cut history cannot say, so it is not checked then.
         validate.check_tool_outputs(req.input_items, history)
@@ -350,6 +354,47 @@ async def begin(
         chain_root=chain_root,
         session_key=session_in_body,
     )
+
+
+async def resolve_references(
+    svc: Services, tenant: str, req: TurnRequest, history: list[dict[str, Any]]
+) -> TurnRequest:
+    """The request with each item reference of its input replaced, in place, by the item it
+    names, as stored: from the turn's history when the item is there (its newest copy), else
+    from the tenant's stored response and conversation items, in one GetItems call for all of
+    them. An id the tenant has no item for is a 400 naming the reference (``input[2]``).
+
+    The resolved items are stored as the turn's input like any input item, except in a
+    conversation: an item already in the conversation (its history, or earlier in this input)
+    is sent to the model but not stored again, since a conversation holds an id once."""
+    wanted = {str(req.input_items[i]["id"]) for i in req.references}
+    known: dict[str, dict[str, Any]] = {}
+    for item in history:
+        item_id = item.get("id")
+        if item_id in wanted:
+            known[item_id] = item  # a later copy wins, as GetItems picks the newest
+    missing = [i for i in wanted if i not in known]
+    if missing:
+        fetched = await svc.state.get_items(tenant, sorted(missing))
+        known.update((item_id, orjson.loads(data)) for item_id, data in fetched.items())
+    items = list(req.input_items)
+    for position in req.references:
+        item_id = str(items[position]["id"])
+        found = known.get(item_id)
+        if found is None:
+            raise errors.item_not_found(shown_id(item_id), f"input[{position}]")
+        # A copy: the history's items are sent to the hub too, and the turn's are stored.
+        items[position] = orjson.loads(orjson.dumps(found))
+    unstored: tuple[int, ...] = ()
+    if req.conversation_id:
+        seen = {item.get("id") for item in history}
+        kept: list[int] = []
+        for position, item in enumerate(items):
+            if position in req.references and item.get("id") in seen:
+                kept.append(position)
+            seen.add(item.get("id"))
+        unstored = tuple(kept)
+    return dataclasses.replace(req, input_items=items, references=(), unstored=unstored)
 
 
 def session_key(tenant: str, req: TurnRequest, chain_root: str) -> str:
@@ -401,7 +446,7 @@ async def store(
         id=turn.response_id,
         previous_response_id=turn.req.previous_response_id or "",
         conversation_id=turn.req.conversation_id or "",
-        input_items=[item_to_proto(i) for i in turn.req.input_items],
+        input_items=[item_to_proto(i) for i in turn.req.stored_inputs()],
         output_items=[item_to_proto(i) for i in response.get("output", [])],
         response_json=orjson.dumps(response),
         idempotency_key=turn.idempotency_key,

@@ -294,6 +294,18 @@ class TurnRequest:
     metadata: dict[str, str]
     tools: list[dict[str, Any]]
     include: list[str]
+    # The positions in input_items of item references ({"type": "item_reference", "id": ...}),
+    # which turn.begin replaces by the items they name before anything else reads the input.
+    references: tuple[int, ...] = ()
+    # The positions of input items sent to the model but not stored with the turn: resolved
+    # references to items already in the turn's conversation (see turn.resolve_references).
+    unstored: tuple[int, ...] = ()
+
+    def stored_inputs(self) -> list[dict[str, Any]]:
+        """The input items stored with the turn."""
+        if not self.unstored:
+            return self.input_items
+        return [item for i, item in enumerate(self.input_items) if i not in self.unstored]
 
 
 def _copy(value: _T) -> _T:
@@ -514,7 +526,13 @@ def parse_turn_request(
             raise missing("model")
     model = _string(model, "model")
 
-    input_items = normalize_items(body.get("input"), param="input")
+    raw_input = body.get("input")
+    input_items = normalize_items(raw_input, param="input", references=True)
+    references: tuple[int, ...] = ()
+    if isinstance(raw_input, list):
+        references = tuple(
+            i for i, item in enumerate(input_items) if item.get("type") == "item_reference"
+        )
 
     instructions = body.get("instructions")
     if instructions is not None:
@@ -571,8 +589,9 @@ def parse_turn_request(
     if not has_history and body.get("prompt") is None:
         # A prompt template may bring the input; on a chat hub check_chat_hub refuses it.
         _has_input(body.get("input"))
-    if not has_history:
-        # With a history, the call may be in it: the turn checks that once it has loaded it.
+    if not has_history and not references:
+        # With a history, the call may be in it, and a referenced item may be the call: the turn
+        # checks that once it has loaded them.
         check_tool_outputs(input_items)
 
     req = TurnRequest(
@@ -588,6 +607,7 @@ def parse_turn_request(
         metadata=metadata,
         tools=tools,
         include=include,
+        references=references,
     )
     if hub_api == "chat":
         check_chat_hub(req)
@@ -1064,8 +1084,14 @@ def _tool_choice(value: object, tools: list[dict[str, Any]]) -> None:
 # --- input items -----------------------------------------------------------------------------
 
 
-def normalize_items(raw: object, *, param: str = "input") -> list[dict[str, Any]]:
+def normalize_items(
+    raw: object, *, param: str = "input", references: bool = False
+) -> list[dict[str, Any]]:
     """The caller's input (a string or an array of items) as the items to store, each with an id.
+
+    An item reference (``{"type": "item_reference", "id": ...}``, or an object with only an
+    ``id``) is kept as ``{"type": "item_reference", "id": ...}`` for the caller to resolve when
+    ``references`` is set, and refused otherwise.
 
     Raises :class:`errors.InvalidRequest` naming the offending item (``input[2].content``).
     """
@@ -1075,7 +1101,17 @@ def normalize_items(raw: object, *, param: str = "input") -> list[dict[str, Any]
         return [user_message(raw)]
     if not isinstance(raw, list):
         raise invalid_type(param, "one of a string or an array of input items", raw)
-    return [_item(entry, f"{param}[{i}]") for i, entry in enumerate(raw)]
+    items = [_item(entry, f"{param}[{i}]") for i, entry in enumerate(raw)]
+    if not references:
+        for i, item in enumerate(items):
+            if item.get("type") == "item_reference":
+                raise errors.InvalidRequest(
+                    f"Item references are not supported in '{param}' ('{param}[{i}]' refers "
+                    f"to item '{item['id']}'). Send the item itself.",
+                    param=f"{param}[{i}]",
+                    code="unsupported_value",
+                )
+    return items
 
 
 def user_message(text: str) -> dict[str, Any]:
@@ -1114,14 +1150,10 @@ def _item(raw: object, path: str) -> dict[str, Any]:
     if kind == "custom_tool_call_output":
         return _custom_tool_call_output(item, path)
     if kind == "item_reference":
-        ref = item.get("id")
-        raise errors.InvalidRequest(
-            f"Item references are not supported by this server ('{path}' refers to item "
-            f"'{ref}'). Send the item itself, or continue with 'previous_response_id' or "
-            "'conversation'.",
-            param=path,
-            code="unsupported_value",
-        )
+        _check_keys(item, ("type", "id"), path)
+        if item.get("id") is None:
+            raise missing(f"{path}.id")
+        return {"type": "item_reference", "id": _nonempty(item["id"], f"{path}.id")}
     # Item types of built-in tools: stored as given, never interpreted by the gateway.
     stored = _copy(item)
     stored["type"] = kind

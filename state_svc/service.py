@@ -40,6 +40,8 @@ DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 # Most events in one WatchResponseEvents message (a longer backlog goes in several).
 WATCH_BATCH = 256
+# Most ids one GetItems call may ask for.
+MAX_ITEM_IDS = 100
 
 BACKEND_LATENCY = Histogram(
     "respgw_state_backend_latency_seconds",
@@ -299,6 +301,30 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             response_ids=history.response_ids,
         )
         _add_items(reply.items, history.items)
+        return reply
+
+    async def GetItems(
+        self, request: state_service_pb2.GetItemsRequest, context: Context
+    ) -> state_service_pb2.GetItemsResponse:
+        return await self._serve(context, self._get_items, request)
+
+    async def _get_items(
+        self, request: state_service_pb2.GetItemsRequest
+    ) -> state_service_pb2.GetItemsResponse:
+        tenant = _tenant(request.tenant)
+        asked = request.item_ids
+        if not asked:
+            raise _invalid("item_ids", "item_ids must not be empty")
+        if len(asked) > MAX_ITEM_IDS:
+            raise _invalid("item_ids", f"at most {MAX_ITEM_IDS} item_ids are allowed")
+        for n, item_id in enumerate(asked):
+            _require(item_id, f"item_ids[{n}]")
+        ids = list(dict.fromkeys(asked))
+        found = await self._timed("get_items", self._backend.get_items(tenant, ids))
+        reply = state_service_pb2.GetItemsResponse(
+            missing_item_ids=[i for i in ids if i not in found]
+        )
+        _add_items(reply.items, (found[i] for i in ids if i in found))
         return reply
 
     async def DeleteResponse(
@@ -791,6 +817,9 @@ def check_strings(request: Any, prefix: str = "") -> None:
         name = f"{prefix}{fd.name}"
         if isinstance(value, str):
             _check_string(name, value)
+        elif fd.type == fd.TYPE_STRING and fd.is_repeated:
+            for n, element in enumerate(value):
+                _check_string(f"{name}[{n}]", element)
         elif fd.type != fd.TYPE_MESSAGE:
             continue
         elif fd.message_type.GetOptions().map_entry:

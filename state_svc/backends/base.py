@@ -190,6 +190,12 @@ class Backend(Protocol):
         self, tenant: str, conversation_id: str, *, limit: int
     ) -> History: ...
 
+    async def get_items(self, tenant: str, item_ids: Sequence[str]) -> dict[str, Item]:
+        """The newest live copy of each of ``item_ids`` (distinct) the tenant stored in a final
+        response or a conversation, by id (see GetItems in the proto and
+        :func:`newest_items`); ids not found are left out. One indexed lookup per id."""
+        ...
+
     async def delete_response(self, tenant: str, response_id: str) -> None: ...
 
     async def create_conversation(
@@ -617,6 +623,30 @@ def conversation_history_from_rows(conversation_id: str, rows: Sequence[Any]) ->
         if row[2] is not None
     ]
     return History(items=items, omitted=rows[0][1] - len(items), conversation_version=rows[0][0])
+
+
+# --- items by id (GetItems) -------------------------------------------------------------------
+
+# Where a copy of an item is stored, as GetItems breaks a tie of times: a conversation's copy
+# wins over a response's, since a turn's items are written to both at the same time.
+RESPONSE_COPY = 0
+CONVERSATION_COPY = 1
+
+
+def newest_items(rows: Iterable[Any]) -> dict[str, Item]:
+    """The newest copy of each item among ``rows`` (item id, json, create time, sequence, where
+    it is stored, pk of its response or conversation): the latest create time, then a
+    conversation's copy, then the later stored response or conversation."""
+    best: dict[str, tuple[tuple[int, int, int], Item]] = {}
+    for item_id, data, create_time_us, sequence, where, pk in rows:
+        rank = (create_time_us, where, pk)
+        held = best.get(item_id)
+        if held is None or rank > held[0]:
+            best[item_id] = (
+                rank,
+                Item(id=item_id, json=data, sequence=sequence, create_time_us=create_time_us),
+            )
+    return {item_id: item for item_id, (_, item) in best.items()}
 
 
 # --- errors -------------------------------------------------------------------------------

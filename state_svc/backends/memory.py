@@ -106,6 +106,10 @@ class MemoryBackend:
         # The job and lease token each claim got, by its request_id (for replays); a claim's
         # entry goes when its job is finished.
         self._claims: dict[str, tuple[tuple[str, str], int]] = {}
+        # Where each (tenant, item id) was stored: (RESPONSE_COPY, response id) or
+        # (CONVERSATION_COPY, conversation id). Entries are only added; get_items checks each
+        # against the live rows and drops those that no longer hold the item.
+        self._item_index: dict[tuple[str, str], set[tuple[int, str]]] = {}
 
     # --- lookups that hide expired rows ---------------------------------------------------
 
@@ -137,11 +141,38 @@ class MemoryBackend:
         del self._responses[(row.tenant, row.turn.id)]
         if row.turn.idempotency_key:
             self._keys.pop((row.tenant, row.turn.idempotency_key), None)
+        items = (*row.turn.input_items, *row.turn.output_items)
+        self._unindex(row.tenant, base.RESPONSE_COPY, row.turn.id, items)
 
     def _drop_conversation(self, conv: _Conversation) -> None:
         del self._conversations[(conv.tenant, conv.id)]
         if conv.request_id:
             self._requests.pop((conv.tenant, conv.request_id), None)
+        self._unindex(conv.tenant, base.CONVERSATION_COPY, conv.id, list(conv.items.values()))
+
+    def _index(self, tenant: str, where: int, owner: str, items: Sequence[Item]) -> None:
+        for item in items:
+            self._item_index.setdefault((tenant, item.id), set()).add((where, owner))
+
+    def _unindex(self, tenant: str, where: int, owner: str, items: Sequence[Item]) -> None:
+        """Forgets where deleted items were (get_items would drop the entries anyway)."""
+        for item in items:
+            places = self._item_index.get((tenant, item.id))
+            if places is not None:
+                places.discard((where, owner))
+                if not places:
+                    del self._item_index[(tenant, item.id)]
+
+    def _index_turn(self, tenant: str, turn: Turn) -> None:
+        if not turn.in_progress:
+            self._index(tenant, base.RESPONSE_COPY, turn.id, turn.input_items)
+            self._index(tenant, base.RESPONSE_COPY, turn.id, turn.output_items)
+
+    def _append(
+        self, tenant: str, conv: _Conversation, items: Sequence[Item], now: int
+    ) -> tuple[Item, ...]:
+        self._index(tenant, base.CONVERSATION_COPY, conv.id, items)
+        return conv.append(items, now)
 
     # --- responses ------------------------------------------------------------------------
 
@@ -179,6 +210,7 @@ class MemoryBackend:
         version = self._add_to_conversation(tenant, turn, expected_conversation_version, now)
         self._pk += 1
         self._responses[(tenant, turn.id)] = _Response(self._pk, tenant, stored, digest, version)
+        self._index_turn(tenant, stored)
         if turn.idempotency_key:
             self._keys[(tenant, turn.idempotency_key)] = turn.id
         return PutTurnResult(stored, False, version)
@@ -191,6 +223,7 @@ class MemoryBackend:
         row.conversation_version = self._add_to_conversation(row.tenant, turn, expected, now)
         row.turn = stored
         row.digest = digest
+        self._index_turn(row.tenant, stored)
         return PutTurnResult(stored, False, row.conversation_version)
 
     def _add_to_conversation(self, tenant: str, turn: Turn, expected: int | None, now: int) -> int:
@@ -206,7 +239,7 @@ class MemoryBackend:
         for item in items:
             if item.id in conv.seq_by_id:
                 raise base.item_id_conflict(conv.id, item.id)
-        conv.append(items, now)
+        self._append(tenant, conv, items, now)
         self._touch(conv, now)
         return conv.version
 
@@ -252,6 +285,47 @@ class MemoryBackend:
         chain.reverse()
         return chain
 
+    async def get_items(self, tenant: str, item_ids: Sequence[str]) -> dict[str, Item]:
+        now = base.now_us()
+        rows: list[tuple[str, bytes, int, int, int, int]] = []
+        for item_id in item_ids:
+            places = self._item_index.get((tenant, item_id))
+            if not places:
+                continue
+            for where, owner in list(places):
+                found = self._copies(tenant, item_id, where, owner, now)
+                if not found:
+                    places.discard((where, owner))
+                rows.extend(found)
+            if not places:
+                del self._item_index[(tenant, item_id)]
+        return base.newest_items(rows)
+
+    def _copies(
+        self, tenant: str, item_id: str, where: int, owner: str, now: int
+    ) -> list[tuple[str, bytes, int, int, int, int]]:
+        """The live copies of an item where the index says it was stored (rows for
+        base.newest_items); none when that place is gone or no longer holds it."""
+        if where == base.CONVERSATION_COPY:
+            conv = self._find_conversation(tenant, owner, now)
+            seq = conv.seq_by_id.get(item_id) if conv is not None else None
+            if conv is None or seq is None:
+                return []
+            item = conv.items[seq]
+            return [(item_id, item.json, item.create_time_us, seq, where, seq)]
+        row = self._response(tenant, owner, now)
+        if row is None:
+            return []
+        turn = row.turn
+        if turn.in_progress:
+            # Its final turn indexes its items again when it replaces it.
+            return []
+        return [
+            (item_id, i.json, turn.create_time_us, i.sequence, where, row.pk)
+            for i in (*turn.input_items, *turn.output_items)
+            if i.id == item_id
+        ]
+
     async def delete_response(self, tenant: str, response_id: str) -> None:
         row = self._response(tenant, response_id, base.now_us())
         if row is None:
@@ -288,7 +362,7 @@ class MemoryBackend:
             request_id=request_id,
             request_digest=digest,
         )
-        stored = conv.append(items, now)
+        stored = self._append(tenant, conv, items, now)
         self._conversations[(tenant, conv.id)] = conv
         if request_id:
             self._requests[(tenant, request_id)] = conv.id
@@ -330,7 +404,7 @@ class MemoryBackend:
         if replayed is not None:
             return AppendResult(replayed, conv.version, True)
         base.check_version(conv.id, expected_version, conv.version)
-        stored = conv.append(items, now)
+        stored = self._append(tenant, conv, items, now)
         self._touch(conv, now)
         return AppendResult(stored, conv.version, False)
 
@@ -373,7 +447,7 @@ class MemoryBackend:
         seq = conv.seq_by_id.pop(item_id, None)
         if seq is None:
             raise base.item_not_found(conv.id, item_id)
-        del conv.items[seq]
+        self._unindex(tenant, base.CONVERSATION_COPY, conv.id, [conv.items.pop(seq)])
         conv.seqs.pop(bisect.bisect_left(conv.seqs, seq))
         return conv.public()
 
@@ -567,6 +641,7 @@ class MemoryBackend:
             return await self.put_turn(tenant, final, expected_conversation_version=None)
         stored = base.replacing_turn(row.turn, final)
         row.turn, row.digest, row.conversation_version = stored, base.turn_digest(final), 0
+        self._index_turn(tenant, stored)
         return PutTurnResult(stored, False, 0)
 
     async def cancel_job(self, tenant: str, turn: Turn, cancel_event: bytes) -> CancelResult:

@@ -137,6 +137,16 @@ MIGRATIONS: list[list[str]] = [
         """CREATE INDEX IF NOT EXISTS background_claims_response
             ON {s}.background_claims (response_pk)""",
     ],
+    # 6: items by id, for GetItems (item_reference inputs). The unique constraint on a
+    # conversation's item ids is led by the item id now, which serves both lookups (by
+    # conversation and id, and by id alone), so that an append maintains no more indexes than
+    # before; ON CONFLICT (conversation_pk, item_id) infers it whatever its column order.
+    [
+        "CREATE INDEX IF NOT EXISTS response_items_item_id ON {s}.response_items (item_id)",
+        "ALTER TABLE {s}.conversation_items DROP CONSTRAINT IF EXISTS conversation_items_id",
+        """ALTER TABLE {s}.conversation_items
+            ADD CONSTRAINT conversation_items_id UNIQUE (item_id, conversation_pk)""",
+    ],
 ]
 
 # A unique violation on these means another transaction stored the same id or key first: the
@@ -237,6 +247,28 @@ UNION ALL
 SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, json, total, NULL
 FROM items WHERE rank <= $4
 ORDER BY 1, 5 NULLS FIRST, 6
+"""
+        # The copies of some items ($2) in the tenant's live, final responses and live
+        # conversations, as rows for base.newest_items: each id one search of each item index
+        # (the LATERAL subqueries, as above, keep the planner from joining whole tables).
+        self._items_sql = f"""
+WITH ids AS MATERIALIZED (SELECT DISTINCT unnest($2::text[]) AS item_id)
+SELECT i.item_id, i.json, r.create_time_us, i.position::bigint, {base.RESPONSE_COPY}, r.pk
+FROM ids CROSS JOIN LATERAL (
+    SELECT * FROM {s}.response_items x WHERE x.item_id = ids.item_id OFFSET 0
+) i CROSS JOIN LATERAL (
+    SELECT * FROM {s}.responses y WHERE y.pk = i.response_pk OFFSET 0
+) r
+WHERE r.tenant = $1 AND NOT r.in_progress
+    AND (r.expire_time_us IS NULL OR r.expire_time_us > $3)
+UNION ALL
+SELECT i.item_id, i.json, i.create_time_us, i.seq, {base.CONVERSATION_COPY}, c.pk
+FROM ids CROSS JOIN LATERAL (
+    SELECT * FROM {s}.conversation_items x WHERE x.item_id = ids.item_id OFFSET 0
+) i CROSS JOIN LATERAL (
+    SELECT * FROM {s}.conversations y WHERE y.pk = i.conversation_pk OFFSET 0
+) c
+WHERE c.tenant = $1 AND (c.expire_time_us IS NULL OR c.expire_time_us > $3)
 """
         # A turn joined with its items (see _turn_from_rows).
         self._turn_sql = f"""SELECT r.id, r.previous_response_id, r.conversation_id,
@@ -582,6 +614,12 @@ ORDER BY i.seq DESC LIMIT $4
             args.append(limit)
         rows = await self._run(_fetch, sql, *args, write=False)
         return base.history_from_rows(response_id, rows)
+
+    async def get_items(self, tenant: str, item_ids: Sequence[str]) -> dict[str, Item]:
+        rows = await self._run(
+            _fetch, self._items_sql, tenant, list(item_ids), base.now_us(), write=False
+        )
+        return base.newest_items(tuple(row) for row in rows)
 
     async def delete_response(self, tenant: str, response_id: str) -> None:
         status = await self._run(

@@ -148,6 +148,15 @@ MIGRATIONS: list[list[str]] = [
         """CREATE INDEX IF NOT EXISTS background_claims_response
             ON background_claims (response_pk)""",
     ],
+    # 6: items by id, for GetItems (item_reference inputs). A conversation's items keep one
+    # unique index, led by the item id now, which serves both lookups (by conversation and id,
+    # and by id alone), so that an append maintains no more indexes than before.
+    [
+        "CREATE INDEX IF NOT EXISTS response_items_item_id ON response_items (item_id)",
+        "DROP INDEX IF EXISTS conversation_items_id",
+        """CREATE UNIQUE INDEX IF NOT EXISTS conversation_items_item_id
+            ON conversation_items (item_id, conversation_pk)""",
+    ],
 ]
 
 # The live background jobs that are not finished, with their response still running: what
@@ -242,6 +251,21 @@ WITH c AS MATERIALIZED (
 SELECT c.version, c.total, i.seq, i.item_id, i.json, i.create_time_us
 FROM c LEFT JOIN conversation_items i ON i.conversation_pk = c.pk
 ORDER BY i.seq DESC LIMIT :limit
+"""
+
+# The copies of some items (ids as a JSON array) in the tenant's live, final responses and live
+# conversations, as rows for base.newest_items. Each id drives one search of each item index.
+ITEMS_SQL = f"""
+WITH ids (item_id) AS MATERIALIZED (SELECT DISTINCT value FROM json_each(:ids))
+SELECT i.item_id, i.json, r.create_time_us, i.position, {base.RESPONSE_COPY}, r.pk
+FROM ids CROSS JOIN response_items i ON i.item_id = ids.item_id
+    CROSS JOIN responses r ON r.pk = i.response_pk
+WHERE r.tenant = :tenant AND NOT r.in_progress AND {LIVE.replace("expire", "r.expire")}
+UNION ALL
+SELECT i.item_id, i.json, i.create_time_us, i.seq, {base.CONVERSATION_COPY}, c.pk
+FROM ids CROSS JOIN conversation_items i ON i.item_id = ids.item_id
+    CROSS JOIN conversations c ON c.pk = i.conversation_pk
+WHERE c.tenant = :tenant AND {LIVE.replace("expire", "c.expire")}
 """
 
 _UNAVAILABLE_MARKERS = ("locked", "busy", "unable to open", "disk i/o", "readonly", "full")
@@ -636,6 +660,9 @@ class SqliteBackend:
             {"tenant": tenant, "id": response_id, "now": base.now_us(), "limit": limit},
         ).fetchall()
         return base.history_from_rows(response_id, rows)
+
+    async def get_items(self, tenant: str, item_ids: Sequence[str]) -> dict[str, Item]:
+        return await self._read(_get_items, tenant, item_ids)
 
     async def delete_response(self, tenant: str, response_id: str) -> None:
         await self._write(self._delete_response, tenant, response_id)
@@ -1313,6 +1340,14 @@ def _list_items(
     ).fetchall()
     items = [Item(id=r[1], json=r[2], sequence=r[0], create_time_us=r[3]) for r in rows[:limit]]
     return ItemPage(items, len(rows) > limit)
+
+
+def _get_items(conn: sqlite3.Connection, tenant: str, item_ids: Sequence[str]) -> dict[str, Item]:
+    rows = conn.execute(
+        ITEMS_SQL,
+        {"ids": orjson.dumps(list(item_ids)).decode(), "tenant": tenant, "now": base.now_us()},
+    ).fetchall()
+    return base.newest_items(rows)
 
 
 def _get_item(conn: sqlite3.Connection, tenant: str, conversation_id: str, item_id: str) -> Item:

@@ -9,8 +9,6 @@ import json
 import os
 from typing import Any
 
-import pytest
-
 from tests import clients
 from tests.fakehub import FakeHub, Reply, text_of
 from tests.support import Stack
@@ -103,19 +101,20 @@ def test_a_tool_the_sdk_runs(stack: Stack, hub: FakeHub) -> None:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="With store on, the SDK sends earlier answers as item_reference inputs; resolving "
-    "them needs a state-service lookup of stored items by id (a GetItems-by-id call the state "
-    "service does not offer yet), so the router refuses them with 400.",
-)
 def test_turns_passing_the_whole_history_stored(stack: Stack, hub: FakeHub) -> None:
-    # Today the second turn is refused: 400, "Item references are not supported by this server".
+    """With store on, the SDK sends the earlier answer as an item_reference: the gateway
+    resolves it from the stored turn and the hub sees the message itself."""
     first, second = succeeded(scenario(stack, "messages-stored"))
     assert first["text"] == "echo: My name is Ada."
-    assert second["text"] == "echo: What is my name?"
+    assert second["text"] == "echo: What is my name?" and second["deltas"] > 0
     assert conversation(hub.chat_requests()[1]) == [
         ("user", "My name is Ada."),
         ("assistant", "echo: My name is Ada."),
         ("user", "What is my name?"),
     ]
+    # The second turn's stored input holds the resolved item, as the first turn stored it.
+    client = stack.client()
+    answer = client.responses.retrieve(first["responseId"]).output[0]
+    inputs = list(client.responses.input_items.list(second["responseId"], order="asc"))
+    assert [i.type for i in inputs] == ["message"] * 3
+    assert inputs[1].id == answer.id and inputs[1].model_dump() == answer.model_dump()

@@ -24,6 +24,7 @@ def test_retryable_calls_are_those_the_proto_marks_safe() -> None:
         "GetConversation",
         "ListConversationItems",
         "GetConversationItem",
+        "GetItems",
     }
     assert all(levels[name] == levels["GetResponse"] for name in reads)
 

@@ -1119,11 +1119,45 @@ def test_invalid_input_items(raw: Any, code: str, param: str) -> None:
         assert f"'{param}'" in error.message
 
 
-@pytest.mark.parametrize("raw", [[{"type": "item_reference", "id": "msg_1"}], [{"id": "msg_1"}]])
-def test_item_references_are_rejected_clearly(raw: Any) -> None:
-    error = rejected({"model": "m", "input": raw})
-    assert (error.code, error.param) == ("unsupported_value", "input[0]")
-    assert "msg_1" in error.message
+@pytest.mark.parametrize(
+    "ref",
+    [{"type": "item_reference", "id": "msg_1"}, {"id": "msg_1"}, {"type": None, "id": "msg_1"}],
+)
+def test_item_references_are_kept_for_the_turn_to_resolve(ref: Any) -> None:
+    """The typed form and OpenAI's bare form (only an id) are both references, marked by
+    position; a function call output after one is checked once it is resolved."""
+    raw = [
+        {"role": "user", "content": "hi"},
+        ref,
+        {"type": "function_call_output", "call_id": "call_9", "output": "ok"},
+    ]
+    req = parse({"model": "m", "input": raw})
+    assert req.input_items[1] == {"type": "item_reference", "id": "msg_1"}
+    assert req.references == (1,)
+    assert req.unstored == () and req.stored_inputs() is req.input_items
+    assert parse({"model": "m", "input": "hi"}).references == ()
+
+
+@pytest.mark.parametrize(
+    ("ref", "code", "param"),
+    [
+        ({"type": "item_reference"}, "missing_required_parameter", "input[0].id"),
+        ({"type": "item_reference", "id": ""}, "empty_string", "input[0].id"),
+        ({"type": "item_reference", "id": 7}, "invalid_type", "input[0].id"),
+        ({"type": "item_reference", "id": "msg_1", "role": "user"}, "unknown_parameter", "input[0].role"),
+        ({"type": "item_reference", "id": "msg_1", "content": "x"}, "unknown_parameter", "input[0].content"),
+    ],
+)  # fmt: skip
+def test_malformed_item_references(ref: Any, code: str, param: str) -> None:
+    error = rejected({"model": "m", "input": [ref]})
+    assert (error.code, error.param) == (code, param)
+
+
+def test_item_references_are_refused_where_nothing_resolves_them() -> None:
+    with pytest.raises(errors.InvalidRequest) as info:
+        validate.normalize_items([{"id": "msg_1"}], param="items")
+    assert (info.value.code, info.value.param) == ("unsupported_value", "items[0]")
+    assert "msg_1" in info.value.message
 
 
 def test_normalize_items_for_conversations_uses_its_param() -> None:

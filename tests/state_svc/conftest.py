@@ -130,6 +130,11 @@ class Client:
             request.conversation_id = conversation_id
         return self.stub.GetHistory(request)
 
+    def items(self, *item_ids: str) -> Awaitable[state_service_pb2.GetItemsResponse]:
+        return self.stub.GetItems(
+            state_service_pb2.GetItemsRequest(tenant=self.tenant, item_ids=list(item_ids))
+        )
+
     async def conversation(
         self, items: Iterable[resources_pb2.Item] = (), request_id: str = "", **metadata: str
     ) -> str:

@@ -4,6 +4,7 @@ against each backend (memory, SQLite, PostgreSQL) alike."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 import time
@@ -873,6 +874,87 @@ async def downgrade_to_version_2(settings: StateSettings) -> None:
         await conn.close()
 
 
+# --- items by id (GetItems) ------------------------------------------------------------------
+
+
+def found(reply: pb.GetItemsResponse) -> list[tuple[str, str]]:
+    """The items of a GetItems reply as (id, content)."""
+    return [(i.id, json.loads(i.json)["content"]) for i in reply.items]
+
+
+async def test_get_items_finds_response_and_conversation_items_in_request_order(
+    client: Client,
+) -> None:
+    odd = item("msg_odd", "ünïcode \u2028 {}")
+    await client.put(turn("resp_1", inputs=[odd, item("msg_in")], outputs=[item("msg_out")]))
+    conv = await client.conversation([item("conv_item", "in a conversation")])
+    reply = await client.items("msg_out", "nope", "conv_item", "msg_odd", "msg_out", "nope2")
+    assert found(reply) == [
+        ("msg_out", "msg_out"),
+        ("conv_item", "in a conversation"),
+        ("msg_odd", "ünïcode \u2028 {}"),
+    ]
+    assert list(reply.missing_item_ids) == ["nope", "nope2"]
+    assert reply.items[2].json == odd.json  # the bytes as stored
+    assert [i.sequence for i in reply.items] == [1, 1, 1]
+    assert all(i.create_time.seconds > 0 for i in reply.items)
+    nothing = await client.items("x")
+    assert list(nothing.items) == [] and list(nothing.missing_item_ids) == ["x"]
+    # A conversation turn's items are the response's and the conversation's: found once.
+    await client.put(simple_turn("resp_c", conversation=conv))
+    reply = await client.items("resp_c-in", "resp_c-out")
+    assert [i.id for i in reply.items] == ["resp_c-in", "resp_c-out"]
+    assert [i.sequence for i in reply.items] == [2, 3]  # the conversation's copy
+
+
+async def test_get_items_gives_the_newest_copy(client: Client) -> None:
+    await client.put(turn("resp_1", inputs=[item("msg_1", "first")]))
+    await client.put(turn("resp_2", inputs=[item("msg_1", "second")], previous="resp_1"))
+    assert found(await client.items("msg_1")) == [("msg_1", "second")]
+    conv = await client.conversation()
+    await client.append(conv, [item("msg_1", "third")])
+    assert found(await client.items("msg_1")) == [("msg_1", "third")]
+    await client.put(turn("resp_3", outputs=[item("msg_1", "fourth")]))
+    assert found(await client.items("msg_1")) == [("msg_1", "fourth")]
+    # The newest copy gone, the one before it is found again.
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_3"))
+    assert found(await client.items("msg_1")) == [("msg_1", "third")]
+    await client.stub.DeleteConversation(
+        pb.DeleteConversationRequest(tenant=TENANT, conversation_id=conv)
+    )
+    assert found(await client.items("msg_1")) == [("msg_1", "second")]
+
+
+async def test_get_items_skips_deleted_and_running_stores(client: Client) -> None:
+    await client.put(simple_turn("resp_1"))
+    conv = await client.conversation([item("c1"), item("c2")])
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_1"))
+    await client.stub.DeleteConversationItem(
+        pb.DeleteConversationItemRequest(tenant=TENANT, conversation_id=conv, item_id="c1")
+    )
+    reply = await client.items("resp_1-in", "resp_1-out", "c1", "c2")
+    assert [i.id for i in reply.items] == ["c2"]
+    assert list(reply.missing_item_ids) == ["resp_1-in", "resp_1-out", "c1"]
+    # A running turn's items are not found until its final turn replaces it.
+    await client.put(running_turn("resp_r", inputs=[item("resp_r-in")]))
+    assert list((await client.items("resp_r-in")).missing_item_ids) == ["resp_r-in"]
+    await client.put(simple_turn("resp_r"))
+    assert [i.id for i in (await client.items("resp_r-in")).items] == ["resp_r-in"]
+
+
+async def test_get_items_checks_its_request(client: Client) -> None:
+    for ids, field in [((), "item_ids"), (("a", ""), "item_ids[1]")]:
+        err = await fails(client.items(*ids))
+        assert_error(err, INVALID_ARGUMENT, "INVALID_ARGUMENT", field=field)
+    err = await fails(client.items(*(f"i{n}" for n in range(101))))
+    assert_error(err, INVALID_ARGUMENT, "INVALID_ARGUMENT", field="item_ids")
+    err = await fails(client.items("a", "x" * 513))
+    assert_error(err, INVALID_ARGUMENT, "INVALID_ARGUMENT", field="item_ids[1]")
+    err = await fails(client.stub.GetItems(pb.GetItemsRequest(item_ids=["a"])))
+    assert_error(err, INVALID_ARGUMENT, "TENANT_REQUIRED")
+    assert len((await client.items(*(f"i{n}" for n in range(100)))).missing_item_ids) == 100
+
+
 # --- tenancy ------------------------------------------------------------------------------
 
 
@@ -897,6 +979,8 @@ async def test_other_tenant_sees_nothing(
     assert err.reason == "PREVIOUS_RESPONSE_NOT_FOUND"
     for call in conversation_calls(b, conv, "a", tenant="tenant-b"):
         assert_error(await fails(call), NOT_FOUND, "CONVERSATION_NOT_FOUND")
+    hidden = await b.items("resp_1-in", "resp_2-out", "a")
+    assert list(hidden.items) == [] and len(hidden.missing_item_ids) == 3
     # Ids are per tenant: B may store its own resp_1, and the key is B's own.
     own = await b.put(simple_turn("resp_1", key="key-1", body="b's"))
     assert not own.replayed
@@ -1008,6 +1092,9 @@ async def test_expired_rows_vanish_everywhere_and_are_swept(
     assert err.reason == "PREVIOUS_RESPONSE_NOT_FOUND"
     for call in conversation_calls(client, conv, "a"):
         assert_error(await fails(call), NOT_FOUND, "CONVERSATION_NOT_FOUND")
+    gone = await client.items("resp_1-in", "a", "resp_2-in")
+    assert [i.id for i in gone.items] == ["resp_2-in"]
+    assert list(gone.missing_item_ids) == ["resp_1-in", "a"]
     # An expired id and key are free again.
     fresh = await client.put(simple_turn("resp_1", key="key-1", body="new"))
     assert not fresh.replayed

@@ -34,6 +34,7 @@ from state_svc.backends.sqlite import (
     CONVERSATION_HISTORY_SQL,
     HISTORY_CAPPED_SQL,
     HISTORY_SQL,
+    ITEMS_SQL,
     TURN_LOOKUP_SQL,
     SqliteBackend,
 )
@@ -118,6 +119,8 @@ async def exercise(backend: Backend) -> None:
                 after_item_id=after_item_id,
             )
     await backend.get_item(t, conv, "c-2")
+    # Items by id: in responses (preloaded and new), in conversations, and not at all.
+    await backend.get_items(t, ["fill_7-0", "q_3-in", "c-2", "c-1", "nope"])
     await backend.get_conversation(t, conv)
     await backend.update_conversation(t, conv, {"c": "d"})
     await backend.delete_item(t, conv, "c-2")
@@ -245,9 +248,10 @@ async def test_sqlite_hot_queries_use_indexes(sqlite_path: str) -> None:
         "HISTORY_CAPPED_SQL": HISTORY_CAPPED_SQL,
         "TURN_LOOKUP_SQL": TURN_LOOKUP_SQL,
         "CONVERSATION_HISTORY_SQL": CONVERSATION_HISTORY_SQL,
+        "ITEMS_SQL": ITEMS_SQL,
     }
     params: dict[str, object] = {"tenant": TENANT, "id": "fill_19", "previous": "fill_18"}
-    params |= {"key": "key_18", "now": 0, "limit": 5}
+    params |= {"key": "key_18", "now": 0, "limit": 5, "ids": '["fill_7-0", "c-1"]'}
 
     db = sqlite3.connect(sqlite_path)
     try:

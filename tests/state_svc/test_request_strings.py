@@ -42,6 +42,8 @@ def bad_requests() -> list[tuple[str, Any, str]]:
         ),
         ("GetResponse", pb.GetResponseRequest(tenant=TENANT, response_id=LONG), "response_id"),
         ("GetHistory", pb.GetHistoryRequest(tenant=TENANT, response_id="r\x00"), "response_id"),
+        ("GetItems", pb.GetItemsRequest(tenant=TENANT, item_ids=["a", "b", LONG]), "item_ids[2]"),
+        ("GetItems", pb.GetItemsRequest(tenant=TENANT, item_ids=["i\x00"]), "item_ids[0]"),
         (
             "CreateConversation",
             pb.CreateConversationRequest(tenant=TENANT, metadata={"k": "v\x00"}),

@@ -38,7 +38,7 @@ sqlite_only = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 
 @memory_only
 async def test_every_rpc_in_the_descriptor_is_implemented(running: server.Running) -> None:
-    assert len(SERVICE.methods) == 20
+    assert len(SERVICE.methods) == 21
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         for method in SERVICE.methods:
             assert getattr(service.StateServicer, method.name) is not getattr(
@@ -82,6 +82,9 @@ def _bad_requests() -> list[tuple[str, Any, str]]:
         ("GetHistory", pb.GetHistoryRequest(tenant=t), "anchor"),
         ("GetHistory", pb.GetHistoryRequest(tenant=t, response_id="r", max_items=-1), "max_items"),
         ("DeleteResponse", pb.DeleteResponseRequest(tenant=t), "response_id"),
+        ("GetItems", pb.GetItemsRequest(tenant=t), "item_ids"),
+        ("GetItems", pb.GetItemsRequest(tenant=t, item_ids=["a", ""]), "item_ids[1]"),
+        ("GetItems", pb.GetItemsRequest(tenant=t, item_ids=[f"i{n}" for n in range(101)]), "item_ids"),
         ("CreateConversation", pb.CreateConversationRequest(tenant=t, metadata=too_many), "metadata"),
         ("CreateConversation", pb.CreateConversationRequest(tenant=t, items=[no_id]), "items[0].id"),
         ("CreateConversation", pb.CreateConversationRequest(tenant=t, items=[item("a"), item("a")]), "items[1].id"),

@@ -290,6 +290,66 @@ class GetHistoryResponse(_message.Message):
 Global___GetHistoryResponse: _TypeAlias = GetHistoryResponse  # noqa: Y015
 
 @_typing.final
+class GetItemsRequest(_message.Message):
+    """Request for GetItems."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    ITEM_IDS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
+    @_builtins.property
+    def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the items to return: 1 to 100 ids, none empty. Repeating an id is allowed."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        item_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_ids", b"item_ids", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetItemsRequest: _TypeAlias = GetItemsRequest  # noqa: Y015
+
+@_typing.final
+class GetItemsResponse(_message.Message):
+    """Response for GetItems."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    MISSING_ITEM_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Item]:
+        """The items found, in the order of GetItemsRequest.item_ids, each once."""
+
+    @_builtins.property
+    def missing_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids that were not found (never stored, deleted, expired, still running or another
+        tenant's), in the order of GetItemsRequest.item_ids, each once. Empty when all were found.
+        """
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[_resources_pb2.Item] | None = ...,
+        missing_item_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "missing_item_ids", b"missing_item_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetItemsResponse: _TypeAlias = GetItemsResponse  # noqa: Y015
+
+@_typing.final
 class DeleteResponseRequest(_message.Message):
     """Request for DeleteResponse."""
 

@@ -156,6 +156,11 @@ class StateServiceStub:
                 request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.DeleteConversationItemRequest.SerializeToString,
                 response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.DeleteConversationItemResponse.FromString,
                 _registered_method=True)
+        self.GetItems = channel.unary_unary(
+                '/respgw.state.v1.StateService/GetItems',
+                request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetItemsRequest.SerializeToString,
+                response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetItemsResponse.FromString,
+                _registered_method=True)
         self.Exchange = channel.stream_stream(
                 '/respgw.state.v1.StateService/Exchange',
                 request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeRequest.SerializeToString,
@@ -416,6 +421,30 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetItems(self, request, context):
+        """Returns stored items by id, wherever the tenant keeps them: the input and output items of
+        its stored responses and the items of its conversations (for example to resolve the
+        item_reference inputs of a new turn).
+
+        Only live, final stores count: the items of a deleted or expired response or conversation, of
+        a running turn (in_progress) and of another tenant are not found. When one id is stored in
+        several places (a turn's items are both the response's and its conversation's, and a client
+        may send one item again in a later turn), the newest copy is returned: the one stored last,
+        by create_time (a conversation's copy when the times are equal). Its sequence is its position
+        where that copy is stored (see Item.sequence).
+
+        The answer follows the request: items holds the items found in the order of item_ids, and
+        missing_item_ids the ids not found, in the same order. An id asked for twice is answered once.
+        Each id is found through an index on item ids, so a call costs the same however much the
+        store holds. Asking is not an error when nothing is found.
+
+        Returns INVALID_ARGUMENT for no item_ids, more than 100, or an empty one (metadata "field"
+        names it, for example "item_ids[2]").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Exchange(self, request_iterator, context):
         """Carries many calls of the request path's RPCs (PutTurn, GetHistory, GetResponse) over one
         long-lived stream, for callers that make thousands of them a second: a call on an open stream
@@ -659,6 +688,11 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.DeleteConversationItem,
                     request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.DeleteConversationItemRequest.FromString,
                     response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.DeleteConversationItemResponse.SerializeToString,
+            ),
+            'GetItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetItems,
+                    request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetItemsRequest.FromString,
+                    response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetItemsResponse.SerializeToString,
             ),
             'Exchange': grpc.stream_stream_rpc_method_handler(
                     servicer.Exchange,
@@ -1087,6 +1121,33 @@ class StateService:
             '/respgw.state.v1.StateService/DeleteConversationItem',
             respgw_dot_state_dot_v1_dot_state__service__pb2.DeleteConversationItemRequest.SerializeToString,
             respgw_dot_state_dot_v1_dot_state__service__pb2.DeleteConversationItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/respgw.state.v1.StateService/GetItems',
+            respgw_dot_state_dot_v1_dot_state__service__pb2.GetItemsRequest.SerializeToString,
+            respgw_dot_state_dot_v1_dot_state__service__pb2.GetItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -200,6 +200,26 @@ class StateServiceStub:
     the deleted number is never reused. Returns NOT_FOUND (CONVERSATION_NOT_FOUND,
     ITEM_NOT_FOUND), which is also what a replay returns.
     """
+    GetItems: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetItemsRequest, _state_service_pb2.GetItemsResponse]
+    """Returns stored items by id, wherever the tenant keeps them: the input and output items of
+    its stored responses and the items of its conversations (for example to resolve the
+    item_reference inputs of a new turn).
+
+    Only live, final stores count: the items of a deleted or expired response or conversation, of
+    a running turn (in_progress) and of another tenant are not found. When one id is stored in
+    several places (a turn's items are both the response's and its conversation's, and a client
+    may send one item again in a later turn), the newest copy is returned: the one stored last,
+    by create_time (a conversation's copy when the times are equal). Its sequence is its position
+    where that copy is stored (see Item.sequence).
+
+    The answer follows the request: items holds the items found in the order of item_ids, and
+    missing_item_ids the ids not found, in the same order. An id asked for twice is answered once.
+    Each id is found through an index on item ids, so a call costs the same however much the
+    store holds. Asking is not an error when nothing is found.
+
+    Returns INVALID_ARGUMENT for no item_ids, more than 100, or an empty one (metadata "field"
+    names it, for example "item_ids[2]").
+    """
     Exchange: _grpc.StreamStreamMultiCallable[_state_service_pb2.ExchangeRequest, _state_service_pb2.ExchangeResponse]
     """Carries many calls of the request path's RPCs (PutTurn, GetHistory, GetResponse) over one
     long-lived stream, for callers that make thousands of them a second: a call on an open stream
@@ -521,6 +541,26 @@ class StateServiceAsyncStub(StateServiceStub):
     """Deletes one item of a conversation. The sequence numbers of the other items do not change and
     the deleted number is never reused. Returns NOT_FOUND (CONVERSATION_NOT_FOUND,
     ITEM_NOT_FOUND), which is also what a replay returns.
+    """
+    GetItems: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetItemsRequest, _state_service_pb2.GetItemsResponse]  # type: ignore[assignment]
+    """Returns stored items by id, wherever the tenant keeps them: the input and output items of
+    its stored responses and the items of its conversations (for example to resolve the
+    item_reference inputs of a new turn).
+
+    Only live, final stores count: the items of a deleted or expired response or conversation, of
+    a running turn (in_progress) and of another tenant are not found. When one id is stored in
+    several places (a turn's items are both the response's and its conversation's, and a client
+    may send one item again in a later turn), the newest copy is returned: the one stored last,
+    by create_time (a conversation's copy when the times are equal). Its sequence is its position
+    where that copy is stored (see Item.sequence).
+
+    The answer follows the request: items holds the items found in the order of item_ids, and
+    missing_item_ids the ids not found, in the same order. An id asked for twice is answered once.
+    Each id is found through an index on item ids, so a call costs the same however much the
+    store holds. Asking is not an error when nothing is found.
+
+    Returns INVALID_ARGUMENT for no item_ids, more than 100, or an empty one (metadata "field"
+    names it, for example "item_ids[2]").
     """
     Exchange: _aio.StreamStreamMultiCallable[_state_service_pb2.ExchangeRequest, _state_service_pb2.ExchangeResponse]  # type: ignore[assignment]
     """Carries many calls of the request path's RPCs (PutTurn, GetHistory, GetResponse) over one
@@ -912,6 +952,32 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         """Deletes one item of a conversation. The sequence numbers of the other items do not change and
         the deleted number is never reused. Returns NOT_FOUND (CONVERSATION_NOT_FOUND,
         ITEM_NOT_FOUND), which is also what a replay returns.
+        """
+
+    @_abc_1.abstractmethod
+    def GetItems(
+        self,
+        request: _state_service_pb2.GetItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.GetItemsResponse, _abc.Awaitable[_state_service_pb2.GetItemsResponse]]:
+        """Returns stored items by id, wherever the tenant keeps them: the input and output items of
+        its stored responses and the items of its conversations (for example to resolve the
+        item_reference inputs of a new turn).
+
+        Only live, final stores count: the items of a deleted or expired response or conversation, of
+        a running turn (in_progress) and of another tenant are not found. When one id is stored in
+        several places (a turn's items are both the response's and its conversation's, and a client
+        may send one item again in a later turn), the newest copy is returned: the one stored last,
+        by create_time (a conversation's copy when the times are equal). Its sequence is its position
+        where that copy is stored (see Item.sequence).
+
+        The answer follows the request: items holds the items found in the order of item_ids, and
+        missing_item_ids the ids not found, in the same order. An id asked for twice is answered once.
+        Each id is found through an index on item ids, so a call costs the same however much the
+        store holds. Asking is not an error when nothing is found.
+
+        Returns INVALID_ARGUMENT for no item_ids, more than 100, or an empty one (metadata "field"
+        names it, for example "item_ids[2]").
         """
 
     @_abc_1.abstractmethod
