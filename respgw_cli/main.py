@@ -2,7 +2,8 @@
 machine and ``echo-hub``, a demo model server.
 
 Every setting is a flag and an environment variable (``respgw <command> --help`` lists both).
-Each service is imported only when its subcommand runs.
+Each service's settings are imported up front (they are small); the service itself only when its
+subcommand runs.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from dataclasses import dataclass
 
 import uvloop
 
+from bootstrap_svc.config import BootstrapSettings
 from gateway import logs
 from gateway.grpcerrors import ServiceError
 from gateway.settings import add_arguments, from_namespace, option
 from respgw_cli import local
+from router_svc.config import RouterSettings
+from state_svc.config import StateSettings
 
 log = logging.getLogger("respgw")
 
@@ -32,10 +36,6 @@ class EchoHubSettings:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from bootstrap_svc.config import BootstrapSettings
-    from router_svc.config import RouterSettings
-    from state_svc.config import StateSettings
-
     parser = argparse.ArgumentParser(
         prog="respgw",
         description="Responses Gateway: OpenAI's stateful Responses API over any "
