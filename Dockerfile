@@ -18,6 +18,7 @@ COPY requirements.lock ./
 RUN pip install --only-binary=:all: -r requirements.lock
 # The generated gRPC code (respgw/) is committed, so no protoc is needed here.
 COPY pyproject.toml README.md ./
+COPY respgw_cli/ respgw_cli/
 COPY gateway/ gateway/
 COPY router_svc/ router_svc/
 COPY state_svc/ state_svc/

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.settings import option
+from gateway.settings import ServerSettings, option
 
 
 @dataclass(frozen=True)
-class BootstrapSettings:
+class BootstrapSettings(ServerSettings):
     listen: str = option(
         "127.0.0.1:50052",
         "Address the gRPC server binds (host:port; port 0 picks a free one).",
@@ -133,12 +133,3 @@ class BootstrapSettings:
         "reachable exactly where the gRPC server is.",
         env="RESPGW_BOOTSTRAP_METRICS_HOST",
     )
-    otel_endpoint: str = option(
-        "",
-        "OTLP/gRPC endpoint that receives OpenTelemetry traces (e.g. http://otel-collector:4317); "
-        "empty turns tracing off. Needs the 'tracing' extra installed; without it the service "
-        "logs an error and runs untraced.",
-        env="RESPGW_OTEL_ENDPOINT",
-    )
-    log_level: str = option("info", "Log level.", env="RESPGW_LOG_LEVEL")
-    log_format: str = option("json", "Log format: json or text.", env="RESPGW_LOG_FORMAT")

@@ -3,7 +3,8 @@ runs them with :class:`executor.Executor` in the sessions of the :class:`session
 the BootstrapService prepares.
 
 Every refusal is a gRPC status with a google.rpc.ErrorInfo in the domain ``bootstrap.respgw.dev``
-whose reason is one of: TENANT_REQUIRED, SESSION_REQUIRED, ACTION_REQUIRED, CODE_REQUIRED,
+whose reason is one of these ``ErrorReason`` values (``error_reason.proto``, built from the
+generated constants): TENANT_REQUIRED, SESSION_REQUIRED, ACTION_REQUIRED, CODE_REQUIRED,
 COMMANDS_REQUIRED, TIMEOUT_INVALID, FILE_REQUIRED, PATH_INVALID, HEADER_REQUIRED,
 PAGE_TOKEN_INVALID, REQUEST_ID_REQUIRED, IDLE_TTL_INVALID, MEMORY_LIMIT_INVALID
 (INVALID_ARGUMENT); SESSION_NOT_FOUND, FILE_NOT_FOUND (NOT_FOUND); REQUEST_ID_CONFLICT
@@ -30,6 +31,8 @@ from bootstrap_svc import files, sessions
 from bootstrap_svc.executor import Executor, session_file
 from bootstrap_svc.sandbox import Sandbox
 from gateway.grpcerrors import BOOTSTRAP_DOMAIN, ServiceError, abort
+from gateway.grpcerrors import reason as reason_text
+from respgw.bootstrap.v1 import error_reason_pb2 as reasons
 from respgw.bootstrap.v1 import execution_resources_pb2 as res
 from respgw.bootstrap.v1 import execution_service_pb2 as pb
 from respgw.bootstrap.v1 import execution_service_pb2_grpc, resources_pb2
@@ -47,17 +50,22 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
 
 
-def _error(code: grpc.StatusCode, reason: str, message: str, field: str = "") -> ServiceError:
+def _error(
+    code: grpc.StatusCode,
+    reason: reasons.ErrorReason.ValueType,
+    message: str,
+    field: str = "",
+) -> ServiceError:
     return ServiceError(
         code,
-        reason,
+        reason_text(reasons.ErrorReason, reason),
         message,
         metadata={"field": field} if field else {},
         domain=BOOTSTRAP_DOMAIN,
     )
 
 
-def _invalid(reason: str, message: str, field: str) -> ServiceError:
+def _invalid(reason: reasons.ErrorReason.ValueType, message: str, field: str) -> ServiceError:
     return _error(grpc.StatusCode.INVALID_ARGUMENT, reason, message, field)
 
 
@@ -106,7 +114,9 @@ def _untoken(token: str) -> tuple[float, str] | None:
         return float(value[0]), str(value[1])
     except (ValueError, TypeError, IndexError, orjson.JSONDecodeError) as exc:
         raise _invalid(
-            "PAGE_TOKEN_INVALID", "page_token was not made by this service", "page_token"
+            reasons.ERROR_REASON_PAGE_TOKEN_INVALID,
+            "page_token was not made by this service",
+            "page_token",
         ) from exc
 
 
@@ -158,14 +168,16 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
 
     def _session(self, tenant: str, session_id: str) -> sessions.Session:
         if not tenant:
-            raise _invalid("TENANT_REQUIRED", "tenant is required", "tenant")
+            raise _invalid(reasons.ERROR_REASON_TENANT_REQUIRED, "tenant is required", "tenant")
         if not session_id:
-            raise _invalid("SESSION_REQUIRED", "session_id is required", "session_id")
+            raise _invalid(
+                reasons.ERROR_REASON_SESSION_REQUIRED, "session_id is required", "session_id"
+            )
         session = self._store.get(tenant, session_id)
         if session is None:
             raise _error(
                 grpc.StatusCode.NOT_FOUND,
-                "SESSION_NOT_FOUND",
+                reasons.ERROR_REASON_SESSION_NOT_FOUND,
                 f"session {session_id!r} does not exist, expired or was deleted",
                 "session_id",
             )
@@ -181,22 +193,24 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
 
     async def _create(self, request: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
         if not request.request_id:
-            raise _invalid("REQUEST_ID_REQUIRED", "request_id is required", "request_id")
+            raise _invalid(
+                reasons.ERROR_REASON_REQUEST_ID_REQUIRED, "request_id is required", "request_id"
+            )
         if not request.tenant:
-            raise _invalid("TENANT_REQUIRED", "tenant is required", "tenant")
+            raise _invalid(reasons.ERROR_REASON_TENANT_REQUIRED, "tenant is required", "tenant")
         idle_ttl: float | None = None
         if request.HasField("idle_ttl"):
             idle_ttl = request.idle_ttl.ToNanoseconds() / 1e9
             if not 1.0 <= idle_ttl <= self._max_idle_ttl_s:
                 raise _invalid(
-                    "IDLE_TTL_INVALID",
+                    reasons.ERROR_REASON_IDLE_TTL_INVALID,
                     f"idle_ttl must be between 1 s and {self._max_idle_ttl_s:g} s",
                     "idle_ttl",
                 )
         memory = request.memory_limit_bytes
         if memory and not 128 * 1024 * 1024 <= memory <= self._max_memory_bytes:
             raise _invalid(
-                "MEMORY_LIMIT_INVALID",
+                reasons.ERROR_REASON_MEMORY_LIMIT_INVALID,
                 f"memory_limit_bytes must be between 128 MiB and {self._max_memory_bytes} bytes",
                 "memory_limit_bytes",
             )
@@ -215,7 +229,9 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         except sessions.SessionLimit as exc:
             raise _error(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason, str(exc)) from exc
         except sessions.SessionGone as exc:
-            raise _error(grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND", str(exc)) from exc
+            raise _error(
+                grpc.StatusCode.NOT_FOUND, reasons.ERROR_REASON_SESSION_NOT_FOUND, str(exc)
+            ) from exc
         log.info("created session", extra={"tenant": request.tenant, "session": session.id})
         return pb.CreateSessionResponse(session=self._proto(session), replayed=replayed)
 
@@ -233,7 +249,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     ) -> pb.ListSessionsResponse:
         async def list_() -> pb.ListSessionsResponse:
             if not request.tenant:
-                raise _invalid("TENANT_REQUIRED", "tenant is required", "tenant")
+                raise _invalid(reasons.ERROR_REASON_TENANT_REQUIRED, "tenant is required", "tenant")
             size = _page_size(request.page_size)
             found = self._store.list_sessions(
                 request.tenant, _untoken(request.page_token), size + 1
@@ -300,7 +316,11 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
             log.exception("a call failed in the service")
             await abort(
                 context,
-                _error(grpc.StatusCode.INTERNAL, "EXECUTION_FAILED", f"the call failed: {exc}"),
+                _error(
+                    grpc.StatusCode.INTERNAL,
+                    reasons.ERROR_REASON_EXECUTION_FAILED,
+                    f"the call failed: {exc}",
+                ),
             )
         log.info(
             "ran a call",
@@ -316,23 +336,33 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         self, request: pb.ExecuteRequest
     ) -> tuple[sessions.Session, str | None, list[str]]:
         if not request.tenant:
-            raise _invalid("TENANT_REQUIRED", "tenant is required", "tenant")
+            raise _invalid(reasons.ERROR_REASON_TENANT_REQUIRED, "tenant is required", "tenant")
         if not request.session_id:
-            raise _invalid("SESSION_REQUIRED", "session_id is required", "session_id")
+            raise _invalid(
+                reasons.ERROR_REASON_SESSION_REQUIRED, "session_id is required", "session_id"
+            )
         action = request.WhichOneof("action")
         if action is None:
-            raise _invalid("ACTION_REQUIRED", "python or commands is required", "action")
+            raise _invalid(
+                reasons.ERROR_REASON_ACTION_REQUIRED, "python or commands is required", "action"
+            )
         if action == "python" and not request.python.code.strip():
-            raise _invalid("CODE_REQUIRED", "python.code is empty", "python.code")
+            raise _invalid(
+                reasons.ERROR_REASON_CODE_REQUIRED, "python.code is empty", "python.code"
+            )
         if action == "commands" and not request.commands.commands:
-            raise _invalid("COMMANDS_REQUIRED", "commands.commands is empty", "commands.commands")
+            raise _invalid(
+                reasons.ERROR_REASON_COMMANDS_REQUIRED,
+                "commands.commands is empty",
+                "commands.commands",
+            )
         if request.HasField("timeout") and request.timeout.ToNanoseconds() < 0:
-            raise _invalid("TIMEOUT_INVALID", "timeout is negative", "timeout")
+            raise _invalid(reasons.ERROR_REASON_TIMEOUT_INVALID, "timeout is negative", "timeout")
         session = self._session(request.tenant, request.session_id)
         if not self._sandbox.ready:
             raise _error(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "SANDBOX_UNAVAILABLE",
+                reasons.ERROR_REASON_SANDBOX_UNAVAILABLE,
                 f"this service cannot run calls: {self._sandbox.problem or 'sandbox not checked'}",
             )
         if action == "python":
@@ -357,13 +387,13 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     ) -> tuple[sessions.Session, res.SessionFile]:
         session = self._session(tenant, session_id)
         if not file_id:
-            raise _invalid("FILE_REQUIRED", "file_id is required", "file_id")
+            raise _invalid(reasons.ERROR_REASON_FILE_REQUIRED, "file_id is required", "file_id")
         for found in await self._listing(session):
             if found.file_id == file_id:
                 return session, found
         raise _error(
             grpc.StatusCode.NOT_FOUND,
-            "FILE_NOT_FOUND",
+            reasons.ERROR_REASON_FILE_NOT_FOUND,
             f"file {file_id!r} does not exist in session {session_id!r}",
             "file_id",
         )
@@ -417,7 +447,12 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         except FileNotFoundError:
             await abort(
                 context,
-                _error(grpc.StatusCode.NOT_FOUND, "FILE_NOT_FOUND", "the file is gone", "file_id"),
+                _error(
+                    grpc.StatusCode.NOT_FOUND,
+                    reasons.ERROR_REASON_FILE_NOT_FOUND,
+                    "the file is gone",
+                    "file_id",
+                ),
             )
             return
         with os.fdopen(fd, "rb") as stream:
@@ -433,39 +468,45 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     async def _upload(self, parts: AsyncIterator[pb.UploadFileRequest]) -> pb.UploadFileResponse:
         first = await anext(aiter(parts), None)
         if first is None or first.WhichOneof("part") != "header":
-            raise _invalid("HEADER_REQUIRED", "the first message must carry the header", "header")
+            raise _invalid(
+                reasons.ERROR_REASON_HEADER_REQUIRED,
+                "the first message must carry the header",
+                "header",
+            )
         header = first.header
         session = self._session(header.tenant, header.session_id)
         try:
             path = files.relative(header.path)
         except files.BadPath as exc:
-            raise _invalid("PATH_INVALID", str(exc), "header.path") from exc
+            raise _invalid(reasons.ERROR_REASON_PATH_INVALID, str(exc), "header.path") from exc
         limits = self._executor.defaults
         room = limits.disk_bytes - files.walk(session.directory).total_bytes
         uid = self._executor.uid(session) if self._sandbox.as_root else None
         try:
             fd = files.open_for_write(session.directory, path, uid)
         except files.BadPath as exc:
-            raise _invalid("PATH_INVALID", str(exc), "header.path") from exc
+            raise _invalid(reasons.ERROR_REASON_PATH_INVALID, str(exc), "header.path") from exc
         written = 0
         try:
             with os.fdopen(fd, "wb") as out:
                 async for part in parts:
                     if part.WhichOneof("part") != "data":
                         raise _invalid(
-                            "HEADER_REQUIRED", "only the first message has a header", "header"
+                            reasons.ERROR_REASON_HEADER_REQUIRED,
+                            "only the first message has a header",
+                            "header",
                         )
                     written += len(part.data)
                     if written > limits.file_bytes:
                         raise _error(
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            "FILE_TOO_LARGE",
+                            reasons.ERROR_REASON_FILE_TOO_LARGE,
                             f"the file is larger than {limits.file_bytes} bytes",
                         )
                     if written > room:
                         raise _error(
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            "DISK_FULL",
+                            reasons.ERROR_REASON_DISK_FULL,
                             f"the session's files would exceed {limits.disk_bytes} bytes",
                         )
                     await asyncio.to_thread(out.write, part.data)

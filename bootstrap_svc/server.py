@@ -1,4 +1,5 @@
-"""Runs the reference bootstrap service: the servicer on a GrpcServer, plus the session sweeper."""
+"""Runs the reference bootstrap service: both servicers (BootstrapService, ExecutionService) on one
+GrpcServer, plus the session sweeper."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 PrepareTools idempotent on (tenant, request_id), and prepares one execution session per tool.
 
 Every refusal is a gRPC status with a google.rpc.ErrorInfo in the domain ``bootstrap.respgw.dev``
-whose reason is one of: REQUEST_ID_REQUIRED, TENANT_REQUIRED, TOOLS_REQUIRED, KIND_UNSPECIFIED,
+whose reason is one of these ``ErrorReason`` values (``error_reason.proto``, built from the
+generated constants): REQUEST_ID_REQUIRED, TENANT_REQUIRED, TOOLS_REQUIRED, KIND_UNSPECIFIED,
 KIND_DUPLICATED, TOOL_JSON_INVALID, SCOPE_CONFLICT, SCOPE_REQUIRED (INVALID_ARGUMENT);
 KIND_UNSUPPORTED (UNIMPLEMENTED); REQUEST_ID_CONFLICT (ALREADY_EXISTS); SESSION_LIMIT
 (RESOURCE_EXHAUSTED); SESSION_GONE (FAILED_PRECONDITION); WORKDIR_UNAVAILABLE (INTERNAL).
@@ -21,8 +22,10 @@ from google.protobuf import timestamp_pb2
 
 from bootstrap_svc import sessions
 from gateway.grpcerrors import BOOTSTRAP_DOMAIN, ServiceError, abort
+from gateway.grpcerrors import reason as reason_text
 from respgw.bootstrap.v1 import bootstrap_service_pb2 as pb
 from respgw.bootstrap.v1 import bootstrap_service_pb2_grpc, resources_pb2
+from respgw.bootstrap.v1 import error_reason_pb2 as reasons
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +41,25 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
 
 
-def _invalid(reason: str, message: str, field: str) -> ServiceError:
+def _error(
+    code: grpc.StatusCode,
+    reason: reasons.ErrorReason.ValueType,
+    message: str,
+    metadata: dict[str, str] | None = None,
+) -> ServiceError:
+    return ServiceError(
+        code,
+        reason_text(reasons.ErrorReason, reason),
+        message,
+        metadata=metadata or {},
+        domain=BOOTSTRAP_DOMAIN,
+    )
+
+
+def _invalid(reason: reasons.ErrorReason.ValueType, message: str, field: str) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.INVALID_ARGUMENT,
-        reason,
+        reason_text(reasons.ErrorReason, reason),
         message,
         metadata={"field": field},
         domain=BOOTSTRAP_DOMAIN,
@@ -64,16 +82,24 @@ async def _guard(context: Ctx, call: Callable[[], Awaitable[R]]) -> R:
 def _claims(request: pb.PrepareToolsRequest) -> list[sessions.Claim]:
     """Validates the declared tools; returns what each needs from the session store."""
     if not request.tools:
-        raise _invalid("TOOLS_REQUIRED", "at least one tool is required", "tools")
+        raise _invalid(
+            reasons.ERROR_REASON_TOOLS_REQUIRED, "at least one tool is required", "tools"
+        )
     claims: list[sessions.Claim] = []
     seen: set[resources_pb2.ToolKind.ValueType] = set()
     for i, tool in enumerate(request.tools):
         field = f"tools[{i}]"
         if tool.kind == resources_pb2.TOOL_KIND_UNSPECIFIED:
-            raise _invalid("KIND_UNSPECIFIED", f"{field}.kind is unspecified", f"{field}.kind")
+            raise _invalid(
+                reasons.ERROR_REASON_KIND_UNSPECIFIED,
+                f"{field}.kind is unspecified",
+                f"{field}.kind",
+            )
         if tool.kind in seen:
             raise _invalid(
-                "KIND_DUPLICATED", f"{field}.kind is declared more than once", f"{field}.kind"
+                reasons.ERROR_REASON_KIND_DUPLICATED,
+                f"{field}.kind is declared more than once",
+                f"{field}.kind",
             )
         seen.add(tool.kind)
         try:
@@ -82,21 +108,23 @@ def _claims(request: pb.PrepareToolsRequest) -> list[sessions.Claim]:
             obj = None
         if not isinstance(obj, dict):
             raise _invalid(
-                "TOOL_JSON_INVALID", f"{field}.json is not a UTF-8 JSON object", f"{field}.json"
+                reasons.ERROR_REASON_TOOL_JSON_INVALID,
+                f"{field}.json is not a UTF-8 JSON object",
+                f"{field}.json",
             )
         kind = KINDS.get(tool.kind)
         if kind is None:
             continue  # UNIMPLEMENTED, reported after every INVALID_ARGUMENT check
         if obj.get("type", kind) != kind:
             raise _invalid(
-                "TOOL_JSON_INVALID",
+                reasons.ERROR_REASON_TOOL_JSON_INVALID,
                 f"{field}.json has type {obj.get('type')!r}, not {kind!r}",
                 f"{field}.json",
             )
         container = obj.get("container")
         if container is not None and not isinstance(container, str | dict):
             raise _invalid(
-                "TOOL_JSON_INVALID",
+                reasons.ERROR_REASON_TOOL_JSON_INVALID,
                 f"{field}.json container must be a container id or an object",
                 f"{field}.json",
             )
@@ -109,7 +137,7 @@ def _claims(request: pb.PrepareToolsRequest) -> list[sessions.Claim]:
             reference = environment.get("container_id")
             if not isinstance(reference, str) or not reference:
                 raise _invalid(
-                    "TOOL_JSON_INVALID",
+                    reasons.ERROR_REASON_TOOL_JSON_INVALID,
                     f"{field}.json environment.container_id must be a container id",
                     f"{field}.json",
                 )
@@ -120,12 +148,11 @@ def _claims(request: pb.PrepareToolsRequest) -> list[sessions.Claim]:
         claims.append(sessions.Claim(kind, container if isinstance(container, str) else ""))
     for i, tool in enumerate(request.tools):
         if tool.kind not in KINDS:
-            raise ServiceError(
+            raise _error(
                 grpc.StatusCode.UNIMPLEMENTED,
-                "KIND_UNSUPPORTED",
+                reasons.ERROR_REASON_KIND_UNSUPPORTED,
                 f"tools[{i}].kind {tool.kind} is not supported; see GetCapabilities",
-                metadata={"field": f"tools[{i}].kind"},
-                domain=BOOTSTRAP_DOMAIN,
+                {"field": f"tools[{i}].kind"},
             )
     return claims
 
@@ -195,13 +222,15 @@ class BootstrapServicer(bootstrap_service_pb2_grpc.BootstrapServiceServicer):
 
     async def _prepare(self, request: pb.PrepareToolsRequest) -> pb.PrepareToolsResponse:
         if not request.request_id:
-            raise _invalid("REQUEST_ID_REQUIRED", "request_id is required", "request_id")
+            raise _invalid(
+                reasons.ERROR_REASON_REQUEST_ID_REQUIRED, "request_id is required", "request_id"
+            )
         if not request.tenant:
-            raise _invalid("TENANT_REQUIRED", "tenant is required", "tenant")
+            raise _invalid(reasons.ERROR_REASON_TENANT_REQUIRED, "tenant is required", "tenant")
         claims = _claims(request)
         if request.conversation_id and request.previous_response_id:
             raise _invalid(
-                "SCOPE_CONFLICT",
+                reasons.ERROR_REASON_SCOPE_CONFLICT,
                 "conversation_id and previous_response_id cannot both be set",
                 "previous_response_id",
             )
@@ -222,18 +251,17 @@ class BootstrapServicer(bootstrap_service_pb2_grpc.BootstrapServiceServicer):
                 render=lambda found: _render(request, found).SerializeToString(),
             )
         except sessions.RequestConflict as exc:
-            raise self._error(grpc.StatusCode.ALREADY_EXISTS, exc) from exc
+            raise _error(grpc.StatusCode.ALREADY_EXISTS, exc.reason, str(exc)) from exc
         except sessions.SessionLimit as exc:
-            raise self._error(grpc.StatusCode.RESOURCE_EXHAUSTED, exc) from exc
+            raise _error(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason, str(exc)) from exc
         except sessions.SessionGone as exc:
-            raise self._error(grpc.StatusCode.FAILED_PRECONDITION, exc) from exc
+            raise _error(grpc.StatusCode.FAILED_PRECONDITION, exc.reason, str(exc)) from exc
         except OSError as exc:
             log.exception("cannot create a session directory")
-            raise ServiceError(
+            raise _error(
                 grpc.StatusCode.INTERNAL,
-                "WORKDIR_UNAVAILABLE",
+                reasons.ERROR_REASON_WORKDIR_UNAVAILABLE,
                 f"cannot create a session directory: {exc.strerror or exc}",
-                domain=BOOTSTRAP_DOMAIN,
             ) from exc
         response = pb.PrepareToolsResponse.FromString(result)
         response.replayed = replayed
@@ -254,10 +282,10 @@ class BootstrapServicer(bootstrap_service_pb2_grpc.BootstrapServiceServicer):
 
     async def _release(self, request: pb.ReleaseToolsRequest) -> pb.ReleaseToolsResponse:
         if not request.tenant:
-            raise _invalid("TENANT_REQUIRED", "tenant is required", "tenant")
+            raise _invalid(reasons.ERROR_REASON_TENANT_REQUIRED, "tenant is required", "tenant")
         if not request.conversation_id and not request.response_id:
             raise _invalid(
-                "SCOPE_REQUIRED",
+                reasons.ERROR_REASON_SCOPE_REQUIRED,
                 "conversation_id or response_id is required",
                 "conversation_id",
             )
@@ -269,7 +297,3 @@ class BootstrapServicer(bootstrap_service_pb2_grpc.BootstrapServiceServicer):
         if count:
             log.info("released sessions", extra={"tenant": request.tenant, "count": count})
         return pb.ReleaseToolsResponse(released_count=count)
-
-    @staticmethod
-    def _error(code: grpc.StatusCode, exc: sessions.SessionError) -> ServiceError:
-        return ServiceError(code, exc.reason, str(exc), domain=BOOTSTRAP_DOMAIN)

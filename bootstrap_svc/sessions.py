@@ -33,6 +33,9 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
+
+from respgw.bootstrap.v1 import error_reason_pb2 as reasons
 
 log = logging.getLogger(__name__)
 
@@ -93,27 +96,27 @@ _COLUMNS = (
 
 
 class SessionError(Exception):
-    """A call the registry refuses; ``reason`` is the ErrorInfo reason."""
+    """A call the registry refuses; each kind's ``reason`` is its ErrorInfo reason."""
 
-    reason = "SESSION_ERROR"
+    reason: ClassVar[reasons.ErrorReason.ValueType]
 
 
 class SessionLimit(SessionError):
     """The tenant already holds its maximum of live sessions."""
 
-    reason = "SESSION_LIMIT"
+    reason = reasons.ERROR_REASON_SESSION_LIMIT
 
 
 class SessionGone(SessionError):
     """A session the request names explicitly expired, was released or never existed."""
 
-    reason = "SESSION_GONE"
+    reason = reasons.ERROR_REASON_SESSION_GONE
 
 
 class RequestConflict(SessionError):
     """The request_id was used before with different content."""
 
-    reason = "REQUEST_ID_CONFLICT"
+    reason = reasons.ERROR_REASON_REQUEST_ID_CONFLICT
 
 
 class WorkdirLocked(RuntimeError):

@@ -2,22 +2,36 @@
 
 Servers raise :class:`ServiceError`; the servicer boundary turns it into a status whose
 ``grpc-status-details-bin`` trailer carries a ``google.rpc.ErrorInfo`` with a stable reason.
-Clients read the reason back with :func:`error_info`.
+Clients read the reason back with :func:`error_info`. Each proto package lists its reasons as an
+``ErrorReason`` enum (``error_reason.proto``); :func:`reason` spells a value as the string sent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
+
 STATE_DOMAIN = "state.respgw.dev"
 BOOTSTRAP_DOMAIN = "bootstrap.respgw.dev"
+# An ErrorReason value's name is this prefix (buf's enum value rule) and the reason string.
+REASON_PREFIX = "ERROR_REASON_"
+
+V = TypeVar("V", bound=int)
+
+
+def reason(enum: _EnumTypeWrapper[V], value: V) -> str:
+    """The ErrorInfo reason an ``ErrorReason`` value stands for: ``reason(ErrorReason,
+    ERROR_REASON_SESSION_LIMIT)`` is ``"SESSION_LIMIT"``."""
+    return enum.Name(value).removeprefix(REASON_PREFIX)
 
 
 @dataclass

@@ -1,0 +1,26 @@
+"""The router: the Responses and Conversations API over HTTP, in front of the hub.
+
+Package map (a request's way through it, top to bottom)::
+
+    app.py            the ASGI app, its middleware, the HTTP protocol guard, ``respgw router``
+    config.py         RouterSettings (flags and RESPGW_* variables)
+    services.py       what a handler needs, built once per process (clients, caches, settings)
+    auth.py           API keys to tenants
+    http.py           JSON in and out, query parameters, ids in paths
+    routes/           one module per API area: responses, conversations, containers, passthrough
+    validate.py       POST /v1/responses bodies checked as OpenAI checks them; input items
+    turn.py           one turn: history, stateful tools, the hub call, the stored result
+    background.py     background responses: leased jobs of the state service, live events
+    tools.py          the tool loop for code_interpreter and shell on a chat hub
+    translate.py      Responses <-> Chat Completions, and the Response object
+    stream.py         Responses streaming events (from chat chunks, a Responses hub, replay)
+    hub.py            the client of the hub (the model server)
+    state_client.py   the client of the state service (respgw.state.v1)
+    history_cache.py  histories of chains this router stored, so a chained turn reads none
+    bootstrap.py      the client of BootstrapService (respgw.bootstrap.v1), or the no-op
+    execution.py      the client of ExecutionService (runs tool calls, serves containers)
+    errors.py         the error tree, and where errors become OpenAI-shaped responses
+    ids.py            OpenAI-style object ids
+
+It imports ``gateway`` (plumbing) and the generated ``respgw`` code, never another service.
+"""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.settings import option
+from gateway.settings import ServerSettings, option
 
 
 @dataclass(frozen=True)
-class RouterSettings:
+class RouterSettings(ServerSettings):
     host: str = option("127.0.0.1", "Address the HTTP server binds.", env="RESPGW_ROUTER_HOST")
     port: int = option(
         8080, "Port of the HTTP server (0 picks a free one).", env="RESPGW_ROUTER_PORT"
@@ -232,12 +232,3 @@ class RouterSettings:
         "it, new ones are refused with 429. 0 means no cap.",
         env="RESPGW_BACKGROUND_MAX_PENDING",
     )
-    otel_endpoint: str = option(
-        "",
-        "OTLP/gRPC endpoint that receives OpenTelemetry traces (e.g. http://otel-collector:4317); "
-        "empty turns tracing off. Needs the 'tracing' extra installed; without it the service "
-        "logs an error and runs untraced.",
-        env="RESPGW_OTEL_ENDPOINT",
-    )
-    log_level: str = option("info", "Log level.", env="RESPGW_LOG_LEVEL")
-    log_format: str = option("json", "Log format: json or text.", env="RESPGW_LOG_FORMAT")

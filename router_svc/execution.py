@@ -28,6 +28,7 @@ import grpc
 from gateway import grpcerrors, tracing
 from gateway.grpcserver import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
+from respgw.bootstrap.v1 import error_reason_pb2 as reasons
 from respgw.bootstrap.v1 import execution_resources_pb2 as res
 from respgw.bootstrap.v1 import execution_service_pb2 as pb
 from respgw.bootstrap.v1 import execution_service_pb2_grpc
@@ -167,9 +168,12 @@ _STATUS: dict[grpc.StatusCode, tuple[type[errors.ApiError], int, str]] = {
 }
 # Reasons whose HTTP status says more than their code's.
 _REASONS: dict[str, tuple[type[errors.ApiError], int, str]] = {
-    "FILE_TOO_LARGE": (errors.InvalidRequest, 413, "file_too_large"),
-    "DISK_FULL": (errors.InvalidRequest, 413, "container_full"),
-    "SESSION_LIMIT": (errors.RateLimited, 429, "rate_limit_exceeded"),
+    grpcerrors.reason(reasons.ErrorReason, reason): error
+    for reason, error in (
+        (reasons.ERROR_REASON_FILE_TOO_LARGE, (errors.InvalidRequest, 413, "file_too_large")),
+        (reasons.ERROR_REASON_DISK_FULL, (errors.InvalidRequest, 413, "container_full")),
+        (reasons.ERROR_REASON_SESSION_LIMIT, (errors.RateLimited, 429, "rate_limit_exceeded")),
+    )
 }
 
 

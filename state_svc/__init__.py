@@ -1,0 +1,17 @@
+"""The state service: stored responses, conversations and background jobs behind the gRPC
+contract ``respgw.state.v1`` (``protos/respgw/state/v1``).
+
+Package map::
+
+    server.py         ``respgw state``: opens the backend, serves the servicer, sweeps expired rows
+    config.py         StateSettings (flags and RESPGW_STATE_* variables)
+    service.py        the StateService servicer: validates, converts API messages to the
+                      backend's dataclasses and back, maps every error to a status with ErrorInfo
+    backends/         storage behind one ``typing.Protocol``, chosen by ``--backend``:
+      base.py         the Backend protocol, its dataclasses, shared rules and error helpers
+      sqlite.py       one file in WAL mode (the default)
+      postgres.py     asyncpg, for replicas sharing one database
+      memory.py       tests and development
+
+It imports ``gateway`` (plumbing) and the generated ``respgw`` code, never another service.
+"""

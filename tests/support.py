@@ -132,7 +132,7 @@ class Stack:
 
 
 class Process:
-    """A gateway service as its own process (``python -m gateway <command>``)."""
+    """A gateway service as its own process (``python -m respgw_cli <command>``, the ``respgw`` command)."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.args = args
@@ -145,7 +145,7 @@ class Process:
         """Starts the process and waits for a log line matching ``ready`` (a regex whose group 1
         is the bound port); returns the port."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *self.args],
+            [sys.executable, "-m", "respgw_cli", *self.args],
             cwd=REPO,
             env=self.env,
             stdin=subprocess.DEVNULL,

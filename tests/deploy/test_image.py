@@ -75,7 +75,7 @@ def test_runtime_stage_runs_respgw_as_the_manifests_user() -> None:
     assert re.search(rf"(?m)^USER {IMAGE_UID}(:{IMAGE_UID})?$", final)
     assert re.search(r'(?m)^ENTRYPOINT \["respgw"\]$', final)
     assert re.search(r'(?m)^CMD \["router"\]$', final)
-    assert PYPROJECT["project"]["scripts"]["respgw"] == "gateway.cli:main"
+    assert PYPROJECT["project"]["scripts"]["respgw"] == "respgw_cli.main:main"
     # Only the virtualenv comes from the builder: no compilers or build files in the image.
     assert re.findall(r"(?m)^COPY (.*)$", final) == ["--from=builder /opt/venv /opt/venv"]
 
@@ -108,7 +108,7 @@ def test_each_container_command_accepts_its_environment(manifests: Manifests) ->
     for c in manifests.containers():
         env: dict[str, Any] = {"PATH": os.environ.get("PATH", ""), "COLUMNS": "200", **c.env}
         done = subprocess.run(
-            [sys.executable, "-m", "gateway", *c.spec["args"], "--help"],
+            [sys.executable, "-m", "respgw_cli", *c.spec["args"], "--help"],
             capture_output=True,
             text=True,
             env=env,

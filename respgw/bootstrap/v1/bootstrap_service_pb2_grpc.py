@@ -59,6 +59,15 @@ class BootstrapServiceStub:
     may have prepared the state, and the replay returns it.
     any other code      Treat as a failure of the service. Do not retry.
 
+    Errors: a refusal carries a google.rpc.ErrorInfo detail (in the grpc-status-details-bin
+    trailer) with domain "bootstrap.respgw.dev" and one of these reasons, the values of
+    ErrorReason (error_reason.proto) without their ERROR_REASON_ prefix: REQUEST_ID_REQUIRED,
+    TENANT_REQUIRED, TOOLS_REQUIRED, KIND_UNSPECIFIED, KIND_DUPLICATED, TOOL_JSON_INVALID,
+    SCOPE_CONFLICT, SCOPE_REQUIRED (INVALID_ARGUMENT); KIND_UNSUPPORTED (UNIMPLEMENTED);
+    REQUEST_ID_CONFLICT (ALREADY_EXISTS); SESSION_LIMIT (RESOURCE_EXHAUSTED); SESSION_GONE
+    (FAILED_PRECONDITION); WORKDIR_UNAVAILABLE (INTERNAL). The reference implementation always
+    sends it; a caller acts on the status code and must not require it.
+
     Idempotency: PrepareTools is idempotent on (tenant, request_id). A replay with the same content
     returns the first result (with replayed set) and prepares nothing twice, for at least 10 minutes
     after the first call.
@@ -120,6 +129,15 @@ class BootstrapServiceServicer:
     DEADLINE_EXCEEDED   The caller's deadline passed. Retry with the same request_id: the service
     may have prepared the state, and the replay returns it.
     any other code      Treat as a failure of the service. Do not retry.
+
+    Errors: a refusal carries a google.rpc.ErrorInfo detail (in the grpc-status-details-bin
+    trailer) with domain "bootstrap.respgw.dev" and one of these reasons, the values of
+    ErrorReason (error_reason.proto) without their ERROR_REASON_ prefix: REQUEST_ID_REQUIRED,
+    TENANT_REQUIRED, TOOLS_REQUIRED, KIND_UNSPECIFIED, KIND_DUPLICATED, TOOL_JSON_INVALID,
+    SCOPE_CONFLICT, SCOPE_REQUIRED (INVALID_ARGUMENT); KIND_UNSUPPORTED (UNIMPLEMENTED);
+    REQUEST_ID_CONFLICT (ALREADY_EXISTS); SESSION_LIMIT (RESOURCE_EXHAUSTED); SESSION_GONE
+    (FAILED_PRECONDITION); WORKDIR_UNAVAILABLE (INTERNAL). The reference implementation always
+    sends it; a caller acts on the status code and must not require it.
 
     Idempotency: PrepareTools is idempotent on (tenant, request_id). A replay with the same content
     returns the first result (with replayed set) and prepares nothing twice, for at least 10 minutes
@@ -211,6 +229,15 @@ class BootstrapService:
     DEADLINE_EXCEEDED   The caller's deadline passed. Retry with the same request_id: the service
     may have prepared the state, and the replay returns it.
     any other code      Treat as a failure of the service. Do not retry.
+
+    Errors: a refusal carries a google.rpc.ErrorInfo detail (in the grpc-status-details-bin
+    trailer) with domain "bootstrap.respgw.dev" and one of these reasons, the values of
+    ErrorReason (error_reason.proto) without their ERROR_REASON_ prefix: REQUEST_ID_REQUIRED,
+    TENANT_REQUIRED, TOOLS_REQUIRED, KIND_UNSPECIFIED, KIND_DUPLICATED, TOOL_JSON_INVALID,
+    SCOPE_CONFLICT, SCOPE_REQUIRED (INVALID_ARGUMENT); KIND_UNSUPPORTED (UNIMPLEMENTED);
+    REQUEST_ID_CONFLICT (ALREADY_EXISTS); SESSION_LIMIT (RESOURCE_EXHAUSTED); SESSION_GONE
+    (FAILED_PRECONDITION); WORKDIR_UNAVAILABLE (INTERNAL). The reference implementation always
+    sends it; a caller acts on the status code and must not require it.
 
     Idempotency: PrepareTools is idempotent on (tenant, request_id). A replay with the same content
     returns the first result (with replayed set) and prepares nothing twice, for at least 10 minutes

@@ -75,6 +75,17 @@ class ExecutionServiceStub:
       DEADLINE_EXCEEDED   The caller's deadline passed. For Execute the call may have run: do not
                           retry it. Other RPCs may be retried.
       any other code      A failure of the service. Do not retry.
+
+    Errors: a refusal carries a google.rpc.ErrorInfo detail (in the grpc-status-details-bin
+    trailer) with domain "bootstrap.respgw.dev" and one of these reasons, the values of
+    ErrorReason (error_reason.proto) without their ERROR_REASON_ prefix: TENANT_REQUIRED,
+    SESSION_REQUIRED, ACTION_REQUIRED, CODE_REQUIRED, COMMANDS_REQUIRED, TIMEOUT_INVALID,
+    FILE_REQUIRED, PATH_INVALID, HEADER_REQUIRED, PAGE_TOKEN_INVALID, REQUEST_ID_REQUIRED,
+    IDLE_TTL_INVALID, MEMORY_LIMIT_INVALID (INVALID_ARGUMENT); SESSION_NOT_FOUND, FILE_NOT_FOUND
+    (NOT_FOUND); REQUEST_ID_CONFLICT (ALREADY_EXISTS); SESSION_LIMIT, FILE_TOO_LARGE, DISK_FULL
+    (RESOURCE_EXHAUSTED); SANDBOX_UNAVAILABLE (FAILED_PRECONDITION); EXECUTION_FAILED (INTERNAL).
+    The reference implementation always sends it; a caller acts on the status code, except that
+    FILE_TOO_LARGE and DISK_FULL tell it the upload (not the caller) is too large.
     """
 
     @_typing.overload
@@ -187,6 +198,17 @@ class ExecutionServiceAsyncStub(ExecutionServiceStub):
       DEADLINE_EXCEEDED   The caller's deadline passed. For Execute the call may have run: do not
                           retry it. Other RPCs may be retried.
       any other code      A failure of the service. Do not retry.
+
+    Errors: a refusal carries a google.rpc.ErrorInfo detail (in the grpc-status-details-bin
+    trailer) with domain "bootstrap.respgw.dev" and one of these reasons, the values of
+    ErrorReason (error_reason.proto) without their ERROR_REASON_ prefix: TENANT_REQUIRED,
+    SESSION_REQUIRED, ACTION_REQUIRED, CODE_REQUIRED, COMMANDS_REQUIRED, TIMEOUT_INVALID,
+    FILE_REQUIRED, PATH_INVALID, HEADER_REQUIRED, PAGE_TOKEN_INVALID, REQUEST_ID_REQUIRED,
+    IDLE_TTL_INVALID, MEMORY_LIMIT_INVALID (INVALID_ARGUMENT); SESSION_NOT_FOUND, FILE_NOT_FOUND
+    (NOT_FOUND); REQUEST_ID_CONFLICT (ALREADY_EXISTS); SESSION_LIMIT, FILE_TOO_LARGE, DISK_FULL
+    (RESOURCE_EXHAUSTED); SANDBOX_UNAVAILABLE (FAILED_PRECONDITION); EXECUTION_FAILED (INTERNAL).
+    The reference implementation always sends it; a caller acts on the status code, except that
+    FILE_TOO_LARGE and DISK_FULL tell it the upload (not the caller) is too large.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -295,6 +317,17 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
       DEADLINE_EXCEEDED   The caller's deadline passed. For Execute the call may have run: do not
                           retry it. Other RPCs may be retried.
       any other code      A failure of the service. Do not retry.
+
+    Errors: a refusal carries a google.rpc.ErrorInfo detail (in the grpc-status-details-bin
+    trailer) with domain "bootstrap.respgw.dev" and one of these reasons, the values of
+    ErrorReason (error_reason.proto) without their ERROR_REASON_ prefix: TENANT_REQUIRED,
+    SESSION_REQUIRED, ACTION_REQUIRED, CODE_REQUIRED, COMMANDS_REQUIRED, TIMEOUT_INVALID,
+    FILE_REQUIRED, PATH_INVALID, HEADER_REQUIRED, PAGE_TOKEN_INVALID, REQUEST_ID_REQUIRED,
+    IDLE_TTL_INVALID, MEMORY_LIMIT_INVALID (INVALID_ARGUMENT); SESSION_NOT_FOUND, FILE_NOT_FOUND
+    (NOT_FOUND); REQUEST_ID_CONFLICT (ALREADY_EXISTS); SESSION_LIMIT, FILE_TOO_LARGE, DISK_FULL
+    (RESOURCE_EXHAUSTED); SANDBOX_UNAVAILABLE (FAILED_PRECONDITION); EXECUTION_FAILED (INTERNAL).
+    The reference implementation always sends it; a caller acts on the status code, except that
+    FILE_TOO_LARGE and DISK_FULL tell it the upload (not the caller) is too large.
     """
 
     @_abc_1.abstractmethod

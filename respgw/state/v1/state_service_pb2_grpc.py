@@ -52,6 +52,8 @@ class StateServiceStub:
     RESPONSE_ID_CONFLICT, ITEM_ID_CONFLICT, REQUEST_ID_CONFLICT, VERSION_MISMATCH, HISTORY_BROKEN,
     RESPONSE_IN_PROGRESS, LEASE_LOST, NOT_BACKGROUND, EVENT_CONFLICT, BACKGROUND_QUEUE_FULL,
     BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
+    The reasons are the values of ErrorReason (error_reason.proto) without their ERROR_REASON_
+    prefix, each with when it is sent and what a caller does.
     Any RPC may also return UNAVAILABLE (reason BACKEND_UNAVAILABLE) when the storage backend cannot
     be reached; nothing was written and the call is safe to retry.
 
@@ -230,6 +232,8 @@ class StateServiceServicer:
     RESPONSE_ID_CONFLICT, ITEM_ID_CONFLICT, REQUEST_ID_CONFLICT, VERSION_MISMATCH, HISTORY_BROKEN,
     RESPONSE_IN_PROGRESS, LEASE_LOST, NOT_BACKGROUND, EVENT_CONFLICT, BACKGROUND_QUEUE_FULL,
     BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
+    The reasons are the values of ErrorReason (error_reason.proto) without their ERROR_REASON_
+    prefix, each with when it is sent and what a caller does.
     Any RPC may also return UNAVAILABLE (reason BACKEND_UNAVAILABLE) when the storage backend cannot
     be reached; nothing was written and the call is safe to retry.
 
@@ -769,6 +773,8 @@ class StateService:
     RESPONSE_ID_CONFLICT, ITEM_ID_CONFLICT, REQUEST_ID_CONFLICT, VERSION_MISMATCH, HISTORY_BROKEN,
     RESPONSE_IN_PROGRESS, LEASE_LOST, NOT_BACKGROUND, EVENT_CONFLICT, BACKGROUND_QUEUE_FULL,
     BACKEND_UNAVAILABLE or INTERNAL. Its metadata names the offending field or id where there is one.
+    The reasons are the values of ErrorReason (error_reason.proto) without their ERROR_REASON_
+    prefix, each with when it is sent and what a caller does.
     Any RPC may also return UNAVAILABLE (reason BACKEND_UNAVAILABLE) when the storage backend cannot
     be reached; nothing was written and the call is safe to retry.
 

@@ -11,6 +11,8 @@ block, the echo hub calls the tool with that code, and answers the tool's output
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import time
@@ -18,6 +20,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+log = logging.getLogger("respgw")
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -185,3 +189,13 @@ async def start(host: str, port: int) -> tuple[web.AppRunner, int]:
     assert server is not None
     bound: int = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     return runner, bound
+
+
+async def serve(host: str, port: int) -> None:
+    """``respgw echo-hub``: serves until cancelled."""
+    runner, bound = await start(host, port)
+    log.info(f"echo hub listening on http://{host}:{bound}/v1")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
