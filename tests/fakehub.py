@@ -228,6 +228,10 @@ class FakeHub:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
         chunks: list[dict[str, Any]] = []
+        if reply.reasoning:
+            half = len(reply.reasoning) // 2
+            chunks.append({"role": "assistant", "reasoning_content": reply.reasoning[:half]})
+            chunks.append({"reasoning_content": reply.reasoning[half:]})
         if reply.text:
             pieces = reply.text.split(" ")
             for i, piece in enumerate(pieces):
