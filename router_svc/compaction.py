@@ -21,12 +21,14 @@ to keep); a Responses hub cannot take it, and the item is left out.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from router_svc import errors, sealing, translate, validate
+from router_svc.hub import HubClient
 from router_svc.ids import new_id
 from router_svc.services import Services
 from router_svc.validate import TurnRequest
@@ -232,12 +234,43 @@ async def summarize(
     return text.strip(), usage
 
 
-def estimate_tokens(items: Iterable[Mapping[str, Any]], instructions: str | None) -> int:
-    """About how many tokens ``items`` make (their JSON, at :data:`CHARS_PER_TOKEN`)."""
+def _chars(items: Iterable[Mapping[str, Any]], instructions: str | None) -> int:
+    """The characters of ``items`` as JSON (an upper bound of their text's)."""
     chars = len(instructions or "")
     for item in items:
         chars += len(orjson.dumps(item))
-    return chars // CHARS_PER_TOKEN
+    return chars
+
+
+# The hub clients whose tokenizer answered that it is not there (or not in vLLM's form): asked
+# once a router, then the estimate is used.
+_NO_TOKENIZER: weakref.WeakSet[HubClient] = weakref.WeakSet()
+# vLLM's (and SGLang's) tokenizer endpoint sits beside /v1, not under it.
+TOKENIZE_PATH = "/../tokenize"
+
+
+async def count_tokens(svc: Services, req: TurnRequest, items: list[dict[str, Any]]) -> int | None:
+    """The tokens of ``items`` as the hub's tokenizer counts them (the chat template applied:
+    vLLM's ``POST /tokenize`` with ``messages``), or None when the hub has no such endpoint."""
+    if svc.hub in _NO_TOKENIZER:
+        return None
+    messages: list[dict[str, Any]] = []
+    if req.instructions:
+        messages.append({"role": "system", "content": req.instructions})
+    messages += translate.chat_messages(items)
+    body = {"model": req.model, "messages": messages, "add_generation_prompt": True}
+    try:
+        answer = await svc.hub.post(TOKENIZE_PATH, body)
+    except errors.ApiError as exc:
+        if exc.code == "upstream_rejected":
+            _NO_TOKENIZER.add(svc.hub)
+            log.info("the hub has no tokenizer endpoint: compaction thresholds are estimated")
+        return None
+    count = answer.get("count")
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count
+    _NO_TOKENIZER.add(svc.hub)
+    return None
 
 
 # --- POST /v1/responses/compact ------------------------------------------------------------
@@ -330,15 +363,26 @@ def compact_threshold(req: TurnRequest) -> int | None:
     return None
 
 
-def needs_compaction(svc: Services, turn: Turn) -> bool:
+async def needs_compaction(svc: Services, turn: Turn) -> bool:
     """Whether the turn's model input passes its compact_threshold (a chat hub only: a
-    Responses hub gets context_management and compacts by itself)."""
+    Responses hub gets context_management and compacts by itself).
+
+    Fewer characters than the threshold are fewer tokens too: nothing is asked then. Otherwise
+    the hub's tokenizer counts (:func:`count_tokens`), or, without one, the characters of the
+    items' JSON at :data:`CHARS_PER_TOKEN`."""
     if svc.settings.hub_api != "chat" or turn.compacted is not None:
         return False
     threshold = compact_threshold(turn.req)
     if threshold is None:
         return False
-    return estimate_tokens(turn.model_items(), turn.req.instructions) >= threshold
+    items = turn.model_items()
+    chars = _chars(items, turn.req.instructions)
+    if chars < threshold:
+        return False
+    tokens = await count_tokens(svc, turn.req, items)
+    if tokens is None:
+        tokens = chars // CHARS_PER_TOKEN
+    return tokens >= threshold
 
 
 async def compact_turn(svc: Services, turn: Turn, item_id: str = "") -> dict[str, Any]:
@@ -365,7 +409,7 @@ async def compact_turn(svc: Services, turn: Turn, item_id: str = "") -> dict[str
 
 async def answer_lead(svc: Services, turn: Turn) -> dict[str, Any] | None:
     """The compaction item that leads a non-streamed turn's output, when it compacted."""
-    if not needs_compaction(svc, turn):
+    if not await needs_compaction(svc, turn):
         return None
     return await compact_turn(svc, turn)
 
@@ -381,7 +425,7 @@ async def stream_lead(
     made, ``response.output_item.done`` (with the sealed summary) after."""
     from router_svc.stream import ChatStreamTranslator
 
-    if not isinstance(translator, ChatStreamTranslator) or not needs_compaction(svc, turn):
+    if not isinstance(translator, ChatStreamTranslator) or not await needs_compaction(svc, turn):
         return
     item_id = new_id("cmp")
     push(translator.open_compaction(item_id))

@@ -798,6 +798,11 @@ def _replay_item(
                     arguments=arguments,
                 )
             )
+    elif kind == "compaction":
+        # As the live stream sent it: the summary is sealed once it is made.
+        opened["encrypted_content"] = ""
+        out.append(events.make("response.output_item.added", output_index=index, item=opened))
+        out.append(events.make("response.compaction.compacting", **common))
     else:
         out.append(events.make("response.output_item.added", output_index=index, item=opened))
     if closed:

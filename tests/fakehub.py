@@ -78,6 +78,10 @@ class FakeHub:
         self.headers: list[dict[str, str]] = []
         self.paths: list[str] = []
         self.script: deque[Reply] = deque()
+        # What POST /tokenize (beside /v1, as vLLM serves it) answers as the count; None: a 404,
+        # as from a hub without a tokenizer endpoint. Its requests are kept apart.
+        self.token_count: int | None = None
+        self.tokenize_requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -110,6 +114,8 @@ class FakeHub:
             self.headers.clear()
             self.paths.clear()
             self.script.clear()
+            self.token_count = None
+            self.tokenize_requests.clear()
 
     def chat_requests(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -124,6 +130,7 @@ class FakeHub:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/tokenize", self._tokenize)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -174,6 +181,15 @@ class FakeHub:
         if failed is not None:
             return failed
         return web.json_response(MODELS, dumps=lambda o: orjson.dumps(o).decode())
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        with self._lock:
+            self.tokenize_requests.append(body)
+            count = self.token_count
+        if count is None:
+            return web.Response(status=404, text="Not Found")
+        return web.json_response({"count": count, "max_model_len": 32768, "tokens": []})
 
     def _usage(self, reply: Reply) -> dict[str, Any]:
         return reply.usage or {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}

@@ -254,6 +254,54 @@ def test_context_management_compacts_a_long_history(stack: Stack, hub: FakeHub) 
     ]
     stored = client.responses.retrieve(resp.id)
     assert stored.output[0].type == "compaction"
+    # Its events, replayed (it was not streamed): the compaction as a live stream sends it.
+    with client.responses.stream(response_id=resp.id) as replay:
+        kinds = [e.type for e in replay]
+        replayed = replay.get_final_response()
+    assert kinds[2:5] == [
+        "response.output_item.added",
+        "response.compaction.compacting",
+        "response.output_item.done",
+    ]
+    assert replayed.output[0].model_dump() == stored.output[0].model_dump()
+
+
+def test_the_hubs_tokenizer_decides_when_it_has_one(stack: Stack, hub: FakeHub) -> None:
+    client = stack.client()
+    body: Any = {
+        "model": "fake-model",
+        "input": LONG,
+        "instructions": "Be brief.",
+        "context_management": [{"type": "compaction", "compact_threshold": 100}],
+    }
+    hub.token_count = 99  # the estimate says about 250; the tokenizer knows better
+    resp = client.responses.create(**body)
+    assert [i.type for i in resp.output] == ["message"]
+    (counted,) = hub.tokenize_requests
+    assert counted == {
+        "model": "fake-model",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": LONG}],
+        "add_generation_prompt": True,
+    }
+    hub.token_count = 100
+    hub.enqueue(Reply(text=SUMMARY), Reply(text="ok"))
+    resp = client.responses.create(**body)
+    assert [i.type for i in resp.output] == ["compaction", "message"]
+
+
+def test_without_a_tokenizer_the_estimate_is_used_and_it_is_asked_once(
+    stack: Stack, hub: FakeHub
+) -> None:
+    client = stack.client()
+    for _ in range(2):
+        hub.enqueue(Reply(text=SUMMARY), Reply(text="ok"))
+        resp = client.responses.create(
+            model="fake-model",
+            input=LONG,
+            context_management=[{"type": "compaction", "compact_threshold": 100}],
+        )
+        assert [i.type for i in resp.output] == ["compaction", "message"]
+    assert len(hub.tokenize_requests) == 1  # a 404 once; then only the estimate
 
 
 def test_context_management_under_the_threshold_does_nothing(stack: Stack, hub: FakeHub) -> None:
