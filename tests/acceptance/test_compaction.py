@@ -5,6 +5,7 @@ the real router and state service, and the fake hub."""
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -340,6 +341,25 @@ def test_context_management_compacts_in_a_stream(stack: Stack, hub: FakeHub) -> 
     assert texts[-1] == compaction.SUMMARY_HEADER + SUMMARY
     stored = client.responses.retrieve(final.id)
     assert stored.output[0].model_dump() == final.output[0].model_dump()
+
+
+def test_a_background_turn_compacts_too(stack: Stack, hub: FakeHub) -> None:
+    client = stack.client()
+    hub.enqueue(Reply(text=SUMMARY), Reply(text="Later answer."))
+    queued = client.responses.create(
+        model="fake-model",
+        input=LONG,
+        background=True,
+        context_management=[{"type": "compaction", "compact_threshold": 100}],
+    )
+    deadline = time.monotonic() + 20
+    done = client.responses.retrieve(queued.id)
+    while done.status in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        done = client.responses.retrieve(queued.id)
+    assert done.status == "completed"
+    assert [i.type for i in done.output] == ["compaction", "message"]
+    assert done.output_text == "Later answer."
 
 
 # --- reasoning encrypted_content --------------------------------------------------------------
