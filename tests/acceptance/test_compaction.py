@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -522,3 +523,32 @@ def test_sealing_module_refuses_other_tenants_and_purposes() -> None:
     assert sealer.open(sealed, tenant="a", purpose=sealing.REASONING) == "text"
     assert sealer.open(sealed, tenant="b", purpose=sealing.REASONING) is None
     assert sealer.open(sealed, tenant="a", purpose=sealing.COMPACTION) is None
+
+
+def test_the_tool_loop_is_sent_the_summary_too(hub: FakeHub, tmp_path: Path) -> None:
+    from tests.acceptance.test_code_interpreter import CODE_INTERPRETER, Bootstrap
+
+    sandbox = Bootstrap(tmp_path / "sessions", call_timeout_s=2.0, call_cpu_s=2)
+    s = Stack(
+        hub.url, router={"default_model": "fake-model", "bootstrap_address": sandbox.address}
+    ).start()
+    try:
+        client = s.client()
+        hub.enqueue(Reply(text=SUMMARY))
+        compacted = client.responses.compact(model="fake-model", input=history())  # type: ignore[arg-type]
+        hub.reset()
+        next_input: list[Any] = [
+            *[_dumped(i) for i in compacted.output],
+            {"role": "user", "content": "Compute the budget per day."},
+        ]
+        hub.enqueue(Reply(text="About 128 EUR a day."))
+        resp = client.responses.create(input=next_input, tools=[CODE_INTERPRETER], store=False)
+        assert resp.output_text == "About 128 EUR a day."
+        (sent,) = hub.chat_requests()
+        assert "python" in [t["function"]["name"] for t in sent["tools"]]  # the tool loop ran
+        texts = [text_of(m) for m in sent["messages"]]
+        assert compaction.SUMMARY_HEADER + SUMMARY in texts
+        assert not any("What is your budget" in t for t in texts)
+    finally:
+        s.stop()
+        sandbox.stop()
