@@ -81,6 +81,9 @@ class FakeHub:
         # What POST /tokenize (beside /v1, as vLLM serves it) answers as the count; None: a 404,
         # as from a hub without a tokenizer endpoint. Its requests are kept apart.
         self.token_count: int | None = None
+        # Whether POST /v1/responses/compact is served (OpenAI's, answered from the script's text
+        # as the summary) or a 404, as on a hub without it.
+        self.compact_endpoint = False
         self.tokenize_requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -115,6 +118,7 @@ class FakeHub:
             self.paths.clear()
             self.script.clear()
             self.token_count = None
+            self.compact_endpoint = False
             self.tokenize_requests.clear()
 
     def chat_requests(self) -> list[dict[str, Any]]:
@@ -131,6 +135,7 @@ class FakeHub:
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/v1/responses/compact", self._compact)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -181,6 +186,32 @@ class FakeHub:
         if failed is not None:
             return failed
         return web.json_response(MODELS, dumps=lambda o: orjson.dumps(o).decode())
+
+    async def _compact(self, request: web.Request) -> web.Response:
+        if not self.compact_endpoint:
+            return web.Response(status=404, text="Not Found")
+        body = orjson.loads(await request.read())
+        reply = self._next(body, request)
+        users = [i for i in body.get("input") or [] if i.get("role") == "user"]
+        item = {
+            "id": "cmp_upstream",
+            "type": "compaction",
+            "encrypted_content": f"hub:{reply.text}",
+        }
+        answer = {
+            "id": "resp_upstream_compact",
+            "object": "response.compaction",
+            "created_at": int(time.time()),
+            "output": [*users, item],
+            "usage": {
+                "input_tokens": 11,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": 7,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": 18,
+            },
+        }
+        return web.json_response(answer, dumps=lambda o: orjson.dumps(o).decode())
 
     async def _tokenize(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())

@@ -511,6 +511,33 @@ def test_compact_on_a_responses_hub_without_its_own_endpoint(hub: FakeHub) -> No
         s.stop()
 
 
+def test_compact_on_a_responses_hub_with_its_own_endpoint(hub: FakeHub) -> None:
+    """OpenAI (or vLLM's stateful layer) compacts by itself: its item is passed through, and
+    sent back to it untouched."""
+    s = Stack(hub.url, router={"default_model": "fake-model", "hub_api": "responses"}).start()
+    try:
+        hub.compact_endpoint = True
+        client = s.client()
+        first = client.responses.create(input="I like trains.")
+        hub.enqueue(Reply(text=SUMMARY))
+        compacted = client.responses.compact(
+            model="fake-model", input="Plan it.", previous_response_id=first.id
+        )
+        assert hub.paths[-1] == "/v1/responses/compact"
+        sent = hub.requests[-1]
+        assert [i["role"] for i in sent["input"]] == ["user", "assistant", "user"]
+        item = _dumped(compacted.output[-1])
+        assert item == {
+            "id": "cmp_upstream",
+            "type": "compaction",
+            "encrypted_content": f"hub:{SUMMARY}",
+        }
+        client.responses.create(input=[item, {"role": "user", "content": "go"}], store=False)  # type: ignore[list-item]
+        assert hub.requests[-1]["input"][0] == item
+    finally:
+        s.stop()
+
+
 def test_the_compact_route_is_json_only(stack: Stack) -> None:
     answer = httpx.post(f"{stack.url}/responses/compact", content=b"[1]")
     assert answer.status_code in (400, 415)
