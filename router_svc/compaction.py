@@ -68,9 +68,15 @@ def has_sealed(items: Iterable[Mapping[str, Any]], history: Iterable[Mapping[str
     the input, or a compaction item in the history. A type check per item: cheap enough for
     every turn."""
     for item in items:
-        if item.get("type") in ("reasoning", "compaction"):
+        if item.get("type") in _SEALABLE:
             return True
-    return any(item.get("type") == "compaction" for item in history)
+    for item in history:
+        if item.get("type") == "compaction":
+            return True
+    return False
+
+
+_SEALABLE = frozenset({"reasoning", "compaction"})
 
 
 def model_input(
