@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COMPACTION_INCLUDE = "reasoning.encrypted_content"
+REASONING_INCLUDE = "reasoning.encrypted_content"
 
 SUMMARY_PROMPT = (
     "You are compacting the conversation above so that it can continue without it. Write a "
@@ -180,7 +180,7 @@ def open_turn(svc: Services, turn: Turn) -> None:
 def mints_reasoning(svc: Services, req: TurnRequest) -> bool:
     """Whether reasoning output items get the gateway's ``encrypted_content``: asked for with
     ``include``, on a chat hub (a Responses hub mints its own)."""
-    return COMPACTION_INCLUDE in req.include and svc.settings.hub_api == "chat"
+    return REASONING_INCLUDE in req.include and svc.settings.hub_api == "chat"
 
 
 def seal_reasoning(svc: Services, tenant: str, text: str) -> str:
