@@ -24,7 +24,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway import gctune, logs, tracing
 from gateway.metrics import LATENCY_BUCKETS
-from router_svc import auth, background, bootstrap, errors, execution
+from router_svc import auth, background, bootstrap, errors, execution, sealing
 from router_svc.config import RouterSettings
 from router_svc.history_cache import HistoryCache
 from router_svc.http import MAX_ID_CHARS, JSONResponse, KeyedLocks, StreamSlots
@@ -71,6 +71,7 @@ def check_settings(settings: RouterSettings) -> None:
     if not settings.state_address:
         raise ValueError("the state service address is required (--state-address)")
     auth.parse_api_keys(settings.api_keys)
+    sealing.parse_keys(settings.seal_keys)
 
 
 def build_services(settings: RouterSettings) -> Services:
@@ -94,6 +95,7 @@ def build_services(settings: RouterSettings) -> Services:
         bootstrapper=bootstrap.make_bootstrapper(settings),
         executor=execution.make_executor(settings.bootstrap_address, settings.bootstrap_timeout_s),
         auth=auth.Authenticator(auth.parse_api_keys(settings.api_keys)),
+        sealer=sealing.Sealer.from_setting(settings.seal_keys),
         history_cache=(
             HistoryCache(settings.history_cache_mb * 1024 * 1024)
             if settings.history_cache_mb > 0

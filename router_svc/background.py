@@ -52,7 +52,7 @@ from gateway import grpcerrors
 from gateway.grpcserver import channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
-from router_svc import bootstrap, errors, stream, tools, translate, turn, validate
+from router_svc import bootstrap, compaction, errors, stream, tools, translate, turn, validate
 from router_svc.services import Services
 from router_svc.state_client import CallFailed
 
@@ -844,6 +844,8 @@ class _Run:
             if isinstance(translator, tools.StreamLoop):
                 chunks = translator.rounds()  # each hub call of the loop, and the calls it runs
             else:
+                if compaction.compact_threshold(self.turn.req) is not None:
+                    await compaction.stream_lead(self.svc, self.turn, translator, push)
                 path, body = self.turn.upstream(self.svc.settings.hub_api, stream=True)
                 chunks = self.svc.hub.stream(path, body)
             async for chunk in chunks:

@@ -131,6 +131,21 @@ class RouterSettings(ServerSettings):
         "off always estimates (bytes of the request's text / 4).",
         env="RESPGW_TOKENIZER",
     )
+    seal_keys: str = option(
+        "",
+        "Comma-separated ID=BASE64 pairs of 32-byte keys that seal the encrypted_content the "
+        "gateway mints (reasoning for store: false clients, compaction summaries): the first "
+        "seals, every one opens (rotate by putting a new key first). Empty makes a random key "
+        "at start: sealed content then does not survive a restart or open on another replica. "
+        "Give every replica the same keys (a Secret).",
+        env="RESPGW_SEAL_KEYS",
+    )
+    compaction_prompt: str = option(
+        "",
+        "Instruction the model is given to summarize a history for compaction "
+        "(POST /v1/responses/compact, context_management); empty uses the built-in one.",
+        env="RESPGW_COMPACTION_PROMPT",
+    )
     strict_params: bool = option(
         False,
         "Refuse a POST /v1/responses body with a top-level parameter the gateway does not know "

@@ -13,6 +13,7 @@ from router_svc.config import RouterSettings
 from router_svc.execution import GrpcExecutor
 from router_svc.history_cache import HistoryCache
 from router_svc.hub import HubClient
+from router_svc.sealing import Sealer
 from router_svc.state_client import StateClient
 
 if TYPE_CHECKING:
@@ -41,6 +42,14 @@ class Services:
     # Runs background responses and takes over those of other routers (router_svc.background),
     # started by the app's lifespan.
     worker: Worker | None = None
+    # Seals the encrypted_content the gateway mints (router_svc.sealing); None only for services
+    # built without one (a random key is then made the first time one is needed).
+    sealer: Sealer | None = None
+
+    def seal_keys(self) -> Sealer:
+        if self.sealer is None:
+            self.sealer = Sealer.from_setting(self.settings.seal_keys)
+        return self.sealer
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)

@@ -24,7 +24,7 @@ with one delta per content part (the stored response does not keep the hub's chu
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,6 +177,9 @@ class ChatStreamTranslator(_Translator):
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
         self._logprobs = translate.LOGPROBS_INCLUDE in req.include
+        # Seals a reasoning item's text into its encrypted_content when the item is done (set by
+        # the turn when the client asked for reasoning.encrypted_content); None: no sealing.
+        self.seal_reasoning: Callable[[str], str] | None = None
 
     # -- the Response object
 
@@ -280,6 +283,29 @@ class ChatStreamTranslator(_Translator):
         events.append(self._events.make("response.failed", response=self._final))
         return events
 
+    # -- compaction (router_svc.compaction), before the hub is called
+
+    def open_compaction(self, item_id: str) -> list[dict[str, Any]]:
+        """A compaction item is being made: ``response.output_item.added`` and
+        ``response.compaction.compacting``."""
+        events = self.start()
+        index = len(self._output)
+        item = {"id": item_id, "type": "compaction", "encrypted_content": ""}
+        self._output.append(item)
+        events.append(
+            self._events.make("response.output_item.added", output_index=index, item=dict(item))
+        )
+        events.append(
+            self._events.make("response.compaction.compacting", item_id=item_id, output_index=index)
+        )
+        return events
+
+    def close_compaction(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        """The compaction item is made: ``response.output_item.done``."""
+        index = next(i for i, data in enumerate(self._output) if data.get("id") == item["id"])
+        self._output[index] = item
+        return [self._events.make("response.output_item.done", output_index=index, item=dict(item))]
+
     # -- items
 
     def _add(self, data: dict[str, Any]) -> tuple[_Item, dict[str, Any]]:
@@ -334,6 +360,8 @@ class ChatStreamTranslator(_Translator):
             )
         elif item.parts:
             events += self._close_part(item, len(item.parts) - 1)
+        if data["type"] == "reasoning" and self.seal_reasoning is not None:
+            _seal(data, self.seal_reasoning)
         data["status"] = status
         events.append(
             self._events.make(
@@ -502,6 +530,10 @@ class ChatStreamTranslator(_Translator):
                 delta=text,
             )
         ]
+
+
+def _seal(data: dict[str, Any], seal: Callable[[str], str]) -> None:
+    data["encrypted_content"] = seal("".join(p.get("text", "") for p in data.get("content") or []))
 
 
 class ResponsesStreamTranslator(_Translator):
@@ -766,6 +798,11 @@ def _replay_item(
                     arguments=arguments,
                 )
             )
+    elif kind == "compaction":
+        # As the live stream sent it: the summary is sealed once it is made.
+        opened["encrypted_content"] = ""
+        out.append(events.make("response.output_item.added", output_index=index, item=opened))
+        out.append(events.make("response.compaction.compacting", **common))
     else:
         out.append(events.make("response.output_item.added", output_index=index, item=opened))
     if closed:

@@ -519,7 +519,13 @@ class _Loop:
         # Outputs the input opens with answer calls at the end of the history: they go right
         # after them, ahead of the injected items, since a chat hub wants a tool call answered
         # by the very next messages.
-        items = replayable(self.req.input_items, self.names)
+        history = self.turn.history
+        given = self.req.input_items
+        injected = self.turn.prepared.injected_items
+        if self.turn.model_input is not None:
+            # Sealed items opened (router_svc.compaction): history and injected items included.
+            history, given, injected = [], self.turn.model_input, []
+        items = replayable(given, self.names)
         answers = 0
         while answers < len(items) and items[answers].get("type") in _OUTPUT_ITEMS:
             answers += 1
@@ -531,8 +537,8 @@ class _Loop:
         )
         body = translate.chat_request(
             req,
-            [*replayable(self.turn.history, self.names), *items[:answers]],
-            self.turn.prepared.injected_items,
+            [*replayable(history, self.names), *items[:answers]],
+            injected,
             stream=stream,
         )
         self.messages = body.pop("messages")

@@ -170,9 +170,15 @@ def chat_messages(
     """Responses items, oldest first, as Chat Completions messages; a call is named as
     ``toolset`` offers its tool (a namespace's function may be offered under a longer name)."""
     messages: list[dict[str, Any]] = []
+    reasoning: tuple[int, str] | None = None  # an opened reasoning text, and where it goes
     for item in items:
         kind = item.get("type") or ("message" if "role" in item else None)
-        if kind == "message":
+        if reasoning is not None and len(messages) > reasoning[0]:
+            _give_reasoning(messages[reasoning[0]], reasoning[1])
+            reasoning = None
+        if kind == OPENED_REASONING:
+            reasoning = (len(messages), str(item.get("text", "")))
+        elif kind == "message":
             messages.append(_chat_message(item))
         elif kind in ("function_call", "custom_tool_call"):
             if kind == "function_call":
@@ -203,9 +209,23 @@ def chat_messages(
                     "content": _tool_content(item.get("output", "")),
                 }
             )
-        # Anything else (reasoning, built-in tool calls) has no Chat Completions form: reasoning
-        # is never replayed to a chat hub, and the chat model never called those tools.
+        # Anything else (reasoning, built-in tool calls) has no Chat Completions form: stored
+        # reasoning is not replayed to a chat hub, and the chat model never called those tools.
+    if reasoning is not None and len(messages) > reasoning[0]:
+        _give_reasoning(messages[reasoning[0]], reasoning[1])
     return messages
+
+
+# A reasoning text the gateway sealed for a store: false client and got back in its input
+# (router_svc.compaction): it goes to a chat hub as the reasoning_content of the assistant
+# message that followed it, the field vLLM, SGLang and llama.cpp take (the chat template decides
+# whether the model sees it).
+OPENED_REASONING = "respgw.opened_reasoning"
+
+
+def _give_reasoning(message: dict[str, Any], text: str) -> None:
+    if message["role"] == "assistant" and text:
+        message["reasoning_content"] = text
 
 
 def _chat_message(item: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,14 +27,14 @@ import random
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import bootstrap, errors, hub, stream, tools, translate, validate
+from router_svc import bootstrap, compaction, errors, hub, stream, tools, translate, validate
 from router_svc.history_cache import Chain, HistoryCache
 from router_svc.http import shown_id, valid_id
 from router_svc.ids import new_id
@@ -78,6 +78,11 @@ class Turn:
     # is not encoded twice.
     stored_response: dict[str, Any] | None = None
     stored_json: bytes = b""
+    # What the model is sent instead of history + injected + input when sealed items are in it
+    # (router_svc.compaction: opened compaction summaries and reasoning), and the compaction
+    # item of a turn that compacted its history (context_management); None otherwise.
+    model_input: list[dict[str, Any]] | None = None
+    compacted: dict[str, Any] | None = None
 
     def json_of(self, response: dict[str, Any]) -> bytes:
         """``response`` as JSON: the stored bytes when it is the response just stored."""
@@ -89,15 +94,23 @@ class Turn:
     def tool_resources(self) -> dict[str, str]:
         return {kind: p.resource_id for kind, p in self.prepared.tools.items() if p.resource_id}
 
+    def model_items(self) -> list[dict[str, Any]]:
+        """The items the model is sent, oldest first."""
+        if self.model_input is not None:
+            return self.model_input
+        return [*self.history, *self.prepared.injected_items, *self.req.input_items]
+
     def upstream(self, hub_api: str, *, stream: bool) -> tuple[str, dict[str, Any]]:
         """The hub path and the body sent upstream."""
-        injected = self.prepared.injected_items
+        req, history, injected = self.req, self.history, self.prepared.injected_items
+        if self.model_input is not None:
+            req, history, injected = replace(req, input_items=self.model_input), [], []
         if hub_api == "responses":
             path = "/responses"
-            body = translate.responses_request(self.req, self.history, injected, stream=stream)
+            body = translate.responses_request(req, history, injected, stream=stream)
         else:
             path = "/chat/completions"
-            body = translate.chat_request(self.req, self.history, injected, stream=stream)
+            body = translate.chat_request(req, history, injected, stream=stream)
         if self.session_key:
             body.setdefault("prompt_cache_key", self.session_key)
         return path, body
@@ -338,7 +351,7 @@ async def begin(
             headers=_selected_headers(svc, headers or {}),
             metadata=req.metadata,
         )
-    return Turn(
+    turn = Turn(
         req=req,
         tenant=tenant,
         response_id=response_id,
@@ -354,6 +367,8 @@ async def begin(
         chain_root=chain_root,
         session_key=session_in_body,
     )
+    compaction.open_turn(svc, turn)
+    return turn
 
 
 async def resolve_references(
@@ -538,6 +553,22 @@ async def complete(svc: Services, turn: Turn) -> dict[str, Any]:
 
 async def answer(svc: Services, turn: Turn) -> dict[str, Any]:
     """Step 4 without streaming: the hub's answer as a Response object."""
+    if compaction.compact_threshold(turn.req) is not None:
+        return await _compacting_answer(svc, turn)
+    return await _answer(svc, turn)
+
+
+async def _compacting_answer(svc: Services, turn: Turn) -> dict[str, Any]:
+    """A turn with context_management: its history compacted first when it is too long (the
+    compaction item leads the output)."""
+    lead = None if tools.runs_tools(svc, turn) else await compaction.answer_lead(svc, turn)
+    response = await _answer(svc, turn)
+    if lead is not None:
+        response["output"].insert(0, lead)
+    return response
+
+
+async def _answer(svc: Services, turn: Turn) -> dict[str, Any]:
     if tools.runs_tools(svc, turn):
         return await tools.answer(svc, turn)  # code_interpreter and shell run in a tool loop
     path, body = turn.upstream(svc.settings.hub_api, stream=False)
@@ -570,6 +601,8 @@ def _translated(svc: Services, turn: Turn, upstream: Any) -> dict[str, Any]:
             created_at=turn.created_at,
             tool_resources=turn.tool_resources,
         )
+        if turn.req.include and compaction.mints_reasoning(svc, turn.req):
+            compaction.mint_reasoning(svc, turn.tenant, response)
     return response
 
 
@@ -630,12 +663,24 @@ def _translator(
         if svc.settings.hub_api == "responses"
         else stream.ChatStreamTranslator
     )
-    return kind(
+    translator = kind(
         turn.req,
         response_id=turn.response_id,
         created_at=turn.created_at,
         tool_resources=turn.tool_resources,
     )
+    if turn.req.include and isinstance(translator, stream.ChatStreamTranslator):
+        _seal_streamed_reasoning(svc, turn, translator)
+    return translator
+
+
+def _seal_streamed_reasoning(
+    svc: Services, turn: Turn, translator: stream.ChatStreamTranslator
+) -> None:
+    """Reasoning items get the gateway's encrypted_content when they are done (if asked for)."""
+    if compaction.mints_reasoning(svc, turn.req):
+        tenant = turn.tenant
+        translator.seal_reasoning = lambda text: compaction.seal_reasoning(svc, tenant, text)
 
 
 # A conversation turn whose conversation changed after its history was read (VERSION_MISMATCH) is
@@ -743,6 +788,8 @@ async def _pump(
         if isinstance(translator, tools.StreamLoop):
             chunks = translator.rounds()  # each hub call of the loop, and the calls it runs
         else:
+            if compaction.compact_threshold(turn.req) is not None:
+                await compaction.stream_lead(svc, turn, translator, push)
             path, body = turn.upstream(svc.settings.hub_api, stream=True)
             chunks = svc.hub.stream(path, body)
         async for chunk in chunks:

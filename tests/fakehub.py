@@ -113,6 +113,11 @@ class FakeHub:
         self.script: deque[Reply] = deque()
         # Whether POST /tokenize is served (else 404, as a server without it answers).
         self.tokenizer = True
+        # When set, the count /tokenize answers instead of the one computed from its messages.
+        self.token_count: int | None = None
+        # Whether POST /v1/responses/compact is served (OpenAI's, answered from the script's text
+        # as the summary) or a 404, as on a hub without it.
+        self.compact_endpoint = False
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -146,6 +151,8 @@ class FakeHub:
             self.paths.clear()
             self.script.clear()
             self.tokenizer = True
+            self.token_count = None
+            self.compact_endpoint = False
 
     def tokenize_requests(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -167,6 +174,7 @@ class FakeHub:
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/v1/responses/input_tokens", self._input_tokens)
         app.router.add_post("/apply-template", self._apply_template)
+        app.router.add_post("/v1/responses/compact", self._compact)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -174,6 +182,12 @@ class FakeHub:
         server = site._server
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    def _record(self, body: dict[str, Any], request: web.Request) -> None:
+        with self._lock:
+            self.requests.append(body)
+            self.headers.append({k.lower(): v for k, v in request.headers.items()})
+            self.paths.append(request.path)
 
     def _next(self, body: dict[str, Any], request: web.Request) -> Reply:
         path = request.path
@@ -221,9 +235,13 @@ class FakeHub:
     async def _tokenize(self, request: web.Request) -> web.Response:
         """vLLM's POST /tokenize of chat messages: ``{"count", "max_model_len", "tokens"}``."""
         body = orjson.loads(await request.read())
+        if not self.tokenizer or self.token_count is not None:
+            # Answered without taking a scripted reply: those are for the calls that follow.
+            self._record(body, request)
+            if not self.tokenizer:
+                return web.json_response({"detail": "Not Found"}, status=404)
+            return web.json_response({"count": self.token_count, "tokens": []})
         reply = self._next(body, request)
-        if not self.tokenizer:
-            return web.json_response({"detail": "Not Found"}, status=404)
         failed = await self._fail(reply)
         if failed is not None:
             return failed
@@ -241,9 +259,13 @@ class FakeHub:
     async def _input_tokens(self, request: web.Request) -> web.Response:
         """OpenAI's POST /v1/responses/input_tokens (when ``tokenizer``)."""
         body = orjson.loads(await request.read())
+        if not self.tokenizer or self.token_count is not None:
+            # Answered without taking a scripted reply: those are for the calls that follow.
+            self._record(body, request)
+            if not self.tokenizer:
+                return web.json_response({"detail": "Not Found"}, status=404)
+            return web.json_response({"count": self.token_count, "tokens": []})
         reply = self._next(body, request)
-        if not self.tokenizer:
-            return web.json_response({"detail": "Not Found"}, status=404)
         failed = await self._fail(reply)
         if failed is not None:
             return failed
@@ -253,14 +275,44 @@ class FakeHub:
     async def _apply_template(self, request: web.Request) -> web.Response:
         """llama.cpp's POST /apply-template: ``{"prompt"}``, the chat template applied."""
         body = orjson.loads(await request.read())
+        if not self.tokenizer or self.token_count is not None:
+            # Answered without taking a scripted reply: those are for the calls that follow.
+            self._record(body, request)
+            if not self.tokenizer:
+                return web.json_response({"detail": "Not Found"}, status=404)
+            return web.json_response({"count": self.token_count, "tokens": []})
         reply = self._next(body, request)
-        if not self.tokenizer:
-            return web.json_response({"detail": "Not Found"}, status=404)
         failed = await self._fail(reply)
         if failed is not None:
             return failed
         prompt = render(body.get("messages") or [], body.get("tools") or [], generation_prompt=True)
         return web.json_response({"prompt": prompt})
+
+    async def _compact(self, request: web.Request) -> web.Response:
+        if not self.compact_endpoint:
+            return web.Response(status=404, text="Not Found")
+        body = orjson.loads(await request.read())
+        reply = self._next(body, request)
+        users = [i for i in body.get("input") or [] if i.get("role") == "user"]
+        item = {
+            "id": "cmp_upstream",
+            "type": "compaction",
+            "encrypted_content": f"hub:{reply.text}",
+        }
+        answer = {
+            "id": "resp_upstream_compact",
+            "object": "response.compaction",
+            "created_at": int(time.time()),
+            "output": [*users, item],
+            "usage": {
+                "input_tokens": 11,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": 7,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": 18,
+            },
+        }
+        return web.json_response(answer, dumps=lambda o: orjson.dumps(o).decode())
 
     def _usage(self, reply: Reply) -> dict[str, Any]:
         return reply.usage or {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}

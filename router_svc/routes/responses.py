@@ -12,7 +12,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from respgw.state.v1 import state_service_pb2
-from router_svc import background, errors, stream, turn, validate
+from router_svc import background, compaction, errors, stream, turn, validate
 from router_svc.http import (
     JSONResponse,
     Releasing,
@@ -127,6 +127,21 @@ async def _replay(
     yield stream.SSE_DONE
 
 
+async def compact_response(request: Request) -> Response:
+    """POST /v1/responses/compact: the caller's user messages and one compaction item holding
+    the served model's summary of the history (router_svc.compaction). Nothing is stored."""
+    svc = services(request)
+    who = tenant(request)
+    req = compaction.compact_request(
+        parse_json(await read_body(request)),
+        default_model=svc.settings.default_model,
+        hub_api=svc.settings.hub_api,
+    )
+    check_item_ids(req.input_items, "input")
+    t = await turn.begin(svc, req, tenant=who, headers=request.headers)
+    return JSONResponse(await compaction.compact(svc, t))
+
+
 async def _stored(request: Request) -> tuple[str, str, state_service_pb2.GetResponseResponse]:
     svc = services(request)
     who = tenant(request)
@@ -203,6 +218,7 @@ async def cancel_response(request: Request) -> Response:
 
 routes = [
     Route("/v1/responses", create_response, methods=["POST"]),
+    Route("/v1/responses/compact", compact_response, methods=["POST"]),
     Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
     Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
     Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),

@@ -180,3 +180,39 @@ def test_codex_exec_runs_a_tool_and_resumes_for_a_second_turn(
 
     # Each request declared web_search; each was counted as not run.
     assert metric(stack, "respgw_router_tools_not_run_total", type="web_search") - not_run == 3
+
+
+def test_codex_replays_the_reasoning_the_gateway_sealed(
+    stack: Stack,
+    hub: FakeHub,
+    codex: str,
+    codex_home: Path,
+    workdir: Path,
+    received: list[dict[str, Any]],
+) -> None:
+    """Codex keeps no state on the server (store: false): the reasoning of a tool-calling answer
+    comes back in its next request as the encrypted_content the gateway sealed, and the chat hub
+    gets the reasoning text again on the assistant message that made the call."""
+    call = {
+        "id": "call_echo",
+        "name": "exec_command",
+        "arguments": json.dumps({"cmd": "echo sealed-reasoning"}),
+    }
+    thought = "The user wants the command run; call exec_command first."
+    hub.enqueue(
+        Reply(reasoning=thought, tool_calls=[call], finish_reason="tool_calls"),
+        Reply(text="Done: sealed-reasoning."),
+    )
+    run = run_codex(codex, codex_home, workdir, "exec", *UNATTENDED, "Run echo sealed-reasoning")
+    assert run.returncode == 0 and not run.timed_out, run.describe()
+    assert run.stdout.strip() == "Done: sealed-reasoning.", run.describe()
+
+    replayed = [i for i in received[1]["input"] if i.get("type") == "reasoning"]
+    assert len(replayed) == 1
+    assert replayed[0]["encrypted_content"].startswith("rgw1.")
+
+    _, answered = hub.chat_requests()
+    assistant = answered["messages"][-2]
+    assert assistant["role"] == "assistant"
+    assert assistant["reasoning_content"] == thought
+    assert [c["id"] for c in assistant["tool_calls"]] == ["call_echo"]

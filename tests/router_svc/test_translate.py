@@ -1304,3 +1304,25 @@ def test_responses_hub_without_output_is_an_upstream_error() -> None:
         translate.from_responses_result(
             req(input="x"), {"status": "completed"}, response_id="r", created_at=1
         )
+
+
+def test_opened_reasoning_goes_on_the_assistant_message_after_it() -> None:
+    opened = {"type": translate.OPENED_REASONING, "text": "think"}
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    messages = translate.chat_messages(
+        [
+            {"type": "message", "role": "user", "content": "q"},
+            opened,
+            call,
+            {"type": "function_call_output", "call_id": "c1", "output": "r"},
+            {**opened, "text": "lost"},  # a user message follows it: nowhere to put it
+            {"type": "message", "role": "user", "content": "again"},
+            {**opened, "text": "last"},
+            {"type": "message", "role": "assistant", "content": "a"},
+        ]
+    )
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "user", "assistant"]
+    assert messages[1]["reasoning_content"] == "think"
+    assert messages[4]["reasoning_content"] == "last"
+    assert all("lost" not in str(m) for m in messages)
+    assert "reasoning_content" not in messages[0]
