@@ -232,17 +232,23 @@ class FakeHub:
             return failed
         return web.json_response(MODELS, dumps=lambda o: orjson.dumps(o).decode())
 
-    async def _tokenize(self, request: web.Request) -> web.Response:
-        """vLLM's POST /tokenize of chat messages: ``{"count", "max_model_len", "tokens"}``."""
-        body = orjson.loads(await request.read())
+    async def _tokenizer_answer(
+        self, body: dict[str, Any], request: web.Request
+    ) -> web.Response | None:
+        """The answer of a tokenizer endpoint that is off (a 404) or has ``token_count`` set,
+        given without taking a scripted reply (those are for the calls that follow); else a
+        scripted failure, or None to answer normally."""
         if not self.tokenizer or self.token_count is not None:
-            # Answered without taking a scripted reply: those are for the calls that follow.
             self._record(body, request)
             if not self.tokenizer:
                 return web.json_response({"detail": "Not Found"}, status=404)
             return web.json_response({"count": self.token_count, "tokens": []})
-        reply = self._next(body, request)
-        failed = await self._fail(reply)
+        return await self._fail(self._next(body, request))
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's POST /tokenize of chat messages: ``{"count", "max_model_len", "tokens"}``."""
+        body = orjson.loads(await request.read())
+        failed = await self._tokenizer_answer(body, request)
         if failed is not None:
             return failed
         if "content" in body:  # llama.cpp's shape: the text of an applied template
@@ -259,14 +265,7 @@ class FakeHub:
     async def _input_tokens(self, request: web.Request) -> web.Response:
         """OpenAI's POST /v1/responses/input_tokens (when ``tokenizer``)."""
         body = orjson.loads(await request.read())
-        if not self.tokenizer or self.token_count is not None:
-            # Answered without taking a scripted reply: those are for the calls that follow.
-            self._record(body, request)
-            if not self.tokenizer:
-                return web.json_response({"detail": "Not Found"}, status=404)
-            return web.json_response({"count": self.token_count, "tokens": []})
-        reply = self._next(body, request)
-        failed = await self._fail(reply)
+        failed = await self._tokenizer_answer(body, request)
         if failed is not None:
             return failed
         answer = {"object": "response.input_tokens", "input_tokens": responses_token_count(body)}
@@ -275,14 +274,7 @@ class FakeHub:
     async def _apply_template(self, request: web.Request) -> web.Response:
         """llama.cpp's POST /apply-template: ``{"prompt"}``, the chat template applied."""
         body = orjson.loads(await request.read())
-        if not self.tokenizer or self.token_count is not None:
-            # Answered without taking a scripted reply: those are for the calls that follow.
-            self._record(body, request)
-            if not self.tokenizer:
-                return web.json_response({"detail": "Not Found"}, status=404)
-            return web.json_response({"count": self.token_count, "tokens": []})
-        reply = self._next(body, request)
-        failed = await self._fail(reply)
+        failed = await self._tokenizer_answer(body, request)
         if failed is not None:
             return failed
         prompt = render(body.get("messages") or [], body.get("tools") or [], generation_prompt=True)
