@@ -93,6 +93,8 @@ _GATEWAY_FIELDS = frozenset(
     }
 )
 _CHAT_IMAGE_DETAILS = ("auto", "low", "high")
+# The items that answer a call.
+_CALL_OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output"})
 # Sampling parameters whose zero changes nothing: a zero is not sent to a Responses hub, which
 # (OpenAI's) may not know them.
 _NEUTRAL_AT_ZERO = ("presence_penalty", "frequency_penalty")
@@ -108,14 +110,26 @@ def chat_request(
     *,
     stream: bool,
 ) -> dict[str, Any]:
-    """The body for POST {hub}/chat/completions."""
+    """The body for POST {hub}/chat/completions.
+
+    The outputs the input opens with answer the calls at the end of the history, so they go
+    right after it, ahead of the injected items: a chat hub wants a tool call answered by the
+    very next messages."""
     body = req.body
     _report_not_run(validate.check_chat_hub(req))
     toolset = ChatToolset(req.tools)
     messages: list[dict[str, Any]] = []
     if req.instructions:
         messages.append({"role": "system", "content": req.instructions})
-    messages.extend(chat_messages([*history, *injected, *req.input_items], toolset))
+    items = req.input_items
+    if injected:
+        answers = 0
+        while answers < len(items) and items[answers].get("type") in _CALL_OUTPUTS:
+            answers += 1
+        ordered = [*history, *items[:answers], *injected, *items[answers:]]
+    else:
+        ordered = [*history, *items]
+    messages.extend(chat_messages(ordered, toolset))
     out: dict[str, Any] = {"model": req.model, "messages": messages}
 
     tools = toolset.chat_tools()
