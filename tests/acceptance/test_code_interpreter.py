@@ -5,6 +5,7 @@ scripted to call the tools."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -261,6 +262,34 @@ def test_outputs_are_kept_for_later_turns_and_shown_only_when_asked(
     assert _outputs_of(got) is None
     got = client.conversations.items.retrieve(item_id, conversation_id=conv.id, include=[OUTPUTS])
     assert _outputs_of(got) == LOGS
+
+
+def test_a_background_turn_keeps_the_outputs_and_shows_them_when_asked(
+    gateway: Stack, hub: FakeHub
+) -> None:
+    client = gateway.client()
+    hub.enqueue(python("print('turn one says hi')"), Reply(text="Said it."))
+    started = client.responses.create(
+        model="m", input="Say hi.", tools=[CODE_INTERPRETER], background=True
+    )
+    deadline = time.monotonic() + 20
+    while client.responses.retrieve(started.id).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert _outputs_of(client.responses.retrieve(started.id).output[0]) is None
+    done = client.responses.retrieve(started.id, include=[OUTPUTS])
+    assert done.status == "completed" and _outputs_of(done.output[0]) == LOGS
+    for asked, expected in (([], None), ([OUTPUTS], LOGS)):
+        with client.responses.retrieve(started.id, stream=True, include=asked) as replay:
+            events = list(replay)
+        items = [e.item for e in events if e.type == "response.output_item.done"]
+        assert _outputs_of(items[0]) == expected
+        assert _outputs_of(events[-1].response.output[0]) == expected  # type: ignore[union-attr]
+    # A chained turn replays the call with what it printed.
+    hub.enqueue(Reply(text="ok"))
+    client.responses.create(model="m", input="and?", previous_response_id=started.id)
+    tool_messages = [m for m in hub.chat_requests()[-1]["messages"] if m["role"] == "tool"]
+    assert [text_of(m) for m in tool_messages] == ["turn one says hi"]
 
 
 def test_a_shell_tool_runs_the_same_way(gateway: Stack, hub: FakeHub) -> None:
