@@ -39,7 +39,7 @@ RUN groupadd --system --gid 10001 respgw \
        --shell /usr/sbin/nologin respgw
 # bubblewrap sandboxes every code_interpreter and shell call of `respgw bootstrap`
 # (bootstrap_svc/sandbox.py says why bubblewrap); no other service uses it. Pinned like the
-# base image; util-linux (setpriv, prlimit) is already in the base.
+# base image; util-linux (setpriv, prlimit, choom) is already in the base.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends bubblewrap=0.8.0-2+deb12u1 \
     && rm -rf /var/lib/apt/lists/*

@@ -19,7 +19,17 @@ One sandbox, as :meth:`Sandbox.command` builds it:
   process limit counts that session's processes only; when the service is not root, bubblewrap
   maps the service's uid into a user namespace of its own, whose process count is the sandbox's;
 - resource limits (``prlimit``): CPU time, address space (memory), processes, file size, open
-  files, no core dumps; and a wall-clock timeout, enforced by the caller killing the sandbox.
+  files, no core dumps; and a wall-clock timeout, enforced by the caller killing the sandbox;
+- the kernel's OOM killer picks sandboxed processes first (``choom``: ``oom_score_adj`` 1000,
+  which a sandbox cannot lower), so a machine short of memory loses a sandboxed process, never
+  the service.
+
+Memory is bounded per process, not per session: RLIMIT_AS caps each process's address space, and
+the process limit (RLIMIT_NPROC, counted per session uid) caps how many a session runs at once,
+so a session's processes together can reach ``memory_bytes`` times ``processes`` (plus its
+``/tmp``, a tmpfs of ``tmp_bytes`` per sandbox). A kernel bound for a whole session needs a
+memory cgroup per session, which needs a delegated cgroup v2 subtree with the memory controller;
+the Kubernetes sandbox engine of deploy/README.md gets it from the sandbox pod's own limits.
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ RUNNER_SOURCE = str(Path(__file__).with_name("sandbox_runner.py"))
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 # The host's top-level entries a program expects (merged-/usr systems make them symlinks).
 _TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# The OOM killer's adjustment of every sandboxed process: the highest, so they go first.
+OOM_SCORE_ADJ = 1000
 # Python interpreters looked for, in order, when none is configured.
 _PYTHONS = ("/usr/local/bin/python3", "/usr/bin/python3")
 
@@ -79,6 +91,7 @@ class Sandbox:
         self.as_root = os.geteuid() == 0
         self.setpriv = shutil.which("setpriv") or ""
         self.prlimit = shutil.which("prlimit") or ""
+        self.choom = shutil.which("choom") or ""
         self.version = ""
         self.problem = ""
 
@@ -97,6 +110,7 @@ class Sandbox:
             for name, path in (
                 ("bwrap (Debian: bubblewrap)", self.bwrap),
                 ("prlimit", self.prlimit),
+                ("choom (util-linux)", self.choom),
             )
             if not path
         ]
@@ -144,6 +158,12 @@ class Sandbox:
     def command(self, directory: str, uid: int, limits: Limits, argv: list[str]) -> list[str]:
         """The command line that runs ``argv`` sandboxed, with ``directory`` at /mnt/data."""
         cmd = [
+            # choom executes bubblewrap in its own process: the sandbox's every process inherits
+            # the score.
+            self.choom,
+            "-n",
+            str(OOM_SCORE_ADJ),
+            "--",
             self.bwrap,
             "--die-with-parent",
             "--new-session",

@@ -40,7 +40,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -53,6 +53,7 @@ from gateway.grpcserver import channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
 from router_svc import bootstrap, compaction, errors, stream, tools, translate, turn, validate
+from router_svc import include as included
 from router_svc.services import Services
 from router_svc.state_client import CallFailed
 
@@ -482,10 +483,10 @@ async def open_stream(
     response_id = str(answered.get("id", t.response_id))
     if job is None:
         # The same request was accepted before (Idempotency-Key): follow that one's log.
-        return follow(svc, t.tenant, response_id, -1)
+        return follow(svc, t.tenant, response_id, -1, include=t.req.include)
     client = _Client()
     if not worker(svc).run(t, job, client):
-        return follow(svc, t.tenant, response_id, -1)
+        return follow(svc, t.tenant, response_id, -1, include=t.req.include)
     return client.stream(svc, t.tenant, t.response_id)
 
 
@@ -958,12 +959,21 @@ async def _cancel_without_job(
 # --- following a running response's events ----------------------------------------------------
 
 
-def follow(svc: Services, tenant: str, response_id: str, after: int) -> AsyncIterator[bytes]:
+def follow(
+    svc: Services,
+    tenant: str,
+    response_id: str,
+    after: int,
+    *,
+    include: Collection[str] | None = None,
+) -> AsyncIterator[bytes]:
     """GET /v1/responses/{id}?stream=true on a running response: the events after ``after``,
-    stored then live, to the terminal event, then ``data: [DONE]``."""
+    stored then live, to the terminal event, then ``data: [DONE]``. With ``include`` (the
+    reader's), a code_interpreter_call's outputs are shown only if it asks (router_svc.include);
+    without, the events go as logged."""
 
     async def body() -> AsyncIterator[bytes]:
-        async for chunk in _follow(svc, tenant, response_id, after):
+        async for chunk in _follow(svc, tenant, response_id, after, include):
             yield chunk
         yield stream.SSE_DONE
 
@@ -974,7 +984,17 @@ def follow(svc: Services, tenant: str, response_id: str, after: int) -> AsyncIte
 _WATCH_RETRIES = 5
 
 
-async def _follow(svc: Services, tenant: str, response_id: str, after: int) -> AsyncIterator[bytes]:
+# A logged event that may hold a code_interpreter_call has this in its JSON.
+_CALL_JSON = b'"code_interpreter_call"'
+
+
+async def _follow(
+    svc: Services,
+    tenant: str,
+    response_id: str,
+    after: int,
+    include: Collection[str] | None = None,
+) -> AsyncIterator[bytes]:
     last, ended, failures = after, False, 0
     opened_ended = False
     metadata = ((REQUEST_ID_HEADER, request_id_var.get()),)
@@ -992,7 +1012,10 @@ async def _follow(svc: Services, tenant: str, response_id: str, after: int) -> A
                         # its end. It is told as stored below, from response.created on.
                         opened_ended = True
                         break
-                    yield b"event: " + str(kind).encode() + b"\ndata: " + e.json + b"\n\n"
+                    data = e.json
+                    if include is not None and _CALL_JSON in data:
+                        data = orjson.dumps(included.hidden(orjson.loads(data), include))
+                    yield b"event: " + str(kind).encode() + b"\ndata: " + data + b"\n\n"
                     last = e.sequence_number
                     ended = ended or kind in TERMINAL_EVENTS
                 if opened_ended:
@@ -1024,6 +1047,9 @@ async def _follow(svc: Services, tenant: str, response_id: str, after: int) -> A
         return
     response: dict[str, Any] = orjson.loads(found.response.response_json)
     stored = found.response.stream_events_json
-    for event in stream.stored_stream(response, orjson.loads(stored) if stored else None):
+    events = stream.stored_stream(response, orjson.loads(stored) if stored else None)
+    if include is not None:
+        events = list(included.events(events, response, include))
+    for event in events:
         if int(event["sequence_number"]) > last:
             yield stream.sse_encode(event)

@@ -13,13 +13,14 @@ is made without the tools, so the model answers).
 
 What the client sees is OpenAI's: a ``code_interpreter_call`` item (code, container_id, status,
 and ``outputs`` -- logs and images -- when ``include`` asks for
-``code_interpreter_call.outputs``), or a ``shell_call`` and its ``shell_call_output``; streamed
+``code_interpreter_call.outputs``: they are always stored, see :mod:`router_svc.include`), or a
+``shell_call`` and its ``shell_call_output``; streamed
 with the events of the current SDK (``response.code_interpreter_call.in_progress``,
 ``..._code.delta``, ``..._code.done``, ``.interpreting``, ``.completed``;
 ``response.shell_call_command.added/delta/done``, ``response.shell_call_output_content.delta/done``).
 Files a call wrote are cited in the answer's text with ``container_file_citation`` annotations
-where the text names them. The items are stored as they are shown; a later turn replays them to
-the hub as the function calls and outputs they were (:func:`replayable`).
+where the text names them. The items are stored whole; a later turn replays them to the hub as
+the function calls and outputs they were (:func:`replayable`).
 
 A sandbox failure (a timeout, a limit, an expired session) is the call's output, never the
 turn's failure: the model reads it and answers. A hub failure fails the turn as usual.
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from router_svc import errors, execution, stream, translate
+from router_svc import errors, execution, include, stream, translate
 from router_svc.ids import new_id
 
 if TYPE_CHECKING:
@@ -51,12 +52,11 @@ log = logging.getLogger(__name__)
 CODE_INTERPRETER = "code_interpreter"
 SHELL = "shell"
 STATEFUL = (CODE_INTERPRETER, SHELL)
-OUTPUTS_INCLUDE = "code_interpreter_call.outputs"
+OUTPUTS_INCLUDE = include.OUTPUTS
 # Images a call wrote are shown in ``outputs`` as data URLs up to this size.
 IMAGE_BYTES = 1024 * 1024
 # The item types of stateful tool calls a history may hold.
 _TOOL_ITEMS = frozenset({"code_interpreter_call", "shell_call", "shell_call_output"})
-_OUTPUT_ITEMS = frozenset({"function_call_output", "custom_tool_call_output"})
 
 PYTHON_DESCRIPTION = (
     "Runs Python code in a stateful sandbox, like a notebook: variables, imports and files "
@@ -154,10 +154,13 @@ def _free(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def replayable(items: Iterable[Mapping[str, Any]], names: Names) -> list[dict[str, Any]]:
+def replayable(
+    items: Iterable[Mapping[str, Any]], names: Names, limit: int = 0
+) -> list[dict[str, Any]]:
     """Items with every stateful tool call turned into the function call and output a chat
     model made and read (a call whose output is missing gets a placeholder, since chat hubs
-    want an answer to every call)."""
+    want an answer to every call); a python call's logs are cut to ``limit`` characters (0: not
+    cut), as the model read them."""
     items = list(items)
     answered = {str(i.get("call_id")) for i in items if i.get("type") == "shell_call_output"}
     out: list[dict[str, Any]] = []
@@ -166,7 +169,7 @@ def replayable(items: Iterable[Mapping[str, Any]], names: Names) -> list[dict[st
         if kind == "code_interpreter_call":
             call_id = str(item.get("id", ""))
             out.append(_function_call(call_id, names.python, {"code": item.get("code") or ""}))
-            out.append(_function_output(call_id, _logs_of(item)))
+            out.append(_function_output(call_id, _logs_of(item, limit)))
         elif kind == "shell_call":
             call_id = str(item.get("call_id", ""))
             action = item.get("action") if isinstance(item.get("action"), dict) else {}
@@ -194,9 +197,10 @@ def _function_output(call_id: str, text: str) -> dict[str, Any]:
     return {"type": "function_call_output", "call_id": call_id, "output": text}
 
 
-def _logs_of(item: Mapping[str, Any]) -> str:
+def _logs_of(item: Mapping[str, Any], limit: int = 0) -> str:
     outputs = item.get("outputs")
     if not isinstance(outputs, list):
+        # Stored before outputs were always kept.
         return "(The output of this call was not kept.)"
     logs = [
         str(o.get("logs", "")) for o in outputs if isinstance(o, dict) and o.get("type") == "logs"
@@ -205,7 +209,8 @@ def _logs_of(item: Mapping[str, Any]) -> str:
     text = "\n".join(logs)
     if images:
         text += f"\n[{images} image(s) shown to the user]"
-    return text.strip() or "(no output)"
+    text = text.strip() or "(no output)"
+    return _clip(text, limit) if limit else text
 
 
 def _shell_output_text(item: Mapping[str, Any]) -> str:
@@ -516,28 +521,22 @@ class _Loop:
             name = self.names.python if kind == CODE_INTERPRETER else self.names.shell
             self.offers[name] = Offer(kind, name, prepared.resource_id, prepared.state)
         offered = {o.kind for o in self.offers.values()}
-        # Outputs the input opens with answer calls at the end of the history: they go right
-        # after them, ahead of the injected items, since a chat hub wants a tool call answered
-        # by the very next messages.
+        limit = self.settings.output_chars
         history = self.turn.history
         given = self.req.input_items
         injected = self.turn.prepared.injected_items
         if self.turn.model_input is not None:
             # Sealed items opened (router_svc.compaction): history and injected items included.
             history, given, injected = [], self.turn.model_input, []
-        items = replayable(given, self.names)
-        answers = 0
-        while answers < len(items) and items[answers].get("type") in _OUTPUT_ITEMS:
-            answers += 1
         # The tools nobody runs stay in the request, so translate reports them as not run.
         req = dataclasses.replace(
             self.req,
             tools=[t for t in self.req.tools if t.get("type") not in offered],
-            input_items=items[answers:],
+            input_items=replayable(given, self.names, limit),
         )
         body = translate.chat_request(
             req,
-            [*replayable(history, self.names), *items[:answers]],
+            replayable(history, self.names, limit),
             injected,
             stream=stream,
         )
@@ -676,11 +675,11 @@ class _Loop:
         return result, python_text(result, self.settings.output_chars)
 
     async def finish_ci(self, item: dict[str, Any], result: execution.ExecResult) -> None:
-        """Fills a code_interpreter_call item from its result."""
+        """Fills a code_interpreter_call item from its result, outputs included whatever the
+        request's ``include`` (they are stored, and replayed to later turns; a client is shown
+        them only when it asks: :mod:`router_svc.include`)."""
         failed = result.error or any(c.outcome != "exited" for c in result.commands)
         item["status"] = "failed" if failed else "completed"
-        if OUTPUTS_INCLUDE not in self.req.include:
-            return
         outputs: list[dict[str, Any]] = []
         logs = python_logs(result)
         if logs:
@@ -908,6 +907,10 @@ class StreamLoop(_Loop):
         self._sequence += 1
         return event
 
+    def _shown(self, response: dict[str, Any]) -> dict[str, Any]:
+        """The response as the client is shown it (the stored one keeps the outputs)."""
+        return include.response(response, self.req.include)
+
     # -- the translator's interface
 
     def start(self) -> list[dict[str, Any]]:
@@ -952,7 +955,7 @@ class StreamLoop(_Loop):
         self._open.clear()
         self._final = self._response("failed", error=translate.error_object(code, message))
         events.append(self._event("error", code=code, message=message, param=None))
-        events.append(self._event("response.failed", response=self._final))
+        events.append(self._event("response.failed", response=self._shown(self._final)))
         return events
 
     # -- the rounds
@@ -988,7 +991,8 @@ class StreamLoop(_Loop):
                 details = (terminal.get("response") or {}).get("incomplete_details")
                 status = "completed" if terminal["type"] == "response.completed" else "incomplete"
                 self._final = self._response(status, incomplete_details=details)
-                yield {"events": [self._event(terminal["type"], response=self._final)]}
+                shown = self._shown(self._final)
+                yield {"events": [self._event(terminal["type"], response=shown)]}
                 return
             self.messages = [*self.messages, *self._next_messages(rnd)]
 
@@ -1178,11 +1182,12 @@ class StreamLoop(_Loop):
                 result, call.text = await self.run_python(call.offer, item["code"], call.call_id)
             await self.finish_ci(item, result)
             self._open.discard(index)
+            shown = copy.deepcopy(item)
+            if OUTPUTS_INCLUDE not in self.req.include:
+                shown["outputs"] = None
             yield [
                 self._event("response.code_interpreter_call.completed", **common),
-                self._event(
-                    "response.output_item.done", output_index=index, item=copy.deepcopy(item)
-                ),
+                self._event("response.output_item.done", output_index=index, item=shown),
             ]
             return
         item["status"] = "completed"

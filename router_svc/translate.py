@@ -7,10 +7,11 @@ assistant message with ``tool_calls`` (hubs reject one assistant message per cal
 items are not replayed. The model is offered functions (:class:`ChatToolset`): the function
 tools, each custom tool as a function taking its free text as one string argument (``input``),
 and the function and custom tools of each namespace, flattened (under their own names, or
-``<namespace>__<name>`` when that name is taken). The web search tools and the stateful
-``code_interpreter`` and ``shell`` are not offered and are reported
-(``respgw_router_tools_not_run_total``); a prompt template or a tool nobody would run is refused
-(:func:`validate.check_chat_hub`). Request fields a chat hub has no use for (store, metadata,
+``<namespace>__<name>`` when that name is taken). The web search tools are not offered and are
+reported (``respgw_router_tools_not_run_total``), and so are the stateful ``code_interpreter`` and
+``shell`` when no execution service runs them: when one does, the tool loop
+(:mod:`router_svc.tools`) offers them itself and leaves them out of the request it translates
+here. A prompt template or a tool nobody would run is refused (:func:`validate.check_chat_hub`). Request fields a chat hub has no use for (store, metadata,
 truncation, service_tier, prompt_cache_key, ...) are dropped from the hub request, as
 OpenAI-compatible servers do, and still echoed on the response; the hub's own sampling parameters
 (penalties, seed, vLLM's extras) reach it as given, and top-level fields the gateway does not know
@@ -93,6 +94,8 @@ _GATEWAY_FIELDS = frozenset(
     }
 )
 _CHAT_IMAGE_DETAILS = ("auto", "low", "high")
+# The items that answer a call.
+_CALL_OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output"})
 # Sampling parameters whose zero changes nothing: a zero is not sent to a Responses hub, which
 # (OpenAI's) may not know them.
 _NEUTRAL_AT_ZERO = ("presence_penalty", "frequency_penalty")
@@ -108,14 +111,26 @@ def chat_request(
     *,
     stream: bool,
 ) -> dict[str, Any]:
-    """The body for POST {hub}/chat/completions."""
+    """The body for POST {hub}/chat/completions.
+
+    The outputs the input opens with answer the calls at the end of the history, so they go
+    right after it, ahead of the injected items: a chat hub wants a tool call answered by the
+    very next messages."""
     body = req.body
     _report_not_run(validate.check_chat_hub(req))
     toolset = ChatToolset(req.tools)
     messages: list[dict[str, Any]] = []
     if req.instructions:
         messages.append({"role": "system", "content": req.instructions})
-    messages.extend(chat_messages([*history, *injected, *req.input_items], toolset))
+    items = req.input_items
+    if injected:
+        answers = 0
+        while answers < len(items) and items[answers].get("type") in _CALL_OUTPUTS:
+            answers += 1
+        ordered = [*history, *items[:answers], *injected, *items[answers:]]
+    else:
+        ordered = [*history, *items]
+    messages.extend(chat_messages(ordered, toolset))
     out: dict[str, Any] = {"model": req.model, "messages": messages}
 
     tools = toolset.chat_tools()

@@ -34,7 +34,17 @@ import orjson
 
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import bootstrap, compaction, errors, hub, stream, tools, translate, validate
+from router_svc import (
+    bootstrap,
+    compaction,
+    errors,
+    hub,
+    include,
+    stream,
+    tools,
+    translate,
+    validate,
+)
 from router_svc.history_cache import Chain, HistoryCache
 from router_svc.http import shown_id, valid_id
 from router_svc.ids import new_id
@@ -85,10 +95,12 @@ class Turn:
     compacted: dict[str, Any] | None = None
 
     def json_of(self, response: dict[str, Any]) -> bytes:
-        """``response`` as JSON: the stored bytes when it is the response just stored."""
-        if response is self.stored_response:
+        """``response`` as the client is shown it, as JSON: the stored bytes when it is the
+        response just stored and ``include`` hides nothing of it."""
+        shown = include.response(response, self.req.include)
+        if shown is self.stored_response:
             return self.stored_json
-        return orjson.dumps(response)
+        return orjson.dumps(shown)
 
     @property
     def tool_resources(self) -> dict[str, str]:
@@ -737,8 +749,9 @@ async def buffered_stream(svc: Services, turn: Turn) -> list[bytes]:
     if outcome.store_error is not None:
         raise outcome.store_error
     if outcome.holder is not None:
+        held = stream.replay_events(outcome.holder)
         return [
-            *(stream.sse_encode(e) for e in stream.replay_events(outcome.holder)),
+            *(stream.sse_encode(e) for e in include.events(held, outcome.holder, turn.req.include)),
             stream.SSE_DONE,
         ]
     chunks: list[bytes] = []
@@ -824,7 +837,7 @@ async def _pump(
                     else:
                         push(_failed_after(terminal, translator.response, _superseded(answered)))
                     return outcome
-                terminal = {**terminal, "response": answered}
+                terminal = {**terminal, "response": include.response(answered, turn.req.include)}
             queue.put_nowait(stream.sse_encode(terminal))
     except errors.ApiError as exc:
         push(translator.fail(exc.code or "server_error", exc.message))

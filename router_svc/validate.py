@@ -21,7 +21,7 @@ with no input and nothing to continue from, a ``function_call_output`` whose cal
 (when there is no history it could be in), and ``tool_choice: "required"`` without tools are
 refused. What a Chat Completions hub cannot do is refused too (:func:`check_chat_hub`): a
 ``prompt`` template, which the gateway cannot resolve, and the tools nobody would run; the web
-search tools (and the stateful ones, prepared by the bootstrap service) are accepted but not
+search tools (and the stateful ones when no execution service runs them) are accepted but not
 offered to the model, and are reported (:data:`CHAT_NOT_RUN_TOOLS`).
 """
 
@@ -174,8 +174,9 @@ TOOL_TYPES = (
 # argument, "input"); the function and custom tools of a namespace, flattened.
 CHAT_OFFERED_TOOLS = frozenset({"function", "custom", "namespace"})
 # Accepted but not offered to the model, and reported: a web search the gateway cannot run (the
-# model answers without searching, as OpenAI's model may choose to), and the stateful tools the
-# bootstrap service prepares, which a chat model cannot call.
+# model answers without searching, as OpenAI's model may choose to), and code_interpreter and
+# shell when no execution service runs them (when one does, the tool loop in router_svc.tools
+# offers them as functions and runs the calls, and leaves them out of what is checked here).
 CHAT_NOT_RUN_TOOLS = frozenset(
     {
         "web_search",

@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import errors, turn, validate
+from router_svc import errors, include, turn, validate
 from router_svc.http import (
     MAX_ID_CHARS,
     JSONResponse,
@@ -318,6 +318,7 @@ async def _call_append(
 
 
 async def list_items(request: Request) -> Response:
+    asked = include.from_query(request)
     svc = services(request)
     cid = _conversation_id(request)
     limit = query_limit(request)
@@ -337,11 +338,12 @@ async def list_items(request: Request) -> Response:
         not_found=_not_found(cid),
         param="after",
     )
-    data = [turn.item_from_proto(i) for i in reply.items]
+    data = include.items([turn.item_from_proto(i) for i in reply.items], asked)
     return JSONResponse(list_page(data, bool(reply.next_page_token)))
 
 
 async def get_item(request: Request) -> Response:
+    asked = include.from_query(request)
     svc = services(request)
     cid = _conversation_id(request)
     reply = await svc.state.call(
@@ -351,7 +353,7 @@ async def get_item(request: Request) -> Response:
         ),
         not_found=_not_found(cid),
     )
-    return JSONResponse(turn.item_from_proto(reply.item))
+    return JSONResponse(include.items([turn.item_from_proto(reply.item)], asked)[0])
 
 
 async def delete_item(request: Request) -> Response:

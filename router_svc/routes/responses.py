@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import orjson
@@ -12,7 +12,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from respgw.state.v1 import state_service_pb2
-from router_svc import background, compaction, errors, stream, turn, validate
+from router_svc import background, compaction, errors, include, stream, turn, validate
 from router_svc.http import (
     JSONResponse,
     Releasing,
@@ -70,8 +70,8 @@ async def _create(
         first = await turn.find_first(svc, who, ident)
         if first is not None:
             if req.stream:
-                return _sse(_replay(first, -1))
-            return JSONResponse(first)
+                return _sse(_replay(first, -1, asked=req.include))
+            return JSONResponse(include.response(first, req.include))
     held = not req.background and (
         req.conversation_id is not None or (req.stream and ident.kind == "retry")
     )
@@ -88,7 +88,8 @@ async def _create(
         return Response(t.json_of(answer), media_type="application/json", headers=t.headers())
     t = await turn.begin(svc, req, tenant=who, ident=ident, headers=request.headers)
     if req.background and not req.stream:
-        return JSONResponse(await background.start(svc, t, request.headers), headers=t.headers())
+        accepted = await background.start(svc, t, request.headers)
+        return JSONResponse(include.response(accepted, req.include), headers=t.headers())
     if req.background:
         # A durable job: retrievable (as queued) from the start, streamed from its event log.
         return _sse(await background.open_stream(svc, t, request.headers), t.headers())
@@ -119,9 +120,13 @@ async def _counted(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 async def _replay(
-    response: dict[str, Any], starting_after: int, events: list[dict[str, Any]] | None = None
+    response: dict[str, Any],
+    starting_after: int,
+    events: list[dict[str, Any]] | None = None,
+    *,
+    asked: Collection[str] = (),
 ) -> AsyncIterator[bytes]:
-    for event in stream.stored_stream(response, events):
+    for event in include.events(stream.stored_stream(response, events), response, asked):
         if int(event["sequence_number"]) > starting_after:
             yield stream.sse_encode(event)
     yield stream.SSE_DONE
@@ -155,16 +160,19 @@ async def _stored(request: Request) -> tuple[str, str, state_service_pb2.GetResp
 
 
 async def get_response(request: Request) -> Response:
+    asked = include.from_query(request)
     who, response_id, reply = await _stored(request)
     response: dict[str, Any] = orjson.loads(reply.response.response_json)
     if request.query_params.get("stream", "false").lower() == "true":
         after = query_int(request, "starting_after", -1)
         if reply.response.in_progress:
             # Its events as they reach its log, whichever router runs it.
-            return _sse(background.follow(services(request), who, response_id, after))
+            return _sse(
+                background.follow(services(request), who, response_id, after, include=asked)
+            )
         live = reply.response.stream_events_json
-        return _sse(_replay(response, after, orjson.loads(live) if live else None))
-    return JSONResponse(response)
+        return _sse(_replay(response, after, orjson.loads(live) if live else None, asked=asked))
+    return JSONResponse(include.response(response, asked))
 
 
 async def delete_response(request: Request) -> Response:
@@ -183,6 +191,7 @@ async def delete_response(request: Request) -> Response:
 
 
 async def list_input_items(request: Request) -> Response:
+    asked = include.from_query(request)
     _, _, reply = await _stored(request)
     limit = query_limit(request)
     order = query_order(request)
@@ -197,7 +206,7 @@ async def list_input_items(request: Request) -> Response:
                 f"Item with id '{after}' not found in the input of this response.", param="after"
             )
         items = items[ids.index(after) + 1 :]
-    return JSONResponse(list_page(items[:limit], len(items) > limit))
+    return JSONResponse(list_page(include.items(items[:limit], asked), len(items) > limit))
 
 
 async def cancel_response(request: Request) -> Response:
@@ -212,8 +221,9 @@ async def cancel_response(request: Request) -> Response:
             code="not_cancellable",
         )
     if not stored.in_progress:
-        return JSONResponse(response)  # finished already: cancelling changes nothing
-    return JSONResponse(await background.cancel(svc, who, stored))
+        # Finished already: cancelling changes nothing.
+        return JSONResponse(include.response(response, ()))
+    return JSONResponse(include.response(await background.cancel(svc, who, stored), ()))
 
 
 routes = [

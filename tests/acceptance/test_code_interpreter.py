@@ -5,6 +5,7 @@ scripted to call the tools."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.support import ROUTER_READY, Process, Stack, ThreadLoop
 
 CODE_INTERPRETER: Any = {"type": "code_interpreter", "container": {"type": "auto"}}
 SHELL: Any = {"type": "shell"}
+OUTPUTS: Any = "code_interpreter_call.outputs"
 
 
 def python(code: str, call_id: str = "call_py") -> Reply:
@@ -83,7 +85,7 @@ def test_the_answer_uses_the_tools_output(gateway: Stack, hub: FakeHub) -> None:
     assert call.outputs is not None and call.outputs[0].type == "logs"
     assert call.outputs[0].logs == "x is 42"
     # Stored as it was answered.
-    again = client.responses.retrieve(response.id)
+    again = client.responses.retrieve(response.id, include=[OUTPUTS])
     assert again.model_dump() == response.model_dump()
     tool_message = hub.chat_requests()[1]["messages"][-1]
     assert tool_message["role"] == "tool" and text_of(tool_message) == "x is 42"
@@ -170,13 +172,124 @@ def test_the_streamed_turn_passes_the_sdks_stream_helper(gateway: Stack, hub: Fa
     call = final.output[0]
     assert call.type == "code_interpreter_call" and call.outputs is not None
     assert call.outputs[0].logs == "45"  # type: ignore[union-attr]
-    stored = client.responses.retrieve(final.id)
+    stored = client.responses.retrieve(final.id, include=[OUTPUTS])
     # (The stream helper adds "parsed" to text parts; the items are otherwise the same.)
     assert stored.output[0].model_dump() == call.model_dump()
     assert stored.output_text == final.output_text and stored.usage == final.usage
     # A stored streamed turn replays through the same helper.
     with client.responses.stream(response_id=final.id) as replay:
         assert replay.get_final_response().output_text == "The total is 45."
+
+
+def _outputs_of(item: Any) -> Any:
+    assert item.type == "code_interpreter_call"
+    return None if item.outputs is None else [o.model_dump() for o in item.outputs]
+
+
+LOGS = [{"type": "logs", "logs": "turn one says hi"}]
+
+
+def test_outputs_are_kept_for_later_turns_and_shown_only_when_asked(
+    gateway: Stack, hub: FakeHub
+) -> None:
+    """As at OpenAI: a call's outputs are stored whatever include says (a chained turn replays
+    the call with them), and every read shows them only when its include asks."""
+    client = gateway.client()
+    hub.enqueue(python("print('turn one says hi')"), Reply(text="Said it."))
+    first = client.responses.create(model="m", input="Say hi.", tools=[CODE_INTERPRETER])
+    assert _outputs_of(first.output[0]) is None
+    hub.enqueue(Reply(text="It said hi."))
+    second = client.responses.create(
+        model="m", input="What did it say?", tools=[CODE_INTERPRETER], previous_response_id=first.id
+    )
+    assert second.output_text == "It said hi."
+    messages = hub.chat_requests()[-1]["messages"]
+    replayed = [m for m in messages if m["role"] == "tool"]
+    assert [text_of(m) for m in replayed] == ["turn one says hi"]
+
+    # GET /v1/responses/{id}, and its stream replay (a turn stored without stream events).
+    assert _outputs_of(client.responses.retrieve(first.id).output[0]) is None
+    assert _outputs_of(client.responses.retrieve(first.id, include=[OUTPUTS]).output[0]) == LOGS
+    for asked, expected in (([], None), ([OUTPUTS], LOGS)):
+        with client.responses.retrieve(first.id, stream=True, include=asked) as replay:
+            events = list(replay)
+        done = [e for e in events if e.type == "response.output_item.done"]
+        assert _outputs_of(done[0].item) == expected
+        assert _outputs_of(events[-1].response.output[0]) == expected  # type: ignore[union-attr]
+    with httpx.Client(timeout=20) as http:
+        bad = http.get(f"{gateway.url}/responses/{first.id}", params={"include[]": "nope"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "include"
+
+    # A streamed turn: its events, then its stored events replayed, either way.
+    hub.enqueue(python("print('turn one says hi')", "call_s"), Reply(text="Streamed."))
+    with client.responses.stream(model="m", input="again", tools=[CODE_INTERPRETER]) as live:
+        events = list(live)
+        final = live.get_final_response()
+    done = [e for e in events if e.type == "response.output_item.done"]
+    assert _outputs_of(done[0].item) is None and _outputs_of(final.output[0]) is None
+    for asked, expected in (([], None), ([OUTPUTS], LOGS)):
+        with client.responses.retrieve(final.id, stream=True, include=asked) as replay:
+            events = list(replay)
+        done = [e for e in events if e.type == "response.output_item.done"]
+        assert _outputs_of(done[0].item) == expected
+        assert _outputs_of(events[-1].response.output[0]) == expected  # type: ignore[union-attr]
+
+    # The call sent back as input (as openai-agents does): input_items show what include asks.
+    call = client.responses.retrieve(first.id, include=[OUTPUTS]).output[0].model_dump()
+    hub.enqueue(Reply(text="Seen."))
+    third = client.responses.create(
+        model="m",
+        input=[call, {"role": "user", "content": "and?"}],  # type: ignore[list-item]
+        tools=[CODE_INTERPRETER],
+    )
+    tool_messages = [m for m in hub.chat_requests()[-1]["messages"] if m["role"] == "tool"]
+    assert [text_of(m) for m in tool_messages] == ["turn one says hi"]
+    listed = client.responses.input_items.list(third.id, order="asc")
+    assert _outputs_of(listed.data[0]) is None
+    listed = client.responses.input_items.list(third.id, order="asc", include=[OUTPUTS])
+    assert _outputs_of(listed.data[0]) == LOGS
+
+    # Conversation items: listed and retrieved.
+    conv = client.conversations.create()
+    hub.enqueue(python("print('turn one says hi')", "call_c"), Reply(text="ok"))
+    client.responses.create(model="m", input="hi", tools=[CODE_INTERPRETER], conversation=conv.id)
+    items = client.conversations.items.list(conv.id, order="asc").data
+    assert _outputs_of(items[1]) is None
+    items = client.conversations.items.list(conv.id, order="asc", include=[OUTPUTS]).data
+    assert _outputs_of(items[1]) == LOGS
+    item_id = str(items[1].id)
+    got = client.conversations.items.retrieve(item_id, conversation_id=conv.id)
+    assert _outputs_of(got) is None
+    got = client.conversations.items.retrieve(item_id, conversation_id=conv.id, include=[OUTPUTS])
+    assert _outputs_of(got) == LOGS
+
+
+def test_a_background_turn_keeps_the_outputs_and_shows_them_when_asked(
+    gateway: Stack, hub: FakeHub
+) -> None:
+    client = gateway.client()
+    hub.enqueue(python("print('turn one says hi')"), Reply(text="Said it."))
+    started = client.responses.create(
+        model="m", input="Say hi.", tools=[CODE_INTERPRETER], background=True
+    )
+    deadline = time.monotonic() + 20
+    while client.responses.retrieve(started.id).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert _outputs_of(client.responses.retrieve(started.id).output[0]) is None
+    done = client.responses.retrieve(started.id, include=[OUTPUTS])
+    assert done.status == "completed" and _outputs_of(done.output[0]) == LOGS
+    for asked, expected in (([], None), ([OUTPUTS], LOGS)):
+        with client.responses.retrieve(started.id, stream=True, include=asked) as replay:
+            events = list(replay)
+        items = [e.item for e in events if e.type == "response.output_item.done"]
+        assert _outputs_of(items[0]) == expected
+        assert _outputs_of(events[-1].response.output[0]) == expected  # type: ignore[union-attr]
+    # A chained turn replays the call with what it printed.
+    hub.enqueue(Reply(text="ok"))
+    client.responses.create(model="m", input="and?", previous_response_id=started.id)
+    tool_messages = [m for m in hub.chat_requests()[-1]["messages"] if m["role"] == "tool"]
+    assert [text_of(m) for m in tool_messages] == ["turn one says hi"]
 
 
 def test_a_shell_tool_runs_the_same_way(gateway: Stack, hub: FakeHub) -> None:
@@ -194,7 +307,7 @@ def test_a_shell_tool_runs_the_same_way(gateway: Stack, hub: FakeHub) -> None:
     assert call.type == "shell_call" and call.action.commands == commands["commands"]
     assert output.type == "shell_call_output" and output.call_id == call.call_id
     assert [o.stdout for o in output.output] == ["", "hello\n", "greeting.txt\n"]
-    assert all(o.outcome.type == "exit" and o.outcome.exit_code == 0 for o in output.output)  # type: ignore[union-attr]
+    assert all(o.outcome.type == "exit" and o.outcome.exit_code == 0 for o in output.output)
     assert message.type == "message"
     hub.enqueue(
         Reply(
@@ -256,13 +369,8 @@ def test_a_callers_function_is_returned_to_it(gateway: Stack, hub: FakeHub) -> N
         ),
         Reply(text="1024 and found"),
     )
-    # The outputs are kept (and so replayed to the model) when include asks for them.
-    response = client.responses.create(
-        model="m",
-        input="x",
-        tools=[lookup, CODE_INTERPRETER],
-        include=["code_interpreter_call.outputs"],
-    )
+    # The outputs are kept (and so replayed to the model) though include did not ask for them.
+    response = client.responses.create(model="m", input="x", tools=[lookup, CODE_INTERPRETER])
     assert [i.type for i in response.output] == ["code_interpreter_call", "function_call"]
     answered = client.responses.create(
         model="m",

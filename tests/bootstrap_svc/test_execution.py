@@ -252,6 +252,71 @@ async def test_a_memory_bomb_is_a_memory_error(svc: Stubs) -> None:
     assert (await run(svc, sid, "del hog\n'ok'")).stdout == "'ok'\n"
 
 
+MEMORY_HOGS = """
+import os, time
+def hog():
+    keep, got = [], 0
+    try:
+        while True:
+            keep.append(b"x" * (4 << 20))  # written, so resident
+            got += 4
+    except MemoryError:
+        pass
+    return got, keep
+r, w = os.pipe()
+children, refused = 0, 0
+for _ in range(12):
+    try:
+        pid = os.fork()
+    except OSError:
+        refused += 1
+        continue
+    if pid == 0:
+        got, keep = hog()
+        os.write(w, f"{got}\\n".encode())
+        time.sleep(60)
+        os._exit(0)
+    children += 1
+os.close(w)
+with os.fdopen(r) as lines:
+    peaks = [int(lines.readline()) for _ in range(children)]
+print(children, refused, max(peaks), sum(peaks), open("/proc/self/oom_score_adj").read().strip())
+"""
+
+
+async def test_memory_hungry_processes_stay_within_processes_times_memory(
+    start: Start,
+) -> None:
+    """Memory is capped per process (RLIMIT_AS) and processes per session, so a session's
+    processes together stay under processes x memory (README, "Known limits"); each is the OOM
+    killer's first pick; they end with their call, and the service and other sessions go on."""
+    running = await start(
+        call_timeout_s=30.0, call_cpu_s=20, memory_mb=128, max_processes=8, max_output_kb=64
+    )
+    async for stubs in _stubs(running):
+        sid = await prepare(stubs)
+        other = await prepare(stubs, tenant="globex")
+        hogs, beside = await asyncio.gather(
+            run(stubs, sid, MEMORY_HOGS), run(stubs, other, "sum(range(10))", tenant="globex")
+        )
+        assert beside.stdout == "45\n" and beside.result.outcome == res.OUTCOME_EXITED
+        children, refused, peak, total, oom = hogs.stdout.split()
+        # The interpreter is one of the session's 8 processes: at most 7 children.
+        assert 0 < int(children) <= 7 and int(children) + int(refused) == 12
+        # Each child stopped at its own limit (less what the interpreter it copied uses) ...
+        assert 0 < int(peak) < 128
+        # ... while together they held more than one process may: the bound is per process.
+        assert int(total) > 128 and int(total) <= 128 * 7
+        assert oom == "1000"
+        # The call's processes ended with it: only the interpreter is left.
+        session = running.store.get(TENANT, sid)
+        assert session is not None and session.slot is not None
+        if running.executor.sandbox.as_root:
+            uid = running.executor.sandbox.session_uid(session.slot)
+            assert len(_processes_of(uid)) <= 1
+        assert (await run(stubs, sid, "1 + 1")).stdout == "2\n"
+
+
 async def test_a_1_gb_write_stops_at_the_file_size_limit(svc: Stubs) -> None:
     sid = await prepare(svc)
     code = (

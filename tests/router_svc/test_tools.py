@@ -15,7 +15,7 @@ import pytest
 
 from bootstrap_svc import server as bootstrap_server
 from bootstrap_svc.config import BootstrapSettings
-from router_svc import bootstrap, execution, tools, validate
+from router_svc import bootstrap, execution, include, tools, validate
 from router_svc.config import RouterSettings
 from router_svc.hub import HubClient
 from router_svc.turn import Turn
@@ -126,7 +126,9 @@ async def test_a_python_call_runs_and_its_output_reaches_the_model(env: Env) -> 
     container = turn.prepared.tools["code_interpreter"].resource_id
     assert call["type"] == "code_interpreter_call" and call["status"] == "completed"
     assert call["code"] == "x = 6 * 7\nprint(x)" and call["container_id"] == container
-    assert call["outputs"] is None  # not asked for with include
+    # Kept whatever include says (stored, and replayed to later turns); shown only when asked.
+    assert call["outputs"] == [{"type": "logs", "logs": "42"}]
+    assert include.response(response, turn.req.include)["output"][0]["outputs"] is None
     assert message["content"][0]["text"] == "The answer is 42."
     assert response["status"] == "completed" and response["tools"][0]["container"] == container
     assert response["usage"]["input_tokens"] == 22 and response["usage"]["total_tokens"] == 36
@@ -328,13 +330,18 @@ async def test_a_streamed_python_call_has_the_sdks_events(env: Env) -> None:
         1,
     ]
     final = events[-1]["response"]
-    assert final is response
+    # The client is shown the response without the outputs (include did not ask); the one kept
+    # for storing has them.
+    assert final == include.response(response, ()) and final is not response
+    assert final["output"][0]["outputs"] is None
+    assert response["output"][0]["outputs"] == [{"type": "logs", "logs": "42"}]
     assert [i["type"] for i in final["output"]] == ["code_interpreter_call", "message"]
     assert final["output"][1]["content"][0]["text"] == "The answer is 42."
     done = [e for e in events if e["type"] == "response.output_item.done"]
     assert (
         done[0]["item"]["status"] == "completed"
         and done[0]["item"]["code"] == "x = 6 * 7\nprint(x)"
+        and done[0]["item"]["outputs"] is None
     )
 
 

@@ -55,6 +55,44 @@ def test_message_order_instructions_history_injected_input() -> None:
     CHAT_BODY.validate_python(body)
 
 
+def test_outputs_the_input_opens_with_go_before_the_injected_items() -> None:
+    """A chat hub wants a tool call answered by the very next messages: the outputs that answer
+    the history's last calls come right after them, then the injected items, then the rest."""
+    history = [
+        user("look both up"),
+        *validate.normalize_items(
+            [
+                {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": "{}"},
+                {"type": "custom_tool_call", "call_id": "c2", "name": "grep", "input": "x"},
+            ]
+        ),
+    ]
+    injected = validate.normalize_items([{"role": "developer", "content": "sandbox ready"}])
+    request = req(
+        previous_response_id="resp_earlier",
+        input=[
+            {"type": "function_call_output", "call_id": "c1", "output": "found"},
+            {"type": "custom_tool_call_output", "call_id": "c2", "output": "no match"},
+            {"role": "user", "content": "and now?"},
+        ],
+    )
+    body = translate.chat_request(request, history, injected, stream=False)
+    assert [m["role"] for m in body["messages"]] == [
+        "user",
+        "assistant",
+        "tool",
+        "tool",
+        "system",
+        "user",
+    ]
+    assert [m.get("tool_call_id") for m in body["messages"][2:4]] == ["c1", "c2"]
+    assert body["messages"][4]["content"] == "sandbox ready"
+    CHAT_BODY.validate_python(body)
+    # Without injected items the order is the input's, as always.
+    plain = translate.chat_request(request, history, [], stream=False)
+    assert [m["role"] for m in plain["messages"]] == ["user", "assistant", "tool", "tool", "user"]
+
+
 def test_no_instructions_means_no_system_message() -> None:
     body = translate.chat_request(req(input="hi"), [], [], stream=False)
     assert body["messages"] == [{"role": "user", "content": "hi"}]

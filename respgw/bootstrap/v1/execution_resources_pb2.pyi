@@ -170,8 +170,9 @@ class ExecutionSession(_message.Message):
     with CreateSession.
     """
     memory_limit_bytes: _builtins.int
-    """The memory each call of the session may use, in bytes. Always set (the service's default
-    when the session was made without one).
+    """The memory each call of the session may use, in bytes, applied as
+    ExecutionLimits.memory_bytes says. Always set (the service's default when the session was
+    made without one).
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -275,7 +276,11 @@ class ExecutionLimits(_message.Message):
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
     DISK_BYTES_FIELD_NUMBER: _builtins.int
     memory_bytes: _builtins.int
-    """Memory (address space) of each process, in bytes."""
+    """Memory (address space) of each process, in bytes. At the least each process is held to it;
+    a session's processes together may then hold up to memory_bytes times max_processes, unless
+    the implementation also bounds the session as a whole (a memory cgroup or a pod per
+    session), which is allowed and stronger.
+    """
     max_processes: _builtins.int
     """Processes and threads running at once in the session."""
     max_file_bytes: _builtins.int

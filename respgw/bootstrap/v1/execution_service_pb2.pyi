@@ -449,8 +449,9 @@ class CreateSessionRequest(_message.Message):
     name: _builtins.str
     """A name for people; need not be unique. Empty is allowed."""
     memory_limit_bytes: _builtins.int
-    """The memory each call may use, in bytes. 0 means the service's default; more than
-    max_limits.memory_bytes is INVALID_ARGUMENT.
+    """The memory each call may use, in bytes, applied as ExecutionLimits.memory_bytes says (per
+    process at the least). 0 means the service's default; more than max_limits.memory_bytes is
+    INVALID_ARGUMENT.
     """
     @_builtins.property
     def idle_ttl(self) -> _duration_pb2.Duration:
