@@ -297,7 +297,7 @@ def test_ids_in_paths(http: httpx.Client, known: dict[str, str], rid: str, which
     }[which]
     for method, path in paths:
         check(http.request(method, path))
-    body = {"model": "m", "input": "x"}
+    body: dict[str, Any] = {"model": "m", "input": "x"}
     if which == "response":
         body["previous_response_id"] = rid
     elif which == "conversation":

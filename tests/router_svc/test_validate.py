@@ -1230,7 +1230,8 @@ def test_a_call_output_may_answer_a_call_in_the_history(history: dict[str, str])
 
 
 def test_tool_choice_required_needs_tools() -> None:
-    for tools in ({}, {"tools": []}, {"tools": None}):
+    nothing: tuple[dict[str, Any], ...] = ({}, {"tools": []}, {"tools": None})
+    for tools in nothing:
         error = rejected({"model": "m", "input": "x", "tool_choice": "required", **tools})
         assert (error.message, error.param, error.code) == (
             "Tool choice 'required' must be specified with 'tools' parameter.",
