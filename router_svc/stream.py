@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from router_svc import errors, translate
+from router_svc import errors, hub_shape, translate
 from router_svc.ids import new_id
 from router_svc.translate import NO_RESOURCES
 from router_svc.validate import TurnRequest, output_text
@@ -207,6 +207,7 @@ class ChatStreamTranslator(_Translator):
         """The events for one parsed ``chat.completion.chunk``."""
         if self._final is not None:
             return []
+        hub_shape.check_chunk(chunk)
         events = self.start()
         usage = chunk.get("usage")
         if isinstance(usage, dict):

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 from prometheus_client import Counter
 
-from router_svc import errors, validate
+from router_svc import errors, hub_shape, validate
 from router_svc.ids import new_id
 from router_svc.validate import HUB_SAMPLING_FIELDS, REQUEST_FIELDS, TurnRequest, output_text
 
@@ -797,13 +797,23 @@ def from_chat_completion(
     tool_resources: Mapping[str, str] = NO_RESOURCES,
 ) -> dict[str, Any]:
     """A chat completion from the hub as our Response object."""
-    choices = completion.get("choices") if isinstance(completion, dict) else None
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise errors.UpstreamError("The model server returned a chat completion without choices.")
+    if not isinstance(completion, dict):
+        raise errors.UpstreamError(
+            "The model server's answer is not a JSON object.", code=hub_shape.MALFORMED
+        )
+    hub_shape.check_completion(completion)
+    choices = completion["choices"]
+    if not choices:
+        raise errors.UpstreamError(
+            "The model server returned a chat completion without choices.",
+            code=hub_shape.MALFORMED,
+        )
     choice = choices[0]
     message = choice.get("message")
     if not isinstance(message, dict):
-        raise errors.UpstreamError("The model server returned a choice without a message.")
+        raise errors.UpstreamError(
+            "The model server returned a choice without a message.", code=hub_shape.MALFORMED
+        )
 
     output: list[dict[str, Any]] = []
     reasoning = chat_reasoning(message)

@@ -60,6 +60,9 @@ class Reply:
     # Sent as the whole (non-streamed) answer instead of a well-formed one: JSON of the wrong
     # shape, for instance.
     raw_body: bytes | None = None
+    # Sent as the stream's chunks instead of well-formed ones (each a ``data:`` line), then
+    # ``data: [DONE]``: chunks of the wrong shape, for instance.
+    raw_chunks: list[bytes] | None = None
 
 
 def text_of(message: dict[str, Any]) -> str:
@@ -227,6 +230,12 @@ class FakeHub:
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
+        if reply.raw_chunks is not None:
+            for raw in reply.raw_chunks:
+                await resp.write(b"data: " + raw + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
         chunks: list[dict[str, Any]] = []
         if reply.text:
             pieces = reply.text.split(" ")

@@ -1,0 +1,149 @@
+"""The types of a Chat Completions hub's answer, checked before anything is made of it.
+
+The translation reads a completion (or a stream chunk) leniently where the OpenAI spec leaves a
+field out or null, but a field of the wrong type (``choices`` an object, ``message.content`` a
+number, ``function.arguments`` an object, ``usage.prompt_tokens`` a string) is the hub speaking
+nonsense: the turn is a 502 ``upstream_malformed_response`` (in a stream, ``error`` and
+``response.failed``) and nothing is stored, rather than an answer with silently missing text or
+token counts, or a crash.
+
+Only the fields the translation reads are checked, and a check is a few ``isinstance`` calls per
+chunk; the path to the offending field is built only when one is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from router_svc import errors, hub
+
+MALFORMED = "upstream_malformed_response"
+
+# Fields of a message (or delta) that are a string when present.
+_TEXT_FIELDS = ("role", "refusal", "reasoning_content", "reasoning")
+# Token counts of usage and of its details.
+_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+_DETAILS = (
+    ("prompt_tokens_details", "cached_tokens"),
+    ("completion_tokens_details", "reasoning_tokens"),
+)
+
+
+def check_completion(completion: Mapping[str, Any]) -> None:
+    """Raises :class:`errors.UpstreamError` when a field of a chat completion has a wrong type."""
+    choices = completion.get("choices")
+    if not isinstance(choices, list):
+        raise _wrong("choices", "an array", choices)
+    for i, choice in enumerate(choices):
+        _check_choice(choice, i, "message")
+    usage = completion.get("usage")
+    if usage is not None:
+        _check_usage(usage)
+
+
+def check_chunk(chunk: Mapping[str, Any]) -> None:
+    """Raises :class:`errors.UpstreamError` when a field of a stream chunk has a wrong type."""
+    choices = chunk.get("choices")
+    if choices is not None:
+        if not isinstance(choices, list):
+            raise _wrong("choices", "an array", choices)
+        for i, choice in enumerate(choices):
+            _check_choice(choice, i, "delta")
+    usage = chunk.get("usage")
+    if usage is not None:
+        _check_usage(usage)
+
+
+def _check_choice(choice: object, i: int, key: str) -> None:
+    if not isinstance(choice, dict):
+        raise _wrong(f"choices[{i}]", "an object", choice)
+    _optional_int(choice, "index", f"choices[{i}]")
+    _optional(choice, "finish_reason", str, "a string", f"choices[{i}]")
+    logprobs = choice.get("logprobs")
+    if logprobs is not None:
+        if not isinstance(logprobs, dict):
+            raise _wrong(f"choices[{i}].logprobs", "an object", logprobs)
+        _optional(logprobs, "content", list, "an array", f"choices[{i}].logprobs")
+    message = choice.get(key)
+    if message is None:
+        return
+    path = f"choices[{i}].{key}"
+    if not isinstance(message, dict):
+        raise _wrong(path, "an object", message)
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        if not isinstance(content, list):
+            raise _wrong(f"{path}.content", "a string", content)
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise _wrong(f"{path}.content[{j}]", "an object", part)
+            _optional(part, "text", str, "a string", f"{path}.content[{j}]")
+    for name in _TEXT_FIELDS:
+        _optional(message, name, str, "a string", path)
+    calls = message.get("tool_calls")
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise _wrong(f"{path}.tool_calls", "an array", calls)
+    for j, call in enumerate(calls):
+        where = f"{path}.tool_calls[{j}]"
+        if not isinstance(call, dict):
+            raise _wrong(where, "an object", call)
+        _optional(call, "id", str, "a string", where)
+        _optional_int(call, "index", where)
+        function = call.get("function")
+        if function is None:
+            continue
+        if not isinstance(function, dict):
+            raise _wrong(f"{where}.function", "an object", function)
+        _optional(function, "name", str, "a string", f"{where}.function")
+        _optional(function, "arguments", str, "a string", f"{where}.function")
+
+
+def _check_usage(usage: object) -> None:
+    if not isinstance(usage, dict):
+        raise _wrong("usage", "an object", usage)
+    for name in _COUNTS:
+        _optional_int(usage, name, "usage")
+    for name, count in _DETAILS:
+        details = usage.get(name)
+        if details is None:
+            continue
+        if not isinstance(details, dict):
+            raise _wrong(f"usage.{name}", "an object", details)
+        _optional_int(details, count, f"usage.{name}")
+
+
+def _optional(obj: Mapping[str, Any], key: str, kind: type, expected: str, path: str) -> None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise _wrong(f"{path}.{key}", expected, value)
+
+
+def _optional_int(obj: Mapping[str, Any], key: str, path: str) -> None:
+    value = obj.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise _wrong(f"{path}.{key}", "an integer", value)
+
+
+def _wrong(path: str, expected: str, value: object) -> errors.UpstreamError:
+    hub.HUB_ERRORS.labels(MALFORMED).inc()
+    return errors.UpstreamError(
+        f"The model server's answer has {_kind(value)} at '{path}' where {expected} belongs.",
+        code=MALFORMED,
+    )
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "null"
