@@ -21,7 +21,7 @@ from router_svc import errors, hub
 MALFORMED = "upstream_malformed_response"
 
 # Fields of a message (or delta) that are a string when present.
-_TEXT_FIELDS = ("role", "refusal", "reasoning_content", "reasoning")
+_TEXT_FIELDS = frozenset({"role", "refusal", "reasoning_content", "reasoning"})
 # Token counts of usage and of its details.
 _COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _DETAILS = (
@@ -58,36 +58,53 @@ def check_chunk(chunk: Mapping[str, Any]) -> None:
 def _check_choice(choice: object, i: int, key: str) -> None:
     if not isinstance(choice, dict):
         raise _wrong(f"choices[{i}]", "an object", choice)
-    _optional_int(choice, "index", f"choices[{i}]")
-    _optional(choice, "finish_reason", str, "a string", f"choices[{i}]")
-    logprobs = choice.get("logprobs")
-    if logprobs is not None:
-        if not isinstance(logprobs, dict):
-            raise _wrong(f"choices[{i}].logprobs", "an object", logprobs)
-        _optional(logprobs, "content", list, "an array", f"choices[{i}].logprobs")
-    message = choice.get(key)
-    if message is None:
-        return
-    path = f"choices[{i}].{key}"
+    # By the keys present (a chunk's choice and delta hold one or two), not by the keys read.
+    for name, value in choice.items():
+        if value is None:
+            continue
+        if name == key:
+            _check_message(value, f"choices[{i}].{key}")
+        elif name == "finish_reason":
+            if not isinstance(value, str):
+                raise _wrong(f"choices[{i}].finish_reason", "a string", value)
+        elif name == "index":
+            _int(value, f"choices[{i}].index")
+        elif name == "logprobs":
+            if not isinstance(value, dict):
+                raise _wrong(f"choices[{i}].logprobs", "an object", value)
+            _optional(value, "content", list, "an array", f"choices[{i}].logprobs")
+
+
+def _check_message(message: object, path: str) -> None:
     if not isinstance(message, dict):
         raise _wrong(path, "an object", message)
-    content = message.get("content")
-    if content is not None and not isinstance(content, str):
-        if not isinstance(content, list):
-            raise _wrong(f"{path}.content", "a string", content)
-        for j, part in enumerate(content):
-            if not isinstance(part, dict):
-                raise _wrong(f"{path}.content[{j}]", "an object", part)
-            _optional(part, "text", str, "a string", f"{path}.content[{j}]")
-    for name in _TEXT_FIELDS:
-        _optional(message, name, str, "a string", path)
-    calls = message.get("tool_calls")
-    if calls is None:
+    for name, value in message.items():
+        if value is None or (name in _TEXT_FIELDS and isinstance(value, str)):
+            continue
+        if name in _TEXT_FIELDS:
+            raise _wrong(f"{path}.{name}", "a string", value)
+        if name == "content":
+            _check_content(value, f"{path}.content")
+        elif name == "tool_calls":
+            _check_calls(value, f"{path}.tool_calls")
+
+
+def _check_content(content: object, path: str) -> None:
+    if isinstance(content, str):
         return
+    if not isinstance(content, list):
+        raise _wrong(path, "a string", content)
+    for j, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise _wrong(f"{path}[{j}]", "an object", part)
+        _optional(part, "text", str, "a string", f"{path}[{j}]")
+
+
+def _check_calls(calls: object, path: str) -> None:
     if not isinstance(calls, list):
-        raise _wrong(f"{path}.tool_calls", "an array", calls)
+        raise _wrong(path, "an array", calls)
     for j, call in enumerate(calls):
-        where = f"{path}.tool_calls[{j}]"
+        where = f"{path}[{j}]"
         if not isinstance(call, dict):
             raise _wrong(where, "an object", call)
         _optional(call, "id", str, "a string", where)
@@ -123,8 +140,13 @@ def _optional(obj: Mapping[str, Any], key: str, kind: type, expected: str, path:
 
 def _optional_int(obj: Mapping[str, Any], key: str, path: str) -> None:
     value = obj.get(key)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-        raise _wrong(f"{path}.{key}", "an integer", value)
+    if value is not None:
+        _int(value, f"{path}.{key}")
+
+
+def _int(value: object, path: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _wrong(path, "an integer", value)
 
 
 def _wrong(path: str, expected: str, value: object) -> errors.UpstreamError:
