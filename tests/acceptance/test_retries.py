@@ -5,10 +5,15 @@ so. Through the official openai SDK (its own retries, default settings) and raw 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import httpx
 import httpx2
@@ -19,9 +24,10 @@ import pytest
 from gateway.grpcerrors import RemoteError
 from router_svc import errors, state_client
 from router_svc.routes import conversations
+from state_svc.config import StateSettings
 from tests.acceptance.test_limits import GuardedStack
 from tests.fakehub import FakeHub, Reply, text_of
-from tests.support import Stack
+from tests.support import POSTGRES_DSN, Stack
 
 
 def item_texts(client: openai.OpenAI, conversation_id: str) -> list[str]:
@@ -207,10 +213,56 @@ def losing_client(stack: Stack, path: str, lose: int = 1) -> tuple[openai.OpenAI
     return client, transport
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def stored_stack(request: pytest.FixtureRequest, hub: FakeHub, tmp_path: Path) -> Iterator[Stack]:
+    """The gateway on a SQL backend (the ``stack`` fixture's is the memory one)."""
+    schema = "retries_" + secrets.token_hex(6)
+    state = replace(
+        StateSettings(),
+        backend=request.param,
+        sqlite_path=str(tmp_path / "state.db"),
+        postgres_dsn=POSTGRES_DSN,
+        postgres_schema=schema,
+        postgres_pool_size=2,
+    )
+    s = Stack(hub.url, state=state, router={"default_model": "fake-model"}).start()
+    try:
+        yield s
+    finally:
+        s.stop()
+        if request.param == "postgres":
+            asyncio.run(_drop_schema(schema))
+
+
+async def _drop_schema(schema: str) -> None:
+    conn = await asyncpg.connect(POSTGRES_DSN)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
 @pytest.mark.parametrize("lose", [1, 2])
 def test_an_sdk_retried_create_after_a_lost_reply_returns_the_first_conversation(
     stack: Stack, hub: FakeHub, lose: int
 ) -> None:
+    check_lost_create_replies(stack, lose)
+
+
+def test_sdk_retried_creates_on_sql_backends(stored_stack: Stack, hub: FakeHub) -> None:
+    check_lost_create_replies(stored_stack, 2)
+    with httpx.Client(timeout=10) as http:
+        url = f"{stored_stack.url}/conversations"
+        made = [
+            http.post(url, json={}, headers={"x-stainless-retry-count": "0"}).json()["id"]
+            for _ in range(2)
+        ]
+        retry = http.post(url, json={}, headers={"x-stainless-retry-count": "1"}).json()["id"]
+    assert made[0] != made[1]
+    assert retry == made[0]  # the window's first one, unused
+
+
+def check_lost_create_replies(stack: Stack, lose: int) -> None:
     client, transport = losing_client(stack, "/conversations", lose)
     conv = client.conversations.create(
         items=[{"type": "message", "role": "user", "content": "first words"}],
