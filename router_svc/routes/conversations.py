@@ -358,12 +358,16 @@ async def create_items(request: Request) -> Response:
 
 
 async def _stored(svc: Services, who: str, cid: str, item_id: str) -> bool:
-    found = await svc.state.find(
-        "GetConversationItem",
-        state_service_pb2.GetConversationItemRequest(
-            tenant=who, conversation_id=cid, item_id=item_id
-        ),
-    )
+    try:
+        found = await svc.state.find(
+            "GetConversationItem",
+            state_service_pb2.GetConversationItemRequest(
+                tenant=who, conversation_id=cid, item_id=item_id
+            ),
+        )
+    except errors.ApiError as exc:
+        exc.retry_header(retry_is_safe=True)  # a read: nothing was written
+        raise
     return found is not None
 
 

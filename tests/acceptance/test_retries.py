@@ -8,7 +8,7 @@ import asyncio
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -354,31 +354,75 @@ def test_a_conversation_key_with_another_body_is_a_400(stack: Stack, hub: FakeHu
     assert error["code"] == "idempotency_key_reused"
 
 
+LoseReply = Callable[[str], list[Any]]
+
+
 @pytest.fixture
-def lost_state_reply(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The state service carries out the first CreateConversation call but its reply is lost
-    (the router's deadline runs out): the router cannot know whether it was written. Returns the
-    ids of the conversations the lost calls made."""
-    made: list[str] = []
-    real = state_client.StateClient.call
+def lose_state_reply(monkeypatch: pytest.MonkeyPatch) -> LoseReply:
+    """``lose(method)``: the state service carries out the router's first call of ``method`` but
+    its reply is lost (the router's deadline runs out), so the router cannot know whether it was
+    written. Returns the list the lost call's reply is put in."""
 
-    async def call(self: Any, method: str, request: Any, **kwargs: Any) -> Any:
-        reply = await real(self, method, request, **kwargs)
-        if method == "CreateConversation" and not made:
-            made.append(reply.conversation.id)
-            raise errors.from_state_error(
-                RemoteError(
-                    code=grpc.StatusCode.DEADLINE_EXCEEDED,
-                    reason="",
-                    message="the state service did not answer in time",
-                    metadata={},
-                    domain="",
+    def lose(method: str) -> list[Any]:
+        lost: list[Any] = []
+        real = state_client.StateClient.call
+
+        async def call(self: Any, name: str, request: Any, **kwargs: Any) -> Any:
+            reply = await real(self, name, request, **kwargs)
+            if name == method and not lost:
+                lost.append(reply)
+                raise errors.from_state_error(
+                    RemoteError(
+                        code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                        reason="",
+                        message="the state service did not answer in time",
+                        metadata={},
+                        domain="",
+                    )
                 )
-            )
-        return reply
+            return reply
 
-    monkeypatch.setattr(state_client.StateClient, "call", call)
-    return made
+        monkeypatch.setattr(state_client.StateClient, "call", call)
+        return lost
+
+    return lose
+
+
+@pytest.fixture
+def lost_state_reply(lose_state_reply: LoseReply) -> list[Any]:
+    """The lost reply of the router's first CreateConversation call."""
+    return lose_state_reply("CreateConversation")
+
+
+@pytest.mark.parametrize(
+    ("headers", "retry"),
+    [
+        ({}, "false"),
+        ({"x-stainless-retry-count": "0"}, "true"),
+        ({"Idempotency-Key": "items-lost"}, "true"),
+    ],
+)
+def test_items_whose_append_outcome_is_unknown_say_whether_a_retry_is_safe(
+    stack: Stack, hub: FakeHub, lose_state_reply: LoseReply, headers: dict[str, str], retry: str
+) -> None:
+    client = stack.client()
+    conv = client.conversations.create()
+    lost = lose_state_reply("CreateConversationItems")
+    body = {"items": [{"type": "message", "role": "user", "content": "once"}]}
+    with httpx.Client(timeout=10) as http:
+        url = f"{stack.url}/conversations/{conv.id}/items"
+        r = http.post(url, json=body, headers=headers)
+        assert r.status_code == 503
+        assert r.headers["x-should-retry"] == retry
+        assert len(lost) == 1
+        if retry == "true":
+            again_headers = dict(headers)
+            if "x-stainless-retry-count" in headers:
+                again_headers["x-stainless-retry-count"] = "1"
+            again = http.post(url, json=body, headers=again_headers)
+            assert again.status_code == 200
+            assert again.json()["data"][0]["id"] == lost[0].items[0].id
+    assert item_texts(client, conv.id) == ["once"]
 
 
 @pytest.mark.parametrize(
@@ -390,7 +434,7 @@ def lost_state_reply(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     ],
 )
 def test_a_create_whose_outcome_is_unknown_says_whether_a_retry_is_safe(
-    stack: Stack, hub: FakeHub, lost_state_reply: list[str], headers: dict[str, str], retry: str
+    stack: Stack, hub: FakeHub, lost_state_reply: list[Any], headers: dict[str, str], retry: str
 ) -> None:
     body = {"items": [{"type": "message", "role": "user", "content": "x"}]}
     with httpx.Client(timeout=10) as http:
@@ -408,17 +452,17 @@ def test_a_create_whose_outcome_is_unknown_says_whether_a_retry_is_safe(
                 else headers,
             )
             assert again.status_code == 200
-            assert again.json()["id"] == lost_state_reply[0]
+            assert again.json()["id"] == lost_state_reply[0].conversation.id
 
 
 def test_the_sdk_retries_a_create_whose_store_reply_was_lost(
-    stack: Stack, hub: FakeHub, lost_state_reply: list[str]
+    stack: Stack, hub: FakeHub, lost_state_reply: list[Any]
 ) -> None:
     client = openai.OpenAI(base_url=stack.url, api_key="unused")  # default retries
     conv = client.conversations.create(
         items=[{"type": "message", "role": "user", "content": "once"}]
     )
-    assert conv.id == lost_state_reply[0]
+    assert conv.id == lost_state_reply[0].conversation.id
     assert item_texts(client, conv.id) == ["once"]
     client.close()
 
