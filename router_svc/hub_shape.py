@@ -1,4 +1,5 @@
-"""The types of a Chat Completions hub's answer, checked before anything is made of it.
+"""The types of a hub's answer (a Chat Completions hub's, or a Responses hub's), checked before
+anything is made of it.
 
 The translation reads a completion (or a stream chunk) leniently where the OpenAI spec leaves a
 field out or null, but a field of the wrong type (``choices`` an object, ``message.content`` a
@@ -53,6 +54,58 @@ def check_chunk(chunk: Mapping[str, Any]) -> None:
     usage = chunk.get("usage")
     if usage is not None:
         _check_usage(usage)
+
+
+# --- a Responses hub ---------------------------------------------------------------------------
+
+_STATUSES = frozenset({"completed", "incomplete", "failed", "in_progress", "queued", "cancelled"})
+_RESPONSE_COUNTS = ("input_tokens", "output_tokens", "total_tokens")
+
+
+def check_response(response: Mapping[str, Any]) -> None:
+    """Raises :class:`errors.UpstreamError` when a field of a Responses hub's response that the
+    router keeps (status, output, usage, error, incomplete_details) has a wrong type."""
+    output = response.get("output")
+    if not isinstance(output, list):
+        raise _wrong("output", "an array", output)
+    for i, item in enumerate(output):
+        if not isinstance(item, dict):
+            raise _wrong(f"output[{i}]", "an object", item)
+        _optional(item, "type", str, "a string", f"output[{i}]")
+    status = response.get("status")
+    if status is not None and status not in _STATUSES:
+        raise _wrong("status", "a response status", status)
+    for name in ("error", "incomplete_details"):
+        _optional(response, name, dict, "an object", "response")
+    usage = response.get("usage")
+    if usage is not None:
+        if not isinstance(usage, dict):
+            raise _wrong("usage", "an object", usage)
+        for name in _RESPONSE_COUNTS:
+            _optional_int(usage, name, "usage")
+
+
+def check_event(event: Mapping[str, Any]) -> None:
+    """Raises :class:`errors.UpstreamError` when a field of a Responses hub's stream event that is
+    passed on to the client has a wrong type (the terminal event's response is checked by
+    :func:`check_response`)."""
+    for name, value in event.items():
+        if value is None:
+            continue
+        if name == "delta":
+            if not isinstance(value, str):
+                raise _wrong("delta", "a string", value)
+        elif name in ("output_index", "content_index", "summary_index"):
+            _int(value, name)
+        elif name in ("item", "part"):
+            if not isinstance(value, dict):
+                raise _wrong(name, "an object", value)
+        elif name in ("item_id", "text", "arguments", "name"):
+            if not isinstance(value, str):
+                raise _wrong(name, "a string", value)
+
+
+# --- Chat Completions ---------------------------------------------------------------------------
 
 
 def _check_choice(choice: object, i: int, key: str) -> None:

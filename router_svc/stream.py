@@ -549,6 +549,7 @@ class ResponsesStreamTranslator(_Translator):
         """Our events for one event of the hub's stream."""
         if self._final is not None:
             return []
+        hub_shape.check_event(event)
         events = self.start()
         kind = event.get("type")
         if not isinstance(kind, str) or kind in (
@@ -559,6 +560,8 @@ class ResponsesStreamTranslator(_Translator):
             return events
         if kind in _TERMINAL:
             upstream = event.get("response")
+            if isinstance(upstream, dict) and upstream.get("output") is not None:
+                hub_shape.check_response(upstream)  # before items of the wrong type are dropped
             if not isinstance(upstream, dict) or not isinstance(upstream.get("output"), list):
                 upstream = {**(upstream if isinstance(upstream, dict) else {}), "output": []}
             upstream = {**upstream, "output": self._with_ids(upstream["output"])}

@@ -877,9 +877,12 @@ def from_responses_result(
     tool_resources: Mapping[str, str] = NO_RESOURCES,
 ) -> dict[str, Any]:
     """A Responses hub's response as ours: our id and echo, the hub's items (with their ids)."""
-    output = upstream.get("output") if isinstance(upstream, dict) else None
-    if not isinstance(output, list) or not all(isinstance(i, dict) for i in output):
-        raise errors.UpstreamError("The model server returned a response without an output list.")
+    if not isinstance(upstream, dict):
+        raise errors.UpstreamError(
+            "The model server's answer is not a JSON object.", code=hub_shape.MALFORMED
+        )
+    hub_shape.check_response(upstream)
+    output = upstream["output"]
     status = upstream.get("status") or "completed"
     completed_at = upstream.get("completed_at")
     return response_object(

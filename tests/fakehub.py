@@ -60,8 +60,8 @@ class Reply:
     # Sent as the whole (non-streamed) answer instead of a well-formed one: JSON of the wrong
     # shape, for instance.
     raw_body: bytes | None = None
-    # Sent as the stream's chunks instead of well-formed ones (each a ``data:`` line), then
-    # ``data: [DONE]``: chunks of the wrong shape, for instance.
+    # Sent as the stream's chunks instead of well-formed ones (each a ``data:`` line; a chat
+    # stream then ends with ``data: [DONE]``): chunks of the wrong shape, for instance.
     raw_chunks: list[bytes] | None = None
 
 
@@ -339,6 +339,11 @@ class FakeHub:
             return web.json_response(response, dumps=lambda o: orjson.dumps(o).decode())
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
+        if reply.raw_chunks is not None:
+            for raw in reply.raw_chunks:
+                await resp.write(b"data: " + raw + b"\n\n")
+            await resp.write_eof()
+            return resp
         in_progress = {**response, "status": "in_progress", "output": [], "usage": None}
         empty_item = {**item, "status": "in_progress", "content": []}
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}

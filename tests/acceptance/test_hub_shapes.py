@@ -1,11 +1,12 @@
 """A hub whose answer has a field of the wrong type (issue 13, item 6): a 502 in OpenAI's shape
 (a stream ends with ``error`` and ``response.failed``), never a 500 and never an answer with
 silently missing text or counts, and nothing stored. One case per malformed field, non-streamed
-and streamed, against the fake hub."""
+and streamed, against the fake hub as a Chat Completions hub and as a Responses hub."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -175,3 +176,122 @@ def test_a_malformed_hub_chunk_fails_the_stream_and_stores_nothing(
         assert held.status_code == 502
         assert held.json()["error"]["code"] == "upstream_malformed_response"
     assert item_texts(client, conv.id) == []
+
+
+# --- a Responses hub ------------------------------------------------------------------------------
+
+RESPONSE: dict[str, Any] = {
+    "id": "resp_up",
+    "object": "response",
+    "status": "completed",
+    "output": [
+        {
+            "id": "msg_up",
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": "fine", "annotations": []}],
+        }
+    ],
+    "usage": {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4},
+}
+RESPONSE_CASES = [
+    pytest.param(("output",), {"0": {}}, id="output an object"),
+    pytest.param(("output", 0), "text", id="an output item a string"),
+    pytest.param(("output", 0, "type"), 3, id="an item type a number"),
+    pytest.param(("status",), 5, id="status a number"),
+    pytest.param(("status",), "done", id="status unknown"),
+    pytest.param(("usage",), [3, 1], id="usage a list"),
+    pytest.param(("usage", "input_tokens"), "3", id="input_tokens a string"),
+    pytest.param(("error",), "bad", id="error a string"),
+    pytest.param(("incomplete_details",), ["x"], id="incomplete_details a list"),
+]
+# (what is broken in which event of a stream, the value)
+EVENT_CASES = [
+    pytest.param(3, "delta", 5, id="a delta a number"),
+    pytest.param(3, "output_index", "0", id="output_index a string"),
+    pytest.param(2, "item", "msg", id="an item a string"),
+    pytest.param(4, "text", ["fine"], id="text a list"),
+]
+
+
+@pytest.fixture
+def responses_stack(hub: FakeHub) -> Iterator[Stack]:
+    """The gateway in front of a Responses-API hub."""
+    s = Stack(hub.url, router={"default_model": "fake-model", "hub_api": "responses"}).start()
+    yield s
+    s.stop()
+
+
+def response_events(response: dict[str, Any]) -> list[dict[str, Any]]:
+    item = response["output"][0] if isinstance(response["output"], list) else {}
+    running = {**response, "status": "in_progress", "output": [], "usage": None}
+    where = {"item_id": "msg_up", "output_index": 0, "content_index": 0}
+    return [
+        {"type": "response.created", "response": running},
+        {"type": "response.in_progress", "response": running},
+        {"type": "response.output_item.added", "output_index": 0, "item": item},
+        {"type": "response.output_text.delta", **where, "delta": "fine"},
+        {"type": "response.output_text.done", **where, "text": "fine"},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": response},
+    ]
+
+
+def test_a_well_formed_responses_hub_answer_is_answered(
+    responses_stack: Stack, hub: FakeHub
+) -> None:
+    hub.enqueue(
+        Reply(raw_body=orjson.dumps(RESPONSE)),
+        Reply(raw_chunks=[orjson.dumps(e) for e in response_events(RESPONSE)]),
+    )
+    with httpx.Client(timeout=10) as http:
+        url = f"{responses_stack.url}/responses"
+        plain = http.post(url, json={"model": "m", "input": "x"})
+        streamed = http.post(url, json={"model": "m", "input": "x", "stream": True})
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["output"][0]["content"][0]["text"] == "fine"
+    assert sse_events(streamed.content)[-1]["type"] == "response.completed"
+
+
+@pytest.mark.parametrize(("path", "value"), RESPONSE_CASES)
+def test_a_malformed_responses_hub_answer_is_a_502(
+    responses_stack: Stack, hub: FakeHub, path: tuple[str | int, ...], value: Any
+) -> None:
+    bad = broken(RESPONSE, path, value)
+    hub.enqueue(
+        Reply(raw_body=orjson.dumps(bad)),
+        Reply(
+            raw_chunks=[orjson.dumps(e) for e in response_events(RESPONSE)[:-1]]
+            + [orjson.dumps({"type": "response.completed", "response": bad})]
+        ),
+    )
+    client = responses_stack.client()
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.responses.create(model="m", input="x")
+    assert raised.value.status_code == 502
+    assert isinstance(raised.value.body, dict)
+    assert raised.value.body["code"] == "upstream_malformed_response"
+    with httpx.Client(timeout=10) as http:
+        url = f"{responses_stack.url}/responses"
+        r = http.post(url, json={"model": "m", "input": "x", "stream": True})
+        events = sse_events(r.content)
+        assert [e["type"] for e in events[-2:]] == ["error", "response.failed"], events[-2:]
+        assert events[-2]["code"] == "upstream_malformed_response"
+        assert http.get(f"{url}/{events[0]['response']['id']}").status_code == 404
+
+
+@pytest.mark.parametrize(("index", "name", "value"), EVENT_CASES)
+def test_a_malformed_responses_hub_event_fails_the_stream(
+    responses_stack: Stack, hub: FakeHub, index: int, name: str, value: Any
+) -> None:
+    events = response_events(RESPONSE)
+    events[index] = {**events[index], name: value}
+    hub.enqueue(Reply(raw_chunks=[orjson.dumps(e) for e in events]))
+    with httpx.Client(timeout=10) as http:
+        url = f"{responses_stack.url}/responses"
+        r = http.post(url, json={"model": "m", "input": "x", "stream": True})
+        sent = sse_events(r.content)
+        assert [e["type"] for e in sent[-2:]] == ["error", "response.failed"], sent[-2:]
+        assert sent[-2]["code"] == "upstream_malformed_response"
+        assert http.get(f"{url}/{sent[0]['response']['id']}").status_code == 404
