@@ -34,6 +34,8 @@ from router_svc.services import Services
 from router_svc.turn import RETRY_WINDOW_S
 
 MAX_ITEMS_PER_CALL = 20
+# The request_id of a conversation an SDK call's first attempt creates: "sdk-retry:HASH:WINDOW".
+_SDK_PREFIX = "sdk-retry:"
 
 
 def conversation_json(conv: resources_pb2.Conversation) -> dict[str, Any]:
@@ -150,12 +152,13 @@ async def create_conversation(request: Request) -> Response:
     key = idempotency_key(request)
     if key:
         # A retry with the Idempotency-Key sends the same items: with the same ids.
-        return new.answer(await new.create(key, f"conversation\x00{who}\x00{key}"))
+        made = await new.create(key, f"conversation\x00{who}\x00{key}")
+        return _answer(made.conversation)
     attempt = sdk_attempt(request)
     if attempt is None:
         # A request_id all the same, so that the router's own retries of the call (on
         # UNAVAILABLE) never make a second conversation; the client's retry would.
-        return new.answer(await new.create_fresh())
+        return _answer((await new.create_fresh()).conversation)
     # An official SDK's call: its retries send the same body, so the first attempt's request_id
     # is derived from the tenant, the body and the time window (as for POST /v1/responses).
     body_hash = hashlib.sha256(f"{who}\x00".encode() + raw).hexdigest()[:40]
@@ -167,17 +170,18 @@ async def create_conversation(request: Request) -> Response:
     if attempt > 0:
         earlier = await new.made_by(request_id(window - 1))
         if earlier is not None and new.untouched(earlier):
-            return new.answer(earlier)
+            return _answer(earlier)
     reply = await new.create(request_id(window), request_id(window))
     if reply.replayed and (attempt == 0 or not new.untouched(reply.conversation)):
         # A first attempt whose body an earlier call of the window already sent is a new
         # conversation on purpose; and a conversation that was used since it was made is not the
         # one a lost first attempt made (nobody got that one's id): both get one of their own.
-        return new.answer(await new.create_fresh())
-    return new.answer(reply.conversation)
+        reply = await new.create_fresh()
+    return _answer(reply.conversation)
 
 
-_SDK_PREFIX = "sdk-retry:"
+def _answer(conv: resources_pb2.Conversation) -> Response:
+    return JSONResponse(conversation_json(conv))
 
 
 class _NewConversation:
@@ -198,11 +202,12 @@ class _NewConversation:
         self.minted = minted
 
     async def create(
-        self, request_id: str, seed: str, *, retry_is_safe: bool = True
+        self, request_id: str, seed: str
     ) -> state_service_pb2.CreateConversationResponse:
-        """CreateConversation under ``request_id``, the ids the router mints derived from
-        ``seed``; ``retry_is_safe`` when a retry of the request finds what this call made."""
-        return await self._call(request_id, _with_ids(self.items, self.minted, seed), retry_is_safe)
+        """CreateConversation under ``request_id`` (one a retry of the request finds), the ids
+        the router mints derived from ``seed``."""
+        items = _with_ids(self.items, self.minted, seed)
+        return await self._call(request_id, items, retry_is_safe=True)
 
     async def create_fresh(self) -> state_service_pb2.CreateConversationResponse:
         """A new conversation under a request_id of its own: one that no retry finds."""
@@ -245,17 +250,6 @@ class _NewConversation:
         """Whether ``conv`` is as this request would have made it: never appended to or updated
         since, as a conversation whose id nobody got."""
         return conv.version == len(self.items) and dict(conv.metadata) == self.metadata
-
-    @staticmethod
-    def answer(
-        made: state_service_pb2.CreateConversationResponse | resources_pb2.Conversation,
-    ) -> Response:
-        conv = (
-            made.conversation
-            if isinstance(made, state_service_pb2.CreateConversationResponse)
-            else made
-        )
-        return JSONResponse(conversation_json(conv))
 
 
 async def get_conversation(request: Request) -> Response:
