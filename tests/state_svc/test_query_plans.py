@@ -119,6 +119,7 @@ async def exercise(backend: Backend) -> None:
             )
     await backend.get_item(t, conv, "c-2")
     await backend.get_conversation(t, conv)
+    await backend.get_conversation_by_request(t, "req-1")
     await backend.update_conversation(t, conv, {"c": "d"})
     await backend.delete_item(t, conv, "c-2")
     await backend.delete_response(t, "q_1")
