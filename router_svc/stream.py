@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from router_svc import errors, translate
+from router_svc import errors, hub_shape, translate
 from router_svc.ids import new_id
 from router_svc.translate import NO_RESOURCES
 from router_svc.validate import TurnRequest, output_text
@@ -210,6 +210,7 @@ class ChatStreamTranslator(_Translator):
         """The events for one parsed ``chat.completion.chunk``."""
         if self._final is not None:
             return []
+        hub_shape.check_chunk(chunk)
         events = self.start()
         usage = chunk.get("usage")
         if isinstance(usage, dict):
@@ -580,6 +581,7 @@ class ResponsesStreamTranslator(_Translator):
         """Our events for one event of the hub's stream."""
         if self._final is not None:
             return []
+        hub_shape.check_event(event)
         events = self.start()
         kind = event.get("type")
         if not isinstance(kind, str) or kind in (
@@ -590,6 +592,8 @@ class ResponsesStreamTranslator(_Translator):
             return events
         if kind in _TERMINAL:
             upstream = event.get("response")
+            if isinstance(upstream, dict) and upstream.get("output") is not None:
+                hub_shape.check_response(upstream)  # before items of the wrong type are dropped
             if not isinstance(upstream, dict) or not isinstance(upstream.get("output"), list):
                 upstream = {**(upstream if isinstance(upstream, dict) else {}), "output": []}
             upstream = {**upstream, "output": self._with_ids(upstream["output"])}

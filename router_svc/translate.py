@@ -36,7 +36,7 @@ from typing import Any
 import orjson
 from prometheus_client import Counter
 
-from router_svc import errors, validate
+from router_svc import errors, hub_shape, validate
 from router_svc.ids import new_id
 from router_svc.validate import HUB_SAMPLING_FIELDS, REQUEST_FIELDS, TurnRequest, output_text
 
@@ -832,13 +832,23 @@ def from_chat_completion(
     tool_resources: Mapping[str, str] = NO_RESOURCES,
 ) -> dict[str, Any]:
     """A chat completion from the hub as our Response object."""
-    choices = completion.get("choices") if isinstance(completion, dict) else None
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise errors.UpstreamError("The model server returned a chat completion without choices.")
+    if not isinstance(completion, dict):
+        raise errors.UpstreamError(
+            "The model server's answer is not a JSON object.", code=hub_shape.MALFORMED
+        )
+    hub_shape.check_completion(completion)
+    choices = completion["choices"]
+    if not choices:
+        raise errors.UpstreamError(
+            "The model server returned a chat completion without choices.",
+            code=hub_shape.MALFORMED,
+        )
     choice = choices[0]
     message = choice.get("message")
     if not isinstance(message, dict):
-        raise errors.UpstreamError("The model server returned a choice without a message.")
+        raise errors.UpstreamError(
+            "The model server returned a choice without a message.", code=hub_shape.MALFORMED
+        )
 
     output: list[dict[str, Any]] = []
     reasoning = chat_reasoning(message)
@@ -902,9 +912,12 @@ def from_responses_result(
     tool_resources: Mapping[str, str] = NO_RESOURCES,
 ) -> dict[str, Any]:
     """A Responses hub's response as ours: our id and echo, the hub's items (with their ids)."""
-    output = upstream.get("output") if isinstance(upstream, dict) else None
-    if not isinstance(output, list) or not all(isinstance(i, dict) for i in output):
-        raise errors.UpstreamError("The model server returned a response without an output list.")
+    if not isinstance(upstream, dict):
+        raise errors.UpstreamError(
+            "The model server's answer is not a JSON object.", code=hub_shape.MALFORMED
+        )
+    hub_shape.check_response(upstream)
+    output = upstream["output"]
     status = upstream.get("status") or "completed"
     completed_at = upstream.get("completed_at")
     return response_object(

@@ -1061,10 +1061,12 @@ def _tool_choice(value: object, tools: list[dict[str, Any]]) -> None:
         for i, entry in enumerate(
             _array(_required(value, "tools", "tool_choice"), "tool_choice.tools")
         ):
-            _object(entry, f"tool_choice.tools[{i}]")
+            _allowed_tool(entry, f"tool_choice.tools[{i}]")
     elif kind == "mcp":
         _check_keys(value, {"type", "server_label", "name"}, "tool_choice")
         _string(_required(value, "server_label", "tool_choice"), "tool_choice.server_label")
+        if value.get("name") is not None:
+            _string(value["name"], "tool_choice.name")
     elif kind in _HOSTED_TOOL_CHOICES or kind in _BARE_TOOL_CHOICES:
         _check_keys(value, {"type"}, "tool_choice")
     else:
@@ -1080,6 +1082,20 @@ def _tool_choice(value: object, tools: list[dict[str, Any]]) -> None:
                 *_BARE_TOOL_CHOICES,
             ),
         )
+
+
+def _allowed_tool(value: object, path: str) -> None:
+    """One entry of an allowed_tools choice: a tool named as in ``tools`` (its type, and the
+    name or server label that tells it from others of its type)."""
+    entry = _object(value, path)
+    kind = _enum(_required(entry, "type", path), f"{path}.type", TOOL_TYPES)
+    if kind in ("function", "custom"):
+        _string(_required(entry, "name", path), f"{path}.name")
+    elif kind == "mcp":
+        _string(_required(entry, "server_label", path), f"{path}.server_label")
+    for key in ("name", "server_label"):
+        if entry.get(key) is not None:
+            _string(entry[key], f"{path}.{key}")
 
 
 # --- input items -----------------------------------------------------------------------------

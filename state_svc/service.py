@@ -360,7 +360,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             self._backend.create_conversation(tenant, metadata, items, request.request_id),
         )
         reply = state_service_pb2.CreateConversationResponse(
-            conversation=_conversation_pb(created.conversation)
+            conversation=_conversation_pb(created.conversation), replayed=created.replayed
         )
         _add_items(reply.items, created.items)
         return reply
@@ -374,10 +374,18 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         self, request: state_service_pb2.GetConversationRequest
     ) -> state_service_pb2.GetConversationResponse:
         tenant = _tenant(request.tenant)
-        _require(request.conversation_id, "conversation_id")
-        conversation = await self._timed(
-            "get_conversation", self._backend.get_conversation(tenant, request.conversation_id)
-        )
+        if request.request_id:
+            if request.conversation_id:
+                raise _invalid("request_id", "set conversation_id or request_id, not both")
+            conversation = await self._timed(
+                "get_conversation",
+                self._backend.get_conversation_by_request(tenant, request.request_id),
+            )
+        else:
+            _require(request.conversation_id, "conversation_id")
+            conversation = await self._timed(
+                "get_conversation", self._backend.get_conversation(tenant, request.conversation_id)
+            )
         return state_service_pb2.GetConversationResponse(
             conversation=_conversation_pb(conversation)
         )

@@ -64,6 +64,9 @@ class Reply:
     raw_body: bytes | None = None
     # The phase of the message a Responses hub answers with ("commentary", "final_answer").
     phase: str | None = None
+    # Sent as the stream's chunks instead of well-formed ones (each a ``data:`` line; a chat
+    # stream then ends with ``data: [DONE]``): chunks of the wrong shape, for instance.
+    raw_chunks: list[bytes] | None = None
 
 
 def text_of(message: dict[str, Any]) -> str:
@@ -358,6 +361,12 @@ class FakeHub:
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
+        if reply.raw_chunks is not None:
+            for raw in reply.raw_chunks:
+                await resp.write(b"data: " + raw + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
         chunks: list[dict[str, Any]] = []
         if reply.reasoning:
             # vLLM's reasoning parsers stream the thinking first, as reasoning_content deltas.
@@ -468,6 +477,11 @@ class FakeHub:
             return web.json_response(response, dumps=lambda o: orjson.dumps(o).decode())
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
+        if reply.raw_chunks is not None:
+            for raw in reply.raw_chunks:
+                await resp.write(b"data: " + raw + b"\n\n")
+            await resp.write_eof()
+            return resp
         in_progress = {**response, "status": "in_progress", "output": [], "usage": None}
         empty_item = {**item, "status": "in_progress", "content": []}
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}

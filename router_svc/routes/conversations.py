@@ -34,6 +34,8 @@ from router_svc.services import Services
 from router_svc.turn import RETRY_WINDOW_S
 
 MAX_ITEMS_PER_CALL = 20
+# The request_id of a conversation an SDK call's first attempt creates: "sdk-retry:HASH:WINDOW".
+_SDK_PREFIX = "sdk-retry:"
 
 
 def conversation_json(conv: resources_pb2.Conversation) -> dict[str, Any]:
@@ -137,7 +139,8 @@ def _with_new_ids(items: list[dict[str, Any]], minted: list[int]) -> list[dict[s
 async def create_conversation(request: Request) -> Response:
     svc = services(request)
     who = tenant(request)
-    body = await read_json(request)
+    raw = await read_body(request)
+    body = parse_json(raw)
     unknown = set(body) - {"items", "metadata"}
     if unknown:
         name = sorted(unknown)[0]
@@ -145,24 +148,108 @@ async def create_conversation(request: Request) -> Response:
             f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter"
         )
     items = _items(body, required=False)
+    new = _NewConversation(svc, who, _metadata(body), items, _minted(body))
     key = idempotency_key(request)
     if key:
         # A retry with the Idempotency-Key sends the same items: with the same ids.
-        items = _with_ids(items, _minted(body), f"conversation\x00{who}\x00{key}")
-    req = state_service_pb2.CreateConversationRequest(
-        tenant=who,
-        metadata=_metadata(body),
-        items=[turn.item_to_proto(i) for i in items],
-        request_id=key,
-    )
-    try:
-        reply = await svc.state.call("CreateConversation", req)
-    except errors.ApiError as exc:
-        # Without a key, a retry after a call that may have been carried out could make a
-        # second conversation (README, "Retries").
-        exc.retry_header(retry_is_safe=bool(key))
-        raise
-    return JSONResponse(conversation_json(reply.conversation))
+        made = await new.create(key, f"conversation\x00{who}\x00{key}")
+        return _answer(made.conversation)
+    attempt = sdk_attempt(request)
+    if attempt is None:
+        # A request_id all the same, so that the router's own retries of the call (on
+        # UNAVAILABLE) never make a second conversation; the client's retry would.
+        return _answer((await new.create_fresh()).conversation)
+    # An official SDK's call: its retries send the same body, so the first attempt's request_id
+    # is derived from the tenant, the body and the time window (as for POST /v1/responses).
+    body_hash = hashlib.sha256(f"{who}\x00".encode() + raw).hexdigest()[:40]
+    window = int(time.time() // RETRY_WINDOW_S)
+
+    def request_id(w: int) -> str:
+        return f"{_SDK_PREFIX}{body_hash}:{w}"
+
+    if attempt > 0:
+        earlier = await new.made_by(request_id(window - 1))
+        if earlier is not None and new.untouched(earlier):
+            return _answer(earlier)
+    reply = await new.create(request_id(window), request_id(window))
+    if reply.replayed and (attempt == 0 or not new.untouched(reply.conversation)):
+        # A first attempt whose body an earlier call of the window already sent is a new
+        # conversation on purpose; and a conversation that was used since it was made is not the
+        # one a lost first attempt made (nobody got that one's id): both get one of their own.
+        reply = await new.create_fresh()
+    return _answer(reply.conversation)
+
+
+def _answer(conv: resources_pb2.Conversation) -> Response:
+    return JSONResponse(conversation_json(conv))
+
+
+class _NewConversation:
+    """The CreateConversation calls of one POST /v1/conversations."""
+
+    def __init__(
+        self,
+        svc: Services,
+        who: str,
+        metadata: dict[str, str],
+        items: list[dict[str, Any]],
+        minted: list[int],
+    ) -> None:
+        self.svc = svc
+        self.who = who
+        self.metadata = metadata
+        self.items = items
+        self.minted = minted
+
+    async def create(
+        self, request_id: str, seed: str
+    ) -> state_service_pb2.CreateConversationResponse:
+        """CreateConversation under ``request_id`` (one a retry of the request finds), the ids
+        the router mints derived from ``seed``."""
+        items = _with_ids(self.items, self.minted, seed)
+        return await self._call(request_id, items, retry_is_safe=True)
+
+    async def create_fresh(self) -> state_service_pb2.CreateConversationResponse:
+        """A new conversation under a request_id of its own: one that no retry finds."""
+        items = _with_new_ids(self.items, self.minted)
+        return await self._call(new_id("creq"), items, retry_is_safe=False)
+
+    async def _call(
+        self, request_id: str, items: list[dict[str, Any]], retry_is_safe: bool
+    ) -> state_service_pb2.CreateConversationResponse:
+        req = state_service_pb2.CreateConversationRequest(
+            tenant=self.who,
+            metadata=self.metadata,
+            items=[turn.item_to_proto(i) for i in items],
+            request_id=request_id,
+        )
+        try:
+            reply: state_service_pb2.CreateConversationResponse = await self.svc.state.call(
+                "CreateConversation", req
+            )
+        except errors.ApiError as exc:
+            # A retry that cannot find what this call may have made could make a second
+            # conversation (README, "Retries").
+            exc.retry_header(retry_is_safe=retry_is_safe)
+            raise
+        return reply
+
+    async def made_by(self, request_id: str) -> resources_pb2.Conversation | None:
+        """The conversation a CreateConversation call with ``request_id`` made, if any."""
+        try:
+            found = await self.svc.state.find(
+                "GetConversation",
+                state_service_pb2.GetConversationRequest(tenant=self.who, request_id=request_id),
+            )
+        except errors.ApiError as exc:
+            exc.retry_header(retry_is_safe=True)  # a read: nothing was written
+            raise
+        return None if found is None else found.conversation
+
+    def untouched(self, conv: resources_pb2.Conversation) -> bool:
+        """Whether ``conv`` is as this request would have made it: never appended to or updated
+        since, as a conversation whose id nobody got."""
+        return conv.version == len(self.items) and dict(conv.metadata) == self.metadata
 
 
 async def get_conversation(request: Request) -> Response:
@@ -265,12 +352,16 @@ async def create_items(request: Request) -> Response:
 
 
 async def _stored(svc: Services, who: str, cid: str, item_id: str) -> bool:
-    found = await svc.state.find(
-        "GetConversationItem",
-        state_service_pb2.GetConversationItemRequest(
-            tenant=who, conversation_id=cid, item_id=item_id
-        ),
-    )
+    try:
+        found = await svc.state.find(
+            "GetConversationItem",
+            state_service_pb2.GetConversationItemRequest(
+                tenant=who, conversation_id=cid, item_id=item_id
+            ),
+        )
+    except errors.ApiError as exc:
+        exc.retry_header(retry_is_safe=True)  # a read: nothing was written
+        raise
     return found is not None
 
 

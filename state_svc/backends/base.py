@@ -81,6 +81,8 @@ class Conversation:
 class CreatedConversation:
     conversation: Conversation
     items: Sequence[Item]
+    # True when the request_id was used before with the same content: nothing was written.
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +205,10 @@ class Backend(Protocol):
     ) -> CreatedConversation: ...
 
     async def get_conversation(self, tenant: str, conversation_id: str) -> Conversation: ...
+
+    async def get_conversation_by_request(self, tenant: str, request_id: str) -> Conversation:
+        """The live conversation that create_conversation made with ``request_id``."""
+        ...
 
     async def update_conversation(
         self, tenant: str, conversation_id: str, metadata: Mapping[str, str]
@@ -685,6 +691,16 @@ def conversation_not_found(conversation_id: str) -> ServiceError:
         "CONVERSATION_NOT_FOUND",
         f"conversation {conversation_id} not found",
         {"conversation_id": conversation_id},
+    )
+
+
+def request_not_found(request_id: str) -> ServiceError:
+    """No live conversation was created with ``request_id``."""
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "CONVERSATION_NOT_FOUND",
+        f"no conversation was created with request_id {request_id}",
+        {"request_id": request_id},
     )
 
 

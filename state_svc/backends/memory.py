@@ -351,7 +351,7 @@ class MemoryBackend:
                     raise base.request_id_conflict(request_id)
                 # The first call's result: its items got sequence 1..n at creation.
                 return CreatedConversation(
-                    first.public(), base.positioned(items, first.create_time_us)
+                    first.public(), base.positioned(items, first.create_time_us), replayed=True
                 )
         conv = _Conversation(
             tenant=tenant,
@@ -370,6 +370,13 @@ class MemoryBackend:
 
     async def get_conversation(self, tenant: str, conversation_id: str) -> Conversation:
         return self._conversation(tenant, conversation_id, base.now_us()).public()
+
+    async def get_conversation_by_request(self, tenant: str, request_id: str) -> Conversation:
+        first_id = self._requests.get((tenant, request_id))
+        conv = self._find_conversation(tenant, first_id, base.now_us()) if first_id else None
+        if conv is None:
+            raise base.request_not_found(request_id)
+        return conv.public()
 
     async def update_conversation(
         self, tenant: str, conversation_id: str, metadata: Mapping[str, str]

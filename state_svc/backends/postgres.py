@@ -666,7 +666,9 @@ ORDER BY i.seq DESC LIMIT $4
                     raise base.request_id_conflict(request_id)
                 first = _conversation(row)
                 # The first call's result: its items got sequence 1..n at creation.
-                return CreatedConversation(first, base.positioned(items, first.create_time_us))
+                return CreatedConversation(
+                    first, base.positioned(items, first.create_time_us), replayed=True
+                )
             if row is not None:
                 await conn.execute(f"DELETE FROM {s}.conversations WHERE pk = $1", row["pk"])
         conversation = Conversation(
@@ -704,6 +706,21 @@ ORDER BY i.seq DESC LIMIT $4
         )
         if row is None:
             raise base.conversation_not_found(conversation_id)
+        return _conversation(row)
+
+    async def get_conversation_by_request(self, tenant: str, request_id: str) -> Conversation:
+        row = await self._run(
+            _fetchrow,
+            f"""SELECT {_CONVERSATION_COLUMNS} FROM {self._s}.conversations
+            WHERE tenant = $1 AND request_id = $2 AND request_id <> ''
+                AND (expire_time_us IS NULL OR expire_time_us > $3)""",
+            tenant,
+            request_id,
+            base.now_us(),
+            write=False,
+        )
+        if row is None:
+            raise base.request_not_found(request_id)
         return _conversation(row)
 
     async def update_conversation(

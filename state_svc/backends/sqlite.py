@@ -703,7 +703,9 @@ class SqliteBackend:
                     raise base.request_id_conflict(request_id)
                 first = _conversation(row)
                 # The first call's result: its items got sequence 1..n at creation.
-                return CreatedConversation(first, base.positioned(items, first.create_time_us))
+                return CreatedConversation(
+                    first, base.positioned(items, first.create_time_us), replayed=True
+                )
             if row is not None:
                 conn.execute("DELETE FROM conversations WHERE pk = ?", (row[5],))
         conversation = Conversation(
@@ -733,6 +735,9 @@ class SqliteBackend:
 
     async def get_conversation(self, tenant: str, conversation_id: str) -> Conversation:
         return await self._read(_find_conversation, tenant, conversation_id)
+
+    async def get_conversation_by_request(self, tenant: str, request_id: str) -> Conversation:
+        return await self._read(_find_conversation_by_request, tenant, request_id)
 
     async def update_conversation(
         self, tenant: str, conversation_id: str, metadata: Mapping[str, str]
@@ -1228,6 +1233,19 @@ def _find_conversation(conn: sqlite3.Connection, tenant: str, conversation_id: s
     ).fetchone()
     if row is None:
         raise base.conversation_not_found(conversation_id)
+    return _conversation(row)
+
+
+def _find_conversation_by_request(
+    conn: sqlite3.Connection, tenant: str, request_id: str
+) -> Conversation:
+    row = conn.execute(
+        f"""SELECT {_CONVERSATION_COLUMNS} FROM conversations
+        WHERE tenant = :tenant AND request_id = :request_id AND request_id <> '' AND {LIVE}""",
+        {"tenant": tenant, "request_id": request_id, "now": base.now_us()},
+    ).fetchone()
+    if row is None:
+        raise base.request_not_found(request_id)
     return _conversation(row)
 
 

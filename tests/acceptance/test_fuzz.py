@@ -306,7 +306,7 @@ def test_ids_in_paths(http: httpx.Client, known: dict[str, str], rid: str, which
     }[which]
     for method, path in paths:
         check(http.request(method, path))
-    body = {"model": "m", "input": "x"}
+    body: dict[str, Any] = {"model": "m", "input": "x"}
     if which == "response":
         body["previous_response_id"] = rid
     elif which == "conversation":
@@ -314,6 +314,38 @@ def test_ids_in_paths(http: httpx.Client, known: dict[str, str], rid: str, which
     else:
         body["input"] = [{"type": "message", "role": "user", "content": "x", "id": rid}]
     check(http.post("/responses", json=body))
+
+
+not_a_string = json_value.filter(lambda v: v is not None and not isinstance(v, str))
+
+
+@settings(FUZZ, max_examples=60)
+@given(
+    before=st.lists(st.just({"type": "function", "name": "f"}), max_size=2),
+    kind=st.sampled_from(["function", "custom"]),
+    name=not_a_string,
+    stream=st.booleans(),
+)
+def test_allowed_tools_with_a_name_that_is_not_a_string(
+    http: httpx.Client, before: list[dict[str, Any]], kind: str, name: Any, stream: bool
+) -> None:
+    # Not merely below 500: a 400 naming the entry's name.
+    choice = {
+        "type": "allowed_tools",
+        "mode": "auto",
+        "tools": [*before, {"type": kind, "name": name}],
+    }
+    body = {
+        "model": "m",
+        "input": "x",
+        "tools": [{"type": "function", "name": "f"}],
+        "tool_choice": choice,
+        "stream": stream,
+    }
+    r = http.post("/responses", content=orjson.dumps(body), headers=JSON)
+    check(r)
+    assert r.status_code == 400, r.content[:300]
+    assert r.json()["error"]["param"] == f"tool_choice.tools[{len(before)}].name"
 
 
 def raw_post(stack: Stack, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:

@@ -756,6 +756,15 @@ _F = {"type": "function", "name": "f"}
         "required",
         {"type": "function", "name": "f"},
         {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "f"}]},
+        {
+            "type": "allowed_tools",
+            "mode": "auto",
+            "tools": [
+                {"type": "function", "name": "f"},
+                {"type": "mcp", "server_label": "deepwiki"},
+                {"type": "image_generation"},
+            ],
+        },
         {"type": "file_search"},
         {"type": "code_interpreter"},
         {"type": "mcp", "server_label": "s"},
@@ -788,7 +797,30 @@ def test_valid_tool_choices(choice: Any) -> None:
             "tool_choice.tools",
         ),
         ({"type": "mcp"}, "missing_required_parameter", "tool_choice.server_label"),
+        ({"type": "mcp", "server_label": "s", "name": 5}, "invalid_type", "tool_choice.name"),
         ({"type": "telepathy"}, "invalid_value", "tool_choice.type"),
+        *(
+            (
+                {"type": "allowed_tools", "mode": "auto", "tools": [_F, entry]},
+                code,
+                f"tool_choice.tools[1]{param}",
+            )
+            for entry, code, param in [
+                ({"type": "function", "name": 5}, "invalid_type", ".name"),
+                ({"type": "function", "name": ["f"]}, "invalid_type", ".name"),
+                ({"type": "custom", "name": {"n": "f"}}, "invalid_type", ".name"),
+                ({"type": "function"}, "missing_required_parameter", ".name"),
+                ({"name": "f"}, "missing_required_parameter", ".type"),
+                ({"type": 5, "name": "f"}, "invalid_type", ".type"),
+                ({"type": ["function"]}, "invalid_type", ".type"),
+                ({"type": "telepathy"}, "invalid_value", ".type"),
+                ({"type": "mcp"}, "missing_required_parameter", ".server_label"),
+                ({"type": "mcp", "server_label": 5}, "invalid_type", ".server_label"),
+                ({"type": "image_generation", "name": 1.5}, "invalid_type", ".name"),
+                ("f", "invalid_type", ""),
+                (None, "invalid_type", ""),
+            ]
+        ),
     ],
 )
 def test_invalid_tool_choices(choice: Any, code: str, param: str) -> None:
@@ -1232,7 +1264,8 @@ def test_a_call_output_may_answer_a_call_in_the_history(history: dict[str, str])
 
 
 def test_tool_choice_required_needs_tools() -> None:
-    for tools in ({}, {"tools": []}, {"tools": None}):
+    nothing: tuple[dict[str, Any], ...] = ({}, {"tools": []}, {"tools": None})
+    for tools in nothing:
         error = rejected({"model": "m", "input": "x", "tool_choice": "required", **tools})
         assert (error.message, error.param, error.code) == (
             "Tool choice 'required' must be specified with 'tools' parameter.",

@@ -446,6 +446,8 @@ async def test_create_conversation_request_id(client: Client) -> None:
             tenant=TENANT, items=items, request_id="req-1", metadata={"k": "v"}
         )
     )
+    assert not first.replayed and again.replayed
+    again.replayed = False
     assert again == first
     err = await fails(
         client.stub.CreateConversation(
@@ -455,6 +457,75 @@ async def test_create_conversation_request_id(client: Client) -> None:
     assert_error(err, grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_CONFLICT", request_id="req-1")
     ids = {await client.conversation(items) for _ in range(3)}
     assert len(ids) == 3 and first.conversation.id not in ids
+    assert len(await client.conversation_items(first.conversation.id)) == 2
+
+
+async def test_a_replayed_create_returns_the_conversation_as_it_is_now(client: Client) -> None:
+    request = pb.CreateConversationRequest(
+        tenant=TENANT, items=[item("a")], request_id="req-now", metadata={"k": "v"}
+    )
+    first = await client.stub.CreateConversation(request)
+    conv = first.conversation.id
+    await client.append(conv, [item("b")])
+    await client.stub.UpdateConversation(
+        pb.UpdateConversationRequest(tenant=TENANT, conversation_id=conv, metadata={"k": "w"})
+    )
+    again = await client.stub.CreateConversation(request)
+    assert again.replayed and again.conversation.id == conv
+    assert again.conversation.version == 2
+    assert dict(again.conversation.metadata) == {"k": "w"}
+    assert [(i.id, i.sequence) for i in again.items] == [("a", 1)]
+    assert [i.id for i in await client.conversation_items(conv)] == ["a", "b"]
+
+
+async def test_concurrent_creates_with_one_request_id_make_one_conversation(
+    client: Client,
+) -> None:
+    request = pb.CreateConversationRequest(tenant=TENANT, items=[item("a")], request_id="req-c")
+    replies = await asyncio.gather(*(client.stub.CreateConversation(request) for _ in range(8)))
+    assert len({r.conversation.id for r in replies}) == 1
+    assert sum(not r.replayed for r in replies) == 1
+
+
+async def test_get_conversation_by_request_id(client: Client) -> None:
+    made = await client.stub.CreateConversation(
+        pb.CreateConversationRequest(tenant=TENANT, request_id="req-get", metadata={"k": "v"})
+    )
+    got = await client.stub.GetConversation(
+        pb.GetConversationRequest(tenant=TENANT, request_id="req-get")
+    )
+    assert got.conversation == made.conversation
+    missing = await fails(
+        client.stub.GetConversation(pb.GetConversationRequest(tenant=TENANT, request_id="req-no"))
+    )
+    assert_error(missing, NOT_FOUND, "CONVERSATION_NOT_FOUND", request_id="req-no")
+    # Another tenant's request_id is not found either.
+    other = await fails(
+        client.stub.GetConversation(pb.GetConversationRequest(tenant="other", request_id="req-get"))
+    )
+    assert_error(other, NOT_FOUND, "CONVERSATION_NOT_FOUND")
+    both = await fails(
+        client.stub.GetConversation(
+            pb.GetConversationRequest(
+                tenant=TENANT, conversation_id=made.conversation.id, request_id="req-get"
+            )
+        )
+    )
+    assert_error(both, INVALID_ARGUMENT, "INVALID_ARGUMENT", field="request_id")
+    neither = await fails(client.stub.GetConversation(pb.GetConversationRequest(tenant=TENANT)))
+    assert_error(neither, INVALID_ARGUMENT, "INVALID_ARGUMENT", field="conversation_id")
+    # Once the conversation is deleted, its request_id finds nothing and creates a new one.
+    await client.stub.DeleteConversation(
+        pb.DeleteConversationRequest(tenant=TENANT, conversation_id=made.conversation.id)
+    )
+    gone = await fails(
+        client.stub.GetConversation(pb.GetConversationRequest(tenant=TENANT, request_id="req-get"))
+    )
+    assert_error(gone, NOT_FOUND, "CONVERSATION_NOT_FOUND")
+    new = await client.stub.CreateConversation(
+        pb.CreateConversationRequest(tenant=TENANT, request_id="req-get", metadata={"k": "v"})
+    )
+    assert not new.replayed and new.conversation.id != made.conversation.id
 
 
 async def test_conversation_metadata_and_delete(client: Client) -> None:

@@ -122,6 +122,7 @@ async def exercise(backend: Backend) -> None:
     # Items by id: in responses (preloaded and new), in conversations, and not at all.
     await backend.get_items(t, ["fill_7-0", "q_3-in", "c-2", "c-1", "nope"])
     await backend.get_conversation(t, conv)
+    await backend.get_conversation_by_request(t, "req-1")
     await backend.update_conversation(t, conv, {"c": "d"})
     await backend.delete_item(t, conv, "c-2")
     await backend.delete_response(t, "q_1")

@@ -425,7 +425,9 @@ class CreateConversationRequest(_message.Message):
     tenant: _builtins.str
     """The tenant. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
     request_id: _builtins.str
-    """A caller-chosen id that makes the call idempotent (see the RPC). Empty means not idempotent."""
+    """A caller-chosen id, unique per tenant, that makes the call idempotent (see the RPC). Empty
+    means not idempotent: every such call creates a conversation.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Up to 16 metadata pairs. Empty means none."""
@@ -458,9 +460,16 @@ class CreateConversationResponse(_message.Message):
 
     CONVERSATION_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when nothing was written because request_id was used before with the same content: the
+    conversation is the one the first call made. False when this call created it.
+    """
     @_builtins.property
     def conversation(self) -> _resources_pb2.Conversation:
-        """The conversation, with its server-set id."""
+        """The conversation, with its server-set id (on a replay, the first call's conversation as it
+        is now).
+        """
 
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Item]:
@@ -471,10 +480,11 @@ class CreateConversationResponse(_message.Message):
         *,
         conversation: _resources_pb2.Conversation | None = ...,
         items: _abc.Iterable[_resources_pb2.Item] | None = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "items", b"items"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "items", b"items", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -488,19 +498,27 @@ class GetConversationRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """The tenant. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
     conversation_id: _builtins.str
-    """The conversation. Required."""
+    """The conversation. Required unless request_id is set; setting both is INVALID_ARGUMENT."""
+    request_id: _builtins.str
+    """Finds the conversation that a CreateConversation call with this request_id made (for a caller
+    that must learn whether an earlier attempt of its call was carried out, without creating
+    anything). Empty means look up by conversation_id. Returns NOT_FOUND
+    (CONVERSATION_NOT_FOUND) when no live conversation of the tenant was made with it.
+    """
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         conversation_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

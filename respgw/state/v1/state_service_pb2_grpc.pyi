@@ -157,14 +157,26 @@ class StateServiceStub:
     CreateConversation: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.CreateConversationRequest, _state_service_pb2.CreateConversationResponse]
     """Creates a conversation, optionally with initial items (sequence 1, 2, ... in the given order).
 
-    Idempotent on request_id: a replay with the same request_id and content returns the first
-    conversation; the same request_id with different content is ALREADY_EXISTS
-    (REQUEST_ID_CONFLICT). Without a request_id every call creates a new conversation.
+    Idempotent on request_id (AIP-155): a call whose request_id the tenant already used for a
+    conversation that still exists, with the same content (metadata and items, compared as stored),
+    is a replay: it writes nothing and returns the first call's conversation as it is now (its
+    current metadata and version) with its initial items, and sets replayed. The same request_id
+    with different content is ALREADY_EXISTS (REQUEST_ID_CONFLICT) and writes nothing; it is not
+    retryable, the caller reports a misused key. Two calls with one request_id at once create one
+    conversation. A request_id is remembered as long as its conversation lives: after the
+    conversation was deleted or expired, the request_id creates a new one.
+
+    The IDEMPOTENT level holds for calls that carry a request_id, and callers are expected to
+    always send one (the router does: the client's Idempotency-Key, a key derived from an SDK
+    call, or a fresh random id). A call without a request_id creates a new conversation every
+    time, so a caller that sends none must not retry it after an unknown outcome.
+
     Returns INVALID_ARGUMENT for more than 16 metadata pairs or an item without id or JSON.
     """
     GetConversation: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetConversationRequest, _state_service_pb2.GetConversationResponse]
-    """Returns one conversation. Returns NOT_FOUND (CONVERSATION_NOT_FOUND) when it does not exist
-    for the tenant.
+    """Returns one conversation, named by its id or by the request_id of the CreateConversation call
+    that made it. Returns NOT_FOUND (CONVERSATION_NOT_FOUND) when it does not exist for the
+    tenant, and INVALID_ARGUMENT when neither or both of conversation_id and request_id are set.
     """
     UpdateConversation: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.UpdateConversationRequest, _state_service_pb2.UpdateConversationResponse]
     """Replaces a conversation's metadata. Replaying it is harmless. Returns NOT_FOUND
@@ -501,14 +513,26 @@ class StateServiceAsyncStub(StateServiceStub):
     CreateConversation: _aio.UnaryUnaryMultiCallable[_state_service_pb2.CreateConversationRequest, _state_service_pb2.CreateConversationResponse]  # type: ignore[assignment]
     """Creates a conversation, optionally with initial items (sequence 1, 2, ... in the given order).
 
-    Idempotent on request_id: a replay with the same request_id and content returns the first
-    conversation; the same request_id with different content is ALREADY_EXISTS
-    (REQUEST_ID_CONFLICT). Without a request_id every call creates a new conversation.
+    Idempotent on request_id (AIP-155): a call whose request_id the tenant already used for a
+    conversation that still exists, with the same content (metadata and items, compared as stored),
+    is a replay: it writes nothing and returns the first call's conversation as it is now (its
+    current metadata and version) with its initial items, and sets replayed. The same request_id
+    with different content is ALREADY_EXISTS (REQUEST_ID_CONFLICT) and writes nothing; it is not
+    retryable, the caller reports a misused key. Two calls with one request_id at once create one
+    conversation. A request_id is remembered as long as its conversation lives: after the
+    conversation was deleted or expired, the request_id creates a new one.
+
+    The IDEMPOTENT level holds for calls that carry a request_id, and callers are expected to
+    always send one (the router does: the client's Idempotency-Key, a key derived from an SDK
+    call, or a fresh random id). A call without a request_id creates a new conversation every
+    time, so a caller that sends none must not retry it after an unknown outcome.
+
     Returns INVALID_ARGUMENT for more than 16 metadata pairs or an item without id or JSON.
     """
     GetConversation: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetConversationRequest, _state_service_pb2.GetConversationResponse]  # type: ignore[assignment]
-    """Returns one conversation. Returns NOT_FOUND (CONVERSATION_NOT_FOUND) when it does not exist
-    for the tenant.
+    """Returns one conversation, named by its id or by the request_id of the CreateConversation call
+    that made it. Returns NOT_FOUND (CONVERSATION_NOT_FOUND) when it does not exist for the
+    tenant, and INVALID_ARGUMENT when neither or both of conversation_id and request_id are set.
     """
     UpdateConversation: _aio.UnaryUnaryMultiCallable[_state_service_pb2.UpdateConversationRequest, _state_service_pb2.UpdateConversationResponse]  # type: ignore[assignment]
     """Replaces a conversation's metadata. Replaying it is harmless. Returns NOT_FOUND
@@ -872,9 +896,20 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_state_service_pb2.CreateConversationResponse, _abc.Awaitable[_state_service_pb2.CreateConversationResponse]]:
         """Creates a conversation, optionally with initial items (sequence 1, 2, ... in the given order).
 
-        Idempotent on request_id: a replay with the same request_id and content returns the first
-        conversation; the same request_id with different content is ALREADY_EXISTS
-        (REQUEST_ID_CONFLICT). Without a request_id every call creates a new conversation.
+        Idempotent on request_id (AIP-155): a call whose request_id the tenant already used for a
+        conversation that still exists, with the same content (metadata and items, compared as stored),
+        is a replay: it writes nothing and returns the first call's conversation as it is now (its
+        current metadata and version) with its initial items, and sets replayed. The same request_id
+        with different content is ALREADY_EXISTS (REQUEST_ID_CONFLICT) and writes nothing; it is not
+        retryable, the caller reports a misused key. Two calls with one request_id at once create one
+        conversation. A request_id is remembered as long as its conversation lives: after the
+        conversation was deleted or expired, the request_id creates a new one.
+
+        The IDEMPOTENT level holds for calls that carry a request_id, and callers are expected to
+        always send one (the router does: the client's Idempotency-Key, a key derived from an SDK
+        call, or a fresh random id). A call without a request_id creates a new conversation every
+        time, so a caller that sends none must not retry it after an unknown outcome.
+
         Returns INVALID_ARGUMENT for more than 16 metadata pairs or an item without id or JSON.
         """
 
@@ -884,8 +919,9 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _state_service_pb2.GetConversationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_state_service_pb2.GetConversationResponse, _abc.Awaitable[_state_service_pb2.GetConversationResponse]]:
-        """Returns one conversation. Returns NOT_FOUND (CONVERSATION_NOT_FOUND) when it does not exist
-        for the tenant.
+        """Returns one conversation, named by its id or by the request_id of the CreateConversation call
+        that made it. Returns NOT_FOUND (CONVERSATION_NOT_FOUND) when it does not exist for the
+        tenant, and INVALID_ARGUMENT when neither or both of conversation_id and request_id are set.
         """
 
     @_abc_1.abstractmethod
