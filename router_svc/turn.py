@@ -33,7 +33,7 @@ import orjson
 
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import bootstrap, errors, hub, stream, tools, translate, validate
+from router_svc import bootstrap, errors, hub, running, stream, tools, translate, validate
 from router_svc.history_cache import Chain, HistoryCache
 from router_svc.http import shown_id, valid_id
 from router_svc.ids import new_id
@@ -77,6 +77,9 @@ class Turn:
     # is not encoded twice.
     stored_response: dict[str, Any] | None = None
     stored_json: bytes = b""
+    # A streamed turn's running form, stored beside the stream (router_svc.running); None when
+    # it is not (not streamed, not stored, or --store-running-streams off).
+    running_put: running.Running | None = None
 
     def json_of(self, response: dict[str, Any]) -> bytes:
         """``response`` as JSON: the stored bytes when it is the response just stored."""
@@ -196,6 +199,12 @@ def _retry_id(auto_key: str) -> str:
     return _digest_id(f"retry\x00{auto_key}")
 
 
+def _streaming(response: Mapping[str, Any]) -> bool:
+    """True for the running form of a streamed foreground turn (router_svc.running): a request
+    that finds it runs on its own, as it did before running turns were stored."""
+    return response.get("status") == "in_progress" and not response.get("background")
+
+
 def idempotency_key_reused() -> errors.InvalidRequest:
     return errors.InvalidRequest(
         "This Idempotency-Key was already used for a request with other content.",
@@ -208,7 +217,7 @@ async def find_first(svc: Services, tenant: str, ident: Identity) -> dict[str, A
     first attempt of an SDK call), if any; a 400 for an Idempotency-Key used with another body."""
     for key in ident.lookup:
         first = await find_idempotent(svc, tenant, key)
-        if first is None:
+        if first is None or _streaming(first):
             continue
         if ident.kind == "explicit" and first.get("id") not in ident.accepted_ids:
             raise idempotency_key_reused()
@@ -385,8 +394,11 @@ async def store(
     events: list[dict[str, Any]] | None = None,
     *,
     in_progress: bool = False,
+    keep_output: bool = True,
 ) -> dict[str, Any]:
     """Step 5: stores the turn (when ``store`` is true) and returns the response to answer.
+    Without ``keep_output`` the response's output is shown (GET) but not stored as the turn's
+    output items, so that no later turn builds on it.
 
     On a replay (the turn's key was used by a turn stored meanwhile) the first response is
     returned instead; with an Idempotency-Key, a first response with another body is a 400. A
@@ -400,7 +412,7 @@ async def store(
         previous_response_id=turn.req.previous_response_id or "",
         conversation_id=turn.req.conversation_id or "",
         input_items=[item_to_proto(i) for i in turn.req.input_items],
-        output_items=[item_to_proto(i) for i in response.get("output", [])],
+        output_items=[item_to_proto(i) for i in response.get("output", [])] if keep_output else [],
         response_json=orjson.dumps(response),
         idempotency_key=turn.idempotency_key,
         stream_events_json=orjson.dumps(events) if events else b"",
@@ -439,12 +451,17 @@ async def store(
             turn.tenant, turn.idempotency_key
         ):
             raise idempotency_key_reused()
-        if turn.key_kind == "first" and reply.response.id != _retry_id(turn.idempotency_key):
+        if (turn.key_kind == "first" and reply.response.id != _retry_id(turn.idempotency_key)) or (
+            turn.key_kind == "retry" and not turn.req.background and _streaming(first)
+        ):
             # An identical request stored earlier in the window, not a retry of this one (which
             # would have the retry id): a client asking the same on purpose gets a turn of its
-            # own, stored without the key.
+            # own, stored without the key. So does a retry whose first attempt is still
+            # streaming (stored as running): both are stored.
             turn.idempotency_key, turn.key_kind = "", ""
-            return await store(svc, turn, response, events, in_progress=in_progress)
+            return await store(
+                svc, turn, response, events, in_progress=in_progress, keep_output=keep_output
+            )
         return first
     if svc.history_cache is not None and not in_progress and not reply.replayed:
         _remember(svc.history_cache, turn, stored, reply)
@@ -690,6 +707,8 @@ async def _pump(
             queue.put_nowait(stream.sse_encode(event))
 
     push(translator.start())
+    if not buffered:
+        _announce_running(svc, turn, sent)
     chunks: AsyncIterator[dict[str, Any]] | None = None
     try:
         # Inside the try: a request the translation refuses ends the stream like a hub failure.
@@ -745,9 +764,17 @@ async def _pump(
         raise
     finally:
         queue.put_nowait(_END)
+        if turn.running_put is not None:
+            turn.running_put.stop()
         if chunks is not None:
             await _close(chunks)
     return outcome
+
+
+def _announce_running(svc: Services, turn: Turn, sent: list[dict[str, Any]]) -> None:
+    """Stores the turn as in progress beside the stream, from its response.created."""
+    if sent and sent[0]["type"] == "response.created" and svc.settings.store_running_streams:
+        turn.running_put = running.announce(svc, turn, sent[0]["response"])
 
 
 def _shut_down(turn: Turn) -> dict[str, Any]:
@@ -756,14 +783,16 @@ def _shut_down(turn: Turn) -> dict[str, Any]:
 
 
 async def _store_failed(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
-    """A background turn's failure is kept (it is retrievable as failed); any other failed turn
-    stores nothing."""
-    if not turn.req.background:
+    """The failure of a background turn, or of a streamed turn stored as running, is kept (it is
+    retrievable as failed, never left in progress); any other failed turn stores nothing. The
+    partial output of a failed foreground stream is shown but not stored as output items, so no
+    later turn builds on it."""
+    if not turn.req.background and turn.running_put is None:
         return
     try:
-        await store(svc, turn, response)
+        await store(svc, turn, response, keep_output=turn.req.background)
     except errors.ApiError as exc:
-        log.error("failed background response could not be stored", extra={"code": exc.code})
+        log.error("failed response could not be stored", extra={"code": exc.code})
 
 
 async def _close(chunks: AsyncIterator[dict[str, Any]]) -> None:
