@@ -145,6 +145,39 @@ async def _hold(svc: Services, request: state_service_pb2.EnqueueBackgroundRespo
             return
 
 
+# The longest a request waits for the streamed first attempt it retries (stored as running) to
+# end, before it runs on its own.
+RETRY_WAIT_S = 300.0
+
+
+def unfinished_stream(response: dict[str, Any]) -> bool:
+    """True for a streamed foreground turn stored as running, or as failed (its hub or its router
+    failed): the first attempt of a request that a retry must not simply be answered with."""
+    return not response.get("background") and response.get("status") in ("in_progress", "failed")
+
+
+async def when_done(
+    svc: Services, tenant: str, response: dict[str, Any], *, timeout_s: float = RETRY_WAIT_S
+) -> dict[str, Any]:
+    """``response`` once it is no longer running (read again and again, less often as time goes
+    by: a stream whose router stopped is stored as failed within its lease), or as it is after
+    ``timeout_s`` or once deleted."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    delay = 0.05
+    while response.get("status") == "in_progress" and loop.time() < deadline:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+        found = await svc.state.find(
+            "GetResponse",
+            state_service_pb2.GetResponseRequest(tenant=tenant, response_id=str(response["id"])),
+        )
+        if found is None:
+            break
+        response = orjson.loads(found.response.response_json)
+    return response
+
+
 def is_foreground(job: resources_pb2.BackgroundJob) -> bool:
     """True for the job of a running foreground stream (never run again, only finished)."""
     return job.spec == FOREGROUND_SPEC

@@ -199,12 +199,6 @@ def _retry_id(auto_key: str) -> str:
     return _digest_id(f"retry\x00{auto_key}")
 
 
-def _streaming(response: Mapping[str, Any]) -> bool:
-    """True for the running form of a streamed foreground turn (router_svc.running): a request
-    that finds it runs on its own, as it did before running turns were stored."""
-    return response.get("status") == "in_progress" and not response.get("background")
-
-
 def idempotency_key_reused() -> errors.InvalidRequest:
     return errors.InvalidRequest(
         "This Idempotency-Key was already used for a request with other content.",
@@ -217,7 +211,14 @@ async def find_first(svc: Services, tenant: str, ident: Identity) -> dict[str, A
     first attempt of an SDK call), if any; a 400 for an Idempotency-Key used with another body."""
     for key in ident.lookup:
         first = await find_idempotent(svc, tenant, key)
-        if first is None or _streaming(first):
+        if first is not None and running.unfinished_stream(first):
+            # A first attempt still streaming answers this one once it ended; one that failed
+            # does not answer an SDK's retry, which runs on its own.
+            first = await running.when_done(svc, tenant, first)
+            status = first.get("status")
+            if status == "in_progress" or (status == "failed" and ident.kind == "retry"):
+                continue
+        if first is None:
             continue
         if ident.kind == "explicit" and first.get("id") not in ident.accepted_ids:
             raise idempotency_key_reused()
@@ -451,13 +452,20 @@ async def store(
             turn.tenant, turn.idempotency_key
         ):
             raise idempotency_key_reused()
-        if (turn.key_kind == "first" and reply.response.id != _retry_id(turn.idempotency_key)) or (
-            turn.key_kind == "retry" and not turn.req.background and _streaming(first)
-        ):
+        if turn.key_kind == "retry" and running.unfinished_stream(first):
+            # The first attempt of this SDK call is streaming (stored as running): it answers
+            # this retry once it ended, unless it failed; then this retry is stored on its own.
+            first = await running.when_done(svc, turn.tenant, first)
+            if first.get("status") not in ("in_progress", "failed"):
+                return first
+            turn.idempotency_key, turn.key_kind = "", ""
+            return await store(
+                svc, turn, response, events, in_progress=in_progress, keep_output=keep_output
+            )
+        if turn.key_kind == "first" and reply.response.id != _retry_id(turn.idempotency_key):
             # An identical request stored earlier in the window, not a retry of this one (which
             # would have the retry id): a client asking the same on purpose gets a turn of its
-            # own, stored without the key. So does a retry whose first attempt is still
-            # streaming (stored as running): both are stored.
+            # own, stored without the key.
             turn.idempotency_key, turn.key_kind = "", ""
             return await store(
                 svc, turn, response, events, in_progress=in_progress, keep_output=keep_output

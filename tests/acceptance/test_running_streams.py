@@ -193,7 +193,7 @@ def test_a_router_killed_mid_stream_leaves_a_failed_response(
     routers: Cluster, hub: FakeHub
 ) -> None:
     hub.enqueue(Reply(text=SLOW + " " + SLOW, chunk_delay_s=0.1))
-    a, b = routers.clients
+    b = routers.clients[1]
     with httpx.Client(timeout=20) as http:
         with http.stream(
             "POST",
@@ -228,9 +228,60 @@ def test_a_finished_stream_is_never_taken_over(routers: Cluster, hub: FakeHub) -
     a, b = routers.clients
     hub.enqueue(Reply(text="done soon"))
     with a.responses.create(model="m", input="x", stream=True) as stream:
-        response_id = [e.model_dump() for e in stream][0]["response"]["id"]
+        events = [e.model_dump() for e in stream]
+    response_id = events[0]["response"]["id"]
     time.sleep(LEASE_S + 4 * SCAN_S)  # its job's lease ran out: no router may claim it
     done = b.responses.retrieve(response_id)
     assert done.status == "completed" and done.output_text == "done soon"
     metrics = httpx.get(f"http://127.0.0.1:{routers.ports[1]}/metrics").text
     assert "\nrespgw_router_abandoned_streams_total 0.0\n" in metrics
+
+
+# --- retries of a streamed first attempt ------------------------------------------------------
+
+
+def sse_events(body: bytes) -> list[dict[str, Any]]:
+    return [
+        json.loads(line[6:])
+        for line in body.decode().splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+
+
+def test_a_retry_waits_for_the_first_attempt_still_streaming(stack: Stack, hub: FakeHub) -> None:
+    # The first attempt's client goes away after response.created (as when the SDK gives up on
+    # it); the router streams it on, stored as running. The SDK's retry finds it running, waits
+    # for its end and is answered with it: the model is called once, one turn is stored.
+    hub.enqueue(Reply(text=SLOW, chunk_delay_s=0.02))
+    body = {"model": "m", "input": "once", "stream": True}
+    url = f"{stack.url}/responses"
+    with httpx.Client(timeout=20) as http:
+        with http.stream("POST", url, json=body, headers={"x-stainless-retry-count": "0"}) as r:
+            first = next(line for line in r.iter_lines() if line.startswith("data: "))
+        first_id = json.loads(first[6:])["response"]["id"]
+        wait_stored(stack.client(), first_id, "in_progress")
+        retry = http.post(url, json=body, headers={"x-stainless-retry-count": "1"})
+    events = sse_events(retry.content)
+    assert events[-1]["type"] == "response.completed"
+    assert events[-1]["response"]["id"] == first_id
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == SLOW
+    assert len(hub.chat_requests()) == 1
+
+
+def test_a_retry_of_a_failed_stream_makes_its_own_turn(stack: Stack, hub: FakeHub) -> None:
+    hub.enqueue(Reply(status=500))
+    body = {"model": "m", "input": "try again", "stream": True}
+    url = f"{stack.url}/responses"
+    with httpx.Client(timeout=20) as http:
+        first = sse_events(
+            http.post(url, json=body, headers={"x-stainless-retry-count": "0"}).content
+        )
+        first_id = first[0]["response"]["id"]
+        wait_stored(stack.client(), first_id, "failed")
+        retry = sse_events(
+            http.post(url, json=body, headers={"x-stainless-retry-count": "1"}).content
+        )
+    assert retry[-1]["type"] == "response.completed"
+    assert retry[-1]["response"]["id"] != first_id
+    assert stack.client().responses.retrieve(retry[-1]["response"]["id"]).status == "completed"
+    assert stack.client().responses.retrieve(first_id).status == "failed"
