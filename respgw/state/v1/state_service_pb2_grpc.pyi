@@ -105,8 +105,9 @@ class StateServiceStub:
     another stored response of the tenant stores nothing and returns that response with replayed
     set.
 
-    A running turn (in_progress set, for a background response) is stored and retrievable, but its
-    items are not appended to its conversation yet, and nothing can build on it. A later PutTurn
+    A running turn (in_progress set: a background response, or a turn being streamed) is stored
+    and retrievable, but its items are not appended to its conversation yet, and nothing can build
+    on it. A later PutTurn
     with the same id replaces a stored running turn whole (response_json, items, stream events,
     in_progress) instead of being compared with it, keeping its create_time, expire_time and
     idempotency_key; its previous_response_id and conversation_id must be unchanged
@@ -427,8 +428,9 @@ class StateServiceAsyncStub(StateServiceStub):
     another stored response of the tenant stores nothing and returns that response with replayed
     set.
 
-    A running turn (in_progress set, for a background response) is stored and retrievable, but its
-    items are not appended to its conversation yet, and nothing can build on it. A later PutTurn
+    A running turn (in_progress set: a background response, or a turn being streamed) is stored
+    and retrievable, but its items are not appended to its conversation yet, and nothing can build
+    on it. A later PutTurn
     with the same id replaces a stored running turn whole (response_json, items, stream events,
     in_progress) instead of being compared with it, keeping its create_time, expire_time and
     idempotency_key; its previous_response_id and conversation_id must be unchanged
@@ -752,8 +754,9 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         another stored response of the tenant stores nothing and returns that response with replayed
         set.
 
-        A running turn (in_progress set, for a background response) is stored and retrievable, but its
-        items are not appended to its conversation yet, and nothing can build on it. A later PutTurn
+        A running turn (in_progress set: a background response, or a turn being streamed) is stored
+        and retrievable, but its items are not appended to its conversation yet, and nothing can build
+        on it. A later PutTurn
         with the same id replaces a stored running turn whole (response_json, items, stream events,
         in_progress) instead of being compared with it, keeping its create_time, expire_time and
         idempotency_key; its previous_response_id and conversation_id must be unchanged
