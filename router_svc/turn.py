@@ -586,7 +586,8 @@ async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
     ``response.failed``. The hub is read by a task of its own: if the client goes away
     mid-stream, the task still reads the hub to the end and stores the turn (the turn is not
     lost). The terminal event (``response.completed``) is sent only after the turn was stored,
-    so a request chained on it right away finds it; ``data: [DONE]`` follows it.
+    so a request chained on it right away finds it; ``data: [DONE]`` follows it. Meanwhile the
+    turn is retrievable as ``in_progress`` (router_svc.running), and a failure is stored then.
     """
     translator = _translator(svc, turn)
     queue: asyncio.Queue[object] = asyncio.Queue()
