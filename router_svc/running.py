@@ -14,8 +14,8 @@ turn is stored with EnqueueBackgroundResponse as a job this router holds by a le
 (``--running-stream-lease-s``), renewed every third of it while the stream runs; its spec
 (:data:`FOREGROUND_SPEC`) says it is a foreground stream. The model is never run again for it: a
 router that claims such a job (its lease ran out: the router streaming it stopped) stores it as
-failed (:func:`finish_abandoned`). The final PutTurn needs none of this (a job whose response is
-final is never claimed).
+failed (:func:`finish_abandoned`). The final PutTurn needs none of this: it finishes the job
+(see PutTurn), which is then never claimed and no longer counts toward the background caps.
 
 Off with ``--store-running-streams false``: a streamed turn is then stored only at its end.
 """
@@ -214,8 +214,8 @@ async def finish_abandoned(svc: Services, job: resources_pb2.BackgroundJob) -> N
             ),
         )
     except errors.ApiError as exc:
-        # The stream's own final turn landed first (LEASE_LOST is not raised for it: the
-        # response is no longer running), or the response was deleted: nothing to finish.
+        # The stream's own final turn landed first (it finished the job: LEASE_LOST), or the
+        # response was deleted: nothing to finish.
         log.info(
             "abandoned stream not stored as failed",
             extra={"response_id": job.response_id, "code": exc.code},

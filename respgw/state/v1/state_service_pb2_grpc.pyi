@@ -114,7 +114,11 @@ class StateServiceStub:
     (INVALID_ARGUMENT otherwise). When the replacing turn is final, its items are appended to the
     conversation then (and expected_conversation_version is checked then). A final turn is never
     replaced: the replay and conflict rules above apply, so a turn that one caller finished (for
-    example as cancelled) cannot be overwritten by another.
+    example as cancelled) cannot be overwritten by another. A final turn that replaces a running
+    turn with a background job also finishes the job, leaving its event log as it is: no claim
+    takes it again, it no longer counts toward the caps of EnqueueBackgroundResponse, and every
+    later write with any of its lease tokens is refused (LEASE_LOST). So a caller that holds a
+    job may finish it with PutTurn (a router does so for a turn it streams itself).
 
     Returns INVALID_ARGUMENT for a missing id, missing response_json, an item without id or JSON,
     or both previous_response_id and conversation_id set; NOT_FOUND
@@ -437,7 +441,11 @@ class StateServiceAsyncStub(StateServiceStub):
     (INVALID_ARGUMENT otherwise). When the replacing turn is final, its items are appended to the
     conversation then (and expected_conversation_version is checked then). A final turn is never
     replaced: the replay and conflict rules above apply, so a turn that one caller finished (for
-    example as cancelled) cannot be overwritten by another.
+    example as cancelled) cannot be overwritten by another. A final turn that replaces a running
+    turn with a background job also finishes the job, leaving its event log as it is: no claim
+    takes it again, it no longer counts toward the caps of EnqueueBackgroundResponse, and every
+    later write with any of its lease tokens is refused (LEASE_LOST). So a caller that holds a
+    job may finish it with PutTurn (a router does so for a turn it streams itself).
 
     Returns INVALID_ARGUMENT for a missing id, missing response_json, an item without id or JSON,
     or both previous_response_id and conversation_id set; NOT_FOUND
@@ -763,7 +771,11 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         (INVALID_ARGUMENT otherwise). When the replacing turn is final, its items are appended to the
         conversation then (and expected_conversation_version is checked then). A final turn is never
         replaced: the replay and conflict rules above apply, so a turn that one caller finished (for
-        example as cancelled) cannot be overwritten by another.
+        example as cancelled) cannot be overwritten by another. A final turn that replaces a running
+        turn with a background job also finishes the job, leaving its event log as it is: no claim
+        takes it again, it no longer counts toward the caps of EnqueueBackgroundResponse, and every
+        later write with any of its lease tokens is refused (LEASE_LOST). So a caller that holds a
+        job may finish it with PutTurn (a router does so for a turn it streams itself).
 
         Returns INVALID_ARGUMENT for a missing id, missing response_json, an item without id or JSON,
         or both previous_response_id and conversation_id set; NOT_FOUND
