@@ -10,6 +10,7 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +286,24 @@ def test_a_retry_of_a_failed_stream_makes_its_own_turn(stack: Stack, hub: FakeHu
     assert retry[-1]["response"]["id"] != first_id
     assert stack.client().responses.retrieve(retry[-1]["response"]["id"]).status == "completed"
     assert stack.client().responses.retrieve(first_id).status == "failed"
+
+
+def test_a_stream_retrieved_while_it_runs_is_sent_once_it_ended(stack: Stack, hub: FakeHub) -> None:
+    # GET ?stream=true on a running stream waits for its end (the router that streams it keeps
+    # no event log), then sends its events as they were sent.
+    client = stack.client()
+    hub.enqueue(Reply(text=SLOW, chunk_delay_s=0.02))
+
+    def follow(response_id: str) -> list[dict[str, Any]]:
+        with client.responses.retrieve(response_id, stream=True) as followed:
+            return [e.model_dump() for e in followed]
+
+    with ThreadPoolExecutor(1) as pool:
+        with client.responses.create(model="m", input="x", stream=True) as stream:
+            events = []
+            for event in stream:
+                events.append(event.model_dump())
+                if len(events) == 4:
+                    wait_stored(client, events[0]["response"]["id"], "in_progress")
+                    follower = pool.submit(follow, events[0]["response"]["id"])
+        assert follower.result(30) == events
