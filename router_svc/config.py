@@ -231,6 +231,13 @@ class RouterSettings:
         "streamed turn, and one more every third of --running-stream-lease-s while it runs.",
         env="RESPGW_STORE_RUNNING_STREAMS",
     )
+    running_stream_delay_s: float = option(
+        0.0,
+        "Seconds a streamed turn runs before its in_progress form is stored (with "
+        "--store-running-streams): a stream that ends sooner costs no state call for it, and "
+        "GET /v1/responses/{id} is 404 until then. 0 stores it at once, as OpenAI shows it.",
+        env="RESPGW_RUNNING_STREAM_DELAY_S",
+    )
     running_stream_lease_s: float = option(
         30.0,
         "Seconds a router's lease on a streamed turn it stores as in_progress lasts unless "

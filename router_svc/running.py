@@ -17,7 +17,9 @@ router that claims such a job (its lease ran out: the router streaming it stoppe
 failed (:func:`finish_abandoned`). The final PutTurn needs none of this: it finishes the job
 (see PutTurn), which is then never claimed and no longer counts toward the background caps.
 
-Off with ``--store-running-streams false``: a streamed turn is then stored only at its end.
+Off with ``--store-running-streams false``: a streamed turn is then stored only at its end. With
+``--running-stream-delay-s`` the running form is stored only once the stream ran that long, so
+that short streams cost no state call for it.
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ def announce(svc: Services, turn: Turn, response: dict[str, Any] | None) -> Runn
 
 async def _hold(svc: Services, request: state_service_pb2.EnqueueBackgroundResponseRequest) -> None:
     """Stores the running turn, then renews its lease until cancelled (the stream's end)."""
+    delay = svc.settings.running_stream_delay_s
+    if delay > 0:
+        await asyncio.sleep(delay)  # a stream that ends first is never stored as running
     try:
         reply = await svc.state.call("EnqueueBackgroundResponse", request)
     except errors.ApiError as exc:

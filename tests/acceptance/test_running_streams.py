@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 from openai.types.responses import Response
+from prometheus_client import REGISTRY
 
 from tests.acceptance.test_background_leases import Cluster, state_process
 from tests.fakehub import FakeHub, Reply, text_of
@@ -307,3 +308,32 @@ def test_a_stream_retrieved_while_it_runs_is_sent_once_it_ended(stack: Stack, hu
                     wait_stored(client, events[0]["response"]["id"], "in_progress")
                     follower = pool.submit(follow, events[0]["response"]["id"])
         assert follower.result(30) == events
+
+
+def test_with_a_delay_only_a_stream_that_lasts_is_stored_running(hub: FakeHub) -> None:
+    s = Stack(hub.url, router={"default_model": "fake-model", "running_stream_delay_s": 0.5})
+    s.start()
+    try:
+        client = s.client()
+        before = stored_running()
+        with client.responses.create(model="m", input="quick", stream=True) as stream:
+            quick = [e.model_dump() for e in stream]
+        assert client.responses.retrieve(quick[0]["response"]["id"]).status == "completed"
+        time.sleep(0.6)
+        assert stored_running() == before, "a stream shorter than the delay was stored running"
+        hub.enqueue(Reply(text=SLOW, chunk_delay_s=0.05))
+        with client.responses.create(model="m", input="slow", stream=True) as stream:
+            for n, event in enumerate(stream):
+                if n == 0:
+                    response_id = event.response.id  # type: ignore[union-attr]
+                    assert retrieve(client, response_id) is None  # not yet
+                    wait_stored(client, response_id, "in_progress")
+        assert stored_running() == before + 1
+        assert client.responses.retrieve(response_id).status == "completed"
+    finally:
+        s.stop()
+
+
+def stored_running() -> float:
+    value = REGISTRY.get_sample_value("respgw_router_running_streams_total", {"outcome": "stored"})
+    return value or 0.0
