@@ -6,23 +6,26 @@ its lease ran out, never one in progress forever."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import openai
 import pytest
 from openai.types.responses import Response
 from prometheus_client import REGISTRY
 
-from tests.acceptance.test_background_leases import Cluster, state_process
+from tests.acceptance.test_background_leases import Cluster, make_cluster
 from tests.fakehub import FakeHub, Reply, text_of
-from tests.support import Stack
+from tests.support import POSTGRES_DSN, Stack
 
 # A slow answer: 30 words, one chunk each 0.05 s.
 SLOW = " ".join(f"w{n}" for n in range(30))
@@ -169,11 +172,13 @@ def test_a_stream_the_hub_fails_is_stored_failed(stack: Stack, hub: FakeHub, rep
 def test_a_conversation_stream_is_still_stored_only_at_its_end(stack: Stack, hub: FakeHub) -> None:
     client = stack.client()
     conv = client.conversations.create()
+    before = stored_running()
     hub.enqueue(Reply(text="in a conversation"))
     with client.responses.create(model="m", input="x", stream=True, conversation=conv.id) as s:
         events = [e.model_dump() for e in s]
     assert events[-1]["type"] == "response.completed"
     assert len(list(client.conversations.items.list(conv.id))) == 2
+    assert stored_running() == before  # sent whole once stored, never stored as running
 
 
 # --- a router killed mid-stream ---------------------------------------------------------------
@@ -182,12 +187,23 @@ LEASE_S = 1.5
 SCAN_S = 0.3
 
 
-@pytest.fixture
-def routers(hub: FakeHub, tmp_path: Path) -> Iterator[Cluster]:
-    state = state_process(["--backend", "sqlite", "--sqlite-path", str(tmp_path / "state.db")])
-    c = Cluster(hub, [state], ["--running-stream-lease-s", str(LEASE_S)]).start()
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres), "sqlite"])
+def routers(request: pytest.FixtureRequest, hub: FakeHub, tmp_path: Path) -> Iterator[Cluster]:
+    """Two routers over one state service on SQLite, or two on PostgreSQL."""
+    schema = f"respgw_run_{uuid.uuid4().hex[:10]}"
+    c = make_cluster(request.param, hub, tmp_path, schema, "--running-stream-lease-s", str(LEASE_S))
     yield c
     c.stop()
+    if request.param == "postgres":
+        asyncio.run(drop_schema(schema))
+
+
+async def drop_schema(name: str) -> None:
+    conn = await asyncpg.connect(POSTGRES_DSN)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    finally:
+        await conn.close()
 
 
 @pytest.mark.slow
