@@ -68,6 +68,14 @@ def check_settings(settings: RouterSettings) -> None:
         raise ValueError(f"--history-cache-mb must be 0 or more, got {settings.history_cache_mb}")
     if settings.state_streams < 0:
         raise ValueError(f"--state-streams must be 0 or more, got {settings.state_streams}")
+    if settings.running_stream_delay_s < 0:
+        raise ValueError(
+            f"--running-stream-delay-s must be 0 or more, got {settings.running_stream_delay_s}"
+        )
+    if settings.running_stream_lease_s <= 0:
+        raise ValueError(
+            f"--running-stream-lease-s must be > 0, got {settings.running_stream_lease_s}"
+        )
     if not settings.state_address:
         raise ValueError("the state service address is required (--state-address)")
     auth.parse_api_keys(settings.api_keys)

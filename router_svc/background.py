@@ -52,7 +52,17 @@ from gateway import grpcerrors
 from gateway.grpcserver import channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
-from router_svc import bootstrap, compaction, errors, stream, tools, translate, turn, validate
+from router_svc import (
+    bootstrap,
+    compaction,
+    errors,
+    running,
+    stream,
+    tools,
+    translate,
+    turn,
+    validate,
+)
 from router_svc import include as included
 from router_svc.services import Services
 from router_svc.state_client import CallFailed
@@ -185,6 +195,11 @@ class Worker:
             job = await self._claim()
             if job is None:
                 break
+            if running.is_foreground(job):
+                # A streamed foreground turn whose router stopped: stored as failed, not run.
+                await running.finish_abandoned(self.svc, job)
+                taken += 1
+                continue
             log.info(
                 "taking over a background response",
                 extra={"response_id": job.response_id, "attempt": job.lease_token},

@@ -247,3 +247,26 @@ class RouterSettings(ServerSettings):
         "it, new ones are refused with 429. 0 means no cap.",
         env="RESPGW_BACKGROUND_MAX_PENDING",
     )
+    store_running_streams: bool = option(
+        True,
+        "Store a streamed turn (stream and store true, not background) as in_progress while it "
+        "runs, beside the stream, so that GET /v1/responses/{id} finds it then, as at OpenAI. "
+        "Off, it is stored only at its end (GET is 404 meanwhile). Costs one state call per "
+        "streamed turn, and one more every third of --running-stream-lease-s while it runs.",
+        env="RESPGW_STORE_RUNNING_STREAMS",
+    )
+    running_stream_delay_s: float = option(
+        0.0,
+        "Seconds a streamed turn runs before its in_progress form is stored (with "
+        "--store-running-streams): a stream that ends sooner costs no state call for it, and "
+        "GET /v1/responses/{id} is 404 until then. 0 stores it at once, as OpenAI shows it.",
+        env="RESPGW_RUNNING_STREAM_DELAY_S",
+    )
+    running_stream_lease_s: float = option(
+        30.0,
+        "Seconds a router's lease on a streamed turn it stores as in_progress lasts unless "
+        "renewed (it renews every third of that while the stream runs). When the router stops "
+        "mid-stream, another router stores the turn as failed within about this long plus "
+        "--background-scan-interval-s.",
+        env="RESPGW_RUNNING_STREAM_LEASE_S",
+    )

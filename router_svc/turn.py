@@ -40,6 +40,7 @@ from router_svc import (
     errors,
     hub,
     include,
+    running,
     stream,
     tools,
     translate,
@@ -93,6 +94,9 @@ class Turn:
     # item of a turn that compacted its history (context_management); None otherwise.
     model_input: list[dict[str, Any]] | None = None
     compacted: dict[str, Any] | None = None
+    # A streamed turn's running form, stored beside the stream (router_svc.running); None when
+    # it is not (not streamed, not stored, or --store-running-streams off).
+    running_put: running.Running | None = None
 
     def json_of(self, response: dict[str, Any]) -> bytes:
         """``response`` as the client is shown it, as JSON: the stored bytes when it is the
@@ -234,6 +238,13 @@ async def find_first(svc: Services, tenant: str, ident: Identity) -> dict[str, A
     first attempt of an SDK call), if any; a 400 for an Idempotency-Key used with another body."""
     for key in ident.lookup:
         first = await find_idempotent(svc, tenant, key)
+        if first is not None and running.unfinished_stream(first):
+            # A first attempt still streaming answers this one once it ended; one that failed
+            # does not answer an SDK's retry, which runs on its own.
+            first = await running.when_done(svc, tenant, first)
+            status = first.get("status")
+            if status == "in_progress" or (status == "failed" and ident.kind == "retry"):
+                continue
         if first is None:
             continue
         if ident.kind == "explicit" and first.get("id") not in ident.accepted_ids:
@@ -459,8 +470,11 @@ async def store(
     events: list[dict[str, Any]] | None = None,
     *,
     in_progress: bool = False,
+    keep_output: bool = True,
 ) -> dict[str, Any]:
     """Step 5: stores the turn (when ``store`` is true) and returns the response to answer.
+    Without ``keep_output`` the response's output is shown (GET) but not stored as the turn's
+    output items, so that no later turn builds on it.
 
     On a replay (the turn's key was used by a turn stored meanwhile) the first response is
     returned instead; with an Idempotency-Key, a first response with another body is a 400. A
@@ -474,7 +488,7 @@ async def store(
         previous_response_id=turn.req.previous_response_id or "",
         conversation_id=turn.req.conversation_id or "",
         input_items=[item_to_proto(i) for i in turn.req.stored_inputs()],
-        output_items=[item_to_proto(i) for i in response.get("output", [])],
+        output_items=[item_to_proto(i) for i in response.get("output", [])] if keep_output else [],
         response_json=orjson.dumps(response),
         idempotency_key=turn.idempotency_key,
         stream_events_json=orjson.dumps(events) if events else b"",
@@ -513,12 +527,24 @@ async def store(
             turn.tenant, turn.idempotency_key
         ):
             raise idempotency_key_reused()
+        if turn.key_kind == "retry" and running.unfinished_stream(first):
+            # The first attempt of this SDK call is streaming (stored as running): it answers
+            # this retry once it ended, unless it failed; then this retry is stored on its own.
+            first = await running.when_done(svc, turn.tenant, first)
+            if first.get("status") not in ("in_progress", "failed"):
+                return first
+            turn.idempotency_key, turn.key_kind = "", ""
+            return await store(
+                svc, turn, response, events, in_progress=in_progress, keep_output=keep_output
+            )
         if turn.key_kind == "first" and reply.response.id != _retry_id(turn.idempotency_key):
             # An identical request stored earlier in the window, not a retry of this one (which
             # would have the retry id): a client asking the same on purpose gets a turn of its
             # own, stored without the key.
             turn.idempotency_key, turn.key_kind = "", ""
-            return await store(svc, turn, response, events, in_progress=in_progress)
+            return await store(
+                svc, turn, response, events, in_progress=in_progress, keep_output=keep_output
+            )
         return first
     if svc.history_cache is not None and not in_progress and not reply.replayed:
         _remember(svc.history_cache, turn, stored, reply)
@@ -653,7 +679,8 @@ async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
     ``response.failed``. The hub is read by a task of its own: if the client goes away
     mid-stream, the task still reads the hub to the end and stores the turn (the turn is not
     lost). The terminal event (``response.completed``) is sent only after the turn was stored,
-    so a request chained on it right away finds it; ``data: [DONE]`` follows it.
+    so a request chained on it right away finds it; ``data: [DONE]`` follows it. Meanwhile the
+    turn is retrievable as ``in_progress`` (router_svc.running), and a failure is stored then.
     """
     translator = _translator(svc, turn)
     queue: asyncio.Queue[object] = asyncio.Queue()
@@ -795,6 +822,8 @@ async def _pump(
             queue.put_nowait(stream.sse_encode(event))
 
     push(translator.start())
+    if not buffered:
+        _announce_running(svc, turn, sent)
     chunks: AsyncIterator[dict[str, Any]] | None = None
     try:
         # Inside the try: a request the translation refuses ends the stream like a hub failure.
@@ -852,9 +881,17 @@ async def _pump(
         raise
     finally:
         queue.put_nowait(_END)
+        if turn.running_put is not None:
+            turn.running_put.stop()
         if chunks is not None:
             await _close(chunks)
     return outcome
+
+
+def _announce_running(svc: Services, turn: Turn, sent: list[dict[str, Any]]) -> None:
+    """Stores the turn as in progress beside the stream, from its response.created."""
+    if sent and sent[0]["type"] == "response.created" and svc.settings.store_running_streams:
+        turn.running_put = running.announce(svc, turn, sent[0]["response"])
 
 
 def _shut_down(turn: Turn) -> dict[str, Any]:
@@ -863,14 +900,16 @@ def _shut_down(turn: Turn) -> dict[str, Any]:
 
 
 async def _store_failed(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
-    """A background turn's failure is kept (it is retrievable as failed); any other failed turn
-    stores nothing."""
-    if not turn.req.background:
+    """The failure of a background turn, or of a streamed turn stored as running, is kept (it is
+    retrievable as failed, never left in progress); any other failed turn stores nothing. The
+    partial output of a failed foreground stream is shown but not stored as output items, so no
+    later turn builds on it."""
+    if not turn.req.background and turn.running_put is None:
         return
     try:
-        await store(svc, turn, response)
+        await store(svc, turn, response, keep_output=turn.req.background)
     except errors.ApiError as exc:
-        log.error("failed background response could not be stored", extra={"code": exc.code})
+        log.error("failed response could not be stored", extra={"code": exc.code})
 
 
 async def _close(chunks: AsyncIterator[dict[str, Any]]) -> None:

@@ -224,6 +224,10 @@ class MemoryBackend:
         row.turn = stored
         row.digest = digest
         self._index_turn(row.tenant, stored)
+        if row.job is not None and not turn.in_progress:
+            # A final turn finishes the running turn's job (see PutTurn).
+            row.job.done = True
+            self._pending.discard((row.tenant, turn.id))
         return PutTurnResult(stored, False, row.conversation_version)
 
     def _add_to_conversation(self, tenant: str, turn: Turn, expected: int | None, now: int) -> int:

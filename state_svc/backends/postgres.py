@@ -502,6 +502,12 @@ ORDER BY i.seq DESC LIMIT $4
             await self._insert_items(
                 conn, conversation[0], turn.conversation_id, appended, version, now
             )
+        if not turn.in_progress:
+            # A final turn finishes the running turn's job, if it has one (see PutTurn).
+            await conn.execute(
+                f"UPDATE {s}.background_jobs SET done = true WHERE response_pk = $1 AND NOT done",
+                pk,
+            )
         return PutTurnResult(stored, False, version)
 
     async def _conversation_for(

@@ -594,6 +594,11 @@ class SqliteBackend:
         if conversation is not None and not turn.in_progress:
             appended = [*turn.input_items, *turn.output_items]
             self._append(conn, conversation[0], turn.conversation_id, appended, version, now)
+        if not turn.in_progress:
+            # A final turn finishes the running turn's job, if it has one (see PutTurn).
+            conn.execute(
+                "UPDATE background_jobs SET done = 1 WHERE response_pk = ? AND done = 0", (pk,)
+            )
         return PutTurnResult(stored, False, version)
 
     def _append(

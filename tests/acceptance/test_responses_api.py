@@ -166,7 +166,7 @@ def test_stream_replay_from_storage(stack: Stack, hub: FakeHub) -> None:
     assert [e.sequence_number for e in after] == list(range(4, len(live)))
 
 
-def test_hub_failure_mid_stream_fails_the_response_and_stores_nothing(
+def test_hub_failure_mid_stream_fails_the_response_and_stores_it_failed(
     stack: Stack, hub: FakeHub
 ) -> None:
     hub.enqueue(Reply(text="a b c d e f", break_after_chunks=2))
@@ -184,8 +184,12 @@ def test_hub_failure_mid_stream_fails_the_response_and_stores_nothing(
     failed = events[-1]["response"]
     assert failed["status"] == "failed" and failed["error"]["code"]
     client = client_for(stack)
-    with pytest.raises(openai.NotFoundError):
-        client.responses.retrieve(failed["id"])
+    # It was stored as running beside the stream: its failure replaces that, never left running.
+    deadline = time.monotonic() + 10
+    while (kept := client.responses.retrieve(failed["id"])).status != "failed":
+        assert time.monotonic() < deadline, kept.status
+        time.sleep(0.02)
+    assert kept.error is not None and kept.error.message == failed["error"]["message"]
 
 
 def test_client_disconnect_mid_stream_still_stores_the_turn(stack: Stack, hub: FakeHub) -> None:
@@ -203,10 +207,12 @@ def test_client_disconnect_mid_stream_still_stores_the_turn(stack: Stack, hub: F
     while True:
         try:
             stored = client.responses.retrieve(response_id)
-            break
+            if stored.status != "in_progress":  # retrievable as running until it ends
+                break
         except openai.NotFoundError:
-            assert time.monotonic() < deadline, "the turn was never stored"
-            time.sleep(0.1)
+            pass
+        assert time.monotonic() < deadline, "the turn was never stored"
+        time.sleep(0.1)
     assert stored.status == "completed"
     assert stored.output_text == "w1 w2 w3 w4 w5 w6"
 

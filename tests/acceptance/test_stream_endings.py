@@ -53,6 +53,18 @@ def stored(stack: Stack, response_id: str) -> openai.types.responses.Response | 
         return None
 
 
+def stored_failed(stack: Stack, response_id: str) -> openai.types.responses.Response:
+    """The failed form of a stream that failed, once stored (it replaces the running form
+    beside the stream's end)."""
+    deadline = time.monotonic() + 10
+    while True:
+        kept = stored(stack, response_id)
+        if kept is not None and kept.status == "failed":
+            return kept
+        assert time.monotonic() < deadline, kept
+        time.sleep(0.02)
+
+
 FINISHED = {
     "stop, then [DONE]": (Reply(text="all of it"), "completed", None),
     "length": (Reply(text="cut by the limit", finish_reason="length"), "incomplete", "length"),
@@ -100,7 +112,9 @@ EARLY = {
 
 
 @pytest.mark.parametrize("name", EARLY)
-def test_an_early_end_fails_and_stores_nothing(chat_stack: Stack, hub: FakeHub, name: str) -> None:
+def test_an_early_end_fails_and_nothing_builds_on_it(
+    chat_stack: Stack, hub: FakeHub, name: str
+) -> None:
     hub.enqueue(EARLY[name])
     events = stream_events(chat_stack, {"input": "go"})
     types = [e["type"] for e in events]
@@ -110,11 +124,13 @@ def test_an_early_end_fails_and_stores_nothing(chat_stack: Stack, hub: FakeHub, 
     assert events[-2]["code"] == "upstream_stream_incomplete"
     failed = events[-1]["response"]
     assert failed["status"] == "failed" and failed["output"][-1]["status"] == "incomplete"
-    assert stored(chat_stack, failed["id"]) is None
+    # Stored as failed (it was retrievable as in progress while it ran), as it was answered.
+    error = stored_failed(chat_stack, failed["id"]).error
+    assert error is not None and error.message == failed["error"]["message"]
     # Nothing to build on: the partial answer never reaches a later turn.
-    with pytest.raises(openai.BadRequestError) as raised:
-        chat_stack.client().responses.create(input="and then?", previous_response_id=failed["id"])
-    assert raised.value.code == "previous_response_not_found"
+    hub.enqueue(Reply(text="again"))
+    chat_stack.client().responses.create(input="and then?", previous_response_id=failed["id"])
+    assert [m["role"] for m in hub.chat_requests()[-1]["messages"]] == ["user", "user"]
 
 
 def test_an_early_end_in_a_conversation_appends_nothing(chat_stack: Stack, hub: FakeHub) -> None:
@@ -164,7 +180,7 @@ def test_a_responses_hub_stream_without_its_terminal_event_fails(
     events = stream_events(responses_stack, {"input": "go"})
     assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
     assert events[-2]["code"] == "upstream_stream_incomplete"
-    assert stored(responses_stack, events[-1]["response"]["id"]) is None
+    stored_failed(responses_stack, events[-1]["response"]["id"])
     hub.enqueue(Reply(text="a whole answer"))
     events = stream_events(responses_stack, {"input": "go"})
     assert events[-1]["type"] == "response.completed"

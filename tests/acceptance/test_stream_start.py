@@ -1,6 +1,6 @@
 """A streamed turn opens at once, as at OpenAI: response.created and response.in_progress go out
-before the hub answers, a hub failure ends the stream with error and response.failed (nothing
-stored), and every stream ends with data: [DONE]."""
+before the hub answers, a hub failure ends the stream with error and response.failed (stored
+as failed, or nothing without --store-running-streams), and every stream ends with data: [DONE]."""
 
 from __future__ import annotations
 
@@ -50,9 +50,20 @@ def test_created_goes_out_before_the_hub_answers(stack: Stack, hub: FakeHub) -> 
         (Reply(status=400, error_body={"error": {"message": "bad"}}), "upstream_rejected"),
     ],
 )
-def test_a_hub_failure_ends_the_stream_and_stores_nothing(
-    stack: Stack, hub: FakeHub, reply: Reply, code: str
+@pytest.mark.parametrize("running", [True, False])
+def test_a_hub_failure_ends_the_stream_and_stores_it_failed(
+    hub: FakeHub, reply: Reply, code: str, running: bool
 ) -> None:
+    stack = Stack(hub.url, router={"store_running_streams": running}).start()
+    try:
+        check_hub_failure(stack, hub, reply, code, running)
+    finally:
+        stack.stop()
+
+
+def check_hub_failure(stack: Stack, hub: FakeHub, reply: Reply, code: str, running: bool) -> None:
+    """The same events either way; stored as failed when the running turn was stored (so that it
+    is never left in progress), nothing stored otherwise."""
     hub.enqueue(reply)
     events, lines, _ = read_stream(stack, {"model": "m", "input": "x"})
     assert [e["type"] for e in events] == [
@@ -65,8 +76,18 @@ def test_a_hub_failure_ends_the_stream_and_stores_nothing(
     assert events[3]["response"]["status"] == "failed"
     assert lines[-1] == "data: [DONE]"
     with httpx.Client() as http:
-        stored = http.get(f"{stack.url}/responses/{events[0]['response']['id']}")
-    assert stored.status_code == 404
+        url = f"{stack.url}/responses/{events[0]['response']['id']}"
+        deadline = time.monotonic() + 10
+        while True:
+            stored = http.get(url)
+            if not running or stored.json().get("status") == "failed":
+                break
+            assert time.monotonic() < deadline, stored.text
+            time.sleep(0.02)
+    if running:
+        assert stored.json()["error"] == events[3]["response"]["error"]
+    else:
+        assert stored.status_code == 404
 
 
 def test_an_unreachable_hub_ends_the_stream(hub: FakeHub) -> None:

@@ -214,6 +214,30 @@ async def test_enqueue_claimed_at_once_then_renewed_logged_and_finished(
     assert await jobs.claim() is None
 
 
+async def test_a_final_put_turn_finishes_the_job(jobs: Jobs, client: Client) -> None:
+    # A caller that holds a job may store the final turn with PutTurn (a router does so for a
+    # turn it streams): the job is finished then, never claimed, and no longer pending.
+    await jobs.enqueue(running("resp_fg"), owner="router-a", seconds=0.3)
+    await client.put(final("resp_fg"))
+    await asyncio.sleep(0.4)
+    assert await jobs.claim() is None  # its lease ran out, but it is finished
+    for call in (
+        jobs.renew("resp_fg", 1),
+        jobs.append("resp_fg", 1, event(0)),
+        jobs.finish(final("resp_fg", body="late"), 1),
+    ):
+        assert_error(await fails(call), FAILED_PRECONDITION, "LEASE_LOST")
+    stored = (await client.get("resp_fg")).response
+    assert not stored.in_progress
+    assert [i.id for i in stored.output_items] == ["resp_fg-out-completed"]
+    assert not (await jobs.enqueue(running("resp_next"), max_pending_total=1)).replayed
+    # A running turn that replaces a running one leaves its job as it was.
+    again = running("resp_next")
+    again.response_json = b'{"status": "in_progress", "again": true}'
+    await client.put(again)
+    assert (await jobs.claim()).response_id == "resp_next"
+
+
 async def test_expired_lease_is_taken_over_and_the_stale_holder_is_fenced(
     jobs: Jobs, client: Client
 ) -> None:

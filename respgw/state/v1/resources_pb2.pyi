@@ -114,9 +114,9 @@ class StoredResponse(_message.Message):
     """
     in_progress: _builtins.bool
     """True while the response is still running (a background response that is queued or in
-    progress). A running turn can be retrieved but not built on, and its items are not in its
-    conversation until a final turn with the same id replaces it (see PutTurn). Default false:
-    the turn is final.
+    progress, or a streamed turn its caller stores while it streams it). A running turn can be
+    retrieved but not built on, and its items are not in its conversation until a final turn with
+    the same id replaces it (see PutTurn). Default false: the turn is final.
     """
     @_builtins.property
     def input_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:

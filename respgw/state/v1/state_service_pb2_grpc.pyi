@@ -107,15 +107,20 @@ class StateServiceStub:
     another stored response of the tenant stores nothing and returns that response with replayed
     set.
 
-    A running turn (in_progress set, for a background response) is stored and retrievable, but its
-    items are not appended to its conversation yet, and nothing can build on it. A later PutTurn
+    A running turn (in_progress set: a background response, or a turn being streamed) is stored
+    and retrievable, but its items are not appended to its conversation yet, and nothing can build
+    on it. A later PutTurn
     with the same id replaces a stored running turn whole (response_json, items, stream events,
     in_progress) instead of being compared with it, keeping its create_time, expire_time and
     idempotency_key; its previous_response_id and conversation_id must be unchanged
     (INVALID_ARGUMENT otherwise). When the replacing turn is final, its items are appended to the
     conversation then (and expected_conversation_version is checked then). A final turn is never
     replaced: the replay and conflict rules above apply, so a turn that one caller finished (for
-    example as cancelled) cannot be overwritten by another.
+    example as cancelled) cannot be overwritten by another. A final turn that replaces a running
+    turn with a background job also finishes the job, leaving its event log as it is: no claim
+    takes it again, it no longer counts toward the caps of EnqueueBackgroundResponse, and every
+    later write with any of its lease tokens is refused (LEASE_LOST). So a caller that holds a
+    job may finish it with PutTurn (a router does so for a turn it streams itself).
 
     Returns INVALID_ARGUMENT for a missing id, missing response_json, an item without id or JSON,
     or both previous_response_id and conversation_id set; NOT_FOUND
@@ -463,15 +468,20 @@ class StateServiceAsyncStub(StateServiceStub):
     another stored response of the tenant stores nothing and returns that response with replayed
     set.
 
-    A running turn (in_progress set, for a background response) is stored and retrievable, but its
-    items are not appended to its conversation yet, and nothing can build on it. A later PutTurn
+    A running turn (in_progress set: a background response, or a turn being streamed) is stored
+    and retrievable, but its items are not appended to its conversation yet, and nothing can build
+    on it. A later PutTurn
     with the same id replaces a stored running turn whole (response_json, items, stream events,
     in_progress) instead of being compared with it, keeping its create_time, expire_time and
     idempotency_key; its previous_response_id and conversation_id must be unchanged
     (INVALID_ARGUMENT otherwise). When the replacing turn is final, its items are appended to the
     conversation then (and expected_conversation_version is checked then). A final turn is never
     replaced: the replay and conflict rules above apply, so a turn that one caller finished (for
-    example as cancelled) cannot be overwritten by another.
+    example as cancelled) cannot be overwritten by another. A final turn that replaces a running
+    turn with a background job also finishes the job, leaving its event log as it is: no claim
+    takes it again, it no longer counts toward the caps of EnqueueBackgroundResponse, and every
+    later write with any of its lease tokens is refused (LEASE_LOST). So a caller that holds a
+    job may finish it with PutTurn (a router does so for a turn it streams itself).
 
     Returns INVALID_ARGUMENT for a missing id, missing response_json, an item without id or JSON,
     or both previous_response_id and conversation_id set; NOT_FOUND
@@ -822,15 +832,20 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         another stored response of the tenant stores nothing and returns that response with replayed
         set.
 
-        A running turn (in_progress set, for a background response) is stored and retrievable, but its
-        items are not appended to its conversation yet, and nothing can build on it. A later PutTurn
+        A running turn (in_progress set: a background response, or a turn being streamed) is stored
+        and retrievable, but its items are not appended to its conversation yet, and nothing can build
+        on it. A later PutTurn
         with the same id replaces a stored running turn whole (response_json, items, stream events,
         in_progress) instead of being compared with it, keeping its create_time, expire_time and
         idempotency_key; its previous_response_id and conversation_id must be unchanged
         (INVALID_ARGUMENT otherwise). When the replacing turn is final, its items are appended to the
         conversation then (and expected_conversation_version is checked then). A final turn is never
         replaced: the replay and conflict rules above apply, so a turn that one caller finished (for
-        example as cancelled) cannot be overwritten by another.
+        example as cancelled) cannot be overwritten by another. A final turn that replaces a running
+        turn with a background job also finishes the job, leaving its event log as it is: no claim
+        takes it again, it no longer counts toward the caps of EnqueueBackgroundResponse, and every
+        later write with any of its lease tokens is refused (LEASE_LOST). So a caller that holds a
+        job may finish it with PutTurn (a router does so for a turn it streams itself).
 
         Returns INVALID_ARGUMENT for a missing id, missing response_json, an item without id or JSON,
         or both previous_response_id and conversation_id set; NOT_FOUND
