@@ -10,7 +10,7 @@ from typing import Any, get_args, get_origin
 
 from openai.types.responses import response_includable, response_input_item_param, tool_param
 
-from router_svc import validate
+from router_svc import vocabulary
 
 
 def _literals(annotation: Any) -> set[str]:
@@ -50,17 +50,17 @@ def _type_values(alias: Any) -> set[str]:
 def test_every_includable_value_of_the_sdk_is_known() -> None:
     sdk = set(get_args(response_includable.ResponseIncludable))
     assert sdk, "the SDK's ResponseIncludable moved: find it again"
-    assert sdk - set(validate.INCLUDABLE) == set(), "include values the gateway does not know"
+    assert sdk - set(vocabulary.INCLUDABLE) == set(), "include values the gateway does not know"
 
 
 def test_every_tool_type_of_the_sdk_is_known() -> None:
     sdk = _type_values(tool_param.ToolParam)
     assert {"function", "code_interpreter", "shell"} <= sdk, "the reader of ToolParam broke"
-    assert sdk - set(validate.TOOL_TYPES) == set(), "tool types the gateway does not know"
+    assert sdk - set(vocabulary.TOOL_TYPES) == set(), "tool types the gateway does not know"
 
 
 def test_every_input_item_type_of_the_sdk_is_known() -> None:
     sdk = _type_values(response_input_item_param.ResponseInputItemParam)
     assert {"message", "function_call", "item_reference"} <= sdk, "the reader broke"
-    known = set(validate._ITEM_TYPES)
+    known = set(vocabulary.ITEM_TYPES)
     assert sdk - known == set(), "input item types the gateway does not know"

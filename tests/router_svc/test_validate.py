@@ -13,7 +13,7 @@ from openai.types.responses import response_create_params
 from openai.types.responses.response_item import ResponseItem
 from prometheus_client import REGISTRY
 
-from router_svc import errors, validate
+from router_svc import checks, errors, inputs, validate, vocabulary
 from router_svc.ids import new_id
 
 
@@ -98,7 +98,7 @@ def test_every_sdk_request_field_is_accepted() -> None:
     }
     # Every field of the SDK is exercised here (conversation, which excludes previous_response_id,
     # in test_conversation_id_forms).
-    assert set(body) | {"conversation"} >= validate.REQUEST_FIELDS
+    assert set(body) | {"conversation"} >= vocabulary.REQUEST_FIELDS
     original = copy.deepcopy(body)
     req = parse(body)
     assert body == original, "the caller's body must never be mutated"
@@ -548,13 +548,15 @@ def test_the_gateway_knows_every_field_of_the_installed_sdk() -> None:
     fields = set(get_type_hints(response_create_params.ResponseCreateParamsBase))
     fields |= set(get_type_hints(response_create_params.ResponseCreateParamsStreaming))
     fields |= set(get_type_hints(response_create_params.ResponseCreateParamsNonStreaming))
-    assert fields - validate.REQUEST_FIELDS == set(), "fields of the SDK the gateway does not know"
-    assert validate.REQUEST_FIELDS - fields == set(), "fields the SDK no longer has"
-    assert not validate.REQUEST_FIELDS & validate.HUB_SAMPLING_FIELDS
+    assert fields - vocabulary.REQUEST_FIELDS == set(), (
+        "fields of the SDK the gateway does not know"
+    )
+    assert vocabulary.REQUEST_FIELDS - fields == set(), "fields the SDK no longer has"
+    assert not vocabulary.REQUEST_FIELDS & vocabulary.HUB_SAMPLING_FIELDS
 
 
 def test_every_hub_sampling_field_is_checked() -> None:
-    assert set(validate._SAMPLING_CHECKS) == validate.HUB_SAMPLING_FIELDS
+    assert set(validate._SAMPLING_CHECKS) == vocabulary.HUB_SAMPLING_FIELDS
 
 
 def test_hub_sampling_fields_are_accepted() -> None:
@@ -577,7 +579,7 @@ def test_hub_sampling_fields_are_accepted() -> None:
         "spaces_between_special_tokens": True,
         "chat_template_kwargs": {"enable_thinking": False},
     }
-    assert set(body) - {"model"} == validate.HUB_SAMPLING_FIELDS
+    assert set(body) - {"model"} == vocabulary.HUB_SAMPLING_FIELDS
     body["input"] = "x"
     assert parse(body).body == body
     assert parse({"model": "m", "input": "x", "stop": "END", "top_k": -1}).body["stop"] == "END"
@@ -683,9 +685,9 @@ def test_metadata_limits(metadata: Any, code: str, message: str) -> None:
 
 
 def test_parse_metadata_with_another_param() -> None:
-    assert validate.parse_metadata(None) == {}
+    assert checks.metadata(None) == {}
     with pytest.raises(errors.InvalidRequest) as error:
-        validate.parse_metadata([], param="body.metadata")
+        checks.metadata([], param="body.metadata")
     assert error.value.param == "body.metadata"
 
 
@@ -1187,16 +1189,16 @@ def test_malformed_item_references(ref: Any, code: str, param: str) -> None:
 
 def test_item_references_are_refused_where_nothing_resolves_them() -> None:
     with pytest.raises(errors.InvalidRequest) as info:
-        validate.normalize_items([{"id": "msg_1"}], param="items")
+        inputs.normalize_items([{"id": "msg_1"}], param="items")
     assert (info.value.code, info.value.param) == ("unsupported_value", "items[0]")
     assert "msg_1" in info.value.message
 
 
 def test_normalize_items_for_conversations_uses_its_param() -> None:
-    out = validate.normalize_items([{"role": "user", "content": "x"}], param="items")
+    out = inputs.normalize_items([{"role": "user", "content": "x"}], param="items")
     assert out[0]["role"] == "user"
     with pytest.raises(errors.InvalidRequest) as info:
-        validate.normalize_items([{"role": "user"}], param="items")
+        inputs.normalize_items([{"role": "user"}], param="items")
     assert info.value.param == "items[0].content"
 
 
@@ -1345,11 +1347,11 @@ def test_web_search_and_stateful_tools_are_accepted_but_not_run_on_a_chat_hub() 
         "web_search_preview",
         "shell",
     ]
-    assert set(validate.TOOL_TYPES) == (
-        validate.CHAT_OFFERED_TOOLS
-        | validate.CHAT_NOT_RUN_TOOLS
-        | set(validate._CHAT_HOSTED_REFUSED)
-        | set(validate._CHAT_CLIENT_REFUSED)
+    assert set(vocabulary.TOOL_TYPES) == (
+        vocabulary.CHAT_OFFERED_TOOLS
+        | vocabulary.CHAT_NOT_RUN_TOOLS
+        | set(vocabulary.CHAT_HOSTED_REFUSED)
+        | set(vocabulary.CHAT_CLIENT_REFUSED)
     ), "every tool type has a fate on a chat hub"
 
 
@@ -1368,7 +1370,7 @@ def test_call_items_keep_the_fields_the_gateway_does_not_interpret() -> None:
     """Items read back from input_items carry created_by (and calls caller and async): sent
     again, they are stored as given, not trimmed and not refused."""
     extra = {"caller": {"type": "direct"}, "created_by": "resp_elsewhere"}
-    items = validate.normalize_items(
+    items = inputs.normalize_items(
         [
             {
                 "type": "function_call",
