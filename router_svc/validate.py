@@ -606,7 +606,7 @@ def _tool(raw: object, path: str) -> dict[str, Any]:
 
 def _tool_choice(value: object, tools: list[dict[str, Any]]) -> None:
     if isinstance(value, str):
-        checks.enum(value, "tool_choice", ("none", "auto", "required"))
+        checks.enum(value, "tool_choice", vocabulary.TOOL_CHOICE_OPTIONS)
         return
     if not isinstance(value, dict):
         raise checks.invalid_type("tool_choice", "one of a string or an object", value)
@@ -640,18 +640,7 @@ def _tool_choice(value: object, tools: list[dict[str, Any]]) -> None:
     elif kind in vocabulary.HOSTED_TOOL_CHOICES or kind in vocabulary.BARE_TOOL_CHOICES:
         checks.check_keys(value, {"type"}, "tool_choice")
     else:
-        raise checks.invalid_value(
-            "tool_choice.type",
-            kind,
-            (
-                "function",
-                "custom",
-                "allowed_tools",
-                "mcp",
-                *vocabulary.HOSTED_TOOL_CHOICES,
-                *vocabulary.BARE_TOOL_CHOICES,
-            ),
-        )
+        raise checks.invalid_value("tool_choice.type", kind, vocabulary.TOOL_CHOICE_TYPES)
 
 
 def _allowed_tool(value: object, path: str) -> None:

@@ -2,12 +2,12 @@
 
 The request fields of ``ResponseCreateParams`` and the sampling fields of Chat Completions hubs,
 the ``include`` values, the enums of request fields, the tool types (and what a Chat Completions
-hub gets of each), the ``tool_choice`` types, and the input item types with the id prefix each
+hub gets of each), the ``tool_choice`` forms, and the input item types with the id prefix each
 gets. ``tests/router_svc/test_vocabulary.py`` fails when the installed openai SDK has a request
 field, ``include`` value, tool type, ``tool_choice`` type or input item type missing here.
 
 Only data lives here: :mod:`router_svc.validate` checks requests against it,
-:mod:`router_svc.items` normalizes input items by it.
+:mod:`router_svc.inputs` normalizes input items by it.
 """
 
 from __future__ import annotations
@@ -161,6 +161,16 @@ HOSTED_TOOL_CHOICES = (
     "code_interpreter",
 )
 BARE_TOOL_CHOICES = ("apply_patch", "shell", "programmatic_tool_calling")
+# A ``tool_choice`` string (ToolChoiceOptions), and the ``type`` of a ``tool_choice`` object.
+TOOL_CHOICE_OPTIONS = ("none", "auto", "required")
+TOOL_CHOICE_TYPES = (
+    "function",
+    "custom",
+    "allowed_tools",
+    "mcp",
+    *HOSTED_TOOL_CHOICES,
+    *BARE_TOOL_CHOICES,
+)
 
 # The id prefix of each input item type, used when the caller sent an item without an id.
 ID_PREFIXES: dict[str, str] = {
