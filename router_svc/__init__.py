@@ -8,7 +8,10 @@ Package map (a request's way through it, top to bottom)::
     auth.py           API keys to tenants
     http.py           JSON in and out, query parameters, ids in paths
     routes/           one module per API area: responses, conversations, containers, passthrough
-    validate.py       POST /v1/responses bodies checked as OpenAI checks them; input items
+    validate.py       POST /v1/responses bodies parsed into a TurnRequest, as OpenAI checks them
+    inputs.py         input items normalized into stored items (one table row per item type)
+    checks.py         the JSON checker: values checked in OpenAI's words (param, message, code)
+    vocabulary.py     the API's words: request fields, include values, tool and item types
     turn.py           one turn: history, stateful tools, the hub call, the stored result
     background.py     background responses: leased jobs of the state service, live events
     tools.py          the tool loop for code_interpreter and shell on a chat hub

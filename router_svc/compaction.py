@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from router_svc import errors, sealing, tokens, translate, validate
+from router_svc import errors, inputs, sealing, tokens, translate, validate
 from router_svc.ids import new_id
 from router_svc.services import Services
 from router_svc.validate import TurnRequest
@@ -216,7 +216,7 @@ async def summarize(
     else:
         body: dict[str, Any] = {
             "model": model,
-            "input": [*items, validate.user_message(prompt)],
+            "input": [*items, inputs.user_message(prompt)],
             "store": False,
         }
         if instructions:

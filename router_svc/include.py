@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from router_svc import validate
+from router_svc import checks, vocabulary
 
 OUTPUTS = "code_interpreter_call.outputs"
 CALL = "code_interpreter_call"
@@ -30,8 +30,8 @@ def from_query(request: Request) -> tuple[str, ...]:
     params = request.query_params
     values = (*params.getlist("include[]"), *params.getlist("include"))
     for value in values:
-        if value not in validate.INCLUDABLE:
-            raise validate.invalid_value("include", value, validate.INCLUDABLE)
+        if value not in vocabulary.INCLUDABLE:
+            raise checks.invalid_value("include", value, vocabulary.INCLUDABLE)
     return values
 
 

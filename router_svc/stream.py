@@ -32,8 +32,9 @@ import orjson
 
 from router_svc import errors, hub_shape, translate
 from router_svc.ids import new_id
+from router_svc.inputs import output_text
 from router_svc.translate import NO_RESOURCES
-from router_svc.validate import TurnRequest, output_text
+from router_svc.validate import TurnRequest
 
 _TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 

@@ -38,7 +38,9 @@ from prometheus_client import Counter
 
 from router_svc import errors, hub_shape, validate
 from router_svc.ids import new_id
-from router_svc.validate import HUB_SAMPLING_FIELDS, REQUEST_FIELDS, TurnRequest, output_text
+from router_svc.inputs import output_text
+from router_svc.validate import TurnRequest
+from router_svc.vocabulary import HUB_SAMPLING_FIELDS, REQUEST_FIELDS
 
 log = logging.getLogger(__name__)
 

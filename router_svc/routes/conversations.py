@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import errors, include, turn, validate
+from router_svc import checks, errors, include, inputs, turn
 from router_svc.http import (
     MAX_ID_CHARS,
     JSONResponse,
@@ -86,7 +86,7 @@ def _items(body: dict[str, Any], *, required: bool) -> list[dict[str, Any]]:
                 code="missing_required_parameter",
             )
         return []
-    items = validate.normalize_items(raw, param="items")
+    items = inputs.normalize_items(raw, param="items")
     for i, item in enumerate(items):
         if not valid_id(str(item["id"])):
             raise errors.invalid_id(f"items[{i}].id", MAX_ID_CHARS)
@@ -103,7 +103,7 @@ def _items(body: dict[str, Any], *, required: bool) -> list[dict[str, Any]]:
 def _metadata(body: dict[str, Any]) -> dict[str, str]:
     if body.get("metadata") is None:
         return {}
-    return validate.parse_metadata(body["metadata"])
+    return checks.metadata(body["metadata"])
 
 
 def _minted(body: dict[str, Any]) -> list[int]:

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from router_svc import tokens, tools, turn, validate
+from router_svc import checks, tokens, tools, turn, validate
 from router_svc.http import JSONResponse, check_item_ids, parse_json, read_body, services, tenant
 from router_svc.services import Services
 
@@ -53,8 +53,8 @@ def parse_count_request(body: dict[str, Any], svc: Services) -> validate.TurnReq
     turn that stores nothing; ``personality`` (only this endpoint's) is checked and set aside."""
     personality = body.get("personality")
     if personality is not None:
-        validate._nonempty(personality, "personality")
-        validate._string(personality, "personality", max_length=_MAX_PERSONALITY)
+        checks.nonempty(personality, "personality")
+        checks.string(personality, "personality", max_length=_MAX_PERSONALITY)
     fields = {k: v for k, v in body.items() if k != "personality"}
     settings = svc.settings
     req = validate.parse_turn_request(

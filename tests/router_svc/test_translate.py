@@ -13,7 +13,7 @@ from openai.types.responses import Response
 from prometheus_client import REGISTRY
 from pydantic import TypeAdapter
 
-from router_svc import errors, translate, validate
+from router_svc import errors, inputs, translate, validate
 
 CHAT_BODY = TypeAdapter(completion_create_params.CompletionCreateParamsNonStreaming)
 CHAT_STREAM_BODY = TypeAdapter(completion_create_params.CompletionCreateParamsStreaming)
@@ -30,7 +30,7 @@ def checked(response: dict[str, Any]) -> Response:
 
 
 def user(text: str) -> dict[str, Any]:
-    return validate.normalize_items(text)[0]
+    return inputs.normalize_items(text)[0]
 
 
 # --- chat_request: messages --------------------------------------------------------------------
@@ -39,9 +39,9 @@ def user(text: str) -> dict[str, Any]:
 def test_message_order_instructions_history_injected_input() -> None:
     history = [
         user("first question"),
-        *validate.normalize_items([{"role": "assistant", "content": "first answer"}]),
+        *inputs.normalize_items([{"role": "assistant", "content": "first answer"}]),
     ]
-    injected = validate.normalize_items([{"role": "developer", "content": "sandbox ready"}])
+    injected = inputs.normalize_items([{"role": "developer", "content": "sandbox ready"}])
     body = translate.chat_request(
         req(input="second question", instructions="be brief"), history, injected, stream=False
     )
@@ -60,14 +60,14 @@ def test_outputs_the_input_opens_with_go_before_the_injected_items() -> None:
     the history's last calls come right after them, then the injected items, then the rest."""
     history = [
         user("look both up"),
-        *validate.normalize_items(
+        *inputs.normalize_items(
             [
                 {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": "{}"},
                 {"type": "custom_tool_call", "call_id": "c2", "name": "grep", "input": "x"},
             ]
         ),
     ]
-    injected = validate.normalize_items([{"role": "developer", "content": "sandbox ready"}])
+    injected = inputs.normalize_items([{"role": "developer", "content": "sandbox ready"}])
     request = req(
         previous_response_id="resp_earlier",
         input=[
@@ -99,7 +99,7 @@ def test_no_instructions_means_no_system_message() -> None:
 
 
 def test_developer_and_system_roles_become_system_text() -> None:
-    items = validate.normalize_items(
+    items = inputs.normalize_items(
         [
             {"role": "developer", "content": "d"},
             {
@@ -116,7 +116,7 @@ def test_developer_and_system_roles_become_system_text() -> None:
 
 
 def test_tool_call_round_trip_is_one_assistant_message() -> None:
-    items = validate.normalize_items(
+    items = inputs.normalize_items(
         [
             {"role": "user", "content": "weather in Paris and Rome?"},
             {
@@ -172,7 +172,7 @@ def test_tool_call_round_trip_is_one_assistant_message() -> None:
 
 
 def test_assistant_text_followed_by_calls_is_one_message() -> None:
-    items = validate.normalize_items(
+    items = inputs.normalize_items(
         [
             {"role": "assistant", "content": "Let me check."},
             {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
@@ -190,13 +190,13 @@ def test_assistant_text_followed_by_calls_is_one_message() -> None:
 def test_reasoning_items_are_not_replayed() -> None:
     items = [
         translate.reasoning_item("secret thoughts"),
-        *validate.normalize_items([{"role": "assistant", "content": "answer"}]),
+        *inputs.normalize_items([{"role": "assistant", "content": "answer"}]),
     ]
     assert translate.chat_messages(items) == [{"role": "assistant", "content": "answer"}]
 
 
 def test_images_and_files_become_chat_parts() -> None:
-    items = validate.normalize_items(
+    items = inputs.normalize_items(
         [
             {
                 "role": "user",
@@ -255,7 +255,7 @@ def test_content_a_chat_hub_cannot_fetch_is_a_clear_400(part: dict[str, Any]) ->
 
 
 def test_assistant_refusal_and_custom_tool_calls() -> None:
-    items = validate.normalize_items(
+    items = inputs.normalize_items(
         [
             {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
             {"role": "user", "content": "ok"},
@@ -394,7 +394,7 @@ def test_namespace_and_custom_tools_are_offered_as_functions() -> None:
 
 def test_calls_to_namespace_and_custom_tools_replay_under_their_offered_names() -> None:
     tools = [CODEX_NAMESPACE, FUNCTION, PATCH]
-    history = validate.normalize_items(
+    history = inputs.normalize_items(
         [
             {"role": "user", "content": "go"},
             {
@@ -699,7 +699,7 @@ def test_responses_hub_is_used_statelessly() -> None:
         translate.reasoning_item("no encrypted content"),
         {**translate.reasoning_item("x"), "encrypted_content": "gAAA"},
     ]
-    injected = validate.normalize_items([{"role": "developer", "content": "inj"}])
+    injected = inputs.normalize_items([{"role": "developer", "content": "inj"}])
     body = translate.responses_request(request, history, injected, stream=True)
     assert body["store"] is False
     assert not {"previous_response_id", "conversation", "background"} & set(body)
