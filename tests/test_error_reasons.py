@@ -72,9 +72,9 @@ def test_every_reason_sent_is_an_enum_value_and_every_value_is_sent(service: str
 
 def test_the_reader_finds_reasons_both_ways() -> None:
     state = _sent(("state_svc",))
-    assert any(w.startswith("state_svc/backends/base.py") for w in state["VERSION_MISMATCH"])
+    assert any(w.startswith("state_svc/errors.py") for w in state["VERSION_MISMATCH"])
     bootstrap = _sent(("bootstrap_svc",))
-    assert any(w.startswith("bootstrap_svc/sessions.py") for w in bootstrap["SESSION_LIMIT"])
+    assert any(w.startswith("bootstrap_svc/errors.py") for w in bootstrap["SESSION_LIMIT"])
 
 
 def test_a_value_is_sent_as_its_name_without_the_prefix() -> None:
