@@ -145,7 +145,9 @@ async def test_without_an_internal_error_another_exception_is_grpcs_unknown(
         assert (err.code, err.reason) == (grpc.StatusCode.UNKNOWN, "")
 
 
-async def test_the_rpcs_own_abort_passes_untouched(serve: Callable[..., Any]) -> None:
+async def test_the_rpcs_own_abort_passes_untouched(
+    serve: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
     stub = await serve("abort", lambda: INTERNAL)
     for err, _ in await _three_kinds(stub):
         assert (err.code, err.message, err.reason) == (
@@ -153,3 +155,5 @@ async def test_the_rpcs_own_abort_passes_untouched(serve: Callable[..., Any]) ->
             "its own abort",
             "",
         )
+    # Not taken for a failure: nothing is logged.
+    assert [r.getMessage() for r in caplog.records if r.name == __name__] == []
