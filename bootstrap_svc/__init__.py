@@ -13,7 +13,8 @@ Package map::
     sandbox.py         the bubblewrap sandbox and its limits
     sandbox_runner.py  the interpreter that runs INSIDE a sandbox (standard library only)
     files.py           a session's files: changes, sizes, client paths
+    errors.py          the error tree (one class per status code, reasons from ``ErrorReason``)
 
-Errors are ``gateway.grpcerrors.ServiceError`` built from the generated ``ErrorReason``
-constants. It imports ``gateway`` and the generated ``respgw`` code, never another service.
+Errors are the classes of ``errors.py``, built from the generated ``ErrorReason`` constants; one
+boundary (``gateway.grpcerrors.servicer``) maps them to statuses for every RPC. It imports ``gateway`` and the generated ``respgw`` code, never another service.
 """

@@ -9,7 +9,8 @@ COMMANDS_REQUIRED, TIMEOUT_INVALID, FILE_REQUIRED, PATH_INVALID, HEADER_REQUIRED
 PAGE_TOKEN_INVALID, REQUEST_ID_REQUIRED, IDLE_TTL_INVALID, MEMORY_LIMIT_INVALID
 (INVALID_ARGUMENT); SESSION_NOT_FOUND, FILE_NOT_FOUND (NOT_FOUND); REQUEST_ID_CONFLICT
 (ALREADY_EXISTS); SESSION_LIMIT, FILE_TOO_LARGE, DISK_FULL (RESOURCE_EXHAUSTED);
-SANDBOX_UNAVAILABLE (FAILED_PRECONDITION); EXECUTION_FAILED (INTERNAL).
+SANDBOX_UNAVAILABLE (FAILED_PRECONDITION); EXECUTION_FAILED (INTERNAL). They are the classes of
+``bootstrap_svc.errors``, mapped to statuses by one boundary for every RPC.
 """
 
 from __future__ import annotations
@@ -20,18 +21,18 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import orjson
 from google.protobuf import timestamp_pb2
 
-from bootstrap_svc import files, sessions
+from bootstrap_svc import errors, files, sessions
+from bootstrap_svc.errors import invalid as _invalid
 from bootstrap_svc.executor import Executor, session_file
 from bootstrap_svc.sandbox import Sandbox
-from gateway.grpcerrors import BOOTSTRAP_DOMAIN, ServiceError, abort
-from gateway.grpcerrors import reason as reason_text
+from gateway import grpcerrors
 from respgw.bootstrap.v1 import error_reason_pb2 as reasons
 from respgw.bootstrap.v1 import execution_resources_pb2 as res
 from respgw.bootstrap.v1 import execution_service_pb2 as pb
@@ -47,34 +48,6 @@ _KINDS = {
 }
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
-R = TypeVar("R")
-
-
-def _error(
-    code: grpc.StatusCode,
-    reason: reasons.ErrorReason.ValueType,
-    message: str,
-    field: str = "",
-) -> ServiceError:
-    return ServiceError(
-        code,
-        reason_text(reasons.ErrorReason, reason),
-        message,
-        metadata={"field": field} if field else {},
-        domain=BOOTSTRAP_DOMAIN,
-    )
-
-
-def _invalid(reason: reasons.ErrorReason.ValueType, message: str, field: str) -> ServiceError:
-    return _error(grpc.StatusCode.INVALID_ARGUMENT, reason, message, field)
-
-
-async def _guard(context: Ctx, call: Callable[[], Awaitable[R]]) -> R:
-    try:
-        return await call()
-    except ServiceError as err:
-        await abort(context, err)
-        raise AssertionError("unreachable") from err
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -120,6 +93,7 @@ def _untoken(token: str) -> tuple[float, str] | None:
         ) from exc
 
 
+@grpcerrors.servicer(pb.DESCRIPTOR.services_by_name["ExecutionService"], log=log, warn=errors.WARN)
 class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     """Implements respgw.bootstrap.v1.ExecutionService; see the module docstring."""
 
@@ -175,8 +149,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
             )
         session = self._store.get(tenant, session_id)
         if session is None:
-            raise _error(
-                grpc.StatusCode.NOT_FOUND,
+            raise errors.NotFound(
                 reasons.ERROR_REASON_SESSION_NOT_FOUND,
                 f"session {session_id!r} does not exist, expired or was deleted",
                 "session_id",
@@ -189,7 +162,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: Ctx
     ) -> pb.CreateSessionResponse:
-        return await _guard(context, lambda: self._create(request))
+        return await self._create(request)
 
     async def _create(self, request: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
         if not request.request_id:
@@ -216,6 +189,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
             )
         fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
         try:
+            # RequestConflict and SessionLimit are refusals of their own.
             session, replayed = self._store.create(
                 tenant=request.tenant,
                 request_id=request.request_id,
@@ -224,65 +198,45 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
                 idle_ttl_s=idle_ttl,
                 memory_bytes=memory,
             )
-        except sessions.RequestConflict as exc:
-            raise _error(grpc.StatusCode.ALREADY_EXISTS, exc.reason, str(exc)) from exc
-        except sessions.SessionLimit as exc:
-            raise _error(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason, str(exc)) from exc
-        except sessions.SessionGone as exc:
-            raise _error(
-                grpc.StatusCode.NOT_FOUND, reasons.ERROR_REASON_SESSION_NOT_FOUND, str(exc)
-            ) from exc
+        except errors.SessionGone as exc:
+            # The session a replayed CreateSession made is gone: for this RPC, NOT_FOUND.
+            raise errors.NotFound(reasons.ERROR_REASON_SESSION_NOT_FOUND, exc.message) from exc
         log.info("created session", extra={"tenant": request.tenant, "session": session.id})
         return pb.CreateSessionResponse(session=self._proto(session), replayed=replayed)
 
     async def GetSession(
         self, request: pb.GetSessionRequest, context: Ctx
     ) -> pb.GetSessionResponse:
-        async def get() -> pb.GetSessionResponse:
-            session = self._session(request.tenant, request.session_id)
-            return pb.GetSessionResponse(session=self._proto(session))
-
-        return await _guard(context, get)
+        session = self._session(request.tenant, request.session_id)
+        return pb.GetSessionResponse(session=self._proto(session))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Ctx
     ) -> pb.ListSessionsResponse:
-        async def list_() -> pb.ListSessionsResponse:
-            if not request.tenant:
-                raise _invalid(reasons.ERROR_REASON_TENANT_REQUIRED, "tenant is required", "tenant")
-            size = _page_size(request.page_size)
-            found = self._store.list_sessions(
-                request.tenant, _untoken(request.page_token), size + 1
-            )
-            reply = pb.ListSessionsResponse(sessions=[self._proto(s) for s in found[:size]])
-            if len(found) > size:
-                last = found[size - 1]
-                reply.next_page_token = _token(last.created_at, last.id)
-            return reply
-
-        return await _guard(context, list_)
+        if not request.tenant:
+            raise _invalid(reasons.ERROR_REASON_TENANT_REQUIRED, "tenant is required", "tenant")
+        size = _page_size(request.page_size)
+        found = self._store.list_sessions(request.tenant, _untoken(request.page_token), size + 1)
+        reply = pb.ListSessionsResponse(sessions=[self._proto(s) for s in found[:size]])
+        if len(found) > size:
+            last = found[size - 1]
+            reply.next_page_token = _token(last.created_at, last.id)
+        return reply
 
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: Ctx
     ) -> pb.DeleteSessionResponse:
-        async def delete() -> pb.DeleteSessionResponse:
-            session = self._session(request.tenant, request.session_id)
-            await self._store.delete(request.tenant, session.id)
-            log.info("deleted session", extra={"tenant": request.tenant, "session": session.id})
-            return pb.DeleteSessionResponse()
-
-        return await _guard(context, delete)
+        session = self._session(request.tenant, request.session_id)
+        await self._store.delete(request.tenant, session.id)
+        log.info("deleted session", extra={"tenant": request.tenant, "session": session.id})
+        return pb.DeleteSessionResponse()
 
     # -- Execute --------------------------------------------------------------------------------
 
     async def Execute(
         self, request: pb.ExecuteRequest, context: Ctx
     ) -> AsyncIterator[pb.ExecuteResponse]:
-        try:
-            session, code, commands = self._check_execute(request)
-        except ServiceError as err:
-            await abort(context, err)
-            return
+        session, code, commands = self._check_execute(request)
         timeout = request.timeout.ToNanoseconds() / 1e9 if request.HasField("timeout") else None
         limits = self._executor.limits(
             session, timeout, request.max_output_bytes, self._max_timeout_s
@@ -314,14 +268,9 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
             raise
         except Exception as exc:
             log.exception("a call failed in the service")
-            await abort(
-                context,
-                _error(
-                    grpc.StatusCode.INTERNAL,
-                    reasons.ERROR_REASON_EXECUTION_FAILED,
-                    f"the call failed: {exc}",
-                ),
-            )
+            raise errors.Internal(
+                reasons.ERROR_REASON_EXECUTION_FAILED, f"the call failed: {exc}"
+            ) from exc
         log.info(
             "ran a call",
             extra={
@@ -360,8 +309,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
             raise _invalid(reasons.ERROR_REASON_TIMEOUT_INVALID, "timeout is negative", "timeout")
         session = self._session(request.tenant, request.session_id)
         if not self._sandbox.ready:
-            raise _error(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            raise errors.FailedPrecondition(
                 reasons.ERROR_REASON_SANDBOX_UNAVAILABLE,
                 f"this service cannot run calls: {self._sandbox.problem or 'sandbox not checked'}",
             )
@@ -391,70 +339,50 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         for found in await self._listing(session):
             if found.file_id == file_id:
                 return session, found
-        raise _error(
-            grpc.StatusCode.NOT_FOUND,
+        raise errors.NotFound(
             reasons.ERROR_REASON_FILE_NOT_FOUND,
             f"file {file_id!r} does not exist in session {session_id!r}",
             "file_id",
         )
 
     async def ListFiles(self, request: pb.ListFilesRequest, context: Ctx) -> pb.ListFilesResponse:
-        async def list_() -> pb.ListFilesResponse:
-            session = self._session(request.tenant, request.session_id)
-            after = _untoken(request.page_token)
-            listing = await self._listing(session)
-            if after is not None:
-                mark = (int(after[0]), after[1])
-                listing = [f for f in listing if (f.create_time.ToNanoseconds(), f.file_id) > mark]
-            size = _page_size(request.page_size)
-            reply = pb.ListFilesResponse(files=listing[:size])
-            if len(listing) > size:
-                last = listing[size - 1]
-                reply.next_page_token = _token(last.create_time.ToNanoseconds(), last.file_id)
-            return reply
-
-        return await _guard(context, list_)
+        session = self._session(request.tenant, request.session_id)
+        after = _untoken(request.page_token)
+        listing = await self._listing(session)
+        if after is not None:
+            mark = (int(after[0]), after[1])
+            listing = [f for f in listing if (f.create_time.ToNanoseconds(), f.file_id) > mark]
+        size = _page_size(request.page_size)
+        reply = pb.ListFilesResponse(files=listing[:size])
+        if len(listing) > size:
+            last = listing[size - 1]
+            reply.next_page_token = _token(last.create_time.ToNanoseconds(), last.file_id)
+        return reply
 
     async def GetFile(self, request: pb.GetFileRequest, context: Ctx) -> pb.GetFileResponse:
-        async def get() -> pb.GetFileResponse:
-            _, found = await self._file(request.tenant, request.session_id, request.file_id)
-            return pb.GetFileResponse(file=found)
-
-        return await _guard(context, get)
+        _, found = await self._file(request.tenant, request.session_id, request.file_id)
+        return pb.GetFileResponse(file=found)
 
     async def DeleteFile(
         self, request: pb.DeleteFileRequest, context: Ctx
     ) -> pb.DeleteFileResponse:
-        async def delete() -> pb.DeleteFileResponse:
-            session, found = await self._file(request.tenant, request.session_id, request.file_id)
-            path = files.relative(found.path)
-            with contextlib.suppress(FileNotFoundError):
-                files.remove(session.directory, path)
-            self._store.forget_files(session.id, [path])
-            return pb.DeleteFileResponse()
-
-        return await _guard(context, delete)
+        session, found = await self._file(request.tenant, request.session_id, request.file_id)
+        path = files.relative(found.path)
+        with contextlib.suppress(FileNotFoundError):
+            files.remove(session.directory, path)
+        self._store.forget_files(session.id, [path])
+        return pb.DeleteFileResponse()
 
     async def DownloadFile(
         self, request: pb.DownloadFileRequest, context: Ctx
     ) -> AsyncIterator[pb.DownloadFileResponse]:
+        session, found = await self._file(request.tenant, request.session_id, request.file_id)
         try:
-            session, found = await self._file(request.tenant, request.session_id, request.file_id)
             fd = files.open_for_read(session.directory, files.relative(found.path))
-        except ServiceError as err:
-            await abort(context, err)
-            return
-        except FileNotFoundError:
-            await abort(
-                context,
-                _error(
-                    grpc.StatusCode.NOT_FOUND,
-                    reasons.ERROR_REASON_FILE_NOT_FOUND,
-                    "the file is gone",
-                    "file_id",
-                ),
-            )
-            return
+        except FileNotFoundError as exc:
+            raise errors.NotFound(
+                reasons.ERROR_REASON_FILE_NOT_FOUND, "the file is gone", "file_id"
+            ) from exc
         with os.fdopen(fd, "rb") as stream:
             yield pb.DownloadFileResponse(file=found)
             while chunk := await asyncio.to_thread(stream.read, DOWNLOAD_CHUNK):
@@ -463,7 +391,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     async def UploadFile(
         self, request_iterator: AsyncIterator[pb.UploadFileRequest], context: Ctx
     ) -> pb.UploadFileResponse:
-        return await _guard(context, lambda: self._upload(request_iterator))
+        return await self._upload(request_iterator)
 
     async def _upload(self, parts: AsyncIterator[pb.UploadFileRequest]) -> pb.UploadFileResponse:
         first = await anext(aiter(parts), None)
@@ -498,14 +426,12 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
                         )
                     written += len(part.data)
                     if written > limits.file_bytes:
-                        raise _error(
-                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        raise errors.ResourceExhausted(
                             reasons.ERROR_REASON_FILE_TOO_LARGE,
                             f"the file is larger than {limits.file_bytes} bytes",
                         )
                     if written > room:
-                        raise _error(
-                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        raise errors.ResourceExhausted(
                             reasons.ERROR_REASON_DISK_FULL,
                             f"the session's files would exceed {limits.disk_bytes} bytes",
                         )

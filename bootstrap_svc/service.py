@@ -6,23 +6,23 @@ whose reason is one of these ``ErrorReason`` values (``error_reason.proto``, bui
 generated constants): REQUEST_ID_REQUIRED, TENANT_REQUIRED, TOOLS_REQUIRED, KIND_UNSPECIFIED,
 KIND_DUPLICATED, TOOL_JSON_INVALID, SCOPE_CONFLICT, SCOPE_REQUIRED (INVALID_ARGUMENT);
 KIND_UNSUPPORTED (UNIMPLEMENTED); REQUEST_ID_CONFLICT (ALREADY_EXISTS); SESSION_LIMIT
-(RESOURCE_EXHAUSTED); SESSION_GONE (FAILED_PRECONDITION); WORKDIR_UNAVAILABLE (INTERNAL).
+(RESOURCE_EXHAUSTED); SESSION_GONE (FAILED_PRECONDITION); WORKDIR_UNAVAILABLE (INTERNAL). They
+are the classes of ``bootstrap_svc.errors``, mapped to statuses by one boundary for every RPC.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import orjson
 from google.protobuf import timestamp_pb2
 
-from bootstrap_svc import sessions
-from gateway.grpcerrors import BOOTSTRAP_DOMAIN, ServiceError, abort
-from gateway.grpcerrors import reason as reason_text
+from bootstrap_svc import errors, sessions
+from bootstrap_svc.errors import invalid as _invalid
+from gateway import grpcerrors
 from respgw.bootstrap.v1 import bootstrap_service_pb2 as pb
 from respgw.bootstrap.v1 import bootstrap_service_pb2_grpc, resources_pb2
 from respgw.bootstrap.v1 import error_reason_pb2 as reasons
@@ -38,45 +38,6 @@ KINDS: dict[resources_pb2.ToolKind.ValueType, str] = {
 }
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
-R = TypeVar("R")
-
-
-def _error(
-    code: grpc.StatusCode,
-    reason: reasons.ErrorReason.ValueType,
-    message: str,
-    metadata: dict[str, str] | None = None,
-) -> ServiceError:
-    return ServiceError(
-        code,
-        reason_text(reasons.ErrorReason, reason),
-        message,
-        metadata=metadata or {},
-        domain=BOOTSTRAP_DOMAIN,
-    )
-
-
-def _invalid(reason: reasons.ErrorReason.ValueType, message: str, field: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        reason_text(reasons.ErrorReason, reason),
-        message,
-        metadata={"field": field},
-        domain=BOOTSTRAP_DOMAIN,
-    )
-
-
-async def _guard(context: Ctx, call: Callable[[], Awaitable[R]]) -> R:
-    """Runs one RPC, turning ServiceError into its status (abort never returns)."""
-    try:
-        return await call()
-    except ServiceError as err:
-        if err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED):
-            log.warning(
-                "bootstrap call refused", extra={"reason": err.reason, "error": err.message}
-            )
-        await abort(context, err)
-        raise AssertionError("unreachable") from err
 
 
 def _claims(request: pb.PrepareToolsRequest) -> list[sessions.Claim]:
@@ -148,11 +109,10 @@ def _claims(request: pb.PrepareToolsRequest) -> list[sessions.Claim]:
         claims.append(sessions.Claim(kind, container if isinstance(container, str) else ""))
     for i, tool in enumerate(request.tools):
         if tool.kind not in KINDS:
-            raise _error(
-                grpc.StatusCode.UNIMPLEMENTED,
+            raise errors.Unimplemented(
                 reasons.ERROR_REASON_KIND_UNSUPPORTED,
                 f"tools[{i}].kind {tool.kind} is not supported; see GetCapabilities",
-                {"field": f"tools[{i}].kind"},
+                f"tools[{i}].kind",
             )
     return claims
 
@@ -199,6 +159,7 @@ def _render(
     return response
 
 
+@grpcerrors.servicer(pb.DESCRIPTOR.services_by_name["BootstrapService"], log=log, warn=errors.WARN)
 class BootstrapServicer(bootstrap_service_pb2_grpc.BootstrapServiceServicer):
     """Implements respgw.bootstrap.v1.BootstrapService over a :class:`sessions.SessionStore`."""
 
@@ -218,7 +179,7 @@ class BootstrapServicer(bootstrap_service_pb2_grpc.BootstrapServiceServicer):
     async def PrepareTools(
         self, request: pb.PrepareToolsRequest, context: Ctx
     ) -> pb.PrepareToolsResponse:
-        return await _guard(context, lambda: self._prepare(request))
+        return await self._prepare(request)
 
     async def _prepare(self, request: pb.PrepareToolsRequest) -> pb.PrepareToolsResponse:
         if not request.request_id:
@@ -242,6 +203,7 @@ class BootstrapServicer(bootstrap_service_pb2_grpc.BootstrapServiceServicer):
             response_id=request.response_id,
         )
         try:
+            # RequestConflict, SessionLimit and SessionGone are refusals of their own.
             result, replayed = self._store.prepare(
                 tenant=request.tenant,
                 request_id=request.request_id,
@@ -250,16 +212,9 @@ class BootstrapServicer(bootstrap_service_pb2_grpc.BootstrapServiceServicer):
                 scope=scope,
                 render=lambda found: _render(request, found).SerializeToString(),
             )
-        except sessions.RequestConflict as exc:
-            raise _error(grpc.StatusCode.ALREADY_EXISTS, exc.reason, str(exc)) from exc
-        except sessions.SessionLimit as exc:
-            raise _error(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason, str(exc)) from exc
-        except sessions.SessionGone as exc:
-            raise _error(grpc.StatusCode.FAILED_PRECONDITION, exc.reason, str(exc)) from exc
         except OSError as exc:
             log.exception("cannot create a session directory")
-            raise _error(
-                grpc.StatusCode.INTERNAL,
+            raise errors.Internal(
                 reasons.ERROR_REASON_WORKDIR_UNAVAILABLE,
                 f"cannot create a session directory: {exc.strerror or exc}",
             ) from exc
@@ -278,7 +233,7 @@ class BootstrapServicer(bootstrap_service_pb2_grpc.BootstrapServiceServicer):
     async def ReleaseTools(
         self, request: pb.ReleaseToolsRequest, context: Ctx
     ) -> pb.ReleaseToolsResponse:
-        return await _guard(context, lambda: self._release(request))
+        return await self._release(request)
 
     async def _release(self, request: pb.ReleaseToolsRequest) -> pb.ReleaseToolsResponse:
         if not request.tenant:

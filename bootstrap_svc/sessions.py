@@ -33,9 +33,8 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
-from respgw.bootstrap.v1 import error_reason_pb2 as reasons
+from bootstrap_svc.errors import RequestConflict, SessionGone, SessionLimit
 
 log = logging.getLogger(__name__)
 
@@ -93,30 +92,6 @@ _COLUMNS = (
     "id, tenant, kind, conversation_id, last_used, name, created_at, idle_ttl_s, memory_bytes, "
     "slot, had_python"
 )
-
-
-class SessionError(Exception):
-    """A call the registry refuses; each kind's ``reason`` is its ErrorInfo reason."""
-
-    reason: ClassVar[reasons.ErrorReason.ValueType]
-
-
-class SessionLimit(SessionError):
-    """The tenant already holds its maximum of live sessions."""
-
-    reason = reasons.ERROR_REASON_SESSION_LIMIT
-
-
-class SessionGone(SessionError):
-    """A session the request names explicitly expired, was released or never existed."""
-
-    reason = reasons.ERROR_REASON_SESSION_GONE
-
-
-class RequestConflict(SessionError):
-    """The request_id was used before with different content."""
-
-    reason = reasons.ERROR_REASON_REQUEST_ID_CONFLICT
 
 
 class WorkdirLocked(RuntimeError):

@@ -4,11 +4,17 @@ Servers raise :class:`ServiceError`; the servicer boundary turns it into a statu
 ``grpc-status-details-bin`` trailer carries a ``google.rpc.ErrorInfo`` with a stable reason.
 Clients read the reason back with :func:`error_info`. Each proto package lists its reasons as an
 ``ErrorReason`` enum (``error_reason.proto``); :func:`reason` spells a value as the string sent.
+Each service draws its tree of ServiceError classes in its own ``errors.py``; :func:`servicer` is
+the one boundary, a class decorator that maps them to statuses for every RPC of a service.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,6 +24,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 if TYPE_CHECKING:
+    from google.protobuf.descriptor import ServiceDescriptor
     from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
 
 STATE_DOMAIN = "state.respgw.dev"
@@ -26,6 +33,8 @@ BOOTSTRAP_DOMAIN = "bootstrap.respgw.dev"
 REASON_PREFIX = "ERROR_REASON_"
 
 V = TypeVar("V", bound=int)
+S = TypeVar("S", bound=type)
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def reason(enum: _EnumTypeWrapper[V], value: V) -> str:
@@ -105,3 +114,93 @@ def error_info(exc: grpc.RpcError) -> RemoteError:
                 detail.Unpack(info)
                 reason, domain, meta = info.reason, info.domain, dict(info.metadata)
     return RemoteError(code=code, reason=reason, message=message, metadata=meta, domain=domain)
+
+
+# --- the servicer boundary ----------------------------------------------------------------------
+
+# The attribute an RPC method wrapped by :func:`servicer` carries: the service's full name.
+MAPPED = "__respgw_errors__"
+
+
+def servicer(
+    service: ServiceDescriptor,
+    *,
+    log: logging.Logger,
+    internal: Callable[[], ServiceError] | None = None,
+    warn: Collection[grpc.StatusCode] = (),
+) -> Callable[[S], S]:
+    """A class decorator that puts every RPC of ``service`` behind one error boundary.
+
+    A :class:`ServiceError` raised by an RPC (before or between the messages of a streaming
+    reply) ends the call with its status and ErrorInfo, logged as a warning when its code is in
+    ``warn``. Any other exception is logged with its traceback and ends the call with
+    ``internal()`` when given; without it, it propagates (gRPC logs it and answers UNKNOWN). An abort the
+    RPC made itself (``context.abort``) and cancellation pass through untouched.
+
+    The class must define every RPC of the descriptor itself (a servicer that inherits the
+    generated UNIMPLEMENTED stub fails here, at import). The cost is one coroutine frame per
+    call (one generator step per message of a streaming reply); nothing else is allocated
+    unless an error is raised."""
+
+    def wrap(cls: S) -> S:
+        for method in service.methods:
+            handler = cls.__dict__.get(method.name)
+            if handler is None:
+                raise TypeError(f"{cls.__name__} does not serve {service.full_name}/{method.name}")
+            setattr(cls, method.name, _boundary(handler, service.full_name, log, internal, warn))
+        return cls
+
+    return wrap
+
+
+def _boundary(
+    handler: Callable[..., Any],
+    service: str,
+    log: logging.Logger,
+    internal: Callable[[], ServiceError] | None,
+    warn: Collection[grpc.StatusCode],
+) -> Callable[..., Any]:
+    rpc = f"/{service}/{handler.__name__}"
+
+    async def fail(context: Context, exc: Exception) -> None:
+        if isinstance(exc, ServiceError):
+            if exc.code in warn:
+                log.warning(
+                    "gRPC call refused",
+                    extra={"rpc": rpc, "reason": exc.reason, "error": exc.message},
+                )
+            await abort(context, exc)
+            return
+        if internal is None:
+            raise exc  # gRPC logs it and answers UNKNOWN
+        log.exception("gRPC call failed", extra={"rpc": rpc})
+        await abort(context, internal())
+
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
+            try:
+                async with contextlib.aclosing(handler(self, request, context)) as replies:
+                    async for reply in replies:
+                        yield reply
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(context, exc)
+
+        setattr(stream, MAPPED, service)
+        return stream
+
+    @functools.wraps(handler)
+    async def unary(self: Any, request: Any, context: Context) -> Any:
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await fail(context, exc)
+            raise AssertionError("abort returned") from exc
+
+    setattr(unary, MAPPED, service)
+    return unary

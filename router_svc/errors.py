@@ -14,7 +14,8 @@ Exception tree::
     └── BootstrapFailed           code stateful_tool_bootstrap_failed (the bootstrap service failed)
 
 Errors from gRPC services are mapped once, here (:func:`from_state_error`,
-:func:`from_bootstrap_error`), with ``raise ... from exc`` at the call site. Every
+:func:`from_bootstrap_error`), with ``raise ... from exc`` at the call site; the state service's
+reasons are compared with the generated ``ErrorReason`` constants, never spelled. Every
 ``grpc.StatusCode`` has an entry; a test fails if one is added without a mapping.
 """
 
@@ -24,7 +25,8 @@ from typing import Any
 
 import grpc
 
-from gateway.grpcerrors import RemoteError
+from gateway.grpcerrors import RemoteError, reason
+from respgw.state.v1 import error_reason_pb2 as state_reasons
 
 SERVER_ERROR = "server_error"
 INVALID_REQUEST = "invalid_request_error"
@@ -181,8 +183,19 @@ _STATE_STATUS: dict[grpc.StatusCode, tuple[type[ApiError], int]] = {
     grpc.StatusCode.UNAUTHENTICATED: (ApiError, 500),
 }
 
+
+def _state_reason(value: state_reasons.ErrorReason.ValueType) -> str:
+    return reason(state_reasons.ErrorReason, value)
+
+
+RESPONSE_IN_PROGRESS = _state_reason(state_reasons.ERROR_REASON_RESPONSE_IN_PROGRESS)
+HISTORY_BROKEN = _state_reason(state_reasons.ERROR_REASON_HISTORY_BROKEN)
+ITEM_ID_CONFLICT = _state_reason(state_reasons.ERROR_REASON_ITEM_ID_CONFLICT)
+REQUEST_ID_CONFLICT = _state_reason(state_reasons.ERROR_REASON_REQUEST_ID_CONFLICT)
+VERSION_MISMATCH = _state_reason(state_reasons.ERROR_REASON_VERSION_MISMATCH)
+
 # The state service's reason for "nothing was written, try again" (every other 5xx may have written).
-_NOTHING_WRITTEN = frozenset({"BACKEND_UNAVAILABLE"})
+_NOTHING_WRITTEN = frozenset({_state_reason(state_reasons.ERROR_REASON_BACKEND_UNAVAILABLE)})
 
 _STATE_CODES: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: "state_timeout",
@@ -197,7 +210,7 @@ _STATE_CODES: dict[grpc.StatusCode, str] = {
 def from_state_error(err: RemoteError, *, param: str | None = None) -> ApiError:
     """Maps a failed state service call to the error the client sees."""
     cls, status = _STATE_STATUS.get(err.code, (StateUnavailable, 503))
-    if err.reason == "RESPONSE_IN_PROGRESS":
+    if err.reason == RESPONSE_IN_PROGRESS:
         response_id = err.metadata.get("response_id") or err.metadata.get(
             "previous_response_id", ""
         )
@@ -207,14 +220,14 @@ def from_state_error(err: RemoteError, *, param: str | None = None) -> ApiError:
             param=param or "previous_response_id",
             code="previous_response_in_progress",
         )
-    if err.reason == "HISTORY_BROKEN":
+    if err.reason == HISTORY_BROKEN:
         return InvalidRequest(
             "The history of this response cannot be loaded because an earlier response in its "
             "chain was deleted or has expired.",
             param=param,
             code="history_unavailable",
         )
-    if err.reason == "ITEM_ID_CONFLICT":
+    if err.reason == ITEM_ID_CONFLICT:
         item = err.metadata.get("item_id", "")
         return InvalidRequest(
             f"An item with id '{item}' is already in this conversation with other content."
@@ -223,12 +236,12 @@ def from_state_error(err: RemoteError, *, param: str | None = None) -> ApiError:
             param=param or "items",
             code="duplicate_item_id",
         )
-    if err.reason == "REQUEST_ID_CONFLICT":
+    if err.reason == REQUEST_ID_CONFLICT:
         return InvalidRequest(
             "This Idempotency-Key was already used for a request with other content.",
             code="idempotency_key_reused",
         )
-    if err.reason == "VERSION_MISMATCH":
+    if err.reason == VERSION_MISMATCH:
         return Conflict(
             "Another request changed this conversation while this one was running. "
             "Please try again.",

@@ -6,9 +6,11 @@ Package map::
     server.py         ``respgw state``: opens the backend, serves the servicer, sweeps expired rows
     config.py         StateSettings (flags and RESPGW_STATE_* variables)
     service.py        the StateService servicer: validates, converts API messages to the
-                      backend's dataclasses and back, maps every error to a status with ErrorInfo
+                      backend's dataclasses and back
+    errors.py         the error tree (one class per status code, reasons from ``ErrorReason``)
+                      and its constructors; one boundary maps them to statuses for every RPC
     backends/         storage behind one ``typing.Protocol``, chosen by ``--backend``:
-      base.py         the Backend protocol, its dataclasses, shared rules and error helpers
+      base.py         the Backend protocol, its dataclasses and shared rules
       sqlite.py       one file in WAL mode (the default)
       postgres.py     asyncpg, for replicas sharing one database
       memory.py       tests and development

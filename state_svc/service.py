@@ -1,5 +1,6 @@
-"""The StateService servicer: validates requests, converts between API messages and the
-backend's dataclasses, and maps every error once, here, to a status with ErrorInfo."""
+"""The StateService servicer: validates requests and converts between API messages and the
+backend's dataclasses. Its errors are ``state_svc.errors``; one boundary
+(:func:`gateway.grpcerrors.servicer`) maps them to a status with ErrorInfo for every RPC."""
 
 from __future__ import annotations
 
@@ -22,14 +23,13 @@ from gateway import grpcerrors, metrics
 from gateway.grpcerrors import ServiceError
 from gateway.logs import request_id_var
 from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
+from state_svc import errors
 from state_svc.backends import base
 from state_svc.backends.base import Backend
 from state_svc.config import StateSettings
 
 log = logging.getLogger(__name__)
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -51,6 +51,11 @@ BACKEND_LATENCY = Histogram(
 )
 
 
+@grpcerrors.servicer(
+    state_service_pb2.DESCRIPTOR.services_by_name["StateService"],
+    log=log,
+    internal=errors.internal,
+)
 class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     """Serves StateService from a :class:`Backend`."""
 
@@ -67,22 +72,6 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         # The open WatchResponseEvents streams of this replica, by (tenant, response id): an
         # append through this replica wakes them at once (other replicas' appends are polled).
         self._watchers: dict[tuple[str, str], set[asyncio.Event]] = {}
-
-    # --- plumbing -------------------------------------------------------------------------
-
-    async def _serve(
-        self, context: Context, handler: Callable[[Req], Awaitable[Resp]], request: Req
-    ) -> Resp:
-        try:
-            check_strings(request)
-            return await handler(request)
-        except ServiceError as exc:
-            error = exc
-        except Exception:
-            log.exception("state call failed", extra={"handler": handler.__name__})
-            error = ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
-        await grpcerrors.abort(context, error)
-        raise AssertionError("abort returned")
 
     # --- Exchange: the request path's RPCs over one stream ----------------------------------
 
@@ -163,8 +152,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         except Exception:
             log.exception("state call failed", extra={"rpc": method})
             code = "INTERNAL"
-            error = ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
-            _set_status(slot().status, error)
+            _set_status(slot().status, errors.internal())
         finally:
             elapsed = time.perf_counter() - start
             metrics.GRPC_SERVER_LATENCY.labels(method).observe(elapsed)
@@ -194,7 +182,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def PutTurn(
         self, request: state_service_pb2.PutTurnRequest, context: Context
     ) -> state_service_pb2.PutTurnResponse:
-        return await self._serve(context, self._put_turn, request)
+        check_strings(request)
+        return await self._put_turn(request)
 
     async def _put_turn(
         self, request: state_service_pb2.PutTurnRequest
@@ -251,7 +240,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def GetResponse(
         self, request: state_service_pb2.GetResponseRequest, context: Context
     ) -> state_service_pb2.GetResponseResponse:
-        return await self._serve(context, self._get_response, request)
+        check_strings(request)
+        return await self._get_response(request)
 
     async def _get_response(
         self, request: state_service_pb2.GetResponseRequest
@@ -271,7 +261,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def GetHistory(
         self, request: state_service_pb2.GetHistoryRequest, context: Context
     ) -> state_service_pb2.GetHistoryResponse:
-        return await self._serve(context, self._get_history, request)
+        check_strings(request)
+        return await self._get_history(request)
 
     async def _get_history(
         self, request: state_service_pb2.GetHistoryRequest
@@ -306,7 +297,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def GetItems(
         self, request: state_service_pb2.GetItemsRequest, context: Context
     ) -> state_service_pb2.GetItemsResponse:
-        return await self._serve(context, self._get_items, request)
+        check_strings(request)
+        return await self._get_items(request)
 
     async def _get_items(
         self, request: state_service_pb2.GetItemsRequest
@@ -330,7 +322,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def DeleteResponse(
         self, request: state_service_pb2.DeleteResponseRequest, context: Context
     ) -> state_service_pb2.DeleteResponseResponse:
-        return await self._serve(context, self._delete_response, request)
+        check_strings(request)
+        return await self._delete_response(request)
 
     async def _delete_response(
         self, request: state_service_pb2.DeleteResponseRequest
@@ -347,7 +340,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def CreateConversation(
         self, request: state_service_pb2.CreateConversationRequest, context: Context
     ) -> state_service_pb2.CreateConversationResponse:
-        return await self._serve(context, self._create_conversation, request)
+        check_strings(request)
+        return await self._create_conversation(request)
 
     async def _create_conversation(
         self, request: state_service_pb2.CreateConversationRequest
@@ -368,7 +362,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def GetConversation(
         self, request: state_service_pb2.GetConversationRequest, context: Context
     ) -> state_service_pb2.GetConversationResponse:
-        return await self._serve(context, self._get_conversation, request)
+        check_strings(request)
+        return await self._get_conversation(request)
 
     async def _get_conversation(
         self, request: state_service_pb2.GetConversationRequest
@@ -393,7 +388,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def UpdateConversation(
         self, request: state_service_pb2.UpdateConversationRequest, context: Context
     ) -> state_service_pb2.UpdateConversationResponse:
-        return await self._serve(context, self._update_conversation, request)
+        check_strings(request)
+        return await self._update_conversation(request)
 
     async def _update_conversation(
         self, request: state_service_pb2.UpdateConversationRequest
@@ -412,7 +408,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def DeleteConversation(
         self, request: state_service_pb2.DeleteConversationRequest, context: Context
     ) -> state_service_pb2.DeleteConversationResponse:
-        return await self._serve(context, self._delete_conversation, request)
+        check_strings(request)
+        return await self._delete_conversation(request)
 
     async def _delete_conversation(
         self, request: state_service_pb2.DeleteConversationRequest
@@ -428,7 +425,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def CreateConversationItems(
         self, request: state_service_pb2.CreateConversationItemsRequest, context: Context
     ) -> state_service_pb2.CreateConversationItemsResponse:
-        return await self._serve(context, self._create_items, request)
+        check_strings(request)
+        return await self._create_items(request)
 
     async def _create_items(
         self, request: state_service_pb2.CreateConversationItemsRequest
@@ -454,7 +452,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def ListConversationItems(
         self, request: state_service_pb2.ListConversationItemsRequest, context: Context
     ) -> state_service_pb2.ListConversationItemsResponse:
-        return await self._serve(context, self._list_items, request)
+        check_strings(request)
+        return await self._list_items(request)
 
     async def _list_items(
         self, request: state_service_pb2.ListConversationItemsRequest
@@ -494,7 +493,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def GetConversationItem(
         self, request: state_service_pb2.GetConversationItemRequest, context: Context
     ) -> state_service_pb2.GetConversationItemResponse:
-        return await self._serve(context, self._get_item, request)
+        check_strings(request)
+        return await self._get_item(request)
 
     async def _get_item(
         self, request: state_service_pb2.GetConversationItemRequest
@@ -511,7 +511,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def DeleteConversationItem(
         self, request: state_service_pb2.DeleteConversationItemRequest, context: Context
     ) -> state_service_pb2.DeleteConversationItemResponse:
-        return await self._serve(context, self._delete_item, request)
+        check_strings(request)
+        return await self._delete_item(request)
 
     async def _delete_item(
         self, request: state_service_pb2.DeleteConversationItemRequest
@@ -532,7 +533,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def EnqueueBackgroundResponse(
         self, request: state_service_pb2.EnqueueBackgroundResponseRequest, context: Context
     ) -> state_service_pb2.EnqueueBackgroundResponseResponse:
-        return await self._serve(context, self._enqueue, request)
+        check_strings(request)
+        return await self._enqueue(request)
 
     async def _enqueue(
         self, request: state_service_pb2.EnqueueBackgroundResponseRequest
@@ -572,7 +574,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def ClaimBackgroundResponse(
         self, request: state_service_pb2.ClaimBackgroundResponseRequest, context: Context
     ) -> state_service_pb2.ClaimBackgroundResponseResponse:
-        return await self._serve(context, self._claim, request)
+        check_strings(request)
+        return await self._claim(request)
 
     async def _claim(
         self, request: state_service_pb2.ClaimBackgroundResponseRequest
@@ -598,7 +601,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def RenewBackgroundLease(
         self, request: state_service_pb2.RenewBackgroundLeaseRequest, context: Context
     ) -> state_service_pb2.RenewBackgroundLeaseResponse:
-        return await self._serve(context, self._renew, request)
+        check_strings(request)
+        return await self._renew(request)
 
     async def _renew(
         self, request: state_service_pb2.RenewBackgroundLeaseRequest
@@ -621,7 +625,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def AppendResponseEvents(
         self, request: state_service_pb2.AppendResponseEventsRequest, context: Context
     ) -> state_service_pb2.AppendResponseEventsResponse:
-        return await self._serve(context, self._append_events, request)
+        check_strings(request)
+        return await self._append_events(request)
 
     async def _append_events(
         self, request: state_service_pb2.AppendResponseEventsRequest
@@ -642,7 +647,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def FinishBackgroundResponse(
         self, request: state_service_pb2.FinishBackgroundResponseRequest, context: Context
     ) -> state_service_pb2.FinishBackgroundResponseResponse:
-        return await self._serve(context, self._finish, request)
+        check_strings(request)
+        return await self._finish(request)
 
     async def _finish(
         self, request: state_service_pb2.FinishBackgroundResponseRequest
@@ -667,7 +673,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     async def CancelBackgroundResponse(
         self, request: state_service_pb2.CancelBackgroundResponseRequest, context: Context
     ) -> state_service_pb2.CancelBackgroundResponseResponse:
-        return await self._serve(context, self._cancel, request)
+        check_strings(request)
+        return await self._cancel(request)
 
     async def _cancel(
         self, request: state_service_pb2.CancelBackgroundResponseRequest
@@ -691,49 +698,35 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     ) -> AsyncIterator[state_service_pb2.WatchResponseEventsResponse]:
         """Sends the log after starting_after, then waits for more: woken by an append through
         this replica, or after the poll interval for the other replicas' appends."""
-        try:
-            tenant = _tenant(request.tenant)
-            _require(request.response_id, "response_id")
-            after = request.starting_after if request.HasField("starting_after") else -1
-            if after < -1:
-                raise _invalid("starting_after", "starting_after must be -1 or more")
-        except ServiceError as exc:
-            await grpcerrors.abort(context, exc)
-            return
+        tenant = _tenant(request.tenant)
+        _require(request.response_id, "response_id")
+        after = request.starting_after if request.HasField("starting_after") else -1
+        if after < -1:
+            raise _invalid("starting_after", "starting_after must be -1 or more")
         key = (tenant, request.response_id)
         wake = asyncio.Event()
         self._watchers.setdefault(key, set()).add(wake)
         try:
             while True:
                 wake.clear()
-                try:
-                    page = await self._timed(
-                        "read_events",
-                        self._backend.read_events(
-                            tenant, request.response_id, after=after, limit=WATCH_BATCH
-                        ),
-                    )
-                except ServiceError as exc:
-                    error = exc
-                except Exception:
-                    log.exception("state call failed", extra={"rpc": "WatchResponseEvents"})
-                    error = ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
-                else:
-                    if page.events:
-                        reply = state_service_pb2.WatchResponseEventsResponse()
-                        for event in page.events:
-                            reply.events.add(sequence_number=event.sequence, json=event.json)
-                        yield reply
-                        after = page.events[-1].sequence
-                    if len(page.events) == WATCH_BATCH:
-                        continue
-                    if page.final:
-                        return
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), self._settings.watch_poll_interval_s)
+                page = await self._timed(
+                    "read_events",
+                    self._backend.read_events(
+                        tenant, request.response_id, after=after, limit=WATCH_BATCH
+                    ),
+                )
+                if page.events:
+                    reply = state_service_pb2.WatchResponseEventsResponse()
+                    for event in page.events:
+                        reply.events.add(sequence_number=event.sequence, json=event.json)
+                    yield reply
+                    after = page.events[-1].sequence
+                if len(page.events) == WATCH_BATCH:
                     continue
-                await grpcerrors.abort(context, error)
-                return
+                if page.final:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self._settings.watch_poll_interval_s)
         finally:
             watchers = self._watchers.get(key)
             if watchers is not None:
@@ -859,20 +852,12 @@ def _set_status(status: state_service_pb2.CallStatus, error: ServiceError) -> No
 # --- validation ---------------------------------------------------------------------------
 
 
-def _invalid(field: str, message: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", message, {"field": field}
-    )
+_invalid = errors.invalid
 
 
 def _tenant(tenant: str) -> str:
     if not tenant:
-        raise ServiceError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "TENANT_REQUIRED",
-            "tenant is required",
-            {"field": "tenant"},
-        )
+        raise errors.tenant_required()
     return tenant
 
 

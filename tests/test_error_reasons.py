@@ -70,11 +70,28 @@ def test_every_reason_sent_is_an_enum_value_and_every_value_is_sent(service: str
     assert _enum(enum) - set(sent) == set(), "values nothing sends: remove them, or send them"
 
 
+@pytest.mark.parametrize("package", ["state_svc", "bootstrap_svc"])
+def test_a_service_builds_its_errors_only_from_its_tree(package: str) -> None:
+    """Outside its ``errors.py``, a service never builds a ServiceError by hand (where a reason
+    would be a spelled string): it raises a class of its tree with a generated constant."""
+    by_hand = []
+    for path in sorted((REPO / package).rglob("*.py")):
+        if path.name == "errors.py" and path.parent.name == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                func = node.func
+                callee = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+                if callee == "ServiceError":
+                    by_hand.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert by_hand == []
+
+
 def test_the_reader_finds_reasons_both_ways() -> None:
     state = _sent(("state_svc",))
-    assert any(w.startswith("state_svc/backends/base.py") for w in state["VERSION_MISMATCH"])
+    assert any(w.startswith("state_svc/errors.py") for w in state["VERSION_MISMATCH"])
     bootstrap = _sent(("bootstrap_svc",))
-    assert any(w.startswith("bootstrap_svc/sessions.py") for w in bootstrap["SESSION_LIMIT"])
+    assert any(w.startswith("bootstrap_svc/errors.py") for w in bootstrap["SESSION_LIMIT"])
 
 
 def test_a_value_is_sent_as_its_name_without_the_prefix() -> None:

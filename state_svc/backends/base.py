@@ -1,9 +1,8 @@
 """The storage backend contract of the state service, and what every backend shares.
 
 A backend stores plain dataclasses (items keep their JSON as bytes), never API messages; the
-servicer converts at the boundary. Backend errors are :class:`gateway.grpcerrors.ServiceError`
-with the reasons ``state_service.proto`` lists, built with the helpers below so every backend
-words them the same way.
+servicer converts at the boundary. Backend errors are the classes of ``state_svc.errors``, built
+with its constructors so every backend words them the same way.
 """
 
 from __future__ import annotations
@@ -15,10 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-import grpc
 import orjson
 
-from gateway.grpcerrors import ServiceError
+from state_svc import errors
 
 MICROS = 1_000_000
 
@@ -409,7 +407,7 @@ def classify_append(
         stored = existing.get(item.id)
         if stored is None or stored.json != item.json:
             clash = item.id if stored is not None else next(iter(existing))
-            raise item_id_conflict(conversation_id, clash)
+            raise errors.item_id_conflict(conversation_id, clash)
     return tuple(existing[item.id] for item in requested)
 
 
@@ -422,16 +420,7 @@ def cut_oldest(items: Sequence[Item], limit: int) -> tuple[Sequence[Item], int]:
 
 def check_version(conversation_id: str, expected: int | None, actual: int) -> None:
     if expected is not None and expected != actual:
-        raise ServiceError(
-            grpc.StatusCode.ABORTED,
-            "VERSION_MISMATCH",
-            f"conversation {conversation_id} is at version {actual}, not {expected}",
-            {
-                "conversation_id": conversation_id,
-                "expected_version": str(expected),
-                "actual_version": str(actual),
-            },
-        )
+        raise errors.version_mismatch(conversation_id, expected, actual)
 
 
 def replacing_turn(running: Turn, turn: Turn) -> Turn:
@@ -444,12 +433,11 @@ def replacing_turn(running: Turn, turn: Turn) -> Turn:
         ("conversation_id", running.conversation_id, turn.conversation_id),
     ):
         if stored != sent:
-            raise ServiceError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "INVALID_ARGUMENT",
+            raise errors.invalid(
+                f"response.{name}",
                 f"response {turn.id} is running with {name} {stored!r}; the turn that replaces "
                 f"it must keep it, not {sent!r}",
-                {"field": f"response.{name}", "response_id": turn.id},
+                response_id=turn.id,
             )
     return replace(
         stored_turn(turn, running.create_time_us, running.expire_time_us),
@@ -472,9 +460,9 @@ class TurnLookup:
         if not turn.previous_response_id:
             return
         if not self.previous_live:
-            raise previous_response_not_found(turn.previous_response_id)
+            raise errors.previous_response_not_found(turn.previous_response_id)
         if self.previous_running:
-            raise previous_response_in_progress(turn.previous_response_id)
+            raise errors.previous_response_in_progress(turn.previous_response_id)
 
 
 def lookup_turn(turn: Turn, digest: bytes, rows: Iterable[Any], now: int) -> TurnLookup:
@@ -495,7 +483,7 @@ def lookup_turn(turn: Turn, digest: bytes, rows: Iterable[Any], now: int) -> Tur
             if running:
                 return TurnLookup(None, (), True, running=pk)
             if row_digest != digest:
-                raise response_id_conflict(turn.id)
+                raise errors.response_id_conflict(turn.id)
             return TurnLookup((pk, version), (), True)
         if key and row_key == key:
             by_key = (pk, version)
@@ -512,10 +500,10 @@ def check_chain(previous_id: str, chain: Sequence[tuple[str, str]]) -> None:
     expected = ""
     for response_id, previous in chain:
         if previous != expected:
-            raise history_broken(previous_id, previous)
+            raise errors.history_broken(previous_id, previous)
         expected = response_id
     if expected != previous_id:
-        raise previous_response_not_found(previous_id)
+        raise errors.previous_response_not_found(previous_id)
 
 
 # --- background jobs: the rules every backend applies ----------------------------------------
@@ -530,20 +518,21 @@ def check_pending(
         ("total", total_pending, max_total),
     ):
         if limit > 0 and pending >= limit:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "BACKGROUND_QUEUE_FULL",
-                f"{pending} background responses are queued or running ({scope} cap {limit})",
-                {"scope": scope, "limit": str(limit)},
-            )
+            raise errors.queue_full(scope, pending, limit)
 
 
 def check_holder(state: JobState | None, response_id: str, lease_token: int) -> JobState:
     """The job's state when ``lease_token`` is its current lease; raises otherwise."""
     if state is None or not state.has_job:
-        raise response_not_found(response_id)
+        raise errors.response_not_found(response_id)
     if state.done or state.lease_token != lease_token:
-        raise lease_lost(response_id, lease_token, state)
+        raise errors.lease_lost(
+            response_id,
+            lease_token,
+            current=state.lease_token,
+            done=state.done,
+            cancelled=state.cancelled,
+        )
     return state
 
 
@@ -556,22 +545,16 @@ def new_events(
     if not events:
         return events
     if events[0].sequence > last + 1:
-        raise ServiceError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_ARGUMENT",
+        raise errors.invalid(
+            "events[0].sequence_number",
             f"the log of {response_id} ends at {last}: event {events[0].sequence} leaves a gap",
-            {"field": "events[0].sequence_number", "response_id": response_id},
+            response_id=response_id,
         )
     for event in events:
         if event.sequence > last:
             break
         if stored.get(event.sequence) != event.json:
-            raise ServiceError(
-                grpc.StatusCode.ALREADY_EXISTS,
-                "EVENT_CONFLICT",
-                f"event {event.sequence} of {response_id} is stored with other content",
-                {"response_id": response_id, "sequence_number": str(event.sequence)},
-            )
+            raise errors.event_conflict(response_id, event.sequence)
     return [e for e in events if e.sequence > last]
 
 
@@ -597,7 +580,7 @@ def history_from_rows(response_id: str, rows: Sequence[Any]) -> History:
     kind, position, item id, json, count of all items when the query kept only the newest, else
     NULL)."""
     if not rows:
-        raise response_not_found(response_id)
+        raise errors.response_not_found(response_id)
     response_ids: list[str] = []
     items: list[Item] = []
     total: int | None = None
@@ -606,7 +589,7 @@ def history_from_rows(response_id: str, rows: Sequence[Any]) -> History:
         if row[4] is None:
             if row[9]:
                 # Only the anchor can be running: no turn is ever stored on a running one.
-                raise response_in_progress(row[1])
+                raise errors.response_in_progress(row[1])
             response_ids.append(row[1])
             create_time = row[3]
         else:
@@ -614,7 +597,7 @@ def history_from_rows(response_id: str, rows: Sequence[Any]) -> History:
             total = row[8]
     if rows[0][2]:
         # The oldest response reached still names a previous one: that link is gone.
-        raise history_broken(response_id, rows[0][2])
+        raise errors.history_broken(response_id, rows[0][2])
     omitted = total - len(items) if total is not None else 0
     return History(items=items, omitted=omitted, response_ids=response_ids)
 
@@ -622,7 +605,7 @@ def history_from_rows(response_id: str, rows: Sequence[Any]) -> History:
 def conversation_history_from_rows(conversation_id: str, rows: Sequence[Any]) -> History:
     """Builds a History from the newest-first rows (version, total, seq, id, json, create time)."""
     if not rows:
-        raise conversation_not_found(conversation_id)
+        raise errors.conversation_not_found(conversation_id)
     items = [
         Item(id=row[3], json=row[4], sequence=row[2], create_time_us=row[5])
         for row in reversed(rows)
@@ -653,148 +636,3 @@ def newest_items(rows: Iterable[Any]) -> dict[str, Item]:
                 Item(id=item_id, json=data, sequence=sequence, create_time_us=create_time_us),
             )
     return {item_id: item for item_id, (_, item) in best.items()}
-
-
-# --- errors -------------------------------------------------------------------------------
-
-
-def response_not_found(response_id: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.NOT_FOUND,
-        "RESPONSE_NOT_FOUND",
-        f"response {response_id} not found",
-        {"response_id": response_id},
-    )
-
-
-def idempotency_key_not_found(key: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.NOT_FOUND,
-        "RESPONSE_NOT_FOUND",
-        "no response stored with this idempotency key",
-        {"idempotency_key": key},
-    )
-
-
-def previous_response_not_found(response_id: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.NOT_FOUND,
-        "PREVIOUS_RESPONSE_NOT_FOUND",
-        f"previous response {response_id} not found",
-        {"previous_response_id": response_id},
-    )
-
-
-def conversation_not_found(conversation_id: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.NOT_FOUND,
-        "CONVERSATION_NOT_FOUND",
-        f"conversation {conversation_id} not found",
-        {"conversation_id": conversation_id},
-    )
-
-
-def request_not_found(request_id: str) -> ServiceError:
-    """No live conversation was created with ``request_id``."""
-    return ServiceError(
-        grpc.StatusCode.NOT_FOUND,
-        "CONVERSATION_NOT_FOUND",
-        f"no conversation was created with request_id {request_id}",
-        {"request_id": request_id},
-    )
-
-
-def item_not_found(conversation_id: str, item_id: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.NOT_FOUND,
-        "ITEM_NOT_FOUND",
-        f"item {item_id} not found in conversation {conversation_id}",
-        {"conversation_id": conversation_id, "item_id": item_id},
-    )
-
-
-def response_id_conflict(response_id: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.ALREADY_EXISTS,
-        "RESPONSE_ID_CONFLICT",
-        f"response {response_id} is already stored with different content",
-        {"response_id": response_id},
-    )
-
-
-def item_id_conflict(conversation_id: str, item_id: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.ALREADY_EXISTS,
-        "ITEM_ID_CONFLICT",
-        f"item {item_id} is already in conversation {conversation_id}",
-        {"conversation_id": conversation_id, "item_id": item_id},
-    )
-
-
-def request_id_conflict(request_id: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.ALREADY_EXISTS,
-        "REQUEST_ID_CONFLICT",
-        "request_id was already used with different content",
-        {"request_id": request_id},
-    )
-
-
-def response_in_progress(response_id: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "RESPONSE_IN_PROGRESS",
-        f"response {response_id} is still running: nothing can build on it until it is final",
-        {"response_id": response_id},
-    )
-
-
-def previous_response_in_progress(response_id: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "RESPONSE_IN_PROGRESS",
-        f"previous response {response_id} is still running: a turn cannot build on it yet",
-        {"previous_response_id": response_id},
-    )
-
-
-def history_broken(response_id: str, missing_id: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "HISTORY_BROKEN",
-        f"the history of {response_id} is broken: {missing_id} was deleted or has expired",
-        {"response_id": response_id, "missing_response_id": missing_id},
-    )
-
-
-def backend_unavailable(detail: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.UNAVAILABLE,
-        "BACKEND_UNAVAILABLE",
-        f"the storage backend cannot be reached: {detail}",
-    )
-
-
-def lease_lost(response_id: str, lease_token: int, state: JobState) -> ServiceError:
-    why = "was finished" if state.done else f"was claimed again (token {state.lease_token})"
-    return ServiceError(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "LEASE_LOST",
-        f"lease {lease_token} of background response {response_id} is no longer current: the "
-        f"job {why}",
-        {
-            "response_id": response_id,
-            "lease_token": str(lease_token),
-            "current_lease_token": str(state.lease_token),
-            "cancelled": "true" if state.cancelled else "false",
-        },
-    )
-
-
-def not_background(response_id: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "NOT_BACKGROUND",
-        f"response {response_id} is running but has no background job",
-        {"response_id": response_id},
-    )

@@ -10,6 +10,7 @@ import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from state_svc import errors
 from state_svc.backends import base
 from state_svc.backends.base import (
     AppendResult,
@@ -134,7 +135,7 @@ class MemoryBackend:
     def _conversation(self, tenant: str, conversation_id: str, now: int) -> _Conversation:
         conv = self._find_conversation(tenant, conversation_id, now)
         if conv is None:
-            raise base.conversation_not_found(conversation_id)
+            raise errors.conversation_not_found(conversation_id)
         return conv
 
     def _drop_response(self, row: _Response) -> None:
@@ -191,7 +192,7 @@ class MemoryBackend:
             if existing.turn.in_progress:
                 return self._replace(existing, turn, digest, expected_conversation_version, now)
             if existing.digest != digest:
-                raise base.response_id_conflict(turn.id)
+                raise errors.response_id_conflict(turn.id)
             return PutTurnResult(existing.turn, True, existing.conversation_version)
         if turn.idempotency_key:
             first_id = self._keys.get((tenant, turn.idempotency_key))
@@ -201,9 +202,9 @@ class MemoryBackend:
         if turn.previous_response_id:
             previous = self._response(tenant, turn.previous_response_id, now)
             if previous is None:
-                raise base.previous_response_not_found(turn.previous_response_id)
+                raise errors.previous_response_not_found(turn.previous_response_id)
             if previous.turn.in_progress:
-                raise base.previous_response_in_progress(turn.previous_response_id)
+                raise errors.previous_response_in_progress(turn.previous_response_id)
             if require_intact_chain:
                 self._chain(tenant, previous, now)
         stored = base.stored_turn(turn, now, base.expire_at(now, self._retention_s))
@@ -242,7 +243,7 @@ class MemoryBackend:
         items = [*turn.input_items, *turn.output_items]
         for item in items:
             if item.id in conv.seq_by_id:
-                raise base.item_id_conflict(conv.id, item.id)
+                raise errors.item_id_conflict(conv.id, item.id)
         self._append(tenant, conv, items, now)
         self._touch(conv, now)
         return conv.version
@@ -255,20 +256,20 @@ class MemoryBackend:
             found = self._keys.get((tenant, idempotency_key))
             row = self._response(tenant, found, now) if found else None
             if row is None:
-                raise base.idempotency_key_not_found(idempotency_key)
+                raise errors.idempotency_key_not_found(idempotency_key)
             return row.turn
         row = self._response(tenant, response_id, now)
         if row is None:
-            raise base.response_not_found(response_id)
+            raise errors.response_not_found(response_id)
         return row.turn
 
     async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
         now = base.now_us()
         row = self._response(tenant, response_id, now)
         if row is None:
-            raise base.response_not_found(response_id)
+            raise errors.response_not_found(response_id)
         if row.turn.in_progress:
-            raise base.response_in_progress(response_id)
+            raise errors.response_in_progress(response_id)
         chain = self._chain(tenant, row, now)
         items = [i for r in chain for i in (*r.turn.input_items, *r.turn.output_items)]
         kept, omitted = base.cut_oldest(items, limit)
@@ -284,7 +285,7 @@ class MemoryBackend:
             # A previous response stored after its follower is a re-created id, not the
             # original link: the original was deleted, so the history is broken.
             if prev is None or prev.pk >= chain[-1].pk:
-                raise base.history_broken(row.turn.id, prev_id)
+                raise errors.history_broken(row.turn.id, prev_id)
             chain.append(prev)
         chain.reverse()
         return chain
@@ -333,7 +334,7 @@ class MemoryBackend:
     async def delete_response(self, tenant: str, response_id: str) -> None:
         row = self._response(tenant, response_id, base.now_us())
         if row is None:
-            raise base.response_not_found(response_id)
+            raise errors.response_not_found(response_id)
         self._drop_response(row)
 
     # --- conversations --------------------------------------------------------------------
@@ -352,7 +353,7 @@ class MemoryBackend:
             first = self._find_conversation(tenant, first_id, now) if first_id else None
             if first is not None:
                 if first.request_digest != digest:
-                    raise base.request_id_conflict(request_id)
+                    raise errors.request_id_conflict(request_id)
                 # The first call's result: its items got sequence 1..n at creation.
                 return CreatedConversation(
                     first.public(), base.positioned(items, first.create_time_us), replayed=True
@@ -379,7 +380,7 @@ class MemoryBackend:
         first_id = self._requests.get((tenant, request_id))
         conv = self._find_conversation(tenant, first_id, base.now_us()) if first_id else None
         if conv is None:
-            raise base.request_not_found(request_id)
+            raise errors.request_not_found(request_id)
         return conv.public()
 
     async def update_conversation(
@@ -433,7 +434,7 @@ class MemoryBackend:
         if after_sequence is None and after_item_id:
             after_sequence = conv.seq_by_id.get(after_item_id)
             if after_sequence is None:
-                raise base.item_not_found(conv.id, after_item_id)
+                raise errors.item_not_found(conv.id, after_item_id)
         if descending:
             end = (
                 len(conv.seqs)
@@ -450,14 +451,14 @@ class MemoryBackend:
         conv = self._conversation(tenant, conversation_id, base.now_us())
         seq = conv.seq_by_id.get(item_id)
         if seq is None:
-            raise base.item_not_found(conv.id, item_id)
+            raise errors.item_not_found(conv.id, item_id)
         return conv.items[seq]
 
     async def delete_item(self, tenant: str, conversation_id: str, item_id: str) -> Conversation:
         conv = self._conversation(tenant, conversation_id, base.now_us())
         seq = conv.seq_by_id.pop(item_id, None)
         if seq is None:
-            raise base.item_not_found(conv.id, item_id)
+            raise errors.item_not_found(conv.id, item_id)
         self._unindex(tenant, base.CONVERSATION_COPY, conv.id, [conv.items.pop(seq)])
         conv.seqs.pop(bisect.bisect_left(conv.seqs, seq))
         return conv.public()
@@ -658,11 +659,11 @@ class MemoryBackend:
     async def cancel_job(self, tenant: str, turn: Turn, cancel_event: bytes) -> CancelResult:
         row = self._response(tenant, turn.id, base.now_us())
         if row is None:
-            raise base.response_not_found(turn.id)
+            raise errors.response_not_found(turn.id)
         if not row.turn.in_progress:
             return CancelResult(row.turn, False)
         if row.job is None:
-            raise base.not_background(turn.id)
+            raise errors.not_background(turn.id)
         log = list(row.events)
         if cancel_event:
             log.append(base.stamped(cancel_event, len(log)))
@@ -683,9 +684,9 @@ class MemoryBackend:
     ) -> EventPage:
         row = self._response(tenant, response_id, base.now_us())
         if row is None:
-            raise base.response_not_found(response_id)
+            raise errors.response_not_found(response_id)
         if row.turn.in_progress and row.job is None:
-            raise base.not_background(response_id)
+            raise errors.not_background(response_id)
         first = after + 1
         last = min(len(row.events), first + limit)
         events = [Event(seq, row.events[seq]) for seq in range(first, last)]

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import asyncpg
 import orjson
 
+from state_svc import errors
 from state_svc.backends import base
 from state_svc.backends.base import (
     AppendResult,
@@ -319,7 +320,7 @@ ORDER BY i.seq DESC LIMIT $4
 
     def _acquire(self) -> Any:
         if self._pool is None:
-            raise base.backend_unavailable("the PostgreSQL pool is closed")
+            raise errors.backend_unavailable("the PostgreSQL pool is closed")
         return self._pool.acquire()
 
     async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any, write: bool = True) -> T:
@@ -336,9 +337,9 @@ ORDER BY i.seq DESC LIMIT $4
                     raise
             except asyncpg.exceptions.TransactionRollbackError as exc:
                 if attempt == _ATTEMPTS - 1:
-                    raise base.backend_unavailable(str(exc)) from exc
+                    raise errors.backend_unavailable(str(exc)) from exc
             except _UNAVAILABLE as exc:
-                raise base.backend_unavailable(str(exc) or type(exc).__name__) from exc
+                raise errors.backend_unavailable(str(exc) or type(exc).__name__) from exc
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
@@ -543,7 +544,7 @@ ORDER BY i.seq DESC LIMIT $4
                 base.expire_at(now, self._retention_s),
             )
         if row is None:
-            raise base.conversation_not_found(turn.conversation_id)
+            raise errors.conversation_not_found(turn.conversation_id)
         base.check_version(turn.conversation_id, expected, row["version"] - appended)
         return row["pk"], row["version"]
 
@@ -581,7 +582,7 @@ ORDER BY i.seq DESC LIMIT $4
         if len(inserted) < len(stored):
             fresh = {row["item_id"] for row in inserted}
             clash = next(i.id for i in stored if i.id not in fresh)
-            raise base.item_id_conflict(conversation_id, clash)
+            raise errors.item_id_conflict(conversation_id, clash)
         return stored
 
     async def _load_turn(self, conn: Conn, pk: int) -> Turn:
@@ -608,8 +609,8 @@ ORDER BY i.seq DESC LIMIT $4
         )
         if not rows:
             if key:
-                raise base.idempotency_key_not_found(key)
-            raise base.response_not_found(response_id)
+                raise errors.idempotency_key_not_found(key)
+            raise errors.response_not_found(response_id)
         return _turn_from_rows(rows)
 
     async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
@@ -637,7 +638,7 @@ ORDER BY i.seq DESC LIMIT $4
             base.now_us(),
         )
         if status == "DELETE 0":
-            raise base.response_not_found(response_id)
+            raise errors.response_not_found(response_id)
 
     # --- conversations --------------------------------------------------------------------
 
@@ -669,7 +670,7 @@ ORDER BY i.seq DESC LIMIT $4
             )
             if row is not None and base.live(row["expire_time_us"], now):
                 if row["request_digest"] != digest:
-                    raise base.request_id_conflict(request_id)
+                    raise errors.request_id_conflict(request_id)
                 first = _conversation(row)
                 # The first call's result: its items got sequence 1..n at creation.
                 return CreatedConversation(
@@ -711,7 +712,7 @@ ORDER BY i.seq DESC LIMIT $4
             write=False,
         )
         if row is None:
-            raise base.conversation_not_found(conversation_id)
+            raise errors.conversation_not_found(conversation_id)
         return _conversation(row)
 
     async def get_conversation_by_request(self, tenant: str, request_id: str) -> Conversation:
@@ -726,7 +727,7 @@ ORDER BY i.seq DESC LIMIT $4
             write=False,
         )
         if row is None:
-            raise base.request_not_found(request_id)
+            raise errors.request_not_found(request_id)
         return _conversation(row)
 
     async def update_conversation(
@@ -743,7 +744,7 @@ ORDER BY i.seq DESC LIMIT $4
             _dump_metadata(metadata),
         )
         if row is None:
-            raise base.conversation_not_found(conversation_id)
+            raise errors.conversation_not_found(conversation_id)
         return _conversation(row)
 
     async def delete_conversation(self, tenant: str, conversation_id: str) -> None:
@@ -756,7 +757,7 @@ ORDER BY i.seq DESC LIMIT $4
             base.now_us(),
         )
         if status == "DELETE 0":
-            raise base.conversation_not_found(conversation_id)
+            raise errors.conversation_not_found(conversation_id)
 
     async def conversation_history(
         self, tenant: str, conversation_id: str, *, limit: int
@@ -802,7 +803,7 @@ ORDER BY i.seq DESC LIMIT $4
             now,
         )
         if row is None:
-            raise base.conversation_not_found(conversation_id)
+            raise errors.conversation_not_found(conversation_id)
         pk, version = row["pk"], row["version"]
         existing = {
             r["item_id"]: Item(
@@ -891,9 +892,9 @@ ORDER BY i.seq DESC LIMIT $4
             limit + 1,
         )
         if not rows:
-            raise base.conversation_not_found(conversation_id)
+            raise errors.conversation_not_found(conversation_id)
         if after_sequence is None and after_item_id and rows[0]["after"] is None:
-            raise base.item_not_found(conversation_id, after_item_id)
+            raise errors.item_not_found(conversation_id, after_item_id)
         items = [
             Item(
                 id=r["item_id"],
@@ -921,9 +922,9 @@ ORDER BY i.seq DESC LIMIT $4
             write=False,
         )
         if row is None:
-            raise base.conversation_not_found(conversation_id)
+            raise errors.conversation_not_found(conversation_id)
         if row["seq"] is None:
-            raise base.item_not_found(conversation_id, item_id)
+            raise errors.item_not_found(conversation_id, item_id)
         return Item(
             id=row["item_id"],
             json=row["json"],
@@ -946,14 +947,14 @@ ORDER BY i.seq DESC LIMIT $4
             base.now_us(),
         )
         if row is None:
-            raise base.conversation_not_found(conversation_id)
+            raise errors.conversation_not_found(conversation_id)
         status = await conn.execute(
             f"DELETE FROM {s}.conversation_items WHERE conversation_pk = $1 AND item_id = $2",
             row["pk"],
             item_id,
         )
         if status == "DELETE 0":
-            raise base.item_not_found(conversation_id, item_id)
+            raise errors.item_not_found(conversation_id, item_id)
         return _conversation(row)
 
     # --- background jobs ------------------------------------------------------------------
@@ -1299,11 +1300,11 @@ ORDER BY i.seq DESC LIMIT $4
         s = self._s
         state = await self._job_state(conn, tenant, turn.id, base.now_us())
         if state is None:
-            raise base.response_not_found(turn.id)
+            raise errors.response_not_found(turn.id)
         if not state.running:
             return CancelResult(await self._load_turn(conn, state.pk), False)
         if not state.has_job:
-            raise base.not_background(turn.id)
+            raise errors.not_background(turn.id)
         if cancel_event:
             seq = await self._last_sequence(conn, state.pk) + 1
             await conn.execute(
@@ -1347,10 +1348,10 @@ ORDER BY i.seq DESC LIMIT $4
             write=False,
         )
         if not rows:
-            raise base.response_not_found(response_id)
+            raise errors.response_not_found(response_id)
         running = rows[0]["in_progress"]
         if running and not rows[0]["has_job"]:
-            raise base.not_background(response_id)
+            raise errors.not_background(response_id)
         events = [Event(r["seq"], r["json"]) for r in rows if r["seq"] is not None]
         return EventPage(events, not running)
 

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from state_svc import errors
 from state_svc.backends import base
 from state_svc.backends.base import (
     AppendResult,
@@ -279,7 +280,7 @@ def _unavailable(exc: BaseException) -> BaseException:
     if isinstance(exc, sqlite3.OperationalError) and any(
         marker in str(exc).lower() for marker in _UNAVAILABLE_MARKERS
     ):
-        error = base.backend_unavailable(str(exc))
+        error = errors.backend_unavailable(str(exc))
         error.__cause__ = exc
         return error
     return exc
@@ -623,7 +624,7 @@ class SqliteBackend:
                 [(conversation_pk, i.sequence, i.id, i.json, now) for i in stored],
             )
         except sqlite3.IntegrityError as exc:
-            raise base.item_id_conflict(
+            raise errors.item_id_conflict(
                 conversation_id, _first_existing(conn, conversation_pk, items)
             ) from exc
         conn.execute(
@@ -650,8 +651,8 @@ class SqliteBackend:
         ).fetchone()
         if row is None:
             if key:
-                raise base.idempotency_key_not_found(key)
-            raise base.response_not_found(response_id)
+                raise errors.idempotency_key_not_found(key)
+            raise errors.response_not_found(response_id)
         return _load_turn(conn, row[0])
 
     async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
@@ -678,7 +679,7 @@ class SqliteBackend:
             {"tenant": tenant, "id": response_id, "now": base.now_us()},
         )
         if cur.rowcount == 0:
-            raise base.response_not_found(response_id)
+            raise errors.response_not_found(response_id)
 
     # --- conversations --------------------------------------------------------------------
 
@@ -705,7 +706,7 @@ class SqliteBackend:
             ).fetchone()
             if row is not None and base.live(row[4], now):
                 if row[6] != digest:
-                    raise base.request_id_conflict(request_id)
+                    raise errors.request_id_conflict(request_id)
                 first = _conversation(row)
                 # The first call's result: its items got sequence 1..n at creation.
                 return CreatedConversation(
@@ -779,7 +780,7 @@ class SqliteBackend:
             {"tenant": tenant, "id": conversation_id, "now": base.now_us()},
         )
         if cur.rowcount == 0:
-            raise base.conversation_not_found(conversation_id)
+            raise errors.conversation_not_found(conversation_id)
 
     async def conversation_history(
         self, tenant: str, conversation_id: str, *, limit: int
@@ -1030,11 +1031,11 @@ class SqliteBackend:
     ) -> CancelResult:
         state = _job_state(conn, tenant, turn.id, base.now_us())
         if state is None:
-            raise base.response_not_found(turn.id)
+            raise errors.response_not_found(turn.id)
         if not state.running:
             return CancelResult(_load_turn(conn, state.pk), False)
         if not state.has_job:
-            raise base.not_background(turn.id)
+            raise errors.not_background(turn.id)
         if cancel_event:
             last = _last_sequence(conn, state.pk)
             conn.execute(
@@ -1200,9 +1201,9 @@ def _read_events(
 ) -> EventPage:
     state = _job_state(conn, tenant, response_id, base.now_us())
     if state is None:
-        raise base.response_not_found(response_id)
+        raise errors.response_not_found(response_id)
     if state.running and not state.has_job:
-        raise base.not_background(response_id)
+        raise errors.not_background(response_id)
     rows = conn.execute(
         """SELECT seq, json FROM response_events WHERE response_pk = ? AND seq > ?
         ORDER BY seq LIMIT ?""",
@@ -1237,7 +1238,7 @@ def _find_conversation(conn: sqlite3.Connection, tenant: str, conversation_id: s
         {"tenant": tenant, "id": conversation_id, "now": base.now_us()},
     ).fetchone()
     if row is None:
-        raise base.conversation_not_found(conversation_id)
+        raise errors.conversation_not_found(conversation_id)
     return _conversation(row)
 
 
@@ -1250,7 +1251,7 @@ def _find_conversation_by_request(
         {"tenant": tenant, "request_id": request_id, "now": base.now_us()},
     ).fetchone()
     if row is None:
-        raise base.request_not_found(request_id)
+        raise errors.request_not_found(request_id)
     return _conversation(row)
 
 
@@ -1263,7 +1264,7 @@ def _conversation_key(
         {"tenant": tenant, "id": conversation_id, "now": now},
     ).fetchone()
     if row is None:
-        raise base.conversation_not_found(conversation_id)
+        raise errors.conversation_not_found(conversation_id)
     return row[0], row[1]
 
 
@@ -1348,7 +1349,7 @@ def _list_items(
             (pk, after_item_id),
         ).fetchone()
         if row is None:
-            raise base.item_not_found(conversation_id, after_item_id)
+            raise errors.item_not_found(conversation_id, after_item_id)
         after_sequence = row[0]
     if descending:
         where, order = "seq < ?", "DESC"
@@ -1383,9 +1384,9 @@ def _get_item(conn: sqlite3.Connection, tenant: str, conversation_id: str, item_
         {"tenant": tenant, "id": conversation_id, "item_id": item_id, "now": base.now_us()},
     ).fetchone()
     if row is None:
-        raise base.conversation_not_found(conversation_id)
+        raise errors.conversation_not_found(conversation_id)
     if row[0] is None:
-        raise base.item_not_found(conversation_id, item_id)
+        raise errors.item_not_found(conversation_id, item_id)
     return Item(id=row[1], json=row[2], sequence=row[0], create_time_us=row[3])
 
 
@@ -1397,7 +1398,7 @@ def _delete_item(
         "DELETE FROM conversation_items WHERE conversation_pk = ? AND item_id = ?", (pk, item_id)
     )
     if cur.rowcount == 0:
-        raise base.item_not_found(conversation_id, item_id)
+        raise errors.item_not_found(conversation_id, item_id)
     return _find_conversation(conn, tenant, conversation_id)
 
 
