@@ -141,11 +141,15 @@ class HubClient:
     @contextlib.asynccontextmanager
     async def _quiet_limit(self) -> AsyncIterator[asyncio.Timeout]:
         """A bound on the next read of the answer (``--hub-idle-timeout-s``): a 504 saying the
-        model server went quiet."""
+        model server went quiet. Another bound that expires meanwhile (the whole call's) is
+        raised as it is, for the caller to name."""
+        gap = asyncio.timeout(None)
         try:
-            async with asyncio.timeout(None) as gap:
+            async with gap:
                 yield gap
         except TimeoutError as exc:
+            if not gap.expired():
+                raise
             raise _fail(
                 "upstream_timeout",
                 f"The model server sent nothing for {self._idle_s:g} s in the middle of its answer.",
