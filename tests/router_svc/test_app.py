@@ -233,6 +233,12 @@ async def test_each_request_writes_one_access_line_and_is_counted_by_route(
     assert count("GET /v1/items/{item_id}", "200") == before_ok + 1
     assert count("POST /v1/fail", "400") == before_failed + 1
     assert count("unmatched", "404") == before_unmatched + 1
+    # Probes and scrapes write none.
+    caplog.clear()
+    async with context_client() as c:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            await c.get(path)
+    assert not [r for r in caplog.records if r.name == "respgw.access"]
 
 
 # --- the app as create_app builds it ------------------------------------------------------------
@@ -485,3 +491,30 @@ async def test_connections_over_the_cap_are_a_503() -> None:
     assert answer.headers["x-should-retry"] == "true"
     assert answer.error()["code"] == "server_overloaded"
     assert Answer(after).status == 200
+
+
+async def test_pipelined_requests_are_each_answered() -> None:
+    async with guarded() as port:
+        raw = await exchange(
+            port, post(b'{"n": 1}') + post(b'{"n": 2}') + post(b'{"n": 3}', "connection: close")
+        )
+    assert raw.count(b"HTTP/1.1 200 OK") == 3
+    assert raw.endswith(b'{"n":3}')
+
+
+async def test_a_later_requests_head_is_timed_from_its_own_first_byte() -> None:
+    second = post(b'{"n": 2}', "connection: close")
+    async with guarded(replace(GUARDED, header_timeout_s=0.6, keep_alive_s=10)) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post(b'{"n": 1}'))
+        first = await reader.readuntil(b'{"n":1}')
+        # Idle longer than the head bound, then a head that takes a while (within the bound).
+        await asyncio.sleep(1.0)
+        writer.write(second[:20])
+        await asyncio.sleep(0.3)
+        writer.write(second[20:])
+        async with asyncio.timeout(10):
+            rest = await reader.read(-1)
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert rest.startswith(b"HTTP/1.1 200 OK") and rest.endswith(b'{"n":2}')

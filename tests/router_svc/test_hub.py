@@ -472,3 +472,30 @@ async def test_zero_means_no_bound() -> None:
     assert c._timeout.total is None and c._timeout.sock_connect is None
     assert c._idle_deadline() is None
     await c.close()
+
+
+async def test_a_long_event_is_read_whole() -> None:
+    # A Responses hub's response.completed carries the whole answer on one data line.
+    big = b"data: " + orjson.dumps({"n": "x" * 300_000}) + b"\n\n"
+    async with serving(sse(big, b"data: [DONE]\n\n")) as url, client(url) as c:
+        events = await collect(c)
+    assert len(events) == 1 and len(events[0]["n"]) == 300_000
+
+
+async def test_a_forwarded_stream_that_breaks_off_is_a_502() -> None:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"n": 1}\n\n')
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
+    got: list[bytes] = []
+    async with serving(handle) as url, client(url) as c:
+        with pytest.raises(errors.UpstreamError) as info:
+            async for chunk in c.forward_stream("/chat/completions", b"{}"):
+                got.append(chunk)
+    assert b"".join(got) == b'data: {"n": 1}\n\n'
+    assert info.value.code == "upstream_stream_broken"
