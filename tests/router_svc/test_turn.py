@@ -371,3 +371,85 @@ async def test_a_failed_store_says_whether_a_retry_is_safe(hub: FakeHub, state: 
     assert info.value.outcome_unknown
     assert info.value.headers["x-should-retry"] == "false"
     assert keyed_info.value.headers["x-should-retry"] == "true"
+
+
+async def test_a_history_over_the_state_services_cap_needs_truncation_auto(hub: FakeHub) -> None:
+    settings = replace(
+        StateSettings(),
+        backend="memory",
+        listen="127.0.0.1:0",
+        metrics_port=0,
+        history_max_items=3,
+    )
+    capped = await state_server.start(settings)
+    svc = await services(hub, capped.port)
+    try:
+        first = await run(svc, request(input="one"))
+        second = await run(svc, request(input="two", previous_response_id=first.response_id))
+        for cached in (True, False):
+            if not cached:
+                svc.history_cache = None
+            req = request(input="three", previous_response_id=second.response_id)
+            with pytest.raises(errors.InvalidRequest) as info:
+                await turn.begin(svc, req, tenant=TENANT)
+            assert (info.value.param, info.value.code) == ("truncation", "context_length_exceeded")
+            assert "(1 older items would be left out)" in info.value.message
+            cut = await turn.begin(
+                svc, replace(req, body={**req.body, "truncation": "auto"}), tenant=TENANT
+            )
+            assert (cut.parent_chain is not None) == cached
+            assert cut.omitted_history_items == 1 and len(cut.history) == 3
+            assert cut.headers() == {turn.HISTORY_TRUNCATED_HEADER: "1"}
+    finally:
+        await close(svc)
+        await capped.stop(0.5)
+
+
+async def test_item_references_resolve_from_the_history_or_the_tenants_items(
+    svc: Services,
+) -> None:
+    first = await run(svc, request(input="remember me"))
+    assert first.stored_response is not None
+    said = first.req.input_items[0]["id"]
+    answered = first.stored_response["output"][0]["id"]
+    refs = [
+        {"type": "item_reference", "id": answered},
+        {"role": "user", "content": "and?"},
+        {"type": "item_reference", "id": said},
+    ]
+    # Without the chain: both found by GetItems.
+    alone = await turn.begin(svc, request(input=refs), tenant=TENANT)
+    assert alone.req.references == ()
+    assert [i["id"] for i in alone.req.input_items][::2] == [answered, said]
+    assert alone.req.input_items[2]["content"][0]["text"] == "remember me"
+    # From the chain's own history, and a copy of it (the history is sent too).
+    chained = await turn.begin(
+        svc, request(input=refs, previous_response_id=first.response_id), tenant=TENANT
+    )
+    assert chained.req.input_items[0] == chained.history[1]
+    assert chained.req.input_items[0] is not chained.history[1]
+    unknown = [{"role": "user", "content": "x"}, {"type": "item_reference", "id": "msg_nope"}]
+    with pytest.raises(errors.InvalidRequest) as info:
+        await turn.begin(svc, request(input=unknown), tenant=TENANT)
+    assert info.value.param == "input[1]"
+    assert info.value.status == 400
+
+
+async def test_a_streamed_turn_is_stored_before_its_terminal_event(svc: Services) -> None:
+    t = await turn.begin(svc, request(stream=True, input="a b c"), tenant=TENANT)
+    events: list[dict[str, Any]] = []
+    async for chunk in await turn.open_stream(svc, t):
+        if chunk.startswith(b"data: [DONE]"):
+            events.append({"type": "[DONE]"})
+            continue
+        data = chunk.split(b"data: ", 1)[1]
+        event = orjson.loads(data)
+        if event["type"] == "response.completed":
+            # Stored by the time the client reads it: a chained request finds it at once.
+            found = await stored(svc, t.response_id)
+            assert found is not None and found["status"] == "completed"
+        events.append(event)
+    types = [e["type"] for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[-2:] == ["response.completed", "[DONE]"]
+    assert [e["sequence_number"] for e in events[:-1]] == list(range(len(events) - 1))
