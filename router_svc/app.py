@@ -133,14 +133,19 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return await api_error(request, error)
 
 
-async def unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error", exc_info=exc)
-    error = errors.ApiError(
+def _internal_error() -> errors.ApiError:
+    return errors.ApiError(
         "The gateway hit an unexpected error while processing your request.",
         code="internal_error",
         headers={"x-should-retry": "false"},
     )
-    return await api_error(request, error)
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    """The answer to an error raised outside :class:`RequestContext` (those inside it are
+    answered there, with the request id)."""
+    log.exception("unhandled error", exc_info=exc)
+    return await api_error(request, _internal_error())
 
 
 async def healthz(request: Request) -> Response:
@@ -160,7 +165,11 @@ async def metrics(request: Request) -> Response:
 
 class RequestContext:
     """Sets the request id (the client's ``x-request-id`` or a new one) for the logs and every
-    downstream call, echoes it on the response, and counts and times requests."""
+    downstream call, echoes it on the response, and counts and times requests.
+
+    An unexpected error of the app before its answer started is answered here (500
+    ``internal_error``) and logged with the request id: Starlette's own handler for it runs
+    outside every middleware, after the id is gone."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -183,10 +192,12 @@ class RequestContext:
         )
         start = time.perf_counter()
         status = 500
+        started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
+                started = True
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
                 route = _route_name(scope)
@@ -204,6 +215,12 @@ class RequestContext:
                 await _answer(send_with_id, _no_such_id())
                 return
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            error = exc
+            if started:
+                raise  # the answer is on its way: only the server can end it
+            log.exception("unhandled error", exc_info=exc)
+            await _answer(send_with_id, _internal_error())
         except BaseException as exc:
             error = exc
             raise
