@@ -165,9 +165,21 @@ def context_app() -> Starlette:
     async def fail(request: Request) -> Response:
         raise errors.InvalidRequest("nope")
 
+    async def crash(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    # As create_app registers them.
     app = Starlette(
-        routes=[Route("/v1/items/{item_id}", show), Route("/v1/fail", fail, methods=["POST"])],
-        exception_handlers={errors.ApiError: router_app.api_error},
+        routes=[
+            Route("/v1/items/{item_id}", show),
+            Route("/v1/fail", fail, methods=["POST"]),
+            Route("/v1/crash", crash),
+        ],
+        exception_handlers={
+            errors.ApiError: router_app.api_error,
+            HTTPException: router_app.http_error,
+            Exception: router_app.unexpected_error,
+        },
     )
     app.add_middleware(router_app.RequestContext)
     return app
@@ -175,7 +187,7 @@ def context_app() -> Starlette:
 
 @asynccontextmanager
 async def context_client() -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=context_app())
+    transport = httpx.ASGITransport(app=context_app(), raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
 
@@ -239,6 +251,44 @@ async def test_each_request_writes_one_access_line_and_is_counted_by_route(
         for path in ("/healthz", "/readyz", "/metrics"):
             await c.get(path)
     assert not [r for r in caplog.records if r.name == "respgw.access"]
+
+
+class WithRequestId(logging.Handler):
+    """Keeps each record with the request id current when it was written (as the formatters
+    of gateway.logs read it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append((record.getMessage(), request_id_var.get()))
+
+
+async def test_an_unexpected_error_is_answered_with_the_request_id() -> None:
+    handler = WithRequestId()
+    logging.getLogger("router_svc.app").addHandler(handler)
+    before = (
+        REGISTRY.get_sample_value(
+            "respgw_router_requests_total", {"route": "GET /v1/crash", "status": "500"}
+        )
+        or 0.0
+    )
+    try:
+        async with context_client() as c:
+            resp = await c.get("/v1/crash", headers={"x-request-id": "rid-crash"})
+    finally:
+        logging.getLogger("router_svc.app").removeHandler(handler)
+    assert resp.status_code == 500
+    assert resp.json()["error"]["code"] == "internal_error"
+    assert resp.headers["x-should-retry"] == "false"
+    # The id a client quotes when it reports the failure, and the traceback logged under it.
+    assert resp.headers["x-request-id"] == "rid-crash"
+    assert ("unhandled error", "rid-crash") in handler.seen
+    after = REGISTRY.get_sample_value(
+        "respgw_router_requests_total", {"route": "GET /v1/crash", "status": "500"}
+    )
+    assert after == before + 1
 
 
 # --- the app as create_app builds it ------------------------------------------------------------
