@@ -281,12 +281,25 @@ async def post(content: Any, headers: dict[str, str] | None = None) -> httpx.Res
         )
 
 
-async def test_a_body_within_the_limit_is_read_whole_and_kept() -> None:
-    raw = orjson.dumps({"text": "x" * (LIMIT - 20)})
-    assert len(raw) <= LIMIT
+async def test_a_body_of_the_limit_is_read_whole_and_kept_and_one_byte_more_is_not() -> None:
+    raw = orjson.dumps({"text": "x" * (LIMIT - 11)})
+    assert len(raw) == LIMIT
     resp = await post(raw)
     assert resp.status_code == 200
-    assert resp.json() == {"body": {"text": "x" * (LIMIT - 20)}, "same": True}
+    assert resp.json() == {"body": {"text": "x" * (LIMIT - 11)}, "same": True}
+
+    async def halves() -> AsyncIterator[bytes]:
+        yield raw[:500]
+        yield raw[500:]
+
+    assert (await post(halves())).status_code == 200
+
+    async def one_byte_over() -> AsyncIterator[bytes]:
+        yield raw[:500]
+        yield raw[500:] + b" "
+
+    assert (await post(one_byte_over())).status_code == 413
+    assert (await post(raw + b" ")).status_code == 413
 
 
 async def test_a_chunked_body_is_joined() -> None:
