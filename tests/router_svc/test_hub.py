@@ -499,3 +499,28 @@ async def test_a_forwarded_stream_that_breaks_off_is_a_502() -> None:
                 got.append(chunk)
     assert b"".join(got) == b'data: {"n": 1}\n\n'
     assert info.value.code == "upstream_stream_broken"
+
+
+async def test_the_idle_bound_cuts_a_quiet_pass_through_answer() -> None:
+    async def quiet_body(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"half": ')
+        await asyncio.sleep(5)
+        return resp
+
+    got: list[bytes] = []
+    quiet_stream = sse(b'data: {"n": 1}\n\n', then_sleep_s=5)
+    async with serving(quiet_stream) as url, client(url, idle_timeout_s=0.3) as c:
+        with pytest.raises(errors.UpstreamError) as info:
+            async for chunk in c.forward_stream("/chat/completions", b"{}"):
+                got.append(chunk)
+    assert got == [b'data: {"n": 1}\n\n']
+    assert (info.value.status, info.value.code) == (504, "upstream_timeout")
+    assert "sent nothing for 0.3 s" in info.value.message
+    async with serving(quiet_body) as url, client(url, idle_timeout_s=0.3) as c:
+        with pytest.raises(errors.UpstreamError) as body_info:
+            await c.forward("/chat/completions", b"{}")
+        with pytest.raises(errors.UpstreamError) as get_info:
+            await c.get_json("/models")
+    assert body_info.value.code == get_info.value.code == "upstream_timeout"
