@@ -453,3 +453,63 @@ async def test_a_streamed_turn_is_stored_before_its_terminal_event(svc: Services
     assert types[:2] == ["response.created", "response.in_progress"]
     assert types[-2:] == ["response.completed", "[DONE]"]
     assert [e["sequence_number"] for e in events[:-1]] == list(range(len(events) - 1))
+
+
+def events_of(chunks: list[bytes]) -> list[dict[str, Any]]:
+    out = []
+    for chunk in chunks:
+        data = chunk.split(b"data: ", 1)[1].strip()
+        out.append({"type": "[DONE]"} if data == b"[DONE]" else orjson.loads(data))
+    return out
+
+
+async def test_a_failed_hub_call_stores_nothing(svc: Services, hub: FakeHub) -> None:
+    hub.enqueue(Reply(status=500))
+    t = await turn.begin(svc, request(), tenant=TENANT)
+    with pytest.raises(errors.UpstreamError) as info:
+        await turn.complete(svc, t)
+    assert info.value.code == "upstream_error"
+    assert await stored(svc, t.response_id) is None
+
+    # JSON of the wrong shape (a field of the wrong type) is the hub's fault, not a 500.
+    wrong_type = {"choices": [{"message": {"content": "x", "tool_calls": 5}}]}
+    hub.enqueue(Reply(raw_body=orjson.dumps(wrong_type)))
+    shaped = await turn.begin(svc, request(), tenant=TENANT)
+    with pytest.raises(errors.UpstreamError) as wrong:
+        await turn.complete(svc, shaped)
+    assert (wrong.value.status, wrong.value.code) == (502, "upstream_malformed_response")
+    assert await stored(svc, shaped.response_id) is None
+
+    hub.enqueue(Reply(status=503))
+    streamed = await turn.begin(svc, request(stream=True), tenant=TENANT)
+    events = events_of([chunk async for chunk in await turn.open_stream(svc, streamed)])
+    types = [e["type"] for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[-3:] == ["error", "response.failed", "[DONE]"]
+    assert events[-2]["response"]["status"] == "failed"
+    assert await stored(svc, streamed.response_id) is None
+
+
+async def test_a_streamed_conversation_turn_is_held_until_stored(
+    svc: Services, hub: FakeHub
+) -> None:
+    created = await svc.state.call(
+        "CreateConversation", pb.CreateConversationRequest(tenant=TENANT)
+    )
+    conv = created.conversation.id
+    slow = await turn.begin(svc, request(conversation=conv, input="a", stream=True), tenant=TENANT)
+    await run(svc, request(conversation=conv, input="b"))
+    # Its conversation changed meanwhile: nothing was sent, the conflict is raised before.
+    with pytest.raises(errors.Conflict):
+        await turn.buffered_stream(svc, slow)
+    t, answer = await turn.settle(
+        svc,
+        request(conversation=conv, input="a", stream=True),
+        tenant=TENANT,
+        ident=turn.NO_IDENTITY,
+    )
+    assert isinstance(answer, list)
+    events = events_of(answer)
+    assert [e["type"] for e in events][-2:] == ["response.completed", "[DONE]"]
+    assert events[-2]["response"]["id"] == t.response_id
+    assert await stored(svc, t.response_id) is not None
