@@ -54,6 +54,26 @@ API_ERRORS = Counter(
 )
 
 
+# Settings for which 0 would refuse every request (or call), and settings where 0 means none.
+_POSITIVE = (
+    "max_body_bytes",
+    "max_header_bytes",
+    "max_headers",
+    "header_timeout_s",
+    "body_timeout_s",
+    "state_timeout_s",
+)
+_NOT_NEGATIVE = (
+    "hub_timeout_s",
+    "hub_connect_timeout_s",
+    "hub_first_byte_timeout_s",
+    "hub_idle_timeout_s",
+    "max_connections",
+    "max_streams",
+    "max_streams_per_tenant",
+)
+
+
 def check_settings(settings: RouterSettings) -> None:
     """Raises ValueError, with what to change, for settings the router cannot start with."""
     if not settings.hub_url:
@@ -70,6 +90,14 @@ def check_settings(settings: RouterSettings) -> None:
         raise ValueError(f"--state-streams must be 0 or more, got {settings.state_streams}")
     if not settings.state_address:
         raise ValueError("the state service address is required (--state-address)")
+    for name in _POSITIVE:
+        value = getattr(settings, name)
+        if value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be more than 0, got {value}")
+    for name in _NOT_NEGATIVE:
+        value = getattr(settings, name)
+        if value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
     auth.parse_api_keys(settings.api_keys)
     sealing.parse_keys(settings.seal_keys)
 
