@@ -58,6 +58,47 @@ def test_settings_the_router_cannot_start_with_are_refused(
         router_app.check_settings(replace(BASE, **change))
 
 
+def with_value(name: str, value: float) -> RouterSettings:
+    changed: dict[str, Any] = {name: value}
+    return replace(BASE, **changed)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["max_body_bytes", "max_header_bytes", "max_headers", "header_timeout_s", "body_timeout_s"],
+)
+def test_a_guard_limit_of_zero_is_refused(name: str) -> None:
+    # Every request or connection would be refused: 0 is not "no limit" here.
+    flag = "--" + name.replace("_", "-")
+    for value in (0, -1):
+        with pytest.raises(ValueError, match=f"{flag} must be more than 0, got {value}"):
+            router_app.check_settings(with_value(name, value))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "hub_timeout_s",
+        "hub_connect_timeout_s",
+        "hub_first_byte_timeout_s",
+        "hub_idle_timeout_s",
+        "max_connections",
+        "max_streams",
+        "max_streams_per_tenant",
+    ],
+)
+def test_a_negative_bound_is_refused_and_zero_is_none(name: str) -> None:
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ValueError, match=f"{flag} must be 0 or more, got -1"):
+        router_app.check_settings(with_value(name, -1))
+    router_app.check_settings(with_value(name, 0))
+
+
+def test_a_state_deadline_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="--state-timeout-s must be more than 0, got 0"):
+        router_app.check_settings(replace(BASE, state_timeout_s=0))
+
+
 def test_good_settings_pass() -> None:
     router_app.check_settings(BASE)
     router_app.check_settings(replace(BASE, hub_url="https://hub/v1", hub_api="responses"))
