@@ -598,12 +598,12 @@ async def test_pipelined_requests_are_each_answered() -> None:
 
 async def test_a_later_requests_head_is_timed_from_its_own_first_byte() -> None:
     second = post(b'{"n": 2}', "connection: close")
-    async with guarded(replace(GUARDED, header_timeout_s=0.6, keep_alive_s=10)) as port:
+    async with guarded(replace(GUARDED, header_timeout_s=1.5, keep_alive_s=10)) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(post(b'{"n": 1}'))
         first = await reader.readuntil(b'{"n":1}')
         # Idle longer than the head bound, then a head that takes a while (within the bound).
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)
         writer.write(second[:20])
         await asyncio.sleep(0.3)
         writer.write(second[20:])
