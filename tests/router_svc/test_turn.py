@@ -513,3 +513,33 @@ async def test_a_streamed_conversation_turn_is_held_until_stored(
     assert [e["type"] for e in events][-2:] == ["response.completed", "[DONE]"]
     assert events[-2]["response"]["id"] == t.response_id
     assert await stored(svc, t.response_id) is not None
+
+
+async def test_a_reference_to_an_item_of_the_conversation_is_sent_but_not_stored_again(
+    svc: Services, hub: FakeHub
+) -> None:
+    created = await svc.state.call(
+        "CreateConversation", pb.CreateConversationRequest(tenant=TENANT)
+    )
+    conv = created.conversation.id
+    first = await run(svc, request(conversation=conv, input="the fact"))
+    said = first.req.input_items[0]["id"]
+    refs = [{"type": "item_reference", "id": said}, {"role": "user", "content": "again?"}]
+    again = await turn.begin(svc, request(conversation=conv, input=refs), tenant=TENANT)
+    assert again.req.unstored == (0,)
+    assert [i.get("id") for i in again.req.stored_inputs()] == [again.req.input_items[1]["id"]]
+    answer = await turn.complete(svc, again)  # a conversation holds an id once: no conflict
+    assert answer["id"] == again.response_id
+    assert hub_messages(hub) == [
+        "user:the fact",
+        "assistant:echo: the fact",
+        "user:the fact",
+        "user:again?",
+    ]
+    items = await svc.state.call(
+        "ListConversationItems",
+        pb.ListConversationItemsRequest(
+            tenant=TENANT, conversation_id=conv, order=pb.ORDER_ASC, page_size=100
+        ),
+    )
+    assert [i.id for i in items.items].count(said) == 1
