@@ -36,7 +36,17 @@ HUB_LATENCY = Histogram(
 )
 HUB_ERRORS = Counter("respgw_router_hub_errors_total", "Failed hub calls, by error code.", ["code"])
 
-_CONTEXT_HINTS = ("context length", "context_length", "maximum context", "too many tokens")
+# How model servers word an input longer than the context window: OpenAI and vLLM ("maximum
+# context length", and vLLM's engine "maximum model length"), SGLang ("context length"),
+# llama.cpp ("exceeds the available context size").
+_CONTEXT_HINTS = (
+    "context length",
+    "context_length",
+    "maximum context",
+    "too many tokens",
+    "available context size",
+    "maximum model length",
+)
 
 
 # The current turn's session key (see turn.session_key), sent to the hub as the session header
