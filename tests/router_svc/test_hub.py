@@ -246,6 +246,10 @@ async def test_the_hubs_message_is_quoted_from_json_or_text() -> None:
         "This model's maximum context length is 4096 tokens",
         "Input is longer than the context_length",
         "Too many tokens in the prompt",
+        # llama.cpp's server (type exceed_context_size_error), and vLLM's engine check.
+        "the request exceeds the available context size, try increasing it",
+        "request (5000 tokens) exceeds the available context size (4096 tokens)",
+        "The decoder prompt (length 5000) is longer than the maximum model length of 4096.",
     ],
 )
 async def test_a_context_length_400_is_the_clients_400(message: str) -> None:
