@@ -54,6 +54,26 @@ API_ERRORS = Counter(
 )
 
 
+# Settings for which 0 would refuse every request (or call), and settings where 0 means none.
+_POSITIVE = (
+    "max_body_bytes",
+    "max_header_bytes",
+    "max_headers",
+    "header_timeout_s",
+    "body_timeout_s",
+    "state_timeout_s",
+)
+_NOT_NEGATIVE = (
+    "hub_timeout_s",
+    "hub_connect_timeout_s",
+    "hub_first_byte_timeout_s",
+    "hub_idle_timeout_s",
+    "max_connections",
+    "max_streams",
+    "max_streams_per_tenant",
+)
+
+
 def check_settings(settings: RouterSettings) -> None:
     """Raises ValueError, with what to change, for settings the router cannot start with."""
     if not settings.hub_url:
@@ -78,6 +98,14 @@ def check_settings(settings: RouterSettings) -> None:
         )
     if not settings.state_address:
         raise ValueError("the state service address is required (--state-address)")
+    for name in _POSITIVE:
+        value = getattr(settings, name)
+        if value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be more than 0, got {value}")
+    for name in _NOT_NEGATIVE:
+        value = getattr(settings, name)
+        if value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
     auth.parse_api_keys(settings.api_keys)
     sealing.parse_keys(settings.seal_keys)
 
@@ -141,14 +169,19 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return await api_error(request, error)
 
 
-async def unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error", exc_info=exc)
-    error = errors.ApiError(
+def _internal_error() -> errors.ApiError:
+    return errors.ApiError(
         "The gateway hit an unexpected error while processing your request.",
         code="internal_error",
         headers={"x-should-retry": "false"},
     )
-    return await api_error(request, error)
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    """The answer to an error raised outside :class:`RequestContext` (those inside it are
+    answered there, with the request id)."""
+    log.exception("unhandled error", exc_info=exc)
+    return await api_error(request, _internal_error())
 
 
 async def healthz(request: Request) -> Response:
@@ -168,7 +201,11 @@ async def metrics(request: Request) -> Response:
 
 class RequestContext:
     """Sets the request id (the client's ``x-request-id`` or a new one) for the logs and every
-    downstream call, echoes it on the response, and counts and times requests."""
+    downstream call, echoes it on the response, and counts and times requests.
+
+    An unexpected error of the app before its answer started is answered here (500
+    ``internal_error``) and logged with the request id: Starlette's own handler for it runs
+    outside every middleware, after the id is gone."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -191,10 +228,12 @@ class RequestContext:
         )
         start = time.perf_counter()
         status = 500
+        started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
+                started = True
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
                 route = _route_name(scope)
@@ -212,6 +251,12 @@ class RequestContext:
                 await _answer(send_with_id, _no_such_id())
                 return
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            error = exc
+            if started:
+                raise  # the answer is on its way: only the server can end it
+            log.exception("unhandled error", exc_info=exc)
+            await _answer(send_with_id, _internal_error())
         except BaseException as exc:
             error = exc
             raise

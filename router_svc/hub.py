@@ -36,7 +36,17 @@ HUB_LATENCY = Histogram(
 )
 HUB_ERRORS = Counter("respgw_router_hub_errors_total", "Failed hub calls, by error code.", ["code"])
 
-_CONTEXT_HINTS = ("context length", "context_length", "maximum context", "too many tokens")
+# How model servers word an input longer than the context window: OpenAI and vLLM ("maximum
+# context length", and vLLM's engine "maximum model length"), SGLang ("context length"),
+# llama.cpp ("exceeds the available context size").
+_CONTEXT_HINTS = (
+    "context length",
+    "context_length",
+    "maximum context",
+    "too many tokens",
+    "available context size",
+    "maximum model length",
+)
 
 
 # The current turn's session key (see turn.session_key), sent to the hub as the session header
@@ -108,10 +118,13 @@ class HubClient:
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POSTs ``body`` and returns the JSON object the hub answered."""
         async with self._call(path, body, stream=False) as resp:
-            async with self._quiet_limit() as gap:
-                gap.reschedule(self._idle_deadline())
-                raw = await resp.read()
-            return _json_object(raw)
+            return _json_object(await self._read(resp))
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole answer once it started, within the idle bound."""
+        async with self._quiet_limit() as gap:
+            gap.reschedule(self._idle_deadline())
+            return await resp.read()
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """POSTs ``body`` and yields each JSON object of the hub's event stream, up to ``[DONE]``
@@ -141,11 +154,15 @@ class HubClient:
     @contextlib.asynccontextmanager
     async def _quiet_limit(self) -> AsyncIterator[asyncio.Timeout]:
         """A bound on the next read of the answer (``--hub-idle-timeout-s``): a 504 saying the
-        model server went quiet."""
+        model server went quiet. Another bound that expires meanwhile (the whole call's) is
+        raised as it is, for the caller to name."""
+        gap = asyncio.timeout(None)
         try:
-            async with asyncio.timeout(None) as gap:
+            async with gap:
                 yield gap
         except TimeoutError as exc:
+            if not gap.expired():
+                raise
             raise _fail(
                 "upstream_timeout",
                 f"The model server sent nothing for {self._idle_s:g} s in the middle of its answer.",
@@ -252,18 +269,24 @@ class HubClient:
     async def get_json(self, path: str) -> dict[str, Any]:
         """GETs ``path`` and returns the JSON object the hub answered."""
         async with self._request("GET", path, None, stream=False) as resp:
-            return _json_object(await resp.read())
+            return _json_object(await self._read(resp))
 
     async def forward(self, path: str, body: bytes) -> bytes:
         """POSTs ``body`` unchanged and returns the hub's answer unchanged."""
         async with self._request("POST", path, body, stream=False) as resp:
-            return await resp.read()
+            return await self._read(resp)
 
     async def forward_stream(self, path: str, body: bytes) -> AsyncIterator[bytes]:
         """POSTs ``body`` unchanged and yields the hub's answer (an event stream) unchanged, as
-        the bytes arrive. A failure before the first byte, or mid-stream, is an ApiError."""
+        the bytes arrive. A failure before the first byte, or mid-stream (a quiet hub
+        included), is an ApiError."""
         async with self._request("POST", path, body, stream=True) as resp:
-            async for chunk in resp.content.iter_any():
+            while True:
+                async with self._quiet_limit() as gap:
+                    gap.reschedule(self._idle_deadline())
+                    chunk = await resp.content.readany()
+                if not chunk:
+                    return
                 yield chunk
 
 
