@@ -270,13 +270,26 @@ def query_int(request: Request, name: str, default: int) -> int:
     if raw is None:
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError as exc:
         raise errors.InvalidRequest(
             f"Invalid type for '{name}': expected an integer, but got '{raw}' instead.",
             param=name,
             code="invalid_type",
         ) from exc
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        # Such a number goes into no int64 field of the state contract (a 500 otherwise).
+        raise errors.InvalidRequest(
+            f"Invalid '{name}': expected a value between {_INT64_MIN} and {_INT64_MAX}, "
+            f"but got {raw[:40]} instead.",
+            param=name,
+            code="integer_out_of_range",
+        )
+    return value
+
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
 
 
 def query_limit(request: Request, default: int = 20) -> int:
