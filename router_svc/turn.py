@@ -382,7 +382,7 @@ async def store(
     svc: Services,
     turn: Turn,
     response: dict[str, Any],
-    events: list[dict[str, Any]] | None = None,
+    events: stream.EventLog | None = None,
     *,
     in_progress: bool = False,
 ) -> dict[str, Any]:
@@ -395,23 +395,26 @@ async def store(
     """
     if not turn.req.store:
         return response
-    stored = resources_pb2.StoredResponse(
-        id=turn.response_id,
-        previous_response_id=turn.req.previous_response_id or "",
-        conversation_id=turn.req.conversation_id or "",
-        input_items=[item_to_proto(i) for i in turn.req.input_items],
-        output_items=[item_to_proto(i) for i in response.get("output", [])],
-        response_json=orjson.dumps(response),
-        idempotency_key=turn.idempotency_key,
-        stream_events_json=orjson.dumps(events) if events else b"",
-        in_progress=in_progress,
-    )
     put = state_service_pb2.PutTurnRequest(
         tenant=turn.tenant,
-        response=stored,
         require_intact_chain=turn.parent_chain is not None,
         omit_stored_content=True,
     )
+    # Filled in place: a message passed to a constructor is copied, and with a long answer every
+    # copy counts.
+    stored = put.response
+    stored.id = turn.response_id
+    stored.previous_response_id = turn.req.previous_response_id or ""
+    stored.conversation_id = turn.req.conversation_id or ""
+    stored.input_items.extend(item_to_proto(i) for i in turn.req.input_items)
+    for item in response.get("output", []):
+        stored.output_items.add(id=str(item["id"]), json=orjson.dumps(item))
+    response_json = orjson.dumps(response)
+    stored.response_json = response_json
+    stored.idempotency_key = turn.idempotency_key
+    if events is not None:
+        stored.stream_events_json = events.dump(response)
+    stored.in_progress = in_progress
     # A background turn ran on the history of its start, whatever was appended since: nobody is
     # there to retry it, and the caller asked for exactly that.
     if turn.conversation_version is not None and not turn.req.background:
@@ -448,7 +451,7 @@ async def store(
         return first
     if svc.history_cache is not None and not in_progress and not reply.replayed:
         _remember(svc.history_cache, turn, stored, reply)
-    turn.stored_response, turn.stored_json = response, stored.response_json
+    turn.stored_response, turn.stored_json = response, response_json
     return response
 
 
@@ -678,7 +681,7 @@ async def _pump(
     buffered: bool = False,
 ) -> _Outcome:
     outcome = _Outcome()
-    sent: list[dict[str, Any]] = []
+    sent = stream.EventLog()  # what the client was sent, for the stored log
     held: list[dict[str, Any]] = []
 
     def push(events: list[dict[str, Any]]) -> None:
@@ -686,7 +689,7 @@ async def _pump(
             if event["type"] in _STORED_TERMINALS:
                 held.append(event)  # goes out only once the turn is stored
                 continue
-            sent.append(event)
+            sent.add(event)
             queue.put_nowait(stream.sse_encode(event))
 
     push(translator.start())
@@ -708,7 +711,8 @@ async def _pump(
         if held:
             terminal = held[0]
             try:
-                answered = await store(svc, turn, translator.response, [*sent, terminal])
+                sent.add(terminal)
+                answered = await store(svc, turn, translator.response, sent)
             except errors.ApiError as exc:
                 log.error(
                     "streamed turn could not be stored",
