@@ -176,10 +176,12 @@ async def one_turn(
                 raise RuntimeError(f"turn not completed: {data['status']}")
             return len(data["output"][0]["content"][0]["text"])
         # The stream is read to its end, without keeping it; only its last events are parsed.
-        tail = b""
+        tail = bytearray()
         async for chunk in resp.content.iter_any():
-            tail = (tail + chunk)[-keep:]
-        events = [line[6:] for line in tail.split(b"\n") if line.startswith(b"data: {")]
+            tail += chunk
+            if len(tail) > 2 * keep:
+                del tail[:-keep]
+        events = [line[6:] for line in bytes(tail).split(b"\n") if line.startswith(b"data: {")]
         terminal = orjson.loads(events[-1]) if events else {}
         if terminal.get("type") != "response.completed":
             raise RuntimeError(f"stream did not complete: {str(terminal)[:300]}")

@@ -53,7 +53,10 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 def sse_encode(event: dict[str, Any]) -> bytes:
     """One server-sent event whose ``event:`` line is the event's type."""
-    return b"event: " + str(event["type"]).encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+    # One copy of the event's JSON, not one per concatenation: a terminal event holds the answer.
+    return b"".join(
+        (b"event: ", str(event["type"]).encode(), b"\ndata: ", orjson.dumps(event), b"\n\n")
+    )
 
 
 def _ended_early(detail: str) -> errors.UpstreamError:

@@ -567,7 +567,7 @@ async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
     so a request chained on it right away finds it; ``data: [DONE]`` follows it.
     """
     translator = _translator(svc, turn)
-    queue: asyncio.Queue[object] = asyncio.Queue()
+    queue = _Outbox(backlog=STREAM_BACKLOG)
     pump = _pump(svc, turn, translator, queue)
     if turn.req.background:
         svc.spawn_cancellable((turn.tenant, turn.response_id), pump)
@@ -643,7 +643,7 @@ async def buffered_stream(svc: Services, turn: Turn) -> list[bytes]:
     A failure to store is raised (an HTTP error, before any byte: a conversation that changed
     meanwhile is a 409 the caller may run again); a turn that another response answers (the
     first attempt of an SDK call this one retries) is that response's stream."""
-    queue: asyncio.Queue[object] = asyncio.Queue()
+    queue = _Outbox(backlog=0)
     outcome = await _pump(svc, turn, _translator(svc, turn), queue, buffered=True)
     if outcome.store_error is not None:
         raise outcome.store_error
@@ -658,8 +658,8 @@ async def buffered_stream(svc: Services, turn: Turn) -> list[bytes]:
         if item is _END:
             chunks.append(stream.SSE_DONE)
             return chunks
-        assert isinstance(item, bytes)
-        chunks.append(item)
+        assert isinstance(item, dict)
+        chunks.append(stream.sse_encode(item))
 
 
 @dataclass
@@ -676,7 +676,7 @@ async def _pump(
     svc: Services,
     turn: Turn,
     translator: stream.ChatStreamTranslator | stream.ResponsesStreamTranslator | tools.StreamLoop,
-    queue: asyncio.Queue[object],
+    queue: _Outbox,
     *,
     buffered: bool = False,
 ) -> _Outcome:
@@ -690,7 +690,7 @@ async def _pump(
                 held.append(event)  # goes out only once the turn is stored
                 continue
             sent.add(event)
-            queue.put_nowait(stream.sse_encode(event))
+            queue.put_nowait(event)  # encoded when the client takes it (see _drain)
 
     push(translator.start())
     chunks: AsyncIterator[dict[str, Any]] | None = None
@@ -703,6 +703,7 @@ async def _pump(
             chunks = svc.hub.stream(path, body)
         async for chunk in chunks:
             push(translator.feed(chunk))
+            await queue.room()
         push(translator.finish())
         if not held:
             # The hub's own response.failed (a Responses-API hub): a background turn is kept
@@ -735,7 +736,7 @@ async def _pump(
                         push(_failed_after(terminal, translator.response, _superseded(answered)))
                     return outcome
                 terminal = {**terminal, "response": answered}
-            queue.put_nowait(stream.sse_encode(terminal))
+            queue.put_nowait(terminal)
     except errors.ApiError as exc:
         push(translator.fail(exc.code or "server_error", exc.message))
         await _store_failed(svc, turn, translator.response)
@@ -819,11 +820,55 @@ def _superseded(answered: dict[str, Any]) -> errors.ApiError:
     )
 
 
-async def _drain(queue: asyncio.Queue[object]) -> AsyncIterator[bytes]:
-    while True:
-        item = await queue.get()
-        if item is _END:
-            yield stream.SSE_DONE
-            return
-        assert isinstance(item, bytes)
-        yield item
+# Events a streamed turn holds for a client that reads slower than the hub answers; past it the
+# hub is read no faster than the client reads (see _Outbox).
+STREAM_BACKLOG = 256
+# A client that took nothing for this long is not waited for any more.
+STREAM_STALL_S = 30.0
+
+
+class _Outbox(asyncio.Queue[object]):
+    """The events of a streamed turn on their way to the client. The pump waits in
+    :meth:`room` while more than ``backlog`` are waiting (so that the hub is read no faster than
+    the client reads, and a slow client does not make the router hold the whole answer as
+    events), except once the client is gone (:meth:`close`) or took nothing for
+    STREAM_STALL_S: the turn is then read to its end and stored all the same. A backlog of 0
+    never waits (a buffered stream, read once it is whole)."""
+
+    def __init__(self, *, backlog: int) -> None:
+        super().__init__()
+        self.backlog = backlog
+        self._room = asyncio.Event()
+
+    async def room(self) -> None:
+        while self.backlog and self.qsize() > self.backlog:
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), STREAM_STALL_S)
+            except TimeoutError:
+                self.close()
+
+    def taken(self) -> None:
+        if self.qsize() <= self.backlog // 2:
+            self._room.set()
+
+    def close(self) -> None:
+        """Nobody reads any more: the pump never waits again."""
+        self.backlog = 0
+        self._room.set()
+
+
+async def _drain(queue: _Outbox) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            item = await queue.get()
+            queue.taken()
+            if item is _END:
+                yield stream.SSE_DONE
+                return
+            assert isinstance(item, dict)
+            # Encoded only now: the texts of the last events (each a copy of the answer) are
+            # held as bytes one at a time, not all at once.
+            yield stream.sse_encode(item)
+    finally:
+        queue.close()
