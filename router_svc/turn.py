@@ -400,29 +400,36 @@ async def store(
         require_intact_chain=turn.parent_chain is not None,
         omit_stored_content=True,
     )
-    # Filled in place: a message passed to a constructor is copied, and with a long answer every
-    # copy counts.
     stored = put.response
     stored.id = turn.response_id
     stored.previous_response_id = turn.req.previous_response_id or ""
     stored.conversation_id = turn.req.conversation_id or ""
     stored.input_items.extend(item_to_proto(i) for i in turn.req.input_items)
-    for item in response.get("output", []):
-        stored.output_items.add(id=str(item["id"]), json=orjson.dumps(item))
-    response_json = orjson.dumps(response)
-    stored.response_json = response_json
     stored.idempotency_key = turn.idempotency_key
-    if events is not None:
-        stored.stream_events_json = events.dump(response)
     stored.in_progress = in_progress
+    output = response.get("output", [])
+    output_json = [orjson.dumps(item) for item in output]
+    response_json = orjson.dumps(response)
+    log = events.dump(response) if events is not None else b""
     # A background turn ran on the history of its start, whatever was appended since: nobody is
     # there to retry it, and the caller asked for exactly that.
     if turn.conversation_version is not None and not turn.req.background:
         put.expected_conversation_version = turn.conversation_version
+    request: state_service_pb2.PutTurnRequest | bytes = put
+    if len(response_json) + len(log) < LARGE_TURN_BYTES:
+        for item, data in zip(output, output_json, strict=True):
+            stored.output_items.add(id=str(item["id"]), json=data)
+        stored.response_json = response_json
+        stored.stream_events_json = log
+    else:
+        request = _encoded_put(put, output, output_json, response_json, log)
+        if svc.history_cache is None:
+            output_json = []  # not remembered: not held while the state service answers
+    del log
     try:
         reply = await svc.state.call(
             "PutTurn",
-            put,
+            request,
             param="previous_response_id" if turn.req.previous_response_id else None,
             not_found=lambda err: _put_not_found(turn),
         )
@@ -450,7 +457,7 @@ async def store(
             return await store(svc, turn, response, events, in_progress=in_progress)
         return first
     if svc.history_cache is not None and not in_progress and not reply.replayed:
-        _remember(svc.history_cache, turn, stored, reply)
+        _remember(svc.history_cache, turn, stored, output_json, reply)
     turn.stored_response, turn.stored_json = response, response_json
     return response
 
@@ -459,6 +466,7 @@ def _remember(
     cache: HistoryCache,
     turn: Turn,
     stored: resources_pb2.StoredResponse,
+    output_json: list[bytes],
     reply: state_service_pb2.PutTurnResponse,
 ) -> None:
     """Remembers the history ending at the turn just stored, when it is whole and its expiry
@@ -471,7 +479,7 @@ def _remember(
         if reply.response.HasField("expire_time")
         else None
     )
-    own = tuple(i.json for i in (*stored.input_items, *stored.output_items))
+    own = (*(i.json for i in stored.input_items), *output_json)
     if turn.parent_chain is None and turn.req.previous_response_id:
         if expire_us is not None:
             return  # when the older turns of the chain expire is not known here
@@ -479,6 +487,55 @@ def _remember(
     cache.remember(
         turn.tenant, turn.response_id, turn.parent_chain, own, expire_us, root=turn.chain_root
     )
+
+
+# A turn whose response JSON is at least this large is sent to the state service encoded here
+# (_encoded_put), not as a message: filling a message copies every field, and encoding it copies
+# them again, so that a long answer was held several times over.
+LARGE_TURN_BYTES = 256 * 1024
+
+
+def _encoded_put(
+    put: state_service_pb2.PutTurnRequest,
+    output: list[dict[str, Any]],
+    output_json: list[bytes],
+    response_json: bytes,
+    log: bytes,
+) -> bytes:
+    """``put`` with the turn's output items, response JSON and event log added, encoded: the
+    small fields by protobuf, the large ones after them as a second occurrence of the ``response``
+    field, which every protobuf parser merges into the first (a message field that occurs twice is
+    merged). Each large field is copied once, into the bytes sent."""
+    parts: list[bytes] = []
+    for item, data in zip(output, output_json, strict=True):
+        item_id = str(item["id"]).encode()
+        head = _len_field(_ITEM_ID, item_id) + item_id + _len_field(_ITEM_JSON, data)
+        parts += (_len_field(_OUTPUT_ITEMS, b"", len(head) + len(data)) + head, data)
+    parts += (_len_field(_RESPONSE_JSON, response_json), response_json)
+    if log:
+        parts += (_len_field(_EVENTS, log), log)
+    size = sum(map(len, parts))
+    return b"".join([put.SerializeToString(), _len_field(_RESPONSE, b"", size), *parts])
+
+
+def _len_field(number: int, value: bytes, size: int | None = None) -> bytes:
+    """The key and length of a length-delimited field (``size``, or that of ``value``)."""
+    out = bytearray()
+    for n in (number << 3 | 2, len(value) if size is None else size):
+        while n > 0x7F:
+            out.append(0x80 | (n & 0x7F))
+            n >>= 7
+        out.append(n)
+    return bytes(out)
+
+
+_STORED = resources_pb2.StoredResponse.DESCRIPTOR.fields_by_name
+_RESPONSE = state_service_pb2.PutTurnRequest.DESCRIPTOR.fields_by_name["response"].number
+_OUTPUT_ITEMS = _STORED["output_items"].number
+_RESPONSE_JSON = _STORED["response_json"].number
+_EVENTS = _STORED["stream_events_json"].number
+_ITEM_ID = resources_pb2.Item.DESCRIPTOR.fields_by_name["id"].number
+_ITEM_JSON = resources_pb2.Item.DESCRIPTOR.fields_by_name["json"].number
 
 
 def _put_not_found(turn: Turn) -> errors.ApiError:

@@ -200,8 +200,10 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         tenant = _tenant(request.tenant)
         r = request.response
         _require(r.id, "response.id")
-        _require(r.response_json, "response.response_json")
-        if not _is_json_object(r.response_json):
+        # Each read of a bytes field is a copy of it: read once.
+        response_json = r.response_json
+        _require(response_json, "response.response_json")
+        if not _is_json_object(response_json):
             raise _invalid("response.response_json", "response_json must be a JSON object")
         if r.previous_response_id and r.conversation_id:
             raise _invalid(
@@ -212,7 +214,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         seen: set[str] | None = set() if r.conversation_id else None
         turn = base.Turn(
             id=r.id,
-            response_json=r.response_json,
+            response_json=response_json,
             previous_response_id=r.previous_response_id,
             conversation_id=r.conversation_id,
             input_items=_items(r.input_items, "response.input_items", seen),
@@ -858,15 +860,16 @@ def _items(
     server-set fields are ignored."""
     out = []
     for n, item in enumerate(items):
-        _require(item.id, f"{field}[{n}].id")
-        _require(item.json, f"{field}[{n}].json")
-        if not _is_json_object(item.json):
+        item_id, data = item.id, item.json  # each read is a copy: read once
+        _require(item_id, f"{field}[{n}].id")
+        _require(data, f"{field}[{n}].json")
+        if not _is_json_object(data):
             raise _invalid(f"{field}[{n}].json", "item JSON must be a JSON object")
         if seen is not None:
-            if item.id in seen:
-                raise _invalid(f"{field}[{n}].id", f"item id {item.id} appears twice")
-            seen.add(item.id)
-        out.append(base.Item(id=item.id, json=item.json))
+            if item_id in seen:
+                raise _invalid(f"{field}[{n}].id", f"item id {item_id} appears twice")
+            seen.add(item_id)
+        out.append(base.Item(id=item_id, json=data))
     return tuple(out)
 
 
