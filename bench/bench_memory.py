@@ -83,7 +83,7 @@ class BigHub:
     def __init__(self, text: str) -> None:
         self.text = text
         self.delta = 4
-        self._bodies: dict[int, bytes] = {}
+        self._bodies: dict[tuple[int, int], bytes] = {}
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -91,7 +91,8 @@ class BigHub:
         self._ready.wait(10)
 
     def _stream_body(self, delta: int) -> bytes:
-        if delta not in self._bodies:
+        key = (delta, len(self.text))
+        if key not in self._bodies:
             head = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"big","choices":[{"index":0,"delta":{"content":'
             tail = b'},"finish_reason":null}]}\n\n'
             out = bytearray(
@@ -107,8 +108,9 @@ class BigHub:
                 b'"usage":{"prompt_tokens":5,"completion_tokens":1000,"total_tokens":1005}}\n\n'
                 b"data: [DONE]\n\n"
             )
-            self._bodies[delta] = bytes(out)
-        return self._bodies[delta]
+            self._bodies.clear()  # one answer at a time
+            self._bodies[key] = bytes(out)
+        return self._bodies[key]
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
@@ -194,11 +196,14 @@ class Case:
     stream: bool
     delta: int
     turns: int
+    size: int
 
 
 def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> None:
     hub.delta = case.delta
-    size = len(hub.text)
+    if len(hub.text) != case.size:
+        hub.text = answer_text(case.size)
+    size = case.size
     db = work / f"state-{case.name.replace(' ', '-')}-{case.turns}.db"
     state = Process(
         [
@@ -264,7 +269,8 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
             held = (after[name] - baseline[name]) / MB
             cols.append(f"{name} {per_turn:6.2f}x  held {held:7.1f} MB")
         print(
-            f"{case.name:<28} {case.turns:>3} turns {seconds:6.1f} s   " + "   ".join(cols),
+            f"{case.name:<22} {size / MB:4.1f} MB {case.turns:>3} turns {seconds:6.1f} s   "
+            + "   ".join(cols),
             flush=True,
         )
     finally:
@@ -272,33 +278,46 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
         state.stop()
 
 
+def _counts(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--answer-mb", type=float, default=1.0, help="size of every answer")
+    parser.add_argument("--answer-mb", type=float, default=4.0, help="answer of large chunks")
+    parser.add_argument("--chunk", type=int, default=16 * 1024, help="bytes per large chunk")
+    parser.add_argument("--turns", default="1,20", help="concurrent turns, comma-separated")
+    parser.add_argument(
+        "--delta-answer-mb",
+        type=float,
+        default=0.5,
+        help="answer of small deltas (the router spends tens of µs on each delta)",
+    )
     parser.add_argument(
         "--delta", type=int, default=4, help="bytes per delta of a small-delta stream"
     )
-    parser.add_argument("--chunk", type=int, default=16 * 1024, help="bytes per large chunk")
-    parser.add_argument("--turns", default="1,20", help="concurrent turns, comma-separated")
+    parser.add_argument("--delta-turns", default="1,4", help="concurrent small-delta turns")
     parser.add_argument("--pause", type=float, default=2.0, help="seconds before 'held' is read")
     parser.add_argument("--history-cache-mb", type=int, default=0, help="the router's cache")
     args = parser.parse_args()
-    text = answer_text(int(args.answer_mb * MB))
-    hub = BigHub(text)
+    big = int(args.answer_mb * MB)
+    small = int(args.delta_answer_mb * MB)
+    hub = BigHub(answer_text(big))
     work = Path(tempfile.mkdtemp(prefix="respgw-bench-memory-"))
     print(
-        f"# memory per turn, in answer sizes ({len(text) / MB:.1f} MB answers; "
-        f"peak RSS over the baseline / turns / answer); SQLite state; "
-        f"router --history-cache-mb {args.history_cache_mb}"
+        "# memory per turn, in answer sizes: (peak RSS - RSS before) / turns / answer; "
+        f"SQLite state; router --history-cache-mb {args.history_cache_mb}"
     )
+    cases = [
+        Case(f"stream, {args.delta} B deltas", True, args.delta, turns, small)
+        for turns in _counts(args.delta_turns)
+    ]
+    for turns in _counts(args.turns):
+        cases.append(Case(f"stream, {args.chunk // 1024} KB chunks", True, args.chunk, turns, big))
+        cases.append(Case("not streamed", False, args.chunk, turns, big))
     try:
-        for turns in [int(t) for t in args.turns.split(",") if t.strip()]:
-            for case in (
-                Case(f"stream, {args.delta} B deltas", True, args.delta, turns),
-                Case(f"stream, {args.chunk // 1024} KB chunks", True, args.chunk, turns),
-                Case("not streamed", False, args.delta, turns),
-            ):
-                run_case(case, hub, args, work)
+        for case in cases:
+            run_case(case, hub, args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -423,8 +423,12 @@ async def store(
         stored.stream_events_json = log
     else:
         request = _encoded_put(put, output, output_json, response_json, log)
+        # Not held while the state service answers unless needed after: the items for the
+        # history cache, the JSON for the answer of a turn not streamed.
         if svc.history_cache is None:
-            output_json = []  # not remembered: not held while the state service answers
+            output_json = []
+        if events is not None:
+            response_json = b""
     del log
     try:
         reply = await svc.state.call(
@@ -458,7 +462,8 @@ async def store(
         return first
     if svc.history_cache is not None and not in_progress and not reply.replayed:
         _remember(svc.history_cache, turn, stored, output_json, reply)
-    turn.stored_response, turn.stored_json = response, response_json
+    if response_json:
+        turn.stored_response, turn.stored_json = response, response_json
     return response
 
 
