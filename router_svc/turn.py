@@ -408,21 +408,29 @@ async def store(
     stored.idempotency_key = turn.idempotency_key
     stored.in_progress = in_progress
     output = response.get("output", [])
-    output_json = [orjson.dumps(item) for item in output]
     response_json = orjson.dumps(response)
     log = events.dump(response) if events is not None else b""
+    large = len(response_json) + len(log) >= LARGE_TURN_BYTES
+    # The state service takes the items of a large turn from the response JSON when it can:
+    # the answer then goes once (and is encoded here only for the history cache).
+    derived = large and svc.state.output_items_from_response
+    output_json = [] if derived and svc.history_cache is None else [orjson.dumps(i) for i in output]
     # A background turn ran on the history of its start, whatever was appended since: nobody is
     # there to retry it, and the caller asked for exactly that.
     if turn.conversation_version is not None and not turn.req.background:
         put.expected_conversation_version = turn.conversation_version
     request: state_service_pb2.PutTurnRequest | bytes = put
-    if len(response_json) + len(log) < LARGE_TURN_BYTES:
+    if not large:
         for item, data in zip(output, output_json, strict=True):
             stored.output_items.add(id=str(item["id"]), json=data)
         stored.response_json = response_json
         stored.stream_events_json = log
     else:
-        request = _encoded_put(put, output, output_json, response_json, log)
+        if derived:
+            stored.output_items_from_response = True
+            request = _encoded_put(put, [], [], response_json, log)
+        else:
+            request = _encoded_put(put, output, output_json, response_json, log)
         # Not held while the state service answers unless needed after: the items for the
         # history cache, the JSON for the answer of a turn not streamed.
         if svc.history_cache is None:
@@ -447,6 +455,7 @@ async def store(
     except errors.ApiError as exc:
         exc.retry_header(retry_is_safe=bool(turn.idempotency_key))
         raise
+    svc.state.output_items_from_response = reply.output_items_from_response
     if reply.replayed and reply.response.id != turn.response_id:
         first: dict[str, Any] = orjson.loads(reply.response.response_json)
         if turn.key_kind == "explicit" and first.get("id") != _response_id(

@@ -203,7 +203,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         # Each read of a bytes field is a copy of it: read once.
         response_json = r.response_json
         _require(response_json, "response.response_json")
-        if not _is_json_object(response_json):
+        response = _json_object(response_json)
+        if response is None:
             raise _invalid("response.response_json", "response_json must be a JSON object")
         if r.previous_response_id and r.conversation_id:
             raise _invalid(
@@ -218,11 +219,16 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             previous_response_id=r.previous_response_id,
             conversation_id=r.conversation_id,
             input_items=_items(r.input_items, "response.input_items", seen),
-            output_items=_items(r.output_items, "response.output_items", seen),
+            output_items=(
+                _output_of(response, r, seen)
+                if r.output_items_from_response
+                else _items(r.output_items, "response.output_items", seen)
+            ),
             idempotency_key=r.idempotency_key,
             stream_events_json=r.stream_events_json,
             in_progress=r.in_progress,
         )
+        del response
         expected = (
             request.expected_conversation_version
             if request.HasField("expected_conversation_version")
@@ -246,6 +252,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             replayed=result.replayed,
             conversation_version=result.conversation_version,
             history_max_items=self._settings.history_max_items,
+            output_items_from_response=True,
         )
 
     async def GetResponse(
@@ -717,6 +724,10 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
 def _turn(r: resources_pb2.StoredResponse) -> base.Turn:
     """A turn sent to the background RPCs, checked as PutTurn checks its turn."""
     _require(r.id, "response.id")
+    if r.output_items_from_response:
+        raise _invalid(
+            "response.output_items_from_response", "output_items_from_response is for PutTurn"
+        )
     _require(r.response_json, "response.response_json")
     if not _is_json_object(r.response_json):
         raise _invalid("response.response_json", "response_json must be a JSON object")
@@ -851,6 +862,39 @@ def _is_json_object(data: bytes) -> bool:
         return isinstance(orjson.loads(data), dict)
     except orjson.JSONDecodeError:
         return False
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _output_of(
+    response: dict[str, Any], r: resources_pb2.StoredResponse, seen: set[str] | None
+) -> tuple[base.Item, ...]:
+    """The output items of a turn written with output_items_from_response: those of its
+    response's "output" array, each re-encoded (see the proto)."""
+    field = "response.output_items_from_response"
+    if r.output_items:
+        raise _invalid(field, "output_items must be empty when output_items_from_response is set")
+    output = response.get("output")
+    if not isinstance(output, list):
+        raise _invalid(field, 'response_json has no "output" array to take the output items from')
+    out = []
+    for n, item in enumerate(output):
+        item_id = item.get("id") if isinstance(item, dict) else None
+        if not isinstance(item_id, str) or not item_id:
+            raise _invalid(field, f'output[{n}] of response_json is not an object with an "id"')
+        _check_string(f"response_json.output[{n}].id", item_id)
+        if seen is not None:
+            if item_id in seen:
+                raise _invalid(field, f"item id {item_id} appears twice")
+            seen.add(item_id)
+        out.append(base.Item(id=item_id, json=orjson.dumps(item)))
+    return tuple(out)
 
 
 def _items(

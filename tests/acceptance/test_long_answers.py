@@ -28,10 +28,17 @@ def sqlite_stack(hub: FakeHub, tmp_path: Path) -> Iterator[Stack]:
     s.stop()
 
 
-@pytest.fixture
-def encoded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every turn of the test takes the path of a large one."""
+@pytest.fixture(params=["items sent", "items from the response"])
+def encoded(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, sqlite_stack: Stack
+) -> None:
+    """Every turn of the test takes the path of a large one: with its output items, or (once the
+    router learned that the state service takes them from the response JSON) without."""
     monkeypatch.setattr(turn, "LARGE_TURN_BYTES", 1)
+    if request.param == "items from the response":
+        with httpx.Client() as http:
+            body = {"model": "fake-model", "input": "first", "store": True}
+            assert http.post(f"{sqlite_stack.url}/responses", json=body).status_code == 200
 
 
 @pytest.mark.usefixtures("encoded")

@@ -88,6 +88,7 @@ class StoredResponse(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     STREAM_EVENTS_JSON_FIELD_NUMBER: _builtins.int
     IN_PROGRESS_FIELD_NUMBER: _builtins.int
+    OUTPUT_ITEMS_FROM_RESPONSE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The response id ("resp_..."), unique within the tenant. Required on writes."""
     previous_response_id: _builtins.str
@@ -107,9 +108,12 @@ class StoredResponse(_message.Message):
     Unique per tenant: a second turn with the same key is a replay (see PutTurn).
     """
     stream_events_json: _builtins.bytes
-    """The events of a streamed turn exactly as they were sent, as a UTF-8 JSON array of event
-    objects, so that a replay (GET /v1/responses/{id}?stream=true) gives a client the same events
-    and sequence numbers it saw live. Empty for a turn that was not streamed. Stored and returned
+    """The events of a streamed turn as they were sent, as a UTF-8 JSON array, so that a replay
+    (GET /v1/responses/{id}?stream=true) gives a client the same events and sequence numbers it
+    saw live. The array is the router's to interpret: it may hold the events in a compact form
+    that needs response_json to be read back (the router's stream.expand_log; events of a
+    background response appended with AppendResponseEvents are whole). Empty for a turn that was
+    not streamed, or whose replay is rebuilt from response_json alone. Stored and returned
     unchanged; part of the content a PutTurn replay is compared on.
     """
     in_progress: _builtins.bool
@@ -117,6 +121,16 @@ class StoredResponse(_message.Message):
     progress). A running turn can be retrieved but not built on, and its items are not in its
     conversation until a final turn with the same id replaces it (see PutTurn). Default false:
     the turn is final.
+    """
+    output_items_from_response: _builtins.bool
+    """On writes (PutTurn only), set with output_items left empty: the server takes the output
+    items from the "output" array of response_json, in order, each item's JSON as it stands there
+    (re-encoded compactly, members in their order) and its "id" member as its id, so that a long
+    answer is not sent twice. INVALID_ARGUMENT when output_items is not empty, or when "output"
+    is missing, not an array, or holds an item that is not an object with a non-empty string
+    "id". Servers that honour it say so in PutTurnResponse.output_items_from_response; a caller
+    must not set it before a server said so (an older server ignores it and would store the turn
+    without output items). Never set on reads. Default false: output_items as sent.
     """
     @_builtins.property
     def input_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
@@ -152,10 +166,11 @@ class StoredResponse(_message.Message):
         idempotency_key: _builtins.str = ...,
         stream_events_json: _builtins.bytes = ...,
         in_progress: _builtins.bool = ...,
+        output_items_from_response: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "idempotency_key", b"idempotency_key", "in_progress", b"in_progress", "input_items", b"input_items", "output_items", b"output_items", "previous_response_id", b"previous_response_id", "response_json", b"response_json", "stream_events_json", b"stream_events_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "idempotency_key", b"idempotency_key", "in_progress", b"in_progress", "input_items", b"input_items", "output_items", b"output_items", "output_items_from_response", b"output_items_from_response", "previous_response_id", b"previous_response_id", "response_json", b"response_json", "stream_events_json", b"stream_events_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
