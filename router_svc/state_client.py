@@ -261,8 +261,8 @@ class StateClient:
         self._exchange = Exchange(self._channel, exchange_streams) if exchange_streams else None
         self._encoded: dict[str, Any] = {}
         # Whether the service takes a turn's output items from its response JSON
-        # (StoredResponse.output_items_from_response): learned from its PutTurn replies.
-        self.output_items_from_response = False
+        # (StoredResponse.response_json_with_output_items): learned from its PutTurn replies.
+        self.response_json_with_output_items = False
 
     async def close(self) -> None:
         if self._exchange is not None:

@@ -29,8 +29,10 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import orjson
 
+from gateway import grpcerrors
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
 from router_svc import bootstrap, errors, hub, stream, tools, translate, validate
@@ -413,7 +415,7 @@ async def store(
     large = len(response_json) + len(log) >= LARGE_TURN_BYTES
     # The state service takes the items of a large turn from the response JSON when it can:
     # the answer then goes once (and is encoded here only for the history cache).
-    derived = large and svc.state.output_items_from_response
+    derived = large and svc.state.response_json_with_output_items
     output_json = [] if derived and svc.history_cache is None else [orjson.dumps(i) for i in output]
     # A background turn ran on the history of its start, whatever was appended since: nobody is
     # there to retry it, and the caller asked for exactly that.
@@ -427,8 +429,7 @@ async def store(
         stored.stream_events_json = log
     else:
         if derived:
-            stored.output_items_from_response = True
-            request = _encoded_put(put, [], [], response_json, log)
+            request = _encoded_put(put, [], [], response_json, log, combined=True)
         else:
             request = _encoded_put(put, output, output_json, response_json, log)
         # Not held while the state service answers unless needed after: the items for the
@@ -453,9 +454,14 @@ async def store(
                 return winner
         raise
     except errors.ApiError as exc:
+        if derived and _refused_combined(exc):
+            # A state service that predates response_json_with_output_items (one replica of a
+            # fleet being upgraded) refused the turn, storing nothing: sent again with its items.
+            svc.state.response_json_with_output_items = False
+            return await store(svc, turn, response, events, in_progress=in_progress)
         exc.retry_header(retry_is_safe=bool(turn.idempotency_key))
         raise
-    svc.state.output_items_from_response = reply.output_items_from_response
+    svc.state.response_json_with_output_items = reply.response_json_with_output_items
     if reply.replayed and reply.response.id != turn.response_id:
         first: dict[str, Any] = orjson.loads(reply.response.response_json)
         if turn.key_kind == "explicit" and first.get("id") != _response_id(
@@ -515,17 +521,21 @@ def _encoded_put(
     output_json: list[bytes],
     response_json: bytes,
     log: bytes,
+    *,
+    combined: bool = False,
 ) -> bytes:
     """``put`` with the turn's output items, response JSON and event log added, encoded: the
     small fields by protobuf, the large ones after them as a second occurrence of the ``response``
     field, which every protobuf parser merges into the first (a message field that occurs twice is
-    merged). Each large field is copied once, into the bytes sent."""
+    merged). Each large field is copied once, into the bytes sent. ``combined``: the response JSON
+    goes as response_json_with_output_items (``output`` then empty)."""
     parts: list[bytes] = []
     for item, data in zip(output, output_json, strict=True):
         item_id = str(item["id"]).encode()
         head = _len_field(_ITEM_ID, item_id) + item_id + _len_field(_ITEM_JSON, data)
         parts += (_len_field(_OUTPUT_ITEMS, b"", len(head) + len(data)) + head, data)
-    parts += (_len_field(_RESPONSE_JSON, response_json), response_json)
+    json_field = _COMBINED if combined else _RESPONSE_JSON
+    parts += (_len_field(json_field, response_json), response_json)
     if log:
         parts += (_len_field(_EVENTS, log), log)
     size = sum(map(len, parts))
@@ -547,9 +557,23 @@ _STORED = resources_pb2.StoredResponse.DESCRIPTOR.fields_by_name
 _RESPONSE = state_service_pb2.PutTurnRequest.DESCRIPTOR.fields_by_name["response"].number
 _OUTPUT_ITEMS = _STORED["output_items"].number
 _RESPONSE_JSON = _STORED["response_json"].number
+_COMBINED = _STORED["response_json_with_output_items"].number
 _EVENTS = _STORED["stream_events_json"].number
 _ITEM_ID = resources_pb2.Item.DESCRIPTOR.fields_by_name["id"].number
 _ITEM_JSON = resources_pb2.Item.DESCRIPTOR.fields_by_name["json"].number
+
+
+def _refused_combined(exc: errors.ApiError) -> bool:
+    """Whether ``exc`` is an older state service's refusal of response_json_with_output_items
+    (it requires response_json)."""
+    cause = exc.__cause__
+    if isinstance(cause, grpc.aio.AioRpcError):
+        info = grpcerrors.error_info(cause)
+        return (
+            info.code == grpc.StatusCode.INVALID_ARGUMENT
+            and info.metadata.get("field") == "response.response_json"
+        )
+    return False
 
 
 def _put_not_found(turn: Turn) -> errors.ApiError:

@@ -201,7 +201,16 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         r = request.response
         _require(r.id, "response.id")
         # Each read of a bytes field is a copy of it: read once.
-        response_json = r.response_json
+        combined = bool(r.response_json_with_output_items)
+        if combined:
+            if r.response_json or r.output_items:
+                raise _invalid(
+                    "response.response_json_with_output_items",
+                    "response_json_with_output_items replaces response_json and output_items",
+                )
+            response_json = r.response_json_with_output_items
+        else:
+            response_json = r.response_json
         _require(response_json, "response.response_json")
         response = _json_object(response_json)
         if response is None:
@@ -220,8 +229,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             conversation_id=r.conversation_id,
             input_items=_items(r.input_items, "response.input_items", seen),
             output_items=(
-                _output_of(response, r, seen)
-                if r.output_items_from_response
+                _output_of(response, seen)
+                if combined
                 else _items(r.output_items, "response.output_items", seen)
             ),
             idempotency_key=r.idempotency_key,
@@ -252,7 +261,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             replayed=result.replayed,
             conversation_version=result.conversation_version,
             history_max_items=self._settings.history_max_items,
-            output_items_from_response=True,
+            response_json_with_output_items=True,
         )
 
     async def GetResponse(
@@ -724,9 +733,10 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
 def _turn(r: resources_pb2.StoredResponse) -> base.Turn:
     """A turn sent to the background RPCs, checked as PutTurn checks its turn."""
     _require(r.id, "response.id")
-    if r.output_items_from_response:
+    if r.response_json_with_output_items:
         raise _invalid(
-            "response.output_items_from_response", "output_items_from_response is for PutTurn"
+            "response.response_json_with_output_items",
+            "response_json_with_output_items is for PutTurn",
         )
     _require(r.response_json, "response.response_json")
     if not _is_json_object(r.response_json):
@@ -872,14 +882,10 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def _output_of(
-    response: dict[str, Any], r: resources_pb2.StoredResponse, seen: set[str] | None
-) -> tuple[base.Item, ...]:
-    """The output items of a turn written with output_items_from_response: those of its
+def _output_of(response: dict[str, Any], seen: set[str] | None) -> tuple[base.Item, ...]:
+    """The output items of a turn written with response_json_with_output_items: those of its
     response's "output" array, each re-encoded (see the proto)."""
-    field = "response.output_items_from_response"
-    if r.output_items:
-        raise _invalid(field, "output_items must be empty when output_items_from_response is set")
+    field = "response.response_json_with_output_items"
     output = response.get("output")
     if not isinstance(output, list):
         raise _invalid(field, 'response_json has no "output" array to take the output items from')

@@ -12,7 +12,9 @@ import httpx
 import orjson
 import pytest
 
+from respgw.state.v1 import state_service_pb2
 from router_svc import turn
+from state_svc import service
 from state_svc.config import StateSettings
 from tests.fakehub import FakeHub, Reply
 from tests.support import Stack
@@ -126,3 +128,35 @@ def test_a_client_gone_while_its_stream_waits_still_gets_the_turn_stored(
             time.sleep(0.05)
     assert found.status_code == 200
     assert client.responses.retrieve(response_id).output_text == TEXT
+
+
+def test_a_state_service_that_predates_the_combined_field_gets_the_items_sent(
+    sqlite_stack: Stack, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fleet being upgraded: a new replica said it takes the items from the response JSON, and
+    # the next turn reaches one that does not know the field (it sees no response_json).
+    monkeypatch.setattr(turn, "LARGE_TURN_BYTES", 1)
+    original = service.StateServicer._put_turn
+
+    async def older(
+        self: service.StateServicer, request: state_service_pb2.PutTurnRequest
+    ) -> state_service_pb2.PutTurnResponse:
+        request.response.ClearField("response_json_with_output_items")
+        reply = await original(self, request)
+        reply.response_json_with_output_items = True
+        return reply
+
+    monkeypatch.setattr(service.StateServicer, "_put_turn", older)
+    client = sqlite_stack.client()
+    hub.enqueue(Reply(text="first"), Reply(text=TEXT), Reply(text="third"))
+    first = client.responses.create(model="fake-model", input="one")
+    with client.responses.stream(
+        model="fake-model", input="two", previous_response_id=first.id
+    ) as events:
+        for _ in events:
+            pass
+        second = events.get_final_response()
+    assert client.responses.retrieve(second.id).output_text == TEXT
+    client.responses.create(model="fake-model", input="three", previous_response_id=second.id)
+    history = hub.requests[-1]["messages"]
+    assert [m["content"] for m in history if m["role"] == "assistant"] == ["first", TEXT]

@@ -1,6 +1,6 @@
 """PutTurn's options: omit_stored_content (a new turn is answered with its server-set fields only; a
-replay is always answered whole) and output_items_from_response (the output items taken from the
-response JSON)."""
+replay is always answered whole) and StoredResponse.response_json_with_output_items (the output
+items taken from the response JSON)."""
 
 from __future__ import annotations
 
@@ -43,15 +43,16 @@ async def test_a_replay_is_answered_whole(client: Client) -> None:
     assert [i.id for i in reply.response.output_items] == ["r1-out"]
 
 
-# --- output_items_from_response ---------------------------------------------------------------
+# --- response_json_with_output_items ----------------------------------------------------------
 
 
 def from_response(response_id: str, output: Any, **kwargs: Any) -> resources_pb2.StoredResponse:
     """A turn whose output items are to be taken from its response JSON's ``output``."""
     stored = simple_turn(response_id, **kwargs)
     del stored.output_items[:]
-    stored.response_json = orjson.dumps({"id": response_id, "object": "response", "output": output})
-    stored.output_items_from_response = True
+    stored.ClearField("response_json")
+    body = {"id": response_id, "object": "response", "output": output}
+    stored.response_json_with_output_items = orjson.dumps(body)
     return stored
 
 
@@ -63,12 +64,14 @@ async def test_the_output_items_are_taken_from_the_response(client: Client) -> N
     reply = await client.stub.PutTurn(
         pb.PutTurnRequest(tenant=TENANT, response=from_response("r1", output))
     )
-    assert reply.output_items_from_response
+    assert reply.response_json_with_output_items
     got = await client.stub.GetResponse(pb.GetResponseRequest(tenant=TENANT, response_id="r1"))
     assert [(i.id, orjson.loads(i.json)) for i in got.response.output_items] == [
         (o["id"], o) for o in output
     ]
     assert [i.json for i in got.response.output_items] == [orjson.dumps(o) for o in output]
+    assert orjson.loads(got.response.response_json)["output"] == output
+    assert not got.response.response_json_with_output_items
     history = await client.history(response_id="r1")
     assert [i.id for i in history.items] == ["r1-in", "msg_1", "fc_1"]
 
@@ -80,7 +83,8 @@ async def test_a_turn_sent_both_ways_is_the_same_turn(client: Client) -> None:
     await client.stub.PutTurn(pb.PutTurnRequest(tenant=TENANT, response=first))
     again = resources_pb2.StoredResponse()
     again.CopyFrom(first)
-    again.output_items_from_response = False
+    again.response_json = first.response_json_with_output_items
+    again.ClearField("response_json_with_output_items")
     again.output_items.add(id="msg_1", json=orjson.dumps(output[0]))
     reply = await client.stub.PutTurn(pb.PutTurnRequest(tenant=TENANT, response=again))
     assert reply.replayed and reply.response.id == "r1"
@@ -94,19 +98,23 @@ async def test_a_turn_sent_both_ways_is_the_same_turn(client: Client) -> None:
 async def test_output_that_gives_no_items_is_invalid(client: Client, output: Any) -> None:
     stored = from_response("r1", output)
     if output is None:
-        stored.response_json = b'{"id": "r1"}'
+        stored.response_json_with_output_items = b'{"id": "r1"}'
     err = await fails(client.stub.PutTurn(pb.PutTurnRequest(tenant=TENANT, response=stored)))
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.metadata["field"] == "response.output_items_from_response"
+    assert err.metadata["field"] == "response.response_json_with_output_items"
     missing = await fails(
         client.stub.GetResponse(pb.GetResponseRequest(tenant=TENANT, response_id="r1"))
     )
     assert missing.code == grpc.StatusCode.NOT_FOUND
 
 
-async def test_output_items_sent_as_well_are_invalid(client: Client) -> None:
+@pytest.mark.parametrize("also", ["output_items", "response_json"])
+async def test_the_fields_it_replaces_sent_as_well_are_invalid(client: Client, also: str) -> None:
     stored = from_response("r1", [{"id": "msg_1"}])
-    stored.output_items.add(id="msg_1", json=b'{"id": "msg_1"}')
+    if also == "output_items":
+        stored.output_items.add(id="msg_1", json=b'{"id": "msg_1"}')
+    else:
+        stored.response_json = stored.response_json_with_output_items
     err = await fails(client.stub.PutTurn(pb.PutTurnRequest(tenant=TENANT, response=stored)))
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
 

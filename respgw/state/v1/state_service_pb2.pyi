@@ -114,7 +114,7 @@ class PutTurnResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     CONVERSATION_VERSION_FIELD_NUMBER: _builtins.int
     HISTORY_MAX_ITEMS_FIELD_NUMBER: _builtins.int
-    OUTPUT_ITEMS_FROM_RESPONSE_FIELD_NUMBER: _builtins.int
+    RESPONSE_JSON_WITH_OUTPUT_ITEMS_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
     """True when nothing was written because the same turn (or the same idempotency key) was already
     stored.
@@ -125,9 +125,9 @@ class PutTurnResponse(_message.Message):
     """The service's own cap on the items GetHistory returns (the operator's setting), 0 for none.
     A caller that remembers histories uses it to cut them exactly as GetHistory would.
     """
-    output_items_from_response: _builtins.bool
-    """Always true from a server that honours StoredResponse.output_items_from_response (false from
-    an older one): the caller may set that field on later writes.
+    response_json_with_output_items: _builtins.bool
+    """Always true from a server that honours StoredResponse.response_json_with_output_items (false
+    from an older one).
     """
     @_builtins.property
     def response(self) -> _resources_pb2.StoredResponse:
@@ -142,11 +142,11 @@ class PutTurnResponse(_message.Message):
         replayed: _builtins.bool = ...,
         conversation_version: _builtins.int = ...,
         history_max_items: _builtins.int = ...,
-        output_items_from_response: _builtins.bool = ...,
+        response_json_with_output_items: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_version", b"conversation_version", "history_max_items", b"history_max_items", "output_items_from_response", b"output_items_from_response", "replayed", b"replayed", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_version", b"conversation_version", "history_max_items", b"history_max_items", "replayed", b"replayed", "response", b"response", "response_json_with_output_items", b"response_json_with_output_items"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
