@@ -820,17 +820,12 @@ class EventLog:
         is then rebuilt from the response alone) in the unlikely case that the deltas do not add
         up to the response's texts."""
         records: list[dict[str, Any]] = []
-        offsets: dict[tuple[Any, ...], int] = {}
+        offsets: dict[tuple[Any, ...], int] = {}  # where the next delta of each text starts
         for record in self._records:
             if isinstance(record, _Run):
                 first = record.first
                 found = _in_response(response, first)
-                key = (
-                    first["type"],
-                    first.get("output_index"),
-                    first.get("content_index"),
-                    first.get("summary_index"),
-                )
+                key = _text_key(first)
                 start = offsets.get(key, 0)
                 end = start + record.chars
                 if (
@@ -843,12 +838,31 @@ class EventLog:
                 lengths = base64.b64encode(record.lengths).decode()
                 records.append({**first, "delta": "", LOG_DELTAS: lengths})
                 continue
+            _advance(offsets, record)
             found = _in_response(response, record)
             if found is not None and record.get(found[0]) == found[1]:
                 records.append({**record, found[0]: None, LOG_FROM: found[0]})
             else:
                 records.append(record)
         return orjson.dumps(records)
+
+
+def _text_key(event: dict[str, Any]) -> tuple[Any, ...]:
+    """Which text a delta adds to."""
+    return (
+        event["type"],
+        event.get("output_index"),
+        event.get("content_index"),
+        event.get("summary_index"),
+    )
+
+
+def _advance(offsets: dict[tuple[Any, ...], int], event: dict[str, Any]) -> None:
+    """Counts the text of a delta stored whole (with logprobs, say) among its text's deltas."""
+    delta = event.get("delta")
+    if isinstance(delta, str) and event["type"].endswith(".delta") and event["type"] in _TEXT_OF:
+        key = _text_key(event)
+        offsets[key] = offsets.get(key, 0) + len(delta)
 
 
 def expand_log(events: list[dict[str, Any]], response: dict[str, Any]) -> list[dict[str, Any]]:
@@ -859,12 +873,7 @@ def expand_log(events: list[dict[str, Any]], response: dict[str, Any]) -> list[d
         if LOG_DELTAS in record:
             found = _in_response(response, record)
             text = found[1] if found is not None and isinstance(found[1], str) else ""
-            key = (
-                record["type"],
-                record.get("output_index"),
-                record.get("content_index"),
-                record.get("summary_index"),
-            )
+            key = _text_key(record)
             at = offsets.get(key, 0)
             base = {k: v for k, v in record.items() if k != LOG_DELTAS}
             seq = int(record["sequence_number"])
@@ -880,8 +889,10 @@ def expand_log(events: list[dict[str, Any]], response: dict[str, Any]) -> list[d
             out.append(
                 {k: (value if k == member else v) for k, v in record.items() if k != LOG_FROM}
             )
+            _advance(offsets, out[-1])
         else:
             out.append(record)
+            _advance(offsets, record)
     return out
 
 

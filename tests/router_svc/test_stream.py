@@ -1172,6 +1172,22 @@ def test_deltas_with_logprobs_are_stored_whole() -> None:
     assert normalized(from_storage(log, translator.response)) == normalized(live)
 
 
+def test_deltas_with_and_without_logprobs_in_one_text_replay_exactly() -> None:
+    top = {"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": []}
+    chunks = [
+        chunk({"content": "ab"}, logprobs={"content": [{**top, "token": "ab"}]}),
+        chunk({"content": "cd"}),
+        chunk({"content": "ef"}),
+        chunk({"content": "gh"}, logprobs={"content": [{**top, "token": "gh"}]}),
+        chunk({"content": "ij"}),
+        chunk(finish="stop"),
+    ]
+    translator, live = run(chunks, req(include=["message.output_text.logprobs"]))
+    log = logged(live, translator.response)
+    assert log
+    assert normalized(from_storage(log, translator.response)) == normalized(live)
+
+
 def test_deltas_that_do_not_add_up_to_the_response_are_not_replayed_from_it() -> None:
     # A Responses hub whose deltas say something else than its final text: the log cannot be
     # rebuilt from the stored response, so none is stored and the replay is the response's own.
