@@ -753,21 +753,27 @@ class _Run:
 
     def extends(self, event: dict[str, Any]) -> bool:
         first = self.first
+        # The first delta's members are all in _RUN_KEYS: the same members, the same values but
+        # the number and the text.
         return (
             event["sequence_number"] == self.next
             and event["type"] == first["type"]
+            and event.keys() == first.keys()
             and event.get("output_index") == first.get("output_index")
             and event.get("content_index") == first.get("content_index")
             and event.get("summary_index") == first.get("summary_index")
             and event.get("item_id") == first.get("item_id")
             and event.get("logprobs") == first.get("logprobs")
-            and len(event) == len(first)
-            and _RUN_KEYS.issuperset(event)
         )
 
     def add(self, delta: str) -> None:
         n = len(delta)
         self.chars += n
+        if n < 0x80:
+            self.lengths.append(n)
+            self.crc = zlib.crc32(delta.encode(), self.crc)
+            self.next += 1
+            return
         while n > 0x7F:
             self.lengths.append(0x80 | (n & 0x7F))
             n >>= 7
@@ -787,16 +793,40 @@ def _lengths(encoded: str) -> Iterator[int]:
             n = shift = 0
 
 
+# A stream of fewer events, with fewer characters of deltas, is stored as its events.
+PLAIN_EVENTS = 256
+PLAIN_CHARS = 64 * 1024
+
+
 class EventLog:
     """The events of a streamed turn as they are sent, kept for its stored log (see LOG_DELTAS):
     deltas as their lengths and a checksum, other events as they are (their texts are shared
     with the response being built, not copied)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, compact: bool = False) -> None:
+        # A short stream is kept as its events, stored as they are (what it costs is little,
+        # and the compact form costs CPU per event); past PLAIN_EVENTS events or PLAIN_CHARS
+        # characters of deltas (or from the start, with ``compact``), in the compact form.
+        self._plain: list[dict[str, Any]] | None = None if compact else []
+        self._chars = 0
         self._records: list[dict[str, Any] | _Run] = []
         self._run: _Run | None = None
 
     def add(self, event: dict[str, Any]) -> None:
+        plain = self._plain
+        if plain is None:
+            self._add(event)
+            return
+        plain.append(event)
+        delta = event.get("delta")
+        if isinstance(delta, str):
+            self._chars += len(delta)
+        if len(plain) >= PLAIN_EVENTS or self._chars >= PLAIN_CHARS:
+            self._plain = None
+            for earlier in plain:
+                self._add(earlier)
+
+    def _add(self, event: dict[str, Any]) -> None:
         kind = event["type"]
         run = self._run
         if run is not None and run.extends(event):
@@ -819,6 +849,8 @@ class EventLog:
         """The log as stored with ``response``, the response these events built. Empty (a replay
         is then rebuilt from the response alone) in the unlikely case that the deltas do not add
         up to the response's texts."""
+        if self._plain is not None:
+            return orjson.dumps(self._plain)
         records: list[dict[str, Any]] = []
         offsets: dict[tuple[Any, ...], int] = {}  # where the next delta of each text starts
         for record in self._records:
@@ -840,11 +872,15 @@ class EventLog:
                 continue
             _advance(offsets, record)
             found = _in_response(response, record)
-            if found is not None and record.get(found[0]) == found[1]:
+            if found is not None and _same(record.get(found[0]), found[1]):
                 records.append({**record, found[0]: None, LOG_FROM: found[0]})
             else:
                 records.append(record)
         return orjson.dumps(records)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or a == b
 
 
 def _text_key(event: dict[str, Any]) -> tuple[Any, ...]:

@@ -1117,9 +1117,12 @@ def test_the_sdk_check_catches_broken_sequences(mutate: Any) -> None:
 # --- the stored event log -------------------------------------------------------------------
 
 
-def logged(events: list[dict[str, Any]], response: dict[str, Any]) -> bytes:
-    """The log a streamed turn stores: every event as sent, the terminal one included."""
-    log = stream.EventLog()
+def logged(
+    events: list[dict[str, Any]], response: dict[str, Any], *, compact: bool = True
+) -> bytes:
+    """The log a streamed turn stores: every event as sent, the terminal one included; in the
+    compact form from the first event unless ``compact`` is false (a short stream's is not)."""
+    log = stream.EventLog(compact=compact)
     for event in events:
         log.add(event)
     return log.dump(response)
@@ -1199,6 +1202,12 @@ def test_deltas_that_do_not_add_up_to_the_response_are_not_replayed_from_it() ->
     assert logged(live, response) == b""
     replayed = stream.stored_stream(response, None)
     assert through_sdk(replayed).final.output_text == "Hello YOU"
+
+
+def test_a_short_stream_is_stored_as_its_events() -> None:
+    translator, live = run([chunk({"content": c}) for c in "abc"] + [chunk(finish="stop")])
+    log = logged(live, translator.response, compact=False)
+    assert orjson.loads(log) == normalized(live)
 
 
 def test_a_log_of_whole_events_is_replayed_as_stored() -> None:
