@@ -59,6 +59,18 @@ def sse_encode(event: dict[str, Any]) -> bytes:
     )
 
 
+def sse_pieces(event: dict[str, Any]) -> tuple[bytes, ...]:
+    """The bytes of :func:`sse_encode`, in three pieces when the event is large (a ``.done`` or
+    terminal event of a long answer), so that its JSON is not copied once more to join them."""
+    data = orjson.dumps(event)
+    if len(data) < _LARGE_EVENT:
+        return (b"".join((b"event: ", str(event["type"]).encode(), b"\ndata: ", data, b"\n\n")),)
+    return (b"event: " + str(event["type"]).encode() + b"\ndata: ", data, b"\n\n")
+
+
+_LARGE_EVENT = 64 * 1024
+
+
 def _ended_early(detail: str) -> errors.UpstreamError:
     return errors.UpstreamError(
         f"The model server ended the stream before the answer was finished ({detail}).",

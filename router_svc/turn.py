@@ -964,6 +964,7 @@ async def _drain(queue: _Outbox) -> AsyncIterator[bytes]:
             assert isinstance(item, dict)
             # Encoded only now: the texts of the last events (each a copy of the answer) are
             # held as bytes one at a time, not all at once.
-            yield stream.sse_encode(item)
+            for piece in stream.sse_pieces(item):
+                yield piece
     finally:
         queue.close()

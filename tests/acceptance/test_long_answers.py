@@ -19,7 +19,7 @@ from state_svc.config import StateSettings
 from tests.fakehub import FakeHub, Reply
 from tests.support import Stack
 
-TEXT = " ".join(f"word{i}" for i in range(3000))  # ~26 KB, in 3,000 deltas
+TEXT = " ".join(f"word{i}" for i in range(9000))  # ~88 KB in 9,000 deltas: its last events are large
 
 
 @pytest.fixture
