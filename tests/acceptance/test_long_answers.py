@@ -19,7 +19,8 @@ from state_svc.config import StateSettings
 from tests.fakehub import FakeHub, Reply
 from tests.support import Stack
 
-TEXT = " ".join(f"word{i}" for i in range(9000))  # ~88 KB in 9,000 deltas: its last events are large
+# ~88 KB in 9,000 deltas: its last events are large (sent in pieces).
+TEXT = " ".join(f"word{i}" for i in range(9000))
 
 
 @pytest.fixture
