@@ -1,25 +1,24 @@
-"""Memory benchmark: what a streamed turn costs the router and the state service, per answer byte.
+"""Memory benchmark: what a turn with a long answer costs the router and the state service.
 
 Starts a model server of its own (in this process, on loopback) that answers every chat
-completion with the same large answer: streamed as a real model streams it, in many small deltas
-(``--delta`` bytes each), or in a few large chunks, or as one JSON completion. For each case it
-starts a fresh state service (SQLite, ``synchronous=FULL``) and router, each as its own process,
-runs a few small turns to warm them up, resets their peak resident memory (``VmHWM`` in /proc,
-reset through ``clear_refs``), then drives ``N`` concurrent stored turns (POST /v1/responses, ``store: true``) and reads
-each answer to its end. Printed per process:
+completion with one large answer: streamed as a model streams tokens, in small deltas
+(``--delta`` bytes each, a ``--delta-answer-mb`` answer: the router spends tens of µs on each
+delta), in large chunks (``--chunk`` bytes, an ``--answer-mb`` answer), or whole (not streamed).
+For each case it starts a fresh state service (SQLite, ``synchronous=FULL``) and router, each as
+its own process, runs a few small turns to warm them up, resets their peak resident memory
+(``VmHWM`` in /proc, through ``clear_refs``), then drives N stored turns at once
+(POST /v1/responses, ``store: true``; ``--delta-turns`` and ``--turns``) and reads each answer to
+its end, checking it is whole. Printed per process:
 
-- ``peak/turn``: (peak RSS during the turns - RSS before) / N / answer size: what one turn of
-  this many at once costs, in answer sizes;
-- ``held``: RSS after the turns ended and a pause (2 s, a ``gc.collect`` happens in neither
-  service: what is still held is held), minus RSS before, in MB.
+- (peak RSS during the turns - RSS before) / N / answer size: what one turn of that many at once
+  costs, in answer sizes;
+- ``held``: RSS 2 s after the turns ended minus RSS before, in MB.
 
-The router's history cache (``--history-cache-mb``, 64 MB by default) keeps the items of the
-chains it stored: a turn whose answer fits is remembered, and counts in ``held`` up to that
-bound. ``--history-cache-mb 0`` is the default here, so that ``held`` shows what no bound
-governs; pass ``--history-cache-mb 64`` to see the cache's share.
+The router's history cache (``--history-cache-mb``, 64 MB in a router by default) keeps the items
+of the chains it stored, up to its bound; it is off here (0) so that ``held`` shows what no bound
+governs: pass ``--history-cache-mb 64`` to see its share.
 
-Run: ``python -m bench.bench_memory`` (about a minute); ``--answer-mb``, ``--delta``,
-``--chunk``, ``--turns`` change the cases.
+Run: ``python -m bench.bench_memory`` (about a minute).
 """
 
 from __future__ import annotations
