@@ -72,6 +72,7 @@ pytest: clients
 bench: install-dev
 	$(BIN)/python -m bench.bench_router
 	$(BIN)/python -m bench.bench_state
+	$(BIN)/python -m bench.bench_memory
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -261,6 +261,10 @@ class StateClient:
         )
         self._timeout_s = timeout_s
         self._exchange = Exchange(self._channel, exchange_streams) if exchange_streams else None
+        self._encoded: dict[str, Any] = {}
+        # Whether the service takes a turn's output items from its response JSON
+        # (StoredResponse.response_json_with_output_items): learned from its PutTurn replies.
+        self.response_json_with_output_items = False
 
     async def close(self) -> None:
         if self._exchange is not None:
@@ -283,6 +287,18 @@ class StateClient:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
+    def _encoded_rpc(self, method: str) -> Any:
+        """The unary RPC ``method`` for a request encoded already (bytes, sent as they are)."""
+        rpc = self._encoded.get(method)
+        if rpc is None:
+            reply = pb.DESCRIPTOR.services_by_name["StateService"].methods_by_name[method]
+            rpc = self._encoded[method] = self._channel.unary_unary(
+                f"/{SERVICE_NAME}/{method}",
+                request_serializer=None,
+                response_deserializer=getattr(pb, reply.output_type.name).FromString,
+            )
+        return rpc
+
     async def call(
         self,
         method: str,
@@ -295,9 +311,12 @@ class StateClient:
         (or ``not_found`` for NOT_FOUND).
 
         The request path's RPCs (PutTurn, GetHistory, GetResponse) go over the Exchange streams
-        unless tracing is on (a unary call carries its own span to the server)."""
+        unless tracing is on (a unary call carries its own span to the server). A request given
+        as bytes (encoded already: a large turn, see turn.store) goes as a unary call, as it is.
+        """
         rid = request_id_var.get()
-        field = _EXCHANGED.get(method) if self._exchange is not None else None
+        encoded = isinstance(request, bytes)
+        field = _EXCHANGED.get(method) if self._exchange is not None and not encoded else None
         span = None
         metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, rid),)
         if tracing.enabled:
@@ -314,7 +333,7 @@ class StateClient:
                     if field is not None:
                         assert self._exchange is not None
                         return await self._exchange.call(field, request, rid, self._timeout_s)
-                    rpc = getattr(self._stub, method)
+                    rpc = self._encoded_rpc(method) if encoded else getattr(self._stub, method)
                     return await rpc(request, timeout=self._timeout_s, metadata=metadata)
                 except grpc.aio.AioRpcError as exc:
                     info = grpcerrors.error_info(exc)

@@ -30,8 +30,10 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import grpc
 import orjson
 
+from gateway import grpcerrors
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import resources_pb2, state_service_pb2
 from router_svc import (
@@ -467,7 +469,7 @@ async def store(
     svc: Services,
     turn: Turn,
     response: dict[str, Any],
-    events: list[dict[str, Any]] | None = None,
+    events: stream.EventLog | None = None,
     *,
     in_progress: bool = False,
     keep_output: bool = True,
@@ -483,31 +485,52 @@ async def store(
     """
     if not turn.req.store:
         return response
-    stored = resources_pb2.StoredResponse(
-        id=turn.response_id,
-        previous_response_id=turn.req.previous_response_id or "",
-        conversation_id=turn.req.conversation_id or "",
-        input_items=[item_to_proto(i) for i in turn.req.stored_inputs()],
-        output_items=[item_to_proto(i) for i in response.get("output", [])] if keep_output else [],
-        response_json=orjson.dumps(response),
-        idempotency_key=turn.idempotency_key,
-        stream_events_json=orjson.dumps(events) if events else b"",
-        in_progress=in_progress,
-    )
     put = state_service_pb2.PutTurnRequest(
         tenant=turn.tenant,
-        response=stored,
         require_intact_chain=turn.parent_chain is not None,
         omit_stored_content=True,
     )
+    stored = put.response
+    stored.id = turn.response_id
+    stored.previous_response_id = turn.req.previous_response_id or ""
+    stored.conversation_id = turn.req.conversation_id or ""
+    stored.input_items.extend(item_to_proto(i) for i in turn.req.stored_inputs())
+    stored.idempotency_key = turn.idempotency_key
+    stored.in_progress = in_progress
+    output = response.get("output", []) if keep_output else []
+    response_json = orjson.dumps(response)
+    log = events.dump(response) if events is not None else b""
+    large = len(response_json) + len(log) >= LARGE_TURN_BYTES
+    # The state service takes the items of a large turn from the response JSON when it can:
+    # the answer then goes once (and is encoded here only for the history cache).
+    derived = large and keep_output and svc.state.response_json_with_output_items
+    output_json = [] if derived and svc.history_cache is None else [orjson.dumps(i) for i in output]
     # A background turn ran on the history of its start, whatever was appended since: nobody is
     # there to retry it, and the caller asked for exactly that.
     if turn.conversation_version is not None and not turn.req.background:
         put.expected_conversation_version = turn.conversation_version
+    request: state_service_pb2.PutTurnRequest | bytes = put
+    if not large:
+        for item, data in zip(output, output_json, strict=True):
+            stored.output_items.add(id=str(item["id"]), json=data)
+        stored.response_json = response_json
+        stored.stream_events_json = log
+    else:
+        if derived:
+            request = _encoded_put(put, [], [], response_json, log, combined=True)
+        else:
+            request = _encoded_put(put, output, output_json, response_json, log)
+        # Not held while the state service answers unless needed after: the items for the
+        # history cache, the JSON for the answer of a turn not streamed.
+        if svc.history_cache is None:
+            output_json = []
+        if events is not None:
+            response_json = b""
+    del log
     try:
         reply = await svc.state.call(
             "PutTurn",
-            put,
+            request,
             param="previous_response_id" if turn.req.previous_response_id else None,
             not_found=lambda err: _put_not_found(turn),
         )
@@ -519,8 +542,16 @@ async def store(
                 return winner
         raise
     except errors.ApiError as exc:
+        if derived and _refused_combined(exc):
+            # A state service that predates response_json_with_output_items (one replica of a
+            # fleet being upgraded) refused the turn, storing nothing: sent again with its items.
+            svc.state.response_json_with_output_items = False
+            return await store(
+                svc, turn, response, events, in_progress=in_progress, keep_output=keep_output
+            )
         exc.retry_header(retry_is_safe=bool(turn.idempotency_key))
         raise
+    svc.state.response_json_with_output_items = reply.response_json_with_output_items
     if reply.replayed and reply.response.id != turn.response_id:
         first: dict[str, Any] = orjson.loads(reply.response.response_json)
         if turn.key_kind == "explicit" and first.get("id") != _response_id(
@@ -547,8 +578,9 @@ async def store(
             )
         return first
     if svc.history_cache is not None and not in_progress and not reply.replayed:
-        _remember(svc.history_cache, turn, stored, reply)
-    turn.stored_response, turn.stored_json = response, stored.response_json
+        _remember(svc.history_cache, turn, stored, output_json, reply)
+    if response_json:
+        turn.stored_response, turn.stored_json = response, response_json
     return response
 
 
@@ -556,6 +588,7 @@ def _remember(
     cache: HistoryCache,
     turn: Turn,
     stored: resources_pb2.StoredResponse,
+    output_json: list[bytes],
     reply: state_service_pb2.PutTurnResponse,
 ) -> None:
     """Remembers the history ending at the turn just stored, when it is whole and its expiry
@@ -568,7 +601,7 @@ def _remember(
         if reply.response.HasField("expire_time")
         else None
     )
-    own = tuple(i.json for i in (*stored.input_items, *stored.output_items))
+    own = (*(i.json for i in stored.input_items), *output_json)
     if turn.parent_chain is None and turn.req.previous_response_id:
         if expire_us is not None:
             return  # when the older turns of the chain expire is not known here
@@ -576,6 +609,73 @@ def _remember(
     cache.remember(
         turn.tenant, turn.response_id, turn.parent_chain, own, expire_us, root=turn.chain_root
     )
+
+
+# A turn whose response JSON is at least this large is sent to the state service encoded here
+# (_encoded_put), not as a message: filling a message copies every field, and encoding it copies
+# them again, so that a long answer was held several times over.
+LARGE_TURN_BYTES = 256 * 1024
+
+
+def _encoded_put(
+    put: state_service_pb2.PutTurnRequest,
+    output: list[dict[str, Any]],
+    output_json: list[bytes],
+    response_json: bytes,
+    log: bytes,
+    *,
+    combined: bool = False,
+) -> bytes:
+    """``put`` with the turn's output items, response JSON and event log added, encoded: the
+    small fields by protobuf, the large ones after them as a second occurrence of the ``response``
+    field, which every protobuf parser merges into the first (a message field that occurs twice is
+    merged). Each large field is copied once, into the bytes sent. ``combined``: the response JSON
+    goes as response_json_with_output_items (``output`` then empty)."""
+    parts: list[bytes] = []
+    for item, data in zip(output, output_json, strict=True):
+        item_id = str(item["id"]).encode()
+        head = _len_field(_ITEM_ID, item_id) + item_id + _len_field(_ITEM_JSON, data)
+        parts += (_len_field(_OUTPUT_ITEMS, b"", len(head) + len(data)) + head, data)
+    json_field = _COMBINED if combined else _RESPONSE_JSON
+    parts += (_len_field(json_field, response_json), response_json)
+    if log:
+        parts += (_len_field(_EVENTS, log), log)
+    size = sum(map(len, parts))
+    return b"".join([put.SerializeToString(), _len_field(_RESPONSE, b"", size), *parts])
+
+
+def _len_field(number: int, value: bytes, size: int | None = None) -> bytes:
+    """The key and length of a length-delimited field (``size``, or that of ``value``)."""
+    out = bytearray()
+    for n in (number << 3 | 2, len(value) if size is None else size):
+        while n > 0x7F:
+            out.append(0x80 | (n & 0x7F))
+            n >>= 7
+        out.append(n)
+    return bytes(out)
+
+
+_STORED = resources_pb2.StoredResponse.DESCRIPTOR.fields_by_name
+_RESPONSE = state_service_pb2.PutTurnRequest.DESCRIPTOR.fields_by_name["response"].number
+_OUTPUT_ITEMS = _STORED["output_items"].number
+_RESPONSE_JSON = _STORED["response_json"].number
+_COMBINED = _STORED["response_json_with_output_items"].number
+_EVENTS = _STORED["stream_events_json"].number
+_ITEM_ID = resources_pb2.Item.DESCRIPTOR.fields_by_name["id"].number
+_ITEM_JSON = resources_pb2.Item.DESCRIPTOR.fields_by_name["json"].number
+
+
+def _refused_combined(exc: errors.ApiError) -> bool:
+    """Whether ``exc`` is an older state service's refusal of response_json_with_output_items
+    (it requires response_json)."""
+    cause = exc.__cause__
+    if isinstance(cause, grpc.aio.AioRpcError):
+        info = grpcerrors.error_info(cause)
+        return (
+            info.code == grpc.StatusCode.INVALID_ARGUMENT
+            and info.metadata.get("field") == "response.response_json"
+        )
+    return False
 
 
 def _put_not_found(turn: Turn) -> errors.ApiError:
@@ -683,7 +783,7 @@ async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
     turn is retrievable as ``in_progress`` (router_svc.running), and a failure is stored then.
     """
     translator = _translator(svc, turn)
-    queue: asyncio.Queue[object] = asyncio.Queue()
+    queue = _Outbox(backlog=STREAM_BACKLOG)
     pump = _pump(svc, turn, translator, queue)
     if turn.req.background:
         svc.spawn_cancellable((turn.tenant, turn.response_id), pump)
@@ -771,7 +871,7 @@ async def buffered_stream(svc: Services, turn: Turn) -> list[bytes]:
     A failure to store is raised (an HTTP error, before any byte: a conversation that changed
     meanwhile is a 409 the caller may run again); a turn that another response answers (the
     first attempt of an SDK call this one retries) is that response's stream."""
-    queue: asyncio.Queue[object] = asyncio.Queue()
+    queue = _Outbox(backlog=0)
     outcome = await _pump(svc, turn, _translator(svc, turn), queue, buffered=True)
     if outcome.store_error is not None:
         raise outcome.store_error
@@ -787,8 +887,8 @@ async def buffered_stream(svc: Services, turn: Turn) -> list[bytes]:
         if item is _END:
             chunks.append(stream.SSE_DONE)
             return chunks
-        assert isinstance(item, bytes)
-        chunks.append(item)
+        assert isinstance(item, dict)
+        chunks.append(stream.sse_encode(item))
 
 
 @dataclass
@@ -805,12 +905,12 @@ async def _pump(
     svc: Services,
     turn: Turn,
     translator: stream.ChatStreamTranslator | stream.ResponsesStreamTranslator | tools.StreamLoop,
-    queue: asyncio.Queue[object],
+    queue: _Outbox,
     *,
     buffered: bool = False,
 ) -> _Outcome:
     outcome = _Outcome()
-    sent: list[dict[str, Any]] = []
+    sent = stream.EventLog()  # what the client was sent, for the stored log
     held: list[dict[str, Any]] = []
 
     def push(events: list[dict[str, Any]]) -> None:
@@ -818,12 +918,13 @@ async def _pump(
             if event["type"] in _STORED_TERMINALS:
                 held.append(event)  # goes out only once the turn is stored
                 continue
-            sent.append(event)
-            queue.put_nowait(stream.sse_encode(event))
+            sent.add(event)
+            queue.put_nowait(event)  # encoded when the client takes it (see _drain)
 
-    push(translator.start())
+    started = translator.start()
+    push(started)
     if not buffered:
-        _announce_running(svc, turn, sent)
+        _announce_running(svc, turn, started)
     chunks: AsyncIterator[dict[str, Any]] | None = None
     try:
         # Inside the try: a request the translation refuses ends the stream like a hub failure.
@@ -836,6 +937,7 @@ async def _pump(
             chunks = svc.hub.stream(path, body)
         async for chunk in chunks:
             push(translator.feed(chunk))
+            await queue.room()
         push(translator.finish())
         if not held:
             # The hub's own response.failed (a Responses-API hub): a background turn is kept
@@ -844,7 +946,8 @@ async def _pump(
         if held:
             terminal = held[0]
             try:
-                answered = await store(svc, turn, translator.response, [*sent, terminal])
+                sent.add(terminal)
+                answered = await store(svc, turn, translator.response, sent)
             except errors.ApiError as exc:
                 log.error(
                     "streamed turn could not be stored",
@@ -867,7 +970,7 @@ async def _pump(
                         push(_failed_after(terminal, translator.response, _superseded(answered)))
                     return outcome
                 terminal = {**terminal, "response": include.response(answered, turn.req.include)}
-            queue.put_nowait(stream.sse_encode(terminal))
+            queue.put_nowait(terminal)
     except errors.ApiError as exc:
         push(translator.fail(exc.code or "server_error", exc.message))
         await _store_failed(svc, turn, translator.response)
@@ -888,10 +991,10 @@ async def _pump(
     return outcome
 
 
-def _announce_running(svc: Services, turn: Turn, sent: list[dict[str, Any]]) -> None:
+def _announce_running(svc: Services, turn: Turn, started: list[dict[str, Any]]) -> None:
     """Stores the turn as in progress beside the stream, from its response.created."""
-    if sent and sent[0]["type"] == "response.created" and svc.settings.store_running_streams:
-        turn.running_put = running.announce(svc, turn, sent[0]["response"])
+    if started and started[0]["type"] == "response.created" and svc.settings.store_running_streams:
+        turn.running_put = running.announce(svc, turn, started[0]["response"])
 
 
 def _shut_down(turn: Turn) -> dict[str, Any]:
@@ -961,11 +1064,56 @@ def _superseded(answered: dict[str, Any]) -> errors.ApiError:
     )
 
 
-async def _drain(queue: asyncio.Queue[object]) -> AsyncIterator[bytes]:
-    while True:
-        item = await queue.get()
-        if item is _END:
-            yield stream.SSE_DONE
-            return
-        assert isinstance(item, bytes)
-        yield item
+# Events a streamed turn holds for a client that reads slower than the hub answers; past it the
+# hub is read no faster than the client reads (see _Outbox).
+STREAM_BACKLOG = 256
+# A client that took nothing for this long is not waited for any more.
+STREAM_STALL_S = 30.0
+
+
+class _Outbox(asyncio.Queue[object]):
+    """The events of a streamed turn on their way to the client. The pump waits in
+    :meth:`room` while more than ``backlog`` are waiting (so that the hub is read no faster than
+    the client reads, and a slow client does not make the router hold the whole answer as
+    events), except once the client is gone (:meth:`close`) or took nothing for
+    STREAM_STALL_S: the turn is then read to its end and stored all the same. A backlog of 0
+    never waits (a buffered stream, read once it is whole)."""
+
+    def __init__(self, *, backlog: int) -> None:
+        super().__init__()
+        self.backlog = backlog
+        self._room = asyncio.Event()
+
+    async def room(self) -> None:
+        while self.backlog and self.qsize() > self.backlog:
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), STREAM_STALL_S)
+            except TimeoutError:
+                self.close()
+
+    def taken(self) -> None:
+        if self.qsize() <= self.backlog // 2:
+            self._room.set()
+
+    def close(self) -> None:
+        """Nobody reads any more: the pump never waits again."""
+        self.backlog = 0
+        self._room.set()
+
+
+async def _drain(queue: _Outbox) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            item = await queue.get()
+            queue.taken()
+            if item is _END:
+                yield stream.SSE_DONE
+                return
+            assert isinstance(item, dict)
+            # Encoded only now: the texts of the last events (each a copy of the answer) are
+            # held as bytes one at a time, not all at once.
+            for piece in stream.sse_pieces(item):
+                yield piece
+    finally:
+        queue.close()

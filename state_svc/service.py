@@ -191,8 +191,20 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         tenant = _tenant(request.tenant)
         r = request.response
         _require(r.id, "response.id")
-        _require(r.response_json, "response.response_json")
-        if not _is_json_object(r.response_json):
+        # Each read of a bytes field is a copy of it: read once.
+        combined = bool(r.response_json_with_output_items)
+        if combined:
+            if r.response_json or r.output_items:
+                raise _invalid(
+                    "response.response_json_with_output_items",
+                    "response_json_with_output_items replaces response_json and output_items",
+                )
+            response_json = r.response_json_with_output_items
+        else:
+            response_json = r.response_json
+        _require(response_json, "response.response_json")
+        response = _json_object(response_json)
+        if response is None:
             raise _invalid("response.response_json", "response_json must be a JSON object")
         if r.previous_response_id and r.conversation_id:
             raise _invalid(
@@ -203,15 +215,20 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         seen: set[str] | None = set() if r.conversation_id else None
         turn = base.Turn(
             id=r.id,
-            response_json=r.response_json,
+            response_json=response_json,
             previous_response_id=r.previous_response_id,
             conversation_id=r.conversation_id,
             input_items=_items(r.input_items, "response.input_items", seen),
-            output_items=_items(r.output_items, "response.output_items", seen),
+            output_items=(
+                _output_of(response, seen)
+                if combined
+                else _items(r.output_items, "response.output_items", seen)
+            ),
             idempotency_key=r.idempotency_key,
             stream_events_json=r.stream_events_json,
             in_progress=r.in_progress,
         )
+        del response
         expected = (
             request.expected_conversation_version
             if request.HasField("expected_conversation_version")
@@ -235,6 +252,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             replayed=result.replayed,
             conversation_version=result.conversation_version,
             history_max_items=self._settings.history_max_items,
+            response_json_with_output_items=True,
         )
 
     async def GetResponse(
@@ -742,6 +760,11 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
 def _turn(r: resources_pb2.StoredResponse) -> base.Turn:
     """A turn sent to the background RPCs, checked as PutTurn checks its turn."""
     _require(r.id, "response.id")
+    if r.response_json_with_output_items:
+        raise _invalid(
+            "response.response_json_with_output_items",
+            "response_json_with_output_items is for PutTurn",
+        )
     _require(r.response_json, "response.response_json")
     if not _is_json_object(r.response_json):
         raise _invalid("response.response_json", "response_json must be a JSON object")
@@ -873,6 +896,35 @@ def _is_json_object(data: bytes) -> bool:
         return False
 
 
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _output_of(response: dict[str, Any], seen: set[str] | None) -> tuple[base.Item, ...]:
+    """The output items of a turn written with response_json_with_output_items: those of its
+    response's "output" array, each re-encoded (see the proto)."""
+    field = "response.response_json_with_output_items"
+    output = response.get("output")
+    if not isinstance(output, list):
+        raise _invalid(field, 'response_json has no "output" array to take the output items from')
+    out = []
+    for n, item in enumerate(output):
+        item_id = item.get("id") if isinstance(item, dict) else None
+        if not isinstance(item_id, str) or not item_id:
+            raise _invalid(field, f'output[{n}] of response_json is not an object with an "id"')
+        _check_string(f"response_json.output[{n}].id", item_id)
+        if seen is not None:
+            if item_id in seen:
+                raise _invalid(field, f"item id {item_id} appears twice")
+            seen.add(item_id)
+        out.append(base.Item(id=item_id, json=orjson.dumps(item)))
+    return tuple(out)
+
+
 def _items(
     items: Sequence[resources_pb2.Item], field: str, seen: set[str] | None
 ) -> tuple[base.Item, ...]:
@@ -880,15 +932,16 @@ def _items(
     server-set fields are ignored."""
     out = []
     for n, item in enumerate(items):
-        _require(item.id, f"{field}[{n}].id")
-        _require(item.json, f"{field}[{n}].json")
-        if not _is_json_object(item.json):
+        item_id, data = item.id, item.json  # each read is a copy: read once
+        _require(item_id, f"{field}[{n}].id")
+        _require(data, f"{field}[{n}].json")
+        if not _is_json_object(data):
             raise _invalid(f"{field}[{n}].json", "item JSON must be a JSON object")
         if seen is not None:
-            if item.id in seen:
-                raise _invalid(f"{field}[{n}].id", f"item id {item.id} appears twice")
-            seen.add(item.id)
-        out.append(base.Item(id=item.id, json=item.json))
+            if item_id in seen:
+                raise _invalid(f"{field}[{n}].id", f"item id {item_id} appears twice")
+            seen.add(item_id)
+        out.append(base.Item(id=item_id, json=data))
     return tuple(out)
 
 

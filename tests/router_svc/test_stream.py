@@ -1112,3 +1112,106 @@ def test_the_sdk_check_catches_broken_sequences(mutate: Any) -> None:
     through_sdk(events)
     with pytest.raises(Exception):  # noqa: B017 - the SDK raises RuntimeError or ValidationError
         through_sdk(mutate(events))
+
+
+# --- the stored event log -------------------------------------------------------------------
+
+
+def logged(
+    events: list[dict[str, Any]], response: dict[str, Any], *, compact: bool = True
+) -> bytes:
+    """The log a streamed turn stores: every event as sent, the terminal one included; in the
+    compact form from the first event unless ``compact`` is false (a short stream's is not)."""
+    log = stream.EventLog(compact=compact)
+    for event in events:
+        log.add(event)
+    return log.dump(response)
+
+
+def from_storage(log: bytes, response: dict[str, Any]) -> list[dict[str, Any]]:
+    """What GET ?stream=true sends: the log and the response, as read back from storage."""
+    return stream.stored_stream(orjson.loads(orjson.dumps(response)), orjson.loads(log) or None)
+
+
+def test_the_stored_log_replays_every_delta_as_it_was_sent() -> None:
+    text = "".join(f"w{i} " for i in range(2000))
+    chunks = [
+        *[chunk({"reasoning_content": c}) for c in "think, then answer"],
+        *[chunk({"content": text[i : i + 3]}) for i in range(0, len(text), 3)],
+        *[chunk({"refusal": c}) for c in "no"],
+        chunk({"tool_calls": [call(0, id="call_a", name="weather", args="{")]}),
+        *[chunk({"tool_calls": [call(0, args=c)]}) for c in '"city": "Zürich 🌧"}'],
+        chunk(finish="tool_calls"),
+        usage_chunk(),
+    ]
+    translator, live = run(chunks)
+    log = logged(live, translator.response)
+    records = orjson.loads(log)
+    assert len(records) < 30 < len(live), "deltas of one text are one record"
+    assert text[300:330].encode() not in log, "the log does not repeat the answer"
+    replayed = from_storage(log, translator.response)
+    assert normalized(replayed) == normalized(live)
+    assert through_sdk(replayed).final.output_text == text
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_the_stored_log_of_every_scenario_replays_the_live_stream(name: str) -> None:
+    chunks, fail = SCENARIOS[name]
+    translator, live = run(chunks, fail=fail)
+    assert normalized(from_storage(logged(live, translator.response), translator.response)) == (
+        normalized(live)
+    )
+
+
+def test_deltas_with_logprobs_are_stored_whole() -> None:
+    top = {"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": []}
+    chunks = [
+        *[chunk({"content": c}, logprobs={"content": [{**top, "token": c}]}) for c in "abc"],
+        chunk(finish="stop"),
+    ]
+    translator, live = run(chunks, req(include=["message.output_text.logprobs"]))
+    assert any(e.get("logprobs") for e in live)
+    log = logged(live, translator.response)
+    assert normalized(from_storage(log, translator.response)) == normalized(live)
+
+
+def test_deltas_with_and_without_logprobs_in_one_text_replay_exactly() -> None:
+    top = {"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": []}
+    chunks = [
+        chunk({"content": "ab"}, logprobs={"content": [{**top, "token": "ab"}]}),
+        chunk({"content": "cd"}),
+        chunk({"content": "ef"}),
+        chunk({"content": "gh"}, logprobs={"content": [{**top, "token": "gh"}]}),
+        chunk({"content": "ij"}),
+        chunk(finish="stop"),
+    ]
+    translator, live = run(chunks, req(include=["message.output_text.logprobs"]))
+    log = logged(live, translator.response)
+    assert log
+    assert normalized(from_storage(log, translator.response)) == normalized(live)
+
+
+def test_deltas_that_do_not_add_up_to_the_response_are_not_replayed_from_it() -> None:
+    # A Responses hub whose deltas say something else than its final text: the log cannot be
+    # rebuilt from the stored response, so none is stored and the replay is the response's own.
+    translator, live = run(
+        [chunk({"content": "Hello"}), chunk({"content": " you"}), chunk(finish="stop")]
+    )
+    response = orjson.loads(orjson.dumps(translator.response))
+    response["output"][0]["content"][0]["text"] = "Hello YOU"
+    assert logged(live, response) == b""
+    replayed = stream.stored_stream(response, None)
+    assert through_sdk(replayed).final.output_text == "Hello YOU"
+
+
+def test_a_short_stream_is_stored_as_its_events() -> None:
+    translator, live = run([chunk({"content": c}) for c in "abc"] + [chunk(finish="stop")])
+    log = logged(live, translator.response, compact=False)
+    assert orjson.loads(log) == normalized(live)
+
+
+def test_a_log_of_whole_events_is_replayed_as_stored() -> None:
+    # Logs stored before the compact form, and background responses' logs, hold every event.
+    translator, live = run([chunk({"content": c}) for c in "abc"] + [chunk(finish="stop")])
+    replayed = stream.stored_stream(translator.response, normalized(live))
+    assert normalized(replayed) == normalized(live)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frespgw/state/v1/resources.proto\x12\x0frespgw.state.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"c\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x0c\n\x04json\x18\x03 \x01(\x0c\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xef\x02\n\x0eStoredResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1c\n\x14previous_response_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12*\n\x0binput_items\x18\x04 \x03(\x0b\x32\x15.respgw.state.v1.Item\x12+\n\x0coutput_items\x18\x05 \x03(\x0b\x32\x15.respgw.state.v1.Item\x12\x15\n\rresponse_json\x18\x06 \x01(\x0c\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x1a\n\x12stream_events_json\x18\n \x01(\x0c\x12\x13\n\x0bin_progress\x18\x0b \x01(\x08\"\xfd\x01\n\x0c\x43onversation\x12\n\n\x02id\x18\x01 \x01(\t\x12=\n\x08metadata\x18\x02 \x03(\x0b\x32+.respgw.state.v1.Conversation.MetadataEntry\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xec\x01\n\rBackgroundJob\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0bresponse_id\x18\x02 \x01(\t\x12\x0c\n\x04spec\x18\x03 \x01(\x0c\x12\x13\n\x0blease_token\x18\x04 \x01(\x03\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x35\n\x11lease_expire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14last_sequence_number\x18\x07 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\rResponseEvent\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x03\x12\x0c\n\x04json\x18\x02 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frespgw/state/v1/resources.proto\x12\x0frespgw.state.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"c\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x0c\n\x04json\x18\x03 \x01(\x0c\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x98\x03\n\x0eStoredResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1c\n\x14previous_response_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12*\n\x0binput_items\x18\x04 \x03(\x0b\x32\x15.respgw.state.v1.Item\x12+\n\x0coutput_items\x18\x05 \x03(\x0b\x32\x15.respgw.state.v1.Item\x12\x15\n\rresponse_json\x18\x06 \x01(\x0c\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x1a\n\x12stream_events_json\x18\n \x01(\x0c\x12\x13\n\x0bin_progress\x18\x0b \x01(\x08\x12\'\n\x1fresponse_json_with_output_items\x18\x0c \x01(\x0c\"\xfd\x01\n\x0c\x43onversation\x12\n\n\x02id\x18\x01 \x01(\t\x12=\n\x08metadata\x18\x02 \x03(\x0b\x32+.respgw.state.v1.Conversation.MetadataEntry\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xec\x01\n\rBackgroundJob\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0bresponse_id\x18\x02 \x01(\t\x12\x0c\n\x04spec\x18\x03 \x01(\x0c\x12\x13\n\x0blease_token\x18\x04 \x01(\x03\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x35\n\x11lease_expire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14last_sequence_number\x18\x07 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\rResponseEvent\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x03\x12\x0c\n\x04json\x18\x02 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ITEM']._serialized_start=85
   _globals['_ITEM']._serialized_end=184
   _globals['_STOREDRESPONSE']._serialized_start=187
-  _globals['_STOREDRESPONSE']._serialized_end=554
-  _globals['_CONVERSATION']._serialized_start=557
-  _globals['_CONVERSATION']._serialized_end=810
-  _globals['_CONVERSATION_METADATAENTRY']._serialized_start=763
-  _globals['_CONVERSATION_METADATAENTRY']._serialized_end=810
-  _globals['_BACKGROUNDJOB']._serialized_start=813
-  _globals['_BACKGROUNDJOB']._serialized_end=1049
-  _globals['_RESPONSEEVENT']._serialized_start=1051
-  _globals['_RESPONSEEVENT']._serialized_end=1105
+  _globals['_STOREDRESPONSE']._serialized_end=595
+  _globals['_CONVERSATION']._serialized_start=598
+  _globals['_CONVERSATION']._serialized_end=851
+  _globals['_CONVERSATION_METADATAENTRY']._serialized_start=804
+  _globals['_CONVERSATION_METADATAENTRY']._serialized_end=851
+  _globals['_BACKGROUNDJOB']._serialized_start=854
+  _globals['_BACKGROUNDJOB']._serialized_end=1090
+  _globals['_RESPONSEEVENT']._serialized_start=1092
+  _globals['_RESPONSEEVENT']._serialized_end=1146
 # @@protoc_insertion_point(module_scope)

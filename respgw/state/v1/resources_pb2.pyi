@@ -88,6 +88,7 @@ class StoredResponse(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     STREAM_EVENTS_JSON_FIELD_NUMBER: _builtins.int
     IN_PROGRESS_FIELD_NUMBER: _builtins.int
+    RESPONSE_JSON_WITH_OUTPUT_ITEMS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The response id ("resp_..."), unique within the tenant. Required on writes."""
     previous_response_id: _builtins.str
@@ -107,9 +108,12 @@ class StoredResponse(_message.Message):
     Unique per tenant: a second turn with the same key is a replay (see PutTurn).
     """
     stream_events_json: _builtins.bytes
-    """The events of a streamed turn exactly as they were sent, as a UTF-8 JSON array of event
-    objects, so that a replay (GET /v1/responses/{id}?stream=true) gives a client the same events
-    and sequence numbers it saw live. Empty for a turn that was not streamed. Stored and returned
+    """The events of a streamed turn as they were sent, as a UTF-8 JSON array, so that a replay
+    (GET /v1/responses/{id}?stream=true) gives a client the same events and sequence numbers it
+    saw live. The array is the router's to interpret: it may hold the events in a compact form
+    that needs response_json to be read back (the router's stream.expand_log; events of a
+    background response appended with AppendResponseEvents are whole). Empty for a turn that was
+    not streamed, or whose replay is rebuilt from response_json alone. Stored and returned
     unchanged; part of the content a PutTurn replay is compared on.
     """
     in_progress: _builtins.bool
@@ -117,6 +121,18 @@ class StoredResponse(_message.Message):
     progress, or a streamed turn its caller stores while it streams it). A running turn can be
     retrieved but not built on, and its items are not in its conversation until a final turn with
     the same id replaces it (see PutTurn). Default false: the turn is final.
+    """
+    response_json_with_output_items: _builtins.bytes
+    """On writes (PutTurn only), instead of response_json and output_items (both left empty): the
+    response object as UTF-8 JSON, stored as response_json, whose "output" array gives the output
+    items, in order, each item's JSON as it stands there (re-encoded compactly, members in their
+    order) and its "id" member as its id; so that a long answer is not sent twice. The stored turn
+    is the same as one written with those fields (a replay of it either way is a replay).
+    INVALID_ARGUMENT when response_json or output_items is set too, or when "output" is missing,
+    not an array, or holds an item that is not an object with a non-empty string "id". A server
+    that predates it refuses such a write (INVALID_ARGUMENT, response_json is required), so it is
+    never stored without its items; servers that honour it say so in
+    PutTurnResponse.response_json_with_output_items. Never set on reads.
     """
     @_builtins.property
     def input_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
@@ -152,10 +168,11 @@ class StoredResponse(_message.Message):
         idempotency_key: _builtins.str = ...,
         stream_events_json: _builtins.bytes = ...,
         in_progress: _builtins.bool = ...,
+        response_json_with_output_items: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "idempotency_key", b"idempotency_key", "in_progress", b"in_progress", "input_items", b"input_items", "output_items", b"output_items", "previous_response_id", b"previous_response_id", "response_json", b"response_json", "stream_events_json", b"stream_events_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "idempotency_key", b"idempotency_key", "in_progress", b"in_progress", "input_items", b"input_items", "output_items", b"output_items", "previous_response_id", b"previous_response_id", "response_json", b"response_json", "response_json_with_output_items", b"response_json_with_output_items", "stream_events_json", b"stream_events_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -114,6 +114,7 @@ class PutTurnResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     CONVERSATION_VERSION_FIELD_NUMBER: _builtins.int
     HISTORY_MAX_ITEMS_FIELD_NUMBER: _builtins.int
+    RESPONSE_JSON_WITH_OUTPUT_ITEMS_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
     """True when nothing was written because the same turn (or the same idempotency key) was already
     stored.
@@ -123,6 +124,10 @@ class PutTurnResponse(_message.Message):
     history_max_items: _builtins.int
     """The service's own cap on the items GetHistory returns (the operator's setting), 0 for none.
     A caller that remembers histories uses it to cut them exactly as GetHistory would.
+    """
+    response_json_with_output_items: _builtins.bool
+    """Always true from a server that honours StoredResponse.response_json_with_output_items (false
+    from an older one).
     """
     @_builtins.property
     def response(self) -> _resources_pb2.StoredResponse:
@@ -137,10 +142,11 @@ class PutTurnResponse(_message.Message):
         replayed: _builtins.bool = ...,
         conversation_version: _builtins.int = ...,
         history_max_items: _builtins.int = ...,
+        response_json_with_output_items: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_version", b"conversation_version", "history_max_items", b"history_max_items", "replayed", b"replayed", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_version", b"conversation_version", "history_max_items", b"history_max_items", "replayed", b"replayed", "response", b"response", "response_json_with_output_items", b"response_json_with_output_items"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,163 @@
+"""Long answers: stored whole by the path that sends them to the state service encoded in one
+piece, replayed exactly, built on; streams that wait for a slow client (issue 13)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from respgw.state.v1 import state_service_pb2
+from router_svc import turn
+from state_svc import service
+from state_svc.config import StateSettings
+from tests.fakehub import FakeHub, Reply
+from tests.support import Stack
+
+# ~88 KB in 9,000 deltas: its last events are large (sent in pieces).
+TEXT = " ".join(f"word{i}" for i in range(9000))
+
+
+@pytest.fixture
+def sqlite_stack(hub: FakeHub, tmp_path: Path) -> Iterator[Stack]:
+    settings = replace(StateSettings(), backend="sqlite", sqlite_path=str(tmp_path / "state.db"))
+    s = Stack(hub.url, state=settings, router={"default_model": "fake-model"}).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(params=["items sent", "items from the response"])
+def encoded(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, sqlite_stack: Stack
+) -> None:
+    """Every turn of the test takes the path of a large one: with its output items, or (once the
+    router learned that the state service takes them from the response JSON) without."""
+    monkeypatch.setattr(turn, "LARGE_TURN_BYTES", 1)
+    if request.param == "items from the response":
+        with httpx.Client() as http:
+            body = {"model": "fake-model", "input": "first", "store": True}
+            assert http.post(f"{sqlite_stack.url}/responses", json=body).status_code == 200
+
+
+@pytest.mark.usefixtures("encoded")
+def test_a_long_streamed_answer_is_stored_replayed_exactly_and_built_on(
+    sqlite_stack: Stack, hub: FakeHub
+) -> None:
+    client = sqlite_stack.client()
+    hub.enqueue(Reply(text=TEXT))
+    with httpx.Client(timeout=30) as http:
+        body = {"model": "fake-model", "input": "tell me", "stream": True}
+        with http.stream("POST", f"{sqlite_stack.url}/responses", json=body) as r:
+            live = [line for line in r.iter_lines() if line]
+        final = orjson.loads(live[-2].removeprefix("data: "))["response"]
+        assert final["status"] == "completed"
+        replay = http.get(f"{sqlite_stack.url}/responses/{final['id']}", params={"stream": "true"})
+        assert len(live) > 6000
+        assert [line for line in replay.text.splitlines() if line] == live, "byte for byte"
+        stored = http.get(f"{sqlite_stack.url}/responses/{final['id']}").json()
+    assert stored == final
+    assert client.responses.retrieve(final["id"]).output_text == TEXT
+    [item] = client.responses.input_items.list(final["id"]).data
+    assert item.type == "message"
+
+    hub.enqueue(Reply(text="short"))
+    client.responses.create(model="fake-model", input="and then?", previous_response_id=final["id"])
+    history = hub.requests[-1]["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant", "user"]
+    assert history[1]["content"] == TEXT
+
+
+@pytest.mark.usefixtures("encoded")
+def test_a_long_answer_not_streamed_is_stored_and_built_on(
+    sqlite_stack: Stack, hub: FakeHub
+) -> None:
+    client = sqlite_stack.client()
+    hub.enqueue(Reply(text=TEXT), Reply(text="short"))
+    first = client.responses.create(model="fake-model", input="tell me")
+    assert client.responses.retrieve(first.id).model_dump() == first.model_dump()
+    second = client.responses.create(
+        model="fake-model", input="and then?", previous_response_id=first.id
+    )
+    assert second.output_text == "short"
+    assert hub.requests[-1]["messages"][1]["content"] == TEXT
+
+
+def test_a_stream_that_waits_for_its_client_sends_every_event(
+    stack: Stack, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(turn, "STREAM_BACKLOG", 2)
+    client = stack.client()
+    hub.enqueue(Reply(text=TEXT))
+    with client.responses.stream(model="fake-model", input="tell me") as events:
+        seqs = []
+        for event in events:
+            seqs.append(event.sequence_number)
+            if len(seqs) % 500 == 0:
+                time.sleep(0.05)  # a client slower than the hub
+        final = events.get_final_response()
+    assert seqs == list(range(len(seqs)))
+    assert final.output_text == TEXT
+    assert client.responses.retrieve(final.id).output_text == TEXT
+
+
+def test_a_client_gone_while_its_stream_waits_still_gets_the_turn_stored(
+    stack: Stack, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(turn, "STREAM_BACKLOG", 2)
+    hub.enqueue(Reply(text=TEXT))
+    with httpx.Client(timeout=10) as http:
+        with http.stream(
+            "POST",
+            f"{stack.url}/responses",
+            json={"model": "fake-model", "input": "x", "stream": True},
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    response_id = line.split('"id":"', 1)[1].split('"', 1)[0]
+                    break
+        client = stack.client()
+        deadline = time.monotonic() + 10
+        while True:
+            found = http.get(f"{stack.url}/responses/{response_id}")
+            if found.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert found.status_code == 200
+    assert client.responses.retrieve(response_id).output_text == TEXT
+
+
+def test_a_state_service_that_predates_the_combined_field_gets_the_items_sent(
+    sqlite_stack: Stack, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fleet being upgraded: a new replica said it takes the items from the response JSON, and
+    # the next turn reaches one that does not know the field (it sees no response_json).
+    monkeypatch.setattr(turn, "LARGE_TURN_BYTES", 1)
+    original = service.StateServicer._put_turn
+
+    async def older(
+        self: service.StateServicer, request: state_service_pb2.PutTurnRequest
+    ) -> state_service_pb2.PutTurnResponse:
+        request.response.ClearField("response_json_with_output_items")
+        reply = await original(self, request)
+        reply.response_json_with_output_items = True
+        return reply
+
+    monkeypatch.setattr(service.StateServicer, "_put_turn", older)
+    client = sqlite_stack.client()
+    hub.enqueue(Reply(text="first"), Reply(text=TEXT), Reply(text="third"))
+    first = client.responses.create(model="fake-model", input="one")
+    with client.responses.stream(
+        model="fake-model", input="two", previous_response_id=first.id
+    ) as events:
+        for _ in events:
+            pass
+        second = events.get_final_response()
+    assert client.responses.retrieve(second.id).output_text == TEXT
+    client.responses.create(model="fake-model", input="three", previous_response_id=second.id)
+    history = hub.requests[-1]["messages"]
+    assert [m["content"] for m in history if m["role"] == "assistant"] == ["first", TEXT]
