@@ -251,8 +251,8 @@ class Kernel:
             pids = memwatch.tree(self._proc.popen.pid)
             if len(pids) == 3:
                 self._runner = pids[2]
-                memwatch.freeze(self._proc.popen.pid, self._runner)
-                return
+                if await memwatch.freeze(self._proc.popen.pid, self._runner) is not None:
+                    return
             problem_text = f"the sandbox holds {len(pids)} processes instead of 3"
             await self.stop()
             raise OSError(f"the sandboxed interpreter did not start: {problem_text}")
@@ -328,7 +328,7 @@ class Kernel:
                 result.say(memory.message())
             elif answer in done and answer.result() is not None:
                 _python_result(answer.result() or {}, limits, result)
-                self._pause(limits, result)
+                await self._pause(limits, result)
             elif answer in done:
                 # The interpreter died in the middle of the call.
                 status = await self._proc.wait()
@@ -367,12 +367,12 @@ class Kernel:
         _attach_counts(result, out, err)
         return result
 
-    def _pause(self, limits: CallLimits, result: Result) -> None:
+    async def _pause(self, limits: CallLimits, result: Result) -> None:
         """After a call: freezes the interpreter until the next one (so that nothing it left
         running, a thread or a process, runs or grows between calls), and checks the memory it
         keeps against the session's limit once more (the last sample may be 50 ms old)."""
         assert self._proc is not None
-        left = memwatch.freeze(self._proc.popen.pid, self._runner)
+        left = await memwatch.freeze(self._proc.popen.pid, self._runner)
         if left is None:
             result.stopped = True
             result.outcome, result.limit = res.OUTCOME_LIMIT_EXCEEDED, res.LIMIT_PROCESSES

@@ -119,20 +119,42 @@ def kill(pids: Iterable[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def freeze(root: int, keep: int) -> list[int] | None:
+def state(pid: int) -> bytes:
+    """The process's state letter (b"" when it is gone): R, S, D, T (stopped), Z (zombie)..."""
+    stat = _read(f"/proc/{pid}/stat")
+    return stat.rpartition(b")")[2][1:2]
+
+
+async def _pause(rounds: int) -> None:
+    """Lets other tasks run; after a few rounds, lets the processes waited for run too."""
+    await asyncio.sleep(0 if rounds < 20 else 0.001)
+
+
+async def freeze(root: int, keep: int, timeout_s: float = 1.0) -> list[int] | None:
     """Stops a sandbox between calls: SIGSTOP to ``keep`` (the interpreter: all its threads
-    stop), SIGKILL to every other process under ``root`` but the sandbox's own two (``root``, the
-    outer bubblewrap, and its child, the namespace's init). Returns the pids left, or None when
-    processes still appear after a few rounds (something forks as fast as it is killed)."""
+    stop), then SIGKILL to every other process under ``root`` but the sandbox's own two (``root``,
+    the outer bubblewrap, and its child, the namespace's init) until none is left (zombies, which
+    hold no memory, wait for the interpreter to reap them). Returns the pids left under ``root``,
+    or None when it did not settle within ``timeout_s``."""
     with contextlib.suppress(OSError):
         os.kill(keep, signal.SIGSTOP)
-    for _ in range(20):
+    deadline = time.monotonic() + timeout_s
+    rounds = 0
+    while state(keep) not in (b"T", b"Z", b"X", b""):
+        if time.monotonic() > deadline:
+            return None
+        rounds += 1
+        await _pause(rounds)
+    while True:
         pids = tree(root)
-        others = [pid for pid in pids[2:] if pid != keep]
+        others = [pid for pid in pids[2:] if pid != keep and state(pid) not in (b"Z", b"X", b"")]
         if not others:
             return pids
+        if time.monotonic() > deadline:
+            return None
         kill(others)
-    return None
+        rounds += 1
+        await _pause(rounds)
 
 
 def thaw(pid: int) -> None:
