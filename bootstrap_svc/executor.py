@@ -4,7 +4,13 @@ A code_interpreter session has one long-lived sandboxed interpreter (:class:`Ker
 ``sandbox_runner``), started at its first Python call and kept until the session goes, so Python
 state survives from call to call and from turn to turn. A call that reaches its wall-clock timeout,
 its CPU limit or kills the interpreter otherwise stops it: the next call starts a fresh one (the
-files remain). Each shell command runs in a sandbox of its own, gone when the command ends.
+files remain). Between calls the interpreter is frozen (SIGSTOP, and whatever else is left in its
+sandbox killed: :func:`memwatch.freeze`), so a thread a call left running waits for the next call.
+Each shell command runs in a sandbox of its own, gone when the command ends.
+
+While a call runs, :class:`memwatch.Watch` measures the session's processes (a command's, plus
+its frozen interpreter's) every ``memory_check_s``; past ``session_memory_bytes`` it kills the
+call's processes and the call ends at LIMIT_MEMORY (a Python call's interpreter with it).
 
 Calls of one session run one at a time; at most ``max_concurrent_calls`` run at once in all.
 Everything a call produces is reported through ``emit`` as ExecuteResponse messages, in order.
