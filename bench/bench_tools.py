@@ -199,14 +199,15 @@ async def memory_watch_parts(n: int = 500) -> None:
         await asyncio.sleep(1.0)
         root = child.popen.pid
         runner = memwatch.tree(root)[-1]
+        runner_fd = os.pidfd_open(runner)
         watch = memwatch.Watch(root, 1 << 30)
 
         async def sample() -> None:
             watch.quick()
 
         async def pause() -> None:
-            memwatch.thaw(runner)
-            left = await memwatch.freeze(root, runner)
+            memwatch.thaw(runner, runner_fd)
+            left = await memwatch.freeze(root, runner, runner_fd)
             memwatch.resident(left or [])
 
         print()
@@ -220,6 +221,7 @@ async def memory_watch_parts(n: int = 500) -> None:
             wall_us = (time.perf_counter() - wall) / n * 1e6
             cpu_us = (time.process_time() - cpu) / n * 1e6
             print(f"{name:<58} {wall_us:8.0f} us wall {cpu_us:8.0f} us CPU   n={n}")
+        os.close(runner_fd)
     finally:
         child.kill()
         await child.wait()

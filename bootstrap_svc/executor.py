@@ -223,6 +223,7 @@ class Kernel:
         self.limits = limits
         self._memory_check_s = memory_check_s
         self._runner = 0  # the interpreter's pid, frozen between calls (see memwatch.freeze)
+        self._runner_fd = -1  # a pidfd of it: signals reach it, never a later process
         self._proc: Child | None = None
         self._sock: socket.socket | None = None
         self._buffer = b""
@@ -256,12 +257,17 @@ class Kernel:
             # The sandbox is now its outer bubblewrap, the namespace's init and the interpreter.
             pids = memwatch.tree(self._proc.popen.pid)
             if len(pids) == 3:
+                with contextlib.suppress(OSError):
+                    self._runner_fd = os.pidfd_open(pids[2])
+            if len(pids) != 3 or self._runner_fd < 0:
+                wrong = f"its sandbox holds {len(pids)} processes instead of 3"
+            elif await memwatch.freeze(self._proc.popen.pid, pids[2], self._runner_fd) is None:
+                wrong = "it could not be stopped to wait for its first call"
+            else:
                 self._runner = pids[2]
-                if await memwatch.freeze(self._proc.popen.pid, self._runner) is not None:
-                    return
-            problem_text = f"the sandbox holds {len(pids)} processes instead of 3"
+                return
             await self.stop()
-            raise OSError(f"the sandboxed interpreter did not start: {problem_text}")
+            raise OSError(f"the sandboxed interpreter did not start: {wrong}")
         _kill(self._proc)  # it ended, or hangs: either way it is done
         problem = b""
         with contextlib.suppress(Exception):
@@ -296,7 +302,7 @@ class Kernel:
         """Runs one call; the result says whether it stopped the interpreter."""
         assert self._sock is not None and self._proc is not None
         loop = asyncio.get_running_loop()
-        memwatch.thaw(self._runner)
+        memwatch.thaw(self._runner, self._runner_fd)
         r_out, w_out = os.pipe()
         r_err, w_err = os.pipe()
         payload = code.encode()
@@ -378,7 +384,7 @@ class Kernel:
         running, a thread or a process, runs or grows between calls), and checks the memory it
         keeps against the session's limit once more (the last sample may be 50 ms old)."""
         assert self._proc is not None
-        left = await memwatch.freeze(self._proc.popen.pid, self._runner)
+        left = await memwatch.freeze(self._proc.popen.pid, self._runner, self._runner_fd)
         if left is None:
             result.stopped = True
             result.outcome, result.limit = res.OUTCOME_LIMIT_EXCEEDED, res.LIMIT_PROCESSES
@@ -403,6 +409,9 @@ class Kernel:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._runner_fd >= 0:
+            os.close(self._runner_fd)
+            self._runner_fd = -1
 
 
 def _python_result(answer: dict[str, object], limits: CallLimits, result: Result) -> None:

@@ -115,6 +115,8 @@ def proportional(pids: Iterable[int]) -> int:
 def kill(pids: Iterable[int]) -> None:
     """SIGKILL to each of ``pids`` that still exists."""
     for pid in pids:
+        if pid <= 0:  # never a process group
+            continue
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
 
@@ -130,14 +132,25 @@ async def _pause(rounds: int) -> None:
     await asyncio.sleep(0 if rounds < 20 else 0.001)
 
 
-async def freeze(root: int, keep: int, timeout_s: float = 1.0) -> list[int] | None:
+def _signal(pid: int, pidfd: int, sig: signal.Signals) -> None:
+    """Sends ``sig`` through ``pidfd`` (which names that very process, never a later one with the
+    same pid) when there is one, else to ``pid``; never to a process group."""
+    with contextlib.suppress(OSError):
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, sig)
+        elif pid > 0:
+            os.kill(pid, sig)
+
+
+async def freeze(root: int, keep: int, pidfd: int = -1, timeout_s: float = 1.0) -> list[int] | None:
     """Stops a sandbox between calls: SIGSTOP to ``keep`` (the interpreter: all its threads
     stop), then SIGKILL to every other process under ``root`` but the sandbox's own two (``root``,
     the outer bubblewrap, and its child, the namespace's init) until none is left (zombies, which
     hold no memory, wait for the interpreter to reap them). Returns the pids left under ``root``,
-    or None when it did not settle within ``timeout_s``."""
-    with contextlib.suppress(OSError):
-        os.kill(keep, signal.SIGSTOP)
+    or None when it did not settle within ``timeout_s``. ``pidfd``: a pidfd of ``keep``."""
+    if keep <= 0:
+        return None
+    _signal(keep, pidfd, signal.SIGSTOP)
     deadline = time.monotonic() + timeout_s
     rounds = 0
     while state(keep) not in (b"T", b"Z", b"X", b""):
@@ -157,10 +170,9 @@ async def freeze(root: int, keep: int, timeout_s: float = 1.0) -> list[int] | No
         await _pause(rounds)
 
 
-def thaw(pid: int) -> None:
-    """Lets a frozen interpreter run again (SIGCONT)."""
-    with contextlib.suppress(OSError):
-        os.kill(pid, signal.SIGCONT)
+def thaw(pid: int, pidfd: int = -1) -> None:
+    """Lets a frozen interpreter run again (SIGCONT; ``pidfd``: a pidfd of it)."""
+    _signal(pid, pidfd, signal.SIGCONT)
 
 
 def message(limit: int, used: int) -> str:
