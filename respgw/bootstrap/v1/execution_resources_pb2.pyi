@@ -302,8 +302,8 @@ class ExecutionLimits(_message.Message):
     as for any limit that stops it). 0 means the implementation does not bound the session as a
     whole, only each process (memory_bytes). How the memory is counted is the implementation's
     (the reference: resident and swapped anonymous and shared memory, each shared page once,
-    measured every 50 ms while a call runs; a memory cgroup or a pod per session counts it
-    itself).
+    measured every 50 ms by default while a call runs, and nothing of the session running
+    between calls; a memory cgroup or a pod per session counts it itself).
     """
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
