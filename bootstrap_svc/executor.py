@@ -645,6 +645,7 @@ class Executor:
                 for index, command in enumerate(commands):
                     started = time.monotonic()
                     kernel = self._kernels.get(session.id)
+                    beside = kernel.pids() if kernel and limits.session_memory_bytes else []
                     result = await run_command(
                         self.sandbox,
                         session.directory,
@@ -654,7 +655,7 @@ class Executor:
                         limits,
                         emit,
                         memory_check_s=self.memory_check_s,
-                        beside=kernel.pids() if kernel is not None else (),
+                        beside=beside,
                     )
                     after = await self._check_disk(session, after, limits, result)
                     emit(_command_result(index, result, started))
