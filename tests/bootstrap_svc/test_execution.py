@@ -296,14 +296,14 @@ def _session_processes(stubs: Stubs, session_id: str) -> list[int]:
 async def test_processes_together_past_the_session_memory_limit_are_stopped(
     watched: Stubs,
 ) -> None:
-    """Six processes of 100 MiB each stay under their own limit (256 MiB) but pass the session's
-    (400 MiB): the service kills them all, the model reads the limit, the interpreter is lost as
+    """Six processes holding 100 MiB each stay under their own limit (256 MiB) but pass the
+    session's (400 MiB): the service kills them all, the model reads the limit, the interpreter is lost as
     at any limit that stops it, and the next call, other sessions and the service go on."""
     sid = await prepare(watched)
     other = await prepare(watched, tenant="globex")
     await run(watched, sid, MEMORY_HOGS + "x = 1\nopen('kept.txt', 'w').write('yes')")
     hogs, beside = await asyncio.gather(
-        run(watched, sid, "hogs(6, 100)\nprint('never')"),
+        run(watched, sid, "hogs(6, 100)\ntime.sleep(10)\nprint('never')"),
         run(watched, other, "sum(range(10))", tenant="globex"),
     )
     assert beside.stdout == "45\n" and beside.result.outcome == res.OUTCOME_EXITED
