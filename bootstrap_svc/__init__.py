@@ -11,6 +11,7 @@ Package map::
     sessions.py        the session registry (SQLite in the work folder) and replay records
     executor.py        runs a call in its session's sandbox (one kernel per Python session)
     sandbox.py         the bubblewrap sandbox and its limits
+    memwatch.py        the session memory bound: measures a sandbox's processes, freezes one
     sandbox_runner.py  the interpreter that runs INSIDE a sandbox (standard library only)
     files.py           a session's files: changes, sizes, client paths
     errors.py          the error tree (one class per status code, reasons from ``ErrorReason``)

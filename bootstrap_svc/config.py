@@ -74,6 +74,20 @@ class BootstrapSettings(ServerSettings):
         "with another memory_limit.",
         env="RESPGW_BOOTSTRAP_MEMORY_MB",
     )
+    session_memory_mb: int = option(
+        1024,
+        "Memory of one session's processes together, in MiB (resident and swapped, each shared "
+        "page once), unless its session was created with another memory_limit: a call that "
+        "passes it is stopped and its processes killed. 0 bounds each process only "
+        "(--memory-mb).",
+        env="RESPGW_BOOTSTRAP_SESSION_MEMORY_MB",
+    )
+    memory_check_ms: int = option(
+        50,
+        "How often a running call's processes are measured against --session-memory-mb, in ms "
+        "(at least 10).",
+        env="RESPGW_BOOTSTRAP_MEMORY_CHECK_MS",
+    )
     max_memory_mb: int = option(
         4096,
         "The largest memory_limit a session may be created with, in MiB.",

@@ -123,6 +123,8 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         maxima = defaults.proto()
         maxima.timeout.FromNanoseconds(int(self._max_timeout_s * 1e9))
         maxima.memory_bytes = self._max_memory_bytes
+        if defaults.session_memory_bytes:
+            maxima.session_memory_bytes = max(self._max_memory_bytes, defaults.session_memory_bytes)
         maxima.max_output_bytes = defaults.output_bytes * 16
         reply = pb.GetExecutionCapabilitiesResponse(
             runs_python=self._sandbox.ready,

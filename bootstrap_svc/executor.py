@@ -4,7 +4,13 @@ A code_interpreter session has one long-lived sandboxed interpreter (:class:`Ker
 ``sandbox_runner``), started at its first Python call and kept until the session goes, so Python
 state survives from call to call and from turn to turn. A call that reaches its wall-clock timeout,
 its CPU limit or kills the interpreter otherwise stops it: the next call starts a fresh one (the
-files remain). Each shell command runs in a sandbox of its own, gone when the command ends.
+files remain). Between calls the interpreter is frozen (SIGSTOP, and whatever else is left in its
+sandbox killed: :func:`memwatch.freeze`), so a thread a call left running waits for the next call.
+Each shell command runs in a sandbox of its own, gone when the command ends.
+
+While a call runs, :class:`memwatch.Watch` measures the session's processes (a command's, plus
+its frozen interpreter's) every ``memory_check_s``; past ``session_memory_bytes`` it kills the
+call's processes and the call ends at LIMIT_MEMORY (a Python call's interpreter with it).
 
 Calls of one session run one at a time; at most ``max_concurrent_calls`` run at once in all.
 Everything a call produces is reported through ``emit`` as ExecuteResponse messages, in order.
@@ -26,7 +32,7 @@ from dataclasses import dataclass, replace
 import orjson
 from google.protobuf import duration_pb2
 
-from bootstrap_svc import files, sessions
+from bootstrap_svc import files, memwatch, sessions
 from bootstrap_svc.sandbox import Child, Limits, Sandbox
 from respgw.bootstrap.v1 import execution_resources_pb2 as res
 from respgw.bootstrap.v1 import execution_service_pb2 as pb
@@ -54,6 +60,7 @@ class CallLimits:
     file_bytes: int
     output_bytes: int
     disk_bytes: int
+    session_memory_bytes: int = 0  # the session's processes together; 0: not bounded
 
     def sandbox(self, cpu_s: int | None = None) -> Limits:
         return Limits(
@@ -72,6 +79,7 @@ class CallLimits:
             max_file_bytes=self.file_bytes,
             max_output_bytes=self.output_bytes,
             disk_bytes=self.disk_bytes,
+            session_memory_bytes=self.session_memory_bytes,
         )
 
 
@@ -201,11 +209,21 @@ def _stderr_hint(head: bytes, limits: CallLimits, result: Result) -> None:
 class Kernel:
     """The sandboxed Python interpreter of one session (see sandbox_runner for its protocol)."""
 
-    def __init__(self, sandbox: Sandbox, directory: str, uid: int, limits: CallLimits) -> None:
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        directory: str,
+        uid: int,
+        limits: CallLimits,
+        memory_check_s: float = 0.05,
+    ) -> None:
         self._sandbox = sandbox
         self._directory = directory
         self._uid = uid
         self.limits = limits
+        self._memory_check_s = memory_check_s
+        self._runner = 0  # the interpreter's pid, frozen between calls (see memwatch.freeze)
+        self._runner_fd = -1  # a pidfd of it: signals reach it, never a later process
         self._proc: Child | None = None
         self._sock: socket.socket | None = None
         self._buffer = b""
@@ -236,7 +254,20 @@ class Kernel:
             ready = None
         if ready and ready.get("ready"):
             self._proc.close_pipes()  # the runner writes nothing more there
-            return
+            # The sandbox is now its outer bubblewrap, the namespace's init and the interpreter.
+            pids = memwatch.tree(self._proc.popen.pid)
+            if len(pids) == 3:
+                with contextlib.suppress(OSError):
+                    self._runner_fd = os.pidfd_open(pids[2])
+            if len(pids) != 3 or self._runner_fd < 0:
+                wrong = f"its sandbox holds {len(pids)} processes instead of 3"
+            elif await memwatch.freeze(self._proc.popen.pid, pids[2], self._runner_fd) is None:
+                wrong = "it could not be stopped to wait for its first call"
+            else:
+                self._runner = pids[2]
+                return
+            await self.stop()
+            raise OSError(f"the sandboxed interpreter did not start: {wrong}")
         _kill(self._proc)  # it ended, or hangs: either way it is done
         problem = b""
         with contextlib.suppress(Exception):
@@ -263,10 +294,15 @@ class Kernel:
         parsed = orjson.loads(line)
         return parsed if isinstance(parsed, dict) else None
 
+    def pids(self) -> list[int]:
+        """The processes of the interpreter's sandbox (none once it is gone)."""
+        return memwatch.tree(self._proc.popen.pid) if self.alive and self._proc else []
+
     async def run(self, code: str, limits: CallLimits, emit: Emit, watch: _DiskWatch) -> Result:
         """Runs one call; the result says whether it stopped the interpreter."""
         assert self._sock is not None and self._proc is not None
         loop = asyncio.get_running_loop()
+        memwatch.thaw(self._runner, self._runner_fd)
         r_out, w_out = os.pipe()
         r_err, w_err = os.pipe()
         payload = code.encode()
@@ -289,13 +325,22 @@ class Kernel:
         pumps = [asyncio.create_task(out.run(out_reader)), asyncio.create_task(err.run(err_reader))]
         answer = asyncio.create_task(self._line())
         watching = asyncio.create_task(watch.run())
+        memory = _memory_watch(self._proc.popen.pid, limits, self._memory_check_s)
+        guarding = asyncio.create_task(memory.run() if memory else _forever())
         result = Result()
         try:
             done, _ = await asyncio.wait(
-                {answer, watching}, timeout=limits.timeout_s, return_when=asyncio.FIRST_COMPLETED
+                {answer, watching, guarding},
+                timeout=limits.timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
             )
-            if answer in done and answer.result() is not None:
+            if guarding in done and memory is not None:
+                result.stopped = True
+                result.outcome, result.limit = res.OUTCOME_LIMIT_EXCEEDED, res.LIMIT_MEMORY
+                result.say(memory.message())
+            elif answer in done and answer.result() is not None:
                 _python_result(answer.result() or {}, limits, result)
+                await self._pause(limits, result)
             elif answer in done:
                 # The interpreter died in the middle of the call.
                 status = await self._proc.wait()
@@ -323,7 +368,7 @@ class Kernel:
             _kill(self._proc)
             raise
         finally:
-            for task in (answer, watching, *pumps):
+            for task in (answer, watching, guarding, *pumps):
                 task.cancel()
             out_transport.close()
             err_transport.close()
@@ -333,6 +378,25 @@ class Kernel:
             result.say(f"Output beyond {limits.output_bytes} bytes per stream was dropped.")
         _attach_counts(result, out, err)
         return result
+
+    async def _pause(self, limits: CallLimits, result: Result) -> None:
+        """After a call: freezes the interpreter until the next one (so that nothing it left
+        running, a thread or a process, runs or grows between calls), and checks the memory it
+        keeps against the session's limit once more (the last sample may be 50 ms old)."""
+        assert self._proc is not None
+        left = await memwatch.freeze(self._proc.popen.pid, self._runner, self._runner_fd)
+        if left is None:
+            result.stopped = True
+            result.outcome, result.limit = res.OUTCOME_LIMIT_EXCEEDED, res.LIMIT_PROCESSES
+            result.say("Processes it started could not be stopped after it ended.")
+            return
+        limit = limits.session_memory_bytes
+        if limit and memwatch.resident(left) > limit:
+            used = memwatch.proportional(left)
+            if used > limit:
+                result.stopped = True
+                result.outcome, result.limit = res.OUTCOME_LIMIT_EXCEEDED, res.LIMIT_MEMORY
+                result.say(memwatch.message(limit, used))
 
     async def stop(self) -> None:
         self._dead = True
@@ -345,6 +409,9 @@ class Kernel:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._runner_fd >= 0:
+            os.close(self._runner_fd)
+            self._runner_fd = -1
 
 
 def _python_result(answer: dict[str, object], limits: CallLimits, result: Result) -> None:
@@ -397,6 +464,18 @@ class _DiskWatch:
                 return
 
 
+def _memory_watch(
+    root: int, limits: CallLimits, interval_s: float, beside: Sequence[int] = ()
+) -> memwatch.Watch | None:
+    if not limits.session_memory_bytes:
+        return None
+    return memwatch.Watch(root, limits.session_memory_bytes, interval_s, beside)
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
 async def run_command(
     sandbox: Sandbox,
     directory: str,
@@ -405,10 +484,15 @@ async def run_command(
     index: int,
     limits: CallLimits,
     emit: Emit,
+    *,
+    memory_check_s: float = 0.05,
+    beside: Sequence[int] = (),
 ) -> Result:
-    """Runs one shell command in a sandbox of its own."""
+    """Runs one shell command in a sandbox of its own (``beside``: the processes of the session's
+    frozen interpreter, whose memory counts against the session's limit too)."""
     argv = sandbox.command(directory, uid, limits.sandbox(), ["/bin/sh", "-c", command])
     proc = Child(argv, stdout=True, stderr=True)
+    memory = _memory_watch(proc.popen.pid, limits, memory_check_s, beside)
     out_reader, out_transport = await proc.reader("stdout")
     err_reader, err_transport = await proc.reader("stderr")
     out = _Pump(emit, index, res.OUTPUT_STREAM_STDOUT, limits.output_bytes)
@@ -417,12 +501,19 @@ async def run_command(
     watch = _DiskWatch(directory, limits.disk_bytes)
     ended = asyncio.create_task(proc.wait())
     watching = asyncio.create_task(watch.run())
+    guarding = asyncio.create_task(memory.run() if memory else _forever())
     result = Result()
     try:
         done, _ = await asyncio.wait(
-            {ended, watching}, timeout=limits.timeout_s, return_when=asyncio.FIRST_COMPLETED
+            {ended, watching, guarding},
+            timeout=limits.timeout_s,
+            return_when=asyncio.FIRST_COMPLETED,
         )
-        if ended in done:
+        if guarding in done and memory is not None:
+            _kill(proc)
+            result.outcome, result.limit = res.OUTCOME_LIMIT_EXCEEDED, res.LIMIT_MEMORY
+            result.say(memory.message())
+        elif ended in done:
             status = ended.result()
             if not _signal_limit(status, limits, result):
                 result.exit_code = status
@@ -438,7 +529,7 @@ async def run_command(
             await asyncio.wait_for(proc.wait(), 5.0)
         await _finish(pumps)
     finally:
-        for task in (ended, watching, *pumps):
+        for task in (ended, watching, guarding, *pumps):
             task.cancel()
         _kill(proc)
         out_transport.close()
@@ -461,10 +552,12 @@ class Executor:
         defaults: CallLimits,
         *,
         max_concurrent_calls: int = 8,
+        memory_check_s: float = 0.05,
     ) -> None:
         self.store = store
         self.sandbox = sandbox
         self.defaults = defaults
+        self.memory_check_s = memory_check_s
         self._kernels: dict[str, Kernel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._running = asyncio.Semaphore(max_concurrent_calls)
@@ -511,6 +604,8 @@ class Executor:
         limits = self.defaults
         if session.memory_bytes:
             limits = replace(limits, memory_bytes=session.memory_bytes)
+            if limits.session_memory_bytes:
+                limits = replace(limits, session_memory_bytes=session.memory_bytes)
         if timeout_s:
             limits = replace(limits, timeout_s=min(timeout_s, max_timeout_s))
         if output_bytes:
@@ -549,8 +644,18 @@ class Executor:
                 after = before
                 for index, command in enumerate(commands):
                     started = time.monotonic()
+                    kernel = self._kernels.get(session.id)
+                    beside = kernel.pids() if kernel and limits.session_memory_bytes else []
                     result = await run_command(
-                        self.sandbox, session.directory, uid, command, index, limits, emit
+                        self.sandbox,
+                        session.directory,
+                        uid,
+                        command,
+                        index,
+                        limits,
+                        emit,
+                        memory_check_s=self.memory_check_s,
+                        beside=beside,
                     )
                     after = await self._check_disk(session, after, limits, result)
                     emit(_command_result(index, result, started))
@@ -576,7 +681,7 @@ class Executor:
             if kernel is not None:
                 await kernel.stop()
             restarted = had_python
-            kernel = Kernel(self.sandbox, session.directory, uid, limits)
+            kernel = Kernel(self.sandbox, session.directory, uid, limits, self.memory_check_s)
             try:
                 await kernel.start()
             except OSError as exc:

@@ -24,12 +24,13 @@ One sandbox, as :meth:`Sandbox.command` builds it:
   which a sandbox cannot lower), so a machine short of memory loses a sandboxed process, never
   the service.
 
-Memory is bounded per process, not per session: RLIMIT_AS caps each process's address space, and
-the process limit (RLIMIT_NPROC, counted per session uid) caps how many a session runs at once,
-so a session's processes together can reach ``memory_bytes`` times ``processes`` (plus its
-``/tmp``, a tmpfs of ``tmp_bytes`` per sandbox). A kernel bound for a whole session needs a
-memory cgroup per session, which needs a delegated cgroup v2 subtree with the memory controller;
-the Kubernetes sandbox engine of deploy/README.md gets it from the sandbox pod's own limits.
+Memory is bounded twice. Each process: RLIMIT_AS caps its address space, which stops one
+allocation at once. The session as a whole: a kernel bound would need a memory cgroup per
+session (a delegated cgroup v2 subtree with the memory controller, which many hosts do not give;
+the Kubernetes sandbox engine of deploy/README.md gets it from the sandbox pod's own limits), so
+the service watches the session's processes instead while a call runs, and kills them past the
+session's limit (:mod:`bootstrap_svc.memwatch`); the PID namespace makes "the session's
+processes" exact. Between calls the interpreter is frozen, so nothing there grows.
 """
 
 from __future__ import annotations

@@ -77,6 +77,7 @@ async def start(settings: BootstrapSettings) -> Running:
         sandbox,
         limits(settings),
         max_concurrent_calls=settings.max_concurrent_calls,
+        memory_check_s=max(settings.memory_check_ms, 10) / 1000,
     )
     executing = execution.ExecutionServicer(
         store,
@@ -120,6 +121,7 @@ def limits(settings: BootstrapSettings) -> executor.CallLimits:
         file_bytes=settings.max_file_mb * MIB,
         output_bytes=settings.max_output_kb * 1024,
         disk_bytes=settings.disk_mb * MIB,
+        session_memory_bytes=settings.session_memory_mb * MIB,
     )
 
 

@@ -15,7 +15,7 @@ import grpc
 import orjson
 import pytest
 
-from bootstrap_svc import server
+from bootstrap_svc import memwatch, server
 from respgw.bootstrap.v1 import bootstrap_service_pb2 as bpb
 from respgw.bootstrap.v1 import (
     bootstrap_service_pb2_grpc,
@@ -252,69 +252,145 @@ async def test_a_memory_bomb_is_a_memory_error(svc: Stubs) -> None:
     assert (await run(svc, sid, "del hog\n'ok'")).stdout == "'ok'\n"
 
 
+# Children of the interpreter, each holding `mib` MiB (written, so resident) while under its own
+# address-space limit; the parent reports when all are full, then waits.
 MEMORY_HOGS = """
 import os, time
-def hog():
-    keep, got = [], 0
-    try:
-        while True:
-            keep.append(b"x" * (4 << 20))  # written, so resident
-            got += 4
-    except MemoryError:
-        pass
-    return got, keep
-r, w = os.pipe()
-children, refused = 0, 0
-for _ in range(12):
-    try:
-        pid = os.fork()
-    except OSError:
-        refused += 1
-        continue
-    if pid == 0:
-        got, keep = hog()
-        os.write(w, f"{got}\\n".encode())
-        time.sleep(60)
-        os._exit(0)
-    children += 1
-os.close(w)
-with os.fdopen(r) as lines:
-    peaks = [int(lines.readline()) for _ in range(children)]
-print(children, refused, max(peaks), sum(peaks), open("/proc/self/oom_score_adj").read().strip())
+def hogs(n, mib):
+    r, w = os.pipe()
+    for _ in range(n):
+        if os.fork() == 0:
+            keep = b"x" * (mib << 20)
+            os.write(w, b"1")
+            time.sleep(60)
+            os._exit(0)
+    os.close(w)
+    got = 0
+    while got < n:
+        got += len(os.read(r, n))
+    return got
 """
 
 
-async def test_memory_hungry_processes_stay_within_processes_times_memory(
-    start: Start,
-) -> None:
-    """Memory is capped per process (RLIMIT_AS) and processes per session, so a session's
-    processes together stay under processes x memory (README, "Known limits"); each is the OOM
-    killer's first pick; they end with their call, and the service and other sessions go on."""
+@pytest.fixture
+async def watched(start: Start) -> AsyncIterator[Stubs]:
+    """Each process may map 256 MiB; a session's processes together may hold 400 MiB."""
     running = await start(
-        call_timeout_s=30.0, call_cpu_s=20, memory_mb=128, max_processes=8, max_output_kb=64
+        call_timeout_s=30.0,
+        call_cpu_s=20,
+        memory_mb=256,
+        session_memory_mb=400,
+        max_processes=16,
+        max_output_kb=64,
     )
     async for stubs in _stubs(running):
-        sid = await prepare(stubs)
-        other = await prepare(stubs, tenant="globex")
-        hogs, beside = await asyncio.gather(
-            run(stubs, sid, MEMORY_HOGS), run(stubs, other, "sum(range(10))", tenant="globex")
-        )
-        assert beside.stdout == "45\n" and beside.result.outcome == res.OUTCOME_EXITED
-        children, refused, peak, total, oom = hogs.stdout.split()
-        # The interpreter is one of the session's 8 processes: at most 7 children.
-        assert 0 < int(children) <= 7 and int(children) + int(refused) == 12
-        # Each child stopped at its own limit (less what the interpreter it copied uses) ...
-        assert 0 < int(peak) < 128
-        # ... while together they held more than one process may: the bound is per process.
-        assert int(total) > 128 and int(total) <= 128 * 7
-        assert oom == "1000"
-        # The call's processes ended with it: only the interpreter is left.
-        session = running.store.get(TENANT, sid)
-        assert session is not None and session.slot is not None
-        if running.executor.sandbox.as_root:
-            uid = running.executor.sandbox.session_uid(session.slot)
-            assert len(_processes_of(uid)) <= 1
-        assert (await run(stubs, sid, "1 + 1")).stdout == "2\n"
+        yield stubs
+
+
+def _session_processes(stubs: Stubs, session_id: str) -> list[int]:
+    session = stubs.running.store.get(TENANT, session_id)
+    assert session is not None and session.slot is not None
+    return _processes_of(stubs.running.executor.sandbox.session_uid(session.slot))
+
+
+async def test_processes_together_past_the_session_memory_limit_are_stopped(
+    watched: Stubs,
+) -> None:
+    """Six processes holding 100 MiB each stay under their own limit (256 MiB) but pass the
+    session's (400 MiB): the service kills them all, the model reads the limit, the interpreter is lost as
+    at any limit that stops it, and the next call, other sessions and the service go on."""
+    sid = await prepare(watched)
+    other = await prepare(watched, tenant="globex")
+    await run(watched, sid, MEMORY_HOGS + "x = 1\nopen('kept.txt', 'w').write('yes')")
+    hogs, beside = await asyncio.gather(
+        run(watched, sid, "hogs(6, 100)\ntime.sleep(10)\nprint('never')"),
+        run(watched, other, "sum(range(10))", tenant="globex"),
+    )
+    assert beside.stdout == "45\n" and beside.result.outcome == res.OUTCOME_EXITED
+    assert hogs.result.outcome == res.OUTCOME_LIMIT_EXCEEDED
+    assert hogs.result.limit == res.LIMIT_MEMORY
+    assert "memory limit of 400 MiB exceeded" in hogs.result.message
+    assert "never" not in hogs.stdout
+    assert hogs.finished.interpreter_stopped
+    # Stopped at the limit, long before the call's timeout.
+    assert hogs.result.duration.ToNanoseconds() < 20e9
+    # Nothing of the session is left running.
+    if watched.running.executor.sandbox.as_root:
+        await _until(lambda: not _session_processes(watched, sid))
+    after = await run(watched, sid, "print(open('kept.txt').read())\n1 + 1")
+    assert after.finished.interpreter_restarted and after.stdout == "yes\n2\n"
+    assert (await run(watched, other, "'still'", tenant="globex")).stdout == "'still'\n"
+
+
+async def test_a_session_under_its_memory_limit_is_untouched(watched: Stubs) -> None:
+    """Processes that together stay under the limit run to their end, and so do forked children
+    sharing their parent's pages: each page counts once (their resident sizes add up to more
+    than the limit, their proportional ones do not)."""
+    sid = await prepare(watched)
+    await run(watched, sid, MEMORY_HOGS)
+    two = await run(watched, sid, "hogs(2, 100)")
+    assert two.stdout == "2\n" and two.result.outcome == res.OUTCOME_EXITED
+    shared = await run(
+        watched,
+        sid,
+        "import os, time\nbig = b'x' * (150 << 20)\npids = [os.fork() for _ in range(3)]\n"
+        "if 0 in pids:\n    time.sleep(1)\n    os._exit(0)\ntime.sleep(1)\nlen(big) >> 20",
+    )
+    assert shared.stdout.splitlines()[-1] == "150", shared
+    assert shared.result.outcome == res.OUTCOME_EXITED and shared.result.message == ""
+    assert not shared.finished.interpreter_stopped
+    assert (await run(watched, sid, "len(big) >> 20")).stdout == "150\n"
+
+
+async def test_a_command_counts_the_interpreters_memory_too(watched: Stubs) -> None:
+    """The session's interpreter keeps 220 MiB between calls; two 100 MiB processes of a command
+    pass the limit with it (420 MiB), and alone they do not."""
+    sid = await prepare(watched)
+    hog = "python3 -c 'import time; x = b\"x\" * (100 << 20); time.sleep(3)'"
+    command = f"{hog} & {hog} & wait; echo done"
+    alone = await run(watched, sid, commands=[command])
+    assert alone.result.outcome == res.OUTCOME_EXITED and alone.stdout == "done\n"
+    await run(watched, sid, "kept = b'x' * (220 << 20)")
+    together = await run(watched, sid, commands=[command, "echo alive"])
+    first, second = together.results
+    assert first.outcome == res.OUTCOME_LIMIT_EXCEEDED and first.limit == res.LIMIT_MEMORY
+    assert "memory limit of 400 MiB exceeded" in first.message
+    assert second.exit_code == 0 and together.stdout == "alive\n"
+    # The interpreter was not the one stopped: its variables are there.
+    assert (await run(watched, sid, "len(kept) >> 20")).stdout == "220\n"
+
+
+async def test_nothing_runs_in_a_session_between_calls(watched: Stubs) -> None:
+    """A thread left running by a call is frozen with its interpreter until the next call, and
+    processes it starts are killed: between calls a session cannot grow. In the next call the
+    thread runs again, and the watch stops it at the session's limit."""
+    sid = await prepare(watched)
+    call = await run(
+        watched,
+        sid,
+        "import subprocess, threading, time\nstarted, kept, cap = [], [], 2\n"
+        "hog = 'import time; x = b\"x\" * (60 << 20); time.sleep(60)'\n"
+        "def grow():\n    while True:\n        if len(kept) < 150:\n"
+        "            kept.append(b'x' * (1 << 20))\n        if len(started) < cap:\n"
+        "            started.append(subprocess.Popen(['python3', '-c', hog]))\n"
+        "        time.sleep(0.01)\n"
+        "threading.Thread(target=grow, daemon=True).start()\ntime.sleep(0.3)\nlen(started) > 0",
+    )
+    assert call.stdout == "True\n" and call.result.outcome == res.OUTCOME_EXITED
+    kernel = watched.running.executor._kernels[sid]
+    runner = kernel.pids()[2]
+    used = memwatch.proportional(kernel.pids())
+    await asyncio.sleep(1.0)
+    assert memwatch.proportional(kernel.pids()) == used
+    # Left: bubblewrap, the namespace's init and the stopped interpreter (and the zombies of
+    # what it started, which it reaps in its next call).
+    live = [pid for pid in kernel.pids() if memwatch.state(pid) != b"Z"]
+    assert len(live) == 3 and live[-1] == runner and memwatch.state(runner) == b"T"
+    if watched.running.executor.sandbox.as_root:
+        mine = _session_processes(watched, sid)
+        assert [pid for pid in mine if memwatch.state(pid) != b"Z"] == [runner]
+    grown = await run(watched, sid, "cap = 100\ntime.sleep(20)")
+    assert grown.result.limit == res.LIMIT_MEMORY and grown.finished.interpreter_stopped
 
 
 async def test_a_1_gb_write_stops_at_the_file_size_limit(svc: Stubs) -> None:
@@ -534,6 +610,7 @@ async def test_sessions_created_listed_and_deleted(svc: Stubs) -> None:
         svc, session.session_id, "import resource\nresource.getrlimit(resource.RLIMIT_AS)[0] >> 20"
     )
     assert call.stdout == "512\n"
+    assert call.started is not None and call.started.limits.session_memory_bytes == 512 << 20
     prepared = await prepare(svc)
     listed = await svc.execution.ListSessions(pb.ListSessionsRequest(tenant=TENANT))
     assert [s.session_id for s in listed.sessions] == [session.session_id, prepared]
@@ -627,6 +704,9 @@ async def test_capabilities_say_what_runs(svc: Stubs) -> None:
     assert caps.supports_files and caps.supports_sessions
     assert caps.sandbox.startswith("bubblewrap")
     assert caps.default_limits.timeout.seconds == 2 and caps.default_limits.max_processes == 32
+    assert caps.default_limits.memory_bytes == 256 << 20
+    assert caps.default_limits.session_memory_bytes == 1 << 30
+    assert caps.max_limits.session_memory_bytes == caps.max_limits.memory_bytes == 4 << 30
 
 
 async def test_a_missing_sandbox_refuses_calls_but_serves_the_rest(start: Start) -> None:

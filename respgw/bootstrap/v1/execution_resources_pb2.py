@@ -27,25 +27,25 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from respgw.bootstrap.v1 import resources_pb2 as respgw_dot_bootstrap_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-respgw/bootstrap/v1/execution_resources.proto\x12\x13respgw.bootstrap.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#respgw/bootstrap/v1/resources.proto\"\xdb\x02\n\x10\x45xecutionSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12+\n\x04kind\x18\x03 \x01(\x0e\x32\x1d.respgw.bootstrap.v1.ToolKind\x12\x17\n\x0f\x63onversation_id\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_active_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08idle_ttl\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12memory_limit_bytes\x18\t \x01(\x03\"\xb6\x01\n\x0bSessionFile\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x06source\x18\x05 \x01(\x0e\x32\x1f.respgw.bootstrap.v1.FileSource\x12\x12\n\nmedia_type\x18\x06 \x01(\t\"\xdd\x01\n\x0f\x45xecutionLimits\x12*\n\x07timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08\x63pu_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x15\n\rmax_processes\x18\x04 \x01(\x05\x12\x16\n\x0emax_file_bytes\x18\x05 \x01(\x03\x12\x18\n\x10max_output_bytes\x18\x06 \x01(\x03\x12\x12\n\ndisk_bytes\x18\x07 \x01(\x03*Z\n\nFileSource\x12\x1b\n\x17\x46ILE_SOURCE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46ILE_SOURCE_USER\x10\x01\x12\x19\n\x15\x46ILE_SOURCE_ASSISTANT\x10\x02*a\n\x0cOutputStream\x12\x1d\n\x19OUTPUT_STREAM_UNSPECIFIED\x10\x00\x12\x18\n\x14OUTPUT_STREAM_STDOUT\x10\x01\x12\x18\n\x14OUTPUT_STREAM_STDERR\x10\x02*}\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x12\n\x0eOUTCOME_EXITED\x10\x01\x12\x15\n\x11OUTCOME_TIMED_OUT\x10\x02\x12\x1a\n\x16OUTCOME_LIMIT_EXCEEDED\x10\x03\x12\x12\n\x0eOUTCOME_FAILED\x10\x04*~\n\x05Limit\x12\x15\n\x11LIMIT_UNSPECIFIED\x10\x00\x12\x12\n\x0eLIMIT_CPU_TIME\x10\x01\x12\x10\n\x0cLIMIT_MEMORY\x10\x02\x12\x13\n\x0fLIMIT_PROCESSES\x10\x03\x12\x13\n\x0fLIMIT_FILE_SIZE\x10\x04\x12\x0e\n\nLIMIT_DISK\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-respgw/bootstrap/v1/execution_resources.proto\x12\x13respgw.bootstrap.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#respgw/bootstrap/v1/resources.proto\"\xdb\x02\n\x10\x45xecutionSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12+\n\x04kind\x18\x03 \x01(\x0e\x32\x1d.respgw.bootstrap.v1.ToolKind\x12\x17\n\x0f\x63onversation_id\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_active_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08idle_ttl\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12memory_limit_bytes\x18\t \x01(\x03\"\xb6\x01\n\x0bSessionFile\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x06source\x18\x05 \x01(\x0e\x32\x1f.respgw.bootstrap.v1.FileSource\x12\x12\n\nmedia_type\x18\x06 \x01(\t\"\xfb\x01\n\x0f\x45xecutionLimits\x12*\n\x07timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08\x63pu_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x15\n\rmax_processes\x18\x04 \x01(\x05\x12\x16\n\x0emax_file_bytes\x18\x05 \x01(\x03\x12\x18\n\x10max_output_bytes\x18\x06 \x01(\x03\x12\x12\n\ndisk_bytes\x18\x07 \x01(\x03\x12\x1c\n\x14session_memory_bytes\x18\x08 \x01(\x03*Z\n\nFileSource\x12\x1b\n\x17\x46ILE_SOURCE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46ILE_SOURCE_USER\x10\x01\x12\x19\n\x15\x46ILE_SOURCE_ASSISTANT\x10\x02*a\n\x0cOutputStream\x12\x1d\n\x19OUTPUT_STREAM_UNSPECIFIED\x10\x00\x12\x18\n\x14OUTPUT_STREAM_STDOUT\x10\x01\x12\x18\n\x14OUTPUT_STREAM_STDERR\x10\x02*}\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x12\n\x0eOUTCOME_EXITED\x10\x01\x12\x15\n\x11OUTCOME_TIMED_OUT\x10\x02\x12\x1a\n\x16OUTCOME_LIMIT_EXCEEDED\x10\x03\x12\x12\n\x0eOUTCOME_FAILED\x10\x04*~\n\x05Limit\x12\x15\n\x11LIMIT_UNSPECIFIED\x10\x00\x12\x12\n\x0eLIMIT_CPU_TIME\x10\x01\x12\x10\n\x0cLIMIT_MEMORY\x10\x02\x12\x13\n\x0fLIMIT_PROCESSES\x10\x03\x12\x13\n\x0fLIMIT_FILE_SIZE\x10\x04\x12\x0e\n\nLIMIT_DISK\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'respgw.bootstrap.v1.execution_resources_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FILESOURCE']._serialized_start=931
-  _globals['_FILESOURCE']._serialized_end=1021
-  _globals['_OUTPUTSTREAM']._serialized_start=1023
-  _globals['_OUTPUTSTREAM']._serialized_end=1120
-  _globals['_OUTCOME']._serialized_start=1122
-  _globals['_OUTCOME']._serialized_end=1247
-  _globals['_LIMIT']._serialized_start=1249
-  _globals['_LIMIT']._serialized_end=1375
+  _globals['_FILESOURCE']._serialized_start=961
+  _globals['_FILESOURCE']._serialized_end=1051
+  _globals['_OUTPUTSTREAM']._serialized_start=1053
+  _globals['_OUTPUTSTREAM']._serialized_end=1150
+  _globals['_OUTCOME']._serialized_start=1152
+  _globals['_OUTCOME']._serialized_end=1277
+  _globals['_LIMIT']._serialized_start=1279
+  _globals['_LIMIT']._serialized_end=1405
   _globals['_EXECUTIONSESSION']._serialized_start=173
   _globals['_EXECUTIONSESSION']._serialized_end=520
   _globals['_SESSIONFILE']._serialized_start=523
   _globals['_SESSIONFILE']._serialized_end=705
   _globals['_EXECUTIONLIMITS']._serialized_start=708
-  _globals['_EXECUTIONLIMITS']._serialized_end=929
+  _globals['_EXECUTIONLIMITS']._serialized_end=959
 # @@protoc_insertion_point(module_scope)

@@ -171,7 +171,8 @@ class ExecutionSession(_message.Message):
     """
     memory_limit_bytes: _builtins.int
     """The memory each call of the session may use, in bytes, applied as
-    ExecutionLimits.memory_bytes says. Always set (the service's default when the session was
+    ExecutionLimits.memory_bytes says, and as ExecutionLimits.session_memory_bytes says when the
+    service bounds the session as a whole. Always set (the service's default when the session was
     made without one).
     """
     @_builtins.property
@@ -275,11 +276,13 @@ class ExecutionLimits(_message.Message):
     MAX_FILE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
     DISK_BYTES_FIELD_NUMBER: _builtins.int
+    SESSION_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     memory_bytes: _builtins.int
     """Memory (address space) of each process, in bytes. At the least each process is held to it;
     a session's processes together may then hold up to memory_bytes times max_processes, unless
-    the implementation also bounds the session as a whole (a memory cgroup or a pod per
-    session), which is allowed and stronger.
+    the implementation also bounds the session as a whole (session_memory_bytes: a memory
+    cgroup, a pod per session, or the service watching the session's processes), which is
+    allowed and stronger.
     """
     max_processes: _builtins.int
     """Processes and threads running at once in the session."""
@@ -291,6 +294,17 @@ class ExecutionLimits(_message.Message):
     """
     disk_bytes: _builtins.int
     """Total size of the session's files, in bytes."""
+    session_memory_bytes: _builtins.int
+    """Memory of the session's processes together, in bytes: everything its sandboxes hold while a
+    call runs (its interpreter's, kept between calls, included). A call that takes the session
+    past it is stopped with outcome OUTCOME_LIMIT_EXCEEDED and limit LIMIT_MEMORY, and its
+    processes are killed (a Python call's interpreter too: ExecutionFinished.interpreter_stopped,
+    as for any limit that stops it). 0 means the implementation does not bound the session as a
+    whole, only each process (memory_bytes). How the memory is counted is the implementation's
+    (the reference: resident and swapped anonymous and shared memory, each shared page once,
+    measured every 50 ms by default while a call runs, and nothing of the session running
+    between calls; a memory cgroup or a pod per session counts it itself).
+    """
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Wall-clock time of one Python call or one command."""
@@ -309,10 +323,11 @@ class ExecutionLimits(_message.Message):
         max_file_bytes: _builtins.int = ...,
         max_output_bytes: _builtins.int = ...,
         disk_bytes: _builtins.int = ...,
+        session_memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cpu_time", b"cpu_time", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_time", b"cpu_time", "disk_bytes", b"disk_bytes", "max_file_bytes", b"max_file_bytes", "max_output_bytes", b"max_output_bytes", "max_processes", b"max_processes", "memory_bytes", b"memory_bytes", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_time", b"cpu_time", "disk_bytes", b"disk_bytes", "max_file_bytes", b"max_file_bytes", "max_output_bytes", b"max_output_bytes", "max_processes", b"max_processes", "memory_bytes", b"memory_bytes", "session_memory_bytes", b"session_memory_bytes", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -450,8 +450,9 @@ class CreateSessionRequest(_message.Message):
     """A name for people; need not be unique. Empty is allowed."""
     memory_limit_bytes: _builtins.int
     """The memory each call may use, in bytes, applied as ExecutionLimits.memory_bytes says (per
-    process at the least). 0 means the service's default; more than max_limits.memory_bytes is
-    INVALID_ARGUMENT.
+    process at the least) and, when the service bounds a session as a whole, as
+    ExecutionLimits.session_memory_bytes says (the session's processes together). 0 means the
+    service's defaults; more than max_limits.memory_bytes is INVALID_ARGUMENT.
     """
     @_builtins.property
     def idle_ttl(self) -> _duration_pb2.Duration:
