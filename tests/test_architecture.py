@@ -107,11 +107,12 @@ AT_LOAD = _graph(at_load_only=True)
 # imports that do not run at load (turn.py imports background inside a function; services.py and
 # tools.py name Worker, Services and Turn for the type checker only). Issue 14's router layout
 # (the Dialect seam, the typed state adapter) is where it goes; until then it must not grow.
-# compaction.py and tokens.py joined it the same way (Turn and Services named for the type
+# compaction.py, running.py and tokens.py joined it the same way (Turn and Services named for the type
 # checker; stream imported inside a function).
 LAZY_CIRCLE = {
     "router_svc.background",
     "router_svc.compaction",
+    "router_svc.running",
     "router_svc.tokens",
     "router_svc.http",
     "router_svc.services",

@@ -122,6 +122,17 @@ def test_the_well_formed_answers_are_answered(stack: Stack, hub: FakeHub) -> Non
     assert events[-1]["response"]["usage"]["input_tokens"] == 3
 
 
+def assert_failed(http: httpx.Client, url: str) -> None:
+    """The streamed turn at ``url`` is stored as failed (as a streamed turn is stored while it
+    runs, see README "Streams"), with no output items."""
+    stored = http.get(url)
+    assert stored.status_code == 200, stored.text
+    assert stored.json()["status"] == "failed"
+    assert stored.json()["error"]["code"] == "server_error"
+    items = http.get(f"{url}/input_items").json()["data"]
+    assert [i["type"] for i in items] == ["message"]
+
+
 @pytest.mark.parametrize(("path", "value"), CASES)
 def test_a_malformed_hub_answer_is_a_502_and_stores_nothing(
     stack: Stack, hub: FakeHub, path: tuple[str | int, ...], value: Any
@@ -148,7 +159,7 @@ def test_a_malformed_hub_answer_is_a_502_and_stores_nothing(
 
 
 @pytest.mark.parametrize(("path", "value"), CASES)
-def test_a_malformed_hub_chunk_fails_the_stream_and_stores_nothing(
+def test_a_malformed_hub_chunk_fails_the_stream_and_is_stored_failed(
     stack: Stack, hub: FakeHub, path: tuple[str | int, ...], value: Any
 ) -> None:
     hub.enqueue(Reply(raw_chunks=chunks(path, value)), Reply(raw_chunks=chunks(path, value)))
@@ -164,8 +175,8 @@ def test_a_malformed_hub_chunk_fails_the_stream_and_stores_nothing(
         # response.error.code is one of OpenAI's fixed codes.
         assert events[-1]["response"]["error"]["code"] == "server_error"
         assert r.content.endswith(b"data: [DONE]\n\n")
-        stored = http.get(f"{url}/{events[0]['response']['id']}")
-        assert stored.status_code == 404
+        # Stored as it ended (retrievable, as at OpenAI), with no output a later turn builds on.
+        assert_failed(http, f"{url}/{events[0]['response']['id']}")
         # A streamed turn in a conversation is sent once stored: here it never is.
         held = http.post(
             url, json={"model": "m", "input": "x", "stream": True, "conversation": conv.id}
@@ -278,7 +289,7 @@ def test_a_malformed_responses_hub_answer_is_a_502(
         events = sse_events(r.content)
         assert [e["type"] for e in events[-2:]] == ["error", "response.failed"], events[-2:]
         assert events[-2]["code"] == "upstream_malformed_response"
-        assert http.get(f"{url}/{events[0]['response']['id']}").status_code == 404
+        assert_failed(http, f"{url}/{events[0]['response']['id']}")
 
 
 @pytest.mark.parametrize(("index", "name", "value"), EVENT_CASES)
@@ -294,4 +305,4 @@ def test_a_malformed_responses_hub_event_fails_the_stream(
         sent = sse_events(r.content)
         assert [e["type"] for e in sent[-2:]] == ["error", "response.failed"], sent[-2:]
         assert sent[-2]["code"] == "upstream_malformed_response"
-        assert http.get(f"{url}/{sent[0]['response']['id']}").status_code == 404
+        assert_failed(http, f"{url}/{sent[0]['response']['id']}")

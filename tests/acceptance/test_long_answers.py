@@ -124,7 +124,9 @@ def test_a_client_gone_while_its_stream_waits_still_gets_the_turn_stored(
         deadline = time.monotonic() + 10
         while True:
             found = http.get(f"{stack.url}/responses/{response_id}")
-            if found.status_code == 200 or time.monotonic() > deadline:
+            # (Stored as in_progress while it runs: wait for its end.)
+            done = found.status_code == 200 and found.json()["status"] != "in_progress"
+            if done or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
     assert found.status_code == 200
