@@ -64,6 +64,7 @@ from router_svc import (
     validate,
 )
 from router_svc import include as included
+from router_svc.dialects import StreamTranslator
 from router_svc.services import Services
 from router_svc.state_client import CallFailed
 
@@ -862,7 +863,7 @@ class _Run:
             else:
                 if compaction.compact_threshold(self.turn.req) is not None:
                     await compaction.stream_lead(self.svc, self.turn, translator, push)
-                path, body = self.turn.upstream(self.svc.settings.hub_api, stream=True)
+                path, body = self.turn.upstream(self.svc.dialect, stream=True)
                 chunks = self.svc.hub.stream(path, body)
             async for chunk in chunks:
                 push(translator.feed(chunk))
@@ -878,7 +879,7 @@ class _Run:
                 await aclose()
 
 
-_Translator = stream.ChatStreamTranslator | stream.ResponsesStreamTranslator | tools.StreamLoop
+_Translator = StreamTranslator | tools.StreamLoop
 
 
 def _translator(svc: Services, t: turn.Turn) -> _Translator:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from router_svc.auth import Authenticator
 from router_svc.bootstrap import Bootstrapper
 from router_svc.config import RouterSettings
+from router_svc.dialects import Dialect, dialect_for
 from router_svc.execution import GrpcExecutor
 from router_svc.history_cache import HistoryCache
 from router_svc.hub import HubClient
@@ -45,6 +46,11 @@ class Services:
     # Seals the encrypted_content the gateway mints (router_svc.sealing); None only for services
     # built without one (a random key is then made the first time one is needed).
     sealer: Sealer | None = None
+    # The API the hub speaks (router_svc.dialects), chosen once from --hub-api.
+    dialect: Dialect = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dialect = dialect_for(self.settings.hub_api)
 
     def seal_keys(self) -> Sealer:
         if self.sealer is None:

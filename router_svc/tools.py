@@ -117,7 +117,7 @@ def executor_of(svc: Services) -> execution.GrpcExecutor | None:
 def runs_tools(svc: Services, turn: Turn) -> bool:
     """True when this module answers the turn: a chat hub, and either a prepared stateful tool
     the execution service may run, or stateful tool items in the history to replay."""
-    if svc.settings.hub_api != "chat":
+    if not svc.dialect.tool_loop:
         return False
     if executor_of(svc) is not None and any(
         kind in STATEFUL and prepared.resource_id for kind, prepared in turn.prepared.tools.items()

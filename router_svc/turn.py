@@ -25,7 +25,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -46,6 +46,7 @@ from router_svc import (
     translate,
     validate,
 )
+from router_svc.dialects import Dialect, StreamTranslator
 from router_svc.history_cache import Chain, HistoryCache
 from router_svc.http import shown_id, valid_id
 from router_svc.ids import new_id
@@ -116,20 +117,15 @@ class Turn:
             return self.model_input
         return [*self.history, *self.prepared.injected_items, *self.req.input_items]
 
-    def upstream(self, hub_api: str, *, stream: bool) -> tuple[str, dict[str, Any]]:
+    def upstream(self, dialect: Dialect, *, stream: bool) -> tuple[str, dict[str, Any]]:
         """The hub path and the body sent upstream."""
         req, history, injected = self.req, self.history, self.prepared.injected_items
         if self.model_input is not None:
             req, history, injected = replace(req, input_items=self.model_input), [], []
-        if hub_api == "responses":
-            path = "/responses"
-            body = translate.responses_request(req, history, injected, stream=stream)
-        else:
-            path = "/chat/completions"
-            body = translate.chat_request(req, history, injected, stream=stream)
+        body = dialect.request(req, history, injected, stream=stream)
         if self.session_key:
             body.setdefault("prompt_cache_key", self.session_key)
-        return path, body
+        return dialect.path, body
 
     def headers(self) -> dict[str, str]:
         if self.omitted_history_items:
@@ -609,7 +605,7 @@ async def _compacting_answer(svc: Services, turn: Turn) -> dict[str, Any]:
 async def _answer(svc: Services, turn: Turn) -> dict[str, Any]:
     if tools.runs_tools(svc, turn):
         return await tools.answer(svc, turn)  # code_interpreter and shell run in a tool loop
-    path, body = turn.upstream(svc.settings.hub_api, stream=False)
+    path, body = turn.upstream(svc.dialect, stream=False)
     upstream = await svc.hub.post(path, body)
     try:
         return _translated(svc, turn, upstream)
@@ -623,24 +619,15 @@ async def _answer(svc: Services, turn: Turn) -> dict[str, Any]:
 
 
 def _translated(svc: Services, turn: Turn, upstream: Any) -> dict[str, Any]:
-    if svc.settings.hub_api == "responses":
-        response = translate.from_responses_result(
-            turn.req,
-            upstream,
-            response_id=turn.response_id,
-            created_at=turn.created_at,
-            tool_resources=turn.tool_resources,
-        )
-    else:
-        response = translate.from_chat_completion(
-            turn.req,
-            upstream,
-            response_id=turn.response_id,
-            created_at=turn.created_at,
-            tool_resources=turn.tool_resources,
-        )
-        if turn.req.include and compaction.mints_reasoning(svc, turn.req):
-            compaction.mint_reasoning(svc, turn.tenant, response)
+    response = svc.dialect.result(
+        turn.req,
+        upstream,
+        response_id=turn.response_id,
+        created_at=turn.created_at,
+        tool_resources=turn.tool_resources,
+    )
+    if turn.req.include and compaction.mints_reasoning(svc, turn.req):
+        compaction.mint_reasoning(svc, turn.tenant, response)
     return response
 
 
@@ -692,34 +679,24 @@ async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
     return _drain(queue)
 
 
-def _translator(
-    svc: Services, turn: Turn
-) -> stream.ChatStreamTranslator | stream.ResponsesStreamTranslator | tools.StreamLoop:
+def _translator(svc: Services, turn: Turn) -> StreamTranslator | tools.StreamLoop:
     if tools.runs_tools(svc, turn):
         return tools.StreamLoop(svc, turn)  # code_interpreter and shell run in a tool loop
-    kind = (
-        stream.ResponsesStreamTranslator
-        if svc.settings.hub_api == "responses"
-        else stream.ChatStreamTranslator
-    )
-    translator = kind(
+    return svc.dialect.translator(
         turn.req,
         response_id=turn.response_id,
         created_at=turn.created_at,
         tool_resources=turn.tool_resources,
+        seal_reasoning=_reasoning_sealer(svc, turn) if turn.req.include else None,
     )
-    if turn.req.include and isinstance(translator, stream.ChatStreamTranslator):
-        _seal_streamed_reasoning(svc, turn, translator)
-    return translator
 
 
-def _seal_streamed_reasoning(
-    svc: Services, turn: Turn, translator: stream.ChatStreamTranslator
-) -> None:
+def _reasoning_sealer(svc: Services, turn: Turn) -> Callable[[str], str] | None:
     """Reasoning items get the gateway's encrypted_content when they are done (if asked for)."""
     if compaction.mints_reasoning(svc, turn.req):
         tenant = turn.tenant
-        translator.seal_reasoning = lambda text: compaction.seal_reasoning(svc, tenant, text)
+        return lambda text: compaction.seal_reasoning(svc, tenant, text)
+    return None
 
 
 # A conversation turn whose conversation changed after its history was read (VERSION_MISMATCH) is
@@ -804,7 +781,7 @@ class _Outcome:
 async def _pump(
     svc: Services,
     turn: Turn,
-    translator: stream.ChatStreamTranslator | stream.ResponsesStreamTranslator | tools.StreamLoop,
+    translator: StreamTranslator | tools.StreamLoop,
     queue: asyncio.Queue[object],
     *,
     buffered: bool = False,
@@ -832,7 +809,7 @@ async def _pump(
         else:
             if compaction.compact_threshold(turn.req) is not None:
                 await compaction.stream_lead(svc, turn, translator, push)
-            path, body = turn.upstream(svc.settings.hub_api, stream=True)
+            path, body = turn.upstream(svc.dialect, stream=True)
             chunks = svc.hub.stream(path, body)
         async for chunk in chunks:
             push(translator.feed(chunk))

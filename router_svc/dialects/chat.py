@@ -1055,3 +1055,74 @@ class ChatStreamTranslator(Translator):
 
 def _seal(data: dict[str, Any], seal: Callable[[str], str]) -> None:
     data["encrypted_content"] = seal("".join(p.get("text", "") for p in data.get("content") or []))
+
+
+# --- the dialect ---------------------------------------------------------------------------
+
+
+class ChatDialect:
+    """A Chat Completions hub (:class:`router_svc.dialects.Dialect`)."""
+
+    name = "chat"
+    path = "/chat/completions"
+    tool_loop = True
+    seals_reasoning = True
+    own_compaction = False
+
+    def request(
+        self,
+        req: TurnRequest,
+        history: list[dict[str, Any]],
+        injected: list[dict[str, Any]],
+        *,
+        stream: bool,
+    ) -> dict[str, Any]:
+        return chat_request(req, history, injected, stream=stream)
+
+    def result(
+        self,
+        req: TurnRequest,
+        answer: Any,
+        *,
+        response_id: str,
+        created_at: int,
+        tool_resources: Mapping[str, str],
+    ) -> dict[str, Any]:
+        return from_chat_completion(
+            req,
+            answer,
+            response_id=response_id,
+            created_at=created_at,
+            tool_resources=tool_resources,
+        )
+
+    def translator(
+        self,
+        req: TurnRequest,
+        *,
+        response_id: str,
+        created_at: int,
+        tool_resources: Mapping[str, str],
+        seal_reasoning: Callable[[str], str] | None = None,
+    ) -> ChatStreamTranslator:
+        translator = ChatStreamTranslator(
+            req, response_id=response_id, created_at=created_at, tool_resources=tool_resources
+        )
+        translator.seal_reasoning = seal_reasoning
+        return translator
+
+    def summary_request(
+        self, model: str, items: list[dict[str, Any]], instructions: str | None, prompt: str
+    ) -> dict[str, Any]:
+        messages: list[dict[str, Any]] = []
+        if instructions:
+            messages.append({"role": "system", "content": instructions})
+        messages += chat_messages(items)
+        messages.append({"role": "user", "content": prompt})
+        return {"model": model, "messages": messages}
+
+    def summary(self, answer: Any) -> tuple[object, dict[str, Any] | None]:
+        choices = answer.get("choices")
+        message = choices[0].get("message") if isinstance(choices, list) and choices else None
+        text = message.get("content") if isinstance(message, dict) else None
+        return text, usage_from_chat(answer.get("usage"))

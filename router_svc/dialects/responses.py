@@ -10,11 +10,12 @@ sequence numbers (:class:`ResponsesStreamTranslator`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from router_svc import errors, hub_shape
 from router_svc.events import Translator, ended_early
+from router_svc.inputs import user_message
 from router_svc.response import NO_RESOURCES, error_object, response_object, with_id
 from router_svc.validate import TurnRequest
 from router_svc.vocabulary import HUB_SAMPLING_FIELDS, REQUEST_FIELDS
@@ -259,3 +260,80 @@ class ResponsesStreamTranslator(Translator):
         events.append(self._events.make("error", code=code, message=message, param=None))
         events.append(self._events.make("response.failed", response=self._final))
         return events
+
+
+# --- the dialect ---------------------------------------------------------------------------
+
+
+class ResponsesDialect:
+    """A Responses API hub (:class:`router_svc.dialects.Dialect`)."""
+
+    name = "responses"
+    path = "/responses"
+    tool_loop = False
+    seals_reasoning = False
+    own_compaction = True
+
+    def request(
+        self,
+        req: TurnRequest,
+        history: list[dict[str, Any]],
+        injected: list[dict[str, Any]],
+        *,
+        stream: bool,
+    ) -> dict[str, Any]:
+        return responses_request(req, history, injected, stream=stream)
+
+    def result(
+        self,
+        req: TurnRequest,
+        answer: Any,
+        *,
+        response_id: str,
+        created_at: int,
+        tool_resources: Mapping[str, str],
+    ) -> dict[str, Any]:
+        return from_responses_result(
+            req,
+            answer,
+            response_id=response_id,
+            created_at=created_at,
+            tool_resources=tool_resources,
+        )
+
+    def translator(
+        self,
+        req: TurnRequest,
+        *,
+        response_id: str,
+        created_at: int,
+        tool_resources: Mapping[str, str],
+        seal_reasoning: Callable[[str], str] | None = None,
+    ) -> ResponsesStreamTranslator:
+        # The hub mints its reasoning's encrypted_content itself: nothing is sealed here.
+        return ResponsesStreamTranslator(
+            req, response_id=response_id, created_at=created_at, tool_resources=tool_resources
+        )
+
+    def summary_request(
+        self, model: str, items: list[dict[str, Any]], instructions: str | None, prompt: str
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": model,
+            "input": [*items, user_message(prompt)],
+            "store": False,
+        }
+        if instructions:
+            body["instructions"] = instructions
+        return body
+
+    def summary(self, answer: Any) -> tuple[object, dict[str, Any] | None]:
+        text = "".join(
+            str(part.get("text", ""))
+            for item in answer.get("output") or []
+            if isinstance(item, dict) and item.get("type") == "message"
+            for part in item.get("content") or []
+            if isinstance(part, dict)
+        )
+        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+        return text, usage
