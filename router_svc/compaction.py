@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from router_svc import errors, sealing, tokens, translate, validate
+from router_svc import errors, sealing, tokens, validate
+from router_svc.dialects import chat
 from router_svc.ids import new_id
 from router_svc.services import Services
 from router_svc.validate import TurnRequest
@@ -127,7 +128,7 @@ def model_input(
                 str(content), tenant=tenant, purpose=sealing.REASONING, param=param
             )
             if opens_reasoning:
-                out.append({"type": translate.OPENED_REASONING, "text": text})
+                out.append({"type": chat.OPENED_REASONING, "text": text})
         else:
             out.append(item)
     if last_compaction < 0:
@@ -232,7 +233,7 @@ async def count_tokens(svc: Services, req: TurnRequest, items: list[dict[str, An
     messages: list[dict[str, Any]] = []
     if req.instructions:
         messages.append({"role": "system", "content": req.instructions})
-    messages += translate.chat_messages(items)
+    messages += chat.chat_messages(items)
     try:
         count, how = await tokens.count(
             svc, "/chat/completions", {"model": req.model, "messages": messages}, model_given=True
@@ -290,7 +291,7 @@ async def compact(svc: Services, turn: Turn) -> dict[str, Any]:
         "object": "response.compaction",
         "created_at": turn.created_at,
         "output": [*kept, compaction_item(svc, turn.tenant, summary)],
-        "usage": usage or translate.usage_from_chat({}),
+        "usage": usage or chat.usage_from_chat({}),
     }
 
 
@@ -393,9 +394,9 @@ async def stream_lead(
     """Pushes the events of a streamed turn's compaction, when it compacts:
     ``response.output_item.added`` and ``response.compaction.compacting`` before the summary is
     made, ``response.output_item.done`` (with the sealed summary) after."""
-    from router_svc.stream import ChatStreamTranslator
-
-    if not isinstance(translator, ChatStreamTranslator) or not await needs_compaction(svc, turn):
+    if not isinstance(translator, chat.ChatStreamTranslator) or not await needs_compaction(
+        svc, turn
+    ):
         return
     item_id = new_id("cmp")
     push(translator.open_compaction(item_id))

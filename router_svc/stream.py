@@ -1,34 +1,14 @@
-"""Where stream.py's names live now, for the importers not yet moved (issue 14).
+"""Where turn.py finds the event plumbing until it imports :mod:`router_svc.events`.
 
-The event plumbing is :mod:`router_svc.events`, each dialect's stream translator is in its module
-of :mod:`router_svc.dialects`, the replay of a stored response :mod:`router_svc.replay`. Nothing is
-defined here; import from those modules.
+stream.py was split by concept (issue 14): the event plumbing is :mod:`router_svc.events`, each
+dialect's stream translator is in its module of :mod:`router_svc.dialects`, the replay of a stored
+response :mod:`router_svc.replay`. Nothing is defined here and nothing new imports it: it goes
+once the branches editing turn.py have merged.
 """
 
 from __future__ import annotations
 
-from router_svc.dialects.chat import (
-    ChatStreamTranslator,
-)
-from router_svc.dialects.responses import (
-    ResponsesStreamTranslator,
-)
-from router_svc.events import (
-    SSE_DONE,
-    STREAM_INCOMPLETE,
-    sse_encode,
-)
-from router_svc.replay import (
-    replay_events,
-    stored_stream,
-)
+from router_svc.events import SSE_DONE, sse_encode
+from router_svc.replay import replay_events
 
-__all__ = [
-    "SSE_DONE",
-    "STREAM_INCOMPLETE",
-    "ChatStreamTranslator",
-    "ResponsesStreamTranslator",
-    "replay_events",
-    "sse_encode",
-    "stored_stream",
-]
+__all__ = ["SSE_DONE", "replay_events", "sse_encode"]

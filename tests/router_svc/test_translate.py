@@ -13,7 +13,17 @@ from openai.types.responses import Response
 from prometheus_client import REGISTRY
 from pydantic import TypeAdapter
 
-from router_svc import errors, inputs, translate, validate
+from router_svc import errors, inputs, validate
+from router_svc.dialects.chat import (
+    CUSTOM_TOOL_PARAMETERS,
+    OPENED_REASONING,
+    chat_messages,
+    chat_request,
+    from_chat_completion,
+    usage_from_chat,
+)
+from router_svc.dialects.responses import from_responses_result, responses_request
+from router_svc.response import error_object, reasoning_item, response_object
 
 CHAT_BODY = TypeAdapter(completion_create_params.CompletionCreateParamsNonStreaming)
 CHAT_STREAM_BODY = TypeAdapter(completion_create_params.CompletionCreateParamsStreaming)
@@ -42,7 +52,7 @@ def test_message_order_instructions_history_injected_input() -> None:
         *inputs.normalize_items([{"role": "assistant", "content": "first answer"}]),
     ]
     injected = inputs.normalize_items([{"role": "developer", "content": "sandbox ready"}])
-    body = translate.chat_request(
+    body = chat_request(
         req(input="second question", instructions="be brief"), history, injected, stream=False
     )
     assert body["messages"] == [
@@ -76,7 +86,7 @@ def test_outputs_the_input_opens_with_go_before_the_injected_items() -> None:
             {"role": "user", "content": "and now?"},
         ],
     )
-    body = translate.chat_request(request, history, injected, stream=False)
+    body = chat_request(request, history, injected, stream=False)
     assert [m["role"] for m in body["messages"]] == [
         "user",
         "assistant",
@@ -89,12 +99,12 @@ def test_outputs_the_input_opens_with_go_before_the_injected_items() -> None:
     assert body["messages"][4]["content"] == "sandbox ready"
     CHAT_BODY.validate_python(body)
     # Without injected items the order is the input's, as always.
-    plain = translate.chat_request(request, history, [], stream=False)
+    plain = chat_request(request, history, [], stream=False)
     assert [m["role"] for m in plain["messages"]] == ["user", "assistant", "tool", "tool", "user"]
 
 
 def test_no_instructions_means_no_system_message() -> None:
-    body = translate.chat_request(req(input="hi"), [], [], stream=False)
+    body = chat_request(req(input="hi"), [], [], stream=False)
     assert body["messages"] == [{"role": "user", "content": "hi"}]
 
 
@@ -111,7 +121,7 @@ def test_developer_and_system_roles_become_system_text() -> None:
             },
         ]
     )
-    messages = translate.chat_messages(items)
+    messages = chat_messages(items)
     assert messages == [{"role": "system", "content": "d"}, {"role": "system", "content": "a\nb"}]
 
 
@@ -147,7 +157,7 @@ def test_tool_call_round_trip_is_one_assistant_message() -> None:
             },
         ]
     )
-    messages = translate.chat_messages(items)
+    messages = chat_messages(items)
     assert messages == [
         {"role": "user", "content": "weather in Paris and Rome?"},
         {
@@ -180,7 +190,7 @@ def test_assistant_text_followed_by_calls_is_one_message() -> None:
             {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{}"},
         ]
     )
-    messages = translate.chat_messages(items)
+    messages = chat_messages(items)
     assert [m["role"] for m in messages] == ["assistant", "tool", "assistant"]
     assert messages[0]["content"] == "Let me check."
     assert [c["id"] for c in messages[0]["tool_calls"]] == ["c1"]
@@ -189,10 +199,10 @@ def test_assistant_text_followed_by_calls_is_one_message() -> None:
 
 def test_reasoning_items_are_not_replayed() -> None:
     items = [
-        translate.reasoning_item("secret thoughts"),
+        reasoning_item("secret thoughts"),
         *inputs.normalize_items([{"role": "assistant", "content": "answer"}]),
     ]
-    assert translate.chat_messages(items) == [{"role": "assistant", "content": "answer"}]
+    assert chat_messages(items) == [{"role": "assistant", "content": "answer"}]
 
 
 def test_images_and_files_become_chat_parts() -> None:
@@ -222,7 +232,7 @@ def test_images_and_files_become_chat_parts() -> None:
             },
         ]
     )
-    messages = translate.chat_messages(items)
+    messages = chat_messages(items)
     assert messages[0]["content"] == [
         {"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "high"}},
@@ -249,7 +259,7 @@ def test_images_and_files_become_chat_parts() -> None:
 def test_content_a_chat_hub_cannot_fetch_is_a_clear_400(part: dict[str, Any]) -> None:
     request = req(input=[{"role": "user", "content": [part]}])
     with pytest.raises(errors.InvalidRequest) as info:
-        translate.chat_request(request, [], [], stream=False)
+        chat_request(request, [], [], stream=False)
     assert info.value.code == "unsupported_value"
     assert info.value.status == 400
 
@@ -263,7 +273,7 @@ def test_assistant_refusal_and_custom_tool_calls() -> None:
             {"type": "custom_tool_call_output", "call_id": "c9", "output": "3 hits"},
         ]
     )
-    messages = translate.chat_messages(items)
+    messages = chat_messages(items)
     assert messages[0] == {"role": "assistant", "content": "", "refusal": "I can't."}
     assert messages[2]["tool_calls"][0]["function"] == {
         "name": "grep",
@@ -291,7 +301,7 @@ TOOLS = [
 
 
 def test_only_function_tools_reach_a_chat_hub() -> None:
-    body = translate.chat_request(req(input="x", tools=TOOLS), [], [], stream=False)
+    body = chat_request(req(input="x", tools=TOOLS), [], [], stream=False)
     assert body["tools"] == [
         {
             "type": "function",
@@ -308,7 +318,7 @@ def test_only_function_tools_reach_a_chat_hub() -> None:
 
 
 def test_no_function_tools_means_no_tool_fields() -> None:
-    body = translate.chat_request(
+    body = chat_request(
         req(input="x", tools=TOOLS[2:], tool_choice="required", parallel_tool_calls=False),
         [],
         [],
@@ -343,7 +353,7 @@ PATCH = {
 
 def test_namespace_and_custom_tools_are_offered_as_functions() -> None:
     tools = [{"type": "web_search", "external_web_access": False}, CODEX_NAMESPACE, FUNCTION, PATCH]
-    body = translate.chat_request(req(input="x", tools=tools), [], [], stream=False)
+    body = chat_request(req(input="x", tools=tools), [], [], stream=False)
     assert body["tools"] == [
         {
             "type": "function",
@@ -367,7 +377,7 @@ def test_namespace_and_custom_tools_are_offered_as_functions() -> None:
             "function": {
                 "name": "notes",
                 "description": "Free-text notes",
-                "parameters": dict(translate.CUSTOM_TOOL_PARAMETERS),
+                "parameters": dict(CUSTOM_TOOL_PARAMETERS),
             },
         },
         {
@@ -385,7 +395,7 @@ def test_namespace_and_custom_tools_are_offered_as_functions() -> None:
                 "name": "apply_patch",
                 "description": "Apply a patch\n\nThe input must follow this lark grammar:\n"
                 "start: /.+/",
-                "parameters": dict(translate.CUSTOM_TOOL_PARAMETERS),
+                "parameters": dict(CUSTOM_TOOL_PARAMETERS),
             },
         },
     ]
@@ -411,7 +421,7 @@ def test_calls_to_namespace_and_custom_tools_replay_under_their_offered_names() 
             {"type": "custom_tool_call_output", "call_id": "c3", "output": "c"},
         ]
     )
-    body = translate.chat_request(req(input="next", tools=tools), history, [], stream=False)
+    body = chat_request(req(input="next", tools=tools), history, [], stream=False)
     calls = body["messages"][1]["tool_calls"]
     assert [(c["id"], c["function"]["name"]) for c in calls] == [
         ("c1", "multi_agent_v1__weather"),
@@ -432,11 +442,11 @@ def test_calls_to_namespace_and_custom_tools_replay_under_their_offered_names() 
 )
 def test_tool_choice_names_the_offered_function(choice: dict[str, Any], chat_name: str) -> None:
     request = req(input="x", tools=[CODEX_NAMESPACE, FUNCTION, PATCH], tool_choice=choice)
-    body = translate.chat_request(request, [], [], stream=False)
+    body = chat_request(request, [], [], stream=False)
     assert body["tool_choice"] == {"type": "function", "function": {"name": chat_name}}
     allowed = {"type": "allowed_tools", "mode": "auto", "tools": [choice]}
     request = req(input="x", tools=[CODEX_NAMESPACE, FUNCTION, PATCH], tool_choice=allowed)
-    body = translate.chat_request(request, [], [], stream=False)
+    body = chat_request(request, [], [], stream=False)
     assert [t["function"]["name"] for t in body["tools"]] == [chat_name]
 
 
@@ -494,9 +504,9 @@ def test_tools_not_run_are_counted_and_logged_once(caplog: pytest.LogCaptureFixt
 
     request = req(input="x", tools=[{"type": "web_search"}, FUNCTION, {"type": "shell"}])
     before = count("web_search"), count("shell")
-    with caplog.at_level(logging.WARNING, logger="router_svc.translate"):
+    with caplog.at_level(logging.WARNING, logger="router_svc.dialects.chat"):
         for _ in range(2):
-            body = translate.chat_request(request, [], [], stream=False)
+            body = chat_request(request, [], [], stream=False)
     assert [t["function"]["name"] for t in body["tools"]] == ["weather"]
     assert (count("web_search") - before[0], count("shell") - before[1]) == (2, 2)
     logged = [getattr(r, "tool_type", None) for r in caplog.records]
@@ -513,10 +523,10 @@ def test_tools_not_run_are_counted_and_logged_once(caplog: pytest.LogCaptureFixt
 )
 def test_a_chat_request_refuses_what_a_chat_hub_cannot_do(body: dict[str, Any]) -> None:
     with pytest.raises(errors.InvalidRequest) as info:
-        translate.chat_request(req(input="x", **body), [], [], stream=False)
+        chat_request(req(input="x", **body), [], [], stream=False)
     assert info.value.param in ("tools", "prompt")
     # A Responses hub gets them.
-    sent = translate.responses_request(req(input="x", **body), [], [], stream=False)
+    sent = responses_request(req(input="x", **body), [], [], stream=False)
     assert {k: sent[k] for k in body} == body
 
 
@@ -545,9 +555,7 @@ def test_a_chat_request_refuses_what_a_chat_hub_cannot_do(body: dict[str, Any]) 
     ],
 )
 def test_tool_choice_mapping(choice: Any, chat_choice: Any, names: list[str]) -> None:
-    body = translate.chat_request(
-        req(input="x", tools=TOOLS, tool_choice=choice), [], [], stream=False
-    )
+    body = chat_request(req(input="x", tools=TOOLS, tool_choice=choice), [], [], stream=False)
     assert body.get("tool_choice") == chat_choice
     assert [t["function"]["name"] for t in body["tools"]] == names
 
@@ -582,7 +590,7 @@ def test_parameters_mapped_and_unusable_ones_dropped() -> None:
         include=["message.output_text.logprobs"],
         max_tool_calls=2,
     )
-    body = translate.chat_request(request, [], [], stream=False)
+    body = chat_request(request, [], [], stream=False)
     assert set(body) == {
         "model",
         "messages",
@@ -620,7 +628,7 @@ def test_hub_sampling_fields_reach_a_chat_hub() -> None:
         "repetition_penalty": 1.05,
         "chat_template_kwargs": {"enable_thinking": False},
     }
-    body = translate.chat_request(
+    body = chat_request(
         req(input="x", top_logprobs=5, client_metadata={"a": "b"}, **sampling),
         [],
         [],
@@ -644,28 +652,28 @@ def test_hub_sampling_fields_reach_a_chat_hub() -> None:
     ],
 )
 def test_text_format_to_response_format(fmt: dict[str, Any], expected: Any) -> None:
-    body = translate.chat_request(req(input="x", text={"format": fmt}), [], [], stream=False)
+    body = chat_request(req(input="x", text={"format": fmt}), [], [], stream=False)
     assert body.get("response_format") == expected
 
 
 def test_top_logprobs_zero_asks_for_nothing() -> None:
-    body = translate.chat_request(req(input="x", top_logprobs=0), [], [], stream=False)
+    body = chat_request(req(input="x", top_logprobs=0), [], [], stream=False)
     assert "logprobs" not in body and "top_logprobs" not in body
 
 
 def test_logprobs_requested_by_include_alone() -> None:
-    body = translate.chat_request(
+    body = chat_request(
         req(input="x", include=["message.output_text.logprobs"]), [], [], stream=False
     )
     assert body["logprobs"] is True and "top_logprobs" not in body
 
 
 def test_streaming_asks_for_usage() -> None:
-    body = translate.chat_request(req(input="x", stream=True), [], [], stream=True)
+    body = chat_request(req(input="x", stream=True), [], [], stream=True)
     assert body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}
     CHAT_STREAM_BODY.validate_python(body)
-    assert "stream" not in translate.chat_request(req(input="x"), [], [], stream=False)
+    assert "stream" not in chat_request(req(input="x"), [], [], stream=False)
 
 
 def test_chat_request_leaves_request_and_history_untouched() -> None:
@@ -675,7 +683,7 @@ def test_chat_request_leaves_request_and_history_untouched() -> None:
     )
     history = [user("h")]
     before = copy.deepcopy((request.body, request.input_items, history))
-    translate.chat_request(request, history, [], stream=True)
+    chat_request(request, history, [], stream=True)
     assert (request.body, request.input_items, history) == before
 
 
@@ -696,11 +704,11 @@ def test_responses_hub_is_used_statelessly() -> None:
     )
     history = [
         user("before"),
-        translate.reasoning_item("no encrypted content"),
-        {**translate.reasoning_item("x"), "encrypted_content": "gAAA"},
+        reasoning_item("no encrypted content"),
+        {**reasoning_item("x"), "encrypted_content": "gAAA"},
     ]
     injected = inputs.normalize_items([{"role": "developer", "content": "inj"}])
-    body = translate.responses_request(request, history, injected, stream=True)
+    body = responses_request(request, history, injected, stream=True)
     assert body["store"] is False
     assert not {"previous_response_id", "conversation", "background"} & set(body)
     assert body["instructions"] == "current"
@@ -716,14 +724,14 @@ def test_responses_hub_is_used_statelessly() -> None:
     assert body["input"][1]["encrypted_content"] == "gAAA"
     assert body["input"][-1] is request.input_items[0]
 
-    plain = translate.responses_request(
+    plain = responses_request(
         req(input="x", stream=True, conversation="conv_1"), [], [], stream=False
     )
     assert "stream" not in plain and "conversation" not in plain and "instructions" not in plain
 
 
 def test_responses_hub_gets_known_fields_only() -> None:
-    body = translate.responses_request(
+    body = responses_request(
         req(
             input="x",
             client_metadata={"installation_id": "i"},
@@ -747,7 +755,7 @@ def test_responses_hub_gets_known_fields_only() -> None:
 
 
 def test_response_object_echoes_defaults_like_openai() -> None:
-    response = translate.response_object(
+    response = response_object(
         req(input="x"),
         response_id="resp_1",
         created_at=100,
@@ -830,7 +838,7 @@ def test_response_object_echoes_every_parameter() -> None:
         service_tier="priority",
         prompt={"id": "pmpt_1"},
     )
-    response = translate.response_object(
+    response = response_object(
         request,
         response_id="resp_2",
         created_at=5,
@@ -875,7 +883,7 @@ def test_response_object_echoes_every_parameter() -> None:
 
 
 def test_response_object_echoes_penalties() -> None:
-    response = translate.response_object(
+    response = response_object(
         req(input="x", presence_penalty=0.5, frequency_penalty=-1),
         response_id="r",
         created_at=1,
@@ -897,7 +905,7 @@ def test_echoed_function_tools_always_carry_strict_description_and_parameters() 
             {"type": "web_search"},
         ],
     )
-    response = translate.response_object(
+    response = response_object(
         request, response_id="r", created_at=1, status="completed", output=[]
     )
     assert response["tools"] == [
@@ -928,7 +936,7 @@ def test_echoed_function_tools_always_carry_strict_description_and_parameters() 
     assert request.tools[0] == {"type": "function", "name": "bare"}, "the request is not changed"
     checked(response)
     # A chat hub gets no strict it was not given: the function is called best-effort.
-    chat = translate.chat_request(request, [], [], stream=False)
+    chat = chat_request(request, [], [], stream=False)
     assert [t["function"].get("strict") for t in chat["tools"]] == [None, None, False, True]
 
 
@@ -944,7 +952,7 @@ def test_platform_only_fields_echo_in_the_response_objects_shapes() -> None:
         stream_options={"include_obfuscation": False},
         service_tier="fast",
     )
-    response = translate.response_object(
+    response = response_object(
         request, response_id="r", created_at=1, status="completed", output=[]
     )
     assert response["access_programs"] == {"cyber": "daybreak_blue"}
@@ -960,7 +968,7 @@ def test_platform_only_fields_echo_in_the_response_objects_shapes() -> None:
     assert not {"background_options", "context_management", "stream_options"} & set(response)
     checked(response)
 
-    explicit = translate.response_object(
+    explicit = response_object(
         req(input="x", access_programs={}, image={"context_compression": "enabled"}),
         response_id="r",
         created_at=1,
@@ -974,22 +982,20 @@ def test_platform_only_fields_echo_in_the_response_objects_shapes() -> None:
 
 def test_completed_at_defaults_to_now_only_when_completed() -> None:
     request = req(input="x")
-    done = translate.response_object(
-        request, response_id="r", created_at=1, status="completed", output=[]
-    )
+    done = response_object(request, response_id="r", created_at=1, status="completed", output=[])
     assert isinstance(done["completed_at"], int) and done["completed_at"] > 1
-    failed = translate.response_object(
+    failed = response_object(
         request, response_id="r", created_at=1, status="failed", output=[], completed_at=9
     )
     assert failed["completed_at"] is None
 
 
 def test_error_object_keeps_openai_codes_only() -> None:
-    assert translate.error_object("rate_limit_exceeded", "slow") == {
+    assert error_object("rate_limit_exceeded", "slow") == {
         "code": "rate_limit_exceeded",
         "message": "slow",
     }
-    assert translate.error_object("upstream_error", "hub died") == {
+    assert error_object("upstream_error", "hub died") == {
         "code": "server_error",
         "message": "hub died",
     }
@@ -1032,7 +1038,7 @@ USAGE = {
 def back(
     message: dict[str, Any], request: validate.TurnRequest | None = None, **kwargs: Any
 ) -> dict[str, Any]:
-    response = translate.from_chat_completion(
+    response = from_chat_completion(
         request or req(input="x"), completion(message, **kwargs), response_id="resp_1", created_at=7
     )
     checked(response)
@@ -1204,7 +1210,7 @@ def test_empty_completion_is_a_completed_empty_response() -> None:
 )
 def test_nonsense_from_the_hub_is_an_upstream_error(bad: dict[str, Any]) -> None:
     with pytest.raises(errors.UpstreamError):
-        translate.from_chat_completion(req(input="x"), bad, response_id="r", created_at=1)
+        from_chat_completion(req(input="x"), bad, response_id="r", created_at=1)
 
 
 @pytest.mark.parametrize(
@@ -1240,12 +1246,12 @@ def test_nonsense_from_the_hub_is_an_upstream_error(bad: dict[str, Any]) -> None
     ],
 )
 def test_usage_from_chat(usage: Any, expected: Any) -> None:
-    assert translate.usage_from_chat(usage) == expected
+    assert usage_from_chat(usage) == expected
 
 
 def test_response_echoes_tool_resources() -> None:
     request = req(input="x", tools=[{"type": "code_interpreter", "container": {"type": "auto"}}])
-    response = translate.from_chat_completion(
+    response = from_chat_completion(
         request,
         completion({"content": "ok"}),
         response_id="r",
@@ -1299,9 +1305,7 @@ def test_responses_hub_result_gets_our_id_and_echo() -> None:
         },
     }
     request = req(input="x", previous_response_id="resp_prev", metadata={"a": "1"})
-    response = translate.from_responses_result(
-        request, upstream, response_id="resp_ours", created_at=5
-    )
+    response = from_responses_result(request, upstream, response_id="resp_ours", created_at=5)
     assert response["id"] == "resp_ours" and response["created_at"] == 5
     assert response["model"] == "m" and response["store"] is True
     assert response["previous_response_id"] == "resp_prev" and response["metadata"] == {"a": "1"}
@@ -1332,22 +1336,22 @@ def test_responses_hub_reports_the_strictness_it_applied() -> None:
             "nonsense",
         ],
     }
-    response = translate.from_responses_result(request, upstream, response_id="r", created_at=1)
+    response = from_responses_result(request, upstream, response_id="r", created_at=1)
     assert [t["strict"] for t in response["tools"]] == [True, False, False]
     checked(response)
 
 
 def test_responses_hub_without_output_is_an_upstream_error() -> None:
     with pytest.raises(errors.UpstreamError):
-        translate.from_responses_result(
+        from_responses_result(
             req(input="x"), {"status": "completed"}, response_id="r", created_at=1
         )
 
 
 def test_opened_reasoning_goes_on_the_assistant_message_after_it() -> None:
-    opened = {"type": translate.OPENED_REASONING, "text": "think"}
+    opened = {"type": OPENED_REASONING, "text": "think"}
     call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
-    messages = translate.chat_messages(
+    messages = chat_messages(
         [
             {"type": "message", "role": "user", "content": "q"},
             opened,
