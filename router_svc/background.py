@@ -41,7 +41,7 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import orjson
@@ -274,8 +274,7 @@ class Worker:
 def worker(svc: Services) -> Worker:
     if svc.worker is None:
         raise RuntimeError("the background worker was not started")
-    w: Worker = svc.worker
-    return w
+    return cast(Worker, svc.worker)  # start_worker sets it to one
 
 
 def start_worker(svc: Services) -> Worker:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from router_svc.auth import Authenticator
 from router_svc.bootstrap import Bootstrapper
@@ -17,8 +17,17 @@ from router_svc.hub import HubClient
 from router_svc.sealing import Sealer
 from router_svc.state_client import StateClient
 
-if TYPE_CHECKING:
-    from router_svc.background import Worker
+
+class Worker(Protocol):
+    """What the services use of the background worker (:class:`router_svc.background.Worker`),
+    named here so that this module imports nothing above it."""
+
+    # This router's name in the leases it holds.
+    owner: str
+
+    def stop_scanning(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass
