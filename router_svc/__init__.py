@@ -15,8 +15,13 @@ Package map (a request's way through it, top to bottom)::
     turn.py           one turn: history, stateful tools, the hub call, the stored result
     background.py     background responses: leased jobs of the state service, live events
     tools.py          the tool loop for code_interpreter and shell on a chat hub
-    translate.py      Responses <-> Chat Completions, and the Response object
-    stream.py         Responses streaming events (from chat chunks, a Responses hub, replay)
+    dialects/         the hub's API, one module each, chosen once by --hub-api (``svc.dialect``):
+      chat.py         a Chat Completions hub: its request, its answer, its stream's chunks
+      responses.py    a Responses API hub, used statelessly: the same three, passed through
+    response.py       the Response object and its output items, whichever dialect answered
+    events.py         streaming events: numbering, SSE encoding, the translators' shared base
+    event_log.py      a streamed turn's stored event log, compact (delta runs), and expanded
+    replay.py         a stored response's event stream: its stored log, or rebuilt
     hub.py            the client of the hub (the model server)
     state_client.py   the client of the state service (respgw.state.v1)
     history_cache.py  histories of chains this router stored, so a chained turn reads none

@@ -26,6 +26,7 @@ from gateway import gctune, logs, tracing
 from gateway.metrics import LATENCY_BUCKETS
 from router_svc import auth, background, bootstrap, errors, execution, sealing
 from router_svc.config import RouterSettings
+from router_svc.dialects import dialect_for
 from router_svc.history_cache import HistoryCache
 from router_svc.http import MAX_ID_CHARS, JSONResponse, KeyedLocks, StreamSlots
 from router_svc.hub import HubClient
@@ -80,8 +81,7 @@ def check_settings(settings: RouterSettings) -> None:
         raise ValueError("the hub URL is required (--hub-url or RESPGW_HUB_URL)")
     if not settings.hub_url.startswith(("http://", "https://")):
         raise ValueError(f"--hub-url must start with http:// or https://, got {settings.hub_url!r}")
-    if settings.hub_api not in ("chat", "responses"):
-        raise ValueError(f"--hub-api must be chat or responses, got {settings.hub_api!r}")
+    dialect_for(settings.hub_api)  # the ValueError names the dialects
     if settings.tokenizer not in ("auto", "llamacpp", "off"):
         raise ValueError(f"--tokenizer must be auto, llamacpp or off, got {settings.tokenizer!r}")
     if settings.history_cache_mb < 0:

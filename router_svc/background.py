@@ -41,7 +41,7 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import orjson
@@ -57,13 +57,15 @@ from router_svc import (
     compaction,
     errors,
     running,
-    stream,
     tools,
-    translate,
     turn,
     validate,
 )
 from router_svc import include as included
+from router_svc.dialects import StreamTranslator
+from router_svc.events import SSE_DONE, sse_encode
+from router_svc.replay import stored_stream
+from router_svc.response import error_object
 from router_svc.services import Services
 from router_svc.state_client import CallFailed
 
@@ -272,8 +274,7 @@ class Worker:
 def worker(svc: Services) -> Worker:
     if svc.worker is None:
         raise RuntimeError("the background worker was not started")
-    w: Worker = svc.worker
-    return w
+    return cast(Worker, svc.worker)  # start_worker sets it to one
 
 
 def start_worker(svc: Services) -> Worker:
@@ -551,7 +552,7 @@ class _Client:
         if not self.ended:
             async for chunk in _follow(svc, tenant, response_id, self.last):
                 yield chunk
-        yield stream.SSE_DONE
+        yield SSE_DONE
 
 
 class _Stitch:
@@ -862,7 +863,7 @@ class _Run:
             else:
                 if compaction.compact_threshold(self.turn.req) is not None:
                     await compaction.stream_lead(self.svc, self.turn, translator, push)
-                path, body = self.turn.upstream(self.svc.settings.hub_api, stream=True)
+                path, body = self.turn.upstream(self.svc.dialect, stream=True)
                 chunks = self.svc.hub.stream(path, body)
             async for chunk in chunks:
                 push(translator.feed(chunk))
@@ -878,7 +879,7 @@ class _Run:
                 await aclose()
 
 
-_Translator = stream.ChatStreamTranslator | stream.ResponsesStreamTranslator | tools.StreamLoop
+_Translator = StreamTranslator | tools.StreamLoop
 
 
 def _translator(svc: Services, t: turn.Turn) -> _Translator:
@@ -891,7 +892,7 @@ def _unstorable(
 ) -> tuple[dict[str, Any], list[_Event]]:
     """The failed form of a turn whose final form the state service refused, and its terminal
     event (in the place of the refused one)."""
-    error = translate.error_object(
+    error = error_object(
         exc.code or "server_error", f"The response could not be stored: {exc.message}"
     )
     failed = {**response, "status": "failed", "output": [], "error": error}
@@ -990,7 +991,7 @@ def follow(
     async def body() -> AsyncIterator[bytes]:
         async for chunk in _follow(svc, tenant, response_id, after, include):
             yield chunk
-        yield stream.SSE_DONE
+        yield SSE_DONE
 
     return body()
 
@@ -1062,9 +1063,9 @@ async def _follow(
         return
     response: dict[str, Any] = orjson.loads(found.response.response_json)
     stored = found.response.stream_events_json
-    events = stream.stored_stream(response, orjson.loads(stored) if stored else None)
+    events = stored_stream(response, orjson.loads(stored) if stored else None)
     if include is not None:
         events = list(included.events(events, response, include))
     for event in events:
         if int(event["sequence_number"]) > last:
-            yield stream.sse_encode(event)
+            yield sse_encode(event)

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from router_svc import errors, inputs, sealing, tokens, translate, validate
+from router_svc import errors, sealing, tokens, validate
+from router_svc.dialects import chat
 from router_svc.ids import new_id
 from router_svc.services import Services
 from router_svc.validate import TurnRequest
@@ -93,7 +94,8 @@ def model_input(
     (``input[2].encrypted_content``); one of the history, a 400 naming ``history_param``.
     ``opened`` gives summaries already known, by compaction item id.
     """
-    chat = svc.settings.hub_api == "chat"
+    own_compaction = svc.dialect.own_compaction
+    opens_reasoning = svc.dialect.seals_reasoning
     sealer = svc.seal_keys()
     out: list[dict[str, Any]] = []
     last_compaction = -1
@@ -107,7 +109,7 @@ def model_input(
         content = item.get("encrypted_content")
         if kind == "compaction":
             summary = (opened or {}).get(str(item.get("id")))
-            if summary is None and not sealing.is_sealed(content) and not chat:
+            if summary is None and not sealing.is_sealed(content) and own_compaction:
                 out.append(dict(item))  # the Responses hub's own compaction item
                 continue
             if summary is None:
@@ -125,8 +127,8 @@ def model_input(
             text = sealer.open_or_refuse(
                 str(content), tenant=tenant, purpose=sealing.REASONING, param=param
             )
-            if chat:
-                out.append({"type": translate.OPENED_REASONING, "text": text})
+            if opens_reasoning:
+                out.append({"type": chat.OPENED_REASONING, "text": text})
         else:
             out.append(item)
     if last_compaction < 0:
@@ -178,7 +180,7 @@ def open_turn(svc: Services, turn: Turn) -> None:
 def mints_reasoning(svc: Services, req: TurnRequest) -> bool:
     """Whether reasoning output items get the gateway's ``encrypted_content``: asked for with
     ``include``, on a chat hub (a Responses hub mints its own)."""
-    return REASONING_INCLUDE in req.include and svc.settings.hub_api == "chat"
+    return REASONING_INCLUDE in req.include and svc.dialect.seals_reasoning
 
 
 def seal_reasoning(svc: Services, tenant: str, text: str) -> str:
@@ -202,34 +204,11 @@ async def summarize(
     """The served model's summary of ``items`` (a model input, sealed items opened), and the
     usage of the call."""
     prompt = svc.settings.compaction_prompt or SUMMARY_PROMPT
-    if svc.settings.hub_api == "chat":
-        messages: list[dict[str, Any]] = []
-        if instructions:
-            messages.append({"role": "system", "content": instructions})
-        messages += translate.chat_messages(items)
-        messages.append({"role": "user", "content": prompt})
-        answer = await svc.hub.post("/chat/completions", {"model": model, "messages": messages})
-        choices = answer.get("choices")
-        message = choices[0].get("message") if isinstance(choices, list) and choices else None
-        text = message.get("content") if isinstance(message, dict) else None
-        usage = translate.usage_from_chat(answer.get("usage"))
-    else:
-        body: dict[str, Any] = {
-            "model": model,
-            "input": [*items, inputs.user_message(prompt)],
-            "store": False,
-        }
-        if instructions:
-            body["instructions"] = instructions
-        answer = await svc.hub.post("/responses", body)
-        text = "".join(
-            str(part.get("text", ""))
-            for item in answer.get("output") or []
-            if isinstance(item, dict) and item.get("type") == "message"
-            for part in item.get("content") or []
-            if isinstance(part, dict)
-        )
-        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+    dialect = svc.dialect
+    answer = await svc.hub.post(
+        dialect.path, dialect.summary_request(model, items, instructions, prompt)
+    )
+    text, usage = dialect.summary(answer)
     if not isinstance(text, str) or not text.strip():
         raise errors.UpstreamError(
             "The model server returned an empty summary; nothing was compacted.",
@@ -254,7 +233,7 @@ async def count_tokens(svc: Services, req: TurnRequest, items: list[dict[str, An
     messages: list[dict[str, Any]] = []
     if req.instructions:
         messages.append({"role": "system", "content": req.instructions})
-    messages += translate.chat_messages(items)
+    messages += chat.chat_messages(items)
     try:
         count, how = await tokens.count(
             svc, "/chat/completions", {"model": req.model, "messages": messages}, model_given=True
@@ -297,7 +276,7 @@ async def compact(svc: Services, turn: Turn) -> dict[str, Any]:
     """The ``response.compaction`` object of a compact request (``turn`` begun, not stored)."""
     req = turn.req
     items = turn.model_items()
-    if svc.settings.hub_api == "responses":
+    if svc.dialect.own_compaction:
         passed = await _hub_compact(svc, req, items)
         if passed is not None:
             return passed
@@ -312,7 +291,7 @@ async def compact(svc: Services, turn: Turn) -> dict[str, Any]:
         "object": "response.compaction",
         "created_at": turn.created_at,
         "output": [*kept, compaction_item(svc, turn.tenant, summary)],
-        "usage": usage or translate.usage_from_chat({}),
+        "usage": usage or chat.usage_from_chat({}),
     }
 
 
@@ -362,7 +341,7 @@ async def needs_compaction(svc: Services, turn: Turn) -> bool:
     Fewer characters than the threshold are fewer tokens too: nothing is asked then. Otherwise
     the hub's tokenizer counts (:func:`count_tokens`), or, without one, the characters of the
     items' JSON at :data:`CHARS_PER_TOKEN`."""
-    if svc.settings.hub_api != "chat" or turn.compacted is not None:
+    if svc.dialect.own_compaction or turn.compacted is not None:
         return False
     threshold = compact_threshold(turn.req)
     if threshold is None:
@@ -415,9 +394,9 @@ async def stream_lead(
     """Pushes the events of a streamed turn's compaction, when it compacts:
     ``response.output_item.added`` and ``response.compaction.compacting`` before the summary is
     made, ``response.output_item.done`` (with the sealed summary) after."""
-    from router_svc.stream import ChatStreamTranslator
-
-    if not isinstance(translator, ChatStreamTranslator) or not await needs_compaction(svc, turn):
+    if not isinstance(translator, chat.ChatStreamTranslator) or not await needs_compaction(
+        svc, turn
+    ):
         return
     item_id = new_id("cmp")
     push(translator.open_compaction(item_id))

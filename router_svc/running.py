@@ -34,7 +34,8 @@ from google.protobuf import duration_pb2
 from prometheus_client import Counter
 
 from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import errors, translate
+from router_svc import errors
+from router_svc.response import error_object
 
 if TYPE_CHECKING:
     from router_svc.services import Services
@@ -202,7 +203,7 @@ async def finish_abandoned(svc: Services, job: resources_pb2.BackgroundJob) -> N
     failed = {
         **response,
         "status": "failed",
-        "error": translate.error_object("server_error", ABANDONED_MESSAGE),
+        "error": error_object("server_error", ABANDONED_MESSAGE),
     }
     final = resources_pb2.StoredResponse()
     final.CopyFrom(stored)

@@ -5,19 +5,29 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from router_svc.auth import Authenticator
 from router_svc.bootstrap import Bootstrapper
 from router_svc.config import RouterSettings
+from router_svc.dialects import Dialect, dialect_for
 from router_svc.execution import GrpcExecutor
 from router_svc.history_cache import HistoryCache
 from router_svc.hub import HubClient
 from router_svc.sealing import Sealer
 from router_svc.state_client import StateClient
 
-if TYPE_CHECKING:
-    from router_svc.background import Worker
+
+class Worker(Protocol):
+    """What the services use of the background worker (:class:`router_svc.background.Worker`),
+    named here so that this module imports nothing above it."""
+
+    # This router's name in the leases it holds.
+    owner: str
+
+    def stop_scanning(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -45,6 +55,11 @@ class Services:
     # Seals the encrypted_content the gateway mints (router_svc.sealing); None only for services
     # built without one (a random key is then made the first time one is needed).
     sealer: Sealer | None = None
+    # The API the hub speaks (router_svc.dialects), chosen once from --hub-api.
+    dialect: Dialect = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dialect = dialect_for(self.settings.hub_api)
 
     def seal_keys(self) -> Sealer:
         if self.sealer is None:

@@ -40,8 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from router_svc import errors, execution, include, stream, translate
+from router_svc import errors, execution, include
+from router_svc.dialects import chat
 from router_svc.ids import new_id
+from router_svc.response import error_object, response_object
 
 if TYPE_CHECKING:
     from router_svc.services import Services
@@ -117,7 +119,7 @@ def executor_of(svc: Services) -> execution.GrpcExecutor | None:
 def runs_tools(svc: Services, turn: Turn) -> bool:
     """True when this module answers the turn: a chat hub, and either a prepared stateful tool
     the execution service may run, or stateful tool items in the history to replay."""
-    if svc.settings.hub_api != "chat":
+    if not svc.dialect.tool_loop:
         return False
     if executor_of(svc) is not None and any(
         kind in STATEFUL and prepared.resource_id for kind, prepared in turn.prepared.tools.items()
@@ -142,7 +144,7 @@ class Names:
 
     @classmethod
     def avoiding(cls, tools: Iterable[Mapping[str, Any]]) -> Names:
-        taken = {f.chat_name for f in translate.ChatToolset(tools).functions}
+        taken = {f.chat_name for f in chat.ChatToolset(tools).functions}
         return cls(python=_free("python", taken), shell=_free("shell", taken))
 
 
@@ -534,7 +536,7 @@ class _Loop:
             tools=[t for t in self.req.tools if t.get("type") not in offered],
             input_items=replayable(given, self.names, limit),
         )
-        body = translate.chat_request(
+        body = chat.chat_request(
             req,
             replayable(history, self.names, limit),
             injected,
@@ -725,7 +727,7 @@ class _Loop:
         return result
 
     def _response(self, status: str, **fields: Any) -> dict[str, Any]:
-        return translate.response_object(
+        return response_object(
             self.req,
             response_id=self.turn.response_id,
             created_at=self.turn.created_at,
@@ -748,7 +750,7 @@ async def answer(svc: Services, turn: Turn) -> dict[str, Any]:
     for round_no in range(loop.settings.max_rounds):
         completion = await svc.hub.post("/chat/completions", loop.body(round_no))
         try:
-            answered = translate.from_chat_completion(
+            answered = chat.from_chat_completion(
                 turn.req, completion, response_id=turn.response_id, created_at=turn.created_at
             )
         except (TypeError, KeyError, AttributeError, IndexError, ValueError) as exc:
@@ -880,7 +882,7 @@ class _StreamCall:
 class _Round:
     """One hub call of a streamed turn."""
 
-    translator: stream.ChatStreamTranslator
+    translator: chat.ChatStreamTranslator
     number: int
     index: dict[int, int] = field(default_factory=dict)  # hub output_index -> ours
     calls: dict[int, _StreamCall] = field(default_factory=dict)  # by hub output_index
@@ -918,7 +920,7 @@ class StreamLoop(_Loop):
             return []
         self._started = True
         # Its own (empty) output list: the events are kept, and stored, after the output grew.
-        snapshot = translate.response_object(
+        snapshot = response_object(
             self.req,
             response_id=self.turn.response_id,
             created_at=self.turn.created_at,
@@ -953,7 +955,7 @@ class StreamLoop(_Loop):
         for index in self._open:
             self.output[index]["status"] = "incomplete"
         self._open.clear()
-        self._final = self._response("failed", error=translate.error_object(code, message))
+        self._final = self._response("failed", error=error_object(code, message))
         events.append(self._event("error", code=code, message=message, param=None))
         events.append(self._event("response.failed", response=self._shown(self._final)))
         return events
@@ -964,7 +966,7 @@ class StreamLoop(_Loop):
         """The event batches of the whole turn, ending with its terminal event."""
         await self.prepare(stream=True)
         for round_no in range(self.settings.max_rounds):
-            translator = stream.ChatStreamTranslator(
+            translator = chat.ChatStreamTranslator(
                 self.req,
                 response_id=self.turn.response_id,
                 created_at=self.turn.created_at,

@@ -25,7 +25,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -43,14 +43,17 @@ from router_svc import (
     hub,
     include,
     running,
-    stream,
     tools,
-    translate,
     validate,
 )
+from router_svc.dialects import Dialect, StreamTranslator
+from router_svc.event_log import EventLog
+from router_svc.events import SSE_DONE, sse_encode, sse_pieces
 from router_svc.history_cache import Chain, HistoryCache
 from router_svc.http import shown_id, valid_id
 from router_svc.ids import new_id
+from router_svc.replay import replay_events
+from router_svc.response import error_object, response_object
 from router_svc.services import Services
 from router_svc.validate import TurnRequest
 
@@ -118,20 +121,15 @@ class Turn:
             return self.model_input
         return [*self.history, *self.prepared.injected_items, *self.req.input_items]
 
-    def upstream(self, hub_api: str, *, stream: bool) -> tuple[str, dict[str, Any]]:
+    def upstream(self, dialect: Dialect, *, stream: bool) -> tuple[str, dict[str, Any]]:
         """The hub path and the body sent upstream."""
         req, history, injected = self.req, self.history, self.prepared.injected_items
         if self.model_input is not None:
             req, history, injected = replace(req, input_items=self.model_input), [], []
-        if hub_api == "responses":
-            path = "/responses"
-            body = translate.responses_request(req, history, injected, stream=stream)
-        else:
-            path = "/chat/completions"
-            body = translate.chat_request(req, history, injected, stream=stream)
+        body = dialect.request(req, history, injected, stream=stream)
         if self.session_key:
             body.setdefault("prompt_cache_key", self.session_key)
-        return path, body
+        return dialect.path, body
 
     def headers(self) -> dict[str, str]:
         if self.omitted_history_items:
@@ -469,7 +467,7 @@ async def store(
     svc: Services,
     turn: Turn,
     response: dict[str, Any],
-    events: stream.EventLog | None = None,
+    events: EventLog | None = None,
     *,
     in_progress: bool = False,
     keep_output: bool = True,
@@ -709,7 +707,7 @@ async def _compacting_answer(svc: Services, turn: Turn) -> dict[str, Any]:
 async def _answer(svc: Services, turn: Turn) -> dict[str, Any]:
     if tools.runs_tools(svc, turn):
         return await tools.answer(svc, turn)  # code_interpreter and shell run in a tool loop
-    path, body = turn.upstream(svc.settings.hub_api, stream=False)
+    path, body = turn.upstream(svc.dialect, stream=False)
     upstream = await svc.hub.post(path, body)
     try:
         return _translated(svc, turn, upstream)
@@ -723,30 +721,21 @@ async def _answer(svc: Services, turn: Turn) -> dict[str, Any]:
 
 
 def _translated(svc: Services, turn: Turn, upstream: Any) -> dict[str, Any]:
-    if svc.settings.hub_api == "responses":
-        response = translate.from_responses_result(
-            turn.req,
-            upstream,
-            response_id=turn.response_id,
-            created_at=turn.created_at,
-            tool_resources=turn.tool_resources,
-        )
-    else:
-        response = translate.from_chat_completion(
-            turn.req,
-            upstream,
-            response_id=turn.response_id,
-            created_at=turn.created_at,
-            tool_resources=turn.tool_resources,
-        )
-        if turn.req.include and compaction.mints_reasoning(svc, turn.req):
-            compaction.mint_reasoning(svc, turn.tenant, response)
+    response = svc.dialect.result(
+        turn.req,
+        upstream,
+        response_id=turn.response_id,
+        created_at=turn.created_at,
+        tool_resources=turn.tool_resources,
+    )
+    if turn.req.include and compaction.mints_reasoning(svc, turn.req):
+        compaction.mint_reasoning(svc, turn.tenant, response)
     return response
 
 
 def snapshot(turn: Turn, status: str, **fields: Any) -> dict[str, Any]:
     """The Response object of a turn with no output yet (queued, in progress, failed, cancelled)."""
-    return translate.response_object(
+    return response_object(
         turn.req,
         response_id=turn.response_id,
         created_at=turn.created_at,
@@ -792,34 +781,24 @@ async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
     return _drain(queue)
 
 
-def _translator(
-    svc: Services, turn: Turn
-) -> stream.ChatStreamTranslator | stream.ResponsesStreamTranslator | tools.StreamLoop:
+def _translator(svc: Services, turn: Turn) -> StreamTranslator | tools.StreamLoop:
     if tools.runs_tools(svc, turn):
         return tools.StreamLoop(svc, turn)  # code_interpreter and shell run in a tool loop
-    kind = (
-        stream.ResponsesStreamTranslator
-        if svc.settings.hub_api == "responses"
-        else stream.ChatStreamTranslator
-    )
-    translator = kind(
+    return svc.dialect.translator(
         turn.req,
         response_id=turn.response_id,
         created_at=turn.created_at,
         tool_resources=turn.tool_resources,
+        seal_reasoning=_reasoning_sealer(svc, turn) if turn.req.include else None,
     )
-    if turn.req.include and isinstance(translator, stream.ChatStreamTranslator):
-        _seal_streamed_reasoning(svc, turn, translator)
-    return translator
 
 
-def _seal_streamed_reasoning(
-    svc: Services, turn: Turn, translator: stream.ChatStreamTranslator
-) -> None:
+def _reasoning_sealer(svc: Services, turn: Turn) -> Callable[[str], str] | None:
     """Reasoning items get the gateway's encrypted_content when they are done (if asked for)."""
     if compaction.mints_reasoning(svc, turn.req):
         tenant = turn.tenant
-        translator.seal_reasoning = lambda text: compaction.seal_reasoning(svc, tenant, text)
+        return lambda text: compaction.seal_reasoning(svc, tenant, text)
+    return None
 
 
 # A conversation turn whose conversation changed after its history was read (VERSION_MISMATCH) is
@@ -876,19 +855,19 @@ async def buffered_stream(svc: Services, turn: Turn) -> list[bytes]:
     if outcome.store_error is not None:
         raise outcome.store_error
     if outcome.holder is not None:
-        held = stream.replay_events(outcome.holder)
+        held = replay_events(outcome.holder)
         return [
-            *(stream.sse_encode(e) for e in include.events(held, outcome.holder, turn.req.include)),
-            stream.SSE_DONE,
+            *(sse_encode(e) for e in include.events(held, outcome.holder, turn.req.include)),
+            SSE_DONE,
         ]
     chunks: list[bytes] = []
     while True:
         item = queue.get_nowait()
         if item is _END:
-            chunks.append(stream.SSE_DONE)
+            chunks.append(SSE_DONE)
             return chunks
         assert isinstance(item, dict)
-        chunks.append(stream.sse_encode(item))
+        chunks.append(sse_encode(item))
 
 
 @dataclass
@@ -904,13 +883,13 @@ class _Outcome:
 async def _pump(
     svc: Services,
     turn: Turn,
-    translator: stream.ChatStreamTranslator | stream.ResponsesStreamTranslator | tools.StreamLoop,
+    translator: StreamTranslator | tools.StreamLoop,
     queue: _Outbox,
     *,
     buffered: bool = False,
 ) -> _Outcome:
     outcome = _Outcome()
-    sent = stream.EventLog()  # what the client was sent, for the stored log
+    sent = EventLog()  # what the client was sent, for the stored log
     held: list[dict[str, Any]] = []
 
     def push(events: list[dict[str, Any]]) -> None:
@@ -933,7 +912,7 @@ async def _pump(
         else:
             if compaction.compact_threshold(turn.req) is not None:
                 await compaction.stream_lead(svc, turn, translator, push)
-            path, body = turn.upstream(svc.settings.hub_api, stream=True)
+            path, body = turn.upstream(svc.dialect, stream=True)
             chunks = svc.hub.stream(path, body)
         async for chunk in chunks:
             push(translator.feed(chunk))
@@ -999,7 +978,7 @@ def _announce_running(svc: Services, turn: Turn, started: list[dict[str, Any]]) 
 
 def _shut_down(turn: Turn) -> dict[str, Any]:
     message = "The gateway was stopped before this response finished; send it again."
-    return snapshot(turn, "failed", error=translate.error_object("server_error", message))
+    return snapshot(turn, "failed", error=error_object("server_error", message))
 
 
 async def _store_failed(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
@@ -1108,12 +1087,12 @@ async def _drain(queue: _Outbox) -> AsyncIterator[bytes]:
             item = await queue.get()
             queue.taken()
             if item is _END:
-                yield stream.SSE_DONE
+                yield SSE_DONE
                 return
             assert isinstance(item, dict)
             # Encoded only now: the texts of the last events (each a copy of the answer) are
             # held as bytes one at a time, not all at once.
-            for piece in stream.sse_pieces(item):
+            for piece in sse_pieces(item):
                 yield piece
     finally:
         queue.close()

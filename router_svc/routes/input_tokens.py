@@ -70,7 +70,7 @@ async def hub_request(svc: Services, t: turn.Turn) -> tuple[str, dict[str, Any]]
     """The hub path and the body the turn's (first) hub call would send, not streamed."""
     if tools.runs_tools(svc, t):
         return "/chat/completions", await tools.first_request(svc, t)
-    return t.upstream(svc.settings.hub_api, stream=False)
+    return t.upstream(svc.dialect, stream=False)
 
 
 routes = [Route("/v1/responses/input_tokens", count_input_tokens, methods=["POST"])]

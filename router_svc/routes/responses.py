@@ -12,7 +12,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from respgw.state.v1 import state_service_pb2
-from router_svc import background, compaction, errors, include, stream, turn, validate
+from router_svc import background, compaction, errors, include, turn, validate
+from router_svc.events import SSE_DONE, sse_encode
 from router_svc.http import (
     JSONResponse,
     Releasing,
@@ -30,6 +31,7 @@ from router_svc.http import (
     stream_slots,
     tenant,
 )
+from router_svc.replay import stored_stream
 from router_svc.services import Services
 
 OPEN_STREAMS = Gauge("respgw_router_open_streams", "Streaming responses being sent right now.")
@@ -126,10 +128,10 @@ async def _replay(
     *,
     asked: Collection[str] = (),
 ) -> AsyncIterator[bytes]:
-    for event in include.events(stream.stored_stream(response, events), response, asked):
+    for event in include.events(stored_stream(response, events), response, asked):
         if int(event["sequence_number"]) > starting_after:
-            yield stream.sse_encode(event)
-    yield stream.SSE_DONE
+            yield sse_encode(event)
+    yield SSE_DONE
 
 
 async def compact_response(request: Request) -> Response:

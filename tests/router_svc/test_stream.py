@@ -16,7 +16,12 @@ from openai._types import omit
 from openai.lib.streaming.responses._responses import ResponseStream
 from openai.types.responses import Response, ResponseStreamEvent
 
-from router_svc import errors, stream, validate
+from router_svc import errors, validate
+from router_svc.dialects.chat import ChatStreamTranslator
+from router_svc.dialects.responses import ResponsesStreamTranslator
+from router_svc.event_log import EventLog
+from router_svc.events import SSE_DONE, STREAM_INCOMPLETE, sse_encode
+from router_svc.replay import replay_events, stored_stream
 
 TOOLS = [{"type": "function", "name": "weather"}, {"type": "function", "name": "time"}]
 
@@ -46,7 +51,7 @@ def through_sdk(
     (ResponseStream) accumulates them, raising on any inconsistency: a first event other than
     response.created, a delta before its item, a repeated output_index, a changed identity.
     """
-    body = b"".join(stream.sse_encode(e) for e in events) + stream.SSE_DONE + after_done
+    body = b"".join(sse_encode(e) for e in events) + SSE_DONE + after_done
     client = OpenAI(
         api_key="test", base_url="http://127.0.0.1:9/v1", _strict_response_validation=True
     )
@@ -114,8 +119,8 @@ def run(
     *,
     fail: tuple[str, str] | None = None,
     **kwargs: Any,
-) -> tuple[stream.ChatStreamTranslator, list[dict[str, Any]]]:
-    translator = stream.ChatStreamTranslator(
+) -> tuple[ChatStreamTranslator, list[dict[str, Any]]]:
+    translator = ChatStreamTranslator(
         request or req(), response_id="resp_1", created_at=100, **kwargs
     )
     events = translator.start()
@@ -158,7 +163,7 @@ TEXT_EVENTS = [
 
 def test_sse_encoding() -> None:
     event = {"type": "response.output_text.delta", "sequence_number": 3, "delta": "é\n"}
-    encoded = stream.sse_encode(event)
+    encoded = sse_encode(event)
     assert encoded.startswith(b"event: response.output_text.delta\ndata: ")
     assert encoded.endswith(b"\n\n")
     assert encoded.count(b"\n") == 3, "the JSON payload stays on one line"
@@ -166,9 +171,9 @@ def test_sse_encoding() -> None:
 
 
 def test_streams_end_with_done_and_the_sdk_stops_there() -> None:
-    assert stream.SSE_DONE == b"data: [DONE]\n\n"
+    assert SSE_DONE == b"data: [DONE]\n\n"
     _, events = run([chunk({"content": "Hi"}), chunk(finish="stop")])
-    garbage = stream.sse_encode({"type": "response.output_text.delta", "sequence_number": 99})
+    garbage = sse_encode({"type": "response.output_text.delta", "sequence_number": 99})
     sdk = through_sdk(events, after_done=garbage + b"data: {not json\n\n")
     assert sdk.types == types(events), "nothing after [DONE] is read"
     assert sdk.final.output_text == "Hi"
@@ -362,7 +367,7 @@ def test_call_without_index_or_id() -> None:
 
 
 def test_interleaved_call_deltas_are_an_upstream_error() -> None:
-    translator = stream.ChatStreamTranslator(req(), response_id="resp_1", created_at=1)
+    translator = ChatStreamTranslator(req(), response_id="resp_1", created_at=1)
     translator.feed(chunk({"tool_calls": [call(0, id="a", name="weather", args="{")]}))
     translator.feed(chunk({"tool_calls": [call(1, id="b", name="time", args="{")]}))
     with pytest.raises(errors.UpstreamError):
@@ -522,13 +527,13 @@ EARLY_ENDS: dict[str, list[dict[str, Any]]] = {
 
 @pytest.mark.parametrize("name", EARLY_ENDS)
 def test_a_stream_that_ends_before_the_hub_finished_fails(name: str) -> None:
-    translator = stream.ChatStreamTranslator(req(), response_id="resp_1", created_at=100)
+    translator = ChatStreamTranslator(req(), response_id="resp_1", created_at=100)
     events = translator.start()
     for c in EARLY_ENDS[name]:
         events += translator.feed(c)
     with pytest.raises(errors.UpstreamError) as raised:
         translator.finish()
-    assert raised.value.code == stream.STREAM_INCOMPLETE
+    assert raised.value.code == STREAM_INCOMPLETE
     assert "before the answer was finished" in raised.value.message
     assert translator.response["status"] == "in_progress", "finish() decided nothing"
     # What the router then does (turn._pump): fail() with the error's code and message.
@@ -545,7 +550,7 @@ def test_a_stream_that_ends_before_the_hub_finished_fails(name: str) -> None:
         assert statuses == [*["completed"] * (len(statuses) - 1), "incomplete"]
     sdk = through_sdk(events)
     assert sdk.final is None and sdk.types[-1] == "response.failed"
-    replayed = stream.replay_events(orjson.loads(orjson.dumps(final)))
+    replayed = replay_events(orjson.loads(orjson.dumps(final)))
     assert collapsed(replayed) == collapsed(events), "a stored failure replays the same"
     through_sdk(replayed)
 
@@ -614,14 +619,14 @@ def test_terminal_is_final() -> None:
 
 
 def test_start_is_implied_and_once() -> None:
-    translator = stream.ChatStreamTranslator(req(), response_id="resp_1", created_at=1)
+    translator = ChatStreamTranslator(req(), response_id="resp_1", created_at=1)
     events = translator.feed(chunk({"content": "x"}))
     assert types(events)[:2] == ["response.created", "response.in_progress"]
     assert translator.start() == []
 
 
 def test_response_property_while_streaming() -> None:
-    translator = stream.ChatStreamTranslator(req(), response_id="resp_1", created_at=1)
+    translator = ChatStreamTranslator(req(), response_id="resp_1", created_at=1)
     translator.start()
     translator.feed(chunk({"content": "Hel"}))
     translator.feed(chunk({"content": "lo"}))
@@ -812,8 +817,8 @@ def upstream_events() -> list[dict[str, Any]]:
 
 def run_responses(
     upstream: list[dict[str, Any]], *, fail: tuple[str, str] | None = None
-) -> tuple[stream.ResponsesStreamTranslator, list[dict[str, Any]]]:
-    translator = stream.ResponsesStreamTranslator(
+) -> tuple[ResponsesStreamTranslator, list[dict[str, Any]]]:
+    translator = ResponsesStreamTranslator(
         req(metadata={"a": "b"}), response_id="resp_1", created_at=100
     )
     events = translator.start()
@@ -865,13 +870,13 @@ def test_responses_hub_events_are_re_emitted_as_ours() -> None:
 def test_responses_hub_stream_that_stops_early_fails(cut: int, statuses: list[str]) -> None:
     """A Responses hub's stream is finished only by its terminal event; without one, finish()
     raises and the caller answers response.failed, never response.completed."""
-    translator = stream.ResponsesStreamTranslator(req(), response_id="resp_1", created_at=100)
+    translator = ResponsesStreamTranslator(req(), response_id="resp_1", created_at=100)
     events = translator.start()
     for event in upstream_events()[:cut]:
         events += translator.feed(event)
     with pytest.raises(errors.UpstreamError) as raised:
         translator.finish()
-    assert raised.value.code == stream.STREAM_INCOMPLETE
+    assert raised.value.code == STREAM_INCOMPLETE
     events += translator.fail(raised.value.code, raised.value.message)
     assert types(events)[-2:] == ["error", "response.failed"]
     assert events[-2]["code"] == "upstream_stream_incomplete"
@@ -977,7 +982,7 @@ def normalized(events: list[dict[str, Any]]) -> list[Any]:
 def test_replay_repeats_the_live_stream_exactly(name: str) -> None:
     chunks, fail = SCENARIOS[name]
     translator, live = run(chunks, fail=fail)
-    replayed = stream.replay_events(orjson.loads(orjson.dumps(translator.response)))
+    replayed = replay_events(orjson.loads(orjson.dumps(translator.response)))
     assert normalized(replayed) == normalized(live)
     through_sdk(replayed)
 
@@ -1000,7 +1005,7 @@ def test_replay_of_many_deltas_has_the_same_types_in_the_same_order() -> None:
         usage_chunk(),
     ]
     translator, live = run(chunks)
-    replayed = stream.replay_events(translator.response)
+    replayed = replay_events(translator.response)
     assert len(replayed) < len(live)
     assert collapsed(replayed) == collapsed(live)
     assert replayed[-1]["response"] == live[-1]["response"]
@@ -1010,7 +1015,7 @@ def test_replay_of_many_deltas_has_the_same_types_in_the_same_order() -> None:
 
 
 def test_replay_of_a_responses_hub_result_with_summaries() -> None:
-    response = stream.replay_events(
+    response = replay_events(
         {
             **run([chunk({"content": "x"}), chunk(finish="stop")])[0].response,
             "output": [
@@ -1057,14 +1062,14 @@ def test_replay_of_a_responses_hub_result_with_summaries() -> None:
 )
 def test_replay_of_unfinished_responses_has_no_terminal_event(status: str, last: str) -> None:
     translator, _ = run([chunk({"content": "x"}), chunk(finish="stop")])
-    events = stream.replay_events({**translator.response, "status": status, "output": []})
+    events = replay_events({**translator.response, "status": status, "output": []})
     assert types(events)[-1] == last
     assert events[0]["response"]["status"] == ("queued" if status == "queued" else "in_progress")
 
 
 def test_replay_starting_after_is_filtered_by_the_sdk() -> None:
     translator, live = run([chunk({"content": "Hi"}), chunk(finish="stop")])
-    sdk = through_sdk(stream.replay_events(translator.response), starting_after=4)
+    sdk = through_sdk(replay_events(translator.response), starting_after=4)
     assert [e.sequence_number for e in sdk.events] == list(range(5, len(live)))
 
 
@@ -1122,7 +1127,7 @@ def logged(
 ) -> bytes:
     """The log a streamed turn stores: every event as sent, the terminal one included; in the
     compact form from the first event unless ``compact`` is false (a short stream's is not)."""
-    log = stream.EventLog(compact=compact)
+    log = EventLog(compact=compact)
     for event in events:
         log.add(event)
     return log.dump(response)
@@ -1130,7 +1135,7 @@ def logged(
 
 def from_storage(log: bytes, response: dict[str, Any]) -> list[dict[str, Any]]:
     """What GET ?stream=true sends: the log and the response, as read back from storage."""
-    return stream.stored_stream(orjson.loads(orjson.dumps(response)), orjson.loads(log) or None)
+    return stored_stream(orjson.loads(orjson.dumps(response)), orjson.loads(log) or None)
 
 
 def test_the_stored_log_replays_every_delta_as_it_was_sent() -> None:
@@ -1200,7 +1205,7 @@ def test_deltas_that_do_not_add_up_to_the_response_are_not_replayed_from_it() ->
     response = orjson.loads(orjson.dumps(translator.response))
     response["output"][0]["content"][0]["text"] = "Hello YOU"
     assert logged(live, response) == b""
-    replayed = stream.stored_stream(response, None)
+    replayed = stored_stream(response, None)
     assert through_sdk(replayed).final.output_text == "Hello YOU"
 
 
@@ -1213,5 +1218,5 @@ def test_a_short_stream_is_stored_as_its_events() -> None:
 def test_a_log_of_whole_events_is_replayed_as_stored() -> None:
     # Logs stored before the compact form, and background responses' logs, hold every event.
     translator, live = run([chunk({"content": c}) for c in "abc"] + [chunk(finish="stop")])
-    replayed = stream.stored_stream(translator.response, normalized(live))
+    replayed = stored_stream(translator.response, normalized(live))
     assert normalized(replayed) == normalized(live)

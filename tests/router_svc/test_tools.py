@@ -17,6 +17,7 @@ from bootstrap_svc import server as bootstrap_server
 from bootstrap_svc.config import BootstrapSettings
 from router_svc import bootstrap, execution, include, tools, validate
 from router_svc.config import RouterSettings
+from router_svc.dialects import dialect_for
 from router_svc.hub import HubClient
 from router_svc.turn import Turn
 from tests.fakehub import FakeHub, Reply
@@ -88,8 +89,10 @@ async def env(hub: FakeHub, tmp_path: Path) -> AsyncIterator[Env]:
     bootstrapper = bootstrap.GrpcBootstrapper(address, 10.0)
     executor = execution.GrpcExecutor(address)
     hub_client = HubClient(hub.url)
+    settings = replace(RouterSettings(), hub_url=hub.url, bootstrap_address=address)
     svc = SimpleNamespace(
-        settings=replace(RouterSettings(), hub_url=hub.url, bootstrap_address=address),
+        settings=settings,
+        dialect=dialect_for(settings.hub_api),
         hub=hub_client,
         executor=executor,
     )

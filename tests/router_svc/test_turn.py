@@ -16,6 +16,7 @@ from respgw.state.v1 import state_service_pb2 as pb
 from router_svc import app as router_app
 from router_svc import errors, inputs, turn, validate
 from router_svc.config import RouterSettings
+from router_svc.dialects import dialect_for
 from router_svc.services import Services
 from state_svc import server as state_server
 from state_svc.config import StateSettings
@@ -140,6 +141,10 @@ def hub_messages(hub: FakeHub) -> list[str]:
     return [f"{m['role']}:{m['content']}" for m in hub.chat_requests()[-1]["messages"]]
 
 
+CHAT = dialect_for("chat")
+RESPONSES = dialect_for("responses")
+
+
 async def test_the_upstream_body_is_the_dialects_with_the_session_key(
     hub: FakeHub, state: Any
 ) -> None:
@@ -149,17 +154,17 @@ async def test_the_upstream_body_is_the_dialects_with_the_session_key(
         given = await turn.begin(svc, request(prompt_cache_key="mine"), tenant=TENANT)
     finally:
         await close(svc)
-    path, body = t.upstream("chat", stream=True)
+    path, body = t.upstream(CHAT, stream=True)
     assert path == "/chat/completions" and body["stream"] is True
     assert body["prompt_cache_key"] == t.session_key != ""
     assert t.session_key == turn.session_key(TENANT, t.req, t.response_id)
-    r_path, r_body = t.upstream("responses", stream=False)
+    r_path, r_body = t.upstream(RESPONSES, stream=False)
     assert r_path == "/responses" and r_body["prompt_cache_key"] == t.session_key
-    assert given.upstream("chat", stream=False)[1]["prompt_cache_key"] == "mine"
+    assert given.upstream(CHAT, stream=False)[1]["prompt_cache_key"] == "mine"
     # What the model is sent instead, when set, replaces history, injected items and input.
     t.model_input = [inputs.user_message("instead")]
     assert t.model_items() == t.model_input
-    chat = t.upstream("chat", stream=False)[1]
+    chat = t.upstream(CHAT, stream=False)[1]
     assert [m["content"] for m in chat["messages"]] == ["be brief", "instead"]
 
 
@@ -172,7 +177,7 @@ async def test_without_the_setting_the_session_key_is_not_in_the_body(
     finally:
         await close(svc)
     assert t.session_key == ""
-    assert "prompt_cache_key" not in t.upstream("chat", stream=False)[1]
+    assert "prompt_cache_key" not in t.upstream(CHAT, stream=False)[1]
     assert t.headers() == {}
     t.omitted_history_items = 3
     assert t.headers() == {turn.HISTORY_TRUNCATED_HEADER: "3"}

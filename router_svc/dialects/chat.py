@@ -1,4 +1,4 @@
-"""Responses API <-> Chat Completions: the hub request, the Response object, and back.
+"""The chat dialect: a Chat Completions hub (POST {hub}/chat/completions).
 
 Going out, a turn becomes one Chat Completions request: a system message from the current
 request's ``instructions`` only (never an earlier turn's), then the history, the items a bootstrap
@@ -22,14 +22,17 @@ hub returned ``reasoning_content``), a message (``msg_``), then one item per too
 ``function_call`` (``fc_``, with its ``namespace`` for a namespace's function) or, for a custom
 tool, a ``custom_tool_call`` (``ctc_``) whose ``input`` is the call's one argument; with usage in
 Responses terms.
+
+Streamed, its chunks become Responses events as they come (:class:`ChatStreamTranslator`, on
+:class:`router_svc.events.Translator`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -37,10 +40,19 @@ import orjson
 from prometheus_client import Counter
 
 from router_svc import errors, hub_shape, validate
+from router_svc.events import Translator, ended_early
 from router_svc.ids import new_id
 from router_svc.inputs import output_text
+from router_svc.response import (
+    NO_RESOURCES,
+    error_object,
+    function_call_item,
+    message_item,
+    reasoning_item,
+    response_object,
+)
 from router_svc.validate import TurnRequest
-from router_svc.vocabulary import HUB_SAMPLING_FIELDS, REQUEST_FIELDS
+from router_svc.vocabulary import HUB_SAMPLING_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -52,55 +64,16 @@ TOOLS_NOT_RUN = Counter(
 )
 _not_run_logged: set[str] = set()
 
-# The codes a Response object's "error" may carry (ResponseError.code in the openai SDK); any
-# other failure is reported there as server_error.
-RESPONSE_ERROR_CODES = frozenset(
-    {
-        "server_error",
-        "rate_limit_exceeded",
-        "invalid_prompt",
-        "vector_store_timeout",
-        "invalid_image",
-        "invalid_image_format",
-        "invalid_base64_image",
-        "invalid_image_url",
-        "image_too_large",
-        "image_too_small",
-        "image_parse_error",
-        "image_content_policy_violation",
-        "invalid_image_mode",
-        "image_file_too_large",
-        "unsupported_image_media_type",
-        "empty_image_file",
-        "failed_to_download_image",
-        "image_file_not_found",
-    }
-)
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
-NO_RESOURCES: Mapping[str, str] = MappingProxyType({})
-NO_STRICT: Mapping[str, bool] = MappingProxyType({})
-
-# Fields of the caller's body that the gateway itself implements, so a Responses hub never sees
-# them: the hub is used statelessly and the gateway stores the turn (and runs background turns).
-_GATEWAY_FIELDS = frozenset(
-    {
-        "previous_response_id",
-        "conversation",
-        "store",
-        "background",
-        "background_options",
-        "stream",
-        "stream_options",
-    }
-)
 _CHAT_IMAGE_DETAILS = ("auto", "low", "high")
 # The items that answer a call.
 _CALL_OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output"})
-# Sampling parameters whose zero changes nothing: a zero is not sent to a Responses hub, which
-# (OpenAI's) may not know them.
-_NEUTRAL_AT_ZERO = ("presence_penalty", "frequency_penalty")
+
+# finish_reason values that say the hub stopped without finishing the answer: vLLM and SGLang end an
+# aborted request's stream (engine shutdown, preemption, an abort) with "abort", then [DONE].
+_ABORTED = frozenset({"abort", "error"})
 
 
 # --- out: Chat Completions -------------------------------------------------------------------
@@ -516,250 +489,6 @@ def _response_format(fmt: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": schema}
 
 
-# --- out: a Responses hub ------------------------------------------------------------------
-
-
-def responses_request(
-    req: TurnRequest,
-    history: list[dict[str, Any]],
-    injected: list[dict[str, Any]],
-    *,
-    stream: bool,
-) -> dict[str, Any]:
-    """The body for POST {hub}/responses: the hub is used statelessly (store false).
-
-    The result shares nested values with the request; it is meant to be serialized, not mutated.
-    """
-    out: dict[str, Any] = {
-        key: value
-        for key, value in req.body.items()
-        if key in REQUEST_FIELDS
-        and key not in _GATEWAY_FIELDS
-        and key not in ("model", "input", "instructions")
-    }
-    for key in HUB_SAMPLING_FIELDS:
-        value = req.body.get(key)
-        if value is not None and not (key in _NEUTRAL_AT_ZERO and value == 0):
-            out[key] = value
-    out["model"] = req.model
-    out["input"] = [item for item in (*history, *injected, *req.input_items) if _replayable(item)]
-    if req.instructions is not None:
-        out["instructions"] = req.instructions
-    out["store"] = False
-    if stream:
-        out["stream"] = True
-        if req.body.get("stream_options") is not None:
-            out["stream_options"] = req.body["stream_options"]
-    return out
-
-
-def _replayable(item: Mapping[str, Any]) -> bool:
-    # With store false the hub cannot look a reasoning item up by id; only its encrypted content
-    # lets it be replayed.
-    return item.get("type") != "reasoning" or bool(item.get("encrypted_content"))
-
-
-# --- the Response object ---------------------------------------------------------------------
-
-
-def response_object(
-    req: TurnRequest,
-    *,
-    response_id: str,
-    created_at: int,
-    status: str,
-    output: list[dict[str, Any]],
-    usage: dict[str, Any] | None = None,
-    error: dict[str, Any] | None = None,
-    incomplete_details: dict[str, Any] | None = None,
-    tool_resources: Mapping[str, str] = NO_RESOURCES,
-    completed_at: int | None = None,
-    function_strict: Mapping[str, bool] = NO_STRICT,
-) -> dict[str, Any]:
-    """The Response object, echoing the request's parameters (and OpenAI's defaults) as OpenAI does.
-
-    ``completed_at`` defaults to now for a completed response and is null otherwise.
-    ``function_strict`` is the strictness a Responses hub applied to function tools, by name.
-    """
-    body = req.body
-
-    def given(key: str, default: Any = None) -> Any:
-        value = body.get(key)
-        return default if value is None else value
-
-    if status == "completed" and completed_at is None:
-        completed_at = int(time.time())
-    elif status != "completed":
-        completed_at = None
-    reasoning = given("reasoning", {})
-    text = given("text", {})
-    tier = given("service_tier", "auto")
-    # OpenAI reports the tier that served the request: "auto" is served at "default", and "fast"
-    # is served (and reported) as "priority".
-    tier = {"auto": "default", "fast": "priority"}.get(tier, tier)
-    return {
-        "id": response_id,
-        "object": "response",
-        "created_at": created_at,
-        "status": status,
-        "background": req.background,
-        "completed_at": completed_at,
-        "conversation": {"id": req.conversation_id} if req.conversation_id else None,
-        "error": error,
-        "incomplete_details": incomplete_details,
-        "instructions": req.instructions,
-        "max_output_tokens": given("max_output_tokens"),
-        "max_tool_calls": given("max_tool_calls"),
-        "model": req.model,
-        "output": output,
-        "parallel_tool_calls": given("parallel_tool_calls", True),
-        "previous_response_id": req.previous_response_id,
-        "prompt": given("prompt"),
-        "prompt_cache_key": given("prompt_cache_key"),
-        "prompt_cache_retention": given("prompt_cache_retention"),
-        "reasoning": {
-            **reasoning,
-            "effort": reasoning.get("effort"),
-            "summary": reasoning.get("summary"),
-        },
-        "safety_identifier": given("safety_identifier"),
-        "service_tier": tier,
-        "store": req.store,
-        "temperature": given("temperature", 1.0),
-        "text": {
-            **text,
-            "format": text.get("format") or {"type": "text"},
-            "verbosity": text.get("verbosity") or "medium",
-        },
-        "tool_choice": given("tool_choice", "auto"),
-        "tools": echo_tools(req.tools, tool_resources, function_strict),
-        "top_logprobs": given("top_logprobs", 0),
-        "top_p": given("top_p", 1.0),
-        "presence_penalty": given("presence_penalty", 0.0),
-        "frequency_penalty": given("frequency_penalty", 0.0),
-        "truncation": given("truncation", "disabled"),
-        "usage": usage,
-        "user": given("user"),
-        "metadata": dict(req.metadata),
-        **_platform_echo(body),
-    }
-
-
-def _platform_echo(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the Response object says about the fields that mean something on OpenAI's platform
-    only: what was applied, in the Response object's shapes (openai's ``Response`` type)."""
-    programs = body.get("access_programs") or {}
-    image = body.get("image")
-    options = body.get("prompt_cache_options")
-    applied_options = None
-    diagnostics = None
-    if options is not None:
-        applied_options = {
-            "mode": options.get("mode") or "implicit",
-            "ttl": options.get("ttl") or "30m",
-            "comparison_response_id": options.get("comparison_response_id"),
-        }
-        if options.get("comparison_response_id") is not None:
-            # Asked for: the gateway keeps no prompt cache to diagnose.
-            diagnostics = {"type": "unavailable"}
-    compression = (image or {}).get("context_compression")
-    return {
-        # Null is OpenAI's "the implicit Standard program".
-        "access_programs": {"cyber": programs["cyber"]} if programs.get("cyber") else None,
-        # The policy applied: "auto" chooses none here (the gateway does not compress images).
-        "image": None
-        if image is None
-        else {"context_compression": "disabled" if compression in (None, "auto") else compression},
-        # Moderation results: the gateway moderates nothing, so there are none.
-        "moderation": None,
-        "prompt_cache_options": applied_options,
-        "prompt_cache_diagnostics": diagnostics,
-    }
-
-
-def echo_tools(
-    tools: Iterable[Mapping[str, Any]],
-    tool_resources: Mapping[str, str],
-    function_strict: Mapping[str, bool] = NO_STRICT,
-) -> list[dict[str, Any]]:
-    """The request's tools as the response echoes them, with prepared stateful resources.
-
-    A function tool always carries ``description``, ``parameters`` (null when not given) and
-    ``strict``. A ``strict`` the caller left out (or null) is echoed as what was applied: false
-    for a chat hub, which gets no ``strict`` then and calls the function best-effort (OpenAI's
-    own fallback when it cannot make a schema strict), or what a Responses hub reports in
-    ``function_strict``.
-    """
-    out: list[dict[str, Any]] = []
-    for tool in tools:
-        echoed = dict(tool)
-        kind = echoed.get("type")
-        if kind == "function":
-            echoed.setdefault("description", None)
-            echoed.setdefault("parameters", None)
-            if echoed.get("strict") is None:
-                echoed["strict"] = function_strict.get(str(echoed.get("name")), False)
-        elif kind == "code_interpreter" and tool_resources.get("code_interpreter"):
-            echoed["container"] = tool_resources["code_interpreter"]
-        elif kind == "shell" and tool_resources.get("shell"):
-            echoed["environment"] = {
-                "type": "container_reference",
-                "container_id": tool_resources["shell"],
-            }
-        out.append(echoed)
-    return out
-
-
-def error_object(code: str, message: str) -> dict[str, Any]:
-    """A Response's ``error``: codes outside OpenAI's list are reported as server_error."""
-    return {"code": code if code in RESPONSE_ERROR_CODES else "server_error", "message": message}
-
-
-# --- output items ----------------------------------------------------------------------------
-
-
-def message_item(
-    parts: list[dict[str, Any]], *, status: str = "completed", item_id: str | None = None
-) -> dict[str, Any]:
-    return {
-        "id": item_id or new_id("msg"),
-        "type": "message",
-        "status": status,
-        "role": "assistant",
-        "content": parts,
-    }
-
-
-def function_call_item(
-    *,
-    call_id: str,
-    name: str,
-    arguments: str,
-    status: str = "completed",
-    item_id: str | None = None,
-) -> dict[str, Any]:
-    return {
-        "id": item_id or new_id("fc"),
-        "type": "function_call",
-        "status": status,
-        "arguments": arguments,
-        "call_id": call_id,
-        "name": name,
-    }
-
-
-def reasoning_item(
-    text: str, *, status: str = "completed", item_id: str | None = None
-) -> dict[str, Any]:
-    return {
-        "id": item_id or new_id("rs"),
-        "type": "reasoning",
-        "status": status,
-        "summary": [],
-        "content": [{"type": "reasoning_text", "text": text}],
-    }
-
-
 def chat_logprobs(content: Any) -> list[dict[str, Any]]:
     """Chat ``logprobs.content`` entries as ``output_text`` logprobs."""
     out: list[dict[str, Any]] = []
@@ -902,59 +631,526 @@ def from_chat_completion(
     )
 
 
-# --- back: a Responses hub -------------------------------------------------------------------
+# --- streaming: chunks -> Responses events ----------------------------------------------
 
 
-def from_responses_result(
-    req: TurnRequest,
-    upstream: dict[str, Any],
-    *,
-    response_id: str,
-    created_at: int,
-    tool_resources: Mapping[str, str] = NO_RESOURCES,
-) -> dict[str, Any]:
-    """A Responses hub's response as ours: our id and echo, the hub's items (with their ids)."""
-    if not isinstance(upstream, dict):
-        raise errors.UpstreamError(
-            "The model server's answer is not a JSON object.", code=hub_shape.MALFORMED
+class _Text:
+    """Text that arrives in pieces. A str object costs 49 bytes more than its text, so a piece per
+    few-byte delta would cost many times the answer: pieces are joined into blocks of
+    :data:`_BLOCK` as they come, and into one string when read."""
+
+    __slots__ = ("_blocks", "_pieces")
+
+    def __init__(self) -> None:
+        self._blocks: list[str] = []
+        self._pieces: list[str] = []
+
+    def append(self, piece: str) -> None:
+        self._pieces.append(piece)
+        if len(self._pieces) >= _BLOCK:
+            self._blocks.append("".join(self._pieces))
+            self._pieces.clear()
+
+    def value(self) -> str:
+        if self._pieces or len(self._blocks) != 1:
+            # Kept as the one block, so that the text is not held twice.
+            self._blocks = ["".join([*self._blocks, *self._pieces])]
+            self._pieces.clear()
+        return self._blocks[0]
+
+
+_BLOCK = 256
+
+
+@dataclass
+class _Part:
+    """An open content part; its text is kept in pieces and joined when read."""
+
+    data: dict[str, Any]  # the part inside its item's "content"
+    key: str  # "text" or "refusal"
+    pieces: _Text = field(default_factory=_Text)
+
+    def render(self) -> None:
+        self.data[self.key] = self.pieces.value()
+
+
+@dataclass
+class _Item:
+    """An output item being streamed."""
+
+    index: int
+    data: dict[str, Any]  # the item inside the response's output
+    parts: list[_Part] = field(default_factory=list)
+    arguments: _Text = field(default_factory=_Text)
+    call: _Call | None = None  # the chat tool call a function_call item streams
+
+    def render(self) -> None:
+        for part in self.parts:
+            part.render()
+        if self.data["type"] == "function_call":
+            self.data["arguments"] = self.arguments.value()
+        elif self.data["type"] == "custom_tool_call":
+            self.data["input"] = custom_input(self.arguments.value())
+
+
+@dataclass
+class _Call:
+    """A tool call of the chat stream, by its chunk index; added once its name is known."""
+
+    call_id: str = ""
+    name: str = ""
+    pending: list[str] = field(default_factory=list)
+    item: _Item | None = None
+    closed: bool = False
+
+
+class ChatStreamTranslator(Translator):
+    """Turns the chunks of one streamed chat completion into Responses streaming events."""
+
+    def __init__(
+        self,
+        req: TurnRequest,
+        *,
+        response_id: str,
+        created_at: int,
+        tool_resources: Mapping[str, str] = NO_RESOURCES,
+    ) -> None:
+        super().__init__(
+            req, response_id=response_id, created_at=created_at, tool_resources=tool_resources
         )
-    hub_shape.check_response(upstream)
-    output = upstream["output"]
-    status = upstream.get("status") or "completed"
-    completed_at = upstream.get("completed_at")
-    return response_object(
-        req,
-        response_id=response_id,
-        created_at=created_at,
-        status=status,
-        output=[with_id(item) for item in output],
-        usage=upstream.get("usage"),
-        error=upstream.get("error"),
-        incomplete_details=upstream.get("incomplete_details"),
-        tool_resources=tool_resources,
-        completed_at=completed_at if isinstance(completed_at, int) else None,
-        function_strict=_strict_by_name(upstream.get("tools")),
-    )
+        self._output: list[dict[str, Any]] = []
+        # The names the hub knows the declared tools by (namespace functions, custom tools).
+        self._toolset = ChatToolset(req.tools)
+        self._open: list[_Item] = []  # the item being streamed (a call joins once named)
+        self._calls: dict[int, _Call] = {}
+        self._last_call: int | None = None
+        self._finish_reason: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._logprobs = LOGPROBS_INCLUDE in req.include
+        # Seals a reasoning item's text into its encrypted_content when the item is done (set by
+        # the turn when the client asked for reasoning.encrypted_content); None: no sealing.
+        self.seal_reasoning: Callable[[str], str] | None = None
+
+    # -- the Response object
+
+    def _response(self, status: str, **extra: Any) -> dict[str, Any]:
+        return response_object(
+            self._req,
+            response_id=self._id,
+            created_at=self._created_at,
+            status=status,
+            output=self._output,
+            usage=self._usage,
+            tool_resources=self._resources,
+            **extra,
+        )
+
+    @property
+    def response(self) -> dict[str, Any]:
+        """The Response object as it stands; final once finish() or fail() ran."""
+        if self._final is not None:
+            return self._final
+        for item in self._open:
+            item.render()
+        return self._response("in_progress")
+
+    # -- lifecycle
+
+    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """The events for one parsed ``chat.completion.chunk``."""
+        if self._final is not None:
+            return []
+        hub_shape.check_chunk(chunk)
+        events = self.start()
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self._usage = usage_from_chat(usage)
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            reasoning = chat_reasoning(delta)
+            if reasoning:
+                events += self._part_delta("reasoning", "reasoning_text", reasoning, None)
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                logprobs = None
+                if self._logprobs:
+                    logprobs = chat_logprobs((choice.get("logprobs") or {}).get("content"))
+                events += self._part_delta("message", "output_text", content, logprobs)
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str) and refusal:
+                events += self._part_delta("message", "refusal", refusal, None)
+            for call in delta.get("tool_calls") or []:
+                if isinstance(call, dict):
+                    events += self._call_delta(call)
+            finish_reason = choice.get("finish_reason")
+            if isinstance(finish_reason, str) and finish_reason:
+                self._finish_reason = finish_reason
+        return events
+
+    def finish(self) -> list[dict[str, Any]]:
+        """The hub's stream ended: closes the open items, then ``response.completed`` (any
+        finish_reason that says the answer is whole: stop, tool_calls, ...) or
+        ``response.incomplete`` (length, content_filter).
+
+        Raises :class:`errors.UpstreamError` (code :data:`STREAM_INCOMPLETE`) when the hub never
+        sent a finish_reason, or sent one that says it gave up (abort, error); the caller then
+        answers :meth:`fail`.
+        """
+        if self._final is not None:
+            return []
+        if not self._finish_reason:
+            raise ended_early("no finish_reason")
+        if self._finish_reason in _ABORTED:
+            raise ended_early(f"finish_reason {self._finish_reason!r}")
+        events = self.start()
+        reason = INCOMPLETE_REASONS.get(self._finish_reason)
+        events += self._close_all(last_status="incomplete" if reason else "completed")
+        if reason is None:
+            self._final = self._response("completed")
+            events.append(self._events.make("response.completed", response=self._final))
+        else:
+            self._final = self._response("incomplete", incomplete_details={"reason": reason})
+            events.append(self._events.make("response.incomplete", response=self._final))
+        return events
+
+    def fail(self, code: str, message: str) -> list[dict[str, Any]]:
+        """An ``error`` event and ``response.failed``; open items stay open, as incomplete."""
+        if self._final is not None:
+            return []
+        events = self.start()
+        for call in self._calls.values():
+            if call.item is None and not call.closed:
+                events += self._add_call(call)
+        for item in self._open:
+            item.render()
+            item.data["status"] = "incomplete"
+        self._open = []
+        self._final = self._response("failed", error=error_object(code, message))
+        events.append(self._events.make("error", code=code, message=message, param=None))
+        events.append(self._events.make("response.failed", response=self._final))
+        return events
+
+    # -- compaction (router_svc.compaction), before the hub is called
+
+    def open_compaction(self, item_id: str) -> list[dict[str, Any]]:
+        """A compaction item is being made: ``response.output_item.added`` and
+        ``response.compaction.compacting``."""
+        events = self.start()
+        index = len(self._output)
+        item = {"id": item_id, "type": "compaction", "encrypted_content": ""}
+        self._output.append(item)
+        events.append(
+            self._events.make("response.output_item.added", output_index=index, item=dict(item))
+        )
+        events.append(
+            self._events.make("response.compaction.compacting", item_id=item_id, output_index=index)
+        )
+        return events
+
+    def close_compaction(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        """The compaction item is made: ``response.output_item.done``."""
+        index = next(i for i, data in enumerate(self._output) if data.get("id") == item["id"])
+        self._output[index] = item
+        return [self._events.make("response.output_item.done", output_index=index, item=dict(item))]
+
+    # -- items
+
+    def _add(self, data: dict[str, Any]) -> tuple[_Item, dict[str, Any]]:
+        item = _Item(index=len(self._output), data=data)
+        self._output.append(data)
+        self._open.append(item)
+        event = self._events.make(
+            "response.output_item.added", output_index=item.index, item=copy.deepcopy(data)
+        )
+        return item, event
+
+    def _close_all(self, *, last_status: str = "completed") -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        for call in self._calls.values():
+            if call.item is None and not call.closed:
+                events += self._add_call(call)
+        last = len(self._output) - 1
+        for item in list(self._open):
+            status = last_status if item.index == last else "completed"
+            events += self._close(item, status)
+        return events
+
+    def _close(self, item: _Item, status: str) -> list[dict[str, Any]]:
+        self._open.remove(item)
+        if item.call is not None:
+            item.call.closed = True
+        item.render()
+        events: list[dict[str, Any]] = []
+        data = item.data
+        if data["type"] == "function_call":
+            events.append(
+                self._events.make(
+                    "response.function_call_arguments.done",
+                    item_id=data["id"],
+                    output_index=item.index,
+                    name=data["name"],
+                    arguments=data["arguments"],
+                )
+            )
+        elif data["type"] == "custom_tool_call":
+            # The hub streams a JSON object around the input: it goes out whole, once decoded.
+            common = {"item_id": data["id"], "output_index": item.index}
+            events.append(
+                self._events.make(
+                    "response.custom_tool_call_input.delta", **common, delta=data["input"]
+                )
+            )
+            events.append(
+                self._events.make(
+                    "response.custom_tool_call_input.done", **common, input=data["input"]
+                )
+            )
+        elif item.parts:
+            events += self._close_part(item, len(item.parts) - 1)
+        if data["type"] == "reasoning" and self.seal_reasoning is not None:
+            _seal(data, self.seal_reasoning)
+        data["status"] = status
+        events.append(
+            self._events.make(
+                "response.output_item.done", output_index=item.index, item=copy.deepcopy(data)
+            )
+        )
+        return events
+
+    def _close_part(self, item: _Item, content_index: int) -> list[dict[str, Any]]:
+        part = item.parts[content_index]
+        part.render()
+        common = {"item_id": item.data["id"], "output_index": item.index}
+        kind = part.data["type"]
+        if kind == "output_text":
+            done = self._events.make(
+                "response.output_text.done",
+                **common,
+                content_index=content_index,
+                text=part.data["text"],
+                logprobs=list(part.data["logprobs"]),
+            )
+        elif kind == "refusal":
+            done = self._events.make(
+                "response.refusal.done",
+                **common,
+                content_index=content_index,
+                refusal=part.data["refusal"],
+            )
+        else:
+            done = self._events.make(
+                "response.reasoning_text.done",
+                **common,
+                content_index=content_index,
+                text=part.data["text"],
+            )
+        return [
+            done,
+            self._events.make(
+                "response.content_part.done",
+                **common,
+                content_index=content_index,
+                part=copy.deepcopy(part.data),
+            ),
+        ]
+
+    def _part_delta(
+        self, item_type: str, part_type: str, text: str, logprobs: list[dict[str, Any]] | None
+    ) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        item = self._open[-1] if self._open else None
+        if item is None or item.data["type"] != item_type:
+            events += self._close_all()
+            if item_type == "message":
+                data = message_item([], status="in_progress")
+            else:
+                data = reasoning_item("", status="in_progress")
+                data["content"] = []
+            item, added = self._add(data)
+            events.append(added)
+        if not item.parts or item.parts[-1].data["type"] != part_type:
+            if item.parts:
+                events += self._close_part(item, len(item.parts) - 1)
+            if part_type == "output_text":
+                part = _Part(output_text(""), "text")
+            elif part_type == "refusal":
+                part = _Part({"type": "refusal", "refusal": ""}, "refusal")
+            else:
+                part = _Part({"type": "reasoning_text", "text": ""}, "text")
+            item.data["content"].append(part.data)
+            item.parts.append(part)
+            events.append(
+                self._events.make(
+                    "response.content_part.added",
+                    item_id=item.data["id"],
+                    output_index=item.index,
+                    content_index=len(item.parts) - 1,
+                    part=copy.deepcopy(part.data),
+                )
+            )
+        part = item.parts[-1]
+        part.pieces.append(text)
+        common = {
+            "item_id": item.data["id"],
+            "output_index": item.index,
+            "content_index": len(item.parts) - 1,
+        }
+        if part_type == "output_text":
+            entries = logprobs or []
+            part.data["logprobs"].extend(entries)
+            events.append(
+                self._events.make(
+                    "response.output_text.delta", **common, delta=text, logprobs=entries
+                )
+            )
+        elif part_type == "refusal":
+            events.append(self._events.make("response.refusal.delta", **common, delta=text))
+        else:
+            events.append(self._events.make("response.reasoning_text.delta", **common, delta=text))
+        return events
+
+    def _call_delta(self, delta: dict[str, Any]) -> list[dict[str, Any]]:
+        index = delta.get("index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            index = self._implicit_index(delta.get("id"))
+        function = delta.get("function") or {}
+        events: list[dict[str, Any]] = []
+        call = self._calls.get(index)
+        if call is None:
+            events += self._close_all()
+            call = self._calls[index] = _Call()
+            self._last_call = index
+        elif call.closed:
+            raise errors.UpstreamError(
+                "The model server interleaved the deltas of parallel tool calls, which this "
+                "gateway cannot stream."
+            )
+        if isinstance(delta.get("id"), str) and delta["id"] and not call.call_id:
+            call.call_id = delta["id"]
+        name = function.get("name")
+        if isinstance(name, str) and name and not call.name:
+            call.name = name
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            call.pending.append(arguments)
+        if call.item is None and call.name:
+            return events + self._add_call(call)
+        if call.item is not None and call.pending:
+            events += self._flush_arguments(call.item, call.pending)
+        return events
+
+    def _implicit_index(self, call_id: object) -> int:
+        # Hubs that leave the index out send one call at a time: a new id starts a new call.
+        last = self._last_call
+        if last is None:
+            return 0
+        known = self._calls[last].call_id
+        if isinstance(call_id, str) and call_id and known not in ("", call_id):
+            return last + 1
+        return last
+
+    def _add_call(self, call: _Call) -> list[dict[str, Any]]:
+        data = self._toolset.call_item(
+            call_id=call.call_id or new_id("call"),
+            chat_name=call.name,
+            arguments="",
+            status="in_progress",
+        )
+        item, added = self._add(data)
+        item.call = call
+        call.item = item
+        return [added, *self._flush_arguments(item, call.pending)]
+
+    def _flush_arguments(self, item: _Item, pending: list[str]) -> list[dict[str, Any]]:
+        if not pending:
+            return []
+        text = "".join(pending)
+        pending.clear()
+        item.arguments.append(text)
+        if item.data["type"] != "function_call":
+            return []  # a custom tool's input goes out decoded, when the call closes
+        return [
+            self._events.make(
+                "response.function_call_arguments.delta",
+                item_id=item.data["id"],
+                output_index=item.index,
+                delta=text,
+            )
+        ]
 
 
-def _strict_by_name(tools: Any) -> dict[str, bool]:
-    """The strictness a Responses hub echoes for its function tools (OpenAI makes a function
-    strict when it can, unless the caller said otherwise)."""
-    out: dict[str, bool] = {}
-    for tool in tools if isinstance(tools, list) else []:
-        if (
-            isinstance(tool, dict)
-            and tool.get("type") == "function"
-            and isinstance(tool.get("name"), str)
-            and isinstance(tool.get("strict"), bool)
-        ):
-            out[tool["name"]] = tool["strict"]
-    return out
+def _seal(data: dict[str, Any], seal: Callable[[str], str]) -> None:
+    data["encrypted_content"] = seal("".join(p.get("text", "") for p in data.get("content") or []))
 
 
-def with_id(item: dict[str, Any]) -> dict[str, Any]:
-    """The item with an id (a few item types have an optional one), so that it can be stored."""
-    if item.get("id"):
-        return item
-    prefix = {"function_call": "fc", "custom_tool_call": "ctc"}.get(str(item.get("type")), "item")
-    return {"id": new_id(prefix), **item}
+# --- the dialect ---------------------------------------------------------------------------
+
+
+class ChatDialect:
+    """A Chat Completions hub (:class:`router_svc.dialects.Dialect`)."""
+
+    name = "chat"
+    path = "/chat/completions"
+    tool_loop = True
+    seals_reasoning = True
+    own_compaction = False
+
+    def request(
+        self,
+        req: TurnRequest,
+        history: list[dict[str, Any]],
+        injected: list[dict[str, Any]],
+        *,
+        stream: bool,
+    ) -> dict[str, Any]:
+        return chat_request(req, history, injected, stream=stream)
+
+    def result(
+        self,
+        req: TurnRequest,
+        answer: Any,
+        *,
+        response_id: str,
+        created_at: int,
+        tool_resources: Mapping[str, str],
+    ) -> dict[str, Any]:
+        return from_chat_completion(
+            req,
+            answer,
+            response_id=response_id,
+            created_at=created_at,
+            tool_resources=tool_resources,
+        )
+
+    def translator(
+        self,
+        req: TurnRequest,
+        *,
+        response_id: str,
+        created_at: int,
+        tool_resources: Mapping[str, str],
+        seal_reasoning: Callable[[str], str] | None = None,
+    ) -> ChatStreamTranslator:
+        translator = ChatStreamTranslator(
+            req, response_id=response_id, created_at=created_at, tool_resources=tool_resources
+        )
+        translator.seal_reasoning = seal_reasoning
+        return translator
+
+    def summary_request(
+        self, model: str, items: list[dict[str, Any]], instructions: str | None, prompt: str
+    ) -> dict[str, Any]:
+        messages: list[dict[str, Any]] = []
+        if instructions:
+            messages.append({"role": "system", "content": instructions})
+        messages += chat_messages(items)
+        messages.append({"role": "user", "content": prompt})
+        return {"model": model, "messages": messages}
+
+    def summary(self, answer: Any) -> tuple[object, dict[str, Any] | None]:
+        choices = answer.get("choices")
+        message = choices[0].get("message") if isinstance(choices, list) and choices else None
+        text = message.get("content") if isinstance(message, dict) else None
+        return text, usage_from_chat(answer.get("usage"))

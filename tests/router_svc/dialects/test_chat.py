@@ -1,4 +1,4 @@
-"""Responses <-> Chat Completions translation, the echoed Response object, and a Responses hub."""
+"""The chat dialect (router_svc.dialects.chat): the Chat Completions request and answer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ from openai.types.responses import Response
 from prometheus_client import REGISTRY
 from pydantic import TypeAdapter
 
-from router_svc import errors, inputs, translate, validate
+from router_svc import errors, inputs, validate
+from router_svc.dialects.chat import (
+    CUSTOM_TOOL_PARAMETERS,
+    chat_messages,
+    chat_request,
+    from_chat_completion,
+    usage_from_chat,
+)
+from router_svc.dialects.responses import responses_request
+from router_svc.response import reasoning_item
 
 CHAT_BODY = TypeAdapter(completion_create_params.CompletionCreateParamsNonStreaming)
 CHAT_STREAM_BODY = TypeAdapter(completion_create_params.CompletionCreateParamsStreaming)
@@ -42,7 +51,7 @@ def test_message_order_instructions_history_injected_input() -> None:
         *inputs.normalize_items([{"role": "assistant", "content": "first answer"}]),
     ]
     injected = inputs.normalize_items([{"role": "developer", "content": "sandbox ready"}])
-    body = translate.chat_request(
+    body = chat_request(
         req(input="second question", instructions="be brief"), history, injected, stream=False
     )
     assert body["messages"] == [
@@ -76,7 +85,7 @@ def test_outputs_the_input_opens_with_go_before_the_injected_items() -> None:
             {"role": "user", "content": "and now?"},
         ],
     )
-    body = translate.chat_request(request, history, injected, stream=False)
+    body = chat_request(request, history, injected, stream=False)
     assert [m["role"] for m in body["messages"]] == [
         "user",
         "assistant",
@@ -89,12 +98,12 @@ def test_outputs_the_input_opens_with_go_before_the_injected_items() -> None:
     assert body["messages"][4]["content"] == "sandbox ready"
     CHAT_BODY.validate_python(body)
     # Without injected items the order is the input's, as always.
-    plain = translate.chat_request(request, history, [], stream=False)
+    plain = chat_request(request, history, [], stream=False)
     assert [m["role"] for m in plain["messages"]] == ["user", "assistant", "tool", "tool", "user"]
 
 
 def test_no_instructions_means_no_system_message() -> None:
-    body = translate.chat_request(req(input="hi"), [], [], stream=False)
+    body = chat_request(req(input="hi"), [], [], stream=False)
     assert body["messages"] == [{"role": "user", "content": "hi"}]
 
 
@@ -111,7 +120,7 @@ def test_developer_and_system_roles_become_system_text() -> None:
             },
         ]
     )
-    messages = translate.chat_messages(items)
+    messages = chat_messages(items)
     assert messages == [{"role": "system", "content": "d"}, {"role": "system", "content": "a\nb"}]
 
 
@@ -147,7 +156,7 @@ def test_tool_call_round_trip_is_one_assistant_message() -> None:
             },
         ]
     )
-    messages = translate.chat_messages(items)
+    messages = chat_messages(items)
     assert messages == [
         {"role": "user", "content": "weather in Paris and Rome?"},
         {
@@ -180,7 +189,7 @@ def test_assistant_text_followed_by_calls_is_one_message() -> None:
             {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{}"},
         ]
     )
-    messages = translate.chat_messages(items)
+    messages = chat_messages(items)
     assert [m["role"] for m in messages] == ["assistant", "tool", "assistant"]
     assert messages[0]["content"] == "Let me check."
     assert [c["id"] for c in messages[0]["tool_calls"]] == ["c1"]
@@ -189,10 +198,10 @@ def test_assistant_text_followed_by_calls_is_one_message() -> None:
 
 def test_reasoning_items_are_not_replayed() -> None:
     items = [
-        translate.reasoning_item("secret thoughts"),
+        reasoning_item("secret thoughts"),
         *inputs.normalize_items([{"role": "assistant", "content": "answer"}]),
     ]
-    assert translate.chat_messages(items) == [{"role": "assistant", "content": "answer"}]
+    assert chat_messages(items) == [{"role": "assistant", "content": "answer"}]
 
 
 def test_images_and_files_become_chat_parts() -> None:
@@ -222,7 +231,7 @@ def test_images_and_files_become_chat_parts() -> None:
             },
         ]
     )
-    messages = translate.chat_messages(items)
+    messages = chat_messages(items)
     assert messages[0]["content"] == [
         {"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "high"}},
@@ -249,7 +258,7 @@ def test_images_and_files_become_chat_parts() -> None:
 def test_content_a_chat_hub_cannot_fetch_is_a_clear_400(part: dict[str, Any]) -> None:
     request = req(input=[{"role": "user", "content": [part]}])
     with pytest.raises(errors.InvalidRequest) as info:
-        translate.chat_request(request, [], [], stream=False)
+        chat_request(request, [], [], stream=False)
     assert info.value.code == "unsupported_value"
     assert info.value.status == 400
 
@@ -263,7 +272,7 @@ def test_assistant_refusal_and_custom_tool_calls() -> None:
             {"type": "custom_tool_call_output", "call_id": "c9", "output": "3 hits"},
         ]
     )
-    messages = translate.chat_messages(items)
+    messages = chat_messages(items)
     assert messages[0] == {"role": "assistant", "content": "", "refusal": "I can't."}
     assert messages[2]["tool_calls"][0]["function"] == {
         "name": "grep",
@@ -291,7 +300,7 @@ TOOLS = [
 
 
 def test_only_function_tools_reach_a_chat_hub() -> None:
-    body = translate.chat_request(req(input="x", tools=TOOLS), [], [], stream=False)
+    body = chat_request(req(input="x", tools=TOOLS), [], [], stream=False)
     assert body["tools"] == [
         {
             "type": "function",
@@ -308,7 +317,7 @@ def test_only_function_tools_reach_a_chat_hub() -> None:
 
 
 def test_no_function_tools_means_no_tool_fields() -> None:
-    body = translate.chat_request(
+    body = chat_request(
         req(input="x", tools=TOOLS[2:], tool_choice="required", parallel_tool_calls=False),
         [],
         [],
@@ -343,7 +352,7 @@ PATCH = {
 
 def test_namespace_and_custom_tools_are_offered_as_functions() -> None:
     tools = [{"type": "web_search", "external_web_access": False}, CODEX_NAMESPACE, FUNCTION, PATCH]
-    body = translate.chat_request(req(input="x", tools=tools), [], [], stream=False)
+    body = chat_request(req(input="x", tools=tools), [], [], stream=False)
     assert body["tools"] == [
         {
             "type": "function",
@@ -367,7 +376,7 @@ def test_namespace_and_custom_tools_are_offered_as_functions() -> None:
             "function": {
                 "name": "notes",
                 "description": "Free-text notes",
-                "parameters": dict(translate.CUSTOM_TOOL_PARAMETERS),
+                "parameters": dict(CUSTOM_TOOL_PARAMETERS),
             },
         },
         {
@@ -385,7 +394,7 @@ def test_namespace_and_custom_tools_are_offered_as_functions() -> None:
                 "name": "apply_patch",
                 "description": "Apply a patch\n\nThe input must follow this lark grammar:\n"
                 "start: /.+/",
-                "parameters": dict(translate.CUSTOM_TOOL_PARAMETERS),
+                "parameters": dict(CUSTOM_TOOL_PARAMETERS),
             },
         },
     ]
@@ -411,7 +420,7 @@ def test_calls_to_namespace_and_custom_tools_replay_under_their_offered_names() 
             {"type": "custom_tool_call_output", "call_id": "c3", "output": "c"},
         ]
     )
-    body = translate.chat_request(req(input="next", tools=tools), history, [], stream=False)
+    body = chat_request(req(input="next", tools=tools), history, [], stream=False)
     calls = body["messages"][1]["tool_calls"]
     assert [(c["id"], c["function"]["name"]) for c in calls] == [
         ("c1", "multi_agent_v1__weather"),
@@ -432,11 +441,11 @@ def test_calls_to_namespace_and_custom_tools_replay_under_their_offered_names() 
 )
 def test_tool_choice_names_the_offered_function(choice: dict[str, Any], chat_name: str) -> None:
     request = req(input="x", tools=[CODEX_NAMESPACE, FUNCTION, PATCH], tool_choice=choice)
-    body = translate.chat_request(request, [], [], stream=False)
+    body = chat_request(request, [], [], stream=False)
     assert body["tool_choice"] == {"type": "function", "function": {"name": chat_name}}
     allowed = {"type": "allowed_tools", "mode": "auto", "tools": [choice]}
     request = req(input="x", tools=[CODEX_NAMESPACE, FUNCTION, PATCH], tool_choice=allowed)
-    body = translate.chat_request(request, [], [], stream=False)
+    body = chat_request(request, [], [], stream=False)
     assert [t["function"]["name"] for t in body["tools"]] == [chat_name]
 
 
@@ -494,9 +503,9 @@ def test_tools_not_run_are_counted_and_logged_once(caplog: pytest.LogCaptureFixt
 
     request = req(input="x", tools=[{"type": "web_search"}, FUNCTION, {"type": "shell"}])
     before = count("web_search"), count("shell")
-    with caplog.at_level(logging.WARNING, logger="router_svc.translate"):
+    with caplog.at_level(logging.WARNING, logger="router_svc.dialects.chat"):
         for _ in range(2):
-            body = translate.chat_request(request, [], [], stream=False)
+            body = chat_request(request, [], [], stream=False)
     assert [t["function"]["name"] for t in body["tools"]] == ["weather"]
     assert (count("web_search") - before[0], count("shell") - before[1]) == (2, 2)
     logged = [getattr(r, "tool_type", None) for r in caplog.records]
@@ -513,10 +522,10 @@ def test_tools_not_run_are_counted_and_logged_once(caplog: pytest.LogCaptureFixt
 )
 def test_a_chat_request_refuses_what_a_chat_hub_cannot_do(body: dict[str, Any]) -> None:
     with pytest.raises(errors.InvalidRequest) as info:
-        translate.chat_request(req(input="x", **body), [], [], stream=False)
+        chat_request(req(input="x", **body), [], [], stream=False)
     assert info.value.param in ("tools", "prompt")
     # A Responses hub gets them.
-    sent = translate.responses_request(req(input="x", **body), [], [], stream=False)
+    sent = responses_request(req(input="x", **body), [], [], stream=False)
     assert {k: sent[k] for k in body} == body
 
 
@@ -545,9 +554,7 @@ def test_a_chat_request_refuses_what_a_chat_hub_cannot_do(body: dict[str, Any]) 
     ],
 )
 def test_tool_choice_mapping(choice: Any, chat_choice: Any, names: list[str]) -> None:
-    body = translate.chat_request(
-        req(input="x", tools=TOOLS, tool_choice=choice), [], [], stream=False
-    )
+    body = chat_request(req(input="x", tools=TOOLS, tool_choice=choice), [], [], stream=False)
     assert body.get("tool_choice") == chat_choice
     assert [t["function"]["name"] for t in body["tools"]] == names
 
@@ -582,7 +589,7 @@ def test_parameters_mapped_and_unusable_ones_dropped() -> None:
         include=["message.output_text.logprobs"],
         max_tool_calls=2,
     )
-    body = translate.chat_request(request, [], [], stream=False)
+    body = chat_request(request, [], [], stream=False)
     assert set(body) == {
         "model",
         "messages",
@@ -620,7 +627,7 @@ def test_hub_sampling_fields_reach_a_chat_hub() -> None:
         "repetition_penalty": 1.05,
         "chat_template_kwargs": {"enable_thinking": False},
     }
-    body = translate.chat_request(
+    body = chat_request(
         req(input="x", top_logprobs=5, client_metadata={"a": "b"}, **sampling),
         [],
         [],
@@ -644,28 +651,28 @@ def test_hub_sampling_fields_reach_a_chat_hub() -> None:
     ],
 )
 def test_text_format_to_response_format(fmt: dict[str, Any], expected: Any) -> None:
-    body = translate.chat_request(req(input="x", text={"format": fmt}), [], [], stream=False)
+    body = chat_request(req(input="x", text={"format": fmt}), [], [], stream=False)
     assert body.get("response_format") == expected
 
 
 def test_top_logprobs_zero_asks_for_nothing() -> None:
-    body = translate.chat_request(req(input="x", top_logprobs=0), [], [], stream=False)
+    body = chat_request(req(input="x", top_logprobs=0), [], [], stream=False)
     assert "logprobs" not in body and "top_logprobs" not in body
 
 
 def test_logprobs_requested_by_include_alone() -> None:
-    body = translate.chat_request(
+    body = chat_request(
         req(input="x", include=["message.output_text.logprobs"]), [], [], stream=False
     )
     assert body["logprobs"] is True and "top_logprobs" not in body
 
 
 def test_streaming_asks_for_usage() -> None:
-    body = translate.chat_request(req(input="x", stream=True), [], [], stream=True)
+    body = chat_request(req(input="x", stream=True), [], [], stream=True)
     assert body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}
     CHAT_STREAM_BODY.validate_python(body)
-    assert "stream" not in translate.chat_request(req(input="x"), [], [], stream=False)
+    assert "stream" not in chat_request(req(input="x"), [], [], stream=False)
 
 
 def test_chat_request_leaves_request_and_history_untouched() -> None:
@@ -675,324 +682,8 @@ def test_chat_request_leaves_request_and_history_untouched() -> None:
     )
     history = [user("h")]
     before = copy.deepcopy((request.body, request.input_items, history))
-    translate.chat_request(request, history, [], stream=True)
+    chat_request(request, history, [], stream=True)
     assert (request.body, request.input_items, history) == before
-
-
-# --- responses_request -------------------------------------------------------------------------
-
-
-def test_responses_hub_is_used_statelessly() -> None:
-    request = req(
-        input="now",
-        instructions="current",
-        previous_response_id="resp_1",
-        background=True,
-        stream=True,
-        stream_options={"include_obfuscation": False},
-        temperature=0.3,
-        metadata={"a": "b"},
-        tools=[FUNCTION],
-    )
-    history = [
-        user("before"),
-        translate.reasoning_item("no encrypted content"),
-        {**translate.reasoning_item("x"), "encrypted_content": "gAAA"},
-    ]
-    injected = inputs.normalize_items([{"role": "developer", "content": "inj"}])
-    body = translate.responses_request(request, history, injected, stream=True)
-    assert body["store"] is False
-    assert not {"previous_response_id", "conversation", "background"} & set(body)
-    assert body["instructions"] == "current"
-    assert body["model"] == "m"
-    assert body["stream"] is True and body["stream_options"] == {"include_obfuscation": False}
-    assert (body["temperature"], body["metadata"], body["tools"]) == (0.3, {"a": "b"}, [FUNCTION])
-    assert [i.get("role") or i["type"] for i in body["input"]] == [
-        "user",
-        "reasoning",
-        "developer",
-        "user",
-    ]
-    assert body["input"][1]["encrypted_content"] == "gAAA"
-    assert body["input"][-1] is request.input_items[0]
-
-    plain = translate.responses_request(
-        req(input="x", stream=True, conversation="conv_1"), [], [], stream=False
-    )
-    assert "stream" not in plain and "conversation" not in plain and "instructions" not in plain
-
-
-def test_responses_hub_gets_known_fields_only() -> None:
-    body = translate.responses_request(
-        req(
-            input="x",
-            client_metadata={"installation_id": "i"},
-            background_options={"completion_window": "soonest"},
-            presence_penalty=0,
-            frequency_penalty=0.3,
-            seed=3,
-            top_logprobs=2,
-        ),
-        [],
-        [],
-        stream=False,
-    )
-    assert "client_metadata" not in body, "fields the gateway does not know reach no hub"
-    assert "presence_penalty" not in body, "a zero penalty changes nothing and is not sent"
-    assert (body["frequency_penalty"], body["seed"], body["top_logprobs"]) == (0.3, 3, 2)
-    assert "background_options" not in body, "the gateway runs background turns itself"
-
-
-# --- response_object ---------------------------------------------------------------------------
-
-
-def test_response_object_echoes_defaults_like_openai() -> None:
-    response = translate.response_object(
-        req(input="x"),
-        response_id="resp_1",
-        created_at=100,
-        status="completed",
-        output=[],
-        completed_at=101,
-    )
-    assert response == {
-        "id": "resp_1",
-        "object": "response",
-        "created_at": 100,
-        "status": "completed",
-        "background": False,
-        "completed_at": 101,
-        "conversation": None,
-        "error": None,
-        "incomplete_details": None,
-        "instructions": None,
-        "max_output_tokens": None,
-        "max_tool_calls": None,
-        "model": "m",
-        "output": [],
-        "parallel_tool_calls": True,
-        "previous_response_id": None,
-        "prompt": None,
-        "prompt_cache_key": None,
-        "prompt_cache_retention": None,
-        "reasoning": {"effort": None, "summary": None},
-        "safety_identifier": None,
-        "service_tier": "default",
-        "store": True,
-        "temperature": 1.0,
-        "text": {"format": {"type": "text"}, "verbosity": "medium"},
-        "tool_choice": "auto",
-        "tools": [],
-        "top_logprobs": 0,
-        "top_p": 1.0,
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.0,
-        "truncation": "disabled",
-        "usage": None,
-        "user": None,
-        "metadata": {},
-        "access_programs": None,
-        "image": None,
-        "moderation": None,
-        "prompt_cache_options": None,
-        "prompt_cache_diagnostics": None,
-    }
-    checked(response)
-
-
-def test_response_object_echoes_every_parameter() -> None:
-    request = req(
-        input="x",
-        instructions="sys",
-        conversation={"id": "conv_9"},
-        store=True,
-        background=True,
-        metadata={"k": "v"},
-        max_output_tokens=100,
-        max_tool_calls=4,
-        temperature=0.5,
-        top_p=0.7,
-        top_logprobs=2,
-        parallel_tool_calls=False,
-        tools=[
-            FUNCTION,
-            {"type": "code_interpreter", "container": {"type": "auto"}},
-            {"type": "shell"},
-        ],
-        tool_choice={"type": "function", "name": "weather"},
-        text={"format": {"type": "json_object"}},
-        reasoning={"effort": "high"},
-        truncation="auto",
-        user="u",
-        safety_identifier="sid",
-        prompt_cache_key="pck",
-        prompt_cache_retention="24h",
-        service_tier="priority",
-        prompt={"id": "pmpt_1"},
-    )
-    response = translate.response_object(
-        request,
-        response_id="resp_2",
-        created_at=5,
-        status="in_progress",
-        output=[],
-        tool_resources={"code_interpreter": "cntr_abc", "shell": "cntr_sh"},
-    )
-    expected = {
-        "background": True,
-        "completed_at": None,
-        "conversation": {"id": "conv_9"},
-        "instructions": "sys",
-        "metadata": {"k": "v"},
-        "max_output_tokens": 100,
-        "max_tool_calls": 4,
-        "temperature": 0.5,
-        "top_p": 0.7,
-        "top_logprobs": 2,
-        "parallel_tool_calls": False,
-        "tool_choice": {"type": "function", "name": "weather"},
-        "text": {"format": {"type": "json_object"}, "verbosity": "medium"},
-        "reasoning": {"effort": "high", "summary": None},
-        "truncation": "auto",
-        "user": "u",
-        "safety_identifier": "sid",
-        "prompt_cache_key": "pck",
-        "prompt_cache_retention": "24h",
-        "service_tier": "priority",
-        "prompt": {"id": "pmpt_1"},
-        "store": True,
-    }
-    assert {k: response[k] for k in expected} == expected
-    assert response["tools"][0] == FUNCTION
-    assert response["tools"][1] == {"type": "code_interpreter", "container": "cntr_abc"}
-    assert response["tools"][2] == {
-        "type": "shell",
-        "environment": {"type": "container_reference", "container_id": "cntr_sh"},
-    }
-    assert request.tools[1]["container"] == {"type": "auto"}, "the request's tools are not changed"
-    parsed = checked(response)
-    assert parsed.conversation is not None and parsed.conversation.id == "conv_9"
-
-
-def test_response_object_echoes_penalties() -> None:
-    response = translate.response_object(
-        req(input="x", presence_penalty=0.5, frequency_penalty=-1),
-        response_id="r",
-        created_at=1,
-        status="completed",
-        output=[],
-    )
-    assert (response["presence_penalty"], response["frequency_penalty"]) == (0.5, -1)
-    checked(response)
-
-
-def test_echoed_function_tools_always_carry_strict_description_and_parameters() -> None:
-    request = req(
-        input="x",
-        tools=[
-            {"type": "function", "name": "bare"},
-            {"type": "function", "name": "null_strict", "strict": None, "parameters": None},
-            {"type": "function", "name": "loose", "strict": False, "description": "d"},
-            FUNCTION,
-            {"type": "web_search"},
-        ],
-    )
-    response = translate.response_object(
-        request, response_id="r", created_at=1, status="completed", output=[]
-    )
-    assert response["tools"] == [
-        {
-            "type": "function",
-            "name": "bare",
-            "description": None,
-            "parameters": None,
-            "strict": False,
-        },
-        {
-            "type": "function",
-            "name": "null_strict",
-            "strict": False,
-            "parameters": None,
-            "description": None,
-        },
-        {
-            "type": "function",
-            "name": "loose",
-            "strict": False,
-            "description": "d",
-            "parameters": None,
-        },
-        FUNCTION,
-        {"type": "web_search"},
-    ]
-    assert request.tools[0] == {"type": "function", "name": "bare"}, "the request is not changed"
-    checked(response)
-    # A chat hub gets no strict it was not given: the function is called best-effort.
-    chat = translate.chat_request(request, [], [], stream=False)
-    assert [t["function"].get("strict") for t in chat["tools"]] == [None, None, False, True]
-
-
-def test_platform_only_fields_echo_in_the_response_objects_shapes() -> None:
-    request = req(
-        input="x",
-        access_programs={"cyber": "daybreak_blue"},
-        image={"context_compression": "auto"},
-        moderation={"model": "omni-moderation-latest", "policy": {"input": {"mode": "block"}}},
-        prompt_cache_options={"ttl": "12h", "comparison_response_id": "resp_0", "prewarm": False},
-        background_options={"completion_window": "soonest"},
-        context_management=[{"type": "compaction", "compact_threshold": 1000}],
-        stream_options={"include_obfuscation": False},
-        service_tier="fast",
-    )
-    response = translate.response_object(
-        request, response_id="r", created_at=1, status="completed", output=[]
-    )
-    assert response["access_programs"] == {"cyber": "daybreak_blue"}
-    assert response["image"] == {"context_compression": "disabled"}
-    assert response["moderation"] is None
-    assert response["prompt_cache_options"] == {
-        "mode": "implicit",
-        "ttl": "12h",
-        "comparison_response_id": "resp_0",
-    }
-    assert response["prompt_cache_diagnostics"] == {"type": "unavailable"}
-    assert response["service_tier"] == "priority"
-    assert not {"background_options", "context_management", "stream_options"} & set(response)
-    checked(response)
-
-    explicit = translate.response_object(
-        req(input="x", access_programs={}, image={"context_compression": "enabled"}),
-        response_id="r",
-        created_at=1,
-        status="completed",
-        output=[],
-    )
-    assert explicit["access_programs"] is None, "null is OpenAI's implicit Standard program"
-    assert explicit["image"] == {"context_compression": "enabled"}
-    checked(explicit)
-
-
-def test_completed_at_defaults_to_now_only_when_completed() -> None:
-    request = req(input="x")
-    done = translate.response_object(
-        request, response_id="r", created_at=1, status="completed", output=[]
-    )
-    assert isinstance(done["completed_at"], int) and done["completed_at"] > 1
-    failed = translate.response_object(
-        request, response_id="r", created_at=1, status="failed", output=[], completed_at=9
-    )
-    assert failed["completed_at"] is None
-
-
-def test_error_object_keeps_openai_codes_only() -> None:
-    assert translate.error_object("rate_limit_exceeded", "slow") == {
-        "code": "rate_limit_exceeded",
-        "message": "slow",
-    }
-    assert translate.error_object("upstream_error", "hub died") == {
-        "code": "server_error",
-        "message": "hub died",
-    }
 
 
 # --- back from chat ------------------------------------------------------------------------------
@@ -1032,7 +723,7 @@ USAGE = {
 def back(
     message: dict[str, Any], request: validate.TurnRequest | None = None, **kwargs: Any
 ) -> dict[str, Any]:
-    response = translate.from_chat_completion(
+    response = from_chat_completion(
         request or req(input="x"), completion(message, **kwargs), response_id="resp_1", created_at=7
     )
     checked(response)
@@ -1204,7 +895,7 @@ def test_empty_completion_is_a_completed_empty_response() -> None:
 )
 def test_nonsense_from_the_hub_is_an_upstream_error(bad: dict[str, Any]) -> None:
     with pytest.raises(errors.UpstreamError):
-        translate.from_chat_completion(req(input="x"), bad, response_id="r", created_at=1)
+        from_chat_completion(req(input="x"), bad, response_id="r", created_at=1)
 
 
 @pytest.mark.parametrize(
@@ -1240,12 +931,12 @@ def test_nonsense_from_the_hub_is_an_upstream_error(bad: dict[str, Any]) -> None
     ],
 )
 def test_usage_from_chat(usage: Any, expected: Any) -> None:
-    assert translate.usage_from_chat(usage) == expected
+    assert usage_from_chat(usage) == expected
 
 
 def test_response_echoes_tool_resources() -> None:
     request = req(input="x", tools=[{"type": "code_interpreter", "container": {"type": "auto"}}])
-    response = translate.from_chat_completion(
+    response = from_chat_completion(
         request,
         completion({"content": "ok"}),
         response_id="r",
@@ -1254,113 +945,3 @@ def test_response_echoes_tool_resources() -> None:
     )
     assert response["tools"] == [{"type": "code_interpreter", "container": "cntr_1"}]
     checked(response)
-
-
-# --- back from a Responses hub -------------------------------------------------------------------
-
-
-def test_responses_hub_result_gets_our_id_and_echo() -> None:
-    upstream = {
-        "id": "resp_upstream",
-        "object": "response",
-        "created_at": 99,
-        "status": "incomplete",
-        "completed_at": None,
-        "incomplete_details": {"reason": "max_output_tokens"},
-        "model": "gpt-upstream",
-        "store": False,
-        "output": [
-            {
-                "id": "rs_up",
-                "type": "reasoning",
-                "summary": [{"type": "summary_text", "text": "s"}],
-            },
-            {
-                "type": "function_call",
-                "call_id": "call_1",
-                "name": "f",
-                "arguments": "{}",
-                "status": "completed",
-            },
-            {
-                "id": "msg_up",
-                "type": "message",
-                "status": "incomplete",
-                "role": "assistant",
-                "content": [{"type": "output_text", "annotations": [], "text": "par"}],
-            },
-        ],
-        "usage": {
-            "input_tokens": 1,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": 2,
-            "output_tokens_details": {"reasoning_tokens": 1},
-            "total_tokens": 3,
-        },
-    }
-    request = req(input="x", previous_response_id="resp_prev", metadata={"a": "1"})
-    response = translate.from_responses_result(
-        request, upstream, response_id="resp_ours", created_at=5
-    )
-    assert response["id"] == "resp_ours" and response["created_at"] == 5
-    assert response["model"] == "m" and response["store"] is True
-    assert response["previous_response_id"] == "resp_prev" and response["metadata"] == {"a": "1"}
-    assert response["status"] == "incomplete"
-    assert response["incomplete_details"] == {"reason": "max_output_tokens"}
-    assert response["usage"] == upstream["usage"]
-    assert [i["id"] for i in response["output"]][::2] == ["rs_up", "msg_up"]
-    assert response["output"][1]["id"].startswith("fc_")
-    checked(response)
-
-
-def test_responses_hub_reports_the_strictness_it_applied() -> None:
-    request = req(
-        input="x",
-        tools=[
-            {"type": "function", "name": "normalized", "parameters": {"type": "object"}},
-            {"type": "function", "name": "mine", "strict": False},
-            {"type": "function", "name": "unreported"},
-        ],
-    )
-    upstream = {
-        "status": "completed",
-        "output": [],
-        "tools": [
-            {"type": "function", "name": "normalized", "strict": True},
-            {"type": "function", "name": "mine", "strict": True},
-            {"type": "web_search"},
-            "nonsense",
-        ],
-    }
-    response = translate.from_responses_result(request, upstream, response_id="r", created_at=1)
-    assert [t["strict"] for t in response["tools"]] == [True, False, False]
-    checked(response)
-
-
-def test_responses_hub_without_output_is_an_upstream_error() -> None:
-    with pytest.raises(errors.UpstreamError):
-        translate.from_responses_result(
-            req(input="x"), {"status": "completed"}, response_id="r", created_at=1
-        )
-
-
-def test_opened_reasoning_goes_on_the_assistant_message_after_it() -> None:
-    opened = {"type": translate.OPENED_REASONING, "text": "think"}
-    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
-    messages = translate.chat_messages(
-        [
-            {"type": "message", "role": "user", "content": "q"},
-            opened,
-            call,
-            {"type": "function_call_output", "call_id": "c1", "output": "r"},
-            {**opened, "text": "lost"},  # a user message follows it: nowhere to put it
-            {"type": "message", "role": "user", "content": "again"},
-            {**opened, "text": "last"},
-            {"type": "message", "role": "assistant", "content": "a"},
-        ]
-    )
-    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "user", "assistant"]
-    assert messages[1]["reasoning_content"] == "think"
-    assert messages[4]["reasoning_content"] == "last"
-    assert all("lost" not in str(m) for m in messages)
-    assert "reasoning_content" not in messages[0]
