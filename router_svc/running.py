@@ -90,6 +90,27 @@ def announce(svc: Services, turn: Turn, response: dict[str, Any] | None) -> Runn
         or not svc.settings.store_running_streams
     ):
         return None
+    running = Running()
+    running.task = asyncio.create_task(_hold(svc, turn, response))
+    return running
+
+
+# Loop iterations the running form waits (with no delay set) for the stream to start.
+_YIELDS = 3
+
+
+async def _hold(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
+    """Stores the running turn, then renews its lease until cancelled (the stream's end)."""
+    delay = svc.settings.running_stream_delay_s
+    if delay > 0:
+        await asyncio.sleep(delay)  # a stream that ends first is never stored as running
+    else:
+        # Built and sent once the stream's first events went out and its hub call started:
+        # what it costs is not the client's wait for the first byte.
+        for _ in range(_YIELDS):
+            await asyncio.sleep(0)
+    worker = svc.worker
+    assert worker is not None
     lease = duration_pb2.Duration()
     lease.FromMicroseconds(int(svc.settings.running_stream_lease_s * 1_000_000))
     request = state_service_pb2.EnqueueBackgroundResponseRequest(
@@ -100,7 +121,7 @@ def announce(svc: Services, turn: Turn, response: dict[str, Any] | None) -> Runn
             conversation_id=turn.req.conversation_id or "",
             input_items=[
                 resources_pb2.Item(id=str(i["id"]), json=orjson.dumps(i))
-                for i in turn.req.input_items
+                for i in turn.req.stored_inputs()
             ],
             response_json=orjson.dumps(response),
             idempotency_key=turn.idempotency_key,
@@ -110,16 +131,6 @@ def announce(svc: Services, turn: Turn, response: dict[str, Any] | None) -> Runn
         owner=worker.owner,
         lease_duration=lease,
     )
-    running = Running()
-    running.task = asyncio.create_task(_hold(svc, request))
-    return running
-
-
-async def _hold(svc: Services, request: state_service_pb2.EnqueueBackgroundResponseRequest) -> None:
-    """Stores the running turn, then renews its lease until cancelled (the stream's end)."""
-    delay = svc.settings.running_stream_delay_s
-    if delay > 0:
-        await asyncio.sleep(delay)  # a stream that ends first is never stored as running
     try:
         reply = await svc.state.call("EnqueueBackgroundResponse", request)
     except errors.ApiError as exc:
