@@ -34,7 +34,7 @@ from google.protobuf import duration_pb2
 from prometheus_client import Counter
 
 from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import errors, translate
+from router_svc import errors, state_records, translate
 
 if TYPE_CHECKING:
     from router_svc.services import Services
@@ -120,7 +120,7 @@ async def _hold(svc: Services, request: state_service_pb2.EnqueueBackgroundRespo
     if delay > 0:
         await asyncio.sleep(delay)  # a stream that ends first is never stored as running
     try:
-        reply = await svc.state.call("EnqueueBackgroundResponse", request)
+        reply = await svc.state.enqueue_background_response(request)
     except errors.ApiError as exc:
         # ALREADY_EXISTS: the final turn is stored already. Anything else (the previous response
         # is gone, the state service is down) the final PutTurn meets and reports itself.
@@ -141,7 +141,7 @@ async def _hold(svc: Services, request: state_service_pb2.EnqueueBackgroundRespo
     while True:
         await asyncio.sleep(period)
         try:
-            renewal = await svc.state.call("RenewBackgroundLease", renew)
+            renewal = await svc.state.renew_background_lease(renew)
         except errors.ApiError as exc:
             if exc.status < 500:
                 return  # lease lost (another router stored it as failed) or the response is gone
@@ -174,8 +174,9 @@ async def when_done(
         await asyncio.sleep(delay)
         delay = min(delay * 2, 1.0)
         found = await svc.state.find(
-            "GetResponse",
-            state_service_pb2.GetResponseRequest(tenant=tenant, response_id=str(response["id"])),
+            svc.state.get_response(
+                state_service_pb2.GetResponseRequest(tenant=tenant, response_id=str(response["id"]))
+            )
         )
         if found is None:
             break
@@ -192,8 +193,9 @@ async def finish_abandoned(svc: Services, job: resources_pb2.BackgroundJob) -> N
     """Stores a running foreground stream whose router stopped as failed, with the claimed
     job's lease; a stream that finished meanwhile is left as it is."""
     found = await svc.state.find(
-        "GetResponse",
-        state_service_pb2.GetResponseRequest(tenant=job.tenant, response_id=job.response_id),
+        svc.state.get_response(
+            state_service_pb2.GetResponseRequest(tenant=job.tenant, response_id=job.response_id)
+        )
     )
     if found is None or not found.response.in_progress:
         return
@@ -204,16 +206,9 @@ async def finish_abandoned(svc: Services, job: resources_pb2.BackgroundJob) -> N
         "status": "failed",
         "error": translate.error_object("server_error", ABANDONED_MESSAGE),
     }
-    final = resources_pb2.StoredResponse()
-    final.CopyFrom(stored)
-    final.ClearField("create_time")
-    final.ClearField("expire_time")
-    final.response_json = orjson.dumps(failed)
-    final.stream_events_json = b""
-    final.in_progress = False
+    final = state_records.ended(stored, failed)
     try:
-        await svc.state.call(
-            "FinishBackgroundResponse",
+        await svc.state.finish_background_response(
             state_service_pb2.FinishBackgroundResponseRequest(
                 tenant=job.tenant, lease_token=job.lease_token, response=final
             ),

@@ -32,8 +32,6 @@ from typing import Any
 
 import orjson
 
-from gateway.grpcerrors import RemoteError
-from respgw.state.v1 import resources_pb2, state_service_pb2
 from router_svc import (
     bootstrap,
     compaction,
@@ -41,6 +39,7 @@ from router_svc import (
     hub,
     include,
     running,
+    state_records,
     stream,
     tools,
     translate,
@@ -135,15 +134,6 @@ class Turn:
         if self.omitted_history_items:
             return {HISTORY_TRUNCATED_HEADER: str(self.omitted_history_items)}
         return {}
-
-
-def item_to_proto(item: Mapping[str, Any]) -> resources_pb2.Item:
-    return resources_pb2.Item(id=str(item["id"]), json=orjson.dumps(item))
-
-
-def item_from_proto(item: resources_pb2.Item) -> dict[str, Any]:
-    parsed: dict[str, Any] = orjson.loads(item.json)
-    return parsed
 
 
 # --- retries: explicit Idempotency-Key and the official SDKs' retries ----------------------------
@@ -256,12 +246,11 @@ async def find_first(svc: Services, tenant: str, ident: Identity) -> dict[str, A
 async def find_idempotent(svc: Services, tenant: str, key: str) -> dict[str, Any] | None:
     """The response already stored for this Idempotency-Key, if any."""
     reply = await svc.state.find(
-        "GetResponse", state_service_pb2.GetResponseRequest(tenant=tenant, idempotency_key=key)
+        svc.state.get_response(state_records.get_response(tenant, idempotency_key=key))
     )
     if reply is None:
         return None
-    found: dict[str, Any] = orjson.loads(reply.response.response_json)
-    return found
+    return state_records.response_of(reply.response)
 
 
 async def begin(
@@ -313,24 +302,21 @@ async def begin(
             omitted = len(history) - cache.max_items
             history = history[omitted:]
     elif req.previous_response_id or req.conversation_id:
-        lookup = state_service_pb2.GetHistoryRequest(tenant=tenant)
         if req.previous_response_id:
-            lookup.response_id = req.previous_response_id
-            param = "previous_response_id"
             prev = req.previous_response_id
-
-            def not_found(err: RemoteError) -> errors.ApiError:
-                return errors.previous_response_not_found(prev)
+            reply = await svc.state.get_history(
+                state_records.get_history(tenant, response_id=prev),
+                param="previous_response_id",
+                # The anchor is the client's previous_response_id, so a missing response is the
+                # 400 naming that field, not the 404 of GET /v1/responses/{id} (its reason).
+                not_found=lambda err: errors.previous_response_not_found(prev),
+            )
         else:
             assert req.conversation_id
-            lookup.conversation_id = req.conversation_id
-            param = "conversation"
-            conv = req.conversation_id
-
-            def not_found(err: RemoteError) -> errors.ApiError:
-                return errors.conversation_not_found(conv, param="conversation")
-
-        reply = await svc.state.call("GetHistory", lookup, param=param, not_found=not_found)
+            reply = await svc.state.get_history(
+                state_records.get_history(tenant, conversation_id=req.conversation_id),
+                param="conversation",
+            )
         history_json = tuple(i.json for i in reply.items)
         history = [orjson.loads(raw) for raw in history_json]
         if req.conversation_id:
@@ -413,7 +399,7 @@ async def resolve_references(
             known[item_id] = item  # a later copy wins, as GetItems picks the newest
     missing = [i for i in wanted if i not in known]
     if missing:
-        fetched = await svc.state.get_items(tenant, sorted(missing))
+        fetched = await svc.state.get_items_by_id(tenant, sorted(missing))
         known.update((item_id, orjson.loads(data)) for item_id, data in fetched.items())
     items = list(req.input_items)
     for position in req.references:
@@ -483,33 +469,29 @@ async def store(
     """
     if not turn.req.store:
         return response
-    stored = resources_pb2.StoredResponse(
-        id=turn.response_id,
+    stored = state_records.turn_record(
+        response_id=turn.response_id,
         previous_response_id=turn.req.previous_response_id or "",
         conversation_id=turn.req.conversation_id or "",
-        input_items=[item_to_proto(i) for i in turn.req.stored_inputs()],
-        output_items=[item_to_proto(i) for i in response.get("output", [])] if keep_output else [],
-        response_json=orjson.dumps(response),
+        input_items=turn.req.stored_inputs(),
+        output_items=response.get("output", []) if keep_output else (),
+        response=response,
         idempotency_key=turn.idempotency_key,
-        stream_events_json=orjson.dumps(events) if events else b"",
+        events=events,
         in_progress=in_progress,
     )
-    put = state_service_pb2.PutTurnRequest(
-        tenant=turn.tenant,
-        response=stored,
+    put = state_records.put_turn(
+        turn.tenant,
+        stored,
         require_intact_chain=turn.parent_chain is not None,
         omit_stored_content=True,
+        # A background turn ran on the history of its start, whatever was appended since:
+        # nobody is there to retry it, and the caller asked for exactly that.
+        expected_conversation_version=None if turn.req.background else turn.conversation_version,
     )
-    # A background turn ran on the history of its start, whatever was appended since: nobody is
-    # there to retry it, and the caller asked for exactly that.
-    if turn.conversation_version is not None and not turn.req.background:
-        put.expected_conversation_version = turn.conversation_version
     try:
-        reply = await svc.state.call(
-            "PutTurn",
-            put,
-            param="previous_response_id" if turn.req.previous_response_id else None,
-            not_found=lambda err: _put_not_found(turn),
+        reply = await svc.state.put_turn(
+            put, param="previous_response_id" if turn.req.previous_response_id else None
         )
     except errors.Conflict as exc:
         if exc.code == "conflict" and turn.idempotency_key:
@@ -522,7 +504,7 @@ async def store(
         exc.retry_header(retry_is_safe=bool(turn.idempotency_key))
         raise
     if reply.replayed and reply.response.id != turn.response_id:
-        first: dict[str, Any] = orjson.loads(reply.response.response_json)
+        first = state_records.response_of(reply.response)
         if turn.key_kind == "explicit" and first.get("id") != _response_id(
             turn.tenant, turn.idempotency_key
         ):
@@ -555,8 +537,8 @@ async def store(
 def _remember(
     cache: HistoryCache,
     turn: Turn,
-    stored: resources_pb2.StoredResponse,
-    reply: state_service_pb2.PutTurnResponse,
+    stored: state_records.StoredResponse,
+    reply: state_records.PutTurnReply,
 ) -> None:
     """Remembers the history ending at the turn just stored, when it is whole and its expiry
     is known (see history_cache)."""
@@ -576,12 +558,6 @@ def _remember(
     cache.remember(
         turn.tenant, turn.response_id, turn.parent_chain, own, expire_us, root=turn.chain_root
     )
-
-
-def _put_not_found(turn: Turn) -> errors.ApiError:
-    if turn.req.previous_response_id:
-        return errors.previous_response_not_found(turn.req.previous_response_id)
-    return errors.conversation_not_found(turn.req.conversation_id or "", param="conversation")
 
 
 async def complete(svc: Services, turn: Turn) -> dict[str, Any]:

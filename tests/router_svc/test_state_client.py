@@ -1,13 +1,140 @@
-"""The router's state client: which calls it retries comes from the contract itself."""
+"""The router's state client: one typed method per RPC of the contract, which calls it retries
+comes from the contract itself, and NOT_FOUND is mapped by its reason in one place."""
 
 from __future__ import annotations
 
+import inspect
+import re
 import time
+import typing
 
+import grpc
 import pytest
 
+from gateway.grpcerrors import RemoteError
+from respgw.state.v1 import error_reason_pb2 as reasons
 from respgw.state.v1 import state_service_pb2 as pb
 from router_svc import errors, state_client
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+# The RPCs without a method of their own: Exchange is the transport that PutTurn, GetHistory and
+# GetResponse ride (state_client.Exchange), never called by name.
+TRANSPORT_ONLY = {"Exchange"}
+
+
+def test_every_rpc_has_one_typed_method() -> None:
+    service = pb.DESCRIPTOR.services_by_name["StateService"]
+    client = state_client.StateClient
+    rpcs = {m.name: m for m in service.methods}
+    assert TRANSPORT_ONLY <= set(rpcs)
+    assert all(rpcs[name].client_streaming for name in TRANSPORT_ONLY)
+    public = {
+        name
+        for name, member in inspect.getmembers(client, inspect.isfunction)
+        if not name.startswith("_")
+    }
+    rpc_methods = {_snake(name) for name in rpcs if name not in TRANSPORT_ONLY}
+    # Exactly one method per RPC; the others are the client's own (not named like an RPC).
+    assert rpc_methods <= public, sorted(rpc_methods - public)
+    assert not any(_snake(name) in public for name in TRANSPORT_ONLY)
+    for name, method in rpcs.items():
+        if name in TRANSPORT_ONLY:
+            continue
+        function = getattr(client, _snake(name))
+        hints = typing.get_type_hints(function, vars(state_client))
+        params = list(inspect.signature(function).parameters.values())
+        # self, then the request, positional; everything else keyword-only.
+        assert [p.kind for p in params[:2]] == [inspect.Parameter.POSITIONAL_OR_KEYWORD] * 2
+        assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in params[2:]), name
+        assert hints[params[1].name] is getattr(pb, method.input_type.name), name
+        returned = hints["return"]
+        if method.server_streaming:
+            assert returned == state_client.WatchCall
+            assert typing.get_args(returned)[1] is getattr(pb, method.output_type.name), name
+            assert not inspect.iscoroutinefunction(function)
+        else:
+            assert returned is getattr(pb, method.output_type.name), name
+            assert inspect.iscoroutinefunction(function), name
+    # The untyped door is closed: no public method dispatches by name.
+    assert "call" not in public
+
+
+def _missing(reason: int, **metadata: str) -> RemoteError:
+    return RemoteError(
+        code=grpc.StatusCode.NOT_FOUND,
+        reason=reasons.ErrorReason.Name(reason).removeprefix("ERROR_REASON_"),
+        message="not found",
+        metadata=metadata,
+        domain="state.respgw.dev",
+    )
+
+
+def test_not_found_is_mapped_by_its_reason() -> None:
+    response = state_client.map_error(
+        _missing(reasons.ERROR_REASON_RESPONSE_NOT_FOUND, response_id="resp_1")
+    )
+    assert (response.status, response.code, response.param) == (404, "not_found", None)
+    assert response.message == "Response with id 'resp_1' not found."
+    previous = state_client.map_error(
+        _missing(reasons.ERROR_REASON_PREVIOUS_RESPONSE_NOT_FOUND, previous_response_id="resp_0")
+    )
+    assert (previous.status, previous.code, previous.param) == (
+        400,
+        "previous_response_not_found",
+        "previous_response_id",
+    )
+    assert "'resp_0'" in previous.message
+    conversation = _missing(reasons.ERROR_REASON_CONVERSATION_NOT_FOUND, conversation_id="conv_1")
+    routed = state_client.map_error(conversation)
+    assert (routed.status, routed.param) == (404, None)
+    assert routed.message == "Conversation with id 'conv_1' not found."
+    in_turn = state_client.map_error(conversation, conversation_param="conversation")
+    assert (in_turn.status, in_turn.param) == (404, "conversation")
+    item = state_client.map_error(
+        _missing(reasons.ERROR_REASON_ITEM_NOT_FOUND, conversation_id="conv_1", item_id="msg_1")
+    )
+    assert (item.status, item.code) == (404, "not_found")
+    assert item.message == "Item with id 'msg_1' not found."
+    # Every mapped NOT_FOUND is one ``find`` answers None for; other codes are not.
+    assert all(e.state_not_found for e in (response, previous, routed, item))
+    unknown = state_client.map_error(_missing(0))
+    assert unknown.status == 404 and unknown.state_not_found
+    other = state_client.map_error(
+        RemoteError(code=grpc.StatusCode.UNAVAILABLE, reason="", message="", metadata={}, domain="")
+    )
+    assert other.status == 503 and not other.state_not_found
+
+
+def test_every_not_found_reason_has_its_error() -> None:
+    # The reasons error_reason.proto documents as NOT_FOUND.
+    documented = {
+        name.removeprefix("ERROR_REASON_")
+        for name in reasons.ErrorReason.keys()
+        if name.endswith("_NOT_FOUND")
+    }
+    assert set(state_client.NOT_FOUND_BY_REASON) == documented
+
+
+async def test_find_answers_none_for_not_found_only() -> None:
+    async def missing() -> int:
+        raise state_client.map_error(
+            _missing(reasons.ERROR_REASON_RESPONSE_NOT_FOUND, response_id="r")
+        )
+
+    async def broken() -> int:
+        raise errors.StateUnavailable("down")
+
+    async def found() -> int:
+        return 7
+
+    assert await state_client.StateClient.find(missing()) is None
+    assert await state_client.StateClient.find(found()) == 7
+    with pytest.raises(errors.StateUnavailable):
+        await state_client.StateClient.find(broken())
 
 
 def test_retryable_calls_are_those_the_proto_marks_safe() -> None:
@@ -33,7 +160,7 @@ async def test_an_unreachable_state_service_is_a_bounded_503() -> None:
     client = state_client.StateClient("127.0.0.1:9", timeout_s=1.0)
     start = time.monotonic()
     with pytest.raises(errors.StateUnavailable) as info:
-        await client.call("GetResponse", pb.GetResponseRequest(tenant="t", response_id="resp_x"))
+        await client.get_response(pb.GetResponseRequest(tenant="t", response_id="resp_x"))
     elapsed = time.monotonic() - start
     await client.close()
     assert info.value.status == 503
