@@ -16,11 +16,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
 from prometheus_client import Counter, Histogram
 
-from gateway import grpcerrors, tracing
+from gateway import grpcclient, grpcerrors
 from gateway.grpcserver import channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from gateway.metrics import LATENCY_BUCKETS
@@ -45,22 +44,9 @@ STATE_CALL_ERRORS = Counter(
     ["method", "code"],
 )
 
-_SAFE_LEVELS = {
-    descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS,
-    descriptor_pb2.MethodOptions.IDEMPOTENT,
-}
-
-
-def retryable_methods() -> frozenset[str]:
-    """The RPCs the contract marks safe to retry (NO_SIDE_EFFECTS or IDEMPOTENT)."""
-    service = pb.DESCRIPTOR.services_by_name["StateService"]
-    return frozenset(
-        m.name for m in service.methods if m.GetOptions().idempotency_level in _SAFE_LEVELS
-    )
-
-
-RETRYABLE = retryable_methods()
-_BACKOFF_S = (0.05, 0.2)
+RETRYABLE = grpcclient.safe_to_retry(pb.DESCRIPTOR.services_by_name["StateService"])
+# UNAVAILABLE: the server wrote nothing, or the replay is harmless by contract.
+_RETRY = grpcclient.RetryPolicy(frozenset({grpc.StatusCode.UNAVAILABLE}), (0.05, 0.2))
 
 # The RPCs that go over Exchange streams, with their field in ExchangeRequest.call.
 _EXCHANGED = {"PutTurn": "put_turn", "GetHistory": "get_history", "GetResponse": "get_response"}
@@ -552,57 +538,58 @@ class StateClient:
 
         The request path's RPCs (PutTurn, GetHistory, GetResponse) go over the Exchange streams
         unless tracing is on (a unary call carries its own span to the server)."""
-        rid = request_id_var.get()
-        field = _EXCHANGED.get(method) if self._exchange is not None else None
-        span = None
-        metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, rid),)
-        if tracing.enabled:
-            field = None
-            full = f"{SERVICE_NAME}/{method}"
-            span = tracing.start_client(full, tracing.grpc_attributes(full))
-            metadata = tracing.grpc_metadata(span, metadata)
+        out = grpcclient.Outgoing(SERVICE_NAME, method)
+        field = _EXCHANGED.get(method) if out.span is None and self._exchange is not None else None
+        timeout_s = self._timeout_s
+        if field is not None:
+            exchange, rid = self._exchange, out.metadata[0][1]
+            assert exchange is not None
+
+            def attempt(timeout: float) -> Awaitable[Any]:
+                return exchange.call(field, request, rid, timeout)
+        else:
+            rpc = getattr(self._stub, method)
+            metadata = out.metadata
+
+            def attempt(timeout: float) -> Awaitable[Any]:
+                return rpc(request, timeout=timeout, metadata=metadata)  # type: ignore[no-any-return]
+
         code = "OK"
-        attempts = len(_BACKOFF_S) + 1 if method in RETRYABLE else 1
-        start = time.perf_counter()
+        failed = False
         try:
-            for attempt in range(attempts):
-                try:
-                    if field is not None:
-                        assert self._exchange is not None
-                        return await self._exchange.call(field, request, rid, self._timeout_s)
-                    rpc = getattr(self._stub, method)
-                    return await rpc(request, timeout=self._timeout_s, metadata=metadata)
-                except grpc.aio.AioRpcError as exc:
-                    info = grpcerrors.error_info(exc)
-                    cause: BaseException = exc
-                except CallFailed as exc:
-                    info = exc.info
-                    cause = exc
-                if info.code == grpc.StatusCode.UNAVAILABLE and attempt < attempts - 1:
-                    log.warning(
-                        "state call unavailable, retrying",
-                        extra={"method": method, "attempt": attempt + 1},
-                    )
-                    await asyncio.sleep(_BACKOFF_S[attempt])
-                    continue
-                code = info.code.name
-                STATE_CALL_ERRORS.labels(method, code).inc()
-                if info.code == grpc.StatusCode.NOT_FOUND and not_found is not None:
-                    overridden = not_found(info)
-                    overridden.state_not_found = True
-                    raise overridden from cause
-                mapped = map_error(info, param=param, conversation_param=conversation_param)
-                if mapped.status >= 500:
-                    log.error(
-                        "state call failed",
-                        extra={"method": method, "code": info.code.name, "detail": info.message},
-                    )
-                raise mapped from cause
-            raise AssertionError("unreachable")
+            return await grpcclient.retrying(
+                attempt,
+                _RETRY if method in RETRYABLE else grpcclient.NO_RETRY,
+                timeout_s=timeout_s,
+                code_of=_code_of,
+                on_retry=lambda _code, n: log.warning(
+                    "state call unavailable, retrying", extra={"method": method, "attempt": n}
+                ),
+            )
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
+        except (grpc.aio.AioRpcError, CallFailed) as exc:
+            info = exc.info if isinstance(exc, CallFailed) else grpcerrors.error_info(exc)
+            code, failed = info.code.name, True
+            if info.code == grpc.StatusCode.NOT_FOUND and not_found is not None:
+                overridden = not_found(info)
+                overridden.state_not_found = True
+                raise overridden from exc
+            mapped = map_error(info, param=param, conversation_param=conversation_param)
+            if mapped.status >= 500:
+                log.error(
+                    "state call failed",
+                    extra={"method": method, "code": info.code.name, "detail": info.message},
+                )
+            raise mapped from exc
         finally:
-            STATE_CALL_LATENCY.labels(method).observe(time.perf_counter() - start)
-            if span is not None:
-                tracing.end_grpc(span, code, server=False)
+            out.end(
+                code, latency=STATE_CALL_LATENCY, failures=STATE_CALL_ERRORS if failed else None
+            )
+
+
+def _code_of(exc: Exception) -> grpc.StatusCode | None:
+    if isinstance(exc, CallFailed):
+        return exc.info.code
+    return exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
