@@ -48,7 +48,7 @@ import orjson
 from google.protobuf import duration_pb2
 from prometheus_client import Counter, Gauge
 
-from gateway import grpcerrors
+from gateway import grpcclient, grpcerrors
 from gateway.grpcserver import channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
@@ -88,6 +88,10 @@ TERMINAL_EVENTS = frozenset(
     {"response.completed", "response.incomplete", "response.failed", "response.cancelled"}
 )
 _STORED_TERMINALS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+# A claim is retried on UNAVAILABLE (IDEMPOTENT with its request_id).
+_CLAIM_RETRY = grpcclient.RetryPolicy(frozenset({grpc.StatusCode.UNAVAILABLE}), (0.2, 0.4))
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -228,18 +232,14 @@ class Worker:
             # A claim whose answer was lost is retried with the same id and gets the same job.
             request_id=secrets.token_hex(12),
         )
-        for attempt in range(3):
-            try:
-                reply = await self.stub.ClaimBackgroundResponse(
-                    request, timeout=self.svc.settings.state_timeout_s, metadata=_UNSAMPLED
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == 2:
-                    raise
-                await asyncio.sleep(0.2 * (attempt + 1))
-                continue
-            return reply.job if reply.HasField("job") else None
-        raise AssertionError("unreachable")
+        reply = await grpcclient.retrying(
+            lambda timeout: self.stub.ClaimBackgroundResponse(
+                request, timeout=timeout, metadata=_UNSAMPLED
+            ),
+            _CLAIM_RETRY,
+            timeout_s=self.svc.settings.state_timeout_s,
+        )
+        return reply.job if reply.HasField("job") else None
 
     def run(
         self,
