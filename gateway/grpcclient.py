@@ -117,15 +117,18 @@ async def retrying(
     budget_s: float | None = None,
     code_of: Callable[[Exception], grpc.StatusCode | None] = _rpc_code,
     on_retry: Callable[[grpc.StatusCode, int], None] | None = None,
+    attempts_made: int = 0,
 ) -> T:
     """``call(timeout)``, retried as ``policy`` allows; the last failure is raised as it was.
 
     ``code_of`` reads the status code of a failure (None: not a status, raised at once);
     ``budget_s`` bounds all attempts and pauses together (each attempt's timeout is cut to what
     is left, and no retry starts with less than 10 ms left); ``on_retry(code, attempt)`` is told
-    before each retry (to log it)."""
+    before each retry (to log it). ``attempts_made`` counts the attempts a caller already made
+    (and paused after) itself: a caller on the request path makes its first attempt inline, which
+    saves this coroutine's cost on every call that succeeds (about 1 µs)."""
     deadline = None if budget_s is None else time.monotonic() + budget_s
-    attempt = 0
+    attempt = attempts_made
     while True:
         timeout = timeout_s
         if deadline is not None:

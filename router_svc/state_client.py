@@ -540,31 +540,37 @@ class StateClient:
         unless tracing is on (a unary call carries its own span to the server)."""
         out = grpcclient.Outgoing(SERVICE_NAME, method)
         field = _EXCHANGED.get(method) if out.span is None and self._exchange is not None else None
-        timeout_s = self._timeout_s
-        if field is not None:
-            exchange, rid = self._exchange, out.metadata[0][1]
-            assert exchange is not None
+        exchange = self._exchange
+        rpc = getattr(self._stub, method) if field is None else None
+        rid, metadata = out.metadata[0][1], out.metadata
 
-            def attempt(timeout: float) -> Awaitable[Any]:
+        def attempt(timeout: float) -> Awaitable[Any]:
+            if rpc is None:
+                assert exchange is not None and field is not None
                 return exchange.call(field, request, rid, timeout)
-        else:
-            rpc = getattr(self._stub, method)
-            metadata = out.metadata
-
-            def attempt(timeout: float) -> Awaitable[Any]:
-                return rpc(request, timeout=timeout, metadata=metadata)  # type: ignore[no-any-return]
+            return rpc(request, timeout=timeout, metadata=metadata)  # type: ignore[no-any-return]
 
         code = "OK"
         failed = False
         try:
+            try:
+                return await attempt(self._timeout_s)
+            except (grpc.aio.AioRpcError, CallFailed) as first:
+                # Retried as the contract allows, off the path of a call that succeeds.
+                policy = _RETRY if method in RETRYABLE else grpcclient.NO_RETRY
+                status = first.info.code if isinstance(first, CallFailed) else first.code()
+                pause = policy.pause(status, 0)
+                if pause is None:
+                    raise
+                _log_retry(method, 1)
+                await asyncio.sleep(pause)
             return await grpcclient.retrying(
                 attempt,
-                _RETRY if method in RETRYABLE else grpcclient.NO_RETRY,
-                timeout_s=timeout_s,
+                policy,
+                timeout_s=self._timeout_s,
                 code_of=_code_of,
-                on_retry=lambda _code, n: log.warning(
-                    "state call unavailable, retrying", extra={"method": method, "attempt": n}
-                ),
+                on_retry=lambda _code, n: _log_retry(method, n),
+                attempts_made=1,
             )
         except asyncio.CancelledError:
             code = "CANCELLED"
@@ -587,6 +593,10 @@ class StateClient:
             out.end(
                 code, latency=STATE_CALL_LATENCY, failures=STATE_CALL_ERRORS if failed else None
             )
+
+
+def _log_retry(method: str, attempt: int) -> None:
+    log.warning("state call unavailable, retrying", extra={"method": method, "attempt": attempt})
 
 
 def _code_of(exc: Exception) -> grpc.StatusCode | None:
