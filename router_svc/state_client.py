@@ -539,8 +539,8 @@ class StateClient:
         The request path's RPCs (PutTurn, GetHistory, GetResponse) go over the Exchange streams
         unless tracing is on (a unary call carries its own span to the server)."""
         out = grpcclient.Outgoing(SERVICE_NAME, method)
-        field = _EXCHANGED.get(method) if out.span is None and self._exchange is not None else None
-        exchange = self._exchange
+        exchange = self._exchange if out.span is None else None
+        field = _EXCHANGED.get(method) if exchange is not None else None
         rpc = getattr(self._stub, method) if field is None else None
         rid, metadata = out.metadata[0][1], out.metadata
 
@@ -554,7 +554,10 @@ class StateClient:
         failed = False
         try:
             try:
-                return await attempt(self._timeout_s)
+                if rpc is None:
+                    assert exchange is not None and field is not None
+                    return await exchange.call(field, request, rid, self._timeout_s)
+                return await rpc(request, timeout=self._timeout_s, metadata=metadata)
             except (grpc.aio.AioRpcError, CallFailed) as first:
                 # Retried as the contract allows, off the path of a call that succeeds.
                 policy = _RETRY if method in RETRYABLE else grpcclient.NO_RETRY
