@@ -494,20 +494,16 @@ class StateClient:
         return reply
 
     def watch_response_events(
-        self,
-        request: pb.WatchResponseEventsRequest,
-        *,
-        timeout: float | None = None,
-        channel: grpc.aio.Channel | None = None,
+        self, request: pb.WatchResponseEventsRequest, *, timeout: float | None = None
     ) -> WatchCall:
         """The response's events as they reach its log: a server stream to iterate with
-        ``async for`` and cancel when done (no deadline unless ``timeout``), on ``channel`` when
-        given (the background worker keeps one of its own for these long calls). Failures come
-        out as ``grpc.aio.AioRpcError`` while iterating: the stream may have delivered events
-        before it broke."""
+        ``async for`` and cancel when done (no deadline unless ``timeout``). Failures come out
+        as ``grpc.aio.AioRpcError`` while iterating: the stream may have delivered events before
+        it broke. (The background worker watches on a channel of its own, see background.py.)"""
         metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id_var.get()),)
-        stub = self._stub if channel is None else pb_grpc.StateServiceStub(channel)
-        call: WatchCall = stub.WatchResponseEvents(request, timeout=timeout, metadata=metadata)
+        call: WatchCall = self._stub.WatchResponseEvents(
+            request, timeout=timeout, metadata=metadata
+        )
         return call
 
     # --- beyond one RPC -----------------------------------------------------------------------

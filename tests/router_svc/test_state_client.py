@@ -7,14 +7,19 @@ import inspect
 import re
 import time
 import typing
+from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
+import orjson
 import pytest
 
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import error_reason_pb2 as reasons
 from respgw.state.v1 import state_service_pb2 as pb
-from router_svc import errors, state_client
+from router_svc import errors, state_client, state_records
+from state_svc import server as state_server
+from state_svc.config import StateSettings
 
 
 def _snake(name: str) -> str:
@@ -63,7 +68,7 @@ def test_every_rpc_has_one_typed_method() -> None:
     assert "call" not in public
 
 
-def _missing(reason: int, **metadata: str) -> RemoteError:
+def _missing(reason: reasons.ErrorReason.ValueType, **metadata: str) -> RemoteError:
     return RemoteError(
         code=grpc.StatusCode.NOT_FOUND,
         reason=reasons.ErrorReason.Name(reason).removeprefix("ERROR_REASON_"),
@@ -101,7 +106,7 @@ def test_not_found_is_mapped_by_its_reason() -> None:
     assert item.message == "Item with id 'msg_1' not found."
     # Every mapped NOT_FOUND is one ``find`` answers None for; other codes are not.
     assert all(e.state_not_found for e in (response, previous, routed, item))
-    unknown = state_client.map_error(_missing(0))
+    unknown = state_client.map_error(_missing(reasons.ERROR_REASON_UNSPECIFIED))
     assert unknown.status == 404 and unknown.state_not_found
     other = state_client.map_error(
         RemoteError(code=grpc.StatusCode.UNAVAILABLE, reason="", message="", metadata={}, domain="")
@@ -170,3 +175,74 @@ async def test_an_unreachable_state_service_is_a_bounded_503() -> None:
     probe = state_client.StateClient("127.0.0.1:9", timeout_s=0.2)
     assert await probe.ready() is False
     await probe.close()
+
+
+# --- against a real state service ---------------------------------------------------------------
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[state_client.StateClient]:
+    settings = replace(StateSettings(), backend="memory", listen="127.0.0.1:0", metrics_port=0)
+    running = await state_server.start(settings)
+    c = state_client.StateClient(f"127.0.0.1:{running.port}", timeout_s=5.0)
+    yield c
+    await c.close()
+    await running.stop(0.5)
+
+
+async def test_typed_calls_against_the_state_service(client: state_client.StateClient) -> None:
+    created = await client.create_conversation(
+        state_records.create_conversation("t", {"k": "v"}, [{"id": "msg_1", "type": "x"}], "r1")
+    )
+    cid = created.conversation.id
+    listed = await client.list_conversation_items(
+        state_records.list_conversation_items(
+            "t", cid, ascending=True, page_size=10, after_item_id=""
+        )
+    )
+    assert state_records.items_from_proto(listed.items) == [{"id": "msg_1", "type": "x"}]
+    # NOT_FOUND by its reason, with the ids the reason names; ``find`` answers None for it.
+    with pytest.raises(errors.NotFound) as info:
+        await client.get_conversation_item(state_records.get_conversation_item("t", cid, "msg_9"))
+    assert info.value.message == "Item with id 'msg_9' not found."
+    with pytest.raises(errors.NotFound) as info:
+        await client.get_conversation(state_records.get_conversation("t", conversation_id="c_9"))
+    assert (info.value.message, info.value.param) == ("Conversation with id 'c_9' not found.", None)
+    with pytest.raises(errors.NotFound) as info:
+        await client.delete_response(state_records.delete_response("t", "resp_9"))
+    assert info.value.message == "Response with id 'resp_9' not found."
+    missing = client.get_response(state_records.get_response("t", idempotency_key="nope"))
+    assert await client.find(missing) is None
+    # PutTurn over the Exchange stream: the previous response named is not stored (a 400
+    # naming the field), then a first turn that is.
+    record = state_records.turn_record(
+        response_id="resp_1",
+        previous_response_id="resp_0",
+        conversation_id="",
+        input_items=[{"id": "msg_2", "type": "message"}],
+        output_items=[],
+        response={"id": "resp_1", "status": "completed"},
+        idempotency_key="",
+        events=None,
+        in_progress=False,
+    )
+    with pytest.raises(errors.InvalidRequest) as bad:
+        await client.put_turn(state_records.put_turn("t", record))
+    assert (bad.value.code, bad.value.param) == (
+        "previous_response_not_found",
+        "previous_response_id",
+    )
+    record.previous_response_id = ""
+    await client.put_turn(state_records.put_turn("t", record))
+    found = await client.get_response(state_records.get_response("t", response_id="resp_1"))
+    assert state_records.response_of(found.response) == {"id": "resp_1", "status": "completed"}
+    history = await client.get_history(state_records.get_history("t", response_id="resp_1"))
+    assert [i.id for i in history.items] == ["msg_2"]
+    assert await client.get_items_by_id("t", ["msg_2", "msg_x"]) == {
+        "msg_2": orjson.dumps({"id": "msg_2", "type": "message"})
+    }
+    # The record a cancel stores: no times, no stream events, not running, no output if asked.
+    ended = state_records.ended(found.response, {"id": "resp_1", "status": "cancelled"})
+    assert not ended.HasField("create_time") and not ended.in_progress
+    assert state_records.response_of(ended)["status"] == "cancelled"
+    assert [i.id for i in ended.input_items] == ["msg_2"]
