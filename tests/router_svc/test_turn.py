@@ -14,7 +14,7 @@ import pytest
 
 from respgw.state.v1 import state_service_pb2 as pb
 from router_svc import app as router_app
-from router_svc import errors, turn, validate
+from router_svc import errors, inputs, turn, validate
 from router_svc.config import RouterSettings
 from router_svc.services import Services
 from state_svc import server as state_server
@@ -157,7 +157,7 @@ async def test_the_upstream_body_is_the_dialects_with_the_session_key(
     assert r_path == "/responses" and r_body["prompt_cache_key"] == t.session_key
     assert given.upstream("chat", stream=False)[1]["prompt_cache_key"] == "mine"
     # What the model is sent instead, when set, replaces history, injected items and input.
-    t.model_input = [validate.user_message("instead")]
+    t.model_input = [inputs.user_message("instead")]
     assert t.model_items() == t.model_input
     chat = t.upstream("chat", stream=False)[1]
     assert [m["content"] for m in chat["messages"]] == ["be brief", "instead"]
