@@ -406,16 +406,15 @@ EMPTY_HEADERS: Mapping[str, str] = {}
 def _stored(
     t: turn.Turn, response: dict[str, Any], *, in_progress: bool, inputs: bool = True
 ) -> resources_pb2.StoredResponse:
-    return resources_pb2.StoredResponse(
-        id=t.response_id,
+    return state_records.turn_record(
+        response_id=t.response_id,
         previous_response_id=t.req.previous_response_id or "",
         conversation_id=t.req.conversation_id or "",
-        input_items=[state_records.item_to_proto(i) for i in t.req.stored_inputs()]
-        if inputs
-        else [],
-        output_items=[state_records.item_to_proto(i) for i in response.get("output", [])],
-        response_json=orjson.dumps(response),
+        input_items=t.req.stored_inputs() if inputs else (),
+        output_items=response.get("output", []),
+        response=response,
         idempotency_key=t.idempotency_key,
+        events=None,
         in_progress=in_progress,
     )
 
@@ -940,7 +939,7 @@ async def _cancel_without_job(
     """A running response stored before background jobs existed: finished with PutTurn."""
     try:
         await svc.state.put_turn(
-            state_service_pb2.PutTurnRequest(tenant=tenant, response=final),
+            state_records.put_turn(tenant, final),
             # The record being ended is what the client named (POST .../cancel): whatever the
             # reason (its previous response may have gone since), it is that response's 404.
             not_found=lambda err: errors.response_not_found(final.id),

@@ -93,16 +93,15 @@ def announce(svc: Services, turn: Turn, response: dict[str, Any] | None) -> Runn
     lease.FromMicroseconds(int(svc.settings.running_stream_lease_s * 1_000_000))
     request = state_service_pb2.EnqueueBackgroundResponseRequest(
         tenant=turn.tenant,
-        response=resources_pb2.StoredResponse(
-            id=turn.response_id,
+        response=state_records.turn_record(
+            response_id=turn.response_id,
             previous_response_id=turn.req.previous_response_id or "",
             conversation_id=turn.req.conversation_id or "",
-            input_items=[
-                resources_pb2.Item(id=str(i["id"]), json=orjson.dumps(i))
-                for i in turn.req.input_items
-            ],
-            response_json=orjson.dumps(response),
+            input_items=turn.req.input_items,
+            output_items=(),
+            response=response,
             idempotency_key=turn.idempotency_key,
+            events=None,
             in_progress=True,
         ),
         spec=FOREGROUND_SPEC,
