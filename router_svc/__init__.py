@@ -23,7 +23,8 @@ Package map (a request's way through it, top to bottom)::
     event_log.py      a streamed turn's stored event log, compact (delta runs), and expanded
     replay.py         a stored response's event stream: its stored log, or rebuilt
     hub.py            the client of the hub (the model server)
-    state_client.py   the client of the state service (respgw.state.v1)
+    state_client.py   the typed client of the state service (respgw.state.v1): a method per RPC
+    state_records.py  the state records the router builds and reads (the only proto conversion)
     history_cache.py  histories of chains this router stored, so a chained turn reads none
     bootstrap.py      the client of BootstrapService (respgw.bootstrap.v1), or the no-op
     execution.py      the client of ExecutionService (runs tool calls, serves containers)

@@ -48,7 +48,7 @@ import orjson
 from google.protobuf import duration_pb2
 from prometheus_client import Counter, Gauge
 
-from gateway import grpcerrors
+from gateway import grpcclient, grpcerrors
 from gateway.grpcserver import channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
@@ -57,6 +57,7 @@ from router_svc import (
     compaction,
     errors,
     running,
+    state_records,
     tools,
     turn,
     validate,
@@ -89,6 +90,10 @@ TERMINAL_EVENTS = frozenset(
     {"response.completed", "response.incomplete", "response.failed", "response.cancelled"}
 )
 _STORED_TERMINALS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+# A claim is retried on UNAVAILABLE (IDEMPOTENT with its request_id).
+_CLAIM_RETRY = grpcclient.RetryPolicy(frozenset({grpc.StatusCode.UNAVAILABLE}), (0.2, 0.4))
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -229,18 +234,14 @@ class Worker:
             # A claim whose answer was lost is retried with the same id and gets the same job.
             request_id=secrets.token_hex(12),
         )
-        for attempt in range(3):
-            try:
-                reply = await self.stub.ClaimBackgroundResponse(
-                    request, timeout=self.svc.settings.state_timeout_s, metadata=_UNSAMPLED
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == 2:
-                    raise
-                await asyncio.sleep(0.2 * (attempt + 1))
-                continue
-            return reply.job if reply.HasField("job") else None
-        raise AssertionError("unreachable")
+        reply = await grpcclient.retrying(
+            lambda timeout: self.stub.ClaimBackgroundResponse(
+                request, timeout=timeout, metadata=_UNSAMPLED
+            ),
+            _CLAIM_RETRY,
+            timeout_s=self.svc.settings.state_timeout_s,
+        )
+        return reply.job if reply.HasField("job") else None
 
     def run(
         self,
@@ -366,8 +367,7 @@ async def prepare_again(svc: Services, t: turn.Turn, headers: dict[str, str]) ->
 async def _turn_of_stored(svc: Services, job: resources_pb2.BackgroundJob) -> turn.Turn:
     """A turn rebuilt from the stored running response alone, for a job whose spec cannot be
     read: it is stored as failed (attempt past the limit), never run."""
-    reply = await svc.state.call(
-        "GetResponse",
+    reply = await svc.state.get_response(
         state_service_pb2.GetResponseRequest(tenant=job.tenant, response_id=job.response_id),
     )
     stored = reply.response
@@ -375,7 +375,7 @@ async def _turn_of_stored(svc: Services, job: resources_pb2.BackgroundJob) -> tu
     req = validate.TurnRequest(
         body={},
         model=str(body.get("model") or "unknown"),
-        input_items=[turn.item_from_proto(i) for i in stored.input_items],
+        input_items=state_records.items_from_proto(stored.input_items),
         instructions=None,
         store=True,
         stream=False,
@@ -407,14 +407,15 @@ EMPTY_HEADERS: Mapping[str, str] = {}
 def _stored(
     t: turn.Turn, response: dict[str, Any], *, in_progress: bool, inputs: bool = True
 ) -> resources_pb2.StoredResponse:
-    return resources_pb2.StoredResponse(
-        id=t.response_id,
+    return state_records.turn_record(
+        response_id=t.response_id,
         previous_response_id=t.req.previous_response_id or "",
         conversation_id=t.req.conversation_id or "",
-        input_items=[turn.item_to_proto(i) for i in t.req.stored_inputs()] if inputs else [],
-        output_items=[turn.item_to_proto(i) for i in response.get("output", [])],
-        response_json=orjson.dumps(response),
+        input_items=t.req.stored_inputs() if inputs else (),
+        output_items=response.get("output", []),
+        response=response,
         idempotency_key=t.idempotency_key,
+        events=None,
         in_progress=in_progress,
     )
 
@@ -443,11 +444,9 @@ async def _enqueue(
         max_pending_total=settings.background_max_pending,
     )
     try:
-        reply = await svc.state.call(
-            "EnqueueBackgroundResponse",
+        reply = await svc.state.enqueue_background_response(
             request,
             param="previous_response_id" if t.req.previous_response_id else None,
-            not_found=lambda err: _not_found(t),
         )
     except errors.Conflict:
         if t.idempotency_key:
@@ -470,12 +469,6 @@ async def _enqueue(
         answered: dict[str, Any] = orjson.loads(reply.response.response_json)
         return answered, reply.job if reply.HasField("job") else None
     return queued, reply.job
-
-
-def _not_found(t: turn.Turn) -> errors.ApiError:
-    if t.req.previous_response_id:
-        return errors.previous_response_not_found(t.req.previous_response_id)
-    return errors.conversation_not_found(t.req.conversation_id or "", param="conversation")
 
 
 async def start(
@@ -652,7 +645,7 @@ class _Run:
             await asyncio.sleep(interval)
             asked = time.monotonic()
             try:
-                reply = await self.svc.state.call("RenewBackgroundLease", request)
+                reply = await self.svc.state.renew_background_lease(request)
             except errors.ApiError as exc:
                 stop = _Stop.of(exc)
                 if stop is not None:
@@ -696,8 +689,7 @@ class _Run:
             if not batch:
                 return
             try:
-                await self.svc.state.call(
-                    "AppendResponseEvents",
+                await self.svc.state.append_response_events(
                     state_service_pb2.AppendResponseEventsRequest(
                         tenant=self.turn.tenant,
                         response_id=self.turn.response_id,
@@ -723,8 +715,7 @@ class _Run:
         async with self._write:
             events = [*self.pending, *terminal]
             try:
-                await self.svc.state.call(
-                    "FinishBackgroundResponse",
+                await self.svc.state.finish_background_response(
                     state_service_pb2.FinishBackgroundResponseRequest(
                         tenant=self.turn.tenant,
                         lease_token=self.token,
@@ -921,22 +912,13 @@ async def cancel(
     it is this one); a response that finished meanwhile is returned unchanged."""
     response: dict[str, Any] = orjson.loads(stored.response_json)
     cancelled = {**response, "status": "cancelled", "completed_at": None}
-    final = resources_pb2.StoredResponse()
-    final.CopyFrom(stored)
-    final.ClearField("create_time")
-    final.ClearField("expire_time")
-    del final.output_items[:]
-    final.response_json = orjson.dumps(cancelled)
-    final.stream_events_json = b""
-    final.in_progress = False
+    final = state_records.ended(stored, cancelled, keep_output=False)
     event = {"type": "response.cancelled", "sequence_number": 0, "response": cancelled}
     try:
-        reply = await svc.state.call(
-            "CancelBackgroundResponse",
+        reply = await svc.state.cancel_background_response(
             state_service_pb2.CancelBackgroundResponseRequest(
                 tenant=tenant, response=final, cancel_event_json=orjson.dumps(event)
             ),
-            not_found=lambda err: errors.response_not_found(stored.id),
         )
     except errors.ApiError as exc:
         if _reason(exc) != "NOT_BACKGROUND":
@@ -957,15 +939,16 @@ async def _cancel_without_job(
 ) -> dict[str, Any]:
     """A running response stored before background jobs existed: finished with PutTurn."""
     try:
-        await svc.state.call(
-            "PutTurn",
-            state_service_pb2.PutTurnRequest(tenant=tenant, response=final),
+        await svc.state.put_turn(
+            state_records.put_turn(tenant, final),
+            # The record being ended is what the client named (POST .../cancel): whatever the
+            # reason (its previous response may have gone since), it is that response's 404.
             not_found=lambda err: errors.response_not_found(final.id),
         )
     except errors.Conflict:
         # It finished before the cancel landed: that result stands.
-        reply = await svc.state.call(
-            "GetResponse", state_service_pb2.GetResponseRequest(tenant=tenant, response_id=final.id)
+        reply = await svc.state.get_response(
+            state_service_pb2.GetResponseRequest(tenant=tenant, response_id=final.id)
         )
         finished: dict[str, Any] = orjson.loads(reply.response.response_json)
         return finished
@@ -1057,7 +1040,9 @@ async def _follow(
     # The log ended without a terminal event (a turn finished without one, or the stream could
     # not be followed): the rest as stored.
     found = await svc.state.find(
-        "GetResponse", state_service_pb2.GetResponseRequest(tenant=tenant, response_id=response_id)
+        svc.state.get_response(
+            state_service_pb2.GetResponseRequest(tenant=tenant, response_id=response_id)
+        )
     )
     if found is None:
         return

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,18 +24,15 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import grpc
 import orjson
 
-from gateway import grpcerrors, tracing
+from gateway import grpcclient, grpcerrors
 from gateway.grpcserver import DEFAULT_MAX_MESSAGE_BYTES, channel_options
-from gateway.logs import REQUEST_ID_HEADER, request_id_var
+from gateway.logs import request_id_var
 from respgw.bootstrap.v1 import bootstrap_service_pb2 as pb
 from respgw.bootstrap.v1 import bootstrap_service_pb2_grpc, resources_pb2
 from router_svc import errors
 from router_svc.config import RouterSettings
 
 log = logging.getLogger(__name__)
-# Back-off jitter from a generator of our own: the global one is the application's (and tests
-# seed it).
-_jitter = random.Random()
 
 STATEFUL_TOOL_TYPES: dict[str, resources_pb2.ToolKind.ValueType] = {
     "code_interpreter": resources_pb2.TOOL_KIND_CODE_INTERPRETER,
@@ -51,6 +46,7 @@ RETRYABLE = frozenset(
 )
 MAX_RETRIES = 2
 BACKOFF_S = (0.05, 0.2)
+RETRY = grpcclient.RetryPolicy(RETRYABLE, BACKOFF_S[:MAX_RETRIES], jitter=True)
 
 # Headers that carry credentials: never forwarded, whatever the configuration says.
 _SECRET_HEADERS = frozenset(
@@ -220,12 +216,8 @@ class GrpcBootstrapper:
             metadata=metadata,
         )
         stub = self._client()
-        call_metadata: tuple[tuple[str, str], ...] = (
-            (REQUEST_ID_HEADER, request_id_var.get() or request_id),
-        )
-        span = None
-        if tracing.enabled:
-            span, call_metadata = _traced("PrepareTools", call_metadata)
+        out = grpcclient.Outgoing(_SERVICE, "PrepareTools", request_id_var.get() or request_id)
+        call_metadata = out.metadata
         code = "OK"
         try:
             reply = await self._with_retries(
@@ -243,8 +235,7 @@ class GrpcBootstrapper:
             )
             raise errors.from_bootstrap_error(err) from exc
         finally:
-            if span is not None:
-                tracing.end_grpc(span, code, server=False)
+            out.end(code)
         return _prepared(reply, [STATEFUL_TOOL_TYPES[t["type"]] for t in declared])
 
     async def release(
@@ -255,10 +246,8 @@ class GrpcBootstrapper:
         request = pb.ReleaseToolsRequest(
             tenant=tenant, conversation_id=conversation_id, response_id=response_id
         )
-        call_metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id_var.get()),)
-        span = None
-        if tracing.enabled:
-            span, call_metadata = _traced("ReleaseTools", call_metadata)
+        out = grpcclient.Outgoing(_SERVICE, "ReleaseTools")
+        call_metadata = out.metadata
         code = "OK"
         try:
             stub = self._client()
@@ -282,8 +271,7 @@ class GrpcBootstrapper:
             code = "UNKNOWN"
             log.exception("releasing stateful tools failed")
         finally:
-            if span is not None:
-                tracing.end_grpc(span, code, server=False)
+            out.end(code)
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -292,38 +280,18 @@ class GrpcBootstrapper:
             self._stub = None
 
     async def _with_retries(self, call: Callable[[float], Awaitable[T]]) -> T:
-        """Runs ``call(timeout)`` and retries it as the proto's status table allows."""
-        deadline = time.monotonic() + self.budget_s
-        attempt = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                return await call(max(min(self.timeout_s, remaining), 0.001))
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE or attempt >= MAX_RETRIES:
-                    raise
-                # Jittered so that many routers retrying at once do not arrive together.
-                pause = BACKOFF_S[attempt] * (0.5 + _jitter.random())
-                if deadline - time.monotonic() - pause < 0.01:
-                    raise
-                log.info(
-                    "retrying bootstrap call",
-                    extra={"code": exc.code().name, "attempt": attempt + 1},
-                )
-                await asyncio.sleep(pause)
-                attempt += 1
+        """Runs ``call(timeout)`` and retries it as the proto's status table allows, within the
+        overall budget."""
+        return await grpcclient.retrying(
+            call, RETRY, timeout_s=self.timeout_s, budget_s=self.budget_s, on_retry=_log_retry
+        )
+
+
+def _log_retry(code: grpc.StatusCode, attempt: int) -> None:
+    log.info("retrying bootstrap call", extra={"code": code.name, "attempt": attempt})
 
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["BootstrapService"].full_name
-
-
-def _traced(
-    method: str, metadata: tuple[tuple[str, str], ...]
-) -> tuple[tracing.Span, tuple[tuple[str, str], ...]]:
-    """A CLIENT span for one bootstrap call, and the metadata that carries its trace."""
-    full = f"{_SERVICE}/{method}"
-    span = tracing.start_client(full, tracing.grpc_attributes(full))
-    return span, tracing.grpc_metadata(span, metadata)
 
 
 def _forwardable(headers: Mapping[str, str]) -> dict[str, str]:

@@ -38,6 +38,9 @@ class ApiError(Exception):
     status: int = 500
     type: str = SERVER_ERROR
     default_code: str | None = None
+    # True when the state service answered NOT_FOUND (set by router_svc.state_client, whose
+    # ``find`` answers None for it).
+    state_not_found: bool = False
 
     def __init__(
         self,

@@ -25,9 +25,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from gateway import grpcerrors, tracing
+from gateway import grpcclient, grpcerrors
 from gateway.grpcserver import DEFAULT_MAX_MESSAGE_BYTES, channel_options
-from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from respgw.bootstrap.v1 import error_reason_pb2 as reasons
 from respgw.bootstrap.v1 import execution_resources_pb2 as res
 from respgw.bootstrap.v1 import execution_service_pb2 as pb
@@ -42,6 +41,8 @@ T = TypeVar("T")
 # How long a capabilities answer (or its absence) is trusted.
 CAPABILITIES_TTL_S = 30.0
 RETRY_BACKOFF_S = (0.05, 0.2)
+# UNAVAILABLE: nothing ran (a stream that started is never replayed: see Execute's contract).
+RETRY = grpcclient.RetryPolicy(frozenset({grpc.StatusCode.UNAVAILABLE}), RETRY_BACKOFF_S)
 UPLOAD_CHUNK = 1024 * 1024
 _OUTCOMES = {
     res.OUTCOME_EXITED: "exited",
@@ -219,23 +220,14 @@ class GrpcExecutor:
         assert self._stub is not None
         return self._stub
 
-    @staticmethod
-    def _metadata() -> tuple[tuple[str, str], ...]:
-        return ((REQUEST_ID_HEADER, request_id_var.get()),)
-
     @contextlib.contextmanager
     def _traced(self, method: str) -> Iterator[tuple[tuple[str, str], ...]]:
-        """The metadata of one call, carrying its CLIENT span's trace when tracing is on (so
-        the execution service's spans join the request's trace)."""
-        metadata = self._metadata()
-        if not tracing.enabled:
-            yield metadata
-            return
-        full = f"{_SERVICE}/{method}"
-        span = tracing.start_client(full, tracing.grpc_attributes(full))
+        """The metadata of one call (gateway.grpcclient): the request id, and its CLIENT span's
+        trace when tracing is on (so the execution service's spans join the request's trace)."""
+        out = grpcclient.Outgoing(_SERVICE, method)
         code = "OK"
         try:
-            yield tracing.grpc_metadata(span, metadata)
+            yield out.metadata
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
             raise
@@ -243,7 +235,7 @@ class GrpcExecutor:
             code = "UNKNOWN"
             raise
         finally:
-            tracing.end_grpc(span, code, server=False)
+            out.end(code)
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -322,9 +314,10 @@ class GrpcExecutor:
                 pass  # recorded in result.error
             except grpc.aio.AioRpcError as exc:
                 err = grpcerrors.error_info(exc)
-                if err.code == grpc.StatusCode.UNAVAILABLE and attempt < len(RETRY_BACKOFF_S):
+                pause = RETRY.pause(err.code, attempt)
+                if pause is not None:
                     # Nothing ran: the proto allows the retry.
-                    await asyncio.sleep(RETRY_BACKOFF_S[attempt])
+                    await asyncio.sleep(pause)
                     continue
                 log.warning(
                     "a tool call could not run",

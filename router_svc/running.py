@@ -34,7 +34,7 @@ from google.protobuf import duration_pb2
 from prometheus_client import Counter
 
 from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import errors
+from router_svc import errors, state_records
 from router_svc.response import error_object
 
 if TYPE_CHECKING:
@@ -115,16 +115,15 @@ async def _hold(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
     lease.FromMicroseconds(int(svc.settings.running_stream_lease_s * 1_000_000))
     request = state_service_pb2.EnqueueBackgroundResponseRequest(
         tenant=turn.tenant,
-        response=resources_pb2.StoredResponse(
-            id=turn.response_id,
+        response=state_records.turn_record(
+            response_id=turn.response_id,
             previous_response_id=turn.req.previous_response_id or "",
             conversation_id=turn.req.conversation_id or "",
-            input_items=[
-                resources_pb2.Item(id=str(i["id"]), json=orjson.dumps(i))
-                for i in turn.req.stored_inputs()
-            ],
-            response_json=orjson.dumps(response),
+            input_items=turn.req.stored_inputs(),
+            output_items=(),
+            response=response,
             idempotency_key=turn.idempotency_key,
+            events=None,
             in_progress=True,
         ),
         spec=FOREGROUND_SPEC,
@@ -132,7 +131,7 @@ async def _hold(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
         lease_duration=lease,
     )
     try:
-        reply = await svc.state.call("EnqueueBackgroundResponse", request)
+        reply = await svc.state.enqueue_background_response(request)
     except errors.ApiError as exc:
         # ALREADY_EXISTS: the final turn is stored already. Anything else (the previous response
         # is gone, the state service is down) the final PutTurn meets and reports itself.
@@ -153,7 +152,7 @@ async def _hold(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
     while True:
         await asyncio.sleep(period)
         try:
-            renewal = await svc.state.call("RenewBackgroundLease", renew)
+            renewal = await svc.state.renew_background_lease(renew)
         except errors.ApiError as exc:
             if exc.status < 500:
                 return  # lease lost (another router stored it as failed) or the response is gone
@@ -186,8 +185,9 @@ async def when_done(
         await asyncio.sleep(delay)
         delay = min(delay * 2, 1.0)
         found = await svc.state.find(
-            "GetResponse",
-            state_service_pb2.GetResponseRequest(tenant=tenant, response_id=str(response["id"])),
+            svc.state.get_response(
+                state_service_pb2.GetResponseRequest(tenant=tenant, response_id=str(response["id"]))
+            )
         )
         if found is None:
             break
@@ -204,8 +204,9 @@ async def finish_abandoned(svc: Services, job: resources_pb2.BackgroundJob) -> N
     """Stores a running foreground stream whose router stopped as failed, with the claimed
     job's lease; a stream that finished meanwhile is left as it is."""
     found = await svc.state.find(
-        "GetResponse",
-        state_service_pb2.GetResponseRequest(tenant=job.tenant, response_id=job.response_id),
+        svc.state.get_response(
+            state_service_pb2.GetResponseRequest(tenant=job.tenant, response_id=job.response_id)
+        )
     )
     if found is None or not found.response.in_progress:
         return
@@ -216,16 +217,9 @@ async def finish_abandoned(svc: Services, job: resources_pb2.BackgroundJob) -> N
         "status": "failed",
         "error": error_object("server_error", ABANDONED_MESSAGE),
     }
-    final = resources_pb2.StoredResponse()
-    final.CopyFrom(stored)
-    final.ClearField("create_time")
-    final.ClearField("expire_time")
-    final.response_json = orjson.dumps(failed)
-    final.stream_events_json = b""
-    final.in_progress = False
+    final = state_records.ended(stored, failed)
     try:
-        await svc.state.call(
-            "FinishBackgroundResponse",
+        await svc.state.finish_background_response(
             state_service_pb2.FinishBackgroundResponseRequest(
                 tenant=job.tenant, lease_token=job.lease_token, response=final
             ),

@@ -12,18 +12,18 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
 from prometheus_client import Counter, Histogram
 
-from gateway import grpcerrors, tracing
+from gateway import grpcclient, grpcerrors
 from gateway.grpcserver import channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from gateway.metrics import LATENCY_BUCKETS
+from respgw.state.v1 import error_reason_pb2 as state_reasons
 from respgw.state.v1 import state_service_pb2 as pb
 from respgw.state.v1 import state_service_pb2_grpc as pb_grpc
 from router_svc import errors
@@ -44,28 +44,18 @@ STATE_CALL_ERRORS = Counter(
     ["method", "code"],
 )
 
-_SAFE_LEVELS = {
-    descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS,
-    descriptor_pb2.MethodOptions.IDEMPOTENT,
-}
-
-
-def retryable_methods() -> frozenset[str]:
-    """The RPCs the contract marks safe to retry (NO_SIDE_EFFECTS or IDEMPOTENT)."""
-    service = pb.DESCRIPTOR.services_by_name["StateService"]
-    return frozenset(
-        m.name for m in service.methods if m.GetOptions().idempotency_level in _SAFE_LEVELS
-    )
-
-
-RETRYABLE = retryable_methods()
-_BACKOFF_S = (0.05, 0.2)
+RETRYABLE = grpcclient.safe_to_retry(pb.DESCRIPTOR.services_by_name["StateService"])
+# UNAVAILABLE: the server wrote nothing, or the replay is harmless by contract.
+_RETRY = grpcclient.RetryPolicy(frozenset({grpc.StatusCode.UNAVAILABLE}), (0.05, 0.2))
 
 # The RPCs that go over Exchange streams, with their field in ExchangeRequest.call.
 _EXCHANGED = {"PutTurn": "put_turn", "GetHistory": "get_history", "GetResponse": "get_response"}
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # The most ids one GetItems call may ask for (its contract).
 MAX_ITEM_IDS = 100
+# A call site's own error for NOT_FOUND, where the route must answer another than the reason's.
+NotFoundOverride = Callable[[grpcerrors.RemoteError], errors.ApiError]
+WatchCall = grpc.aio.UnaryStreamCall[pb.WatchResponseEventsRequest, pb.WatchResponseEventsResponse]
 
 
 class CallFailed(Exception):
@@ -236,11 +226,69 @@ def _expire(future: asyncio.Future[Any]) -> None:
         )
 
 
-Resp = TypeVar("Resp")
+R = TypeVar("R")
+
+
+def _not_found_reason(value: state_reasons.ErrorReason.ValueType) -> str:
+    return grpcerrors.reason(state_reasons.ErrorReason, value)
+
+
+def _response_not_found(err: grpcerrors.RemoteError, param: str | None) -> errors.ApiError:
+    return errors.response_not_found(
+        err.metadata.get("response_id") or err.metadata.get("idempotency_key", "")
+    )
+
+
+def _previous_not_found(err: grpcerrors.RemoteError, param: str | None) -> errors.ApiError:
+    return errors.previous_response_not_found(err.metadata.get("previous_response_id", ""))
+
+
+def _conversation_not_found(err: grpcerrors.RemoteError, param: str | None) -> errors.ApiError:
+    return errors.conversation_not_found(
+        err.metadata.get("conversation_id") or err.metadata.get("request_id", ""), param=param
+    )
+
+
+def _item_not_found(err: grpcerrors.RemoteError, param: str | None) -> errors.ApiError:
+    return errors.NotFound(
+        f"Item with id '{err.metadata.get('item_id', '')}' not found.", code="not_found"
+    )
+
+
+# NOT_FOUND by the state service's reason (error_reason.proto): the error the client sees, built
+# from the ids the reason's metadata names. ``param`` is the request field that named the
+# conversation (``conversation`` for a turn's RPCs, none for the conversation routes). A NOT_FOUND
+# without a known reason falls back on errors.from_state_error (a 404 with the server's message).
+NOT_FOUND_BY_REASON: dict[str, Callable[[grpcerrors.RemoteError, str | None], errors.ApiError]] = {
+    _not_found_reason(state_reasons.ERROR_REASON_RESPONSE_NOT_FOUND): _response_not_found,
+    _not_found_reason(state_reasons.ERROR_REASON_PREVIOUS_RESPONSE_NOT_FOUND): _previous_not_found,
+    _not_found_reason(state_reasons.ERROR_REASON_CONVERSATION_NOT_FOUND): _conversation_not_found,
+    _not_found_reason(state_reasons.ERROR_REASON_ITEM_NOT_FOUND): _item_not_found,
+}
+
+
+def map_error(
+    info: grpcerrors.RemoteError, *, param: str | None = None, conversation_param: str | None = None
+) -> errors.ApiError:
+    """The client's error for a failed state call: NOT_FOUND by its reason
+    (:data:`NOT_FOUND_BY_REASON`), anything else by :func:`errors.from_state_error`."""
+    if info.code == grpc.StatusCode.NOT_FOUND:
+        build = NOT_FOUND_BY_REASON.get(info.reason)
+        if build is not None:
+            mapped = build(info, conversation_param)
+            mapped.state_not_found = True
+            return mapped
+    mapped = errors.from_state_error(info, param=param)
+    mapped.state_not_found = info.code == grpc.StatusCode.NOT_FOUND
+    return mapped
 
 
 class StateClient:
-    """Calls the state service; every failure comes out as a :class:`errors.ApiError`."""
+    """The typed door to the state service: one method per RPC of ``StateService`` (named in
+    snake_case, taking and returning its generated messages; tests/router_svc/test_state_client.py
+    checks them against the service descriptor), every failure an :class:`errors.ApiError` mapped
+    in one place (:func:`map_error`). Exchange has no method: it is the transport PutTurn,
+    GetHistory and GetResponse ride (see :class:`Exchange`)."""
 
     def __init__(
         self,
@@ -299,76 +347,186 @@ class StateClient:
             )
         return rpc
 
-    async def call(
+    @staticmethod
+    async def find(call: Awaitable[R]) -> R | None:
+        """The reply of ``call`` (a typed method's), or None when the state service answered
+        NOT_FOUND."""
+        try:
+            return await call
+        except errors.ApiError as exc:
+            if exc.state_not_found:
+                return None
+            raise
+
+    # --- one method per RPC -------------------------------------------------------------------
+    # ``param`` names the request field a 4xx other than NOT_FOUND points at (see
+    # errors.from_state_error); ``not_found`` replaces the reason's error where a route must
+    # answer another one (the call site says why).
+
+    async def put_turn(
         self,
-        method: str,
-        request: Any,
+        request: pb.PutTurnRequest | bytes,
         *,
         param: str | None = None,
-        not_found: Callable[[grpcerrors.RemoteError], errors.ApiError] | None = None,
-    ) -> Any:
-        """Calls ``method`` with ``request``; maps a failure with :func:`errors.from_state_error`
-        (or ``not_found`` for NOT_FOUND).
+        not_found: NotFoundOverride | None = None,
+    ) -> pb.PutTurnResponse:
+        """Stores a turn. ``request`` may be a PutTurnRequest encoded already (a large turn, see
+        state_records.encoded_put_turn): it goes as a unary call, as it is."""
+        reply: pb.PutTurnResponse = await self._call(
+            "PutTurn", request, param=param, conversation_param="conversation", not_found=not_found
+        )
+        return reply
 
-        The request path's RPCs (PutTurn, GetHistory, GetResponse) go over the Exchange streams
-        unless tracing is on (a unary call carries its own span to the server). A request given
-        as bytes (encoded already: a large turn, see turn.store) goes as a unary call, as it is.
-        """
-        rid = request_id_var.get()
-        encoded = isinstance(request, bytes)
-        field = _EXCHANGED.get(method) if self._exchange is not None and not encoded else None
-        span = None
-        metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, rid),)
-        if tracing.enabled:
-            field = None
-            full = f"{SERVICE_NAME}/{method}"
-            span = tracing.start_client(full, tracing.grpc_attributes(full))
-            metadata = tracing.grpc_metadata(span, metadata)
-        code = "OK"
-        attempts = len(_BACKOFF_S) + 1 if method in RETRYABLE else 1
-        start = time.perf_counter()
-        try:
-            for attempt in range(attempts):
-                try:
-                    if field is not None:
-                        assert self._exchange is not None
-                        return await self._exchange.call(field, request, rid, self._timeout_s)
-                    rpc = self._encoded_rpc(method) if encoded else getattr(self._stub, method)
-                    return await rpc(request, timeout=self._timeout_s, metadata=metadata)
-                except grpc.aio.AioRpcError as exc:
-                    info = grpcerrors.error_info(exc)
-                    cause: BaseException = exc
-                except CallFailed as exc:
-                    info = exc.info
-                    cause = exc
-                if info.code == grpc.StatusCode.UNAVAILABLE and attempt < attempts - 1:
-                    log.warning(
-                        "state call unavailable, retrying",
-                        extra={"method": method, "attempt": attempt + 1},
-                    )
-                    await asyncio.sleep(_BACKOFF_S[attempt])
-                    continue
-                code = info.code.name
-                STATE_CALL_ERRORS.labels(method, code).inc()
-                if info.code == grpc.StatusCode.NOT_FOUND and not_found is not None:
-                    raise not_found(info) from cause
-                mapped = errors.from_state_error(info, param=param)
-                if mapped.status >= 500:
-                    log.error(
-                        "state call failed",
-                        extra={"method": method, "code": info.code.name, "detail": info.message},
-                    )
-                raise mapped from cause
-            raise AssertionError("unreachable")
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            STATE_CALL_LATENCY.labels(method).observe(time.perf_counter() - start)
-            if span is not None:
-                tracing.end_grpc(span, code, server=False)
+    async def get_response(self, request: pb.GetResponseRequest) -> pb.GetResponseResponse:
+        reply: pb.GetResponseResponse = await self._call("GetResponse", request)
+        return reply
 
-    async def get_items(self, tenant: str, item_ids: Sequence[str]) -> dict[str, bytes]:
+    async def get_history(
+        self,
+        request: pb.GetHistoryRequest,
+        *,
+        param: str | None = None,
+        not_found: NotFoundOverride | None = None,
+    ) -> pb.GetHistoryResponse:
+        reply: pb.GetHistoryResponse = await self._call(
+            "GetHistory",
+            request,
+            param=param,
+            conversation_param="conversation",
+            not_found=not_found,
+        )
+        return reply
+
+    async def delete_response(self, request: pb.DeleteResponseRequest) -> pb.DeleteResponseResponse:
+        reply: pb.DeleteResponseResponse = await self._call("DeleteResponse", request)
+        return reply
+
+    async def create_conversation(
+        self, request: pb.CreateConversationRequest
+    ) -> pb.CreateConversationResponse:
+        reply: pb.CreateConversationResponse = await self._call("CreateConversation", request)
+        return reply
+
+    async def get_conversation(
+        self, request: pb.GetConversationRequest
+    ) -> pb.GetConversationResponse:
+        reply: pb.GetConversationResponse = await self._call("GetConversation", request)
+        return reply
+
+    async def update_conversation(
+        self, request: pb.UpdateConversationRequest
+    ) -> pb.UpdateConversationResponse:
+        reply: pb.UpdateConversationResponse = await self._call("UpdateConversation", request)
+        return reply
+
+    async def delete_conversation(
+        self, request: pb.DeleteConversationRequest
+    ) -> pb.DeleteConversationResponse:
+        reply: pb.DeleteConversationResponse = await self._call("DeleteConversation", request)
+        return reply
+
+    async def create_conversation_items(
+        self, request: pb.CreateConversationItemsRequest, *, param: str | None = None
+    ) -> pb.CreateConversationItemsResponse:
+        reply: pb.CreateConversationItemsResponse = await self._call(
+            "CreateConversationItems", request, param=param
+        )
+        return reply
+
+    async def list_conversation_items(
+        self, request: pb.ListConversationItemsRequest, *, param: str | None = None
+    ) -> pb.ListConversationItemsResponse:
+        reply: pb.ListConversationItemsResponse = await self._call(
+            "ListConversationItems", request, param=param
+        )
+        return reply
+
+    async def get_conversation_item(
+        self, request: pb.GetConversationItemRequest
+    ) -> pb.GetConversationItemResponse:
+        reply: pb.GetConversationItemResponse = await self._call("GetConversationItem", request)
+        return reply
+
+    async def delete_conversation_item(
+        self, request: pb.DeleteConversationItemRequest
+    ) -> pb.DeleteConversationItemResponse:
+        reply: pb.DeleteConversationItemResponse = await self._call(
+            "DeleteConversationItem", request
+        )
+        return reply
+
+    async def get_items(self, request: pb.GetItemsRequest) -> pb.GetItemsResponse:
+        reply: pb.GetItemsResponse = await self._call("GetItems", request)
+        return reply
+
+    async def enqueue_background_response(
+        self,
+        request: pb.EnqueueBackgroundResponseRequest,
+        *,
+        param: str | None = None,
+        not_found: NotFoundOverride | None = None,
+    ) -> pb.EnqueueBackgroundResponseResponse:
+        reply: pb.EnqueueBackgroundResponseResponse = await self._call(
+            "EnqueueBackgroundResponse",
+            request,
+            param=param,
+            conversation_param="conversation",
+            not_found=not_found,
+        )
+        return reply
+
+    async def claim_background_response(
+        self, request: pb.ClaimBackgroundResponseRequest
+    ) -> pb.ClaimBackgroundResponseResponse:
+        reply: pb.ClaimBackgroundResponseResponse = await self._call(
+            "ClaimBackgroundResponse", request
+        )
+        return reply
+
+    async def renew_background_lease(
+        self, request: pb.RenewBackgroundLeaseRequest
+    ) -> pb.RenewBackgroundLeaseResponse:
+        reply: pb.RenewBackgroundLeaseResponse = await self._call("RenewBackgroundLease", request)
+        return reply
+
+    async def append_response_events(
+        self, request: pb.AppendResponseEventsRequest
+    ) -> pb.AppendResponseEventsResponse:
+        reply: pb.AppendResponseEventsResponse = await self._call("AppendResponseEvents", request)
+        return reply
+
+    async def finish_background_response(
+        self, request: pb.FinishBackgroundResponseRequest
+    ) -> pb.FinishBackgroundResponseResponse:
+        reply: pb.FinishBackgroundResponseResponse = await self._call(
+            "FinishBackgroundResponse", request
+        )
+        return reply
+
+    async def cancel_background_response(
+        self, request: pb.CancelBackgroundResponseRequest
+    ) -> pb.CancelBackgroundResponseResponse:
+        reply: pb.CancelBackgroundResponseResponse = await self._call(
+            "CancelBackgroundResponse", request
+        )
+        return reply
+
+    def watch_response_events(
+        self, request: pb.WatchResponseEventsRequest, *, timeout: float | None = None
+    ) -> WatchCall:
+        """The response's events as they reach its log: a server stream to iterate with
+        ``async for`` and cancel when done (no deadline unless ``timeout``). Failures come out
+        as ``grpc.aio.AioRpcError`` while iterating: the stream may have delivered events before
+        it broke. (The background worker watches on a channel of its own, see background.py.)"""
+        metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id_var.get()),)
+        call: WatchCall = self._stub.WatchResponseEvents(
+            request, timeout=timeout, metadata=metadata
+        )
+        return call
+
+    # --- beyond one RPC -----------------------------------------------------------------------
+
+    async def get_items_by_id(self, tenant: str, item_ids: Sequence[str]) -> dict[str, bytes]:
         """The JSON of the stored items with these ids (GetItems, up to MAX_ITEM_IDS ids a
         call), by id; ids not found are left out."""
         found: dict[str, bytes] = {}
@@ -376,21 +534,93 @@ class StateClient:
             request = pb.GetItemsRequest(
                 tenant=tenant, item_ids=item_ids[start : start + MAX_ITEM_IDS]
             )
-            reply = await self.call("GetItems", request)
+            reply = await self.get_items(request)
             found.update((item.id, item.json) for item in reply.items)
         return found
 
-    async def find(self, method: str, request: Any) -> Any | None:
-        """Like :meth:`call`, but NOT_FOUND answers None instead of raising."""
+    async def _call(
+        self,
+        method: str,
+        request: Any,
+        *,
+        param: str | None = None,
+        conversation_param: str | None = None,
+        not_found: NotFoundOverride | None = None,
+    ) -> Any:
+        """Calls ``method`` with ``request``; maps a failure with :func:`map_error` (or
+        ``not_found`` for NOT_FOUND).
+
+        The request path's RPCs (PutTurn, GetHistory, GetResponse) go over the Exchange streams
+        unless tracing is on (a unary call carries its own span to the server). A request given
+        as bytes (encoded already: a large turn, see turn.store) goes as a unary call, as it is."""
+        out = grpcclient.Outgoing(SERVICE_NAME, method)
+        encoded = isinstance(request, bytes)
+        exchange = self._exchange if out.span is None and not encoded else None
+        field = _EXCHANGED.get(method) if exchange is not None else None
+        rpc = None
+        if field is None:
+            rpc = self._encoded_rpc(method) if encoded else getattr(self._stub, method)
+        rid, metadata = out.metadata[0][1], out.metadata
+
+        def attempt(timeout: float) -> Awaitable[Any]:
+            if rpc is None:
+                assert exchange is not None and field is not None
+                return exchange.call(field, request, rid, timeout)
+            return rpc(request, timeout=timeout, metadata=metadata)  # type: ignore[no-any-return]
+
+        code = "OK"
+        failed = False
         try:
-            return await self.call(method, request, not_found=_Missing.of)
-        except _Missing:
-            return None
+            try:
+                if rpc is None:
+                    assert exchange is not None and field is not None
+                    return await exchange.call(field, request, rid, self._timeout_s)
+                return await rpc(request, timeout=self._timeout_s, metadata=metadata)
+            except (grpc.aio.AioRpcError, CallFailed) as first:
+                # Retried as the contract allows, off the path of a call that succeeds.
+                policy = _RETRY if method in RETRYABLE else grpcclient.NO_RETRY
+                status = first.info.code if isinstance(first, CallFailed) else first.code()
+                pause = policy.pause(status, 0)
+                if pause is None:
+                    raise
+                _log_retry(method, 1)
+                await asyncio.sleep(pause)
+            return await grpcclient.retrying(
+                attempt,
+                policy,
+                timeout_s=self._timeout_s,
+                code_of=_code_of,
+                on_retry=lambda _code, n: _log_retry(method, n),
+                attempts_made=1,
+            )
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except (grpc.aio.AioRpcError, CallFailed) as exc:
+            info = exc.info if isinstance(exc, CallFailed) else grpcerrors.error_info(exc)
+            code, failed = info.code.name, True
+            if info.code == grpc.StatusCode.NOT_FOUND and not_found is not None:
+                overridden = not_found(info)
+                overridden.state_not_found = True
+                raise overridden from exc
+            mapped = map_error(info, param=param, conversation_param=conversation_param)
+            if mapped.status >= 500:
+                log.error(
+                    "state call failed",
+                    extra={"method": method, "code": info.code.name, "detail": info.message},
+                )
+            raise mapped from exc
+        finally:
+            out.end(
+                code, latency=STATE_CALL_LATENCY, failures=STATE_CALL_ERRORS if failed else None
+            )
 
 
-class _Missing(errors.ApiError):
-    """NOT_FOUND inside :meth:`StateClient.find`; never leaves this module."""
+def _log_retry(method: str, attempt: int) -> None:
+    log.warning("state call unavailable, retrying", extra={"method": method, "attempt": attempt})
 
-    @classmethod
-    def of(cls, err: grpcerrors.RemoteError) -> errors.ApiError:
-        return cls(err.message)
+
+def _code_of(exc: Exception) -> grpc.StatusCode | None:
+    if isinstance(exc, CallFailed):
+        return exc.info.code
+    return exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None

@@ -34,8 +34,6 @@ import grpc
 import orjson
 
 from gateway import grpcerrors
-from gateway.grpcerrors import RemoteError
-from respgw.state.v1 import resources_pb2, state_service_pb2
 from router_svc import (
     bootstrap,
     compaction,
@@ -43,6 +41,7 @@ from router_svc import (
     hub,
     include,
     running,
+    state_records,
     tools,
     validate,
 )
@@ -135,15 +134,6 @@ class Turn:
         if self.omitted_history_items:
             return {HISTORY_TRUNCATED_HEADER: str(self.omitted_history_items)}
         return {}
-
-
-def item_to_proto(item: Mapping[str, Any]) -> resources_pb2.Item:
-    return resources_pb2.Item(id=str(item["id"]), json=orjson.dumps(item))
-
-
-def item_from_proto(item: resources_pb2.Item) -> dict[str, Any]:
-    parsed: dict[str, Any] = orjson.loads(item.json)
-    return parsed
 
 
 # --- retries: explicit Idempotency-Key and the official SDKs' retries ----------------------------
@@ -256,12 +246,11 @@ async def find_first(svc: Services, tenant: str, ident: Identity) -> dict[str, A
 async def find_idempotent(svc: Services, tenant: str, key: str) -> dict[str, Any] | None:
     """The response already stored for this Idempotency-Key, if any."""
     reply = await svc.state.find(
-        "GetResponse", state_service_pb2.GetResponseRequest(tenant=tenant, idempotency_key=key)
+        svc.state.get_response(state_records.get_response(tenant, idempotency_key=key))
     )
     if reply is None:
         return None
-    found: dict[str, Any] = orjson.loads(reply.response.response_json)
-    return found
+    return state_records.response_of(reply.response)
 
 
 async def begin(
@@ -313,24 +302,21 @@ async def begin(
             omitted = len(history) - cache.max_items
             history = history[omitted:]
     elif req.previous_response_id or req.conversation_id:
-        lookup = state_service_pb2.GetHistoryRequest(tenant=tenant)
         if req.previous_response_id:
-            lookup.response_id = req.previous_response_id
-            param = "previous_response_id"
             prev = req.previous_response_id
-
-            def not_found(err: RemoteError) -> errors.ApiError:
-                return errors.previous_response_not_found(prev)
+            reply = await svc.state.get_history(
+                state_records.get_history(tenant, response_id=prev),
+                param="previous_response_id",
+                # The anchor is the client's previous_response_id, so a missing response is the
+                # 400 naming that field, not the 404 of GET /v1/responses/{id} (its reason).
+                not_found=lambda err: errors.previous_response_not_found(prev),
+            )
         else:
             assert req.conversation_id
-            lookup.conversation_id = req.conversation_id
-            param = "conversation"
-            conv = req.conversation_id
-
-            def not_found(err: RemoteError) -> errors.ApiError:
-                return errors.conversation_not_found(conv, param="conversation")
-
-        reply = await svc.state.call("GetHistory", lookup, param=param, not_found=not_found)
+            reply = await svc.state.get_history(
+                state_records.get_history(tenant, conversation_id=req.conversation_id),
+                param="conversation",
+            )
         history_json = tuple(i.json for i in reply.items)
         history = [orjson.loads(raw) for raw in history_json]
         if req.conversation_id:
@@ -413,7 +399,7 @@ async def resolve_references(
             known[item_id] = item  # a later copy wins, as GetItems picks the newest
     missing = [i for i in wanted if i not in known]
     if missing:
-        fetched = await svc.state.get_items(tenant, sorted(missing))
+        fetched = await svc.state.get_items_by_id(tenant, sorted(missing))
         known.update((item_id, orjson.loads(data)) for item_id, data in fetched.items())
     items = list(req.input_items)
     for position in req.references:
@@ -483,41 +469,35 @@ async def store(
     """
     if not turn.req.store:
         return response
-    put = state_service_pb2.PutTurnRequest(
-        tenant=turn.tenant,
-        require_intact_chain=turn.parent_chain is not None,
-        omit_stored_content=True,
-    )
-    stored = put.response
-    stored.id = turn.response_id
-    stored.previous_response_id = turn.req.previous_response_id or ""
-    stored.conversation_id = turn.req.conversation_id or ""
-    stored.input_items.extend(item_to_proto(i) for i in turn.req.stored_inputs())
-    stored.idempotency_key = turn.idempotency_key
-    stored.in_progress = in_progress
     output = response.get("output", []) if keep_output else []
     response_json = orjson.dumps(response)
     log = events.dump(response) if events is not None else b""
-    large = len(response_json) + len(log) >= LARGE_TURN_BYTES
+    large = state_records.large_turn(response_json, log)
     # The state service takes the items of a large turn from the response JSON when it can:
     # the answer then goes once (and is encoded here only for the history cache).
     derived = large and keep_output and svc.state.response_json_with_output_items
     output_json = [] if derived and svc.history_cache is None else [orjson.dumps(i) for i in output]
-    # A background turn ran on the history of its start, whatever was appended since: nobody is
-    # there to retry it, and the caller asked for exactly that.
-    if turn.conversation_version is not None and not turn.req.background:
-        put.expected_conversation_version = turn.conversation_version
-    request: state_service_pb2.PutTurnRequest | bytes = put
-    if not large:
-        for item, data in zip(output, output_json, strict=True):
-            stored.output_items.add(id=str(item["id"]), json=data)
-        stored.response_json = response_json
-        stored.stream_events_json = log
-    else:
-        if derived:
-            request = _encoded_put(put, [], [], response_json, log, combined=True)
-        else:
-            request = _encoded_put(put, output, output_json, response_json, log)
+    request, stored = state_records.put_turn_request(
+        turn.tenant,
+        response_id=turn.response_id,
+        previous_response_id=turn.req.previous_response_id or "",
+        conversation_id=turn.req.conversation_id or "",
+        input_items=turn.req.stored_inputs(),
+        idempotency_key=turn.idempotency_key,
+        in_progress=in_progress,
+        output=output,
+        output_json=output_json,
+        response_json=response_json,
+        events_json=log,
+        encoded=large,
+        combined=derived,
+        require_intact_chain=turn.parent_chain is not None,
+        omit_stored_content=True,
+        # A background turn ran on the history of its start, whatever was appended since:
+        # nobody is there to retry it, and the caller asked for exactly that.
+        expected_conversation_version=None if turn.req.background else turn.conversation_version,
+    )
+    if large:
         # Not held while the state service answers unless needed after: the items for the
         # history cache, the JSON for the answer of a turn not streamed.
         if svc.history_cache is None:
@@ -526,11 +506,8 @@ async def store(
             response_json = b""
     del log
     try:
-        reply = await svc.state.call(
-            "PutTurn",
-            request,
-            param="previous_response_id" if turn.req.previous_response_id else None,
-            not_found=lambda err: _put_not_found(turn),
+        reply = await svc.state.put_turn(
+            request, param="previous_response_id" if turn.req.previous_response_id else None
         )
     except errors.Conflict as exc:
         if exc.code == "conflict" and turn.idempotency_key:
@@ -551,7 +528,7 @@ async def store(
         raise
     svc.state.response_json_with_output_items = reply.response_json_with_output_items
     if reply.replayed and reply.response.id != turn.response_id:
-        first: dict[str, Any] = orjson.loads(reply.response.response_json)
+        first = state_records.response_of(reply.response)
         if turn.key_kind == "explicit" and first.get("id") != _response_id(
             turn.tenant, turn.idempotency_key
         ):
@@ -585,9 +562,9 @@ async def store(
 def _remember(
     cache: HistoryCache,
     turn: Turn,
-    stored: resources_pb2.StoredResponse,
+    stored: state_records.StoredResponse,
     output_json: list[bytes],
-    reply: state_service_pb2.PutTurnResponse,
+    reply: state_records.PutTurnReply,
 ) -> None:
     """Remembers the history ending at the turn just stored, when it is whole and its expiry
     is known (see history_cache)."""
@@ -609,60 +586,6 @@ def _remember(
     )
 
 
-# A turn whose response JSON is at least this large is sent to the state service encoded here
-# (_encoded_put), not as a message: filling a message copies every field, and encoding it copies
-# them again, so that a long answer was held several times over.
-LARGE_TURN_BYTES = 256 * 1024
-
-
-def _encoded_put(
-    put: state_service_pb2.PutTurnRequest,
-    output: list[dict[str, Any]],
-    output_json: list[bytes],
-    response_json: bytes,
-    log: bytes,
-    *,
-    combined: bool = False,
-) -> bytes:
-    """``put`` with the turn's output items, response JSON and event log added, encoded: the
-    small fields by protobuf, the large ones after them as a second occurrence of the ``response``
-    field, which every protobuf parser merges into the first (a message field that occurs twice is
-    merged). Each large field is copied once, into the bytes sent. ``combined``: the response JSON
-    goes as response_json_with_output_items (``output`` then empty)."""
-    parts: list[bytes] = []
-    for item, data in zip(output, output_json, strict=True):
-        item_id = str(item["id"]).encode()
-        head = _len_field(_ITEM_ID, item_id) + item_id + _len_field(_ITEM_JSON, data)
-        parts += (_len_field(_OUTPUT_ITEMS, b"", len(head) + len(data)) + head, data)
-    json_field = _COMBINED if combined else _RESPONSE_JSON
-    parts += (_len_field(json_field, response_json), response_json)
-    if log:
-        parts += (_len_field(_EVENTS, log), log)
-    size = sum(map(len, parts))
-    return b"".join([put.SerializeToString(), _len_field(_RESPONSE, b"", size), *parts])
-
-
-def _len_field(number: int, value: bytes, size: int | None = None) -> bytes:
-    """The key and length of a length-delimited field (``size``, or that of ``value``)."""
-    out = bytearray()
-    for n in (number << 3 | 2, len(value) if size is None else size):
-        while n > 0x7F:
-            out.append(0x80 | (n & 0x7F))
-            n >>= 7
-        out.append(n)
-    return bytes(out)
-
-
-_STORED = resources_pb2.StoredResponse.DESCRIPTOR.fields_by_name
-_RESPONSE = state_service_pb2.PutTurnRequest.DESCRIPTOR.fields_by_name["response"].number
-_OUTPUT_ITEMS = _STORED["output_items"].number
-_RESPONSE_JSON = _STORED["response_json"].number
-_COMBINED = _STORED["response_json_with_output_items"].number
-_EVENTS = _STORED["stream_events_json"].number
-_ITEM_ID = resources_pb2.Item.DESCRIPTOR.fields_by_name["id"].number
-_ITEM_JSON = resources_pb2.Item.DESCRIPTOR.fields_by_name["json"].number
-
-
 def _refused_combined(exc: errors.ApiError) -> bool:
     """Whether ``exc`` is an older state service's refusal of response_json_with_output_items
     (it requires response_json)."""
@@ -674,12 +597,6 @@ def _refused_combined(exc: errors.ApiError) -> bool:
             and info.metadata.get("field") == "response.response_json"
         )
     return False
-
-
-def _put_not_found(turn: Turn) -> errors.ApiError:
-    if turn.req.previous_response_id:
-        return errors.previous_response_not_found(turn.req.previous_response_id)
-    return errors.conversation_not_found(turn.req.conversation_id or "", param="conversation")
 
 
 async def complete(svc: Services, turn: Turn) -> dict[str, Any]:

@@ -10,9 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.grpcerrors import RemoteError
-from respgw.state.v1 import resources_pb2, state_service_pb2
-from router_svc import checks, errors, include, inputs, turn
+from router_svc import checks, errors, include, inputs, state_records, turn
 from router_svc.http import (
     MAX_ID_CHARS,
     JSONResponse,
@@ -38,15 +36,6 @@ MAX_ITEMS_PER_CALL = 20
 _SDK_PREFIX = "sdk-retry:"
 
 
-def conversation_json(conv: resources_pb2.Conversation) -> dict[str, Any]:
-    return {
-        "id": conv.id,
-        "object": "conversation",
-        "created_at": conv.create_time.seconds,
-        "metadata": dict(conv.metadata),
-    }
-
-
 def _conversation_id(request: Request) -> str:
     conversation_id: str = request.path_params["conversation_id"]
     if not valid_id(conversation_id):
@@ -64,16 +53,6 @@ def _item_id(request: Request) -> str:
 
 def _item_not_found(item_id: str) -> errors.NotFound:
     return errors.NotFound(f"Item with id '{shown_id(item_id)}' not found.", code="not_found")
-
-
-def _not_found(conversation_id: str) -> Any:
-    def make(err: RemoteError) -> errors.ApiError:
-        if err.reason == "ITEM_NOT_FOUND":
-            item = err.metadata.get("item_id", "")
-            return errors.NotFound(f"Item with id '{item}' not found.", code="not_found")
-        return errors.conversation_not_found(conversation_id)
-
-    return make
 
 
 def _items(body: dict[str, Any], *, required: bool) -> list[dict[str, Any]]:
@@ -180,8 +159,8 @@ async def create_conversation(request: Request) -> Response:
     return _answer(reply.conversation)
 
 
-def _answer(conv: resources_pb2.Conversation) -> Response:
-    return JSONResponse(conversation_json(conv))
+def _answer(conv: state_records.Conversation) -> Response:
+    return JSONResponse(state_records.conversation_json(conv))
 
 
 class _NewConversation:
@@ -201,32 +180,23 @@ class _NewConversation:
         self.items = items
         self.minted = minted
 
-    async def create(
-        self, request_id: str, seed: str
-    ) -> state_service_pb2.CreateConversationResponse:
+    async def create(self, request_id: str, seed: str) -> state_records.CreateConversationReply:
         """CreateConversation under ``request_id`` (one a retry of the request finds), the ids
         the router mints derived from ``seed``."""
         items = _with_ids(self.items, self.minted, seed)
         return await self._call(request_id, items, retry_is_safe=True)
 
-    async def create_fresh(self) -> state_service_pb2.CreateConversationResponse:
+    async def create_fresh(self) -> state_records.CreateConversationReply:
         """A new conversation under a request_id of its own: one that no retry finds."""
         items = _with_new_ids(self.items, self.minted)
         return await self._call(new_id("creq"), items, retry_is_safe=False)
 
     async def _call(
         self, request_id: str, items: list[dict[str, Any]], retry_is_safe: bool
-    ) -> state_service_pb2.CreateConversationResponse:
-        req = state_service_pb2.CreateConversationRequest(
-            tenant=self.who,
-            metadata=self.metadata,
-            items=[turn.item_to_proto(i) for i in items],
-            request_id=request_id,
-        )
+    ) -> state_records.CreateConversationReply:
+        req = state_records.create_conversation(self.who, self.metadata, items, request_id)
         try:
-            reply: state_service_pb2.CreateConversationResponse = await self.svc.state.call(
-                "CreateConversation", req
-            )
+            reply = await self.svc.state.create_conversation(req)
         except errors.ApiError as exc:
             # A retry that cannot find what this call may have made could make a second
             # conversation (README, "Retries").
@@ -234,19 +204,20 @@ class _NewConversation:
             raise
         return reply
 
-    async def made_by(self, request_id: str) -> resources_pb2.Conversation | None:
+    async def made_by(self, request_id: str) -> state_records.Conversation | None:
         """The conversation a CreateConversation call with ``request_id`` made, if any."""
         try:
             found = await self.svc.state.find(
-                "GetConversation",
-                state_service_pb2.GetConversationRequest(tenant=self.who, request_id=request_id),
+                self.svc.state.get_conversation(
+                    state_records.get_conversation(self.who, request_id=request_id)
+                )
             )
         except errors.ApiError as exc:
             exc.retry_header(retry_is_safe=True)  # a read: nothing was written
             raise
         return None if found is None else found.conversation
 
-    def untouched(self, conv: resources_pb2.Conversation) -> bool:
+    def untouched(self, conv: state_records.Conversation) -> bool:
         """Whether ``conv`` is as this request would have made it: never appended to or updated
         since, as a conversation whose id nobody got."""
         return conv.version == len(self.items) and dict(conv.metadata) == self.metadata
@@ -255,12 +226,10 @@ class _NewConversation:
 async def get_conversation(request: Request) -> Response:
     svc = services(request)
     cid = _conversation_id(request)
-    reply = await svc.state.call(
-        "GetConversation",
-        state_service_pb2.GetConversationRequest(tenant=tenant(request), conversation_id=cid),
-        not_found=_not_found(cid),
+    reply = await svc.state.get_conversation(
+        state_records.get_conversation(tenant(request), conversation_id=cid)
     )
-    return JSONResponse(conversation_json(reply.conversation))
+    return JSONResponse(state_records.conversation_json(reply.conversation))
 
 
 async def update_conversation(request: Request) -> Response:
@@ -275,17 +244,13 @@ async def update_conversation(request: Request) -> Response:
             code="missing_required_parameter",
         )
     try:
-        reply = await svc.state.call(
-            "UpdateConversation",
-            state_service_pb2.UpdateConversationRequest(
-                tenant=who, conversation_id=cid, metadata=_metadata(body)
-            ),
-            not_found=_not_found(cid),
+        reply = await svc.state.update_conversation(
+            state_records.update_conversation(who, cid, _metadata(body))
         )
     except errors.ApiError as exc:
         exc.retry_header(retry_is_safe=True)  # replacing the metadata again changes nothing
         raise
-    return JSONResponse(conversation_json(reply.conversation))
+    return JSONResponse(state_records.conversation_json(reply.conversation))
 
 
 async def delete_conversation(request: Request) -> Response:
@@ -293,11 +258,7 @@ async def delete_conversation(request: Request) -> Response:
     who = tenant(request)
     cid = _conversation_id(request)
     try:
-        await svc.state.call(
-            "DeleteConversation",
-            state_service_pb2.DeleteConversationRequest(tenant=who, conversation_id=cid),
-            not_found=_not_found(cid),
-        )
+        await svc.state.delete_conversation(state_records.delete_conversation(who, cid))
     except errors.ApiError as exc:
         exc.retry_header(retry_is_safe=True)  # a replay is a 404, never a second delete
         raise
@@ -348,16 +309,13 @@ async def create_items(request: Request) -> Response:
         # The same items were appended earlier in the window by a request that this one does
         # not retry (its first attempt): a client adding them again on purpose.
         reply = await _call_append(svc, who, cid, _with_new_ids(items, minted), retry_is_safe=False)
-    return JSONResponse(list_page([turn.item_from_proto(i) for i in reply.items], False))
+    return JSONResponse(list_page(state_records.items_from_proto(reply.items), False))
 
 
 async def _stored(svc: Services, who: str, cid: str, item_id: str) -> bool:
     try:
         found = await svc.state.find(
-            "GetConversationItem",
-            state_service_pb2.GetConversationItemRequest(
-                tenant=who, conversation_id=cid, item_id=item_id
-            ),
+            svc.state.get_conversation_item(state_records.get_conversation_item(who, cid, item_id))
         )
     except errors.ApiError as exc:
         exc.retry_header(retry_is_safe=True)  # a read: nothing was written
@@ -377,7 +335,7 @@ async def _append(
     reply = await _call_append(
         svc, who, cid, items, retry_is_safe=retry_is_safe, key_reused=key_reused
     )
-    return JSONResponse(list_page([turn.item_from_proto(i) for i in reply.items], False))
+    return JSONResponse(list_page(state_records.items_from_proto(reply.items), False))
 
 
 async def _call_append(
@@ -388,17 +346,12 @@ async def _call_append(
     *,
     retry_is_safe: bool,
     key_reused: bool = False,
-) -> Any:
+) -> state_records.CreateConversationItemsReply:
     """CreateConversationItems; ``retry_is_safe`` when a retry of the request appends the same
     ids (so x-should-retry is true after a call that may have been carried out)."""
     try:
-        return await svc.state.call(
-            "CreateConversationItems",
-            state_service_pb2.CreateConversationItemsRequest(
-                tenant=who, conversation_id=cid, items=[turn.item_to_proto(i) for i in items]
-            ),
-            not_found=_not_found(cid),
-            param="items",
+        return await svc.state.create_conversation_items(
+            state_records.create_conversation_items(who, cid, items), param="items"
         )
     except errors.ApiError as exc:
         if key_reused and exc.code == "duplicate_item_id":
@@ -417,19 +370,13 @@ async def list_items(request: Request) -> Response:
     after = request.query_params.get("after", "")
     if after and not valid_id(after):
         raise _item_not_found(after)
-    reply = await svc.state.call(
-        "ListConversationItems",
-        state_service_pb2.ListConversationItemsRequest(
-            tenant=tenant(request),
-            conversation_id=cid,
-            order=state_service_pb2.ORDER_ASC if order == "asc" else state_service_pb2.ORDER_DESC,
-            page_size=limit,
-            after_item_id=after,
+    reply = await svc.state.list_conversation_items(
+        state_records.list_conversation_items(
+            tenant(request), cid, ascending=order == "asc", page_size=limit, after_item_id=after
         ),
-        not_found=_not_found(cid),
         param="after",
     )
-    data = include.items([turn.item_from_proto(i) for i in reply.items], asked)
+    data = include.items(state_records.items_from_proto(reply.items), asked)
     return JSONResponse(list_page(data, bool(reply.next_page_token)))
 
 
@@ -437,31 +384,23 @@ async def get_item(request: Request) -> Response:
     asked = include.from_query(request)
     svc = services(request)
     cid = _conversation_id(request)
-    reply = await svc.state.call(
-        "GetConversationItem",
-        state_service_pb2.GetConversationItemRequest(
-            tenant=tenant(request), conversation_id=cid, item_id=_item_id(request)
-        ),
-        not_found=_not_found(cid),
+    reply = await svc.state.get_conversation_item(
+        state_records.get_conversation_item(tenant(request), cid, _item_id(request))
     )
-    return JSONResponse(include.items([turn.item_from_proto(reply.item)], asked)[0])
+    return JSONResponse(include.items([state_records.item_from_proto(reply.item)], asked)[0])
 
 
 async def delete_item(request: Request) -> Response:
     svc = services(request)
     cid = _conversation_id(request)
     try:
-        reply = await svc.state.call(
-            "DeleteConversationItem",
-            state_service_pb2.DeleteConversationItemRequest(
-                tenant=tenant(request), conversation_id=cid, item_id=_item_id(request)
-            ),
-            not_found=_not_found(cid),
+        reply = await svc.state.delete_conversation_item(
+            state_records.delete_conversation_item(tenant(request), cid, _item_id(request))
         )
     except errors.ApiError as exc:
         exc.retry_header(retry_is_safe=True)  # a replay is a 404, never a second delete
         raise
-    return JSONResponse(conversation_json(reply.conversation))
+    return JSONResponse(state_records.conversation_json(reply.conversation))
 
 
 routes = [

@@ -11,8 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from respgw.state.v1 import state_service_pb2
-from router_svc import background, compaction, errors, include, turn, validate
+from router_svc import background, compaction, errors, include, state_records, turn, validate
 from router_svc.events import SSE_DONE, sse_encode
 from router_svc.http import (
     JSONResponse,
@@ -149,15 +148,11 @@ async def compact_response(request: Request) -> Response:
     return JSONResponse(await compaction.compact(svc, t))
 
 
-async def _stored(request: Request) -> tuple[str, str, state_service_pb2.GetResponseResponse]:
+async def _stored(request: Request) -> tuple[str, str, state_records.GetResponseReply]:
     svc = services(request)
     who = tenant(request)
     response_id = request.path_params["response_id"]
-    reply = await svc.state.call(
-        "GetResponse",
-        state_service_pb2.GetResponseRequest(tenant=who, response_id=response_id),
-        not_found=lambda err: errors.response_not_found(response_id),
-    )
+    reply = await svc.state.get_response(state_records.get_response(who, response_id=response_id))
     return who, response_id, reply
 
 
@@ -184,11 +179,7 @@ async def delete_response(request: Request) -> Response:
     if svc.history_cache is not None:
         # Chains through the deleted response are broken: forget them before the delete lands.
         svc.history_cache.forget_tenant(who)
-    await svc.state.call(
-        "DeleteResponse",
-        state_service_pb2.DeleteResponseRequest(tenant=who, response_id=response_id),
-        not_found=lambda err: errors.response_not_found(response_id),
-    )
+    await svc.state.delete_response(state_records.delete_response(who, response_id))
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
@@ -197,7 +188,7 @@ async def list_input_items(request: Request) -> Response:
     _, _, reply = await _stored(request)
     limit = query_limit(request)
     order = query_order(request)
-    items = [turn.item_from_proto(i) for i in reply.response.input_items]
+    items = state_records.items_from_proto(reply.response.input_items)
     if order == "desc":
         items.reverse()
     after = request.query_params.get("after")

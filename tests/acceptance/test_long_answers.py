@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from respgw.state.v1 import state_service_pb2
-from router_svc import turn
+from router_svc import state_records, turn
 from state_svc import service
 from state_svc.config import StateSettings
 from tests.fakehub import FakeHub, Reply
@@ -37,7 +37,7 @@ def encoded(
 ) -> None:
     """Every turn of the test takes the path of a large one: with its output items, or (once the
     router learned that the state service takes them from the response JSON) without."""
-    monkeypatch.setattr(turn, "LARGE_TURN_BYTES", 1)
+    monkeypatch.setattr(state_records, "LARGE_TURN_BYTES", 1)
     if request.param == "items from the response":
         with httpx.Client() as http:
             body = {"model": "fake-model", "input": "first", "store": True}
@@ -138,7 +138,7 @@ def test_a_state_service_that_predates_the_combined_field_gets_the_items_sent(
 ) -> None:
     # A fleet being upgraded: a new replica said it takes the items from the response JSON, and
     # the next turn reaches one that does not know the field (it sees no response_json).
-    monkeypatch.setattr(turn, "LARGE_TURN_BYTES", 1)
+    monkeypatch.setattr(state_records, "LARGE_TURN_BYTES", 1)
     original = service.StateServicer._put_turn
 
     async def older(

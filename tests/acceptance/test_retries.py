@@ -365,7 +365,7 @@ def lose_state_reply(monkeypatch: pytest.MonkeyPatch) -> LoseReply:
 
     def lose(method: str) -> list[Any]:
         lost: list[Any] = []
-        real = state_client.StateClient.call
+        real = state_client.StateClient._call
 
         async def call(self: Any, name: str, request: Any, **kwargs: Any) -> Any:
             reply = await real(self, name, request, **kwargs)
@@ -382,7 +382,7 @@ def lose_state_reply(monkeypatch: pytest.MonkeyPatch) -> LoseReply:
                 )
             return reply
 
-        monkeypatch.setattr(state_client.StateClient, "call", call)
+        monkeypatch.setattr(state_client.StateClient, "_call", call)
         return lost
 
     return lose

@@ -132,7 +132,7 @@ async def run(svc: Services, req: validate.TurnRequest, **options: Any) -> turn.
 
 async def stored(svc: Services, response_id: str) -> dict[str, Any] | None:
     reply = await svc.state.find(
-        "GetResponse", pb.GetResponseRequest(tenant=TENANT, response_id=response_id)
+        svc.state.get_response(pb.GetResponseRequest(tenant=TENANT, response_id=response_id))
     )
     return None if reply is None else dict(orjson.loads(reply.response.response_json))
 
@@ -242,9 +242,7 @@ async def test_the_cache_is_not_used_for_an_unstored_turn_or_remembered_for_a_co
         svc, request(previous_response_id=first.response_id, store=False), tenant=TENANT
     )
     assert unstored.parent_chain is None and len(unstored.history) == 2
-    created = await svc.state.call(
-        "CreateConversation", pb.CreateConversationRequest(tenant=TENANT)
-    )
+    created = await svc.state.create_conversation(pb.CreateConversationRequest(tenant=TENANT))
     conv = created.conversation.id
     in_conv = await run(svc, request(conversation=conv))
     assert svc.history_cache is not None
@@ -259,8 +257,8 @@ async def test_a_cached_chain_broken_meanwhile_is_refused_when_stored(
     second = await run(svc, request(input="two", previous_response_id=first.response_id))
     # The first response is deleted behind this router's back (by another replica): its cache
     # still holds the chain, and the turn is begun on it...
-    await svc.state.call(
-        "DeleteResponse", pb.DeleteResponseRequest(tenant=TENANT, response_id=first.response_id)
+    await svc.state.delete_response(
+        pb.DeleteResponseRequest(tenant=TENANT, response_id=first.response_id)
     )
     third = await turn.begin(
         svc, request(input="three", previous_response_id=second.response_id), tenant=TENANT
@@ -321,9 +319,7 @@ async def test_an_sdk_retry_finds_its_first_attempt_and_a_repeat_is_its_own_turn
 async def test_a_conversation_changed_under_a_turn_is_a_conflict_and_settle_runs_it_again(
     svc: Services, hub: FakeHub
 ) -> None:
-    created = await svc.state.call(
-        "CreateConversation", pb.CreateConversationRequest(tenant=TENANT)
-    )
+    created = await svc.state.create_conversation(pb.CreateConversationRequest(tenant=TENANT))
     conv = created.conversation.id
     slow = await turn.begin(svc, request(conversation=conv, input="a"), tenant=TENANT)
     fast = await run(svc, request(conversation=conv, input="b"))
@@ -498,9 +494,7 @@ async def test_a_failed_hub_call_stores_nothing(svc: Services, hub: FakeHub) -> 
 async def test_a_streamed_conversation_turn_is_held_until_stored(
     svc: Services, hub: FakeHub
 ) -> None:
-    created = await svc.state.call(
-        "CreateConversation", pb.CreateConversationRequest(tenant=TENANT)
-    )
+    created = await svc.state.create_conversation(pb.CreateConversationRequest(tenant=TENANT))
     conv = created.conversation.id
     slow = await turn.begin(svc, request(conversation=conv, input="a", stream=True), tenant=TENANT)
     await run(svc, request(conversation=conv, input="b"))
@@ -523,9 +517,7 @@ async def test_a_streamed_conversation_turn_is_held_until_stored(
 async def test_a_reference_to_an_item_of_the_conversation_is_sent_but_not_stored_again(
     svc: Services, hub: FakeHub
 ) -> None:
-    created = await svc.state.call(
-        "CreateConversation", pb.CreateConversationRequest(tenant=TENANT)
-    )
+    created = await svc.state.create_conversation(pb.CreateConversationRequest(tenant=TENANT))
     conv = created.conversation.id
     first = await run(svc, request(conversation=conv, input="the fact"))
     said = first.req.input_items[0]["id"]
@@ -541,8 +533,7 @@ async def test_a_reference_to_an_item_of_the_conversation_is_sent_but_not_stored
         "user:the fact",
         "user:again?",
     ]
-    items = await svc.state.call(
-        "ListConversationItems",
+    items = await svc.state.list_conversation_items(
         pb.ListConversationItemsRequest(
             tenant=TENANT, conversation_id=conv, order=pb.ORDER_ASC, page_size=100
         ),

@@ -1,0 +1,333 @@
+"""The state service's records as the router builds and reads them: the one module beside
+``state_client`` that names generated state messages, so that turn.py and the routes never do.
+
+Items travel as ``Item`` (the id and the item's JSON); a turn is stored as one ``StoredResponse``
+inside a PutTurnRequest; a running response is ended by storing a copy of its record with the
+final Response object (:func:`ended`). The request builders below take the route's values and
+return the message the typed method of :class:`router_svc.state_client.StateClient` takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from respgw.state.v1 import resources_pb2
+from respgw.state.v1 import state_service_pb2 as pb
+
+# The records the router reads (names for annotations; built only here).
+StoredResponse = resources_pb2.StoredResponse
+Conversation = resources_pb2.Conversation
+Item = resources_pb2.Item
+GetResponseReply = pb.GetResponseResponse
+PutTurnReply = pb.PutTurnResponse
+CreateConversationReply = pb.CreateConversationResponse
+CreateConversationItemsReply = pb.CreateConversationItemsResponse
+
+
+# --- items ---------------------------------------------------------------------------------------
+
+
+def item_to_proto(item: Mapping[str, Any]) -> resources_pb2.Item:
+    return resources_pb2.Item(id=str(item["id"]), json=orjson.dumps(item))
+
+
+def item_from_proto(item: resources_pb2.Item) -> dict[str, Any]:
+    parsed: dict[str, Any] = orjson.loads(item.json)
+    return parsed
+
+
+def items_from_proto(items: Iterable[resources_pb2.Item]) -> list[dict[str, Any]]:
+    return [item_from_proto(i) for i in items]
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+
+def response_of(stored: resources_pb2.StoredResponse) -> dict[str, Any]:
+    """The Response object a record holds."""
+    response: dict[str, Any] = orjson.loads(stored.response_json)
+    return response
+
+
+def turn_record(
+    *,
+    response_id: str,
+    previous_response_id: str,
+    conversation_id: str,
+    input_items: Iterable[Mapping[str, Any]],
+    output_items: Iterable[Mapping[str, Any]],
+    response: Mapping[str, Any],
+    idempotency_key: str,
+    events: list[dict[str, Any]] | None,
+    in_progress: bool,
+) -> resources_pb2.StoredResponse:
+    """The record of one turn: its own input items, its output items and the Response object
+    (with the stream's events when it streamed)."""
+    return resources_pb2.StoredResponse(
+        id=response_id,
+        previous_response_id=previous_response_id,
+        conversation_id=conversation_id,
+        input_items=[item_to_proto(i) for i in input_items],
+        output_items=[item_to_proto(i) for i in output_items],
+        response_json=orjson.dumps(response),
+        idempotency_key=idempotency_key,
+        stream_events_json=orjson.dumps(events) if events else b"",
+        in_progress=in_progress,
+    )
+
+
+def put_turn(
+    tenant: str,
+    record: resources_pb2.StoredResponse,
+    *,
+    require_intact_chain: bool = False,
+    omit_stored_content: bool = False,
+    expected_conversation_version: int | None = None,
+) -> pb.PutTurnRequest:
+    request = pb.PutTurnRequest(
+        tenant=tenant,
+        response=record,
+        require_intact_chain=require_intact_chain,
+        omit_stored_content=omit_stored_content,
+    )
+    if expected_conversation_version is not None:
+        request.expected_conversation_version = expected_conversation_version
+    return request
+
+
+# A turn whose response JSON (with its event log) is at least this large is sent to the state
+# service encoded here (encoded_put_turn), not as a message: filling a message copies every field,
+# and encoding it copies them again, so that a long answer was held several times over.
+LARGE_TURN_BYTES = 256 * 1024
+
+
+def large_turn(response_json: bytes, events_json: bytes) -> bool:
+    """Whether a turn goes to PutTurn encoded already (see :data:`LARGE_TURN_BYTES`)."""
+    return len(response_json) + len(events_json) >= LARGE_TURN_BYTES
+
+
+def put_turn_request(
+    tenant: str,
+    *,
+    response_id: str,
+    previous_response_id: str,
+    conversation_id: str,
+    input_items: Iterable[Mapping[str, Any]],
+    idempotency_key: str,
+    in_progress: bool,
+    output: Sequence[Mapping[str, Any]],
+    output_json: Sequence[bytes],
+    response_json: bytes,
+    events_json: bytes,
+    encoded: bool,
+    combined: bool = False,
+    require_intact_chain: bool = False,
+    omit_stored_content: bool = False,
+    expected_conversation_version: int | None = None,
+) -> tuple[pb.PutTurnRequest | bytes, resources_pb2.StoredResponse]:
+    """The PutTurn request of one turn, and its record (what the history cache takes its input
+    items from). The output items are ``output`` with their JSON ``output_json`` (encoded once by
+    the caller). ``encoded`` (a large turn): the request comes as bytes, the record then holds no
+    output items, response JSON or event log (they went straight into the bytes, see
+    :func:`encoded_put_turn`); ``combined``: the output items go inside the response JSON
+    (response_json_with_output_items, ``output`` not sent)."""
+    put = pb.PutTurnRequest(
+        tenant=tenant,
+        require_intact_chain=require_intact_chain,
+        omit_stored_content=omit_stored_content,
+    )
+    stored = put.response
+    stored.id = response_id
+    stored.previous_response_id = previous_response_id
+    stored.conversation_id = conversation_id
+    stored.input_items.extend(item_to_proto(i) for i in input_items)
+    stored.idempotency_key = idempotency_key
+    stored.in_progress = in_progress
+    if expected_conversation_version is not None:
+        put.expected_conversation_version = expected_conversation_version
+    if encoded:
+        if combined:
+            return encoded_put_turn(put, [], [], response_json, events_json, combined=True), stored
+        return encoded_put_turn(put, output, output_json, response_json, events_json), stored
+    for item, data in zip(output, output_json, strict=True):
+        stored.output_items.add(id=str(item["id"]), json=data)
+    stored.response_json = response_json
+    stored.stream_events_json = events_json
+    return put, stored
+
+
+def encoded_put_turn(
+    put: pb.PutTurnRequest,
+    output: Sequence[Mapping[str, Any]],
+    output_json: Sequence[bytes],
+    response_json: bytes,
+    log: bytes,
+    *,
+    combined: bool = False,
+) -> bytes:
+    """``put`` with the turn's output items, response JSON and event log added, encoded: the
+    small fields by protobuf, the large ones after them as a second occurrence of the ``response``
+    field, which every protobuf parser merges into the first (a message field that occurs twice is
+    merged). Each large field is copied once, into the bytes sent. ``combined``: the response JSON
+    goes as response_json_with_output_items (``output`` then empty)."""
+    parts: list[bytes] = []
+    for item, data in zip(output, output_json, strict=True):
+        item_id = str(item["id"]).encode()
+        head = _len_field(_ITEM_ID, item_id) + item_id + _len_field(_ITEM_JSON, data)
+        parts += (_len_field(_OUTPUT_ITEMS, b"", len(head) + len(data)) + head, data)
+    json_field = _COMBINED if combined else _RESPONSE_JSON
+    parts += (_len_field(json_field, response_json), response_json)
+    if log:
+        parts += (_len_field(_EVENTS, log), log)
+    size = sum(map(len, parts))
+    return b"".join([put.SerializeToString(), _len_field(_RESPONSE, b"", size), *parts])
+
+
+def _len_field(number: int, value: bytes, size: int | None = None) -> bytes:
+    """The key and length of a length-delimited field (``size``, or that of ``value``)."""
+    out = bytearray()
+    for n in (number << 3 | 2, len(value) if size is None else size):
+        while n > 0x7F:
+            out.append(0x80 | (n & 0x7F))
+            n >>= 7
+        out.append(n)
+    return bytes(out)
+
+
+_STORED = resources_pb2.StoredResponse.DESCRIPTOR.fields_by_name
+_RESPONSE = pb.PutTurnRequest.DESCRIPTOR.fields_by_name["response"].number
+_OUTPUT_ITEMS = _STORED["output_items"].number
+_RESPONSE_JSON = _STORED["response_json"].number
+_COMBINED = _STORED["response_json_with_output_items"].number
+_EVENTS = _STORED["stream_events_json"].number
+_ITEM_ID = resources_pb2.Item.DESCRIPTOR.fields_by_name["id"].number
+_ITEM_JSON = resources_pb2.Item.DESCRIPTOR.fields_by_name["json"].number
+
+
+def ended(
+    stored: resources_pb2.StoredResponse,
+    response: Mapping[str, Any],
+    *,
+    keep_output: bool = True,
+) -> resources_pb2.StoredResponse:
+    """A running response's record ended with ``response`` (cancelled, failed): a copy without
+    the times the state service sets, the stream's events or the running flag; without its
+    output items unless ``keep_output``."""
+    final = resources_pb2.StoredResponse()
+    final.CopyFrom(stored)
+    final.ClearField("create_time")
+    final.ClearField("expire_time")
+    if not keep_output:
+        del final.output_items[:]
+    final.response_json = orjson.dumps(response)
+    final.stream_events_json = b""
+    final.in_progress = False
+    return final
+
+
+def get_response(
+    tenant: str, *, response_id: str = "", idempotency_key: str = ""
+) -> pb.GetResponseRequest:
+    """GetResponse by id, or by idempotency key (one of the selector is set)."""
+    if idempotency_key:
+        return pb.GetResponseRequest(tenant=tenant, idempotency_key=idempotency_key)
+    return pb.GetResponseRequest(tenant=tenant, response_id=response_id)
+
+
+def get_history(
+    tenant: str, *, response_id: str = "", conversation_id: str = ""
+) -> pb.GetHistoryRequest:
+    """GetHistory anchored at a response, or at a conversation (one anchor is set)."""
+    if conversation_id:
+        return pb.GetHistoryRequest(tenant=tenant, conversation_id=conversation_id)
+    return pb.GetHistoryRequest(tenant=tenant, response_id=response_id)
+
+
+def delete_response(tenant: str, response_id: str) -> pb.DeleteResponseRequest:
+    return pb.DeleteResponseRequest(tenant=tenant, response_id=response_id)
+
+
+def get_items(tenant: str, item_ids: Iterable[str]) -> pb.GetItemsRequest:
+    return pb.GetItemsRequest(tenant=tenant, item_ids=item_ids)
+
+
+# --- conversations -------------------------------------------------------------------------------
+
+
+def conversation_json(conv: resources_pb2.Conversation) -> dict[str, Any]:
+    return {
+        "id": conv.id,
+        "object": "conversation",
+        "created_at": conv.create_time.seconds,
+        "metadata": dict(conv.metadata),
+    }
+
+
+def create_conversation(
+    tenant: str, metadata: Mapping[str, str], items: Iterable[Mapping[str, Any]], request_id: str
+) -> pb.CreateConversationRequest:
+    return pb.CreateConversationRequest(
+        tenant=tenant,
+        metadata=metadata,
+        items=[item_to_proto(i) for i in items],
+        request_id=request_id,
+    )
+
+
+def get_conversation(
+    tenant: str, *, conversation_id: str = "", request_id: str = ""
+) -> pb.GetConversationRequest:
+    return pb.GetConversationRequest(
+        tenant=tenant, conversation_id=conversation_id, request_id=request_id
+    )
+
+
+def update_conversation(
+    tenant: str, conversation_id: str, metadata: Mapping[str, str]
+) -> pb.UpdateConversationRequest:
+    return pb.UpdateConversationRequest(
+        tenant=tenant, conversation_id=conversation_id, metadata=metadata
+    )
+
+
+def delete_conversation(tenant: str, conversation_id: str) -> pb.DeleteConversationRequest:
+    return pb.DeleteConversationRequest(tenant=tenant, conversation_id=conversation_id)
+
+
+def create_conversation_items(
+    tenant: str, conversation_id: str, items: Iterable[Mapping[str, Any]]
+) -> pb.CreateConversationItemsRequest:
+    return pb.CreateConversationItemsRequest(
+        tenant=tenant, conversation_id=conversation_id, items=[item_to_proto(i) for i in items]
+    )
+
+
+def list_conversation_items(
+    tenant: str, conversation_id: str, *, ascending: bool, page_size: int, after_item_id: str
+) -> pb.ListConversationItemsRequest:
+    return pb.ListConversationItemsRequest(
+        tenant=tenant,
+        conversation_id=conversation_id,
+        order=pb.ORDER_ASC if ascending else pb.ORDER_DESC,
+        page_size=page_size,
+        after_item_id=after_item_id,
+    )
+
+
+def get_conversation_item(
+    tenant: str, conversation_id: str, item_id: str
+) -> pb.GetConversationItemRequest:
+    return pb.GetConversationItemRequest(
+        tenant=tenant, conversation_id=conversation_id, item_id=item_id
+    )
+
+
+def delete_conversation_item(
+    tenant: str, conversation_id: str, item_id: str
+) -> pb.DeleteConversationItemRequest:
+    return pb.DeleteConversationItemRequest(
+        tenant=tenant, conversation_id=conversation_id, item_id=item_id
+    )
