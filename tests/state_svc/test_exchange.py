@@ -163,22 +163,22 @@ async def state(running: server.Running) -> AsyncIterator[StateClient]:
 async def test_the_router_client_matches_concurrent_answers(state: StateClient) -> None:
     async def put(n: int) -> str:
         request = pb.PutTurnRequest(tenant=TENANT, response=simple_turn(f"c{n}"))
-        reply = await state.call("PutTurn", request)
+        reply = await state.put_turn(request)
         assert isinstance(reply, pb.PutTurnResponse)
         return reply.response.id
 
     ids = await asyncio.gather(*(put(n) for n in range(64)))
     assert ids == [f"c{n}" for n in range(64)]
-    history = await state.call("GetHistory", pb.GetHistoryRequest(tenant=TENANT, response_id="c5"))
+    history = await state.get_history(pb.GetHistoryRequest(tenant=TENANT, response_id="c5"))
     assert [i.id for i in history.items] == ["c5-in", "c5-out"]
 
 
 @pytest.mark.parametrize("backend", ["memory"], indirect=True)
 async def test_the_router_client_maps_statuses_from_the_stream(state: StateClient) -> None:
     request = pb.GetHistoryRequest(tenant=TENANT, response_id="missing")
-    assert await state.find("GetHistory", request) is None
+    assert await state.find(state.get_history(request)) is None
     with pytest.raises(errors.ApiError) as info:
-        await state.call("GetHistory", request, not_found=lambda err: errors.NotFound(err.reason))
+        await state.get_history(request, not_found=lambda err: errors.NotFound(err.reason))
     assert info.value.status == 404 and info.value.message == "RESPONSE_NOT_FOUND"
 
 
@@ -193,16 +193,14 @@ async def test_calls_go_on_after_the_state_service_restarted(
     state = StateClient(address, timeout_s=5, exchange_streams=1)
     try:
         put = pb.PutTurnRequest(tenant=TENANT, response=simple_turn("a1"))
-        await state.call("PutTurn", put)
+        await state.put_turn(put)
         await first.stop(0)
         await start(listen=address)
         for _ in range(100):
             if await state.ready():
                 break
             await asyncio.sleep(0.05)
-        reply = await state.call(
-            "GetHistory", pb.GetHistoryRequest(tenant=TENANT, response_id="a1")
-        )
+        reply = await state.get_history(pb.GetHistoryRequest(tenant=TENANT, response_id="a1"))
         assert [i.id for i in reply.items] == ["a1-in", "a1-out"]
     finally:
         await state.close()
@@ -220,12 +218,10 @@ async def test_streams_are_replaced_when_old_without_failing_a_call(
         async def put(n: int) -> None:
             await asyncio.sleep(0.001 * n)
             request = pb.PutTurnRequest(tenant=TENANT, response=simple_turn(f"s{n}"))
-            await state.call("PutTurn", request)
+            await state.put_turn(request)
 
         await asyncio.gather(*(put(n) for n in range(200)))
-        history = await state.call(
-            "GetHistory", pb.GetHistoryRequest(tenant=TENANT, response_id="s199")
-        )
+        history = await state.get_history(pb.GetHistoryRequest(tenant=TENANT, response_id="s199"))
         assert len(history.items) == 2
     finally:
         await state.close()
