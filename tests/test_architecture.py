@@ -217,13 +217,12 @@ def test_only_the_composition_root_imports_every_service() -> None:
 
 # The modules of the router that name the state service's generated messages: the typed adapter
 # (state_client), its records (state_records) and the error mapping (errors, for the ErrorReason
-# constants). background.py still builds its requests itself (issue 14: it moves next); the set
-# may shrink but not grow.
+# constants). The workflow modules (turn, background, running, the routes) build and read them
+# through state_records only; the set may shrink but not grow.
 STATE_PROTO_USERS = {
     "router_svc.state_client",
     "router_svc.state_records",
     "router_svc.errors",
-    "router_svc.background",
 }
 
 
