@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import Counter
 
@@ -36,7 +36,7 @@ from router_svc.response import error_object
 
 if TYPE_CHECKING:
     from router_svc.services import Services
-    from router_svc.turn import Turn
+    from router_svc.validate import TurnRequest
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,16 @@ ABANDONED = Counter(
     "Running streamed turns this router stored as failed because the router streaming them "
     "stopped (their lease ran out).",
 )
+
+
+class Turn(Protocol):
+    """What the running form reads of a turn (a :class:`router_svc.turn.Turn`): named here so
+    that this module needs not import turn.py, which imports it."""
+
+    req: TurnRequest
+    tenant: str
+    response_id: str
+    idempotency_key: str
 
 
 @dataclass(eq=False)
