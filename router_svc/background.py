@@ -41,17 +41,15 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import orjson
-from google.protobuf import duration_pb2
 from prometheus_client import Counter, Gauge
 
 from gateway import grpcclient, grpcerrors
 from gateway.grpcserver import channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
-from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
 from router_svc import (
     bootstrap,
     compaction,
@@ -68,7 +66,10 @@ from router_svc.events import SSE_DONE, sse_encode
 from router_svc.replay import stored_stream
 from router_svc.response import error_object
 from router_svc.services import Services
-from router_svc.state_client import CallFailed
+from router_svc.state_client import CallFailed, state_stub
+
+if TYPE_CHECKING:
+    from router_svc.state_client import StateStub
 
 log = logging.getLogger(__name__)
 # Back-off jitter from a generator of our own: the global one is the application's (and tests
@@ -94,12 +95,6 @@ _STORED_TERMINALS = frozenset({"response.completed", "response.incomplete", "res
 
 # A claim is retried on UNAVAILABLE (IDEMPOTENT with its request_id).
 _CLAIM_RETRY = grpcclient.RetryPolicy(frozenset({grpc.StatusCode.UNAVAILABLE}), (0.2, 0.4))
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromMicroseconds(int(seconds * 1_000_000))
-    return d
 
 
 def _remote(exc: BaseException) -> grpcerrors.RemoteError | None:
@@ -153,11 +148,11 @@ class Worker:
             raise ValueError("--background-max-attempts and --background-max-running must be >= 1")
         self.svc = svc
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
-        self.lease = _duration(s.background_lease_s)
+        self.lease = state_records.lease(s.background_lease_s)
         self.runs: dict[tuple[str, str], _Run] = {}
         self._scanner: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
-        self._stub: state_service_pb2_grpc.StateServiceAsyncStub | None = None
+        self._stub: StateStub | None = None
 
     def start(self) -> None:
         self._scanner = asyncio.create_task(self._scan_forever())
@@ -172,14 +167,14 @@ class Worker:
             await self._channel.close()
 
     @property
-    def stub(self) -> state_service_pb2_grpc.StateServiceAsyncStub:
+    def stub(self) -> StateStub:
         """A channel of its own for WatchResponseEvents, the one streaming call (the state
         client's unary calls and Exchange streams stay as they are)."""
         if self._stub is None:
             self._channel = grpc.aio.insecure_channel(
                 self.svc.settings.state_address, options=channel_options()
             )
-            self._stub = state_service_pb2_grpc.StateServiceStub(self._channel)
+            self._stub = state_stub(self._channel)
         return self._stub
 
     async def _scan_forever(self) -> None:
@@ -224,16 +219,11 @@ class Worker:
     # A W3C traceparent whose sampled flag is off: a traced state service records no span of a
     # scan (scans come every few seconds whatever the traffic, like health checks, which are
     # not traced either).
-    async def _claim(self) -> resources_pb2.BackgroundJob | None:
+    async def _claim(self) -> state_records.BackgroundJob | None:
         """One claim, on the worker's own channel: scans run every few seconds whatever the
         traffic, so they stay out of the request path's traces and metrics."""
-        request = state_service_pb2.ClaimBackgroundResponseRequest(
-            any_tenant=True,
-            owner=self.owner,
-            lease_duration=self.lease,
-            # A claim whose answer was lost is retried with the same id and gets the same job.
-            request_id=secrets.token_hex(12),
-        )
+        # A claim whose answer was lost is retried with the same id and gets the same job.
+        request = state_records.claim_any_background(self.owner, self.lease, secrets.token_hex(12))
         reply = await grpcclient.retrying(
             lambda timeout: self.stub.ClaimBackgroundResponse(
                 request, timeout=timeout, metadata=_UNSAMPLED
@@ -246,7 +236,7 @@ class Worker:
     def run(
         self,
         t: turn.Turn,
-        job: resources_pb2.BackgroundJob,
+        job: state_records.BackgroundJob,
         client: _Client | None = None,
         *,
         start: str = "new",
@@ -320,7 +310,7 @@ def forwarded_headers(svc: Services, headers: Mapping[str, str]) -> dict[str, st
 
 
 def turn_of(
-    svc: Services, job: resources_pb2.BackgroundJob
+    svc: Services, job: state_records.BackgroundJob
 ) -> tuple[turn.Turn, dict[str, str] | None]:
     """The turn a job's spec describes (without what the bootstrap service prepared), and the
     headers to prepare its stateful tools with (None: it declares none)."""
@@ -364,14 +354,14 @@ async def prepare_again(svc: Services, t: turn.Turn, headers: dict[str, str]) ->
     )
 
 
-async def _turn_of_stored(svc: Services, job: resources_pb2.BackgroundJob) -> turn.Turn:
+async def _turn_of_stored(svc: Services, job: state_records.BackgroundJob) -> turn.Turn:
     """A turn rebuilt from the stored running response alone, for a job whose spec cannot be
     read: it is stored as failed (attempt past the limit), never run."""
     reply = await svc.state.get_response(
-        state_service_pb2.GetResponseRequest(tenant=job.tenant, response_id=job.response_id),
+        state_records.get_response(job.tenant, response_id=job.response_id),
     )
     stored = reply.response
-    body: dict[str, Any] = orjson.loads(stored.response_json)
+    body = state_records.response_of(stored)
     req = validate.TurnRequest(
         body={},
         model=str(body.get("model") or "unknown"),
@@ -406,7 +396,7 @@ EMPTY_HEADERS: Mapping[str, str] = {}
 
 def _stored(
     t: turn.Turn, response: dict[str, Any], *, in_progress: bool, inputs: bool = True
-) -> resources_pb2.StoredResponse:
+) -> state_records.StoredResponse:
     return state_records.turn_record(
         response_id=t.response_id,
         previous_response_id=t.req.previous_response_id or "",
@@ -422,7 +412,7 @@ def _stored(
 
 async def _enqueue(
     svc: Services, t: turn.Turn, headers: Mapping[str, str]
-) -> tuple[dict[str, Any], resources_pb2.BackgroundJob | None]:
+) -> tuple[dict[str, Any], state_records.BackgroundJob | None]:
     """Stores the queued turn and its job, claimed by this router; returns the response to
     answer and the job (None on a replay whose lease another router holds)."""
     w = worker(svc)
@@ -433,9 +423,9 @@ async def _enqueue(
         t.idempotency_key = ""
     queued = turn.snapshot(t, "queued")
     settings = svc.settings
-    request = state_service_pb2.EnqueueBackgroundResponseRequest(
-        tenant=t.tenant,
-        response=_stored(t, queued, in_progress=True),
+    request = state_records.enqueue_background(
+        t.tenant,
+        _stored(t, queued, in_progress=True),
         spec=spec_of(svc, t, headers),
         owner=w.owner,
         lease_duration=w.lease,
@@ -466,7 +456,7 @@ async def _enqueue(
             ) from exc
         raise
     if reply.replayed:
-        answered: dict[str, Any] = orjson.loads(reply.response.response_json)
+        answered = state_records.response_of(reply.response)
         return answered, reply.job if reply.HasField("job") else None
     return queued, reply.job
 
@@ -514,8 +504,8 @@ class _Event:
     def of(cls, event: dict[str, Any]) -> _Event:
         return cls(int(event["sequence_number"]), str(event["type"]), orjson.dumps(event))
 
-    def pb(self) -> resources_pb2.ResponseEvent:
-        return resources_pb2.ResponseEvent(sequence_number=self.sequence, json=self.json)
+    def pb(self) -> state_records.ResponseEvent:
+        return state_records.response_event(self.sequence, self.json)
 
     def sse(self) -> bytes:
         return b"event: " + self.type.encode() + b"\ndata: " + self.json + b"\n\n"
@@ -635,11 +625,8 @@ class _Run:
         settings = self.svc.settings
         interval = settings.background_lease_s / 3
         held_until = time.monotonic() + settings.background_lease_s
-        request = state_service_pb2.RenewBackgroundLeaseRequest(
-            tenant=self.turn.tenant,
-            response_id=self.turn.response_id,
-            lease_token=self.token,
-            lease_duration=self.w.lease,
+        request = state_records.renew_lease(
+            self.turn.tenant, self.turn.response_id, self.token, self.w.lease
         )
         while True:
             await asyncio.sleep(interval)
@@ -690,11 +677,11 @@ class _Run:
                 return
             try:
                 await self.svc.state.append_response_events(
-                    state_service_pb2.AppendResponseEventsRequest(
-                        tenant=self.turn.tenant,
-                        response_id=self.turn.response_id,
-                        lease_token=self.token,
-                        events=[e.pb() for e in batch],
+                    state_records.append_events(
+                        self.turn.tenant,
+                        self.turn.response_id,
+                        self.token,
+                        [e.pb() for e in batch],
                     ),
                 )
             except errors.ApiError as exc:
@@ -716,11 +703,8 @@ class _Run:
             events = [*self.pending, *terminal]
             try:
                 await self.svc.state.finish_background_response(
-                    state_service_pb2.FinishBackgroundResponseRequest(
-                        tenant=self.turn.tenant,
-                        lease_token=self.token,
-                        response=final,
-                        events=[e.pb() for e in events],
+                    state_records.finish_background(
+                        self.turn.tenant, self.token, final, [e.pb() for e in events]
                     ),
                 )
             except errors.ApiError as exc:
@@ -744,9 +728,7 @@ class _Run:
         if self.last_sequence < 0:
             return events
         call = self.w.stub.WatchResponseEvents(
-            state_service_pb2.WatchResponseEventsRequest(
-                tenant=self.turn.tenant, response_id=self.turn.response_id, starting_after=-1
-            ),
+            state_records.watch_events(self.turn.tenant, self.turn.response_id, -1),
             timeout=self.svc.settings.state_timeout_s * 4,
         )
         try:
@@ -905,20 +887,18 @@ def _gave_up(attempts: int) -> str:
 
 
 async def cancel(
-    svc: Services, tenant: str, stored: resources_pb2.StoredResponse
+    svc: Services, tenant: str, stored: state_records.StoredResponse
 ) -> dict[str, Any]:
     """POST /v1/responses/{id}/cancel on a running background response, through any router:
     stored as cancelled at once (the router running it stops at its next renewal, or now when
     it is this one); a response that finished meanwhile is returned unchanged."""
-    response: dict[str, Any] = orjson.loads(stored.response_json)
+    response = state_records.response_of(stored)
     cancelled = {**response, "status": "cancelled", "completed_at": None}
     final = state_records.ended(stored, cancelled, keep_output=False)
     event = {"type": "response.cancelled", "sequence_number": 0, "response": cancelled}
     try:
         reply = await svc.state.cancel_background_response(
-            state_service_pb2.CancelBackgroundResponseRequest(
-                tenant=tenant, response=final, cancel_event_json=orjson.dumps(event)
-            ),
+            state_records.cancel_background(tenant, final, orjson.dumps(event)),
         )
     except errors.ApiError as exc:
         if _reason(exc) != "NOT_BACKGROUND":
@@ -927,14 +907,13 @@ async def cancel(
     run = worker(svc).runs.get((tenant, stored.id))
     if run is not None:
         run.stop("cancelled")
-    answered: dict[str, Any] = orjson.loads(reply.response.response_json)
-    return answered
+    return state_records.response_of(reply.response)
 
 
 async def _cancel_without_job(
     svc: Services,
     tenant: str,
-    final: resources_pb2.StoredResponse,
+    final: state_records.StoredResponse,
     cancelled: dict[str, Any],
 ) -> dict[str, Any]:
     """A running response stored before background jobs existed: finished with PutTurn."""
@@ -948,10 +927,9 @@ async def _cancel_without_job(
     except errors.Conflict:
         # It finished before the cancel landed: that result stands.
         reply = await svc.state.get_response(
-            state_service_pb2.GetResponseRequest(tenant=tenant, response_id=final.id)
+            state_records.get_response(tenant, response_id=final.id)
         )
-        finished: dict[str, Any] = orjson.loads(reply.response.response_json)
-        return finished
+        return state_records.response_of(reply.response)
     return cancelled
 
 
@@ -998,9 +976,7 @@ async def _follow(
     opened_ended = False
     metadata = ((REQUEST_ID_HEADER, request_id_var.get()),)
     while not ended:
-        request = state_service_pb2.WatchResponseEventsRequest(
-            tenant=tenant, response_id=response_id, starting_after=last
-        )
+        request = state_records.watch_events(tenant, response_id, last)
         try:
             watch = worker(svc).stub.WatchResponseEvents(request, metadata=metadata)
             async for reply in watch:
@@ -1040,13 +1016,11 @@ async def _follow(
     # The log ended without a terminal event (a turn finished without one, or the stream could
     # not be followed): the rest as stored.
     found = await svc.state.find(
-        svc.state.get_response(
-            state_service_pb2.GetResponseRequest(tenant=tenant, response_id=response_id)
-        )
+        svc.state.get_response(state_records.get_response(tenant, response_id=response_id))
     )
     if found is None:
         return
-    response: dict[str, Any] = orjson.loads(found.response.response_json)
+    response = state_records.response_of(found.response)
     stored = found.response.stream_events_json
     events = stored_stream(response, orjson.loads(stored) if stored else None)
     if include is not None:

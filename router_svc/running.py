@@ -27,19 +27,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import orjson
-from google.protobuf import duration_pb2
 from prometheus_client import Counter
 
-from respgw.state.v1 import resources_pb2, state_service_pb2
 from router_svc import errors, state_records
 from router_svc.response import error_object
 
 if TYPE_CHECKING:
     from router_svc.services import Services
-    from router_svc.turn import Turn
+    from router_svc.validate import TurnRequest
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +61,16 @@ ABANDONED = Counter(
     "Running streamed turns this router stored as failed because the router streaming them "
     "stopped (their lease ran out).",
 )
+
+
+class Turn(Protocol):
+    """What the running form reads of a turn (a :class:`router_svc.turn.Turn`): named here so
+    that this module needs not import turn.py, which imports it."""
+
+    req: TurnRequest
+    tenant: str
+    response_id: str
+    idempotency_key: str
 
 
 @dataclass(eq=False)
@@ -111,11 +118,9 @@ async def _hold(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
             await asyncio.sleep(0)
     worker = svc.worker
     assert worker is not None
-    lease = duration_pb2.Duration()
-    lease.FromMicroseconds(int(svc.settings.running_stream_lease_s * 1_000_000))
-    request = state_service_pb2.EnqueueBackgroundResponseRequest(
-        tenant=turn.tenant,
-        response=state_records.turn_record(
+    request = state_records.enqueue_background(
+        turn.tenant,
+        state_records.turn_record(
             response_id=turn.response_id,
             previous_response_id=turn.req.previous_response_id or "",
             conversation_id=turn.req.conversation_id or "",
@@ -128,7 +133,7 @@ async def _hold(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
         ),
         spec=FOREGROUND_SPEC,
         owner=worker.owner,
-        lease_duration=lease,
+        lease_duration=state_records.lease(svc.settings.running_stream_lease_s),
     )
     try:
         reply = await svc.state.enqueue_background_response(request)
@@ -142,11 +147,8 @@ async def _hold(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
         RUNNING_PUTS.labels("skipped").inc()
         return  # another response holds the key (or this id is another router's to renew)
     RUNNING_PUTS.labels("stored").inc()
-    renew = state_service_pb2.RenewBackgroundLeaseRequest(
-        tenant=request.tenant,
-        response_id=request.response.id,
-        lease_token=reply.job.lease_token,
-        lease_duration=request.lease_duration,
+    renew = state_records.renew_lease(
+        request.tenant, request.response.id, reply.job.lease_token, request.lease_duration
     )
     period = svc.settings.running_stream_lease_s / 3
     while True:
@@ -186,32 +188,30 @@ async def when_done(
         delay = min(delay * 2, 1.0)
         found = await svc.state.find(
             svc.state.get_response(
-                state_service_pb2.GetResponseRequest(tenant=tenant, response_id=str(response["id"]))
+                state_records.get_response(tenant, response_id=str(response["id"]))
             )
         )
         if found is None:
             break
-        response = orjson.loads(found.response.response_json)
+        response = state_records.response_of(found.response)
     return response
 
 
-def is_foreground(job: resources_pb2.BackgroundJob) -> bool:
+def is_foreground(job: state_records.BackgroundJob) -> bool:
     """True for the job of a running foreground stream (never run again, only finished)."""
     return job.spec == FOREGROUND_SPEC
 
 
-async def finish_abandoned(svc: Services, job: resources_pb2.BackgroundJob) -> None:
+async def finish_abandoned(svc: Services, job: state_records.BackgroundJob) -> None:
     """Stores a running foreground stream whose router stopped as failed, with the claimed
     job's lease; a stream that finished meanwhile is left as it is."""
     found = await svc.state.find(
-        svc.state.get_response(
-            state_service_pb2.GetResponseRequest(tenant=job.tenant, response_id=job.response_id)
-        )
+        svc.state.get_response(state_records.get_response(job.tenant, response_id=job.response_id))
     )
     if found is None or not found.response.in_progress:
         return
     stored = found.response
-    response: dict[str, Any] = orjson.loads(stored.response_json)
+    response = state_records.response_of(stored)
     failed = {
         **response,
         "status": "failed",
@@ -220,9 +220,7 @@ async def finish_abandoned(svc: Services, job: resources_pb2.BackgroundJob) -> N
     final = state_records.ended(stored, failed)
     try:
         await svc.state.finish_background_response(
-            state_service_pb2.FinishBackgroundResponseRequest(
-                tenant=job.tenant, lease_token=job.lease_token, response=final
-            ),
+            state_records.finish_background(job.tenant, job.lease_token, final),
         )
     except errors.ApiError as exc:
         # The stream's own final turn landed first (it finished the job: LEASE_LOST), or the

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -209,6 +209,18 @@ class _Lane:
     def close(self) -> None:
         self._end("the state client is closing")
         self._reader.cancel()
+
+
+if TYPE_CHECKING:
+    # A stub on a channel of the caller's own: the background worker's, for its claims and
+    # WatchResponseEvents (see background.py), which stay out of the Exchange streams. The async
+    # stub is a name of the type stubs only.
+    StateStub: TypeAlias = pb_grpc.StateServiceAsyncStub
+
+
+def state_stub(channel: grpc.aio.Channel) -> StateStub:
+    stub: StateStub = pb_grpc.StateServiceStub(channel)
+    return stub
 
 
 def _expire(future: asyncio.Future[Any]) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
+from google.protobuf import duration_pb2
 
 from respgw.state.v1 import resources_pb2
 from respgw.state.v1 import state_service_pb2 as pb
@@ -25,6 +26,8 @@ GetResponseReply = pb.GetResponseResponse
 PutTurnReply = pb.PutTurnResponse
 CreateConversationReply = pb.CreateConversationResponse
 CreateConversationItemsReply = pb.CreateConversationItemsResponse
+BackgroundJob = resources_pb2.BackgroundJob
+ResponseEvent = resources_pb2.ResponseEvent
 
 
 # --- items ---------------------------------------------------------------------------------------
@@ -252,6 +255,110 @@ def delete_response(tenant: str, response_id: str) -> pb.DeleteResponseRequest:
 
 def get_items(tenant: str, item_ids: Iterable[str]) -> pb.GetItemsRequest:
     return pb.GetItemsRequest(tenant=tenant, item_ids=item_ids)
+
+
+# --- background jobs and running responses -------------------------------------------------------
+# The job of a background response (or of a streamed turn stored as running, see running.py) is
+# held by a lease: its token comes with the claim (or the enqueue) and goes with every call that
+# writes the response until it is finished.
+
+
+def lease(seconds: float) -> duration_pb2.Duration:
+    """A lease's duration, as the job calls take it."""
+    duration = duration_pb2.Duration()
+    duration.FromMicroseconds(int(seconds * 1_000_000))
+    return duration
+
+
+def enqueue_background(
+    tenant: str,
+    record: resources_pb2.StoredResponse,
+    *,
+    spec: bytes,
+    owner: str,
+    lease_duration: duration_pb2.Duration,
+    require_intact_chain: bool = False,
+    max_pending_per_tenant: int = 0,
+    max_pending_total: int = 0,
+) -> pb.EnqueueBackgroundResponseRequest:
+    """The running ``record`` stored with its job, claimed by ``owner`` (0 caps: none)."""
+    return pb.EnqueueBackgroundResponseRequest(
+        tenant=tenant,
+        response=record,
+        spec=spec,
+        owner=owner,
+        lease_duration=lease_duration,
+        require_intact_chain=require_intact_chain,
+        max_pending_per_tenant=max_pending_per_tenant,
+        max_pending_total=max_pending_total,
+    )
+
+
+def claim_any_background(
+    owner: str, lease_duration: duration_pb2.Duration, request_id: str
+) -> pb.ClaimBackgroundResponseRequest:
+    """A claim of a queued or expired job of any tenant (the same ``request_id`` gets the same
+    job again)."""
+    return pb.ClaimBackgroundResponseRequest(
+        any_tenant=True, owner=owner, lease_duration=lease_duration, request_id=request_id
+    )
+
+
+def renew_lease(
+    tenant: str, response_id: str, lease_token: int, lease_duration: duration_pb2.Duration
+) -> pb.RenewBackgroundLeaseRequest:
+    return pb.RenewBackgroundLeaseRequest(
+        tenant=tenant,
+        response_id=response_id,
+        lease_token=lease_token,
+        lease_duration=lease_duration,
+    )
+
+
+def response_event(sequence_number: int, event_json: bytes) -> resources_pb2.ResponseEvent:
+    """One event of a response's log: its number and its JSON (encoded by the caller)."""
+    return resources_pb2.ResponseEvent(sequence_number=sequence_number, json=event_json)
+
+
+def append_events(
+    tenant: str,
+    response_id: str,
+    lease_token: int,
+    events: Iterable[resources_pb2.ResponseEvent],
+) -> pb.AppendResponseEventsRequest:
+    return pb.AppendResponseEventsRequest(
+        tenant=tenant, response_id=response_id, lease_token=lease_token, events=events
+    )
+
+
+def finish_background(
+    tenant: str,
+    lease_token: int,
+    record: resources_pb2.StoredResponse,
+    events: Iterable[resources_pb2.ResponseEvent] = (),
+) -> pb.FinishBackgroundResponseRequest:
+    """The final ``record`` of a job held with ``lease_token``, with the rest of its log."""
+    return pb.FinishBackgroundResponseRequest(
+        tenant=tenant, lease_token=lease_token, response=record, events=events
+    )
+
+
+def cancel_background(
+    tenant: str, record: resources_pb2.StoredResponse, cancel_event_json: bytes
+) -> pb.CancelBackgroundResponseRequest:
+    """``record`` (ended as cancelled, see :func:`ended`) stored with its cancel event."""
+    return pb.CancelBackgroundResponseRequest(
+        tenant=tenant, response=record, cancel_event_json=cancel_event_json
+    )
+
+
+def watch_events(
+    tenant: str, response_id: str, starting_after: int
+) -> pb.WatchResponseEventsRequest:
+    """The events of a response's log after ``starting_after`` (-1: all), then live."""
+    return pb.WatchResponseEventsRequest(
+        tenant=tenant, response_id=response_id, starting_after=starting_after
+    )
 
 
 # --- conversations -------------------------------------------------------------------------------

@@ -73,3 +73,50 @@ def test_large_turn_counts_the_event_log(
     response_json: bytes, events_json: bytes, large: bool
 ) -> None:
     assert state_records.large_turn(response_json, events_json) is large
+
+
+# --- background jobs ---------------------------------------------------------------------------
+
+
+def test_a_lease_keeps_its_fraction_of_a_second() -> None:
+    lease = state_records.lease(1.5)
+    assert (lease.seconds, lease.nanos) == (1, 500_000_000)
+    assert state_records.lease(0.25).ToMicroseconds() == 250_000
+
+
+def test_a_watch_from_the_log_start_or_from_event_zero_says_so() -> None:
+    # starting_after is optional in the contract: 0 (after the first event) is sent, not dropped.
+    for after in (-1, 0, 41):
+        request = state_records.watch_events("tenant", "resp_1", after)
+        assert request.HasField("starting_after") and request.starting_after == after
+
+
+def test_the_job_requests_carry_the_lease_and_the_record() -> None:
+    record = state_records.turn_record(
+        response_id="resp_1",
+        previous_response_id="",
+        conversation_id="",
+        input_items=INPUT,
+        output_items=(),
+        response=RESPONSE,
+        idempotency_key="",
+        events=None,
+        in_progress=True,
+    )
+    lease = state_records.lease(30)
+    enqueue = state_records.enqueue_background(
+        "tenant", record, spec=b"{}", owner="router-1", lease_duration=lease
+    )
+    assert enqueue.response == record and enqueue.lease_duration.seconds == 30
+    assert (enqueue.max_pending_per_tenant, enqueue.max_pending_total) == (0, 0)  # no caps
+    claim = state_records.claim_any_background("router-1", lease, "req-1")
+    assert claim.any_tenant and claim.request_id == "req-1" and claim.lease_duration == lease
+    renew = state_records.renew_lease("tenant", "resp_1", 3, lease)
+    assert (renew.response_id, renew.lease_token, renew.lease_duration) == ("resp_1", 3, lease)
+    events = [state_records.response_event(n, b'{"n":%d}' % n) for n in (4, 5)]
+    append = state_records.append_events("tenant", "resp_1", 3, events)
+    assert [e.sequence_number for e in append.events] == [4, 5] and append.lease_token == 3
+    finish = state_records.finish_background("tenant", 3, record)
+    assert finish.response == record and not finish.events
+    cancel = state_records.cancel_background("tenant", record, b'{"type":"response.cancelled"}')
+    assert cancel.response.id == "resp_1" and cancel.cancel_event_json.startswith(b"{")
