@@ -14,7 +14,8 @@ Package map (a request's way through it, top to bottom)::
     vocabulary.py     the API's words: request fields, include values, tool and item types
     turn.py           one turn: history, stateful tools, the hub call, the stored result
     background.py     background responses: leased jobs of the state service, live events
-    tools.py          the tool loop for code_interpreter and shell on a chat hub
+    tool_loop.py      the tool loop for code_interpreter and shell on a chat hub: rounds, calls run
+    tool_items.py     those tools' items and the model's text of a result; replay to a chat hub
     dialects/         the hub's API, one module each, chosen once by --hub-api (``svc.dialect``):
       chat.py         a Chat Completions hub: its request, its answer, its stream's chunks
       responses.py    a Responses API hub, used statelessly: the same three, passed through

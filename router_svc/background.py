@@ -56,7 +56,7 @@ from router_svc import (
     errors,
     running,
     state_records,
-    tools,
+    tool_loop,
     turn,
     validate,
 )
@@ -831,7 +831,7 @@ class _Run:
     ) -> None:
         chunks: AsyncIterator[dict[str, Any]] | None = None
         try:
-            if isinstance(translator, tools.StreamLoop):
+            if isinstance(translator, tool_loop.StreamLoop):
                 chunks = translator.rounds()  # each hub call of the loop, and the calls it runs
             else:
                 if compaction.compact_threshold(self.turn.req) is not None:
@@ -852,7 +852,7 @@ class _Run:
                 await aclose()
 
 
-_Translator = StreamTranslator | tools.StreamLoop
+_Translator = StreamTranslator | tool_loop.StreamLoop
 
 
 def _translator(svc: Services, t: turn.Turn) -> _Translator:

@@ -2,7 +2,7 @@
 
 The ExecutionService is served on the bootstrap service's address (the contract says so), so the
 router needs no other setting: :func:`make_executor` returns a client when a bootstrap address is
-configured. The tool loop (:mod:`router_svc.tools`) runs calls with :meth:`GrpcExecutor.execute`;
+configured. The tool loop (:mod:`router_svc.tool_loop`) runs calls with :meth:`GrpcExecutor.execute`;
 the Containers API (:mod:`router_svc.routes.containers`) uses the session and file RPCs.
 
 :meth:`GrpcExecutor.execute` follows the proto's rule for a call that is not idempotent: it is

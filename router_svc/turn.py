@@ -42,9 +42,9 @@ from router_svc import (
     include,
     running,
     state_records,
-    tools,
     validate,
 )
+from router_svc import tool_loop as tools  # named as before while turn.py is being split
 from router_svc.dialects import Dialect, StreamTranslator
 from router_svc.event_log import EventLog
 from router_svc.events import SSE_DONE, sse_encode, sse_pieces

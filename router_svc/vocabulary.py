@@ -125,7 +125,7 @@ TOOL_TYPES = (
 CHAT_OFFERED_TOOLS = frozenset({"function", "custom", "namespace"})
 # Accepted but not offered to the model, and reported: a web search the gateway cannot run (the
 # model answers without searching, as OpenAI's model may choose to), and code_interpreter and
-# shell when no execution service runs them (when one does, the tool loop in router_svc.tools
+# shell when no execution service runs them (when one does, the tool loop in router_svc.tool_loop
 # offers them as functions and runs the calls, and leaves them out of what is checked here).
 CHAT_NOT_RUN_TOOLS = frozenset(
     {

@@ -61,7 +61,7 @@ class Dialect(Protocol):
     # The hub path (under --hub-url) a turn posts to, whole or streamed.
     path: str
     # The gateway runs the stateful tools (code_interpreter, shell) in a tool loop of hub calls
-    # on this hub (router_svc.tools); otherwise the hub runs or refuses them.
+    # on this hub (router_svc.tool_loop); otherwise the hub runs or refuses them.
     tool_loop: bool
     # The gateway seals reasoning text into encrypted_content for stateless clients and opens it
     # when it comes back (router_svc.compaction); otherwise the hub mints its own.

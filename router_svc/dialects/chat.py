@@ -10,7 +10,7 @@ and the function and custom tools of each namespace, flattened (under their own 
 ``<namespace>__<name>`` when that name is taken). The web search tools are not offered and are
 reported (``respgw_router_tools_not_run_total``), and so are the stateful ``code_interpreter`` and
 ``shell`` when no execution service runs them: when one does, the tool loop
-(:mod:`router_svc.tools`) offers them itself and leaves them out of the request it translates
+(:mod:`router_svc.tool_loop`) offers them itself and leaves them out of the request it translates
 here. A prompt template or a tool nobody would run is refused (:func:`validate.check_chat_hub`). Request fields a chat hub has no use for (store, metadata,
 truncation, service_tier, prompt_cache_key, ...) are dropped from the hub request, as
 OpenAI-compatible servers do, and still echoed on the response; the hub's own sampling parameters

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from router_svc import checks, tokens, tools, turn, validate
+from router_svc import checks, tokens, tool_loop, turn, validate
 from router_svc.http import JSONResponse, check_item_ids, parse_json, read_body, services, tenant
 from router_svc.services import Services
 
@@ -68,8 +68,8 @@ def parse_count_request(body: dict[str, Any], svc: Services) -> validate.TurnReq
 
 async def hub_request(svc: Services, t: turn.Turn) -> tuple[str, dict[str, Any]]:
     """The hub path and the body the turn's (first) hub call would send, not streamed."""
-    if tools.runs_tools(svc, t):
-        return "/chat/completions", await tools.first_request(svc, t)
+    if tool_loop.runs_tools(svc, t):
+        return "/chat/completions", await tool_loop.first_request(svc, t)
     return t.upstream(svc.dialect, stream=False)
 
 

@@ -1,5 +1,5 @@
-"""The tool loop (router_svc.tools) against the real reference bootstrap and execution service and
-the fake hub, with and without streaming, before any route is involved."""
+"""The tool loop (router_svc.tool_loop) against the real reference bootstrap and execution service
+and the fake hub, with and without streaming, before any route is involved."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from bootstrap_svc import server as bootstrap_server
 from bootstrap_svc.config import BootstrapSettings
-from router_svc import bootstrap, execution, include, tools, validate
+from router_svc import bootstrap, execution, include, tool_loop, validate
 from router_svc.config import RouterSettings
 from router_svc.dialects import dialect_for
 from router_svc.hub import HubClient
@@ -106,7 +106,7 @@ async def env(hub: FakeHub, tmp_path: Path) -> AsyncIterator[Env]:
 
 
 async def streamed(env: Env, turn: Turn) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    loop = tools.StreamLoop(env.svc, turn)
+    loop = tool_loop.StreamLoop(env.svc, turn)
     events = loop.start()
     async for chunk in loop.rounds():
         events += loop.feed(chunk)
@@ -123,8 +123,8 @@ async def test_a_python_call_runs_and_its_output_reaches_the_model(env: Env) -> 
         Reply(text_from_tool="The answer is {tool}."),
     )
     turn = await env.turn({"input": "Compute 6*7", "tools": [CI]})
-    assert tools.runs_tools(env.svc, turn)
-    response = await tools.answer(env.svc, turn)
+    assert tool_loop.runs_tools(env.svc, turn)
+    response = await tool_loop.answer(env.svc, turn)
     call, message = response["output"]
     container = turn.prepared.tools["code_interpreter"].resource_id
     assert call["type"] == "code_interpreter_call" and call["status"] == "completed"
@@ -155,7 +155,7 @@ async def test_outputs_logs_images_and_file_citations(env: Env) -> None:
     turn = await env.turn(
         {"input": "x", "tools": [CI], "include": ["code_interpreter_call.outputs"]}
     )
-    response = await tools.answer(env.svc, turn)
+    response = await tool_loop.answer(env.svc, turn)
     call, message = response["output"]
     logs, image = call["outputs"]
     assert logs == {"type": "logs", "logs": "written"}
@@ -178,7 +178,7 @@ async def test_a_timeout_is_the_calls_output_and_the_model_answers(env: Env) -> 
         Reply(tool_calls=[python_call("while True:\n    pass")], finish_reason="tool_calls"),
         Reply(text_from_tool="Sorry: {tool}"),
     )
-    response = await tools.answer(env.svc, await env.turn({"input": "loop", "tools": [CI]}))
+    response = await tool_loop.answer(env.svc, await env.turn({"input": "loop", "tools": [CI]}))
     call, message = response["output"]
     assert call["status"] == "failed"
     assert "stopped" in message["content"][0]["text"]
@@ -193,7 +193,7 @@ async def test_max_tool_calls_and_the_round_cap(env: Env) -> None:
         ),
         Reply(text="done"),
     )
-    response = await tools.answer(
+    response = await tool_loop.answer(
         env.svc, await env.turn({"input": "x", "tools": [CI], "max_tool_calls": 1})
     )
     first, second, message = response["output"]
@@ -210,7 +210,7 @@ async def test_max_tool_calls_and_the_round_cap(env: Env) -> None:
         Reply(tool_calls=[python_call("1")], finish_reason="tool_calls"),
         Reply(tool_calls=[python_call("2", "call_2")], finish_reason="tool_calls"),
     )
-    response = await tools.answer(env.svc, await env.turn({"input": "x", "tools": [CI]}))
+    response = await tool_loop.answer(env.svc, await env.turn({"input": "x", "tools": [CI]}))
     assert [i["status"] for i in response["output"]] == ["completed", "incomplete"]
     assert len(env.hub.chat_requests()) == 2 and "tools" not in env.hub.chat_requests()[1]
 
@@ -226,7 +226,9 @@ async def test_a_callers_function_call_ends_the_loop(env: Env) -> None:
             finish_reason="tool_calls",
         )
     )
-    response = await tools.answer(env.svc, await env.turn({"input": "x", "tools": [weather, CI]}))
+    response = await tool_loop.answer(
+        env.svc, await env.turn({"input": "x", "tools": [weather, CI]})
+    )
     assert [i["type"] for i in response["output"]] == ["code_interpreter_call", "function_call"]
     assert response["output"][1]["name"] == "get_weather"
     assert len(env.hub.chat_requests()) == 1
@@ -237,7 +239,7 @@ async def test_a_callers_function_call_ends_the_loop(env: Env) -> None:
 async def test_a_callers_tool_named_python_keeps_its_name(env: Env) -> None:
     own = {"type": "function", "name": "python", "parameters": {"type": "object"}}
     env.hub.enqueue(Reply(text="no call"))
-    await tools.answer(env.svc, await env.turn({"input": "x", "tools": [own, CI]}))
+    await tool_loop.answer(env.svc, await env.turn({"input": "x", "tools": [own, CI]}))
     names = [t["function"]["name"] for t in env.hub.chat_requests()[0]["tools"]]
     assert names == ["python", "python_tool"]
 
@@ -250,7 +252,7 @@ async def test_a_stored_call_is_replayed_as_the_call_and_output_it_was(env: Env)
     first = await env.turn(
         {"input": "first", "tools": [CI], "include": ["code_interpreter_call.outputs"]}
     )
-    one = await tools.answer(env.svc, first)
+    one = await tool_loop.answer(env.svc, first)
     history = [*first.req.input_items, *one["output"]]
     env.hub.reset()
     env.hub.enqueue(
@@ -260,7 +262,7 @@ async def test_a_stored_call_is_replayed_as_the_call_and_output_it_was(env: Env)
     second = await env.turn(
         {"input": "again", "tools": [CI]}, history, previous_response_id=first.response_id
     )
-    two = await tools.answer(env.svc, second)
+    two = await tool_loop.answer(env.svc, second)
     # The same interpreter: y survived from the first turn.
     assert two["output"][-1]["content"][0]["text"] == "10"
     messages = env.hub.chat_requests()[0]["messages"]
@@ -282,7 +284,7 @@ async def test_a_shell_call_runs_each_command(env: Env) -> None:
         ),
         Reply(text_from_tool="{tool}"),
     )
-    response = await tools.answer(
+    response = await tool_loop.answer(
         env.svc, await env.turn({"input": "x", "tools": [{"type": "shell"}]})
     )
     call, output, message = response["output"]
