@@ -13,6 +13,8 @@ Package map (a request's way through it, top to bottom)::
     checks.py         the JSON checker: values checked in OpenAI's words (param, message, code)
     vocabulary.py     the API's words: request fields, include values, tool and item types
     turn.py           one turn: history, stateful tools, the hub call, the stored result
+    streaming.py      a streamed turn: the hub read by a task, events held until stored, SSE out
+    idempotency.py    retries: an Idempotency-Key's or an SDK retry's identity, its first attempt
     background.py     background responses: leased jobs of the state service, live events
     tool_loop.py      the tool loop for code_interpreter and shell on a chat hub: rounds, calls run
     tool_items.py     those tools' items and the model's text of a result; replay to a chat hub

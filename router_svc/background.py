@@ -54,6 +54,7 @@ from router_svc import (
     bootstrap,
     compaction,
     errors,
+    idempotency,
     running,
     state_records,
     tool_loop,
@@ -441,7 +442,7 @@ async def _enqueue(
     except errors.Conflict:
         if t.idempotency_key:
             # A concurrent request with the same Idempotency-Key stored its turn first.
-            winner = await turn.find_idempotent(svc, t.tenant, t.idempotency_key)
+            winner = await idempotency.find_idempotent(svc, t.tenant, t.idempotency_key)
             if winner is not None:
                 return winner, None
         raise
@@ -803,7 +804,7 @@ class _Run:
             elif self.svc.shutting_down:
                 # The router stops before the run ended: stored as failed, never left running.
                 outcome = "stopped"
-                message = turn._shut_down(t)["error"]["message"]
+                message = turn.shut_down_snapshot(t)["error"]["message"]
                 push(translator.fail("server_error", message))
                 with contextlib.suppress(errors.ApiError):
                     await self._finish(translator.response, held[:1])
@@ -857,7 +858,7 @@ _Translator = StreamTranslator | tool_loop.StreamLoop
 
 def _translator(svc: Services, t: turn.Turn) -> _Translator:
     """What a streamed foreground turn uses (the tool loop when code_interpreter or shell run)."""
-    return turn._translator(svc, t)
+    return turn.stream_translator(svc, t)
 
 
 def _unstorable(

@@ -1,9 +1,9 @@
 """The stored event log of a streamed turn: the events as they were sent, in a compact form.
 
-:class:`EventLog` keeps the events of a live stream as the turn sends them (router_svc.turn) and
-dumps them with the response they built (StoredResponse.stream_events_json); :func:`expand_log`
-turns a stored log back into exactly those events (:func:`router_svc.replay.stored_stream`, what
-GET /v1/responses/{id}?stream=true sends).
+:class:`EventLog` keeps the events of a live stream as the turn sends them
+(router_svc.streaming) and dumps them with the response they built
+(StoredResponse.stream_events_json); :func:`expand_log` turns a stored log back into exactly those
+events (:func:`router_svc.replay.stored_stream`, what GET /v1/responses/{id}?stream=true sends).
 """
 
 from __future__ import annotations

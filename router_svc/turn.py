@@ -15,19 +15,19 @@ Order of the steps, and what each failure leaves behind:
 3. bootstrap, once, only when stateful tools are declared -- the hub is not called on failure;
 4. the hub -- nothing is stored when it fails (502/504);
 5. store -- the client is answered 200 (or sees ``response.completed``) only after this succeeded.
+
+Steps 4 and 5 with streaming are router_svc.streaming's; how a turn is told apart from a retry,
+router_svc.idempotency's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import logging
-import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, nullcontext
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -39,27 +39,23 @@ from router_svc import (
     compaction,
     errors,
     hub,
+    idempotency,
     include,
     running,
     state_records,
+    tool_loop,
     validate,
 )
-from router_svc import tool_loop as tools  # named as before while turn.py is being split
 from router_svc.dialects import Dialect, StreamTranslator
 from router_svc.event_log import EventLog
-from router_svc.events import SSE_DONE, sse_encode, sse_pieces
 from router_svc.history_cache import Chain, HistoryCache
 from router_svc.http import shown_id, valid_id
 from router_svc.ids import new_id
-from router_svc.replay import replay_events
 from router_svc.response import error_object, response_object
 from router_svc.services import Services
 from router_svc.validate import TurnRequest
 
 log = logging.getLogger(__name__)
-# Back-off jitter from a generator of our own: the global one is the application's (and tests
-# seed it).
-_jitter = random.Random()
 
 HISTORY_TRUNCATED_HEADER = "x-respgw-history-truncated"
 
@@ -136,123 +132,6 @@ class Turn:
         return {}
 
 
-# --- retries: explicit Idempotency-Key and the official SDKs' retries ----------------------------
-
-# A retry of an SDK call finds a first attempt that started in the same window of this many
-# seconds or the one before (so at least this long ago): the SDK's default timeout (600 s) and
-# back-off included.
-RETRY_WINDOW_S = 900
-_AUTO_PREFIX = "sdk-retry:"
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What tells a POST /v1/responses apart from a retry of an earlier one (README, "Retries").
-
-    ``kind`` is "explicit" (an Idempotency-Key), "first" (the first attempt of an official SDK's
-    call: stored under ``idempotency_key`` so that its retries find it), "retry" (a later attempt
-    of one: ``lookup`` holds the keys its first attempt may be stored under) or "" (neither).
-    """
-
-    kind: str = ""
-    idempotency_key: str = ""
-    response_id: str = ""
-    lookup: tuple[str, ...] = ()
-    # With an Idempotency-Key: the response ids a first request with the same body has.
-    accepted_ids: frozenset[str] = field(default_factory=frozenset)
-
-
-NO_IDENTITY = Identity()
-
-
-def identify(
-    tenant: str,
-    raw: bytes,
-    body: Mapping[str, Any],
-    key: str,
-    attempt: int | None,
-    *,
-    store: bool,
-    now: float | None = None,
-) -> Identity:
-    """The identity of a request with body ``raw`` (``body`` parsed), Idempotency-Key ``key``
-    (empty for none) and SDK attempt ``attempt`` (None for other clients)."""
-    if key:
-        # The body's digest is part of the response id, so that the same key with another body
-        # is told apart (a 400) from a retry; the body is compared as JSON, not as bytes.
-        digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        response_id = _digest_id(f"{tenant}\x00{key}\x00{digest}")
-        return Identity(
-            kind="explicit",
-            idempotency_key=key,
-            response_id=response_id,
-            lookup=(key,) if store else (),
-            accepted_ids=frozenset({response_id, _response_id(tenant, key)}),
-        )
-    if attempt is None or not store:
-        return NO_IDENTITY
-    # An official SDK sends a retry with the same body bytes and no id of its call, so the
-    # tenant, the body and the time tell it apart.
-    body_hash = hashlib.sha256(tenant.encode() + b"\x00" + raw).hexdigest()[:40]
-    window = int((time.time() if now is None else now) // RETRY_WINDOW_S)
-    auto_key = f"{_AUTO_PREFIX}{body_hash}:{window}"
-    if attempt == 0:
-        return Identity(kind="first", idempotency_key=auto_key)
-    return Identity(
-        kind="retry",
-        idempotency_key=auto_key,
-        response_id=_retry_id(auto_key),
-        lookup=(auto_key, f"{_AUTO_PREFIX}{body_hash}:{window - 1}"),
-    )
-
-
-def _digest_id(text: str) -> str:
-    return "resp_" + hashlib.sha256(text.encode()).hexdigest()[:48]
-
-
-def _retry_id(auto_key: str) -> str:
-    """The response id of every retry of the calls whose first attempt has ``auto_key``: two
-    retries running at once store one turn."""
-    return _digest_id(f"retry\x00{auto_key}")
-
-
-def idempotency_key_reused() -> errors.InvalidRequest:
-    return errors.InvalidRequest(
-        "This Idempotency-Key was already used for a request with other content.",
-        code="idempotency_key_reused",
-    )
-
-
-async def find_first(svc: Services, tenant: str, ident: Identity) -> dict[str, Any] | None:
-    """The response a first request of this one already stored (an Idempotency-Key's, or the
-    first attempt of an SDK call), if any; a 400 for an Idempotency-Key used with another body."""
-    for key in ident.lookup:
-        first = await find_idempotent(svc, tenant, key)
-        if first is not None and running.unfinished_stream(first):
-            # A first attempt still streaming answers this one once it ended; one that failed
-            # does not answer an SDK's retry, which runs on its own.
-            first = await running.when_done(svc, tenant, first)
-            status = first.get("status")
-            if status == "in_progress" or (status == "failed" and ident.kind == "retry"):
-                continue
-        if first is None:
-            continue
-        if ident.kind == "explicit" and first.get("id") not in ident.accepted_ids:
-            raise idempotency_key_reused()
-        return first
-    return None
-
-
-async def find_idempotent(svc: Services, tenant: str, key: str) -> dict[str, Any] | None:
-    """The response already stored for this Idempotency-Key, if any."""
-    reply = await svc.state.find(
-        svc.state.get_response(state_records.get_response(tenant, idempotency_key=key))
-    )
-    if reply is None:
-        return None
-    return state_records.response_of(reply.response)
-
-
 async def begin(
     svc: Services,
     req: TurnRequest,
@@ -260,7 +139,7 @@ async def begin(
     tenant: str,
     idempotency_key: str = "",
     headers: Mapping[str, str] | None = None,
-    ident: Identity | None = None,
+    ident: idempotency.Identity | None = None,
     response_id: str = "",
     prepare_tools: bool = True,
 ) -> Turn:
@@ -270,7 +149,7 @@ async def begin(
     explicit one); ``response_id`` keeps the id of an earlier attempt of this turn;
     ``prepare_tools=False`` calls no bootstrap service (a turn only counted, never run)."""
     if ident is None:
-        ident = identify(tenant, b"", req.body, idempotency_key, None, store=req.store)
+        ident = idempotency.identify(tenant, b"", req.body, idempotency_key, None, store=req.store)
     # Ids no stored object can have are not found, without asking the state service.
     if req.previous_response_id and not valid_id(req.previous_response_id):
         raise errors.previous_response_not_found(shown_id(req.previous_response_id))
@@ -435,15 +314,6 @@ def session_key(tenant: str, req: TurnRequest, chain_root: str) -> str:
     return f"rg-{digest}"
 
 
-def _response_id(tenant: str, idempotency_key: str) -> str:
-    """A new response id; with an Idempotency-Key, the same one on every retry. (Turns stored
-    with an Idempotency-Key before the body's digest was part of the id have this id.)"""
-    if idempotency_key:
-        digest = hashlib.sha256(f"{tenant}\x00{idempotency_key}".encode()).hexdigest()[:48]
-        return f"resp_{digest}"
-    return new_id("resp")
-
-
 def _selected_headers(svc: Services, headers: Mapping[str, str]) -> dict[str, str]:
     wanted = [h.strip().lower() for h in svc.settings.bootstrap_headers.split(",") if h.strip()]
     return {name: headers[name] for name in wanted if name != "authorization" and name in headers}
@@ -512,7 +382,7 @@ async def store(
     except errors.Conflict as exc:
         if exc.code == "conflict" and turn.idempotency_key:
             # A concurrent request with the same key (and response id) stored its turn first.
-            winner = await find_idempotent(svc, turn.tenant, turn.idempotency_key)
+            winner = await idempotency.find_idempotent(svc, turn.tenant, turn.idempotency_key)
             if winner is not None:
                 return winner
         raise
@@ -529,10 +399,10 @@ async def store(
     svc.state.response_json_with_output_items = reply.response_json_with_output_items
     if reply.replayed and reply.response.id != turn.response_id:
         first = state_records.response_of(reply.response)
-        if turn.key_kind == "explicit" and first.get("id") != _response_id(
+        if turn.key_kind == "explicit" and first.get("id") != idempotency.keyed_response_id(
             turn.tenant, turn.idempotency_key
         ):
-            raise idempotency_key_reused()
+            raise idempotency.idempotency_key_reused()
         if turn.key_kind == "retry" and running.unfinished_stream(first):
             # The first attempt of this SDK call is streaming (stored as running): it answers
             # this retry once it ended, unless it failed; then this retry is stored on its own.
@@ -543,7 +413,9 @@ async def store(
             return await store(
                 svc, turn, response, events, in_progress=in_progress, keep_output=keep_output
             )
-        if turn.key_kind == "first" and reply.response.id != _retry_id(turn.idempotency_key):
+        if turn.key_kind == "first" and reply.response.id != idempotency.retry_id(
+            turn.idempotency_key
+        ):
             # An identical request stored earlier in the window, not a retry of this one (which
             # would have the retry id): a client asking the same on purpose gets a turn of its
             # own, stored without the key.
@@ -614,7 +486,7 @@ async def answer(svc: Services, turn: Turn) -> dict[str, Any]:
 async def _compacting_answer(svc: Services, turn: Turn) -> dict[str, Any]:
     """A turn with context_management: its history compacted first when it is too long (the
     compaction item leads the output)."""
-    lead = None if tools.runs_tools(svc, turn) else await compaction.answer_lead(svc, turn)
+    lead = None if tool_loop.runs_tools(svc, turn) else await compaction.answer_lead(svc, turn)
     response = await _answer(svc, turn)
     if lead is not None:
         response["output"].insert(0, lead)
@@ -622,8 +494,8 @@ async def _compacting_answer(svc: Services, turn: Turn) -> dict[str, Any]:
 
 
 async def _answer(svc: Services, turn: Turn) -> dict[str, Any]:
-    if tools.runs_tools(svc, turn):
-        return await tools.answer(svc, turn)  # code_interpreter and shell run in a tool loop
+    if tool_loop.runs_tools(svc, turn):
+        return await tool_loop.answer(svc, turn)  # code_interpreter and shell run in a tool loop
     path, body = turn.upstream(svc.dialect, stream=False)
     upstream = await svc.hub.post(path, body)
     try:
@@ -672,35 +544,11 @@ async def start_background(svc: Services, turn: Turn) -> dict[str, Any]:
     return await background.start(svc, turn)
 
 
-_END = object()
-# The terminal events of a turn that is stored; response.failed is not (nothing half-stored).
-_STORED_TERMINALS = frozenset({"response.completed", "response.incomplete"})
-
-
-async def open_stream(svc: Services, turn: Turn) -> AsyncIterator[bytes]:
-    """Steps 4 and 5 with streaming; returns the SSE byte stream for the client.
-
-    As at OpenAI, ``response.created`` and ``response.in_progress`` go out as soon as the turn is
-    accepted, before the hub answers; a hub that fails then ends the stream with ``error`` and
-    ``response.failed``. The hub is read by a task of its own: if the client goes away
-    mid-stream, the task still reads the hub to the end and stores the turn (the turn is not
-    lost). The terminal event (``response.completed``) is sent only after the turn was stored,
-    so a request chained on it right away finds it; ``data: [DONE]`` follows it. Meanwhile the
-    turn is retrievable as ``in_progress`` (router_svc.running), and a failure is stored then.
-    """
-    translator = _translator(svc, turn)
-    queue = _Outbox(backlog=STREAM_BACKLOG)
-    pump = _pump(svc, turn, translator, queue)
-    if turn.req.background:
-        svc.spawn_cancellable((turn.tenant, turn.response_id), pump)
-    else:
-        svc.spawn(pump)
-    return _drain(queue)
-
-
-def _translator(svc: Services, turn: Turn) -> StreamTranslator | tools.StreamLoop:
-    if tools.runs_tools(svc, turn):
-        return tools.StreamLoop(svc, turn)  # code_interpreter and shell run in a tool loop
+def stream_translator(svc: Services, turn: Turn) -> StreamTranslator | tool_loop.StreamLoop:
+    """The translator of a streamed turn's hub stream into events (router_svc.streaming, and a
+    background turn's): the tool loop when code_interpreter or shell runs, else the dialect's."""
+    if tool_loop.runs_tools(svc, turn):
+        return tool_loop.StreamLoop(svc, turn)  # code_interpreter and shell run in a tool loop
     return svc.dialect.translator(
         turn.req,
         response_id=turn.response_id,
@@ -718,298 +566,7 @@ def _reasoning_sealer(svc: Services, turn: Turn) -> Callable[[str], str] | None:
     return None
 
 
-# A conversation turn whose conversation changed after its history was read (VERSION_MISMATCH) is
-# run again on the new history this many times in all before the client gets the 409.
-CONVERSATION_ATTEMPTS = 6
-
-
-async def settle(
-    svc: Services,
-    req: TurnRequest,
-    *,
-    tenant: str,
-    ident: Identity,
-    headers: Mapping[str, str] | None = None,
-    lock: AbstractAsyncContextManager[Any] | None = None,
-) -> tuple[Turn, dict[str, Any] | list[bytes]]:
-    """Steps 2 to 5 for a turn whose answer is held until it is stored: a conversation turn
-    (whole, or streamed into a buffer) and a streamed SDK retry. Returns the turn and its answer
-    (the response, or the stream's bytes).
-
-    A conversation turn that loses the race for the conversation (another turn was appended
-    after its history was read) is run again on the new history, up to CONVERSATION_ATTEMPTS
-    times, with the same response id; only then is it a 409, before any byte was sent. ``lock``
-    (held around all of it) serializes the turns of one conversation in this router, so that
-    they do not call the hub only to lose the race.
-    """
-    response_id = ""
-    async with lock or nullcontext():
-        for attempt in range(CONVERSATION_ATTEMPTS):
-            t = await begin(
-                svc, req, tenant=tenant, headers=headers, ident=ident, response_id=response_id
-            )
-            response_id = t.response_id
-            try:
-                if not req.stream:
-                    return t, await complete(svc, t)
-                return t, await buffered_stream(svc, t)
-            except errors.Conflict as exc:
-                if exc.code != "conversation_locked" or attempt == CONVERSATION_ATTEMPTS - 1:
-                    raise
-            log.info("conversation changed under a turn; running it again on the new history")
-            await asyncio.sleep(_jitter.uniform(0.0, 0.01 * 2**attempt))
-    raise AssertionError("unreachable")
-
-
-async def buffered_stream(svc: Services, turn: Turn) -> list[bytes]:
-    """Steps 4 and 5 with streaming, nothing sent before the turn is stored: the stream's bytes.
-
-    A failure to store is raised (an HTTP error, before any byte: a conversation that changed
-    meanwhile is a 409 the caller may run again); a turn that another response answers (the
-    first attempt of an SDK call this one retries) is that response's stream."""
-    queue = _Outbox(backlog=0)
-    outcome = await _pump(svc, turn, _translator(svc, turn), queue, buffered=True)
-    if outcome.store_error is not None:
-        raise outcome.store_error
-    if outcome.holder is not None:
-        held = replay_events(outcome.holder)
-        return [
-            *(sse_encode(e) for e in include.events(held, outcome.holder, turn.req.include)),
-            SSE_DONE,
-        ]
-    chunks: list[bytes] = []
-    while True:
-        item = queue.get_nowait()
-        if item is _END:
-            chunks.append(SSE_DONE)
-            return chunks
-        assert isinstance(item, dict)
-        chunks.append(sse_encode(item))
-
-
-@dataclass
-class _Outcome:
-    """How a buffered stream ended other than with its own events."""
-
-    # Storing the turn failed (nothing was sent yet).
-    store_error: errors.ApiError | None = None
-    # Another response answers this request (see store).
-    holder: dict[str, Any] | None = None
-
-
-async def _pump(
-    svc: Services,
-    turn: Turn,
-    translator: StreamTranslator | tools.StreamLoop,
-    queue: _Outbox,
-    *,
-    buffered: bool = False,
-) -> _Outcome:
-    outcome = _Outcome()
-    sent = EventLog()  # what the client was sent, for the stored log
-    held: list[dict[str, Any]] = []
-
-    def push(events: list[dict[str, Any]]) -> None:
-        for event in events:
-            if event["type"] in _STORED_TERMINALS:
-                held.append(event)  # goes out only once the turn is stored
-                continue
-            sent.add(event)
-            queue.put_nowait(event)  # encoded when the client takes it (see _drain)
-
-    started = translator.start()
-    push(started)
-    if not buffered:
-        _announce_running(svc, turn, started)
-    chunks: AsyncIterator[dict[str, Any]] | None = None
-    try:
-        # Inside the try: a request the translation refuses ends the stream like a hub failure.
-        if isinstance(translator, tools.StreamLoop):
-            chunks = translator.rounds()  # each hub call of the loop, and the calls it runs
-        else:
-            if compaction.compact_threshold(turn.req) is not None:
-                await compaction.stream_lead(svc, turn, translator, push)
-            path, body = turn.upstream(svc.dialect, stream=True)
-            chunks = svc.hub.stream(path, body)
-        async for chunk in chunks:
-            push(translator.feed(chunk))
-            await queue.room()
-        push(translator.finish())
-        if not held:
-            # The hub's own response.failed (a Responses-API hub): a background turn is kept
-            # as failed, never left in progress.
-            await _store_failed(svc, turn, translator.response)
-        if held:
-            terminal = held[0]
-            try:
-                sent.add(terminal)
-                answered = await store(svc, turn, translator.response, sent)
-            except errors.ApiError as exc:
-                log.error(
-                    "streamed turn could not be stored",
-                    extra={"code": exc.code, "detail": exc.message},
-                )
-                if buffered:
-                    outcome.store_error = exc
-                elif exc.outcome_unknown:
-                    push([_unknown_outcome(terminal, turn, exc)])
-                else:
-                    push(_failed_after(terminal, translator.response, exc))
-                return outcome
-            if answered is not translator.response:
-                if answered.get("id") != turn.response_id:
-                    # What is stored for this request is another response (the first attempt of
-                    # the SDK call this one retries, or the retry of this one).
-                    if buffered:
-                        outcome.holder = answered
-                    else:
-                        push(_failed_after(terminal, translator.response, _superseded(answered)))
-                    return outcome
-                terminal = {**terminal, "response": include.response(answered, turn.req.include)}
-            queue.put_nowait(terminal)
-    except errors.ApiError as exc:
-        push(translator.fail(exc.code or "server_error", exc.message))
-        await _store_failed(svc, turn, translator.response)
-    except Exception:
-        log.exception("streamed turn failed")
-        push(translator.fail("server_error", "The gateway failed while streaming the response."))
-        await _store_failed(svc, turn, translator.response)
-    except asyncio.CancelledError:
-        if svc.shutting_down:
-            await _store_failed(svc, turn, _shut_down(turn))
-        raise
-    finally:
-        queue.put_nowait(_END)
-        if turn.running_put is not None:
-            turn.running_put.stop()
-        if chunks is not None:
-            await _close(chunks)
-    return outcome
-
-
-def _announce_running(svc: Services, turn: Turn, started: list[dict[str, Any]]) -> None:
-    """Stores the turn as in progress beside the stream, from its response.created."""
-    if started and started[0]["type"] == "response.created" and svc.settings.store_running_streams:
-        turn.running_put = running.announce(svc, turn, started[0]["response"])
-
-
-def _shut_down(turn: Turn) -> dict[str, Any]:
+def shut_down_snapshot(turn: Turn) -> dict[str, Any]:
+    """A turn the router's shutdown stopped, as a failed response (stored, never in progress)."""
     message = "The gateway was stopped before this response finished; send it again."
     return snapshot(turn, "failed", error=error_object("server_error", message))
-
-
-async def _store_failed(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
-    """The failure of a background turn, or of a streamed turn stored as running, is kept (it is
-    retrievable as failed, never left in progress); any other failed turn stores nothing. The
-    partial output of a failed foreground stream is shown but not stored as output items, so no
-    later turn builds on it."""
-    if not turn.req.background and turn.running_put is None:
-        return
-    try:
-        await store(svc, turn, response, keep_output=turn.req.background)
-    except errors.ApiError as exc:
-        log.error("failed response could not be stored", extra={"code": exc.code})
-
-
-async def _close(chunks: AsyncIterator[dict[str, Any]]) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-def _failed_after(
-    terminal: dict[str, Any], response: dict[str, Any], exc: errors.ApiError
-) -> list[dict[str, Any]]:
-    """The error events that replace ``response.completed`` when storing the turn failed."""
-    seq = int(terminal.get("sequence_number", 0))
-    error = {"code": exc.code or "server_error", "message": exc.message}
-    failed = {**response, "status": "failed", "error": error}
-    return [
-        {
-            "type": "error",
-            "sequence_number": seq,
-            "code": error["code"],
-            "message": exc.message,
-            "param": None,
-        },
-        {"type": "response.failed", "sequence_number": seq + 1, "response": failed},
-    ]
-
-
-def _unknown_outcome(terminal: dict[str, Any], turn: Turn, exc: errors.ApiError) -> dict[str, Any]:
-    """The terminal event of a stream whose turn may or may not have been stored: an ``error``
-    that says so, and no response.failed (which could contradict a stored turn)."""
-    return {
-        "type": "error",
-        "sequence_number": int(terminal.get("sequence_number", 0)),
-        "code": "store_outcome_unknown",
-        "message": (
-            f"The response was answered, but whether it was stored is unknown ({exc.code}): "
-            f"GET /v1/responses/{turn.response_id} tells."
-        ),
-        "param": None,
-    }
-
-
-def _superseded(answered: dict[str, Any]) -> errors.ApiError:
-    return errors.ApiError(
-        f"This request was answered and stored as response '{answered.get('id')}' by another "
-        "attempt of the same call; this response was not stored.",
-        code="superseded",
-        status=409,
-    )
-
-
-# Events a streamed turn holds for a client that reads slower than the hub answers; past it the
-# hub is read no faster than the client reads (see _Outbox).
-STREAM_BACKLOG = 256
-# A client that took nothing for this long is not waited for any more.
-STREAM_STALL_S = 30.0
-
-
-class _Outbox(asyncio.Queue[object]):
-    """The events of a streamed turn on their way to the client. The pump waits in
-    :meth:`room` while more than ``backlog`` are waiting (so that the hub is read no faster than
-    the client reads, and a slow client does not make the router hold the whole answer as
-    events), except once the client is gone (:meth:`close`) or took nothing for
-    STREAM_STALL_S: the turn is then read to its end and stored all the same. A backlog of 0
-    never waits (a buffered stream, read once it is whole)."""
-
-    def __init__(self, *, backlog: int) -> None:
-        super().__init__()
-        self.backlog = backlog
-        self._room = asyncio.Event()
-
-    async def room(self) -> None:
-        while self.backlog and self.qsize() > self.backlog:
-            self._room.clear()
-            try:
-                await asyncio.wait_for(self._room.wait(), STREAM_STALL_S)
-            except TimeoutError:
-                self.close()
-
-    def taken(self) -> None:
-        if self.qsize() <= self.backlog // 2:
-            self._room.set()
-
-    def close(self) -> None:
-        """Nobody reads any more: the pump never waits again."""
-        self.backlog = 0
-        self._room.set()
-
-
-async def _drain(queue: _Outbox) -> AsyncIterator[bytes]:
-    try:
-        while True:
-            item = await queue.get()
-            queue.taken()
-            if item is _END:
-                yield SSE_DONE
-                return
-            assert isinstance(item, dict)
-            # Encoded only now: the texts of the last events (each a copy of the answer) are
-            # held as bytes one at a time, not all at once.
-            for piece in sse_pieces(item):
-                yield piece
-    finally:
-        queue.close()

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from router_svc import checks, errors, include, inputs, state_records, turn
+from router_svc import checks, errors, idempotency, include, inputs, state_records
 from router_svc.http import (
     MAX_ID_CHARS,
     JSONResponse,
@@ -27,9 +27,9 @@ from router_svc.http import (
     tenant,
     valid_id,
 )
+from router_svc.idempotency import RETRY_WINDOW_S
 from router_svc.ids import new_id
 from router_svc.services import Services
-from router_svc.turn import RETRY_WINDOW_S
 
 MAX_ITEMS_PER_CALL = 20
 # The request_id of a conversation an SDK call's first attempt creates: "sdk-retry:HASH:WINDOW".
@@ -356,7 +356,7 @@ async def _call_append(
     except errors.ApiError as exc:
         if key_reused and exc.code == "duplicate_item_id":
             # The ids derived from the Idempotency-Key are there with other content.
-            raise turn.idempotency_key_reused() from exc
+            raise idempotency.idempotency_key_reused() from exc
         exc.retry_header(retry_is_safe=retry_is_safe)
         raise
 

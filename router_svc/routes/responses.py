@@ -11,7 +11,17 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from router_svc import background, compaction, errors, include, state_records, turn, validate
+from router_svc import (
+    background,
+    compaction,
+    errors,
+    idempotency,
+    include,
+    state_records,
+    streaming,
+    turn,
+    validate,
+)
 from router_svc.events import SSE_DONE, sse_encode
 from router_svc.http import (
     JSONResponse,
@@ -49,7 +59,7 @@ async def create_response(request: Request) -> Response:
         hub_api=svc.settings.hub_api,
     )
     check_item_ids(req.input_items, "input")
-    ident = turn.identify(
+    ident = idempotency.identify(
         who, raw, req.body, idempotency_key(request), sdk_attempt(request), store=req.store
     )
     if not req.stream:
@@ -65,10 +75,14 @@ async def create_response(request: Request) -> Response:
 
 
 async def _create(
-    request: Request, svc: Services, who: str, req: validate.TurnRequest, ident: turn.Identity
+    request: Request,
+    svc: Services,
+    who: str,
+    req: validate.TurnRequest,
+    ident: idempotency.Identity,
 ) -> Response:
     if ident.lookup:
-        first = await turn.find_first(svc, who, ident)
+        first = await idempotency.find_first(svc, who, ident)
         if first is not None:
             if req.stream:
                 return _sse(_replay(first, -1, asked=req.include))
@@ -77,11 +91,11 @@ async def _create(
         req.conversation_id is not None or (req.stream and ident.kind == "retry")
     )
     if held:
-        # Answered only once stored: see turn.settle.
+        # Answered only once stored: see streaming.settle.
         lock = None
         if req.stream and req.conversation_id is not None:
             lock = conversation_locks(request).hold((who, req.conversation_id))
-        t, answer = await turn.settle(
+        t, answer = await streaming.settle(
             svc, req, tenant=who, ident=ident, headers=request.headers, lock=lock
         )
         if isinstance(answer, list):
@@ -95,7 +109,7 @@ async def _create(
         # A durable job: retrievable (as queued) from the start, streamed from its event log.
         return _sse(await background.open_stream(svc, t, request.headers), t.headers())
     if req.stream:
-        return _sse(await turn.open_stream(svc, t), t.headers())
+        return _sse(await streaming.open_stream(svc, t), t.headers())
     answered = await turn.complete(svc, t)
     return Response(t.json_of(answered), media_type="application/json", headers=t.headers())
 

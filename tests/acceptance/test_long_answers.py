@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from respgw.state.v1 import state_service_pb2
-from router_svc import state_records, turn
+from router_svc import state_records, streaming
 from state_svc import service
 from state_svc.config import StateSettings
 from tests.fakehub import FakeHub, Reply
@@ -90,7 +90,7 @@ def test_a_long_answer_not_streamed_is_stored_and_built_on(
 def test_a_stream_that_waits_for_its_client_sends_every_event(
     stack: Stack, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(turn, "STREAM_BACKLOG", 2)
+    monkeypatch.setattr(streaming, "STREAM_BACKLOG", 2)
     client = stack.client()
     hub.enqueue(Reply(text=TEXT))
     with client.responses.stream(model="fake-model", input="tell me") as events:
@@ -108,7 +108,7 @@ def test_a_stream_that_waits_for_its_client_sends_every_event(
 def test_a_client_gone_while_its_stream_waits_still_gets_the_turn_stored(
     stack: Stack, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(turn, "STREAM_BACKLOG", 2)
+    monkeypatch.setattr(streaming, "STREAM_BACKLOG", 2)
     hub.enqueue(Reply(text=TEXT))
     with httpx.Client(timeout=10) as http:
         with http.stream(

@@ -536,7 +536,7 @@ def test_a_stream_that_ends_before_the_hub_finished_fails(name: str) -> None:
     assert raised.value.code == STREAM_INCOMPLETE
     assert "before the answer was finished" in raised.value.message
     assert translator.response["status"] == "in_progress", "finish() decided nothing"
-    # What the router then does (turn._pump): fail() with the error's code and message.
+    # What the router then does (streaming._pump): fail() with the error's code and message.
     events += translator.fail(raised.value.code, raised.value.message)
     assert_well_formed(events)
     assert types(events)[-2:] == ["error", "response.failed"]

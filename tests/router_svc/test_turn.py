@@ -1,7 +1,7 @@
-"""One turn of POST /v1/responses, unit by unit: the session key, how a request is told from a
-retry, the upstream body, and the store path's decisions (the history cache and
-require_intact_chain, Idempotency-Keys and SDK retries, conversation versions, an outage) against
-a real state service (memory backend, on 127.0.0.1:0) and the fake hub."""
+"""One turn of POST /v1/responses, unit by unit: the session key, the upstream body, and the store
+path's decisions (the history cache and require_intact_chain, Idempotency-Keys and SDK retries,
+conversation versions, an outage) against a real state service (memory backend, on 127.0.0.1:0)
+and the fake hub; streamed turns (router_svc.streaming) too."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from respgw.state.v1 import state_service_pb2 as pb
 from router_svc import app as router_app
-from router_svc import errors, inputs, turn, validate
+from router_svc import errors, idempotency, inputs, streaming, turn, validate
 from router_svc.config import RouterSettings
 from router_svc.dialects import dialect_for
 from router_svc.services import Services
@@ -42,50 +42,6 @@ def test_the_session_key_follows_the_chain_or_the_conversation() -> None:
     assert conv == turn.session_key(TENANT, request(conversation="conv_1"), "resp_x") != chained
     # The client's own prompt_cache_key wins.
     assert turn.session_key(TENANT, request(prompt_cache_key="mine"), "resp_root") == "mine"
-
-
-# --- a request or a retry -----------------------------------------------------------------------
-
-
-def test_an_idempotency_key_fixes_the_response_id_by_tenant_key_and_body() -> None:
-    body = {"model": "m", "input": "hi", "temperature": 0.5}
-    same = {"temperature": 0.5, "input": "hi", "model": "m"}  # other key order, same JSON
-    first = turn.identify(TENANT, b"", body, "k1", None, store=True)
-    assert first.kind == "explicit" and first.idempotency_key == "k1"
-    assert first.lookup == ("k1",)
-    assert first.response_id.startswith("resp_") and len(first.response_id) == 53
-    assert turn.identify(TENANT, b"", same, "k1", 3, store=True) == first
-    others = [
-        turn.identify(TENANT, b"", {**body, "input": "ho"}, "k1", None, store=True),
-        turn.identify("t2", b"", body, "k1", None, store=True),
-        turn.identify(TENANT, b"", body, "k2", None, store=True),
-    ]
-    assert len({first.response_id, *(o.response_id for o in others)}) == 4
-    assert first.response_id in first.accepted_ids and len(first.accepted_ids) == 2
-    # Not stored: nothing to look up, the id is still fixed.
-    unstored = turn.identify(TENANT, b"", body, "k1", None, store=False)
-    assert unstored.lookup == () and unstored.response_id == first.response_id
-
-
-def test_an_sdk_call_is_told_from_its_retries_by_body_and_time() -> None:
-    raw = b'{"model":"m","input":"hi"}'
-    body = orjson.loads(raw)
-    now = 1_000_000 * turn.RETRY_WINDOW_S + 10
-    assert turn.identify(TENANT, raw, body, "", None, store=True) is turn.NO_IDENTITY
-    assert turn.identify(TENANT, raw, body, "", 0, store=False) is turn.NO_IDENTITY
-    first = turn.identify(TENANT, raw, body, "", 0, store=True, now=now)
-    assert first.kind == "first" and first.response_id == "" and first.lookup == ()
-    retry = turn.identify(TENANT, raw, body, "", 2, store=True, now=now)
-    assert retry.kind == "retry" and retry.idempotency_key == first.idempotency_key
-    assert retry.lookup[0] == first.idempotency_key
-    # Two retries of one call get one id; a retry in the next window still finds the first.
-    assert turn.identify(TENANT, raw, body, "", 1, store=True, now=now).response_id == (
-        retry.response_id
-    )
-    later = turn.identify(TENANT, raw, body, "", 1, store=True, now=now + turn.RETRY_WINDOW_S)
-    assert later.lookup[1] == first.idempotency_key
-    other = turn.identify(TENANT, raw + b" ", body, "", 0, store=True, now=now)
-    assert other.idempotency_key != first.idempotency_key
 
 
 # --- against a real state service ---------------------------------------------------------------
@@ -273,12 +229,12 @@ async def test_a_cached_chain_broken_meanwhile_is_refused_when_stored(
 
 async def test_an_idempotency_key_stores_one_turn(svc: Services, hub: FakeHub) -> None:
     req = request(input="pay once")
-    ident = turn.identify(TENANT, b"", req.body, "key-1", None, store=True)
-    assert await turn.find_first(svc, TENANT, ident) is None
+    ident = idempotency.identify(TENANT, b"", req.body, "key-1", None, store=True)
+    assert await idempotency.find_first(svc, TENANT, ident) is None
     first = await run(svc, req, ident=ident)
     assert first.response_id == ident.response_id
     # A retry found before the hub is called...
-    found = await turn.find_first(svc, TENANT, ident)
+    found = await idempotency.find_first(svc, TENANT, ident)
     assert found is not None and found["id"] == first.response_id
     # ...and one that raced past that check: its store answers the first turn.
     hub.enqueue(Reply(text="another answer"))
@@ -287,9 +243,9 @@ async def test_an_idempotency_key_stores_one_turn(svc: Services, hub: FakeHub) -
     assert answered == first.stored_response
     # The same key with another body is a 400.
     other = request(input="pay twice")
-    reused = turn.identify(TENANT, b"", other.body, "key-1", None, store=True)
+    reused = idempotency.identify(TENANT, b"", other.body, "key-1", None, store=True)
     with pytest.raises(errors.InvalidRequest) as info:
-        await turn.find_first(svc, TENANT, reused)
+        await idempotency.find_first(svc, TENANT, reused)
     assert info.value.code == "idempotency_key_reused"
     racing_other = await turn.begin(svc, other, tenant=TENANT, ident=reused)
     with pytest.raises(errors.InvalidRequest) as stored_info:
@@ -302,10 +258,10 @@ async def test_an_sdk_retry_finds_its_first_attempt_and_a_repeat_is_its_own_turn
 ) -> None:
     raw = b'{"model":"fake-model","input":"same words"}'
     req = validate.parse_turn_request(orjson.loads(raw))
-    first_ident = turn.identify(TENANT, raw, req.body, "", 0, store=True)
+    first_ident = idempotency.identify(TENANT, raw, req.body, "", 0, store=True)
     first = await run(svc, req, ident=first_ident)
-    retry = turn.identify(TENANT, raw, req.body, "", 1, store=True)
-    found = await turn.find_first(svc, TENANT, retry)
+    retry = idempotency.identify(TENANT, raw, req.body, "", 1, store=True)
+    found = await idempotency.find_first(svc, TENANT, retry)
     assert found is not None and found["id"] == first.response_id
     # The same request sent again on purpose (a first attempt again, not a retry): its own turn,
     # stored without the key.
@@ -327,8 +283,8 @@ async def test_a_conversation_changed_under_a_turn_is_a_conflict_and_settle_runs
     with pytest.raises(errors.Conflict) as info:
         await turn.complete(svc, slow)
     assert info.value.code == "conversation_locked"
-    t, answer = await turn.settle(
-        svc, request(conversation=conv, input="a"), tenant=TENANT, ident=turn.NO_IDENTITY
+    t, answer = await streaming.settle(
+        svc, request(conversation=conv, input="a"), tenant=TENANT, ident=idempotency.NO_IDENTITY
     )
     assert isinstance(answer, dict) and answer["id"] == t.response_id
     assert t.conversation_version == 2  # the history with "b" and its answer in it
@@ -356,7 +312,7 @@ async def test_a_failed_store_says_whether_a_retry_is_safe(hub: FakeHub, state: 
     svc = await services(hub, state.port, state_timeout_s=1.0)
     try:
         plain = await turn.begin(svc, request(), tenant=TENANT)
-        ident = turn.identify(TENANT, b"", request().body, "k", None, store=True)
+        ident = idempotency.identify(TENANT, b"", request().body, "k", None, store=True)
         keyed = await turn.begin(svc, request(), tenant=TENANT, ident=ident)
         answer = await turn.answer(svc, plain)
         await state.stop(0.1)
@@ -439,7 +395,7 @@ async def test_item_references_resolve_from_the_history_or_the_tenants_items(
 async def test_a_streamed_turn_is_stored_before_its_terminal_event(svc: Services) -> None:
     t = await turn.begin(svc, request(stream=True, input="a b c"), tenant=TENANT)
     events: list[dict[str, Any]] = []
-    async for chunk in await turn.open_stream(svc, t):
+    async for chunk in await streaming.open_stream(svc, t):
         if chunk.startswith(b"data: [DONE]"):
             events.append({"type": "[DONE]"})
             continue
@@ -483,7 +439,7 @@ async def test_a_failed_hub_call_stores_nothing(svc: Services, hub: FakeHub) -> 
 
     hub.enqueue(Reply(status=503))
     streamed = await turn.begin(svc, request(stream=True), tenant=TENANT)
-    events = events_of([chunk async for chunk in await turn.open_stream(svc, streamed)])
+    events = events_of([chunk async for chunk in await streaming.open_stream(svc, streamed)])
     types = [e["type"] for e in events]
     assert types[:2] == ["response.created", "response.in_progress"]
     assert types[-3:] == ["error", "response.failed", "[DONE]"]
@@ -500,12 +456,12 @@ async def test_a_streamed_conversation_turn_is_held_until_stored(
     await run(svc, request(conversation=conv, input="b"))
     # Its conversation changed meanwhile: nothing was sent, the conflict is raised before.
     with pytest.raises(errors.Conflict):
-        await turn.buffered_stream(svc, slow)
-    t, answer = await turn.settle(
+        await streaming.buffered_stream(svc, slow)
+    t, answer = await streaming.settle(
         svc,
         request(conversation=conv, input="a", stream=True),
         tenant=TENANT,
-        ident=turn.NO_IDENTITY,
+        ident=idempotency.NO_IDENTITY,
     )
     assert isinstance(answer, list)
     events = events_of(answer)
