@@ -535,15 +535,6 @@ def snapshot(turn: Turn, status: str, **fields: Any) -> dict[str, Any]:
     )
 
 
-async def start_background(svc: Services, turn: Turn) -> dict[str, Any]:
-    """Stores the turn as a queued background response and runs it (router_svc.background:
-    a durable job held by a lease, taken over by another router if this one dies); returns the
-    queued response at once."""
-    from router_svc import background  # imports this module
-
-    return await background.start(svc, turn)
-
-
 def stream_translator(svc: Services, turn: Turn) -> StreamTranslator | tool_loop.StreamLoop:
     """The translator of a streamed turn's hub stream into events (router_svc.streaming, and a
     background turn's): the tool loop when code_interpreter or shell runs, else the dialect's."""
