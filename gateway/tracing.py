@@ -184,11 +184,14 @@ def grpc_attributes(full_method: str) -> dict[str, AttributeValue]:
 
 
 def end_grpc(span: Span, code: str, *, server: bool, error: BaseException | None = None) -> None:
-    """Ends a gRPC span with the call's status code name (``"OK"``, ``"NOT_FOUND"``...)."""
+    """Ends a gRPC span with the call's status code name (``"OK"``, ``"NOT_FOUND"``...). A
+    client call that ends CANCELLED was given up by its caller, which is not a failure (as in
+    :func:`end`); a server marks only the codes that are its own fault."""
     from opentelemetry.trace import Status, StatusCode
 
     span.set_attribute("rpc.grpc.status_code", _GRPC_CODE_NUMBERS.get(code, 2))
-    if code != "OK" and (not server or code in _SERVER_FAULTS):
+    failed = code in _SERVER_FAULTS if server else code not in ("OK", "CANCELLED")
+    if failed:
         if error is not None:
             span.record_exception(error)
         span.set_status(Status(StatusCode.ERROR, code))

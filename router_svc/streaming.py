@@ -175,6 +175,10 @@ async def _pump(
             push(translator.feed(chunk))
             await queue.room()
         push(translator.finish())
+        if turn.running_put is not None:
+            # The hub is done: a running form not sent yet never will be, and one in flight is
+            # abandoned (the final turn replaces it, or refuses it if it comes late).
+            turn.running_put.stop()
         if not held:
             # The hub's own response.failed (a Responses-API hub): a background turn is kept
             # as failed, never left in progress.

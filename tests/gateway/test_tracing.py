@@ -110,7 +110,12 @@ def test_one_trace_covers_router_state_bootstrap_and_hub(
     assert attr(put_server, "rpc.method") == "PutTurn"
     assert attr(put_server, "rpc.grpc.status_code") == 0
     assert attr(hub_call, "respgw.stream") is stream
-    assert all(s.status.status_code != StatusCode.ERROR for s in got)
+    failed = [
+        (s.name, s.kind, s.status.description)
+        for s in got
+        if s.status.status_code == StatusCode.ERROR
+    ]
+    assert not failed, failed
 
     # The hub was told the trace: its traceparent names the hub call span.
     version, sent_trace, sent_parent, flags = hub.headers[-1]["traceparent"].split("-")
@@ -162,6 +167,26 @@ def test_failed_calls_mark_their_spans(
     assert get_client.status.status_code == StatusCode.ERROR
     assert attr(get_server, "rpc.grpc.status_code") == 5
     assert get_server.status.status_code != StatusCode.ERROR
+
+
+@pytest.mark.parametrize(
+    ("code", "server", "error"),
+    [
+        ("OK", False, False),
+        ("CANCELLED", False, False),  # the caller gave the call up itself
+        ("DEADLINE_EXCEEDED", False, True),
+        ("ALREADY_EXISTS", False, True),
+        ("ALREADY_EXISTS", True, False),  # the caller's doing, not the server's fault
+        ("UNAVAILABLE", True, True),
+    ],
+)
+def test_a_grpc_span_is_failed_only_for_a_fault(
+    spans: InMemorySpanExporter, code: str, server: bool, error: bool
+) -> None:
+    span = tracing.start_client("svc/Method", tracing.grpc_attributes("/svc/Method"))
+    tracing.end_grpc(span, code, server=server)
+    (got,) = spans.get_finished_spans()
+    assert (got.status.status_code == StatusCode.ERROR) is error
 
 
 def test_tracing_off_makes_no_spans_and_sends_no_traceparent(
