@@ -146,7 +146,7 @@ def test_the_server_config_serves_the_guarded_protocol_with_the_settings_limits(
     config = router_app.server_config(Starlette(), settings, loop="none")
     assert (config.host, config.port, config.loop) == ("127.0.0.1", 8123, "none")
     assert config.timeout_keep_alive == 9 and config.access_log is False
-    assert config.log_config is None
+    assert config.log_config is None and config.proxy_headers is False
     protocol = config.http
     assert isinstance(protocol, type) and issubclass(protocol, router_app.GuardedProtocol)
     assert protocol.limits == router_app.ConnectionLimits(4096, 12, 3.0, 4.0, 5)
@@ -199,9 +199,15 @@ async def test_an_unexpected_error_is_a_500_not_to_retry(caplog: pytest.LogCaptu
 # --- the request-id middleware ------------------------------------------------------------------
 
 
-def context_app() -> Starlette:
+def context_app(direct: bool = True) -> Starlette:
+    """As create_app builds it: the fixed-path routes served by RequestContext itself unless
+    ``direct`` is False (then Starlette routes every request)."""
+
     async def show(request: Request) -> Response:
         return http.JSONResponse({"rid": request_id_var.get()})
+
+    async def gone(request: Request) -> Response:
+        raise HTTPException(410, "gone for good")
 
     async def fail(request: Request) -> Response:
         raise errors.InvalidRequest("nope")
@@ -215,6 +221,7 @@ def context_app() -> Starlette:
             Route("/v1/items/{item_id}", show),
             Route("/v1/fail", fail, methods=["POST"]),
             Route("/v1/crash", crash),
+            Route("/v1/gone", gone),
         ],
         exception_handlers={
             errors.ApiError: router_app.api_error,
@@ -222,13 +229,13 @@ def context_app() -> Starlette:
             Exception: router_app.unexpected_error,
         },
     )
-    app.add_middleware(router_app.RequestContext)
+    app.add_middleware(router_app.RequestContext, routes=app.routes if direct else ())
     return app
 
 
 @asynccontextmanager
-async def context_client() -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=context_app(), raise_app_exceptions=False)
+async def context_client(direct: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=context_app(direct), raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
 
@@ -330,6 +337,47 @@ async def test_an_unexpected_error_is_answered_with_the_request_id() -> None:
         "respgw_router_requests_total", {"route": "GET /v1/crash", "status": "500"}
     )
     assert after == before + 1
+
+
+def test_the_direct_routes_are_fixed_paths_the_router_would_pick_first() -> None:
+    async def a(request: Request) -> Response:
+        return Response()
+
+    def sync(request: Request) -> Response:
+        return Response()
+
+    param = Route("/v1/x/{name}", a, methods=["POST"])
+    fixed = Route("/v1/x/fixed", a, methods=["POST", "GET"])
+    plain = Route("/v1/z", a)
+    direct = router_app.direct_routes([param, fixed, Route("/v1/y", sync), plain])
+    # POST /v1/x/fixed is the parameter route's (listed first); a sync endpoint runs in a
+    # thread pool, which only Starlette does.
+    assert direct == {
+        ("GET", "/v1/x/fixed"): fixed,
+        ("HEAD", "/v1/x/fixed"): fixed,
+        ("GET", "/v1/z"): plain,
+        ("HEAD", "/v1/z"): plain,
+    }
+    created = router_app.create_app(BASE)
+    built = router_app.RequestContext(created, created.routes)
+    assert built.direct[("POST", "/v1/responses")].path == "/v1/responses"
+    assert ("GET", "/v1/responses/{response_id}") not in built.direct
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/items/a"), ("POST", "/v1/fail"), ("GET", "/v1/crash"), ("GET", "/v1/gone")],
+)
+async def test_a_route_is_answered_the_same_served_directly_or_by_starlette(
+    method: str, path: str
+) -> None:
+    got = []
+    for direct in (True, False):
+        async with context_client(direct) as c:
+            resp = await c.request(method, path, headers={"x-request-id": "same"})
+        got.append((resp.status_code, resp.json(), resp.headers.get("x-should-retry")))
+    assert got[0] == got[1]
+    assert got[0][0] != 200 or got[0][1] == {"rid": "same"}
 
 
 # --- the app as create_app builds it ------------------------------------------------------------
