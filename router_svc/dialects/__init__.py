@@ -1,4 +1,4 @@
-"""Hub dialects: the model-server API the gateway speaks to its hub, one module each.
+"""Hub dialects: the model-server API the gateway speaks to its hub, one module (or package) each.
 
 The dialect is chosen once at start-up from ``--hub-api`` (:func:`dialect_for`) and held on
 ``Services.dialect``; the turn asks it, never the setting, how to build the hub request
@@ -7,14 +7,15 @@ The dialect is chosen once at start-up from ``--hub-api`` (:func:`dialect_for`) 
 Every dialect answers with the one Response object (:mod:`router_svc.response`) and the one event
 plumbing (:mod:`router_svc.events`).
 
-- ``chat`` (:mod:`router_svc.dialects.chat`): a Chat Completions hub (vLLM, SGLang, llama.cpp,
-  Ollama, ...). The gateway does what the hub cannot: it runs the stateful tool loop, seals
-  reasoning for stateless clients, and compacts long histories itself.
+- ``chat`` (:mod:`router_svc.dialects.chat`, a package of its request, messages, tools, result
+  and stream): a Chat Completions hub (vLLM, SGLang, llama.cpp, Ollama, ...). The gateway does
+  what the hub cannot: it runs the stateful tool loop, seals reasoning for stateless clients,
+  and compacts long histories itself.
 - ``responses`` (:mod:`router_svc.dialects.responses`): a hub that speaks the Responses API
   itself, used statelessly; it compacts and mints its reasoning by itself.
 
-Adding a dialect is one new module here with a class that has these members, and one line in
-:data:`DIALECTS`.
+Adding a dialect is one new module (or package) here with a class that has these members, and
+one line in :data:`DIALECTS`.
 """
 
 from __future__ import annotations
