@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from router_svc.dialects.chat.messages import OPENED_REASONING, chat_messages
-from router_svc.dialects.chat.request import TOOLS_NOT_RUN, chat_request
+from router_svc.dialects.chat.request import TOOLS_NOT_RUN, chat_request, check_chat_hub
 from router_svc.dialects.chat.result import (
     INCOMPLETE_REASONS,
     LOGPROBS_INCLUDE,
@@ -55,6 +55,7 @@ __all__ = [
     "chat_request",
     "chat_tool_choice",
     "chat_tools",
+    "check_chat_hub",
     "custom_input",
     "from_chat_completion",
     "usage_from_chat",
@@ -69,6 +70,10 @@ class ChatDialect:
     tool_loop = True
     seals_reasoning = True
     own_compaction = False
+
+    def refuse(self, req: TurnRequest) -> None:
+        """A prompt template, and the tools nobody would run (:func:`check_chat_hub`)."""
+        check_chat_hub(req)
 
     def request(
         self,

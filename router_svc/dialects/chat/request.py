@@ -9,11 +9,12 @@ history. The model is offered the declared tools as functions
 (``respgw_router_tools_not_run_total``), and so are the stateful ``code_interpreter`` and
 ``shell`` when no execution service runs them: when one does, the tool loop
 (:mod:`router_svc.tool_loop`) offers them itself and leaves them out of the request it translates
-here. A prompt template or a tool nobody would run is refused (:func:`validate.check_chat_hub`).
-Request fields a chat hub has no use for (store, metadata, truncation, service_tier,
-prompt_cache_key, ...) are dropped from the hub request, as OpenAI-compatible servers do, and
-still echoed on the response; the hub's own sampling parameters (penalties, seed, vLLM's extras)
-reach it as given, and top-level fields the gateway does not know reach no hub.
+here. A prompt template or a tool nobody would run is refused (:func:`check_chat_hub`, which the
+dialect's ``refuse`` runs where the turn is parsed). Request fields a chat hub has no use for
+(store, metadata, truncation, service_tier, prompt_cache_key, ...) are dropped from the hub
+request, as OpenAI-compatible servers do, and still echoed on the response; the hub's own sampling
+parameters (penalties, seed, vLLM's extras) reach it as given, and top-level fields the gateway
+does not know reach no hub.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from router_svc import validate
+from router_svc import errors, vocabulary
 from router_svc.dialects.chat.messages import chat_messages
 from router_svc.dialects.chat.result import LOGPROBS_INCLUDE
 from router_svc.dialects.chat.tools import ChatToolset, chat_tool_choice
@@ -59,7 +60,7 @@ def chat_request(
     right after it, ahead of the injected items: a chat hub wants a tool call answered by the
     very next messages."""
     body = req.body
-    _report_not_run(validate.check_chat_hub(req))
+    _report_not_run(check_chat_hub(req))
     toolset = ChatToolset(req.tools)
     messages: list[dict[str, Any]] = []
     if req.instructions:
@@ -131,3 +132,45 @@ def _response_format(fmt: Mapping[str, Any] | None) -> dict[str, Any] | None:
         if fmt.get(key) is not None:
             schema[key] = fmt[key]
     return {"type": "json_schema", "json_schema": schema}
+
+
+def check_chat_hub(req: TurnRequest) -> list[str]:
+    """Refuses what a Chat Completions hub cannot do; returns the types of the declared tools
+    that are accepted but not offered to the model (:data:`vocabulary.CHAT_NOT_RUN_TOOLS`), in
+    order.
+
+    Refused: a ``prompt`` template (the gateway has no prompt store to resolve it from, and
+    answering without it would answer another question), and the tools nobody would run
+    (OpenAI's error for a hosted tool a model does not support, with the reason).
+    """
+    prompt = req.body.get("prompt")
+    if prompt is not None:
+        raise errors.InvalidRequest(
+            f"Prompt templates are not supported by this server: prompt '{prompt.get('id')}' "
+            "cannot be resolved, because its model server speaks Chat Completions. Send the "
+            "prompt's text as 'instructions' and 'input' instead.",
+            param="prompt",
+            code="unsupported_parameter",
+        )
+    not_run: list[str] = []
+    for tool in req.tools:
+        kind = str(tool.get("type"))
+        if kind in vocabulary.CHAT_OFFERED_TOOLS:
+            continue
+        if kind in vocabulary.CHAT_NOT_RUN_TOOLS:
+            if kind not in not_run:
+                not_run.append(kind)
+            continue
+        if kind in vocabulary.CHAT_CLIENT_REFUSED:
+            message = (
+                f"Tool '{kind}' is not supported with {req.model}: this server's model server "
+                "speaks Chat Completions, which has no such tool. Declare a function tool "
+                "instead."
+            )
+        else:
+            message = (
+                f"Hosted tool '{kind}' is not supported with {req.model}: this server's model "
+                f"server speaks Chat Completions, and the gateway does not run '{kind}' itself."
+            )
+        raise errors.InvalidRequest(message, param="tools")
+    return not_run

@@ -7,7 +7,7 @@ name is taken). A ``tool_choice`` names them as offered (:func:`chat_tool_choice
 call comes back as the item of its tool: a ``function_call`` (``fc_``, with its ``namespace`` for a
 namespace's function) or, for a custom tool, a ``custom_tool_call`` (``ctc_``) whose ``input`` is
 the call's one argument (:meth:`ChatToolset.call_item`). Other tool types are not offered
-(:func:`validate.check_chat_hub` refuses or reports them).
+(:func:`router_svc.dialects.chat.request.check_chat_hub` refuses or reports them).
 """
 
 from __future__ import annotations

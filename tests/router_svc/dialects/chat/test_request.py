@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from router_svc import errors
-from router_svc.dialects.chat.request import chat_request
-from router_svc.dialects.responses import responses_request
+from router_svc import errors, validate
+from router_svc.dialects.chat import ChatDialect
+from router_svc.dialects.chat.request import chat_request, check_chat_hub
+from router_svc.dialects.responses import ResponsesDialect, responses_request
 from tests.router_svc.dialects.chat.support import (
     CHAT_BODY,
     CHAT_STREAM_BODY,
@@ -179,3 +180,92 @@ def test_chat_request_leaves_request_and_history_untouched() -> None:
     before = copy.deepcopy((request.body, request.input_items, history))
     chat_request(request, history, [], stream=True)
     assert (request.body, request.input_items, history) == before
+
+
+# --- what a chat hub cannot do, refused where the turn is parsed (ChatDialect.refuse) ------------
+
+
+def parse(body: Any) -> validate.TurnRequest:
+    return validate.parse_turn_request(body)
+
+
+def rejected(body: Any) -> errors.InvalidRequest:
+    """The error a chat hub's dialect refuses the well-formed request with."""
+    with pytest.raises(errors.InvalidRequest) as info:
+        ChatDialect().refuse(parse(body))
+    return info.value
+
+
+NAMESPACE = {
+    "type": "namespace",
+    "name": "crm",
+    "description": "The CRM",
+    "tools": [
+        {"type": "function", "name": "lookup", "parameters": {"type": "object"}},
+        {"type": "custom", "name": "note"},
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("tool", "message"),
+    [
+        (
+            {"type": "file_search", "vector_store_ids": ["vs_1"]},
+            "Hosted tool 'file_search' is not supported with m: this server's model server "
+            "speaks Chat Completions, and the gateway does not run 'file_search' itself.",
+        ),
+        (
+            {"type": "mcp", "server_label": "s", "server_url": "http://127.0.0.1:1"},
+            "Hosted tool 'mcp' is not supported with m:",
+        ),
+        ({"type": "image_generation"}, "Hosted tool 'image_generation' is not supported with m:"),
+        ({"type": "tool_search"}, "Hosted tool 'tool_search' is not supported with m:"),
+        ({"type": "local_shell"}, "Tool 'local_shell' is not supported with m:"),
+        ({"type": "computer_use_preview"}, "Tool 'computer_use_preview' is not supported"),
+        ({"type": "apply_patch"}, "Tool 'apply_patch' is not supported with m:"),
+    ],
+)
+def test_tools_nobody_would_run_are_refused_for_a_chat_hub(
+    tool: dict[str, Any], message: str
+) -> None:
+    body = {"model": "m", "input": "x", "tools": [{"type": "function", "name": "f"}, tool]}
+    error = rejected(body)
+    assert error.message.startswith(message)
+    assert (error.param, error.code, error.status) == ("tools", None, 400)
+    # A Responses hub runs them (OpenAI's own); without a hub the request is well-formed.
+    ResponsesDialect().refuse(parse(body))
+    with pytest.raises(errors.InvalidRequest):
+        check_chat_hub(parse(body))
+
+
+def test_web_search_and_stateful_tools_are_accepted_but_not_run_on_a_chat_hub() -> None:
+    tools = [
+        {"type": "web_search", "external_web_access": False},
+        NAMESPACE,
+        {"type": "custom", "name": "c"},
+        {"type": "code_interpreter", "container": {"type": "auto"}},
+        {"type": "web_search_preview"},
+        {"type": "web_search"},
+        {"type": "shell"},
+    ]
+    req = parse({"model": "m", "input": "x", "tools": tools})
+    ChatDialect().refuse(req)
+    assert check_chat_hub(req) == [
+        "web_search",
+        "code_interpreter",
+        "web_search_preview",
+        "shell",
+    ]
+
+
+def test_prompt_templates_are_refused_for_a_chat_hub() -> None:
+    body = {"model": "m", "prompt": {"id": "pmpt_1", "variables": {"city": "Paris"}}}
+    error = rejected(body)
+    assert (error.param, error.code) == ("prompt", "unsupported_parameter")
+    assert error.message.startswith(
+        "Prompt templates are not supported by this server: prompt 'pmpt_1' cannot be resolved"
+    )
+    # A Responses hub (OpenAI's) resolves it.
+    ResponsesDialect().refuse(parse(body))
+    assert parse(body).body["prompt"] == body["prompt"]
