@@ -58,9 +58,6 @@ def chat_reasoning(source: Mapping[str, Any]) -> str:
 INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
 
-# --- back: Chat Completions ------------------------------------------------------------------
-
-
 def usage_from_chat(usage: dict[str, Any] | None) -> dict[str, Any] | None:
     """Chat usage in Responses terms, with the detail counts always present (0 when unknown)."""
     if not isinstance(usage, dict):
