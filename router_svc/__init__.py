@@ -19,7 +19,12 @@ Package map (a request's way through it, top to bottom)::
     tool_loop.py      the tool loop for code_interpreter and shell on a chat hub: rounds, calls run
     tool_items.py     those tools' items and the model's text of a result; replay to a chat hub
     dialects/         the hub's API, one module each, chosen once by --hub-api (``svc.dialect``):
-      chat.py         a Chat Completions hub: its request, its answer, its stream's chunks
+      chat/           a Chat Completions hub (``ChatDialect`` in its ``__init__.py``):
+        request.py    a turn as the hub request, and what a chat hub cannot take
+        messages.py   Responses items as chat messages
+        tools.py      the declared tools offered as functions, the hub's calls read back
+        result.py     a whole chat completion as the Response object
+        stream.py     a streamed chat completion's chunks as Responses events
       responses.py    a Responses API hub, used statelessly: the same three, passed through
     response.py       the Response object and its output items, whichever dialect answered
     events.py         streaming events: numbering, SSE encoding, the translators' shared base

@@ -15,10 +15,9 @@ keep working when the API grows; with ``strict_params`` it is refused (``unknown
 Once every field is well-formed, the request as a whole is checked as OpenAI checks it: a turn
 with no input and nothing to continue from, a ``function_call_output`` whose call is nowhere
 (when there is no history it could be in), and ``tool_choice: "required"`` without tools are
-refused. What a Chat Completions hub cannot do is refused too (:func:`check_chat_hub`): a
-``prompt`` template, which the gateway cannot resolve, and the tools nobody would run; the web
-search tools (and the stateful ones when no execution service runs them) are accepted but not
-offered to the model, and are reported (:data:`vocabulary.CHAT_NOT_RUN_TOOLS`).
+refused. What a request's hub cannot do (a prompt template or a hosted tool on a Chat
+Completions hub) is its dialect's to refuse (``router_svc.dialects.Dialect.refuse``), which the
+routes call once the request is parsed: nothing here depends on the hub.
 """
 
 from __future__ import annotations
@@ -110,9 +109,9 @@ def parse_turn_request(
     """Validates a POST /v1/responses body; raises :class:`errors.InvalidRequest` on any bad field.
 
     A top-level field the gateway does not know is ignored (and counted), or refused with
-    ``unknown_parameter`` when ``strict_params`` is true. With ``hub_api="chat"`` what a Chat
-    Completions hub cannot do is refused here too (:func:`check_chat_hub`), before any history
-    is loaded or the bootstrap service called.
+    ``unknown_parameter`` when ``strict_params`` is true. What the hub cannot do is not checked
+    here: the caller asks its dialect (``Dialect.refuse``). ``hub_api`` is not read; it is
+    accepted only while ``compaction.compact_request`` still passes it.
     """
     if not isinstance(body, dict):
         raise errors.InvalidRequest(
@@ -193,7 +192,7 @@ def parse_turn_request(
         )
     has_history = previous is not None or conversation_id is not None
     if not has_history and body.get("prompt") is None:
-        # A prompt template may bring the input; on a chat hub check_chat_hub refuses it.
+        # A prompt template may bring the input; a chat hub's dialect refuses the template.
         _has_input(body.get("input"))
     if not has_history and not references:
         # With a history, the call may be in it, and a referenced item may be the call: the turn
@@ -215,8 +214,6 @@ def parse_turn_request(
         include=include,
         references=references,
     )
-    if hub_api == "chat":
-        check_chat_hub(req)
     return req
 
 
@@ -264,48 +261,6 @@ def check_tool_outputs(
                 f"No tool call found for {words} output with call_id {item.get('call_id')}.",
                 param="input",
             )
-
-
-def check_chat_hub(req: TurnRequest) -> list[str]:
-    """Refuses what a Chat Completions hub cannot do; returns the types of the declared tools
-    that are accepted but not offered to the model (:data:`vocabulary.CHAT_NOT_RUN_TOOLS`), in
-    order.
-
-    Refused: a ``prompt`` template (the gateway has no prompt store to resolve it from, and
-    answering without it would answer another question), and the tools nobody would run
-    (OpenAI's error for a hosted tool a model does not support, with the reason).
-    """
-    prompt = req.body.get("prompt")
-    if prompt is not None:
-        raise errors.InvalidRequest(
-            f"Prompt templates are not supported by this server: prompt '{prompt.get('id')}' "
-            "cannot be resolved, because its model server speaks Chat Completions. Send the "
-            "prompt's text as 'instructions' and 'input' instead.",
-            param="prompt",
-            code="unsupported_parameter",
-        )
-    not_run: list[str] = []
-    for tool in req.tools:
-        kind = str(tool.get("type"))
-        if kind in vocabulary.CHAT_OFFERED_TOOLS:
-            continue
-        if kind in vocabulary.CHAT_NOT_RUN_TOOLS:
-            if kind not in not_run:
-                not_run.append(kind)
-            continue
-        if kind in vocabulary.CHAT_CLIENT_REFUSED:
-            message = (
-                f"Tool '{kind}' is not supported with {req.model}: this server's model server "
-                "speaks Chat Completions, which has no such tool. Declare a function tool "
-                "instead."
-            )
-        else:
-            message = (
-                f"Hosted tool '{kind}' is not supported with {req.model}: this server's model "
-                f"server speaks Chat Completions, and the gateway does not run '{kind}' itself."
-            )
-        raise errors.InvalidRequest(message, param="tools")
-    return not_run
 
 
 def _unknown_fields(body: Mapping[str, Any], *, strict: bool) -> None:

@@ -1,20 +1,22 @@
-"""Hub dialects: the model-server API the gateway speaks to its hub, one module each.
+"""Hub dialects: the model-server API the gateway speaks to its hub, one module (or package) each.
 
 The dialect is chosen once at start-up from ``--hub-api`` (:func:`dialect_for`) and held on
-``Services.dialect``; the turn asks it, never the setting, how to build the hub request
+``Services.dialect``; the routes ask it what its hub cannot do (:meth:`Dialect.refuse`, once the
+request is parsed), and the turn asks it, never the setting, how to build the hub request
 (:meth:`Dialect.request` for :attr:`Dialect.path`), how to read the whole answer
 (:meth:`Dialect.result`) and how to translate the hub's stream (:meth:`Dialect.translator`).
 Every dialect answers with the one Response object (:mod:`router_svc.response`) and the one event
 plumbing (:mod:`router_svc.events`).
 
-- ``chat`` (:mod:`router_svc.dialects.chat`): a Chat Completions hub (vLLM, SGLang, llama.cpp,
-  Ollama, ...). The gateway does what the hub cannot: it runs the stateful tool loop, seals
-  reasoning for stateless clients, and compacts long histories itself.
+- ``chat`` (:mod:`router_svc.dialects.chat`, a package of its request, messages, tools, result
+  and stream): a Chat Completions hub (vLLM, SGLang, llama.cpp, Ollama, ...). The gateway does
+  what the hub cannot: it runs the stateful tool loop, seals reasoning for stateless clients,
+  and compacts long histories itself.
 - ``responses`` (:mod:`router_svc.dialects.responses`): a hub that speaks the Responses API
   itself, used statelessly; it compacts and mints its reasoning by itself.
 
-Adding a dialect is one new module here with a class that has these members, and one line in
-:data:`DIALECTS`.
+Adding a dialect is one new module (or package) here with a class that has these members, and
+one line in :data:`DIALECTS`.
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ class Dialect(Protocol):
     # The hub compacts by itself (context_management, POST /responses/compact) and its own
     # compaction items go back to it as they are; otherwise the gateway summarizes.
     own_compaction: bool
+
+    def refuse(self, req: TurnRequest) -> None:
+        """Refuses (:class:`errors.InvalidRequest`) a well-formed request this hub cannot serve;
+        called where the turn is parsed, before any history is loaded or the bootstrap service
+        called."""
+        ...
 
     def request(
         self,

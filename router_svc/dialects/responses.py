@@ -274,6 +274,9 @@ class ResponsesDialect:
     seals_reasoning = False
     own_compaction = True
 
+    def refuse(self, req: TurnRequest) -> None:
+        """Nothing: the hub itself refuses what it cannot do (prompt templates, hosted tools)."""
+
     def request(
         self,
         req: TurnRequest,

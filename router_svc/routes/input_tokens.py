@@ -61,8 +61,8 @@ def parse_count_request(body: dict[str, Any], svc: Services) -> validate.TurnReq
         fields,
         default_model=settings.default_model or _UNNAMED,
         strict_params=settings.strict_params,
-        hub_api=settings.hub_api,
     )
+    svc.dialect.refuse(req)
     return dataclasses.replace(req, store=False, stream=False, background=False)
 
 

@@ -56,8 +56,8 @@ async def create_response(request: Request) -> Response:
         parse_json(raw),
         default_model=svc.settings.default_model,
         strict_params=svc.settings.strict_params,
-        hub_api=svc.settings.hub_api,
     )
+    svc.dialect.refuse(req)
     check_item_ids(req.input_items, "input")
     ident = idempotency.identify(
         who, raw, req.body, idempotency_key(request), sdk_attempt(request), store=req.store
@@ -157,6 +157,7 @@ async def compact_response(request: Request) -> Response:
         default_model=svc.settings.default_model,
         hub_api=svc.settings.hub_api,
     )
+    svc.dialect.refuse(req)
     check_item_ids(req.input_items, "input")
     t = await turn.begin(svc, req, tenant=who, headers=request.headers)
     return JSONResponse(await compaction.compact(svc, t))

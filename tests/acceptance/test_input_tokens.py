@@ -191,6 +191,25 @@ def test_bad_input_is_a_400(client: openai.OpenAI, hub: FakeHub) -> None:
     assert hub.requests == []
 
 
+def test_what_a_chat_hub_cannot_do_is_refused_before_the_history_is_loaded(
+    client: openai.OpenAI, hub: FakeHub
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.input_tokens.count(
+            model="fake-model",
+            input="x",
+            previous_response_id="resp_nope",
+            tools=[{"type": "file_search", "vector_store_ids": ["vs_1"]}],
+        )
+    error: Any = info.value.body
+    assert (error["param"], error["code"]) == ("tools", None), "not previous_response_not_found"
+    assert error["message"].startswith(
+        "Hosted tool 'file_search' is not supported with fake-model: this server's model server "
+        "speaks Chat Completions"
+    )
+    assert hub.requests == []
+
+
 def test_an_unknown_previous_response_is_the_turns_error(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.input_tokens.count(

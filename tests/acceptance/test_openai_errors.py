@@ -188,6 +188,16 @@ def test_tools_nobody_runs_are_refused_on_a_chat_hub(
     assert hub.requests == []
 
 
+def test_a_chat_hub_refuses_before_the_history_is_loaded(stack: Stack, hub: FakeHub) -> None:
+    file_search = {"type": "file_search", "vector_store_ids": ["vs_1"]}
+    message, param, code = refused(
+        stack, input="x", previous_response_id="resp_nope", tools=[WEATHER, file_search]
+    )
+    assert (param, code) == ("tools", None), "not previous_response_not_found"
+    assert message.startswith("Hosted tool 'file_search' is not supported with fake-model")
+    assert hub.requests == []
+
+
 def test_tools_nobody_runs_reach_a_responses_hub(responses_stack: Stack, hub: FakeHub) -> None:
     tools: Any = [{"type": "file_search", "vector_store_ids": ["vs_1"]}]
     response = responses_stack.client().responses.create(model="m", input="x", tools=tools)

@@ -8,7 +8,7 @@ from openai._models import validate_type
 from openai.types.responses import Response
 
 from router_svc import validate
-from router_svc.dialects.chat import (
+from router_svc.dialects.chat.request import (
     chat_request,
 )
 from router_svc.response import error_object, response_object

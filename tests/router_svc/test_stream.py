@@ -17,7 +17,7 @@ from openai.lib.streaming.responses._responses import ResponseStream
 from openai.types.responses import Response, ResponseStreamEvent
 
 from router_svc import errors, validate
-from router_svc.dialects.chat import ChatStreamTranslator
+from router_svc.dialects.chat.stream import ChatStreamTranslator
 from router_svc.dialects.responses import ResponsesStreamTranslator
 from router_svc.event_log import EventLog
 from router_svc.events import SSE_DONE, STREAM_INCOMPLETE, sse_encode

@@ -827,10 +827,10 @@ def test_a_turn_without_input_or_history_is_refused() -> None:
         "empty_array",
     )
     # Continuing a response or a conversation, the new input may be empty; a prompt template
-    # may bring the input (on a Responses hub that resolves it).
+    # may bring the input (on a Responses hub that resolves it; a chat hub's dialect refuses it).
     assert parse({"model": "m", "previous_response_id": "resp_1"}).input_items == []
     assert parse({"model": "m", "input": [], "conversation": "conv_1"}).input_items == []
-    assert parse({"model": "m", "prompt": {"id": "pmpt_1"}}, hub_api="responses").input_items == []
+    assert parse({"model": "m", "prompt": {"id": "pmpt_1"}}).input_items == []
     # A field error is reported first, as OpenAI does.
     assert rejected({"model": "m", "temperature": 9}).param == "temperature"
 
@@ -903,65 +903,3 @@ def test_namespace_tools_are_checked_and_their_members_can_be_chosen() -> None:
     assert req.tools == [NAMESPACE]
     choice = {"type": "function", "name": "lookup"}
     assert parse({"model": "m", "input": "x", "tools": [NAMESPACE], "tool_choice": choice})
-
-
-@pytest.mark.parametrize(
-    ("tool", "message"),
-    [
-        (
-            {"type": "file_search", "vector_store_ids": ["vs_1"]},
-            "Hosted tool 'file_search' is not supported with m: this server's model server "
-            "speaks Chat Completions, and the gateway does not run 'file_search' itself.",
-        ),
-        (
-            {"type": "mcp", "server_label": "s", "server_url": "http://127.0.0.1:1"},
-            "Hosted tool 'mcp' is not supported with m:",
-        ),
-        ({"type": "image_generation"}, "Hosted tool 'image_generation' is not supported with m:"),
-        ({"type": "tool_search"}, "Hosted tool 'tool_search' is not supported with m:"),
-        ({"type": "local_shell"}, "Tool 'local_shell' is not supported with m:"),
-        ({"type": "computer_use_preview"}, "Tool 'computer_use_preview' is not supported"),
-        ({"type": "apply_patch"}, "Tool 'apply_patch' is not supported with m:"),
-    ],
-)
-def test_tools_nobody_would_run_are_refused_for_a_chat_hub(
-    tool: dict[str, Any], message: str
-) -> None:
-    body = {"model": "m", "input": "x", "tools": [{"type": "function", "name": "f"}, tool]}
-    error = rejected(body, hub_api="chat")
-    assert error.message.startswith(message)
-    assert (error.param, error.code, error.status) == ("tools", None, 400)
-    # A Responses hub runs them (OpenAI's own); without a hub the request is well-formed.
-    parse(body, hub_api="responses")
-    with pytest.raises(errors.InvalidRequest):
-        validate.check_chat_hub(parse(body))
-
-
-def test_web_search_and_stateful_tools_are_accepted_but_not_run_on_a_chat_hub() -> None:
-    tools = [
-        {"type": "web_search", "external_web_access": False},
-        NAMESPACE,
-        {"type": "custom", "name": "c"},
-        {"type": "code_interpreter", "container": {"type": "auto"}},
-        {"type": "web_search_preview"},
-        {"type": "web_search"},
-        {"type": "shell"},
-    ]
-    req = parse({"model": "m", "input": "x", "tools": tools}, hub_api="chat")
-    assert validate.check_chat_hub(req) == [
-        "web_search",
-        "code_interpreter",
-        "web_search_preview",
-        "shell",
-    ]
-
-
-def test_prompt_templates_are_refused_for_a_chat_hub() -> None:
-    body = {"model": "m", "prompt": {"id": "pmpt_1", "variables": {"city": "Paris"}}}
-    error = rejected(body, hub_api="chat")
-    assert (error.param, error.code) == ("prompt", "unsupported_parameter")
-    assert error.message.startswith(
-        "Prompt templates are not supported by this server: prompt 'pmpt_1' cannot be resolved"
-    )
-    # A Responses hub (OpenAI's) resolves it.
-    assert parse(body, hub_api="responses").body["prompt"] == body["prompt"]

@@ -10,7 +10,7 @@ from openai.types.chat import completion_create_params
 from openai.types.responses import Response, response_create_params
 from pydantic import TypeAdapter
 
-from router_svc import dialects, events, inputs, validate
+from router_svc import dialects, errors, events, inputs, validate
 from router_svc.dialects import chat, responses
 
 CHAT_BODY = TypeAdapter(completion_create_params.CompletionCreateParamsNonStreaming)
@@ -43,6 +43,24 @@ def test_what_the_gateway_does_for_the_hub_is_the_chat_dialects_only() -> None:
         responses_hub.seals_reasoning,
         responses_hub.own_compaction,
     ) == (False, False, True)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": {"id": "pmpt_1"}}, "prompt"),
+        ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools"),
+        ({"tools": [{"type": "local_shell"}]}, "tools"),
+    ],
+)
+def test_each_dialect_refuses_what_its_hub_cannot_do(body: dict[str, Any], param: str) -> None:
+    request = req(**body)  # well-formed: validation knows no hub
+    with pytest.raises(errors.InvalidRequest) as info:
+        dialects.dialect_for("chat").refuse(request)
+    assert (info.value.param, info.value.status) == (param, 400)
+    dialects.dialect_for("responses").refuse(request)  # the hub itself decides
+    for name in dialects.DIALECTS:
+        dialects.dialect_for(name).refuse(req(tools=[{"type": "function", "name": "f"}]))
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -9,7 +9,7 @@ from openai._models import validate_type
 from openai.types.responses import Response
 
 from router_svc import errors, inputs, validate
-from router_svc.dialects.chat import (
+from router_svc.dialects.chat.messages import (
     OPENED_REASONING,
     chat_messages,
 )
