@@ -16,7 +16,9 @@ Package map (a request's way through it, top to bottom)::
     streaming.py      a streamed turn: the hub read by a task, events held until stored, SSE out
     idempotency.py    retries: an Idempotency-Key's or an SDK retry's identity, its first attempt
     background.py     background responses: leased jobs of the state service, live events
-    tool_loop.py      the tool loop for code_interpreter and shell on a chat hub: rounds, calls run
+    tool_loop.py      the tool loop for code_interpreter and shell on a chat hub: whether, rounds
+    tool_calls.py     what the loop's rounds share (offers, requests, limits); one call run
+    tool_stream.py    the streamed tool loop: one event sequence over hub calls and calls run
     tool_items.py     those tools' items and the model's text of a result; replay to a chat hub
     dialects/         the hub's API, one module each, chosen once by --hub-api (``svc.dialect``):
       chat.py         a Chat Completions hub: its request, its answer, its stream's chunks
