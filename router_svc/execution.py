@@ -2,8 +2,9 @@
 
 The ExecutionService is served on the bootstrap service's address (the contract says so), so the
 router needs no other setting: :func:`make_executor` returns a client when a bootstrap address is
-configured. The tool loop (:mod:`router_svc.tool_loop`) runs calls with :meth:`GrpcExecutor.execute`;
-the Containers API (:mod:`router_svc.routes.containers`) uses the session and file RPCs.
+configured. The tool loop runs calls with :meth:`GrpcExecutor.execute`
+(:mod:`router_svc.tool_calls`); the Containers API (:mod:`router_svc.routes.containers`) uses the
+session and file RPCs. Each call's latency and failures are metrics (``EXECUTION_CALL_*``).
 
 :meth:`GrpcExecutor.execute` follows the proto's rule for a call that is not idempotent: it is
 retried (same request, short back-off) only when it failed with UNAVAILABLE before the service said
