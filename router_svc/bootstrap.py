@@ -9,7 +9,8 @@ the request's whole life. A failure is a :class:`router_svc.errors.BootstrapFail
 
 :class:`GrpcBootstrapper` follows the proto's status table: it retries UNAVAILABLE, ABORTED and
 DEADLINE_EXCEEDED with the same request_id (at most twice, with a short back-off, within an overall
-budget) and maps every other failure at once.
+budget) and maps every other failure at once. Each call's latency and failures are metrics
+(``BOOTSTRAP_CALL_*``).
 """
 
 from __future__ import annotations
