@@ -15,8 +15,14 @@ Package map (a request's way through it, top to bottom)::
     turn.py           one turn: history, stateful tools, the hub call, the stored result
     streaming.py      a streamed turn: the hub read by a task, events held until stored, SSE out
     idempotency.py    retries: an Idempotency-Key's or an SDK retry's identity, its first attempt
-    background.py     background responses: leased jobs of the state service, live events
-    tool_loop.py      the tool loop for code_interpreter and shell on a chat hub: rounds, calls run
+    background.py     background responses: accepted, cancelled, followed (the routes' side)
+    background_worker.py  the worker: the jobs this router runs, the scanner that claims others'
+    background_run.py     one attempt at a job under its lease: renew, call the hub, log, finish
+    background_log.py     a job's event log: numbered across attempts, streamed, followed
+    background_spec.py    a job's spec: what another router needs to run the turn
+    tool_loop.py      the tool loop for code_interpreter and shell on a chat hub: whether, rounds
+    tool_calls.py     what the loop's rounds share (offers, requests, limits); one call run
+    tool_stream.py    the streamed tool loop: one event sequence over hub calls and calls run
     tool_items.py     those tools' items and the model's text of a result; replay to a chat hub
     dialects/         the hub's API, one module each, chosen once by --hub-api (``svc.dialect``):
       chat/           a Chat Completions hub (``ChatDialect`` in its ``__init__.py``):

@@ -9,7 +9,8 @@ the request's whole life. A failure is a :class:`router_svc.errors.BootstrapFail
 
 :class:`GrpcBootstrapper` follows the proto's status table: it retries UNAVAILABLE, ABORTED and
 DEADLINE_EXCEEDED with the same request_id (at most twice, with a short back-off, within an overall
-budget) and maps every other failure at once.
+budget) and maps every other failure at once. Each call's latency and failures are metrics
+(``BOOTSTRAP_CALL_*``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 import grpc
 import orjson
+from prometheus_client import Counter, Histogram
 
 from gateway import grpcclient, grpcerrors
 from gateway.grpcserver import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from gateway.logs import request_id_var
+from gateway.metrics import LATENCY_BUCKETS
 from respgw.bootstrap.v1 import bootstrap_service_pb2 as pb
 from respgw.bootstrap.v1 import bootstrap_service_pb2_grpc, resources_pb2
 from router_svc import errors
@@ -219,6 +222,7 @@ class GrpcBootstrapper:
         out = grpcclient.Outgoing(_SERVICE, "PrepareTools", request_id_var.get() or request_id)
         call_metadata = out.metadata
         code = "OK"
+        failed = False
         try:
             reply = await self._with_retries(
                 lambda timeout: stub.PrepareTools(request, timeout=timeout, metadata=call_metadata),
@@ -228,14 +232,18 @@ class GrpcBootstrapper:
             raise
         except grpc.RpcError as exc:
             err = grpcerrors.error_info(exc)
-            code = err.code.name
+            code, failed = err.code.name, True
             log.warning(
                 "bootstrap failed",
                 extra={"code": err.code.name, "reason": err.reason, "detail": err.message},
             )
             raise errors.from_bootstrap_error(err) from exc
         finally:
-            out.end(code)
+            out.end(
+                code,
+                latency=BOOTSTRAP_CALL_LATENCY,
+                failures=BOOTSTRAP_CALL_ERRORS if failed else None,
+            )
         return _prepared(reply, [STATEFUL_TOOL_TYPES[t["type"]] for t in declared])
 
     async def release(
@@ -249,6 +257,7 @@ class GrpcBootstrapper:
         out = grpcclient.Outgoing(_SERVICE, "ReleaseTools")
         call_metadata = out.metadata
         code = "OK"
+        failed = False
         try:
             stub = self._client()
             await self._with_retries(
@@ -261,17 +270,22 @@ class GrpcBootstrapper:
             err = grpcerrors.error_info(exc)
             code = err.code.name
             # A service that keeps nothing says so with UNIMPLEMENTED: nothing to release.
-            level = logging.DEBUG if err.code == grpc.StatusCode.UNIMPLEMENTED else logging.WARNING
+            failed = err.code != grpc.StatusCode.UNIMPLEMENTED
+            level = logging.WARNING if failed else logging.DEBUG
             log.log(
                 level,
                 "releasing stateful tools failed",
                 extra={"code": err.code.name, "reason": err.reason, "detail": err.message},
             )
         except Exception:
-            code = "UNKNOWN"
+            code, failed = "UNKNOWN", True
             log.exception("releasing stateful tools failed")
         finally:
-            out.end(code)
+            out.end(
+                code,
+                latency=BOOTSTRAP_CALL_LATENCY,
+                failures=BOOTSTRAP_CALL_ERRORS if failed else None,
+            )
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -292,6 +306,20 @@ def _log_retry(code: grpc.StatusCode, attempt: int) -> None:
 
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["BootstrapService"].full_name
+
+BOOTSTRAP_CALL_LATENCY = Histogram(
+    "respgw_router_bootstrap_call_latency_seconds",
+    "Time of one bootstrap service call (PrepareTools, ReleaseTools) as the router sees it, "
+    "retries included.",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+)
+BOOTSTRAP_CALL_ERRORS = Counter(
+    "respgw_router_bootstrap_call_errors_total",
+    "Failed bootstrap service calls, by method and status code (not a call the router "
+    "cancelled, nor the UNIMPLEMENTED ReleaseTools of a service that keeps nothing).",
+    ["method", "code"],
+)
 
 
 def _forwardable(headers: Mapping[str, str]) -> dict[str, str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -33,7 +33,7 @@ from router_svc.services import Services
 from router_svc.validate import TurnRequest
 
 if TYPE_CHECKING:
-    from router_svc.turn import Turn
+    from router_svc.bootstrap import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,24 @@ SUMMARY_PROMPT = (
 SUMMARY_HEADER = "Summary of the earlier conversation (it was compacted):\n\n"
 # The estimate of a history's tokens when the hub's count is not at hand.
 CHARS_PER_TOKEN = 4
+
+
+class Turn(Protocol):
+    """What compaction reads and sets of a turn (a :class:`router_svc.turn.Turn`): named here so
+    that this module needs not import turn.py, which imports it."""
+
+    req: TurnRequest
+    tenant: str
+    response_id: str
+    created_at: int
+    history: list[dict[str, Any]]
+    prepared: Prepared
+    # Set here: what the model is sent when sealed items are in it, and the compaction item of a
+    # turn that compacted its history.
+    model_input: list[dict[str, Any]] | None
+    compacted: dict[str, Any] | None
+
+    def model_items(self) -> list[dict[str, Any]]: ...
 
 
 # --- the sealed items of a model input -----------------------------------------------------

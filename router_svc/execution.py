@@ -2,8 +2,9 @@
 
 The ExecutionService is served on the bootstrap service's address (the contract says so), so the
 router needs no other setting: :func:`make_executor` returns a client when a bootstrap address is
-configured. The tool loop (:mod:`router_svc.tool_loop`) runs calls with :meth:`GrpcExecutor.execute`;
-the Containers API (:mod:`router_svc.routes.containers`) uses the session and file RPCs.
+configured. The tool loop runs calls with :meth:`GrpcExecutor.execute`
+(:mod:`router_svc.tool_calls`); the Containers API (:mod:`router_svc.routes.containers`) uses the
+session and file RPCs. Each call's latency and failures are metrics (``EXECUTION_CALL_*``).
 
 :meth:`GrpcExecutor.execute` follows the proto's rule for a call that is not idempotent: it is
 retried (same request, short back-off) only when it failed with UNAVAILABLE before the service said
@@ -24,9 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from prometheus_client import Counter, Histogram
 
 from gateway import grpcclient, grpcerrors
 from gateway.grpcserver import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from gateway.metrics import LATENCY_BUCKETS
 from respgw.bootstrap.v1 import error_reason_pb2 as reasons
 from respgw.bootstrap.v1 import execution_resources_pb2 as res
 from respgw.bootstrap.v1 import execution_service_pb2 as pb
@@ -36,6 +39,20 @@ from router_svc import errors
 log = logging.getLogger(__name__)
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["ExecutionService"].full_name
+
+EXECUTION_CALL_LATENCY = Histogram(
+    "respgw_router_execution_call_latency_seconds",
+    "Time of one execution service call as the router sees it (an Execute call's attempt: until "
+    "its stream ended).",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+)
+EXECUTION_CALL_ERRORS = Counter(
+    "respgw_router_execution_call_errors_total",
+    "Failed execution service calls (each failed attempt of a retried Execute), by method and "
+    "status code.",
+    ["method", "code"],
+)
 
 T = TypeVar("T")
 # How long a capabilities answer (or its absence) is trusted.
@@ -223,19 +240,25 @@ class GrpcExecutor:
     @contextlib.contextmanager
     def _traced(self, method: str) -> Iterator[tuple[tuple[str, str], ...]]:
         """The metadata of one call (gateway.grpcclient): the request id, and its CLIENT span's
-        trace when tracing is on (so the execution service's spans join the request's trace)."""
+        trace when tracing is on (so the execution service's spans join the request's trace);
+        the call's latency and failure are recorded when it ends (``EXECUTION_CALL_*``)."""
         out = grpcclient.Outgoing(_SERVICE, method)
         code = "OK"
+        failed = False
         try:
             yield out.metadata
         except grpc.aio.AioRpcError as exc:
-            code = exc.code().name
+            code, failed = exc.code().name, True
             raise
         except errors.ApiError:
-            code = "UNKNOWN"
+            code, failed = "UNKNOWN", True
             raise
         finally:
-            out.end(code)
+            out.end(
+                code,
+                latency=EXECUTION_CALL_LATENCY,
+                failures=EXECUTION_CALL_ERRORS if failed else None,
+            )
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from router_svc.auth import Authenticator
 from router_svc.bootstrap import Bootstrapper
@@ -17,13 +17,21 @@ from router_svc.hub import HubClient
 from router_svc.sealing import Sealer
 from router_svc.state_client import StateClient
 
+if TYPE_CHECKING:
+    from router_svc.state_client import StateStub
+
 
 class Worker(Protocol):
-    """What the services use of the background worker (:class:`router_svc.background.Worker`),
-    named here so that this module imports nothing above it."""
+    """What the services use of the background worker
+    (:class:`router_svc.background_worker.Worker`), named here so that this module imports
+    nothing above it."""
 
     # This router's name in the leases it holds.
     owner: str
+
+    # Its own stub, for WatchResponseEvents (router_svc.background_log).
+    @property
+    def stub(self) -> StateStub: ...
 
     def stop_scanning(self) -> None: ...
 

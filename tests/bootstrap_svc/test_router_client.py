@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from bootstrap_svc import server
 from gateway.logs import request_id_var
@@ -198,6 +199,35 @@ async def test_prepare_against_the_reference_service(running: server.Running) ->
         assert running.store.live_sessions("acme") == []
     finally:
         await client.close()
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+LATENCY = "respgw_router_bootstrap_call_latency_seconds_count"
+FAILED = "respgw_router_bootstrap_call_errors_total"
+
+
+async def test_each_call_records_its_latency_and_failures(running: server.Running) -> None:
+    client = bootstrap.GrpcBootstrapper(f"127.0.0.1:{running.port}", timeout_s=5)
+    prepares, releases = (
+        _sample(LATENCY, method="PrepareTools"),
+        _sample(LATENCY, method="ReleaseTools"),
+    )
+    invalid = _sample(FAILED, method="PrepareTools", code="INVALID_ARGUMENT")
+    try:
+        await _prepare(client, request_id="resp_m1", response_id="resp_m1")
+        await client.release(tenant="acme", response_id="resp_m1")
+        with pytest.raises(errors.BootstrapFailed):
+            await _prepare(client, request_id="", response_id="resp_m2")  # no request id
+    finally:
+        await client.close()
+    assert _sample(LATENCY, method="PrepareTools") == prepares + 2
+    assert _sample(LATENCY, method="ReleaseTools") == releases + 1
+    assert _sample(FAILED, method="PrepareTools", code="INVALID_ARGUMENT") == invalid + 1
+    assert _sample(FAILED, method="PrepareTools", code="OK") == 0
+    assert _sample(FAILED, method="ReleaseTools", code="OK") == 0
 
 
 async def test_a_request_without_stateful_tools_makes_no_call(
