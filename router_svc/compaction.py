@@ -279,15 +279,13 @@ _COMPACT_FIELDS = frozenset(
 )
 
 
-def compact_request(body: object, *, default_model: str, hub_api: str) -> TurnRequest:
+def compact_request(body: object, *, default_model: str) -> TurnRequest:
     """A POST /v1/responses/compact body, checked as the same fields of POST /v1/responses are
     (fields of ResponseCompactParams only; others are ignored)."""
     if not isinstance(body, dict):
         return validate.parse_turn_request(body)  # the same 400
     fields = {k: v for k, v in body.items() if k in _COMPACT_FIELDS}
-    return validate.parse_turn_request(
-        {**fields, "store": False}, default_model=default_model, hub_api=hub_api
-    )
+    return validate.parse_turn_request({**fields, "store": False}, default_model=default_model)
 
 
 async def compact(svc: Services, turn: Turn) -> dict[str, Any]:

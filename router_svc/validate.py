@@ -104,14 +104,12 @@ def parse_turn_request(
     *,
     default_model: str = "",
     strict_params: bool = False,
-    hub_api: str | None = None,
 ) -> TurnRequest:
     """Validates a POST /v1/responses body; raises :class:`errors.InvalidRequest` on any bad field.
 
     A top-level field the gateway does not know is ignored (and counted), or refused with
     ``unknown_parameter`` when ``strict_params`` is true. What the hub cannot do is not checked
-    here: the caller asks its dialect (``Dialect.refuse``). ``hub_api`` is not read; it is
-    accepted only while ``compaction.compact_request`` still passes it.
+    here: the caller asks its dialect (``Dialect.refuse``).
     """
     if not isinstance(body, dict):
         raise errors.InvalidRequest(

@@ -155,7 +155,6 @@ async def compact_response(request: Request) -> Response:
     req = compaction.compact_request(
         parse_json(await read_body(request)),
         default_model=svc.settings.default_model,
-        hub_api=svc.settings.hub_api,
     )
     svc.dialect.refuse(req)
     check_item_ids(req.input_items, "input")

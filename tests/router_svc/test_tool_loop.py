@@ -49,7 +49,7 @@ class Env:
     async def turn(
         self, body: dict[str, Any], history: list[dict[str, Any]] | None = None, **ids: str
     ) -> Turn:
-        req = validate.parse_turn_request({"model": "m", **body}, hub_api="chat")
+        req = validate.parse_turn_request({"model": "m", **body})
         response_id = f"resp_{time.monotonic_ns()}"
         prepared = await self.bootstrapper.prepare(
             request_id=response_id,
