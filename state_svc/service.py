@@ -23,7 +23,7 @@ from gateway import grpcerrors, metrics
 from gateway.grpcerrors import ServiceError
 from gateway.logs import request_id_var
 from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
-from state_svc import errors
+from state_svc import errors, wire
 from state_svc.backends import base
 from state_svc.backends.base import Backend
 from state_svc.config import StateSettings
@@ -180,28 +180,35 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     # --- responses ------------------------------------------------------------------------
 
     async def PutTurn(
-        self, request: state_service_pb2.PutTurnRequest, context: Context
+        self, request: state_service_pb2.PutTurnRequest | wire.LargePutTurn, context: Context
     ) -> state_service_pb2.PutTurnResponse:
+        # A large request comes split, its large fields views of the bytes received (see wire).
+        if isinstance(request, wire.LargePutTurn):
+            check_strings(request.request)
+            return await self._put_turn(request.request, request.large)
         check_strings(request)
         return await self._put_turn(request)
 
     async def _put_turn(
-        self, request: state_service_pb2.PutTurnRequest
+        self,
+        request: state_service_pb2.PutTurnRequest,
+        large: Mapping[str, memoryview] | None = None,
     ) -> state_service_pb2.PutTurnResponse:
         tenant = _tenant(request.tenant)
         r = request.response
         _require(r.id, "response.id")
-        # Each read of a bytes field is a copy of it: read once.
-        combined = bool(r.response_json_with_output_items)
+        # Each read of a bytes field is a copy of it: read once (a large field not at all).
+        combined_json = _bytes_field(r, "response_json_with_output_items", large)
+        response_json = _bytes_field(r, "response_json", large)
+        combined = bool(combined_json)
         if combined:
-            if r.response_json or r.output_items:
+            if response_json or r.output_items:
                 raise _invalid(
                     "response.response_json_with_output_items",
                     "response_json_with_output_items replaces response_json and output_items",
                 )
-            response_json = r.response_json_with_output_items
-        else:
-            response_json = r.response_json
+            response_json = combined_json
+        del combined_json
         _require(response_json, "response.response_json")
         response = _json_object(response_json)
         if response is None:
@@ -225,10 +232,10 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
                 else _items(r.output_items, "response.output_items", seen)
             ),
             idempotency_key=r.idempotency_key,
-            stream_events_json=r.stream_events_json,
+            stream_events_json=_bytes_field(r, "stream_events_json", large),
             in_progress=r.in_progress,
         )
-        del response
+        del response, response_json
         expected = (
             request.expected_conversation_version
             if request.HasField("expected_conversation_version")
@@ -884,9 +891,20 @@ def _tenant(tenant: str) -> str:
     return tenant
 
 
-def _require(value: str | bytes, field: str) -> None:
+def _require(value: str | bytes | memoryview, field: str) -> None:
     if not value:
         raise _invalid(field, f"{field} is required")
+
+
+def _bytes_field(
+    r: resources_pb2.StoredResponse, name: str, large: Mapping[str, memoryview] | None
+) -> bytes | memoryview:
+    """A bytes field of a stored response: its view in ``large`` when the request was split
+    there (see wire), else the field (a copy)."""
+    if large is not None and name in large:
+        return large[name]
+    value: bytes = getattr(r, name)
+    return value
 
 
 def _is_json_object(data: bytes) -> bool:
@@ -896,7 +914,7 @@ def _is_json_object(data: bytes) -> bool:
         return False
 
 
-def _json_object(data: bytes) -> dict[str, Any] | None:
+def _json_object(data: bytes | memoryview) -> dict[str, Any] | None:
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -1007,9 +1025,9 @@ def _turn_pb(turn: base.Turn) -> resources_pb2.StoredResponse:
         id=turn.id,
         previous_response_id=turn.previous_response_id,
         conversation_id=turn.conversation_id,
-        response_json=turn.response_json,
+        response_json=bytes(turn.response_json),  # no copy of bytes
         idempotency_key=turn.idempotency_key,
-        stream_events_json=turn.stream_events_json,
+        stream_events_json=bytes(turn.stream_events_json),
         in_progress=turn.in_progress,
     )
     _add_items(msg.input_items, turn.input_items)

@@ -185,6 +185,7 @@ class MemoryBackend:
         expected_conversation_version: int | None,
         require_intact_chain: bool = False,
     ) -> PutTurnResult:
+        turn = base.owned(turn)  # kept: not a view of the request
         now = base.now_us()
         digest = base.turn_digest(turn)
         existing = self._response(tenant, turn.id, now)
