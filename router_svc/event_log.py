@@ -161,6 +161,9 @@ class EventLog:
         # and the compact form costs CPU per event); past PLAIN_EVENTS events or PLAIN_CHARS
         # characters of deltas (or from the start, with ``compact``), in the compact form.
         self._plain: list[dict[str, Any]] | None = None if compact else []
+        # Whether the stream is past PLAIN_EVENTS events or PLAIN_CHARS characters of deltas
+        # (kept in the compact form): an attribute, read for every event (router_svc.streaming).
+        self.long = compact
         self._chars = 0
         self._records: list[dict[str, Any] | _Run] = []
         self._run: _Run | None = None
@@ -176,6 +179,7 @@ class EventLog:
             self._chars += len(delta)
         if len(plain) >= PLAIN_EVENTS or self._chars >= PLAIN_CHARS:
             self._plain = None
+            self.long = True
             for earlier in plain:
                 self._add(earlier)
 

@@ -20,7 +20,7 @@ from typing import Any
 from router_svc import compaction, errors, include, running, tool_loop
 from router_svc.dialects import StreamTranslator
 from router_svc.event_log import EventLog
-from router_svc.events import SSE_DONE, sse_encode, sse_pieces
+from router_svc.events import SSE_DONE, sse_encode, sse_pieces, sse_slices
 from router_svc.idempotency import Identity
 from router_svc.replay import replay_events
 from router_svc.services import Services
@@ -123,6 +123,8 @@ async def buffered_stream(svc: Services, turn: Turn) -> list[bytes]:
         if item is _END:
             chunks.append(SSE_DONE)
             return chunks
+        if isinstance(item, _Sliced):
+            item = item.event
         assert isinstance(item, dict)
         chunks.append(sse_encode(item))
 
@@ -155,7 +157,12 @@ async def _pump(
                 held.append(event)  # goes out only once the turn is stored
                 continue
             sent.add(event)
-            queue.put_nowait(event)  # encoded when the client takes it (see _drain)
+            # Encoded when the client takes it (see _drain); in slices when it may hold a long
+            # answer (a .done or terminal event of a long stream).
+            if sent.long and not event["type"].endswith(".delta"):
+                queue.put_nowait(_Sliced(event))
+            else:
+                queue.put_nowait(event)
 
     started = translator.start()
     push(started)
@@ -210,7 +217,7 @@ async def _pump(
                         push(_failed_after(terminal, translator.response, _superseded(answered)))
                     return outcome
                 terminal = {**terminal, "response": include.response(answered, turn.req.include)}
-            queue.put_nowait(terminal)
+            queue.put_nowait(_Sliced(terminal) if sent.long else terminal)
     except errors.ApiError as exc:
         push(translator.fail(exc.code or "server_error", exc.message))
         await _store_failed(svc, turn, translator.response)
@@ -337,6 +344,15 @@ class _Outbox(asyncio.Queue[object]):
         self._room.set()
 
 
+class _Sliced:
+    """An event of the outbox sent with :func:`sse_slices` (see _pump)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        self.event = event
+
+
 async def _drain(queue: _Outbox) -> AsyncIterator[bytes]:
     try:
         while True:
@@ -345,9 +361,13 @@ async def _drain(queue: _Outbox) -> AsyncIterator[bytes]:
             if item is _END:
                 yield SSE_DONE
                 return
+            # Encoded only now: the texts of the last events (each holding the answer) are
+            # encoded one at a time, those of a long stream a slice at a time.
+            if isinstance(item, _Sliced):
+                for piece in sse_slices(item.event):
+                    yield piece
+                continue
             assert isinstance(item, dict)
-            # Encoded only now: the texts of the last events (each a copy of the answer) are
-            # held as bytes one at a time, not all at once.
             for piece in sse_pieces(item):
                 yield piece
     finally:
