@@ -227,7 +227,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             conversation_id=r.conversation_id,
             input_items=_items(r.input_items, "response.input_items", seen),
             output_items=(
-                _output_of(response, seen)
+                _output_of(response, seen, response_json)
                 if combined
                 else _items(r.output_items, "response.output_items", seen)
             ),
@@ -254,7 +254,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             response=(
                 _turn_header_pb(result.turn)
                 if request.omit_stored_content and not result.replayed
-                else _turn_pb(result.turn)
+                else _turn_pb(base.owned(result.turn))
             ),
             replayed=result.replayed,
             conversation_version=result.conversation_version,
@@ -922,9 +922,13 @@ def _json_object(data: bytes | memoryview) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def _output_of(response: dict[str, Any], seen: set[str] | None) -> tuple[base.Item, ...]:
+def _output_of(
+    response: dict[str, Any], seen: set[str] | None, source: bytes | memoryview
+) -> tuple[base.Item, ...]:
     """The output items of a turn written with response_json_with_output_items: those of its
-    response's "output" array, each re-encoded (see the proto)."""
+    response's "output" array, each re-encoded (see the proto). A large item whose encoding is
+    in the request received as it is (the router encodes both alike) is a view of it there (see
+    state_svc.wire), not a copy held while the turn is written."""
     field = "response.response_json_with_output_items"
     output = response.get("output")
     if not isinstance(output, list):
@@ -939,8 +943,17 @@ def _output_of(response: dict[str, Any], seen: set[str] | None) -> tuple[base.It
             if item_id in seen:
                 raise _invalid(field, f"item id {item_id} appears twice")
             seen.add(item_id)
-        out.append(base.Item(id=item_id, json=orjson.dumps(item)))
+        out.append(base.Item(id=item_id, json=_shared(orjson.dumps(item), source)))
     return tuple(out)
+
+
+def _shared(data: bytes, source: bytes | memoryview) -> bytes | memoryview:
+    """``data``, or the same bytes in ``source``'s request (a view) when it is large."""
+    if len(data) < wire.LARGE_REQUEST_BYTES or not isinstance(source, memoryview):
+        return data
+    raw = source.obj
+    at = raw.find(data) if isinstance(raw, bytes) else -1
+    return data if at < 0 else memoryview(raw)[at : at + len(data)]
 
 
 def _items(
@@ -1010,12 +1023,13 @@ def _add_items(
     message and copying it in: this is most of GetHistory's CPU time)."""
     add = target.add
     for item in items:
+        # Bytes: a view (see base.Item) is only in a turn being written, answered owned.
         msg = add(id=item.id, sequence=item.sequence, json=item.json)
         msg.create_time.FromMicroseconds(item.create_time_us)
 
 
 def _item_pb(item: base.Item) -> resources_pb2.Item:
-    msg = resources_pb2.Item(id=item.id, sequence=item.sequence, json=item.json)
+    msg = resources_pb2.Item(id=item.id, sequence=item.sequence, json=bytes(item.json))
     msg.create_time.FromMicroseconds(item.create_time_us)
     return msg
 

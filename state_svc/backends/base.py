@@ -27,7 +27,8 @@ class Item:
     position inside a stored response; 0 on writes, where the backend assigns it."""
 
     id: str
-    json: bytes
+    # A view of the request received in a turn being written (its output items, see Turn).
+    json: bytes | memoryview
     sequence: int = 0
     create_time_us: int = 0
 
@@ -37,8 +38,8 @@ class Turn:
     """One stored response with its own input and output items."""
 
     id: str
-    # The JSON of a turn being stored may be a view of the request received (state_svc.wire):
-    # written as it is, never kept past the call (the memory backend keeps a copy).
+    # The JSON of a turn being written (and its output items') may be a view of the request
+    # received (state_svc.wire): written as it is, never kept past the call (see owned).
     response_json: bytes | memoryview
     previous_response_id: str = ""
     conversation_id: str = ""
@@ -348,12 +349,17 @@ class _Digest:
 
 def owned(turn: Turn) -> Turn:
     """``turn`` with its JSON as bytes of its own (not views of a request, see Turn)."""
-    if type(turn.response_json) is bytes and type(turn.stream_events_json) is bytes:
+    if (
+        type(turn.response_json) is bytes
+        and type(turn.stream_events_json) is bytes
+        and all(type(i.json) is bytes for i in turn.output_items)
+    ):
         return turn
     return replace(
         turn,
         response_json=bytes(turn.response_json),
         stream_events_json=bytes(turn.stream_events_json),
+        output_items=tuple(replace(i, json=bytes(i.json)) for i in turn.output_items),
     )
 
 

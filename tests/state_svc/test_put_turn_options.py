@@ -4,6 +4,7 @@ items taken from the response JSON)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -134,9 +135,15 @@ LONG = "long answer " * (wire.LARGE_REQUEST_BYTES // 12 + 1)
 
 
 @pytest.mark.parametrize("running_first", [False, True], ids=["new", "replacing running"])
-async def test_a_large_turn_is_stored_as_sent(client: Client, running_first: bool) -> None:
+@pytest.mark.parametrize("spaced", [False, True], ids=["compact", "spaced JSON"])
+async def test_a_large_turn_is_stored_as_sent(
+    client: Client, running_first: bool, spaced: bool
+) -> None:
     output = [{"id": "msg_1", "type": "message", "content": [{"text": LONG}]}]
     stored = from_response("r1", output)
+    if spaced:  # its items' encodings are not in the request: encoded anew
+        body = {"id": "r1", "object": "response", "output": output}
+        stored.response_json_with_output_items = json.dumps(body, indent=1).encode()
     stored.stream_events_json = orjson.dumps([{"type": "response.created", "delta": LONG}])
     if running_first:
         running = simple_turn("r1")
@@ -159,6 +166,15 @@ async def test_a_large_turn_is_stored_as_sent(client: Client, running_first: boo
     other = from_response("r1", [{"id": "msg_1", "text": LONG + "!"}])
     err = await fails(client.stub.PutTurn(pb.PutTurnRequest(tenant=TENANT, response=other)))
     assert err.code == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_a_large_conversation_turn_adds_its_items(client: Client) -> None:
+    conversation = await client.conversation()
+    output = [{"id": "msg_1", "type": "message", "content": [{"text": LONG}]}]
+    stored = from_response("r1", output, conversation=conversation)
+    await client.stub.PutTurn(pb.PutTurnRequest(tenant=TENANT, response=stored))
+    history = await client.history(conversation_id=conversation)
+    assert [(i.id, i.json) for i in history.items][-1] == ("msg_1", orjson.dumps(output[0]))
 
 
 async def test_a_large_turn_that_sends_both_forms_is_invalid(client: Client) -> None:
