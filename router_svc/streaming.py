@@ -17,6 +17,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import gctune
 from router_svc import compaction, errors, include, running, tool_loop
 from router_svc.dialects import StreamTranslator
 from router_svc.event_log import EventLog
@@ -354,6 +355,7 @@ class _Sliced:
 
 
 async def _drain(queue: _Outbox) -> AsyncIterator[bytes]:
+    long = False
     try:
         while True:
             item = await queue.get()
@@ -364,6 +366,7 @@ async def _drain(queue: _Outbox) -> AsyncIterator[bytes]:
             # Encoded only now: the texts of the last events (each holding the answer) are
             # encoded one at a time, those of a long stream a slice at a time.
             if isinstance(item, _Sliced):
+                long = True
                 for piece in sse_slices(item.event):
                     yield piece
                 continue
@@ -372,3 +375,5 @@ async def _drain(queue: _Outbox) -> AsyncIterator[bytes]:
                 yield piece
     finally:
         queue.close()
+        if long:
+            gctune.give_back()  # what the long answer's copies took

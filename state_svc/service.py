@@ -19,7 +19,7 @@ from google.protobuf import duration_pb2
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from prometheus_client import Histogram
 
-from gateway import grpcerrors, metrics
+from gateway import gctune, grpcerrors, metrics
 from gateway.grpcerrors import ServiceError
 from gateway.logs import request_id_var
 from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
@@ -184,8 +184,11 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     ) -> state_service_pb2.PutTurnResponse:
         # A large request comes split, its large fields views of the bytes received (see wire).
         if isinstance(request, wire.LargePutTurn):
-            check_strings(request.request)
-            return await self._put_turn(request.request, request.large)
+            try:
+                check_strings(request.request)
+                return await self._put_turn(request.request, request.large)
+            finally:
+                gctune.give_back()  # what the parsed JSON and the backend's copies took
         check_strings(request)
         return await self._put_turn(request)
 
