@@ -163,7 +163,7 @@ async def _pump(
             if sent.long and not event["type"].endswith(".delta"):
                 queue.put_nowait(_Sliced(event))
             else:
-                queue.put_nowait(event)
+                queue.put_event(event)
 
     started = translator.start()
     push(started)
@@ -307,36 +307,53 @@ def _superseded(answered: dict[str, Any]) -> errors.ApiError:
     )
 
 
-# Events a streamed turn holds for a client that reads slower than the hub answers; past it the
-# hub is read no faster than the client reads (see _Outbox).
+# Events a streamed turn holds for a client that reads slower than the hub answers, and
+# characters of their deltas; past either the hub is read no faster than the client reads (see
+# _Outbox).
 STREAM_BACKLOG = 256
+STREAM_BACKLOG_CHARS = 256 * 1024
 # A client that took nothing for this long is not waited for any more.
 STREAM_STALL_S = 30.0
 
 
 class _Outbox(asyncio.Queue[object]):
     """The events of a streamed turn on their way to the client. The pump waits in
-    :meth:`room` while more than ``backlog`` are waiting (so that the hub is read no faster than
-    the client reads, and a slow client does not make the router hold the whole answer as
-    events), except once the client is gone (:meth:`close`) or took nothing for
+    :meth:`room` while more than ``backlog`` are waiting, or their deltas hold more than
+    STREAM_BACKLOG_CHARS characters (a hub's large chunks), so that the hub is read no faster than
+    the client reads and a slow client does not make the router hold the whole answer as
+    events; except once the client is gone (:meth:`close`) or took nothing for
     STREAM_STALL_S: the turn is then read to its end and stored all the same. A backlog of 0
     never waits (a buffered stream, read once it is whole)."""
 
     def __init__(self, *, backlog: int) -> None:
         super().__init__()
         self.backlog = backlog
+        self.chars = 0  # of the deltas waiting (a hub's large chunks are large deltas)
         self._room = asyncio.Event()
 
+    def put_event(self, event: dict[str, Any]) -> None:
+        delta = event.get("delta")
+        if type(delta) is str:
+            self.chars += len(delta)
+        self.put_nowait(event)
+
+    def _full(self) -> bool:
+        return self.qsize() > self.backlog or self.chars > STREAM_BACKLOG_CHARS
+
     async def room(self) -> None:
-        while self.backlog and self.qsize() > self.backlog:
+        while self.backlog and self._full():
             self._room.clear()
             try:
                 await asyncio.wait_for(self._room.wait(), STREAM_STALL_S)
             except TimeoutError:
                 self.close()
 
-    def taken(self) -> None:
-        if self.qsize() <= self.backlog // 2:
+    def taken(self, item: object) -> None:
+        if type(item) is dict:
+            delta = item.get("delta")
+            if type(delta) is str:
+                self.chars -= len(delta)
+        if self.qsize() <= self.backlog // 2 and self.chars <= STREAM_BACKLOG_CHARS // 2:
             self._room.set()
 
     def close(self) -> None:
@@ -359,7 +376,7 @@ async def _drain(queue: _Outbox) -> AsyncIterator[bytes]:
     try:
         while True:
             item = await queue.get()
-            queue.taken()
+            queue.taken(item)
             if item is _END:
                 yield SSE_DONE
                 return
