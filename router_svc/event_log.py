@@ -260,7 +260,12 @@ def _advance(offsets: dict[tuple[Any, ...], int], event: dict[str, Any]) -> None
 
 def expand_log(events: list[dict[str, Any]], response: dict[str, Any]) -> list[dict[str, Any]]:
     """The events a stored log (see LOG_DELTAS) stands for, with ``response`` stored with it."""
-    out: list[dict[str, Any]] = []
+    return list(iter_log(events, response))
+
+
+def iter_log(events: list[dict[str, Any]], response: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """:func:`expand_log` one event at a time (a long answer's log stands for a hundred thousand
+    events: a replay sends them as they are made)."""
     offsets: dict[tuple[Any, ...], int] = {}
     for record in events:
         if LOG_DELTAS in record:
@@ -271,7 +276,7 @@ def expand_log(events: list[dict[str, Any]], response: dict[str, Any]) -> list[d
             base = {k: v for k, v in record.items() if k != LOG_DELTAS}
             seq = int(record["sequence_number"])
             for n in _lengths(record[LOG_DELTAS]):
-                out.append({**base, "sequence_number": seq, "delta": text[at : at + n]})
+                yield {**base, "sequence_number": seq, "delta": text[at : at + n]}
                 at += n
                 seq += 1
             offsets[key] = at
@@ -279,11 +284,9 @@ def expand_log(events: list[dict[str, Any]], response: dict[str, Any]) -> list[d
             member = record[LOG_FROM]
             found = _in_response(response, record)
             value = found[1] if found is not None else None
-            out.append(
-                {k: (value if k == member else v) for k, v in record.items() if k != LOG_FROM}
-            )
-            _advance(offsets, out[-1])
+            event = {k: (value if k == member else v) for k, v in record.items() if k != LOG_FROM}
+            _advance(offsets, event)
+            yield event
         else:
-            out.append(record)
             _advance(offsets, record)
-    return out
+            yield record
