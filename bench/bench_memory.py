@@ -12,7 +12,9 @@ its end, checking it is whole. Printed per process:
 
 - (peak RSS during the turns - RSS before) / N / answer size: what one turn of that many at once
   costs, in answer sizes;
-- ``held``: RSS 2 s after the turns ended minus RSS before, in MB.
+- ``held``: RSS 2 s after the turns ended minus RSS before, in MB;
+- for a streamed case, ``replay``: what the router's peak RSS grew by while one of those
+  responses was replayed (GET ?stream=true) and read to its end, in answer sizes.
 
 The router's history cache (``--history-cache-mb``, 64 MB in a router by default) keeps the items
 of the chains it stored, up to its bound; it is off here (0) so that ``held`` shows what no bound
@@ -113,7 +115,11 @@ class BigHub:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
+        first = body["messages"][-1]["content"]
         if not body.get("stream"):
+            # The warm-up turns are small (a large one would leave the allocator memory that
+            # the measured turns then reuse unseen).
+            text = "hi" if first == "warm up" else self.text
             return web.json_response(
                 {
                     "id": "chatcmpl-1",
@@ -123,7 +129,7 @@ class BigHub:
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": self.text},
+                            "message": {"role": "assistant", "content": text},
                             "finish_reason": "stop",
                         }
                     ],
@@ -131,7 +137,6 @@ class BigHub:
                 },
                 dumps=lambda o: orjson.dumps(o).decode(),
             )
-        first = body["messages"][-1]["content"]
         delta = 4 if first == "warm up" else self.delta
         data = self._stream_body(delta) if first != "warm up" else self._warm_body()
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
@@ -164,8 +169,9 @@ class BigHub:
 
 async def one_turn(
     session: aiohttp.ClientSession, url: str, stream: bool, text: str, size: int = 0
-) -> int:
-    """Runs one stored turn to its end; returns the answer's length as the client got it."""
+) -> tuple[int, str]:
+    """Runs one stored turn to its end; returns the answer's length as the client got it, and
+    the response's id."""
     keep = 4 * size + 64 * 1024  # the terminal event holds the answer, and the [DONE] after it
     body = {"model": "big", "input": text, "store": True, "stream": stream}
     async with session.post(f"{url}/responses", json=body) as resp:
@@ -175,7 +181,7 @@ async def one_turn(
             data = orjson.loads(await resp.read())
             if data["status"] != "completed":
                 raise RuntimeError(f"turn not completed: {data['status']}")
-            return len(data["output"][0]["content"][0]["text"])
+            return len(data["output"][0]["content"][0]["text"]), str(data["id"])
         # The stream is read to its end, without keeping it; only its last events are parsed.
         tail = bytearray()
         async for chunk in resp.content.iter_any():
@@ -186,7 +192,9 @@ async def one_turn(
         terminal = orjson.loads(events[-1]) if events else {}
         if terminal.get("type") != "response.completed":
             raise RuntimeError(f"stream did not complete: {str(terminal)[:300]}")
-        return len(terminal["response"]["output"][0]["content"][0]["text"])
+        return len(terminal["response"]["output"][0]["content"][0]["text"]), str(
+            terminal["response"]["id"]
+        )
 
 
 @dataclass
@@ -253,20 +261,41 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
                     *(one_turn(session, url, case.stream, "go", size) for _ in range(case.turns))
                 )
                 peaks.update({name: peak_bytes(pid) for name, pid in pids.items()})
-                if any(n != size for n in got):
+                if any(n != size for n, _ in got):
                     raise RuntimeError(f"answers of {got} characters, not {size}")
+                ids.append(got[0][1])
                 return time.perf_counter() - start
+
+        async def replay() -> None:
+            """One of the responses replayed (GET ?stream=true) and read to its end."""
+            async with aiohttp.ClientSession() as session:
+                replay_base.update({name: rss_bytes(pid) for name, pid in pids.items()})
+                for pid in pids.values():
+                    reset_peak(pid)
+                params = {"stream": "true"}
+                async with session.get(f"{url}/responses/{ids[0]}", params=params) as resp:
+                    async for _ in resp.content.iter_any():
+                        pass
+                replay_peak.update({name: peak_bytes(pid) for name, pid in pids.items()})
 
         baseline: dict[str, int] = {}
         peaks: dict[str, int] = {}
+        replay_base: dict[str, int] = {}
+        replay_peak: dict[str, int] = {}
+        ids: list[str] = []
         seconds = asyncio.run(drive())
         time.sleep(args.pause)
         after = {name: rss_bytes(pid) for name, pid in pids.items()}
+        if case.stream:
+            asyncio.run(replay())
         cols = []
         for name in ("router", "state"):
             per_turn = (peaks[name] - baseline[name]) / case.turns / size
             held = (after[name] - baseline[name]) / MB
             cols.append(f"{name} {per_turn:6.2f}x  held {held:7.1f} MB")
+        if replay_peak:
+            replayed = (replay_peak["router"] - replay_base["router"]) / size
+            cols.append(f"replay: router {replayed:6.2f}x")
         print(
             f"{case.name:<22} {size / MB:4.1f} MB {case.turns:>3} turns {seconds:6.1f} s   "
             + "   ".join(cols),

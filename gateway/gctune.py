@@ -1,4 +1,5 @@
-"""Garbage-collector settings for the long-running services.
+"""Garbage-collector settings for the long-running services, and memory handed back after a
+large turn (:func:`give_back`).
 
 CPython's default young-generation threshold (700 allocations) runs a collection every few
 requests of a service that allocates thousands of containers per request, and every full
@@ -10,7 +11,11 @@ about a third. Reference cycles are still collected, only less often.
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import gc
+import time
+from collections.abc import Callable
 
 # Young generation: collections after this many new containers; then every 20th young
 # collection also collects the middle generation, and every 100th of those the old one.
@@ -23,3 +28,51 @@ def tune() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*THRESHOLDS)
+
+
+# --- memory handed back ---------------------------------------------------------------------
+
+# glibc keeps memory the process freed for reuse rather than returning it: after a turn with a
+# long answer (several copies of it for a moment, issue 13) a service kept most of that for
+# good. malloc_trim returns the free pages at the top of each arena and every whole free page
+# inside one; it costs about a millisecond per hundred MB held, so it runs only after a large
+# turn, a little later (once the turn's last buffers are gone), at most once per
+# TRIM_INTERVAL_S however many large turns end meanwhile.
+TRIM_INTERVAL_S = 1.0
+TRIM_DELAY_S = 0.1
+
+_last_trim = -TRIM_INTERVAL_S
+_trim_pending = False
+_malloc_trim: Callable[[int], int] | None = None
+
+
+def give_back() -> None:
+    """Hands the memory the process freed back to the system soon (after a large turn; see
+    above). Called on an event loop; without one, at once."""
+    global _trim_pending
+    if _trim_pending:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        _trim()
+        return
+    _trim_pending = True
+    delay = max(TRIM_DELAY_S, _last_trim + TRIM_INTERVAL_S - time.monotonic())
+    loop.call_later(delay, _trim)
+
+
+def _trim() -> None:
+    global _last_trim, _trim_pending, _malloc_trim
+    _trim_pending = False
+    _last_trim = time.monotonic()
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _malloc_trim = _no_trim
+    _malloc_trim(0)
+
+
+def _no_trim(_pad: int) -> int:
+    return 0

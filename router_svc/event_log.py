@@ -161,6 +161,9 @@ class EventLog:
         # and the compact form costs CPU per event); past PLAIN_EVENTS events or PLAIN_CHARS
         # characters of deltas (or from the start, with ``compact``), in the compact form.
         self._plain: list[dict[str, Any]] | None = None if compact else []
+        # Whether the stream is past PLAIN_EVENTS events or PLAIN_CHARS characters of deltas
+        # (kept in the compact form): an attribute, read for every event (router_svc.streaming).
+        self.long = compact
         self._chars = 0
         self._records: list[dict[str, Any] | _Run] = []
         self._run: _Run | None = None
@@ -176,6 +179,7 @@ class EventLog:
             self._chars += len(delta)
         if len(plain) >= PLAIN_EVENTS or self._chars >= PLAIN_CHARS:
             self._plain = None
+            self.long = True
             for earlier in plain:
                 self._add(earlier)
 
@@ -256,7 +260,12 @@ def _advance(offsets: dict[tuple[Any, ...], int], event: dict[str, Any]) -> None
 
 def expand_log(events: list[dict[str, Any]], response: dict[str, Any]) -> list[dict[str, Any]]:
     """The events a stored log (see LOG_DELTAS) stands for, with ``response`` stored with it."""
-    out: list[dict[str, Any]] = []
+    return list(iter_log(events, response))
+
+
+def iter_log(events: list[dict[str, Any]], response: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """:func:`expand_log` one event at a time (a long answer's log stands for a hundred thousand
+    events: a replay sends them as they are made)."""
     offsets: dict[tuple[Any, ...], int] = {}
     for record in events:
         if LOG_DELTAS in record:
@@ -267,7 +276,7 @@ def expand_log(events: list[dict[str, Any]], response: dict[str, Any]) -> list[d
             base = {k: v for k, v in record.items() if k != LOG_DELTAS}
             seq = int(record["sequence_number"])
             for n in _lengths(record[LOG_DELTAS]):
-                out.append({**base, "sequence_number": seq, "delta": text[at : at + n]})
+                yield {**base, "sequence_number": seq, "delta": text[at : at + n]}
                 at += n
                 seq += 1
             offsets[key] = at
@@ -275,11 +284,9 @@ def expand_log(events: list[dict[str, Any]], response: dict[str, Any]) -> list[d
             member = record[LOG_FROM]
             found = _in_response(response, record)
             value = found[1] if found is not None else None
-            out.append(
-                {k: (value if k == member else v) for k, v in record.items() if k != LOG_FROM}
-            )
-            _advance(offsets, out[-1])
+            event = {k: (value if k == member else v) for k, v in record.items() if k != LOG_FROM}
+            _advance(offsets, event)
+            yield event
         else:
-            out.append(record)
             _advance(offsets, record)
-    return out
+            yield record

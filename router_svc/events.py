@@ -25,7 +25,8 @@ on purpose), so no later turn builds on it.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import secrets
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -60,6 +61,58 @@ def sse_pieces(event: dict[str, Any]) -> tuple[bytes, ...]:
 
 
 _LARGE_EVENT = 64 * 1024
+
+
+def sse_slices(event: dict[str, Any]) -> Iterator[bytes]:
+    """The bytes of :func:`sse_encode` in pieces of about SSE_SLICE bytes, the event's JSON never
+    whole: each string of SSE_SLICE characters or more is encoded a slice at a time (JSON
+    escapes each character alone, so the slices add up to the string's encoding). For the
+    ``.done`` and terminal events of a long answer, each of which holds the answer: sent while
+    the turn is stored, they would otherwise each cost a copy of it."""
+    large: list[str] = []
+    token = secrets.token_hex(8)
+    hollow = _hollow(event, large, token)
+    if not large:
+        yield from sse_pieces(event)
+        return
+    # Each large string is a marker in the skeleton's JSON, where its slices go.
+    markers = [orjson.dumps(_marker(token, n)) for n in range(len(large))]
+    data = orjson.dumps(hollow)
+    if any(data.count(marker) != 1 for marker in markers):  # never, but then whole
+        yield from sse_pieces(event)
+        return
+    yield b"event: " + str(event["type"]).encode() + b"\ndata: "
+    at = 0
+    for text, marker in zip(large, markers, strict=True):
+        where = data.index(marker, at)
+        yield data[at:where] + b'"'
+        for i in range(0, len(text), SSE_SLICE):
+            yield orjson.dumps(text[i : i + SSE_SLICE])[1:-1]
+        at = where + len(marker) - 1  # the marker's closing quote is the string's
+    yield data[at:] + b"\n\n"
+
+
+# The characters of a string :func:`sse_slices` encodes a slice at a time, and the slice.
+SSE_SLICE = 64 * 1024
+
+
+def _marker(token: str, n: int) -> str:
+    return f"\x00respgw-slices-{token}-{n}"
+
+
+def _hollow(value: Any, large: list[str], token: str) -> Any:
+    """A copy of ``value`` (JSON) with each string of SSE_SLICE characters or more replaced by a
+    marker (see :func:`sse_slices`) and appended to ``large``."""
+    if isinstance(value, str):
+        if len(value) < SSE_SLICE:
+            return value
+        large.append(value)
+        return _marker(token, len(large) - 1)
+    if isinstance(value, dict):
+        return {k: _hollow(v, large, token) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hollow(v, large, token) for v in value]
+    return value
 
 
 def ended_early(detail: str) -> errors.UpstreamError:

@@ -3,14 +3,16 @@
 :func:`replay_events` rebuilds the sequence the live stream sent (:mod:`router_svc.events`), event
 type for event type, with one delta per content part (the stored response does not keep the hub's
 chunk boundaries); :func:`stored_stream` is what GET /v1/responses/{id}?stream=true sends: the
-events stored with the response (:mod:`router_svc.event_log`, expanded) or that rebuilt sequence.
+events stored with the response (:mod:`router_svc.event_log`, expanded) or that rebuilt sequence
+(:func:`stored_stream_iter` makes them one at a time, as they are sent).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from router_svc.event_log import expand_log
+from router_svc.event_log import expand_log, iter_log
 from router_svc.events import Events
 from router_svc.inputs import output_text
 
@@ -32,6 +34,24 @@ def stored_stream(
             {"type": "response.cancelled", "sequence_number": len(events), "response": response},
         ]
     return events
+
+
+def stored_stream_iter(
+    response: dict[str, Any], events: list[dict[str, Any]] | None
+) -> Iterator[dict[str, Any]]:
+    """:func:`stored_stream` one event at a time: the events of a stored log are made as they
+    are sent (GET /v1/responses/{id}?stream=true), not all at once."""
+    # The first and last records of a log have the types of the first and last events.
+    if not events or events[0].get("type") != "response.created":
+        yield from stored_stream(response, events)
+        return
+    count = 0
+    last: dict[str, Any] = {}
+    for last in iter_log(events, response):
+        count += 1
+        yield last
+    if response.get("status") == "cancelled" and last.get("type") != "response.cancelled":
+        yield {"type": "response.cancelled", "sequence_number": count, "response": response}
 
 
 def replay_events(response: dict[str, Any]) -> list[dict[str, Any]]:

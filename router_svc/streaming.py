@@ -17,10 +17,11 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import gctune
 from router_svc import compaction, errors, include, running, tool_loop
 from router_svc.dialects import StreamTranslator
 from router_svc.event_log import EventLog
-from router_svc.events import SSE_DONE, sse_encode, sse_pieces
+from router_svc.events import SSE_DONE, sse_encode, sse_pieces, sse_slices
 from router_svc.idempotency import Identity
 from router_svc.replay import replay_events
 from router_svc.services import Services
@@ -123,6 +124,8 @@ async def buffered_stream(svc: Services, turn: Turn) -> list[bytes]:
         if item is _END:
             chunks.append(SSE_DONE)
             return chunks
+        if isinstance(item, _Sliced):
+            item = item.event
         assert isinstance(item, dict)
         chunks.append(sse_encode(item))
 
@@ -155,7 +158,12 @@ async def _pump(
                 held.append(event)  # goes out only once the turn is stored
                 continue
             sent.add(event)
-            queue.put_nowait(event)  # encoded when the client takes it (see _drain)
+            # Encoded when the client takes it (see _drain); in slices when it may hold a long
+            # answer (a .done or terminal event of a long stream).
+            if sent.long and not event["type"].endswith(".delta"):
+                queue.put_nowait(_Sliced(event))
+            else:
+                queue.put_event(event)
 
     started = translator.start()
     push(started)
@@ -210,7 +218,7 @@ async def _pump(
                         push(_failed_after(terminal, translator.response, _superseded(answered)))
                     return outcome
                 terminal = {**terminal, "response": include.response(answered, turn.req.include)}
-            queue.put_nowait(terminal)
+            queue.put_nowait(_Sliced(terminal) if sent.long else terminal)
     except errors.ApiError as exc:
         push(translator.fail(exc.code or "server_error", exc.message))
         await _store_failed(svc, turn, translator.response)
@@ -299,36 +307,53 @@ def _superseded(answered: dict[str, Any]) -> errors.ApiError:
     )
 
 
-# Events a streamed turn holds for a client that reads slower than the hub answers; past it the
-# hub is read no faster than the client reads (see _Outbox).
+# Events a streamed turn holds for a client that reads slower than the hub answers, and
+# characters of their deltas; past either the hub is read no faster than the client reads (see
+# _Outbox).
 STREAM_BACKLOG = 256
+STREAM_BACKLOG_CHARS = 256 * 1024
 # A client that took nothing for this long is not waited for any more.
 STREAM_STALL_S = 30.0
 
 
 class _Outbox(asyncio.Queue[object]):
     """The events of a streamed turn on their way to the client. The pump waits in
-    :meth:`room` while more than ``backlog`` are waiting (so that the hub is read no faster than
-    the client reads, and a slow client does not make the router hold the whole answer as
-    events), except once the client is gone (:meth:`close`) or took nothing for
+    :meth:`room` while more than ``backlog`` are waiting, or their deltas hold more than
+    STREAM_BACKLOG_CHARS characters (a hub's large chunks), so that the hub is read no faster than
+    the client reads and a slow client does not make the router hold the whole answer as
+    events; except once the client is gone (:meth:`close`) or took nothing for
     STREAM_STALL_S: the turn is then read to its end and stored all the same. A backlog of 0
     never waits (a buffered stream, read once it is whole)."""
 
     def __init__(self, *, backlog: int) -> None:
         super().__init__()
         self.backlog = backlog
+        self.chars = 0  # of the deltas waiting (a hub's large chunks are large deltas)
         self._room = asyncio.Event()
 
+    def put_event(self, event: dict[str, Any]) -> None:
+        delta = event.get("delta")
+        if type(delta) is str:
+            self.chars += len(delta)
+        self.put_nowait(event)
+
+    def _full(self) -> bool:
+        return self.qsize() > self.backlog or self.chars > STREAM_BACKLOG_CHARS
+
     async def room(self) -> None:
-        while self.backlog and self.qsize() > self.backlog:
+        while self.backlog and self._full():
             self._room.clear()
             try:
                 await asyncio.wait_for(self._room.wait(), STREAM_STALL_S)
             except TimeoutError:
                 self.close()
 
-    def taken(self) -> None:
-        if self.qsize() <= self.backlog // 2:
+    def taken(self, item: object) -> None:
+        if type(item) is dict:
+            delta = item.get("delta")
+            if type(delta) is str:
+                self.chars -= len(delta)
+        if self.qsize() <= self.backlog // 2 and self.chars <= STREAM_BACKLOG_CHARS // 2:
             self._room.set()
 
     def close(self) -> None:
@@ -337,18 +362,35 @@ class _Outbox(asyncio.Queue[object]):
         self._room.set()
 
 
+class _Sliced:
+    """An event of the outbox sent with :func:`sse_slices` (see _pump)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        self.event = event
+
+
 async def _drain(queue: _Outbox) -> AsyncIterator[bytes]:
+    long = False
     try:
         while True:
             item = await queue.get()
-            queue.taken()
+            queue.taken(item)
             if item is _END:
                 yield SSE_DONE
                 return
+            # Encoded only now: the texts of the last events (each holding the answer) are
+            # encoded one at a time, those of a long stream a slice at a time.
+            if isinstance(item, _Sliced):
+                long = True
+                for piece in sse_slices(item.event):
+                    yield piece
+                continue
             assert isinstance(item, dict)
-            # Encoded only now: the texts of the last events (each a copy of the answer) are
-            # held as bytes one at a time, not all at once.
             for piece in sse_pieces(item):
                 yield piece
     finally:
         queue.close()
+        if long:
+            gctune.give_back()  # what the long answer's copies took

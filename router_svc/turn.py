@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 import orjson
 
-from gateway import grpcerrors
+from gateway import gctune, grpcerrors
 from router_svc import (
     bootstrap,
     compaction,
@@ -397,6 +397,8 @@ async def store(
         exc.retry_header(retry_is_safe=bool(turn.idempotency_key))
         raise
     svc.state.response_json_with_output_items = reply.response_json_with_output_items
+    if large:
+        gctune.give_back()  # what the encoded request and gRPC's copy of it took
     if reply.replayed and reply.response.id != turn.response_id:
         first = state_records.response_of(reply.response)
         if turn.key_kind == "explicit" and first.get("id") != idempotency.keyed_response_id(

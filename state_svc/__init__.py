@@ -7,6 +7,7 @@ Package map::
     config.py         StateSettings (flags and RESPGW_STATE_* variables)
     service.py        the StateService servicer: validates, converts API messages to the
                       backend's dataclasses and back
+    wire.py           a large PutTurn read without copying its large fields
     errors.py         the error tree (one class per status code, reasons from ``ErrorReason``)
                       and its constructors; one boundary maps them to statuses for every RPC
     backends/         storage behind one ``typing.Protocol``, chosen by ``--backend``:

@@ -8,11 +8,14 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any, cast
+
+import grpc
 
 from gateway import gctune, metrics, tracing
 from gateway.grpcserver import GrpcServer
 from respgw.state.v1 import state_service_pb2_grpc
-from state_svc import backends, service
+from state_svc import backends, service, wire
 from state_svc.backends import Backend
 from state_svc.config import StateSettings
 
@@ -49,7 +52,9 @@ async def start(settings: StateSettings) -> Running:
     servicer = service.StateServicer(backend, settings)
     server = GrpcServer(
         settings.listen,
-        lambda s: state_service_pb2_grpc.add_StateServiceServicer_to_server(servicer, s),
+        lambda s: state_service_pb2_grpc.add_StateServiceServicer_to_server(
+            servicer, cast(grpc.aio.Server, _LargeRequests(s))
+        ),
         [service.SERVICE_NAME],
         max_message_bytes=settings.max_message_bytes,
         max_connection_age_s=settings.max_connection_age_s,
@@ -64,6 +69,27 @@ async def start(settings: StateSettings) -> Running:
     if settings.sweep_interval_s > 0:
         sweeper = asyncio.create_task(_sweep_forever(backend, settings.sweep_interval_s))
     return Running(settings, backend, server, sweeper)
+
+
+class _LargeRequests:
+    """The server as the generated ``add_StateServiceServicer_to_server`` sees it: PutTurn's
+    handler reads a large request without copying its large fields (state_svc.wire); every
+    other handler is registered as generated."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Skipped: the generic handler is made again from the handlers registered below."""
+
+    def add_registered_method_handlers(self, service_name: str, handlers: dict[str, Any]) -> None:
+        handlers = dict(handlers)
+        handlers["PutTurn"] = handlers["PutTurn"]._replace(
+            request_deserializer=wire.put_turn_request
+        )
+        generic = grpc.method_handlers_generic_handler(service_name, handlers)
+        self._server.add_generic_rpc_handlers((generic,))
+        self._server.add_registered_method_handlers(service_name, handlers)
 
 
 async def _sweep_forever(backend: Backend, interval_s: float) -> None:

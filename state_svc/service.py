@@ -19,11 +19,11 @@ from google.protobuf import duration_pb2
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from prometheus_client import Histogram
 
-from gateway import grpcerrors, metrics
+from gateway import gctune, grpcerrors, metrics
 from gateway.grpcerrors import ServiceError
 from gateway.logs import request_id_var
 from respgw.state.v1 import resources_pb2, state_service_pb2, state_service_pb2_grpc
-from state_svc import errors
+from state_svc import errors, wire
 from state_svc.backends import base
 from state_svc.backends.base import Backend
 from state_svc.config import StateSettings
@@ -180,28 +180,38 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
     # --- responses ------------------------------------------------------------------------
 
     async def PutTurn(
-        self, request: state_service_pb2.PutTurnRequest, context: Context
+        self, request: state_service_pb2.PutTurnRequest | wire.LargePutTurn, context: Context
     ) -> state_service_pb2.PutTurnResponse:
+        # A large request comes split, its large fields views of the bytes received (see wire).
+        if isinstance(request, wire.LargePutTurn):
+            try:
+                check_strings(request.request)
+                return await self._put_turn(request.request, request.large)
+            finally:
+                gctune.give_back()  # what the parsed JSON and the backend's copies took
         check_strings(request)
         return await self._put_turn(request)
 
     async def _put_turn(
-        self, request: state_service_pb2.PutTurnRequest
+        self,
+        request: state_service_pb2.PutTurnRequest,
+        large: Mapping[str, memoryview] | None = None,
     ) -> state_service_pb2.PutTurnResponse:
         tenant = _tenant(request.tenant)
         r = request.response
         _require(r.id, "response.id")
-        # Each read of a bytes field is a copy of it: read once.
-        combined = bool(r.response_json_with_output_items)
+        # Each read of a bytes field is a copy of it: read once (a large field not at all).
+        combined_json = _bytes_field(r, "response_json_with_output_items", large)
+        response_json = _bytes_field(r, "response_json", large)
+        combined = bool(combined_json)
         if combined:
-            if r.response_json or r.output_items:
+            if response_json or r.output_items:
                 raise _invalid(
                     "response.response_json_with_output_items",
                     "response_json_with_output_items replaces response_json and output_items",
                 )
-            response_json = r.response_json_with_output_items
-        else:
-            response_json = r.response_json
+            response_json = combined_json
+        del combined_json
         _require(response_json, "response.response_json")
         response = _json_object(response_json)
         if response is None:
@@ -220,15 +230,15 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             conversation_id=r.conversation_id,
             input_items=_items(r.input_items, "response.input_items", seen),
             output_items=(
-                _output_of(response, seen)
+                _output_of(response, seen, response_json)
                 if combined
                 else _items(r.output_items, "response.output_items", seen)
             ),
             idempotency_key=r.idempotency_key,
-            stream_events_json=r.stream_events_json,
+            stream_events_json=_bytes_field(r, "stream_events_json", large),
             in_progress=r.in_progress,
         )
-        del response
+        del response, response_json
         expected = (
             request.expected_conversation_version
             if request.HasField("expected_conversation_version")
@@ -247,7 +257,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             response=(
                 _turn_header_pb(result.turn)
                 if request.omit_stored_content and not result.replayed
-                else _turn_pb(result.turn)
+                else _turn_pb(base.owned(result.turn))
             ),
             replayed=result.replayed,
             conversation_version=result.conversation_version,
@@ -884,9 +894,20 @@ def _tenant(tenant: str) -> str:
     return tenant
 
 
-def _require(value: str | bytes, field: str) -> None:
+def _require(value: str | bytes | memoryview, field: str) -> None:
     if not value:
         raise _invalid(field, f"{field} is required")
+
+
+def _bytes_field(
+    r: resources_pb2.StoredResponse, name: str, large: Mapping[str, memoryview] | None
+) -> bytes | memoryview:
+    """A bytes field of a stored response: its view in ``large`` when the request was split
+    there (see wire), else the field (a copy)."""
+    if large is not None and name in large:
+        return large[name]
+    value: bytes = getattr(r, name)
+    return value
 
 
 def _is_json_object(data: bytes) -> bool:
@@ -896,7 +917,7 @@ def _is_json_object(data: bytes) -> bool:
         return False
 
 
-def _json_object(data: bytes) -> dict[str, Any] | None:
+def _json_object(data: bytes | memoryview) -> dict[str, Any] | None:
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -904,9 +925,13 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def _output_of(response: dict[str, Any], seen: set[str] | None) -> tuple[base.Item, ...]:
+def _output_of(
+    response: dict[str, Any], seen: set[str] | None, source: bytes | memoryview
+) -> tuple[base.Item, ...]:
     """The output items of a turn written with response_json_with_output_items: those of its
-    response's "output" array, each re-encoded (see the proto)."""
+    response's "output" array, each re-encoded (see the proto). A large item whose encoding is
+    in the request received as it is (the router encodes both alike) is a view of it there (see
+    state_svc.wire), not a copy held while the turn is written."""
     field = "response.response_json_with_output_items"
     output = response.get("output")
     if not isinstance(output, list):
@@ -921,8 +946,17 @@ def _output_of(response: dict[str, Any], seen: set[str] | None) -> tuple[base.It
             if item_id in seen:
                 raise _invalid(field, f"item id {item_id} appears twice")
             seen.add(item_id)
-        out.append(base.Item(id=item_id, json=orjson.dumps(item)))
+        out.append(base.Item(id=item_id, json=_shared(orjson.dumps(item), source)))
     return tuple(out)
+
+
+def _shared(data: bytes, source: bytes | memoryview) -> bytes | memoryview:
+    """``data``, or the same bytes in ``source``'s request (a view) when it is large."""
+    if len(data) < wire.LARGE_REQUEST_BYTES or not isinstance(source, memoryview):
+        return data
+    raw = source.obj
+    at = raw.find(data) if isinstance(raw, bytes) else -1
+    return data if at < 0 else memoryview(raw)[at : at + len(data)]
 
 
 def _items(
@@ -992,12 +1026,13 @@ def _add_items(
     message and copying it in: this is most of GetHistory's CPU time)."""
     add = target.add
     for item in items:
+        # Bytes: a view (see base.Item) is only in a turn being written, answered owned.
         msg = add(id=item.id, sequence=item.sequence, json=item.json)
         msg.create_time.FromMicroseconds(item.create_time_us)
 
 
 def _item_pb(item: base.Item) -> resources_pb2.Item:
-    msg = resources_pb2.Item(id=item.id, sequence=item.sequence, json=item.json)
+    msg = resources_pb2.Item(id=item.id, sequence=item.sequence, json=bytes(item.json))
     msg.create_time.FromMicroseconds(item.create_time_us)
     return msg
 
@@ -1007,9 +1042,9 @@ def _turn_pb(turn: base.Turn) -> resources_pb2.StoredResponse:
         id=turn.id,
         previous_response_id=turn.previous_response_id,
         conversation_id=turn.conversation_id,
-        response_json=turn.response_json,
+        response_json=bytes(turn.response_json),  # no copy of bytes
         idempotency_key=turn.idempotency_key,
-        stream_events_json=turn.stream_events_json,
+        stream_events_json=bytes(turn.stream_events_json),
         in_progress=turn.in_progress,
     )
     _add_items(msg.input_items, turn.input_items)

@@ -22,7 +22,7 @@ from router_svc import (
     turn,
     validate,
 )
-from router_svc.events import SSE_DONE, sse_encode
+from router_svc.events import SSE_DONE, sse_encode, sse_slices
 from router_svc.http import (
     JSONResponse,
     Releasing,
@@ -40,7 +40,7 @@ from router_svc.http import (
     stream_slots,
     tenant,
 )
-from router_svc.replay import stored_stream
+from router_svc.replay import stored_stream_iter
 from router_svc.services import Services
 
 OPEN_STREAMS = Gauge("respgw_router_open_streams", "Streaming responses being sent right now.")
@@ -141,9 +141,15 @@ async def _replay(
     *,
     asked: Collection[str] = (),
 ) -> AsyncIterator[bytes]:
-    for event in include.events(stored_stream(response, events), response, asked):
+    # One event at a time: a long answer's log stands for a hundred thousand of them; the
+    # others (.done and terminal events, each holding the answer) a slice at a time.
+    for event in include.events(stored_stream_iter(response, events), response, asked):
         if int(event["sequence_number"]) > starting_after:
-            yield sse_encode(event)
+            if event["type"].endswith(".delta"):
+                yield sse_encode(event)
+            else:
+                for piece in sse_slices(event):
+                    yield piece
     yield SSE_DONE
 
 

@@ -27,7 +27,8 @@ class Item:
     position inside a stored response; 0 on writes, where the backend assigns it."""
 
     id: str
-    json: bytes
+    # A view of the request received in a turn being written (its output items, see Turn).
+    json: bytes | memoryview
     sequence: int = 0
     create_time_us: int = 0
 
@@ -37,7 +38,9 @@ class Turn:
     """One stored response with its own input and output items."""
 
     id: str
-    response_json: bytes
+    # The JSON of a turn being written (and its output items') may be a view of the request
+    # received (state_svc.wire): written as it is, never kept past the call (see owned).
+    response_json: bytes | memoryview
     previous_response_id: str = ""
     conversation_id: str = ""
     input_items: Sequence[Item] = ()
@@ -45,7 +48,7 @@ class Turn:
     idempotency_key: str = ""
     create_time_us: int = 0
     expire_time_us: int | None = None
-    stream_events_json: bytes = b""
+    stream_events_json: bytes | memoryview = b""
     in_progress: bool = False
 
 
@@ -326,7 +329,7 @@ class _Digest:
     def __init__(self) -> None:
         self._h = hashlib.sha256()
 
-    def add(self, data: bytes | str | int) -> None:
+    def add(self, data: bytes | memoryview | str | int) -> None:
         if isinstance(data, int):
             data = str(data)
         if isinstance(data, str):
@@ -342,6 +345,22 @@ class _Digest:
 
     def digest(self) -> bytes:
         return self._h.digest()
+
+
+def owned(turn: Turn) -> Turn:
+    """``turn`` with its JSON as bytes of its own (not views of a request, see Turn)."""
+    if (
+        type(turn.response_json) is bytes
+        and type(turn.stream_events_json) is bytes
+        and all(type(i.json) is bytes for i in turn.output_items)
+    ):
+        return turn
+    return replace(
+        turn,
+        response_json=bytes(turn.response_json),
+        stream_events_json=bytes(turn.stream_events_json),
+        output_items=tuple(replace(i, json=bytes(i.json)) for i in turn.output_items),
+    )
 
 
 def turn_digest(turn: Turn) -> bytes:

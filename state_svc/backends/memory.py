@@ -185,6 +185,7 @@ class MemoryBackend:
         expected_conversation_version: int | None,
         require_intact_chain: bool = False,
     ) -> PutTurnResult:
+        turn = base.owned(turn)  # kept: not a view of the request
         now = base.now_us()
         digest = base.turn_digest(turn)
         existing = self._response(tenant, turn.id, now)
@@ -317,7 +318,7 @@ class MemoryBackend:
             if conv is None or seq is None:
                 return []
             item = conv.items[seq]
-            return [(item_id, item.json, item.create_time_us, seq, where, seq)]
+            return [(item_id, bytes(item.json), item.create_time_us, seq, where, seq)]
         row = self._response(tenant, owner, now)
         if row is None:
             return []
@@ -326,7 +327,7 @@ class MemoryBackend:
             # Its final turn indexes its items again when it replaces it.
             return []
         return [
-            (item_id, i.json, turn.create_time_us, i.sequence, where, row.pk)
+            (item_id, bytes(i.json), turn.create_time_us, i.sequence, where, row.pk)
             for i in (*turn.input_items, *turn.output_items)
             if i.id == item_id
         ]

@@ -1426,12 +1426,12 @@ def _dump_metadata(metadata: Mapping[str, str]) -> str:
 
 def _response_item_columns(
     turn: Turn,
-) -> tuple[list[int], list[int], list[str], list[bytes]]:
+) -> tuple[list[int], list[int], list[str], list[bytes | memoryview]]:
     """A turn's items as the columns (kind, position, id, json) for one unnest insert."""
     kinds: list[int] = []
     positions: list[int] = []
     ids: list[str] = []
-    jsons: list[bytes] = []
+    jsons: list[bytes | memoryview] = []
     for kind, items in enumerate((turn.input_items, turn.output_items)):
         for position, item in enumerate(items, 1):
             kinds.append(kind)

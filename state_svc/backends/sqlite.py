@@ -552,16 +552,17 @@ class SqliteBackend:
                 turn.previous_response_id,
                 turn.conversation_id,
                 turn.idempotency_key,
-                turn.response_json,
+                _unless_large(turn.response_json),
                 digest,
                 version,
                 now,
                 expire,
-                turn.stream_events_json,
+                _unless_large(turn.stream_events_json),
                 turn.in_progress,
             ),
         )
         assert cur.lastrowid is not None
+        _write_large_json(conn, cur.lastrowid, turn)
         _insert_response_items(conn, cur.lastrowid, turn)
         if conversation is not None and not turn.in_progress:
             appended = [*turn.input_items, *turn.output_items]
@@ -588,8 +589,16 @@ class SqliteBackend:
             """UPDATE responses SET response_json = ?, digest = ?, conversation_version = ?,
                 stream_events_json = ?, in_progress = ?
             WHERE pk = ?""",
-            (turn.response_json, digest, version, turn.stream_events_json, turn.in_progress, pk),
+            (
+                _unless_large(turn.response_json),
+                digest,
+                version,
+                _unless_large(turn.stream_events_json),
+                turn.in_progress,
+                pk,
+            ),
         )
+        _write_large_json(conn, pk, turn)
         conn.execute("DELETE FROM response_items WHERE response_pk = ?", (pk,))
         _insert_response_items(conn, pk, turn)
         if conversation is not None and not turn.in_progress:
@@ -1293,15 +1302,58 @@ def _first_existing(conn: sqlite3.Connection, conversation_pk: int, items: Seque
 
 
 def _insert_response_items(conn: sqlite3.Connection, response_pk: int, turn: Turn) -> None:
+    rows = [
+        (response_pk, kind, position, item.id, item.json)
+        for kind, items in enumerate((turn.input_items, turn.output_items))
+        for position, item in enumerate(items, 1)
+    ]
+    large = [(row[4], *row[:3]) for row in rows if len(row[4]) >= LARGE_JSON_BYTES]
+    if large:
+        rows = [(*row[:4], _unless_large(row[4])) for row in rows]
     conn.executemany(
         """INSERT INTO response_items (response_pk, kind, position, item_id, json)
         VALUES (?, ?, ?, ?, ?)""",
-        [
-            (response_pk, kind, position, item.id, item.json)
-            for kind, items in enumerate((turn.input_items, turn.output_items))
-            for position, item in enumerate(items, 1)
-        ],
+        rows,
     )
+    if large:
+        _write_large(
+            conn,
+            "UPDATE response_items SET json = ? WHERE response_pk = ? AND kind = ? AND position = ?",
+            large,
+            (b"", 0, 0, 0),
+        )
+
+
+# JSON this large (a long answer's) is written by _write_large, not bound with the row.
+LARGE_JSON_BYTES = 256 * 1024
+
+
+def _unless_large(data: bytes | memoryview) -> bytes | memoryview:
+    """``data``, or nothing for now when it is large (see _write_large)."""
+    return b"" if len(data) >= LARGE_JSON_BYTES else data
+
+
+def _write_large_json(conn: sqlite3.Connection, pk: int, turn: Turn) -> None:
+    """Writes the response JSON and event log of the row ``pk`` that _unless_large left out."""
+    if len(turn.response_json) >= LARGE_JSON_BYTES or (
+        len(turn.stream_events_json) >= LARGE_JSON_BYTES
+    ):
+        _write_large(
+            conn,
+            "UPDATE responses SET response_json = ?, stream_events_json = ? WHERE pk = ?",
+            [(turn.response_json, turn.stream_events_json, pk)],
+            (b"", b"", 0),
+        )
+
+
+def _write_large(
+    conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]], nothing: tuple[Any, ...]
+) -> None:
+    """Runs the UPDATE ``sql`` for ``rows``, then once for ``nothing`` (parameters that match no
+    row): sqlite3 keeps a cached statement's last parameters bound, each a copy, so that a long
+    answer's JSON would be held (twice, as the response and as its output item) until the next
+    turn; bound to ``nothing`` last, the statement holds no copy of it."""
+    conn.executemany(sql, [*rows, nothing])
 
 
 def _load_turn(conn: sqlite3.Connection, pk: int) -> Turn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Iterator
 
@@ -24,3 +25,48 @@ def test_tune_sets_the_thresholds_and_freezes_what_exists(restored: None) -> Non
     assert gc.get_threshold() == gctune.THRESHOLDS
     assert gc.get_freeze_count() > 0
     assert kept
+
+
+async def test_give_back_trims_once_soon_however_often_it_is_called(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trims: list[int] = []
+
+    def trim(pad: int) -> int:
+        trims.append(pad)
+        return 1
+
+    monkeypatch.setattr(gctune, "_malloc_trim", trim)
+    monkeypatch.setattr(gctune, "_last_trim", -gctune.TRIM_INTERVAL_S)
+    monkeypatch.setattr(gctune, "TRIM_DELAY_S", 0.01)
+    for _ in range(5):
+        gctune.give_back()
+    assert trims == []  # later, once the turn's buffers are gone
+    await asyncio.sleep(0.1)
+    assert trims == [0]
+    # Within TRIM_INTERVAL_S of it: one more trim, at the end of the interval.
+    monkeypatch.setattr(gctune, "TRIM_INTERVAL_S", 0.2)
+    gctune.give_back()
+    gctune.give_back()
+    await asyncio.sleep(0.05)
+    assert trims == [0]
+    await asyncio.sleep(0.3)
+    assert trims == [0, 0]
+
+
+def test_give_back_without_an_event_loop_trims_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    trims: list[int] = []
+
+    def trim(pad: int) -> int:
+        trims.append(pad)
+        return 1
+
+    monkeypatch.setattr(gctune, "_malloc_trim", trim)
+    gctune.give_back()
+    assert trims == [0]
+
+
+def test_malloc_trim_is_found_or_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gctune, "_malloc_trim", None)
+    gctune._trim()  # glibc's, or none where there is no glibc: never an error
+    assert gctune._malloc_trim is not None

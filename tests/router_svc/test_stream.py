@@ -21,7 +21,7 @@ from router_svc.dialects.chat.stream import ChatStreamTranslator
 from router_svc.dialects.responses import ResponsesStreamTranslator
 from router_svc.event_log import EventLog
 from router_svc.events import SSE_DONE, STREAM_INCOMPLETE, sse_encode
-from router_svc.replay import replay_events, stored_stream
+from router_svc.replay import replay_events, stored_stream, stored_stream_iter
 
 TOOLS = [{"type": "function", "name": "weather"}, {"type": "function", "name": "time"}]
 
@@ -1134,8 +1134,12 @@ def logged(
 
 
 def from_storage(log: bytes, response: dict[str, Any]) -> list[dict[str, Any]]:
-    """What GET ?stream=true sends: the log and the response, as read back from storage."""
-    return stored_stream(orjson.loads(orjson.dumps(response)), orjson.loads(log) or None)
+    """What GET ?stream=true sends: the log and the response, as read back from storage (made
+    whole, and one event at a time as the route makes them: the same events)."""
+    stored = orjson.loads(orjson.dumps(response))
+    whole = stored_stream(stored, orjson.loads(log) or None)
+    assert list(stored_stream_iter(stored, orjson.loads(log) or None)) == whole
+    return whole
 
 
 def test_the_stored_log_replays_every_delta_as_it_was_sent() -> None:
@@ -1220,3 +1224,14 @@ def test_a_log_of_whole_events_is_replayed_as_stored() -> None:
     translator, live = run([chunk({"content": c}) for c in "abc"] + [chunk(finish="stop")])
     replayed = stored_stream(translator.response, normalized(live))
     assert normalized(replayed) == normalized(live)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_cancelled_responses_stored_log_ends_with_its_cancellation(compact: bool) -> None:
+    translator, live = run([chunk({"content": "Hi"}), chunk(finish="stop")])
+    live = live[:-1]  # cancelled before its end
+    response = {**translator.response, "status": "cancelled"}
+    events = from_storage(logged(live, response, compact=compact), response)
+    assert types(events)[-1] == "response.cancelled"
+    assert events[-1]["sequence_number"] == len(events) - 1
+    assert normalized(events[:-1]) == normalized(live)

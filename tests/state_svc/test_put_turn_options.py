@@ -4,6 +4,7 @@ items taken from the response JSON)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -12,6 +13,7 @@ import pytest
 
 from respgw.state.v1 import resources_pb2
 from respgw.state.v1 import state_service_pb2 as pb
+from state_svc import wire
 from tests.state_svc.conftest import TENANT, Client, fails, simple_turn
 
 
@@ -125,3 +127,59 @@ async def test_a_conversation_turn_may_not_repeat_an_item_id(client: Client) -> 
     stored = from_response("r1", output, conversation=conversation)
     err = await fails(client.stub.PutTurn(pb.PutTurnRequest(tenant=TENANT, response=stored)))
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- a large request (read without copying its large fields, see state_svc.wire) --------------
+
+LONG = "long answer " * (wire.LARGE_REQUEST_BYTES // 12 + 1)
+
+
+@pytest.mark.parametrize("running_first", [False, True], ids=["new", "replacing running"])
+@pytest.mark.parametrize("spaced", [False, True], ids=["compact", "spaced JSON"])
+async def test_a_large_turn_is_stored_as_sent(
+    client: Client, running_first: bool, spaced: bool
+) -> None:
+    output = [{"id": "msg_1", "type": "message", "content": [{"text": LONG}]}]
+    stored = from_response("r1", output)
+    if spaced:  # its items' encodings are not in the request: encoded anew
+        body = {"id": "r1", "object": "response", "output": output}
+        stored.response_json_with_output_items = json.dumps(body, indent=1).encode()
+    stored.stream_events_json = orjson.dumps([{"type": "response.created", "delta": LONG}])
+    if running_first:
+        running = simple_turn("r1")
+        running.in_progress = True
+        del running.output_items[:]
+        await client.stub.PutTurn(pb.PutTurnRequest(tenant=TENANT, response=running))
+    request = pb.PutTurnRequest(tenant=TENANT, response=stored)
+    assert request.ByteSize() > wire.LARGE_REQUEST_BYTES
+    reply = await client.stub.PutTurn(request)
+    assert not reply.replayed
+    assert reply.response.response_json == stored.response_json_with_output_items
+    assert reply.response.stream_events_json == stored.stream_events_json
+    got = await client.stub.GetResponse(pb.GetResponseRequest(tenant=TENANT, response_id="r1"))
+    assert got.response.response_json == stored.response_json_with_output_items
+    assert got.response.stream_events_json == stored.stream_events_json
+    assert [i.json for i in got.response.output_items] == [orjson.dumps(output[0])]
+    # The same turn again is a replay (the same digest), another one a conflict.
+    again = await client.stub.PutTurn(request)
+    assert again.replayed
+    other = from_response("r1", [{"id": "msg_1", "text": LONG + "!"}])
+    err = await fails(client.stub.PutTurn(pb.PutTurnRequest(tenant=TENANT, response=other)))
+    assert err.code == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_a_large_conversation_turn_adds_its_items(client: Client) -> None:
+    conversation = await client.conversation()
+    output = [{"id": "msg_1", "type": "message", "content": [{"text": LONG}]}]
+    stored = from_response("r1", output, conversation=conversation)
+    await client.stub.PutTurn(pb.PutTurnRequest(tenant=TENANT, response=stored))
+    history = await client.history(conversation_id=conversation)
+    assert [(i.id, i.json) for i in history.items][-1] == ("msg_1", orjson.dumps(output[0]))
+
+
+async def test_a_large_turn_that_sends_both_forms_is_invalid(client: Client) -> None:
+    stored = from_response("r1", [{"id": "msg_1", "text": LONG}])
+    stored.response_json = stored.response_json_with_output_items
+    err = await fails(client.stub.PutTurn(pb.PutTurnRequest(tenant=TENANT, response=stored)))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.metadata["field"] == "response.response_json_with_output_items"
