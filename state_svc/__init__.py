@@ -5,8 +5,11 @@ Package map::
 
     server.py         ``respgw state``: opens the backend, serves the servicer, sweeps expired rows
     config.py         StateSettings (flags and RESPGW_STATE_* variables)
-    service.py        the StateService servicer: validates, converts API messages to the
-                      backend's dataclasses and back
+    service.py        the StateService servicer: each RPC, from its checked request to its answer
+    checks.py         what a request must be (string sizes and bytes, required fields, JSON
+                      objects, unique ids), incoming messages as the backend's dataclasses
+    records.py        outgoing messages: stored turns, items, conversations, jobs; a call status
+    page_tokens.py    the conversation listing's page tokens
     wire.py           a large PutTurn read without copying its large fields
     errors.py         the error tree (one class per status code, reasons from ``ErrorReason``)
                       and its constructors; one boundary maps them to statuses for every RPC
