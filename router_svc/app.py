@@ -258,7 +258,7 @@ class RequestContext:
                 # No stored object has such an id; the state service is not asked.
                 await _answer(send_with_id, _no_such_id())
                 return
-            route = self.direct.get((scope["method"], path))
+            route = None if scope.get("root_path") else self.direct.get((scope["method"], path))
             if route is None:
                 await self.app(scope, receive, send_with_id)
             else:

@@ -380,6 +380,14 @@ async def test_a_route_is_answered_the_same_served_directly_or_by_starlette(
     assert got[0][0] != 200 or got[0][1] == {"rid": "same"}
 
 
+async def test_under_a_root_path_starlette_routes_every_request() -> None:
+    # Served under a prefix, the path holds it and only Starlette's routing strips it.
+    transport = httpx.ASGITransport(app=context_app(), root_path="/gw")
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        resp = await c.post("/gw/v1/fail")
+    assert resp.status_code == 400 and resp.json()["error"]["message"] == "nope"
+
+
 # --- the app as create_app builds it ------------------------------------------------------------
 
 
