@@ -42,7 +42,9 @@ TRIM_INTERVAL_S = 1.0
 TRIM_DELAY_S = 0.1
 
 _last_trim = -TRIM_INTERVAL_S
-_trim_pending = False
+# The loop a trim is scheduled on: another loop (tests run several in one process) or a closed
+# one never runs it, so a trim is then scheduled anew.
+_trim_pending: asyncio.AbstractEventLoop | None = None
 _malloc_trim: Callable[[int], int] | None = None
 
 
@@ -50,21 +52,21 @@ def give_back() -> None:
     """Hands the memory the process freed back to the system soon (after a large turn; see
     above). Called on an event loop; without one, at once."""
     global _trim_pending
-    if _trim_pending:
-        return
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         _trim()
         return
-    _trim_pending = True
+    if _trim_pending is loop:
+        return
+    _trim_pending = loop
     delay = max(TRIM_DELAY_S, _last_trim + TRIM_INTERVAL_S - time.monotonic())
     loop.call_later(delay, _trim)
 
 
 def _trim() -> None:
     global _last_trim, _trim_pending, _malloc_trim
-    _trim_pending = False
+    _trim_pending = None
     _last_trim = time.monotonic()
     if _malloc_trim is None:
         try:

@@ -66,6 +66,29 @@ def test_give_back_without_an_event_loop_trims_at_once(monkeypatch: pytest.Monke
     assert trims == [0]
 
 
+def test_a_trim_pending_on_a_loop_that_closed_does_not_stop_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trims: list[int] = []
+
+    def trim(pad: int) -> int:
+        trims.append(pad)
+        return 1
+
+    monkeypatch.setattr(gctune, "_malloc_trim", trim)
+    monkeypatch.setattr(gctune, "_last_trim", -gctune.TRIM_INTERVAL_S)
+    monkeypatch.setattr(gctune, "TRIM_DELAY_S", 0.01)
+
+    async def large_turn(wait: float) -> None:
+        gctune.give_back()
+        await asyncio.sleep(wait)
+
+    asyncio.run(large_turn(0))  # the loop closes before its trim is due
+    assert trims == []
+    asyncio.run(large_turn(0.1))
+    assert trims == [0]
+
+
 def test_malloc_trim_is_found_or_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gctune, "_malloc_trim", None)
     gctune._trim()  # glibc's, or none where there is no glibc: never an error
