@@ -10,13 +10,14 @@ return the message the typed method of :class:`router_svc.state_client.StateClie
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from google.protobuf import duration_pb2
 
 from respgw.state.v1 import resources_pb2
 from respgw.state.v1 import state_service_pb2 as pb
+from router_svc.shapes import ResponseObject
 
 # The records the router reads (names for annotations; built only here).
 StoredResponse = resources_pb2.StoredResponse
@@ -49,10 +50,11 @@ def items_from_proto(items: Iterable[resources_pb2.Item]) -> list[dict[str, Any]
 # --- responses -----------------------------------------------------------------------------------
 
 
-def response_of(stored: resources_pb2.StoredResponse) -> dict[str, Any]:
+def response_of(stored: resources_pb2.StoredResponse) -> ResponseObject:
     """The Response object a record holds."""
-    response: dict[str, Any] = orjson.loads(stored.response_json)
-    return response
+    # Parsed, not checked: the router stored it (a ResponseObject) and the state service keeps
+    # it as it was given.
+    return cast(ResponseObject, orjson.loads(stored.response_json))
 
 
 def turn_record(
