@@ -17,6 +17,7 @@ from google.protobuf import duration_pb2
 
 from respgw.state.v1 import resources_pb2
 from respgw.state.v1 import state_service_pb2 as pb
+from router_svc import shapes
 from router_svc.shapes import ResponseObject
 
 # The records the router reads (names for annotations; built only here).
@@ -38,12 +39,12 @@ def item_to_proto(item: Mapping[str, Any]) -> resources_pb2.Item:
     return resources_pb2.Item(id=str(item["id"]), json=orjson.dumps(item))
 
 
-def item_from_proto(item: resources_pb2.Item) -> dict[str, Any]:
-    parsed: dict[str, Any] = orjson.loads(item.json)
+def item_from_proto(item: resources_pb2.Item) -> shapes.Item:
+    parsed: shapes.Item = orjson.loads(item.json)
     return parsed
 
 
-def items_from_proto(items: Iterable[resources_pb2.Item]) -> list[dict[str, Any]]:
+def items_from_proto(items: Iterable[resources_pb2.Item]) -> list[shapes.Item]:
     return [item_from_proto(i) for i in items]
 
 
