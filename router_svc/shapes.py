@@ -4,20 +4,23 @@ Types only, for readers and mypy: a ``TypedDict`` is a plain ``dict`` at run tim
 shape adds no check, no copy and no cost. The keys are the ones the Responses API uses (the
 installed openai SDK's ``Response`` and stream event models, which
 ``tests/router_svc/test_shapes.py`` holds them to); every key is optional (``total=False``)
-because a snapshot, a stored response from an older gateway or a Responses hub's answer may lack
-some, and because an event carries only the keys of its type.
+because a response stored by an older gateway may lack newer keys, and an event carries only the
+keys of its type.
 
 - :class:`ResponseObject`: what POST /v1/responses answers (made by
-  :func:`router_svc.response.response_object`, or a Responses hub's answer read back), stored,
-  and carried by the ``response.*`` lifecycle events.
+  :func:`router_svc.response.response_object` whichever dialect answered), stored, and carried by
+  the ``response.*`` lifecycle events; :class:`ResponseError` is its ``error``.
 - :data:`Item`: an input or output item. Items differ by ``type`` (``message``,
   ``function_call``, ``reasoning``, ``compaction``, tool calls and their outputs, ...) and most
   code reads the keys of one type; a ``TypedDict`` would make every such read a fight with mypy,
   so an item is a JSON object under a name of its own.
-- :class:`StreamEvent`: one Responses streaming event (:mod:`router_svc.events`).
+- :class:`StreamEvent`: one Responses streaming event (:mod:`router_svc.events`);
+  :class:`EventFields` are its keys after ``type`` and ``sequence_number``, what
+  :meth:`router_svc.events.Events.make` takes, so mypy checks each key an event is made with.
 
-A value of these shapes that was parsed (stored JSON, the hub's answer) is ``cast`` where it is
-parsed, with a comment; nothing is validated there either.
+A stored Response object or event log (parsed JSON) is ``cast`` where it is parsed
+(:func:`router_svc.state_records.response_of`, :mod:`router_svc.event_log`), unchecked; a hub's
+answer stays plain JSON until a dialect builds the gateway's own from it.
 """
 
 from __future__ import annotations
