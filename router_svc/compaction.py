@@ -106,7 +106,7 @@ def model_input(
     input_items: list[Item],
     history_param: str,
     opened: Mapping[str, str] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Item]:
     """The items the model is sent (oldest first), with the gateway's sealed items opened.
 
     A sealed item of the caller's input that does not open is a 400 naming it
@@ -116,7 +116,7 @@ def model_input(
     own_compaction = svc.dialect.own_compaction
     opens_reasoning = svc.dialect.seals_reasoning
     sealer = svc.seal_keys()
-    out: list[dict[str, Any]] = []
+    out: list[Item] = []
     last_compaction = -1
     own = len(history) + len(injected)
     for position, item in enumerate((*history, *injected, *input_items)):
@@ -156,7 +156,7 @@ def model_input(
     return [*kept, *out[last_compaction:]]
 
 
-def summary_message(summary: str) -> dict[str, Any]:
+def summary_message(summary: str) -> Item:
     return {
         "type": "message",
         "role": "user",
@@ -218,7 +218,7 @@ def mint_reasoning(svc: Services, tenant: str, response: ResponseObject) -> None
 
 
 async def summarize(
-    svc: Services, model: str, items: list[dict[str, Any]], instructions: str | None
+    svc: Services, model: str, items: list[Item], instructions: str | None
 ) -> tuple[str, dict[str, Any] | None]:
     """The served model's summary of ``items`` (a model input, sealed items opened), and the
     usage of the call."""
@@ -244,7 +244,7 @@ def _chars(items: Iterable[Mapping[str, Any]], instructions: str | None) -> int:
     return chars
 
 
-async def count_tokens(svc: Services, req: TurnRequest, items: list[dict[str, Any]]) -> int | None:
+async def count_tokens(svc: Services, req: TurnRequest, items: list[Item]) -> int | None:
     """The tokens of ``items`` as the hub's tokenizer counts them (the chat template applied),
     through :func:`tokens.count` and so by ``--tokenizer`` (a hub without a tokenizer is asked
     once in :data:`tokens.ABSENT_FOR_S`); None when it could only estimate or its tokenizer
@@ -312,15 +312,13 @@ async def compact(svc: Services, turn: Turn) -> dict[str, Any]:
     }
 
 
-def _as_output(item: Mapping[str, Any]) -> dict[str, Any]:
+def _as_output(item: Mapping[str, Any]) -> Item:
     out = dict(item)
     out.setdefault("status", "completed")
     return out
 
 
-async def _hub_compact(
-    svc: Services, req: TurnRequest, items: list[dict[str, Any]]
-) -> dict[str, Any] | None:
+async def _hub_compact(svc: Services, req: TurnRequest, items: list[Item]) -> dict[str, Any] | None:
     """The Responses hub's own compaction, or None when it has no /responses/compact."""
     body: dict[str, Any] = {"model": req.model, "input": items}
     if req.instructions is not None:
