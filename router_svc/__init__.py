@@ -32,6 +32,7 @@ Package map (a request's way through it, top to bottom)::
         result.py     a whole chat completion as the Response object
         stream.py     a streamed chat completion's chunks as Responses events
       responses.py    a Responses API hub, used statelessly: the same three, passed through
+    shapes.py         the JSON shapes passed around, as types: ResponseObject, Item, StreamEvent
     response.py       the Response object and its output items, whichever dialect answered
     events.py         streaming events: numbering, SSE encoding, the translators' shared base
     event_log.py      a streamed turn's stored event log, compact (delta runs), and expanded

@@ -36,7 +36,6 @@ Nothing here runs on the path of a foreground turn.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
 
 import orjson
 
@@ -48,6 +47,7 @@ from router_svc.background_spec import spec_of
 from router_svc.background_worker import start_worker as start_worker
 from router_svc.background_worker import worker
 from router_svc.services import Services
+from router_svc.shapes import ResponseObject
 
 # --- accepting a background response ----------------------------------------------------------
 
@@ -56,7 +56,7 @@ EMPTY_HEADERS: Mapping[str, str] = {}
 
 async def _enqueue(
     svc: Services, t: turn.Turn, headers: Mapping[str, str]
-) -> tuple[dict[str, Any], state_records.BackgroundJob | None]:
+) -> tuple[ResponseObject, state_records.BackgroundJob | None]:
     """Stores the queued turn and its job, claimed by this router; returns the response to
     answer and the job (None on a replay whose lease another router holds)."""
     w = worker(svc)
@@ -107,7 +107,7 @@ async def _enqueue(
 
 async def start(
     svc: Services, t: turn.Turn, headers: Mapping[str, str] = EMPTY_HEADERS
-) -> dict[str, Any]:
+) -> ResponseObject:
     """POST /v1/responses with background: true: stores the response as queued and runs it
     here; returns the queued response at once. ``headers`` are the request's (those forwarded
     to the bootstrap service are kept for a takeover)."""
@@ -138,12 +138,12 @@ async def open_stream(
 
 async def cancel(
     svc: Services, tenant: str, stored: state_records.StoredResponse
-) -> dict[str, Any]:
+) -> ResponseObject:
     """POST /v1/responses/{id}/cancel on a running background response, through any router:
     stored as cancelled at once (the router running it stops at its next renewal, or now when
     it is this one); a response that finished meanwhile is returned unchanged."""
     response = state_records.response_of(stored)
-    cancelled = {**response, "status": "cancelled", "completed_at": None}
+    cancelled: ResponseObject = {**response, "status": "cancelled", "completed_at": None}
     final = state_records.ended(stored, cancelled, keep_output=False)
     event = {"type": "response.cancelled", "sequence_number": 0, "response": cancelled}
     try:
@@ -164,8 +164,8 @@ async def _cancel_without_job(
     svc: Services,
     tenant: str,
     final: state_records.StoredResponse,
-    cancelled: dict[str, Any],
-) -> dict[str, Any]:
+    cancelled: ResponseObject,
+) -> ResponseObject:
     """A running response stored before background jobs existed: finished with PutTurn."""
     try:
         await svc.state.put_turn(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -25,6 +25,7 @@ from router_svc import state_records
 from router_svc.events import SSE_DONE, sse_encode
 from router_svc.replay import stored_stream
 from router_svc.services import Services
+from router_svc.shapes import Item, StreamEvent
 
 if TYPE_CHECKING:
     from router_svc.state_client import StateStub
@@ -53,7 +54,7 @@ class Event:
     json: bytes
 
     @classmethod
-    def of(cls, event: dict[str, Any]) -> Event:
+    def of(cls, event: Mapping[str, Any]) -> Event:
         return cls(int(event["sequence_number"]), str(event["type"]), orjson.dumps(event))
 
     def pb(self) -> state_records.ResponseEvent:
@@ -100,7 +101,7 @@ class Stitch:
         self.next = last_sequence + 1
         self.resumed = last_sequence >= 0
         self.offset = 0
-        open_items: dict[int, dict[str, Any]] = {}
+        open_items: dict[int, Item] = {}
         for event in prior:
             index = event.get("output_index")
             if not isinstance(index, int):
@@ -110,7 +111,7 @@ class Stitch:
                 open_items[index] = event.get("item") or {}
             elif event["type"] == "response.output_item.done":
                 open_items.pop(index, None)
-        self.closing = [
+        self.closing: list[StreamEvent] = [
             {
                 "type": "response.output_item.done",
                 "output_index": index,
@@ -119,7 +120,7 @@ class Stitch:
             for index, item in sorted(open_items.items())
         ]
 
-    def map(self, events: Sequence[dict[str, Any]]) -> list[Event]:
+    def map(self, events: Sequence[StreamEvent]) -> list[Event]:
         out = [self._numbered(event) for event in self.closing]
         self.closing = []
         for event in events:
@@ -131,7 +132,7 @@ class Stitch:
             out.append(self._numbered(event))
         return out
 
-    def _numbered(self, event: dict[str, Any]) -> Event:
+    def _numbered(self, event: StreamEvent) -> Event:
         numbered = Event.of({**event, "sequence_number": self.next})
         self.next += 1
         return numbered

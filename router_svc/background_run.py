@@ -27,6 +27,7 @@ from router_svc.background_spec import prepare_again
 from router_svc.dialects import StreamTranslator
 from router_svc.response import error_object
 from router_svc.services import Services
+from router_svc.shapes import ResponseObject, StreamEvent
 from router_svc.state_client import CallFailed
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ class Holder(Protocol):
 
 
 def stored_record(
-    t: turn.Turn, response: dict[str, Any], *, in_progress: bool, inputs: bool = True
+    t: turn.Turn, response: ResponseObject, *, in_progress: bool, inputs: bool = True
 ) -> state_records.StoredResponse:
     """The turn's record with ``response`` (queued, or final), as a job stores it."""
     return state_records.turn_record(
@@ -221,7 +222,7 @@ class Run:
                 self.client.deliver(batch)
 
     async def _finish(
-        self, response: dict[str, Any], terminal: Sequence[Event], *, inputs: bool = True
+        self, response: ResponseObject, terminal: Sequence[Event], *, inputs: bool = True
     ) -> str:
         """Writes the final turn with the rest of the log; returns the outcome."""
         self.finishing = True
@@ -281,7 +282,7 @@ class Run:
         stitch = Stitch([], self.last_sequence)
         held: list[Event] = []
 
-        def push(events: list[dict[str, Any]]) -> None:
+        def push(events: list[StreamEvent]) -> None:
             mapped = stitch.map(events)
             held.extend(e for e in mapped if e.type in _STORED_TERMINALS)
             self._push([e for e in mapped if e.type not in _STORED_TERMINALS])
@@ -330,8 +331,7 @@ class Run:
             elif self.svc.shutting_down:
                 # The router stops before the run ended: stored as failed, never left running.
                 outcome = "stopped"
-                message = turn.shut_down_snapshot(t)["error"]["message"]
-                push(translator.fail("server_error", message))
+                push(translator.fail("server_error", turn.SHUT_DOWN_MESSAGE))
                 with contextlib.suppress(errors.ApiError):
                     await self._finish(translator.response, held[:1])
             raise
@@ -354,7 +354,7 @@ class Run:
                 self.client.close()
 
     async def _call_hub(
-        self, translator: _Translator, push: Callable[[list[dict[str, Any]]], None]
+        self, translator: _Translator, push: Callable[[list[StreamEvent]], None]
     ) -> None:
         chunks: AsyncIterator[dict[str, Any]] | None = None
         try:
@@ -388,14 +388,14 @@ def _translator(svc: Services, t: turn.Turn) -> _Translator:
 
 
 def _unstorable(
-    response: dict[str, Any], terminal: Event, exc: errors.ApiError
-) -> tuple[dict[str, Any], list[Event]]:
+    response: ResponseObject, terminal: Event, exc: errors.ApiError
+) -> tuple[ResponseObject, list[Event]]:
     """The failed form of a turn whose final form the state service refused, and its terminal
     event (in the place of the refused one)."""
     error = error_object(
         exc.code or "server_error", f"The response could not be stored: {exc.message}"
     )
-    failed = {**response, "status": "failed", "output": [], "error": error}
+    failed: ResponseObject = {**response, "status": "failed", "output": [], "error": error}
     return failed, [
         Event.of(
             {"type": "response.failed", "sequence_number": terminal.sequence, "response": failed}

@@ -34,6 +34,7 @@ from respgw.bootstrap.v1 import bootstrap_service_pb2 as pb
 from respgw.bootstrap.v1 import bootstrap_service_pb2_grpc, resources_pb2
 from router_svc import errors
 from router_svc.config import RouterSettings
+from router_svc.shapes import Item
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Prepared:
     """The result of one bootstrap: items to put ahead of the caller's input (for the hub only)
     and the prepared state keyed by tool type ("code_interpreter", "shell")."""
 
-    injected_items: list[dict[str, Any]]
+    injected_items: list[Item]
     tools: dict[str, PreparedToolState]
 
     EMPTY: ClassVar[Prepared]

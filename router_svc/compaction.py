@@ -30,6 +30,7 @@ from router_svc import errors, sealing, tokens, validate
 from router_svc.dialects import chat
 from router_svc.ids import new_id
 from router_svc.services import Services
+from router_svc.shapes import Item, ResponseObject, StreamEvent
 from router_svc.validate import TurnRequest
 
 if TYPE_CHECKING:
@@ -59,20 +60,20 @@ class Turn(Protocol):
     tenant: str
     response_id: str
     created_at: int
-    history: list[dict[str, Any]]
+    history: list[Item]
     prepared: Prepared
     # Set here: what the model is sent when sealed items are in it, and the compaction item of a
     # turn that compacted its history.
-    model_input: list[dict[str, Any]] | None
-    compacted: dict[str, Any] | None
+    model_input: list[Item] | None
+    compacted: Item | None
 
-    def model_items(self) -> list[dict[str, Any]]: ...
+    def model_items(self) -> list[Item]: ...
 
 
 # --- the sealed items of a model input -----------------------------------------------------
 
 
-def compaction_item(svc: Services, tenant: str, summary: str) -> dict[str, Any]:
+def compaction_item(svc: Services, tenant: str, summary: str) -> Item:
     """A ``compaction`` output item whose encrypted content seals ``summary`` for the tenant."""
     sealed = svc.seal_keys().seal(
         orjson.dumps({"summary": summary}).decode(), tenant=tenant, purpose=sealing.COMPACTION
@@ -100,12 +101,12 @@ def model_input(
     svc: Services,
     *,
     tenant: str,
-    history: list[dict[str, Any]],
-    injected: list[dict[str, Any]],
-    input_items: list[dict[str, Any]],
+    history: list[Item],
+    injected: list[Item],
+    input_items: list[Item],
     history_param: str,
     opened: Mapping[str, str] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Item]:
     """The items the model is sent (oldest first), with the gateway's sealed items opened.
 
     A sealed item of the caller's input that does not open is a 400 naming it
@@ -115,7 +116,7 @@ def model_input(
     own_compaction = svc.dialect.own_compaction
     opens_reasoning = svc.dialect.seals_reasoning
     sealer = svc.seal_keys()
-    out: list[dict[str, Any]] = []
+    out: list[Item] = []
     last_compaction = -1
     own = len(history) + len(injected)
     for position, item in enumerate((*history, *injected, *input_items)):
@@ -155,7 +156,7 @@ def model_input(
     return [*kept, *out[last_compaction:]]
 
 
-def summary_message(summary: str) -> dict[str, Any]:
+def summary_message(summary: str) -> Item:
     return {
         "type": "message",
         "role": "user",
@@ -205,7 +206,7 @@ def seal_reasoning(svc: Services, tenant: str, text: str) -> str:
     return svc.seal_keys().seal(text, tenant=tenant, purpose=sealing.REASONING)
 
 
-def mint_reasoning(svc: Services, tenant: str, response: dict[str, Any]) -> None:
+def mint_reasoning(svc: Services, tenant: str, response: ResponseObject) -> None:
     """Gives each reasoning item of ``response`` its sealed reasoning text."""
     for item in response.get("output") or []:
         if item.get("type") == "reasoning" and not item.get("encrypted_content"):
@@ -217,7 +218,7 @@ def mint_reasoning(svc: Services, tenant: str, response: dict[str, Any]) -> None
 
 
 async def summarize(
-    svc: Services, model: str, items: list[dict[str, Any]], instructions: str | None
+    svc: Services, model: str, items: list[Item], instructions: str | None
 ) -> tuple[str, dict[str, Any] | None]:
     """The served model's summary of ``items`` (a model input, sealed items opened), and the
     usage of the call."""
@@ -243,7 +244,7 @@ def _chars(items: Iterable[Mapping[str, Any]], instructions: str | None) -> int:
     return chars
 
 
-async def count_tokens(svc: Services, req: TurnRequest, items: list[dict[str, Any]]) -> int | None:
+async def count_tokens(svc: Services, req: TurnRequest, items: list[Item]) -> int | None:
     """The tokens of ``items`` as the hub's tokenizer counts them (the chat template applied),
     through :func:`tokens.count` and so by ``--tokenizer`` (a hub without a tokenizer is asked
     once in :data:`tokens.ABSENT_FOR_S`); None when it could only estimate or its tokenizer
@@ -311,15 +312,13 @@ async def compact(svc: Services, turn: Turn) -> dict[str, Any]:
     }
 
 
-def _as_output(item: Mapping[str, Any]) -> dict[str, Any]:
+def _as_output(item: Mapping[str, Any]) -> Item:
     out = dict(item)
     out.setdefault("status", "completed")
     return out
 
 
-async def _hub_compact(
-    svc: Services, req: TurnRequest, items: list[dict[str, Any]]
-) -> dict[str, Any] | None:
+async def _hub_compact(svc: Services, req: TurnRequest, items: list[Item]) -> dict[str, Any] | None:
     """The Responses hub's own compaction, or None when it has no /responses/compact."""
     body: dict[str, Any] = {"model": req.model, "input": items}
     if req.instructions is not None:
@@ -372,7 +371,7 @@ async def needs_compaction(svc: Services, turn: Turn) -> bool:
     return tokens >= threshold
 
 
-async def compact_turn(svc: Services, turn: Turn, item_id: str = "") -> dict[str, Any]:
+async def compact_turn(svc: Services, turn: Turn, item_id: str = "") -> Item:
     """Summarizes the turn's model input; the model is then sent the summary instead. Returns
     the compaction item, the first output item of the turn."""
     req = turn.req
@@ -394,7 +393,7 @@ async def compact_turn(svc: Services, turn: Turn, item_id: str = "") -> dict[str
     return item
 
 
-async def answer_lead(svc: Services, turn: Turn) -> dict[str, Any] | None:
+async def answer_lead(svc: Services, turn: Turn) -> Item | None:
     """The compaction item that leads a non-streamed turn's output, when it compacted."""
     if not await needs_compaction(svc, turn):
         return None
@@ -405,7 +404,7 @@ async def stream_lead(
     svc: Services,
     turn: Turn,
     translator: object,
-    push: Callable[[list[dict[str, Any]]], None],
+    push: Callable[[list[StreamEvent]], None],
 ) -> None:
     """Pushes the events of a streamed turn's compaction, when it compacts:
     ``response.output_item.added`` and ``response.compaction.compacting`` before the summary is

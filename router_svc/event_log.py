@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import zlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
 
 import orjson
+
+from router_svc.shapes import ResponseObject, StreamEvent
 
 # The stored event log (StoredResponse.stream_events_json) of a streamed turn is a JSON array of
 # the events as they were sent, in a compact form that :func:`expand_log` turns back into exactly
@@ -67,7 +69,7 @@ _RUN_KEYS = frozenset(
 _WHOLE = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
-def _in_response(response: dict[str, Any], event: dict[str, Any]) -> tuple[str, Any] | None:
+def _in_response(response: Mapping[str, Any], event: Mapping[str, Any]) -> tuple[str, Any] | None:
     """The member of ``event`` the response holds, and its value there; None when it has none."""
     kind = event["type"]
     if kind in _WHOLE:
@@ -96,7 +98,7 @@ class _Run:
 
     __slots__ = ("chars", "crc", "first", "lengths", "next")
 
-    def __init__(self, first: dict[str, Any]) -> None:
+    def __init__(self, first: StreamEvent) -> None:
         self.first = first
         self.lengths = bytearray()
         self.chars = 0
@@ -104,7 +106,7 @@ class _Run:
         self.next = int(first["sequence_number"])
         self.add(first["delta"])
 
-    def extends(self, event: dict[str, Any]) -> bool:
+    def extends(self, event: StreamEvent) -> bool:
         first = self.first
         # The first delta's members are all in _RUN_KEYS: the same members, the same values but
         # the number and the text.
@@ -160,15 +162,15 @@ class EventLog:
         # A short stream is kept as its events, stored as they are (what it costs is little,
         # and the compact form costs CPU per event); past PLAIN_EVENTS events or PLAIN_CHARS
         # characters of deltas (or from the start, with ``compact``), in the compact form.
-        self._plain: list[dict[str, Any]] | None = None if compact else []
+        self._plain: list[StreamEvent] | None = None if compact else []
         # Whether the stream is past PLAIN_EVENTS events or PLAIN_CHARS characters of deltas
         # (kept in the compact form): an attribute, read for every event (router_svc.streaming).
         self.long = compact
         self._chars = 0
-        self._records: list[dict[str, Any] | _Run] = []
+        self._records: list[StreamEvent | _Run] = []
         self._run: _Run | None = None
 
-    def add(self, event: dict[str, Any]) -> None:
+    def add(self, event: StreamEvent) -> None:
         plain = self._plain
         if plain is None:
             self._add(event)
@@ -183,7 +185,7 @@ class EventLog:
             for earlier in plain:
                 self._add(earlier)
 
-    def _add(self, event: dict[str, Any]) -> None:
+    def _add(self, event: StreamEvent) -> None:
         kind = event["type"]
         run = self._run
         if run is not None and run.extends(event):
@@ -202,13 +204,13 @@ class EventLog:
         self._run = None
         self._records.append(event)
 
-    def dump(self, response: dict[str, Any]) -> bytes:
+    def dump(self, response: ResponseObject) -> bytes:
         """The log as stored with ``response``, the response these events built. Empty (a replay
         is then rebuilt from the response alone) in the unlikely case that the deltas do not add
         up to the response's texts."""
         if self._plain is not None:
             return orjson.dumps(self._plain)
-        records: list[dict[str, Any]] = []
+        records: list[Mapping[str, Any]] = []
         offsets: dict[tuple[Any, ...], int] = {}  # where the next delta of each text starts
         for record in self._records:
             if isinstance(record, _Run):
@@ -240,7 +242,7 @@ def _same(a: Any, b: Any) -> bool:
     return a is b or a == b
 
 
-def _text_key(event: dict[str, Any]) -> tuple[Any, ...]:
+def _text_key(event: Mapping[str, Any]) -> tuple[Any, ...]:
     """Which text a delta adds to."""
     return (
         event["type"],
@@ -250,7 +252,7 @@ def _text_key(event: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def _advance(offsets: dict[tuple[Any, ...], int], event: dict[str, Any]) -> None:
+def _advance(offsets: dict[tuple[Any, ...], int], event: Mapping[str, Any]) -> None:
     """Counts the text of a delta stored whole (with logprobs, say) among its text's deltas."""
     delta = event.get("delta")
     if isinstance(delta, str) and event["type"].endswith(".delta") and event["type"] in _TEXT_OF:
@@ -258,12 +260,12 @@ def _advance(offsets: dict[tuple[Any, ...], int], event: dict[str, Any]) -> None
         offsets[key] = offsets.get(key, 0) + len(delta)
 
 
-def expand_log(events: list[dict[str, Any]], response: dict[str, Any]) -> list[dict[str, Any]]:
+def expand_log(events: list[dict[str, Any]], response: ResponseObject) -> list[StreamEvent]:
     """The events a stored log (see LOG_DELTAS) stands for, with ``response`` stored with it."""
     return list(iter_log(events, response))
 
 
-def iter_log(events: list[dict[str, Any]], response: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def iter_log(events: list[dict[str, Any]], response: ResponseObject) -> Iterator[StreamEvent]:
     """:func:`expand_log` one event at a time (a long answer's log stands for a hundred thousand
     events: a replay sends them as they are made)."""
     offsets: dict[tuple[Any, ...], int] = {}
@@ -276,7 +278,7 @@ def iter_log(events: list[dict[str, Any]], response: dict[str, Any]) -> Iterator
             base = {k: v for k, v in record.items() if k != LOG_DELTAS}
             seq = int(record["sequence_number"])
             for n in _lengths(record[LOG_DELTAS]):
-                yield {**base, "sequence_number": seq, "delta": text[at : at + n]}
+                yield _event({**base, "sequence_number": seq, "delta": text[at : at + n]})
                 at += n
                 seq += 1
             offsets[key] = at
@@ -286,7 +288,13 @@ def iter_log(events: list[dict[str, Any]], response: dict[str, Any]) -> Iterator
             value = found[1] if found is not None else None
             event = {k: (value if k == member else v) for k, v in record.items() if k != LOG_FROM}
             _advance(offsets, event)
-            yield event
+            yield _event(event)
         else:
             _advance(offsets, record)
-            yield record
+            yield _event(record)
+
+
+def _event(record: dict[str, Any]) -> StreamEvent:
+    # A stored log is parsed JSON, not checked: a record without the log's own keys is the
+    # event as it was sent.
+    return cast(StreamEvent, record)

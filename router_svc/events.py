@@ -27,12 +27,13 @@ from __future__ import annotations
 import copy
 import secrets
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import orjson
 
 from router_svc import errors
 from router_svc.response import NO_RESOURCES, response_object
+from router_svc.shapes import EventFields, ResponseObject, StreamEvent
 from router_svc.validate import TurnRequest
 
 # The error code of a hub stream that ended before the hub said it had finished.
@@ -43,7 +44,7 @@ STREAM_INCOMPLETE = "upstream_stream_incomplete"
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def sse_encode(event: dict[str, Any]) -> bytes:
+def sse_encode(event: StreamEvent) -> bytes:
     """One server-sent event whose ``event:`` line is the event's type."""
     # One copy of the event's JSON, not one per concatenation: a terminal event holds the answer.
     return b"".join(
@@ -51,7 +52,7 @@ def sse_encode(event: dict[str, Any]) -> bytes:
     )
 
 
-def sse_pieces(event: dict[str, Any]) -> tuple[bytes, ...]:
+def sse_pieces(event: StreamEvent) -> tuple[bytes, ...]:
     """The bytes of :func:`sse_encode`, in three pieces when the event is large (a ``.done`` or
     terminal event of a long answer), so that its JSON is not copied once more to join them."""
     data = orjson.dumps(event)
@@ -63,7 +64,7 @@ def sse_pieces(event: dict[str, Any]) -> tuple[bytes, ...]:
 _LARGE_EVENT = 64 * 1024
 
 
-def sse_slices(event: dict[str, Any]) -> Iterator[bytes]:
+def sse_slices(event: StreamEvent) -> Iterator[bytes]:
     """The bytes of :func:`sse_encode` in pieces of about SSE_SLICE bytes, the event's JSON never
     whole: each string of SSE_SLICE characters or more is encoded a slice at a time (JSON
     escapes each character alone, so the slices add up to the string's encoding). For the
@@ -128,8 +129,8 @@ class Events:
     def __init__(self) -> None:
         self.next = 0
 
-    def make(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = {"type": kind, "sequence_number": self.next, **fields}
+    def make(self, kind: str, **fields: Unpack[EventFields]) -> StreamEvent:
+        event: StreamEvent = {"type": kind, "sequence_number": self.next, **fields}
         self.next += 1
         return event
 
@@ -152,9 +153,9 @@ class Translator:
         self._resources = dict(tool_resources)
         self._events = Events()
         self._started = False
-        self._final: dict[str, Any] | None = None
+        self._final: ResponseObject | None = None
 
-    def start(self) -> list[dict[str, Any]]:
+    def start(self) -> list[StreamEvent]:
         """``response.created`` and ``response.in_progress``."""
         if self._started:
             return []

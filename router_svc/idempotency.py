@@ -19,6 +19,7 @@ import orjson
 from router_svc import errors, running, state_records
 from router_svc.ids import new_id
 from router_svc.services import Services
+from router_svc.shapes import ResponseObject
 
 # A retry of an SDK call finds a first attempt that started in the same window of this many
 # seconds or the one before (so at least this long ago): the SDK's default timeout (600 s) and
@@ -105,7 +106,7 @@ def idempotency_key_reused() -> errors.InvalidRequest:
     )
 
 
-async def find_first(svc: Services, tenant: str, ident: Identity) -> dict[str, Any] | None:
+async def find_first(svc: Services, tenant: str, ident: Identity) -> ResponseObject | None:
     """The response a first request of this one already stored (an Idempotency-Key's, or the
     first attempt of an SDK call), if any; a 400 for an Idempotency-Key used with another body."""
     for key in ident.lookup:
@@ -125,7 +126,7 @@ async def find_first(svc: Services, tenant: str, ident: Identity) -> dict[str, A
     return None
 
 
-async def find_idempotent(svc: Services, tenant: str, key: str) -> dict[str, Any] | None:
+async def find_idempotent(svc: Services, tenant: str, key: str) -> ResponseObject | None:
     """The response already stored for this Idempotency-Key, if any."""
     reply = await svc.state.find(
         svc.state.get_response(state_records.get_response(tenant, idempotency_key=key))

@@ -19,6 +19,7 @@ from typing import Any
 from starlette.requests import Request
 
 from router_svc import checks, vocabulary
+from router_svc.shapes import Item, ResponseObject, StreamEvent
 
 OUTPUTS = "code_interpreter_call.outputs"
 CALL = "code_interpreter_call"
@@ -39,7 +40,7 @@ def _hidden(item: Mapping[str, Any]) -> bool:
     return item.get("type") == CALL and item.get("outputs") is not None
 
 
-def items(shown: list[dict[str, Any]], include: Collection[str]) -> list[dict[str, Any]]:
+def items(shown: list[Item], include: Collection[str]) -> list[Item]:
     """``shown`` with each call's outputs null unless ``include`` asks for them."""
     if OUTPUTS in include:
         return shown
@@ -51,7 +52,7 @@ def items(shown: list[dict[str, Any]], include: Collection[str]) -> list[dict[st
     return [{**item, "outputs": None} if _hidden(item) else item for item in shown]
 
 
-def response(shown: dict[str, Any], include: Collection[str]) -> dict[str, Any]:
+def response(shown: ResponseObject, include: Collection[str]) -> ResponseObject:
     """A Response object with each call's outputs null unless ``include`` asks for them."""
     output = shown.get("output")
     if not output or OUTPUTS in include:
@@ -65,8 +66,8 @@ def response(shown: dict[str, Any], include: Collection[str]) -> dict[str, Any]:
 
 
 def events(
-    stored: Iterable[dict[str, Any]], full: Mapping[str, Any], include: Collection[str]
-) -> Iterable[dict[str, Any]]:
+    stored: Iterable[StreamEvent], full: Mapping[str, Any], include: Collection[str]
+) -> Iterable[StreamEvent]:
     """The stored events of the response ``full`` (as stored: the calls with their outputs) as
     a client asking with ``include`` is shown them. The events themselves may hold the outputs
     or not (they were sent as the creating request's ``include`` said): each call item of an
@@ -81,9 +82,7 @@ def events(
     return _events(stored, outputs if OUTPUTS in include else {})
 
 
-def _events(
-    stored: Iterable[dict[str, Any]], outputs: Mapping[str, Any]
-) -> Iterator[dict[str, Any]]:
+def _events(stored: Iterable[StreamEvent], outputs: Mapping[str, Any]) -> Iterator[StreamEvent]:
     for event in stored:
         item = event.get("item")
         if isinstance(item, dict) and item.get("type") == CALL:
@@ -102,7 +101,7 @@ def _events(
         yield event
 
 
-def hidden(event: dict[str, Any], include: Collection[str]) -> dict[str, Any]:
+def hidden(event: StreamEvent, include: Collection[str]) -> StreamEvent:
     """A logged event with each call's outputs null unless ``include`` asks for them (when it
     asks, the event is shown as logged: it cannot bring back what its run left out)."""
     if OUTPUTS in include:

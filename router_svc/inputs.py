@@ -30,6 +30,7 @@ from router_svc.checks import (  # by name: they run for every item and part of 
     string,
 )
 from router_svc.ids import new_id
+from router_svc.shapes import Item
 
 _MESSAGE_KEYS = frozenset({"type", "role", "content", "id", "status", "phase"})
 _FUNCTION_CALL_KEYS = frozenset(
@@ -53,9 +54,7 @@ _CUSTOM_OUTPUT_KEYS = frozenset(
 _KEPT_CALL_FIELDS = ("namespace", "caller", "created_by", "async")
 
 
-def normalize_items(
-    raw: object, *, param: str = "input", references: bool = False
-) -> list[dict[str, Any]]:
+def normalize_items(raw: object, *, param: str = "input", references: bool = False) -> list[Item]:
     """The caller's input (a string or an array of items) as the items to store, each with an id.
 
     An item reference (``{"type": "item_reference", "id": ...}``, or an object with only an
@@ -83,7 +82,7 @@ def normalize_items(
     return items
 
 
-def user_message(text: str) -> dict[str, Any]:
+def user_message(text: str) -> Item:
     """A stored user message holding one text part."""
     return {
         "id": new_id("msg"),
@@ -100,7 +99,7 @@ def output_text(text: str) -> dict[str, Any]:
 
 
 # A normalizer: the item (its keys already checked), its path and its type, to the stored item.
-Normalizer = Callable[[dict[str, Any], str, str], dict[str, Any]]
+Normalizer = Callable[[dict[str, Any], str, str], Item]
 
 
 class ItemType(NamedTuple):
@@ -110,7 +109,7 @@ class ItemType(NamedTuple):
     normalize: Normalizer
 
 
-def _item(raw: object, path: str) -> dict[str, Any]:
+def _item(raw: object, path: str) -> Item:
     item = obj(raw, path)
     kind = item.get("type")
     if kind is None:
@@ -157,7 +156,7 @@ def _keep(item: Mapping[str, Any], out: dict[str, Any], keys: Collection[str]) -
 # --- messages --------------------------------------------------------------------------------
 
 
-def _message(item: Mapping[str, Any], path: str, kind: str) -> dict[str, Any]:
+def _message(item: Mapping[str, Any], path: str, kind: str) -> Item:
     role = enum(required(item, "role", path), f"{path}.role", vocabulary.ROLES)
     content = required(item, "content", path)
     cpath = f"{path}.content"
@@ -271,7 +270,7 @@ def _assistant_content(content: object, path: str) -> list[dict[str, Any]]:
 # --- tool calls and their outputs ----------------------------------------------------------
 
 
-def _function_call(item: Mapping[str, Any], path: str, kind: str) -> dict[str, Any]:
+def _function_call(item: Mapping[str, Any], path: str, kind: str) -> Item:
     out: dict[str, Any] = {
         "id": _item_id(item, path, kind),
         "type": "function_call",
@@ -295,7 +294,7 @@ def _call_output(value: object, path: str) -> str | list[dict[str, Any]]:
     ]
 
 
-def _function_call_output(item: Mapping[str, Any], path: str, kind: str) -> dict[str, Any]:
+def _function_call_output(item: Mapping[str, Any], path: str, kind: str) -> Item:
     out: dict[str, Any] = {
         "id": _item_id(item, path, kind),
         "type": "function_call_output",
@@ -307,7 +306,7 @@ def _function_call_output(item: Mapping[str, Any], path: str, kind: str) -> dict
     return out
 
 
-def _reasoning(item: Mapping[str, Any], path: str, kind: str) -> dict[str, Any]:
+def _reasoning(item: Mapping[str, Any], path: str, kind: str) -> Item:
     out: dict[str, Any] = {
         "id": nonempty(required(item, "id", path), f"{path}.id"),
         "type": "reasoning",
@@ -338,7 +337,7 @@ def _texts(value: object, path: str, kind: str) -> list[dict[str, Any]]:
     return out
 
 
-def _custom_tool_call(item: Mapping[str, Any], path: str, kind: str) -> dict[str, Any]:
+def _custom_tool_call(item: Mapping[str, Any], path: str, kind: str) -> Item:
     out: dict[str, Any] = {
         "id": _item_id(item, path, kind),
         "type": "custom_tool_call",
@@ -351,7 +350,7 @@ def _custom_tool_call(item: Mapping[str, Any], path: str, kind: str) -> dict[str
     return out
 
 
-def _custom_tool_call_output(item: Mapping[str, Any], path: str, kind: str) -> dict[str, Any]:
+def _custom_tool_call_output(item: Mapping[str, Any], path: str, kind: str) -> Item:
     out: dict[str, Any] = {
         "id": _item_id(item, path, kind),
         "type": "custom_tool_call_output",
@@ -363,13 +362,13 @@ def _custom_tool_call_output(item: Mapping[str, Any], path: str, kind: str) -> d
     return out
 
 
-def _reference(item: Mapping[str, Any], path: str, kind: str) -> dict[str, Any]:
+def _reference(item: Mapping[str, Any], path: str, kind: str) -> Item:
     if item.get("id") is None:
         raise missing(f"{path}.id")
     return {"type": "item_reference", "id": nonempty(item["id"], f"{path}.id")}
 
 
-def _as_given(item: dict[str, Any], path: str, kind: str) -> dict[str, Any]:
+def _as_given(item: dict[str, Any], path: str, kind: str) -> Item:
     """An item of a built-in tool: stored as given, never interpreted by the gateway."""
     stored = copy_json(item)
     stored["type"] = kind

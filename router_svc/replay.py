@@ -9,36 +9,36 @@ events stored with the response (:mod:`router_svc.event_log`, expanded) or that 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from router_svc.event_log import expand_log, iter_log
 from router_svc.events import Events
 from router_svc.inputs import output_text
+from router_svc.shapes import Item, ResponseObject, StreamEvent
 
 
 def stored_stream(
-    response: dict[str, Any], events: list[dict[str, Any]] | None
-) -> list[dict[str, Any]]:
+    response: ResponseObject, events: list[dict[str, Any]] | None
+) -> list[StreamEvent]:
     """The events a stored response is streamed with: the ones stored with it, or
     :func:`replay_events`. Either way the stream opens with ``response.created``; a log that
     holds only its end (a background response cancelled before it ran) is told from
     ``response.created`` on, and a cancelled response ends with ``response.cancelled``."""
-    if events:
-        events = expand_log(events, response)
-    if not events or events[0].get("type") != "response.created":
-        events = replay_events(response)
-    if response.get("status") == "cancelled" and events[-1]["type"] != "response.cancelled":
-        events = [
-            *events,
-            {"type": "response.cancelled", "sequence_number": len(events), "response": response},
+    sent = expand_log(events, response) if events else []
+    if not sent or sent[0].get("type") != "response.created":
+        sent = replay_events(response)
+    if response.get("status") == "cancelled" and sent[-1]["type"] != "response.cancelled":
+        sent = [
+            *sent,
+            {"type": "response.cancelled", "sequence_number": len(sent), "response": response},
         ]
-    return events
+    return sent
 
 
 def stored_stream_iter(
-    response: dict[str, Any], events: list[dict[str, Any]] | None
-) -> Iterator[dict[str, Any]]:
+    response: ResponseObject, events: list[dict[str, Any]] | None
+) -> Iterator[StreamEvent]:
     """:func:`stored_stream` one event at a time: the events of a stored log are made as they
     are sent (GET /v1/responses/{id}?stream=true), not all at once."""
     # The first and last records of a log have the types of the first and last events.
@@ -46,7 +46,7 @@ def stored_stream_iter(
         yield from stored_stream(response, events)
         return
     count = 0
-    last: dict[str, Any] = {}
+    last: StreamEvent = {}
     for last in iter_log(events, response):
         count += 1
         yield last
@@ -54,7 +54,7 @@ def stored_stream_iter(
         yield {"type": "response.cancelled", "sequence_number": count, "response": response}
 
 
-def replay_events(response: dict[str, Any]) -> list[dict[str, Any]]:
+def replay_events(response: ResponseObject) -> list[StreamEvent]:
     """The whole event sequence of a stored response, from ``response.created`` at sequence 0.
 
     A queued or in-progress response gets no terminal event (it has none yet); a cancelled one
@@ -62,7 +62,7 @@ def replay_events(response: dict[str, Any]) -> list[dict[str, Any]]:
     """
     events = Events()
     status = response.get("status")
-    snapshot = {
+    snapshot: ResponseObject = {
         **response,
         "status": "queued" if status == "queued" else "in_progress",
         "completed_at": None,
@@ -87,7 +87,7 @@ def replay_events(response: dict[str, Any]) -> list[dict[str, Any]]:
     elif status == "incomplete":
         out.append(events.make("response.incomplete", response=response))
     elif failed:
-        error = response.get("error") or {}
+        error: Mapping[str, Any] = response.get("error") or {}
         out.append(
             events.make(
                 "error",
@@ -100,16 +100,14 @@ def replay_events(response: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _replay_item(
-    events: Events, index: int, item: dict[str, Any], *, closed: bool
-) -> list[dict[str, Any]]:
+def _replay_item(events: Events, index: int, item: Item, *, closed: bool) -> list[StreamEvent]:
     kind = item.get("type")
     item_id = item.get("id", "")
-    common = {"item_id": item_id, "output_index": index}
+    common: dict[str, Any] = {"item_id": item_id, "output_index": index}
     opened = {**item}
     if "status" in item:
         opened["status"] = "in_progress"
-    out: list[dict[str, Any]] = []
+    out: list[StreamEvent] = []
     if kind == "message":
         opened["content"] = []
         out.append(events.make("response.output_item.added", output_index=index, item=opened))
@@ -192,10 +190,10 @@ def _replay_part(
     part: dict[str, Any],
     *,
     closed: bool,
-) -> list[dict[str, Any]]:
+) -> list[StreamEvent]:
     kind = part.get("type")
     where = {**common, "content_index": content_index}
-    out: list[dict[str, Any]] = []
+    out: list[StreamEvent] = []
     if kind == "output_text":
         text = part.get("text", "")
         logprobs = part.get("logprobs") or []

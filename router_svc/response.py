@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from router_svc.ids import new_id
+from router_svc.shapes import Item, ResponseError, ResponseObject
 from router_svc.validate import TurnRequest
 
 # The codes a Response object's "error" may carry (ResponseError.code in the openai SDK); any
@@ -54,14 +55,14 @@ def response_object(
     response_id: str,
     created_at: int,
     status: str,
-    output: list[dict[str, Any]],
+    output: list[Item],
     usage: dict[str, Any] | None = None,
-    error: dict[str, Any] | None = None,
+    error: ResponseError | None = None,
     incomplete_details: dict[str, Any] | None = None,
     tool_resources: Mapping[str, str] = NO_RESOURCES,
     completed_at: int | None = None,
     function_strict: Mapping[str, bool] = NO_STRICT,
-) -> dict[str, Any]:
+) -> ResponseObject:
     """The Response object, echoing the request's parameters (and OpenAI's defaults) as OpenAI does.
 
     ``completed_at`` defaults to now for a completed response and is null otherwise.
@@ -131,7 +132,7 @@ def response_object(
     }
 
 
-def _platform_echo(body: Mapping[str, Any]) -> dict[str, Any]:
+def _platform_echo(body: Mapping[str, Any]) -> ResponseObject:
     """What the Response object says about the fields that mean something on OpenAI's platform
     only: what was applied, in the Response object's shapes (openai's ``Response`` type)."""
     programs = body.get("access_programs") or {}
@@ -196,7 +197,7 @@ def echo_tools(
     return out
 
 
-def error_object(code: str, message: str) -> dict[str, Any]:
+def error_object(code: str, message: str) -> ResponseError:
     """A Response's ``error``: codes outside OpenAI's list are reported as server_error."""
     return {"code": code if code in RESPONSE_ERROR_CODES else "server_error", "message": message}
 
@@ -206,7 +207,7 @@ def error_object(code: str, message: str) -> dict[str, Any]:
 
 def message_item(
     parts: list[dict[str, Any]], *, status: str = "completed", item_id: str | None = None
-) -> dict[str, Any]:
+) -> Item:
     return {
         "id": item_id or new_id("msg"),
         "type": "message",
@@ -223,7 +224,7 @@ def function_call_item(
     arguments: str,
     status: str = "completed",
     item_id: str | None = None,
-) -> dict[str, Any]:
+) -> Item:
     return {
         "id": item_id or new_id("fc"),
         "type": "function_call",
@@ -234,9 +235,7 @@ def function_call_item(
     }
 
 
-def reasoning_item(
-    text: str, *, status: str = "completed", item_id: str | None = None
-) -> dict[str, Any]:
+def reasoning_item(text: str, *, status: str = "completed", item_id: str | None = None) -> Item:
     return {
         "id": item_id or new_id("rs"),
         "type": "reasoning",
@@ -246,7 +245,7 @@ def reasoning_item(
     }
 
 
-def with_id(item: dict[str, Any]) -> dict[str, Any]:
+def with_id(item: Item) -> Item:
     """The item with an id (a few item types have an optional one), so that it can be stored."""
     if item.get("id"):
         return item

@@ -27,12 +27,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import Counter
 
 from router_svc import errors, state_records
 from router_svc.response import error_object
+from router_svc.shapes import ResponseObject
 
 if TYPE_CHECKING:
     from router_svc.services import Services
@@ -85,7 +86,7 @@ class Running:
             self.task.cancel()
 
 
-def announce(svc: Services, turn: Turn, response: dict[str, Any] | None) -> Running | None:
+def announce(svc: Services, turn: Turn, response: ResponseObject | None) -> Running | None:
     """Starts storing ``response`` (the turn's in-progress snapshot) as the turn's running form,
     in a task of its own; None when the feature is off or the turn is not stored."""
     worker = svc.worker
@@ -106,7 +107,7 @@ def announce(svc: Services, turn: Turn, response: dict[str, Any] | None) -> Runn
 _YIELDS = 3
 
 
-async def _hold(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
+async def _hold(svc: Services, turn: Turn, response: ResponseObject) -> None:
     """Stores the running turn, then renews its lease until cancelled (the stream's end)."""
     delay = svc.settings.running_stream_delay_s
     if delay > 0:
@@ -168,15 +169,15 @@ async def _hold(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
 RETRY_WAIT_S = 300.0
 
 
-def unfinished_stream(response: dict[str, Any]) -> bool:
+def unfinished_stream(response: ResponseObject) -> bool:
     """True for a streamed foreground turn stored as running, or as failed (its hub or its router
     failed): the first attempt of a request that a retry must not simply be answered with."""
     return not response.get("background") and response.get("status") in ("in_progress", "failed")
 
 
 async def when_done(
-    svc: Services, tenant: str, response: dict[str, Any], *, timeout_s: float = RETRY_WAIT_S
-) -> dict[str, Any]:
+    svc: Services, tenant: str, response: ResponseObject, *, timeout_s: float = RETRY_WAIT_S
+) -> ResponseObject:
     """``response`` once it is no longer running (read again and again, less often as time goes
     by: a stream whose router stopped is stored as failed within its lease), or as it is after
     ``timeout_s`` or once deleted."""

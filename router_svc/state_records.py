@@ -10,13 +10,15 @@ return the message the typed method of :class:`router_svc.state_client.StateClie
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from google.protobuf import duration_pb2
 
 from respgw.state.v1 import resources_pb2
 from respgw.state.v1 import state_service_pb2 as pb
+from router_svc import shapes
+from router_svc.shapes import ResponseObject
 
 # The records the router reads (names for annotations; built only here).
 StoredResponse = resources_pb2.StoredResponse
@@ -37,22 +39,23 @@ def item_to_proto(item: Mapping[str, Any]) -> resources_pb2.Item:
     return resources_pb2.Item(id=str(item["id"]), json=orjson.dumps(item))
 
 
-def item_from_proto(item: resources_pb2.Item) -> dict[str, Any]:
-    parsed: dict[str, Any] = orjson.loads(item.json)
+def item_from_proto(item: resources_pb2.Item) -> shapes.Item:
+    parsed: shapes.Item = orjson.loads(item.json)
     return parsed
 
 
-def items_from_proto(items: Iterable[resources_pb2.Item]) -> list[dict[str, Any]]:
+def items_from_proto(items: Iterable[resources_pb2.Item]) -> list[shapes.Item]:
     return [item_from_proto(i) for i in items]
 
 
 # --- responses -----------------------------------------------------------------------------------
 
 
-def response_of(stored: resources_pb2.StoredResponse) -> dict[str, Any]:
+def response_of(stored: resources_pb2.StoredResponse) -> ResponseObject:
     """The Response object a record holds."""
-    response: dict[str, Any] = orjson.loads(stored.response_json)
-    return response
+    # Parsed, not checked: the router stored it (a ResponseObject) and the state service keeps
+    # it as it was given.
+    return cast(ResponseObject, orjson.loads(stored.response_json))
 
 
 def turn_record(

@@ -10,12 +10,13 @@ whole or streamed into a buffer, and a streamed SDK retry) is run by :func:`sett
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from gateway import gctune
 from router_svc import compaction, errors, include, running, tool_loop
@@ -25,6 +26,7 @@ from router_svc.events import SSE_DONE, sse_encode, sse_pieces, sse_slices
 from router_svc.idempotency import Identity
 from router_svc.replay import replay_events
 from router_svc.services import Services
+from router_svc.shapes import ResponseError, ResponseObject, StreamEvent
 from router_svc.turn import Turn, begin, complete, shut_down_snapshot, store, stream_translator
 from router_svc.validate import TurnRequest
 
@@ -33,7 +35,14 @@ log = logging.getLogger(__name__)
 # seed it).
 _jitter = random.Random()
 
-_END = object()
+
+class _End(enum.Enum):
+    """The end of a stream, last in its outbox."""
+
+    END = 0
+
+
+_END: Final = _End.END
 # The terminal events of a turn that is stored; response.failed is not (nothing half-stored).
 _STORED_TERMINALS = frozenset({"response.completed", "response.incomplete"})
 
@@ -72,7 +81,7 @@ async def settle(
     ident: Identity,
     headers: Mapping[str, str] | None = None,
     lock: AbstractAsyncContextManager[Any] | None = None,
-) -> tuple[Turn, dict[str, Any] | list[bytes]]:
+) -> tuple[Turn, ResponseObject | list[bytes]]:
     """Steps 2 to 5 for a turn whose answer is held until it is stored: a conversation turn
     (whole, or streamed into a buffer) and a streamed SDK retry. Returns the turn and its answer
     (the response, or the stream's bytes).
@@ -137,7 +146,7 @@ class _Outcome:
     # Storing the turn failed (nothing was sent yet).
     store_error: errors.ApiError | None = None
     # Another response answers this request (see store).
-    holder: dict[str, Any] | None = None
+    holder: ResponseObject | None = None
 
 
 async def _pump(
@@ -150,9 +159,9 @@ async def _pump(
 ) -> _Outcome:
     outcome = _Outcome()
     sent = EventLog()  # what the client was sent, for the stored log
-    held: list[dict[str, Any]] = []
+    held: list[StreamEvent] = []
 
-    def push(events: list[dict[str, Any]]) -> None:
+    def push(events: list[StreamEvent]) -> None:
         for event in events:
             if event["type"] in _STORED_TERMINALS:
                 held.append(event)  # goes out only once the turn is stored
@@ -239,13 +248,13 @@ async def _pump(
     return outcome
 
 
-def _announce_running(svc: Services, turn: Turn, started: list[dict[str, Any]]) -> None:
+def _announce_running(svc: Services, turn: Turn, started: list[StreamEvent]) -> None:
     """Stores the turn as in progress beside the stream, from its response.created."""
     if started and started[0]["type"] == "response.created" and svc.settings.store_running_streams:
         turn.running_put = running.announce(svc, turn, started[0]["response"])
 
 
-async def _store_failed(svc: Services, turn: Turn, response: dict[str, Any]) -> None:
+async def _store_failed(svc: Services, turn: Turn, response: ResponseObject) -> None:
     """The failure of a background turn, or of a streamed turn stored as running, is kept (it is
     retrievable as failed, never left in progress); any other failed turn stores nothing. The
     partial output of a failed foreground stream is shown but not stored as output items, so no
@@ -265,12 +274,12 @@ async def _close(chunks: AsyncIterator[dict[str, Any]]) -> None:
 
 
 def _failed_after(
-    terminal: dict[str, Any], response: dict[str, Any], exc: errors.ApiError
-) -> list[dict[str, Any]]:
+    terminal: StreamEvent, response: ResponseObject, exc: errors.ApiError
+) -> list[StreamEvent]:
     """The error events that replace ``response.completed`` when storing the turn failed."""
     seq = int(terminal.get("sequence_number", 0))
-    error = {"code": exc.code or "server_error", "message": exc.message}
-    failed = {**response, "status": "failed", "error": error}
+    error: ResponseError = {"code": exc.code or "server_error", "message": exc.message}
+    failed: ResponseObject = {**response, "status": "failed", "error": error}
     return [
         {
             "type": "error",
@@ -283,7 +292,7 @@ def _failed_after(
     ]
 
 
-def _unknown_outcome(terminal: dict[str, Any], turn: Turn, exc: errors.ApiError) -> dict[str, Any]:
+def _unknown_outcome(terminal: StreamEvent, turn: Turn, exc: errors.ApiError) -> StreamEvent:
     """The terminal event of a stream whose turn may or may not have been stored: an ``error``
     that says so, and no response.failed (which could contradict a stored turn)."""
     return {
@@ -298,7 +307,7 @@ def _unknown_outcome(terminal: dict[str, Any], turn: Turn, exc: errors.ApiError)
     }
 
 
-def _superseded(answered: dict[str, Any]) -> errors.ApiError:
+def _superseded(answered: ResponseObject) -> errors.ApiError:
     return errors.ApiError(
         f"This request was answered and stored as response '{answered.get('id')}' by another "
         "attempt of the same call; this response was not stored.",
@@ -316,7 +325,7 @@ STREAM_BACKLOG_CHARS = 256 * 1024
 STREAM_STALL_S = 30.0
 
 
-class _Outbox(asyncio.Queue[object]):
+class _Outbox(asyncio.Queue["StreamEvent | _Sliced | _End"]):
     """The events of a streamed turn on their way to the client. The pump waits in
     :meth:`room` while more than ``backlog`` are waiting, or their deltas hold more than
     STREAM_BACKLOG_CHARS characters (a hub's large chunks), so that the hub is read no faster than
@@ -331,7 +340,7 @@ class _Outbox(asyncio.Queue[object]):
         self.chars = 0  # of the deltas waiting (a hub's large chunks are large deltas)
         self._room = asyncio.Event()
 
-    def put_event(self, event: dict[str, Any]) -> None:
+    def put_event(self, event: StreamEvent) -> None:
         delta = event.get("delta")
         if type(delta) is str:
             self.chars += len(delta)
@@ -367,7 +376,7 @@ class _Sliced:
 
     __slots__ = ("event",)
 
-    def __init__(self, event: dict[str, Any]) -> None:
+    def __init__(self, event: StreamEvent) -> None:
         self.event = event
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from router_svc import execution
 from router_svc.dialects import chat
 from router_svc.response import response_object
+from router_svc.shapes import Item, ResponseObject
 from router_svc.tool_items import (
     CODE_INTERPRETER,
     STATEFUL,
@@ -47,10 +48,10 @@ class Turn(Protocol):
     tenant: str
     response_id: str
     created_at: int
-    history: list[dict[str, Any]]
+    history: list[Item]
     prepared: Prepared
     # Sealed items opened (router_svc.compaction), sent instead of history + injected + input.
-    model_input: list[dict[str, Any]] | None
+    model_input: list[Item] | None
 
     @property
     def tool_resources(self) -> dict[str, str]: ...
@@ -94,7 +95,7 @@ class Loop:
         self.executor = executor_of(svc)
         self.names = Names.avoiding(turn.req.tools)
         self.offers: dict[str, Offer] = {}
-        self.output: list[dict[str, Any]] = []
+        self.output: list[Item] = []
         self.usage: dict[str, Any] | None = None
         self.calls = 0
         limit = turn.req.body.get("max_tool_calls")
@@ -243,7 +244,7 @@ class Loop:
         found.sort(key=lambda a: (a["start_index"], a["file_id"]))
         return found
 
-    def cite(self, item: dict[str, Any]) -> None:
+    def cite(self, item: Item) -> None:
         """Adds citations to a finished message item's text parts."""
         if item.get("type") != "message" or not self.files:
             return
@@ -269,7 +270,7 @@ class Loop:
         self.remember_files(offer, result)
         return result, python_text(result, self.settings.output_chars)
 
-    async def finish_ci(self, item: dict[str, Any], result: execution.ExecResult) -> None:
+    async def finish_ci(self, item: Item, result: execution.ExecResult) -> None:
         """Fills a code_interpreter_call item from its result, outputs included whatever the
         request's ``include`` (they are stored, and replayed to later turns; a client is shown
         them only when it asks: :mod:`router_svc.include`)."""
@@ -319,7 +320,7 @@ class Loop:
         self.remember_files(offer, result)
         return result
 
-    def as_response(self, status: str, **fields: Any) -> dict[str, Any]:
+    def as_response(self, status: str, **fields: Any) -> ResponseObject:
         return response_object(
             self.req,
             response_id=self.turn.response_id,

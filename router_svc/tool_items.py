@@ -25,6 +25,7 @@ import orjson
 from router_svc import execution
 from router_svc.dialects import chat
 from router_svc.ids import new_id
+from router_svc.shapes import Item
 
 CODE_INTERPRETER = "code_interpreter"
 SHELL = "shell"
@@ -91,16 +92,14 @@ def _free(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def replayable(
-    items: Iterable[Mapping[str, Any]], names: Names, limit: int = 0
-) -> list[dict[str, Any]]:
+def replayable(items: Iterable[Mapping[str, Any]], names: Names, limit: int = 0) -> list[Item]:
     """Items with every stateful tool call turned into the function call and output a chat
     model made and read (a call whose output is missing gets a placeholder, since chat hubs
     want an answer to every call); a python call's logs are cut to ``limit`` characters (0: not
     cut), as the model read them."""
     items = list(items)
     answered = {str(i.get("call_id")) for i in items if i.get("type") == "shell_call_output"}
-    out: list[dict[str, Any]] = []
+    out: list[Item] = []
     for item in items:
         kind = item.get("type")
         if kind == "code_interpreter_call":
@@ -121,7 +120,7 @@ def replayable(
     return out
 
 
-def _function_call(call_id: str, name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
+def _function_call(call_id: str, name: str, arguments: Mapping[str, Any]) -> Item:
     return {
         "type": "function_call",
         "call_id": call_id,
@@ -130,7 +129,7 @@ def _function_call(call_id: str, name: str, arguments: Mapping[str, Any]) -> dic
     }
 
 
-def _function_output(call_id: str, text: str) -> dict[str, Any]:
+def _function_output(call_id: str, text: str) -> Item:
     return {"type": "function_call_output", "call_id": call_id, "output": text}
 
 
@@ -229,7 +228,7 @@ def parse_shell(arguments: str) -> tuple[dict[str, Any], str]:
     return action, ""
 
 
-def ci_item(offer: Offer, *, item_id: str = "", code: str = "") -> dict[str, Any]:
+def ci_item(offer: Offer, *, item_id: str = "", code: str = "") -> Item:
     return {
         "id": item_id or new_id("ci"),
         "type": "code_interpreter_call",
@@ -240,7 +239,7 @@ def ci_item(offer: Offer, *, item_id: str = "", code: str = "") -> dict[str, Any
     }
 
 
-def shell_call_item(offer: Offer, call_id: str, action: Mapping[str, Any]) -> dict[str, Any]:
+def shell_call_item(offer: Offer, call_id: str, action: Mapping[str, Any]) -> Item:
     return {
         "id": new_id("sh"),
         "type": "shell_call",
@@ -251,7 +250,7 @@ def shell_call_item(offer: Offer, call_id: str, action: Mapping[str, Any]) -> di
     }
 
 
-def shell_output_item(call_id: str, action: Mapping[str, Any]) -> dict[str, Any]:
+def shell_output_item(call_id: str, action: Mapping[str, Any]) -> Item:
     return {
         "id": new_id("sho"),
         "type": "shell_call_output",

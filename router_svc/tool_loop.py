@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from router_svc import errors
 from router_svc.dialects import chat
 from router_svc.ids import new_id
+from router_svc.shapes import Item, ResponseObject
 from router_svc.tool_calls import Loop, Turn, executor_of, not_run
 from router_svc.tool_items import (
     CODE_INTERPRETER,
@@ -81,7 +82,7 @@ async def first_request(svc: Services, turn: Turn) -> dict[str, Any]:
 # --- without streaming -------------------------------------------------------------------------
 
 
-async def answer(svc: Services, turn: Turn) -> dict[str, Any]:
+async def answer(svc: Services, turn: Turn) -> ResponseObject:
     """The turn's Response object, after as many rounds as the model needs (not stored here)."""
     loop = Loop(svc, turn)
     await loop.prepare(stream=False)
@@ -134,7 +135,7 @@ async def answer(svc: Services, turn: Turn) -> dict[str, Any]:
 
 
 async def _run_whole(
-    loop: Loop, offer: Offer, call: dict[str, Any], round_no: int, *, complete: bool
+    loop: Loop, offer: Offer, call: Item, round_no: int, *, complete: bool
 ) -> str | None:
     """Runs one stateful call of a whole (not streamed) answer and adds its items to the output;
     returns the tool's answer for the model, or None when the call was not run."""

@@ -14,12 +14,13 @@ import copy
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from router_svc import execution, include
 from router_svc.dialects import chat
 from router_svc.ids import new_id
 from router_svc.response import error_object, response_object
+from router_svc.shapes import EventFields, Item, ResponseObject, StreamEvent
 from router_svc.tool_calls import Loop, Turn, not_run
 from router_svc.tool_items import (
     CODE_INTERPRETER,
@@ -113,7 +114,7 @@ class _StreamCall:
 
     offer: Offer
     index: int  # its output_index in the response
-    item: dict[str, Any]
+    item: Item
     call_id: str
     code: _JsonString = field(default_factory=lambda: _JsonString("code"))
     action: dict[str, Any] = field(default_factory=dict)
@@ -130,7 +131,7 @@ class _Round:
     index: dict[int, int] = field(default_factory=dict)  # hub output_index -> ours
     calls: dict[int, _StreamCall] = field(default_factory=dict)  # by hub output_index
     cited: dict[tuple[int, int], list[dict[str, Any]]] = field(default_factory=dict)
-    terminal: dict[str, Any] | None = None
+    terminal: StreamEvent | None = None
     caller_calls: bool = False
 
 
@@ -144,21 +145,21 @@ class StreamLoop(Loop):
         super().__init__(svc, turn)
         self._sequence = 0
         self._started = False
-        self._final: dict[str, Any] | None = None
+        self._final: ResponseObject | None = None
         self._open: set[int] = set()
 
-    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = {"type": kind, "sequence_number": self._sequence, **fields}
+    def _event(self, kind: str, **fields: Unpack[EventFields]) -> StreamEvent:
+        event: StreamEvent = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
         return event
 
-    def _shown(self, response: dict[str, Any]) -> dict[str, Any]:
+    def _shown(self, response: ResponseObject) -> ResponseObject:
         """The response as the client is shown it (the stored one keeps the outputs)."""
         return include.response(response, self.req.include)
 
     # -- the translator's interface
 
-    def start(self) -> list[dict[str, Any]]:
+    def start(self) -> list[StreamEvent]:
         if self._started:
             return []
         self._started = True
@@ -176,22 +177,22 @@ class StreamLoop(Loop):
             self._event("response.in_progress", response=copy.copy(snapshot)),
         ]
 
-    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = chunk["events"]
+    def feed(self, chunk: dict[str, Any]) -> list[StreamEvent]:
+        events: list[StreamEvent] = chunk["events"]
         return events
 
-    def finish(self) -> list[dict[str, Any]]:
+    def finish(self) -> list[StreamEvent]:
         return []  # the terminal event came with the last round
 
-    def response_now(self) -> dict[str, Any]:
+    def response_now(self) -> ResponseObject:
         return self.as_response("in_progress")
 
     @property
-    def response(self) -> dict[str, Any]:
+    def response(self) -> ResponseObject:
         """The Response object as it stands; final once the terminal event went out."""
         return self._final if self._final is not None else self.response_now()
 
-    def fail(self, code: str, message: str) -> list[dict[str, Any]]:
+    def fail(self, code: str, message: str) -> list[StreamEvent]:
         if self._final is not None:
             return []
         events = self.start()
@@ -269,11 +270,11 @@ class StreamLoop(Loop):
         return [assistant, *answers]
 
     async def _rewrite(
-        self, rnd: _Round, events: list[dict[str, Any]]
-    ) -> AsyncIterator[list[dict[str, Any]]]:
+        self, rnd: _Round, events: list[StreamEvent]
+    ) -> AsyncIterator[list[StreamEvent]]:
         """Our events for a batch of the round translator's: renumbered, re-indexed, the
         stateful calls shown as their tools' items and run as soon as they are complete."""
-        out: list[dict[str, Any]] = []
+        out: list[StreamEvent] = []
         for event in events:
             kind = event["type"]
             if kind in ("response.created", "response.in_progress", "response.queued"):
@@ -305,7 +306,7 @@ class StreamLoop(Loop):
         if out:
             yield out
 
-    def _added(self, rnd: _Round, hub_index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
+    def _added(self, rnd: _Round, hub_index: int, item: Item) -> list[StreamEvent]:
         index = len(self.output)
         rnd.index[hub_index] = index
         self._open.add(index)
@@ -338,9 +339,7 @@ class StreamLoop(Loop):
             )
         return events
 
-    def _call_event(
-        self, call: _StreamCall, kind: str, event: dict[str, Any]
-    ) -> list[dict[str, Any]]:
+    def _call_event(self, call: _StreamCall, kind: str, event: StreamEvent) -> list[StreamEvent]:
         common = {"item_id": call.item["id"], "output_index": call.index}
         if kind == "response.function_call_arguments.delta":
             if call.offer.kind != CODE_INTERPRETER:
@@ -358,17 +357,17 @@ class StreamLoop(Loop):
             return [self._event("response.code_interpreter_call_code.done", **common, code=code)]
         call.action, call.problem = parse_shell(arguments)
         call.item["action"] = dict(call.action)
-        events: list[dict[str, Any]] = []
+        events: list[StreamEvent] = []
         for i, command in enumerate(call.action["commands"]):
-            where = {"command_index": i, "output_index": call.index}
+            where: dict[str, Any] = {"command_index": i, "output_index": call.index}
             events.append(self._event("response.shell_call_command.added", **where, command=""))
             events.append(self._event("response.shell_call_command.delta", **where, delta=command))
             events.append(self._event("response.shell_call_command.done", **where, command=command))
         return events
 
-    def _passed(self, rnd: _Round, kind: str, fields: dict[str, Any]) -> list[dict[str, Any]]:
+    def _passed(self, rnd: _Round, kind: str, fields: dict[str, Any]) -> list[StreamEvent]:
         """An event of an item the loop does not run, with the files it names cited."""
-        events: list[dict[str, Any]] = []
+        events: list[StreamEvent] = []
         index = fields.get("output_index")
         if kind == "response.output_text.done" and isinstance(index, int):
             citations = self.citations(str(fields.get("text", "")))
@@ -382,7 +381,7 @@ class StreamLoop(Loop):
                     events.append(
                         self._event(
                             "response.output_text.annotation.added",
-                            item_id=fields.get("item_id"),
+                            item_id=fields["item_id"],
                             output_index=index,
                             content_index=j,
                             annotation_index=start + n,
@@ -404,7 +403,7 @@ class StreamLoop(Loop):
 
     async def _run_streamed(
         self, rnd: _Round, call: _StreamCall, *, complete: bool
-    ) -> AsyncIterator[list[dict[str, Any]]]:
+    ) -> AsyncIterator[list[StreamEvent]]:
         """Runs a complete stateful call and streams what it does, up to its items' ends."""
         item, index = call.item, call.index
         common = {"item_id": item["id"], "output_index": index}
@@ -476,9 +475,9 @@ class StreamLoop(Loop):
 
     async def _shell_deltas(
         self, call: _StreamCall, where: dict[str, Any], box: list[execution.ExecResult]
-    ) -> AsyncIterator[list[dict[str, Any]]]:
+    ) -> AsyncIterator[list[StreamEvent]]:
         """Runs a shell call, streaming its output as it comes; puts the result in ``box``."""
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
 
         async def on_output(index: int, name: str, text: str) -> None:
             queue.put_nowait(

@@ -53,6 +53,7 @@ from router_svc.http import shown_id, valid_id
 from router_svc.ids import new_id
 from router_svc.response import error_object, response_object
 from router_svc.services import Services
+from router_svc.shapes import Item, ResponseObject
 from router_svc.validate import TurnRequest
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Turn:
     tenant: str
     response_id: str
     created_at: int
-    history: list[dict[str, Any]]
+    history: list[Item]
     prepared: bootstrap.Prepared
     conversation_version: int | None
     idempotency_key: str
@@ -87,18 +88,18 @@ class Turn:
     history_json: tuple[bytes, ...] = ()
     # The response object last stored for this turn and its JSON as stored, so that the answer
     # is not encoded twice.
-    stored_response: dict[str, Any] | None = None
+    stored_response: ResponseObject | None = None
     stored_json: bytes = b""
     # What the model is sent instead of history + injected + input when sealed items are in it
     # (router_svc.compaction: opened compaction summaries and reasoning), and the compaction
     # item of a turn that compacted its history (context_management); None otherwise.
-    model_input: list[dict[str, Any]] | None = None
-    compacted: dict[str, Any] | None = None
+    model_input: list[Item] | None = None
+    compacted: Item | None = None
     # A streamed turn's running form, stored beside the stream (router_svc.running); None when
     # it is not (not streamed, not stored, or --store-running-streams off).
     running_put: running.Running | None = None
 
-    def json_of(self, response: dict[str, Any]) -> bytes:
+    def json_of(self, response: ResponseObject) -> bytes:
         """``response`` as the client is shown it, as JSON: the stored bytes when it is the
         response just stored and ``include`` hides nothing of it."""
         shown = include.response(response, self.req.include)
@@ -110,7 +111,7 @@ class Turn:
     def tool_resources(self) -> dict[str, str]:
         return {kind: p.resource_id for kind, p in self.prepared.tools.items() if p.resource_id}
 
-    def model_items(self) -> list[dict[str, Any]]:
+    def model_items(self) -> list[Item]:
         """The items the model is sent, oldest first."""
         if self.model_input is not None:
             return self.model_input
@@ -163,7 +164,7 @@ async def begin(
             "called; please try again.",
             headers={"x-should-retry": "true"},
         )
-    history: list[dict[str, Any]] = []
+    history: list[Item] = []
     version: int | None = None
     omitted = 0
     history_json: tuple[bytes, ...] = ()
@@ -260,7 +261,7 @@ async def begin(
 
 
 async def resolve_references(
-    svc: Services, tenant: str, req: TurnRequest, history: list[dict[str, Any]]
+    svc: Services, tenant: str, req: TurnRequest, history: list[Item]
 ) -> TurnRequest:
     """The request with each item reference of its input replaced, in place, by the item it
     names, as stored: from the turn's history when the item is there (its newest copy), else
@@ -271,7 +272,7 @@ async def resolve_references(
     conversation: an item already in the conversation (its history, or earlier in this input)
     is sent to the model but not stored again, since a conversation holds an id once."""
     wanted = {str(req.input_items[i]["id"]) for i in req.references}
-    known: dict[str, dict[str, Any]] = {}
+    known: dict[str, Item] = {}
     for item in history:
         item_id = item.get("id")
         if item_id in wanted:
@@ -322,12 +323,12 @@ def _selected_headers(svc: Services, headers: Mapping[str, str]) -> dict[str, st
 async def store(
     svc: Services,
     turn: Turn,
-    response: dict[str, Any],
+    response: ResponseObject,
     events: EventLog | None = None,
     *,
     in_progress: bool = False,
     keep_output: bool = True,
-) -> dict[str, Any]:
+) -> ResponseObject:
     """Step 5: stores the turn (when ``store`` is true) and returns the response to answer.
     Without ``keep_output`` the response's output is shown (GET) but not stored as the turn's
     output items, so that no later turn builds on it.
@@ -473,19 +474,19 @@ def _refused_combined(exc: errors.ApiError) -> bool:
     return False
 
 
-async def complete(svc: Services, turn: Turn) -> dict[str, Any]:
+async def complete(svc: Services, turn: Turn) -> ResponseObject:
     """Steps 4 and 5 without streaming."""
     return await store(svc, turn, await answer(svc, turn))
 
 
-async def answer(svc: Services, turn: Turn) -> dict[str, Any]:
+async def answer(svc: Services, turn: Turn) -> ResponseObject:
     """Step 4 without streaming: the hub's answer as a Response object."""
     if compaction.compact_threshold(turn.req) is not None:
         return await _compacting_answer(svc, turn)
     return await _answer(svc, turn)
 
 
-async def _compacting_answer(svc: Services, turn: Turn) -> dict[str, Any]:
+async def _compacting_answer(svc: Services, turn: Turn) -> ResponseObject:
     """A turn with context_management: its history compacted first when it is too long (the
     compaction item leads the output)."""
     lead = None if tool_loop.runs_tools(svc, turn) else await compaction.answer_lead(svc, turn)
@@ -495,7 +496,7 @@ async def _compacting_answer(svc: Services, turn: Turn) -> dict[str, Any]:
     return response
 
 
-async def _answer(svc: Services, turn: Turn) -> dict[str, Any]:
+async def _answer(svc: Services, turn: Turn) -> ResponseObject:
     if tool_loop.runs_tools(svc, turn):
         return await tool_loop.answer(svc, turn)  # code_interpreter and shell run in a tool loop
     path, body = turn.upstream(svc.dialect, stream=False)
@@ -511,7 +512,7 @@ async def _answer(svc: Services, turn: Turn) -> dict[str, Any]:
         ) from exc
 
 
-def _translated(svc: Services, turn: Turn, upstream: Any) -> dict[str, Any]:
+def _translated(svc: Services, turn: Turn, upstream: Any) -> ResponseObject:
     response = svc.dialect.result(
         turn.req,
         upstream,
@@ -524,7 +525,7 @@ def _translated(svc: Services, turn: Turn, upstream: Any) -> dict[str, Any]:
     return response
 
 
-def snapshot(turn: Turn, status: str, **fields: Any) -> dict[str, Any]:
+def snapshot(turn: Turn, status: str, **fields: Any) -> ResponseObject:
     """The Response object of a turn with no output yet (queued, in progress, failed, cancelled)."""
     return response_object(
         turn.req,
@@ -559,7 +560,10 @@ def _reasoning_sealer(svc: Services, turn: Turn) -> Callable[[str], str] | None:
     return None
 
 
-def shut_down_snapshot(turn: Turn) -> dict[str, Any]:
+# The error message of a turn the router's shutdown stopped.
+SHUT_DOWN_MESSAGE = "The gateway was stopped before this response finished; send it again."
+
+
+def shut_down_snapshot(turn: Turn) -> ResponseObject:
     """A turn the router's shutdown stopped, as a failed response (stored, never in progress)."""
-    message = "The gateway was stopped before this response finished; send it again."
-    return snapshot(turn, "failed", error=error_object("server_error", message))
+    return snapshot(turn, "failed", error=error_object("server_error", SHUT_DOWN_MESSAGE))

@@ -32,6 +32,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from router_svc import checks, errors, inputs, vocabulary
+from router_svc.shapes import Item
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class TurnRequest:
 
     body: dict[str, Any]  # the caller's body, never mutated
     model: str
-    input_items: list[dict[str, Any]]  # normalized, each with an id: exactly what gets stored
+    input_items: list[Item]  # normalized, each with an id: exactly what gets stored
     instructions: str | None
     store: bool
     stream: bool
@@ -89,7 +90,7 @@ class TurnRequest:
     # references to items already in the turn's conversation (see turn.resolve_references).
     unstored: tuple[int, ...] = ()
 
-    def stored_inputs(self) -> list[dict[str, Any]]:
+    def stored_inputs(self) -> list[Item]:
         """The input items stored with the turn."""
         if not self.unstored:
             return self.input_items

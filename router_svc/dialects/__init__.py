@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from router_svc.dialects.chat import ChatDialect
 from router_svc.dialects.responses import ResponsesDialect
+from router_svc.shapes import Item, ResponseObject, StreamEvent
 from router_svc.validate import TurnRequest
 
 
@@ -33,24 +34,24 @@ class StreamTranslator(Protocol):
     """Turns the events (or chunks) of one hub stream into Responses streaming events."""
 
     @property
-    def response(self) -> dict[str, Any]:
+    def response(self) -> ResponseObject:
         """The Response object as it stands; final once finish() or fail() ran."""
         ...
 
-    def start(self) -> list[dict[str, Any]]:
+    def start(self) -> list[StreamEvent]:
         """``response.created`` and ``response.in_progress`` (once)."""
         ...
 
-    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+    def feed(self, chunk: dict[str, Any]) -> list[StreamEvent]:
         """The events for one parsed chunk or event of the hub's stream."""
         ...
 
-    def finish(self) -> list[dict[str, Any]]:
+    def finish(self) -> list[StreamEvent]:
         """The hub's stream ended: the terminal event, or :class:`errors.UpstreamError` (code
         :data:`events.STREAM_INCOMPLETE`) when the hub had not finished."""
         ...
 
-    def fail(self, code: str, message: str) -> list[dict[str, Any]]:
+    def fail(self, code: str, message: str) -> list[StreamEvent]:
         """``error`` and ``response.failed``."""
         ...
 
@@ -81,8 +82,8 @@ class Dialect(Protocol):
     def request(
         self,
         req: TurnRequest,
-        history: list[dict[str, Any]],
-        injected: list[dict[str, Any]],
+        history: list[Item],
+        injected: list[Item],
         *,
         stream: bool,
     ) -> dict[str, Any]:
@@ -97,7 +98,7 @@ class Dialect(Protocol):
         response_id: str,
         created_at: int,
         tool_resources: Mapping[str, str],
-    ) -> dict[str, Any]:
+    ) -> ResponseObject:
         """The hub's whole answer as the Response object; :class:`errors.UpstreamError` when it
         is not one of the dialect's answers."""
         ...
@@ -116,7 +117,7 @@ class Dialect(Protocol):
         ...
 
     def summary_request(
-        self, model: str, items: list[dict[str, Any]], instructions: str | None, prompt: str
+        self, model: str, items: list[Item], instructions: str | None, prompt: str
     ) -> dict[str, Any]:
         """The body posted to :attr:`path` asking the model to summarize ``items`` (compaction)."""
         ...

@@ -17,6 +17,7 @@ from router_svc import errors, hub_shape
 from router_svc.events import Translator, ended_early
 from router_svc.inputs import user_message
 from router_svc.response import NO_RESOURCES, error_object, response_object, with_id
+from router_svc.shapes import Item, ResponseObject, StreamEvent
 from router_svc.validate import TurnRequest
 from router_svc.vocabulary import HUB_SAMPLING_FIELDS, REQUEST_FIELDS
 
@@ -45,8 +46,8 @@ _NEUTRAL_AT_ZERO = ("presence_penalty", "frequency_penalty")
 
 def responses_request(
     req: TurnRequest,
-    history: list[dict[str, Any]],
-    injected: list[dict[str, Any]],
+    history: list[Item],
+    injected: list[Item],
     *,
     stream: bool,
 ) -> dict[str, Any]:
@@ -93,7 +94,7 @@ def from_responses_result(
     response_id: str,
     created_at: int,
     tool_resources: Mapping[str, str] = NO_RESOURCES,
-) -> dict[str, Any]:
+) -> ResponseObject:
     """A Responses hub's response as ours: our id and echo, the hub's items (with their ids)."""
     if not isinstance(upstream, dict):
         raise errors.UpstreamError(
@@ -154,11 +155,11 @@ class ResponsesStreamTranslator(Translator):
         super().__init__(
             req, response_id=response_id, created_at=created_at, tool_resources=tool_resources
         )
-        self._items: dict[int, dict[str, Any]] = {}
+        self._items: dict[int, Item] = {}
         self._closed: set[int] = set()
         self._ids: dict[int, str] = {}  # ids given to items the hub sent without one
 
-    def _response(self, status: str, output: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    def _response(self, status: str, output: list[Item], **extra: Any) -> ResponseObject:
         return response_object(
             self._req,
             response_id=self._id,
@@ -170,13 +171,13 @@ class ResponsesStreamTranslator(Translator):
         )
 
     @property
-    def response(self) -> dict[str, Any]:
+    def response(self) -> ResponseObject:
         """The Response object as it stands; final once the terminal event passed."""
         if self._final is not None:
             return self._final
         return self._response("in_progress", [self._items[i] for i in sorted(self._items)])
 
-    def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+    def feed(self, event: dict[str, Any]) -> list[StreamEvent]:
         """Our events for one event of the hub's stream."""
         if self._final is not None:
             return []
@@ -224,21 +225,21 @@ class ResponsesStreamTranslator(Translator):
         events.append(self._events.make(kind, **out))
         return events
 
-    def _item_with_id(self, index: int, item: dict[str, Any]) -> dict[str, Any]:
+    def _item_with_id(self, index: int, item: Item) -> Item:
         if item.get("id"):
             return item
         if index not in self._ids:
             self._ids[index] = with_id(item)["id"]
         return {"id": self._ids[index], **item}
 
-    def _with_ids(self, output: list[Any]) -> list[dict[str, Any]]:
+    def _with_ids(self, output: list[Any]) -> list[Item]:
         return [
             self._item_with_id(i, item) if i in self._ids else with_id(item)
             for i, item in enumerate(output)
             if isinstance(item, dict)
         ]
 
-    def finish(self) -> list[dict[str, Any]]:
+    def finish(self) -> list[StreamEvent]:
         """Nothing after the hub's terminal event. Raises :class:`errors.UpstreamError` (code
         :data:`STREAM_INCOMPLETE`) when the hub's stream ended without one; the caller then
         answers :meth:`fail`."""
@@ -246,7 +247,7 @@ class ResponsesStreamTranslator(Translator):
             return []
         raise ended_early("no response.completed, response.incomplete or response.failed")
 
-    def fail(self, code: str, message: str) -> list[dict[str, Any]]:
+    def fail(self, code: str, message: str) -> list[StreamEvent]:
         if self._final is not None:
             return []
         events = self.start()
@@ -280,8 +281,8 @@ class ResponsesDialect:
     def request(
         self,
         req: TurnRequest,
-        history: list[dict[str, Any]],
-        injected: list[dict[str, Any]],
+        history: list[Item],
+        injected: list[Item],
         *,
         stream: bool,
     ) -> dict[str, Any]:
@@ -295,7 +296,7 @@ class ResponsesDialect:
         response_id: str,
         created_at: int,
         tool_resources: Mapping[str, str],
-    ) -> dict[str, Any]:
+    ) -> ResponseObject:
         return from_responses_result(
             req,
             answer,
@@ -319,7 +320,7 @@ class ResponsesDialect:
         )
 
     def summary_request(
-        self, model: str, items: list[dict[str, Any]], instructions: str | None, prompt: str
+        self, model: str, items: list[Item], instructions: str | None, prompt: str
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": model,

@@ -30,6 +30,7 @@ from router_svc.http import (
 from router_svc.idempotency import RETRY_WINDOW_S
 from router_svc.ids import new_id
 from router_svc.services import Services
+from router_svc.shapes import Item
 
 MAX_ITEMS_PER_CALL = 20
 # The request_id of a conversation an SDK call's first attempt creates: "sdk-retry:HASH:WINDOW".
@@ -55,7 +56,7 @@ def _item_not_found(item_id: str) -> errors.NotFound:
     return errors.NotFound(f"Item with id '{shown_id(item_id)}' not found.", code="not_found")
 
 
-def _items(body: dict[str, Any], *, required: bool) -> list[dict[str, Any]]:
+def _items(body: dict[str, Any], *, required: bool) -> list[Item]:
     raw = body.get("items")
     if raw is None:
         if required:
@@ -97,7 +98,7 @@ def _minted(body: dict[str, Any]) -> list[int]:
     ]
 
 
-def _with_ids(items: list[dict[str, Any]], minted: list[int], seed: str) -> list[dict[str, Any]]:
+def _with_ids(items: list[Item], minted: list[int], seed: str) -> list[Item]:
     """``items`` with the ids the router minted replaced by ids derived from ``seed`` (the same
     on every attempt of one request), keeping each id's prefix."""
     out = list(items)
@@ -108,7 +109,7 @@ def _with_ids(items: list[dict[str, Any]], minted: list[int], seed: str) -> list
     return out
 
 
-def _with_new_ids(items: list[dict[str, Any]], minted: list[int]) -> list[dict[str, Any]]:
+def _with_new_ids(items: list[Item], minted: list[int]) -> list[Item]:
     out = list(items)
     for i in minted:
         out[i] = {**items[i], "id": new_id(str(items[i]["id"]).split("_", 1)[0])}
@@ -171,7 +172,7 @@ class _NewConversation:
         svc: Services,
         who: str,
         metadata: dict[str, str],
-        items: list[dict[str, Any]],
+        items: list[Item],
         minted: list[int],
     ) -> None:
         self.svc = svc
@@ -192,7 +193,7 @@ class _NewConversation:
         return await self._call(new_id("creq"), items, retry_is_safe=False)
 
     async def _call(
-        self, request_id: str, items: list[dict[str, Any]], retry_is_safe: bool
+        self, request_id: str, items: list[Item], retry_is_safe: bool
     ) -> state_records.CreateConversationReply:
         req = state_records.create_conversation(self.who, self.metadata, items, request_id)
         try:
@@ -296,7 +297,7 @@ async def create_items(request: Request) -> Response:
     body_hash = hashlib.sha256(f"{who}\x00{cid}\x00".encode() + raw).hexdigest()[:40]
     window = int(time.time() // RETRY_WINDOW_S)
 
-    def ids_of(w: int) -> list[dict[str, Any]]:
+    def ids_of(w: int) -> list[Item]:
         return _with_ids(items, minted, f"sdk-items\x00{body_hash}\x00{w}")
 
     if attempt > 0:
@@ -327,7 +328,7 @@ async def _append(
     svc: Services,
     who: str,
     cid: str,
-    items: list[dict[str, Any]],
+    items: list[Item],
     *,
     retry_is_safe: bool,
     key_reused: bool = False,
@@ -342,7 +343,7 @@ async def _call_append(
     svc: Services,
     who: str,
     cid: str,
-    items: list[dict[str, Any]],
+    items: list[Item],
     *,
     retry_is_safe: bool,
     key_reused: bool = False,

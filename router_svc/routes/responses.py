@@ -42,6 +42,7 @@ from router_svc.http import (
 )
 from router_svc.replay import stored_stream_iter
 from router_svc.services import Services
+from router_svc.shapes import ResponseObject
 
 OPEN_STREAMS = Gauge("respgw_router_open_streams", "Streaming responses being sent right now.")
 
@@ -135,7 +136,7 @@ async def _counted(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 async def _replay(
-    response: dict[str, Any],
+    response: ResponseObject,
     starting_after: int,
     events: list[dict[str, Any]] | None = None,
     *,
@@ -179,7 +180,7 @@ async def _stored(request: Request) -> tuple[str, str, state_records.GetResponse
 async def get_response(request: Request) -> Response:
     asked = include.from_query(request)
     who, response_id, reply = await _stored(request)
-    response: dict[str, Any] = orjson.loads(reply.response.response_json)
+    response = state_records.response_of(reply.response)
     if request.query_params.get("stream", "false").lower() == "true":
         after = query_int(request, "starting_after", -1)
         if reply.response.in_progress:
@@ -226,7 +227,7 @@ async def cancel_response(request: Request) -> Response:
     svc = services(request)
     who, _, reply = await _stored(request)
     stored = reply.response
-    response: dict[str, Any] = orjson.loads(stored.response_json)
+    response = state_records.response_of(stored)
     if not response.get("background"):
         raise errors.InvalidRequest(
             "Only responses created with background: true can be cancelled.",

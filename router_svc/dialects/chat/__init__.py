@@ -37,6 +37,7 @@ from router_svc.dialects.chat.tools import (
     chat_tools,
     custom_input,
 )
+from router_svc.shapes import Item, ResponseObject
 from router_svc.validate import TurnRequest
 
 __all__ = [
@@ -78,8 +79,8 @@ class ChatDialect:
     def request(
         self,
         req: TurnRequest,
-        history: list[dict[str, Any]],
-        injected: list[dict[str, Any]],
+        history: list[Item],
+        injected: list[Item],
         *,
         stream: bool,
     ) -> dict[str, Any]:
@@ -93,7 +94,7 @@ class ChatDialect:
         response_id: str,
         created_at: int,
         tool_resources: Mapping[str, str],
-    ) -> dict[str, Any]:
+    ) -> ResponseObject:
         return from_chat_completion(
             req,
             answer,
@@ -118,7 +119,7 @@ class ChatDialect:
         return translator
 
     def summary_request(
-        self, model: str, items: list[dict[str, Any]], instructions: str | None, prompt: str
+        self, model: str, items: list[Item], instructions: str | None, prompt: str
     ) -> dict[str, Any]:
         messages: list[dict[str, Any]] = []
         if instructions:

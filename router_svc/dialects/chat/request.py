@@ -29,6 +29,7 @@ from router_svc import errors, vocabulary
 from router_svc.dialects.chat.messages import chat_messages
 from router_svc.dialects.chat.result import LOGPROBS_INCLUDE
 from router_svc.dialects.chat.tools import ChatToolset, chat_tool_choice
+from router_svc.shapes import Item
 from router_svc.validate import TurnRequest
 from router_svc.vocabulary import HUB_SAMPLING_FIELDS
 
@@ -49,8 +50,8 @@ _CALL_OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output"})
 
 def chat_request(
     req: TurnRequest,
-    history: list[dict[str, Any]],
-    injected: list[dict[str, Any]],
+    history: list[Item],
+    injected: list[Item],
     *,
     stream: bool,
 ) -> dict[str, Any]:

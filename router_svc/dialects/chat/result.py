@@ -18,6 +18,7 @@ from router_svc.dialects.chat.tools import ChatToolset
 from router_svc.ids import new_id
 from router_svc.inputs import output_text
 from router_svc.response import NO_RESOURCES, message_item, reasoning_item, response_object
+from router_svc.shapes import Item, ResponseObject
 from router_svc.validate import TurnRequest
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -92,7 +93,7 @@ def from_chat_completion(
     response_id: str,
     created_at: int,
     tool_resources: Mapping[str, str] = NO_RESOURCES,
-) -> dict[str, Any]:
+) -> ResponseObject:
     """A chat completion from the hub as our Response object."""
     if not isinstance(completion, dict):
         raise errors.UpstreamError(
@@ -112,7 +113,7 @@ def from_chat_completion(
             "The model server returned a choice without a message.", code=hub_shape.MALFORMED
         )
 
-    output: list[dict[str, Any]] = []
+    output: list[Item] = []
     reasoning = chat_reasoning(message)
     if reasoning:
         output.append(reasoning_item(reasoning))

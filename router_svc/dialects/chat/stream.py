@@ -36,6 +36,7 @@ from router_svc.response import (
     reasoning_item,
     response_object,
 )
+from router_svc.shapes import Item, ResponseObject, StreamEvent
 from router_svc.validate import TurnRequest
 
 # finish_reason values that say the hub stopped without finishing the answer: vLLM and SGLang end an
@@ -88,7 +89,7 @@ class _Item:
     """An output item being streamed."""
 
     index: int
-    data: dict[str, Any]  # the item inside the response's output
+    data: Item  # the item inside the response's output
     parts: list[_Part] = field(default_factory=list)
     arguments: _Text = field(default_factory=_Text)
     call: _Call | None = None  # the chat tool call a function_call item streams
@@ -127,7 +128,7 @@ class ChatStreamTranslator(Translator):
         super().__init__(
             req, response_id=response_id, created_at=created_at, tool_resources=tool_resources
         )
-        self._output: list[dict[str, Any]] = []
+        self._output: list[Item] = []
         # The names the hub knows the declared tools by (namespace functions, custom tools).
         self._toolset = ChatToolset(req.tools)
         self._open: list[_Item] = []  # the item being streamed (a call joins once named)
@@ -142,7 +143,7 @@ class ChatStreamTranslator(Translator):
 
     # -- the Response object
 
-    def _response(self, status: str, **extra: Any) -> dict[str, Any]:
+    def _response(self, status: str, **extra: Any) -> ResponseObject:
         return response_object(
             self._req,
             response_id=self._id,
@@ -155,7 +156,7 @@ class ChatStreamTranslator(Translator):
         )
 
     @property
-    def response(self) -> dict[str, Any]:
+    def response(self) -> ResponseObject:
         """The Response object as it stands; final once finish() or fail() ran."""
         if self._final is not None:
             return self._final
@@ -165,7 +166,7 @@ class ChatStreamTranslator(Translator):
 
     # -- lifecycle
 
-    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+    def feed(self, chunk: dict[str, Any]) -> list[StreamEvent]:
         """The events for one parsed ``chat.completion.chunk``."""
         if self._final is not None:
             return []
@@ -198,7 +199,7 @@ class ChatStreamTranslator(Translator):
                 self._finish_reason = finish_reason
         return events
 
-    def finish(self) -> list[dict[str, Any]]:
+    def finish(self) -> list[StreamEvent]:
         """The hub's stream ended: closes the open items, then ``response.completed`` (any
         finish_reason that says the answer is whole: stop, tool_calls, ...) or
         ``response.incomplete`` (length, content_filter).
@@ -224,7 +225,7 @@ class ChatStreamTranslator(Translator):
             events.append(self._events.make("response.incomplete", response=self._final))
         return events
 
-    def fail(self, code: str, message: str) -> list[dict[str, Any]]:
+    def fail(self, code: str, message: str) -> list[StreamEvent]:
         """An ``error`` event and ``response.failed``; open items stay open, as incomplete."""
         if self._final is not None:
             return []
@@ -243,7 +244,7 @@ class ChatStreamTranslator(Translator):
 
     # -- compaction (router_svc.compaction), before the hub is called
 
-    def open_compaction(self, item_id: str) -> list[dict[str, Any]]:
+    def open_compaction(self, item_id: str) -> list[StreamEvent]:
         """A compaction item is being made: ``response.output_item.added`` and
         ``response.compaction.compacting``."""
         events = self.start()
@@ -258,7 +259,7 @@ class ChatStreamTranslator(Translator):
         )
         return events
 
-    def close_compaction(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+    def close_compaction(self, item: Item) -> list[StreamEvent]:
         """The compaction item is made: ``response.output_item.done``."""
         index = next(i for i, data in enumerate(self._output) if data.get("id") == item["id"])
         self._output[index] = item
@@ -266,7 +267,7 @@ class ChatStreamTranslator(Translator):
 
     # -- items
 
-    def _add(self, data: dict[str, Any]) -> tuple[_Item, dict[str, Any]]:
+    def _add(self, data: Item) -> tuple[_Item, StreamEvent]:
         item = _Item(index=len(self._output), data=data)
         self._output.append(data)
         self._open.append(item)
@@ -275,8 +276,8 @@ class ChatStreamTranslator(Translator):
         )
         return item, event
 
-    def _close_all(self, *, last_status: str = "completed") -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
+    def _close_all(self, *, last_status: str = "completed") -> list[StreamEvent]:
+        events: list[StreamEvent] = []
         for call in self._calls.values():
             if call.item is None and not call.closed:
                 events += self._add_call(call)
@@ -286,12 +287,12 @@ class ChatStreamTranslator(Translator):
             events += self._close(item, status)
         return events
 
-    def _close(self, item: _Item, status: str) -> list[dict[str, Any]]:
+    def _close(self, item: _Item, status: str) -> list[StreamEvent]:
         self._open.remove(item)
         if item.call is not None:
             item.call.closed = True
         item.render()
-        events: list[dict[str, Any]] = []
+        events: list[StreamEvent] = []
         data = item.data
         if data["type"] == "function_call":
             events.append(
@@ -328,7 +329,7 @@ class ChatStreamTranslator(Translator):
         )
         return events
 
-    def _close_part(self, item: _Item, content_index: int) -> list[dict[str, Any]]:
+    def _close_part(self, item: _Item, content_index: int) -> list[StreamEvent]:
         part = item.parts[content_index]
         part.render()
         common = {"item_id": item.data["id"], "output_index": item.index}
@@ -367,8 +368,8 @@ class ChatStreamTranslator(Translator):
 
     def _part_delta(
         self, item_type: str, part_type: str, text: str, logprobs: list[dict[str, Any]] | None
-    ) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
+    ) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
         item = self._open[-1] if self._open else None
         if item is None or item.data["type"] != item_type:
             events += self._close_all()
@@ -420,12 +421,12 @@ class ChatStreamTranslator(Translator):
             events.append(self._events.make("response.reasoning_text.delta", **common, delta=text))
         return events
 
-    def _call_delta(self, delta: dict[str, Any]) -> list[dict[str, Any]]:
+    def _call_delta(self, delta: dict[str, Any]) -> list[StreamEvent]:
         index = delta.get("index")
         if not isinstance(index, int) or isinstance(index, bool):
             index = self._implicit_index(delta.get("id"))
         function = delta.get("function") or {}
-        events: list[dict[str, Any]] = []
+        events: list[StreamEvent] = []
         call = self._calls.get(index)
         if call is None:
             events += self._close_all()
@@ -460,7 +461,7 @@ class ChatStreamTranslator(Translator):
             return last + 1
         return last
 
-    def _add_call(self, call: _Call) -> list[dict[str, Any]]:
+    def _add_call(self, call: _Call) -> list[StreamEvent]:
         data = self._toolset.call_item(
             call_id=call.call_id or new_id("call"),
             chat_name=call.name,
@@ -472,7 +473,7 @@ class ChatStreamTranslator(Translator):
         call.item = item
         return [added, *self._flush_arguments(item, call.pending)]
 
-    def _flush_arguments(self, item: _Item, pending: list[str]) -> list[dict[str, Any]]:
+    def _flush_arguments(self, item: _Item, pending: list[str]) -> list[StreamEvent]:
         if not pending:
             return []
         text = "".join(pending)
@@ -490,5 +491,5 @@ class ChatStreamTranslator(Translator):
         ]
 
 
-def _seal(data: dict[str, Any], seal: Callable[[str], str]) -> None:
+def _seal(data: Item, seal: Callable[[str], str]) -> None:
     data["encrypted_content"] = seal("".join(p.get("text", "") for p in data.get("content") or []))

@@ -21,6 +21,7 @@ import orjson
 
 from router_svc.ids import new_id
 from router_svc.response import function_call_item
+from router_svc.shapes import Item
 
 # The one argument of a custom tool offered as a function: its free-text input.
 CUSTOM_TOOL_PARAMETERS: Mapping[str, Any] = MappingProxyType(
@@ -128,7 +129,7 @@ class ChatToolset:
         arguments: str,
         status: str = "completed",
         item_id: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> Item:
         """A chat tool call as the Responses item it is: a ``function_call`` (with the
         ``namespace`` of a namespace's function), or a ``custom_tool_call`` whose ``input`` is
         the call's one argument (the raw arguments when the hub did not send that)."""
@@ -138,7 +139,7 @@ class ChatToolset:
                 call_id=call_id, name=chat_name, arguments=arguments, status=status, item_id=item_id
             )
         if function.kind == "custom":
-            item: dict[str, Any] = {
+            item: Item = {
                 "id": item_id or new_id("ctc"),
                 "type": "custom_tool_call",
                 "status": status,
