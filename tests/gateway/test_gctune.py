@@ -19,6 +19,19 @@ def restored() -> Iterator[None]:
     gc.set_threshold(*before)
 
 
+@pytest.fixture
+def trims(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pads malloc_trim is called with (it is not called for real)."""
+    called: list[int] = []
+
+    def trim(pad: int) -> int:
+        called.append(pad)
+        return 1
+
+    monkeypatch.setattr(gctune, "_malloc_trim", trim)
+    return called
+
+
 def test_tune_sets_the_thresholds_and_freezes_what_exists(restored: None) -> None:
     kept = [{"made": "at start-up"}]
     gctune.tune()
@@ -28,15 +41,8 @@ def test_tune_sets_the_thresholds_and_freezes_what_exists(restored: None) -> Non
 
 
 async def test_give_back_trims_once_soon_however_often_it_is_called(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, trims: list[int]
 ) -> None:
-    trims: list[int] = []
-
-    def trim(pad: int) -> int:
-        trims.append(pad)
-        return 1
-
-    monkeypatch.setattr(gctune, "_malloc_trim", trim)
     monkeypatch.setattr(gctune, "_last_trim", -gctune.TRIM_INTERVAL_S)
     monkeypatch.setattr(gctune, "TRIM_DELAY_S", 0.01)
     for _ in range(5):
@@ -54,28 +60,14 @@ async def test_give_back_trims_once_soon_however_often_it_is_called(
     assert trims == [0, 0]
 
 
-def test_give_back_without_an_event_loop_trims_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    trims: list[int] = []
-
-    def trim(pad: int) -> int:
-        trims.append(pad)
-        return 1
-
-    monkeypatch.setattr(gctune, "_malloc_trim", trim)
+def test_give_back_without_an_event_loop_trims_at_once(trims: list[int]) -> None:
     gctune.give_back()
     assert trims == [0]
 
 
 def test_a_trim_pending_on_a_loop_that_closed_does_not_stop_the_next(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, trims: list[int]
 ) -> None:
-    trims: list[int] = []
-
-    def trim(pad: int) -> int:
-        trims.append(pad)
-        return 1
-
-    monkeypatch.setattr(gctune, "_malloc_trim", trim)
     monkeypatch.setattr(gctune, "_last_trim", -gctune.TRIM_INTERVAL_S)
     monkeypatch.setattr(gctune, "TRIM_DELAY_S", 0.01)
 

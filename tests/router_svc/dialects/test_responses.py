@@ -2,44 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from openai._models import validate_type
-from openai.types.responses import Response
 
-from router_svc import errors, inputs, validate
+from router_svc import errors, inputs
 from router_svc.dialects.chat.messages import (
     OPENED_REASONING,
     chat_messages,
 )
 from router_svc.dialects.responses import from_responses_result, responses_request
 from router_svc.response import reasoning_item
-
-
-def req(**body: Any) -> validate.TurnRequest:
-    return validate.parse_turn_request({"model": "m", **body})
-
-
-def checked(response: dict[str, Any]) -> Response:
-    """The response validated strictly against the openai SDK's Response model."""
-    assert "output_text" not in response  # computed by the SDK, never on the wire
-    return validate_type(type_=Response, value=response)
-
-
-def user(text: str) -> dict[str, Any]:
-    return inputs.normalize_items(text)[0]
-
-
-# A function tool as the caller declares it.
-FUNCTION = {
-    "type": "function",
-    "name": "weather",
-    "description": "Weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    "strict": True,
-}
-
+from tests.router_svc.dialects.support import FUNCTION, checked, req, user
 
 # --- responses_request -------------------------------------------------------------------------
 

@@ -4,39 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from openai._models import validate_type
 from openai.types.chat import completion_create_params
-from openai.types.responses import Response
 from pydantic import TypeAdapter
 
-from router_svc import inputs, validate
+from router_svc import validate
 from router_svc.dialects.chat.result import from_chat_completion
+from tests.router_svc.dialects.support import FUNCTION as FUNCTION
+from tests.router_svc.dialects.support import checked as checked
+from tests.router_svc.dialects.support import req as req
+from tests.router_svc.dialects.support import user as user
 
 CHAT_BODY = TypeAdapter(completion_create_params.CompletionCreateParamsNonStreaming)
 CHAT_STREAM_BODY = TypeAdapter(completion_create_params.CompletionCreateParamsStreaming)
 
 
-def req(**body: Any) -> validate.TurnRequest:
-    return validate.parse_turn_request({"model": "m", **body})
-
-
-def checked(response: dict[str, Any]) -> Response:
-    """The response validated strictly against the openai SDK's Response model."""
-    assert "output_text" not in response  # computed by the SDK, never on the wire
-    return validate_type(type_=Response, value=response)
-
-
-def user(text: str) -> dict[str, Any]:
-    return inputs.normalize_items(text)[0]
-
-
-FUNCTION = {
-    "type": "function",
-    "name": "weather",
-    "description": "Weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    "strict": True,
-}
 TOOLS = [
     FUNCTION,
     {"type": "function", "name": "time"},
