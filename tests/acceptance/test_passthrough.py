@@ -261,3 +261,34 @@ def test_a_client_that_leaves_mid_stream_releases_the_hub_stream(
         model="fake-model", messages=[{"role": "user", "content": "still here"}]
     )
     assert completion.choices[0].message.content == "echo: still here"
+
+
+def sample(stack: Stack, name: str, labels: str) -> float:
+    with httpx.Client(timeout=10) as http:
+        text = http.get(f"http://127.0.0.1:{stack.port}/metrics").text
+    found = re.findall(rf"^{name}{{{re.escape(labels)}}} (\S+)$", text, re.MULTILINE)
+    return float(found[0]) if found else 0.0
+
+
+def test_passed_through_calls_are_counted_like_every_route(router: Stack, hub: FakeHub) -> None:
+    """The router's request and hub metrics count the passed-through calls, and the caller gets
+    the request id the hub was sent."""
+    requests = 'route="POST /v1/chat/completions",status="200"'
+    hub_calls = 'path="/chat/completions",stream="false"'
+    models = 'route="GET /v1/models",status="200"'
+    before = (
+        sample(router, "respgw_router_requests_total", requests),
+        sample(router, "respgw_router_hub_latency_seconds_count", hub_calls),
+        sample(router, "respgw_router_requests_total", models),
+    )
+    raw = router.client().chat.completions.with_raw_response.create(
+        model="fake-model", messages=[{"role": "user", "content": "x"}]
+    )
+    router.client().models.list()
+    after = (
+        sample(router, "respgw_router_requests_total", requests),
+        sample(router, "respgw_router_hub_latency_seconds_count", hub_calls),
+        sample(router, "respgw_router_requests_total", models),
+    )
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
+    assert raw.headers["x-request-id"] == hub.headers[0]["x-request-id"]
