@@ -108,6 +108,7 @@ def check_settings(settings: RouterSettings) -> None:
         if value < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
     auth.parse_api_keys(settings.api_keys)
+    auth.parse_tenant_models(settings.tenant_models)
     sealing.parse_keys(settings.seal_keys)
 
 
@@ -131,7 +132,9 @@ def build_services(settings: RouterSettings) -> Services:
         ),
         bootstrapper=bootstrap.make_bootstrapper(settings),
         executor=execution.make_executor(settings.bootstrap_address, settings.bootstrap_timeout_s),
-        auth=auth.Authenticator(auth.parse_api_keys(settings.api_keys)),
+        auth=auth.Authenticator(
+            auth.parse_api_keys(settings.api_keys), auth.parse_tenant_models(settings.tenant_models)
+        ),
         sealer=sealing.Sealer.from_setting(settings.seal_keys),
         history_cache=(
             HistoryCache(settings.history_cache_mb * 1024 * 1024)

@@ -108,6 +108,14 @@ class RouterSettings(ServerSettings):
         "(every caller is tenant 'default'): for local use only.",
         env="RESPGW_API_KEYS",
     )
+    tenant_models: str = option(
+        "",
+        "Comma-separated TENANT=MODEL|MODEL entries: the models each listed tenant may use. GET "
+        "/v1/models lists only those to it, and any other model (or none) is a 404 "
+        "model_not_found on every route that calls the hub. A tenant not listed may use every "
+        "model. Empty: no limits.",
+        env="RESPGW_TENANT_MODELS",
+    )
     hub_session_header: str = option(
         "x-session-id",
         "Header that carries a turn's session key to the hub: the same for every turn of a "

@@ -45,6 +45,7 @@ from router_svc import (
     state_records,
     tool_loop,
     validate,
+    vocabulary,
 )
 from router_svc.dialects import Dialect, StreamTranslator
 from router_svc.event_log import EventLog
@@ -59,6 +60,10 @@ from router_svc.validate import TurnRequest
 log = logging.getLogger(__name__)
 
 HISTORY_TRUNCATED_HEADER = "x-respgw-history-truncated"
+# The declared tools a chat model is not offered and nothing here runs (web search, and
+# code_interpreter and shell without an execution service), comma-separated: the answer came
+# without them. (What the tool loop leaves out when it runs is not named here.)
+TOOLS_NOT_RUN_HEADER = "x-respgw-tools-not-run"
 
 
 @dataclass
@@ -98,6 +103,8 @@ class Turn:
     # A streamed turn's running form, stored beside the stream (router_svc.running); None when
     # it is not (not streamed, not stored, or --store-running-streams off).
     running_put: running.Running | None = None
+    # The declared tool types the model is not offered and nothing runs (TOOLS_NOT_RUN_HEADER).
+    tools_not_run: tuple[str, ...] = ()
 
     def json_of(self, response: ResponseObject) -> bytes:
         """``response`` as the client is shown it, as JSON: the stored bytes when it is the
@@ -128,9 +135,14 @@ class Turn:
         return dialect.path, body
 
     def headers(self) -> dict[str, str]:
+        if not (self.omitted_history_items or self.tools_not_run):
+            return {}
+        out: dict[str, str] = {}
         if self.omitted_history_items:
-            return {HISTORY_TRUNCATED_HEADER: str(self.omitted_history_items)}
-        return {}
+            out[HISTORY_TRUNCATED_HEADER] = str(self.omitted_history_items)
+        if self.tools_not_run:
+            out[TOOLS_NOT_RUN_HEADER] = ", ".join(self.tools_not_run)
+        return out
 
 
 async def begin(
@@ -256,8 +268,26 @@ async def begin(
         chain_root=chain_root,
         session_key=session_in_body,
     )
+    if req.tools and svc.dialect.tool_loop:
+        # A hub whose tools the gateway offers (Chat Completions); a Responses hub gets them all.
+        turn.tools_not_run = tools_not_run(req.tools, executor=svc.executor is not None)
     compaction.open_turn(svc, turn)
     return turn
+
+
+def tools_not_run(tools: list[dict[str, Any]], *, executor: bool) -> tuple[str, ...]:
+    """The declared tool types a Chat Completions model is never offered, in order: the web
+    searches, and code_interpreter and shell when no execution service runs them (with one, the
+    tool loop decides per turn). The dialect counts them in respgw_router_tools_not_run_total."""
+    kinds: list[str] = []
+    for tool in tools:
+        kind = str(tool.get("type"))
+        if kind not in vocabulary.CHAT_NOT_RUN_TOOLS or kind in kinds:
+            continue
+        if executor and kind in bootstrap.STATEFUL_TOOL_TYPES:
+            continue
+        kinds.append(kind)
+    return tuple(kinds)
 
 
 async def resolve_references(

@@ -29,6 +29,9 @@ MODELS: dict[str, Any] = {
         {"id": "org/other-model", "object": "model", "created": 1700000001, "owned_by": "fakehub"},
     ],
 }
+# How long a held reply (Reply.hold) waits for the test at most: a test that forgets to release
+# the hub fails instead of hanging.
+HOLD_TIMEOUT_S = 20.0
 
 
 @dataclass
@@ -36,7 +39,8 @@ class Reply:
     """One scripted answer.
 
     text / tool_calls / finish_reason / usage shape a normal answer; status+error_body make the
-    hub fail; delay_s waits first; malformed sends broken JSON; break_after_chunks cuts a stream.
+    hub fail; delay_s waits first; hold waits until the test sets it (the hub answers 504 if it
+    is not set within HOLD_TIMEOUT_S); malformed sends broken JSON; break_after_chunks cuts a stream.
     A stream that ends cleanly but early: send_finish_reason=False leaves out the chunk with the
     finish_reason, send_done=False the closing ``data: [DONE]`` (chat), send_terminal=False the
     terminal event (a Responses hub); the connection is then closed normally.
@@ -64,6 +68,9 @@ class Reply:
     raw_body: bytes | None = None
     # The phase of the message a Responses hub answers with ("commentary", "final_answer").
     phase: str | None = None
+    # Set by the test when the hub may answer: what the client got before that came without
+    # the hub's answer (no clock involved).
+    hold: threading.Event | None = None
     # Sent as the stream's chunks instead of well-formed ones (each a ``data:`` line; a chat
     # stream then ends with ``data: [DONE]``): chunks of the wrong shape, for instance.
     raw_chunks: list[bytes] | None = None
@@ -213,6 +220,9 @@ class FakeHub:
     async def _fail(self, reply: Reply) -> web.Response | None:
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
+        if reply.hold is not None and not await asyncio.to_thread(reply.hold.wait, HOLD_TIMEOUT_S):
+            body = {"error": {"message": "the test never released the hub", "type": "timeout"}}
+            return web.json_response(body, status=504)
         if reply.status != 200:
             body = (
                 reply.error_body

@@ -34,6 +34,7 @@ async def count_input_tokens(request: Request) -> Response:
     who = tenant(request)
     body = parse_json(await read_body(request))
     req = parse_count_request(body, svc)
+    svc.auth.check_model(who, "" if req.model == _UNNAMED else req.model)
     check_item_ids(req.input_items, "input")
     t = await turn.begin(svc, req, tenant=who, prepare_tools=False)
     path, upstream = await hub_request(svc, t)

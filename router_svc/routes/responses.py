@@ -58,6 +58,7 @@ async def create_response(request: Request) -> Response:
         default_model=svc.settings.default_model,
         strict_params=svc.settings.strict_params,
     )
+    svc.auth.check_model(who, req.model)
     svc.dialect.refuse(req)
     check_item_ids(req.input_items, "input")
     ident = idempotency.identify(
@@ -163,6 +164,7 @@ async def compact_response(request: Request) -> Response:
         parse_json(await read_body(request)),
         default_model=svc.settings.default_model,
     )
+    svc.auth.check_model(who, req.model)
     svc.dialect.refuse(req)
     check_item_ids(req.input_items, "input")
     t = await turn.begin(svc, req, tenant=who, headers=request.headers)

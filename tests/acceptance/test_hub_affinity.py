@@ -75,3 +75,23 @@ def test_both_can_be_turned_off(hub: FakeHub) -> None:
     finally:
         s.stop()
     assert keys(hub) == [("", "")]
+
+
+def test_the_header_name_is_a_setting(hub: FakeHub) -> None:
+    """Operators name the header their router hashes on; streamed turns carry it too."""
+    s = Stack(hub.url, router={"hub_session_header": "X-Affinity-Key"}).start()
+    try:
+        client = s.client()
+        first = client.responses.create(model="m", input="one")
+        with client.responses.stream(
+            model="m", input="two", previous_response_id=first.id
+        ) as stream:
+            stream.get_final_response()
+    finally:
+        s.stop()
+    sent = [
+        (h.get("x-affinity-key", ""), b["prompt_cache_key"])
+        for h, b in zip(hub.headers, hub.requests, strict=True)
+    ]
+    assert sent[0] == sent[1] and sent[0][0].startswith("rg-")
+    assert all("x-session-id" not in h for h in hub.headers)

@@ -172,10 +172,20 @@ def test_an_unknown_reference_is_a_400_naming_it(hub: FakeHub) -> None:
         mine = a.responses.create(model="m", input="secret")
         gone = a.responses.create(model="m", input="soon deleted")
         a.responses.delete(gone.id)
+        conv = a.conversations.create(
+            items=[
+                {"type": "message", "role": "user", "content": "a's secret"},
+                {"type": "message", "role": "user", "content": "soon removed"},
+            ]
+        )
+        kept, removed = a.conversations.items.list(conv.id, order="asc").data
+        a.conversations.items.delete(removed.id, conversation_id=conv.id)
         for client, missing in [
             (a, "msg_nope"),  # never stored
-            (b, mine.output[0].id),  # another tenant's
+            (b, mine.output[0].id),  # another tenant's response item
+            (b, kept.id),  # another tenant's conversation item
             (a, gone.output[0].id),  # its response was deleted
+            (a, removed.id),  # deleted from its conversation
         ]:
             calls = len(hub.requests)
             with pytest.raises(openai.BadRequestError) as info:

@@ -153,12 +153,40 @@ def test_tool_choice_required_needs_tools(stack: Stack, hub: FakeHub) -> None:
 def test_web_search_is_accepted_but_not_offered_and_counted(stack: Stack, hub: FakeHub) -> None:
     before = metric(stack, "respgw_router_tools_not_run_total", type="web_search")
     tools: Any = [{"type": "web_search"}, WEATHER]
-    response = stack.client().responses.create(model="fake-model", input="News?", tools=tools)
+    raw = stack.client().responses.with_raw_response.create(
+        model="fake-model", input="News?", tools=tools
+    )
+    response = raw.parse()
     assert response.status == "completed"
     assert [t.type for t in response.tools] == ["web_search", "function"], "echoed as declared"
+    # The client is told: the answer came without a search.
+    assert raw.headers["x-respgw-tools-not-run"] == "web_search"
     [sent] = hub.chat_requests()
     assert [t["function"]["name"] for t in sent["tools"]] == ["weather"]
     assert metric(stack, "respgw_router_tools_not_run_total", type="web_search") - before == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_tools_not_run_are_named_in_a_header(stack: Stack, hub: FakeHub, stream: bool) -> None:
+    """Web search, and code_interpreter and shell with no execution service, streamed or not;
+    a turn whose tools all run has no such header."""
+    tools: Any = [
+        WEATHER,
+        {"type": "shell", "environment": {"type": "container_auto"}},
+        {"type": "web_search_preview"},
+        {"type": "code_interpreter", "container": {"type": "auto"}},
+    ]
+    client = stack.client()
+    with client.responses.with_streaming_response.create(
+        model="fake-model", input="x", tools=tools, stream=stream
+    ) as raw:
+        named = raw.headers.get("x-respgw-tools-not-run")
+        raw.read()
+    assert named == "shell, web_search_preview, code_interpreter"
+    plain = client.responses.with_raw_response.create(
+        model="fake-model", input="x", tools=[WEATHER], stream=stream
+    )
+    assert "x-respgw-tools-not-run" not in plain.headers
 
 
 @pytest.mark.parametrize(

@@ -261,3 +261,94 @@ def test_a_client_that_leaves_mid_stream_releases_the_hub_stream(
         model="fake-model", messages=[{"role": "user", "content": "still here"}]
     )
     assert completion.choices[0].message.content == "echo: still here"
+
+
+def sample(stack: Stack, name: str, labels: str) -> float:
+    with httpx.Client(timeout=10) as http:
+        text = http.get(f"http://127.0.0.1:{stack.port}/metrics").text
+    found = re.findall(rf"^{name}{{{re.escape(labels)}}} (\S+)$", text, re.MULTILINE)
+    return float(found[0]) if found else 0.0
+
+
+def test_passed_through_calls_are_counted_like_every_route(router: Stack, hub: FakeHub) -> None:
+    """The router's request and hub metrics count the passed-through calls, and the caller gets
+    the request id the hub was sent."""
+    requests = 'route="POST /v1/chat/completions",status="200"'
+    hub_calls = 'path="/chat/completions",stream="false"'
+    models = 'route="GET /v1/models",status="200"'
+    before = (
+        sample(router, "respgw_router_requests_total", requests),
+        sample(router, "respgw_router_hub_latency_seconds_count", hub_calls),
+        sample(router, "respgw_router_requests_total", models),
+    )
+    raw = router.client().chat.completions.with_raw_response.create(
+        model="fake-model", messages=[{"role": "user", "content": "x"}]
+    )
+    router.client().models.list()
+    after = (
+        sample(router, "respgw_router_requests_total", requests),
+        sample(router, "respgw_router_hub_latency_seconds_count", hub_calls),
+        sample(router, "respgw_router_requests_total", models),
+    )
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
+    assert raw.headers["x-request-id"] == hub.headers[0]["x-request-id"]
+
+
+# --- models per tenant ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited(_hub_server: FakeHub) -> Iterator[Stack]:
+    s = Stack(
+        _hub_server.url,
+        router={
+            "api_keys": "key-a=tenant-a,key-b=tenant-b",
+            "tenant_models": "tenant-a=fake-model|not-served",
+        },
+    ).start()
+    yield s
+    s.stop()
+
+
+def test_a_tenant_with_models_of_its_own_is_listed_only_those(limited: Stack, hub: FakeHub) -> None:
+    a, b = limited.client("key-a"), limited.client("key-b")
+    assert [m.id for m in a.models.list()] == ["fake-model"]  # what the hub serves of its list
+    assert a.models.retrieve("fake-model").id == "fake-model"
+    assert [m.id for m in b.models.list()] == [m["id"] for m in MODELS["data"]]
+    assert b.models.retrieve("org/other-model").id == "org/other-model"
+    calls = len(hub.requests)
+    with pytest.raises(openai.NotFoundError) as info:
+        a.models.retrieve("org/other-model")
+    assert (info.value.code, info.value.param) == ("model_not_found", "model")
+    assert len(hub.requests) == calls, "refused without asking the hub"
+
+
+def test_a_tenant_may_not_name_another_model_on_any_route_that_calls_the_hub(
+    limited: Stack, hub: FakeHub
+) -> None:
+    a, b = limited.client("key-a"), limited.client("key-b")
+    other = "org/other-model"
+    message = [{"role": "user", "content": "x"}]
+    for call in (
+        lambda: a.responses.create(model=other, input="x"),
+        lambda: a.responses.create(model=other, input="x", stream=True),
+        lambda: a.responses.create(model=other, input="x", background=True),
+        lambda: a.responses.compact(model=other, input="x"),
+        lambda: a.responses.input_tokens.count(model=other, input="x"),
+        lambda: a.chat.completions.create(model=other, messages=message),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(openai.NotFoundError) as info:
+            call()
+        assert info.value.code == "model_not_found", info.value
+        assert info.value.param == "model"
+        assert other in info.value.message
+    # Naming none is not a way around it.
+    with pytest.raises(openai.BadRequestError) as missing:
+        a.responses.input_tokens.count(input="x")
+    assert (missing.value.code, missing.value.param) == ("missing_required_parameter", "model")
+    assert hub.requests == []
+    # Its own model works; another tenant is not limited.
+    assert a.responses.create(model="fake-model", input="x").status == "completed"
+    assert b.responses.create(model=other, input="x").status == "completed"
+    assert a.chat.completions.create(model="fake-model", messages=message).choices  # type: ignore[arg-type]
+    assert [r["model"] for r in hub.requests] == ["fake-model", other, "fake-model"]

@@ -5,6 +5,7 @@ as failed, or nothing without --store-running-streams), and every stream ends wi
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -15,31 +16,42 @@ from tests.fakehub import FakeHub, Reply
 from tests.support import Stack
 
 
-def read_stream(
-    stack: Stack, body: dict[str, Any]
-) -> tuple[list[dict[str, Any]], list[str], float]:
-    """The events, the raw data lines and the seconds until the first event arrived."""
-    start = time.monotonic()
-    first_at = 0.0
+def read_stream(stack: Stack, body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The events and the raw data lines."""
     lines: list[str] = []
     with httpx.Client(timeout=20) as http:
         with http.stream("POST", f"{stack.url}/responses", json={**body, "stream": True}) as r:
             assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    if not lines:
-                        first_at = time.monotonic() - start
-                    lines.append(line)
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     events = [json.loads(line[6:]) for line in lines if line != "data: [DONE]"]
-    return events, lines, first_at
+    return events, lines
 
 
 def test_created_goes_out_before_the_hub_answers(stack: Stack, hub: FakeHub) -> None:
-    hub.enqueue(Reply(text="slow answer", delay_s=1.0))
-    events, lines, first_at = read_stream(stack, {"model": "m", "input": "x"})
-    assert first_at < 0.8, "response.created waited for the hub"
+    """The hub holds its answer until the test has read the stream's first two events: a router
+    that waited for the hub before sending them would get the hub's 504 (HOLD_TIMEOUT_S) and fail
+    the turn instead."""
+    gate = threading.Event()
+    hub.enqueue(Reply(text="held answer", hold=gate))
+    events: list[dict[str, Any]] = []
+    lines: list[str] = []
+    with httpx.Client(timeout=60) as http:
+        body = {"model": "m", "input": "x", "stream": True}
+        with http.stream("POST", f"{stack.url}/responses", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                lines.append(line)
+                if line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+                if len(events) == 2 and not gate.is_set():
+                    gate.set()  # both arrived while the hub was still holding its answer
+    assert gate.is_set(), "the stream ended before its second event"
     assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
-    assert events[-1]["type"] == "response.completed"
+    assert events[0]["response"]["status"] == "in_progress"
+    assert events[-1]["type"] == "response.completed", events[-2:]
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "held answer"
     assert lines[-1] == "data: [DONE]"
 
 
@@ -65,7 +77,7 @@ def check_hub_failure(stack: Stack, hub: FakeHub, reply: Reply, code: str, runni
     """The same events either way; stored as failed when the running turn was stored (so that it
     is never left in progress), nothing stored otherwise."""
     hub.enqueue(reply)
-    events, lines, _ = read_stream(stack, {"model": "m", "input": "x"})
+    events, lines = read_stream(stack, {"model": "m", "input": "x"})
     assert [e["type"] for e in events] == [
         "response.created",
         "response.in_progress",
@@ -93,7 +105,7 @@ def check_hub_failure(stack: Stack, hub: FakeHub, reply: Reply, code: str, runni
 def test_an_unreachable_hub_ends_the_stream(hub: FakeHub) -> None:
     stack = Stack("http://127.0.0.1:9/v1").start()
     try:
-        events, lines, _ = read_stream(stack, {"model": "m", "input": "x"})
+        events, lines = read_stream(stack, {"model": "m", "input": "x"})
         assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
         assert events[-2]["code"] == "upstream_unreachable"
         assert lines[-1] == "data: [DONE]"
@@ -102,7 +114,7 @@ def test_an_unreachable_hub_ends_the_stream(hub: FakeHub) -> None:
 
 
 def test_a_replayed_stream_ends_with_done(stack: Stack, hub: FakeHub) -> None:
-    events, _, _ = read_stream(stack, {"model": "m", "input": "x"})
+    events, _ = read_stream(stack, {"model": "m", "input": "x"})
     response_id = events[0]["response"]["id"]
     with httpx.Client() as http:
         replay = http.get(f"{stack.url}/responses/{response_id}", params={"stream": "true"})

@@ -9,6 +9,9 @@ import json
 import os
 from typing import Any
 
+import pytest
+
+from router_svc import validate
 from tests import clients
 from tests.fakehub import FakeHub, Reply, text_of
 from tests.support import Stack
@@ -28,6 +31,20 @@ def scenario(stack: Stack, name: str, **env: str) -> list[dict[str, Any]]:
     assert finished.returncode == 0 and not finished.timed_out, finished.describe()
     turns: list[dict[str, Any]] = json.loads(finished.stdout)
     return turns
+
+
+@pytest.fixture
+def received(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The bodies of the POST /v1/responses requests the in-process router validated."""
+    bodies: list[dict[str, Any]] = []
+    parse = validate.parse_turn_request
+
+    def recording(body: Any, **kwargs: Any) -> validate.TurnRequest:
+        bodies.append(body)
+        return parse(body, **kwargs)
+
+    monkeypatch.setattr(validate, "parse_turn_request", recording)
+    return bodies
 
 
 def succeeded(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -101,12 +118,22 @@ def test_a_tool_the_sdk_runs(stack: Stack, hub: FakeHub) -> None:
     }
 
 
-def test_turns_passing_the_whole_history_stored(stack: Stack, hub: FakeHub) -> None:
+def test_turns_passing_the_whole_history_stored(
+    stack: Stack, hub: FakeHub, received: list[dict[str, Any]]
+) -> None:
     """With store on, the SDK sends the earlier answer as an item_reference: the gateway
     resolves it from the stored turn and the hub sees the message itself."""
     first, second = succeeded(scenario(stack, "messages-stored"))
     assert first["text"] == "echo: My name is Ada."
     assert second["text"] == "echo: What is my name?" and second["deltas"] > 0
+    # On the wire the SDK sent the first answer as a reference to it, not the message.
+    answer_id = stack.client().responses.retrieve(first["responseId"]).output[0].id
+    assert [i.get("type", "message") for i in received[1]["input"]] == [
+        "message",
+        "item_reference",
+        "message",
+    ]
+    assert received[1]["input"][1]["id"] == answer_id
     assert conversation(hub.chat_requests()[1]) == [
         ("user", "My name is Ada."),
         ("assistant", "echo: My name is Ada."),

@@ -137,6 +137,31 @@ async def test_without_the_setting_the_session_key_is_not_in_the_body(
     assert t.headers() == {}
     t.omitted_history_items = 3
     assert t.headers() == {turn.HISTORY_TRUNCATED_HEADER: "3"}
+    t.tools_not_run = ("web_search", "shell")
+    assert t.headers() == {
+        turn.HISTORY_TRUNCATED_HEADER: "3",
+        turn.TOOLS_NOT_RUN_HEADER: "web_search, shell",
+    }
+
+
+def test_the_tools_not_run_are_named_once_in_order() -> None:
+    tools = [
+        {"type": "shell"},
+        {"type": "function", "name": "f"},
+        {"type": "web_search"},
+        {"type": "web_search"},
+        {"type": "code_interpreter", "container": {"type": "auto"}},
+        {"type": "web_search_preview"},
+    ]
+    assert turn.tools_not_run(tools, executor=False) == (
+        "shell",
+        "web_search",
+        "code_interpreter",
+        "web_search_preview",
+    )
+    # With an execution service the tool loop runs the stateful ones.
+    assert turn.tools_not_run(tools, executor=True) == ("web_search", "web_search_preview")
+    assert turn.tools_not_run([{"type": "function", "name": "f"}], executor=False) == ()
 
 
 async def test_ids_no_stored_object_can_have_are_not_looked_up(svc: Services) -> None:

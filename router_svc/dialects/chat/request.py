@@ -6,7 +6,8 @@ service injected and the caller's input, oldest first, as chat messages
 (:mod:`router_svc.dialects.chat.messages`); the outputs the input opens with go right after the
 history. The model is offered the declared tools as functions
 (:mod:`router_svc.dialects.chat.tools`). The web search tools are not offered and are reported
-(``respgw_router_tools_not_run_total``), and so are the stateful ``code_interpreter`` and
+(``respgw_router_tools_not_run_total``; the client sees them named in the answer's
+``x-respgw-tools-not-run`` header, router_svc.turn), and so are the stateful ``code_interpreter`` and
 ``shell`` when no execution service runs them: when one does, the tool loop
 (:mod:`router_svc.tool_loop`) offers them itself and leaves them out of the request it translates
 here. A prompt template or a tool nobody would run is refused (:func:`check_chat_hub`, which the
