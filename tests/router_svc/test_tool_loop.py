@@ -11,7 +11,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import pydantic
 import pytest
+from openai.types.responses import ResponseStreamEvent
 
 from bootstrap_svc import server as bootstrap_server
 from bootstrap_svc.config import BootstrapSettings
@@ -396,3 +398,65 @@ async def test_a_streamed_answer_cites_the_files_it_names(env: Env) -> None:
     text_part = response["output"][1]["content"][0]
     assert text_part["annotations"] == [added[0]["annotation"]]
     assert text_part["text"][9:16] == "out.txt"
+
+
+def _extra_keys(data: Any, model: Any, path: str = "") -> list[str]:
+    """The keys of ``data`` that the SDK's ``model`` (parsed from it) has no field for."""
+    found: list[str] = []
+    if isinstance(model, pydantic.BaseModel) and isinstance(data, dict):
+        for key, value in data.items():
+            if key not in type(model).model_fields:
+                found.append(f"{path}.{key}")
+            else:
+                found += _extra_keys(value, getattr(model, key), f"{path}.{key}")
+    elif isinstance(model, list) and isinstance(data, list):
+        for n, (d, m) in enumerate(zip(data, model, strict=False)):
+            found += _extra_keys(d, m, f"{path}[{n}]")
+    return found
+
+
+async def test_every_streamed_tool_event_is_the_sdks_event_with_only_its_keys(env: Env) -> None:
+    """Each event of a streamed python call (logs, an image, a citation) and of a shell call
+    parses as the SDK's event of its type, with no key the SDK does not name (the response
+    object of the lifecycle events is held to the SDK's Response in test_shapes)."""
+    adapter: Any = pydantic.TypeAdapter(ResponseStreamEvent)
+    code = f"import base64\nopen('chart.png', 'wb').write(base64.b64decode({PNG!r}))\nprint('ok')"
+    env.hub.enqueue(
+        Reply(tool_calls=[python_call(code)], finish_reason="tool_calls"),
+        Reply(text="See /mnt/data/chart.png."),
+        Reply(
+            tool_calls=[shell_call(["printf one", "printf two >&2; exit 4"])],
+            finish_reason="tool_calls",
+        ),
+        Reply(text="ok"),
+    )
+    outputs = {"include": ["code_interpreter_call.outputs"]}
+    ci, _ = await streamed(env, await env.turn({"input": "x", "tools": [CI], **outputs}))
+    shell, _ = await streamed(env, await env.turn({"input": "x", "tools": [{"type": "shell"}]}))
+    for event in [*ci, *shell]:
+        parsed = adapter.validate_python(event)
+        assert parsed.type == event["type"]
+        data = {k: v for k, v in event.items() if k != "response"}
+        assert _extra_keys(data, parsed) == [], event["type"]
+    kinds = [e["type"] for e in ci]
+    assert "response.output_text.annotation.added" in kinds
+    done = next(e for e in ci if e["type"] == "response.output_item.done")
+    assert [o["type"] for o in done["item"]["outputs"]] == ["logs", "image"]
+    # (Output deltas come as the commands write: how many depends on the pipes.)
+    kinds = [e["type"] for e in shell]
+    kinds = [k for n, k in enumerate(kinds) if n == 0 or k != kinds[n - 1] or "content" not in k]
+    assert kinds[2:15] == [
+        "response.output_item.added",
+        *[
+            "response.shell_call_command.added",
+            "response.shell_call_command.delta",
+            "response.shell_call_command.done",
+        ]
+        * 2,
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.shell_call_output_content.delta",
+        "response.shell_call_output_content.done",
+        "response.output_item.done",
+        "response.output_item.added",
+    ]
