@@ -56,7 +56,11 @@ class ToolDeclaration(_message.Message):
     """The tool's kind. Required: TOOL_KIND_UNSPECIFIED is INVALID_ARGUMENT."""
     json: _builtins.bytes
     """The tool object from the request as UTF-8 JSON (for example
-    {"type": "code_interpreter", "container": {"type": "auto"}}). Always a JSON object.
+    {"type": "code_interpreter", "container": {"type": "auto"}}). Always a JSON object. The
+    "memory_limit" of an automatic container (a code_interpreter's "container" object, a shell's
+    "environment" of type "container_auto": "1g", "4g", "16g" or "64g") is the memory of a
+    session the service makes for it; a session it reuses keeps its own. A value the service
+    does not give is INVALID_ARGUMENT (TOOL_JSON_INVALID).
     """
     def __init__(
         self,
