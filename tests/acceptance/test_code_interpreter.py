@@ -337,7 +337,7 @@ HOSTILE = {
     "fork bomb": ("import os\nwhile True:\n    os.fork()", "processes"),
     "memory bomb": (
         "hog = []\nwhile True:\n    hog.append(bytearray(64 * 1024 * 1024))",
-        "out of memory",
+        "memory",  # "It ran out of memory" or "memory limit of N MiB exceeded"
     ),
     "1 GB write": (
         "with open('big.bin', 'wb') as f:\n"
@@ -356,11 +356,26 @@ HOSTILE = {
 }
 
 
-def test_hostile_code_ends_in_a_tool_error_the_model_sees(
-    gateway: Stack, hub: FakeHub, sandbox: Bootstrap
-) -> None:
+@pytest.fixture
+def roomy(tmp_path: Path) -> Iterator[Bootstrap]:
+    """A sandbox whose calls stop at 2 s of CPU but get 20 s of wall-clock time, so that a busy
+    machine does not turn every hostile call into a timeout."""
+    b = Bootstrap(tmp_path / "roomy", call_timeout_s=20.0, call_cpu_s=2)
+    yield b
+    b.stop()
+
+
+def test_hostile_code_ends_in_a_tool_error_the_model_sees(hub: FakeHub, roomy: Bootstrap) -> None:
     """Each hostile call ends in a tool error that says what stopped it; the model sees it and
     answers; another conversation's interpreter keeps its state throughout."""
+    gateway = Stack(hub.url, router={"bootstrap_address": roomy.address}).start()
+    try:
+        _hostile(gateway, hub, roomy)
+    finally:
+        gateway.stop()
+
+
+def _hostile(gateway: Stack, hub: FakeHub, sandbox: Bootstrap) -> None:
     client = gateway.client()
     bystander = client.conversations.create()
     hub.enqueue(python("kept = 'bystander'\nopen('mine.txt', 'w').write('mine')"), Reply(text="ok"))

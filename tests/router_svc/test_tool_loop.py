@@ -17,7 +17,7 @@ from openai.types.responses import ResponseStreamEvent
 
 from bootstrap_svc import server as bootstrap_server
 from bootstrap_svc.config import BootstrapSettings
-from router_svc import bootstrap, execution, include, tool_loop, validate
+from router_svc import bootstrap, execution, include, replay, tool_loop, validate
 from router_svc.config import RouterSettings
 from router_svc.dialects import dialect_for
 from router_svc.hub import HubClient
@@ -460,3 +460,45 @@ async def test_every_streamed_tool_event_is_the_sdks_event_with_only_its_keys(en
         "response.output_item.done",
         "response.output_item.added",
     ]
+
+
+def _types(events: list[dict[str, Any]]) -> list[str]:
+    """The events' types, a run of one type of delta counted once (how many deltas a stream
+    has depends on the hub's chunks and the pipes)."""
+    kinds = [e["type"] for e in events]
+    return [k for n, k in enumerate(kinds) if n == 0 or k != kinds[n - 1] or "delta" not in k]
+
+
+async def test_a_stored_tool_turn_replays_with_the_live_streams_events(env: Env) -> None:
+    """GET /v1/responses/{id}?stream=true of a turn stored without its events (a non-streamed
+    one) rebuilds the events the live stream sends: the same types in the same order, each the
+    SDK's event."""
+    adapter: Any = pydantic.TypeAdapter(ResponseStreamEvent)
+    env.hub.enqueue(
+        Reply(
+            tool_calls=[python_call("open('out.txt', 'w').write('x')\nprint('ok')")],
+            finish_reason="tool_calls",
+        ),
+        Reply(text="Saved to out.txt for you"),
+        Reply(
+            tool_calls=[shell_call(["printf one", "printf two >&2; exit 4"])],
+            finish_reason="tool_calls",
+        ),
+        Reply(text="ok"),
+    )
+    outputs = {"include": ["code_interpreter_call.outputs"]}
+    for body in (
+        {"input": "x", "tools": [CI], **outputs},
+        {"input": "x", "tools": [{"type": "shell"}]},
+    ):
+        turn = await env.turn(body)
+        live, stored = await streamed(env, turn)
+        rebuilt = replay.replay_events(include.response(stored, turn.req.include))
+        assert _types(rebuilt) == _types(live)
+        assert rebuilt[-1] == live[-1] | {"sequence_number": rebuilt[-1]["sequence_number"]}
+        for event in rebuilt:
+            parsed = adapter.validate_python(event)
+            data = {k: v for k, v in event.items() if k != "response"}
+            assert _extra_keys(data, parsed) == [], event["type"]
+        done = [e["item"] for e in rebuilt if e["type"] == "response.output_item.done"]
+        assert done == stored["output"]
