@@ -65,7 +65,7 @@ async def start(settings: BootstrapSettings) -> Running:
         max_sessions_per_tenant=settings.max_sessions_per_tenant,
         replay_ttl_s=settings.replay_ttl_s,
     )
-    servicer = service.BootstrapServicer(store)
+    servicer = service.BootstrapServicer(store, max_memory_bytes=settings.max_memory_mb * MIB)
     sandbox = Sandbox(
         bwrap=settings.sandbox_bwrap,
         python=settings.sandbox_python,

@@ -40,7 +40,33 @@ KINDS: dict[resources_pb2.ToolKind.ValueType, str] = {
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-def _claims(request: pb.PrepareToolsRequest) -> list[sessions.Claim]:
+# An automatic container's memory_limit (OpenAI's values), in bytes.
+MEMORY_LIMITS = {"1g": 1 << 30, "4g": 4 << 30, "16g": 16 << 30, "64g": 64 << 30}
+
+
+def _memory(options: object, field: str, max_memory_bytes: int) -> int:
+    """The memory an automatic container's ``memory_limit`` asks for; 0 when it names none."""
+    limit = options.get("memory_limit") if isinstance(options, dict) else None
+    if limit is None:
+        return 0
+    size = MEMORY_LIMITS.get(limit) if isinstance(limit, str) else None
+    if size is None:
+        raise _invalid(
+            reasons.ERROR_REASON_TOOL_JSON_INVALID,
+            f"{field}.json memory_limit must be one of {', '.join(MEMORY_LIMITS)}",
+            f"{field}.json",
+        )
+    if max_memory_bytes and size > max_memory_bytes:
+        raise _invalid(
+            reasons.ERROR_REASON_TOOL_JSON_INVALID,
+            f"{field}.json memory_limit {limit} is more than this service gives a session "
+            f"({max_memory_bytes >> 20} MiB)",
+            f"{field}.json",
+        )
+    return size
+
+
+def _claims(request: pb.PrepareToolsRequest, max_memory_bytes: int = 0) -> list[sessions.Claim]:
     """Validates the declared tools; returns what each needs from the session store."""
     if not request.tools:
         raise _invalid(
@@ -105,8 +131,17 @@ def _claims(request: pb.PrepareToolsRequest) -> list[sessions.Claim]:
             # OpenAI's shell in a container of the Containers API (or a code_interpreter's).
             claims.append(sessions.Claim(kind, reference, any_kind=True))
             continue
-        # A container id asks for that session; an object ({"type": "auto"}) lets us choose.
-        claims.append(sessions.Claim(kind, container if isinstance(container, str) else ""))
+        # A container id asks for that session; an object ({"type": "auto"}) lets us choose, and
+        # its memory_limit (or a shell's container_auto environment's) sizes a session we make.
+        if isinstance(container, str):
+            claims.append(sessions.Claim(kind, container))
+            continue
+        auto = container if kind == "code_interpreter" else environment
+        if kind == "shell" and not (
+            isinstance(auto, dict) and auto.get("type") == "container_auto"
+        ):
+            auto = None
+        claims.append(sessions.Claim(kind, "", memory_bytes=_memory(auto, field, max_memory_bytes)))
     for i, tool in enumerate(request.tools):
         if tool.kind not in KINDS:
             raise errors.Unimplemented(
@@ -163,8 +198,10 @@ def _render(
 class BootstrapServicer(bootstrap_service_pb2_grpc.BootstrapServiceServicer):
     """Implements respgw.bootstrap.v1.BootstrapService over a :class:`sessions.SessionStore`."""
 
-    def __init__(self, store: sessions.SessionStore) -> None:
+    def __init__(self, store: sessions.SessionStore, *, max_memory_bytes: int = 0) -> None:
         self._store = store
+        # The most memory_limit an automatic container may ask for; 0: any of MEMORY_LIMITS.
+        self._max_memory_bytes = max_memory_bytes
 
     async def GetCapabilities(
         self, request: pb.GetCapabilitiesRequest, context: Ctx
@@ -188,7 +225,7 @@ class BootstrapServicer(bootstrap_service_pb2_grpc.BootstrapServiceServicer):
             )
         if not request.tenant:
             raise _invalid(reasons.ERROR_REASON_TENANT_REQUIRED, "tenant is required", "tenant")
-        claims = _claims(request)
+        claims = _claims(request, self._max_memory_bytes)
         if request.conversation_id and request.previous_response_id:
             raise _invalid(
                 reasons.ERROR_REASON_SCOPE_CONFLICT,

@@ -124,6 +124,9 @@ class Claim:
     # The container was named as a reference to any session (a shell's container_reference
     # environment): a code_interpreter container serves the shell too.
     any_kind: bool = False
+    # The memory of a session made for this claim (an auto container's memory_limit); 0: the
+    # service's default. A session found for it keeps its own.
+    memory_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,9 @@ class SessionStore:
         sessions: list[Session] = []
         for claim, old in zip(claims, found, strict=True):
             if old is None:
-                session = self._insert(tenant, claim.kind, scope.conversation_id, now)
+                session = self._insert(
+                    tenant, claim.kind, scope.conversation_id, now, memory_bytes=claim.memory_bytes
+                )
                 created.append(session)
             else:
                 self._db.execute("UPDATE sessions SET last_used = ? WHERE id = ?", (now, old.id))

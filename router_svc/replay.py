@@ -1,8 +1,8 @@
 """Replay: a stored response's event stream, rebuilt from the response (or its stored events).
 
-:func:`replay_events` rebuilds the sequence the live stream sent (:mod:`router_svc.events`), event
-type for event type, with one delta per content part (the stored response does not keep the hub's
-chunk boundaries); :func:`stored_stream` is what GET /v1/responses/{id}?stream=true sends: the
+:func:`replay_events` rebuilds the sequence the live stream sent (:mod:`router_svc.events`, and
+:mod:`router_svc.tool_stream` for the calls the tool loop ran), event type for event type, with
+one delta per content part (the stored response does not keep the hub's chunk boundaries); :func:`stored_stream` is what GET /v1/responses/{id}?stream=true sends: the
 events stored with the response (:mod:`router_svc.event_log`, expanded) or that rebuilt sequence
 (:func:`stored_stream_iter` makes them one at a time, as they are sent).
 """
@@ -171,6 +171,8 @@ def _replay_item(events: Events, index: int, item: Item, *, closed: bool) -> lis
                     arguments=arguments,
                 )
             )
+    elif kind in ("code_interpreter_call", "shell_call", "shell_call_output"):
+        out += _replay_tool_item(events, common, item, opened, closed=closed)
     elif kind == "compaction":
         # As the live stream sent it: the summary is sealed once it is made.
         opened["encrypted_content"] = ""
@@ -180,6 +182,69 @@ def _replay_item(events: Events, index: int, item: Item, *, closed: bool) -> lis
         out.append(events.make("response.output_item.added", output_index=index, item=opened))
     if closed:
         out.append(events.make("response.output_item.done", output_index=index, item=item))
+    return out
+
+
+def _replay_tool_item(
+    events: Events, common: dict[str, Any], item: Item, opened: Item, *, closed: bool
+) -> list[StreamEvent]:
+    """The events of an item the tool loop ran (router_svc.tool_stream), up to its
+    ``output_item.done``: a code_interpreter call's code and states, a shell call's commands, a
+    shell output's stdout and stderr (one delta each per command)."""
+    index = common["output_index"]
+    kind = item.get("type")
+    out: list[StreamEvent] = []
+    if kind == "code_interpreter_call":
+        opened.update(code="", outputs=None)
+        out.append(events.make("response.output_item.added", output_index=index, item=opened))
+        out.append(events.make("response.code_interpreter_call.in_progress", **common))
+        code = item.get("code") or ""
+        if code:
+            out.append(
+                events.make("response.code_interpreter_call_code.delta", **common, delta=code)
+            )
+        if closed:
+            out.append(events.make("response.code_interpreter_call_code.done", **common, code=code))
+            if item.get("status") in ("completed", "failed"):
+                out.append(events.make("response.code_interpreter_call.interpreting", **common))
+                out.append(events.make("response.code_interpreter_call.completed", **common))
+    elif kind == "shell_call":
+        action = item.get("action") or {}
+        opened["action"] = {**action, "commands": []}
+        out.append(events.make("response.output_item.added", output_index=index, item=opened))
+        if closed:
+            for i, command in enumerate(action.get("commands") or []):
+                where = {"command_index": i, "output_index": index}
+                out.append(events.make("response.shell_call_command.added", **where, command=""))
+                out.append(events.make("response.shell_call_command.delta", **where, delta=command))
+                out.append(
+                    events.make("response.shell_call_command.done", **where, command=command)
+                )
+    else:
+        opened["output"] = []
+        out.append(events.make("response.output_item.added", output_index=index, item=opened))
+        entries = item.get("output") or []
+        for i, entry in enumerate(entries):
+            for stream in ("stdout", "stderr"):
+                if entry.get(stream):
+                    out.append(
+                        events.make(
+                            "response.shell_call_output_content.delta",
+                            **common,
+                            command_index=i,
+                            delta={stream: entry[stream]},
+                        )
+                    )
+        if closed:
+            for i, entry in enumerate(entries):
+                out.append(
+                    events.make(
+                        "response.shell_call_output_content.done",
+                        **common,
+                        command_index=i,
+                        output=[entry],
+                    )
+                )
     return out
 
 
@@ -203,6 +268,15 @@ def _replay_part(
                 events.make("response.output_text.delta", **where, delta=text, logprobs=logprobs)
             )
         if closed:
+            for n, annotation in enumerate(part.get("annotations") or []):
+                out.append(
+                    events.make(
+                        "response.output_text.annotation.added",
+                        **where,
+                        annotation_index=n,
+                        annotation=annotation,
+                    )
+                )
             out.append(
                 events.make("response.output_text.done", **where, text=text, logprobs=logprobs)
             )

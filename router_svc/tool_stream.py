@@ -444,7 +444,11 @@ class StreamLoop(Loop):
         self.output.append(output)
         self._open.add(out_index)
         where = {"item_id": output["id"], "output_index": out_index}
-        yield [self._event("response.output_item.added", **where, item=copy.deepcopy(output))]
+        yield [
+            self._event(
+                "response.output_item.added", output_index=out_index, item=copy.deepcopy(output)
+            )
+        ]
         if call.problem:
             result = not_run(call.problem)
             entries = [

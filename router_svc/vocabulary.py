@@ -98,6 +98,9 @@ ITEM_STATUSES = ("in_progress", "completed", "incomplete")
 ROLES = ("user", "assistant", "system", "developer")
 IMAGE_DETAILS = ("low", "high", "auto", "original")
 
+# The ``memory_limit`` values of a container (the Containers API's, and an auto container's).
+CONTAINER_MEMORY_LIMITS = ("1g", "4g", "16g", "64g")
+
 # The ``type`` of each tool of ``tools`` (ToolParam).
 TOOL_TYPES = (
     "function",

@@ -48,6 +48,7 @@ class Bootstrap:
         )
         self.running = self.tl.run(bootstrap_server.start(settings))
         self.address = f"127.0.0.1:{self.running.port}"
+        self.workdir = str(workdir)
 
     def stop(self) -> None:
         self.tl.run(self.running.stop(0.5))
@@ -331,24 +332,88 @@ def test_a_shell_tool_runs_the_same_way(gateway: Stack, hub: FakeHub) -> None:
     assert final.output_text.startswith("$ cat greeting.txt\nhello")
 
 
-def test_hostile_code_ends_in_a_tool_error_the_model_sees(gateway: Stack, hub: FakeHub) -> None:
+HOSTILE = {
+    "infinite loop": ("while True:\n    pass", "time limit"),
+    "fork bomb": ("import os\nwhile True:\n    os.fork()", "processes"),
+    "memory bomb": (
+        "hog = []\nwhile True:\n    hog.append(bytearray(64 * 1024 * 1024))",
+        "memory",  # "It ran out of memory" or "memory limit of N MiB exceeded"
+    ),
+    "1 GB write": (
+        "with open('big.bin', 'wb') as f:\n"
+        "    for _ in range(1024):\n"
+        "        f.write(b'0' * (1024 * 1024))",
+        "size limit",
+    ),
+    "huge stdout": (
+        "import sys\nfor _ in range(100):\n    sys.stdout.write('x' * 100_000)",
+        "dropped",
+    ),
+    "socket": (
+        "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)",
+        "no network access",
+    ),
+}
+
+
+@pytest.fixture
+def roomy(tmp_path: Path) -> Iterator[Bootstrap]:
+    """A sandbox whose calls stop at 2 s of CPU but get 20 s of wall-clock time, so that a busy
+    machine does not turn every hostile call into a timeout."""
+    b = Bootstrap(tmp_path / "roomy", call_timeout_s=20.0, call_cpu_s=2)
+    yield b
+    b.stop()
+
+
+def test_hostile_code_ends_in_a_tool_error_the_model_sees(hub: FakeHub, roomy: Bootstrap) -> None:
+    """Each hostile call ends in a tool error that says what stopped it; the model sees it and
+    answers; another conversation's interpreter keeps its state throughout."""
+    gateway = Stack(hub.url, router={"bootstrap_address": roomy.address}).start()
+    try:
+        _hostile(gateway, hub, roomy)
+    finally:
+        gateway.stop()
+
+
+def _hostile(gateway: Stack, hub: FakeHub, sandbox: Bootstrap) -> None:
     client = gateway.client()
-    hostile = {
-        "infinite loop": "while True:\n    pass",
-        "fork bomb": "import os\nwhile True:\n    os.fork()",
-        "memory bomb": "hog = []\nwhile True:\n    hog.append(bytearray(64 * 1024 * 1024))",
-        "socket": "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)",
-    }
-    for name, code in hostile.items():
+    bystander = client.conversations.create()
+    hub.enqueue(python("kept = 'bystander'\nopen('mine.txt', 'w').write('mine')"), Reply(text="ok"))
+    client.responses.create(
+        model="m", input="set", tools=[CODE_INTERPRETER], conversation=bystander.id
+    )
+    said: dict[str, str] = {}
+    for name, (code, says) in HOSTILE.items():
         hub.enqueue(python(code), Reply(text_from_tool="Tool said: {tool}"))
         response = client.responses.create(model="m", input=name, tools=[CODE_INTERPRETER])
         assert response.status == "completed", name
-        assert response.output_text.startswith("Tool said: ")
-        assert len(response.output_text) > len("Tool said: ") + 10, name
-    # The service and the session keep working.
-    hub.enqueue(python("print('still here')"), Reply(text_from_tool="{tool}"))
-    after = client.responses.create(model="m", input="ok?", tools=[CODE_INTERPRETER])
-    assert after.output_text == "still here"
+        seen = text_of(hub.chat_requests()[-1]["messages"][-1])
+        assert response.output_text == f"Tool said: {seen}", name
+        assert says in seen, (name, seen[-500:])
+        said[name] = seen
+        hub.enqueue(python("print(kept, open('mine.txt').read())"), Reply(text_from_tool="{tool}"))
+        alive = client.responses.create(
+            model="m", input="still?", tools=[CODE_INTERPRETER], conversation=bystander.id
+        )
+        assert alive.output_text == "bystander mine", name
+    # The huge stdout reached the model clipped (--tool-output-chars, 16000 by default).
+    assert len(said["huge stdout"]) < 17_000
+    # Another session's files, by its directory beside this one's and by the service's path.
+    theirs = client.conversations.items.list(bystander.id, order="asc").data[1]
+    assert theirs.type == "code_interpreter_call"
+    probe = (
+        "found = []\n"
+        f"for path in ['../{theirs.container_id}/mine.txt', '/mnt/{theirs.container_id}/mine.txt',\n"
+        f"             '{sandbox.workdir}/{theirs.container_id}/mine.txt']:\n"
+        "    try:\n"
+        "        found.append(open(path).read())\n"
+        "    except OSError as exc:\n"
+        "        found.append(type(exc).__name__)\n"
+        "print(found)"
+    )
+    hub.enqueue(python(probe), Reply(text_from_tool="{tool}"))
+    nosy = client.responses.create(model="m", input="peek", tools=[CODE_INTERPRETER])
+    assert nosy.output_text == str(["FileNotFoundError"] * 3)
 
 
 def test_a_callers_function_is_returned_to_it(gateway: Stack, hub: FakeHub) -> None:

@@ -147,6 +147,29 @@ def test_files_upload_list_content_delete_and_code_in_that_container(
         foreign.containers.files.create(target.id, file=("x.txt", b"x"))
 
 
+def test_an_auto_container_gets_its_memory_limit(gateway: Stack, hub: FakeHub) -> None:
+    client = gateway.client("key-a")
+    code = "import resource\nprint(resource.getrlimit(resource.RLIMIT_AS)[0] >> 20)"
+    hub.enqueue(python(code), Reply(text_from_tool="{tool} MiB"))
+    auto: Any = {"type": "code_interpreter", "container": {"type": "auto", "memory_limit": "4g"}}
+    response = client.responses.create(model="m", input="How much memory?", tools=[auto])
+    assert response.output_text == "4096 MiB"
+    container_id = response.output[0].container_id  # type: ignore[union-attr]
+    assert client.containers.retrieve(container_id).memory_limit == "4g"
+    # What the sessions cannot honour is refused before anything runs.
+    calls = len(hub.chat_requests())
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(
+            model="m",
+            input="x",
+            tools=[
+                {"type": "code_interpreter", "container": {"type": "auto", "file_ids": ["file-1"]}}
+            ],
+        )
+    assert info.value.param == "tools[0].container.file_ids"
+    assert len(hub.chat_requests()) == calls
+
+
 def test_an_upload_cannot_leave_the_container(gateway: Stack) -> None:
     client = gateway.client("key-a")
     container = client.containers.create(name="safe")

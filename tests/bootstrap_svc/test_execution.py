@@ -646,6 +646,36 @@ async def test_sessions_created_listed_and_deleted(svc: Stubs) -> None:
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_session_created_with_its_own_idle_ttl_expires_after_it(start: Start) -> None:
+    """A container's expires_after: its own TTL, not the service's (20 minutes here)."""
+    running = await start(idle_ttl_s=1200.0)
+    async for svc in _stubs(running):
+        short = pb.CreateSessionRequest(request_id="create_short", tenant=TENANT, name="short")
+        short.idle_ttl.FromSeconds(1)
+        sid = (await svc.execution.CreateSession(short)).session.session_id
+        kept = (
+            await svc.execution.CreateSession(
+                pb.CreateSessionRequest(request_id="create_kept", tenant=TENANT, name="kept")
+            )
+        ).session.session_id
+        await run(svc, sid, "x = 1")
+        assert sid in os.listdir(running.store.workdir)
+        await _until(lambda: running.store.get(TENANT, sid) is None)  # noqa: B023
+        for rpc in (svc.execution.GetSession, svc.execution.DeleteSession):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await rpc(pb.GetSessionRequest(tenant=TENANT, session_id=sid))  # type: ignore[arg-type]
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await run(svc, sid, "x")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        listed = await svc.execution.ListSessions(pb.ListSessionsRequest(tenant=TENANT))
+        assert [s.session_id for s in listed.sessions] == [kept]
+        # The sweep (every 30 s at most at this TTL) removes its directory.
+        assert await running.store.sweep() == 1
+        assert sid not in os.listdir(running.store.workdir)
+        assert (await run(svc, kept, "'kept'")).stdout == "'kept'\n"
+
+
 async def test_releasing_a_conversation_stops_its_interpreter(svc: Stubs) -> None:
     sid = await prepare(svc, conversation_id="conv_gone")
     await run(svc, sid, "x = 1")

@@ -176,6 +176,37 @@ async def test_a_container_id_names_the_session_to_reuse(stub: Stub) -> None:
 # -- expiry, release, cap --------------------------------------------------------------------
 
 
+async def test_an_auto_containers_memory_limit_sizes_the_session_made_for_it(
+    start: Start,
+) -> None:
+    running = await start(max_memory_mb=4096)
+    channel, stub = await _channel_stub(running)
+    async with channel:
+        auto = {"type": "code_interpreter", "container": {"type": "auto", "memory_limit": "4g"}}
+        shell = {"type": "shell", "environment": {"type": "container_auto", "memory_limit": "1g"}}
+        ci, sh = await _ids(
+            stub, _req(tools=[_tool(CI, auto), _tool(SHELL, shell)], conversation_id="conv_m")
+        )
+        memory = {s.id: s.memory_bytes for s in running.store.live_sessions(TENANT)}
+        assert memory == {ci: 4 << 30, sh: 1 << 30}
+        # A session found again keeps its memory, whatever a later request asks.
+        smaller = {"type": "code_interpreter", "container": {"type": "auto", "memory_limit": "1g"}}
+        assert await _ids(stub, _req(tools=[_tool(CI, smaller)], conversation_id="conv_m")) == [ci]
+        assert running.store.get(TENANT, ci).memory_bytes == 4 << 30  # type: ignore[union-attr]
+        # Without one, the service's default (0 here: --memory-mb).
+        (plain,) = await _ids(stub, _req(CI))
+        assert running.store.get(TENANT, plain).memory_bytes == 0  # type: ignore[union-attr]
+        for limit in ("16g", "2g", 4):
+            asked = {
+                "type": "code_interpreter",
+                "container": {"type": "auto", "memory_limit": limit},
+            }
+            assert await _refused(stub, _req(tools=[_tool(CI, asked)])) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "TOOL_JSON_INVALID",
+            )
+
+
 async def test_idle_sessions_expire_and_their_directories_go(
     start: Start, settings: BootstrapSettings
 ) -> None:

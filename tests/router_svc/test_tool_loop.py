@@ -11,11 +11,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import pydantic
 import pytest
+from openai.types.responses import ResponseStreamEvent
 
 from bootstrap_svc import server as bootstrap_server
 from bootstrap_svc.config import BootstrapSettings
-from router_svc import bootstrap, execution, include, tool_loop, validate
+from router_svc import bootstrap, execution, include, replay, tool_loop, validate
 from router_svc.config import RouterSettings
 from router_svc.dialects import dialect_for
 from router_svc.hub import HubClient
@@ -396,3 +398,107 @@ async def test_a_streamed_answer_cites_the_files_it_names(env: Env) -> None:
     text_part = response["output"][1]["content"][0]
     assert text_part["annotations"] == [added[0]["annotation"]]
     assert text_part["text"][9:16] == "out.txt"
+
+
+def _extra_keys(data: Any, model: Any, path: str = "") -> list[str]:
+    """The keys of ``data`` that the SDK's ``model`` (parsed from it) has no field for."""
+    found: list[str] = []
+    if isinstance(model, pydantic.BaseModel) and isinstance(data, dict):
+        for key, value in data.items():
+            if key not in type(model).model_fields:
+                found.append(f"{path}.{key}")
+            else:
+                found += _extra_keys(value, getattr(model, key), f"{path}.{key}")
+    elif isinstance(model, list) and isinstance(data, list):
+        for n, (d, m) in enumerate(zip(data, model, strict=False)):
+            found += _extra_keys(d, m, f"{path}[{n}]")
+    return found
+
+
+async def test_every_streamed_tool_event_is_the_sdks_event_with_only_its_keys(env: Env) -> None:
+    """Each event of a streamed python call (logs, an image, a citation) and of a shell call
+    parses as the SDK's event of its type, with no key the SDK does not name (the response
+    object of the lifecycle events is held to the SDK's Response in test_shapes)."""
+    adapter: Any = pydantic.TypeAdapter(ResponseStreamEvent)
+    code = f"import base64\nopen('chart.png', 'wb').write(base64.b64decode({PNG!r}))\nprint('ok')"
+    env.hub.enqueue(
+        Reply(tool_calls=[python_call(code)], finish_reason="tool_calls"),
+        Reply(text="See /mnt/data/chart.png."),
+        Reply(
+            tool_calls=[shell_call(["printf one", "printf two >&2; exit 4"])],
+            finish_reason="tool_calls",
+        ),
+        Reply(text="ok"),
+    )
+    outputs = {"include": ["code_interpreter_call.outputs"]}
+    ci, _ = await streamed(env, await env.turn({"input": "x", "tools": [CI], **outputs}))
+    shell, _ = await streamed(env, await env.turn({"input": "x", "tools": [{"type": "shell"}]}))
+    for event in [*ci, *shell]:
+        parsed = adapter.validate_python(event)
+        assert parsed.type == event["type"]
+        data = {k: v for k, v in event.items() if k != "response"}
+        assert _extra_keys(data, parsed) == [], event["type"]
+    kinds = [e["type"] for e in ci]
+    assert "response.output_text.annotation.added" in kinds
+    done = next(e for e in ci if e["type"] == "response.output_item.done")
+    assert [o["type"] for o in done["item"]["outputs"]] == ["logs", "image"]
+    # (Output deltas come as the commands write: how many depends on the pipes.)
+    kinds = [e["type"] for e in shell]
+    kinds = [k for n, k in enumerate(kinds) if n == 0 or k != kinds[n - 1] or "content" not in k]
+    assert kinds[2:15] == [
+        "response.output_item.added",
+        *[
+            "response.shell_call_command.added",
+            "response.shell_call_command.delta",
+            "response.shell_call_command.done",
+        ]
+        * 2,
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.shell_call_output_content.delta",
+        "response.shell_call_output_content.done",
+        "response.output_item.done",
+        "response.output_item.added",
+    ]
+
+
+def _types(events: list[dict[str, Any]]) -> list[str]:
+    """The events' types, a run of one type of delta counted once (how many deltas a stream
+    has depends on the hub's chunks and the pipes)."""
+    kinds = [e["type"] for e in events]
+    return [k for n, k in enumerate(kinds) if n == 0 or k != kinds[n - 1] or "delta" not in k]
+
+
+async def test_a_stored_tool_turn_replays_with_the_live_streams_events(env: Env) -> None:
+    """GET /v1/responses/{id}?stream=true of a turn stored without its events (a non-streamed
+    one) rebuilds the events the live stream sends: the same types in the same order, each the
+    SDK's event."""
+    adapter: Any = pydantic.TypeAdapter(ResponseStreamEvent)
+    env.hub.enqueue(
+        Reply(
+            tool_calls=[python_call("open('out.txt', 'w').write('x')\nprint('ok')")],
+            finish_reason="tool_calls",
+        ),
+        Reply(text="Saved to out.txt for you"),
+        Reply(
+            tool_calls=[shell_call(["printf one", "printf two >&2; exit 4"])],
+            finish_reason="tool_calls",
+        ),
+        Reply(text="ok"),
+    )
+    outputs = {"include": ["code_interpreter_call.outputs"]}
+    for body in (
+        {"input": "x", "tools": [CI], **outputs},
+        {"input": "x", "tools": [{"type": "shell"}]},
+    ):
+        turn = await env.turn(body)
+        live, stored = await streamed(env, turn)
+        rebuilt = replay.replay_events(include.response(stored, turn.req.include))
+        assert _types(rebuilt) == _types(live)
+        assert rebuilt[-1] == live[-1] | {"sequence_number": rebuilt[-1]["sequence_number"]}
+        for event in rebuilt:
+            parsed = adapter.validate_python(event)
+            data = {k: v for k, v in event.items() if k != "response"}
+            assert _extra_keys(data, parsed) == [], event["type"]
+        done = [e["item"] for e in rebuilt if e["type"] == "response.output_item.done"]
+        assert done == stored["output"]

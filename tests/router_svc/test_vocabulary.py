@@ -113,3 +113,18 @@ def test_every_stored_item_type_has_an_id_prefix_of_its_own() -> None:
     prefixes = list(vocabulary.ID_PREFIXES.values())
     assert len(set(prefixes)) == len(prefixes)
     assert "item_reference" not in vocabulary.ID_PREFIXES, "a reference is never stored"
+
+
+def test_the_container_memory_limits_are_the_sdks() -> None:
+    from openai.types.container_create_params import ContainerCreateParams
+    from openai.types.responses.container_auto import ContainerAuto
+    from openai.types.responses.tool import CodeInterpreterContainerCodeInterpreterToolAuto
+
+    for hint in (
+        get_type_hints(ContainerCreateParams)["memory_limit"],
+        ContainerAuto.model_fields["memory_limit"].annotation,
+        CodeInterpreterContainerCodeInterpreterToolAuto.model_fields["memory_limit"].annotation,
+    ):
+        literals = [hint, *get_args(hint)]
+        literal = next(a for a in literals if get_origin(a) is typing.Literal)
+        assert set(get_args(literal)) == set(vocabulary.CONTAINER_MEMORY_LIMITS)

@@ -40,7 +40,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INVALID_ARGUMENT: PrepareTools declares one kind twice (metadata "field"). Do not retry."""
     ERROR_REASON_TOOL_JSON_INVALID: _ErrorReason.ValueType  # 6
     """INVALID_ARGUMENT: a declared tool's JSON is not a JSON object, has another type than its
-    kind, or names its container or environment wrongly (metadata "field"). Do not retry.
+    kind, names its container or environment wrongly, or asks for a memory_limit the service
+    does not give (metadata "field"). Do not retry.
     """
     ERROR_REASON_SCOPE_CONFLICT: _ErrorReason.ValueType  # 7
     """INVALID_ARGUMENT: PrepareTools sets both conversation_id and previous_response_id. Do not
@@ -149,7 +150,8 @@ ERROR_REASON_KIND_DUPLICATED: ErrorReason.ValueType  # 5
 """INVALID_ARGUMENT: PrepareTools declares one kind twice (metadata "field"). Do not retry."""
 ERROR_REASON_TOOL_JSON_INVALID: ErrorReason.ValueType  # 6
 """INVALID_ARGUMENT: a declared tool's JSON is not a JSON object, has another type than its
-kind, or names its container or environment wrongly (metadata "field"). Do not retry.
+kind, names its container or environment wrongly, or asks for a memory_limit the service
+does not give (metadata "field"). Do not retry.
 """
 ERROR_REASON_SCOPE_CONFLICT: ErrorReason.ValueType  # 7
 """INVALID_ARGUMENT: PrepareTools sets both conversation_id and previous_response_id. Do not

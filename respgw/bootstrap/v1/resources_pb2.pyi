@@ -56,7 +56,12 @@ class ToolDeclaration(_message.Message):
     """The tool's kind. Required: TOOL_KIND_UNSPECIFIED is INVALID_ARGUMENT."""
     json: _builtins.bytes
     """The tool object from the request as UTF-8 JSON (for example
-    {"type": "code_interpreter", "container": {"type": "auto"}}). Always a JSON object.
+    {"type": "code_interpreter", "container": {"type": "auto"}}). Always a JSON object. A
+    service that bounds memory per session gives a session it makes for an automatic container
+    the container's "memory_limit" (a code_interpreter's "container" object, a shell's
+    "environment" of type "container_auto": "1g", "4g", "16g" or "64g"; the reference service
+    does); a session it reuses keeps its own, and a value it does not give is INVALID_ARGUMENT
+    (TOOL_JSON_INVALID).
     """
     def __init__(
         self,

@@ -136,6 +136,51 @@ def _response_format(fmt: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": schema}
 
 
+def _check_auto_container(tool: dict[str, Any], i: int) -> None:
+    """Refuses the options of an automatic container (a code_interpreter's ``container``
+    object, a shell's ``container_auto`` environment) that the gateway's sessions cannot honour,
+    rather than run the call without them. ``memory_limit`` is honoured by the bootstrap service
+    (the session it makes gets that memory)."""
+    if tool.get("type") == "code_interpreter":
+        options, path = tool.get("container"), f"tools[{i}].container"
+    else:
+        options, path = tool.get("environment"), f"tools[{i}].environment"
+        if not isinstance(options, dict) or options.get("type") != "container_auto":
+            return
+    if not isinstance(options, dict):
+        return
+    limit = options.get("memory_limit")
+    if limit is not None and limit not in vocabulary.CONTAINER_MEMORY_LIMITS:
+        raise errors.InvalidRequest(
+            f"Invalid value for '{path}.memory_limit': expected one of "
+            f"{', '.join(vocabulary.CONTAINER_MEMORY_LIMITS)}.",
+            param=f"{path}.memory_limit",
+            code="invalid_value",
+        )
+    if options.get("file_ids"):
+        raise errors.InvalidRequest(
+            "file_ids is not supported by this server (it has no Files API): create a container, "
+            "upload the files with POST /v1/containers/{container_id}/files and name the "
+            "container instead.",
+            param=f"{path}.file_ids",
+            code="unsupported_parameter",
+        )
+    policy = options.get("network_policy")
+    if policy is not None and (not isinstance(policy, dict) or policy.get("type") != "disabled"):
+        raise errors.InvalidRequest(
+            'Only network_policy {"type": "disabled"} is supported: containers here have no '
+            "network access.",
+            param=f"{path}.network_policy",
+            code="unsupported_value",
+        )
+    if options.get("skills"):
+        raise errors.InvalidRequest(
+            "skills are not supported by this server.",
+            param=f"{path}.skills",
+            code="unsupported_parameter",
+        )
+
+
 def check_chat_hub(req: TurnRequest) -> list[str]:
     """Refuses what a Chat Completions hub cannot do; returns the types of the declared tools
     that are accepted but not offered to the model (:data:`vocabulary.CHAT_NOT_RUN_TOOLS`), in
@@ -143,7 +188,8 @@ def check_chat_hub(req: TurnRequest) -> list[str]:
 
     Refused: a ``prompt`` template (the gateway has no prompt store to resolve it from, and
     answering without it would answer another question), and the tools nobody would run
-    (OpenAI's error for a hosted tool a model does not support, with the reason).
+    (OpenAI's error for a hosted tool a model does not support, with the reason), and the
+    options of an automatic container the gateway's sessions cannot honour.
     """
     prompt = req.body.get("prompt")
     if prompt is not None:
@@ -155,10 +201,12 @@ def check_chat_hub(req: TurnRequest) -> list[str]:
             code="unsupported_parameter",
         )
     not_run: list[str] = []
-    for tool in req.tools:
+    for i, tool in enumerate(req.tools):
         kind = str(tool.get("type"))
         if kind in vocabulary.CHAT_OFFERED_TOOLS:
             continue
+        if kind in ("code_interpreter", "shell"):
+            _check_auto_container(tool, i)
         if kind in vocabulary.CHAT_NOT_RUN_TOOLS:
             if kind not in not_run:
                 not_run.append(kind)

@@ -259,6 +259,50 @@ def test_web_search_and_stateful_tools_are_accepted_but_not_run_on_a_chat_hub() 
     ]
 
 
+@pytest.mark.parametrize(
+    ("options", "param", "code"),
+    [
+        ({"memory_limit": "2g"}, "memory_limit", "invalid_value"),
+        ({"file_ids": ["file-1"]}, "file_ids", "unsupported_parameter"),
+        (
+            {"network_policy": {"type": "allowlist", "allowed_domains": ["pypi.org"]}},
+            "network_policy",
+            "unsupported_value",
+        ),
+        (
+            {"skills": [{"type": "skill_reference", "skill_id": "s"}]},
+            "skills",
+            "unsupported_parameter",
+        ),
+    ],
+)
+def test_an_auto_containers_options_the_sessions_cannot_honour_are_refused(
+    options: dict[str, Any], param: str, code: str
+) -> None:
+    ci = {"type": "code_interpreter", "container": {"type": "auto", **options}}
+    shell = {"type": "shell", "environment": {"type": "container_auto", **options}}
+    for tool, where in ((ci, "container"), (shell, "environment")):
+        body = {"model": "m", "input": "x", "tools": [{"type": "function", "name": "f"}, tool]}
+        error = rejected(body)
+        assert (error.param, error.code, error.status) == (f"tools[1].{where}.{param}", code, 400)
+        # A Responses hub (OpenAI's) has its own containers.
+        ResponsesDialect().refuse(parse(body))
+    # What the sessions honour: a memory_limit, no network, no files, no skills.
+    honoured = {"memory_limit": "4g", "network_policy": {"type": "disabled"}, "file_ids": []}
+    ChatDialect().refuse(
+        parse(
+            {
+                "model": "m",
+                "input": "x",
+                "tools": [
+                    {"type": "code_interpreter", "container": {"type": "auto", **honoured}},
+                    {"type": "shell", "environment": {"type": "container_auto", **honoured}},
+                ],
+            }
+        )
+    )
+
+
 def test_prompt_templates_are_refused_for_a_chat_hub() -> None:
     body = {"model": "m", "prompt": {"id": "pmpt_1", "variables": {"city": "Paris"}}}
     error = rejected(body)
