@@ -168,9 +168,7 @@ def test_a_streamed_call_passes_the_sdks_stream_helper(gateway: Stack, hub: Fake
         model="m", input=[output], tools=[LOCAL], conversation=conversation.id
     ) as events:
         answer = events.get_final_response()
-    assert answer.output_text == (
-        "git says: nothing to commit, working tree clean\n[exit code 0]"
-    )
+    assert answer.output_text == ("git says: nothing to commit, working tree clean\n[exit code 0]")
     items = client.conversations.items.list(conversation.id, order="asc").data
     assert [i.type for i in items] == ["message", "shell_call", "shell_call_output", "message"]
     assert items[1].model_dump() == call.model_dump()
@@ -251,11 +249,10 @@ def test_a_callers_function_and_a_local_shell_call_in_one_answer(
     assert len(messages[1]["tool_calls"]) == 2
 
 
-def test_a_responses_hub_gets_the_local_shell_as_declared(
-    hub: FakeHub, sandbox: Bootstrap
-) -> None:
+def test_a_responses_hub_gets_the_local_shell_as_declared(hub: FakeHub, sandbox: Bootstrap) -> None:
     stack = Stack(
-        hub.url, router={"bootstrap_address": f"127.0.0.1:{sandbox.running.port}", "hub_api": "responses"}
+        hub.url,
+        router={"bootstrap_address": f"127.0.0.1:{sandbox.running.port}", "hub_api": "responses"},
     ).start()
     before = tool_service_calls()
     try:
