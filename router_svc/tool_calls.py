@@ -3,8 +3,9 @@
 A :class:`Loop` is one turn's tool loop (:mod:`router_svc.tool_loop`) as both its paths share it:
 the stateful tools offered to the model (as function tools), the chat request of each round (the
 caller's tools and ``tool_choice`` kept, the offered tools left out of the last round and past
-``max_tool_calls``), the usage summed over the rounds, and one ``code_interpreter`` or ``shell``
-call run in the execution service's session, with the files it wrote cited in the answer's text.
+``max_tool_calls``; a local shell offered in every round, as the caller's tools are), the usage
+summed over the rounds, and one ``code_interpreter`` or hosted ``shell`` call run in the
+execution service's session, with the files it wrote cited in the answer's text.
 What is not run is said in the call's output (:func:`not_run`), never a failure of the turn.
 """
 

@@ -7,8 +7,9 @@ a ``python`` tool taking ``{"code"}`` and a ``shell`` tool taking ``{"commands",
 What the client sees is OpenAI's: a ``code_interpreter_call`` item (code, container_id, status,
 and ``outputs`` -- logs and images -- when ``include`` asks for
 ``code_interpreter_call.outputs``: they are always stored, see :mod:`router_svc.include`), or a
-``shell_call`` and its ``shell_call_output``. This module builds those items from a call's
-arguments and its result, and the text the model reads of a result. The items are stored whole;
+``shell_call`` and its ``shell_call_output`` (a local shell's ``shell_call`` is returned to the
+client, which sends the output). This module builds those items from a call's arguments and its
+result, and the text the model reads of a result. The items are stored whole;
 a later turn replays them to the hub as the function calls and outputs they were
 (:func:`replayable`).
 """

@@ -10,6 +10,13 @@ returned to the caller, as always), or a limit is reached: the request's ``max_t
 call beyond it is not run) or ``--tool-max-rounds`` hub calls (the last one is made without the
 tools, so the model answers).
 
+A ``shell`` whose ``environment`` is ``local`` (or absent, as in OpenAI's API) is the client's,
+as a function tool is: it is offered in every round, needs no session (no bootstrap or execution
+call when it is the turn's only stateful tool), and its call is returned to the client as a
+``shell_call`` (``environment: {"type": "local"}``), which ends the loop; the client's
+``shell_call_output`` in its next request reaches the model as that call's answer
+(:func:`router_svc.tool_items.replayable`). ``max_tool_calls`` does not count these calls.
+
 Streamed, the calls have the events of the current SDK
 (``response.code_interpreter_call.in_progress``, ``..._code.delta``, ``..._code.done``,
 ``.interpreting``, ``.completed``; ``response.shell_call_command.added/delta/done``,
