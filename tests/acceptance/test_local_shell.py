@@ -28,6 +28,7 @@ from agents import (
 from openai.types.responses import ResponseFunctionShellToolCall
 from prometheus_client import REGISTRY
 
+from tests.acceptance.test_background import wait_for
 from tests.acceptance.test_stateful_tools import Bootstrap
 from tests.fakehub import FakeHub, Reply, text_of
 from tests.support import Stack
@@ -197,6 +198,24 @@ def test_the_whole_input_without_stored_state(gateway: Stack, hub: FakeHub) -> N
     assert answer.output_text == "[timed out]"
     messages = hub.chat_requests()[1]["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
+
+
+def test_a_background_turn_returns_the_call_too(gateway: Stack, hub: FakeHub) -> None:
+    client = gateway.client()
+    before = tool_service_calls()
+    hub.enqueue(shell(["make test"]))
+    started = client.responses.create(model="m", input="test it", tools=[LOCAL], background=True)
+    finished = wait_for(client, started.id, until={"completed", "failed"})
+    [call] = finished.output
+    assert finished.status == "completed" and call.type == "shell_call"
+    assert call.environment is not None and call.environment.type == "local"
+    assert tool_service_calls() == before
+    hub.enqueue(Reply(text_from_tool="{tool}"))
+    output = {"type": "shell_call_output", "call_id": call.call_id, "output": [exited("ok\n")]}
+    answer = client.responses.create(
+        model="m", input=[output], tools=[LOCAL], previous_response_id=finished.id
+    )
+    assert answer.output_text == "ok\n[exit code 0]"
 
 
 def test_a_call_never_answered_gets_a_placeholder(gateway: Stack, hub: FakeHub) -> None:
