@@ -1,6 +1,5 @@
 """The state service: stored responses, conversations, background jobs and compaction summaries
-behind the gRPC
-contract ``respgw.state.v1`` (``protos/respgw/state/v1``).
+behind the gRPC contract ``respgw.state.v1`` (``protos/respgw/state/v1``).
 
 Package map::
 
