@@ -210,10 +210,9 @@ def _is_user_message(item: Mapping[str, Any]) -> bool:
 
 
 async def open_turn(svc: Services, turn: Turn) -> None:
-    """Sets the turn's model input when sealed items may be in it (:func:`model_input`)."""
+    """Sets the turn's model input (:func:`model_input`); called only when sealed items may be
+    in it (:func:`has_sealed`, checked by the caller so that other turns await nothing)."""
     req = turn.req
-    if not has_sealed(req.input_items, turn.history):
-        return
     turn.model_input = await model_input(
         svc,
         tenant=turn.tenant,
