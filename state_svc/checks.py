@@ -187,6 +187,22 @@ def turn(r: resources_pb2.StoredResponse) -> base.Turn:
     )
 
 
+# The largest compaction summary PutCompaction stores (its contract).
+MAX_SUMMARY_BYTES = 1 << 20
+
+
+def compaction(c: resources_pb2.Compaction) -> base.Compaction:
+    """A PutCompaction record, checked: an id and a summary of at most MAX_SUMMARY_BYTES."""
+    require(c.id, "compaction.id")
+    summary = c.summary
+    require(summary, "compaction.summary")
+    if len(summary) > MAX_SUMMARY_BYTES:
+        raise _invalid(
+            "compaction.summary", f"compaction.summary must be at most {MAX_SUMMARY_BYTES} bytes"
+        )
+    return base.Compaction(id=c.id, summary=summary)
+
+
 def positive_us(duration: duration_pb2.Duration, field: str) -> int:
     micros = duration.seconds * 1_000_000 + duration.nanos // 1000
     if micros <= 0:

@@ -357,6 +357,32 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         )
         return state_service_pb2.DeleteResponseResponse()
 
+    # --- compaction summaries -----------------------------------------------------------------
+
+    async def PutCompaction(
+        self, request: state_service_pb2.PutCompactionRequest, context: Context
+    ) -> state_service_pb2.PutCompactionResponse:
+        checks.check_strings(request)
+        tenant = checks.tenant(request.tenant)
+        compaction = checks.compaction(request.compaction)
+        result = await self._timed(
+            "put_compaction", self._backend.put_compaction(tenant, compaction)
+        )
+        return state_service_pb2.PutCompactionResponse(
+            compaction=records.compaction_pb(result.compaction), replayed=result.replayed
+        )
+
+    async def GetCompaction(
+        self, request: state_service_pb2.GetCompactionRequest, context: Context
+    ) -> state_service_pb2.GetCompactionResponse:
+        checks.check_strings(request)
+        tenant = checks.tenant(request.tenant)
+        checks.require(request.compaction_id, "compaction_id")
+        found = await self._timed(
+            "get_compaction", self._backend.get_compaction(tenant, request.compaction_id)
+        )
+        return state_service_pb2.GetCompactionResponse(compaction=records.compaction_pb(found))
+
     # --- conversations --------------------------------------------------------------------
 
     async def CreateConversation(

@@ -162,6 +162,23 @@ class JobState:
     owner: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Compaction:
+    """A compaction item's summary, kept so that any router can restore the item (see
+    PutCompaction in the proto)."""
+
+    id: str
+    summary: bytes
+    create_time_us: int = 0
+    expire_time_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PutCompactionResult:
+    compaction: Compaction
+    replayed: bool
+
+
 class Backend(Protocol):
     """Where the state service keeps responses and conversations. Every method is scoped to a
     tenant, and every lookup treats expired rows as absent."""
@@ -247,7 +264,18 @@ class Backend(Protocol):
     ) -> Conversation: ...
 
     async def sweep(self) -> int:
-        """Deletes expired responses and conversations; returns how many rows went."""
+        """Deletes expired responses, conversations and compactions; returns how many rows
+        went."""
+        ...
+
+    # --- compaction summaries (see PutCompaction in the proto) -------------------------------
+
+    async def put_compaction(self, tenant: str, compaction: Compaction) -> PutCompactionResult:
+        """Stores a summary unless a live one has its id (:func:`stored_compaction`)."""
+        ...
+
+    async def get_compaction(self, tenant: str, compaction_id: str) -> Compaction:
+        """The live summary with this id, or NOT_FOUND (ITEM_NOT_FOUND)."""
         ...
 
     # --- background responses (see "Background responses" in the proto) ---------------------
@@ -523,6 +551,23 @@ def check_chain(previous_id: str, chain: Sequence[tuple[str, str]]) -> None:
         expected = response_id
     if expected != previous_id:
         raise errors.previous_response_not_found(previous_id)
+
+
+# --- compaction summaries -------------------------------------------------------------------
+
+
+def stored_compaction(
+    compaction: Compaction, existing: Compaction | None, now: int, retention_s: float
+) -> PutCompactionResult:
+    """Decides a PutCompaction from the live record with its id (``existing``, or None): a
+    replay when its summary is the same (ITEM_ID_CONFLICT when not), else the record to store,
+    with its server-set times."""
+    if existing is not None:
+        if existing.summary != compaction.summary:
+            raise errors.compaction_conflict(compaction.id)
+        return PutCompactionResult(existing, replayed=True)
+    stored = replace(compaction, create_time_us=now, expire_time_us=expire_at(now, retention_s))
+    return PutCompactionResult(stored, replayed=False)
 
 
 # --- background jobs: the rules every backend applies ----------------------------------------

@@ -35,6 +35,7 @@ from state_svc.backends import base
 from state_svc.backends.base import (
     AppendResult,
     CancelResult,
+    Compaction,
     Conversation,
     CreatedConversation,
     EnqueueResult,
@@ -45,6 +46,7 @@ from state_svc.backends.base import (
     ItemPage,
     Job,
     JobState,
+    PutCompactionResult,
     PutTurnResult,
     Renewal,
     Turn,
@@ -157,6 +159,20 @@ MIGRATIONS: list[list[str]] = [
         "DROP INDEX IF EXISTS conversation_items_id",
         """CREATE UNIQUE INDEX IF NOT EXISTS conversation_items_item_id
             ON conversation_items (item_id, conversation_pk)""",
+    ],
+    # 7: compaction summaries (PutCompaction), by tenant and compaction item id.
+    [
+        """CREATE TABLE IF NOT EXISTS compactions (
+            pk INTEGER PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            id TEXT NOT NULL,
+            summary BLOB NOT NULL,
+            create_time_us INTEGER NOT NULL,
+            expire_time_us INTEGER
+        )""",
+        "CREATE UNIQUE INDEX IF NOT EXISTS compactions_id ON compactions (tenant, id)",
+        """CREATE INDEX IF NOT EXISTS compactions_expiry ON compactions (expire_time_us)
+            WHERE expire_time_us IS NOT NULL""",
     ],
 ]
 
@@ -874,7 +890,7 @@ class SqliteBackend:
 
     async def sweep(self) -> int:
         total = 0
-        for table in ("responses", "conversations"):
+        for table in ("responses", "conversations", "compactions"):
             while True:
                 # Small batches keep each write transaction (and the lock) short.
                 gone = await self._write(_sweep_batch, table, 500)
@@ -882,6 +898,39 @@ class SqliteBackend:
                 if gone < 500:
                     break
         return total
+
+    # --- compaction summaries -----------------------------------------------------------------
+
+    async def put_compaction(self, tenant: str, compaction: Compaction) -> PutCompactionResult:
+        return await self._write(self._put_compaction, tenant, compaction)
+
+    def _put_compaction(
+        self, conn: sqlite3.Connection, tenant: str, compaction: Compaction
+    ) -> PutCompactionResult:
+        now = base.now_us()
+        row = conn.execute(
+            """SELECT pk, summary, create_time_us, expire_time_us FROM compactions
+            WHERE tenant = ? AND id = ?""",
+            (tenant, compaction.id),
+        ).fetchone()
+        existing = None
+        if row is not None and base.live(row[3], now):
+            existing = Compaction(compaction.id, row[1], row[2], row[3])
+        result = base.stored_compaction(compaction, existing, now, self._retention_s)
+        if result.replayed:
+            return result
+        if row is not None:  # expired, not swept yet: its id is free again
+            conn.execute("DELETE FROM compactions WHERE pk = ?", (row[0],))
+        stored = result.compaction
+        conn.execute(
+            """INSERT INTO compactions (tenant, id, summary, create_time_us, expire_time_us)
+            VALUES (?, ?, ?, ?, ?)""",
+            (tenant, stored.id, stored.summary, stored.create_time_us, stored.expire_time_us),
+        )
+        return result
+
+    async def get_compaction(self, tenant: str, compaction_id: str) -> Compaction:
+        return await self._read(_get_compaction, tenant, compaction_id)
 
     # --- background jobs (each function runs in the one writer's transaction) -----------------
 
@@ -1452,6 +1501,17 @@ def _delete_item(
     if cur.rowcount == 0:
         raise errors.item_not_found(conversation_id, item_id)
     return _find_conversation(conn, tenant, conversation_id)
+
+
+def _get_compaction(conn: sqlite3.Connection, tenant: str, compaction_id: str) -> Compaction:
+    row = conn.execute(
+        f"""SELECT summary, create_time_us, expire_time_us FROM compactions
+        WHERE tenant = :tenant AND id = :id AND {LIVE}""",
+        {"tenant": tenant, "id": compaction_id, "now": base.now_us()},
+    ).fetchone()
+    if row is None:
+        raise errors.compaction_not_found(compaction_id)
+    return Compaction(compaction_id, bytes(row[0]), row[1], row[2])
 
 
 def _sweep_batch(conn: sqlite3.Connection, table: str, batch: int) -> int:
