@@ -370,6 +370,7 @@ class SqliteBackend:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
         self._queue: collections.deque[_Write] = collections.deque()
         self._queue_lock = threading.Lock()
+        self._draining = False  # a _drain is submitted or running (under _queue_lock)
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-read")
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -455,33 +456,53 @@ class SqliteBackend:
         write = _Write(fn, args, loop, loop.create_future())
         with self._queue_lock:
             self._queue.append(write)
-            try:
-                # One drain per write: a drain takes whatever is queued by then, so most of
-                # them find the queue empty under load.
-                self._writer.submit(self._drain)
-            except RuntimeError:  # closed
-                self._queue.remove(write)
-                raise
+            if not self._draining:
+                # One drain at a time, running until the queue is empty: a write queued while
+                # it commits joins its next group, with no drain of its own to wake.
+                try:
+                    self._writer.submit(self._drain)
+                except RuntimeError:  # closed
+                    self._queue.remove(write)
+                    raise
+                self._draining = True
         result: T = await write.future
         return result
 
     def _drain(self) -> None:
-        """The writer thread: commits every queued write (up to GROUP_COMMIT_MAX) at once."""
-        with self._queue_lock:
-            batch = [self._queue.popleft() for _ in range(min(len(self._queue), GROUP_COMMIT_MAX))]
-        if not batch:
-            return
-        try:
-            self._commit_group(self._conn(), batch)
-        finally:
-            by_loop: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
-            for write in batch:
-                by_loop.setdefault(write.loop, []).append(write)
-            for loop, writes in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_answer, writes)
-                except RuntimeError:  # that loop is closed: nobody waits any more
-                    pass
+        """The writer thread: commits the queued writes, GROUP_COMMIT_MAX at most at once, until
+        none is left."""
+        while True:
+            with self._queue_lock:
+                if not self._queue:
+                    self._draining = False
+                    return
+                batch = [
+                    self._queue.popleft() for _ in range(min(len(self._queue), GROUP_COMMIT_MAX))
+                ]
+            try:
+                self._commit_group(self._conn(), batch)
+            except BaseException as exc:
+                for write in batch:
+                    if write.error is None:
+                        write.result, write.error = None, _unavailable(exc)
+                with self._queue_lock:
+                    # The writes still queued get a drain of their own, as before this one.
+                    self._draining = bool(self._queue)
+                    if self._draining:
+                        try:
+                            self._writer.submit(self._drain)
+                        except RuntimeError:  # closed
+                            self._draining = False
+                raise
+            finally:
+                by_loop: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
+                for write in batch:
+                    by_loop.setdefault(write.loop, []).append(write)
+                for loop, writes in by_loop.items():
+                    try:
+                        loop.call_soon_threadsafe(_answer, writes)
+                    except RuntimeError:  # that loop is closed: nobody waits any more
+                        pass
 
     def _commit_group(self, conn: sqlite3.Connection, batch: Sequence[_Write]) -> None:
         """Runs each write in its own savepoint of one transaction, then commits. A write's

@@ -1433,6 +1433,48 @@ async def test_sqlite_group_commit_isolates_a_failing_write(tmp_path: Path) -> N
         await backend.close()
 
 
+class FailingOnceSqlite(SqliteBackend):
+    """The SQLite backend whose writer fails its first group outside any statement (as a
+    connection that cannot be opened would), once ``release`` is set."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.release = threading.Event()
+        self.failed = False
+
+    def _commit_group(self, conn: sqlite3.Connection, batch: Sequence[Any]) -> None:
+        if not self.failed:
+            self.failed = True
+            self.release.wait(10)
+            raise RuntimeError("the writer failed")
+        super()._commit_group(conn, batch)
+
+
+async def test_sqlite_writer_failure_answers_its_writes_and_drains_the_rest(
+    tmp_path: Path,
+) -> None:
+    backend = await FailingOnceSqlite(str(tmp_path / "state.db")).open()
+    try:
+        none: dict[str, Any] = {"expected_conversation_version": None}
+        first = asyncio.ensure_future(backend.put_turn(TENANT, backend_turn("resp_0"), **none))
+        while not backend.failed:  # the writer holds the first write's group
+            await asyncio.sleep(0.01)
+        queued = [backend.put_turn(TENANT, backend_turn(f"resp_{n}"), **none) for n in (1, 2, 3)]
+        tasks = [asyncio.ensure_future(w) for w in queued]
+        await asyncio.sleep(0.1)
+        backend.release.set()
+        # The group that failed gets the error; the writes queued behind it are stored.
+        with pytest.raises(RuntimeError):
+            await first
+        results = await asyncio.gather(*tasks)
+        assert [r.turn.id for r in results] == ["resp_1", "resp_2", "resp_3"]
+        assert not (await backend.put_turn(TENANT, backend_turn("after"), **none)).replayed
+        with pytest.raises(ServiceError):
+            await backend.get_response(TENANT, response_id="resp_0")
+    finally:
+        await backend.close()
+
+
 TABLES = ["responses", "response_items", "conversations", "conversation_items"]
 
 
