@@ -1439,12 +1439,12 @@ class FailingOnceSqlite(SqliteBackend):
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
+        self.holding = threading.Event()
         self.release = threading.Event()
-        self.failed = False
 
     def _commit_group(self, conn: sqlite3.Connection, batch: Sequence[Any]) -> None:
-        if not self.failed:
-            self.failed = True
+        if not self.holding.is_set():
+            self.holding.set()
             self.release.wait(10)
             raise RuntimeError("the writer failed")
         super()._commit_group(conn, batch)
@@ -1457,8 +1457,7 @@ async def test_sqlite_writer_failure_answers_its_writes_and_drains_the_rest(
     try:
         none: dict[str, Any] = {"expected_conversation_version": None}
         first = asyncio.ensure_future(backend.put_turn(TENANT, backend_turn("resp_0"), **none))
-        while not backend.failed:  # the writer holds the first write's group
-            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(backend.holding.wait, 10)  # the writer holds its group
         queued = [backend.put_turn(TENANT, backend_turn(f"resp_{n}"), **none) for n in (1, 2, 3)]
         tasks = [asyncio.ensure_future(w) for w in queued]
         await asyncio.sleep(0.1)
