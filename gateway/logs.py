@@ -18,6 +18,9 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 
 REQUEST_ID_HEADER = "x-request-id"
 
+# What TextFormatter writes (it writes it without the % machinery, but the same).
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 # color_message is uvicorn's ANSI-coloured copy of the message: noise in a log line.
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {
     "message",
@@ -54,8 +57,26 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """``<local time> <LEVEL> <logger>: <message> key=value ...``, the time as the standard
+    ``%(asctime)s`` writes it. The time of day is formatted once a second (as JsonFormatter's),
+    not once a line: the access log writes a line per request."""
+
+    _second: tuple[int, str] = (-1, "")
+
     def format(self, record: logging.LogRecord) -> str:
-        base = super().format(record)
+        if record.exc_info or record.exc_text or record.stack_info:
+            base = super().format(record)
+        else:
+            second = int(record.created)
+            if second != self._second[0]:
+                self._second = (
+                    second,
+                    time.strftime(self.default_time_format, self.converter(second)),
+                )
+            base = (
+                f"{self._second[1]},{int(record.msecs):03d} {record.levelname} {record.name}: "
+                f"{record.getMessage()}"
+            )
         extras = {
             k: v
             for k, v in vars(record).items()
@@ -82,7 +103,7 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,9 +1,13 @@
 """Compaction, and the sealed items of a turn's model input (router_svc.sealing).
 
 ``POST /v1/responses/compact`` and ``context_management: [{"type": "compaction",
-"compact_threshold": N}]`` have the served model summarize a history. The summary is not stored
-in the state service: it is sealed into the ``compaction`` item's ``encrypted_content`` (bound to
-the tenant), which the client keeps, or which is stored with the turn like any other item. A
+"compact_threshold": N}]`` have the served model summarize a history. The summary is stored in
+the state service (PutCompaction, under the tenant and the item's id, whatever the request's
+``store``) and sealed into the ``compaction`` item's ``encrypted_content`` with the item's id as
+its ref (router_svc.sealing). A router opens the sealed summary itself when it has the key; when
+the key is not its own (another replica, a restart without ``--seal-keys``, a key rotated away)
+it restores the summary from the state service by the ref, for the same tenant only, so the item
+works on every replica while a changed content under a known key is still refused. A
 Responses hub that has ``/responses/compact`` compacts by itself (its own compaction item is
 passed through untouched, and ``context_management`` reaches it as given).
 
@@ -25,8 +29,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
+from prometheus_client import Counter
 
-from router_svc import errors, sealing, tokens, validate
+from router_svc import errors, sealing, state_records, tokens, validate
 from router_svc.dialects import chat
 from router_svc.ids import new_id
 from router_svc.services import Services
@@ -37,6 +42,13 @@ if TYPE_CHECKING:
     from router_svc.bootstrap import Prepared
 
 log = logging.getLogger(__name__)
+
+RESTORED = Counter(
+    "respgw_router_compactions_restored_total",
+    "Compaction items whose summary was read from the state service because their sealed "
+    "content was made with a key this router does not have (another replica's, or its own "
+    "before a restart without --seal-keys).",
+)
 
 REASONING_INCLUDE = "reasoning.encrypted_content"
 
@@ -73,12 +85,18 @@ class Turn(Protocol):
 # --- the sealed items of a model input -----------------------------------------------------
 
 
-def compaction_item(svc: Services, tenant: str, summary: str) -> Item:
-    """A ``compaction`` output item whose encrypted content seals ``summary`` for the tenant."""
+async def compaction_item(svc: Services, tenant: str, summary: str, item_id: str = "") -> Item:
+    """A ``compaction`` output item (a new id unless given) whose encrypted content seals
+    ``summary`` for the tenant, the summary stored in the state service under its id first."""
+    item_id = item_id or new_id("cmp")
+    await svc.state.put_compaction(state_records.put_compaction(tenant, item_id, summary))
     sealed = svc.seal_keys().seal(
-        orjson.dumps({"summary": summary}).decode(), tenant=tenant, purpose=sealing.COMPACTION
+        orjson.dumps({"summary": summary}).decode(),
+        tenant=tenant,
+        purpose=sealing.COMPACTION,
+        ref=item_id,
     )
-    return {"id": new_id("cmp"), "type": "compaction", "encrypted_content": sealed}
+    return {"id": item_id, "type": "compaction", "encrypted_content": sealed}
 
 
 def has_sealed(items: Iterable[Mapping[str, Any]], history: Iterable[Mapping[str, Any]]) -> bool:
@@ -97,7 +115,7 @@ def has_sealed(items: Iterable[Mapping[str, Any]], history: Iterable[Mapping[str
 _SEALABLE = frozenset({"reasoning", "compaction"})
 
 
-def model_input(
+async def model_input(
     svc: Services,
     *,
     tenant: str,
@@ -111,7 +129,7 @@ def model_input(
 
     A sealed item of the caller's input that does not open is a 400 naming it
     (``input[2].encrypted_content``); one of the history, a 400 naming ``history_param``.
-    ``opened`` gives summaries already known, by compaction item id.
+    ``opened`` gives summaries already known, by the item's encrypted content.
     """
     own_compaction = svc.dialect.own_compaction
     opens_reasoning = svc.dialect.seals_reasoning
@@ -127,17 +145,12 @@ def model_input(
             param = history_param
         content = item.get("encrypted_content")
         if kind == "compaction":
-            summary = (opened or {}).get(str(item.get("id")))
+            summary = (opened or {}).get(str(content))
             if summary is None and not sealing.is_sealed(content) and own_compaction:
                 out.append(dict(item))  # the Responses hub's own compaction item
                 continue
             if summary is None:
-                summary = _summary(
-                    sealer.open_or_refuse(
-                        str(content or ""), tenant=tenant, purpose=sealing.COMPACTION, param=param
-                    ),
-                    param,
-                )
+                summary = await open_summary(svc, tenant, str(content or ""), param)
             last_compaction = len(out)
             out.append(summary_message(summary))
         elif kind == "reasoning" and sealing.is_sealed(content):
@@ -154,6 +167,24 @@ def model_input(
         return out
     kept = [i for i in out[:last_compaction] if _is_user_message(i)]
     return [*kept, *out[last_compaction:]]
+
+
+async def open_summary(svc: Services, tenant: str, content: str, param: str) -> str:
+    """The summary a compaction item's encrypted content seals: opened with this router's key,
+    or, when the key is not this router's and the content has a ref, read from the state service
+    (the tenant's own records only). A 400 naming ``param`` when neither gives it: the content
+    was changed under a known key, is another tenant's, or is not the gateway's at all."""
+    sealer = svc.seal_keys()
+    envelope = sealing.envelope(content)
+    if envelope is not None and envelope.ref and not sealer.knows(envelope):
+        request = state_records.get_compaction(tenant, envelope.ref)
+        found = await svc.state.find(svc.state.get_compaction(request))
+        if found is None:
+            raise sealing.invalid_encrypted_content(param)
+        RESTORED.inc()
+        return found.compaction.summary.decode()
+    opened = sealer.open_or_refuse(content, tenant=tenant, purpose=sealing.COMPACTION, param=param)
+    return _summary(opened, param)
 
 
 def summary_message(summary: str) -> Item:
@@ -178,12 +209,11 @@ def _is_user_message(item: Mapping[str, Any]) -> bool:
     return (item.get("type") or "message") == "message" and item.get("role") == "user"
 
 
-def open_turn(svc: Services, turn: Turn) -> None:
-    """Sets the turn's model input when sealed items may be in it (:func:`model_input`)."""
+async def open_turn(svc: Services, turn: Turn) -> None:
+    """Sets the turn's model input (:func:`model_input`); called only when sealed items may be
+    in it (:func:`has_sealed`, checked by the caller so that other turns await nothing)."""
     req = turn.req
-    if not has_sealed(req.input_items, turn.history):
-        return
-    turn.model_input = model_input(
+    turn.model_input = await model_input(
         svc,
         tenant=turn.tenant,
         history=turn.history,
@@ -307,7 +337,7 @@ async def compact(svc: Services, turn: Turn) -> dict[str, Any]:
         "id": turn.response_id,
         "object": "response.compaction",
         "created_at": turn.created_at,
-        "output": [*kept, compaction_item(svc, turn.tenant, summary)],
+        "output": [*kept, await compaction_item(svc, turn.tenant, summary)],
         "usage": usage or chat.usage_from_chat({}),
     }
 
@@ -376,17 +406,15 @@ async def compact_turn(svc: Services, turn: Turn, item_id: str = "") -> Item:
     the compaction item, the first output item of the turn."""
     req = turn.req
     summary, _ = await summarize(svc, req.model, turn.model_items(), req.instructions)
-    item = compaction_item(svc, turn.tenant, summary)
-    if item_id:
-        item["id"] = item_id
-    turn.model_input = model_input(
+    item = await compaction_item(svc, turn.tenant, summary, item_id)
+    turn.model_input = await model_input(
         svc,
         tenant=turn.tenant,
         history=turn.history,
         injected=turn.prepared.injected_items,
         input_items=[*req.input_items, item],
         history_param="conversation" if req.conversation_id else "previous_response_id",
-        opened={item["id"]: summary},
+        opened={item["encrypted_content"]: summary},
     )
     turn.compacted = item
     log.info("history compacted during a turn", extra={"items": len(turn.model_items())})

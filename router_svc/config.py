@@ -144,8 +144,9 @@ class RouterSettings(ServerSettings):
         "Comma-separated ID=BASE64 pairs of 32-byte keys that seal the encrypted_content the "
         "gateway mints (reasoning for store: false clients, compaction summaries): the first "
         "seals, every one opens (rotate by putting a new key first). Empty makes a random key "
-        "at start: sealed content then does not survive a restart or open on another replica. "
-        "Give every replica the same keys (a Secret).",
+        "at start: sealed reasoning then does not survive a restart or open on another replica "
+        "(compaction items are restored from the state service). Give every replica the same "
+        "keys (a Secret).",
         env="RESPGW_SEAL_KEYS",
     )
     compaction_prompt: str = option(

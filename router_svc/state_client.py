@@ -471,6 +471,14 @@ class StateClient:
         reply: pb.GetItemsResponse = await self._call("GetItems", request)
         return reply
 
+    async def put_compaction(self, request: pb.PutCompactionRequest) -> pb.PutCompactionResponse:
+        reply: pb.PutCompactionResponse = await self._call("PutCompaction", request)
+        return reply
+
+    async def get_compaction(self, request: pb.GetCompactionRequest) -> pb.GetCompactionResponse:
+        reply: pb.GetCompactionResponse = await self._call("GetCompaction", request)
+        return reply
+
     async def enqueue_background_response(
         self,
         request: pb.EnqueueBackgroundResponseRequest,

@@ -260,6 +260,17 @@ def get_items(tenant: str, item_ids: Iterable[str]) -> pb.GetItemsRequest:
     return pb.GetItemsRequest(tenant=tenant, item_ids=item_ids)
 
 
+def put_compaction(tenant: str, compaction_id: str, summary: str) -> pb.PutCompactionRequest:
+    return pb.PutCompactionRequest(
+        tenant=tenant,
+        compaction=resources_pb2.Compaction(id=compaction_id, summary=summary.encode()),
+    )
+
+
+def get_compaction(tenant: str, compaction_id: str) -> pb.GetCompactionRequest:
+    return pb.GetCompactionRequest(tenant=tenant, compaction_id=compaction_id)
+
+
 # --- background jobs and running responses -------------------------------------------------------
 # The job of a background response (or of a streamed turn stored as running, see running.py) is
 # held by a lease: its token comes with the claim (or the enqueue) and goes with every call that

@@ -271,7 +271,8 @@ async def begin(
     if req.tools and svc.dialect.tool_loop:
         # A hub whose tools the gateway offers (Chat Completions); a Responses hub gets them all.
         turn.tools_not_run = tools_not_run(req.tools, executor=svc.executor is not None)
-    compaction.open_turn(svc, turn)
+    if compaction.has_sealed(req.input_items, history):
+        await compaction.open_turn(svc, turn)
     return turn
 
 

@@ -1,5 +1,5 @@
-"""The state service: stored responses, conversations and background jobs behind the gRPC
-contract ``respgw.state.v1`` (``protos/respgw/state/v1``).
+"""The state service: stored responses, conversations, background jobs and compaction summaries
+behind the gRPC contract ``respgw.state.v1`` (``protos/respgw/state/v1``).
 
 Package map::
 
@@ -8,7 +8,8 @@ Package map::
     service.py        the StateService servicer: each RPC, from its checked request to its answer
     checks.py         what a request must be (string sizes and bytes, required fields, JSON
                       objects, unique ids), incoming messages as the backend's dataclasses
-    records.py        outgoing messages: stored turns, items, conversations, jobs; a call status
+    records.py        outgoing messages: stored turns, items, conversations, compactions, jobs;
+                      a call status
     page_tokens.py    the conversation listing's page tokens
     wire.py           a large PutTurn read without copying its large fields
     errors.py         the error tree (one class per status code, reasons from ``ErrorReason``)

@@ -31,25 +31,43 @@ def check_strings(request: Any, prefix: str = "") -> None:
     the field, before anything is read or written (PostgreSQL cannot store a NUL, and no stored
     id is that long); metadata keys and values likewise. JSON (bytes) is checked elsewhere."""
     for fd, value in request.ListFields():
-        name = f"{prefix}{fd.name}"
-        if isinstance(value, str):
-            check_string(name, value)
-        elif fd.type == fd.TYPE_STRING and fd.is_repeated:
+        kind = _KINDS.get(fd)
+        if kind is None:
+            kind = _KINDS[fd] = _kind(fd)
+        if kind == _STRING:
+            if len(value) > MAX_ID_CHARS or "\x00" in value:
+                check_string(f"{prefix}{fd.name}", value)
+        elif kind == _STRINGS:
             for n, element in enumerate(value):
-                check_string(f"{name}[{n}]", element)
-        elif fd.type != fd.TYPE_MESSAGE:
-            continue
-        elif fd.message_type.GetOptions().map_entry:
+                check_string(f"{prefix}{fd.name}[{n}]", element)
+        elif kind == _MAP:
             for key, item in value.items():
-                check_string(f"{name}[{key[:32]}]", key)
+                check_string(f"{prefix}{fd.name}[{key[:32]}]", key)
                 if isinstance(item, str):
-                    check_string(f"{name}[{key[:32]}]", item)
-        else:
-            if fd.is_repeated:
-                for n, element in enumerate(value):
-                    check_strings(element, f"{name}[{n}].")
-            elif fd.message_type.full_name.startswith("respgw."):
-                check_strings(value, f"{name}.")
+                    check_string(f"{prefix}{fd.name}[{key[:32]}]", item)
+        elif kind == _MESSAGES:
+            for n, element in enumerate(value):
+                check_strings(element, f"{prefix}{fd.name}[{n}].")
+        elif kind == _MESSAGE:
+            check_strings(value, f"{prefix}{fd.name}.")
+
+
+# What check_strings does with a field, by its descriptor (worked out once per field: reading a
+# descriptor's options for every field of every request was most of its time).
+_SKIP, _STRING, _STRINGS, _MAP, _MESSAGES, _MESSAGE = range(6)
+_KINDS: dict[Any, int] = {}
+
+
+def _kind(fd: Any) -> int:
+    if fd.type == fd.TYPE_STRING:
+        return _STRINGS if fd.is_repeated else _STRING
+    if fd.type != fd.TYPE_MESSAGE:
+        return _SKIP
+    if fd.message_type.GetOptions().map_entry:
+        return _MAP
+    if fd.is_repeated:
+        return _MESSAGES
+    return _MESSAGE if fd.message_type.full_name.startswith("respgw.") else _SKIP
 
 
 def check_string(name: str, value: str) -> None:
@@ -185,6 +203,22 @@ def turn(r: resources_pb2.StoredResponse) -> base.Turn:
         stream_events_json=r.stream_events_json,
         in_progress=r.in_progress,
     )
+
+
+# The largest compaction summary PutCompaction stores (its contract).
+MAX_SUMMARY_BYTES = 1 << 20
+
+
+def compaction(c: resources_pb2.Compaction) -> base.Compaction:
+    """A PutCompaction record, checked: an id and a summary of at most MAX_SUMMARY_BYTES."""
+    require(c.id, "compaction.id")
+    summary = c.summary
+    require(summary, "compaction.summary")
+    if len(summary) > MAX_SUMMARY_BYTES:
+        raise _invalid(
+            "compaction.summary", f"compaction.summary must be at most {MAX_SUMMARY_BYTES} bytes"
+        )
+    return base.Compaction(id=c.id, summary=summary)
 
 
 def positive_us(duration: duration_pb2.Duration, field: str) -> int:

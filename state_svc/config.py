@@ -52,14 +52,14 @@ class StateSettings(ServerSettings):
     )
     retention_s: float = option(
         0.0,
-        "Seconds a stored response stays retrievable after it was stored, and a conversation "
-        "after its last append; 0 keeps them forever.",
+        "Seconds a stored response (and a compaction summary) stays retrievable after it was "
+        "stored, and a conversation after its last append; 0 keeps them forever.",
         env="RESPGW_STATE_RETENTION_S",
     )
     sweep_interval_s: float = option(
         60.0,
-        "Seconds between sweeps that delete expired responses and conversations (expired ones "
-        "are invisible at once either way); 0 disables the sweeper.",
+        "Seconds between sweeps that delete expired responses, conversations and compaction "
+        "summaries (expired ones are invisible at once either way); 0 disables the sweeper.",
         env="RESPGW_STATE_SWEEP_INTERVAL_S",
     )
     history_max_items: int = option(

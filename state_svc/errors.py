@@ -153,6 +153,22 @@ def item_not_found(conversation_id: str, item_id: str) -> NotFound:
     )
 
 
+def compaction_not_found(compaction_id: str) -> NotFound:
+    return NotFound(
+        reasons.ERROR_REASON_ITEM_NOT_FOUND,
+        f"compaction {compaction_id} not found",
+        {"item_id": compaction_id},
+    )
+
+
+def compaction_conflict(compaction_id: str) -> AlreadyExists:
+    return AlreadyExists(
+        reasons.ERROR_REASON_ITEM_ID_CONFLICT,
+        f"compaction {compaction_id} is already stored with another summary",
+        {"item_id": compaction_id},
+    )
+
+
 def response_id_conflict(response_id: str) -> AlreadyExists:
     return AlreadyExists(
         reasons.ERROR_REASON_RESPONSE_ID_CONFLICT,

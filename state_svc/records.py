@@ -1,5 +1,5 @@
-"""The state service's outgoing messages: stored turns, items, conversations and background
-jobs as API messages, and a failed Exchange call's status."""
+"""The state service's outgoing messages: stored turns, items, conversations, compaction
+summaries and background jobs as API messages, and a failed Exchange call's status."""
 
 from __future__ import annotations
 
@@ -66,6 +66,14 @@ def conversation_pb(conversation: base.Conversation) -> resources_pb2.Conversati
     msg.create_time.FromMicroseconds(conversation.create_time_us)
     if conversation.expire_time_us is not None:
         msg.expire_time.FromMicroseconds(conversation.expire_time_us)
+    return msg
+
+
+def compaction_pb(compaction: base.Compaction) -> resources_pb2.Compaction:
+    msg = resources_pb2.Compaction(id=compaction.id, summary=compaction.summary)
+    msg.create_time.FromMicroseconds(compaction.create_time_us)
+    if compaction.expire_time_us is not None:
+        msg.expire_time.FromMicroseconds(compaction.expire_time_us)
     return msg
 
 

@@ -57,6 +57,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         self._backend = backend
         self._settings = settings
         self._backend_name = settings.backend
+        self._backend_timers: dict[str, Any] = {}  # BACKEND_LATENCY's children, by operation
         # The RPCs an Exchange call may name, by its oneof field: (method name, handler).
         self._exchanged: dict[str, tuple[str, Callable[[Any], Awaitable[Any]]]] = {
             "put_turn": ("PutTurn", self._put_turn),
@@ -149,8 +150,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             records.set_status(slot().status, errors.internal())
         finally:
             elapsed = time.perf_counter() - start
-            metrics.GRPC_SERVER_LATENCY.labels(method).observe(elapsed)
-            metrics.GRPC_SERVER_REQUESTS.labels(method, code).inc()
+            metrics.observe_served(method, code, elapsed)
             if log.isEnabledFor(logging.DEBUG):
                 # The same line the interceptor writes for a unary call.
                 log.debug(
@@ -169,7 +169,10 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         try:
             return await call
         finally:
-            BACKEND_LATENCY.labels(self._backend_name, op).observe(time.perf_counter() - start)
+            timer = self._backend_timers.get(op)
+            if timer is None:
+                timer = self._backend_timers[op] = BACKEND_LATENCY.labels(self._backend_name, op)
+            timer.observe(time.perf_counter() - start)
 
     # --- responses ------------------------------------------------------------------------
 
@@ -356,6 +359,32 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             "delete_response", self._backend.delete_response(tenant, request.response_id)
         )
         return state_service_pb2.DeleteResponseResponse()
+
+    # --- compaction summaries -----------------------------------------------------------------
+
+    async def PutCompaction(
+        self, request: state_service_pb2.PutCompactionRequest, context: Context
+    ) -> state_service_pb2.PutCompactionResponse:
+        checks.check_strings(request)
+        tenant = checks.tenant(request.tenant)
+        compaction = checks.compaction(request.compaction)
+        result = await self._timed(
+            "put_compaction", self._backend.put_compaction(tenant, compaction)
+        )
+        return state_service_pb2.PutCompactionResponse(
+            compaction=records.compaction_pb(result.compaction), replayed=result.replayed
+        )
+
+    async def GetCompaction(
+        self, request: state_service_pb2.GetCompactionRequest, context: Context
+    ) -> state_service_pb2.GetCompactionResponse:
+        checks.check_strings(request)
+        tenant = checks.tenant(request.tenant)
+        checks.require(request.compaction_id, "compaction_id")
+        found = await self._timed(
+            "get_compaction", self._backend.get_compaction(tenant, request.compaction_id)
+        )
+        return state_service_pb2.GetCompactionResponse(compaction=records.compaction_pb(found))
 
     # --- conversations --------------------------------------------------------------------
 

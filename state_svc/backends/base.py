@@ -162,6 +162,23 @@ class JobState:
     owner: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Compaction:
+    """A compaction item's summary, kept so that any router can restore the item (see
+    PutCompaction in the proto)."""
+
+    id: str
+    summary: bytes
+    create_time_us: int = 0
+    expire_time_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PutCompactionResult:
+    compaction: Compaction
+    replayed: bool
+
+
 class Backend(Protocol):
     """Where the state service keeps responses and conversations. Every method is scoped to a
     tenant, and every lookup treats expired rows as absent."""
@@ -247,7 +264,18 @@ class Backend(Protocol):
     ) -> Conversation: ...
 
     async def sweep(self) -> int:
-        """Deletes expired responses and conversations; returns how many rows went."""
+        """Deletes expired responses, conversations and compactions; returns how many rows
+        went."""
+        ...
+
+    # --- compaction summaries (see PutCompaction in the proto) -------------------------------
+
+    async def put_compaction(self, tenant: str, compaction: Compaction) -> PutCompactionResult:
+        """Stores a summary unless a live one has its id (:func:`stored_compaction`)."""
+        ...
+
+    async def get_compaction(self, tenant: str, compaction_id: str) -> Compaction:
+        """The live summary with this id, or NOT_FOUND (ITEM_NOT_FOUND)."""
         ...
 
     # --- background responses (see "Background responses" in the proto) ---------------------
@@ -364,21 +392,43 @@ def owned(turn: Turn) -> Turn:
 
 
 def turn_digest(turn: Turn) -> bytes:
-    """What makes two PutTurn calls "the same turn": every caller-set field."""
-    d = _Digest()
-    for value in (
-        turn.id,
-        turn.previous_response_id,
-        turn.conversation_id,
-        turn.idempotency_key,
-        turn.response_json,
-        turn.stream_events_json,
-        int(turn.in_progress),
-    ):
-        d.add(value)
-    d.add_items(turn.input_items)
-    d.add_items(turn.output_items)
-    return d.digest()
+    """What makes two PutTurn calls "the same turn": every caller-set field, each length-prefixed
+    as _Digest adds it (the same bytes, so stored digests still match), hashed in one pass: this
+    runs for every stored turn."""
+    parts: list[bytes | memoryview] = []
+    add = parts.append
+    for text in (turn.id, turn.previous_response_id, turn.conversation_id, turn.idempotency_key):
+        encoded = text.encode()
+        add(len(encoded).to_bytes(8, "big"))
+        add(encoded)
+    for data in (turn.response_json, turn.stream_events_json):
+        add(len(data).to_bytes(8, "big"))
+        add(data)
+    add(_LENGTH_1)
+    add(b"1" if turn.in_progress else b"0")
+    for items in (turn.input_items, turn.output_items):
+        count = str(len(items)).encode()
+        add(len(count).to_bytes(8, "big"))
+        add(count)
+        for item in items:
+            item_id = item.id.encode()
+            add(len(item_id).to_bytes(8, "big"))
+            add(item_id)
+            add(len(item.json).to_bytes(8, "big"))
+            add(item.json)
+    h = hashlib.sha256()
+    # One update per part only when a part is large: joining would copy it.
+    if sum(len(part) for part in parts) < _JOIN_BYTES:
+        h.update(b"".join(parts))
+    else:
+        for part in parts:
+            h.update(part)
+    return h.digest()
+
+
+_LENGTH_1 = (1).to_bytes(8, "big")
+# Below this many bytes a turn's digest input is joined and hashed in one call.
+_JOIN_BYTES = 64 * 1024
 
 
 def conversation_digest(metadata: Mapping[str, str], items: Sequence[Item]) -> bytes:
@@ -397,20 +447,24 @@ def conversation_digest(metadata: Mapping[str, str], items: Sequence[Item]) -> b
 
 def positioned(items: Iterable[Item], create_time_us: int) -> tuple[Item, ...]:
     """A response's items with their 1-based positions as sequence."""
-    return tuple(
-        Item(id=item.id, json=item.json, sequence=i, create_time_us=create_time_us)
-        for i, item in enumerate(items, 1)
-    )
+    return tuple(Item(item.id, item.json, i, create_time_us) for i, item in enumerate(items, 1))
 
 
 def stored_turn(turn: Turn, now: int, expire_time_us: int | None) -> Turn:
-    """The turn as stored: server-set times, items numbered by position."""
-    return replace(
-        turn,
-        input_items=positioned(turn.input_items, now),
-        output_items=positioned(turn.output_items, now),
-        create_time_us=now,
-        expire_time_us=expire_time_us,
+    """The turn as stored: server-set times, items numbered by position (built directly, not
+    with dataclasses.replace, which costs several times more for every stored turn)."""
+    return Turn(
+        turn.id,
+        turn.response_json,
+        turn.previous_response_id,
+        turn.conversation_id,
+        positioned(turn.input_items, now),
+        positioned(turn.output_items, now),
+        turn.idempotency_key,
+        now,
+        expire_time_us,
+        turn.stream_events_json,
+        turn.in_progress,
     )
 
 
@@ -523,6 +577,23 @@ def check_chain(previous_id: str, chain: Sequence[tuple[str, str]]) -> None:
         expected = response_id
     if expected != previous_id:
         raise errors.previous_response_not_found(previous_id)
+
+
+# --- compaction summaries -------------------------------------------------------------------
+
+
+def stored_compaction(
+    compaction: Compaction, existing: Compaction | None, now: int, retention_s: float
+) -> PutCompactionResult:
+    """Decides a PutCompaction from the live record with its id (``existing``, or None): a
+    replay when its summary is the same (ITEM_ID_CONFLICT when not), else the record to store,
+    with its server-set times."""
+    if existing is not None:
+        if existing.summary != compaction.summary:
+            raise errors.compaction_conflict(compaction.id)
+        return PutCompactionResult(existing, replayed=True)
+    stored = replace(compaction, create_time_us=now, expire_time_us=expire_at(now, retention_s))
+    return PutCompactionResult(stored, replayed=False)
 
 
 # --- background jobs: the rules every backend applies ----------------------------------------

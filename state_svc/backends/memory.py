@@ -15,6 +15,7 @@ from state_svc.backends import base
 from state_svc.backends.base import (
     AppendResult,
     CancelResult,
+    Compaction,
     Conversation,
     CreatedConversation,
     EnqueueResult,
@@ -25,6 +26,7 @@ from state_svc.backends.base import (
     ItemPage,
     Job,
     JobState,
+    PutCompactionResult,
     PutTurnResult,
     Renewal,
     Turn,
@@ -111,6 +113,8 @@ class MemoryBackend:
         # (CONVERSATION_COPY, conversation id). Entries are only added; get_items checks each
         # against the live rows and drops those that no longer hold the item.
         self._item_index: dict[tuple[str, str], set[tuple[int, str]]] = {}
+        # Compaction summaries by (tenant, compaction id).
+        self._compactions: dict[tuple[str, str], Compaction] = {}
 
     # --- lookups that hide expired rows ---------------------------------------------------
 
@@ -478,7 +482,35 @@ class MemoryBackend:
         ]
         for conv in gone_conversations:
             self._drop_conversation(conv)
-        return len(gone_responses) + len(gone_conversations)
+        gone_compactions = [
+            key for key, c in self._compactions.items() if not base.live(c.expire_time_us, now)
+        ]
+        for key in gone_compactions:
+            del self._compactions[key]
+        return len(gone_responses) + len(gone_conversations) + len(gone_compactions)
+
+    # --- compaction summaries ----------------------------------------------------------------
+
+    def _compaction(self, tenant: str, compaction_id: str, now: int) -> Compaction | None:
+        found = self._compactions.get((tenant, compaction_id))
+        if found is None or base.live(found.expire_time_us, now):
+            return found
+        del self._compactions[(tenant, compaction_id)]
+        return None
+
+    async def put_compaction(self, tenant: str, compaction: Compaction) -> PutCompactionResult:
+        now = base.now_us()
+        existing = self._compaction(tenant, compaction.id, now)
+        result = base.stored_compaction(compaction, existing, now, self._retention_s)
+        if not result.replayed:
+            self._compactions[(tenant, compaction.id)] = result.compaction
+        return result
+
+    async def get_compaction(self, tenant: str, compaction_id: str) -> Compaction:
+        found = self._compaction(tenant, compaction_id, base.now_us())
+        if found is None:
+            raise errors.compaction_not_found(compaction_id)
+        return found
 
     # --- background jobs ------------------------------------------------------------------
 

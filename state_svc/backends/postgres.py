@@ -22,6 +22,7 @@ from state_svc.backends import base
 from state_svc.backends.base import (
     AppendResult,
     CancelResult,
+    Compaction,
     Conversation,
     CreatedConversation,
     EnqueueResult,
@@ -32,6 +33,7 @@ from state_svc.backends.base import (
     ItemPage,
     Job,
     JobState,
+    PutCompactionResult,
     PutTurnResult,
     Renewal,
     Turn,
@@ -148,6 +150,20 @@ MIGRATIONS: list[list[str]] = [
         """ALTER TABLE {s}.conversation_items
             ADD CONSTRAINT conversation_items_id UNIQUE (item_id, conversation_pk)""",
     ],
+    # 7: compaction summaries (PutCompaction), by tenant and compaction item id.
+    [
+        """CREATE TABLE IF NOT EXISTS {s}.compactions (
+            pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            tenant text NOT NULL,
+            id text NOT NULL,
+            summary bytea NOT NULL,
+            create_time_us bigint NOT NULL,
+            expire_time_us bigint,
+            CONSTRAINT compactions_id UNIQUE (tenant, id)
+        )""",
+        """CREATE INDEX IF NOT EXISTS compactions_expiry ON {s}.compactions (expire_time_us)
+            WHERE expire_time_us IS NOT NULL""",
+    ],
 ]
 
 # A unique violation on these means another transaction stored the same id or key first: the
@@ -157,6 +173,7 @@ _RACE_CONSTRAINTS = {
     "responses_idempotency_key",
     "conversations_request_id",
     "background_claims_id",
+    "compactions_id",
 }
 
 _UNAVAILABLE = (
@@ -1355,11 +1372,65 @@ ORDER BY i.seq DESC LIMIT $4
         events = [Event(r["seq"], r["json"]) for r in rows if r["seq"] is not None]
         return EventPage(events, not running)
 
+    # --- compaction summaries -----------------------------------------------------------------
+
+    async def put_compaction(self, tenant: str, compaction: Compaction) -> PutCompactionResult:
+        return await self._run(self._put_compaction, tenant, compaction)
+
+    async def _put_compaction(
+        self, conn: Conn, tenant: str, compaction: Compaction
+    ) -> PutCompactionResult:
+        now = base.now_us()
+        row = await conn.fetchrow(
+            f"""SELECT pk, summary, create_time_us, expire_time_us FROM {self._s}.compactions
+            WHERE tenant = $1 AND id = $2 FOR UPDATE""",
+            tenant,
+            compaction.id,
+        )
+        existing = None
+        if row is not None and base.live(row["expire_time_us"], now):
+            existing = Compaction(
+                compaction.id, row["summary"], row["create_time_us"], row["expire_time_us"]
+            )
+        result = base.stored_compaction(compaction, existing, now, self._retention_s)
+        if result.replayed:
+            return result
+        if row is not None:  # expired, not swept yet: its id is free again
+            await conn.execute(f"DELETE FROM {self._s}.compactions WHERE pk = $1", row["pk"])
+        stored = result.compaction
+        # A concurrent first write of the same id fails on compactions_id: _run retries, and
+        # the retry finds that row (a replay or a conflict).
+        await conn.execute(
+            f"""INSERT INTO {self._s}.compactions
+            (tenant, id, summary, create_time_us, expire_time_us) VALUES ($1, $2, $3, $4, $5)""",
+            tenant,
+            stored.id,
+            stored.summary,
+            stored.create_time_us,
+            stored.expire_time_us,
+        )
+        return result
+
+    async def get_compaction(self, tenant: str, compaction_id: str) -> Compaction:
+        row = await self._run(
+            _fetchrow,
+            f"""SELECT summary, create_time_us, expire_time_us FROM {self._s}.compactions
+            WHERE tenant = $1 AND id = $2
+                AND (expire_time_us IS NULL OR expire_time_us > $3)""",
+            tenant,
+            compaction_id,
+            base.now_us(),
+            write=False,
+        )
+        if row is None:
+            raise errors.compaction_not_found(compaction_id)
+        return Compaction(compaction_id, row[0], row[1], row[2])
+
     # --- housekeeping ---------------------------------------------------------------------
 
     async def sweep(self) -> int:
         total = 0
-        for table in ("responses", "conversations"):
+        for table in ("responses", "conversations", "compactions"):
             while True:
                 # Small batches keep each transaction short; items go by ON DELETE CASCADE.
                 # `= any(ARRAY(...))` deletes the batch by primary key: with `IN (subquery)`

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import sqlite3
 import threading
 import time
@@ -35,6 +36,7 @@ from state_svc.backends import base
 from state_svc.backends.base import (
     AppendResult,
     CancelResult,
+    Compaction,
     Conversation,
     CreatedConversation,
     EnqueueResult,
@@ -45,6 +47,7 @@ from state_svc.backends.base import (
     ItemPage,
     Job,
     JobState,
+    PutCompactionResult,
     PutTurnResult,
     Renewal,
     Turn,
@@ -158,6 +161,32 @@ MIGRATIONS: list[list[str]] = [
         """CREATE UNIQUE INDEX IF NOT EXISTS conversation_items_item_id
             ON conversation_items (item_id, conversation_pk)""",
     ],
+    # 7: compaction summaries (PutCompaction), by tenant and compaction item id.
+    [
+        """CREATE TABLE IF NOT EXISTS compactions (
+            pk INTEGER PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            id TEXT NOT NULL,
+            summary BLOB NOT NULL,
+            create_time_us INTEGER NOT NULL,
+            expire_time_us INTEGER
+        )""",
+        "CREATE UNIQUE INDEX IF NOT EXISTS compactions_id ON compactions (tenant, id)",
+        """CREATE INDEX IF NOT EXISTS compactions_expiry ON compactions (expire_time_us)
+            WHERE expire_time_us IS NOT NULL""",
+    ],
+    # 8: what a turn's chain was known to be, so that a turn stored with require_intact_chain
+    # on it need not walk the chain again (see _intact_chain). Every deletion of a response, by
+    # any process or release, counts in response_deletions through the trigger.
+    [
+        "ALTER TABLE responses ADD COLUMN chain_whole_at INTEGER",
+        "ALTER TABLE responses ADD COLUMN chain_expire_us INTEGER",
+        "CREATE TABLE IF NOT EXISTS response_deletions (n INTEGER NOT NULL)",
+        """INSERT INTO response_deletions (n)
+            SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM response_deletions)""",
+        """CREATE TRIGGER IF NOT EXISTS responses_deleted AFTER DELETE ON responses
+            BEGIN UPDATE response_deletions SET n = n + 1; END""",
+    ],
 ]
 
 # The live background jobs that are not finished, with their response still running: what
@@ -191,11 +220,12 @@ WHERE r.tenant = :tenant AND r.id = :id
 # original was deleted and its id reused; the walk stops there and the history reads as broken.
 # This also makes the walk finite whatever ids callers reuse.
 _CHAIN_SQL = f"""
-WITH RECURSIVE chain (pk, id, prev, create_time_us, in_progress) AS (
-    SELECT pk, id, previous_response_id, create_time_us, in_progress FROM responses
-    WHERE tenant = :tenant AND id = :id AND {LIVE}
+WITH RECURSIVE chain (pk, id, prev, create_time_us, in_progress, expire_time_us) AS (
+    SELECT pk, id, previous_response_id, create_time_us, in_progress, expire_time_us
+    FROM responses WHERE tenant = :tenant AND id = :id AND {LIVE}
   UNION ALL
-    SELECT r.pk, r.id, r.previous_response_id, r.create_time_us, r.in_progress
+    SELECT r.pk, r.id, r.previous_response_id, r.create_time_us, r.in_progress,
+        r.expire_time_us
     FROM chain c CROSS JOIN responses r ON r.tenant = :tenant AND r.id = c.prev AND r.pk < c.pk
     WHERE r.expire_time_us IS NULL OR r.expire_time_us > :now
 )"""
@@ -224,10 +254,18 @@ FROM items WHERE rank <= :limit
 ORDER BY 1, 5 NULLS FIRST, 6
 """
 
-# The chain behind a new turn's previous response, (id, previous id) oldest first, for
-# require_intact_chain (base.check_chain): the same walk as GetHistory's, over responses only.
+# The chain behind a new turn's previous response, (id, previous id, expire time) oldest first,
+# for require_intact_chain (base.check_chain): the same walk as GetHistory's, over responses only.
 CHAIN_LINKS_SQL = f"""{_CHAIN_SQL}
-SELECT id, prev FROM chain ORDER BY pk
+SELECT id, prev, expire_time_us FROM chain ORDER BY pk
+"""
+
+# What the previous response of a turn stored with require_intact_chain says of its chain (see
+# _intact_chain), and how many responses were ever deleted.
+CHAIN_MARK_SQL = f"""
+SELECT r.previous_response_id, r.chain_whole_at, r.chain_expire_us, r.expire_time_us, d.n
+FROM responses r CROSS JOIN response_deletions d
+WHERE r.tenant = :tenant AND r.id = :id AND {LIVE.replace("expire", "r.expire")}
 """
 
 # The rows a new turn must be checked against: its id, its previous id and its idempotency key.
@@ -332,6 +370,7 @@ class SqliteBackend:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
         self._queue: collections.deque[_Write] = collections.deque()
         self._queue_lock = threading.Lock()
+        self._draining = False  # a _drain is submitted or running (under _queue_lock)
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-read")
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -383,7 +422,8 @@ class SqliteBackend:
             current: int = row[0] or 0
             for version, statements in enumerate(MIGRATIONS[current:], current + 1):
                 for statement in statements:
-                    conn.execute(statement)
+                    if not _column_exists(conn, statement):
+                        conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
         except BaseException:
             conn.execute("ROLLBACK")
@@ -416,33 +456,53 @@ class SqliteBackend:
         write = _Write(fn, args, loop, loop.create_future())
         with self._queue_lock:
             self._queue.append(write)
-            try:
-                # One drain per write: a drain takes whatever is queued by then, so most of
-                # them find the queue empty under load.
-                self._writer.submit(self._drain)
-            except RuntimeError:  # closed
-                self._queue.remove(write)
-                raise
+            if not self._draining:
+                # One drain at a time, running until the queue is empty: a write queued while
+                # it commits joins its next group, with no drain of its own to wake.
+                try:
+                    self._writer.submit(self._drain)
+                except RuntimeError:  # closed
+                    self._queue.remove(write)
+                    raise
+                self._draining = True
         result: T = await write.future
         return result
 
     def _drain(self) -> None:
-        """The writer thread: commits every queued write (up to GROUP_COMMIT_MAX) at once."""
-        with self._queue_lock:
-            batch = [self._queue.popleft() for _ in range(min(len(self._queue), GROUP_COMMIT_MAX))]
-        if not batch:
-            return
-        try:
-            self._commit_group(self._conn(), batch)
-        finally:
-            by_loop: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
-            for write in batch:
-                by_loop.setdefault(write.loop, []).append(write)
-            for loop, writes in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_answer, writes)
-                except RuntimeError:  # that loop is closed: nobody waits any more
-                    pass
+        """The writer thread: commits the queued writes, GROUP_COMMIT_MAX at most at once, until
+        none is left."""
+        while True:
+            with self._queue_lock:
+                if not self._queue:
+                    self._draining = False
+                    return
+                batch = [
+                    self._queue.popleft() for _ in range(min(len(self._queue), GROUP_COMMIT_MAX))
+                ]
+            try:
+                self._commit_group(self._conn(), batch)
+            except BaseException as exc:
+                for write in batch:
+                    if write.error is None:
+                        write.result, write.error = None, _unavailable(exc)
+                with self._queue_lock:
+                    # The writes still queued get a drain of their own, as before this one.
+                    self._draining = bool(self._queue)
+                    if self._draining:
+                        try:
+                            self._writer.submit(self._drain)
+                        except RuntimeError:  # closed
+                            self._draining = False
+                raise
+            finally:
+                by_loop: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
+                for write in batch:
+                    by_loop.setdefault(write.loop, []).append(write)
+                for loop, writes in by_loop.items():
+                    try:
+                        loop.call_soon_threadsafe(_answer, writes)
+                    except RuntimeError:  # that loop is closed: nobody waits any more
+                        pass
 
     def _commit_group(self, conn: sqlite3.Connection, batch: Sequence[_Write]) -> None:
         """Runs each write in its own savepoint of one transaction, then commits. A write's
@@ -532,20 +592,19 @@ class SqliteBackend:
         # Expired but not yet swept: such rows must not block the id or the key.
         conn.executemany("DELETE FROM responses WHERE pk = ?", [(pk,) for pk in found.expired])
         found.check_previous(turn)
+        expire = base.expire_at(now, self._retention_s)
+        whole_at = chain_expire = None
         if intact_chain and turn.previous_response_id:
-            links = conn.execute(
-                CHAIN_LINKS_SQL, {"tenant": tenant, "id": turn.previous_response_id, "now": now}
-            ).fetchall()
-            base.check_chain(turn.previous_response_id, links)
+            whole_at, chain_expire = _intact_chain(conn, tenant, turn.previous_response_id, now)
+            chain_expire = _earliest(chain_expire, expire)
 
         conversation = _turn_conversation(conn, tenant, turn, expected, now)
         version = conversation[1] if conversation else 0
-        expire = base.expire_at(now, self._retention_s)
         cur = conn.execute(
             """INSERT INTO responses (tenant, id, previous_response_id, conversation_id,
                 idempotency_key, response_json, digest, conversation_version, create_time_us,
-                expire_time_us, stream_events_json, in_progress)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                expire_time_us, stream_events_json, in_progress, chain_whole_at, chain_expire_us)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 tenant,
                 turn.id,
@@ -559,6 +618,8 @@ class SqliteBackend:
                 expire,
                 _unless_large(turn.stream_events_json),
                 turn.in_progress,
+                whole_at,
+                chain_expire,
             ),
         )
         assert cur.lastrowid is not None
@@ -874,7 +935,7 @@ class SqliteBackend:
 
     async def sweep(self) -> int:
         total = 0
-        for table in ("responses", "conversations"):
+        for table in ("responses", "conversations", "compactions"):
             while True:
                 # Small batches keep each write transaction (and the lock) short.
                 gone = await self._write(_sweep_batch, table, 500)
@@ -882,6 +943,39 @@ class SqliteBackend:
                 if gone < 500:
                     break
         return total
+
+    # --- compaction summaries -----------------------------------------------------------------
+
+    async def put_compaction(self, tenant: str, compaction: Compaction) -> PutCompactionResult:
+        return await self._write(self._put_compaction, tenant, compaction)
+
+    def _put_compaction(
+        self, conn: sqlite3.Connection, tenant: str, compaction: Compaction
+    ) -> PutCompactionResult:
+        now = base.now_us()
+        row = conn.execute(
+            """SELECT pk, summary, create_time_us, expire_time_us FROM compactions
+            WHERE tenant = ? AND id = ?""",
+            (tenant, compaction.id),
+        ).fetchone()
+        existing = None
+        if row is not None and base.live(row[3], now):
+            existing = Compaction(compaction.id, row[1], row[2], row[3])
+        result = base.stored_compaction(compaction, existing, now, self._retention_s)
+        if result.replayed:
+            return result
+        if row is not None:  # expired, not swept yet: its id is free again
+            conn.execute("DELETE FROM compactions WHERE pk = ?", (row[0],))
+        stored = result.compaction
+        conn.execute(
+            """INSERT INTO compactions (tenant, id, summary, create_time_us, expire_time_us)
+            VALUES (?, ?, ?, ?, ?)""",
+            (tenant, stored.id, stored.summary, stored.create_time_us, stored.expire_time_us),
+        )
+        return result
+
+    async def get_compaction(self, tenant: str, compaction_id: str) -> Compaction:
+        return await self._read(_get_compaction, tenant, compaction_id)
 
     # --- background jobs (each function runs in the one writer's transaction) -----------------
 
@@ -1066,6 +1160,55 @@ class SqliteBackend:
 
 
 # --- background jobs: statements (all run inside a transaction) ------------------------------
+
+
+def _column_exists(conn: sqlite3.Connection, statement: str) -> bool:
+    """Whether ``statement`` adds a column that is already there (a store set back to an older
+    version by hand keeps its columns; SQLite has no ADD COLUMN IF NOT EXISTS)."""
+    added = _ADD_COLUMN.match(statement)
+    if added is None:
+        return False
+    table, column = added.groups()
+    return any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})"))
+
+
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
+
+
+def _intact_chain(
+    conn: sqlite3.Connection, tenant: str, previous_id: str, now: int
+) -> tuple[int, int | None]:
+    """Raises HISTORY_BROKEN unless the chain behind the live response ``previous_id`` is whole
+    (base.check_chain); returns what a turn chained on it stores of its chain: the deletion
+    count at which the chain was whole, and the earliest expiry in it (None: none expires).
+
+    A response stored with require_intact_chain keeps both. While no response was deleted since
+    (the count is the same) and none of the chain has expired, the chain is still whole, without
+    a walk: its rows are still there, and a link (id, previous id, pk) never changes. Any
+    deletion (the trigger counts it, whatever deleted the row) or expiry means a walk."""
+    mark = conn.execute(CHAIN_MARK_SQL, {"tenant": tenant, "id": previous_id, "now": now})
+    row = mark.fetchone()
+    if row is not None:
+        previous, whole_at, chain_expire, expire, deletions = row
+        if not previous:  # a first turn is a whole chain by itself
+            return deletions, expire
+        if whole_at == deletions and (chain_expire is None or chain_expire > now):
+            return deletions, chain_expire
+    links = conn.execute(CHAIN_LINKS_SQL, {"tenant": tenant, "id": previous_id, "now": now})
+    chain = links.fetchall()
+    base.check_chain(previous_id, [(rid, prev) for rid, prev, _ in chain])
+    deletions = conn.execute("SELECT n FROM response_deletions").fetchone()[0]
+    earliest: int | None = None
+    for _, _, expire in chain:
+        earliest = _earliest(earliest, expire)
+    return deletions, earliest
+
+
+def _earliest(a: int | None, b: int | None) -> int | None:
+    """The earlier of two expiry times, None being never."""
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
 
 
 def _job_state(
@@ -1452,6 +1595,17 @@ def _delete_item(
     if cur.rowcount == 0:
         raise errors.item_not_found(conversation_id, item_id)
     return _find_conversation(conn, tenant, conversation_id)
+
+
+def _get_compaction(conn: sqlite3.Connection, tenant: str, compaction_id: str) -> Compaction:
+    row = conn.execute(
+        f"""SELECT summary, create_time_us, expire_time_us FROM compactions
+        WHERE tenant = :tenant AND id = :id AND {LIVE}""",
+        {"tenant": tenant, "id": compaction_id, "now": base.now_us()},
+    ).fetchone()
+    if row is None:
+        raise errors.compaction_not_found(compaction_id)
+    return Compaction(compaction_id, bytes(row[0]), row[1], row[2])
 
 
 def _sweep_batch(conn: sqlite3.Connection, table: str, batch: int) -> int:

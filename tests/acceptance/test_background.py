@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -91,7 +92,10 @@ def test_background_failure_is_stored_as_failed(stack: Stack, hub: FakeHub) -> N
 def test_background_stream_and_conversation(stack: Stack, hub: FakeHub) -> None:
     client = stack.client()
     conv = client.conversations.create()
-    hub.enqueue(Reply(text="streamed in the background", chunk_delay_s=0.05))
+    # The hub holds its answer until the test has looked at the running response, so what the
+    # test sees does not depend on how fast the client parses its first event.
+    gate = threading.Event()
+    hub.enqueue(Reply(text="streamed in the background", chunk_delay_s=0.05, hold=gate))
     with client.responses.stream(
         model="m", input="stream it", background=True, conversation=conv.id
     ) as s:
@@ -100,6 +104,7 @@ def test_background_stream_and_conversation(stack: Stack, hub: FakeHub) -> None:
         response_id = first.response.id
         assert client.responses.retrieve(response_id).status in ("queued", "in_progress")
         assert list(client.conversations.items.list(conv.id)) == []
+        gate.set()
         for _ in s:
             pass
         final = s.get_final_response()

@@ -13,10 +13,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client import REGISTRY
 
-from router_svc import compaction, sealing
+from router_svc import compaction, sealing, state_records
+from router_svc.state_client import StateClient
 from tests.fakehub import FakeHub, Reply, text_of
-from tests.support import Stack
+from tests.support import ROUTER_READY, STATE_READY, Process, Stack
 
 KEY = base64.b64encode(b"k" * 32).decode()
 SUMMARY = "The user is planning a trip to Lisbon in May and wants a budget under 900 EUR."
@@ -189,11 +191,18 @@ def test_a_compaction_item_cannot_be_used_by_another_tenant(keyed: Stack, hub: F
     assert ok.status == "completed"
 
 
+def _changed_body(content: str) -> str:
+    prefix, key_id, body, ref = content.split(".")
+    body = body[:-4] + ("AAAA" if not body.endswith("AAAA") else "BBBB")
+    return ".".join((prefix, key_id, body, ref))
+
+
 @pytest.mark.parametrize(
     "tamper",
     [
-        lambda c: c[:-4] + ("AAAA" if not c.endswith("AAAA") else "BBBB"),  # the ciphertext
-        lambda c: c.replace("rgw1.k1.", "rgw1.k2."),  # a key this server does not have
+        _changed_body,  # the ciphertext
+        lambda c: c.rpartition(".")[0] + ".cmp_" + "0" * 48,  # another ref under a known key
+        lambda c: c.rpartition(".")[0],  # the ref dropped
         lambda c: c[: len("rgw1.k1.") + 10],  # cut short
         lambda c: "rgw1.k1.!!!not-base64!!!",
         lambda c: "not ours at all",
@@ -233,6 +242,226 @@ def test_a_key_rotation_keeps_old_content_open(hub: FakeHub) -> None:
         assert fresh.output[-1].encrypted_content.startswith("rgw1.k2.")  # type: ignore[union-attr]
     finally:
         rotated.stop()
+
+
+# --- the summary kept in the state service ------------------------------------------------------
+
+
+def _state_calls(method: str) -> float:
+    """The state calls of every router in this process so far, of one RPC."""
+    count = REGISTRY.get_sample_value(
+        "respgw_router_state_call_latency_seconds_count", {"method": method}
+    )
+    return count or 0.0
+
+
+def _restored() -> float:
+    return REGISTRY.get_sample_value("respgw_router_compactions_restored_total") or 0.0
+
+
+@pytest.fixture
+def replicas(hub: FakeHub) -> Iterator[tuple[Stack, Stack]]:
+    """Two routers on one state service, both without --seal-keys (so each seals with a random
+    key of its own, as replicas of a deployment without the Secret do), with two tenants."""
+    router = {"default_model": "fake-model", "api_keys": "key-a=tenant-a,key-b=tenant-b"}
+    a = Stack(hub.url, router=router).start()
+    b = Stack(hub.url, router=router, state_port=a.state_port).start()
+    yield a, b
+    b.stop()
+    a.stop()
+
+
+def test_the_summary_is_stored_whatever_store_says(stack: Stack, hub: FakeHub) -> None:
+    hub.enqueue(Reply(text=SUMMARY))
+    compacted = stack.client().responses.compact(model="fake-model", input=history())  # type: ignore[arg-type]
+    item = compacted.output[-1]
+    assert item.encrypted_content.endswith("." + item.id)  # type: ignore[union-attr]
+
+    async def read(*tenants: str) -> list[Any]:
+        state = StateClient(f"127.0.0.1:{stack.state_port}", timeout_s=5.0)
+        try:
+            return [
+                await state.find(
+                    state.get_compaction(state_records.get_compaction(tenant, str(item.id)))
+                )
+                for tenant in tenants
+            ]
+        finally:
+            await state.close()
+
+    # Kept for its tenant (single-tenant mode: "default") only.
+    mine, theirs = stack.tl.run(read("default", "another"))
+    assert mine is not None and mine.compaction.summary.decode() == SUMMARY
+    assert theirs is None
+
+
+def test_a_compaction_item_opens_on_another_replica(
+    replicas: tuple[Stack, Stack], hub: FakeHub
+) -> None:
+    a, b = replicas
+    item = _compaction_of(a, "key-a", hub)
+    next_input = [item, {"role": "user", "content": "Which neighbourhood?"}]
+    # The router that sealed it opens it itself: no state call.
+    hub.reset()
+    gets, restored = _state_calls("GetCompaction"), _restored()
+    a.client("key-a").responses.create(input=next_input, store=False)  # type: ignore[arg-type]
+    assert _state_calls("GetCompaction") == gets and _restored() == restored
+    assert compaction.SUMMARY_HEADER + SUMMARY in [
+        text_of(m) for m in hub.chat_requests()[-1]["messages"]
+    ]
+    # Another router has not its key: it restores the summary from the state service.
+    hub.reset()
+    resp = b.client("key-a").responses.create(input=next_input, store=False)  # type: ignore[arg-type]
+    assert resp.status == "completed"
+    assert _state_calls("GetCompaction") == gets + 1 and _restored() == restored + 1
+    (sent,) = hub.chat_requests()
+    texts = [text_of(m) for m in sent["messages"]]
+    assert texts == [compaction.SUMMARY_HEADER + SUMMARY, "Which neighbourhood?"]
+
+
+def test_another_replica_never_restores_another_tenants_item(
+    replicas: tuple[Stack, Stack], hub: FakeHub
+) -> None:
+    a, b = replicas
+    item = _compaction_of(a, "key-a", hub)
+    hub.reset()
+    for stack in (a, b):  # with the key (the seal), without it (the state service's tenancy)
+        with pytest.raises(openai.BadRequestError) as refused:
+            stack.client("key-b").responses.create(
+                input=[{"role": "user", "content": "hi"}, item],  # type: ignore[list-item]
+                store=False,
+            )
+        assert refused.value.body["param"] == "input[1].encrypted_content"  # type: ignore[index]
+        assert refused.value.body["code"] == "invalid_encrypted_content"  # type: ignore[index]
+    assert hub.chat_requests() == []
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda c: c.rpartition(".")[0] + ".cmp_" + "0" * 48,  # a ref the tenant never had
+        lambda c: c.rpartition(".")[0],  # no ref: nothing to restore it from
+    ],
+)
+def test_another_replica_refuses_what_it_cannot_restore(
+    replicas: tuple[Stack, Stack], hub: FakeHub, tamper: Any
+) -> None:
+    a, b = replicas
+    item = _compaction_of(a, "key-a", hub)
+    item["encrypted_content"] = tamper(item["encrypted_content"])
+    with pytest.raises(openai.BadRequestError) as refused:
+        b.client("key-a").responses.create(
+            input=[{"role": "user", "content": "hi"}, item],  # type: ignore[list-item]
+            store=False,
+        )
+    assert refused.value.body["param"] == "input[1].encrypted_content"  # type: ignore[index]
+
+
+def _finished(client: openai.OpenAI, response_id: str) -> Any:
+    deadline = time.monotonic() + 20
+    done = client.responses.retrieve(response_id)
+    while done.status in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        done = client.responses.retrieve(response_id)
+    return done
+
+
+@pytest.mark.parametrize("mode", ["whole", "stream", "background"])
+def test_a_turns_compaction_is_restored_on_another_replica(
+    replicas: tuple[Stack, Stack], hub: FakeHub, mode: str
+) -> None:
+    a, b = replicas
+    client = a.client("key-a")
+    body: Any = {
+        "model": "fake-model",
+        "input": [{"role": "user", "content": LONG}, {"role": "user", "content": "Where?"}],
+        "context_management": [{"type": "compaction", "compact_threshold": 100}],
+    }
+    hub.enqueue(Reply(text=SUMMARY), Reply(text="Stay in Alfama."))
+    if mode == "stream":
+        with client.responses.stream(**body) as events:
+            first = events.get_final_response()
+    elif mode == "background":
+        first = _finished(client, client.responses.create(**body, background=True).id)
+    else:
+        first = client.responses.create(**body)
+    assert [i.type for i in first.output] == ["compaction", "message"]
+    item = first.output[0]
+    assert item.encrypted_content.endswith("." + item.id)  # type: ignore[union-attr]
+    # The next turn of the chain through the other replica: the stored compaction item is
+    # restored there, and the long message it replaced is not sent again.
+    hub.reset()
+    restored = _restored()
+    b.client("key-a").responses.create(input="Thanks!", previous_response_id=first.id)
+    texts = [text_of(m) for m in hub.chat_requests()[-1]["messages"]]
+    assert texts == [
+        LONG,
+        "Where?",
+        compaction.SUMMARY_HEADER + SUMMARY,
+        "Stay in Alfama.",
+        "Thanks!",
+    ]
+    assert _restored() == restored + 1
+    # A store: false client replaying the item itself is served alike.
+    hub.reset()
+    b.client("key-a").responses.create(
+        input=[_dumped(item), {"role": "user", "content": "More?"}],  # type: ignore[list-item]
+        store=False,
+    )
+    texts = [text_of(m) for m in hub.chat_requests()[-1]["messages"]]
+    assert texts == [compaction.SUMMARY_HEADER + SUMMARY, "More?"]
+
+
+def test_a_compaction_item_outlives_a_router_restart(tmp_path: Path, hub: FakeHub) -> None:
+    """Real processes: the router that compacted is restarted without --seal-keys (a new random
+    key), and the item it handed out still reaches the model as its summary."""
+    state = Process(
+        [
+            "state",
+            "--backend",
+            "sqlite",
+            "--sqlite-path",
+            str(tmp_path / "state.db"),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-port",
+            "0",
+        ]
+    )
+    state_port = state.start(STATE_READY)
+    args = ["router", "--port", "0", "--hub-url", hub.url]
+    args += ["--state-address", f"127.0.0.1:{state_port}", "--default-model", "fake-model"]
+    try:
+        first = Process(args)
+        with openai.OpenAI(
+            base_url=f"http://127.0.0.1:{first.start(ROUTER_READY)}/v1",
+            api_key="unused",
+            max_retries=0,
+        ) as client:
+            hub.enqueue(Reply(text=SUMMARY))
+            compacted = client.responses.compact(model="fake-model", input=history())  # type: ignore[arg-type]
+        assert first.stopped_gracefully()
+        item = _dumped(compacted.output[-1])
+        again = Process(args)
+        try:
+            with openai.OpenAI(
+                base_url=f"http://127.0.0.1:{again.start(ROUTER_READY)}/v1",
+                api_key="unused",
+                max_retries=0,
+            ) as client:
+                hub.reset()
+                resp = client.responses.create(
+                    input=[item, {"role": "user", "content": "Which neighbourhood?"}],  # type: ignore[list-item]
+                    store=False,
+                )
+            assert resp.status == "completed"
+            texts = [text_of(m) for m in hub.chat_requests()[-1]["messages"]]
+            assert compaction.SUMMARY_HEADER + SUMMARY in texts
+            assert "Great choice! What is your budget?" not in texts
+        finally:
+            assert again.stopped_gracefully()
+    finally:
+        assert state.stopped_gracefully()
 
 
 # --- context_management ------------------------------------------------------------------------

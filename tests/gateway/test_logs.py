@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import orjson
@@ -50,3 +51,31 @@ def test_each_line_has_its_own_second_and_milliseconds() -> None:
         for at in (now, now + 0.5, now + 1.0, now + 61.999, now)
     ]
     assert stamps == expected
+
+
+def test_a_text_line_is_the_standard_format_then_request_id_and_extras() -> None:
+    formatter = logs.TextFormatter(logs.TEXT_FORMAT)
+    standard = logging.Formatter(logs.TEXT_FORMAT)
+    # Within one second, across seconds, at the edges of a second.
+    for created in (1_800_000_000.25, 1_800_000_000.999, 1_800_000_001.0, 1_800_000_061.5):
+        rec = record(created, method="POST", status=200, _hidden=1)
+        token = logs.request_id_var.set("req_abc")
+        try:
+            line = formatter.format(rec)
+        finally:
+            logs.request_id_var.reset(token)
+        assert line == f"{standard.format(rec)} method=POST status=200 request_id=req_abc"
+    assert formatter.format(record(1_800_000_000.5)) == standard.format(record(1_800_000_000.5))
+
+
+def test_a_text_line_with_an_exception_holds_its_traceback() -> None:
+    formatter = logs.TextFormatter(logs.TEXT_FORMAT)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = logging.makeLogRecord(
+            {"name": "respgw", "levelno": 40, "levelname": "ERROR", "msg": "failed"}
+        )
+        rec.exc_info = sys.exc_info()
+    line = formatter.format(rec)
+    assert " ERROR respgw: failed\nTraceback" in line and "ValueError: boom" in line

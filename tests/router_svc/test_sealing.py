@@ -97,3 +97,32 @@ def test_no_keys_makes_a_random_one_and_warns(caplog: pytest.LogCaptureFixture) 
     sealed = a.seal("x", tenant="t", purpose="p")
     assert a.open(sealed, tenant="t", purpose="p") == "x"
     assert b.open(sealed, tenant="t", purpose="p") is None  # another replica, another key
+    # ...under another key id, so the content is known not to be this router's.
+    envelope = sealing.envelope(sealed)
+    assert envelope is not None and envelope.key_id.startswith("auto-")
+    assert a.knows(envelope) and not b.knows(envelope)
+
+
+def test_a_ref_is_in_the_clear_and_bound_to_the_seal() -> None:
+    sealer = sealing.Sealer(sealing.parse_keys(f"one={KEY_A}"))
+    sealed = sealer.seal("summary", tenant="t", purpose=sealing.COMPACTION, ref="cmp_12ab")
+    assert sealed.startswith("rgw1.one.") and sealed.endswith(".cmp_12ab")
+    assert sealing.envelope(sealed) == sealing.Envelope("one", sealed.split(".")[2], "cmp_12ab")
+    assert sealer.open(sealed, tenant="t", purpose=sealing.COMPACTION) == "summary"
+    # Another ref, or none, does not open: the ref cannot be swapped under a known key.
+    assert sealer.open(sealed[: -len("12ab")] + "12ac", tenant="t", purpose="compaction") is None
+    assert sealer.open(sealed.rpartition(".")[0], tenant="t", purpose="compaction") is None
+    assert sealer.open(sealed, tenant="u", purpose=sealing.COMPACTION) is None
+    # Content sealed without a ref still opens as before (items made before refs existed).
+    plain = sealer.seal("old", tenant="t", purpose=sealing.COMPACTION)
+    assert sealing.envelope(plain) == sealing.Envelope("one", plain.split(".")[2], "")
+    assert sealer.open(plain, tenant="t", purpose=sealing.COMPACTION) == "old"
+    with pytest.raises(ValueError):
+        sealer.seal("x", tenant="t", purpose="p", ref="not.a.ref")
+
+
+@pytest.mark.parametrize(
+    "content", ["", "gAAAAB", "rgw1.", "rgw1..AAAA", "rgw1.one.AAAA.bad ref", "rgw1.one.AA.a.b"]
+)
+def test_what_has_not_the_sealed_form_has_no_envelope(content: str) -> None:
+    assert sealing.envelope(content) is None

@@ -309,6 +309,78 @@ async def test_intact_chain_refuses_an_expired_ancestor(
     assert not (await client.put(simple_turn("resp_4", previous="resp_2"))).replayed
 
 
+async def test_intact_chain_stored_intact_still_sees_a_deleted_ancestor(client: Client) -> None:
+    """A chain whose every turn was stored with require_intact_chain (as the router stores the
+    turns it chains from its cache) is refused as soon as any ancestor goes, however it went."""
+    previous = ""
+    for n in range(6):
+        await put_intact(client, simple_turn(f"whole_{n}", previous=previous))
+        previous = f"whole_{n}"
+    # An unrelated deletion changes nothing for this chain.
+    await client.put(simple_turn("other"))
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="other"))
+    assert not (await put_intact(client, simple_turn("whole_6", previous="whole_5"))).replayed
+
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="whole_2"))
+    for previous in ("whole_6", "whole_5", "whole_3"):
+        err = await fails(put_intact(client, simple_turn("whole_7", previous=previous)))
+        assert_error(err, FAILED_PRECONDITION, "HISTORY_BROKEN", missing_response_id="whole_2")
+    # What is left in front of the gap is still whole.
+    assert not (await put_intact(client, simple_turn("whole_7", previous="whole_1"))).replayed
+    # The id of the deleted ancestor used again does not mend the chain behind it.
+    await put_intact(client, simple_turn("whole_2", previous="whole_1", body="new"))
+    err = await fails(put_intact(client, simple_turn("whole_8", previous="whole_6")))
+    assert_error(err, FAILED_PRECONDITION, "HISTORY_BROKEN", missing_response_id="whole_2")
+    assert not (await put_intact(client, simple_turn("whole_8", previous="whole_2"))).replayed
+
+
+async def test_intact_chain_stored_intact_still_sees_an_expired_ancestor(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    running = await start(retention_s=2.0)
+    client = connect(running.port)
+    first = await put_intact(client, simple_turn("resp_1"))
+    await asyncio.sleep(1.2)
+    await put_intact(client, simple_turn("resp_2", previous="resp_1"))
+    assert not (await put_intact(client, simple_turn("resp_3", previous="resp_2"))).replayed
+    await sleep_until(first.response.expire_time.ToNanoseconds() / 1e9 + 0.05)
+    for previous in ("resp_3", "resp_2"):
+        err = await fails(put_intact(client, simple_turn("resp_4", previous=previous)))
+        assert_error(err, FAILED_PRECONDITION, "HISTORY_BROKEN", missing_response_id="resp_1")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_store_written_before_chain_marks_is_migrated(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    """A SQLite store from before migration 8 (no chain marks, no deletion count) is migrated;
+    its chains are walked once, and a deletion is seen after."""
+    first = await start()
+    client = connect(first.port)
+    for n in range(3):
+        await put_intact(client, simple_turn(f"resp_{n}", previous=f"resp_{n - 1}" if n else ""))
+    await first.stop(0)
+    with sqlite3.connect(first.settings.sqlite_path) as db:
+        for statement in (
+            "DROP TRIGGER responses_deleted",
+            "DROP TABLE response_deletions",
+            "ALTER TABLE responses DROP COLUMN chain_whole_at",
+            "ALTER TABLE responses DROP COLUMN chain_expire_us",
+            "DELETE FROM schema_version WHERE version > 7",
+        ):
+            db.execute(statement)
+
+    again = await start()
+    client = connect(again.port)
+    assert not (await put_intact(client, simple_turn("resp_3", previous="resp_2"))).replayed
+    assert not (await put_intact(client, simple_turn("resp_4", previous="resp_3"))).replayed
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_1"))
+    err = await fails(put_intact(client, simple_turn("resp_5", previous="resp_4")))
+    assert_error(err, FAILED_PRECONDITION, "HISTORY_BROKEN", missing_response_id="resp_1")
+    history = await client.history(response_id="resp_0")
+    assert list(history.response_ids) == ["resp_0"]
+
+
 @pytest.mark.parametrize("backend", ["memory"], indirect=True)
 async def test_put_reports_the_history_cap(start: Start, connect: Callable[..., Client]) -> None:
     uncapped = connect((await start()).port)
@@ -1357,6 +1429,47 @@ async def test_sqlite_group_commit_isolates_a_failing_write(tmp_path: Path) -> N
         with sqlite3.connect(path) as db:
             counts = [db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES]
         assert counts == [11, 22, 1, 21]
+    finally:
+        await backend.close()
+
+
+class FailingOnceSqlite(SqliteBackend):
+    """The SQLite backend whose writer fails its first group outside any statement (as a
+    connection that cannot be opened would), once ``release`` is set."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def _commit_group(self, conn: sqlite3.Connection, batch: Sequence[Any]) -> None:
+        if not self.holding.is_set():
+            self.holding.set()
+            self.release.wait(10)
+            raise RuntimeError("the writer failed")
+        super()._commit_group(conn, batch)
+
+
+async def test_sqlite_writer_failure_answers_its_writes_and_drains_the_rest(
+    tmp_path: Path,
+) -> None:
+    backend = await FailingOnceSqlite(str(tmp_path / "state.db")).open()
+    try:
+        none: dict[str, Any] = {"expected_conversation_version": None}
+        first = asyncio.ensure_future(backend.put_turn(TENANT, backend_turn("resp_0"), **none))
+        assert await asyncio.to_thread(backend.holding.wait, 10)  # the writer holds its group
+        queued = [backend.put_turn(TENANT, backend_turn(f"resp_{n}"), **none) for n in (1, 2, 3)]
+        tasks = [asyncio.ensure_future(w) for w in queued]
+        await asyncio.sleep(0.1)
+        backend.release.set()
+        # The group that failed gets the error; the writes queued behind it are stored.
+        with pytest.raises(RuntimeError):
+            await first
+        results = await asyncio.gather(*tasks)
+        assert [r.turn.id for r in results] == ["resp_1", "resp_2", "resp_3"]
+        assert not (await backend.put_turn(TENANT, backend_turn("after"), **none)).replayed
+        with pytest.raises(ServiceError):
+            await backend.get_response(TENANT, response_id="resp_0")
     finally:
         await backend.close()
 

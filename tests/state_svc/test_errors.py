@@ -133,6 +133,10 @@ REQUESTS: dict[str, Callable[[], Any]] = {
         tenant=TENANT, conversation_id="c", item_id="a"
     ),
     "GetItems": lambda: pb.GetItemsRequest(tenant=TENANT, item_ids=["a"]),
+    "PutCompaction": lambda: pb.PutCompactionRequest(
+        tenant=TENANT, compaction=resources_pb2.Compaction(id="cmp_1", summary=b"s")
+    ),
+    "GetCompaction": lambda: pb.GetCompactionRequest(tenant=TENANT, compaction_id="cmp_1"),
     "EnqueueBackgroundResponse": lambda: pb.EnqueueBackgroundResponseRequest(
         tenant=TENANT, response=_running()
     ),

@@ -31,6 +31,7 @@ from state_svc.backends.base import Backend, Item, Turn
 from state_svc.backends.postgres import PostgresBackend
 from state_svc.backends.sqlite import (
     CHAIN_LINKS_SQL,
+    CHAIN_MARK_SQL,
     CONVERSATION_HISTORY_SQL,
     HISTORY_CAPPED_SQL,
     HISTORY_SQL,
@@ -245,6 +246,7 @@ async def test_sqlite_hot_queries_use_indexes(sqlite_path: str) -> None:
     assert sum("WITH RECURSIVE chain" in s for s in statements) >= 3
     constants = {
         "CHAIN_LINKS_SQL": CHAIN_LINKS_SQL,
+        "CHAIN_MARK_SQL": CHAIN_MARK_SQL,
         "HISTORY_SQL": HISTORY_SQL,
         "HISTORY_CAPPED_SQL": HISTORY_CAPPED_SQL,
         "TURN_LOOKUP_SQL": TURN_LOOKUP_SQL,

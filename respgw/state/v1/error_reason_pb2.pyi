@@ -47,14 +47,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     expired, or another tenant's). Do not retry.
     """
     ERROR_REASON_ITEM_NOT_FOUND: _ErrorReason.ValueType  # 6
-    """NOT_FOUND: the conversation exists but holds no item with that id. Do not retry."""
+    """NOT_FOUND: the conversation exists but holds no item with that id, or (GetCompaction) no
+    live compaction record of the tenant has that id (metadata "item_id"). Do not retry.
+    """
     ERROR_REASON_RESPONSE_ID_CONFLICT: _ErrorReason.ValueType  # 7
     """ALREADY_EXISTS: a response with this id is stored with other content. Nothing was written. Do
     not retry with the same id; a replay with identical content would have succeeded.
     """
     ERROR_REASON_ITEM_ID_CONFLICT: _ErrorReason.ValueType  # 8
-    """ALREADY_EXISTS: an item id of the call is already in the conversation (metadata "item_id").
-    Nothing was written. Do not retry with the same ids.
+    """ALREADY_EXISTS: an item id of the call is already in the conversation, or (PutCompaction) a
+    compaction record with this id is stored with another summary (metadata "item_id"). Nothing
+    was written. Do not retry with the same ids.
     """
     ERROR_REASON_REQUEST_ID_CONFLICT: _ErrorReason.ValueType  # 9
     """ALREADY_EXISTS: the request_id was used before with other content. Nothing was written. Do
@@ -136,14 +139,17 @@ ERROR_REASON_CONVERSATION_NOT_FOUND: ErrorReason.ValueType  # 5
 expired, or another tenant's). Do not retry.
 """
 ERROR_REASON_ITEM_NOT_FOUND: ErrorReason.ValueType  # 6
-"""NOT_FOUND: the conversation exists but holds no item with that id. Do not retry."""
+"""NOT_FOUND: the conversation exists but holds no item with that id, or (GetCompaction) no
+live compaction record of the tenant has that id (metadata "item_id"). Do not retry.
+"""
 ERROR_REASON_RESPONSE_ID_CONFLICT: ErrorReason.ValueType  # 7
 """ALREADY_EXISTS: a response with this id is stored with other content. Nothing was written. Do
 not retry with the same id; a replay with identical content would have succeeded.
 """
 ERROR_REASON_ITEM_ID_CONFLICT: ErrorReason.ValueType  # 8
-"""ALREADY_EXISTS: an item id of the call is already in the conversation (metadata "item_id").
-Nothing was written. Do not retry with the same ids.
+"""ALREADY_EXISTS: an item id of the call is already in the conversation, or (PutCompaction) a
+compaction record with this id is stored with another summary (metadata "item_id"). Nothing
+was written. Do not retry with the same ids.
 """
 ERROR_REASON_REQUEST_ID_CONFLICT: ErrorReason.ValueType  # 9
 """ALREADY_EXISTS: the request_id was used before with other content. Nothing was written. Do

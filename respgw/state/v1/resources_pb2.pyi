@@ -246,6 +246,55 @@ class Conversation(_message.Message):
 Global___Conversation: _TypeAlias = Conversation  # noqa: Y015
 
 @_typing.final
+class Compaction(_message.Message):
+    """A Compaction is the summary of a history that the router made for a compaction item
+    (POST /v1/responses/compact, or context_management compaction during a turn), kept so that the
+    item can be restored through any router replica and after any restart from its id alone. The
+    service never interprets the summary.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The compaction item's id (for example "cmp_..."), unique within the tenant. Required on
+    writes: empty is INVALID_ARGUMENT.
+    """
+    summary: _builtins.bytes
+    """The summary as UTF-8 text, stored and returned unchanged. Required on writes: empty, or more
+    than 1 MiB (1,048,576 bytes), is INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the server stored it. Set by the server, ignored on writes."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it stops being retrievable: the service's retention setting after create_time, as for a
+        stored response, and the sweeper deletes it then. Unset means it never expires. Set by the
+        server, ignored on writes.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        summary: _builtins.bytes = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Compaction: _TypeAlias = Compaction  # noqa: Y015
+
+@_typing.final
 class BackgroundJob(_message.Message):
     """A BackgroundJob is the durable work of one background response: what a worker needs to run it,
     and the lease that says who runs it now (see StateService).

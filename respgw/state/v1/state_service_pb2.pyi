@@ -356,6 +356,114 @@ class GetItemsResponse(_message.Message):
 Global___GetItemsResponse: _TypeAlias = GetItemsResponse  # noqa: Y015
 
 @_typing.final
+class PutCompactionRequest(_message.Message):
+    """Request for PutCompaction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    COMPACTION_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant that owns the record. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
+    @_builtins.property
+    def compaction(self) -> _resources_pb2.Compaction:
+        """The record to store: its id and summary are required; server-set fields (create_time,
+        expire_time) are ignored.
+        """
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        compaction: _resources_pb2.Compaction | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compaction", b"compaction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compaction", b"compaction", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutCompactionRequest: _TypeAlias = PutCompactionRequest  # noqa: Y015
+
+@_typing.final
+class PutCompactionResponse(_message.Message):
+    """Response for PutCompaction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPACTION_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when nothing was written because the same record was already stored."""
+    @_builtins.property
+    def compaction(self) -> _resources_pb2.Compaction:
+        """The stored record with its server-set fields; on a replay, the record stored first."""
+
+    def __init__(
+        self,
+        *,
+        compaction: _resources_pb2.Compaction | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compaction", b"compaction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compaction", b"compaction", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutCompactionResponse: _TypeAlias = PutCompactionResponse  # noqa: Y015
+
+@_typing.final
+class GetCompactionRequest(_message.Message):
+    """Request for GetCompaction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    COMPACTION_ID_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
+    compaction_id: _builtins.str
+    """The compaction item's id. Required."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        compaction_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compaction_id", b"compaction_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCompactionRequest: _TypeAlias = GetCompactionRequest  # noqa: Y015
+
+@_typing.final
+class GetCompactionResponse(_message.Message):
+    """Response for GetCompaction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPACTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def compaction(self) -> _resources_pb2.Compaction:
+        """The stored record."""
+
+    def __init__(
+        self,
+        *,
+        compaction: _resources_pb2.Compaction | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compaction", b"compaction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compaction", b"compaction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCompactionResponse: _TypeAlias = GetCompactionResponse  # noqa: Y015
+
+@_typing.final
 class DeleteResponseRequest(_message.Message):
     """Request for DeleteResponse."""
 

@@ -163,6 +163,16 @@ class StateServiceStub:
                 request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetItemsRequest.SerializeToString,
                 response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetItemsResponse.FromString,
                 _registered_method=True)
+        self.PutCompaction = channel.unary_unary(
+                '/respgw.state.v1.StateService/PutCompaction',
+                request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.PutCompactionRequest.SerializeToString,
+                response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.PutCompactionResponse.FromString,
+                _registered_method=True)
+        self.GetCompaction = channel.unary_unary(
+                '/respgw.state.v1.StateService/GetCompaction',
+                request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetCompactionRequest.SerializeToString,
+                response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetCompactionResponse.FromString,
+                _registered_method=True)
         self.Exchange = channel.stream_stream(
                 '/respgw.state.v1.StateService/Exchange',
                 request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.ExchangeRequest.SerializeToString,
@@ -466,6 +476,38 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutCompaction(self, request, context):
+        """Stores the summary of a compaction item the router made, so that any router can restore the
+        item from its id alone: one that cannot open the item's encrypted_content (its key is
+        unknown there: another replica, a restart without fixed keys, a key rotated away) reads the
+        summary back with GetCompaction. The record belongs to the tenant and is kept whatever the
+        store setting of the request that made it (as OpenAI keeps a compaction server-side), until
+        its expire_time (the service's retention setting, as for a response); deleting a response or
+        a conversation does not delete it.
+
+        Idempotent on the id: a replay with the same summary stores nothing and returns the stored
+        record with replayed set. The same id with another summary is ALREADY_EXISTS
+        (ITEM_ID_CONFLICT, metadata "item_id") and writes nothing; it is not retryable. The id of an
+        expired record may be stored again.
+
+        Returns INVALID_ARGUMENT for a missing compaction.id, a missing summary or one over 1 MiB
+        (metadata "field" names it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCompaction(self, request, context):
+        """Returns one stored compaction summary by the compaction item's id.
+
+        Returns NOT_FOUND (ITEM_NOT_FOUND, metadata "item_id") when no live record has that id for
+        the tenant: never stored, expired, or another tenant's. Returns INVALID_ARGUMENT for a missing
+        compaction_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Exchange(self, request_iterator, context):
         """Carries many calls of the request path's RPCs (PutTurn, GetHistory, GetResponse) over one
         long-lived stream, for callers that make thousands of them a second: a call on an open stream
@@ -714,6 +756,16 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.GetItems,
                     request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetItemsRequest.FromString,
                     response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetItemsResponse.SerializeToString,
+            ),
+            'PutCompaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutCompaction,
+                    request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.PutCompactionRequest.FromString,
+                    response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.PutCompactionResponse.SerializeToString,
+            ),
+            'GetCompaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCompaction,
+                    request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetCompactionRequest.FromString,
+                    response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetCompactionResponse.SerializeToString,
             ),
             'Exchange': grpc.stream_stream_rpc_method_handler(
                     servicer.Exchange,
@@ -1171,6 +1223,60 @@ class StateService:
             '/respgw.state.v1.StateService/GetItems',
             respgw_dot_state_dot_v1_dot_state__service__pb2.GetItemsRequest.SerializeToString,
             respgw_dot_state_dot_v1_dot_state__service__pb2.GetItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutCompaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/respgw.state.v1.StateService/PutCompaction',
+            respgw_dot_state_dot_v1_dot_state__service__pb2.PutCompactionRequest.SerializeToString,
+            respgw_dot_state_dot_v1_dot_state__service__pb2.PutCompactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCompaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/respgw.state.v1.StateService/GetCompaction',
+            respgw_dot_state_dot_v1_dot_state__service__pb2.GetCompactionRequest.SerializeToString,
+            respgw_dot_state_dot_v1_dot_state__service__pb2.GetCompactionResponse.FromString,
             options,
             channel_credentials,
             insecure,

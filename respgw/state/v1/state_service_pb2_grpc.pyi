@@ -239,6 +239,30 @@ class StateServiceStub:
     Returns INVALID_ARGUMENT for no item_ids, more than 100, or an empty one (metadata "field"
     names it, for example "item_ids[2]").
     """
+    PutCompaction: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.PutCompactionRequest, _state_service_pb2.PutCompactionResponse]
+    """Stores the summary of a compaction item the router made, so that any router can restore the
+    item from its id alone: one that cannot open the item's encrypted_content (its key is
+    unknown there: another replica, a restart without fixed keys, a key rotated away) reads the
+    summary back with GetCompaction. The record belongs to the tenant and is kept whatever the
+    store setting of the request that made it (as OpenAI keeps a compaction server-side), until
+    its expire_time (the service's retention setting, as for a response); deleting a response or
+    a conversation does not delete it.
+
+    Idempotent on the id: a replay with the same summary stores nothing and returns the stored
+    record with replayed set. The same id with another summary is ALREADY_EXISTS
+    (ITEM_ID_CONFLICT, metadata "item_id") and writes nothing; it is not retryable. The id of an
+    expired record may be stored again.
+
+    Returns INVALID_ARGUMENT for a missing compaction.id, a missing summary or one over 1 MiB
+    (metadata "field" names it).
+    """
+    GetCompaction: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetCompactionRequest, _state_service_pb2.GetCompactionResponse]
+    """Returns one stored compaction summary by the compaction item's id.
+
+    Returns NOT_FOUND (ITEM_NOT_FOUND, metadata "item_id") when no live record has that id for
+    the tenant: never stored, expired, or another tenant's. Returns INVALID_ARGUMENT for a missing
+    compaction_id.
+    """
     Exchange: _grpc.StreamStreamMultiCallable[_state_service_pb2.ExchangeRequest, _state_service_pb2.ExchangeResponse]
     """Carries many calls of the request path's RPCs (PutTurn, GetHistory, GetResponse) over one
     long-lived stream, for callers that make thousands of them a second: a call on an open stream
@@ -599,6 +623,30 @@ class StateServiceAsyncStub(StateServiceStub):
 
     Returns INVALID_ARGUMENT for no item_ids, more than 100, or an empty one (metadata "field"
     names it, for example "item_ids[2]").
+    """
+    PutCompaction: _aio.UnaryUnaryMultiCallable[_state_service_pb2.PutCompactionRequest, _state_service_pb2.PutCompactionResponse]  # type: ignore[assignment]
+    """Stores the summary of a compaction item the router made, so that any router can restore the
+    item from its id alone: one that cannot open the item's encrypted_content (its key is
+    unknown there: another replica, a restart without fixed keys, a key rotated away) reads the
+    summary back with GetCompaction. The record belongs to the tenant and is kept whatever the
+    store setting of the request that made it (as OpenAI keeps a compaction server-side), until
+    its expire_time (the service's retention setting, as for a response); deleting a response or
+    a conversation does not delete it.
+
+    Idempotent on the id: a replay with the same summary stores nothing and returns the stored
+    record with replayed set. The same id with another summary is ALREADY_EXISTS
+    (ITEM_ID_CONFLICT, metadata "item_id") and writes nothing; it is not retryable. The id of an
+    expired record may be stored again.
+
+    Returns INVALID_ARGUMENT for a missing compaction.id, a missing summary or one over 1 MiB
+    (metadata "field" names it).
+    """
+    GetCompaction: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetCompactionRequest, _state_service_pb2.GetCompactionResponse]  # type: ignore[assignment]
+    """Returns one stored compaction summary by the compaction item's id.
+
+    Returns NOT_FOUND (ITEM_NOT_FOUND, metadata "item_id") when no live record has that id for
+    the tenant: never stored, expired, or another tenant's. Returns INVALID_ARGUMENT for a missing
+    compaction_id.
     """
     Exchange: _aio.StreamStreamMultiCallable[_state_service_pb2.ExchangeRequest, _state_service_pb2.ExchangeResponse]  # type: ignore[assignment]
     """Carries many calls of the request path's RPCs (PutTurn, GetHistory, GetResponse) over one
@@ -1035,6 +1083,42 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Returns INVALID_ARGUMENT for no item_ids, more than 100, or an empty one (metadata "field"
         names it, for example "item_ids[2]").
+        """
+
+    @_abc_1.abstractmethod
+    def PutCompaction(
+        self,
+        request: _state_service_pb2.PutCompactionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.PutCompactionResponse, _abc.Awaitable[_state_service_pb2.PutCompactionResponse]]:
+        """Stores the summary of a compaction item the router made, so that any router can restore the
+        item from its id alone: one that cannot open the item's encrypted_content (its key is
+        unknown there: another replica, a restart without fixed keys, a key rotated away) reads the
+        summary back with GetCompaction. The record belongs to the tenant and is kept whatever the
+        store setting of the request that made it (as OpenAI keeps a compaction server-side), until
+        its expire_time (the service's retention setting, as for a response); deleting a response or
+        a conversation does not delete it.
+
+        Idempotent on the id: a replay with the same summary stores nothing and returns the stored
+        record with replayed set. The same id with another summary is ALREADY_EXISTS
+        (ITEM_ID_CONFLICT, metadata "item_id") and writes nothing; it is not retryable. The id of an
+        expired record may be stored again.
+
+        Returns INVALID_ARGUMENT for a missing compaction.id, a missing summary or one over 1 MiB
+        (metadata "field" names it).
+        """
+
+    @_abc_1.abstractmethod
+    def GetCompaction(
+        self,
+        request: _state_service_pb2.GetCompactionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.GetCompactionResponse, _abc.Awaitable[_state_service_pb2.GetCompactionResponse]]:
+        """Returns one stored compaction summary by the compaction item's id.
+
+        Returns NOT_FOUND (ITEM_NOT_FOUND, metadata "item_id") when no live record has that id for
+        the tenant: never stored, expired, or another tenant's. Returns INVALID_ARGUMENT for a missing
+        compaction_id.
         """
 
     @_abc_1.abstractmethod
