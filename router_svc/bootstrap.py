@@ -1,6 +1,6 @@
 """The router's side of the bootstrap contract (respgw.bootstrap.v1.BootstrapService).
 
-When a request declares stateful tools (code_interpreter, shell), the router calls
+When a request declares stateful tools (code_interpreter, a hosted shell), the router calls
 :meth:`Bootstrapper.prepare` once, after the history was loaded and the request validated and
 before the first hub call. The result's ``injected_items`` go ahead of the caller's input in what
 the hub sees (never in what is stored); ``tools`` holds the opaque prepared state per tool type for
@@ -60,9 +60,23 @@ _SECRET_HEADERS = frozenset(
 T = TypeVar("T")
 
 
+def is_local_shell(tool: Mapping[str, Any]) -> bool:
+    """True for a ``shell`` tool whose commands the client runs, as in OpenAI's API: its
+    ``environment`` is ``{"type": "local"}`` or absent (the model's ``shell_call`` items are
+    returned to the client, which sends back ``shell_call_output`` items). Only a hosted shell
+    (``container_auto``, ``container_reference``) runs in a session here."""
+    if tool.get("type") != "shell":
+        return False
+    environment = tool.get("environment")
+    return environment is None or (
+        isinstance(environment, Mapping) and environment.get("type") == "local"
+    )
+
+
 def stateful_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The stateful tool objects a request declares, in order; a type declared twice is the
-    caller's error."""
+    """The stateful tool objects a request declares that need a prepared session, in order: a
+    local shell (:func:`is_local_shell`) needs none. A type declared twice is the caller's
+    error."""
     found: list[dict[str, Any]] = []
     seen: set[str] = set()
     for tool in tools:
@@ -76,7 +90,8 @@ def stateful_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 code="invalid_value",
             )
         seen.add(kind)
-        found.append(tool)
+        if not is_local_shell(tool):
+            found.append(tool)
     return found
 
 

@@ -3,8 +3,9 @@
 A :class:`Loop` is one turn's tool loop (:mod:`router_svc.tool_loop`) as both its paths share it:
 the stateful tools offered to the model (as function tools), the chat request of each round (the
 caller's tools and ``tool_choice`` kept, the offered tools left out of the last round and past
-``max_tool_calls``), the usage summed over the rounds, and one ``code_interpreter`` or ``shell``
-call run in the execution service's session, with the files it wrote cited in the answer's text.
+``max_tool_calls``; a local shell offered in every round, as the caller's tools are), the usage
+summed over the rounds, and one ``code_interpreter`` or hosted ``shell`` call run in the
+execution service's session, with the files it wrote cited in the answer's text.
 What is not run is said in the call's output (:func:`not_run`), never a failure of the turn.
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from router_svc import execution
+from router_svc import bootstrap, execution
 from router_svc.dialects import chat
 from router_svc.response import response_object
 from router_svc.shapes import Item, ResponseObject
@@ -102,20 +103,31 @@ class Loop:
         self.max_calls: int | None = limit if isinstance(limit, int) else None
         # Files written during this turn, with their container, in the order they were written.
         self.files: dict[str, tuple[str, execution.FileInfo]] = {}
+        # Local shell calls returned to the client: the loop stops after their round.
+        self.returned = 0
         self.messages: list[dict[str, Any]] = []
         self._base: dict[str, Any] = {}
         self._caller_tools: list[dict[str, Any]] = []
         self._caller_choice: Any = None
 
     async def prepare(self, *, stream: bool) -> None:
-        caps = await self.executor.capabilities() if self.executor is not None else None
-        for kind, prepared in self.turn.prepared.tools.items():
-            if kind not in STATEFUL or not prepared.resource_id or caps is None:
+        hosted = [
+            (kind, prepared)
+            for kind, prepared in self.turn.prepared.tools.items()
+            if kind in STATEFUL and prepared.resource_id
+        ]
+        # A turn whose only stateful tool is a local shell asks the execution service nothing.
+        caps = await self.executor.capabilities() if self.executor and hosted else None
+        for kind, prepared in hosted:
+            if caps is None:
                 continue
             if not (caps.runs_python if kind == CODE_INTERPRETER else caps.runs_commands):
                 continue
             name = self.names.python if kind == CODE_INTERPRETER else self.names.shell
             self.offers[name] = Offer(kind, name, prepared.resource_id, prepared.state)
+        for tool in self.req.tools:
+            if bootstrap.is_local_shell(tool):
+                self.offers[self.names.shell] = Offer.local_shell(self.names.shell, tool)
         offered = {o.kind for o in self.offers.values()}
         limit = self.settings.output_chars
         history = self.turn.history
@@ -130,9 +142,11 @@ class Loop:
             tools=[t for t in self.req.tools if t.get("type") not in offered],
             input_items=replayable(given, self.names, limit),
         )
+        # The shell calls of the history that the new input answers (a local shell's outputs).
+        answered = [str(i.get("call_id")) for i in given if i.get("type") == "shell_call_output"]
         body = chat.chat_request(
             req,
-            replayable(history, self.names, limit),
+            replayable(history, self.names, limit, answered),
             injected,
             stream=stream,
         )
@@ -149,10 +163,10 @@ class Loop:
         return self.max_calls is None or self.calls < self.max_calls
 
     def body(self, round_no: int) -> dict[str, Any]:
-        """The chat request of one round."""
-        mine = (
-            [o for o in self.offers.values() if self._allowed(o)] if self.offering(round_no) else []
-        )
+        """The chat request of one round: a local shell is offered in every round, as the
+        caller's own tools are (its calls end the loop)."""
+        offering = self.offering(round_no)
+        mine = [o for o in self.offers.values() if self._allowed(o) and (o.local or offering)]
         tools = [*self._caller_tools, *(o.chat_tool() for o in mine)]
         out = {**self._base, "messages": self.messages}
         if not tools:

@@ -7,8 +7,9 @@ a ``python`` tool taking ``{"code"}`` and a ``shell`` tool taking ``{"commands",
 What the client sees is OpenAI's: a ``code_interpreter_call`` item (code, container_id, status,
 and ``outputs`` -- logs and images -- when ``include`` asks for
 ``code_interpreter_call.outputs``: they are always stored, see :mod:`router_svc.include`), or a
-``shell_call`` and its ``shell_call_output``. This module builds those items from a call's
-arguments and its result, and the text the model reads of a result. The items are stored whole;
+``shell_call`` and its ``shell_call_output`` (a local shell's ``shell_call`` is returned to the
+client, which sends the output). This module builds those items from a call's arguments and its
+result, and the text the model reads of a result. The items are stored whole;
 a later turn replays them to the hub as the function calls and outputs they were
 (:func:`replayable`).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -66,6 +68,13 @@ SHELL_PARAMETERS: Mapping[str, Any] = {
     "required": ["commands"],
     "additionalProperties": False,
 }
+# A local shell (environment "local" or none): the client runs the commands, on its own machine.
+LOCAL_SHELL_DESCRIPTION = (
+    "Runs shell commands one after the other on the user's computer, in the user's own shell "
+    "environment. Returns each command's stdout, stderr and exit code."
+)
+# The environment a local shell_call shows (ResponseLocalEnvironment).
+LOCAL_ENVIRONMENT: Mapping[str, Any] = MappingProxyType({"type": "local"})
 
 
 # --- names, and the history as a chat model knows it ---------------------------------------
@@ -92,13 +101,20 @@ def _free(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def replayable(items: Iterable[Mapping[str, Any]], names: Names, limit: int = 0) -> list[Item]:
+def replayable(
+    items: Iterable[Mapping[str, Any]],
+    names: Names,
+    limit: int = 0,
+    answered_later: Iterable[str] = (),
+) -> list[Item]:
     """Items with every stateful tool call turned into the function call and output a chat
-    model made and read (a call whose output is missing gets a placeholder, since chat hubs
-    want an answer to every call); a python call's logs are cut to ``limit`` characters (0: not
-    cut), as the model read them."""
+    model made and read (a call whose output is missing, here and in ``answered_later`` -- the
+    shell calls the new input answers -- gets a placeholder, since chat hubs want an answer to
+    every call); a python call's logs are cut to ``limit`` characters (0: not cut), as the model
+    read them."""
     items = list(items)
     answered = {str(i.get("call_id")) for i in items if i.get("type") == "shell_call_output"}
+    answered.update(answered_later)
     out: list[Item] = []
     for item in items:
         kind = item.get("type")
@@ -168,18 +184,34 @@ def _shell_output_text(item: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Offer:
-    """A stateful tool offered to the model: its kind, the function name, and the session."""
+    """A stateful tool offered to the model: its kind, the function name, and the session; or
+    a local shell (``local``), whose calls go back to the client (no session, no state)."""
 
     kind: str
     chat_name: str
     session_id: str
     state: bytes
+    local: bool = False
+    description: str = ""  # a local shell's: its skills named
+
+    @classmethod
+    def local_shell(cls, chat_name: str, tool: Mapping[str, Any]) -> Offer:
+        """The offer of a local shell tool, the skills of its environment described."""
+        environment = tool.get("environment") or {}
+        skills = [s for s in environment.get("skills") or [] if isinstance(s, Mapping)]
+        description = LOCAL_SHELL_DESCRIPTION
+        if skills:
+            listed = "\n".join(
+                f"- {s.get('name')}: {s.get('description')} (in {s.get('path')})" for s in skills
+            )
+            description += f"\n\nSkills available on the user's computer:\n{listed}"
+        return cls(SHELL, chat_name, "", b"", local=True, description=description)
 
     def chat_tool(self) -> dict[str, Any]:
         if self.kind == CODE_INTERPRETER:
             description, parameters = PYTHON_DESCRIPTION, PYTHON_PARAMETERS
         else:
-            description, parameters = SHELL_DESCRIPTION, SHELL_PARAMETERS
+            description, parameters = self.description or SHELL_DESCRIPTION, SHELL_PARAMETERS
         return {
             "type": "function",
             "function": {
@@ -240,13 +272,18 @@ def ci_item(offer: Offer, *, item_id: str = "", code: str = "") -> Item:
 
 
 def shell_call_item(offer: Offer, call_id: str, action: Mapping[str, Any]) -> Item:
+    environment: dict[str, Any] = (
+        dict(LOCAL_ENVIRONMENT)
+        if offer.local
+        else {"type": "container_reference", "container_id": offer.session_id}
+    )
     return {
         "id": new_id("sh"),
         "type": "shell_call",
         "status": "in_progress",
         "call_id": call_id,
         "action": dict(action),
-        "environment": {"type": "container_reference", "container_id": offer.session_id},
+        "environment": environment,
     }
 
 

@@ -10,6 +10,13 @@ returned to the caller, as always), or a limit is reached: the request's ``max_t
 call beyond it is not run) or ``--tool-max-rounds`` hub calls (the last one is made without the
 tools, so the model answers).
 
+A ``shell`` whose ``environment`` is ``local`` (or absent, as in OpenAI's API) is the client's,
+as a function tool is: it is offered in every round, needs no session (no bootstrap or execution
+call when it is the turn's only stateful tool), and its call is returned to the client as a
+``shell_call`` (``environment: {"type": "local"}``), which ends the loop; the client's
+``shell_call_output`` in its next request reaches the model as that call's answer
+(:func:`router_svc.tool_items.replayable`). ``max_tool_calls`` does not count these calls.
+
 Streamed, the calls have the events of the current SDK
 (``response.code_interpreter_call.in_progress``, ``..._code.delta``, ``..._code.done``,
 ``.interpreting``, ``.completed``; ``response.shell_call_command.added/delta/done``,
@@ -29,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from router_svc import errors
+from router_svc import bootstrap, errors
 from router_svc.dialects import chat
 from router_svc.ids import new_id
 from router_svc.shapes import Item, ResponseObject
@@ -56,10 +63,13 @@ _TOOL_ITEMS = frozenset({"code_interpreter_call", "shell_call", "shell_call_outp
 
 
 def runs_tools(svc: Services, turn: Turn) -> bool:
-    """True when this module answers the turn: a chat hub, and either a prepared stateful tool
-    the execution service may run, or stateful tool items in the history to replay."""
+    """True when this module answers the turn: a chat hub, and either a local shell, a
+    prepared stateful tool the execution service may run, or stateful tool items in the history
+    to replay."""
     if not svc.dialect.tool_loop:
         return False
+    if turn.req.tools and any(bootstrap.is_local_shell(t) for t in turn.req.tools):
+        return True  # offered to the model; its calls are returned to the client
     if executor_of(svc) is not None and any(
         kind in STATEFUL and prepared.resource_id for kind, prepared in turn.prepared.tools.items()
     ):
@@ -127,6 +137,7 @@ async def answer(svc: Services, turn: Turn) -> ResponseObject:
             status != "completed"
             or not ran
             or caller_calls
+            or loop.returned
             or round_no + 1 >= loop.settings.max_rounds
         ):
             break
@@ -142,7 +153,8 @@ async def _run_whole(
     arguments = str(call.get("arguments") or "")
     call_id = str(call.get("call_id") or new_id("call"))
     reason = "" if complete else "cut"
-    reason = reason or loop.may_run(round_no)
+    if not offer.local:  # a local shell's calls are the client's, as its functions are
+        reason = reason or loop.may_run(round_no)
     if offer.kind == CODE_INTERPRETER:
         code, problem = parse_python(arguments)
         item = ci_item(offer, code=code)
@@ -164,6 +176,9 @@ async def _run_whole(
         shell_call["status"] = "incomplete"
         return None
     shell_call["status"] = "completed"
+    if offer.local and not problem:
+        loop.returned += 1  # the client runs it and sends its shell_call_output
+        return None
     result = not_run(problem) if problem else await loop.run_shell(offer, action, call_id)
     entries = shell_entries(action, result)
     if problem:

@@ -4,7 +4,9 @@
 turn's ``code_interpreter`` or ``shell`` calls run here (:mod:`router_svc.tool_loop`): each round's
 chat stream is translated, renumbered into the turn's one sequence, the stateful calls shown as
 their tools' items with their SDK events (the code streamed as the model writes it, a shell
-call's output as the command prints it) and run as soon as they are complete.
+call's output as the command prints it) and run as soon as they are complete; a local shell's
+calls are shown the same way up to their ``response.output_item.done`` and returned to the
+client, which ends the loop after their round.
 """
 
 from __future__ import annotations
@@ -408,7 +410,8 @@ class StreamLoop(Loop):
         item, index = call.item, call.index
         common = {"item_id": item["id"], "output_index": index}
         reason = "" if complete else "cut"
-        reason = reason or self.may_run(rnd.number)
+        if not call.offer.local:  # a local shell's calls are the client's, as its functions are
+            reason = reason or self.may_run(rnd.number)
         if reason:
             item["status"] = "incomplete"
             self._open.discard(index)
@@ -439,6 +442,9 @@ class StreamLoop(Loop):
         yield [
             self._event("response.output_item.done", output_index=index, item=copy.deepcopy(item))
         ]
+        if call.offer.local and not call.problem:
+            rnd.caller_calls = True  # the client runs it and sends its shell_call_output
+            return
         output = shell_output_item(call.call_id, call.action)
         out_index = len(self.output)
         self.output.append(output)

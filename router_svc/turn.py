@@ -278,14 +278,15 @@ async def begin(
 
 def tools_not_run(tools: list[dict[str, Any]], *, executor: bool) -> tuple[str, ...]:
     """The declared tool types a Chat Completions model is never offered, in order: the web
-    searches, and code_interpreter and shell when no execution service runs them (with one, the
-    tool loop decides per turn). The dialect counts them in respgw_router_tools_not_run_total."""
+    searches, and code_interpreter and a hosted shell when no execution service runs them (with
+    one, the tool loop decides per turn; a local shell is always offered, its calls returned to
+    the client). The dialect counts them in respgw_router_tools_not_run_total."""
     kinds: list[str] = []
     for tool in tools:
         kind = str(tool.get("type"))
         if kind not in vocabulary.CHAT_NOT_RUN_TOOLS or kind in kinds:
             continue
-        if executor and kind in bootstrap.STATEFUL_TOOL_TYPES:
+        if (executor and kind in bootstrap.STATEFUL_TOOL_TYPES) or bootstrap.is_local_shell(tool):
             continue
         kinds.append(kind)
     return tuple(kinds)

@@ -536,6 +536,15 @@ def _tool(raw: object, path: str) -> dict[str, Any]:
             raise checks.invalid_type(
                 f"{path}.container", "one of a string or an object", container
             )
+    elif kind == "shell" and tool.get("environment") is not None:
+        # local (the client runs the commands) or hosted; absent is local (bootstrap.py).
+        env_path = f"{path}.environment"
+        environment = checks.obj(tool["environment"], env_path)
+        checks.enum(
+            checks.required(environment, "type", env_path),
+            f"{env_path}.type",
+            vocabulary.SHELL_ENVIRONMENTS,
+        )
     elif kind == "custom":
         checks.string(checks.required(tool, "name", path), f"{path}.name")
     elif kind == "namespace":

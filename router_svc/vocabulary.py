@@ -98,6 +98,10 @@ ITEM_STATUSES = ("in_progress", "completed", "incomplete")
 ROLES = ("user", "assistant", "system", "developer")
 IMAGE_DETAILS = ("low", "high", "auto", "original")
 
+# The ``type`` of a shell tool's ``environment``: ``local`` (the client runs the commands; also
+# what no environment means) or a hosted container (FunctionShellToolParam's Environment).
+SHELL_ENVIRONMENTS = ("container_auto", "local", "container_reference")
+
 # The ``memory_limit`` values of a container (the Containers API's, and an auto container's).
 CONTAINER_MEMORY_LIMITS = ("1g", "4g", "16g", "64g")
 
@@ -127,9 +131,10 @@ TOOL_TYPES = (
 # argument, "input"); the function and custom tools of a namespace, flattened.
 CHAT_OFFERED_TOOLS = frozenset({"function", "custom", "namespace"})
 # Accepted but not offered to the model, and reported: a web search the gateway cannot run (the
-# model answers without searching, as OpenAI's model may choose to), and code_interpreter and
-# shell when no execution service runs them (when one does, the tool loop in router_svc.tool_loop
-# offers them as functions and runs the calls, and leaves them out of what is checked here).
+# model answers without searching, as OpenAI's model may choose to), and code_interpreter and a
+# hosted shell when no execution service runs them (when one does, the tool loop in
+# router_svc.tool_loop offers them as functions and runs the calls, and leaves them out of what
+# is checked here; it always offers a local shell, whose calls it returns to the client).
 CHAT_NOT_RUN_TOOLS = frozenset(
     {
         "web_search",

@@ -22,7 +22,7 @@ from tests.fakehub import FakeHub, Reply, text_of
 from tests.support import ROUTER_READY, Process, Stack, ThreadLoop
 
 CODE_INTERPRETER: Any = {"type": "code_interpreter", "container": {"type": "auto"}}
-SHELL: Any = {"type": "shell"}
+SHELL: Any = {"type": "shell", "environment": {"type": "container_auto"}}
 OUTPUTS: Any = "code_interpreter_call.outputs"
 
 

@@ -426,3 +426,97 @@ def test_namespace_calls_replay_under_their_offered_name(
     )
     offered = [t["function"]["name"] for t in hub.chat_requests()[-1]["tools"]]
     assert offered == ["crm__lookup", "note", "lookup"]
+
+
+LOCAL_SHELL: dict[str, Any] = {"type": "shell", "environment": {"type": "local"}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_local_shell_calls_and_outputs(client: openai.OpenAI, hub: FakeHub, stream: bool) -> None:
+    """A local shell's call is the client's to run: its shell_call_output comes in turn 2."""
+    turns = round_trip(
+        client,
+        hub,
+        stream=stream,
+        tools=[LOCAL_SHELL],
+        first_reply=Reply(
+            text=None,
+            tool_calls=[
+                {
+                    "id": "call_sh",
+                    "name": "shell",
+                    "arguments": '{"commands": ["ls"], "max_output_length": 2000}',
+                }
+            ],
+            finish_reason="tool_calls",
+        ),
+        first_input=[{"type": "message", "role": "user", "content": "What is here?"}],
+        second_input=[
+            {
+                "type": "shell_call_output",
+                "call_id": "call_sh",
+                "max_output_length": 2000,
+                "output": [
+                    {
+                        "stdout": "a.txt\n",
+                        "stderr": "",
+                        "outcome": {"type": "exit", "exit_code": 0},
+                    }
+                ],
+            }
+        ],
+        expected=[
+            {"role": "user", "content": "What is here?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    call("call_sh", "shell", '{"commands":["ls"],"max_output_length":2000}')
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_sh", "content": "a.txt\n[exit code 0]"},
+        ],
+    )
+    sh = turns.first["output"][0]
+    assert (sh["type"], sh["call_id"], sh["status"]) == ("shell_call", "call_sh", "completed")
+    assert sh["environment"] == {"type": "local"}
+    assert sh["action"] == {"commands": ["ls"], "timeout_ms": None, "max_output_length": 2000}
+
+
+def test_shell_calls_sent_by_the_client(client: openai.OpenAI, hub: FakeHub) -> None:
+    """A shell call and its output given as input (an agent that keeps its own history)."""
+    round_trip(
+        client,
+        hub,
+        tools=[{"type": "shell"}],
+        first_input=[
+            {"type": "message", "role": "user", "content": "Disk?"},
+            {
+                "type": "shell_call",
+                "id": "sh_client1",
+                "call_id": "call_df",
+                "action": {"commands": ["df -h /"], "timeout_ms": 1000},
+                "status": "completed",
+                "environment": {"type": "local"},
+            },
+            {
+                "type": "shell_call_output",
+                "call_id": "call_df",
+                "output": [{"stdout": "", "stderr": "slow", "outcome": {"type": "timeout"}}],
+            },
+        ],
+        second_input=[{"type": "message", "role": "user", "content": "Again?"}],
+        expected=[
+            {"role": "user", "content": "Disk?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    call("call_df", "shell", '{"commands":["df -h /"],"timeout_ms":1000}')
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_df", "content": "slow\n[timed out]"},
+            {"role": "assistant", "content": "echo: Disk?"},
+            {"role": "user", "content": "Again?"},
+        ],
+    )

@@ -23,7 +23,7 @@ from router_svc import bootstrap, errors
 from router_svc.config import RouterSettings
 
 CODE_INTERPRETER: dict[str, Any] = {"type": "code_interpreter", "container": {"type": "auto"}}
-SHELL: dict[str, Any] = {"type": "shell"}
+SHELL: dict[str, Any] = {"type": "shell", "environment": {"type": "container_auto"}}
 FUNCTION: dict[str, Any] = {"type": "function", "name": "lookup", "parameters": {"type": "object"}}
 
 # The HTTP status the client sees for each code the bootstrap service may end a call with:
@@ -137,6 +137,22 @@ def test_stateful_tools_keeps_declared_order_and_drops_the_rest() -> None:
     tools = [SHELL, FUNCTION, CODE_INTERPRETER, {"type": "web_search"}]
     assert bootstrap.stateful_tools(tools) == [SHELL, CODE_INTERPRETER]
     assert bootstrap.stateful_tools([FUNCTION]) == []
+
+
+def test_a_local_shell_is_never_prepared() -> None:
+    """A shell whose environment is local or absent (OpenAI's default) runs on the client's
+    machine: nothing to prepare. It still counts as the request's one shell."""
+    for local in ({"type": "shell"}, {"type": "shell", "environment": {"type": "local"}}):
+        assert bootstrap.is_local_shell(local)
+        assert bootstrap.stateful_tools([local, CODE_INTERPRETER]) == [CODE_INTERPRETER]
+        with pytest.raises(errors.InvalidRequest):
+            bootstrap.stateful_tools([local, SHELL])
+    reference = {
+        "type": "shell",
+        "environment": {"type": "container_reference", "container_id": "c"},
+    }
+    assert not bootstrap.is_local_shell(SHELL) and not bootstrap.is_local_shell(reference)
+    assert not bootstrap.is_local_shell(CODE_INTERPRETER)
 
 
 def test_a_stateful_tool_declared_twice_is_the_callers_error() -> None:

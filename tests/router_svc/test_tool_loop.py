@@ -14,6 +14,7 @@ import orjson
 import pydantic
 import pytest
 from openai.types.responses import ResponseStreamEvent
+from prometheus_client import REGISTRY
 
 from bootstrap_svc import server as bootstrap_server
 from bootstrap_svc.config import BootstrapSettings
@@ -26,6 +27,8 @@ from tests.fakehub import FakeHub, Reply
 
 pytestmark = pytest.mark.timeout(60)
 CI = {"type": "code_interpreter", "container": {"type": "auto"}}
+HOSTED_SHELL = {"type": "shell", "environment": {"type": "container_auto"}}
+LOCAL_SHELL = {"type": "shell", "environment": {"type": "local"}}
 # A 1x1 PNG.
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
@@ -53,16 +56,19 @@ class Env:
     ) -> Turn:
         req = validate.parse_turn_request({"model": "m", **body})
         response_id = f"resp_{time.monotonic_ns()}"
-        prepared = await self.bootstrapper.prepare(
-            request_id=response_id,
-            tenant="acme",
-            tools=bootstrap.stateful_tools(req.tools),
-            response_id=response_id,
-            conversation_id=ids.get("conversation_id", ""),
-            previous_response_id=ids.get("previous_response_id", ""),
-            headers={},
-            metadata={},
-        )
+        declared = bootstrap.stateful_tools(req.tools)
+        prepared = bootstrap.Prepared.EMPTY
+        if declared:  # as turn.begin: no bootstrap call without a tool to prepare
+            prepared = await self.bootstrapper.prepare(
+                request_id=response_id,
+                tenant="acme",
+                tools=declared,
+                response_id=response_id,
+                conversation_id=ids.get("conversation_id", ""),
+                previous_response_id=ids.get("previous_response_id", ""),
+                headers={},
+                metadata={},
+            )
         return Turn(
             req=req,
             tenant="acme",
@@ -287,7 +293,7 @@ async def test_a_shell_call_runs_each_command(env: Env) -> None:
         Reply(text_from_tool="{tool}"),
     )
     response = await tool_loop.answer(
-        env.svc, await env.turn({"input": "x", "tools": [{"type": "shell"}]})
+        env.svc, await env.turn({"input": "x", "tools": [HOSTED_SHELL]})
     )
     call, output, message = response["output"]
     session = response["tools"][0]["environment"]["container_id"]
@@ -360,9 +366,7 @@ async def test_a_streamed_shell_call_streams_its_output(env: Env) -> None:
         ),
         Reply(text="ok"),
     )
-    events, response = await streamed(
-        env, await env.turn({"input": "x", "tools": [{"type": "shell"}]})
-    )
+    events, response = await streamed(env, await env.turn({"input": "x", "tools": [HOSTED_SHELL]}))
     kinds = [e["type"] for e in events]
     commands = [e for e in events if e["type"] == "response.shell_call_command.done"]
     assert [c["command"] for c in commands] == ["printf one", "printf two >&2; exit 4"]
@@ -432,7 +436,7 @@ async def test_every_streamed_tool_event_is_the_sdks_event_with_only_its_keys(en
     )
     outputs = {"include": ["code_interpreter_call.outputs"]}
     ci, _ = await streamed(env, await env.turn({"input": "x", "tools": [CI], **outputs}))
-    shell, _ = await streamed(env, await env.turn({"input": "x", "tools": [{"type": "shell"}]}))
+    shell, _ = await streamed(env, await env.turn({"input": "x", "tools": [HOSTED_SHELL]}))
     for event in [*ci, *shell]:
         parsed = adapter.validate_python(event)
         assert parsed.type == event["type"]
@@ -489,7 +493,7 @@ async def test_a_stored_tool_turn_replays_with_the_live_streams_events(env: Env)
     outputs = {"include": ["code_interpreter_call.outputs"]}
     for body in (
         {"input": "x", "tools": [CI], **outputs},
-        {"input": "x", "tools": [{"type": "shell"}]},
+        {"input": "x", "tools": [HOSTED_SHELL]},
     ):
         turn = await env.turn(body)
         live, stored = await streamed(env, turn)
@@ -502,3 +506,191 @@ async def test_a_stored_tool_turn_replays_with_the_live_streams_events(env: Env)
             assert _extra_keys(data, parsed) == [], event["type"]
         done = [e["item"] for e in rebuilt if e["type"] == "response.output_item.done"]
         assert done == stored["output"]
+
+
+# -- a local shell: its calls are the client's ----------------------------------------------
+
+
+def tool_service_calls() -> float:
+    """Every call the router made to a bootstrap or execution service, so far."""
+    names = (
+        "respgw_router_bootstrap_call_latency_seconds",
+        "respgw_router_execution_call_latency_seconds",
+    )
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name in names
+        for sample in metric.samples
+        if sample.name.endswith("_count")
+    )
+
+
+@pytest.mark.parametrize("tool", [LOCAL_SHELL, {"type": "shell"}], ids=["local", "absent"])
+async def test_a_local_shell_call_is_returned_to_the_client(env: Env, tool: dict[str, Any]) -> None:
+    """A local shell (environment local, or none: OpenAI's default) is offered to the model; its
+    call comes back as OpenAI's shell_call and ends the loop, and nothing asked a bootstrap or
+    execution service anything."""
+    before = tool_service_calls()
+    env.hub.enqueue(
+        Reply(
+            tool_calls=[
+                {
+                    "id": "call_ls",
+                    "name": "shell",
+                    "arguments": '{"commands": ["ls -la", "pwd"], "timeout_ms": 5000}',
+                }
+            ],
+            finish_reason="tool_calls",
+        )
+    )
+    turn = await env.turn({"input": "What is here?", "tools": [tool]})
+    assert turn.prepared.tools == {} and turn.tool_resources == {}
+    assert tool_loop.runs_tools(env.svc, turn)
+    response = await tool_loop.answer(env.svc, turn)
+    [call] = response["output"]
+    assert call == {
+        "id": call["id"],
+        "type": "shell_call",
+        "status": "completed",
+        "call_id": "call_ls",
+        "action": {"commands": ["ls -la", "pwd"], "timeout_ms": 5000, "max_output_length": None},
+        "environment": {"type": "local"},
+    }
+    assert call["id"].startswith("sh_")
+    assert response["status"] == "completed" and response["tools"] == [tool]
+    [sent] = env.hub.chat_requests()
+    [offered] = sent["tools"]
+    assert offered["function"]["name"] == "shell"
+    assert "user's computer" in offered["function"]["description"]
+    assert tool_service_calls() == before
+
+
+async def test_a_local_shell_without_an_execution_service(env: Env) -> None:
+    """A router with no execution service still offers a local shell (nothing runs here)."""
+    env.hub.enqueue(Reply(tool_calls=[shell_call(["date"])], finish_reason="tool_calls"))
+    svc = SimpleNamespace(**{**vars(env.svc), "executor": None})
+    turn = await env.turn({"input": "x", "tools": [LOCAL_SHELL]})
+    assert tool_loop.runs_tools(svc, turn)
+    response = await tool_loop.answer(svc, turn)
+    assert [i["type"] for i in response["output"]] == ["shell_call"]
+
+
+async def test_a_local_shells_skills_are_described_to_the_model(env: Env) -> None:
+    skill = {"name": "pdf", "description": "Reads PDF files.", "path": "/home/u/skills/pdf"}
+    env.hub.enqueue(Reply(text="ok"))
+    tool = {"type": "shell", "environment": {"type": "local", "skills": [skill]}}
+    await tool_loop.answer(env.svc, await env.turn({"input": "x", "tools": [tool]}))
+    description = env.hub.chat_requests()[0]["tools"][0]["function"]["description"]
+    assert "- pdf: Reads PDF files. (in /home/u/skills/pdf)" in description
+
+
+async def test_tool_choice_shell_forces_the_local_shell(env: Env) -> None:
+    env.hub.enqueue(Reply(text="ok"))
+    body = {"input": "x", "tools": [LOCAL_SHELL], "tool_choice": {"type": "shell"}}
+    await tool_loop.answer(env.svc, await env.turn(body))
+    sent = env.hub.chat_requests()[0]
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "shell"}}
+
+
+async def test_local_and_hosted_calls_of_one_round(env: Env) -> None:
+    """Parallel calls: the python call runs here, the local shell call goes to the client, and
+    the loop stops there (as with the caller's own functions)."""
+    env.hub.enqueue(
+        Reply(
+            tool_calls=[python_call("print(2 + 2)"), shell_call(["uname -a"])],
+            finish_reason="tool_calls",
+        )
+    )
+    response = await tool_loop.answer(
+        env.svc, await env.turn({"input": "x", "tools": [CI, LOCAL_SHELL]})
+    )
+    ci, call = response["output"]
+    assert ci["type"] == "code_interpreter_call" and ci["status"] == "completed"
+    assert call["type"] == "shell_call" and call["environment"] == {"type": "local"}
+    assert len(env.hub.chat_requests()) == 1
+
+
+async def test_a_malformed_local_shell_call_is_answered_here(env: Env) -> None:
+    """A call without commands cannot be run anywhere: the model is told, as with a hosted
+    shell, and may call again."""
+    env.hub.enqueue(
+        Reply(
+            tool_calls=[{"id": "call_bad", "name": "shell", "arguments": "ls"}],
+            finish_reason="tool_calls",
+        ),
+        Reply(tool_calls=[shell_call(["ls"], "call_good")], finish_reason="tool_calls"),
+    )
+    response = await tool_loop.answer(
+        env.svc, await env.turn({"input": "x", "tools": [LOCAL_SHELL]})
+    )
+    assert [i["type"] for i in response["output"]] == [
+        "shell_call",
+        "shell_call_output",
+        "shell_call",
+    ]
+    assert response["output"][2]["call_id"] == "call_good"
+    told = env.hub.chat_requests()[1]["messages"][-1]
+    assert told["role"] == "tool" and "nothing ran" in told["content"]
+
+
+async def test_a_streamed_local_shell_call_has_the_sdks_events(env: Env) -> None:
+    adapter: Any = pydantic.TypeAdapter(ResponseStreamEvent)
+    before = tool_service_calls()
+    env.hub.enqueue(
+        Reply(tool_calls=[shell_call(["ls", "cat notes.txt"])], finish_reason="tool_calls")
+    )
+    turn = await env.turn({"input": "x", "tools": [LOCAL_SHELL]})
+    events, response = await streamed(env, turn)
+    assert [e["type"] for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        *[
+            "response.shell_call_command.added",
+            "response.shell_call_command.delta",
+            "response.shell_call_command.done",
+        ]
+        * 2,
+        "response.output_item.done",
+        "response.completed",
+    ]
+    for event in events:
+        parsed = adapter.validate_python(event)
+        data = {k: v for k, v in event.items() if k != "response"}
+        assert _extra_keys(data, parsed) == [], event["type"]
+    added, done = events[2]["item"], events[-2]["item"]
+    assert added["status"] == "in_progress" and done["status"] == "completed"
+    assert added["id"] == done["id"] and done["environment"] == {"type": "local"}
+    assert done["action"]["commands"] == ["ls", "cat notes.txt"]
+    assert response["output"] == [done] and response["status"] == "completed"
+    assert tool_service_calls() == before
+    rebuilt = replay.replay_events(response)
+    assert _types(rebuilt) == _types(events)
+
+
+async def test_the_clients_shell_call_output_reaches_the_model(env: Env) -> None:
+    """The next turn: the stored shell_call (history) and the client's shell_call_output (input)
+    are the function call and its one answer, right after it."""
+    env.hub.enqueue(Reply(tool_calls=[shell_call(["cat notes.txt"])], finish_reason="tool_calls"))
+    first = await tool_loop.answer(
+        env.svc, await env.turn({"input": "read notes", "tools": [LOCAL_SHELL]})
+    )
+    [call] = first["output"]
+    output = {
+        "type": "shell_call_output",
+        "call_id": call["call_id"],
+        "output": [
+            {"stdout": "buy milk\n", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}
+        ],
+    }
+    env.hub.enqueue(Reply(text_from_tool="Your notes say: {tool}"))
+    history = [{"type": "message", "role": "user", "content": "read notes"}, call]
+    turn = await env.turn({"input": [output], "tools": [LOCAL_SHELL]}, history)
+    answered = await tool_loop.answer(env.svc, turn)
+    messages = env.hub.chat_requests()[1]["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
+    assert messages[1]["tool_calls"][0]["function"]["name"] == "shell"
+    assert messages[2]["tool_call_id"] == call["call_id"]
+    assert messages[2]["content"] == "buy milk\n[exit code 0]"
+    assert answered["output"][0]["content"][0]["text"] == "Your notes say: buy milk\n[exit code 0]"

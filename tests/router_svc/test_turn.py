@@ -146,7 +146,7 @@ async def test_without_the_setting_the_session_key_is_not_in_the_body(
 
 def test_the_tools_not_run_are_named_once_in_order() -> None:
     tools = [
-        {"type": "shell"},
+        {"type": "shell", "environment": {"type": "container_auto"}},
         {"type": "function", "name": "f"},
         {"type": "web_search"},
         {"type": "web_search"},
@@ -162,6 +162,11 @@ def test_the_tools_not_run_are_named_once_in_order() -> None:
     # With an execution service the tool loop runs the stateful ones.
     assert turn.tools_not_run(tools, executor=True) == ("web_search", "web_search_preview")
     assert turn.tools_not_run([{"type": "function", "name": "f"}], executor=False) == ()
+    # A local shell (environment local, or none) is always offered: the client runs its calls.
+    for local in ({"type": "shell"}, {"type": "shell", "environment": {"type": "local"}}):
+        assert turn.tools_not_run([local, {"type": "web_search"}], executor=False) == (
+            "web_search",
+        )
 
 
 async def test_ids_no_stored_object_can_have_are_not_looked_up(svc: Services) -> None:

@@ -700,6 +700,17 @@ def test_metadata_limits(metadata: Any, code: str, message: str) -> None:
         ),
         ([{"type": "code_interpreter"}], "missing_required_parameter", "tools[0].container"),
         ([{"type": "code_interpreter", "container": 1}], "invalid_type", "tools[0].container"),
+        ([{"type": "shell", "environment": "local"}], "invalid_type", "tools[0].environment"),
+        (
+            [{"type": "shell", "environment": {}}],
+            "missing_required_parameter",
+            "tools[0].environment.type",
+        ),
+        (
+            [{"type": "shell", "environment": {"type": "remote"}}],
+            "invalid_value",
+            "tools[0].environment.type",
+        ),
         ([{"type": "mcp"}], "missing_required_parameter", "tools[0].server_label"),
         ([{"type": "custom"}], "missing_required_parameter", "tools[0].name"),
         ([{"type": "namespace", "tools": []}], "missing_required_parameter", "tools[0].name"),

@@ -128,3 +128,10 @@ def test_the_container_memory_limits_are_the_sdks() -> None:
         literals = [hint, *get_args(hint)]
         literal = next(a for a in literals if get_origin(a) is typing.Literal)
         assert set(get_args(literal)) == set(vocabulary.CONTAINER_MEMORY_LIMITS)
+
+
+def test_the_shell_environments_are_the_sdks() -> None:
+    from openai.types.responses.function_shell_tool_param import Environment
+
+    types = {get_type_hints(member)["type"] for member in get_args(Environment)}
+    assert {get_args(t)[0] for t in types} == set(vocabulary.SHELL_ENVIRONMENTS)

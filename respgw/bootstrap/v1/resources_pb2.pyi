@@ -29,7 +29,11 @@ class _ToolKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolKind.Val
     TOOL_KIND_CODE_INTERPRETER: _ToolKind.ValueType  # 1
     """The "code_interpreter" tool: a sandbox (container) in which the model's code runs."""
     TOOL_KIND_SHELL: _ToolKind.ValueType  # 2
-    """The "shell" tool: a working directory in which the model's commands run."""
+    """The hosted "shell" tool (its "environment" is of type "container_auto" or
+    "container_reference"): a working directory in which the model's commands run. A "shell"
+    whose environment is "local" or absent runs on the client's machine, as in OpenAI's API: the
+    router never declares it to a bootstrap service.
+    """
 
 class ToolKind(_ToolKind, metaclass=_ToolKindEnumTypeWrapper):
     """A ToolKind is a stateful built-in tool of the Responses API that needs request-scoped state
@@ -41,7 +45,11 @@ TOOL_KIND_UNSPECIFIED: ToolKind.ValueType  # 0
 TOOL_KIND_CODE_INTERPRETER: ToolKind.ValueType  # 1
 """The "code_interpreter" tool: a sandbox (container) in which the model's code runs."""
 TOOL_KIND_SHELL: ToolKind.ValueType  # 2
-"""The "shell" tool: a working directory in which the model's commands run."""
+"""The hosted "shell" tool (its "environment" is of type "container_auto" or
+"container_reference"): a working directory in which the model's commands run. A "shell"
+whose environment is "local" or absent runs on the client's machine, as in OpenAI's API: the
+router never declares it to a bootstrap service.
+"""
 Global___ToolKind: _TypeAlias = ToolKind  # noqa: Y015
 
 @_typing.final

@@ -8,9 +8,9 @@ history. The model is offered the declared tools as functions
 (:mod:`router_svc.dialects.chat.tools`). The web search tools are not offered and are reported
 (``respgw_router_tools_not_run_total``; the client sees them named in the answer's
 ``x-respgw-tools-not-run`` header, router_svc.turn), and so are the stateful ``code_interpreter`` and
-``shell`` when no execution service runs them: when one does, the tool loop
+hosted ``shell`` when no execution service runs them: when one does, the tool loop
 (:mod:`router_svc.tool_loop`) offers them itself and leaves them out of the request it translates
-here. A prompt template or a tool nobody would run is refused (:func:`check_chat_hub`, which the
+here, as it always does a local ``shell`` (its calls are returned to the client). A prompt template or a tool nobody would run is refused (:func:`check_chat_hub`, which the
 dialect's ``refuse`` runs where the turn is parsed). Request fields a chat hub has no use for
 (store, metadata, truncation, service_tier, prompt_cache_key, ...) are dropped from the hub
 request, as OpenAI-compatible servers do, and still echoed on the response; the hub's own sampling
@@ -26,7 +26,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from router_svc import errors, vocabulary
+from router_svc import bootstrap, errors, vocabulary
 from router_svc.dialects.chat.messages import chat_messages
 from router_svc.dialects.chat.result import LOGPROBS_INCLUDE
 from router_svc.dialects.chat.tools import ChatToolset, chat_tool_choice
@@ -207,6 +207,8 @@ def check_chat_hub(req: TurnRequest) -> list[str]:
             continue
         if kind in ("code_interpreter", "shell"):
             _check_auto_container(tool, i)
+        if bootstrap.is_local_shell(tool):
+            continue  # offered by the tool loop, its calls returned to the client
         if kind in vocabulary.CHAT_NOT_RUN_TOOLS:
             if kind not in not_run:
                 not_run.append(kind)

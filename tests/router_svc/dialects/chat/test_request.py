@@ -27,7 +27,8 @@ def test_tools_not_run_are_counted_and_logged_once(caplog: pytest.LogCaptureFixt
         labels = {"type": kind}
         return REGISTRY.get_sample_value("respgw_router_tools_not_run_total", labels) or 0.0
 
-    request = req(input="x", tools=[{"type": "web_search"}, FUNCTION, {"type": "shell"}])
+    hosted = {"type": "shell", "environment": {"type": "container_auto"}}
+    request = req(input="x", tools=[{"type": "web_search"}, FUNCTION, hosted])
     before = count("web_search"), count("shell")
     with caplog.at_level(logging.WARNING, logger="router_svc.dialects.chat"):
         for _ in range(2):
@@ -247,7 +248,7 @@ def test_web_search_and_stateful_tools_are_accepted_but_not_run_on_a_chat_hub() 
         {"type": "code_interpreter", "container": {"type": "auto"}},
         {"type": "web_search_preview"},
         {"type": "web_search"},
-        {"type": "shell"},
+        {"type": "shell", "environment": {"type": "container_auto"}},
     ]
     req = parse({"model": "m", "input": "x", "tools": tools})
     ChatDialect().refuse(req)
@@ -257,6 +258,9 @@ def test_web_search_and_stateful_tools_are_accepted_but_not_run_on_a_chat_hub() 
         "web_search_preview",
         "shell",
     ]
+    # A local shell (environment local, or none) is the tool loop's to offer, always.
+    for local in ({"type": "shell"}, {"type": "shell", "environment": {"type": "local"}}):
+        assert check_chat_hub(parse({"model": "m", "input": "x", "tools": [local]})) == []
 
 
 @pytest.mark.parametrize(
