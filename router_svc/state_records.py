@@ -9,8 +9,8 @@ return the message the typed method of :class:`router_svc.state_client.StateClie
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeAlias, cast
 
 import orjson
 from google.protobuf import duration_pb2
@@ -26,6 +26,8 @@ Conversation = resources_pb2.Conversation
 Item = resources_pb2.Item
 GetResponseReply = pb.GetResponseResponse
 PutTurnReply = pb.PutTurnResponse
+# A PutTurnChunked request: its messages, made anew for each attempt (see put_turn_chunks).
+Chunks: TypeAlias = Callable[[], Iterator[pb.PutTurnChunkedRequest]]
 CreateConversationReply = pb.CreateConversationResponse
 CreateConversationItemsReply = pb.CreateConversationItemsResponse
 BackgroundJob = resources_pb2.BackgroundJob
@@ -129,16 +131,18 @@ def put_turn_request(
     response_json: bytes,
     events_json: bytes,
     encoded: bool,
+    chunked: bool = False,
     combined: bool = False,
     require_intact_chain: bool = False,
     omit_stored_content: bool = False,
     expected_conversation_version: int | None = None,
-) -> tuple[pb.PutTurnRequest | bytes, resources_pb2.StoredResponse]:
+) -> tuple[pb.PutTurnRequest | bytes | Chunks, resources_pb2.StoredResponse]:
     """The PutTurn request of one turn, and its record (what the history cache takes its input
     items from). The output items are ``output`` with their JSON ``output_json`` (encoded once by
     the caller). ``encoded`` (a large turn): the request comes as bytes, the record then holds no
     output items, response JSON or event log (they went straight into the bytes, see
-    :func:`encoded_put_turn`); ``combined``: the output items go inside the response JSON
+    :func:`encoded_put_turn`); with ``chunked`` too, as the messages of a PutTurnChunked call
+    (:func:`put_turn_chunks`) instead; ``combined``: the output items go inside the response JSON
     (response_json_with_output_items, ``output`` not sent)."""
     put = pb.PutTurnRequest(
         tenant=tenant,
@@ -154,6 +158,11 @@ def put_turn_request(
     stored.in_progress = in_progress
     if expected_conversation_version is not None:
         put.expected_conversation_version = expected_conversation_version
+    if encoded and chunked:
+        if not combined:
+            for item, data in zip(output, output_json, strict=True):
+                put.response.output_items.add(id=str(item["id"]), json=data)
+        return put_turn_chunks(put, response_json, events_json, combined=combined), stored
     if encoded:
         if combined:
             return encoded_put_turn(put, [], [], response_json, events_json, combined=True), stored
@@ -190,6 +199,33 @@ def encoded_put_turn(
         parts += (_len_field(_EVENTS, log), log)
     size = sum(map(len, parts))
     return b"".join([put.SerializeToString(), _len_field(_RESPONSE, b"", size), *parts])
+
+
+# The most bytes of a large field one message of a PutTurnChunked call carries: each piece is held
+# twice for a moment (in its message, and as gRPC sends or receives it), never the whole turn.
+CHUNK_BYTES = 256 * 1024
+
+
+def put_turn_chunks(
+    put: pb.PutTurnRequest, response_json: bytes, log: bytes, *, combined: bool = False
+) -> Chunks:
+    """The messages of a PutTurnChunked call that stores ``put`` with ``response_json`` (as
+    response_json_with_output_items when ``combined``) and the event log ``log``: the head, then
+    pieces of at most CHUNK_BYTES, each made only as gRPC takes it."""
+    json_field = "response_json_with_output_items" if combined else "response_json"
+
+    def chunks() -> Iterator[pb.PutTurnChunkedRequest]:
+        head = pb.PutTurnChunkedHead(request=put, stream_events_json_size=len(log))
+        setattr(head, f"{json_field}_size", len(response_json))
+        yield pb.PutTurnChunkedRequest(head=head)
+        for name, data in ((json_field, response_json), ("stream_events_json", log)):
+            view = memoryview(data)
+            for start in range(0, len(view), CHUNK_BYTES):
+                message = pb.PutTurnChunkedRequest()
+                setattr(message, name, bytes(view[start : start + CHUNK_BYTES]))
+                yield message
+
+    return chunks
 
 
 def _len_field(number: int, value: bytes, size: int | None = None) -> bytes:

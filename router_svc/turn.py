@@ -344,9 +344,13 @@ async def store(
     response_json = orjson.dumps(response)
     log = events.dump(response) if events is not None else b""
     large = state_records.large_turn(response_json, log)
-    # The state service takes the items of a large turn from the response JSON when it can:
-    # the answer then goes once (and is encoded here only for the history cache).
-    derived = large and keep_output and svc.state.response_json_with_output_items
+    # A large turn goes in pieces (PutTurnChunked) to a state service that serves it, so that
+    # neither side holds it as one message; else encoded here, as one PutTurn.
+    chunked = large and svc.state.put_turn_chunked_served
+    # The state service takes the items of a large turn from the response JSON when it can
+    # (every one that serves PutTurnChunked does): the answer then goes once (and is encoded here
+    # only for the history cache).
+    derived = large and keep_output and (chunked or svc.state.response_json_with_output_items)
     output_json = [] if derived and svc.history_cache is None else [orjson.dumps(i) for i in output]
     request, stored = state_records.put_turn_request(
         turn.tenant,
@@ -361,6 +365,7 @@ async def store(
         response_json=response_json,
         events_json=log,
         encoded=large,
+        chunked=chunked,
         combined=derived,
         require_intact_chain=turn.parent_chain is not None,
         omit_stored_content=True,
@@ -376,10 +381,12 @@ async def store(
         if events is not None:
             response_json = b""
     del log
+    param = "previous_response_id" if turn.req.previous_response_id else None
     try:
-        reply = await svc.state.put_turn(
-            request, param="previous_response_id" if turn.req.previous_response_id else None
-        )
+        if callable(request):
+            reply = (await svc.state.put_turn_chunked(request, param=param)).put_turn
+        else:
+            reply = await svc.state.put_turn(request, param=param)
     except errors.Conflict as exc:
         if exc.code == "conflict" and turn.idempotency_key:
             # A concurrent request with the same key (and response id) stored its turn first.
@@ -388,6 +395,13 @@ async def store(
                 return winner
         raise
     except errors.ApiError as exc:
+        if chunked and _unimplemented(exc):
+            # A state service that predates PutTurnChunked (one replica of a fleet being
+            # upgraded) stored nothing: sent again as one PutTurn.
+            svc.state.put_turn_chunked_served = False
+            return await store(
+                svc, turn, response, events, in_progress=in_progress, keep_output=keep_output
+            )
         if derived and _refused_combined(exc):
             # A state service that predates response_json_with_output_items (one replica of a
             # fleet being upgraded) refused the turn, storing nothing: sent again with its items.
@@ -459,6 +473,12 @@ def _remember(
     cache.remember(
         turn.tenant, turn.response_id, turn.parent_chain, own, expire_us, root=turn.chain_root
     )
+
+
+def _unimplemented(exc: errors.ApiError) -> bool:
+    """Whether ``exc`` is an older state service's UNIMPLEMENTED (an RPC it does not serve)."""
+    cause = exc.__cause__
+    return isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def _refused_combined(exc: errors.ApiError) -> bool:

@@ -186,6 +186,59 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         checks.check_strings(request)
         return await self._put_turn(request)
 
+    async def PutTurnChunked(
+        self,
+        request_iterator: AsyncIterator[state_service_pb2.PutTurnChunkedRequest],
+        context: Context,
+    ) -> state_service_pb2.PutTurnChunkedResponse:
+        """PutTurn sent in pieces (see the proto): each large field is filled into a buffer of its
+        declared size as its pieces come, so that no more than one piece is ever held twice."""
+        chunks = aiter(request_iterator)
+        first = await anext(chunks, None)
+        if first is None or first.WhichOneof("chunk") != "head":
+            raise errors.invalid("head", "the first message of PutTurnChunked must be its head")
+        head = first.head
+        request = head.request
+        del first
+        checks.check_strings(request)
+        sizes = {name: getattr(head, f"{name}_size") for name in wire.CHUNKED_FIELDS}
+        for name in wire.CHUNKED_FIELDS:
+            if getattr(request.response, name):
+                raise errors.invalid(
+                    f"head.request.response.{name}", f"{name} comes in pieces, not in the head"
+                )
+        if sum(sizes.values()) > self._settings.max_message_bytes:
+            raise errors.invalid(
+                "head", "the turn is larger than the largest message this server accepts"
+            )
+        buffers = {name: bytearray(size) for name, size in sizes.items() if size}
+        filled = dict.fromkeys(buffers, 0)
+        try:
+            async for chunk in chunks:
+                which = chunk.WhichOneof("chunk")
+                if which is None or which == "head":
+                    raise errors.invalid("chunk", "every message after the head is one piece")
+                name = which
+                piece = getattr(chunk, name)
+                if not piece:
+                    continue
+                at = filled.get(name, 0)
+                if at + len(piece) > sizes[name]:
+                    raise errors.invalid(name, f"{name} is longer than its declared size")
+                buffers[name][at : at + len(piece)] = piece
+                filled[name] = at + len(piece)
+                del chunk, piece
+            for name, size in sizes.items():
+                if filled.get(name, 0) != size:
+                    raise errors.invalid(name, f"{name} ended short of its declared size")
+            reply = await self._put_turn(
+                request, {name: memoryview(buffer) for name, buffer in buffers.items()}
+            )
+        finally:
+            buffers.clear()
+            gctune.give_back()  # what the pieces, the parsed JSON and the backend's copies took
+        return state_service_pb2.PutTurnChunkedResponse(put_turn=reply)
+
     async def _put_turn(
         self,
         request: state_service_pb2.PutTurnRequest,
