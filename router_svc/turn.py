@@ -26,7 +26,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -46,6 +46,7 @@ from router_svc import (
     tool_loop,
     validate,
 )
+from router_svc import events as events_mod
 from router_svc.dialects import Dialect, StreamTranslator
 from router_svc.event_log import EventLog
 from router_svc.history_cache import Chain, HistoryCache
@@ -341,9 +342,18 @@ async def store(
     if not turn.req.store:
         return response
     output = response.get("output", []) if keep_output else []
-    response_json = orjson.dumps(response)
     log = events.dump(response) if events is not None else b""
-    large = state_records.large_turn(response_json, log)
+    # The JSON of a long streamed answer's response is made in pieces as they are sent (its
+    # response was answered already): never whole (see events.json_slices).
+    sliced = (
+        _sliced_json(response)
+        if events is not None and events.long and svc.state.put_turn_chunked_served
+        else None
+    )
+    if sliced is not None and not state_records.large_turn(b"", log, sliced[0]):
+        sliced = None
+    response_json = orjson.dumps(response) if sliced is None else b""
+    large = sliced is not None or state_records.large_turn(response_json, log)
     # A large turn goes in pieces (PutTurnChunked) to a state service that serves it, so that
     # neither side holds it as one message; else encoded here, as one PutTurn.
     chunked = large and svc.state.put_turn_chunked_served
@@ -362,7 +372,7 @@ async def store(
         in_progress=in_progress,
         output=output,
         output_json=output_json,
-        response_json=response_json,
+        response_json=response_json if sliced is None else sliced,
         events_json=log,
         encoded=large,
         chunked=chunked,
@@ -473,6 +483,22 @@ def _remember(
     cache.remember(
         turn.tenant, turn.response_id, turn.parent_chain, own, expire_us, root=turn.chain_root
     )
+
+
+def _sliced_json(response: ResponseObject) -> state_records.SlicedJson | None:
+    """The JSON of ``response`` made in pieces (its size, and what makes them), when it holds a
+    long string; None otherwise."""
+    pieces = events_mod.json_slices(response)
+    if pieces is None:
+        return None
+    size = sum(map(len, pieces))
+
+    def make() -> Iterator[bytes]:
+        again = events_mod.json_slices(response)
+        assert again is not None
+        return again
+
+    return size, make
 
 
 def _unimplemented(exc: errors.ApiError) -> bool:

@@ -260,7 +260,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             response_json = combined_json
         del combined_json
         checks.require(response_json, "response.response_json")
-        response = checks.json_object(response_json)
+        response, shape = checks.response_object(response_json)
         if response is None:
             raise errors.invalid("response.response_json", "response_json must be a JSON object")
         if r.previous_response_id and r.conversation_id:
@@ -277,7 +277,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             conversation_id=r.conversation_id,
             input_items=checks.items(r.input_items, "response.input_items", seen),
             output_items=(
-                checks.output_of(response, seen, response_json)
+                checks.output_of(response, seen, response_json, shape)
                 if combined
                 else checks.items(r.output_items, "response.output_items", seen)
             ),
@@ -285,7 +285,11 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             stream_events_json=checks.bytes_field(r, "stream_events_json", large),
             in_progress=r.in_progress,
         )
-        del response, response_json
+        del response, response_json, shape
+        if large:
+            # What receiving and checking a long answer freed goes back before the backend
+            # writes it (SQLite copies it twice for a moment, on its own thread's heap).
+            gctune.give_back_now()
         expected = (
             request.expected_conversation_version
             if request.HasField("expected_conversation_version")
