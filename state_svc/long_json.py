@@ -33,8 +33,9 @@ _MARK_BYTES = _MARK.encode()
 _PLACEHOLDER = _MARK + "%d\ue000"
 # A JSON string: its content between the quotes.
 _STRING = re.compile(rb'"([^"\\]*(?:\\.[^"\\]*)*)"', re.DOTALL)
-# In a long string: a control character, or an escape orjson does not write.
-_UNUSUAL = re.compile(rb'[\x00-\x1f]|\\[^"\\nrtbf]')
+# In a long string: a control character, or an escape orjson does not write (a backslash that
+# starts an escape: preceded by an even run of them).
+_UNUSUAL = re.compile(rb'[\x00-\x1f]|(?<!\\)(?:\\\\)*\\[^"\\nrtbf]')
 # Strings are checked as UTF-8 this many bytes at a time.
 _UTF8_SLICE = 256 * 1024
 

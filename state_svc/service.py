@@ -194,6 +194,24 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         """PutTurn sent in pieces (see the proto): each large field is filled into a buffer of its
         declared size as its pieces come, so that no more than one piece is ever held twice."""
         chunks = aiter(request_iterator)
+        try:
+            request, large = await self._received_turn(chunks)
+            reply = await self._put_turn(request, large)
+        except ServiceError:
+            # The rest of the stream is read (and dropped) first: a caller still writing when
+            # the call ends would see its write fail (INTERNAL), not this error.
+            async for _ in chunks:
+                pass
+            raise
+        finally:
+            gctune.give_back()  # what the pieces, the parsed JSON and the backend's copies took
+        return state_service_pb2.PutTurnChunkedResponse(put_turn=reply)
+
+    async def _received_turn(
+        self, chunks: AsyncIterator[state_service_pb2.PutTurnChunkedRequest]
+    ) -> tuple[state_service_pb2.PutTurnRequest, dict[str, memoryview]]:
+        """The request a PutTurnChunked stream carries, its large fields views of the buffers
+        they were received into."""
         first = await anext(chunks, None)
         if first is None or first.WhichOneof("chunk") != "head":
             raise errors.invalid("head", "the first message of PutTurnChunked must be its head")
@@ -213,31 +231,24 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             )
         buffers = {name: bytearray(size) for name, size in sizes.items() if size}
         filled = dict.fromkeys(buffers, 0)
-        try:
-            async for chunk in chunks:
-                which = chunk.WhichOneof("chunk")
-                if which is None or which == "head":
-                    raise errors.invalid("chunk", "every message after the head is one piece")
-                name = which
-                piece = getattr(chunk, name)
-                if not piece:
-                    continue
-                at = filled.get(name, 0)
-                if at + len(piece) > sizes[name]:
-                    raise errors.invalid(name, f"{name} is longer than its declared size")
-                buffers[name][at : at + len(piece)] = piece
-                filled[name] = at + len(piece)
-                del chunk, piece
-            for name, size in sizes.items():
-                if filled.get(name, 0) != size:
-                    raise errors.invalid(name, f"{name} ended short of its declared size")
-            reply = await self._put_turn(
-                request, {name: memoryview(buffer) for name, buffer in buffers.items()}
-            )
-        finally:
-            buffers.clear()
-            gctune.give_back()  # what the pieces, the parsed JSON and the backend's copies took
-        return state_service_pb2.PutTurnChunkedResponse(put_turn=reply)
+        async for chunk in chunks:
+            which = chunk.WhichOneof("chunk")
+            if which is None or which == "head":
+                raise errors.invalid("chunk", "every message after the head is one piece")
+            name = which
+            piece = getattr(chunk, name)
+            if not piece:
+                continue
+            at = filled.get(name, 0)
+            if at + len(piece) > sizes[name]:
+                raise errors.invalid(name, f"{name} is longer than its declared size")
+            buffers[name][at : at + len(piece)] = piece
+            filled[name] = at + len(piece)
+            del chunk, piece
+        for name, size in sizes.items():
+            if filled.get(name, 0) != size:
+                raise errors.invalid(name, f"{name} ended short of its declared size")
+        return request, {name: memoryview(buffer) for name, buffer in buffers.items()}
 
     async def _put_turn(
         self,
