@@ -9,16 +9,16 @@ bytes) is parsed, and each long string is checked on its own, in place. An item'
 found in the request (a view of it, see state_svc.wire) exactly as ``orjson.dumps`` encodes the
 item, its long strings compared by where they are, not by their bytes.
 
-Only the strings orjson writes take this path (valid UTF-8, no control character, no escape but
-``\\"``, ``\\\\``, ``\\n``, ``\\r``, ``\\t``, ``\\b`` and ``\\f``); for anything else
-:func:`skeleton` answers None and the caller parses the JSON whole, as it always did: either way
-the same JSON is accepted and the same bytes are stored.
+Only a JSON that is an object of its own (as PutTurnChunked receives it) takes this path, and only when each
+long string is as orjson writes it (each slice of it parsed and encoded again to the same bytes);
+for anything else :func:`skeleton` answers None and the caller parses the JSON whole, as it
+always did: either way the same JSON is accepted and the same bytes are stored.
 """
 
 from __future__ import annotations
 
-import codecs
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +31,8 @@ LONG_BYTES = 64 * 1024
 _MARK = "\ue000respgw-long-"
 _MARK_BYTES = _MARK.encode()
 _PLACEHOLDER = _MARK + "%d\ue000"
-# A JSON string: its content between the quotes.
-_STRING = re.compile(rb'"([^"\\]*(?:\\.[^"\\]*)*)"', re.DOTALL)
-# In a long string: a control character, or an escape orjson does not write (a backslash that
-# starts an escape: preceded by an even run of them).
-_UNUSUAL = re.compile(rb'[\x00-\x1f]|(?<!\\)(?:\\\\)*\\[^"\\nrtbf]')
-# Strings are checked as UTF-8 this many bytes at a time.
-_UTF8_SLICE = 256 * 1024
+# A long string is checked this many bytes at a time.
+_SLICE = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -51,19 +46,22 @@ class Skeleton:
 
 
 def skeleton(data: memoryview) -> Skeleton | None:
-    """The skeleton of ``data``, when it is a JSON object with a long string that takes this
-    path (see the module docstring); None otherwise (the caller parses it whole). Raises
+    """The skeleton of ``data`` (a view of a whole bytes or bytearray object, as PutTurnChunked
+    receives it), when it is a JSON object with a long string that takes this path (see the
+    module docstring); None otherwise (the caller parses it whole). Raises
     orjson.JSONDecodeError when ``data`` is no JSON."""
-    if re.search(re.escape(_MARK_BYTES), data):
+    raw = data.obj
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != len(data):
+        return None
+    if raw.find(_MARK_BYTES) >= 0:
         return None
     spans: list[tuple[int, int]] = []
     parts: list[bytes | memoryview] = []
     at = 0
-    for match in _STRING.finditer(data):
-        start, end = match.span(1)
+    for start, end in _strings(raw):
         if end - start < LONG_BYTES:
             continue
-        if _UNUSUAL.search(data, start, end) or not _utf8(data[start:end]):
+        if not _canonical(raw, start, end):
             return None
         parts += (data[at:start], _PLACEHOLDER.encode() % len(spans))
         spans.append((start, end))
@@ -77,15 +75,79 @@ def skeleton(data: memoryview) -> Skeleton | None:
     return Skeleton(value, spans, data)
 
 
-def _utf8(data: memoryview) -> bool:
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    try:
-        for start in range(0, len(data), _UTF8_SLICE):
-            decoder.decode(data[start : start + _UTF8_SLICE])
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return False
+def _strings(raw: bytes | bytearray) -> Iterator[tuple[int, int]]:
+    """Where each string of the JSON ``raw`` is (its content, quotes excluded), as JSON lexes
+    them: outside a string a quote opens one, inside one an unescaped quote ends it."""
+    find = raw.find
+    at = find(b'"')
+    while at >= 0:
+        end = find(b'"', at + 1)
+        while end > 0 and _escaped(raw, end):
+            end = find(b'"', end + 1)
+        if end < 0:
+            return  # unterminated: the parse of the skeleton refuses it
+        yield at + 1, end
+        at = find(b'"', end + 1)
+
+
+def _escaped(raw: bytes | bytearray, at: int) -> bool:
+    """Whether the character at ``at`` follows an odd run of backslashes."""
+    run = 0
+    while raw[at - 1 - run] == 0x5C:
+        run += 1
+    return run % 2 == 1
+
+
+def _canonical(raw: bytes | bytearray, start: int, end: int) -> bool:
+    """Whether ``raw[start:end]`` is the content of a JSON string as orjson writes it, checked a
+    slice at a time (each cut where no escape or UTF-8 sequence is split): a slice without
+    escapes must be UTF-8 without control characters; one with escapes must parse, and its text
+    encode again to the same bytes."""
+    view = memoryview(raw)
+    at = start
+    while at < end:
+        cut = _cut(raw, min(at + _SLICE, end), end)
+        if cut is None:
+            return False
+        piece = bytes(view[at:cut])
+        if b"\\" not in piece:
+            if _CONTROL.search(piece):
+                return False
+            try:
+                piece.decode()
+            except UnicodeDecodeError:
+                return False
+        else:
+            try:
+                text = orjson.loads(b'"' + piece + b'"')
+            except orjson.JSONDecodeError:
+                return False
+            if orjson.dumps(text)[1:-1] != piece:
+                return False
+        at = cut
     return True
+
+
+_CONTROL = re.compile(rb"[\x00-\x1f]")
+
+
+def _cut(raw: bytes | bytearray, at: int, end: int) -> int | None:
+    """A place at or after ``at`` (``end`` at the latest) where a string's content can be cut:
+    before an ASCII character that no escape spans (an escape that would is the last backslash
+    before it that starts one). None when none is found soon (a string of escapes)."""
+    for cut in range(at, min(at + 64, end)):
+        if raw[cut] >= 0x80:
+            continue  # inside a UTF-8 sequence, or its first byte
+        last = raw.rfind(b"\\", max(cut - 6, 0), cut)
+        if last < 0:
+            return cut
+        run = 1
+        while raw[last - run] == 0x5C:
+            run += 1
+        # An even run ends with an escaped backslash; an odd one starts an escape at ``last``.
+        if run % 2 == 0 or last + (6 if raw[last + 1] == 0x75 else 2) <= cut:
+            return cut
+    return end if at + 64 >= end else None
 
 
 def encoded_item(shape: Skeleton, item: Any) -> memoryview | bytes:
