@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from respgw.state.v1 import state_service_pb2
 from router_svc import state_records, streaming
@@ -47,12 +48,19 @@ def encoded(
             assert http.post(f"{sqlite_stack.url}/responses", json=body).status_code == 200
 
 
+def _chunked_calls() -> float:
+    """PutTurnChunked calls the state service (in this process) answered OK."""
+    labels = {"method": "PutTurnChunked", "code": "OK"}
+    return REGISTRY.get_sample_value("respgw_grpc_server_requests_total", labels) or 0.0
+
+
 @pytest.mark.usefixtures("encoded")
 def test_a_long_streamed_answer_is_stored_replayed_exactly_and_built_on(
     sqlite_stack: Stack, hub: FakeHub
 ) -> None:
     client = sqlite_stack.client()
     hub.enqueue(Reply(text=TEXT))
+    chunked_before = _chunked_calls()
     with httpx.Client(timeout=30) as http:
         body = {"model": "fake-model", "input": "tell me", "stream": True}
         with http.stream("POST", f"{sqlite_stack.url}/responses", json=body) as r:
@@ -62,6 +70,7 @@ def test_a_long_streamed_answer_is_stored_replayed_exactly_and_built_on(
         replay = http.get(f"{sqlite_stack.url}/responses/{final['id']}", params={"stream": "true"})
         assert len(live) > 6000
         assert [line for line in replay.text.splitlines() if line] == live, "byte for byte"
+        assert _chunked_calls() == chunked_before + 1  # sent in pieces
         stored = http.get(f"{sqlite_stack.url}/responses/{final['id']}").json()
     assert stored == final
     assert client.responses.retrieve(final["id"]).output_text == TEXT
