@@ -64,6 +64,14 @@ def give_back() -> None:
     loop.call_later(delay, _trim)
 
 
+def give_back_now() -> None:
+    """Hands the memory the process freed back to the system at once, unless that was done
+    less than TRIM_DELAY_S ago: before a step that allocates a long answer's size again on
+    another thread's heap, which cannot reuse what this one freed."""
+    if time.monotonic() - _last_trim >= TRIM_DELAY_S:
+        _trim()
+
+
 def _trim() -> None:
     global _last_trim, _trim_pending, _malloc_trim
     _trim_pending = None

@@ -127,7 +127,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        # Unary replies only (a client-streaming call, PutTurnChunked, counts as one call).
+        if handler is None or (handler.unary_unary is None and handler.stream_unary is None):
             return handler
         full_method = handler_call_details.method
         method = full_method.rsplit("/", 1)[-1]
@@ -136,7 +137,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             if key == REQUEST_ID_HEADER and isinstance(value, str):
                 request_id = value
         traced = tracing.enabled and not full_method.startswith(_UNTRACED_PREFIXES)
-        inner: Any = handler.unary_unary
+        inner: Any = handler.unary_unary or handler.stream_unary
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             token = request_id_var.set(request_id)
@@ -165,7 +166,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     )
                 request_id_var.reset(token)
 
-        return grpc.unary_unary_rpc_method_handler(
+        wrap = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary is not None
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return wrap(
             observed,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,

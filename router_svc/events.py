@@ -66,23 +66,37 @@ _LARGE_EVENT = 64 * 1024
 
 def sse_slices(event: StreamEvent) -> Iterator[bytes]:
     """The bytes of :func:`sse_encode` in pieces of about SSE_SLICE bytes, the event's JSON never
-    whole: each string of SSE_SLICE characters or more is encoded a slice at a time (JSON
-    escapes each character alone, so the slices add up to the string's encoding). For the
-    ``.done`` and terminal events of a long answer, each of which holds the answer: sent while
-    the turn is stored, they would otherwise each cost a copy of it."""
-    large: list[str] = []
-    token = secrets.token_hex(8)
-    hollow = _hollow(event, large, token)
-    if not large:
+    whole (see :func:`json_slices`). For the ``.done`` and terminal events of a long answer, each
+    of which holds the answer: sent while the turn is stored, they would otherwise each cost a
+    copy of it."""
+    pieces = json_slices(event)
+    if pieces is None:
         yield from sse_pieces(event)
         return
+    yield b"event: " + str(event["type"]).encode() + b"\ndata: "
+    yield from pieces
+    yield b"\n\n"
+
+
+def json_slices(value: Any) -> Iterator[bytes] | None:
+    """``orjson.dumps(value)`` in pieces of about SSE_SLICE bytes, never whole: each string of
+    SSE_SLICE characters or more is encoded a slice at a time (JSON escapes each character
+    alone, so the slices add up to the string's encoding). None when ``value`` holds no such
+    string (its JSON is small enough to make whole)."""
+    large: list[str] = []
+    token = secrets.token_hex(8)
+    hollow = _hollow(value, large, token)
+    if not large:
+        return None
     # Each large string is a marker in the skeleton's JSON, where its slices go.
     markers = [orjson.dumps(_marker(token, n)) for n in range(len(large))]
     data = orjson.dumps(hollow)
     if any(data.count(marker) != 1 for marker in markers):  # never, but then whole
-        yield from sse_pieces(event)
-        return
-    yield b"event: " + str(event["type"]).encode() + b"\ndata: "
+        return None
+    return _slices(data, large, markers)
+
+
+def _slices(data: bytes, large: list[str], markers: list[bytes]) -> Iterator[bytes]:
     at = 0
     for text, marker in zip(large, markers, strict=True):
         where = data.index(marker, at)
@@ -90,7 +104,7 @@ def sse_slices(event: StreamEvent) -> Iterator[bytes]:
         for i in range(0, len(text), SSE_SLICE):
             yield orjson.dumps(text[i : i + SSE_SLICE])[1:-1]
         at = where + len(marker) - 1  # the marker's closing quote is the string's
-    yield data[at:] + b"\n\n"
+    yield data[at:]
 
 
 # The characters of a string :func:`sse_slices` encodes a slice at a time, and the slice.

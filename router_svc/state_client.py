@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import grpc
@@ -325,6 +325,9 @@ class StateClient:
         # Whether the service takes a turn's output items from its response JSON
         # (StoredResponse.response_json_with_output_items): learned from its PutTurn replies.
         self.response_json_with_output_items = False
+        # Whether the service serves PutTurnChunked (a large turn goes in pieces): until one
+        # answers UNIMPLEMENTED (an older replica), then large turns go to PutTurn encoded.
+        self.put_turn_chunked_served = True
 
     async def close(self) -> None:
         if self._exchange is not None:
@@ -386,6 +389,24 @@ class StateClient:
         state_records.encoded_put_turn): it goes as a unary call, as it is."""
         reply: pb.PutTurnResponse = await self._call(
             "PutTurn", request, param=param, conversation_param="conversation", not_found=not_found
+        )
+        return reply
+
+    async def put_turn_chunked(
+        self,
+        request: Callable[[], Iterator[pb.PutTurnChunkedRequest]],
+        *,
+        param: str | None = None,
+        not_found: NotFoundOverride | None = None,
+    ) -> pb.PutTurnChunkedResponse:
+        """Stores a large turn in pieces: ``request`` makes the call's messages (the head, then
+        the pieces, see state_records.put_turn_chunks), anew for each attempt."""
+        reply: pb.PutTurnChunkedResponse = await self._call(
+            "PutTurnChunked",
+            request,
+            param=param,
+            conversation_param="conversation",
+            not_found=not_found,
         )
         return reply
 
@@ -572,10 +593,16 @@ class StateClient:
 
         The request path's RPCs (PutTurn, GetHistory, GetResponse) go over the Exchange streams
         unless tracing is on (a unary call carries its own span to the server). A request given
-        as bytes (encoded already: a large turn, see turn.store) goes as a unary call, as it is."""
+        as bytes (encoded already: a large turn, see turn.store) goes as a unary call, as it is;
+        one given as a function (PutTurnChunked's messages) is called for each attempt."""
         out = grpcclient.Outgoing(SERVICE_NAME, method)
         encoded = isinstance(request, bytes)
-        exchange = self._exchange if out.span is None and not encoded else None
+        if callable(request):
+            make = request
+            request = None
+        else:
+            make = None
+        exchange = self._exchange if out.span is None and not encoded and make is None else None
         field = _EXCHANGED.get(method) if exchange is not None else None
         rpc = None
         if field is None:
@@ -586,7 +613,8 @@ class StateClient:
             if rpc is None:
                 assert exchange is not None and field is not None
                 return exchange.call(field, request, rid, timeout)
-            return rpc(request, timeout=timeout, metadata=metadata)  # type: ignore[no-any-return]
+            sent = request if make is None else make()
+            return rpc(sent, timeout=timeout, metadata=metadata)  # type: ignore[no-any-return]
 
         code = "OK"
         failed = False
@@ -595,7 +623,8 @@ class StateClient:
                 if rpc is None:
                     assert exchange is not None and field is not None
                     return await exchange.call(field, request, rid, self._timeout_s)
-                return await rpc(request, timeout=self._timeout_s, metadata=metadata)
+                sent = request if make is None else make()
+                return await rpc(sent, timeout=self._timeout_s, metadata=metadata)
             except (grpc.aio.AioRpcError, CallFailed) as first:
                 # Retried as the contract allows, off the path of a call that succeeds.
                 policy = _RETRY if method in RETRYABLE else grpcclient.NO_RETRY

@@ -9,8 +9,8 @@ return the message the typed method of :class:`router_svc.state_client.StateClie
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeAlias, cast
 
 import orjson
 from google.protobuf import duration_pb2
@@ -26,6 +26,11 @@ Conversation = resources_pb2.Conversation
 Item = resources_pb2.Item
 GetResponseReply = pb.GetResponseResponse
 PutTurnReply = pb.PutTurnResponse
+# A PutTurnChunked request: its messages, made anew for each attempt (see put_turn_chunks).
+Chunks: TypeAlias = Callable[[], Iterator[pb.PutTurnChunkedRequest]]
+# A JSON never made whole: its size in bytes, and a function that makes it in pieces (each time
+# anew), as router_svc.events.json_slices does.
+SlicedJson: TypeAlias = tuple[int, Callable[[], Iterator[bytes]]]
 CreateConversationReply = pb.CreateConversationResponse
 CreateConversationItemsReply = pb.CreateConversationItemsResponse
 BackgroundJob = resources_pb2.BackgroundJob
@@ -110,9 +115,10 @@ def put_turn(
 LARGE_TURN_BYTES = 256 * 1024
 
 
-def large_turn(response_json: bytes, events_json: bytes) -> bool:
-    """Whether a turn goes to PutTurn encoded already (see :data:`LARGE_TURN_BYTES`)."""
-    return len(response_json) + len(events_json) >= LARGE_TURN_BYTES
+def large_turn(response_json: bytes, events_json: bytes, json_size: int = 0) -> bool:
+    """Whether a turn goes to PutTurn encoded already, or in pieces (see
+    :data:`LARGE_TURN_BYTES`); ``json_size``: that of a response JSON not made whole."""
+    return len(response_json) + json_size + len(events_json) >= LARGE_TURN_BYTES
 
 
 def put_turn_request(
@@ -126,19 +132,22 @@ def put_turn_request(
     in_progress: bool,
     output: Sequence[Mapping[str, Any]],
     output_json: Sequence[bytes],
-    response_json: bytes,
+    response_json: bytes | SlicedJson,
     events_json: bytes,
     encoded: bool,
+    chunked: bool = False,
     combined: bool = False,
     require_intact_chain: bool = False,
     omit_stored_content: bool = False,
     expected_conversation_version: int | None = None,
-) -> tuple[pb.PutTurnRequest | bytes, resources_pb2.StoredResponse]:
+) -> tuple[pb.PutTurnRequest | bytes | Chunks, resources_pb2.StoredResponse]:
     """The PutTurn request of one turn, and its record (what the history cache takes its input
     items from). The output items are ``output`` with their JSON ``output_json`` (encoded once by
     the caller). ``encoded`` (a large turn): the request comes as bytes, the record then holds no
     output items, response JSON or event log (they went straight into the bytes, see
-    :func:`encoded_put_turn`); ``combined``: the output items go inside the response JSON
+    :func:`encoded_put_turn`); with ``chunked`` too, as the messages of a PutTurnChunked call
+    (:func:`put_turn_chunks`) instead, and only then may ``response_json`` be a
+    :data:`SlicedJson`; ``combined``: the output items go inside the response JSON
     (response_json_with_output_items, ``output`` not sent)."""
     put = pb.PutTurnRequest(
         tenant=tenant,
@@ -154,6 +163,12 @@ def put_turn_request(
     stored.in_progress = in_progress
     if expected_conversation_version is not None:
         put.expected_conversation_version = expected_conversation_version
+    if encoded and chunked:
+        if not combined:
+            for item, data in zip(output, output_json, strict=True):
+                put.response.output_items.add(id=str(item["id"]), json=data)
+        return put_turn_chunks(put, response_json, events_json, combined=combined), stored
+    assert isinstance(response_json, bytes)
     if encoded:
         if combined:
             return encoded_put_turn(put, [], [], response_json, events_json, combined=True), stored
@@ -190,6 +205,59 @@ def encoded_put_turn(
         parts += (_len_field(_EVENTS, log), log)
     size = sum(map(len, parts))
     return b"".join([put.SerializeToString(), _len_field(_RESPONSE, b"", size), *parts])
+
+
+# The most bytes of a large field one message of a PutTurnChunked call carries: each piece is held
+# twice for a moment (in its message, and as gRPC sends or receives it), never the whole turn.
+CHUNK_BYTES = 256 * 1024
+
+
+def put_turn_chunks(
+    put: pb.PutTurnRequest,
+    response_json: bytes | SlicedJson,
+    log: bytes,
+    *,
+    combined: bool = False,
+) -> Chunks:
+    """The messages of a PutTurnChunked call that stores ``put`` with ``response_json`` (as
+    response_json_with_output_items when ``combined``; whole, or made in pieces) and the event
+    log ``log``: the head, then pieces of at most CHUNK_BYTES, each made only as gRPC takes it."""
+    json_field = "response_json_with_output_items" if combined else "response_json"
+    json_size = len(response_json) if isinstance(response_json, bytes) else response_json[0]
+
+    def chunks() -> Iterator[pb.PutTurnChunkedRequest]:
+        head = pb.PutTurnChunkedHead(request=put, stream_events_json_size=len(log))
+        setattr(head, f"{json_field}_size", json_size)
+        yield pb.PutTurnChunkedRequest(head=head)
+        for name, data in ((json_field, response_json), ("stream_events_json", log)):
+            for piece in _pieces(data):
+                message = pb.PutTurnChunkedRequest()
+                setattr(message, name, piece)
+                yield message
+
+    return chunks
+
+
+def _pieces(data: bytes | SlicedJson) -> Iterator[bytes]:
+    """``data`` in pieces of CHUNK_BYTES (the last one shorter)."""
+    if isinstance(data, bytes):
+        view = memoryview(data)
+        for start in range(0, len(view), CHUNK_BYTES):
+            yield bytes(view[start : start + CHUNK_BYTES])
+        return
+    size, make = data
+    pending = bytearray()
+    made = 0
+    for part in make():
+        pending += part
+        made += len(part)
+        while len(pending) >= CHUNK_BYTES:
+            yield bytes(pending[:CHUNK_BYTES])
+            del pending[:CHUNK_BYTES]
+    if made != size:  # never: the same value makes the same JSON
+        raise RuntimeError(f"a JSON of {size} bytes came out as {made}")
+    if pending:
+        yield bytes(pending)
 
 
 def _len_field(number: int, value: bytes, size: int | None = None) -> bytes:

@@ -26,7 +26,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -47,6 +47,7 @@ from router_svc import (
     validate,
     vocabulary,
 )
+from router_svc import events as events_mod
 from router_svc.dialects import Dialect, StreamTranslator
 from router_svc.event_log import EventLog
 from router_svc.history_cache import Chain, HistoryCache
@@ -373,12 +374,25 @@ async def store(
     if not turn.req.store:
         return response
     output = response.get("output", []) if keep_output else []
-    response_json = orjson.dumps(response)
     log = events.dump(response) if events is not None else b""
-    large = state_records.large_turn(response_json, log)
-    # The state service takes the items of a large turn from the response JSON when it can:
-    # the answer then goes once (and is encoded here only for the history cache).
-    derived = large and keep_output and svc.state.response_json_with_output_items
+    # The JSON of a long streamed answer's response is made in pieces as they are sent (its
+    # response was answered already): never whole (see events.json_slices).
+    sliced = (
+        _sliced_json(response)
+        if events is not None and events.long and svc.state.put_turn_chunked_served
+        else None
+    )
+    if sliced is not None and not state_records.large_turn(b"", log, sliced[0]):
+        sliced = None
+    response_json = orjson.dumps(response) if sliced is None else b""
+    large = sliced is not None or state_records.large_turn(response_json, log)
+    # A large turn goes in pieces (PutTurnChunked) to a state service that serves it, so that
+    # neither side holds it as one message; else encoded here, as one PutTurn.
+    chunked = large and svc.state.put_turn_chunked_served
+    # The state service takes the items of a large turn from the response JSON when it can
+    # (every one that serves PutTurnChunked does): the answer then goes once (and is encoded here
+    # only for the history cache).
+    derived = large and keep_output and (chunked or svc.state.response_json_with_output_items)
     output_json = [] if derived and svc.history_cache is None else [orjson.dumps(i) for i in output]
     request, stored = state_records.put_turn_request(
         turn.tenant,
@@ -390,9 +404,10 @@ async def store(
         in_progress=in_progress,
         output=output,
         output_json=output_json,
-        response_json=response_json,
+        response_json=response_json if sliced is None else sliced,
         events_json=log,
         encoded=large,
+        chunked=chunked,
         combined=derived,
         require_intact_chain=turn.parent_chain is not None,
         omit_stored_content=True,
@@ -408,10 +423,12 @@ async def store(
         if events is not None:
             response_json = b""
     del log
+    param = "previous_response_id" if turn.req.previous_response_id else None
     try:
-        reply = await svc.state.put_turn(
-            request, param="previous_response_id" if turn.req.previous_response_id else None
-        )
+        if callable(request):
+            reply = (await svc.state.put_turn_chunked(request, param=param)).put_turn
+        else:
+            reply = await svc.state.put_turn(request, param=param)
     except errors.Conflict as exc:
         if exc.code == "conflict" and turn.idempotency_key:
             # A concurrent request with the same key (and response id) stored its turn first.
@@ -420,6 +437,13 @@ async def store(
                 return winner
         raise
     except errors.ApiError as exc:
+        if chunked and _unimplemented(exc):
+            # A state service that predates PutTurnChunked (one replica of a fleet being
+            # upgraded) stored nothing: sent again as one PutTurn.
+            svc.state.put_turn_chunked_served = False
+            return await store(
+                svc, turn, response, events, in_progress=in_progress, keep_output=keep_output
+            )
         if derived and _refused_combined(exc):
             # A state service that predates response_json_with_output_items (one replica of a
             # fleet being upgraded) refused the turn, storing nothing: sent again with its items.
@@ -491,6 +515,28 @@ def _remember(
     cache.remember(
         turn.tenant, turn.response_id, turn.parent_chain, own, expire_us, root=turn.chain_root
     )
+
+
+def _sliced_json(response: ResponseObject) -> state_records.SlicedJson | None:
+    """The JSON of ``response`` made in pieces (its size, and what makes them), when it holds a
+    long string; None otherwise."""
+    pieces = events_mod.json_slices(response)
+    if pieces is None:
+        return None
+    size = sum(map(len, pieces))
+
+    def make() -> Iterator[bytes]:
+        again = events_mod.json_slices(response)
+        assert again is not None
+        return again
+
+    return size, make
+
+
+def _unimplemented(exc: errors.ApiError) -> bool:
+    """Whether ``exc`` is an older state service's UNIMPLEMENTED (an RPC it does not serve)."""
+    cause = exc.__cause__
+    return isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def _refused_combined(exc: errors.ApiError) -> bool:

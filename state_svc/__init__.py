@@ -12,6 +12,7 @@ Package map::
                       a call status
     page_tokens.py    the conversation listing's page tokens
     wire.py           a large PutTurn read without copying its large fields
+    long_json.py      a large response JSON checked without parsing its long strings
     errors.py         the error tree (one class per status code, reasons from ``ErrorReason``)
                       and its constructors; one boundary maps them to statuses for every RPC
     backends/         storage behind one ``typing.Protocol``, chosen by ``--backend``:

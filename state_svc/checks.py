@@ -13,7 +13,7 @@ import orjson
 from google.protobuf import duration_pb2
 
 from respgw.state.v1 import resources_pb2
-from state_svc import errors, wire
+from state_svc import errors, long_json, wire
 from state_svc.backends import base
 
 MAX_METADATA_PAIRS = 16
@@ -115,8 +115,26 @@ def json_object(data: bytes | memoryview) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
+def response_object(
+    data: bytes | memoryview,
+) -> tuple[dict[str, Any] | None, long_json.Skeleton | None]:
+    """A turn's response JSON as an object (None when it is none), and its skeleton when it is
+    large and has long strings (see state_svc.long_json: the object is then the skeleton's)."""
+    if isinstance(data, memoryview):
+        try:
+            shape = long_json.skeleton(data)
+        except orjson.JSONDecodeError:
+            return None, None
+        if shape is not None:
+            return shape.value, shape
+    return json_object(data), None
+
+
 def output_of(
-    response: dict[str, Any], seen: set[str] | None, source: bytes | memoryview
+    response: dict[str, Any],
+    seen: set[str] | None,
+    source: bytes | memoryview,
+    shape: long_json.Skeleton | None = None,
 ) -> tuple[base.Item, ...]:
     """The output items of a turn written with response_json_with_output_items: those of its
     response's "output" array, each re-encoded (see the proto). A large item whose encoding is
@@ -136,6 +154,9 @@ def output_of(
             if item_id in seen:
                 raise _invalid(field, f"item id {item_id} appears twice")
             seen.add(item_id)
+        if shape is not None:
+            out.append(base.Item(id=item_id, json=long_json.encoded_item(shape, item)))
+            continue
         out.append(base.Item(id=item_id, json=_shared(orjson.dumps(item), source)))
     return tuple(out)
 
@@ -145,7 +166,7 @@ def _shared(data: bytes, source: bytes | memoryview) -> bytes | memoryview:
     if len(data) < wire.LARGE_REQUEST_BYTES or not isinstance(source, memoryview):
         return data
     raw = source.obj
-    at = raw.find(data) if isinstance(raw, bytes) else -1
+    at = raw.find(data) if isinstance(raw, (bytes, bytearray)) else -1
     return data if at < 0 else memoryview(raw)[at : at + len(data)]
 
 

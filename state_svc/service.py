@@ -189,6 +189,70 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         checks.check_strings(request)
         return await self._put_turn(request)
 
+    async def PutTurnChunked(
+        self,
+        request_iterator: AsyncIterator[state_service_pb2.PutTurnChunkedRequest],
+        context: Context,
+    ) -> state_service_pb2.PutTurnChunkedResponse:
+        """PutTurn sent in pieces (see the proto): each large field is filled into a buffer of its
+        declared size as its pieces come, so that no more than one piece is ever held twice."""
+        chunks = aiter(request_iterator)
+        try:
+            request, large = await self._received_turn(chunks)
+            reply = await self._put_turn(request, large)
+        except ServiceError:
+            # The rest of the stream is read (and dropped) first: a caller still writing when
+            # the call ends would see its write fail (INTERNAL), not this error.
+            async for _ in chunks:
+                pass
+            raise
+        finally:
+            gctune.give_back()  # what the pieces, the parsed JSON and the backend's copies took
+        return state_service_pb2.PutTurnChunkedResponse(put_turn=reply)
+
+    async def _received_turn(
+        self, chunks: AsyncIterator[state_service_pb2.PutTurnChunkedRequest]
+    ) -> tuple[state_service_pb2.PutTurnRequest, dict[str, memoryview]]:
+        """The request a PutTurnChunked stream carries, its large fields views of the buffers
+        they were received into."""
+        first = await anext(chunks, None)
+        if first is None or first.WhichOneof("chunk") != "head":
+            raise errors.invalid("head", "the first message of PutTurnChunked must be its head")
+        head = first.head
+        request = head.request
+        del first
+        checks.check_strings(request)
+        sizes = {name: getattr(head, f"{name}_size") for name in wire.CHUNKED_FIELDS}
+        for name in wire.CHUNKED_FIELDS:
+            if getattr(request.response, name):
+                raise errors.invalid(
+                    f"head.request.response.{name}", f"{name} comes in pieces, not in the head"
+                )
+        if sum(sizes.values()) > self._settings.max_message_bytes:
+            raise errors.invalid(
+                "head", "the turn is larger than the largest message this server accepts"
+            )
+        buffers = {name: bytearray(size) for name, size in sizes.items() if size}
+        filled = dict.fromkeys(buffers, 0)
+        async for chunk in chunks:
+            which = chunk.WhichOneof("chunk")
+            if which is None or which == "head":
+                raise errors.invalid("chunk", "every message after the head is one piece")
+            name = which
+            piece = getattr(chunk, name)
+            if not piece:
+                continue
+            at = filled.get(name, 0)
+            if at + len(piece) > sizes[name]:
+                raise errors.invalid(name, f"{name} is longer than its declared size")
+            buffers[name][at : at + len(piece)] = piece
+            filled[name] = at + len(piece)
+            del chunk, piece
+        for name, size in sizes.items():
+            if filled.get(name, 0) != size:
+                raise errors.invalid(name, f"{name} ended short of its declared size")
+        return request, {name: memoryview(buffer) for name, buffer in buffers.items()}
+
     async def _put_turn(
         self,
         request: state_service_pb2.PutTurnRequest,
@@ -210,7 +274,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             response_json = combined_json
         del combined_json
         checks.require(response_json, "response.response_json")
-        response = checks.json_object(response_json)
+        response, shape = checks.response_object(response_json)
         if response is None:
             raise errors.invalid("response.response_json", "response_json must be a JSON object")
         if r.previous_response_id and r.conversation_id:
@@ -227,7 +291,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             conversation_id=r.conversation_id,
             input_items=checks.items(r.input_items, "response.input_items", seen),
             output_items=(
-                checks.output_of(response, seen, response_json)
+                checks.output_of(response, seen, response_json, shape)
                 if combined
                 else checks.items(r.output_items, "response.output_items", seen)
             ),
@@ -235,7 +299,11 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             stream_events_json=checks.bytes_field(r, "stream_events_json", large),
             in_progress=r.in_progress,
         )
-        del response, response_json
+        del response, response_json, shape
+        if large:
+            # What receiving and checking a long answer freed goes back before the backend
+            # writes it (SQLite copies it twice for a moment, on its own thread's heap).
+            gctune.give_back_now()
         expected = (
             request.expected_conversation_version
             if request.HasField("expected_conversation_version")

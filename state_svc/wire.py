@@ -28,6 +28,8 @@ _TAKEN = {
     for name in ("response_json", "response_json_with_output_items", "stream_events_json")
 }
 _LEN = 2  # the wire type of a length-delimited field
+# The fields of StoredResponse that PutTurnChunked sends in pieces (PutTurnChunkedRequest's).
+CHUNKED_FIELDS = ("response_json", "response_json_with_output_items", "stream_events_json")
 
 
 @dataclass(frozen=True)

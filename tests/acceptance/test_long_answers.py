@@ -1,5 +1,6 @@
-"""Long answers: stored whole by the path that sends them to the state service encoded in one
-piece, replayed exactly, built on; streams that wait for a slow client (issue 13)."""
+"""Long answers: stored whole by the path that sends them to the state service in pieces
+(PutTurnChunked), or encoded in one piece to a service without it, replayed exactly, built on;
+streams that wait for a slow client (issue 13)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from respgw.state.v1 import state_service_pb2
 from router_svc import state_records, streaming
+from state_svc import server as state_server
 from state_svc import service
 from state_svc.config import StateSettings
 from tests.fakehub import FakeHub, Reply
@@ -44,12 +48,19 @@ def encoded(
             assert http.post(f"{sqlite_stack.url}/responses", json=body).status_code == 200
 
 
+def _chunked_calls() -> float:
+    """PutTurnChunked calls the state service (in this process) answered OK."""
+    labels = {"method": "PutTurnChunked", "code": "OK"}
+    return REGISTRY.get_sample_value("respgw_grpc_server_requests_total", labels) or 0.0
+
+
 @pytest.mark.usefixtures("encoded")
 def test_a_long_streamed_answer_is_stored_replayed_exactly_and_built_on(
     sqlite_stack: Stack, hub: FakeHub
 ) -> None:
     client = sqlite_stack.client()
     hub.enqueue(Reply(text=TEXT))
+    chunked_before = _chunked_calls()
     with httpx.Client(timeout=30) as http:
         body = {"model": "fake-model", "input": "tell me", "stream": True}
         with http.stream("POST", f"{sqlite_stack.url}/responses", json=body) as r:
@@ -59,6 +70,7 @@ def test_a_long_streamed_answer_is_stored_replayed_exactly_and_built_on(
         replay = http.get(f"{sqlite_stack.url}/responses/{final['id']}", params={"stream": "true"})
         assert len(live) > 6000
         assert [line for line in replay.text.splitlines() if line] == live, "byte for byte"
+        assert _chunked_calls() == chunked_before + 1  # sent in pieces
         stored = http.get(f"{sqlite_stack.url}/responses/{final['id']}").json()
     assert stored == final
     assert client.responses.retrieve(final["id"]).output_text == TEXT
@@ -133,12 +145,33 @@ def test_a_client_gone_while_its_stream_waits_still_gets_the_turn_stored(
     assert client.responses.retrieve(response_id).output_text == TEXT
 
 
+@pytest.fixture
+def older_stack(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    """A state service that does not serve PutTurnChunked (gRPC answers UNIMPLEMENTED)."""
+    register = state_server._LargeRequests.add_registered_method_handlers
+
+    def without_chunked(
+        self: state_server._LargeRequests, name: str, handlers: dict[str, Any]
+    ) -> None:
+        register(self, name, {k: v for k, v in handlers.items() if k != "PutTurnChunked"})
+
+    monkeypatch.setattr(
+        state_server._LargeRequests, "add_registered_method_handlers", without_chunked
+    )
+    settings = replace(StateSettings(), backend="sqlite", sqlite_path=str(tmp_path / "state.db"))
+    s = Stack(hub.url, state=settings, router={"default_model": "fake-model"}).start()
+    yield s
+    s.stop()
+
+
 def test_a_state_service_that_predates_the_combined_field_gets_the_items_sent(
-    sqlite_stack: Stack, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+    older_stack: Stack, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A fleet being upgraded: a new replica said it takes the items from the response JSON, and
-    # the next turn reaches one that does not know the field (it sees no response_json).
+    # the next turn reaches one that does not know the field (it sees no response_json). Nor does
+    # it serve PutTurnChunked: the router then sends large turns as one PutTurn.
     monkeypatch.setattr(state_records, "LARGE_TURN_BYTES", 1)
+    sqlite_stack = older_stack
     original = service.StateServicer._put_turn
 
     async def older(

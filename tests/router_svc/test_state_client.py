@@ -7,7 +7,7 @@ import inspect
 import re
 import time
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 
 import grpc
@@ -60,6 +60,9 @@ def test_every_rpc_has_one_typed_method() -> None:
         request = getattr(pb, method.input_type.name)
         if name in ENCODED_TOO:
             assert hints[params[1].name] == request | bytes, name
+        elif method.client_streaming:
+            # Its messages, made anew for each attempt (see state_records.put_turn_chunks).
+            assert hints[params[1].name] == Callable[[], Iterator[request]], name
         else:
             assert hints[params[1].name] is request, name
         returned = hints["return"]
@@ -151,8 +154,9 @@ async def test_find_answers_none_for_not_found_only() -> None:
 def test_retryable_calls_are_those_the_proto_marks_safe() -> None:
     service = pb.DESCRIPTOR.services_by_name["StateService"]
     levels = {m.name: m.GetOptions().idempotency_level for m in service.methods}
-    # Every unary RPC of the v1 contract declares itself safe to replay (Exchange is a stream
-    # whose calls are retried by the rules of the RPCs they carry)...
+    # Every RPC of the v1 contract but Exchange declares itself safe to replay (Exchange is a
+    # stream whose calls are retried by the rules of the RPCs they carry; PutTurnChunked's
+    # messages are made anew for each attempt)...
     assert state_client.RETRYABLE == set(levels) - {"Exchange"}
     assert set(state_client._EXCHANGED) <= state_client.RETRYABLE
     # ...and the reads are marked as having no side effects at all.

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from respgw.state.v1 import state_service_pb2 as pb
-from router_svc import state_records
+from router_svc import events, state_records
 
 INPUT = [{"id": "msg_in", "type": "message", "role": "user", "content": "hi"}]
 OUTPUT = [
@@ -120,3 +120,27 @@ def test_the_job_requests_carry_the_lease_and_the_record() -> None:
     assert finish.response == record and not finish.events
     cancel = state_records.cancel_background("tenant", record, b'{"type":"response.cancelled"}')
     assert cancel.response.id == "resp_1" and cancel.cancel_event_json.startswith(b"{")
+
+
+@pytest.mark.parametrize("sliced", [False, True], ids=["bytes", "made in pieces"])
+def test_put_turn_chunks_carry_the_turn_in_pieces(sliced: bool) -> None:
+    text = 'ünïcode "quoted"\n' * (state_records.CHUNK_BYTES // 8)
+    response = {"id": "resp_1", "output": [{"id": "msg_1", "content": [{"text": text}]}]}
+    whole = orjson.dumps(response)
+    pieces = events.json_slices(response)
+    assert pieces is not None
+    json: bytes | state_records.SlicedJson = (
+        (len(whole), lambda: events.json_slices(response) or iter(())) if sliced else whole
+    )
+    put = pb.PutTurnRequest(tenant="t")
+    put.response.id = "resp_1"
+    make = state_records.put_turn_chunks(put, json, b"[1]", combined=True)
+    for _ in range(2):  # made anew for each attempt
+        head, *rest = make()
+        assert head.head.request == put
+        assert head.head.response_json_with_output_items_size == len(whole)
+        assert head.head.stream_events_json_size == 3
+        assert all(len(m.SerializeToString()) <= state_records.CHUNK_BYTES + 16 for m in rest)
+        got = b"".join(m.response_json_with_output_items for m in rest)
+        assert got == whole
+        assert b"".join(m.stream_events_json for m in rest) == b"[1]"

@@ -72,6 +72,29 @@ def simple_turn(response_id: str, **kwargs: Any) -> resources_pb2.StoredResponse
     )
 
 
+def chunked(
+    request: state_service_pb2.PutTurnRequest, piece_bytes: int = 7
+) -> list[state_service_pb2.PutTurnChunkedRequest]:
+    """``request`` as the messages of a PutTurnChunked call: its head, then each large field in
+    pieces of ``piece_bytes``, the fields' pieces interleaved."""
+    head = state_service_pb2.PutTurnChunkedHead()
+    head.request.CopyFrom(request)
+    fields = {}
+    for name in ("response_json", "response_json_with_output_items", "stream_events_json"):
+        data = getattr(request.response, name)
+        head.request.response.ClearField(name)
+        setattr(head, f"{name}_size", len(data))
+        fields[name] = [data[i : i + piece_bytes] for i in range(0, len(data), piece_bytes)]
+    messages = [state_service_pb2.PutTurnChunkedRequest(head=head)]
+    while any(fields.values()):
+        for name, pieces in fields.items():
+            if pieces:
+                message = state_service_pb2.PutTurnChunkedRequest()
+                setattr(message, name, pieces.pop(0))
+                messages.append(message)
+    return messages
+
+
 async def fails(call: Awaitable[Any]) -> RemoteError:
     """Awaits a call that must fail; returns its code and ErrorInfo."""
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -114,6 +137,20 @@ class Client:
         if expected is not None:
             request.expected_conversation_version = expected
         return self.stub.PutTurn(request, timeout=30)
+
+    async def put_chunked(
+        self,
+        response: resources_pb2.StoredResponse,
+        *,
+        expected: int | None = None,
+        piece_bytes: int = 7,
+    ) -> state_service_pb2.PutTurnResponse:
+        """:meth:`put` through PutTurnChunked (see :func:`chunked`)."""
+        request = state_service_pb2.PutTurnRequest(tenant=self.tenant, response=response)
+        if expected is not None:
+            request.expected_conversation_version = expected
+        reply = await self.stub.PutTurnChunked(iter(chunked(request, piece_bytes)), timeout=30)
+        return reply.put_turn
 
     def get(self, response_id: str) -> Awaitable[state_service_pb2.GetResponseResponse]:
         return self.stub.GetResponse(

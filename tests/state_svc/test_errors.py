@@ -21,7 +21,15 @@ from respgw.state.v1 import resources_pb2
 from respgw.state.v1 import state_service_pb2 as pb
 from state_svc import errors, server
 from state_svc.service import StateServicer
-from tests.state_svc.conftest import TENANT, Client, assert_error, fails, item, simple_turn
+from tests.state_svc.conftest import (
+    TENANT,
+    Client,
+    assert_error,
+    chunked,
+    fails,
+    item,
+    simple_turn,
+)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["StateService"]
 sqlite_only = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
@@ -96,6 +104,8 @@ def test_a_servicer_that_misses_an_rpc_is_refused_at_import() -> None:
     class Partial:
         async def PutTurn(self, request: Any, context: Any) -> None: ...
 
+        async def PutTurnChunked(self, request: Any, context: Any) -> None: ...
+
     with pytest.raises(TypeError, match="GetResponse"):
         grpcerrors.servicer(SERVICE, log=logging.getLogger(__name__))(Partial)
 
@@ -113,6 +123,9 @@ def _running() -> resources_pb2.StoredResponse:
 # A request of each unary and server-streaming RPC that passes validation and reaches the store.
 REQUESTS: dict[str, Callable[[], Any]] = {
     "PutTurn": lambda: pb.PutTurnRequest(tenant=TENANT, response=simple_turn("resp_1")),
+    "PutTurnChunked": lambda: iter(
+        chunked(pb.PutTurnRequest(tenant=TENANT, response=simple_turn("resp_1")))
+    ),
     "GetResponse": lambda: pb.GetResponseRequest(tenant=TENANT, response_id="resp_1"),
     "GetHistory": lambda: pb.GetHistoryRequest(tenant=TENANT, response_id="resp_1"),
     "DeleteResponse": lambda: pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_1"),

@@ -153,6 +153,107 @@ class PutTurnResponse(_message.Message):
 Global___PutTurnResponse: _TypeAlias = PutTurnResponse  # noqa: Y015
 
 @_typing.final
+class PutTurnChunkedRequest(_message.Message):
+    """One message of a PutTurnChunked stream: its head first, then pieces of the large fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_FIELD_NUMBER: _builtins.int
+    RESPONSE_JSON_FIELD_NUMBER: _builtins.int
+    RESPONSE_JSON_WITH_OUTPUT_ITEMS_FIELD_NUMBER: _builtins.int
+    STREAM_EVENTS_JSON_FIELD_NUMBER: _builtins.int
+    response_json: _builtins.bytes
+    """A piece of StoredResponse.response_json."""
+    response_json_with_output_items: _builtins.bytes
+    """A piece of StoredResponse.response_json_with_output_items."""
+    stream_events_json: _builtins.bytes
+    """A piece of StoredResponse.stream_events_json."""
+    @_builtins.property
+    def head(self) -> Global___PutTurnChunkedHead:
+        """The first message, and only it."""
+
+    def __init__(
+        self,
+        *,
+        head: Global___PutTurnChunkedHead | None = ...,
+        response_json: _builtins.bytes = ...,
+        response_json_with_output_items: _builtins.bytes = ...,
+        stream_events_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "head", b"head", "response_json", b"response_json", "response_json_with_output_items", b"response_json_with_output_items", "stream_events_json", b"stream_events_json"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "head", b"head", "response_json", b"response_json", "response_json_with_output_items", b"response_json_with_output_items", "stream_events_json", b"stream_events_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_chunk: _TypeAlias = _typing.Literal["head", "response_json", "response_json_with_output_items", "stream_events_json"]  # noqa: Y015
+    _WhichOneofArgType_chunk: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_chunk) -> _WhichOneofReturnType_chunk | None: ...
+
+Global___PutTurnChunkedRequest: _TypeAlias = PutTurnChunkedRequest  # noqa: Y015
+
+@_typing.final
+class PutTurnChunkedHead(_message.Message):
+    """The head of a PutTurnChunked stream: the turn but its large fields, and their sizes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    RESPONSE_JSON_SIZE_FIELD_NUMBER: _builtins.int
+    RESPONSE_JSON_WITH_OUTPUT_ITEMS_SIZE_FIELD_NUMBER: _builtins.int
+    STREAM_EVENTS_JSON_SIZE_FIELD_NUMBER: _builtins.int
+    response_json_size: _builtins.int
+    """The size in bytes of response.response_json, as its pieces add up to. 0: not set."""
+    response_json_with_output_items_size: _builtins.int
+    """The size in bytes of response.response_json_with_output_items. 0: not set."""
+    stream_events_json_size: _builtins.int
+    """The size in bytes of response.stream_events_json. 0: not set."""
+    @_builtins.property
+    def request(self) -> Global___PutTurnRequest:
+        """The turn as PutTurn takes it, with response.response_json,
+        response.response_json_with_output_items and response.stream_events_json empty (a head that
+        sets one is INVALID_ARGUMENT): they come in the pieces that follow.
+        """
+
+    def __init__(
+        self,
+        *,
+        request: Global___PutTurnRequest | None = ...,
+        response_json_size: _builtins.int = ...,
+        response_json_with_output_items_size: _builtins.int = ...,
+        stream_events_json_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "response_json_size", b"response_json_size", "response_json_with_output_items_size", b"response_json_with_output_items_size", "stream_events_json_size", b"stream_events_json_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutTurnChunkedHead: _TypeAlias = PutTurnChunkedHead  # noqa: Y015
+
+@_typing.final
+class PutTurnChunkedResponse(_message.Message):
+    """Response for PutTurnChunked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUT_TURN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def put_turn(self) -> Global___PutTurnResponse:
+        """What PutTurn would have answered for the turn the stream carried."""
+
+    def __init__(
+        self,
+        *,
+        put_turn: Global___PutTurnResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["put_turn", b"put_turn"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["put_turn", b"put_turn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutTurnChunkedResponse: _TypeAlias = PutTurnChunkedResponse  # noqa: Y015
+
+@_typing.final
 class GetResponseRequest(_message.Message):
     """Request for GetResponse. Exactly one of the selector fields must be set, or the call is
     INVALID_ARGUMENT.

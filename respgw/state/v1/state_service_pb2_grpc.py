@@ -103,6 +103,11 @@ class StateServiceStub:
                 request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.PutTurnRequest.SerializeToString,
                 response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.PutTurnResponse.FromString,
                 _registered_method=True)
+        self.PutTurnChunked = channel.stream_unary(
+                '/respgw.state.v1.StateService/PutTurnChunked',
+                request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.PutTurnChunkedRequest.SerializeToString,
+                response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.PutTurnChunkedResponse.FromString,
+                _registered_method=True)
         self.GetResponse = channel.unary_unary(
                 '/respgw.state.v1.StateService/GetResponse',
                 request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseRequest.SerializeToString,
@@ -313,6 +318,32 @@ class StateServiceServicer:
         exist for the tenant; FAILED_PRECONDITION (RESPONSE_IN_PROGRESS) when previous_response_id
         names a running turn; ABORTED (VERSION_MISMATCH) when expected_conversation_version is set and
         differs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutTurnChunked(self, request_iterator, context):
+        """Stores one turn sent in several messages: PutTurn for a turn with a long answer, so that
+        neither side ever holds the whole turn as one message (gRPC keeps a message whole while it is
+        sent and received, and each copy of a long answer counts).
+
+        The first message is the head: the PutTurnRequest with its large fields empty, and the size in
+        bytes of each large field (StoredResponse.response_json, response_json_with_output_items and
+        stream_events_json). Every later message is a piece of one large field; a field's pieces are
+        joined in the order they are sent (pieces of different fields may come in any order). Once the
+        caller closes its side and every field has exactly its declared size, the turn is stored
+        exactly as PutTurn would store that PutTurnRequest with the fields filled in: the same checks,
+        the same idempotency (a replay of the same turn, complete, is answered with replayed set), the
+        same ordering, the same answer (in PutTurnChunkedResponse.put_turn) and the same status codes
+        and reasons. The turn is written only after the whole stream is received.
+
+        A stream that ends before it is complete stores nothing: cancelled by the caller, cut by the
+        connection, or closed with a field short of its declared size (INVALID_ARGUMENT). Also
+        INVALID_ARGUMENT, and nothing stored: a first message that is not a head, a second head, a
+        head whose request has a large field set, or a piece that takes its field past its declared
+        size. A server that predates this RPC answers UNIMPLEMENTED, having stored nothing: the caller
+        then sends the turn with PutTurn.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -697,6 +728,11 @@ def add_StateServiceServicer_to_server(servicer, server):
                     request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.PutTurnRequest.FromString,
                     response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.PutTurnResponse.SerializeToString,
             ),
+            'PutTurnChunked': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutTurnChunked,
+                    request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.PutTurnChunkedRequest.FromString,
+                    response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.PutTurnChunkedResponse.SerializeToString,
+            ),
             'GetResponse': grpc.unary_unary_rpc_method_handler(
                     servicer.GetResponse,
                     request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseRequest.FromString,
@@ -899,6 +935,33 @@ class StateService:
             '/respgw.state.v1.StateService/PutTurn',
             respgw_dot_state_dot_v1_dot_state__service__pb2.PutTurnRequest.SerializeToString,
             respgw_dot_state_dot_v1_dot_state__service__pb2.PutTurnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutTurnChunked(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/respgw.state.v1.StateService/PutTurnChunked',
+            respgw_dot_state_dot_v1_dot_state__service__pb2.PutTurnChunkedRequest.SerializeToString,
+            respgw_dot_state_dot_v1_dot_state__service__pb2.PutTurnChunkedResponse.FromString,
             options,
             channel_credentials,
             insecure,

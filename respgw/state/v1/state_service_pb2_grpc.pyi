@@ -129,6 +129,28 @@ class StateServiceStub:
     names a running turn; ABORTED (VERSION_MISMATCH) when expected_conversation_version is set and
     differs.
     """
+    PutTurnChunked: _grpc.StreamUnaryMultiCallable[_state_service_pb2.PutTurnChunkedRequest, _state_service_pb2.PutTurnChunkedResponse]
+    """Stores one turn sent in several messages: PutTurn for a turn with a long answer, so that
+    neither side ever holds the whole turn as one message (gRPC keeps a message whole while it is
+    sent and received, and each copy of a long answer counts).
+
+    The first message is the head: the PutTurnRequest with its large fields empty, and the size in
+    bytes of each large field (StoredResponse.response_json, response_json_with_output_items and
+    stream_events_json). Every later message is a piece of one large field; a field's pieces are
+    joined in the order they are sent (pieces of different fields may come in any order). Once the
+    caller closes its side and every field has exactly its declared size, the turn is stored
+    exactly as PutTurn would store that PutTurnRequest with the fields filled in: the same checks,
+    the same idempotency (a replay of the same turn, complete, is answered with replayed set), the
+    same ordering, the same answer (in PutTurnChunkedResponse.put_turn) and the same status codes
+    and reasons. The turn is written only after the whole stream is received.
+
+    A stream that ends before it is complete stores nothing: cancelled by the caller, cut by the
+    connection, or closed with a field short of its declared size (INVALID_ARGUMENT). Also
+    INVALID_ARGUMENT, and nothing stored: a first message that is not a head, a second head, a
+    head whose request has a large field set, or a piece that takes its field past its declared
+    size. A server that predates this RPC answers UNIMPLEMENTED, having stored nothing: the caller
+    then sends the turn with PutTurn.
+    """
     GetResponse: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetResponseRequest, _state_service_pb2.GetResponseResponse]
     """Returns one stored response with its own input and output items (not the chain's).
 
@@ -513,6 +535,28 @@ class StateServiceAsyncStub(StateServiceStub):
     exist for the tenant; FAILED_PRECONDITION (RESPONSE_IN_PROGRESS) when previous_response_id
     names a running turn; ABORTED (VERSION_MISMATCH) when expected_conversation_version is set and
     differs.
+    """
+    PutTurnChunked: _aio.StreamUnaryMultiCallable[_state_service_pb2.PutTurnChunkedRequest, _state_service_pb2.PutTurnChunkedResponse]  # type: ignore[assignment]
+    """Stores one turn sent in several messages: PutTurn for a turn with a long answer, so that
+    neither side ever holds the whole turn as one message (gRPC keeps a message whole while it is
+    sent and received, and each copy of a long answer counts).
+
+    The first message is the head: the PutTurnRequest with its large fields empty, and the size in
+    bytes of each large field (StoredResponse.response_json, response_json_with_output_items and
+    stream_events_json). Every later message is a piece of one large field; a field's pieces are
+    joined in the order they are sent (pieces of different fields may come in any order). Once the
+    caller closes its side and every field has exactly its declared size, the turn is stored
+    exactly as PutTurn would store that PutTurnRequest with the fields filled in: the same checks,
+    the same idempotency (a replay of the same turn, complete, is answered with replayed set), the
+    same ordering, the same answer (in PutTurnChunkedResponse.put_turn) and the same status codes
+    and reasons. The turn is written only after the whole stream is received.
+
+    A stream that ends before it is complete stores nothing: cancelled by the caller, cut by the
+    connection, or closed with a field short of its declared size (INVALID_ARGUMENT). Also
+    INVALID_ARGUMENT, and nothing stored: a first message that is not a head, a second head, a
+    head whose request has a large field set, or a piece that takes its field past its declared
+    size. A server that predates this RPC answers UNIMPLEMENTED, having stored nothing: the caller
+    then sends the turn with PutTurn.
     """
     GetResponse: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetResponseRequest, _state_service_pb2.GetResponseResponse]  # type: ignore[assignment]
     """Returns one stored response with its own input and output items (not the chain's).
@@ -901,6 +945,34 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         exist for the tenant; FAILED_PRECONDITION (RESPONSE_IN_PROGRESS) when previous_response_id
         names a running turn; ABORTED (VERSION_MISMATCH) when expected_conversation_version is set and
         differs.
+        """
+
+    @_abc_1.abstractmethod
+    def PutTurnChunked(
+        self,
+        request_iterator: _MaybeAsyncIterator[_state_service_pb2.PutTurnChunkedRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.PutTurnChunkedResponse, _abc.Awaitable[_state_service_pb2.PutTurnChunkedResponse]]:
+        """Stores one turn sent in several messages: PutTurn for a turn with a long answer, so that
+        neither side ever holds the whole turn as one message (gRPC keeps a message whole while it is
+        sent and received, and each copy of a long answer counts).
+
+        The first message is the head: the PutTurnRequest with its large fields empty, and the size in
+        bytes of each large field (StoredResponse.response_json, response_json_with_output_items and
+        stream_events_json). Every later message is a piece of one large field; a field's pieces are
+        joined in the order they are sent (pieces of different fields may come in any order). Once the
+        caller closes its side and every field has exactly its declared size, the turn is stored
+        exactly as PutTurn would store that PutTurnRequest with the fields filled in: the same checks,
+        the same idempotency (a replay of the same turn, complete, is answered with replayed set), the
+        same ordering, the same answer (in PutTurnChunkedResponse.put_turn) and the same status codes
+        and reasons. The turn is written only after the whole stream is received.
+
+        A stream that ends before it is complete stores nothing: cancelled by the caller, cut by the
+        connection, or closed with a field short of its declared size (INVALID_ARGUMENT). Also
+        INVALID_ARGUMENT, and nothing stored: a first message that is not a head, a second head, a
+        head whose request has a large field set, or a piece that takes its field past its declared
+        size. A server that predates this RPC answers UNIMPLEMENTED, having stored nothing: the caller
+        then sends the turn with PutTurn.
         """
 
     @_abc_1.abstractmethod

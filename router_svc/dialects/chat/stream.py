@@ -47,29 +47,35 @@ _ABORTED = frozenset({"abort", "error"})
 class _Text:
     """Text that arrives in pieces. A str object costs 49 bytes more than its text, so a piece per
     few-byte delta would cost many times the answer: pieces are joined into blocks of
-    :data:`_BLOCK` as they come, and into one string when read."""
+    :data:`_BLOCK` pieces or :data:`_BLOCK_CHARS` characters as they come (a block is made while
+    its pieces are held: of a hub's large chunks, few at a time), and into one string when read."""
 
-    __slots__ = ("_blocks", "_pieces")
+    __slots__ = ("_blocks", "_chars", "_pieces")
 
     def __init__(self) -> None:
         self._blocks: list[str] = []
         self._pieces: list[str] = []
+        self._chars = 0  # of the pieces
 
     def append(self, piece: str) -> None:
         self._pieces.append(piece)
-        if len(self._pieces) >= _BLOCK:
+        self._chars += len(piece)
+        if len(self._pieces) >= _BLOCK or self._chars >= _BLOCK_CHARS:
             self._blocks.append("".join(self._pieces))
             self._pieces.clear()
+            self._chars = 0
 
     def value(self) -> str:
         if self._pieces or len(self._blocks) != 1:
             # Kept as the one block, so that the text is not held twice.
             self._blocks = ["".join([*self._blocks, *self._pieces])]
             self._pieces.clear()
+            self._chars = 0
         return self._blocks[0]
 
 
 _BLOCK = 256
+_BLOCK_CHARS = 64 * 1024
 
 
 @dataclass
