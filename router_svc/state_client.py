@@ -641,25 +641,28 @@ class StateClient:
             buffers: dict[str, bytearray] = {}
             filled: dict[str, int] = {}
             call = self._stub.GetResponseChunked(request, timeout=deadline_s, metadata=out.metadata)
-            async for message in call:
-                which = message.WhichOneof("chunk")
-                if which == "head" and head is None:
-                    head = message.head
-                    buffers = {
-                        "response_json": bytearray(head.response_json_size),
-                        "stream_events_json": bytearray(head.stream_events_json_size),
-                    }
-                    filled = dict.fromkeys(buffers, 0)
-                    continue
-                if head is None or which not in buffers:
-                    raise _broken(f"unexpected {which} in GetResponseChunked")
-                piece = getattr(message, which)
-                at = filled[which]
-                if at + len(piece) > len(buffers[which]):
-                    raise _broken(f"{which} longer than its declared size")
-                buffers[which][at : at + len(piece)] = piece
-                filled[which] = at + len(piece)
-                del message, piece
+            try:
+                async for message in call:
+                    which = message.WhichOneof("chunk")
+                    if which == "head" and head is None:
+                        head = message.head
+                        buffers = {
+                            "response_json": bytearray(head.response_json_size),
+                            "stream_events_json": bytearray(head.stream_events_json_size),
+                        }
+                        filled = dict.fromkeys(buffers, 0)
+                        continue
+                    if head is None or which not in buffers:
+                        raise _broken(f"unexpected {which} in GetResponseChunked")
+                    piece = getattr(message, which)
+                    at = filled[which]
+                    if at + len(piece) > len(buffers[which]):
+                        raise _broken(f"{which} longer than its declared size")
+                    buffers[which][at : at + len(piece)] = piece
+                    filled[which] = at + len(piece)
+                    del message, piece
+            finally:
+                call.cancel()  # a no-op once it ended; otherwise nothing more is read
             if head is None or any(filled[k] != len(b) for k, b in buffers.items()):
                 raise _broken("GetResponseChunked ended short of its declared sizes")
             return ReadResponse(
