@@ -13,6 +13,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import grpc
@@ -24,6 +25,7 @@ from gateway.grpcserver import channel_options
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from gateway.metrics import LATENCY_BUCKETS
 from respgw.state.v1 import error_reason_pb2 as state_reasons
+from respgw.state.v1 import resources_pb2
 from respgw.state.v1 import state_service_pb2 as pb
 from respgw.state.v1 import state_service_pb2_grpc as pb_grpc
 from router_svc import errors
@@ -56,6 +58,19 @@ MAX_ITEM_IDS = 100
 # A call site's own error for NOT_FOUND, where the route must answer another than the reason's.
 NotFoundOverride = Callable[[grpcerrors.RemoteError], errors.ApiError]
 WatchCall = grpc.aio.UnaryStreamCall[pb.WatchResponseEventsRequest, pb.WatchResponseEventsResponse]
+ChunkedReadCall = grpc.aio.UnaryStreamCall[
+    pb.GetResponseChunkedRequest, pb.GetResponseChunkedResponse
+]
+
+
+@dataclass(slots=True)
+class ReadResponse:
+    """A stored response as :meth:`StateClient.read_response` gives it: ``response`` without
+    its items and large fields, and those fields (whole)."""
+
+    response: resources_pb2.StoredResponse
+    response_json: bytes | bytearray
+    stream_events_json: bytes | bytearray
 
 
 class CallFailed(Exception):
@@ -64,6 +79,15 @@ class CallFailed(Exception):
     def __init__(self, info: grpcerrors.RemoteError) -> None:
         super().__init__(info.message)
         self.info = info
+
+
+def _broken(message: str) -> CallFailed:
+    """A stream that breaks its contract (the server's fault): INTERNAL, never retried."""
+    return CallFailed(
+        grpcerrors.RemoteError(
+            code=grpc.StatusCode.INTERNAL, reason="", message=message, metadata={}, domain=""
+        )
+    )
 
 
 def _unavailable(message: str) -> CallFailed:
@@ -328,6 +352,8 @@ class StateClient:
         # Whether the service serves PutTurnChunked (a large turn goes in pieces): until one
         # answers UNIMPLEMENTED (an older replica), then large turns go to PutTurn encoded.
         self.put_turn_chunked_served = True
+        # Whether the service serves GetResponseChunked: until one answers UNIMPLEMENTED.
+        self.get_response_chunked_served = True
 
     async def close(self) -> None:
         if self._exchange is not None:
@@ -565,7 +591,116 @@ class StateClient:
         )
         return call
 
+    def get_response_chunked(
+        self, request: pb.GetResponseChunkedRequest, *, timeout: float | None = None
+    ) -> ChunkedReadCall:
+        """A stored response in pieces: a server stream to iterate with ``async for`` (see
+        :meth:`read_response`, which puts the pieces together, retries and maps failures)."""
+        metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id_var.get()),)
+        call: ChunkedReadCall = self._stub.GetResponseChunked(
+            request, timeout=timeout, metadata=metadata
+        )
+        return call
+
     # --- beyond one RPC -----------------------------------------------------------------------
+
+    async def read_response(self, tenant: str, response_id: str) -> ReadResponse:
+        """A stored response for a reader that needs its response object and event log but not
+        its items (GET /v1/responses/{id}): through GetResponseChunked, each large field put
+        together in a buffer of its declared size, so that a long answer is held once (GetResponse
+        sends it twice, in the response and its output items, in one message); through
+        GetResponse from a service that predates it. Failures are mapped as every call's."""
+        if self.get_response_chunked_served:
+            try:
+                return await self._read_chunked(tenant, response_id)
+            except errors.ApiError as exc:
+                cause = exc.__cause__
+                if not (
+                    isinstance(cause, grpc.aio.AioRpcError)
+                    and cause.code() == grpc.StatusCode.UNIMPLEMENTED
+                ):
+                    raise
+                # A service that predates it (one replica of a fleet being upgraded).
+                self.get_response_chunked_served = False
+        reply = await self.get_response(
+            pb.GetResponseRequest(tenant=tenant, response_id=response_id)
+        )
+        stored = reply.response
+        response_json, events = stored.response_json, stored.stream_events_json
+        del stored.input_items[:], stored.output_items[:]
+        stored.ClearField("response_json")
+        stored.ClearField("stream_events_json")
+        return ReadResponse(stored, response_json, events)
+
+    async def _read_chunked(self, tenant: str, response_id: str) -> ReadResponse:
+        out = grpcclient.Outgoing(SERVICE_NAME, "GetResponseChunked")
+        request = pb.GetResponseChunkedRequest(tenant=tenant, response_id=response_id)
+
+        async def attempt(deadline_s: float) -> ReadResponse:
+            head: pb.GetResponseChunkedHead | None = None
+            buffers: dict[str, bytearray] = {}
+            filled: dict[str, int] = {}
+            call = self._stub.GetResponseChunked(request, timeout=deadline_s, metadata=out.metadata)
+            try:
+                async for message in call:
+                    which = message.WhichOneof("chunk")
+                    if which == "head" and head is None:
+                        head = message.head
+                        buffers = {
+                            "response_json": bytearray(head.response_json_size),
+                            "stream_events_json": bytearray(head.stream_events_json_size),
+                        }
+                        filled = dict.fromkeys(buffers, 0)
+                        continue
+                    if head is None or which not in buffers:
+                        raise _broken(f"unexpected {which} in GetResponseChunked")
+                    piece = getattr(message, which)
+                    at = filled[which]
+                    if at + len(piece) > len(buffers[which]):
+                        raise _broken(f"{which} longer than its declared size")
+                    buffers[which][at : at + len(piece)] = piece
+                    filled[which] = at + len(piece)
+                    del message, piece
+            finally:
+                call.cancel()  # a no-op once it ended; otherwise nothing more is read
+            if head is None or any(filled[k] != len(b) for k, b in buffers.items()):
+                raise _broken("GetResponseChunked ended short of its declared sizes")
+            return ReadResponse(
+                head.response, buffers["response_json"], buffers["stream_events_json"]
+            )
+
+        code = "OK"
+        failed = False
+        try:
+            policy = _RETRY if "GetResponseChunked" in RETRYABLE else grpcclient.NO_RETRY
+            return await grpcclient.retrying(
+                attempt,
+                policy,
+                timeout_s=self._timeout_s,
+                code_of=_code_of,
+                on_retry=lambda _code, n: _log_retry("GetResponseChunked", n),
+            )
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except (grpc.aio.AioRpcError, CallFailed) as exc:
+            info = exc.info if isinstance(exc, CallFailed) else grpcerrors.error_info(exc)
+            code, failed = info.code.name, True
+            mapped = map_error(info)
+            if mapped.status >= 500 and info.code != grpc.StatusCode.UNIMPLEMENTED:
+                log.error(
+                    "state call failed",
+                    extra={
+                        "method": "GetResponseChunked",
+                        "code": info.code.name,
+                        "detail": info.message,
+                    },
+                )
+            raise mapped from exc
+        finally:
+            out.end(
+                code, latency=STATE_CALL_LATENCY, failures=STATE_CALL_ERRORS if failed else None
+            )
 
     async def get_items_by_id(self, tenant: str, item_ids: Sequence[str]) -> dict[str, bytes]:
         """The JSON of the stored items with these ids (GetItems, up to MAX_ITEM_IDS ids a

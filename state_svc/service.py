@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -36,6 +37,8 @@ MAX_PAGE_SIZE = 100
 WATCH_BATCH = 256
 # Most ids one GetItems call may ask for.
 MAX_ITEM_IDS = 100
+# Most bytes of a large field in one GetResponseChunked message (its contract).
+PIECE_BYTES = 256 * 1024
 
 BACKEND_LATENCY = Histogram(
     "respgw_state_backend_latency_seconds",
@@ -350,6 +353,44 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
             ),
         )
         return state_service_pb2.GetResponseResponse(response=records.turn_pb(turn))
+
+    async def GetResponseChunked(
+        self, request: state_service_pb2.GetResponseChunkedRequest, context: Context
+    ) -> AsyncIterator[state_service_pb2.GetResponseChunkedResponse]:
+        """GetResponse in pieces (see the proto): the head, then the large fields a piece at a
+        time, each copied only as gRPC takes it."""
+        checks.check_strings(request)
+        tenant = checks.tenant(request.tenant)
+        checks.require(request.response_id, "response_id")
+        turn = await self._timed(
+            "get_response", self._backend.get_response(tenant, response_id=request.response_id)
+        )
+        large = {"response_json": turn.response_json, "stream_events_json": turn.stream_events_json}
+        head = state_service_pb2.GetResponseChunkedHead(
+            response=records.turn_pb(
+                dataclasses.replace(
+                    turn,
+                    response_json=b"",
+                    stream_events_json=b"",
+                    input_items=(),
+                    output_items=(),
+                )
+            ),
+            response_json_size=len(turn.response_json),
+            stream_events_json_size=len(turn.stream_events_json),
+        )
+        del turn  # its items: the pieces need only the two fields
+        yield state_service_pb2.GetResponseChunkedResponse(head=head)
+        try:
+            for name, data in large.items():
+                view = memoryview(data)
+                for start in range(0, len(view), PIECE_BYTES):
+                    piece = state_service_pb2.GetResponseChunkedResponse()
+                    setattr(piece, name, bytes(view[start : start + PIECE_BYTES]))
+                    yield piece
+        finally:
+            if head.response_json_size > PIECE_BYTES:
+                gctune.give_back()  # what the backend's copy of a long answer took
 
     async def GetHistory(
         self, request: state_service_pb2.GetHistoryRequest, context: Context

@@ -181,17 +181,25 @@ async def _stored(request: Request) -> tuple[str, str, state_records.GetResponse
 
 async def get_response(request: Request) -> Response:
     asked = include.from_query(request)
-    who, response_id, reply = await _stored(request)
-    response = state_records.response_of(reply.response)
-    if request.query_params.get("stream", "false").lower() == "true":
-        after = query_int(request, "starting_after", -1)
-        if reply.response.in_progress:
+    streamed = request.query_params.get("stream", "false").lower() == "true"
+    after = query_int(request, "starting_after", -1) if streamed else -1
+    svc = services(request)
+    who = tenant(request)
+    response_id = request.path_params["response_id"]
+    # Without its items, and a long answer's fields in pieces (GetResponseChunked): the answer
+    # is held once here, as the JSON read, then as the object parsed from it (issue 13).
+    read = await svc.state.read_response(who, response_id)
+    in_progress = read.response.in_progress
+    response: ResponseObject = orjson.loads(read.response_json)
+    events = read.stream_events_json
+    live = orjson.loads(events) if streamed and events else None
+    del events
+    del read
+    if streamed:
+        if in_progress:
             # Its events as they reach its log, whichever router runs it.
-            return _sse(
-                background.follow(services(request), who, response_id, after, include=asked)
-            )
-        live = reply.response.stream_events_json
-        return _sse(_replay(response, after, orjson.loads(live) if live else None, asked=asked))
+            return _sse(background.follow(svc, who, response_id, after, include=asked))
+        return _sse(_replay(response, after, live, asked=asked))
     return JSONResponse(include.response(response, asked))
 
 

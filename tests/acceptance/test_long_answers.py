@@ -84,6 +84,48 @@ def test_a_long_streamed_answer_is_stored_replayed_exactly_and_built_on(
     assert history[1]["content"] == TEXT
 
 
+def _router_calls(method: str) -> float:
+    """The router's (in this process) calls of ``method`` on the state service."""
+    labels = {"method": method}
+    return (
+        REGISTRY.get_sample_value("respgw_router_state_call_latency_seconds_count", labels) or 0.0
+    )
+
+
+# ~900 KB in 2,000 deltas, non-ASCII throughout (a piece of the read may end inside a character).
+LONGER = " ".join(f"mot{i}-" + 'é\u2028ü"\\/' * 60 for i in range(2000))
+
+
+def test_a_replay_of_a_long_answer_is_the_live_stream_byte_for_byte(
+    sqlite_stack: Stack, hub: FakeHub
+) -> None:
+    assert len(LONGER.encode()) > 3 * service.PIECE_BYTES
+    hub.enqueue(Reply(text=LONGER))
+    chunked_before = _router_calls("GetResponseChunked")
+    with httpx.Client(timeout=30) as http:
+        body = {"model": "fake-model", "input": "tell me", "stream": True}
+        with http.stream("POST", f"{sqlite_stack.url}/responses", json=body) as r:
+            live = r.read()
+        last = [line for line in live.split(b"\n") if line.startswith(b"data: {")][-1]
+        final = orjson.loads(last.removeprefix(b"data: "))["response"]
+        assert final["status"] == "completed"
+        url = f"{sqlite_stack.url}/responses/{final['id']}"
+        replay = http.get(url, params={"stream": "true"})
+        assert replay.status_code == 200
+        assert replay.content == live, "byte for byte"
+        # Read in pieces (GetResponseChunked), without its items, for the replay and the GET.
+        assert http.get(url).json() == final
+        after = http.get(url, params={"stream": "true", "starting_after": "1000"}).content
+        assert after.startswith(b"event: response.output_text.delta\ndata: {")
+        assert live.endswith(after)
+    assert _router_calls("GetResponseChunked") == chunked_before + 3
+    client = sqlite_stack.client()
+    with client.responses.retrieve(final["id"], stream=True) as events:
+        kinds = [event.type for event in events]
+    assert kinds[-1] == "response.completed"
+    assert client.responses.retrieve(final["id"]).output_text == LONGER
+
+
 @pytest.mark.usefixtures("encoded")
 def test_a_long_answer_not_streamed_is_stored_and_built_on(
     sqlite_stack: Stack, hub: FakeHub
@@ -147,13 +189,17 @@ def test_a_client_gone_while_its_stream_waits_still_gets_the_turn_stored(
 
 @pytest.fixture
 def older_stack(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
-    """A state service that does not serve PutTurnChunked (gRPC answers UNIMPLEMENTED)."""
+    """A state service that serves neither PutTurnChunked nor GetResponseChunked (gRPC answers
+    UNIMPLEMENTED)."""
     register = state_server._LargeRequests.add_registered_method_handlers
 
     def without_chunked(
         self: state_server._LargeRequests, name: str, handlers: dict[str, Any]
     ) -> None:
-        register(self, name, {k: v for k, v in handlers.items() if k != "PutTurnChunked"})
+        older = {
+            k: v for k, v in handlers.items() if k not in ("PutTurnChunked", "GetResponseChunked")
+        }
+        register(self, name, older)
 
     monkeypatch.setattr(
         state_server._LargeRequests, "add_registered_method_handlers", without_chunked
@@ -192,7 +238,11 @@ def test_a_state_service_that_predates_the_combined_field_gets_the_items_sent(
         for _ in events:
             pass
         second = events.get_final_response()
+    # Nor GetResponseChunked: GET reads it with GetResponse.
     assert client.responses.retrieve(second.id).output_text == TEXT
+    with client.responses.retrieve(second.id, stream=True) as replayed:
+        last = list(replayed)[-1]
+    assert last.type == "response.completed" and last.response.output_text == TEXT
     client.responses.create(model="fake-model", input="three", previous_response_id=second.id)
     history = hub.requests[-1]["messages"]
     assert [m["content"] for m in history if m["role"] == "assistant"] == ["first", TEXT]

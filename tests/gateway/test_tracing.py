@@ -146,7 +146,9 @@ def test_failed_calls_mark_their_spans(
     hub.enqueue(Reply(status=500))
     with httpx.Client(timeout=20) as client:
         failed = client.post(f"{inprocess.base}/v1/responses", json={"input": "x"})
-        missing = client.get(f"{inprocess.base}/v1/responses/resp_missing")
+        # Its input items: GetResponse, a unary call, which the server spans too (GET of the
+        # response itself reads with GetResponseChunked, a server stream it does not).
+        missing = client.get(f"{inprocess.base}/v1/responses/resp_missing/input_items")
     assert failed.status_code == 502
     assert missing.status_code == 404
     got = finished(spans, requests=2)
@@ -157,7 +159,7 @@ def test_failed_calls_mark_their_spans(
     # A 5xx answer is the gateway's failure; a 404 is the caller's, not an error of the server.
     posted = one(got, "POST /v1/responses", SpanKind.SERVER)
     assert posted.status.status_code == StatusCode.ERROR
-    fetched = one(got, "GET /v1/responses/{response_id}", SpanKind.SERVER)
+    fetched = one(got, "GET /v1/responses/{response_id}/input_items", SpanKind.SERVER)
     assert attr(fetched, "http.response.status_code") == 404
     assert fetched.status.status_code != StatusCode.ERROR
     # NOT_FOUND fails the client's call, but is no fault of the state service.

@@ -16,6 +16,7 @@ import pytest
 
 from gateway.grpcerrors import RemoteError
 from respgw.state.v1 import error_reason_pb2 as reasons
+from respgw.state.v1 import resources_pb2
 from respgw.state.v1 import state_service_pb2 as pb
 from router_svc import errors, state_client, state_records
 from state_svc import server as state_server
@@ -67,8 +68,9 @@ def test_every_rpc_has_one_typed_method() -> None:
             assert hints[params[1].name] is request, name
         returned = hints["return"]
         if method.server_streaming:
-            assert returned == state_client.WatchCall
-            assert typing.get_args(returned)[1] is getattr(pb, method.output_type.name), name
+            # The call, to iterate: typed by its request and message.
+            assert typing.get_origin(returned) is grpc.aio.UnaryStreamCall, name
+            assert typing.get_args(returned) == (request, getattr(pb, method.output_type.name))
             assert not inspect.iscoroutinefunction(function)
         else:
             assert returned is getattr(pb, method.output_type.name), name
@@ -162,6 +164,7 @@ def test_retryable_calls_are_those_the_proto_marks_safe() -> None:
     # ...and the reads are marked as having no side effects at all.
     reads = {
         "GetResponse",
+        "GetResponseChunked",
         "GetHistory",
         "GetConversation",
         "ListConversationItems",
@@ -256,3 +259,32 @@ async def test_typed_calls_against_the_state_service(client: state_client.StateC
     assert not ended.HasField("create_time") and not ended.in_progress
     assert state_records.response_of(ended)["status"] == "cancelled"
     assert [i.id for i in ended.input_items] == ["msg_2"]
+
+
+async def test_read_response_puts_the_pieces_together(client: state_client.StateClient) -> None:
+    text = "é\u2028x" * 200_000  # over 256 KiB of response JSON: several pieces
+    out = {"id": "msg_1", "type": "message", "content": [{"type": "output_text", "text": text}]}
+    response = {"id": "resp_big", "object": "response", "status": "completed", "output": [out]}
+    log = orjson.dumps([{"type": "response.created", "sequence_number": 0}] * 20_000)
+    stored = resources_pb2.StoredResponse(
+        id="resp_big",
+        response_json=orjson.dumps(response),
+        output_items=[resources_pb2.Item(id="msg_1", json=orjson.dumps(out))],
+        stream_events_json=log,
+        idempotency_key="key-1",
+    )
+    await client.put_turn(pb.PutTurnRequest(tenant="t", response=stored))
+    read = await client.read_response("t", "resp_big")
+    assert read.response_json == stored.response_json
+    assert read.stream_events_json == log
+    assert read.response.idempotency_key == "key-1" and read.response.id == "resp_big"
+    assert not read.response.output_items and not read.response.response_json
+    assert client.get_response_chunked_served
+    with pytest.raises(errors.NotFound) as info:
+        await client.read_response("t", "resp_9")
+    assert info.value.message == "Response with id 'resp_9' not found."
+    # From a service that predates GetResponseChunked: GetResponse, the same answer.
+    client.get_response_chunked_served = False
+    again = await client.read_response("t", "resp_big")
+    assert (again.response_json, again.stream_events_json) == (stored.response_json, log)
+    assert again.response == read.response

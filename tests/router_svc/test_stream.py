@@ -636,6 +636,22 @@ def test_response_property_while_streaming() -> None:
     validate_type(type_=Response, value=snapshot)
 
 
+def test_text_read_while_streaming_then_continued_is_kept_exactly() -> None:
+    # Non-ASCII, a character split over no delta, a lone surrogate (a JSON escape allows one).
+    pieces = ["h\u00e9", "\u2028", "\U0001f600", "x\ud800", "", "y" * 300, "\u00fc"]
+    translator = ChatStreamTranslator(req(), response_id="resp_1", created_at=1)
+    translator.start()
+    for n, piece in enumerate(pieces):
+        translator.feed(chunk({"content": piece}))
+        if n in (1, 3):
+            read = translator.response["output"][0]["content"][0]["text"]
+            assert read == "".join(pieces[: n + 1])
+    events = translator.feed(chunk(finish="stop")) + translator.finish()
+    done = next(e for e in events if e["type"] == "response.output_text.done")
+    assert done["text"] == "".join(pieces)
+    assert translator.response["output"][0]["content"][0]["text"] == "".join(pieces)
+
+
 def test_logprobs_stream_when_included() -> None:
     lp = {"content": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": []}]}
     request = req(include=["message.output_text.logprobs"])

@@ -127,6 +127,7 @@ REQUESTS: dict[str, Callable[[], Any]] = {
         chunked(pb.PutTurnRequest(tenant=TENANT, response=simple_turn("resp_1")))
     ),
     "GetResponse": lambda: pb.GetResponseRequest(tenant=TENANT, response_id="resp_1"),
+    "GetResponseChunked": lambda: pb.GetResponseChunkedRequest(tenant=TENANT, response_id="resp_1"),
     "GetHistory": lambda: pb.GetHistoryRequest(tenant=TENANT, response_id="resp_1"),
     "DeleteResponse": lambda: pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_1"),
     "CreateConversation": lambda: pb.CreateConversationRequest(tenant=TENANT),

@@ -38,7 +38,7 @@ sqlite_only = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 
 @memory_only
 async def test_every_rpc_in_the_descriptor_is_implemented(running: server.Running) -> None:
-    assert len(SERVICE.methods) == 24
+    assert len(SERVICE.methods) == 25
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         for method in SERVICE.methods:
             assert getattr(service.StateServicer, method.name) is not getattr(

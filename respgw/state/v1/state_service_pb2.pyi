@@ -312,6 +312,104 @@ class GetResponseResponse(_message.Message):
 Global___GetResponseResponse: _TypeAlias = GetResponseResponse  # noqa: Y015
 
 @_typing.final
+class GetResponseChunkedRequest(_message.Message):
+    """Request for GetResponseChunked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant. Required: empty is INVALID_ARGUMENT (TENANT_REQUIRED)."""
+    response_id: _builtins.str
+    """The response id. Required: empty is INVALID_ARGUMENT."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        response_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response_id", b"response_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResponseChunkedRequest: _TypeAlias = GetResponseChunkedRequest  # noqa: Y015
+
+@_typing.final
+class GetResponseChunkedResponse(_message.Message):
+    """One message of a GetResponseChunked stream: its head first, then pieces of the large fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_FIELD_NUMBER: _builtins.int
+    RESPONSE_JSON_FIELD_NUMBER: _builtins.int
+    STREAM_EVENTS_JSON_FIELD_NUMBER: _builtins.int
+    response_json: _builtins.bytes
+    """A piece of StoredResponse.response_json. Every piece of it comes before any of
+    stream_events_json.
+    """
+    stream_events_json: _builtins.bytes
+    """A piece of StoredResponse.stream_events_json."""
+    @_builtins.property
+    def head(self) -> Global___GetResponseChunkedHead:
+        """The first message, and only it."""
+
+    def __init__(
+        self,
+        *,
+        head: Global___GetResponseChunkedHead | None = ...,
+        response_json: _builtins.bytes = ...,
+        stream_events_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "head", b"head", "response_json", b"response_json", "stream_events_json", b"stream_events_json"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "head", b"head", "response_json", b"response_json", "stream_events_json", b"stream_events_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_chunk: _TypeAlias = _typing.Literal["head", "response_json", "stream_events_json"]  # noqa: Y015
+    _WhichOneofArgType_chunk: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_chunk) -> _WhichOneofReturnType_chunk | None: ...
+
+Global___GetResponseChunkedResponse: _TypeAlias = GetResponseChunkedResponse  # noqa: Y015
+
+@_typing.final
+class GetResponseChunkedHead(_message.Message):
+    """The head of a GetResponseChunked stream: the response but its items and large fields, and the
+    sizes of those fields.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    RESPONSE_JSON_SIZE_FIELD_NUMBER: _builtins.int
+    STREAM_EVENTS_JSON_SIZE_FIELD_NUMBER: _builtins.int
+    response_json_size: _builtins.int
+    """The size in bytes of response_json, as its pieces add up to."""
+    stream_events_json_size: _builtins.int
+    """The size in bytes of stream_events_json, as its pieces add up to. 0: the response has none."""
+    @_builtins.property
+    def response(self) -> _resources_pb2.StoredResponse:
+        """The stored response as GetResponse returns it, with input_items, output_items, response_json
+        and stream_events_json left empty (read the items with GetResponse).
+        """
+
+    def __init__(
+        self,
+        *,
+        response: _resources_pb2.StoredResponse | None = ...,
+        response_json_size: _builtins.int = ...,
+        stream_events_json_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response", "response_json_size", b"response_json_size", "stream_events_json_size", b"stream_events_json_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResponseChunkedHead: _TypeAlias = GetResponseChunkedHead  # noqa: Y015
+
+@_typing.final
 class GetHistoryRequest(_message.Message):
     """Request for GetHistory. Exactly one anchor must be set, or the call is INVALID_ARGUMENT."""
 

@@ -113,6 +113,11 @@ class StateServiceStub:
                 request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseRequest.SerializeToString,
                 response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseResponse.FromString,
                 _registered_method=True)
+        self.GetResponseChunked = channel.unary_stream(
+                '/respgw.state.v1.StateService/GetResponseChunked',
+                request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseChunkedRequest.SerializeToString,
+                response_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseChunkedResponse.FromString,
+                _registered_method=True)
         self.GetHistory = channel.unary_unary(
                 '/respgw.state.v1.StateService/GetHistory',
                 request_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetHistoryRequest.SerializeToString,
@@ -354,6 +359,24 @@ class StateServiceServicer:
 
         Returns NOT_FOUND (RESPONSE_NOT_FOUND) when no live response matches for the tenant
         (never stored, deleted, expired or another tenant's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetResponseChunked(self, request, context):
+        """GetResponse for a long answer, in pieces: the stream's first message is the response without
+        its items and large fields, with the sizes of those fields; the pieces of response_json
+        follow, then those of stream_events_json, in order, each at most 256 KiB (262,144 bytes). Put
+        together they are the bytes GetResponse returns in those fields. So neither side holds a long
+        answer in one message, and a reader that needs only the response object and its events (a
+        stream replay) gets the answer once: GetResponse also sends it in output_items.
+
+        Returns the same status codes as GetResponse, before any message: NOT_FOUND
+        (RESPONSE_NOT_FOUND) when no live response has the id for the tenant, INVALID_ARGUMENT when
+        tenant (TENANT_REQUIRED) or response_id is empty. A server that predates this RPC answers
+        UNIMPLEMENTED: the caller then reads the response with GetResponse. A stream that breaks
+        (UNAVAILABLE) is read again from its start.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -738,6 +761,11 @@ def add_StateServiceServicer_to_server(servicer, server):
                     request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseRequest.FromString,
                     response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseResponse.SerializeToString,
             ),
+            'GetResponseChunked': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetResponseChunked,
+                    request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseChunkedRequest.FromString,
+                    response_serializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseChunkedResponse.SerializeToString,
+            ),
             'GetHistory': grpc.unary_unary_rpc_method_handler(
                     servicer.GetHistory,
                     request_deserializer=respgw_dot_state_dot_v1_dot_state__service__pb2.GetHistoryRequest.FromString,
@@ -989,6 +1017,33 @@ class StateService:
             '/respgw.state.v1.StateService/GetResponse',
             respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseRequest.SerializeToString,
             respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResponseChunked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/respgw.state.v1.StateService/GetResponseChunked',
+            respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseChunkedRequest.SerializeToString,
+            respgw_dot_state_dot_v1_dot_state__service__pb2.GetResponseChunkedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -157,6 +157,20 @@ class StateServiceStub:
     Returns NOT_FOUND (RESPONSE_NOT_FOUND) when no live response matches for the tenant
     (never stored, deleted, expired or another tenant's).
     """
+    GetResponseChunked: _grpc.UnaryStreamMultiCallable[_state_service_pb2.GetResponseChunkedRequest, _state_service_pb2.GetResponseChunkedResponse]
+    """GetResponse for a long answer, in pieces: the stream's first message is the response without
+    its items and large fields, with the sizes of those fields; the pieces of response_json
+    follow, then those of stream_events_json, in order, each at most 256 KiB (262,144 bytes). Put
+    together they are the bytes GetResponse returns in those fields. So neither side holds a long
+    answer in one message, and a reader that needs only the response object and its events (a
+    stream replay) gets the answer once: GetResponse also sends it in output_items.
+
+    Returns the same status codes as GetResponse, before any message: NOT_FOUND
+    (RESPONSE_NOT_FOUND) when no live response has the id for the tenant, INVALID_ARGUMENT when
+    tenant (TENANT_REQUIRED) or response_id is empty. A server that predates this RPC answers
+    UNIMPLEMENTED: the caller then reads the response with GetResponse. A stream that breaks
+    (UNAVAILABLE) is read again from its start.
+    """
     GetHistory: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetHistoryRequest, _state_service_pb2.GetHistoryResponse]
     """Resolves the whole history a new turn builds on, in one call, oldest first.
 
@@ -563,6 +577,20 @@ class StateServiceAsyncStub(StateServiceStub):
 
     Returns NOT_FOUND (RESPONSE_NOT_FOUND) when no live response matches for the tenant
     (never stored, deleted, expired or another tenant's).
+    """
+    GetResponseChunked: _aio.UnaryStreamMultiCallable[_state_service_pb2.GetResponseChunkedRequest, _state_service_pb2.GetResponseChunkedResponse]  # type: ignore[assignment]
+    """GetResponse for a long answer, in pieces: the stream's first message is the response without
+    its items and large fields, with the sizes of those fields; the pieces of response_json
+    follow, then those of stream_events_json, in order, each at most 256 KiB (262,144 bytes). Put
+    together they are the bytes GetResponse returns in those fields. So neither side holds a long
+    answer in one message, and a reader that needs only the response object and its events (a
+    stream replay) gets the answer once: GetResponse also sends it in output_items.
+
+    Returns the same status codes as GetResponse, before any message: NOT_FOUND
+    (RESPONSE_NOT_FOUND) when no live response has the id for the tenant, INVALID_ARGUMENT when
+    tenant (TENANT_REQUIRED) or response_id is empty. A server that predates this RPC answers
+    UNIMPLEMENTED: the caller then reads the response with GetResponse. A stream that breaks
+    (UNAVAILABLE) is read again from its start.
     """
     GetHistory: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetHistoryRequest, _state_service_pb2.GetHistoryResponse]  # type: ignore[assignment]
     """Resolves the whole history a new turn builds on, in one call, oldest first.
@@ -985,6 +1013,26 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Returns NOT_FOUND (RESPONSE_NOT_FOUND) when no live response matches for the tenant
         (never stored, deleted, expired or another tenant's).
+        """
+
+    @_abc_1.abstractmethod
+    def GetResponseChunked(
+        self,
+        request: _state_service_pb2.GetResponseChunkedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_state_service_pb2.GetResponseChunkedResponse], _abc.AsyncIterator[_state_service_pb2.GetResponseChunkedResponse]]:
+        """GetResponse for a long answer, in pieces: the stream's first message is the response without
+        its items and large fields, with the sizes of those fields; the pieces of response_json
+        follow, then those of stream_events_json, in order, each at most 256 KiB (262,144 bytes). Put
+        together they are the bytes GetResponse returns in those fields. So neither side holds a long
+        answer in one message, and a reader that needs only the response object and its events (a
+        stream replay) gets the answer once: GetResponse also sends it in output_items.
+
+        Returns the same status codes as GetResponse, before any message: NOT_FOUND
+        (RESPONSE_NOT_FOUND) when no live response has the id for the tenant, INVALID_ARGUMENT when
+        tenant (TENANT_REQUIRED) or response_id is empty. A server that predates this RPC answers
+        UNIMPLEMENTED: the caller then reads the response with GetResponse. A stream that breaks
+        (UNAVAILABLE) is read again from its start.
         """
 
     @_abc_1.abstractmethod
