@@ -4,9 +4,12 @@ continues the caller's trace."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
@@ -127,8 +130,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        # Unary replies only (a client-streaming call, PutTurnChunked, counts as one call).
-        if handler is None or (handler.unary_unary is None and handler.stream_unary is None):
+        # Every call with one request or one reply (a client-streaming call, PutTurnChunked, and a
+        # server-streaming one, GetResponseChunked or WatchResponseEvents, each count as one call,
+        # timed to its end); bidirectional streams (Exchange) are measured by what they carry.
+        if handler is None or handler.stream_stream is not None:
             return handler
         full_method = handler_call_details.method
         method = full_method.rsplit("/", 1)[-1]
@@ -137,9 +142,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             if key == REQUEST_ID_HEADER and isinstance(value, str):
                 request_id = value
         traced = tracing.enabled and not full_method.startswith(_UNTRACED_PREFIXES)
-        inner: Any = handler.unary_unary or handler.stream_unary
+        inner: Any = handler.unary_unary or handler.stream_unary or handler.unary_stream
 
-        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        @contextlib.contextmanager
+        def observing(context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
             token = request_id_var.set(request_id)
             if traced:
                 span, span_token = _start_span(full_method, handler_call_details, request_id)
@@ -147,10 +153,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             code = "OK"
             error: BaseException | None = None
             try:
-                return await inner(request, context)
+                yield
             except BaseException as exc:
                 got = context.code()
                 code = got.name if isinstance(got, grpc.StatusCode) else "UNKNOWN"
+                if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) and code == "UNKNOWN":
+                    code = "CANCELLED"
                 error = exc
                 raise
             finally:
@@ -166,13 +174,29 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     )
                 request_id_var.reset(token)
 
-        wrap = (
-            grpc.unary_unary_rpc_method_handler
-            if handler.unary_unary is not None
-            else grpc.stream_unary_rpc_method_handler
-        )
-        return wrap(
-            observed,
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            with observing(context):
+                return await inner(request, context)
+
+        async def observed_stream(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            with observing(context):
+                async for reply in inner(request, context):
+                    yield reply
+
+        if handler.unary_stream is not None:
+            wrap: Any = grpc.unary_stream_rpc_method_handler
+            served: Any = observed_stream if inspect.isasyncgenfunction(inner) else observed
+        else:
+            served = observed
+            wrap = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary is not None
+                else grpc.stream_unary_rpc_method_handler
+            )
+        return wrap(  # type: ignore[no-any-return]
+            served,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

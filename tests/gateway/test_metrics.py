@@ -165,8 +165,10 @@ def test_grpc_services_count_and_time_each_rpc(
         f"{processes.base}/v1/responses", json={"input": "serve me", "tools": [CODE_INTERPRETER]}
     )
     assert ok.status_code == 200, ok.text
-    # (Its input items: GET of the response itself reads with GetResponseChunked, a server
-    # stream, which the interceptor does not count.)
+    # GET of a response reads with GetResponseChunked (a server stream), its input items with
+    # GetResponse: both are counted, each as one call.
+    assert http.get(f"{processes.base}/v1/responses/{ok.json()['id']}").status_code == 200
+    assert http.get(f"{processes.base}/v1/responses/resp_nothere").status_code == 404
     missing = http.get(f"{processes.base}/v1/responses/resp_nothere/input_items")
     assert missing.status_code == 404
 
@@ -184,6 +186,15 @@ def test_grpc_services_count_and_time_each_rpc(
             "respgw_grpc_server_requests_total",
             {"method": "GetResponse", "code": "NOT_FOUND"},
         )
+        counted = min(
+            counted,
+            grew(
+                state,
+                state_before,
+                "respgw_grpc_server_requests_total",
+                {"method": "GetResponseChunked", "code": "NOT_FOUND"},
+            ),
+        )
         if counted >= 1 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -199,6 +210,10 @@ def test_grpc_services_count_and_time_each_rpc(
     assert grew(state, state_before, latency, {"method": "PutTurn"}) == 1
     assert grew(state, state_before, requests, {"method": "GetResponse", "code": "NOT_FOUND"}) == 1
     assert grew(state, state_before, latency, {"method": "GetResponse"}) == 1
+    chunked = {"method": "GetResponseChunked"}
+    assert grew(state, state_before, requests, {**chunked, "code": "OK"}) == 1
+    assert grew(state, state_before, requests, {**chunked, "code": "NOT_FOUND"}) == 1
+    assert grew(state, state_before, latency, chunked) == 2
 
     assert (
         grew(bootstrap, bootstrap_before, requests, {"method": "PrepareTools", "code": "OK"}) == 1
