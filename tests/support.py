@@ -197,3 +197,9 @@ class Process:
 
 STATE_READY = r"gRPC server listening.*port[=:\" ]+(\d+)"
 ROUTER_READY = r"Uvicorn running on http://[^:]+:(\d+)"
+
+
+def state_process(*args: str) -> Process:
+    """A state service as its own process on a free loopback port, without /metrics; ``args``
+    choose its backend (for example ``"--backend", "sqlite", "--sqlite-path", path``)."""
+    return Process(["state", "--listen", "127.0.0.1:0", "--metrics-port", "0", *args])

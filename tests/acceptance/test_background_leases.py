@@ -23,7 +23,14 @@ from openai.types.responses import Response
 from bootstrap_svc import server as bootstrap_server
 from bootstrap_svc.config import BootstrapSettings
 from tests.fakehub import FakeHub, Reply, text_of
-from tests.support import POSTGRES_DSN, ROUTER_READY, STATE_READY, Process, ThreadLoop
+from tests.support import (
+    POSTGRES_DSN,
+    ROUTER_READY,
+    STATE_READY,
+    Process,
+    ThreadLoop,
+    state_process,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -91,10 +98,6 @@ class Cluster:
         return total
 
 
-def state_process(args: list[str]) -> Process:
-    return Process(["state", "--listen", "127.0.0.1:0", "--metrics-port", "0", *args])
-
-
 @pytest.fixture
 def schema() -> Iterator[str]:
     name = f"respgw_bg_{uuid.uuid4().hex[:10]}"
@@ -116,23 +119,19 @@ def make_cluster(
     if kind == "postgres":
         states = [
             state_process(
-                [
-                    "--backend",
-                    "postgres",
-                    "--postgres-dsn",
-                    POSTGRES_DSN,
-                    "--postgres-schema",
-                    schema,
-                    "--watch-poll-interval-s",
-                    "0.1",
-                ]
+                "--backend",
+                "postgres",
+                "--postgres-dsn",
+                POSTGRES_DSN,
+                "--postgres-schema",
+                schema,
+                "--watch-poll-interval-s",
+                "0.1",
             )
             for _ in range(2)
         ]
     else:
-        states = [
-            state_process(["--backend", "sqlite", "--sqlite-path", str(tmp_path / "state.db")])
-        ]
+        states = [state_process("--backend", "sqlite", "--sqlite-path", str(tmp_path / "state.db"))]
     return Cluster(hub, states, list(router_args)).start()
 
 

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from router_svc import compaction, sealing, state_records
 from router_svc.state_client import StateClient
 from tests.fakehub import FakeHub, Reply, text_of
-from tests.support import ROUTER_READY, STATE_READY, Process, Stack
+from tests.support import ROUTER_READY, STATE_READY, Process, Stack, state_process
 
 KEY = base64.b64encode(b"k" * 32).decode()
 SUMMARY = "The user is planning a trip to Lisbon in May and wants a budget under 900 EUR."
@@ -415,19 +415,7 @@ def test_a_turns_compaction_is_restored_on_another_replica(
 def test_a_compaction_item_outlives_a_router_restart(tmp_path: Path, hub: FakeHub) -> None:
     """Real processes: the router that compacted is restarted without --seal-keys (a new random
     key), and the item it handed out still reaches the model as its summary."""
-    state = Process(
-        [
-            "state",
-            "--backend",
-            "sqlite",
-            "--sqlite-path",
-            str(tmp_path / "state.db"),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-port",
-            "0",
-        ]
-    )
+    state = state_process("--backend", "sqlite", "--sqlite-path", str(tmp_path / "state.db"))
     state_port = state.start(STATE_READY)
     args = ["router", "--port", "0", "--hub-url", hub.url]
     args += ["--state-address", f"127.0.0.1:{state_port}", "--default-model", "fake-model"]

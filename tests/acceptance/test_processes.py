@@ -10,24 +10,12 @@ import openai
 import pytest
 
 from tests.fakehub import FakeHub, text_of
-from tests.support import ROUTER_READY, STATE_READY, Process
+from tests.support import ROUTER_READY, STATE_READY, Process, state_process
 
 
 @pytest.fixture
 def gateway(tmp_path: Path, hub: FakeHub) -> Iterator[str]:
-    state = Process(
-        [
-            "state",
-            "--backend",
-            "sqlite",
-            "--sqlite-path",
-            str(tmp_path / "state.db"),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-port",
-            "0",
-        ]
-    )
+    state = state_process("--backend", "sqlite", "--sqlite-path", str(tmp_path / "state.db"))
     state_port = state.start(STATE_READY)
     router = Process(
         [
