@@ -81,7 +81,9 @@ def test_shared_pages_count_once_in_the_exact_figure(shared: subprocess.Popen[st
     assert quick > 5 * 64 * mib
     # ... the proportional ones once in all (plus what the interpreters use themselves).
     assert 64 * mib < exact < 120 * mib
-    assert memwatch.state(shared.pid) == b"S"
+    # Measuring leaves the tree running: not stopped (T), whether it is asleep (S) or still
+    # finishing its start (R) when looked at.
+    assert memwatch.state(shared.pid) in (b"S", b"R")
 
 
 async def test_a_tree_under_the_limit_is_left_alone(shared: subprocess.Popen[str]) -> None:
