@@ -574,7 +574,7 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle is not existing:
-            cycle.transport = _OneWriteAnswer(self.transport, cycle)  # type: ignore[assignment]
+            cycle.transport = _AnswerWrites(self.transport, cycle)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._phase = _DONE
@@ -660,52 +660,82 @@ class GuardedProtocol(HttpToolsProtocol):
             self._timer_phase = _IDLE
 
 
-class _OneWriteAnswer:
-    """The transport of one request's answer, as uvicorn's cycle writes it: the status line and
-    headers of an answer of known length are held until its body, and both go out in one write.
+class _AnswerWrites:
+    """The transport of one request's answer, as uvicorn's cycle writes it, with fewer writes:
 
-    uvicorn writes the head and the body of every answer separately: two send(2) calls and two
-    segments, each waking the client, for an answer that fits in one (about 20 µs of the
-    router's CPU a request, and the client's second wake-up). Only a head whose body is sure to
-    follow at once is held: a fixed-length answer (``content-length``) to anything but HEAD.
-    A streamed (chunked) answer's head goes out at once, as before. If the body never comes
-    (the app failed after its head), closing the transport sends the held head first, as
-    uvicorn would have."""
+    - an answer of known length (``content-length``, to anything but HEAD): its status line
+      and headers are held until its body, and both go out in one write;
+    - a streamed (chunked) answer: what it writes during one turn of the event loop goes out
+      in one write at the end of that turn (or at once, from ANSWER_GATHER_BYTES), and all of
+      it before the answer counts as complete.
 
-    __slots__ = ("_cycle", "_head", "_through", "_transport")
+    uvicorn writes an answer's head and each piece of its body separately: a send(2) call and a
+    segment each, every one waking the client; a streamed turn's events come several at a time
+    (a hub chunk often makes three), and a short answer fits in one segment. Nothing waits
+    for more than the current loop turn. Closing the transport writes what waits first, as
+    uvicorn would have written it."""
+
+    __slots__ = ("_cycle", "_gathered", "_gathered_bytes", "_head", "_mode", "_transport")
 
     def __init__(self, transport: asyncio.Transport, cycle: Any) -> None:
         self._transport = transport
         self._cycle = cycle
         self._head: bytes | None = None
-        self._through = False  # the head went out: every later write passes through
+        self._mode = _BEFORE_HEAD
+        self._gathered: list[bytes] = []
+        self._gathered_bytes = 0
+        answered = cycle.on_response
+
+        def on_response() -> None:
+            self.flush()
+            answered()
+
+        cycle.on_response = on_response
 
     def write(self, data: bytes) -> None:
-        if self._through:
+        mode = self._mode
+        if mode == _THROUGH:
             self._transport.write(data)
-            return
-        head = self._head
-        if head is not None:
-            self._head = None
-            self._through = True
+        elif mode == _GATHER:
+            if not self._gathered:
+                asyncio.get_running_loop().call_soon(self.flush)
+            self._gathered.append(data)
+            self._gathered_bytes += len(data)
+            if self._gathered_bytes >= ANSWER_GATHER_BYTES:
+                self.flush()
+        elif self._head is not None:
+            head, self._head = self._head, None
+            self._mode = _THROUGH
             self._transport.write(head + data)
-            return
-        cycle = self._cycle
-        if cycle.response_started:
+        elif self._cycle.response_started:
             # The answer's first write is its head (uvicorn writes it in one piece, once it has
-            # decided the framing; a "100 Continue" before it is written before the answer
-            # starts).
-            if cycle.chunked_encoding is False and cycle.scope["method"] != "HEAD":
+            # decided the framing; a "100 Continue" is written before the answer starts).
+            cycle = self._cycle
+            if cycle.scope["method"] == "HEAD":
+                self._mode = _THROUGH
+                self._transport.write(data)
+            elif cycle.chunked_encoding:
+                self._mode = _GATHER
+                self.write(data)
+            else:
                 self._head = data
-                return
-            self._through = True
-        self._transport.write(data)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        """Writes what waits (the end of a loop turn, a full gathering, the answer's end)."""
+        if self._gathered:
+            data = b"".join(self._gathered) if len(self._gathered) > 1 else self._gathered[0]
+            self._gathered = []
+            self._gathered_bytes = 0
+            if not self._transport.is_closing():
+                self._transport.write(data)
 
     def close(self) -> None:
-        head = self._head
-        if head is not None:
-            self._head = None
+        if self._head is not None:
+            head, self._head = self._head, None
             self._transport.write(head)
+        self.flush()
         self._transport.close()
 
     def is_closing(self) -> bool:
@@ -713,6 +743,13 @@ class _OneWriteAnswer:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+# _AnswerWrites's modes.
+_BEFORE_HEAD, _GATHER, _THROUGH = 0, 1, 2
+# A streamed answer's writes gathered in one loop turn are written at once from this size (the
+# transport's own flow control then applies, as for any write).
+ANSWER_GATHER_BYTES = 64 * 1024
 
 
 async def _over_capacity(scope: Scope, receive: Receive, send: Send) -> None:

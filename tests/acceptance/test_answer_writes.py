@@ -105,3 +105,21 @@ def test_a_streamed_answer_is_not_held(stack: Stack) -> None:
         assert data.startswith(b"HTTP/1.1 200 ")
         assert b"transfer-encoding: chunked" in data.lower()
         assert b"event: response.created" in data
+
+
+def test_a_streamed_answer_takes_fewer_segments_than_events(stack: Stack) -> None:
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        sock.sendall(post("/v1/responses", {"input": "stream it", "stream": True}))
+        data = b""
+        while not data.endswith(b"\r\n0\r\n\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk
+            data += chunk
+        events = data.count(b"event: ")
+        segments = data_segments_in(sock)
+        # What one loop turn wrote went out in one write: at the least, the events one hub
+        # chunk makes together (output_item.added, content_part.added and the first delta; the
+        # .done events of the last one). Written one by one, each event and the head would be a
+        # segment of its own (events + 1); how many more turns share a write depends on timing.
+        assert events >= 8
+        assert segments <= events - 3
