@@ -24,6 +24,7 @@ from router_svc import (
 )
 from router_svc.events import SSE_DONE, sse_encode, sse_slices
 from router_svc.http import (
+    EventStream,
     JSONResponse,
     Releasing,
     check_item_ids,
@@ -122,7 +123,7 @@ async def _sent(chunks: list[bytes]) -> AsyncIterator[bytes]:
 
 
 def _sse(body: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
-    return StreamingResponse(
+    return EventStream(
         _counted(body), media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}
     )
 
