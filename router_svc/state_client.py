@@ -660,15 +660,20 @@ class StateClient:
 
     # --- beyond one RPC -----------------------------------------------------------------------
 
-    async def read_response(self, tenant: str, response_id: str) -> ReadResponse:
+    async def read_response(
+        self, tenant: str, response_id: str, *, events: bool = True
+    ) -> ReadResponse:
         """A stored response for a reader that needs its response object and event log but not
         its items (GET /v1/responses/{id}): through GetResponseChunked, each large field put
         together in a buffer of its declared size, so that a long answer is held once (GetResponse
         sends it twice, in the response and its output items, in one message); through
-        GetResponse from a service that predates it. Failures are mapped as every call's."""
+        GetResponse from a service that predates it. Without ``events`` (a plain GET) the event
+        log's pieces are read but not kept: its ``stream_events_json`` is then empty (or what
+        GetResponse sent).
+        Failures are mapped as every call's."""
         if self.get_response_chunked_served:
             try:
-                return await self._read_chunked(tenant, response_id)
+                return await self._read_chunked(tenant, response_id, events=events)
             except errors.ApiError as exc:
                 cause = exc.__cause__
                 if not (
@@ -682,13 +687,13 @@ class StateClient:
             pb.GetResponseRequest(tenant=tenant, response_id=response_id)
         )
         stored = reply.response
-        response_json, events = stored.response_json, stored.stream_events_json
+        response_json, log = stored.response_json, stored.stream_events_json
         del stored.input_items[:], stored.output_items[:]
         stored.ClearField("response_json")
         stored.ClearField("stream_events_json")
-        return ReadResponse(stored, response_json, events)
+        return ReadResponse(stored, response_json, log)
 
-    async def _read_chunked(self, tenant: str, response_id: str) -> ReadResponse:
+    async def _read_chunked(self, tenant: str, response_id: str, *, events: bool) -> ReadResponse:
         out = grpcclient.Outgoing(SERVICE_NAME, "GetResponseChunked")
         request = pb.GetResponseChunkedRequest(tenant=tenant, response_id=response_id)
 
@@ -696,6 +701,7 @@ class StateClient:
             head: pb.GetResponseChunkedHead | None = None
             buffers: dict[int, bytearray] = {}
             filled: dict[int, int] = {}
+            skipped = 0
             # The messages as gRPC received them (bytes): a piece goes from them into its
             # buffer, not through a message object and a bytes object of its own first.
             call = self._chunked_raw(request, timeout=deadline_s, metadata=out.metadata)
@@ -706,12 +712,18 @@ class StateClient:
                         head = pb.GetResponseChunkedResponse.FromString(data).head
                         buffers = {
                             _RESPONSE_JSON: bytearray(head.response_json_size),
-                            _STREAM_EVENTS_JSON: bytearray(head.stream_events_json_size),
+                            _STREAM_EVENTS_JSON: bytearray(
+                                head.stream_events_json_size if events else 0
+                            ),
                         }
                         filled = dict.fromkeys(buffers, 0)
                         continue
                     if head is None or field not in buffers:
                         raise _broken(f"unexpected field {field} in GetResponseChunked")
+                    if field == _STREAM_EVENTS_JSON and not events:
+                        # Read to the stream's end (its status), not kept; counted.
+                        skipped += len(piece)
+                        continue
                     at = filled[field]
                     if at + len(piece) > len(buffers[field]):
                         raise _broken(f"field {field} longer than its declared size")
@@ -720,7 +732,11 @@ class StateClient:
                     del data, piece
             finally:
                 call.cancel()  # a no-op once it ended; otherwise nothing more is read
-            if head is None or any(filled[k] != len(b) for k, b in buffers.items()):
+            if (
+                head is None
+                or any(filled[k] != len(b) for k, b in buffers.items())
+                or (not events and skipped != head.stream_events_json_size)
+            ):
                 raise _broken("GetResponseChunked ended short of its declared sizes")
             return ReadResponse(
                 head.response, buffers[_RESPONSE_JSON], buffers[_STREAM_EVENTS_JSON]

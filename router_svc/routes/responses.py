@@ -192,7 +192,7 @@ async def get_response(request: Request) -> Response:
     # Without its items, and a long answer's fields in pieces (GetResponseChunked): the answer
     # is held once here as the JSON read, then as the text parsed from it (stored_json, without
     # orjson's copy of the JSON), and sent a slice at a time (issue 13).
-    read = await svc.state.read_response(who, response_id)
+    read = await svc.state.read_response(who, response_id, events=streamed)
     in_progress = read.response.in_progress
     long = len(read.response_json) >= stored_json.LONG_BYTES
     if long:

@@ -280,6 +280,10 @@ async def test_read_response_puts_the_pieces_together(client: state_client.State
     assert read.response.idempotency_key == "key-1" and read.response.id == "resp_big"
     assert not read.response.output_items and not read.response.response_json
     assert client.get_response_chunked_served
+    # A plain GET's read: the log's pieces read to the end but not kept.
+    plain = await client.read_response("t", "resp_big", events=False)
+    assert plain.response_json == stored.response_json and plain.stream_events_json == b""
+    assert plain.response == read.response
     with pytest.raises(errors.NotFound) as info:
         await client.read_response("t", "resp_9")
     assert info.value.message == "Response with id 'resp_9' not found."
