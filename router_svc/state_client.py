@@ -386,9 +386,16 @@ class StateClient:
             target, options=channel_options(max_message_bytes)
         )
         self._stub = pb_grpc.StateServiceStub(self._channel)
-        # GetResponseChunked with its messages left encoded (see _read_chunked).
+        # GetResponseChunked with its messages left encoded (see _read_chunked), on a channel of
+        # its own whose receive window does not grow with gRPC's bandwidth-delay probe: the
+        # state service sends a long answer's pieces as fast as the window allows, and a window
+        # grown to megabytes had gRPC hold most of the answer ahead of the reader (issue 13).
+        # Each piece still gets a window of its size, so a read costs about a round trip a piece.
+        self._read_channel = grpc.aio.insecure_channel(
+            target, options=[*channel_options(max_message_bytes), ("grpc.http2.bdp_probe", 0)]
+        )
         self._chunked_raw: Callable[..., grpc.aio.UnaryStreamCall[Any, bytes]] = (
-            self._channel.unary_stream(
+            self._read_channel.unary_stream(
                 f"/{SERVICE_NAME}/GetResponseChunked",
                 request_serializer=pb.GetResponseChunkedRequest.SerializeToString,
                 response_deserializer=None,
@@ -415,6 +422,7 @@ class StateClient:
         if self._exchange is not None:
             self._exchange.close()
         await self._channel.close()
+        await self._read_channel.close()
 
     def connected(self) -> bool:
         """True while the channel to the state service is connected (no call made): a turn
