@@ -14,7 +14,8 @@ its end, checking it is whole. Printed per process:
   costs, in answer sizes;
 - ``held``: RSS 2 s after the turns ended minus RSS before, in MB;
 - for a streamed case, ``replay``: what the router's peak RSS grew by while one of those
-  responses was replayed (GET ?stream=true) and read to its end, in answer sizes.
+  responses was replayed (GET ?stream=true) and read to its end, in answer sizes;
+- ``get``: the same for a plain GET of it (the response object, not streamed), after the replay.
 
 The router's history cache (``--history-cache-mb``, 64 MB in a router by default) keeps the items
 of the chains it stored, up to its bound; it is off here (0) so that ``held`` shows what no bound
@@ -197,6 +198,18 @@ async def one_turn(
         )
 
 
+async def read_through(
+    session: aiohttp.ClientSession, url: str, response_id: str, *, stream: bool
+) -> None:
+    """GET of a stored response (``?stream=true``: its replay), read to its end unkept."""
+    params = {"stream": "true"} if stream else {}
+    async with session.get(f"{url}/responses/{response_id}", params=params) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"GET failed: {resp.status} {(await resp.read())[:300]!r}")
+        async for _ in resp.content.iter_any():
+            pass
+
+
 @dataclass
 class Case:
     name: str
@@ -250,8 +263,11 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
             timeout = aiohttp.ClientTimeout(total=600)
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 for _ in range(3):
-                    await one_turn(session, url, True, "warm up")
+                    _, warm = await one_turn(session, url, True, "warm up")
                     await one_turn(session, url, False, "warm up")
+                    # The read-back routes too (what they import or cache the first time).
+                    await read_through(session, url, warm, stream=True)
+                    await read_through(session, url, warm, stream=False)
                 await asyncio.sleep(0.5)
                 baseline.update({name: rss_bytes(pid) for name, pid in pids.items()})
                 for pid in pids.values():
@@ -266,36 +282,35 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
                 ids.append(got[0][1])
                 return time.perf_counter() - start
 
-        async def replay() -> None:
-            """One of the responses replayed (GET ?stream=true) and read to its end."""
+        async def read_back(stream: bool) -> float:
+            """One of the responses read back (GET, ``?stream=true`` for a replay) to its end:
+            what the router's peak RSS grew by meanwhile, in answer sizes."""
             async with aiohttp.ClientSession() as session:
-                replay_base.update({name: rss_bytes(pid) for name, pid in pids.items()})
-                for pid in pids.values():
-                    reset_peak(pid)
-                params = {"stream": "true"}
-                async with session.get(f"{url}/responses/{ids[0]}", params=params) as resp:
-                    async for _ in resp.content.iter_any():
-                        pass
-                replay_peak.update({name: peak_bytes(pid) for name, pid in pids.items()})
+                router = pids["router"]
+                base = rss_bytes(router)
+                reset_peak(router)
+                await read_through(session, url, ids[0], stream=stream)
+                return (peak_bytes(router) - base) / size
 
         baseline: dict[str, int] = {}
         peaks: dict[str, int] = {}
-        replay_base: dict[str, int] = {}
-        replay_peak: dict[str, int] = {}
         ids: list[str] = []
         seconds = asyncio.run(drive())
         time.sleep(args.pause)
         after = {name: rss_bytes(pid) for name, pid in pids.items()}
+        replayed = None
         if case.stream:
-            asyncio.run(replay())
+            replayed = asyncio.run(read_back(True))
+            time.sleep(args.pause)
+        got = asyncio.run(read_back(False))
         cols = []
         for name in ("router", "state"):
             per_turn = (peaks[name] - baseline[name]) / case.turns / size
             held = (after[name] - baseline[name]) / MB
             cols.append(f"{name} {per_turn:6.2f}x  held {held:7.1f} MB")
-        if replay_peak:
-            replayed = (replay_peak["router"] - replay_base["router"]) / size
-            cols.append(f"replay: router {replayed:6.2f}x")
+        cols.append(f"get: router {got:5.2f}x")
+        if replayed is not None:
+            cols.append(f"replay: router {replayed:5.2f}x")
         print(
             f"{case.name:<22} {size / MB:4.1f} MB {case.turns:>3} turns {seconds:6.1f} s   "
             + "   ".join(cols),
