@@ -305,7 +305,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         del response, response_json, shape
         if large:
             # What receiving and checking a long answer freed goes back before the backend
-            # writes it (SQLite copies it twice for a moment, on its own thread's heap).
+            # writes it, on its own thread's heap (SQLite writes it from the buffers received, in
+            # pieces; PostgreSQL's driver copies it into the message it sends).
             gctune.give_back_now()
         expected = (
             request.expected_conversation_version
