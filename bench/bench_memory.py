@@ -240,6 +240,8 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
             f"http://127.0.0.1:{hub.port}/v1",
             "--history-cache-mb",
             str(args.history_cache_mb),
+            "--state-timeout-s",
+            str(args.state_timeout_s),
         ]
     )
     try:
@@ -343,6 +345,13 @@ def main() -> None:
     parser.add_argument("--delta-turns", default="1,4", help="concurrent small-delta turns")
     parser.add_argument("--pause", type=float, default=2.0, help="seconds before 'held' is read")
     parser.add_argument("--history-cache-mb", type=int, default=0, help="the router's cache")
+    parser.add_argument(
+        "--state-timeout-s",
+        type=float,
+        default=5.0,
+        help="the router's state deadline (its default; 20 long turns at once on a busy host "
+        "can take longer to store, which the bench then reports as a failed turn)",
+    )
     parser.add_argument(
         "--backend",
         choices=["sqlite", "postgres"],
