@@ -4,9 +4,10 @@ Starts a model server of its own (in this process, on loopback) that answers eve
 completion with one large answer: streamed as a model streams tokens, in small deltas
 (``--delta`` bytes each, a ``--delta-answer-mb`` answer: the router spends tens of µs on each
 delta), in large chunks (``--chunk`` bytes, an ``--answer-mb`` answer), or whole (not streamed).
-For each case it starts a fresh state service (SQLite, ``synchronous=FULL``) and router, each as
-its own process, runs a few small turns to warm them up, resets their peak resident memory
-(``VmHWM`` in /proc, through ``clear_refs``), then drives N stored turns at once
+For each case it starts a fresh state service (SQLite, ``synchronous=FULL``; or PostgreSQL with
+``--backend postgres``, in a schema of its own) and router, each as its own process, runs a few
+small turns to warm them up, resets their peak resident memory (``VmHWM`` in /proc, through
+``clear_refs``), then drives N stored turns at once
 (POST /v1/responses, ``store: true``; ``--delta-turns`` and ``--turns``) and reads each answer to
 its end, checking it is whole. Printed per process:
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import shutil
 import tempfile
 import threading
@@ -39,7 +41,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from tests.support import ROUTER_READY, STATE_READY, Process
+from tests.support import POSTGRES_DSN, ROUTER_READY, STATE_READY, Process
 
 MB = 1024 * 1024
 
@@ -225,15 +227,17 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
         hub.text = answer_text(case.size)
     size = case.size
     db = work / f"state-{case.name.replace(' ', '-')}-{case.turns}.db"
+    schema = f"bench_memory_{secrets.token_hex(6)}"
+    if args.backend == "sqlite":
+        store = ["--sqlite-path", str(db), "--sqlite-synchronous", "full"]
+    else:
+        store = ["--postgres-dsn", args.postgres_dsn, "--postgres-schema", schema]
     state = Process(
         [
             "state",
             "--backend",
-            "sqlite",
-            "--sqlite-path",
-            str(db),
-            "--sqlite-synchronous",
-            "full",
+            args.backend,
+            *store,
             "--listen",
             "127.0.0.1:0",
             "--metrics-port",
@@ -249,6 +253,8 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
             f"http://127.0.0.1:{hub.port}/v1",
             "--history-cache-mb",
             str(args.history_cache_mb),
+            "--state-timeout-s",
+            str(args.state_timeout_s),
         ]
     )
     try:
@@ -319,6 +325,18 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
     finally:
         router.stop()
         state.stop()
+        if args.backend == "postgres":
+            asyncio.run(_drop_schema(args.postgres_dsn, schema))
+
+
+async def _drop_schema(dsn: str, schema: str) -> None:
+    import asyncpg  # only with --backend postgres
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
 
 
 def _counts(text: str) -> list[int]:
@@ -342,6 +360,24 @@ def main() -> None:
     parser.add_argument("--delta-turns", default="1,4", help="concurrent small-delta turns")
     parser.add_argument("--pause", type=float, default=2.0, help="seconds before 'held' is read")
     parser.add_argument("--history-cache-mb", type=int, default=0, help="the router's cache")
+    parser.add_argument(
+        "--state-timeout-s",
+        type=float,
+        default=5.0,
+        help="the router's state deadline (its default; 20 long turns at once on a busy host "
+        "can take longer to store, which the bench then reports as a failed turn)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="the state service's store (postgres: a schema of its own per case, dropped after)",
+    )
+    parser.add_argument(
+        "--postgres-dsn",
+        default=POSTGRES_DSN,
+        help="the PostgreSQL server of --backend postgres (default: the tests' server)",
+    )
     args = parser.parse_args()
     big = int(args.answer_mb * MB)
     small = int(args.delta_answer_mb * MB)
@@ -349,7 +385,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="respgw-bench-memory-"))
     print(
         "# memory per turn, in answer sizes: (peak RSS - RSS before) / turns / answer; "
-        f"SQLite state; router --history-cache-mb {args.history_cache_mb}"
+        f"{'SQLite' if args.backend == 'sqlite' else 'PostgreSQL'} state; "
+        f"router --history-cache-mb {args.history_cache_mb}"
     )
     cases = [
         Case(f"stream, {args.delta} B deltas", True, args.delta, turns, small)
