@@ -37,8 +37,12 @@ MAX_PAGE_SIZE = 100
 WATCH_BATCH = 256
 # Most ids one GetItems call may ask for.
 MAX_ITEM_IDS = 100
-# Most bytes of a large field in one GetResponseChunked message (its contract).
-PIECE_BYTES = 256 * 1024
+# Most bytes of a large field in one GetResponseChunked message (the contract allows 256 KiB):
+# gRPC holds a message received in its own buffers and again as Python bytes, so a smaller
+# piece is a smaller peak for the reader, at a few more messages per long answer.
+PIECE_BYTES = 64 * 1024
+# A response this long has its copies handed back to the system after it was sent.
+_GIVE_BACK_FROM = 256 * 1024
 
 BACKEND_LATENCY = Histogram(
     "respgw_state_backend_latency_seconds",
@@ -395,7 +399,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
                     setattr(piece, name, bytes(view[start : start + PIECE_BYTES]))
                     yield piece
         finally:
-            if head.response_json_size > PIECE_BYTES:
+            if head.response_json_size > _GIVE_BACK_FROM:
                 gctune.give_back()  # what the backend's copy of a long answer took
 
     async def GetHistory(
