@@ -49,6 +49,10 @@ _CONTEXT_HINTS = (
 )
 
 
+# The most of a hub's event stream read at once (what arrived, up to this): the events in it are
+# split out of it while it is held.
+READ_BLOCK = 64 * 1024
+
 # The current turn's session key (see turn.session_key), sent to the hub as the session header
 # so that prefix-cache-aware routers keep a conversation or a chain on one replica.
 session_var: contextvars.ContextVar[str] = contextvars.ContextVar("hub_session", default="")
@@ -136,7 +140,7 @@ class HubClient:
                 # read and one timer per block of events, not per line).
                 async with self._quiet_limit() as gap:
                     gap.reschedule(self._idle_deadline())
-                    block = await resp.content.readany()
+                    block = await resp.content.read(READ_BLOCK)
                 if not block:
                     break
                 for payload in events.feed(block):
