@@ -4,9 +4,10 @@ Starts a model server of its own (in this process, on loopback) that answers eve
 completion with one large answer: streamed as a model streams tokens, in small deltas
 (``--delta`` bytes each, a ``--delta-answer-mb`` answer: the router spends tens of µs on each
 delta), in large chunks (``--chunk`` bytes, an ``--answer-mb`` answer), or whole (not streamed).
-For each case it starts a fresh state service (SQLite, ``synchronous=FULL``) and router, each as
-its own process, runs a few small turns to warm them up, resets their peak resident memory
-(``VmHWM`` in /proc, through ``clear_refs``), then drives N stored turns at once
+For each case it starts a fresh state service (SQLite, ``synchronous=FULL``; or PostgreSQL with
+``--backend postgres``, in a schema of its own) and router, each as its own process, runs a few
+small turns to warm them up, resets their peak resident memory (``VmHWM`` in /proc, through
+``clear_refs``), then drives N stored turns at once
 (POST /v1/responses, ``store: true``; ``--delta-turns`` and ``--turns``) and reads each answer to
 its end, checking it is whole. Printed per process:
 
@@ -14,7 +15,8 @@ its end, checking it is whole. Printed per process:
   costs, in answer sizes;
 - ``held``: RSS 2 s after the turns ended minus RSS before, in MB;
 - for a streamed case, ``replay``: what the router's peak RSS grew by while one of those
-  responses was replayed (GET ?stream=true) and read to its end, in answer sizes.
+  responses was replayed (GET ?stream=true) and read to its end, in answer sizes;
+- ``get``: the same for a plain GET of it (the response object, not streamed), after the replay.
 
 The router's history cache (``--history-cache-mb``, 64 MB in a router by default) keeps the items
 of the chains it stored, up to its bound; it is off here (0) so that ``held`` shows what no bound
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import shutil
 import tempfile
 import threading
@@ -38,7 +41,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from tests.support import ROUTER_READY, STATE_READY, Process
+from tests.support import POSTGRES_DSN, ROUTER_READY, STATE_READY, Process
 
 MB = 1024 * 1024
 
@@ -197,6 +200,18 @@ async def one_turn(
         )
 
 
+async def read_through(
+    session: aiohttp.ClientSession, url: str, response_id: str, *, stream: bool
+) -> None:
+    """GET of a stored response (``?stream=true``: its replay), read to its end unkept."""
+    params = {"stream": "true"} if stream else {}
+    async with session.get(f"{url}/responses/{response_id}", params=params) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"GET failed: {resp.status} {(await resp.read())[:300]!r}")
+        async for _ in resp.content.iter_any():
+            pass
+
+
 @dataclass
 class Case:
     name: str
@@ -212,15 +227,17 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
         hub.text = answer_text(case.size)
     size = case.size
     db = work / f"state-{case.name.replace(' ', '-')}-{case.turns}.db"
+    schema = f"bench_memory_{secrets.token_hex(6)}"
+    if args.backend == "sqlite":
+        store = ["--sqlite-path", str(db), "--sqlite-synchronous", "full"]
+    else:
+        store = ["--postgres-dsn", args.postgres_dsn, "--postgres-schema", schema]
     state = Process(
         [
             "state",
             "--backend",
-            "sqlite",
-            "--sqlite-path",
-            str(db),
-            "--sqlite-synchronous",
-            "full",
+            args.backend,
+            *store,
             "--listen",
             "127.0.0.1:0",
             "--metrics-port",
@@ -236,6 +253,8 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
             f"http://127.0.0.1:{hub.port}/v1",
             "--history-cache-mb",
             str(args.history_cache_mb),
+            "--state-timeout-s",
+            str(args.state_timeout_s),
         ]
     )
     try:
@@ -250,8 +269,11 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
             timeout = aiohttp.ClientTimeout(total=600)
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 for _ in range(3):
-                    await one_turn(session, url, True, "warm up")
+                    _, warm = await one_turn(session, url, True, "warm up")
                     await one_turn(session, url, False, "warm up")
+                    # The read-back routes too (what they import or cache the first time).
+                    await read_through(session, url, warm, stream=True)
+                    await read_through(session, url, warm, stream=False)
                 await asyncio.sleep(0.5)
                 baseline.update({name: rss_bytes(pid) for name, pid in pids.items()})
                 for pid in pids.values():
@@ -266,36 +288,35 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
                 ids.append(got[0][1])
                 return time.perf_counter() - start
 
-        async def replay() -> None:
-            """One of the responses replayed (GET ?stream=true) and read to its end."""
+        async def read_back(stream: bool) -> float:
+            """One of the responses read back (GET, ``?stream=true`` for a replay) to its end:
+            what the router's peak RSS grew by meanwhile, in answer sizes."""
             async with aiohttp.ClientSession() as session:
-                replay_base.update({name: rss_bytes(pid) for name, pid in pids.items()})
-                for pid in pids.values():
-                    reset_peak(pid)
-                params = {"stream": "true"}
-                async with session.get(f"{url}/responses/{ids[0]}", params=params) as resp:
-                    async for _ in resp.content.iter_any():
-                        pass
-                replay_peak.update({name: peak_bytes(pid) for name, pid in pids.items()})
+                router = pids["router"]
+                base = rss_bytes(router)
+                reset_peak(router)
+                await read_through(session, url, ids[0], stream=stream)
+                return (peak_bytes(router) - base) / size
 
         baseline: dict[str, int] = {}
         peaks: dict[str, int] = {}
-        replay_base: dict[str, int] = {}
-        replay_peak: dict[str, int] = {}
         ids: list[str] = []
         seconds = asyncio.run(drive())
         time.sleep(args.pause)
         after = {name: rss_bytes(pid) for name, pid in pids.items()}
+        replayed = None
         if case.stream:
-            asyncio.run(replay())
+            replayed = asyncio.run(read_back(True))
+            time.sleep(args.pause)
+        got = asyncio.run(read_back(False))
         cols = []
         for name in ("router", "state"):
             per_turn = (peaks[name] - baseline[name]) / case.turns / size
             held = (after[name] - baseline[name]) / MB
             cols.append(f"{name} {per_turn:6.2f}x  held {held:7.1f} MB")
-        if replay_peak:
-            replayed = (replay_peak["router"] - replay_base["router"]) / size
-            cols.append(f"replay: router {replayed:6.2f}x")
+        cols.append(f"get: router {got:5.2f}x")
+        if replayed is not None:
+            cols.append(f"replay: router {replayed:5.2f}x")
         print(
             f"{case.name:<22} {size / MB:4.1f} MB {case.turns:>3} turns {seconds:6.1f} s   "
             + "   ".join(cols),
@@ -304,6 +325,18 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
     finally:
         router.stop()
         state.stop()
+        if args.backend == "postgres":
+            asyncio.run(_drop_schema(args.postgres_dsn, schema))
+
+
+async def _drop_schema(dsn: str, schema: str) -> None:
+    import asyncpg  # only with --backend postgres
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
 
 
 def _counts(text: str) -> list[int]:
@@ -327,6 +360,24 @@ def main() -> None:
     parser.add_argument("--delta-turns", default="1,4", help="concurrent small-delta turns")
     parser.add_argument("--pause", type=float, default=2.0, help="seconds before 'held' is read")
     parser.add_argument("--history-cache-mb", type=int, default=0, help="the router's cache")
+    parser.add_argument(
+        "--state-timeout-s",
+        type=float,
+        default=5.0,
+        help="the router's state deadline (its default; 20 long turns at once on a busy host "
+        "can take longer to store, which the bench then reports as a failed turn)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="the state service's store (postgres: a schema of its own per case, dropped after)",
+    )
+    parser.add_argument(
+        "--postgres-dsn",
+        default=POSTGRES_DSN,
+        help="the PostgreSQL server of --backend postgres (default: the tests' server)",
+    )
     args = parser.parse_args()
     big = int(args.answer_mb * MB)
     small = int(args.delta_answer_mb * MB)
@@ -334,7 +385,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="respgw-bench-memory-"))
     print(
         "# memory per turn, in answer sizes: (peak RSS - RSS before) / turns / answer; "
-        f"SQLite state; router --history-cache-mb {args.history_cache_mb}"
+        f"{'SQLite' if args.backend == 'sqlite' else 'PostgreSQL'} state; "
+        f"router --history-cache-mb {args.history_cache_mb}"
     )
     cases = [
         Case(f"stream, {args.delta} B deltas", True, args.delta, turns, small)

@@ -10,13 +10,18 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import threading
 import time
+from typing import Any
 
 import orjson
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 REQUEST_ID_HEADER = "x-request-id"
+
+#: The logger of the router's one line per request.
+ACCESS_LOGGER = "respgw.access"
 
 # What TextFormatter writes (it writes it without the % machinery, but the same).
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -90,8 +95,75 @@ class TextFormatter(logging.Formatter):
         return base
 
 
-def setup(level: str = "info", fmt: str = "json") -> None:
-    """Configures the root logger once per process."""
+class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes the access log's lines in batches: at most ``flush_s``
+    seconds late, or as soon as ``max_bytes`` wait, and always before any other line (so the
+    log keeps its order) and at exit (``logging.shutdown``). Every other record is written at
+    once, as by a plain StreamHandler.
+
+    One write to stderr per request cost the router about 5% of its CPU under load (a system
+    call each); batched, it is one write per ``flush_s`` or ``max_bytes``, as nginx's
+    ``access_log ... buffer= flush=`` does. What a crash (SIGKILL) loses is at most the last
+    ``flush_s`` of access lines; ``flush_s`` 0 writes every line at once."""
+
+    def __init__(self, stream: Any, flush_s: float, max_bytes: int = 64 * 1024) -> None:
+        super().__init__(stream)
+        self.flush_s = flush_s
+        self.max_bytes = max_bytes
+        self._pending: list[str] = []
+        self._pending_chars = 0
+        self._flusher: threading.Thread | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.flush_s <= 0 or record.name != ACCESS_LOGGER:
+            if self._pending:
+                self._write_pending()
+            super().emit(record)
+            return
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._pending.append(line)
+        self._pending_chars += len(line) + 1
+        if self._pending_chars >= self.max_bytes:
+            self._write_pending()
+        elif self._flusher is None:
+            self._flusher = threading.Thread(
+                target=self._flush_every, name="access-log-flush", daemon=True
+            )
+            self._flusher.start()
+
+    def _write_pending(self) -> None:
+        """Writes what waits (the caller holds the handler's lock)."""
+        lines, self._pending = self._pending, []
+        self._pending_chars = 0
+        try:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except Exception:
+            # As StreamHandler.emit: a log that cannot be written must not fail the request.
+            self.handleError(logging.makeLogRecord({"msg": "access log write failed"}))
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._pending:
+                self._write_pending()
+        super().flush()
+
+    def _flush_every(self) -> None:
+        while True:
+            time.sleep(self.flush_s)
+            if self._pending:
+                with self.lock:  # type: ignore[union-attr]
+                    if self._pending:
+                        self._write_pending()
+
+
+def setup(level: str = "info", fmt: str = "json", *, access_flush_s: float = 0.0) -> None:
+    """Configures the root logger once per process. ``access_flush_s`` > 0 writes the access
+    log (:data:`ACCESS_LOGGER`) in batches at most that late (:class:`BatchingHandler`)."""
     # No formatter here shows the caller's file and line, thread or process: skip collecting
     # them for every record (the logging HOWTO's "Optimization"; the access log writes a record
     # per request).
@@ -99,7 +171,7 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchingHandler(sys.stderr, access_flush_s)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -107,3 +179,9 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def flush() -> None:
+    """Writes what the root logger's handlers hold (the access log's batch)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()

@@ -72,7 +72,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     settings = from_namespace(args.settings_cls, args)
-    logs.setup(settings.log_level, settings.log_format)
+    logs.setup(
+        settings.log_level,
+        settings.log_format,
+        access_flush_s=getattr(settings, "access_log_flush_s", 0.0),
+    )
     try:
         if args.command == "router":
             from router_svc import app

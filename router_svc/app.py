@@ -407,12 +407,17 @@ def create_app(settings: RouterSettings, services: Services | None = None) -> St
         try:
             yield
         finally:
-            await svc.drain(settings.drain_timeout_s)
-            await svc.hub.close()
-            await svc.state.close()
-            await svc.bootstrapper.close()
-            if svc.executor is not None:
-                await svc.executor.close()
+            try:
+                await svc.drain(settings.drain_timeout_s)
+                await svc.hub.close()
+                await svc.state.close()
+                await svc.bootstrapper.close()
+                if svc.executor is not None:
+                    await svc.executor.close()
+            finally:
+                # The access log's last batch, whatever else is logged at the end (uvicorn
+                # ends a SIGTERM'd process by raising the signal again, which skips atexit).
+                logs.flush()
 
     handlers: dict[Any, Any] = {
         errors.ApiError: api_error,
@@ -565,7 +570,11 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._phase = _BODY
         self._raw_head = 0
+        existing = self.cycle
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle is not existing:
+            cycle.transport = _AnswerWrites(self.transport, cycle)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._phase = _DONE
@@ -649,6 +658,98 @@ class GuardedProtocol(HttpToolsProtocol):
             self.transport.close()  # a connection that never sent a byte
         else:
             self._timer_phase = _IDLE
+
+
+class _AnswerWrites:
+    """The transport of one request's answer, as uvicorn's cycle writes it, with fewer writes:
+
+    - an answer of known length (``content-length``, to anything but HEAD): its status line
+      and headers are held until its body, and both go out in one write;
+    - a streamed (chunked) answer: what it writes during one turn of the event loop goes out
+      in one write at the end of that turn (or at once, from ANSWER_GATHER_BYTES), and all of
+      it before the answer counts as complete.
+
+    uvicorn writes an answer's head and each piece of its body separately: a send(2) call and a
+    segment each, every one waking the client; a streamed turn's events come several at a time
+    (a hub chunk often makes three), and a short answer fits in one segment. Nothing waits
+    for more than the current loop turn. Closing the transport writes what waits first, as
+    uvicorn would have written it."""
+
+    __slots__ = ("_cycle", "_gathered", "_gathered_bytes", "_head", "_mode", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: Any) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._head: bytes | None = None
+        self._mode = _BEFORE_HEAD
+        self._gathered: list[bytes] = []
+        self._gathered_bytes = 0
+        answered = cycle.on_response
+
+        def on_response() -> None:
+            self.flush()
+            answered()
+
+        cycle.on_response = on_response
+
+    def write(self, data: bytes) -> None:
+        mode = self._mode
+        if mode == _THROUGH:
+            self._transport.write(data)
+        elif mode == _GATHER:
+            if not self._gathered:
+                asyncio.get_running_loop().call_soon(self.flush)
+            self._gathered.append(data)
+            self._gathered_bytes += len(data)
+            if self._gathered_bytes >= ANSWER_GATHER_BYTES:
+                self.flush()
+        elif self._head is not None:
+            head, self._head = self._head, None
+            self._mode = _THROUGH
+            self._transport.write(head + data)
+        elif self._cycle.response_started:
+            # The answer's first write is its head (uvicorn writes it in one piece, once it has
+            # decided the framing; a "100 Continue" is written before the answer starts).
+            cycle = self._cycle
+            if cycle.scope["method"] == "HEAD":
+                self._mode = _THROUGH
+                self._transport.write(data)
+            elif cycle.chunked_encoding:
+                self._mode = _GATHER
+                self.write(data)
+            else:
+                self._head = data
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        """Writes what waits (the end of a loop turn, a full gathering, the answer's end)."""
+        if self._gathered:
+            data = b"".join(self._gathered) if len(self._gathered) > 1 else self._gathered[0]
+            self._gathered = []
+            self._gathered_bytes = 0
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head)
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+# _AnswerWrites's modes.
+_BEFORE_HEAD, _GATHER, _THROUGH = 0, 1, 2
+# A streamed answer's writes gathered in one loop turn are written at once from this size (the
+# transport's own flow control then applies, as for any write).
+ANSWER_GATHER_BYTES = 64 * 1024
 
 
 async def _over_capacity(scope: Scope, receive: Receive, send: Send) -> None:

@@ -195,6 +195,13 @@ class RouterSettings(ServerSettings):
         "Seconds an idle keep-alive connection is kept open between requests.",
         env="RESPGW_KEEP_ALIVE_S",
     )
+    access_log_flush_s: float = option(
+        0.5,
+        "The access log (one line per request) is written in batches, at most this many "
+        "seconds after its request ended (or at 64 KiB, or before any other log line); 0 "
+        "writes each line as its request ends.",
+        env="RESPGW_ACCESS_LOG_FLUSH_S",
+    )
     max_connections: int = option(
         4096,
         "Most open client connections; a request on a connection over it is answered 503 and "

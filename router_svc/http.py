@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from router_svc import errors
@@ -199,6 +199,47 @@ class StreamSlots:
 def stream_slots(request: Request) -> StreamSlots:
     slots: StreamSlots = request.app.state.stream_slots
     return slots
+
+
+class EventStream(StreamingResponse):
+    """Starlette's StreamingResponse, with its watch for the client leaving kept in plain asyncio.
+
+    Under ASGI spec 2.3 (uvicorn's), StreamingResponse sends its body in a task of an anyio task
+    group while another watches ``receive`` for ``http.disconnect``: per stream a task group,
+    a named task (its repr made), cancel scopes and their callbacks, and the head sent one
+    loop turn later. Here the body is sent by the request's own task, and one plain task
+    watches: when the client leaves, it cancels the sending (as the task group would), and
+    the cancellation ends there; any other cancellation goes on as before. The body iterator
+    is closed either way, so what it holds (a stream's outbox) is released at once."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        sender = asyncio.current_task()
+        assert sender is not None
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            sender.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not gone or sender.uncancel() > 0:
+                raise  # cancelled from outside (too): not ours to end
+        finally:
+            watcher.cancel()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None and gone:
+                await aclose()
+        if self.background is not None:
+            await self.background()
 
 
 class Releasing(Response):

@@ -63,6 +63,54 @@ ChunkedReadCall = grpc.aio.UnaryStreamCall[
 ]
 
 
+# The fields of GetResponseChunkedResponse (its oneof chunk).
+_HEAD = pb.GetResponseChunkedResponse.HEAD_FIELD_NUMBER
+_RESPONSE_JSON = pb.GetResponseChunkedResponse.RESPONSE_JSON_FIELD_NUMBER
+_STREAM_EVENTS_JSON = pb.GetResponseChunkedResponse.STREAM_EVENTS_JSON_FIELD_NUMBER
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """The varint at ``at`` in ``data``, and where it ends."""
+    n = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise _broken("a malformed GetResponseChunked message")
+        byte = data[at]
+        at += 1
+        n |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return n, at
+        shift += 7
+
+
+def _chunk_field(data: bytes) -> tuple[int, memoryview]:
+    """Which field of its oneof an encoded GetResponseChunkedResponse sets, and that field's
+    bytes (a view of ``data``; for the head, its encoding). Fields it does not know (a newer
+    service's) are skipped; the last of the oneof's fields wins, as in a parsed message."""
+    view = memoryview(data)
+    found, value = 0, view[:0]
+    at = 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, at = _varint(data, at)
+        elif wire == 1:
+            at += 8
+        elif wire == 5:
+            at += 4
+        elif wire == 2:
+            size, at = _varint(data, at)
+            if field in (_HEAD, _RESPONSE_JSON, _STREAM_EVENTS_JSON):
+                found, value = field, view[at : at + size]
+            at += size
+        else:
+            raise _broken("a malformed GetResponseChunked message")
+        if at > len(data):
+            raise _broken("a malformed GetResponseChunked message")
+    return found, value
+
+
 @dataclass(slots=True)
 class ReadResponse:
     """A stored response as :meth:`StateClient.read_response` gives it: ``response`` without
@@ -338,6 +386,21 @@ class StateClient:
             target, options=channel_options(max_message_bytes)
         )
         self._stub = pb_grpc.StateServiceStub(self._channel)
+        # GetResponseChunked with its messages left encoded (see _read_chunked), on a channel of
+        # its own whose receive window does not grow with gRPC's bandwidth-delay probe: the
+        # state service sends a long answer's pieces as fast as the window allows, and a window
+        # grown to megabytes had gRPC hold most of the answer ahead of the reader (issue 13).
+        # Each piece still gets a window of its size, so a read costs about a round trip a piece.
+        self._read_channel = grpc.aio.insecure_channel(
+            target, options=[*channel_options(max_message_bytes), ("grpc.http2.bdp_probe", 0)]
+        )
+        self._chunked_raw: Callable[..., grpc.aio.UnaryStreamCall[Any, bytes]] = (
+            self._read_channel.unary_stream(
+                f"/{SERVICE_NAME}/GetResponseChunked",
+                request_serializer=pb.GetResponseChunkedRequest.SerializeToString,
+                response_deserializer=None,
+            )
+        )
         self._health_check = self._channel.unary_unary(
             "/grpc.health.v1.Health/Check",
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
@@ -359,6 +422,7 @@ class StateClient:
         if self._exchange is not None:
             self._exchange.close()
         await self._channel.close()
+        await self._read_channel.close()
 
     def connected(self) -> bool:
         """True while the channel to the state service is connected (no call made): a turn
@@ -604,15 +668,20 @@ class StateClient:
 
     # --- beyond one RPC -----------------------------------------------------------------------
 
-    async def read_response(self, tenant: str, response_id: str) -> ReadResponse:
+    async def read_response(
+        self, tenant: str, response_id: str, *, events: bool = True
+    ) -> ReadResponse:
         """A stored response for a reader that needs its response object and event log but not
         its items (GET /v1/responses/{id}): through GetResponseChunked, each large field put
         together in a buffer of its declared size, so that a long answer is held once (GetResponse
         sends it twice, in the response and its output items, in one message); through
-        GetResponse from a service that predates it. Failures are mapped as every call's."""
+        GetResponse from a service that predates it. Without ``events`` (a plain GET) the event
+        log's pieces are read but not kept: its ``stream_events_json`` is then empty (or what
+        GetResponse sent).
+        Failures are mapped as every call's."""
         if self.get_response_chunked_served:
             try:
-                return await self._read_chunked(tenant, response_id)
+                return await self._read_chunked(tenant, response_id, events=events)
             except errors.ApiError as exc:
                 cause = exc.__cause__
                 if not (
@@ -626,47 +695,59 @@ class StateClient:
             pb.GetResponseRequest(tenant=tenant, response_id=response_id)
         )
         stored = reply.response
-        response_json, events = stored.response_json, stored.stream_events_json
+        response_json, log = stored.response_json, stored.stream_events_json
         del stored.input_items[:], stored.output_items[:]
         stored.ClearField("response_json")
         stored.ClearField("stream_events_json")
-        return ReadResponse(stored, response_json, events)
+        return ReadResponse(stored, response_json, log)
 
-    async def _read_chunked(self, tenant: str, response_id: str) -> ReadResponse:
+    async def _read_chunked(self, tenant: str, response_id: str, *, events: bool) -> ReadResponse:
         out = grpcclient.Outgoing(SERVICE_NAME, "GetResponseChunked")
         request = pb.GetResponseChunkedRequest(tenant=tenant, response_id=response_id)
 
         async def attempt(deadline_s: float) -> ReadResponse:
             head: pb.GetResponseChunkedHead | None = None
-            buffers: dict[str, bytearray] = {}
-            filled: dict[str, int] = {}
-            call = self._stub.GetResponseChunked(request, timeout=deadline_s, metadata=out.metadata)
+            buffers: dict[int, bytearray] = {}
+            filled: dict[int, int] = {}
+            skipped = 0
+            # The messages as gRPC received them (bytes): a piece goes from them into its
+            # buffer, not through a message object and a bytes object of its own first.
+            call = self._chunked_raw(request, timeout=deadline_s, metadata=out.metadata)
             try:
-                async for message in call:
-                    which = message.WhichOneof("chunk")
-                    if which == "head" and head is None:
-                        head = message.head
+                async for data in call:
+                    field, piece = _chunk_field(data)
+                    if field == _HEAD and head is None:
+                        head = pb.GetResponseChunkedResponse.FromString(data).head
                         buffers = {
-                            "response_json": bytearray(head.response_json_size),
-                            "stream_events_json": bytearray(head.stream_events_json_size),
+                            _RESPONSE_JSON: bytearray(head.response_json_size),
+                            _STREAM_EVENTS_JSON: bytearray(
+                                head.stream_events_json_size if events else 0
+                            ),
                         }
                         filled = dict.fromkeys(buffers, 0)
                         continue
-                    if head is None or which not in buffers:
-                        raise _broken(f"unexpected {which} in GetResponseChunked")
-                    piece = getattr(message, which)
-                    at = filled[which]
-                    if at + len(piece) > len(buffers[which]):
-                        raise _broken(f"{which} longer than its declared size")
-                    buffers[which][at : at + len(piece)] = piece
-                    filled[which] = at + len(piece)
-                    del message, piece
+                    if head is None or field not in buffers:
+                        raise _broken(f"unexpected field {field} in GetResponseChunked")
+                    if field == _STREAM_EVENTS_JSON and not events:
+                        # Read to the stream's end (its status), not kept; counted.
+                        skipped += len(piece)
+                        continue
+                    at = filled[field]
+                    if at + len(piece) > len(buffers[field]):
+                        raise _broken(f"field {field} longer than its declared size")
+                    buffers[field][at : at + len(piece)] = piece
+                    filled[field] = at + len(piece)
+                    del data, piece
             finally:
                 call.cancel()  # a no-op once it ended; otherwise nothing more is read
-            if head is None or any(filled[k] != len(b) for k, b in buffers.items()):
+            if (
+                head is None
+                or any(filled[k] != len(b) for k, b in buffers.items())
+                or (not events and skipped != head.stream_events_json_size)
+            ):
                 raise _broken("GetResponseChunked ended short of its declared sizes")
             return ReadResponse(
-                head.response, buffers["response_json"], buffers["stream_events_json"]
+                head.response, buffers[_RESPONSE_JSON], buffers[_STREAM_EVENTS_JSON]
             )
 
         code = "OK"

@@ -73,8 +73,8 @@ async def start(settings: StateSettings) -> Running:
 
 class _LargeRequests:
     """The server as the generated ``add_StateServiceServicer_to_server`` sees it: PutTurn's
-    handler reads a large request without copying its large fields (state_svc.wire); every
-    other handler is registered as generated."""
+    handler reads a large request without copying its large fields, PutTurnChunked's each piece
+    without copying it (state_svc.wire); every other handler is registered as generated."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
@@ -87,6 +87,10 @@ class _LargeRequests:
         handlers["PutTurn"] = handlers["PutTurn"]._replace(
             request_deserializer=wire.put_turn_request
         )
+        if "PutTurnChunked" in handlers:  # (a test serves an older service without it)
+            handlers["PutTurnChunked"] = handlers["PutTurnChunked"]._replace(
+                request_deserializer=wire.put_turn_chunk
+            )
         generic = grpc.method_handlers_generic_handler(service_name, handlers)
         self._server.add_generic_rpc_handlers((generic,))
         self._server.add_registered_method_handlers(service_name, handlers)

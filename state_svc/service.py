@@ -37,8 +37,12 @@ MAX_PAGE_SIZE = 100
 WATCH_BATCH = 256
 # Most ids one GetItems call may ask for.
 MAX_ITEM_IDS = 100
-# Most bytes of a large field in one GetResponseChunked message (its contract).
-PIECE_BYTES = 256 * 1024
+# Most bytes of a large field in one GetResponseChunked message (the contract allows 256 KiB):
+# gRPC holds a message received in its own buffers and again as Python bytes, so a smaller
+# piece is a smaller peak for the reader, at a few more messages per long answer.
+PIECE_BYTES = 64 * 1024
+# A response this long has its copies handed back to the system after it was sent.
+_GIVE_BACK_FROM = 256 * 1024
 
 BACKEND_LATENCY = Histogram(
     "respgw_state_backend_latency_seconds",
@@ -194,7 +198,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
 
     async def PutTurnChunked(
         self,
-        request_iterator: AsyncIterator[state_service_pb2.PutTurnChunkedRequest],
+        request_iterator: AsyncIterator[state_service_pb2.PutTurnChunkedRequest | wire.Piece],
         context: Context,
     ) -> state_service_pb2.PutTurnChunkedResponse:
         """PutTurn sent in pieces (see the proto): each large field is filled into a buffer of its
@@ -214,12 +218,13 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         return state_service_pb2.PutTurnChunkedResponse(put_turn=reply)
 
     async def _received_turn(
-        self, chunks: AsyncIterator[state_service_pb2.PutTurnChunkedRequest]
+        self, chunks: AsyncIterator[state_service_pb2.PutTurnChunkedRequest | wire.Piece]
     ) -> tuple[state_service_pb2.PutTurnRequest, dict[str, memoryview]]:
         """The request a PutTurnChunked stream carries, its large fields views of the buffers
-        they were received into."""
+        they were received into (each piece copied once, from the message received: see
+        wire.put_turn_chunk)."""
         first = await anext(chunks, None)
-        if first is None or first.WhichOneof("chunk") != "head":
+        if first is None or isinstance(first, wire.Piece) or first.WhichOneof("chunk") != "head":
             raise errors.invalid("head", "the first message of PutTurnChunked must be its head")
         head = first.head
         request = head.request
@@ -238,11 +243,15 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         buffers = {name: bytearray(size) for name, size in sizes.items() if size}
         filled = dict.fromkeys(buffers, 0)
         async for chunk in chunks:
-            which = chunk.WhichOneof("chunk")
-            if which is None or which == "head":
-                raise errors.invalid("chunk", "every message after the head is one piece")
-            name = which
-            piece = getattr(chunk, name)
+            piece: bytes | memoryview
+            if isinstance(chunk, wire.Piece):
+                name, piece = chunk.name, chunk.data
+            else:
+                which = chunk.WhichOneof("chunk")
+                if which is None or which == "head":
+                    raise errors.invalid("chunk", "every message after the head is one piece")
+                name = which
+                piece = getattr(chunk, name)
             if not piece:
                 continue
             at = filled.get(name, 0)
@@ -305,7 +314,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         del response, response_json, shape
         if large:
             # What receiving and checking a long answer freed goes back before the backend
-            # writes it (SQLite copies it twice for a moment, on its own thread's heap).
+            # writes it, on its own thread's heap (SQLite writes it from the buffers received, in
+            # pieces; PostgreSQL's driver copies it into the message it sends).
             gctune.give_back_now()
         expected = (
             request.expected_conversation_version
@@ -389,7 +399,7 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
                     setattr(piece, name, bytes(view[start : start + PIECE_BYTES]))
                     yield piece
         finally:
-            if head.response_json_size > PIECE_BYTES:
+            if head.response_json_size > _GIVE_BACK_FROM:
                 gctune.give_back()  # what the backend's copy of a long answer took
 
     async def GetHistory(

@@ -6,9 +6,11 @@ of :data:`LARGE_REQUEST_BYTES` or more (a turn with a long answer) is therefore 
 response JSON and event log (``StoredResponse.response_json``,
 ``response_json_with_output_items`` and ``stream_events_json``) are taken as views of the
 received bytes, and only the rest is parsed (:class:`LargePutTurn`). A smaller request is parsed
-as before. Protobuf's rules hold: a field that occurs more than once (the router sends the large
-fields as a second occurrence of ``response``) is the last one, and bytes that are not a valid
-message are left to the parser, which refuses them as it always did.
+as before. A message of PutTurnChunked that is one piece is likewise taken as a view of the
+bytes received (:class:`Piece`, :func:`put_turn_chunk`). Protobuf's rules hold: a field that
+occurs more than once (the router sends the large fields as a second occurrence of
+``response``) is the last one, and bytes that are not a valid message are left to the parser,
+which refuses them as it always did.
 """
 
 from __future__ import annotations
@@ -42,8 +44,40 @@ class LargePutTurn:
     large: dict[str, memoryview]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A message of PutTurnChunked that is one piece (``name``: the field of
+    PutTurnChunkedRequest it sets, one of CHUNKED_FIELDS), its bytes a view of the message
+    received (:func:`put_turn_chunk`)."""
+
+    name: str
+    data: memoryview
+
+
 class _Malformed(Exception):
     pass
+
+
+_CHUNK = state_service_pb2.PutTurnChunkedRequest.DESCRIPTOR.fields_by_name
+# The piece fields of PutTurnChunkedRequest, by number.
+_PIECES = {_CHUNK[name].number: name for name in CHUNKED_FIELDS}
+
+
+def put_turn_chunk(raw: bytes) -> state_service_pb2.PutTurnChunkedRequest | Piece:
+    """The request deserializer of PutTurnChunked: a message that is one piece field and nothing
+    else (as every piece is sent) is a :class:`Piece`, a view of ``raw``: parsed, its bytes
+    would be copied into the message and again when read from it, twice a piece's size for
+    each piece. Any other message (the head, or anything else) is parsed as before, so that
+    protobuf's rules decide it."""
+    try:
+        number, wire, pos = _key(raw, 0)
+        if wire == _LEN and number in _PIECES:
+            length, pos = _varint(raw, pos)
+            if pos + length == len(raw):
+                return Piece(_PIECES[number], memoryview(raw)[pos:])
+    except _Malformed:
+        pass
+    return state_service_pb2.PutTurnChunkedRequest.FromString(raw)
 
 
 def put_turn_request(raw: bytes) -> state_service_pb2.PutTurnRequest | LargePutTurn:

@@ -10,7 +10,9 @@ from prometheus_client import Gauge
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from gateway import gctune
 from router_svc import (
     background,
     compaction,
@@ -18,12 +20,14 @@ from router_svc import (
     idempotency,
     include,
     state_records,
+    stored_json,
     streaming,
     turn,
     validate,
 )
-from router_svc.events import SSE_DONE, sse_encode, sse_slices
+from router_svc.events import SSE_DONE, json_slices, sse_encode, sse_slices
 from router_svc.http import (
+    EventStream,
     JSONResponse,
     Releasing,
     check_item_ids,
@@ -122,7 +126,7 @@ async def _sent(chunks: list[bytes]) -> AsyncIterator[bytes]:
 
 
 def _sse(body: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
-    return StreamingResponse(
+    return EventStream(
         _counted(body), media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}
     )
 
@@ -187,10 +191,16 @@ async def get_response(request: Request) -> Response:
     who = tenant(request)
     response_id = request.path_params["response_id"]
     # Without its items, and a long answer's fields in pieces (GetResponseChunked): the answer
-    # is held once here, as the JSON read, then as the object parsed from it (issue 13).
-    read = await svc.state.read_response(who, response_id)
+    # is held once here as the JSON read, then as the text parsed from it (stored_json, without
+    # orjson's copy of the JSON), and sent a slice at a time (issue 13).
+    read = await svc.state.read_response(who, response_id, events=streamed)
     in_progress = read.response.in_progress
-    response: ResponseObject = orjson.loads(read.response_json)
+    long = len(read.response_json) >= stored_json.LONG_BYTES
+    if long:
+        # What gRPC took to receive it is free now, on its own threads' heaps: handed back
+        # before the answer's text is made, it is not held with it.
+        gctune.give_back_now()
+    response: ResponseObject = stored_json.loads(read.response_json)
     events = read.stream_events_json
     live = orjson.loads(events) if streamed and events else None
     del events
@@ -199,8 +209,58 @@ async def get_response(request: Request) -> Response:
         if in_progress:
             # Its events as they reach its log, whichever router runs it.
             return _sse(background.follow(svc, who, response_id, after, include=asked))
-        return _sse(_replay(response, after, live, asked=asked))
-    return JSONResponse(include.response(response, asked))
+        return _sse(_given_back(_replay(response, after, live, asked=asked), long))
+    shown = include.response(response, asked)
+    if long:
+        gctune.give_back()  # what the JSON read took
+        return _SlicedJSON(shown)
+    return JSONResponse(shown)
+
+
+class _SlicedJSON(Response):
+    """A JSON response sent a slice at a time (events.json_slices), its body never whole: the
+    JSON of a long answer would be the answer once more (and the transport's copy of what the
+    socket did not take at once, once more again)."""
+
+    media_type = "application/json"
+
+    def __init__(self, content: Any) -> None:
+        self.content = content
+        self.status_code = 200
+        self.background = None
+        size = 0
+        slices = json_slices(content)
+        if slices is None:
+            self.body = orjson.dumps(content)
+        else:
+            self.body = b""
+            for piece in slices:  # made twice: once to count them, never held together
+                size += len(piece)
+        self.init_headers()
+        if slices is not None:
+            self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"] + [
+                (b"content-length", str(size).encode())
+            ]
+        self._sliced = slices is not None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._sliced:
+            await super().__call__(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        for piece in json_slices(self.content) or (orjson.dumps(self.content),):
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _given_back(body: AsyncIterator[bytes], long: bool) -> AsyncIterator[bytes]:
+    """``body``, then (a long answer's) the memory its reading took handed back."""
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        if long:
+            gctune.give_back()
 
 
 async def delete_response(request: Request) -> Response:

@@ -187,6 +187,20 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TRIGGER IF NOT EXISTS responses_deleted AFTER DELETE ON responses
             BEGIN UPDATE response_deletions SET n = n + 1; END""",
     ],
+    # 9: a long value of a turn (its response JSON, event log or an item's JSON: a long
+    # answer's) in a row of its own, written in pieces (see _large_value); the row it belongs
+    # to holds an empty value and points at it. Rows written before keep their values in place.
+    [
+        """CREATE TABLE IF NOT EXISTS large_values (
+            pk INTEGER PRIMARY KEY,
+            response_pk INTEGER NOT NULL REFERENCES responses (pk) ON DELETE CASCADE,
+            data BLOB NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS large_values_response ON large_values (response_pk)",
+        "ALTER TABLE responses ADD COLUMN response_json_at INTEGER",
+        "ALTER TABLE responses ADD COLUMN stream_events_at INTEGER",
+        "ALTER TABLE response_items ADD COLUMN json_at INTEGER",
+    ],
 ]
 
 # The live background jobs that are not finished, with their response still running: what
@@ -234,23 +248,26 @@ FROM chain"""
 HISTORY_SQL = f"""{_CHAIN_SQL}
 {_CHAIN_ROWS}
 UNION ALL
-SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id, i.json, NULL, NULL
+SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id,
+    coalesce(v.data, i.json), NULL, NULL
 FROM chain c CROSS JOIN response_items i ON i.response_pk = c.pk
+    LEFT JOIN large_values v ON v.pk = i.json_at
 ORDER BY 1, 5 NULLS FIRST, 6
 """
 # With a limit, only the newest :limit items, each with the count of all. Kept apart because
 # the window functions cost twice the plain join (measured: 2.3 ms against 1.1 ms, 200 turns).
 HISTORY_CAPPED_SQL = f"""{_CHAIN_SQL},
 items AS (
-    SELECT i.response_pk, i.kind, i.position, i.item_id, i.json,
+    SELECT i.response_pk, i.kind, i.position, i.item_id, i.json, i.json_at,
         row_number() OVER (ORDER BY i.response_pk DESC, i.kind DESC, i.position DESC) AS rank,
         count(*) OVER () AS total
     FROM chain c CROSS JOIN response_items i ON i.response_pk = c.pk
 )
 {_CHAIN_ROWS}
 UNION ALL
-SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, json, total, NULL
-FROM items WHERE rank <= :limit
+SELECT t.response_pk, NULL, NULL, NULL, t.kind, t.position, t.item_id, coalesce(v.data, t.json),
+    t.total, NULL
+FROM items t LEFT JOIN large_values v ON v.pk = t.json_at WHERE t.rank <= :limit
 ORDER BY 1, 5 NULLS FIRST, 6
 """
 
@@ -296,9 +313,11 @@ ORDER BY i.seq DESC LIMIT :limit
 # conversations, as rows for base.newest_items. Each id drives one search of each item index.
 ITEMS_SQL = f"""
 WITH ids (item_id) AS MATERIALIZED (SELECT DISTINCT value FROM json_each(:ids))
-SELECT i.item_id, i.json, r.create_time_us, i.position, {base.RESPONSE_COPY}, r.pk
+SELECT i.item_id, coalesce(v.data, i.json), r.create_time_us, i.position, {base.RESPONSE_COPY},
+    r.pk
 FROM ids CROSS JOIN response_items i ON i.item_id = ids.item_id
     CROSS JOIN responses r ON r.pk = i.response_pk
+    LEFT JOIN large_values v ON v.pk = i.json_at
 WHERE r.tenant = :tenant AND NOT r.in_progress AND {LIVE.replace("expire", "r.expire")}
 UNION ALL
 SELECT i.item_id, i.json, i.create_time_us, i.seq, {base.CONVERSATION_COPY}, c.pk
@@ -646,6 +665,7 @@ class SqliteBackend:
         stored = base.replacing_turn(_load_turn(conn, pk), turn)
         conversation = _turn_conversation(conn, tenant, turn, expected, now)
         version = conversation[1] if conversation else 0
+        _drop_large_values(conn, pk)
         conn.execute(
             """UPDATE responses SET response_json = ?, digest = ?, conversation_version = ?,
                 stream_events_json = ?, in_progress = ?
@@ -1116,12 +1136,19 @@ class SqliteBackend:
         ):
             return self._put_turn(conn, tenant, final, None)
         stored = base.replacing_turn(running, final)
+        _drop_large_values(conn, pk)
         conn.execute(
             """UPDATE responses SET response_json = ?, digest = ?, stream_events_json = ?,
                 in_progress = 0
             WHERE pk = ?""",
-            (final.response_json, base.turn_digest(final), final.stream_events_json, pk),
+            (
+                _unless_large(final.response_json),
+                base.turn_digest(final),
+                _unless_large(final.stream_events_json),
+                pk,
+            ),
         )
+        _write_large_json(conn, pk, final)
         conn.execute("DELETE FROM response_items WHERE response_pk = ?", (pk,))
         _insert_response_items(conn, pk, final)
         return PutTurnResult(stored, False, 0)
@@ -1445,71 +1472,105 @@ def _first_existing(conn: sqlite3.Connection, conversation_pk: int, items: Seque
 
 
 def _insert_response_items(conn: sqlite3.Connection, response_pk: int, turn: Turn) -> None:
-    rows = [
-        (response_pk, kind, position, item.id, item.json)
-        for kind, items in enumerate((turn.input_items, turn.output_items))
-        for position, item in enumerate(items, 1)
-    ]
-    large = [(row[4], *row[:3]) for row in rows if len(row[4]) >= LARGE_JSON_BYTES]
-    if large:
-        rows = [(*row[:4], _unless_large(row[4])) for row in rows]
     conn.executemany(
-        """INSERT INTO response_items (response_pk, kind, position, item_id, json)
-        VALUES (?, ?, ?, ?, ?)""",
-        rows,
+        """INSERT INTO response_items (response_pk, kind, position, item_id, json, json_at)
+        VALUES (?, ?, ?, ?, ?, ?)""",
+        [
+            (
+                response_pk,
+                kind,
+                position,
+                item.id,
+                _unless_large(item.json),
+                _large_value(conn, response_pk, item.json),
+            )
+            for kind, items in enumerate((turn.input_items, turn.output_items))
+            for position, item in enumerate(items, 1)
+        ],
     )
-    if large:
-        _write_large(
-            conn,
-            "UPDATE response_items SET json = ? WHERE response_pk = ? AND kind = ? AND position = ?",
-            large,
-            (b"", 0, 0, 0),
-        )
 
 
-# JSON this large (a long answer's) is written by _write_large, not bound with the row.
+# A value this large (a long answer's JSON) is written by _large_value, not bound with its row.
 LARGE_JSON_BYTES = 256 * 1024
+# The most bytes written to a large value at once.
+_LARGE_PIECE_BYTES = 256 * 1024
+# The writer connection's page cache while it writes a large value, in KiB (see _large_value).
+_LARGE_WRITE_CACHE_KIB = 256
 
 
 def _unless_large(data: bytes | memoryview) -> bytes | memoryview:
-    """``data``, or nothing for now when it is large (see _write_large)."""
+    """``data``, or an empty value when it is large (written by _large_value instead)."""
     return b"" if len(data) >= LARGE_JSON_BYTES else data
+
+
+def _large_value(
+    conn: sqlite3.Connection, response_pk: int, data: bytes | memoryview
+) -> int | None:
+    """Writes ``data`` into a row of large_values when it is large, and returns that row's pk
+    (None when it is not large: it is bound with its own row).
+
+    A value bound to a statement is copied by sqlite3 and again by SQLite as it builds the row,
+    so that a long answer was held three times while it was written. Here the row is inserted
+    holding ``zeroblob(n)`` (a blob at the end of its row is never made in memory) and filled in
+    pieces through incremental blob I/O, from the caller's buffer. Its pages go through the
+    connection's page cache, which is made small meanwhile (dirty pages beyond it go to the WAL
+    before the commit): else it would grow by the value's size too, up to its bound."""
+    if len(data) < LARGE_JSON_BYTES:
+        return None
+    cache = conn.execute("PRAGMA cache_size").fetchone()[0]
+    conn.execute(f"PRAGMA cache_size = {-_LARGE_WRITE_CACHE_KIB}")
+    try:
+        cur = conn.execute(
+            "INSERT INTO large_values (response_pk, data) VALUES (?, zeroblob(?))",
+            (response_pk, len(data)),
+        )
+        pk = cur.lastrowid
+        assert pk is not None
+        view = memoryview(data)
+        with conn.blobopen("large_values", "data", pk) as blob:
+            for start in range(0, len(view), _LARGE_PIECE_BYTES):
+                blob.write(view[start : start + _LARGE_PIECE_BYTES])
+    finally:
+        conn.execute(f"PRAGMA cache_size = {int(cache)}")
+    return pk
 
 
 def _write_large_json(conn: sqlite3.Connection, pk: int, turn: Turn) -> None:
     """Writes the response JSON and event log of the row ``pk`` that _unless_large left out."""
-    if len(turn.response_json) >= LARGE_JSON_BYTES or (
-        len(turn.stream_events_json) >= LARGE_JSON_BYTES
-    ):
-        _write_large(
-            conn,
-            "UPDATE responses SET response_json = ?, stream_events_json = ? WHERE pk = ?",
-            [(turn.response_json, turn.stream_events_json, pk)],
-            (b"", b"", 0),
+    json_at = _large_value(conn, pk, turn.response_json)
+    events_at = _large_value(conn, pk, turn.stream_events_json)
+    if json_at is not None or events_at is not None:
+        conn.execute(
+            "UPDATE responses SET response_json_at = ?, stream_events_at = ? WHERE pk = ?",
+            (json_at, events_at, pk),
         )
 
 
-def _write_large(
-    conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]], nothing: tuple[Any, ...]
-) -> None:
-    """Runs the UPDATE ``sql`` for ``rows``, then once for ``nothing`` (parameters that match no
-    row): sqlite3 keeps a cached statement's last parameters bound, each a copy, so that a long
-    answer's JSON would be held (twice, as the response and as its output item) until the next
-    turn; bound to ``nothing`` last, the statement holds no copy of it."""
-    conn.executemany(sql, [*rows, nothing])
+def _drop_large_values(conn: sqlite3.Connection, pk: int) -> None:
+    """Deletes the large values of the response ``pk`` (before it is written anew)."""
+    conn.execute("DELETE FROM large_values WHERE response_pk = ?", (pk,))
+    conn.execute(
+        """UPDATE responses SET response_json_at = NULL, stream_events_at = NULL
+        WHERE pk = ? AND (response_json_at IS NOT NULL OR stream_events_at IS NOT NULL)""",
+        (pk,),
+    )
 
 
 def _load_turn(conn: sqlite3.Connection, pk: int) -> Turn:
     row = conn.execute(
-        """SELECT id, previous_response_id, conversation_id, idempotency_key, response_json,
-            create_time_us, expire_time_us, stream_events_json, in_progress
-        FROM responses WHERE pk = ?""",
+        """SELECT r.id, r.previous_response_id, r.conversation_id, r.idempotency_key,
+            coalesce(vj.data, r.response_json), r.create_time_us, r.expire_time_us,
+            coalesce(ve.data, r.stream_events_json), r.in_progress
+        FROM responses r LEFT JOIN large_values vj ON vj.pk = r.response_json_at
+            LEFT JOIN large_values ve ON ve.pk = r.stream_events_at
+        WHERE r.pk = ?""",
         (pk,),
     ).fetchone()
     groups: tuple[list[Item], list[Item]] = ([], [])
     for kind, position, item_id, data in conn.execute(
-        """SELECT kind, position, item_id, json FROM response_items WHERE response_pk = ?
-        ORDER BY kind, position""",
+        """SELECT i.kind, i.position, i.item_id, coalesce(v.data, i.json)
+        FROM response_items i LEFT JOIN large_values v ON v.pk = i.json_at
+        WHERE i.response_pk = ? ORDER BY i.kind, i.position""",
         (pk,),
     ):
         groups[kind].append(Item(id=item_id, json=data, sequence=position, create_time_us=row[5]))

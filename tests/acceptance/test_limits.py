@@ -28,7 +28,7 @@ LIMITS = {
     "max_connections": 8,
     "max_streams": 2,
     "max_streams_per_tenant": 1,
-    "api_keys": "key-a=tenant-a,key-b=tenant-b,key-c=tenant-c",
+    "api_keys": "key-a=tenant-a,key-b=tenant-b,key-c=tenant-c,key-d=tenant-d",
 }
 
 
@@ -259,6 +259,32 @@ def test_streams_are_capped_per_tenant_and_in_all(guarded: GuardedStack, hub: Fa
             headers={"authorization": "Bearer key-c"},
         )
         assert ok.status_code == 200
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_stream_at_once(
+    guarded: GuardedStack, hub: FakeHub
+) -> None:
+    # key-d has one stream at most; its first stream's hub answers for about 3 s more.
+    hub.enqueue(Reply(text=" ".join(f"w{i}" for i in range(30)), chunk_delay_s=0.1))
+    hub.enqueue(Reply(text="second"))
+    url = f"{guarded.url}/responses"
+    body = {"model": "m", "input": "x", "stream": True}
+    auth = {"authorization": "Bearer key-d"}
+    with httpx.Client(timeout=10) as http:
+        with http.stream("POST", url, json=body, headers=auth) as first:
+            assert first.status_code == 200
+            for line in first.iter_lines():
+                if line.startswith("event: response.output_text.delta"):
+                    break  # the stream runs; the client leaves
+        left = time.monotonic()
+        while True:
+            again = http.post(url, json=body, headers=auth)
+            if again.status_code == 200:
+                break
+            assert again.status_code == 429
+            assert time.monotonic() - left < 1.5, "the stream was held after its client left"
+            time.sleep(0.05)
+        assert "event: response.completed" in again.text
 
 
 @pytest.mark.parametrize("rid", [b"has\ttab", "caf\u00e9".encode("latin-1"), b"x" * 200])

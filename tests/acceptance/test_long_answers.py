@@ -126,6 +126,35 @@ def test_a_replay_of_a_long_answer_is_the_live_stream_byte_for_byte(
     assert client.responses.retrieve(final["id"]).output_text == LONGER
 
 
+# ~200 KB of code in 6,000 deltas: ASCII with escapes (newlines, tabs, backslashes, a few quotes:
+# a text with many is parsed whole, see stored_json.QUOTE_EVERY).
+CODE = "".join(f"    x{i} = {'q' if i % 100 else chr(34)}\t# \\ {i % 7}\n" for i in range(6000))
+
+
+@pytest.mark.parametrize("text", [CODE, TEXT * 4], ids=["escaped", "plain"])
+def test_a_long_answer_read_back_is_what_was_sent(
+    sqlite_stack: Stack, hub: FakeHub, text: str
+) -> None:
+    """Read back (its text made from the stored JSON's bytes, router_svc.stored_json), a long
+    answer is replayed byte for byte, and its GET (sent in slices) is the object's JSON exactly,
+    with its length."""
+    hub.enqueue(Reply(text=text))
+    with httpx.Client(timeout=30) as http:
+        body = {"model": "fake-model", "input": "tell me", "stream": True}
+        with http.stream("POST", f"{sqlite_stack.url}/responses", json=body) as r:
+            live = r.read()
+        last = [line for line in live.split(b"\n") if line.startswith(b"data: {")][-1]
+        final = orjson.loads(last.removeprefix(b"data: "))["response"]
+        assert final["output"][0]["content"][0]["text"] == text
+        url = f"{sqlite_stack.url}/responses/{final['id']}"
+        assert http.get(url, params={"stream": "true"}).content == live, "byte for byte"
+        got = http.get(url)
+        assert got.status_code == 200
+        assert got.headers["content-type"] == "application/json"
+        assert int(got.headers["content-length"]) == len(got.content)
+        assert got.content == orjson.dumps(final)
+
+
 @pytest.mark.usefixtures("encoded")
 def test_a_long_answer_not_streamed_is_stored_and_built_on(
     sqlite_stack: Stack, hub: FakeHub

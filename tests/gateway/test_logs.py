@@ -79,3 +79,92 @@ def test_a_text_line_with_an_exception_holds_its_traceback() -> None:
         rec.exc_info = sys.exc_info()
     line = formatter.format(rec)
     assert " ERROR respgw: failed\nTraceback" in line and "ValueError: boom" in line
+
+
+class Recorder:
+    """A stream that keeps each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def batching(flush_s: float, max_bytes: int = 64 * 1024) -> tuple[logging.Logger, Recorder]:
+    stream = Recorder()
+    handler = logs.BatchingHandler(stream, flush_s, max_bytes)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    root = logging.getLogger("batching-test")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel(logging.INFO)
+    return root, stream
+
+
+def access(root: logging.Logger) -> logging.Logger:
+    # The access logger's name, under the test's own root (so pytest's handlers see nothing).
+    child = logging.getLogger(logs.ACCESS_LOGGER)
+    child.handlers[:] = root.handlers
+    child.propagate = False
+    child.setLevel(logging.INFO)
+    return child
+
+
+def test_access_lines_are_written_in_one_batch_within_flush_s() -> None:
+    root, stream = batching(0.2)
+    log = access(root)
+    try:
+        for i in range(50):
+            log.info("request %d", i)
+        assert stream.writes == []  # none written yet: they wait for the batch
+        deadline = time.monotonic() + 5
+        while not stream.writes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(stream.writes) == 1
+        assert stream.writes[0].splitlines() == [f"respgw.access request {i}" for i in range(50)]
+    finally:
+        log.handlers[:] = []
+
+
+def test_any_other_line_writes_the_waiting_batch_first_and_itself_at_once() -> None:
+    root, stream = batching(60)
+    log = access(root)
+    try:
+        log.info("request 1")
+        log.info("request 2")
+        root.warning("something else")
+        assert "".join(stream.writes).splitlines() == [
+            "respgw.access request 1",
+            "respgw.access request 2",
+            "batching-test something else",
+        ]
+    finally:
+        log.handlers[:] = []
+
+
+def test_a_full_batch_is_written_at_once_and_flush_writes_the_rest() -> None:
+    root, stream = batching(60, max_bytes=200)
+    log = access(root)
+    try:
+        for i in range(10):
+            log.info("request %d", i)  # 24 characters a line: a batch every 9 lines
+        assert len(stream.writes) == 1 and len(stream.writes[0].splitlines()) == 9
+        logs.BatchingHandler.flush(root.handlers[0])  # type: ignore[arg-type]
+        assert "".join(stream.writes).splitlines()[-1] == "respgw.access request 9"
+    finally:
+        log.handlers[:] = []
+
+
+def test_flush_s_zero_writes_every_access_line_at_once() -> None:
+    root, stream = batching(0)
+    log = access(root)
+    try:
+        log.info("request 1")
+        assert stream.writes == ["respgw.access request 1\n"]
+    finally:
+        log.handlers[:] = []

@@ -280,6 +280,10 @@ async def test_read_response_puts_the_pieces_together(client: state_client.State
     assert read.response.idempotency_key == "key-1" and read.response.id == "resp_big"
     assert not read.response.output_items and not read.response.response_json
     assert client.get_response_chunked_served
+    # A plain GET's read: the log's pieces read to the end but not kept.
+    plain = await client.read_response("t", "resp_big", events=False)
+    assert plain.response_json == stored.response_json and plain.stream_events_json == b""
+    assert plain.response == read.response
     with pytest.raises(errors.NotFound) as info:
         await client.read_response("t", "resp_9")
     assert info.value.message == "Response with id 'resp_9' not found."
@@ -288,3 +292,30 @@ async def test_read_response_puts_the_pieces_together(client: state_client.State
     again = await client.read_response("t", "resp_big")
     assert (again.response_json, again.stream_events_json) == (stored.response_json, log)
     assert again.response == read.response
+
+
+def test_a_chunked_read_message_is_read_without_being_parsed() -> None:
+    """The pieces of GetResponseChunked are taken from its messages as gRPC received them: each
+    message's field and bytes are those protobuf parses, unknown fields skipped."""
+    head = pb.GetResponseChunkedResponse(
+        head=pb.GetResponseChunkedHead(response_json_size=300_000, stream_events_json_size=7)
+    )
+    field, value = state_client._chunk_field(head.SerializeToString())
+    assert field == pb.GetResponseChunkedResponse.HEAD_FIELD_NUMBER
+    assert pb.GetResponseChunkedHead.FromString(value) == head.head
+    for name in ("response_json", "stream_events_json"):
+        for piece in (b"", b"x", bytes(range(256)) * 1024):
+            data = pb.GetResponseChunkedResponse(**{name: piece}).SerializeToString()
+            field, value = state_client._chunk_field(data)
+            assert field == pb.GetResponseChunkedResponse.DESCRIPTOR.fields_by_name[name].number
+            assert bytes(value) == piece
+    # A newer service's fields (varint 9, fixed64 10, fixed32 11, bytes 12) are skipped.
+    newer = b"\x48\x96\x01" + b"\x51" + bytes(8) + b"\x5d" + bytes(4) + b"\x62\x02ab"
+    piece = pb.GetResponseChunkedResponse(response_json=b"abc").SerializeToString()
+    assert pb.GetResponseChunkedResponse.FromString(newer + piece).response_json == b"abc"
+    field, value = state_client._chunk_field(newer + piece)
+    assert (field, bytes(value)) == (2, b"abc")
+    for broken in (b"\x12\x05abc", b"\x12", b"\x12\xff", b"\x0f", b"\x48\xff\xff"):
+        with pytest.raises(state_client.CallFailed) as info:
+            state_client._chunk_field(broken)
+        assert info.value.info.code == grpc.StatusCode.INTERNAL

@@ -46,6 +46,8 @@ TURNS = 20_000
 CONVERSATIONS = 20_000
 CONVERSATION_ITEMS = 3
 STORE_TABLES = ("responses", "response_items", "conversations", "conversation_items")
+# SQLite's store also keeps long values in a table of their own.
+SQLITE_TABLES = (*STORE_TABLES, "large_values")
 _DML = ("SELECT", "WITH", "INSERT", "UPDATE", "DELETE")
 
 
@@ -194,8 +196,8 @@ def fill_sqlite(path: str) -> None:
 def _aliases(sql: str) -> set[str]:
     """The store tables a statement names, and the aliases it gives them."""
     keywords = "WHERE|ON|SET|LEFT|JOIN|CROSS|INNER|USING|ORDER|GROUP|LIMIT|VALUES|RETURNING|UNION"
-    names = set(STORE_TABLES)
-    pattern = rf"\b(?:{'|'.join(STORE_TABLES)})\s+(?:AS\s+)?(?!(?:{keywords})\b)([A-Za-z_]\w*)"
+    names = set(SQLITE_TABLES)
+    pattern = rf"\b(?:{'|'.join(SQLITE_TABLES)})\s+(?:AS\s+)?(?!(?:{keywords})\b)([A-Za-z_]\w*)"
     names.update(re.findall(pattern, sql, flags=re.IGNORECASE))
     return names
 
@@ -218,7 +220,7 @@ def sqlite_plan_problems(db: sqlite3.Connection, sql: str, params: Any = ()) -> 
 def sqlite_fk_problems(db: sqlite3.Connection) -> list[str]:
     """Foreign keys whose child columns lead no index of the child table."""
     problems = []
-    for table in STORE_TABLES:
+    for table in SQLITE_TABLES:
         leading = {
             tuple(r[2] for r in db.execute(f"PRAGMA index_info('{index[1]}')"))
             for index in db.execute(f"PRAGMA index_list('{table}')")

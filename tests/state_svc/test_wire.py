@@ -101,3 +101,60 @@ def test_bytes_that_are_no_request_are_refused_as_protobuf_refuses_them(raw: byt
         pb.PutTurnRequest.FromString(raw)
     with pytest.raises(DecodeError):
         wire.put_turn_request(raw)
+
+
+# --- PutTurnChunked's messages -------------------------------------------------------------
+
+
+def chunk_as_parsed(got: pb.PutTurnChunkedRequest | wire.Piece) -> pb.PutTurnChunkedRequest:
+    """The message ``got`` stands for."""
+    if isinstance(got, pb.PutTurnChunkedRequest):
+        return got
+    assert isinstance(got.data, memoryview)
+    out = pb.PutTurnChunkedRequest()
+    setattr(out, got.name, bytes(got.data))
+    return out
+
+
+@pytest.mark.parametrize("name", wire.CHUNKED_FIELDS)
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300_000])
+def test_a_piece_is_a_view_of_the_message_received(name: str, size: int) -> None:
+    message = pb.PutTurnChunkedRequest()
+    setattr(message, name, bytes(range(256)) * (size // 256) + b"p" * (size % 256))
+    raw = message.SerializeToString()
+    got = wire.put_turn_chunk(raw)
+    assert isinstance(got, wire.Piece)
+    assert got.name == name and got.data.obj is raw  # no copy
+    assert chunk_as_parsed(got) == pb.PutTurnChunkedRequest.FromString(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # The head.
+        pb.PutTurnChunkedRequest(
+            head=pb.PutTurnChunkedHead(request=pb.PutTurnRequest(tenant=TENANT))
+        ).SerializeToString(),
+        # A piece field given twice (the last one is the piece), or with another field after.
+        pb.PutTurnChunkedRequest(response_json=b"first").SerializeToString()
+        + pb.PutTurnChunkedRequest(stream_events_json=b"second").SerializeToString(),
+        pb.PutTurnChunkedRequest(response_json=b"piece").SerializeToString() + b"\x08\x01",
+        # Nothing at all.
+        b"",
+    ],
+    ids=["head", "twice", "extra-field", "empty"],
+)
+def test_any_other_message_is_parsed_as_protobuf_parses_it(raw: bytes) -> None:
+    got = wire.put_turn_chunk(raw)
+    assert isinstance(got, pb.PutTurnChunkedRequest)
+    assert got == pb.PutTurnChunkedRequest.FromString(raw)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"\x12\x05abc", b"\x12", b"\x12\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"]
+)
+def test_a_piece_cut_short_is_refused_as_protobuf_refuses_it(raw: bytes) -> None:
+    with pytest.raises(DecodeError):
+        pb.PutTurnChunkedRequest.FromString(raw)
+    with pytest.raises(DecodeError):
+        wire.put_turn_chunk(raw)

@@ -1,0 +1,224 @@
+"""Long values (a long answer's response JSON, event log and output item) on every backend, and in
+a SQLite store, where each is written in a row of its own (large_values, see
+state_svc.backends.sqlite._large_value): read back byte for byte by every read, gone with their
+response, replaced with a running turn, and a store from before them migrated with its rows read
+as they were."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+import orjson
+import pytest
+
+from respgw.state.v1 import resources_pb2
+from respgw.state.v1 import state_service_pb2 as pb
+from state_svc.backends import sqlite as sqlite_backend
+from tests.state_svc.conftest import TENANT, Client, Start, item, simple_turn
+
+LARGE = sqlite_backend.LARGE_JSON_BYTES
+# An answer longer than a large value, with what JSON escapes in it; not a multiple of the
+# pieces it is written in.
+TEXT = ('héllo "wörld"\n\tand\\on ' * (LARGE // 10))[: LARGE + LARGE // 3 + 11]
+
+
+def output(response_id: str, text: str = TEXT) -> dict[str, object]:
+    return {
+        "id": f"{response_id}-out",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "output_text", "annotations": [], "text": text}],
+    }
+
+
+def long_log(response_id: str) -> bytes:
+    """An event log longer than a large value."""
+    delta = {"type": "response.output_text.delta", "item_id": f"{response_id}-out", "delta": "x"}
+    return orjson.dumps([{**delta, "sequence_number": n} for n in range(LARGE // 60)])
+
+
+def long_turn(
+    response_id: str, *, combined: bool = True, in_progress: bool = False
+) -> resources_pb2.StoredResponse:
+    """A turn whose response JSON, output item and event log are each longer than a large value:
+    its item inside its response JSON (response_json_with_output_items, as the router sends a
+    long answer) or sent apart (as an older router does)."""
+    out = output(response_id)
+    response = orjson.dumps({"id": response_id, "object": "response", "output": [out]})
+    stored = resources_pb2.StoredResponse(
+        id=response_id,
+        input_items=[item(f"{response_id}-in")],
+        stream_events_json=long_log(response_id),
+        in_progress=in_progress,
+    )
+    if combined:
+        stored.response_json_with_output_items = response
+    else:
+        stored.response_json = response
+        stored.output_items.add(id=f"{response_id}-out", json=orjson.dumps(out))
+    return stored
+
+
+def assert_long(got: resources_pb2.StoredResponse, response_id: str) -> None:
+    """``got`` is the turn long_turn(response_id) made, byte for byte."""
+    sent = long_turn(response_id)
+    assert got.response_json == sent.response_json_with_output_items
+    assert got.stream_events_json == sent.stream_events_json
+    assert [i.json for i in got.output_items] == [orjson.dumps(output(response_id))]
+    assert [i.json for i in got.input_items] == [i.json for i in sent.input_items]
+
+
+@pytest.mark.parametrize("combined", [True, False], ids=["combined", "items-apart"])
+async def test_long_values_read_back_by_every_read(client: Client, combined: bool) -> None:
+    first = long_turn("resp_1", combined=combined)
+    if combined:
+        await client.put_chunked(first, piece_bytes=100_003)
+    else:
+        await client.put(first)
+    assert_long((await client.get("resp_1")).response, "resp_1")
+    second = simple_turn("resp_2", previous="resp_1")
+    await client.put(second)
+    long_item = orjson.dumps(output("resp_1"))
+    for limit in (0, 3):
+        history = await client.history(response_id="resp_2", max_items=limit)
+        assert [i.id for i in history.items] == [
+            "resp_1-in",
+            "resp_1-out",
+            "resp_2-in",
+            "resp_2-out",
+        ][-limit if limit else 0 :]
+        assert history.items[-3].json == long_item
+    found = await client.items("resp_1-out", "resp_1-in")
+    assert [(i.id, i.json) for i in found.items] == [
+        ("resp_1-out", long_item),
+        ("resp_1-in", first.input_items[0].json),
+    ]
+    # A replay answers the turn stored, whichever way it is sent again.
+    again = await client.put_chunked(long_turn("resp_1"), piece_bytes=250_000)
+    assert again.replayed
+    assert_long(again.response, "resp_1")
+    assert (await client.put(long_turn("resp_1", combined=False))).replayed
+
+
+# --- SQLite: where the long values are ------------------------------------------------------
+
+
+def rows(path: str, sql: str, *args: object) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as db:
+        return list(db.execute(sql, args))
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_sqlite_keeps_long_values_apart_and_drops_them_with_their_response(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    running = await start()
+    client = connect(running.port)
+    path = running.settings.sqlite_path
+    await client.put_chunked(long_turn("resp_1"), piece_bytes=100_003)
+    await client.put(simple_turn("resp_small"))
+    # The response's row and its item's hold empty values pointing at three large ones.
+    assert rows(
+        path,
+        """SELECT length(response_json), length(stream_events_json),
+            response_json_at IS NOT NULL, stream_events_at IS NOT NULL
+        FROM responses WHERE id = ?""",
+        "resp_1",
+    ) == [(0, 0, 1, 1)]
+    assert rows(
+        path, "SELECT item_id, length(json), json_at IS NOT NULL FROM response_items ORDER BY 1"
+    ) == [("resp_1-in", len(item("resp_1-in").json), 0), ("resp_1-out", 0, 1)] + [
+        (i, len(item(i).json), 0) for i in ("resp_small-in", "resp_small-out")
+    ]
+    sizes = sorted(n for (n,) in rows(path, "SELECT length(data) FROM large_values"))
+    sent = long_turn("resp_1")
+    assert sizes == sorted(
+        [
+            len(sent.response_json_with_output_items),
+            len(sent.stream_events_json),
+            len(orjson.dumps(output("resp_1"))),
+        ]
+    )
+    # A small turn stores nothing apart.
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_1"))
+    assert rows(path, "SELECT count(*) FROM large_values") == [(0,)]
+    # Expired ones go with their response when swept.
+    await client.put_chunked(long_turn("resp_2"), piece_bytes=100_003)
+    assert rows(path, "SELECT count(*) FROM large_values") == [(3,)]
+    await running.stop(0)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE responses SET expire_time_us = 1")
+    again = await start()
+    assert await again.backend.sweep() == 2
+    assert rows(path, "SELECT count(*) FROM large_values") == [(0,)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_sqlite_running_turn_replaced_keeps_only_the_final_values(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    running = await start()
+    client = connect(running.port)
+    path = running.settings.sqlite_path
+    await client.put_chunked(long_turn("resp_1", in_progress=True), piece_bytes=100_003)
+    assert rows(path, "SELECT count(*) FROM large_values") == [(3,)]
+    # Replaced by a long final turn: its own three values, the running turn's gone.
+    final = long_turn("resp_1")
+    await client.put(long_turn("resp_1", combined=False))
+    assert rows(path, "SELECT count(*) FROM large_values") == [(3,)]
+    assert_long((await client.get("resp_1")).response, "resp_1")
+    assert (
+        final.response_json_with_output_items == (await client.get("resp_1")).response.response_json
+    )
+    # Replaced by a short one: nothing apart is left.
+    await client.put_chunked(long_turn("resp_2", in_progress=True), piece_bytes=100_003)
+    short = simple_turn("resp_2")
+    await client.put(short)
+    assert rows(path, "SELECT count(*) FROM large_values") == [(3,)]  # resp_1's
+    got = (await client.get("resp_2")).response
+    assert got.response_json == short.response_json
+    assert [i.json for i in got.output_items] == [short.output_items[0].json]
+    assert got.stream_events_json == b""
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_sqlite_store_from_before_large_values_is_migrated(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    """A store from before migration 9 (long values in their rows) reads its rows as they were
+    once migrated, and writes new long values apart."""
+    first = await start()
+    client = connect(first.port)
+    path = first.settings.sqlite_path
+    await client.put_chunked(long_turn("resp_1"), piece_bytes=100_003)
+    await first.stop(0)
+    with sqlite3.connect(path) as db:
+        # resp_1 as an older release wrote it: every value in its own row.
+        for statement in (
+            """UPDATE responses SET
+                response_json = (SELECT data FROM large_values WHERE pk = response_json_at),
+                stream_events_json = (SELECT data FROM large_values WHERE pk = stream_events_at)
+            WHERE response_json_at IS NOT NULL""",
+            """UPDATE response_items SET json = (SELECT data FROM large_values WHERE pk = json_at)
+            WHERE json_at IS NOT NULL""",
+            "DROP TABLE large_values",
+            "ALTER TABLE responses DROP COLUMN response_json_at",
+            "ALTER TABLE responses DROP COLUMN stream_events_at",
+            "ALTER TABLE response_items DROP COLUMN json_at",
+            "DELETE FROM schema_version WHERE version > 8",
+        ):
+            db.execute(statement)
+    assert rows(path, "SELECT length(response_json) > ? FROM responses", LARGE) == [(1,)]
+
+    again = await start()
+    client = connect(again.port)
+    assert rows(path, "SELECT max(version) FROM schema_version") == [
+        (len(sqlite_backend.MIGRATIONS),)
+    ]
+    assert_long((await client.get("resp_1")).response, "resp_1")
+    history = await client.history(response_id="resp_1")
+    assert history.items[-1].json == orjson.dumps(output("resp_1"))
+    await client.put_chunked(long_turn("resp_2"), piece_bytes=100_003)
+    assert_long((await client.get("resp_2")).response, "resp_2")
+    assert rows(path, "SELECT count(*) FROM large_values") == [(3,)]
