@@ -39,8 +39,9 @@ def tune() -> None:
 # its event log) left a copy of itself behind at each step and short-lived blocks (the hub's
 # reads, gRPC's pieces) were kept among long-lived ones. A threshold set once stays (glibc then
 # no longer moves it, nor the trim threshold): larger blocks are mapped, grown in place
-# (mremap), and handed back as soon as they are freed. Measured with bench/bench_memory.py: a
-# live stream of 4-byte deltas 5.6-5.8x -> 4.6-5.0x of its answer.
+# (mremap), and handed back as soon as they are freed. Measured with bench/bench_memory.py
+# (router peak, in answer sizes, a live stream of 0.5 MB in 4-byte deltas): 4.65-5.3x -> 4.0-4.3x
+# at one turn, 4.0-4.15x -> 3.7-4.0x at four. Set by the router only.
 MMAP_THRESHOLD = 128 * 1024
 _M_MMAP_THRESHOLD = -3
 
