@@ -793,4 +793,5 @@ def run(settings: RouterSettings) -> None:
     check_settings(settings)
     tracing.setup("respgw-router", settings.otel_endpoint)
     gctune.tune()
+    gctune.place_large_blocks()
     uvicorn.Server(server_config(create_app(settings), settings)).run()

@@ -222,7 +222,7 @@ class EventLog:
                 if (
                     found is None
                     or not isinstance(found[1], str)
-                    or zlib.crc32(found[1][start:end].encode()) != record.crc
+                    or _crc(found[1], start, end) != record.crc
                 ):
                     return b""
                 offsets[key] = end
@@ -236,6 +236,18 @@ class EventLog:
             else:
                 records.append(record)
         return orjson.dumps(records)
+
+
+# The characters of a text encoded at once for its checksum (a long answer is not encoded whole).
+_CRC_SLICE = 64 * 1024
+
+
+def _crc(text: str, start: int, end: int) -> int:
+    """The CRC-32 of the UTF-8 of ``text[start:end]``, a slice at a time."""
+    crc = 0
+    for at in range(start, end, _CRC_SLICE):
+        crc = zlib.crc32(text[at : min(at + _CRC_SLICE, end)].encode(), crc)
+    return crc
 
 
 def _same(a: Any, b: Any) -> bool:

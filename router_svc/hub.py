@@ -14,7 +14,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -48,6 +48,10 @@ _CONTEXT_HINTS = (
     "maximum model length",
 )
 
+
+# The most of a hub's event stream read at once (what arrived, up to this): the events in it are
+# split out of it while it is held.
+READ_BLOCK = 64 * 1024
 
 # The current turn's session key (see turn.session_key), sent to the hub as the session header
 # so that prefix-cache-aware routers keep a conversation or a chain on one replica.
@@ -130,26 +134,22 @@ class HubClient:
         """POSTs ``body`` and yields each JSON object of the hub's event stream, up to ``[DONE]``
         (or the end of the stream)."""
         async with self._call(path, body, stream=True) as resp:
-            data: list[bytes] = []
+            events = SseEvents()
             while True:
+                # What arrived, whole (a model streams a few bytes per event: one bound, one
+                # read and one timer per block of events, not per line).
                 async with self._quiet_limit() as gap:
                     gap.reschedule(self._idle_deadline())
-                    raw_line = await resp.content.readline()
-                if not raw_line:
+                    block = await resp.content.read(READ_BLOCK)
+                if not block:
                     break
-                line = raw_line.rstrip(b"\r\n")
-                if line.startswith(b"data:"):
-                    data.append(line[5:].lstrip())
-                    continue
-                if line or not data:
-                    continue  # comments, "event:" lines and keep-alives
-                payload = b"\n".join(data)
-                data = []
-                if payload == b"[DONE]":
-                    return
-                yield _parse_event(payload)
-            if data and data != [b"[DONE]"]:
-                yield _parse_event(b"\n".join(data))
+                for payload in events.feed(block):
+                    if payload == b"[DONE]":
+                        return
+                    yield _parse_event(payload)
+            last = events.end()
+            if last is not None and last != b"[DONE]":
+                yield _parse_event(last)
 
     @contextlib.asynccontextmanager
     async def _quiet_limit(self) -> AsyncIterator[asyncio.Timeout]:
@@ -288,6 +288,66 @@ class HubClient:
                 if not chunk:
                     return
                 yield chunk
+
+
+class SseEvents:
+    """The data of each event of a server-sent event stream that arrives in blocks of any size
+    (:meth:`HubClient.stream`): lines end with LF (CRs before it are dropped); the ``data:``
+    lines of an event are joined with LF, each without the blanks after its colon; other lines
+    (comments, ``event:``, keep-alives) are ignored; an empty line ends an event."""
+
+    __slots__ = ("_data", "_tail")
+
+    def __init__(self) -> None:
+        self._tail: list[bytes] = []  # the pieces of a line not finished yet
+        self._data: list[bytes] = []  # the data lines of the event being read
+
+    def feed(self, block: bytes) -> Iterator[bytes]:
+        """The data of each event ``block`` finishes."""
+        nl = block.find(b"\n")
+        if nl < 0:
+            self._tail.append(block)
+            return
+        pos = 0
+        if self._tail:
+            line = b"".join((*self._tail, block[:nl]))
+            self._tail = []
+            payload = self._line(line, 0, len(line))
+            if payload is not None:
+                yield payload
+            pos = nl + 1
+            nl = block.find(b"\n", pos)
+        while nl >= 0:
+            payload = self._line(block, pos, nl)
+            if payload is not None:
+                yield payload
+            pos = nl + 1
+            nl = block.find(b"\n", pos)
+        if pos < len(block):
+            self._tail.append(block[pos:])
+
+    def end(self) -> bytes | None:
+        """The data of an event the stream ended in without its empty line (its last line
+        perhaps without its LF); None when there is none."""
+        if self._tail:
+            line = b"".join(self._tail)
+            self._tail = []
+            payload = self._line(line, 0, len(line))
+            if payload is not None:
+                return payload
+        data, self._data = self._data, []
+        return b"\n".join(data) if data else None
+
+    def _line(self, buf: bytes, start: int, end: int) -> bytes | None:
+        """Reads the line ``buf[start:end]``; the event's data when it ends one."""
+        if buf.startswith(b"data:", start, end):
+            self._data.append(buf[start + 5 : end].rstrip(b"\r").lstrip())
+            return None
+        data = self._data
+        if not data or (end > start and buf[start:end].rstrip(b"\r")):
+            return None  # comments, "event:" lines and keep-alives
+        self._data = []
+        return data[0] if len(data) == 1 else b"\n".join(data)
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:

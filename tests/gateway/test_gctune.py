@@ -85,3 +85,36 @@ def test_malloc_trim_is_found_or_skipped(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(gctune, "_malloc_trim", None)
     gctune._trim()  # glibc's, or none where there is no glibc: never an error
     assert gctune._malloc_trim is not None
+
+
+def test_large_blocks_stay_mapped_after_a_larger_one_was_freed() -> None:
+    # glibc raises its mmap threshold to the size of each mapped block freed: a later block of
+    # 1 MB would then go into the heap. Once the threshold is fixed, it is mapped of its own.
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    gctune.place_large_blocks()
+    big = bytearray(16 * 1024 * 1024)
+    del big
+    before = libc.mallinfo2().hblkhd
+    block = bytearray(1024 * 1024)
+    assert libc.mallinfo2().hblkhd - before >= 1024 * 1024
+    del block

@@ -318,6 +318,36 @@ async def test_stream_events_are_parsed_across_the_edge_cases() -> None:
     assert [e["n"] for e in events] == [1, 2, 3, 4]
 
 
+def test_events_are_the_same_wherever_the_blocks_are_cut() -> None:
+    # The stream is read a block at a time (whatever arrived): a line, a CRLF or an event may
+    # be cut anywhere, and a block may hold many events.
+    stream = (
+        b": comment\r\n\r\n"
+        b'event: x\r\ndata: {"n": 1}\r\n\r\n'
+        b'data:{"n":\ndata:  2}\n\n'
+        b"\n\r\n"
+        b"id: 7\ndata:\r\r\ndata: tail\n\n"
+        b'data: {"n": 3}'
+    )
+    expected = [b'{"n": 1}', b'{"n":\n2}', b"\ntail"]
+
+    def read(blocks: list[bytes]) -> tuple[list[bytes], bytes | None]:
+        parser = hubmod.SseEvents()
+        got = [payload for block in blocks for payload in parser.feed(block)]
+        return got, parser.end()
+
+    assert read([stream]) == (expected, b'{"n": 3}')
+    assert read([stream[i : i + 1] for i in range(len(stream))]) == (expected, b'{"n": 3}')
+    for cut in range(len(stream) + 1):
+        for second in range(cut, len(stream) + 1, 7):
+            blocks = [stream[:cut], stream[cut:second], stream[second:]]
+            assert read([b for b in blocks if b]) == (expected, b'{"n": 3}')
+    # A stream that ends on its empty line leaves nothing; one that ends on a bare CR ends
+    # its event there.
+    assert read([b"data: a\n\n"]) == ([b"a"], None)
+    assert read([b"data: a\n\r"]) == ([], b"a")
+
+
 async def test_a_stream_without_done_ends_with_its_last_event() -> None:
     # The last event has no blank line after it, and the stream ends without [DONE].
     async with serving(sse(b'data: {"n": 1}\n\n', b'data: {"n": 2}')) as url, client(url) as c:
