@@ -665,9 +665,11 @@ class _AnswerWrites:
 
     - an answer of known length (``content-length``, to anything but HEAD): its status line
       and headers are held until its body, and both go out in one write;
-    - a streamed (chunked) answer: what it writes during one turn of the event loop goes out
-      in one write at the end of that turn (or at once, from ANSWER_GATHER_BYTES), and all of
-      it before the answer counts as complete.
+    - a streamed (chunked) answer: its head goes out at the end of the loop turn that wrote it,
+      or with its first piece if that comes sooner, and its first piece at once; after that,
+      what it writes during one turn of the event loop goes out in one write at the end of
+      that turn (or at once, from ANSWER_GATHER_BYTES), and all of it before the answer counts
+      as complete.
 
     uvicorn writes an answer's head and each piece of its body separately: a send(2) call and a
     segment each, every one waking the client; a streamed turn's events come several at a time
@@ -703,6 +705,12 @@ class _AnswerWrites:
             self._gathered_bytes += len(data)
             if self._gathered_bytes >= ANSWER_GATHER_BYTES:
                 self.flush()
+        elif mode == _FIRST_PIECE:
+            # The streamed answer's first piece goes out at once (with its head, if that still
+            # waits): the time to its first byte waits for nothing else the loop runs.
+            self._mode = _GATHER
+            self._gathered.append(data)
+            self.flush()
         elif self._head is not None:
             head, self._head = self._head, None
             self._mode = _THROUGH
@@ -717,6 +725,7 @@ class _AnswerWrites:
             elif cycle.chunked_encoding:
                 self._mode = _GATHER
                 self.write(data)
+                self._mode = _FIRST_PIECE
             else:
                 self._head = data
         else:
@@ -746,7 +755,7 @@ class _AnswerWrites:
 
 
 # _AnswerWrites's modes.
-_BEFORE_HEAD, _GATHER, _THROUGH = 0, 1, 2
+_BEFORE_HEAD, _GATHER, _THROUGH, _FIRST_PIECE = 0, 1, 2, 3
 # A streamed answer's writes gathered in one loop turn are written at once from this size (the
 # transport's own flow control then applies, as for any write).
 ANSWER_GATHER_BYTES = 64 * 1024

@@ -178,6 +178,9 @@ async def _pump(
     push(started)
     if not buffered:
         _announce_running(svc, turn, started)
+        # response.created goes out before the hub request is made and sent (about 0.2 ms of
+        # this loop's time): the client's first byte does not wait for it.
+        await asyncio.sleep(0)
     chunks: AsyncIterator[dict[str, Any]] | None = None
     try:
         # Inside the try: a request the translation refuses ends the stream like a hub failure.
