@@ -1,18 +1,17 @@
-"""A stored response's JSON parsed without orjson's copy of it (issue 13).
+"""A long answer's JSON parsed without orjson's copy of it (issue 13).
 
-``orjson.loads`` copies its whole input before it parses it: for a long answer's JSON, read whole
-from the state service (GET /v1/responses/{id}), that is the answer once more for a moment, on
-top of the JSON read and the text parsed from it. :func:`loads` cuts each long string (a long
-answer's text, :data:`LONG_BYTES` or more) out instead: what is left (the skeleton, a few
-hundred bytes) is parsed, and each long string is made straight from the JSON's bytes (one copy,
-the text itself). Only a long string without escapes, or an ASCII one whose escapes are those
-orjson writes, is made so; for anything else :func:`loads` parses the JSON whole, as orjson
-does: either way the value is the same.
+``orjson.loads`` copies its whole input before it parses it: for a long answer's JSON (a stored
+response read whole from the state service for GET /v1/responses/{id}, or a hub's answer to a
+turn not streamed), that is the answer once more for a moment, on top of the JSON read and the
+text parsed from it. :func:`loads` cuts each long string (a long answer's text,
+:data:`LONG_BYTES` or more) out instead: what is left (the skeleton, a few hundred bytes) is
+parsed, and each long string is made straight from the JSON's bytes: in one copy when it has no
+escapes, else parsed by orjson a slice at a time onto the text. A JSON with too many strings for
+that to be cheap is parsed whole, as orjson does: either way the value is the same.
 """
 
 from __future__ import annotations
 
-import codecs
 from typing import Any
 
 import orjson
@@ -38,11 +37,10 @@ def loads(data: bytes | bytearray) -> Any:
     spans = _long_strings(data)
     if not spans:
         return orjson.loads(data)
-    ascii_only = data.isascii()
     view = memoryview(data)
     texts: list[str] = []
     for start, end in spans:
-        text = _text(data, view, start, end, ascii_only=ascii_only)
+        text = _text(data, view, start, end)
         if text is None:
             return orjson.loads(data)
         texts.append(text)
@@ -89,27 +87,54 @@ def _long_strings(data: bytes | bytearray) -> list[tuple[int, int]] | None:
         at = end + 1
 
 
-def _text(
-    data: bytes | bytearray, view: memoryview, start: int, end: int, *, ascii_only: bool
-) -> str | None:
-    """The string whose JSON content is ``data[start:end]``, made from it in one copy; None when
-    it is not one this module makes (the caller parses the JSON whole)."""
+def _text(data: bytes | bytearray, view: memoryview, start: int, end: int) -> str | None:
+    """The string whose JSON content is ``data[start:end]``, made from it without a copy of
+    the whole: in one copy when it has no escapes, else a slice at a time (:func:`_unescaped`).
+    None when it is no JSON string (the caller parses the JSON whole, to orjson's error)."""
     if data.find(b"\\", start, end) < 0:
         try:
             return str(view[start:end], "utf-8")
         except UnicodeDecodeError:
             return None
-    # JSON's escapes are Python's but "\/" and the surrogate pairs of "\uXXXX" (orjson writes
-    # neither); an ASCII text's other bytes are the same in either.
-    if not ascii_only or data.find(b"\\/", start, end) >= 0:
-        return None
-    if data.find(b"\\ud", start, end) >= 0 or data.find(b"\\uD", start, end) >= 0:
-        return None
-    try:
-        text, _ = codecs.unicode_escape_decode(view[start:end])
-    except UnicodeDecodeError:
-        return None
-    return str(text)
+    return _unescaped(data, start, end)
+
+
+# The bytes of a long string with escapes parsed at once (by orjson, a slice at a time).
+SLICE_BYTES = 64 * 1024
+# How far past a slice's end a place to cut it is looked for (any text has one within a few bytes).
+_CUT_SEARCH = 4096
+
+
+def _unescaped(data: bytes | bytearray, start: int, end: int) -> str | None:
+    """The string whose JSON content (escapes and all) is ``data[start:end]``: each slice of it
+    parsed as a JSON string by orjson, appended in place to the text made so far (CPython grows
+    a str nothing else holds; glibc remaps a large one), so that the text is made once, never
+    held twice. A slice ends before an ASCII byte (never inside a UTF-8 character) with no
+    backslash in the 6 bytes before it (never inside an escape such as ``\\uXXXX``, nor
+    between the halves of a surrogate pair)."""
+    text = ""
+    at = start
+    while at < end:
+        cut = _cut(data, at + SLICE_BYTES, end)
+        if cut is None:
+            return None
+        try:
+            text += orjson.loads(b'"' + data[at:cut] + b'"')
+        except orjson.JSONDecodeError:
+            return None
+        at = cut
+    return text
+
+
+def _cut(data: bytes | bytearray, target: int, end: int) -> int | None:
+    """Where a slice that should end at ``target`` ends (see :func:`_unescaped`); None when no
+    place is found near it (the JSON is then parsed whole)."""
+    if target >= end:
+        return end
+    for cut in range(target, min(end, target + _CUT_SEARCH)):
+        if data[cut] < 0x80 and data.find(b"\\", cut - 6, cut) < 0:
+            return cut
+    return None
 
 
 def _fill(value: Any, texts: list[str]) -> int:

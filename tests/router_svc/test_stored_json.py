@@ -47,7 +47,7 @@ def test_long_strings_anywhere_come_back_whole() -> None:
         LONG.replace("word1", 'print("x")\n\tq\\'),  # ASCII with escapes (an answer of code)
         LONG.replace("word1", "\x00\x1f\x7f"),  # control characters, \u00XX
         LONG.replace("word1", "é€😀\u2028"),  # non-ASCII without escapes
-        LONG.replace("word1", "é\n"),  # non-ASCII with escapes: parsed whole
+        LONG.replace("word1", "é\n"),  # non-ASCII with escapes
         LONG + "\\",  # ends with an escaped backslash
         '"' * 70_000,  # nothing but escaped quotes: too many quotes, parsed whole
     ],
@@ -65,12 +65,32 @@ def test_random_texts_are_the_same_value() -> None:
         assert _same({"text": text, "n": 1})["text"] == text
 
 
-def test_what_another_writer_escaped_is_parsed_whole() -> None:
-    # "\/" and surrogate pairs (json.dumps with ensure_ascii) are JSON's own escapes, not
-    # Python's: such a text is not made by the escape codec.
-    for text in (LONG + "/😀é", "😀" + LONG):
+def test_what_another_writer_escaped_is_the_same_value() -> None:
+    # "\/" and surrogate pairs (json.dumps with ensure_ascii, as a hub may write them) are JSON's
+    # own escapes; a pair is never cut in two, wherever the slices fall.
+    for text in (LONG + "/😀é", "😀" + LONG, "😀" * 40_000, "é\n/" * 30_000):
         data = json.dumps({"text": text}).replace("/", "\\/").encode()
         assert stored_json.loads(data)["text"] == text
+        assert stored_json.loads(data) == orjson.loads(data)
+
+
+@pytest.mark.parametrize("shift", range(13))
+def test_a_slice_never_ends_inside_an_escape_or_a_character(
+    monkeypatch: pytest.MonkeyPatch, shift: int
+) -> None:
+    # Slices of a few bytes, so that every kind of place to cut is met.
+    monkeypatch.setattr(stored_json, "SLICE_BYTES", 7 + shift)
+    text = ('a😀\n"é€' + "\u2028\x00" + "b" * shift) * 5_000
+    data = orjson.dumps({"t": text})
+    ensured = json.dumps({"t": text}).encode()  # every non-ASCII character a \uXXXX escape
+    assert stored_json.loads(data)["t"] == text
+    assert stored_json.loads(ensured)["t"] == text
+
+
+def test_a_string_with_no_place_to_cut_is_parsed_whole() -> None:
+    # Nothing but escapes: no 6 bytes without a backslash, so no slice can end; parsed whole.
+    text = "\x01" * 20_000
+    assert stored_json.loads(orjson.dumps({"t": text}))["t"] == text
 
 
 def test_short_json_a_long_key_and_the_mark_itself() -> None:
@@ -94,7 +114,7 @@ def test_no_json_is_an_error() -> None:
         (LONG, False),
         (LONG.replace("word1", "x\n\tq\\").replace("word99", '"x"'), False),
         (LONG.replace("word1", "é€😀"), False),
-        (LONG.replace("word1", "é\n"), True),
+        (LONG.replace("word1", "é\n"), False),
         ('"' * 70_000, True),
     ],
 )
@@ -114,4 +134,7 @@ def test_orjson_parses_only_the_skeleton_of_a_long_answer(
     if whole:
         assert parsed == [len(data)]
     else:
-        assert len(parsed) == 1 and parsed[0] < 200  # the skeleton alone
+        # The skeleton, and a long text with escapes a slice at a time: never the whole.
+        assert min(parsed) < 200
+        assert max(parsed) <= stored_json.SLICE_BYTES + 64
+        assert len(parsed) == 1 or "\\" in data.decode()
