@@ -24,7 +24,7 @@ from prometheus_client import Counter, Histogram
 from gateway import tracing
 from gateway.logs import REQUEST_ID_HEADER, request_id_var
 from gateway.metrics import LATENCY_BUCKETS
-from router_svc import errors
+from router_svc import errors, stored_json
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,13 @@ _CONTEXT_HINTS = (
 
 
 # The most of a hub's event stream read at once (what arrived, up to this): the events in it are
-# split out of it while it is held.
-READ_BLOCK = 64 * 1024
+# split out of it while it is held, and what they make is sent before the next block is read.
+READ_BLOCK = 16 * 1024
+# What aiohttp holds of a hub's answer before it stops reading the socket (it stops at twice
+# this; its default is 64 KiB). A hub that sends faster than the router translates (a bench's
+# hub, or a model server's burst) is held back by TCP instead: with 64 KiB blocks and aiohttp's
+# default, a stream of 4-byte deltas cost the router about 1 MB more at any time (issue 13).
+READ_BUFSIZE = 16 * 1024
 
 # The current turn's session key (see turn.session_key), sent to the hub as the session header
 # so that prefix-cache-aware routers keep a conversation or a chain on one replica.
@@ -97,6 +102,7 @@ class HubClient:
                 connector=connector,
                 timeout=self._timeout,
                 json_serialize=lambda o: orjson.dumps(o).decode(),
+                read_bufsize=READ_BUFSIZE,
             )
         return self._session
 
@@ -122,13 +128,25 @@ class HubClient:
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POSTs ``body`` and returns the JSON object the hub answered."""
         async with self._call(path, body, stream=False) as resp:
-            return _json_object(await self._read(resp))
+            return _json_object(await self._read_grown(resp))
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
         """The whole answer once it started, within the idle bound."""
         async with self._quiet_limit() as gap:
             gap.reschedule(self._idle_deadline())
             return await resp.read()
+
+    async def _read_grown(self, resp: aiohttp.ClientResponse) -> bytearray:
+        """:meth:`_read`, into one buffer grown as the answer arrives: aiohttp's read() keeps
+        the pieces until the end and then joins them, which held a long answer twice (a 4 MB
+        answer's router peak was 3x of it, 2x with this; bench/bench_memory.py). What is parsed
+        from it is all that outlives it."""
+        body = bytearray()
+        async with self._quiet_limit() as gap:
+            gap.reschedule(self._idle_deadline())
+            while chunk := await resp.content.readany():
+                body += chunk
+        return body
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """POSTs ``body`` and yields each JSON object of the hub's event stream, up to ``[DONE]``
@@ -269,7 +287,7 @@ class HubClient:
     async def get_json(self, path: str) -> dict[str, Any]:
         """GETs ``path`` and returns the JSON object the hub answered."""
         async with self._request("GET", path, None, stream=False) as resp:
-            return _json_object(await self._read(resp))
+            return _json_object(await self._read_grown(resp))
 
     async def forward(self, path: str, body: bytes) -> bytes:
         """POSTs ``body`` unchanged and returns the hub's answer unchanged."""
@@ -350,10 +368,11 @@ class SseEvents:
         return data[0] if len(data) == 1 else b"\n".join(data)
 
 
-def _json_object(raw: bytes) -> dict[str, Any]:
-    """The hub's answer as a JSON object, or a 502 saying what is wrong with it."""
+def _json_object(raw: bytes | bytearray) -> dict[str, Any]:
+    """The hub's answer as a JSON object, or a 502 saying what is wrong with it. A long answer's
+    text is made without orjson's copy of the whole answer (:mod:`router_svc.stored_json`)."""
     try:
-        parsed = orjson.loads(raw)
+        parsed = stored_json.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise _fail(
             "upstream_malformed_response", "The model server answered with malformed JSON."

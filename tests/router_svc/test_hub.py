@@ -7,6 +7,7 @@ nonsense)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -266,7 +267,16 @@ async def test_a_context_length_400_is_the_clients_400(message: str) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "says"),
-    [(b'{"choices": [', "malformed JSON"), (b"[1, 2]", "not a JSON object"), (b"", "malformed")],
+    [
+        (b'{"choices": [', "malformed JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b"", "malformed"),
+        # Long answers, whose long strings are parsed apart (stored_json): the same errors.
+        (b'{"choices": ["' + b"x" * 70_000, "malformed JSON"),
+        (b'{"a": "' + b"x" * 70_000 + b'\\q"}', "malformed JSON"),
+        (b'{"a": "' + b"x" * 70_000 + b'"', "malformed JSON"),
+        (b'["' + b"x" * 70_000 + b'"]', "not a JSON object"),
+    ],
 )
 async def test_a_malformed_answer_is_a_502(raw: bytes, says: str) -> None:
     async with serving(answering(200, raw)) as url, client(url) as c:
@@ -277,6 +287,17 @@ async def test_a_malformed_answer_is_a_502(raw: bytes, says: str) -> None:
     assert (info.value.status, info.value.code) == (502, "upstream_malformed_response")
     assert says in info.value.message
     assert get_info.value.code == "upstream_malformed_response"
+
+
+async def test_a_long_answer_is_parsed_to_the_same_value() -> None:
+    # Escapes, non-ASCII text, escaped surrogate pairs: what orjson would parse.
+    text = 'é "q" \\ \n 😀 /' * 20_000
+    for raw in (
+        orjson.dumps({"choices": [{"message": {"content": text}}], "n": 1}),
+        json.dumps({"choices": [{"message": {"content": text}}], "n": 1}).encode(),
+    ):
+        async with serving(answering(200, raw)) as url, client(url) as c:
+            assert await c.post("/chat/completions", {}) == orjson.loads(raw)
 
 
 def test_malformed_is_a_502_with_the_message() -> None:
