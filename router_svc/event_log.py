@@ -138,14 +138,22 @@ class _Run:
 
 
 def _lengths(encoded: str) -> Iterator[int]:
+    """The lengths of a run's deltas, decoded a slice of ``encoded`` at a time (a replay of a
+    long answer's run holds a few KB of them, not a byte per delta)."""
     n = shift = 0
-    for byte in base64.b64decode(encoded):
-        n |= (byte & 0x7F) << shift
-        if byte & 0x80:
-            shift += 7
-        else:
-            yield n
-            n = shift = 0
+    for at in range(0, len(encoded), _LENGTHS_SLICE):
+        for byte in base64.b64decode(encoded[at : at + _LENGTHS_SLICE]):
+            n |= (byte & 0x7F) << shift
+            if byte & 0x80:
+                shift += 7
+            else:
+                yield n
+                n = shift = 0
+
+
+# The characters of a run's base64 lengths decoded at once: a multiple of 4, so that each slice
+# decodes on its own (base64 encodes 3 bytes as 4 characters; only the last slice is padded).
+_LENGTHS_SLICE = 16 * 1024
 
 
 # A stream of fewer events, with fewer characters of deltas, is stored as its events.

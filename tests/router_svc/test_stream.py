@@ -16,7 +16,8 @@ from openai._types import omit
 from openai.lib.streaming.responses._responses import ResponseStream
 from openai.types.responses import Response, ResponseStreamEvent
 
-from router_svc import errors, validate
+from router_svc import errors, event_log, validate
+from router_svc.dialects.chat import stream as chat_stream
 from router_svc.dialects.chat.stream import ChatStreamTranslator
 from router_svc.dialects.responses import ResponsesStreamTranslator
 from router_svc.event_log import EventLog
@@ -652,6 +653,28 @@ def test_text_read_while_streaming_then_continued_is_kept_exactly() -> None:
     assert translator.response["output"][0]["content"][0]["text"] == "".join(pieces)
 
 
+@pytest.mark.parametrize("block", [1, 5, 64])
+def test_text_decoded_a_block_at_a_time_is_kept_exactly(
+    monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    # The text is decoded onto itself a block at a time (grown in place): pieces of every width,
+    # read mid-stream (what was read stays as it was), then continued.
+    monkeypatch.setattr(chat_stream, "_TEXT_BLOCK", block)
+    pieces = [p * n for n in range(1, 40) for p in ("a", "\u00e9", "\u20ac", "\U0001f600", " ")]
+    translator = ChatStreamTranslator(req(), response_id="resp_1", created_at=1)
+    translator.start()
+    reads: list[tuple[str, str]] = []
+    for n, piece in enumerate(pieces):
+        translator.feed(chunk({"content": piece}))
+        if n % 37 == 0:
+            read = translator.response["output"][0]["content"][0]["text"]
+            reads.append((read, "".join(pieces[: n + 1])))
+    events = translator.feed(chunk(finish="stop")) + translator.finish()
+    done = next(e for e in events if e["type"] == "response.output_text.done")
+    assert done["text"] == "".join(pieces)
+    assert all(read == expected for read, expected in reads)
+
+
 def test_logprobs_stream_when_included() -> None:
     lp = {"content": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": []}]}
     request = req(include=["message.output_text.logprobs"])
@@ -1186,6 +1209,26 @@ def test_the_stored_log_of_every_scenario_replays_the_live_stream(name: str) -> 
     assert normalized(from_storage(logged(live, translator.response), translator.response)) == (
         normalized(live)
     )
+
+
+def test_a_long_runs_lengths_are_read_back_a_slice_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Lengths of 1 to 300 characters (varints of one and two bytes), read back 8 base64
+    # characters (6 bytes) at a time: a varint split between slices still reads whole.
+    monkeypatch.setattr(event_log, "_LENGTHS_SLICE", 8)
+    sizes = [1 + (n * 37) % 300 for n in range(400)]
+    text = "".join(chr(0x61 + n % 26) * size for n, size in enumerate(sizes))
+    pieces, at = [], 0
+    for size in sizes:
+        pieces.append(text[at : at + size])
+        at += size
+    translator, live = run([*[chunk({"content": p}) for p in pieces], chunk(finish="stop")])
+    log = logged(live, translator.response)
+    assert len(orjson.loads(log)) < 20, "the deltas are one run"
+    replayed = from_storage(log, translator.response)
+    assert normalized(replayed) == normalized(live)
+    assert [e["delta"] for e in replayed if e["type"] == "response.output_text.delta"] == pieces
 
 
 def test_deltas_with_logprobs_are_stored_whole() -> None:

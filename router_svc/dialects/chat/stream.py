@@ -45,30 +45,47 @@ _ABORTED = frozenset({"abort", "error"})
 
 
 class _Text:
-    """Text that arrives in pieces, kept as its UTF-8 in one buffer that grows as they come and
-    decoded when read. A str object costs 49 bytes more than its text, so a piece per few-byte
-    delta would cost many times the answer; blocks of joined pieces (as before) were long-lived
-    allocations made among the hub's transient reads, which they kept from being reused: one
-    buffer (grown in place, mapped of its own once large) took the router's peak at a 4 MB
-    answer in 16 KB chunks from 3.0x to 2.2x, in 4-byte deltas from 7.1-7.5x to 5.3-6.2x
-    (bench/bench_memory.py), for the same CPU per delta."""
+    """Text that arrives in pieces: the latest pieces as their UTF-8 in one buffer, decoded a
+    block at a time onto the text read so far. A str object costs 49 bytes more than its text,
+    so a piece per few-byte delta would cost many times the answer; blocks of joined pieces (as
+    before) were long-lived allocations made among the hub's transient reads, which they kept
+    from being reused. The text is grown in place (CPython resizes a str that nothing else
+    holds; glibc grows a large block by remapping it), so that it is never held twice: decoding
+    the whole buffer at the end held the answer as UTF-8 and as text at once, the peak of a long
+    answer (bench/bench_memory.py: a 2 MB answer in 4-byte deltas from 2.8x to 1.9x of it in the
+    router)."""
 
     __slots__ = ("_text", "_utf8")
 
     def __init__(self) -> None:
-        self._utf8 = bytearray()  # pieces not read yet
-        self._text = ""  # what was read
+        self._utf8 = bytearray()  # pieces not decoded yet, fewer than _TEXT_BLOCK bytes
+        self._text = ""  # what was decoded
 
     def append(self, piece: str) -> None:
-        # surrogatepass: a lone surrogate (JSON allows its escape) is kept as it came.
+        # surrogatepass: a lone surrogate (JSON allows its escape) is kept as it came. Each
+        # piece is encoded whole, so the buffer always ends on a character.
         self._utf8 += piece.encode("utf-8", "surrogatepass")
+        if len(self._utf8) >= _TEXT_BLOCK:
+            self._decode()
 
     def value(self) -> str:
         if self._utf8:
-            text = self._utf8.decode("utf-8", "surrogatepass")
-            self._utf8 = bytearray()
-            self._text = self._text + text if self._text else text
+            self._decode()
         return self._text
+
+    def _decode(self) -> None:
+        block = self._utf8.decode("utf-8", "surrogatepass")
+        self._utf8 = bytearray()
+        text = self._text
+        self._text = ""
+        # In place while nothing else holds the text (a value() read mid-stream does: the next
+        # block then makes a new one, as the read text must stay as it was).
+        text += block
+        self._text = text
+
+
+# The UTF-8 of a text's pieces decoded at once onto it.
+_TEXT_BLOCK = 64 * 1024
 
 
 @dataclass
