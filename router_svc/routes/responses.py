@@ -202,9 +202,11 @@ async def get_response(request: Request) -> Response:
         gctune.give_back_now()
     response: ResponseObject = stored_json.loads(read.response_json)
     events = read.stream_events_json
-    live = orjson.loads(events) if streamed and events else None
-    del events
+    # The response's JSON is not held while the log is parsed, nor the log's JSON after (a
+    # long answer's log holds a byte per delta in one string: made from the JSON once).
     del read
+    live = stored_json.loads(events) if streamed and events else None
+    del events
     if streamed:
         if in_progress:
             # Its events as they reach its log, whichever router runs it.
