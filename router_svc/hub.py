@@ -50,8 +50,9 @@ _CONTEXT_HINTS = (
 
 
 # The most of a hub's event stream read at once (what arrived, up to this): the events in it are
-# split out of it while it is held, and what they make is sent before the next block is read.
-READ_BLOCK = 16 * 1024
+# split out of it while it is held. (16 KiB blocks cost 30% more CPU per delta on a stream of
+# 4-byte deltas, for no less memory.)
+READ_BLOCK = 64 * 1024
 # What aiohttp holds of a hub's answer before it stops reading the socket (it stops at twice
 # this; its default is 64 KiB). A hub that sends faster than the router translates (a bench's
 # hub, or a model server's burst) is held back by TCP instead: with 64 KiB blocks and aiohttp's
