@@ -177,7 +177,9 @@ class FakeHub:
             ]
 
     async def _start(self) -> None:
-        app = web.Application()
+        app = web.Application(
+            client_max_size=64 * 1024 * 1024
+        )  # long histories, as a model server takes them
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_get("/v1/models", self._models)

@@ -29,10 +29,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @asynccontextmanager
-async def serving(handler: Handler) -> AsyncIterator[str]:
+async def serving(handler: Handler, client_max_size: int = 1 << 20) -> AsyncIterator[str]:
     """An HTTP server on 127.0.0.1 answering every request with ``handler``; yields its base
     URL (with ``/v1``)."""
-    app = web.Application()
+    app = web.Application(client_max_size=client_max_size)
     app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
@@ -298,6 +298,25 @@ async def test_a_long_answer_is_parsed_to_the_same_value() -> None:
     ):
         async with serving(answering(200, raw)) as url, client(url) as c:
             assert await c.post("/chat/completions", {}) == orjson.loads(raw)
+
+
+async def test_a_body_over_a_mebibyte_is_sent_whole_without_a_warning() -> None:
+    # A long history makes a request body of megabytes: aiohttp warns (ResourceWarning) about
+    # raw bytes that large, which a process run with warnings as errors (as these tests are)
+    # turned into a failed turn. The hub gets the same body, its JSON content type and length.
+    got: list[tuple[bytes, str, int | None]] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        got.append((await request.read(), request.content_type, request.content_length))
+        return web.json_response({"ok": True})
+
+    body = {"messages": [{"role": "user", "content": "é" * (1 << 20)}]}
+    async with serving(handle, client_max_size=8 << 20) as url, client(url) as c:
+        assert await c.post("/chat/completions", body) == {"ok": True}
+        async for _ in c.stream("/chat/completions", body):
+            pass
+    sent = orjson.dumps(body)
+    assert got == [(sent, "application/json", len(sent))] * 2
 
 
 def test_malformed_is_a_502_with_the_message() -> None:
