@@ -151,6 +151,18 @@ def _lengths(encoded: str) -> Iterator[int]:
                 n = shift = 0
 
 
+def _varints(data: bytes | bytearray) -> Iterator[int]:
+    """The lengths of a run's deltas (unsigned LEB128 varints)."""
+    n = shift = 0
+    for byte in data:
+        n |= (byte & 0x7F) << shift
+        if byte & 0x80:
+            shift += 7
+        else:
+            yield n
+            n = shift = 0
+
+
 # The characters of a run's base64 lengths decoded at once: a multiple of 4, so that each slice
 # decodes on its own (base64 encodes 3 bytes as 4 characters; only the last slice is padded).
 _LENGTHS_SLICE = 16 * 1024
@@ -211,6 +223,55 @@ class EventLog:
             return
         self._run = None
         self._records.append(event)
+
+    def replay(self, response: ResponseObject) -> Iterator[StreamEvent] | None:
+        """The events added, in order, each made as it is taken (a run's deltas cut from the
+        texts of ``response``, the response these events built): what :meth:`dump` stores,
+        expanded as :func:`iter_log` would, without encoding it. For a stream held until its
+        turn is stored (router_svc.streaming.buffered_stream), which then costs what the log
+        costs, not its events. None when the deltas do not add up to the response's texts (as
+        :meth:`dump`)."""
+        if self._plain is not None:
+            return iter(self._plain)
+        offsets: dict[tuple[Any, ...], int] = {}
+        for record in self._records:
+            if isinstance(record, _Run):
+                first = record.first
+                found = _in_response(response, first)
+                key = _text_key(first)
+                start = offsets.get(key, 0)
+                end = start + record.chars
+                if (
+                    found is None
+                    or not isinstance(found[1], str)
+                    or _crc(found[1], start, end) != record.crc
+                ):
+                    return None
+                offsets[key] = end
+            else:
+                _advance(offsets, record)
+        return self._expanded(response)
+
+    def _expanded(self, response: ResponseObject) -> Iterator[StreamEvent]:
+        offsets: dict[tuple[Any, ...], int] = {}
+        for record in self._records:
+            if not isinstance(record, _Run):
+                _advance(offsets, record)
+                yield record
+                continue
+            first = record.first
+            found = _in_response(response, first)
+            text = found[1] if found is not None and isinstance(found[1], str) else ""
+            key = _text_key(first)
+            at = offsets.get(key, 0)
+            seq = int(first["sequence_number"])
+            for n in _varints(record.lengths):
+                yield cast(
+                    StreamEvent, {**first, "sequence_number": seq, "delta": text[at : at + n]}
+                )
+                at += n
+                seq += 1
+            offsets[key] = at
 
     def dump(self, response: ResponseObject) -> bytes:
         """The log as stored with ``response``, the response these events built. Empty (a replay

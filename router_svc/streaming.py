@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Final
@@ -22,7 +23,7 @@ from gateway import gctune
 from router_svc import compaction, errors, include, running, tool_loop
 from router_svc.dialects import StreamTranslator
 from router_svc.event_log import EventLog
-from router_svc.events import SSE_DONE, sse_encode, sse_pieces, sse_slices
+from router_svc.events import SSE_DONE, sse_pieces, sse_slices
 from router_svc.idempotency import Identity
 from router_svc.replay import replay_events
 from router_svc.services import Services
@@ -81,7 +82,7 @@ async def settle(
     ident: Identity,
     headers: Mapping[str, str] | None = None,
     lock: AbstractAsyncContextManager[Any] | None = None,
-) -> tuple[Turn, ResponseObject | list[bytes]]:
+) -> tuple[Turn, ResponseObject | Iterator[bytes]]:
     """Steps 2 to 5 for a turn whose answer is held until it is stored: a conversation turn
     (whole, or streamed into a buffer) and a streamed SDK retry. Returns the turn and its answer
     (the response, or the stream's bytes).
@@ -111,32 +112,58 @@ async def settle(
     raise AssertionError("unreachable")
 
 
-async def buffered_stream(svc: Services, turn: Turn) -> list[bytes]:
-    """Steps 4 and 5 with streaming, nothing sent before the turn is stored: the stream's bytes.
+async def buffered_stream(svc: Services, turn: Turn) -> Iterator[bytes]:
+    """Steps 4 and 5 with streaming, nothing sent before the turn is stored: the stream's bytes,
+    each event made and encoded as it is taken.
 
-    A failure to store is raised (an HTTP error, before any byte: a conversation that changed
-    meanwhile is a 409 the caller may run again); a turn that another response answers (the
-    first attempt of an SDK call this one retries) is that response's stream."""
+    The events are not kept while the hub streams: the stored log keeps them in its compact form
+    (a byte per delta), and they are made from it and the response once the turn is stored
+    (:meth:`EventLog.replay`), so that such a turn costs what a live one costs (holding a 0.5 MB
+    answer of 4-byte deltas as events cost the router about 120x of it). A failure to store is
+    raised (an HTTP error, before any byte: a conversation that changed meanwhile is a 409 the
+    caller may run again); a turn that another response answers (the first attempt of an SDK
+    call this one retries) is that response's stream."""
     queue = _Outbox(backlog=0)
-    outcome = await _pump(svc, turn, stream_translator(svc, turn), queue, buffered=True)
+    translator = stream_translator(svc, turn)
+    outcome = await _pump(svc, turn, translator, queue, buffered=True)
     if outcome.store_error is not None:
         raise outcome.store_error
     if outcome.holder is not None:
-        held = replay_events(outcome.holder)
-        return [
-            *(sse_encode(e) for e in include.events(held, outcome.holder, turn.req.include)),
-            SSE_DONE,
-        ]
-    chunks: list[bytes] = []
+        holder = outcome.holder
+        held = replay_events(holder)
+        return _held_bytes(include.events(held, holder, turn.req.include), long=False)
+    sent = outcome.sent
+    assert sent is not None
+    # The events the log holds, but the terminal one (the queue has it, with the response
+    # stored), then what the queue holds: that terminal event, or nothing after a failure.
+    logged = sent.replay(translator.response)
+    if logged is None:  # never: the deltas add up to the texts they built
+        logged = iter(replay_events(translator.response))
+    before = (e for e in logged if e["type"] not in _STORED_TERMINALS)
+    after: list[StreamEvent] = []
     while True:
         item = queue.get_nowait()
-        if item is _END:
-            chunks.append(SSE_DONE)
-            return chunks
         if isinstance(item, _Sliced):
-            item = item.event
-        assert isinstance(item, dict)
-        chunks.append(sse_encode(item))
+            after.append(item.event)
+        elif isinstance(item, dict):
+            after.append(item)
+        else:  # _END
+            break
+    return _held_bytes(itertools.chain(before, after), long=sent.long)
+
+
+def _held_bytes(events: Iterable[StreamEvent], *, long: bool) -> Iterator[bytes]:
+    """The SSE bytes of a held stream's events, ending with SSE_DONE: those that may hold a
+    long answer (a long stream's .done and terminal events) a slice at a time, as _drain
+    sends them."""
+    for event in events:
+        if long and not event["type"].endswith(".delta"):
+            yield from sse_slices(event)
+        else:
+            yield from sse_pieces(event)
+    yield SSE_DONE
+    if long:
+        gctune.give_back()  # what the long answer's copies took
 
 
 @dataclass
@@ -147,6 +174,9 @@ class _Outcome:
     store_error: errors.ApiError | None = None
     # Another response answers this request (see store).
     holder: ResponseObject | None = None
+    # The events sent or held, as the stored log keeps them (a buffered stream's are made from
+    # it once the turn is stored).
+    sent: EventLog | None = None
 
 
 async def _pump(
@@ -157,8 +187,8 @@ async def _pump(
     *,
     buffered: bool = False,
 ) -> _Outcome:
-    outcome = _Outcome()
     sent = EventLog()  # what the client was sent, for the stored log
+    outcome = _Outcome(sent=sent)
     held: list[StreamEvent] = []
 
     def push(events: list[StreamEvent]) -> None:
@@ -167,6 +197,8 @@ async def _pump(
                 held.append(event)  # goes out only once the turn is stored
                 continue
             sent.add(event)
+            if buffered:
+                continue  # made again from the log once the turn is stored (buffered_stream)
             # Encoded when the client takes it (see _drain); in slices when it may hold a long
             # answer (a .done or terminal event of a long stream).
             if sent.long and not event["type"].endswith(".delta"):

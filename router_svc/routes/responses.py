@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Iterable
 from typing import Any
 
 import orjson
@@ -104,9 +104,9 @@ async def _create(
         t, answer = await streaming.settle(
             svc, req, tenant=who, ident=ident, headers=request.headers, lock=lock
         )
-        if isinstance(answer, list):
-            return _sse(_sent(answer), t.headers())
-        return Response(t.json_of(answer), media_type="application/json", headers=t.headers())
+        if isinstance(answer, dict):
+            return Response(t.json_of(answer), media_type="application/json", headers=t.headers())
+        return _sse(_sent(answer), t.headers())
     t = await turn.begin(svc, req, tenant=who, ident=ident, headers=request.headers)
     if req.background and not req.stream:
         accepted = await background.start(svc, t, request.headers)
@@ -120,7 +120,7 @@ async def _create(
     return Response(t.json_of(answered), media_type="application/json", headers=t.headers())
 
 
-async def _sent(chunks: list[bytes]) -> AsyncIterator[bytes]:
+async def _sent(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
     for chunk in chunks:
         yield chunk
 

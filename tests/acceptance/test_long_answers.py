@@ -126,6 +126,43 @@ def test_a_replay_of_a_long_answer_is_the_live_stream_byte_for_byte(
     assert client.responses.retrieve(final["id"]).output_text == LONGER
 
 
+@pytest.mark.parametrize("text", [TEXT, LONGER, "short answer"], ids=["long", "non-ascii", "short"])
+def test_a_held_stream_is_the_stored_turns_replay_byte_for_byte(
+    sqlite_stack: Stack, hub: FakeHub, text: str
+) -> None:
+    # A conversation turn's stream is held until its turn is stored, then made from the stored
+    # log and the response (not kept as events meanwhile): the same bytes as its replay, and a
+    # stream the SDK reads to the same answer.
+    hub.enqueue(Reply(text=text))
+    client = sqlite_stack.client()
+    conversation = client.conversations.create()
+    with httpx.Client(timeout=30) as http:
+        body = {"model": "fake-model", "input": "tell me", "stream": True}
+        body["conversation"] = conversation.id
+        with http.stream("POST", f"{sqlite_stack.url}/responses", json=body) as r:
+            assert r.status_code == 200
+            held = r.read()
+        events = [
+            orjson.loads(line.removeprefix(b"data: "))
+            for line in held.split(b"\n")
+            if line.startswith(b"data: {")
+        ]
+        final = events[-1]["response"]
+        assert final["status"] == "completed"
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+        assert "".join(deltas) == text
+        assert len(deltas) > 1
+        url = f"{sqlite_stack.url}/responses/{final['id']}"
+        replay = http.get(url, params={"stream": "true"})
+        assert replay.content == held, "byte for byte"
+    hub.enqueue(Reply(text=text))
+    with client.responses.stream(
+        model="fake-model", input="again", conversation=conversation.id
+    ) as stream:
+        assert stream.get_final_response().output_text == text
+
+
 # ~200 KB of code in 6,000 deltas: ASCII with escapes (newlines, tabs, backslashes, a few quotes:
 # a text with many is parsed whole, see stored_json.QUOTE_EVERY).
 CODE = "".join(f"    x{i} = {'q' if i % 100 else chr(34)}\t# \\ {i % 7}\n" for i in range(6000))

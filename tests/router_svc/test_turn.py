@@ -493,8 +493,8 @@ async def test_a_streamed_conversation_turn_is_held_until_stored(
         tenant=TENANT,
         ident=idempotency.NO_IDENTITY,
     )
-    assert isinstance(answer, list)
-    events = events_of(answer)
+    assert not isinstance(answer, dict)
+    events = events_of(list(answer))
     assert [e["type"] for e in events][-2:] == ["response.completed", "[DONE]"]
     assert events[-2]["response"]["id"] == t.response_id
     assert await stored(svc, t.response_id) is not None
