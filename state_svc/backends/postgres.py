@@ -164,7 +164,40 @@ MIGRATIONS: list[list[str]] = [
         """CREATE INDEX IF NOT EXISTS compactions_expiry ON {s}.compactions (expire_time_us)
             WHERE expire_time_us IS NOT NULL""",
     ],
+    # 8: a long value (a response JSON, event log or item JSON: a long answer's) in pieces of
+    # its own, written and read a piece at a time (see _large_value); the row it belongs to
+    # holds an empty value and points at it. It belongs to a response or a conversation and goes
+    # with it. Rows written before keep their values in place and read as they were.
+    [
+        """CREATE TABLE IF NOT EXISTS {s}.large_values (
+            pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            response_pk bigint REFERENCES {s}.responses (pk) ON DELETE CASCADE,
+            conversation_pk bigint REFERENCES {s}.conversations (pk) ON DELETE CASCADE,
+            size bigint NOT NULL,
+            CONSTRAINT large_values_owner CHECK (num_nonnulls(response_pk, conversation_pk) = 1)
+        )""",
+        """CREATE INDEX IF NOT EXISTS large_values_response ON {s}.large_values (response_pk)
+            WHERE response_pk IS NOT NULL""",
+        """CREATE INDEX IF NOT EXISTS large_values_conversation
+            ON {s}.large_values (conversation_pk) WHERE conversation_pk IS NOT NULL""",
+        """CREATE TABLE IF NOT EXISTS {s}.large_value_pieces (
+            value_pk bigint NOT NULL REFERENCES {s}.large_values (pk) ON DELETE CASCADE,
+            seq integer NOT NULL,
+            data bytea NOT NULL,
+            PRIMARY KEY (value_pk, seq)
+        )""",
+        "ALTER TABLE {s}.responses ADD COLUMN IF NOT EXISTS response_json_at bigint",
+        "ALTER TABLE {s}.responses ADD COLUMN IF NOT EXISTS stream_events_at bigint",
+        "ALTER TABLE {s}.response_items ADD COLUMN IF NOT EXISTS json_at bigint",
+        "ALTER TABLE {s}.conversation_items ADD COLUMN IF NOT EXISTS json_at bigint",
+    ],
 ]
+
+# A value this large (a long answer's JSON) is written in pieces by _large_value, not bound
+# with its row.
+LARGE_JSON_BYTES = 256 * 1024
+# The most bytes of a large value in one row of large_value_pieces.
+_LARGE_PIECE_BYTES = 256 * 1024
 
 # A unique violation on these means another transaction stored the same id or key first: the
 # retry finds that row and answers a replay (or a conflict).
@@ -214,6 +247,7 @@ class PostgresBackend:
         self._pool: asyncpg.Pool | None = None
         s = _quote(schema)
         self._s = s
+        whole = self._whole
         live = "(expire_time_us IS NULL OR expire_time_us > $3)"
         # Walks the chain like the SQLite backend; see HISTORY_SQL there for why each step must
         # reach an older row. The LATERAL subqueries (OFFSET 0 keeps the planner from flattening
@@ -248,21 +282,23 @@ WHERE pk = any(ARRAY(SELECT pk FROM chain)) ORDER BY pk FOR KEY SHARE
         self._history_sql = f"""{chain}
 {chain_rows}
 UNION ALL
-SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id, i.json, NULL, NULL
+SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id,
+    {whole("i.json", "i.json_at")}, NULL, NULL
 FROM {items}
 ORDER BY 1, 5 NULLS FIRST, 6
 """
         # With a limit ($4), only the newest items, each with the count of all (see SQLite).
         self._history_capped_sql = f"""{chain},
 items AS (
-    SELECT i.response_pk, i.kind, i.position, i.item_id, i.json,
+    SELECT i.response_pk, i.kind, i.position, i.item_id, i.json, i.json_at,
         row_number() OVER (ORDER BY i.response_pk DESC, i.kind DESC, i.position DESC) AS rank,
         count(*) OVER () AS total
     FROM {items}
 )
 {chain_rows}
 UNION ALL
-SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, json, total, NULL
+SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, {whole("json", "json_at")},
+    total, NULL
 FROM items WHERE rank <= $4
 ORDER BY 1, 5 NULLS FIRST, 6
 """
@@ -271,7 +307,8 @@ ORDER BY 1, 5 NULLS FIRST, 6
         # (the LATERAL subqueries, as above, keep the planner from joining whole tables).
         self._items_sql = f"""
 WITH ids AS MATERIALIZED (SELECT DISTINCT unnest($2::text[]) AS item_id)
-SELECT i.item_id, i.json, r.create_time_us, i.position::bigint, {base.RESPONSE_COPY}, r.pk
+SELECT i.item_id, {whole("i.json", "i.json_at")}, r.create_time_us, i.position::bigint,
+    {base.RESPONSE_COPY}, r.pk
 FROM ids CROSS JOIN LATERAL (
     SELECT * FROM {s}.response_items x WHERE x.item_id = ids.item_id OFFSET 0
 ) i CROSS JOIN LATERAL (
@@ -280,7 +317,8 @@ FROM ids CROSS JOIN LATERAL (
 WHERE r.tenant = $1 AND NOT r.in_progress
     AND (r.expire_time_us IS NULL OR r.expire_time_us > $3)
 UNION ALL
-SELECT i.item_id, i.json, i.create_time_us, i.seq, {base.CONVERSATION_COPY}, c.pk
+SELECT i.item_id, {whole("i.json", "i.json_at")}, i.create_time_us, i.seq,
+    {base.CONVERSATION_COPY}, c.pk
 FROM ids CROSS JOIN LATERAL (
     SELECT * FROM {s}.conversation_items x WHERE x.item_id = ids.item_id OFFSET 0
 ) i CROSS JOIN LATERAL (
@@ -288,21 +326,47 @@ FROM ids CROSS JOIN LATERAL (
 ) c
 WHERE c.tenant = $1 AND (c.expire_time_us IS NULL OR c.expire_time_us > $3)
 """
-        # A turn joined with its items (see _turn_from_rows).
-        self._turn_sql = f"""SELECT r.id, r.previous_response_id, r.conversation_id,
-    r.idempotency_key, r.response_json, r.create_time_us, r.expire_time_us,
-    r.stream_events_json, r.in_progress, i.kind, i.position, i.item_id, i.json
-FROM {s}.responses r LEFT JOIN {s}.response_items i ON i.response_pk = r.pk"""
         self._conversation_history_sql = f"""
 WITH c AS MATERIALIZED (
     SELECT pk, version,
         (SELECT count(*) FROM {s}.conversation_items x WHERE x.conversation_pk = v.pk) AS total
     FROM {s}.conversations v WHERE tenant = $1 AND id = $2 AND {live}
 )
-SELECT c.version, c.total, i.seq, i.item_id, i.json, i.create_time_us
+SELECT c.version, c.total, i.seq, i.item_id, {whole("i.json", "i.json_at")}, i.create_time_us
 FROM c LEFT JOIN {s}.conversation_items i ON i.conversation_pk = c.pk
 ORDER BY i.seq DESC LIMIT $4
 """
+
+    def _whole(self, column: str, at: str) -> str:
+        """The SQL of a value that may be a large value: ``column`` itself, or, when ``at``
+        points at a large value (see _large_value), its pieces joined."""
+        return f"""CASE WHEN {at} IS NULL THEN {column} ELSE (
+    SELECT string_agg(p.data, ''::bytea ORDER BY p.seq) FROM {self._s}.large_value_pieces p
+    WHERE p.value_pk = {at}) END"""
+
+    def _turn_sql(self, where: str) -> str:
+        """The response matching ``where`` (on ``r``), in a first row, then its items, each in
+        a row of its own, in order (see _turn_from_rows): one statement, one snapshot, and
+        the response JSON in one row, not repeated in each item's."""
+        s = self._s
+        whole = self._whole
+        return f"""WITH r AS MATERIALIZED (
+    SELECT r.pk, r.id, r.previous_response_id, r.conversation_id, r.idempotency_key,
+        r.response_json, r.response_json_at, r.create_time_us, r.expire_time_us,
+        r.stream_events_json, r.stream_events_at, r.in_progress
+    FROM {s}.responses r WHERE {where}
+)
+SELECT id, previous_response_id, conversation_id, idempotency_key,
+    {whole("response_json", "response_json_at")} AS response_json, create_time_us,
+    expire_time_us, {whole("stream_events_json", "stream_events_at")} AS stream_events_json,
+    in_progress, NULL::smallint AS kind, NULL::integer AS position, NULL::text AS item_id,
+    NULL::bytea AS json
+FROM r
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, i.kind, i.position, i.item_id,
+    {whole("i.json", "i.json_at")}
+FROM r JOIN {s}.response_items i ON i.response_pk = r.pk
+ORDER BY kind NULLS FIRST, position"""
 
     async def open(self) -> PostgresBackend:
         """Creates the pool, then the schema and its tables (or migrates them)."""
@@ -439,6 +503,29 @@ ORDER BY i.seq DESC LIMIT $4
         expire = base.expire_at(now, self._retention_s)
         conversation = await self._conversation_for(conn, tenant, turn, expected, now)
         version = conversation[1] if conversation else 0
+        if _has_large(turn):
+            await self._insert_large_turn(conn, tenant, turn, digest, version, now, expire)
+        else:
+            await self._insert_turn(conn, tenant, turn, digest, version, now, expire)
+        if conversation is not None and not turn.in_progress:
+            appended = [*turn.input_items, *turn.output_items]
+            await self._insert_items(
+                conn, conversation[0], turn.conversation_id, appended, version, now
+            )
+        return PutTurnResult(base.stored_turn(turn, now, expire), False, version)
+
+    async def _insert_turn(
+        self,
+        conn: Conn,
+        tenant: str,
+        turn: Turn,
+        digest: bytes,
+        version: int,
+        now: int,
+        expire: int | None,
+    ) -> None:
+        """Inserts a new turn without large values, with its items, in one statement."""
+        s = self._s
         kinds, positions, ids, jsons = _response_item_columns(turn)
         await conn.execute(
             f"""WITH r AS (
@@ -468,12 +555,132 @@ ORDER BY i.seq DESC LIMIT $4
             turn.stream_events_json,
             turn.in_progress,
         )
-        if conversation is not None and not turn.in_progress:
-            appended = [*turn.input_items, *turn.output_items]
-            await self._insert_items(
-                conn, conversation[0], turn.conversation_id, appended, version, now
+
+    async def _insert_large_turn(
+        self,
+        conn: Conn,
+        tenant: str,
+        turn: Turn,
+        digest: bytes,
+        version: int,
+        now: int,
+        expire: int | None,
+    ) -> None:
+        """Inserts a new turn with large values: its row (each large value empty), then each
+        large value in pieces, then its items."""
+        s = self._s
+        pk = await conn.fetchval(
+            f"""INSERT INTO {s}.responses (tenant, id, previous_response_id, conversation_id,
+                idempotency_key, response_json, digest, conversation_version, create_time_us,
+                expire_time_us, stream_events_json, in_progress)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING pk""",
+            tenant,
+            turn.id,
+            turn.previous_response_id,
+            turn.conversation_id,
+            turn.idempotency_key,
+            _unless_large(turn.response_json),
+            digest,
+            version,
+            now,
+            expire,
+            _unless_large(turn.stream_events_json),
+            turn.in_progress,
+        )
+        json_at = await self._large_value(conn, turn.response_json, response_pk=pk)
+        events_at = await self._large_value(conn, turn.stream_events_json, response_pk=pk)
+        if json_at is not None or events_at is not None:
+            await conn.execute(
+                f"""UPDATE {s}.responses SET response_json_at = $2, stream_events_at = $3
+                WHERE pk = $1""",
+                pk,
+                json_at,
+                events_at,
             )
-        return PutTurnResult(base.stored_turn(turn, now, expire), False, version)
+        await self._insert_response_items(conn, pk, turn)
+
+    async def _rewrite_turn(
+        self, conn: Conn, pk: int, turn: Turn, digest: bytes, version: int | None = None
+    ) -> None:
+        """Writes ``turn`` over the stored response ``pk`` (a running turn being replaced):
+        its values, large ones in pieces (the old ones dropped), its conversation version
+        unless None, and its items."""
+        s = self._s
+        # The response's large values, its items' among them (deleted below).
+        await conn.execute(f"DELETE FROM {s}.large_values WHERE response_pk = $1", pk)
+        json_at = await self._large_value(conn, turn.response_json, response_pk=pk)
+        events_at = await self._large_value(conn, turn.stream_events_json, response_pk=pk)
+        await conn.execute(
+            f"""UPDATE {s}.responses SET response_json = $2, digest = $3,
+                stream_events_json = $4, in_progress = $5, response_json_at = $6,
+                stream_events_at = $7, conversation_version = coalesce($8, conversation_version)
+            WHERE pk = $1""",
+            pk,
+            _unless_large(turn.response_json),
+            digest,
+            _unless_large(turn.stream_events_json),
+            turn.in_progress,
+            json_at,
+            events_at,
+            version,
+        )
+        await conn.execute(f"DELETE FROM {s}.response_items WHERE response_pk = $1", pk)
+        await self._insert_response_items(conn, pk, turn)
+
+    async def _insert_response_items(self, conn: Conn, pk: int, turn: Turn) -> None:
+        """Inserts the items of the response ``pk``, a large item's JSON in pieces."""
+        kinds, positions, ids, jsons = _response_item_columns(turn)
+        ats = [await self._large_value(conn, data, response_pk=pk) for data in jsons]
+        await conn.execute(
+            f"""INSERT INTO {self._s}.response_items
+                (response_pk, kind, position, item_id, json, json_at)
+            SELECT $1, u.kind, u.position, u.item_id, u.json, u.json_at
+            FROM unnest($2::smallint[], $3::integer[], $4::text[], $5::bytea[], $6::bigint[])
+                AS u (kind, position, item_id, json, json_at)""",
+            pk,
+            kinds,
+            positions,
+            ids,
+            [_unless_large(data) for data in jsons],
+            ats,
+        )
+
+    async def _large_value(
+        self,
+        conn: Conn,
+        data: bytes | memoryview,
+        *,
+        response_pk: int | None = None,
+        conversation_pk: int | None = None,
+    ) -> int | None:
+        """Writes ``data`` as a large value of its response or conversation when it is large,
+        and returns its pk (None when it is not large: it is bound with its own row).
+
+        asyncpg copies each value bound to a statement into the message it sends, so that a
+        long answer bound whole (with its item's JSON, a second copy of it) was held two or
+        three times more while written. Here it is sent with COPY, in rows of at most
+        _LARGE_PIECE_BYTES, each a view of the caller's buffer: asyncpg sends what it
+        encoded every 512 KiB, so no more than that is copied at a time."""
+        if len(data) < LARGE_JSON_BYTES:
+            return None
+        pk: int = await conn.fetchval(
+            f"""INSERT INTO {self._s}.large_values (response_pk, conversation_pk, size)
+            VALUES ($1, $2, $3) RETURNING pk""",
+            response_pk,
+            conversation_pk,
+            len(data),
+        )
+        view = memoryview(data)
+        await conn.copy_records_to_table(
+            "large_value_pieces",
+            schema_name=self._schema,
+            columns=("value_pk", "seq", "data"),
+            records=(
+                (pk, n, view[start : start + _LARGE_PIECE_BYTES])
+                for n, start in enumerate(range(0, len(view), _LARGE_PIECE_BYTES))
+            ),
+        )
+        return pk
 
     async def _replace_turn(
         self,
@@ -491,30 +698,7 @@ ORDER BY i.seq DESC LIMIT $4
         stored = base.replacing_turn(await self._load_turn(conn, pk), turn)
         conversation = await self._conversation_for(conn, tenant, turn, expected, now)
         version = conversation[1] if conversation else 0
-        await conn.execute(
-            f"""UPDATE {s}.responses SET response_json = $2, digest = $3,
-                conversation_version = $4, stream_events_json = $5, in_progress = $6
-            WHERE pk = $1""",
-            pk,
-            turn.response_json,
-            digest,
-            version,
-            turn.stream_events_json,
-            turn.in_progress,
-        )
-        await conn.execute(f"DELETE FROM {s}.response_items WHERE response_pk = $1", pk)
-        kinds, positions, ids, jsons = _response_item_columns(turn)
-        await conn.execute(
-            f"""INSERT INTO {s}.response_items (response_pk, kind, position, item_id, json)
-            SELECT $1, u.kind, u.position, u.item_id, u.json
-            FROM unnest($2::smallint[], $3::integer[], $4::text[], $5::bytea[])
-                AS u (kind, position, item_id, json)""",
-            pk,
-            kinds,
-            positions,
-            ids,
-            jsons,
-        )
+        await self._rewrite_turn(conn, pk, turn, digest, version)
         if conversation is not None and not turn.in_progress:
             appended = [*turn.input_items, *turn.output_items]
             await self._insert_items(
@@ -583,18 +767,25 @@ ORDER BY i.seq DESC LIMIT $4
         )
         if not stored:
             return stored
+        # A large item's JSON in pieces, as the conversation's (an item whose id clashes fails
+        # the call below, and the transaction takes its pieces back).
+        ats = [
+            await self._large_value(conn, i.json, conversation_pk=conversation_pk) for i in stored
+        ]
         inserted = await conn.fetch(
             f"""INSERT INTO {self._s}.conversation_items
-                (conversation_pk, seq, item_id, json, create_time_us)
-            SELECT $1, u.seq, u.item_id, u.json, $5
-            FROM unnest($2::bigint[], $3::text[], $4::bytea[]) AS u (seq, item_id, json)
+                (conversation_pk, seq, item_id, json, create_time_us, json_at)
+            SELECT $1, u.seq, u.item_id, u.json, $5, u.json_at
+            FROM unnest($2::bigint[], $3::text[], $4::bytea[], $6::bigint[])
+                AS u (seq, item_id, json, json_at)
             ON CONFLICT (conversation_pk, item_id) DO NOTHING
             RETURNING item_id""",
             conversation_pk,
             [i.sequence for i in stored],
             [i.id for i in stored],
-            [i.json for i in stored],
+            [_unless_large(i.json) for i in stored],
             now,
+            ats,
         )
         if len(inserted) < len(stored):
             fresh = {row["item_id"] for row in inserted}
@@ -603,7 +794,7 @@ ORDER BY i.seq DESC LIMIT $4
         return stored
 
     async def _load_turn(self, conn: Conn, pk: int) -> Turn:
-        rows = await conn.fetch(f"{self._turn_sql} WHERE r.pk = $1 ORDER BY i.kind, i.position", pk)
+        rows = await conn.fetch(self._turn_sql("r.pk = $1"), pk)
         return _turn_from_rows(rows)
 
     async def get_response(
@@ -617,9 +808,10 @@ ORDER BY i.seq DESC LIMIT $4
         # The key's index is partial: the query must repeat its condition to use it.
         where = "r.idempotency_key = $2 AND r.idempotency_key <> ''" if key else "r.id = $2"
         rows = await conn.fetch(
-            f"""{self._turn_sql} WHERE r.tenant = $1 AND {where}
-                AND (r.expire_time_us IS NULL OR r.expire_time_us > $3)
-            ORDER BY i.kind, i.position""",
+            self._turn_sql(
+                f"""r.tenant = $1 AND {where}
+                AND (r.expire_time_us IS NULL OR r.expire_time_us > $3)"""
+            ),
             tenant,
             key or response_id,
             base.now_us(),
@@ -827,7 +1019,8 @@ ORDER BY i.seq DESC LIMIT $4
                 id=r["item_id"], json=r["json"], sequence=r["seq"], create_time_us=r["ct"]
             )
             for r in await conn.fetch(
-                f"""SELECT seq, item_id, json, create_time_us AS ct FROM {s}.conversation_items
+                f"""SELECT seq, item_id, {self._whole("json", "json_at")} AS json,
+                    create_time_us AS ct FROM {s}.conversation_items
                 WHERE conversation_pk = $1 AND item_id = any($2::text[])""",
                 pk,
                 [i.id for i in items],
@@ -896,7 +1089,8 @@ ORDER BY i.seq DESC LIMIT $4
                 WHERE v.tenant = $1 AND v.id = $2
                     AND (v.expire_time_us IS NULL OR v.expire_time_us > $3)
             )
-            SELECT c.after, i.seq, i.item_id, i.json, i.create_time_us
+            SELECT c.after, i.seq, i.item_id, {self._whole("i.json", "i.json_at")} AS json,
+                i.create_time_us
             FROM c LEFT JOIN LATERAL (
                 SELECT * FROM {s}.conversation_items x
                 WHERE x.conversation_pk = c.pk AND x.seq {compare} coalesce(c.after, {default})
@@ -927,7 +1121,8 @@ ORDER BY i.seq DESC LIMIT $4
     async def get_item(self, tenant: str, conversation_id: str, item_id: str) -> Item:
         row = await self._run(
             _fetchrow,
-            f"""SELECT i.seq, i.item_id, i.json, i.create_time_us
+            f"""SELECT i.seq, i.item_id, {self._whole("i.json", "i.json_at")} AS json,
+                i.create_time_us
             FROM {self._s}.conversations c LEFT JOIN {self._s}.conversation_items i
                 ON i.conversation_pk = c.pk AND i.item_id = $4
             WHERE c.tenant = $1 AND c.id = $2
@@ -965,12 +1160,20 @@ ORDER BY i.seq DESC LIMIT $4
         )
         if row is None:
             raise errors.conversation_not_found(conversation_id)
-        status = await conn.execute(
-            f"DELETE FROM {s}.conversation_items WHERE conversation_pk = $1 AND item_id = $2",
+        # The item's large value (when it has one) goes with it.
+        deleted = await conn.fetchval(
+            f"""WITH gone AS (
+                DELETE FROM {s}.conversation_items WHERE conversation_pk = $1 AND item_id = $2
+                RETURNING json_at
+            ), dropped AS (
+                DELETE FROM {s}.large_values
+                WHERE pk = (SELECT json_at FROM gone) AND conversation_pk = $1
+            )
+            SELECT count(*) FROM gone""",
             row["pk"],
             item_id,
         )
-        if status == "DELETE 0":
+        if not deleted:
             raise errors.item_not_found(conversation_id, item_id)
         return _conversation(row)
 
@@ -1284,28 +1487,7 @@ ORDER BY i.seq DESC LIMIT $4
         if not running.in_progress:
             return await self._put_turn(conn, tenant, final, digest, None, False)
         stored = base.replacing_turn(running, final)
-        await conn.execute(
-            f"""UPDATE {s}.responses SET response_json = $2, digest = $3,
-                stream_events_json = $4, in_progress = false
-            WHERE pk = $1""",
-            pk,
-            final.response_json,
-            digest,
-            final.stream_events_json,
-        )
-        await conn.execute(f"DELETE FROM {s}.response_items WHERE response_pk = $1", pk)
-        kinds, positions, ids, jsons = _response_item_columns(final)
-        await conn.execute(
-            f"""INSERT INTO {s}.response_items (response_pk, kind, position, item_id, json)
-            SELECT $1, u.kind, u.position, u.item_id, u.json
-            FROM unnest($2::smallint[], $3::integer[], $4::text[], $5::bytea[])
-                AS u (kind, position, item_id, json)""",
-            pk,
-            kinds,
-            positions,
-            ids,
-            jsons,
-        )
+        await self._rewrite_turn(conn, pk, replace(final, in_progress=False), digest)
         return PutTurnResult(stored, False, 0)
 
     async def cancel_job(self, tenant: str, turn: Turn, cancel_event: bytes) -> CancelResult:
@@ -1493,6 +1675,24 @@ def _conversation(row: Any) -> Conversation:
 
 def _dump_metadata(metadata: Mapping[str, str]) -> str:
     return orjson.dumps(dict(metadata), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _unless_large(data: bytes | memoryview) -> bytes | memoryview:
+    """``data``, or an empty value when it is large (written by _large_value instead)."""
+    return b"" if len(data) >= LARGE_JSON_BYTES else data
+
+
+def _has_large(turn: Turn) -> bool:
+    """Whether any value of ``turn`` is large (see _large_value)."""
+    return any(
+        len(data) >= LARGE_JSON_BYTES
+        for data in (
+            turn.response_json,
+            turn.stream_events_json,
+            *(i.json for i in turn.input_items),
+            *(i.json for i in turn.output_items),
+        )
+    )
 
 
 def _response_item_columns(
