@@ -197,7 +197,21 @@ MIGRATIONS: list[list[str]] = [
 # with its row.
 LARGE_JSON_BYTES = 256 * 1024
 # The most bytes of a large value in one row of large_value_pieces.
-_LARGE_PIECE_BYTES = 256 * 1024
+_LARGE_PIECE_BYTES = 64 * 1024
+# The pieces of large values read at a time (see _read_values).
+_PIECES_PREFETCH = 2
+# The columns that may hold a large value, with the column saying where it is then.
+_VALUE_COLUMNS = {
+    "response_json": "response_json_at",
+    "stream_events_json": "stream_events_at",
+    "i.json": "i.json_at",
+}
+# In a row of _turn_sql(pieces=True): where a large value is, and its size.
+_POINTERS = (
+    ("response_json_at", "response_json_size"),
+    ("stream_events_at", "stream_events_size"),
+    ("json_at", "json_size"),
+)
 
 # A unique violation on these means another transaction stored the same id or key first: the
 # retry finds that row and answers a replay (or a conflict).
@@ -344,12 +358,28 @@ ORDER BY i.seq DESC LIMIT $4
     SELECT string_agg(p.data, ''::bytea ORDER BY p.seq) FROM {self._s}.large_value_pieces p
     WHERE p.value_pk = {at}) END"""
 
-    def _turn_sql(self, where: str) -> str:
+    def _turn_sql(self, where: str, *, pieces: bool = False) -> str:
         """The response matching ``where`` (on ``r``), in a first row, then its items, each in
         a row of its own, in order (see _turn_from_rows): one statement, one snapshot, and
-        the response JSON in one row, not repeated in each item's."""
+        the response JSON in one row, not repeated in each item's. Large values are joined
+        from their pieces, or, with ``pieces``, left out: a row then holds where each is
+        (``response_json_at``, ``stream_events_at``, ``json_at``) and its size (``..._size``)
+        instead, for _read_values."""
         s = self._s
         whole = self._whole
+        values = {name: whole(name, at) for name, at in _VALUE_COLUMNS.items()}
+        head_extra = item_extra = items_null = ""
+        if pieces:
+            values = {name: name for name in _VALUE_COLUMNS}
+            sizes = {
+                name: f"(SELECT v.size FROM {s}.large_values v WHERE v.pk = {at})"
+                for name, at in _VALUE_COLUMNS.items()
+            }
+            head_extra = f""", response_json_at, {sizes["response_json"]} AS response_json_size,
+    stream_events_at, {sizes["stream_events_json"]} AS stream_events_size,
+    NULL::bigint AS json_at, NULL::bigint AS json_size"""
+            item_extra = f", i.json_at, {sizes['i.json']}"
+            items_null = ", NULL, NULL, NULL, NULL"
         return f"""WITH r AS MATERIALIZED (
     SELECT r.pk, r.id, r.previous_response_id, r.conversation_id, r.idempotency_key,
         r.response_json, r.response_json_at, r.create_time_us, r.expire_time_us,
@@ -357,16 +387,38 @@ ORDER BY i.seq DESC LIMIT $4
     FROM {s}.responses r WHERE {where}
 )
 SELECT id, previous_response_id, conversation_id, idempotency_key,
-    {whole("response_json", "response_json_at")} AS response_json, create_time_us,
-    expire_time_us, {whole("stream_events_json", "stream_events_at")} AS stream_events_json,
-    in_progress, NULL::smallint AS kind, NULL::integer AS position, NULL::text AS item_id,
-    NULL::bytea AS json
+    {values["response_json"]} AS response_json, create_time_us, expire_time_us,
+    {values["stream_events_json"]} AS stream_events_json, in_progress, NULL::smallint AS kind,
+    NULL::integer AS position, NULL::text AS item_id, NULL::bytea AS json{head_extra}
 FROM r
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, i.kind, i.position, i.item_id,
-    {whole("i.json", "i.json_at")}
+    {values["i.json"]}{items_null}{item_extra}
 FROM r JOIN {s}.response_items i ON i.response_pk = r.pk
 ORDER BY kind NULLS FIRST, position"""
+
+    async def _read_values(self, conn: Conn, sizes: Mapping[int, int]) -> dict[int, memoryview]:
+        """The large values ``sizes`` names (pk: size), each read a few pieces at a time into a
+        buffer of its size: fetched whole (or joined in the statement), asyncpg would hold a
+        long answer once as received and once more as the value, and every piece of it at
+        once. The caller's transaction gives this and its own reads one snapshot."""
+        buffers = {pk: bytearray(size) for pk, size in sizes.items()}
+        filled = dict.fromkeys(buffers, 0)
+        async for row in conn.cursor(
+            f"""SELECT value_pk, data FROM {self._s}.large_value_pieces
+            WHERE value_pk = any($1::bigint[]) ORDER BY value_pk, seq""",
+            list(buffers),
+            prefetch=_PIECES_PREFETCH,
+        ):
+            pk, data = row[0], row[1]
+            start = filled[pk]
+            if start + len(data) > len(buffers[pk]):
+                raise RuntimeError(f"large value {pk} is longer than its size")
+            buffers[pk][start : start + len(data)] = data
+            filled[pk] = start + len(data)
+        if any(filled[pk] != len(buffer) for pk, buffer in buffers.items()):
+            raise RuntimeError("a large value is shorter than its size")
+        return {pk: memoryview(buffer) for pk, buffer in buffers.items()}
 
     async def open(self) -> PostgresBackend:
         """Creates the pool, then the schema and its tables (or migrates them)."""
@@ -404,11 +456,22 @@ ORDER BY kind NULLS FIRST, position"""
             raise errors.backend_unavailable("the PostgreSQL pool is closed")
         return self._pool.acquire()
 
-    async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any, write: bool = True) -> T:
-        """Runs ``fn(conn, *args)`` in one transaction, retrying the races a retry resolves."""
+    async def _run(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        write: bool = True,
+        snapshot: bool = False,
+    ) -> T:
+        """Runs ``fn(conn, *args)`` in one transaction, retrying the races a retry resolves;
+        without ``write``, outside any (one statement); with ``snapshot``, in a read-only one
+        whose statements all see one snapshot (REPEATABLE READ)."""
         for attempt in range(_ATTEMPTS):
             try:
                 async with self._acquire() as conn:
+                    if snapshot:
+                        async with conn.transaction(isolation="repeatable_read", readonly=True):
+                            return await fn(conn, *args)
                     if not write:
                         return await fn(conn, *args)
                     async with conn.transaction():
@@ -800,17 +863,29 @@ ORDER BY kind NULLS FIRST, position"""
     async def get_response(
         self, tenant: str, *, response_id: str = "", idempotency_key: str = ""
     ) -> Turn:
-        return await self._run(
-            self._get_response, tenant, response_id, idempotency_key, write=False
+        # One statement without a transaction, as for any read; a response with large values
+        # is read again with them in one snapshot (see _read_values).
+        turn = await self._run(
+            self._get_response, tenant, response_id, idempotency_key, False, write=False
         )
+        if turn is None:
+            turn = await self._run(
+                self._get_response, tenant, response_id, idempotency_key, True, snapshot=True
+            )
+        assert turn is not None
+        return turn
 
-    async def _get_response(self, conn: Conn, tenant: str, response_id: str, key: str) -> Turn:
+    async def _get_response(
+        self, conn: Conn, tenant: str, response_id: str, key: str, large: bool
+    ) -> Turn | None:
+        """The response, or None when it has large values and ``large`` is False."""
         # The key's index is partial: the query must repeat its condition to use it.
         where = "r.idempotency_key = $2 AND r.idempotency_key <> ''" if key else "r.id = $2"
         rows = await conn.fetch(
             self._turn_sql(
                 f"""r.tenant = $1 AND {where}
-                AND (r.expire_time_us IS NULL OR r.expire_time_us > $3)"""
+                AND (r.expire_time_us IS NULL OR r.expire_time_us > $3)""",
+                pieces=True,
             ),
             tenant,
             key or response_id,
@@ -820,7 +895,14 @@ ORDER BY kind NULLS FIRST, position"""
             if key:
                 raise errors.idempotency_key_not_found(key)
             raise errors.response_not_found(response_id)
-        return _turn_from_rows(rows)
+        sizes = {
+            row[at]: row[size] for row in rows for at, size in _POINTERS if row[at] is not None
+        }
+        if not sizes:
+            return _turn_from_rows(rows)
+        if not large:
+            return None
+        return _turn_from_rows(rows, await self._read_values(conn, sizes))
 
     async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
         args: list[object] = [tenant, response_id, base.now_us()]
@@ -1712,16 +1794,22 @@ def _response_item_columns(
     return kinds, positions, ids, jsons
 
 
-def _turn_from_rows(rows: Sequence[Any]) -> Turn:
-    """A turn from its row joined with its items (kind, position, item id, json)."""
+def _turn_from_rows(rows: Sequence[Any], values: Mapping[int, memoryview] | None = None) -> Turn:
+    """A turn from its rows (see PostgresBackend._turn_sql): its own, then its items'; with
+    ``values``, the large values they point at (by pk), as _read_values read them."""
     head = rows[0]
+
+    def value(row: Any, name: str, at: str) -> bytes | memoryview:
+        pk = row.get(at) if values else None
+        return row[name] if pk is None else values[pk]  # type: ignore[index]
+
     groups: tuple[list[Item], list[Item]] = ([], [])
     for row in rows:
         if row["kind"] is not None:
             groups[row["kind"]].append(
                 Item(
                     id=row["item_id"],
-                    json=row["json"],
+                    json=value(row, "json", "json_at"),
                     sequence=row["position"],
                     create_time_us=head["create_time_us"],
                 )
@@ -1731,10 +1819,10 @@ def _turn_from_rows(rows: Sequence[Any]) -> Turn:
         previous_response_id=head["previous_response_id"],
         conversation_id=head["conversation_id"],
         idempotency_key=head["idempotency_key"],
-        response_json=head["response_json"],
+        response_json=value(head, "response_json", "response_json_at"),
         create_time_us=head["create_time_us"],
         expire_time_us=head["expire_time_us"],
-        stream_events_json=head["stream_events_json"],
+        stream_events_json=value(head, "stream_events_json", "stream_events_at"),
         in_progress=head["in_progress"],
         input_items=tuple(groups[0]),
         output_items=tuple(groups[1]),

@@ -341,9 +341,8 @@ async def test_postgres_keeps_long_values_in_pieces_and_drops_them_with_their_ow
     # A conversation's long item: its own value, gone with the item, or with the conversation.
     long_item = resources_pb2.Item(id="item_long", json=orjson.dumps(output("item")))
     conversation = await client.conversation([long_item])
-    assert await pg_values(running) == [
-        ("conversation", len(long_item.json), 2, len(long_item.json))
-    ]
+    n = len(long_item.json)
+    assert await pg_values(running) == [("conversation", n, -(-n // piece), n)]
     await client.stub.DeleteConversationItem(
         pb.DeleteConversationItemRequest(
             tenant=TENANT, conversation_id=conversation, item_id="item_long"
@@ -470,3 +469,27 @@ async def test_postgres_large_values_migration_is_idempotent(
     for statement in postgres_backend.MIGRATIONS[7]:
         await pg_rows(again, statement)
     assert_long((await client.get("resp_1")).response, "resp_1")
+
+
+@pytest.mark.parametrize("backend", POSTGRES, indirect=True)
+async def test_postgres_reads_long_values_a_piece_at_a_time(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    """GetResponse fills each long value into one buffer of its size from its pieces (not
+    joined whole in the statement), in one snapshot; a value whose pieces do not make its
+    size is an error, never a truncated answer."""
+    running = await start()
+    client = connect(running.port)
+    await client.put_chunked(long_turn("resp_1"), piece_bytes=100_003)
+    turn = await running.backend.get_response(TENANT, response_id="resp_1")
+    values = [turn.response_json, turn.stream_events_json, turn.output_items[0].json]
+    assert all(isinstance(v, memoryview) for v in values)
+    assert isinstance(turn.input_items[0].json, bytes)  # short: as stored
+    assert_long((await client.get("resp_1")).response, "resp_1")
+    await pg_rows(
+        running,
+        """UPDATE {s}.large_values SET size = size + 1
+        WHERE pk = (SELECT response_json_at FROM {s}.responses WHERE id = 'resp_1')""",
+    )
+    with pytest.raises(RuntimeError, match="shorter than its size"):
+        await running.backend.get_response(TENANT, response_id="resp_1")

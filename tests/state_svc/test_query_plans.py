@@ -334,11 +334,21 @@ class Recorder:
         for name in ("fetch", "fetchrow", "fetchval", "execute"):
             original = getattr(asyncpg.connection.Connection, name)
             monkeypatch.setattr(asyncpg.connection.Connection, name, self._wrap(original))
+        cursor = asyncpg.connection.Connection.cursor
+
+        def recorded_cursor(conn: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+            self._record(query, args)
+            return cursor(conn, query, *args, **kwargs)
+
+        monkeypatch.setattr(asyncpg.connection.Connection, "cursor", recorded_cursor)
+
+    def _record(self, query: str, args: tuple[Any, ...]) -> None:
+        if self.on and query.split()[0].upper() in _DML and "pg_advisory" not in query:
+            self.statements.setdefault(query, args)
 
     def _wrap(self, original: Any) -> Any:
         async def recorded(conn: Any, query: str, *args: Any, **kwargs: Any) -> Any:
-            if self.on and query.split()[0].upper() in _DML and "pg_advisory" not in query:
-                self.statements.setdefault(query, args)
+            self._record(query, args)
             return await original(conn, query, *args, **kwargs)
 
         return recorded
@@ -476,6 +486,7 @@ async def test_postgres_hot_queries_use_indexes(
         # The long values' reads (their pieces joined) and deletes are among them.
         assert sum("large_value_pieces" in s for s in statements) >= 5
         assert any(s.startswith("DELETE FROM") and "large_values" in s for s in statements)
+        assert any("any($1::bigint[]) ORDER BY value_pk, seq" in s for s in statements)
         assert await conn.fetch(postgres_fk_query(pg_schema)) == []
         # Freshly filled tables have no statistics yet (the planner goes by their size); the
         # plans must be right before and after ANALYZE.
