@@ -206,12 +206,8 @@ _VALUE_COLUMNS = {
     "stream_events_json": "stream_events_at",
     "i.json": "i.json_at",
 }
-# In a row of _turn_sql(pieces=True): where a large value is, and its size.
-_POINTERS = (
-    ("response_json_at", "response_json_size"),
-    ("stream_events_at", "stream_events_size"),
-    ("json_at", "json_size"),
-)
+# In a row of _turn_sql(pieces=True): where a large value is.
+_POINTERS = ("response_json_at", "stream_events_at", "json_at")
 
 # A unique violation on these means another transaction stored the same id or key first: the
 # retry finds that row and answers a replay (or a conflict).
@@ -363,23 +359,16 @@ ORDER BY i.seq DESC LIMIT $4
         a row of its own, in order (see _turn_from_rows): one statement, one snapshot, and
         the response JSON in one row, not repeated in each item's. Large values are joined
         from their pieces, or, with ``pieces``, left out: a row then holds where each is
-        (``response_json_at``, ``stream_events_at``, ``json_at``) and its size (``..._size``)
-        instead, for _read_values."""
+        (``response_json_at``, ``stream_events_at``, ``json_at``) instead, for _read_values."""
         s = self._s
         whole = self._whole
         values = {name: whole(name, at) for name, at in _VALUE_COLUMNS.items()}
         head_extra = item_extra = items_null = ""
         if pieces:
             values = {name: name for name in _VALUE_COLUMNS}
-            sizes = {
-                name: f"(SELECT v.size FROM {s}.large_values v WHERE v.pk = {at})"
-                for name, at in _VALUE_COLUMNS.items()
-            }
-            head_extra = f""", response_json_at, {sizes["response_json"]} AS response_json_size,
-    stream_events_at, {sizes["stream_events_json"]} AS stream_events_size,
-    NULL::bigint AS json_at, NULL::bigint AS json_size"""
-            item_extra = f", i.json_at, {sizes['i.json']}"
-            items_null = ", NULL, NULL, NULL, NULL"
+            head_extra = ", response_json_at, stream_events_at, NULL::bigint AS json_at"
+            item_extra = ", i.json_at"
+            items_null = ", NULL, NULL"
         return f"""WITH r AS MATERIALIZED (
     SELECT r.pk, r.id, r.previous_response_id, r.conversation_id, r.idempotency_key,
         r.response_json, r.response_json_at, r.create_time_us, r.expire_time_us,
@@ -397,12 +386,17 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, i.kind, i.position,
 FROM r JOIN {s}.response_items i ON i.response_pk = r.pk
 ORDER BY kind NULLS FIRST, position"""
 
-    async def _read_values(self, conn: Conn, sizes: Mapping[int, int]) -> dict[int, memoryview]:
-        """The large values ``sizes`` names (pk: size), each read a few pieces at a time into a
-        buffer of its size: fetched whole (or joined in the statement), asyncpg would hold a
-        long answer once as received and once more as the value, and every piece of it at
-        once. The caller's transaction gives this and its own reads one snapshot."""
-        buffers = {pk: bytearray(size) for pk, size in sizes.items()}
+    async def _read_values(self, conn: Conn, pks: Sequence[int]) -> dict[int, memoryview]:
+        """The large values ``pks``, each read a few pieces at a time into a buffer of its
+        size: fetched whole (or joined in the statement), asyncpg would hold a long answer
+        once as received and once more as the value, and every piece of it at once. The
+        caller's transaction gives this and its own reads one snapshot."""
+        sizes = await conn.fetch(
+            f"SELECT pk, size FROM {self._s}.large_values WHERE pk = any($1::bigint[])", pks
+        )
+        if len(sizes) != len(set(pks)):
+            raise RuntimeError("a large value is missing")
+        buffers = {row["pk"]: bytearray(row["size"]) for row in sizes}
         filled = dict.fromkeys(buffers, 0)
         async for row in conn.cursor(
             f"""SELECT value_pk, data FROM {self._s}.large_value_pieces
@@ -895,14 +889,12 @@ ORDER BY kind NULLS FIRST, position"""
             if key:
                 raise errors.idempotency_key_not_found(key)
             raise errors.response_not_found(response_id)
-        sizes = {
-            row[at]: row[size] for row in rows for at, size in _POINTERS if row[at] is not None
-        }
-        if not sizes:
+        pks = [row[at] for row in rows for at in _POINTERS if row[at] is not None]
+        if not pks:
             return _turn_from_rows(rows)
         if not large:
             return None
-        return _turn_from_rows(rows, await self._read_values(conn, sizes))
+        return _turn_from_rows(rows, await self._read_values(conn, pks))
 
     async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
         args: list[object] = [tenant, response_id, base.now_us()]
