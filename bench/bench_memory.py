@@ -14,8 +14,9 @@ its end, checking it is whole. Printed per process:
 - (peak RSS during the turns - RSS before) / N / answer size: what one turn of that many at once
   costs, in answer sizes;
 - ``held``: RSS 2 s after the turns ended minus RSS before, in MB;
-- for a streamed case, ``replay``: what the router's peak RSS grew by while one of those
-  responses was replayed (GET ?stream=true) and read to its end, in answer sizes;
+- for a streamed case, ``replay``: what the router's and the state service's peak RSS grew by
+  while one of those responses was replayed (GET ?stream=true) and read to its end, in answer
+  sizes;
 - ``get``: the same for a plain GET of it (the response object, not streamed), after the replay.
 
 The router's history cache (``--history-cache-mb``, 64 MB in a router by default) keeps the items
@@ -288,15 +289,17 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
                 ids.append(got[0][1])
                 return time.perf_counter() - start
 
-        async def read_back(stream: bool) -> float:
+        async def read_back(stream: bool) -> tuple[float, float]:
             """One of the responses read back (GET, ``?stream=true`` for a replay) to its end:
-            what the router's peak RSS grew by meanwhile, in answer sizes."""
+            what the router's and the state service's peak RSS grew by meanwhile, in answer
+            sizes."""
             async with aiohttp.ClientSession() as session:
-                router = pids["router"]
-                base = rss_bytes(router)
-                reset_peak(router)
+                base = {name: rss_bytes(pid) for name, pid in pids.items()}
+                for pid in pids.values():
+                    reset_peak(pid)
                 await read_through(session, url, ids[0], stream=stream)
-                return (peak_bytes(router) - base) / size
+                router, state = ((peak_bytes(pids[n]) - base[n]) / size for n in pids)
+                return router, state
 
         baseline: dict[str, int] = {}
         peaks: dict[str, int] = {}
@@ -314,9 +317,9 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
             per_turn = (peaks[name] - baseline[name]) / case.turns / size
             held = (after[name] - baseline[name]) / MB
             cols.append(f"{name} {per_turn:6.2f}x  held {held:7.1f} MB")
-        cols.append(f"get: router {got:5.2f}x")
+        cols.append(f"get: router {got[0]:5.2f}x state {got[1]:5.2f}x")
         if replayed is not None:
-            cols.append(f"replay: router {replayed:5.2f}x")
+            cols.append(f"replay: router {replayed[0]:5.2f}x state {replayed[1]:5.2f}x")
         print(
             f"{case.name:<22} {size / MB:4.1f} MB {case.turns:>3} turns {seconds:6.1f} s   "
             + "   ".join(cols),

@@ -21,8 +21,14 @@ def add_items(
     message and copying it in: this is most of GetHistory's CPU time)."""
     add = target.add
     for item in items:
-        # Bytes: a view (see base.Item) is only in a turn being written, answered owned.
-        msg = add(id=item.id, sequence=item.sequence, json=item.json)
+        # Bytes, but for a turn being written (see base.Item; answered owned) and a long item
+        # read back in pieces (PostgreSQL's GetResponse): a view, copied here.
+        data = item.json
+        msg = add(
+            id=item.id,
+            sequence=item.sequence,
+            json=data if type(data) is bytes else bytes(data),
+        )
         msg.create_time.FromMicroseconds(item.create_time_us)
 
 

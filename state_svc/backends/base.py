@@ -27,7 +27,8 @@ class Item:
     position inside a stored response; 0 on writes, where the backend assigns it."""
 
     id: str
-    # A view of the request received in a turn being written (its output items, see Turn).
+    # A view of the request received in a turn being written (its output items, see Turn), or
+    # of the buffer a long item was read into (PostgreSQL's get_response).
     json: bytes | memoryview
     sequence: int = 0
     create_time_us: int = 0
@@ -39,7 +40,9 @@ class Turn:
 
     id: str
     # The JSON of a turn being written (and its output items') may be a view of the request
-    # received (state_svc.wire): written as it is, never kept past the call (see owned).
+    # received (state_svc.wire): written as it is, never kept past the call (see owned). A
+    # long value read back by PostgreSQL's get_response is a view of the buffer it was read
+    # into, a piece at a time.
     response_json: bytes | memoryview
     previous_response_id: str = ""
     conversation_id: str = ""

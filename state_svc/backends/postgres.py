@@ -164,7 +164,50 @@ MIGRATIONS: list[list[str]] = [
         """CREATE INDEX IF NOT EXISTS compactions_expiry ON {s}.compactions (expire_time_us)
             WHERE expire_time_us IS NOT NULL""",
     ],
+    # 8: a long value (a response JSON, event log or item JSON: a long answer's) in pieces of
+    # its own, written and read a piece at a time (see _large_value); the row it belongs to
+    # holds an empty value and points at it. It belongs to a response or a conversation and goes
+    # with it. Rows written before keep their values in place and read as they were.
+    [
+        """CREATE TABLE IF NOT EXISTS {s}.large_values (
+            pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            response_pk bigint REFERENCES {s}.responses (pk) ON DELETE CASCADE,
+            conversation_pk bigint REFERENCES {s}.conversations (pk) ON DELETE CASCADE,
+            size bigint NOT NULL,
+            CONSTRAINT large_values_owner CHECK (num_nonnulls(response_pk, conversation_pk) = 1)
+        )""",
+        """CREATE INDEX IF NOT EXISTS large_values_response ON {s}.large_values (response_pk)
+            WHERE response_pk IS NOT NULL""",
+        """CREATE INDEX IF NOT EXISTS large_values_conversation
+            ON {s}.large_values (conversation_pk) WHERE conversation_pk IS NOT NULL""",
+        """CREATE TABLE IF NOT EXISTS {s}.large_value_pieces (
+            value_pk bigint NOT NULL REFERENCES {s}.large_values (pk) ON DELETE CASCADE,
+            seq integer NOT NULL,
+            data bytea NOT NULL,
+            PRIMARY KEY (value_pk, seq)
+        )""",
+        "ALTER TABLE {s}.responses ADD COLUMN IF NOT EXISTS response_json_at bigint",
+        "ALTER TABLE {s}.responses ADD COLUMN IF NOT EXISTS stream_events_at bigint",
+        "ALTER TABLE {s}.response_items ADD COLUMN IF NOT EXISTS json_at bigint",
+        "ALTER TABLE {s}.conversation_items ADD COLUMN IF NOT EXISTS json_at bigint",
+    ],
 ]
+
+# A value this large (a long answer's JSON) is written in pieces by _large_value, not bound
+# with its row.
+LARGE_JSON_BYTES = 256 * 1024
+# The most bytes of a large value in one row of large_value_pieces.
+_LARGE_PIECE_BYTES = 32 * 1024
+# The pieces of large values read at a time (see _read_values).
+_PIECES_PREFETCH = 4
+# The columns that may hold a large value, with the column saying where it is then.
+_VALUE_COLUMNS = {
+    "response_json": "response_json_at",
+    "stream_events_json": "stream_events_at",
+    "i.json": "i.json_at",
+}
+# In a row of _turn_sql(pieces=True): where a large value is.
+_POINTERS = ("response_json_at", "stream_events_at", "json_at")
 
 # A unique violation on these means another transaction stored the same id or key first: the
 # retry finds that row and answers a replay (or a conflict).
@@ -214,6 +257,7 @@ class PostgresBackend:
         self._pool: asyncpg.Pool | None = None
         s = _quote(schema)
         self._s = s
+        whole = self._whole
         live = "(expire_time_us IS NULL OR expire_time_us > $3)"
         # Walks the chain like the SQLite backend; see HISTORY_SQL there for why each step must
         # reach an older row. The LATERAL subqueries (OFFSET 0 keeps the planner from flattening
@@ -248,21 +292,23 @@ WHERE pk = any(ARRAY(SELECT pk FROM chain)) ORDER BY pk FOR KEY SHARE
         self._history_sql = f"""{chain}
 {chain_rows}
 UNION ALL
-SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id, i.json, NULL, NULL
+SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id,
+    {whole("i.json", "i.json_at")}, NULL, NULL
 FROM {items}
 ORDER BY 1, 5 NULLS FIRST, 6
 """
         # With a limit ($4), only the newest items, each with the count of all (see SQLite).
         self._history_capped_sql = f"""{chain},
 items AS (
-    SELECT i.response_pk, i.kind, i.position, i.item_id, i.json,
+    SELECT i.response_pk, i.kind, i.position, i.item_id, i.json, i.json_at,
         row_number() OVER (ORDER BY i.response_pk DESC, i.kind DESC, i.position DESC) AS rank,
         count(*) OVER () AS total
     FROM {items}
 )
 {chain_rows}
 UNION ALL
-SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, json, total, NULL
+SELECT response_pk, NULL, NULL, NULL, kind, position, item_id, {whole("json", "json_at")},
+    total, NULL
 FROM items WHERE rank <= $4
 ORDER BY 1, 5 NULLS FIRST, 6
 """
@@ -271,7 +317,8 @@ ORDER BY 1, 5 NULLS FIRST, 6
         # (the LATERAL subqueries, as above, keep the planner from joining whole tables).
         self._items_sql = f"""
 WITH ids AS MATERIALIZED (SELECT DISTINCT unnest($2::text[]) AS item_id)
-SELECT i.item_id, i.json, r.create_time_us, i.position::bigint, {base.RESPONSE_COPY}, r.pk
+SELECT i.item_id, {whole("i.json", "i.json_at")}, r.create_time_us, i.position::bigint,
+    {base.RESPONSE_COPY}, r.pk
 FROM ids CROSS JOIN LATERAL (
     SELECT * FROM {s}.response_items x WHERE x.item_id = ids.item_id OFFSET 0
 ) i CROSS JOIN LATERAL (
@@ -280,7 +327,8 @@ FROM ids CROSS JOIN LATERAL (
 WHERE r.tenant = $1 AND NOT r.in_progress
     AND (r.expire_time_us IS NULL OR r.expire_time_us > $3)
 UNION ALL
-SELECT i.item_id, i.json, i.create_time_us, i.seq, {base.CONVERSATION_COPY}, c.pk
+SELECT i.item_id, {whole("i.json", "i.json_at")}, i.create_time_us, i.seq,
+    {base.CONVERSATION_COPY}, c.pk
 FROM ids CROSS JOIN LATERAL (
     SELECT * FROM {s}.conversation_items x WHERE x.item_id = ids.item_id OFFSET 0
 ) i CROSS JOIN LATERAL (
@@ -288,21 +336,83 @@ FROM ids CROSS JOIN LATERAL (
 ) c
 WHERE c.tenant = $1 AND (c.expire_time_us IS NULL OR c.expire_time_us > $3)
 """
-        # A turn joined with its items (see _turn_from_rows).
-        self._turn_sql = f"""SELECT r.id, r.previous_response_id, r.conversation_id,
-    r.idempotency_key, r.response_json, r.create_time_us, r.expire_time_us,
-    r.stream_events_json, r.in_progress, i.kind, i.position, i.item_id, i.json
-FROM {s}.responses r LEFT JOIN {s}.response_items i ON i.response_pk = r.pk"""
         self._conversation_history_sql = f"""
 WITH c AS MATERIALIZED (
     SELECT pk, version,
         (SELECT count(*) FROM {s}.conversation_items x WHERE x.conversation_pk = v.pk) AS total
     FROM {s}.conversations v WHERE tenant = $1 AND id = $2 AND {live}
 )
-SELECT c.version, c.total, i.seq, i.item_id, i.json, i.create_time_us
+SELECT c.version, c.total, i.seq, i.item_id, {whole("i.json", "i.json_at")}, i.create_time_us
 FROM c LEFT JOIN {s}.conversation_items i ON i.conversation_pk = c.pk
 ORDER BY i.seq DESC LIMIT $4
 """
+
+    def _whole(self, column: str, at: str) -> str:
+        """The SQL of a value that may be a large value: ``column`` itself, or, when ``at``
+        points at a large value (see _large_value), its pieces joined."""
+        return f"""CASE WHEN {at} IS NULL THEN {column} ELSE (
+    SELECT string_agg(p.data, ''::bytea ORDER BY p.seq) FROM {self._s}.large_value_pieces p
+    WHERE p.value_pk = {at}) END"""
+
+    def _turn_sql(self, where: str, *, pieces: bool = False) -> str:
+        """The response matching ``where`` (on ``r``), in a first row, then its items, each in
+        a row of its own, in order (see _turn_from_rows): one statement, one snapshot, and
+        the response JSON in one row, not repeated in each item's. Large values are joined
+        from their pieces, or, with ``pieces``, left out: a row then holds where each is
+        (``response_json_at``, ``stream_events_at``, ``json_at``) instead, for _read_values."""
+        s = self._s
+        whole = self._whole
+        values = {name: whole(name, at) for name, at in _VALUE_COLUMNS.items()}
+        head_extra = item_extra = items_null = ""
+        if pieces:
+            values = {name: name for name in _VALUE_COLUMNS}
+            head_extra = ", response_json_at, stream_events_at, NULL::bigint AS json_at"
+            item_extra = ", i.json_at"
+            items_null = ", NULL, NULL"
+        return f"""WITH r AS MATERIALIZED (
+    SELECT r.pk, r.id, r.previous_response_id, r.conversation_id, r.idempotency_key,
+        r.response_json, r.response_json_at, r.create_time_us, r.expire_time_us,
+        r.stream_events_json, r.stream_events_at, r.in_progress
+    FROM {s}.responses r WHERE {where}
+)
+SELECT id, previous_response_id, conversation_id, idempotency_key,
+    {values["response_json"]} AS response_json, create_time_us, expire_time_us,
+    {values["stream_events_json"]} AS stream_events_json, in_progress, NULL::smallint AS kind,
+    NULL::integer AS position, NULL::text AS item_id, NULL::bytea AS json{head_extra}
+FROM r
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, i.kind, i.position, i.item_id,
+    {values["i.json"]}{items_null}{item_extra}
+FROM r JOIN {s}.response_items i ON i.response_pk = r.pk
+ORDER BY kind NULLS FIRST, position"""
+
+    async def _read_values(self, conn: Conn, pks: Sequence[int]) -> dict[int, memoryview]:
+        """The large values ``pks``, each read a few pieces at a time into a buffer of its
+        size: fetched whole (or joined in the statement), asyncpg would hold a long answer
+        once as received and once more as the value, and every piece of it at once. The
+        caller's transaction gives this and its own reads one snapshot."""
+        sizes = await conn.fetch(
+            f"SELECT pk, size FROM {self._s}.large_values WHERE pk = any($1::bigint[])", pks
+        )
+        if len(sizes) != len(set(pks)):
+            raise RuntimeError("a large value is missing")
+        buffers = {row["pk"]: bytearray(row["size"]) for row in sizes}
+        filled = dict.fromkeys(buffers, 0)
+        async for row in conn.cursor(
+            f"""SELECT value_pk, data FROM {self._s}.large_value_pieces
+            WHERE value_pk = any($1::bigint[]) ORDER BY value_pk, seq""",
+            list(buffers),
+            prefetch=_PIECES_PREFETCH,
+        ):
+            pk, data = row[0], row[1]
+            start = filled[pk]
+            if start + len(data) > len(buffers[pk]):
+                raise RuntimeError(f"large value {pk} is longer than its size")
+            buffers[pk][start : start + len(data)] = data
+            filled[pk] = start + len(data)
+        if any(filled[pk] != len(buffer) for pk, buffer in buffers.items()):
+            raise RuntimeError("a large value is shorter than its size")
+        return {pk: memoryview(buffer) for pk, buffer in buffers.items()}
 
     async def open(self) -> PostgresBackend:
         """Creates the pool, then the schema and its tables (or migrates them)."""
@@ -340,11 +450,22 @@ ORDER BY i.seq DESC LIMIT $4
             raise errors.backend_unavailable("the PostgreSQL pool is closed")
         return self._pool.acquire()
 
-    async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any, write: bool = True) -> T:
-        """Runs ``fn(conn, *args)`` in one transaction, retrying the races a retry resolves."""
+    async def _run(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        write: bool = True,
+        snapshot: bool = False,
+    ) -> T:
+        """Runs ``fn(conn, *args)`` in one transaction, retrying the races a retry resolves;
+        without ``write``, outside any (one statement); with ``snapshot``, in a read-only one
+        whose statements all see one snapshot (REPEATABLE READ)."""
         for attempt in range(_ATTEMPTS):
             try:
                 async with self._acquire() as conn:
+                    if snapshot:
+                        async with conn.transaction(isolation="repeatable_read", readonly=True):
+                            return await fn(conn, *args)
                     if not write:
                         return await fn(conn, *args)
                     async with conn.transaction():
@@ -439,6 +560,29 @@ ORDER BY i.seq DESC LIMIT $4
         expire = base.expire_at(now, self._retention_s)
         conversation = await self._conversation_for(conn, tenant, turn, expected, now)
         version = conversation[1] if conversation else 0
+        if _has_large(turn):
+            await self._insert_large_turn(conn, tenant, turn, digest, version, now, expire)
+        else:
+            await self._insert_turn(conn, tenant, turn, digest, version, now, expire)
+        if conversation is not None and not turn.in_progress:
+            appended = [*turn.input_items, *turn.output_items]
+            await self._insert_items(
+                conn, conversation[0], turn.conversation_id, appended, version, now
+            )
+        return PutTurnResult(base.stored_turn(turn, now, expire), False, version)
+
+    async def _insert_turn(
+        self,
+        conn: Conn,
+        tenant: str,
+        turn: Turn,
+        digest: bytes,
+        version: int,
+        now: int,
+        expire: int | None,
+    ) -> None:
+        """Inserts a new turn without large values, with its items, in one statement."""
+        s = self._s
         kinds, positions, ids, jsons = _response_item_columns(turn)
         await conn.execute(
             f"""WITH r AS (
@@ -468,12 +612,132 @@ ORDER BY i.seq DESC LIMIT $4
             turn.stream_events_json,
             turn.in_progress,
         )
-        if conversation is not None and not turn.in_progress:
-            appended = [*turn.input_items, *turn.output_items]
-            await self._insert_items(
-                conn, conversation[0], turn.conversation_id, appended, version, now
+
+    async def _insert_large_turn(
+        self,
+        conn: Conn,
+        tenant: str,
+        turn: Turn,
+        digest: bytes,
+        version: int,
+        now: int,
+        expire: int | None,
+    ) -> None:
+        """Inserts a new turn with large values: its row (each large value empty), then each
+        large value in pieces, then its items."""
+        s = self._s
+        pk = await conn.fetchval(
+            f"""INSERT INTO {s}.responses (tenant, id, previous_response_id, conversation_id,
+                idempotency_key, response_json, digest, conversation_version, create_time_us,
+                expire_time_us, stream_events_json, in_progress)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING pk""",
+            tenant,
+            turn.id,
+            turn.previous_response_id,
+            turn.conversation_id,
+            turn.idempotency_key,
+            _unless_large(turn.response_json),
+            digest,
+            version,
+            now,
+            expire,
+            _unless_large(turn.stream_events_json),
+            turn.in_progress,
+        )
+        json_at = await self._large_value(conn, turn.response_json, response_pk=pk)
+        events_at = await self._large_value(conn, turn.stream_events_json, response_pk=pk)
+        if json_at is not None or events_at is not None:
+            await conn.execute(
+                f"""UPDATE {s}.responses SET response_json_at = $2, stream_events_at = $3
+                WHERE pk = $1""",
+                pk,
+                json_at,
+                events_at,
             )
-        return PutTurnResult(base.stored_turn(turn, now, expire), False, version)
+        await self._insert_response_items(conn, pk, turn)
+
+    async def _rewrite_turn(
+        self, conn: Conn, pk: int, turn: Turn, digest: bytes, version: int | None = None
+    ) -> None:
+        """Writes ``turn`` over the stored response ``pk`` (a running turn being replaced):
+        its values, large ones in pieces (the old ones dropped), its conversation version
+        unless None, and its items."""
+        s = self._s
+        # The response's large values, its items' among them (deleted below).
+        await conn.execute(f"DELETE FROM {s}.large_values WHERE response_pk = $1", pk)
+        json_at = await self._large_value(conn, turn.response_json, response_pk=pk)
+        events_at = await self._large_value(conn, turn.stream_events_json, response_pk=pk)
+        await conn.execute(
+            f"""UPDATE {s}.responses SET response_json = $2, digest = $3,
+                stream_events_json = $4, in_progress = $5, response_json_at = $6,
+                stream_events_at = $7, conversation_version = coalesce($8, conversation_version)
+            WHERE pk = $1""",
+            pk,
+            _unless_large(turn.response_json),
+            digest,
+            _unless_large(turn.stream_events_json),
+            turn.in_progress,
+            json_at,
+            events_at,
+            version,
+        )
+        await conn.execute(f"DELETE FROM {s}.response_items WHERE response_pk = $1", pk)
+        await self._insert_response_items(conn, pk, turn)
+
+    async def _insert_response_items(self, conn: Conn, pk: int, turn: Turn) -> None:
+        """Inserts the items of the response ``pk``, a large item's JSON in pieces."""
+        kinds, positions, ids, jsons = _response_item_columns(turn)
+        ats = [await self._large_value(conn, data, response_pk=pk) for data in jsons]
+        await conn.execute(
+            f"""INSERT INTO {self._s}.response_items
+                (response_pk, kind, position, item_id, json, json_at)
+            SELECT $1, u.kind, u.position, u.item_id, u.json, u.json_at
+            FROM unnest($2::smallint[], $3::integer[], $4::text[], $5::bytea[], $6::bigint[])
+                AS u (kind, position, item_id, json, json_at)""",
+            pk,
+            kinds,
+            positions,
+            ids,
+            [_unless_large(data) for data in jsons],
+            ats,
+        )
+
+    async def _large_value(
+        self,
+        conn: Conn,
+        data: bytes | memoryview,
+        *,
+        response_pk: int | None = None,
+        conversation_pk: int | None = None,
+    ) -> int | None:
+        """Writes ``data`` as a large value of its response or conversation when it is large,
+        and returns its pk (None when it is not large: it is bound with its own row).
+
+        asyncpg copies each value bound to a statement into the message it sends, so that a
+        long answer bound whole (with its item's JSON, a second copy of it) was held two or
+        three times more while written. Here it goes in rows of at most _LARGE_PIECE_BYTES,
+        each a view of the caller's buffer, inserted by one executemany: asyncpg encodes its
+        arguments lazily and sends them a few messages at a time, pipelined, so that about
+        four pieces are copied at once (COPY held 512 KiB: a 0.5 MB answer's size again)."""
+        if len(data) < LARGE_JSON_BYTES:
+            return None
+        pk: int = await conn.fetchval(
+            f"""INSERT INTO {self._s}.large_values (response_pk, conversation_pk, size)
+            VALUES ($1, $2, $3) RETURNING pk""",
+            response_pk,
+            conversation_pk,
+            len(data),
+        )
+        view = memoryview(data)
+        await conn.executemany(
+            f"""INSERT INTO {self._s}.large_value_pieces (value_pk, seq, data)
+            VALUES ($1, $2, $3)""",
+            (
+                (pk, n, view[start : start + _LARGE_PIECE_BYTES])
+                for n, start in enumerate(range(0, len(view), _LARGE_PIECE_BYTES))
+            ),
+        )
+        return pk
 
     async def _replace_turn(
         self,
@@ -491,30 +755,7 @@ ORDER BY i.seq DESC LIMIT $4
         stored = base.replacing_turn(await self._load_turn(conn, pk), turn)
         conversation = await self._conversation_for(conn, tenant, turn, expected, now)
         version = conversation[1] if conversation else 0
-        await conn.execute(
-            f"""UPDATE {s}.responses SET response_json = $2, digest = $3,
-                conversation_version = $4, stream_events_json = $5, in_progress = $6
-            WHERE pk = $1""",
-            pk,
-            turn.response_json,
-            digest,
-            version,
-            turn.stream_events_json,
-            turn.in_progress,
-        )
-        await conn.execute(f"DELETE FROM {s}.response_items WHERE response_pk = $1", pk)
-        kinds, positions, ids, jsons = _response_item_columns(turn)
-        await conn.execute(
-            f"""INSERT INTO {s}.response_items (response_pk, kind, position, item_id, json)
-            SELECT $1, u.kind, u.position, u.item_id, u.json
-            FROM unnest($2::smallint[], $3::integer[], $4::text[], $5::bytea[])
-                AS u (kind, position, item_id, json)""",
-            pk,
-            kinds,
-            positions,
-            ids,
-            jsons,
-        )
+        await self._rewrite_turn(conn, pk, turn, digest, version)
         if conversation is not None and not turn.in_progress:
             appended = [*turn.input_items, *turn.output_items]
             await self._insert_items(
@@ -583,18 +824,25 @@ ORDER BY i.seq DESC LIMIT $4
         )
         if not stored:
             return stored
+        # A large item's JSON in pieces, as the conversation's (an item whose id clashes fails
+        # the call below, and the transaction takes its pieces back).
+        ats = [
+            await self._large_value(conn, i.json, conversation_pk=conversation_pk) for i in stored
+        ]
         inserted = await conn.fetch(
             f"""INSERT INTO {self._s}.conversation_items
-                (conversation_pk, seq, item_id, json, create_time_us)
-            SELECT $1, u.seq, u.item_id, u.json, $5
-            FROM unnest($2::bigint[], $3::text[], $4::bytea[]) AS u (seq, item_id, json)
+                (conversation_pk, seq, item_id, json, create_time_us, json_at)
+            SELECT $1, u.seq, u.item_id, u.json, $5, u.json_at
+            FROM unnest($2::bigint[], $3::text[], $4::bytea[], $6::bigint[])
+                AS u (seq, item_id, json, json_at)
             ON CONFLICT (conversation_pk, item_id) DO NOTHING
             RETURNING item_id""",
             conversation_pk,
             [i.sequence for i in stored],
             [i.id for i in stored],
-            [i.json for i in stored],
+            [_unless_large(i.json) for i in stored],
             now,
+            ats,
         )
         if len(inserted) < len(stored):
             fresh = {row["item_id"] for row in inserted}
@@ -603,23 +851,36 @@ ORDER BY i.seq DESC LIMIT $4
         return stored
 
     async def _load_turn(self, conn: Conn, pk: int) -> Turn:
-        rows = await conn.fetch(f"{self._turn_sql} WHERE r.pk = $1 ORDER BY i.kind, i.position", pk)
+        rows = await conn.fetch(self._turn_sql("r.pk = $1"), pk)
         return _turn_from_rows(rows)
 
     async def get_response(
         self, tenant: str, *, response_id: str = "", idempotency_key: str = ""
     ) -> Turn:
-        return await self._run(
-            self._get_response, tenant, response_id, idempotency_key, write=False
+        # One statement without a transaction, as for any read; a response with large values
+        # is read again with them in one snapshot (see _read_values).
+        turn = await self._run(
+            self._get_response, tenant, response_id, idempotency_key, False, write=False
         )
+        if turn is None:
+            turn = await self._run(
+                self._get_response, tenant, response_id, idempotency_key, True, snapshot=True
+            )
+        assert turn is not None
+        return turn
 
-    async def _get_response(self, conn: Conn, tenant: str, response_id: str, key: str) -> Turn:
+    async def _get_response(
+        self, conn: Conn, tenant: str, response_id: str, key: str, large: bool
+    ) -> Turn | None:
+        """The response, or None when it has large values and ``large`` is False."""
         # The key's index is partial: the query must repeat its condition to use it.
         where = "r.idempotency_key = $2 AND r.idempotency_key <> ''" if key else "r.id = $2"
         rows = await conn.fetch(
-            f"""{self._turn_sql} WHERE r.tenant = $1 AND {where}
-                AND (r.expire_time_us IS NULL OR r.expire_time_us > $3)
-            ORDER BY i.kind, i.position""",
+            self._turn_sql(
+                f"""r.tenant = $1 AND {where}
+                AND (r.expire_time_us IS NULL OR r.expire_time_us > $3)""",
+                pieces=True,
+            ),
             tenant,
             key or response_id,
             base.now_us(),
@@ -628,7 +889,12 @@ ORDER BY i.seq DESC LIMIT $4
             if key:
                 raise errors.idempotency_key_not_found(key)
             raise errors.response_not_found(response_id)
-        return _turn_from_rows(rows)
+        pks = [row[at] for row in rows for at in _POINTERS if row[at] is not None]
+        if not pks:
+            return _turn_from_rows(rows)
+        if not large:
+            return None
+        return _turn_from_rows(rows, await self._read_values(conn, pks))
 
     async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
         args: list[object] = [tenant, response_id, base.now_us()]
@@ -827,7 +1093,8 @@ ORDER BY i.seq DESC LIMIT $4
                 id=r["item_id"], json=r["json"], sequence=r["seq"], create_time_us=r["ct"]
             )
             for r in await conn.fetch(
-                f"""SELECT seq, item_id, json, create_time_us AS ct FROM {s}.conversation_items
+                f"""SELECT seq, item_id, {self._whole("json", "json_at")} AS json,
+                    create_time_us AS ct FROM {s}.conversation_items
                 WHERE conversation_pk = $1 AND item_id = any($2::text[])""",
                 pk,
                 [i.id for i in items],
@@ -896,7 +1163,8 @@ ORDER BY i.seq DESC LIMIT $4
                 WHERE v.tenant = $1 AND v.id = $2
                     AND (v.expire_time_us IS NULL OR v.expire_time_us > $3)
             )
-            SELECT c.after, i.seq, i.item_id, i.json, i.create_time_us
+            SELECT c.after, i.seq, i.item_id, {self._whole("i.json", "i.json_at")} AS json,
+                i.create_time_us
             FROM c LEFT JOIN LATERAL (
                 SELECT * FROM {s}.conversation_items x
                 WHERE x.conversation_pk = c.pk AND x.seq {compare} coalesce(c.after, {default})
@@ -927,7 +1195,8 @@ ORDER BY i.seq DESC LIMIT $4
     async def get_item(self, tenant: str, conversation_id: str, item_id: str) -> Item:
         row = await self._run(
             _fetchrow,
-            f"""SELECT i.seq, i.item_id, i.json, i.create_time_us
+            f"""SELECT i.seq, i.item_id, {self._whole("i.json", "i.json_at")} AS json,
+                i.create_time_us
             FROM {self._s}.conversations c LEFT JOIN {self._s}.conversation_items i
                 ON i.conversation_pk = c.pk AND i.item_id = $4
             WHERE c.tenant = $1 AND c.id = $2
@@ -965,12 +1234,20 @@ ORDER BY i.seq DESC LIMIT $4
         )
         if row is None:
             raise errors.conversation_not_found(conversation_id)
-        status = await conn.execute(
-            f"DELETE FROM {s}.conversation_items WHERE conversation_pk = $1 AND item_id = $2",
+        # The item's large value (when it has one) goes with it.
+        deleted = await conn.fetchval(
+            f"""WITH gone AS (
+                DELETE FROM {s}.conversation_items WHERE conversation_pk = $1 AND item_id = $2
+                RETURNING json_at
+            ), dropped AS (
+                DELETE FROM {s}.large_values
+                WHERE pk = (SELECT json_at FROM gone) AND conversation_pk = $1
+            )
+            SELECT count(*) FROM gone""",
             row["pk"],
             item_id,
         )
-        if status == "DELETE 0":
+        if not deleted:
             raise errors.item_not_found(conversation_id, item_id)
         return _conversation(row)
 
@@ -1284,28 +1561,7 @@ ORDER BY i.seq DESC LIMIT $4
         if not running.in_progress:
             return await self._put_turn(conn, tenant, final, digest, None, False)
         stored = base.replacing_turn(running, final)
-        await conn.execute(
-            f"""UPDATE {s}.responses SET response_json = $2, digest = $3,
-                stream_events_json = $4, in_progress = false
-            WHERE pk = $1""",
-            pk,
-            final.response_json,
-            digest,
-            final.stream_events_json,
-        )
-        await conn.execute(f"DELETE FROM {s}.response_items WHERE response_pk = $1", pk)
-        kinds, positions, ids, jsons = _response_item_columns(final)
-        await conn.execute(
-            f"""INSERT INTO {s}.response_items (response_pk, kind, position, item_id, json)
-            SELECT $1, u.kind, u.position, u.item_id, u.json
-            FROM unnest($2::smallint[], $3::integer[], $4::text[], $5::bytea[])
-                AS u (kind, position, item_id, json)""",
-            pk,
-            kinds,
-            positions,
-            ids,
-            jsons,
-        )
+        await self._rewrite_turn(conn, pk, replace(final, in_progress=False), digest)
         return PutTurnResult(stored, False, 0)
 
     async def cancel_job(self, tenant: str, turn: Turn, cancel_event: bytes) -> CancelResult:
@@ -1495,6 +1751,24 @@ def _dump_metadata(metadata: Mapping[str, str]) -> str:
     return orjson.dumps(dict(metadata), option=orjson.OPT_SORT_KEYS).decode()
 
 
+def _unless_large(data: bytes | memoryview) -> bytes | memoryview:
+    """``data``, or an empty value when it is large (written by _large_value instead)."""
+    return b"" if len(data) >= LARGE_JSON_BYTES else data
+
+
+def _has_large(turn: Turn) -> bool:
+    """Whether any value of ``turn`` is large (see _large_value)."""
+    return any(
+        len(data) >= LARGE_JSON_BYTES
+        for data in (
+            turn.response_json,
+            turn.stream_events_json,
+            *(i.json for i in turn.input_items),
+            *(i.json for i in turn.output_items),
+        )
+    )
+
+
 def _response_item_columns(
     turn: Turn,
 ) -> tuple[list[int], list[int], list[str], list[bytes | memoryview]]:
@@ -1512,16 +1786,22 @@ def _response_item_columns(
     return kinds, positions, ids, jsons
 
 
-def _turn_from_rows(rows: Sequence[Any]) -> Turn:
-    """A turn from its row joined with its items (kind, position, item id, json)."""
+def _turn_from_rows(rows: Sequence[Any], values: Mapping[int, memoryview] | None = None) -> Turn:
+    """A turn from its rows (see PostgresBackend._turn_sql): its own, then its items'; with
+    ``values``, the large values they point at (by pk), as _read_values read them."""
     head = rows[0]
+
+    def value(row: Any, name: str, at: str) -> bytes | memoryview:
+        pk = row.get(at) if values else None
+        return row[name] if pk is None else values[pk]  # type: ignore[index]
+
     groups: tuple[list[Item], list[Item]] = ([], [])
     for row in rows:
         if row["kind"] is not None:
             groups[row["kind"]].append(
                 Item(
                     id=row["item_id"],
-                    json=row["json"],
+                    json=value(row, "json", "json_at"),
                     sequence=row["position"],
                     create_time_us=head["create_time_us"],
                 )
@@ -1531,10 +1811,10 @@ def _turn_from_rows(rows: Sequence[Any]) -> Turn:
         previous_response_id=head["previous_response_id"],
         conversation_id=head["conversation_id"],
         idempotency_key=head["idempotency_key"],
-        response_json=head["response_json"],
+        response_json=value(head, "response_json", "response_json_at"),
         create_time_us=head["create_time_us"],
         expire_time_us=head["expire_time_us"],
-        stream_events_json=head["stream_events_json"],
+        stream_events_json=value(head, "stream_events_json", "stream_events_at"),
         in_progress=head["in_progress"],
         input_items=tuple(groups[0]),
         output_items=tuple(groups[1]),

@@ -20,6 +20,7 @@ import json
 import re
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,11 @@ TURNS = 20_000
 CONVERSATIONS = 20_000
 CONVERSATION_ITEMS = 3
 STORE_TABLES = ("responses", "response_items", "conversations", "conversation_items")
-# SQLite's store also keeps long values in a table of their own.
+# SQLite's store also keeps long values in a table of their own; PostgreSQL's in pieces.
 SQLITE_TABLES = (*STORE_TABLES, "large_values")
+POSTGRES_TABLES = (*STORE_TABLES, "large_values", "large_value_pieces")
+# An item's JSON this long is a long value in either store.
+LONG_JSON = b'{"text": "' + b"x" * (256 * 1024) + b'"}'
 _DML = ("SELECT", "WITH", "INSERT", "UPDATE", "DELETE")
 
 
@@ -122,6 +126,27 @@ async def exercise(backend: Backend) -> None:
                 after_item_id=after_item_id,
             )
     await backend.get_item(t, conv, "c-2")
+    # Long values: a running turn replaced by its final one, in a conversation; one of its
+    # items deleted from the conversation, read by every read first.
+    long_turn = replace(
+        new_turn("q_long", conversation_id=conv),
+        response_json=LONG_JSON,
+        stream_events_json=LONG_JSON,
+        output_items=(Item("q_long-out", LONG_JSON),),
+    )
+    await backend.put_turn(t, replace(long_turn, in_progress=True), **none)
+    await backend.put_turn(t, long_turn, **none)
+    await backend.put_turn(t, replace(long_turn, id="q_long_2", conversation_id=""), **none)
+    await backend.get_response(t, response_id="q_long")
+    await backend.response_history(t, "q_long", limit=0)
+    await backend.response_history(t, "q_long", limit=1)
+    await backend.get_items(t, ["q_long-out"])
+    await backend.conversation_history(t, conv, limit=0)
+    await backend.list_items(
+        t, conv, descending=False, limit=10, after_sequence=None, after_item_id=""
+    )
+    await backend.get_item(t, conv, "q_long-out")
+    await backend.delete_item(t, conv, "q_long-out")
     # Items by id: in responses (preloaded and new), in conversations, and not at all.
     await backend.get_items(t, ["fill_7-0", "q_3-in", "c-2", "c-1", "nope"])
     await backend.get_conversation(t, conv)
@@ -246,6 +271,7 @@ async def test_sqlite_hot_queries_use_indexes(sqlite_path: str) -> None:
         await backend.close()
     statements = list(dict.fromkeys(s for s in backend.statements if s.split()[0] in _DML))
     assert sum("WITH RECURSIVE chain" in s for s in statements) >= 3
+    assert any("INSERT INTO large_values" in s for s in statements)
     constants = {
         "CHAIN_LINKS_SQL": CHAIN_LINKS_SQL,
         "CHAIN_MARK_SQL": CHAIN_MARK_SQL,
@@ -308,11 +334,21 @@ class Recorder:
         for name in ("fetch", "fetchrow", "fetchval", "execute"):
             original = getattr(asyncpg.connection.Connection, name)
             monkeypatch.setattr(asyncpg.connection.Connection, name, self._wrap(original))
+        cursor = asyncpg.connection.Connection.cursor
+
+        def recorded_cursor(conn: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+            self._record(query, args)
+            return cursor(conn, query, *args, **kwargs)
+
+        monkeypatch.setattr(asyncpg.connection.Connection, "cursor", recorded_cursor)
+
+    def _record(self, query: str, args: tuple[Any, ...]) -> None:
+        if self.on and query.split()[0].upper() in _DML and "pg_advisory" not in query:
+            self.statements.setdefault(query, args)
 
     def _wrap(self, original: Any) -> Any:
         async def recorded(conn: Any, query: str, *args: Any, **kwargs: Any) -> Any:
-            if self.on and query.split()[0].upper() in _DML and "pg_advisory" not in query:
-                self.statements.setdefault(query, args)
+            self._record(query, args)
             return await original(conn, query, *args, **kwargs)
 
         return recorded
@@ -352,6 +388,19 @@ async def fill_postgres(conn: asyncpg.Connection, s: str) -> None:
         FROM {s}.conversations c, generate_series(1, $1) AS q""",
         CONVERSATION_ITEMS,
     )
+    # A long value of each response and conversation, in two pieces (not pointed at: only
+    # their number matters to the plans).
+    await conn.execute(
+        f"""INSERT INTO {s}.large_values (response_pk, size) SELECT pk, 2 FROM {s}.responses"""
+    )
+    await conn.execute(
+        f"""INSERT INTO {s}.large_values (conversation_pk, size)
+        SELECT pk, 2 FROM {s}.conversations"""
+    )
+    await conn.execute(
+        f"""INSERT INTO {s}.large_value_pieces (value_pk, seq, data)
+        SELECT pk, q, '\\x00'::bytea FROM {s}.large_values, generate_series(0, 1) AS q"""
+    )
 
 
 def postgres_plan_problems(plan: Any, statement: str) -> list[str]:
@@ -361,7 +410,7 @@ def postgres_plan_problems(plan: Any, statement: str) -> list[str]:
     def walk(node: dict[str, Any]) -> None:
         relation = node.get("Relation Name")
         kind = node["Node Type"]
-        if relation in STORE_TABLES and (
+        if relation in POSTGRES_TABLES and (
             kind == "Seq Scan"
             or (kind in ("Index Scan", "Index Only Scan") and "Index Cond" not in node)
         ):
@@ -434,12 +483,16 @@ async def test_postgres_hot_queries_use_indexes(
         recorder.on = False
         statements = recorder.statements
         assert sum("WITH RECURSIVE chain" in s for s in statements) >= 3
+        # The long values' reads (their pieces joined) and deletes are among them.
+        assert sum("large_value_pieces" in s for s in statements) >= 5
+        assert any(s.startswith("DELETE FROM") and "large_values" in s for s in statements)
+        assert any("any($1::bigint[]) ORDER BY value_pk, seq" in s for s in statements)
         assert await conn.fetch(postgres_fk_query(pg_schema)) == []
         # Freshly filled tables have no statistics yet (the planner goes by their size); the
         # plans must be right before and after ANALYZE.
         for analyzed in (False, True):
             if analyzed:
-                for table in STORE_TABLES:
+                for table in POSTGRES_TABLES:
                     await conn.execute(f"ANALYZE {s}.{table}")
             problems = await explain_postgres(conn, statements)
             assert problems == [], f"analyzed={analyzed}:\n" + "\n\n".join(problems)
