@@ -310,7 +310,34 @@ def _conversation(value: object) -> str | None:
     raise checks.invalid_type("conversation", "one of a string or an object", value)
 
 
+# The fields _scalars and _other_objects check (every one they read): a body with none of them
+# (most bodies: model and input) skips their walk over every name.
+_SCALARS = frozenset(
+    {
+        "max_output_tokens",
+        "max_tool_calls",
+        "temperature",
+        "top_p",
+        "top_logprobs",
+        "parallel_tool_calls",
+        "truncation",
+        "service_tier",
+        "prompt_cache_retention",
+        "user",
+        "prompt_cache_key",
+        "safety_identifier",
+    }
+)
+_OTHER_OBJECT_KEYS = ("access_programs", "image", "moderation", "prompt_cache_options")
+_OTHER_OBJECTS = frozenset(
+    {*_OTHER_OBJECT_KEYS, "background_options", "prompt", "context_management"}
+)
+
+
 def _scalars(body: Mapping[str, Any]) -> None:
+    if body.keys().isdisjoint(_SCALARS):
+        return
+
     def present(key: str) -> bool:
         return body.get(key) is not None
 
@@ -341,6 +368,8 @@ def _scalars(body: Mapping[str, Any]) -> None:
 
 
 def _sampling(body: Mapping[str, Any]) -> None:
+    if body.keys().isdisjoint(_SAMPLING_CHECKS):
+        return
     for key, check in _SAMPLING_CHECKS.items():
         if body.get(key) is not None:
             check(body[key], key)
@@ -440,7 +469,9 @@ def _other_objects(body: Mapping[str, Any]) -> None:
     # Fields that only mean something on OpenAI's platform: the gateway accepts them, echoes what
     # the Response object has of them, and checks what it echoes. Keys it does not know inside
     # them are left alone (these objects grow with OpenAI's platform).
-    for key in ("access_programs", "image", "moderation", "prompt_cache_options"):
+    if body.keys().isdisjoint(_OTHER_OBJECTS):
+        return
+    for key in _OTHER_OBJECT_KEYS:
         if body.get(key) is not None:
             checks.obj(body[key], key)
     _optional_enum(body, "access_programs", "cyber", _CYBER_PROGRAMS)

@@ -4,6 +4,7 @@ codes, params and messages, and the request as a whole (input items: test_inputs
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import re
 from typing import Any
@@ -914,3 +915,27 @@ def test_namespace_tools_are_checked_and_their_members_can_be_chosen() -> None:
     assert req.tools == [NAMESPACE]
     choice = {"type": "function", "name": "lookup"}
     assert parse({"model": "m", "input": "x", "tools": [NAMESPACE], "tool_choice": choice})
+
+
+@pytest.mark.parametrize(
+    ("check", "names"),
+    [
+        (validate._scalars, validate._SCALARS),
+        (validate._other_objects, validate._OTHER_OBJECTS),
+    ],
+)
+def test_a_check_skipped_for_a_body_without_its_fields_names_every_field_it_reads(
+    check: Any, names: frozenset[str]
+) -> None:
+    # A body with none of ``names`` skips the check: a field it reads but does not name there
+    # would go unchecked.
+    source = inspect.getsource(check)
+    read = set(
+        re.findall(r'(?:body(?:\.get\(|\[)|present\(|_optional_enum\(body, )"(\w+)"', source)
+    )
+    assert read
+    assert read <= names
+    for name in names:
+        # Each named field is checked when it comes alone.
+        with pytest.raises(errors.InvalidRequest):
+            check({name: ["not", "valid"]} if name != "context_management" else {name: "x"})

@@ -45,6 +45,10 @@ TOOLS_NOT_RUN = Counter(
 )
 _not_run_logged: set[str] = set()
 
+# The request's fields that go to the hub as they are, in this order.
+_FORWARDED = ("temperature", "top_p", "user", *sorted(HUB_SAMPLING_FIELDS))
+_FORWARDED_SET = frozenset(_FORWARDED)
+
 # The items that answer a call.
 _CALL_OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output"})
 
@@ -89,9 +93,10 @@ def chat_request(
         if body.get("parallel_tool_calls") is not None:
             out["parallel_tool_calls"] = body["parallel_tool_calls"]
 
-    for key in ("temperature", "top_p", "user", *sorted(HUB_SAMPLING_FIELDS)):
-        if body.get(key) is not None:
-            out[key] = body[key]
+    if not body.keys().isdisjoint(_FORWARDED_SET):
+        for key in _FORWARDED:
+            if body.get(key) is not None:
+                out[key] = body[key]
     if body.get("max_output_tokens") is not None:
         out["max_tokens"] = body["max_output_tokens"]
     top_logprobs = body.get("top_logprobs") or 0
