@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -25,7 +24,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway import gctune, logs, tracing
 from gateway.metrics import LATENCY_BUCKETS
-from router_svc import auth, background, bootstrap, errors, execution, sealing
+from router_svc import auth, background, bootstrap, errors, execution, ids, sealing
 from router_svc.config import RouterSettings
 from router_svc.dialects import dialect_for
 from router_svc.history_cache import HistoryCache
@@ -226,7 +225,7 @@ class RequestContext:
         # The id goes into logs, gRPC metadata and the hub's headers: only printable ASCII of a
         # sensible length is kept, anything else is replaced.
         if not (rid and len(rid) <= 128 and rid.isascii() and rid.isprintable()):
-            rid = "req_" + secrets.token_hex(16)
+            rid = "req_" + ids.random_hex(16)
         token = logs.request_id_var.set(rid)
         traced = (
             _start_span(scope, rid) if tracing.enabled and scope["path"] not in _UNTRACED else None
