@@ -105,6 +105,10 @@ class HubClient:
                 timeout=self._timeout,
                 json_serialize=lambda o: orjson.dumps(o).decode(),
                 read_bufsize=READ_BUFSIZE,
+                # No cookies kept: the hub is called for every tenant over one session, so a
+                # cookie one answer set must not go out with another tenant's request (and a
+                # jar costs each call its lookups).
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 

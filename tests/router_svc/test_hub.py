@@ -319,6 +319,23 @@ async def test_a_body_over_a_mebibyte_is_sent_whole_without_a_warning() -> None:
     assert got == [(sent, "application/json", len(sent))] * 2
 
 
+async def test_a_cookie_the_hub_set_is_never_sent_back() -> None:
+    # One session calls the hub for every tenant: what one answer set goes out with no other.
+    cookies: list[str | None] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        cookies.append(request.headers.get("Cookie"))
+        response = web.json_response({"ok": True})
+        response.set_cookie("session", "tenant-a")
+        return response
+
+    # By name: aiohttp's default jar keeps no cookie of an IP address's.
+    async with serving(handle) as url, client(url.replace("127.0.0.1", "localhost")) as c:
+        for _ in range(3):
+            assert await c.post("/chat/completions", {}) == {"ok": True}
+    assert cookies == [None, None, None]
+
+
 def test_malformed_is_a_502_with_the_message() -> None:
     err = hubmod.malformed("no choices")
     assert (err.status, err.code, err.message) == (502, "upstream_malformed_response", "no choices")
