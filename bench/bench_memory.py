@@ -3,7 +3,9 @@
 Starts a model server of its own (in this process, on loopback) that answers every chat
 completion with one large answer: streamed as a model streams tokens, in small deltas
 (``--delta`` bytes each, a ``--delta-answer-mb`` answer: the router spends tens of µs on each
-delta), in large chunks (``--chunk`` bytes, an ``--answer-mb`` answer), or whole (not streamed).
+delta), in large chunks (``--chunk`` bytes, an ``--answer-mb`` answer), or whole (not
+streamed); and the same as conversation turns (``--conversation-turns``, each in a
+conversation of its own: a conversation turn's stream is held until the turn is stored).
 For each case it starts a fresh state service (SQLite, ``synchronous=FULL``; or PostgreSQL with
 ``--backend postgres``, in a schema of its own) and router, each as its own process, runs a few
 small turns to warm them up, resets their peak resident memory (``VmHWM`` in /proc, through
@@ -172,12 +174,24 @@ class BigHub:
 
 
 async def one_turn(
-    session: aiohttp.ClientSession, url: str, stream: bool, text: str, size: int = 0
+    session: aiohttp.ClientSession,
+    url: str,
+    stream: bool,
+    text: str,
+    size: int = 0,
+    *,
+    conversation: bool = False,
 ) -> tuple[int, str]:
-    """Runs one stored turn to its end; returns the answer's length as the client got it, and
-    the response's id."""
+    """Runs one stored turn to its end (with ``conversation``, in a conversation of its own,
+    made first: its stream is held until the turn is stored); returns the answer's length as
+    the client got it, and the response's id."""
     keep = 4 * size + 64 * 1024  # the terminal event holds the answer, and the [DONE] after it
-    body = {"model": "big", "input": text, "store": True, "stream": stream}
+    body: dict[str, object] = {"model": "big", "input": text, "store": True, "stream": stream}
+    if conversation:
+        async with session.post(f"{url}/conversations", json={}) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"no conversation: {resp.status} {(await resp.read())[:300]!r}")
+            body["conversation"] = (await resp.json())["id"]
     async with session.post(f"{url}/responses", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"turn failed: {resp.status} {(await resp.read())[:300]!r}")
@@ -220,6 +234,7 @@ class Case:
     delta: int
     turns: int
     size: int
+    conversation: bool = False
 
 
 def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> None:
@@ -272,6 +287,8 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
                 for _ in range(3):
                     _, warm = await one_turn(session, url, True, "warm up")
                     await one_turn(session, url, False, "warm up")
+                    if case.conversation:
+                        await one_turn(session, url, True, "warm up", conversation=True)
                     # The read-back routes too (what they import or cache the first time).
                     await read_through(session, url, warm, stream=True)
                     await read_through(session, url, warm, stream=False)
@@ -281,7 +298,12 @@ def run_case(case: Case, hub: BigHub, args: argparse.Namespace, work: Path) -> N
                     reset_peak(pid)
                 start = time.perf_counter()
                 got = await asyncio.gather(
-                    *(one_turn(session, url, case.stream, "go", size) for _ in range(case.turns))
+                    *(
+                        one_turn(
+                            session, url, case.stream, "go", size, conversation=case.conversation
+                        )
+                        for _ in range(case.turns)
+                    )
                 )
                 peaks.update({name: peak_bytes(pid) for name, pid in pids.items()})
                 if any(n != size for n, _ in got):
@@ -361,6 +383,11 @@ def main() -> None:
         "--delta", type=int, default=4, help="bytes per delta of a small-delta stream"
     )
     parser.add_argument("--delta-turns", default="1,4", help="concurrent small-delta turns")
+    parser.add_argument(
+        "--conversation-turns",
+        default="1",
+        help="concurrent conversation turns (each in a conversation of its own), comma-separated",
+    )
     parser.add_argument("--pause", type=float, default=2.0, help="seconds before 'held' is read")
     parser.add_argument("--history-cache-mb", type=int, default=0, help="the router's cache")
     parser.add_argument(
@@ -398,6 +425,13 @@ def main() -> None:
     for turns in _counts(args.turns):
         cases.append(Case(f"stream, {args.chunk // 1024} KB chunks", True, args.chunk, turns, big))
         cases.append(Case("not streamed", False, args.chunk, turns, big))
+    # A conversation turn's stream is held until the turn is stored (its own path).
+    for turns in _counts(args.conversation_turns):
+        cases.append(Case(f"conv. stream, {args.delta} B", True, args.delta, turns, small, True))
+        cases.append(
+            Case(f"conv. stream, {args.chunk // 1024} KB", True, args.chunk, turns, big, True)
+        )
+        cases.append(Case("conv. not streamed", False, args.chunk, turns, big, True))
     try:
         for case in cases:
             run_case(case, hub, args, work)
