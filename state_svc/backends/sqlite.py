@@ -201,6 +201,20 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE responses ADD COLUMN stream_events_at INTEGER",
         "ALTER TABLE response_items ADD COLUMN json_at INTEGER",
     ],
+    # 10: a long item's JSON in a conversation, in a row of its own as in 9, owned by the
+    # conversation (its items outlive their response). A table of its own, since large_values'
+    # owner column cannot be made nullable in place (SQLite would copy every value to rebuild
+    # it). Items written before keep their JSON in place.
+    [
+        """CREATE TABLE IF NOT EXISTS conversation_large_values (
+            pk INTEGER PRIMARY KEY,
+            conversation_pk INTEGER NOT NULL REFERENCES conversations (pk) ON DELETE CASCADE,
+            data BLOB NOT NULL
+        )""",
+        """CREATE INDEX IF NOT EXISTS conversation_large_values_conversation
+            ON conversation_large_values (conversation_pk)""",
+        "ALTER TABLE conversation_items ADD COLUMN json_at INTEGER",
+    ],
 ]
 
 # The live background jobs that are not finished, with their response still running: what
@@ -304,8 +318,9 @@ WITH c AS MATERIALIZED (
         AS total
     FROM conversations WHERE tenant = :tenant AND id = :id AND {LIVE}
 )
-SELECT c.version, c.total, i.seq, i.item_id, i.json, i.create_time_us
+SELECT c.version, c.total, i.seq, i.item_id, coalesce(v.data, i.json), i.create_time_us
 FROM c LEFT JOIN conversation_items i ON i.conversation_pk = c.pk
+    LEFT JOIN conversation_large_values v ON v.pk = i.json_at
 ORDER BY i.seq DESC LIMIT :limit
 """
 
@@ -320,9 +335,11 @@ FROM ids CROSS JOIN response_items i ON i.item_id = ids.item_id
     LEFT JOIN large_values v ON v.pk = i.json_at
 WHERE r.tenant = :tenant AND NOT r.in_progress AND {LIVE.replace("expire", "r.expire")}
 UNION ALL
-SELECT i.item_id, i.json, i.create_time_us, i.seq, {base.CONVERSATION_COPY}, c.pk
+SELECT i.item_id, coalesce(v.data, i.json), i.create_time_us, i.seq, {base.CONVERSATION_COPY},
+    c.pk
 FROM ids CROSS JOIN conversation_items i ON i.item_id = ids.item_id
     CROSS JOIN conversations c ON c.pk = i.conversation_pk
+    LEFT JOIN conversation_large_values v ON v.pk = i.json_at
 WHERE c.tenant = :tenant AND {LIVE.replace("expire", "c.expire")}
 """
 
@@ -708,10 +725,22 @@ class SqliteBackend:
             for seq, item in enumerate(items, first)
         )
         try:
+            # A large item's JSON apart, as the conversation's (an item whose id clashes fails
+            # the insert, and the write's savepoint takes its values back).
             conn.executemany(
                 """INSERT INTO conversation_items (conversation_pk, seq, item_id, json,
-                    create_time_us) VALUES (?, ?, ?, ?, ?)""",
-                [(conversation_pk, i.sequence, i.id, i.json, now) for i in stored],
+                    create_time_us, json_at) VALUES (?, ?, ?, ?, ?, ?)""",
+                [
+                    (
+                        conversation_pk,
+                        i.sequence,
+                        i.id,
+                        _unless_large(i.json),
+                        now,
+                        _large_value(conn, i.json, conversation_pk=conversation_pk),
+                    )
+                    for i in stored
+                ],
             )
         except sqlite3.IntegrityError as exc:
             raise errors.item_id_conflict(
@@ -912,8 +941,9 @@ class SqliteBackend:
         existing = {
             row[1]: Item(id=row[1], json=row[2], sequence=row[0], create_time_us=row[3])
             for row in conn.execute(
-                f"""SELECT seq, item_id, json, create_time_us FROM conversation_items
-                WHERE conversation_pk = ? AND item_id IN ({marks})""",
+                f"""SELECT i.seq, i.item_id, coalesce(v.data, i.json), i.create_time_us
+                FROM conversation_items i LEFT JOIN conversation_large_values v ON v.pk = i.json_at
+                WHERE i.conversation_pk = ? AND i.item_id IN ({marks})""",
                 (pk, *(i.id for i in items)),
             )
         }
@@ -1482,7 +1512,7 @@ def _insert_response_items(conn: sqlite3.Connection, response_pk: int, turn: Tur
                 position,
                 item.id,
                 _unless_large(item.json),
-                _large_value(conn, response_pk, item.json),
+                _large_value(conn, item.json, response_pk=response_pk),
             )
             for kind, items in enumerate((turn.input_items, turn.output_items))
             for position, item in enumerate(items, 1)
@@ -1504,10 +1534,15 @@ def _unless_large(data: bytes | memoryview) -> bytes | memoryview:
 
 
 def _large_value(
-    conn: sqlite3.Connection, response_pk: int, data: bytes | memoryview
+    conn: sqlite3.Connection,
+    data: bytes | memoryview,
+    *,
+    response_pk: int | None = None,
+    conversation_pk: int | None = None,
 ) -> int | None:
-    """Writes ``data`` into a row of large_values when it is large, and returns that row's pk
-    (None when it is not large: it is bound with its own row).
+    """Writes ``data`` into a row of large_values (a response's: ``response_pk``) or of
+    conversation_large_values (a conversation's item: ``conversation_pk``) when it is large,
+    and returns that row's pk (None when it is not large: it is bound with its own row).
 
     A value bound to a statement is copied by sqlite3 and again by SQLite as it builds the row,
     so that a long answer was held three times while it was written. Here the row is inserted
@@ -1517,17 +1552,22 @@ def _large_value(
     before the commit): else it would grow by the value's size too, up to its bound."""
     if len(data) < LARGE_JSON_BYTES:
         return None
+    if response_pk is not None:
+        table, owner_column, owner = "large_values", "response_pk", response_pk
+    else:
+        assert conversation_pk is not None
+        table, owner_column, owner = "conversation_large_values", "conversation_pk", conversation_pk
     cache = conn.execute("PRAGMA cache_size").fetchone()[0]
     conn.execute(f"PRAGMA cache_size = {-_LARGE_WRITE_CACHE_KIB}")
     try:
         cur = conn.execute(
-            "INSERT INTO large_values (response_pk, data) VALUES (?, zeroblob(?))",
-            (response_pk, len(data)),
+            f"INSERT INTO {table} ({owner_column}, data) VALUES (?, zeroblob(?))",
+            (owner, len(data)),
         )
         pk = cur.lastrowid
         assert pk is not None
         view = memoryview(data)
-        with conn.blobopen("large_values", "data", pk) as blob:
+        with conn.blobopen(table, "data", pk) as blob:
             for start in range(0, len(view), _LARGE_PIECE_BYTES):
                 blob.write(view[start : start + _LARGE_PIECE_BYTES])
     finally:
@@ -1537,8 +1577,8 @@ def _large_value(
 
 def _write_large_json(conn: sqlite3.Connection, pk: int, turn: Turn) -> None:
     """Writes the response JSON and event log of the row ``pk`` that _unless_large left out."""
-    json_at = _large_value(conn, pk, turn.response_json)
-    events_at = _large_value(conn, pk, turn.stream_events_json)
+    json_at = _large_value(conn, turn.response_json, response_pk=pk)
+    events_at = _large_value(conn, turn.stream_events_json, response_pk=pk)
     if json_at is not None or events_at is not None:
         conn.execute(
             "UPDATE responses SET response_json_at = ?, stream_events_at = ? WHERE pk = ?",
@@ -1614,8 +1654,9 @@ def _list_items(
         where, order = "seq > ?", "ASC"
         bound = 0 if after_sequence is None else after_sequence
     rows = conn.execute(
-        f"""SELECT seq, item_id, json, create_time_us FROM conversation_items
-        WHERE conversation_pk = ? AND {where} ORDER BY seq {order} LIMIT ?""",
+        f"""SELECT i.seq, i.item_id, coalesce(v.data, i.json), i.create_time_us
+        FROM conversation_items i LEFT JOIN conversation_large_values v ON v.pk = i.json_at
+        WHERE i.conversation_pk = ? AND i.{where} ORDER BY i.seq {order} LIMIT ?""",
         (pk, bound, limit + 1),
     ).fetchall()
     items = [Item(id=r[1], json=r[2], sequence=r[0], create_time_us=r[3]) for r in rows[:limit]]
@@ -1632,9 +1673,10 @@ def _get_items(conn: sqlite3.Connection, tenant: str, item_ids: Sequence[str]) -
 
 def _get_item(conn: sqlite3.Connection, tenant: str, conversation_id: str, item_id: str) -> Item:
     row = conn.execute(
-        """SELECT i.seq, i.item_id, i.json, i.create_time_us
+        """SELECT i.seq, i.item_id, coalesce(v.data, i.json), i.create_time_us
         FROM conversations c LEFT JOIN conversation_items i
             ON i.conversation_pk = c.pk AND i.item_id = :item_id
+            LEFT JOIN conversation_large_values v ON v.pk = i.json_at
         WHERE c.tenant = :tenant AND c.id = :id
             AND (c.expire_time_us IS NULL OR c.expire_time_us > :now)""",
         {"tenant": tenant, "id": conversation_id, "item_id": item_id, "now": base.now_us()},
@@ -1650,11 +1692,18 @@ def _delete_item(
     conn: sqlite3.Connection, tenant: str, conversation_id: str, item_id: str
 ) -> Conversation:
     pk, _ = _conversation_key(conn, tenant, conversation_id, base.now_us())
-    cur = conn.execute(
-        "DELETE FROM conversation_items WHERE conversation_pk = ? AND item_id = ?", (pk, item_id)
-    )
-    if cur.rowcount == 0:
+    gone = conn.execute(
+        """DELETE FROM conversation_items WHERE conversation_pk = ? AND item_id = ?
+        RETURNING json_at""",
+        (pk, item_id),
+    ).fetchall()
+    if not gone:
         raise errors.item_not_found(conversation_id, item_id)
+    if gone[0][0] is not None:
+        conn.execute(
+            "DELETE FROM conversation_large_values WHERE pk = ? AND conversation_pk = ?",
+            (gone[0][0], pk),
+        )
     return _find_conversation(conn, tenant, conversation_id)
 
 
