@@ -228,6 +228,25 @@ async def test_sqlite_store_from_before_large_values_is_migrated(
     assert rows(path, "SELECT count(*) FROM large_values") == [(3,)]
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_sqlite_reads_a_response_without_its_items_when_asked(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    """GetResponseChunked sends no items: SQLite then reads none (a long answer's output item
+    is as long as the answer), and the long values are the same either way."""
+    running = await start()
+    client = connect(running.port)
+    await client.put_chunked(long_turn("resp_1"), piece_bytes=100_003)
+    whole = await running.backend.get_response(TENANT, response_id="resp_1")
+    bare = await running.backend.get_response(TENANT, response_id="resp_1", with_items=False)
+    assert (len(whole.input_items), len(whole.output_items)) == (1, 1)
+    assert (bare.input_items, bare.output_items) == ((), ())
+    sent = long_turn("resp_1")
+    for turn in (whole, bare):
+        assert bytes(turn.response_json) == sent.response_json_with_output_items
+        assert bytes(turn.stream_events_json) == sent.stream_events_json
+
+
 # --- conversations: a long item on every backend --------------------------------------------
 
 
