@@ -1605,25 +1605,25 @@ def _drop_large_values(conn: sqlite3.Connection, pk: int) -> None:
     )
 
 
-def _read_large(conn: sqlite3.Connection, table: str, pk: int) -> memoryview:
-    """The large value ``pk`` of ``table``, read through incremental blob I/O a piece at a time
-    into a buffer of its size: selected as a column, it is held twice (SQLite assembles it from
-    its pages in a buffer of its own, which sqlite3 copies into bytes)."""
+def _read_large(conn: sqlite3.Connection, table: str, pk: int) -> bytes:
+    """The large value ``pk`` of ``table``, read through incremental blob I/O: sqlite3 makes
+    the bytes object and SQLite copies the value's pages straight into it. Selected as a
+    column, it is held twice (SQLite assembles it from its pages in a buffer of its own, which
+    sqlite3 copies into bytes); read in pieces into a buffer, it would be copied again by
+    whoever needs bytes (a gRPC message). The connection's page cache is made small meanwhile,
+    as when it is written (see _large_value)."""
     cache = conn.execute("PRAGMA cache_size").fetchone()[0]
     conn.execute(f"PRAGMA cache_size = {-_LARGE_WRITE_CACHE_KIB}")
     try:
         with conn.blobopen(table, "data", pk, readonly=True) as blob:
-            buffer = bytearray(len(blob))
-            for start in range(0, len(buffer), _LARGE_PIECE_BYTES):
-                buffer[start : start + _LARGE_PIECE_BYTES] = blob.read(_LARGE_PIECE_BYTES)
+            return blob.read()
     finally:
         conn.execute(f"PRAGMA cache_size = {int(cache)}")
-    return memoryview(buffer)
 
 
 def _value(
     conn: sqlite3.Connection, data: bytes, at: int | None, table: str = "large_values"
-) -> bytes | memoryview:
+) -> bytes:
     """A value as its row holds it, or the large value it points at."""
     return data if at is None else _read_large(conn, table, at)
 
@@ -1645,7 +1645,7 @@ def _load_turn(
     conn: sqlite3.Connection, pk: int, *, apart: bool = False, with_items: bool = True
 ) -> Turn:
     """The response ``pk`` with its items (without: none). With ``apart``, its large values
-    are read a piece at a time (see _read_large); else joined in the statements, as a write's
+    are read through blob I/O (see _read_large); else joined in the statements, as a write's
     replay reads them (a short value, mostly)."""
     if apart:
         head = """SELECT id, previous_response_id, conversation_id, idempotency_key,
