@@ -776,7 +776,7 @@ class SqliteBackend:
             if key:
                 raise errors.idempotency_key_not_found(key)
             raise errors.response_not_found(response_id)
-        return _load_turn(conn, row[0], apart=True, with_items=with_items)
+        return _load_turn(conn, row[0], with_items=with_items)
 
     async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
         return await self._read(self._response_history, tenant, response_id, limit)
@@ -1641,29 +1641,15 @@ def _read_apart(
     ]
 
 
-def _load_turn(
-    conn: sqlite3.Connection, pk: int, *, apart: bool = False, with_items: bool = True
-) -> Turn:
-    """The response ``pk`` with its items (without: none). With ``apart``, its large values
-    are read through blob I/O (see _read_large); else joined in the statements, as a write's
-    replay reads them (a short value, mostly)."""
-    if apart:
-        head = """SELECT id, previous_response_id, conversation_id, idempotency_key,
-            response_json, create_time_us, expire_time_us, stream_events_json, in_progress,
-            response_json_at, stream_events_at
-        FROM responses WHERE pk = ?"""
-        items = """SELECT kind, position, item_id, json, json_at FROM response_items
-        WHERE response_pk = ? ORDER BY kind, position"""
-    else:
-        head = """SELECT r.id, r.previous_response_id, r.conversation_id, r.idempotency_key,
-            coalesce(vj.data, r.response_json), r.create_time_us, r.expire_time_us,
-            coalesce(ve.data, r.stream_events_json), r.in_progress, NULL, NULL
-        FROM responses r LEFT JOIN large_values vj ON vj.pk = r.response_json_at
-            LEFT JOIN large_values ve ON ve.pk = r.stream_events_at
-        WHERE r.pk = ?"""
-        items = """SELECT i.kind, i.position, i.item_id, coalesce(v.data, i.json), NULL
-        FROM response_items i LEFT JOIN large_values v ON v.pk = i.json_at
-        WHERE i.response_pk = ? ORDER BY i.kind, i.position"""
+def _load_turn(conn: sqlite3.Connection, pk: int, *, with_items: bool = True) -> Turn:
+    """The response ``pk`` with its items (without: none), its large values read through blob
+    I/O (see _read_large)."""
+    head = """SELECT id, previous_response_id, conversation_id, idempotency_key, response_json,
+        create_time_us, expire_time_us, stream_events_json, in_progress, response_json_at,
+        stream_events_at
+    FROM responses WHERE pk = ?"""
+    items = """SELECT kind, position, item_id, json, json_at FROM response_items
+    WHERE response_pk = ? ORDER BY kind, position"""
     row = conn.execute(head, (pk,)).fetchone()
     groups: tuple[list[Item], list[Item]] = ([], [])
     for kind, position, item_id, data, at in conn.execute(items, (pk,)) if with_items else ():
