@@ -395,6 +395,16 @@ async def test_sqlite_store_from_before_conversation_values_is_migrated(
         "item_first",
         "item_long_2",
     ]
+    # Migrated again (a store whose version was set back by hand keeps the table and column).
+    await again.stop(0)
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM schema_version WHERE version > 9")
+    third = await start()
+    client = connect(third.port)
+    assert [i.json for i in await client.conversation_items(conversation)] == [
+        item("item_first").json,
+        orjson.dumps(output("item")),
+    ]
 
 
 # --- PostgreSQL: where the long values are --------------------------------------------------
