@@ -373,7 +373,8 @@ class StateServicer(state_service_pb2_grpc.StateServiceServicer):
         tenant = checks.tenant(request.tenant)
         checks.require(request.response_id, "response_id")
         turn = await self._timed(
-            "get_response", self._backend.get_response(tenant, response_id=request.response_id)
+            "get_response",
+            self._backend.get_response(tenant, response_id=request.response_id, with_items=False),
         )
         large = {"response_json": turn.response_json, "stream_events_json": turn.stream_events_json}
         head = state_service_pb2.GetResponseChunkedHead(

@@ -202,8 +202,17 @@ class Backend(Protocol):
         ...
 
     async def get_response(
-        self, tenant: str, *, response_id: str = "", idempotency_key: str = ""
-    ) -> Turn: ...
+        self,
+        tenant: str,
+        *,
+        response_id: str = "",
+        idempotency_key: str = "",
+        with_items: bool = True,
+    ) -> Turn:
+        """The stored response (see GetResponse in the proto). Without ``with_items`` the
+        caller needs none of its items, and a backend may leave them out (a long answer's
+        output item is as long as the answer)."""
+        ...
 
     async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
         """The chain ending at ``response_id`` in one query; ``limit`` 0 means all items."""

@@ -254,7 +254,12 @@ class MemoryBackend:
         return conv.version
 
     async def get_response(
-        self, tenant: str, *, response_id: str = "", idempotency_key: str = ""
+        self,
+        tenant: str,
+        *,
+        response_id: str = "",
+        idempotency_key: str = "",
+        with_items: bool = True,
     ) -> Turn:
         now = base.now_us()
         if idempotency_key:

@@ -855,7 +855,12 @@ ORDER BY kind NULLS FIRST, position"""
         return _turn_from_rows(rows)
 
     async def get_response(
-        self, tenant: str, *, response_id: str = "", idempotency_key: str = ""
+        self,
+        tenant: str,
+        *,
+        response_id: str = "",
+        idempotency_key: str = "",
+        with_items: bool = True,
     ) -> Turn:
         # One statement without a transaction, as for any read; a response with large values
         # is read again with them in one snapshot (see _read_values).

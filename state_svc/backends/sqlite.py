@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 
@@ -201,6 +201,20 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE responses ADD COLUMN stream_events_at INTEGER",
         "ALTER TABLE response_items ADD COLUMN json_at INTEGER",
     ],
+    # 10: a long item's JSON in a conversation, in a row of its own as in 9, owned by the
+    # conversation (its items outlive their response). A table of its own, since large_values'
+    # owner column cannot be made nullable in place (SQLite would copy every value to rebuild
+    # it). Items written before keep their JSON in place.
+    [
+        """CREATE TABLE IF NOT EXISTS conversation_large_values (
+            pk INTEGER PRIMARY KEY,
+            conversation_pk INTEGER NOT NULL REFERENCES conversations (pk) ON DELETE CASCADE,
+            data BLOB NOT NULL
+        )""",
+        """CREATE INDEX IF NOT EXISTS conversation_large_values_conversation
+            ON conversation_large_values (conversation_pk)""",
+        "ALTER TABLE conversation_items ADD COLUMN json_at INTEGER",
+    ],
 ]
 
 # The live background jobs that are not finished, with their response still running: what
@@ -243,15 +257,15 @@ WITH RECURSIVE chain (pk, id, prev, create_time_us, in_progress, expire_time_us)
     FROM chain c CROSS JOIN responses r ON r.tenant = :tenant AND r.id = c.prev AND r.pk < c.pk
     WHERE r.expire_time_us IS NULL OR r.expire_time_us > :now
 )"""
-_CHAIN_ROWS = """SELECT pk, id, prev, create_time_us, NULL, NULL, NULL, NULL, NULL, in_progress
+_CHAIN_ROWS = """SELECT pk, id, prev, create_time_us, NULL, NULL, NULL, NULL, NULL, in_progress,
+    NULL
 FROM chain"""
 HISTORY_SQL = f"""{_CHAIN_SQL}
 {_CHAIN_ROWS}
 UNION ALL
-SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id,
-    coalesce(v.data, i.json), NULL, NULL
+SELECT i.response_pk, NULL, NULL, NULL, i.kind, i.position, i.item_id, i.json, NULL, NULL,
+    i.json_at
 FROM chain c CROSS JOIN response_items i ON i.response_pk = c.pk
-    LEFT JOIN large_values v ON v.pk = i.json_at
 ORDER BY 1, 5 NULLS FIRST, 6
 """
 # With a limit, only the newest :limit items, each with the count of all. Kept apart because
@@ -265,9 +279,9 @@ items AS (
 )
 {_CHAIN_ROWS}
 UNION ALL
-SELECT t.response_pk, NULL, NULL, NULL, t.kind, t.position, t.item_id, coalesce(v.data, t.json),
-    t.total, NULL
-FROM items t LEFT JOIN large_values v ON v.pk = t.json_at WHERE t.rank <= :limit
+SELECT t.response_pk, NULL, NULL, NULL, t.kind, t.position, t.item_id, t.json, t.total, NULL,
+    t.json_at
+FROM items t WHERE t.rank <= :limit
 ORDER BY 1, 5 NULLS FIRST, 6
 """
 
@@ -304,7 +318,7 @@ WITH c AS MATERIALIZED (
         AS total
     FROM conversations WHERE tenant = :tenant AND id = :id AND {LIVE}
 )
-SELECT c.version, c.total, i.seq, i.item_id, i.json, i.create_time_us
+SELECT c.version, c.total, i.seq, i.item_id, i.json, i.create_time_us, i.json_at
 FROM c LEFT JOIN conversation_items i ON i.conversation_pk = c.pk
 ORDER BY i.seq DESC LIMIT :limit
 """
@@ -313,14 +327,14 @@ ORDER BY i.seq DESC LIMIT :limit
 # conversations, as rows for base.newest_items. Each id drives one search of each item index.
 ITEMS_SQL = f"""
 WITH ids (item_id) AS MATERIALIZED (SELECT DISTINCT value FROM json_each(:ids))
-SELECT i.item_id, coalesce(v.data, i.json), r.create_time_us, i.position, {base.RESPONSE_COPY},
-    r.pk
+SELECT i.item_id, i.json, r.create_time_us, i.position, {base.RESPONSE_COPY}, r.pk, i.json_at,
+    'large_values'
 FROM ids CROSS JOIN response_items i ON i.item_id = ids.item_id
     CROSS JOIN responses r ON r.pk = i.response_pk
-    LEFT JOIN large_values v ON v.pk = i.json_at
 WHERE r.tenant = :tenant AND NOT r.in_progress AND {LIVE.replace("expire", "r.expire")}
 UNION ALL
-SELECT i.item_id, i.json, i.create_time_us, i.seq, {base.CONVERSATION_COPY}, c.pk
+SELECT i.item_id, i.json, i.create_time_us, i.seq, {base.CONVERSATION_COPY}, c.pk, i.json_at,
+    'conversation_large_values'
 FROM ids CROSS JOIN conversation_items i ON i.item_id = ids.item_id
     CROSS JOIN conversations c ON c.pk = i.conversation_pk
 WHERE c.tenant = :tenant AND {LIVE.replace("expire", "c.expire")}
@@ -708,10 +722,22 @@ class SqliteBackend:
             for seq, item in enumerate(items, first)
         )
         try:
+            # A large item's JSON apart, as the conversation's (an item whose id clashes fails
+            # the insert, and the write's savepoint takes its values back).
             conn.executemany(
                 """INSERT INTO conversation_items (conversation_pk, seq, item_id, json,
-                    create_time_us) VALUES (?, ?, ?, ?, ?)""",
-                [(conversation_pk, i.sequence, i.id, i.json, now) for i in stored],
+                    create_time_us, json_at) VALUES (?, ?, ?, ?, ?, ?)""",
+                [
+                    (
+                        conversation_pk,
+                        i.sequence,
+                        i.id,
+                        _unless_large(i.json),
+                        now,
+                        _large_value(conn, i.json, conversation_pk=conversation_pk),
+                    )
+                    for i in stored
+                ],
             )
         except sqlite3.IntegrityError as exc:
             raise errors.item_id_conflict(
@@ -725,12 +751,19 @@ class SqliteBackend:
         return stored
 
     async def get_response(
-        self, tenant: str, *, response_id: str = "", idempotency_key: str = ""
+        self,
+        tenant: str,
+        *,
+        response_id: str = "",
+        idempotency_key: str = "",
+        with_items: bool = True,
     ) -> Turn:
-        return await self._read(self._get_response, tenant, response_id, idempotency_key)
+        return await self._read(
+            self._get_response, tenant, response_id, idempotency_key, with_items
+        )
 
     def _get_response(
-        self, conn: sqlite3.Connection, tenant: str, response_id: str, key: str
+        self, conn: sqlite3.Connection, tenant: str, response_id: str, key: str, with_items: bool
     ) -> Turn:
         # The key's index is partial: the query must repeat its condition to use it.
         where = "idempotency_key = :value AND idempotency_key <> ''" if key else "id = :value"
@@ -743,7 +776,7 @@ class SqliteBackend:
             if key:
                 raise errors.idempotency_key_not_found(key)
             raise errors.response_not_found(response_id)
-        return _load_turn(conn, row[0])
+        return _load_turn(conn, row[0], with_items=with_items)
 
     async def response_history(self, tenant: str, response_id: str, *, limit: int) -> History:
         return await self._read(self._response_history, tenant, response_id, limit)
@@ -755,7 +788,7 @@ class SqliteBackend:
             HISTORY_CAPPED_SQL if limit else HISTORY_SQL,
             {"tenant": tenant, "id": response_id, "now": base.now_us(), "limit": limit},
         ).fetchall()
-        return base.history_from_rows(response_id, rows)
+        return base.history_from_rows(response_id, _read_apart(conn, rows, 7, "large_values"))
 
     async def get_items(self, tenant: str, item_ids: Sequence[str]) -> dict[str, Item]:
         return await self._read(_get_items, tenant, item_ids)
@@ -884,6 +917,7 @@ class SqliteBackend:
             CONVERSATION_HISTORY_SQL,
             {"tenant": tenant, "id": conversation_id, "now": base.now_us(), "limit": limit or -1},
         ).fetchall()
+        rows = _read_apart(conn, rows, 4, "conversation_large_values")
         return base.conversation_history_from_rows(conversation_id, rows)
 
     async def append_items(
@@ -910,12 +944,17 @@ class SqliteBackend:
         pk, version = _conversation_key(conn, tenant, conversation_id, now)
         marks = ",".join("?" * len(items))
         existing = {
-            row[1]: Item(id=row[1], json=row[2], sequence=row[0], create_time_us=row[3])
+            row[1]: Item(
+                id=row[1],
+                json=_value(conn, row[2], row[4], "conversation_large_values"),
+                sequence=row[0],
+                create_time_us=row[3],
+            )
             for row in conn.execute(
-                f"""SELECT seq, item_id, json, create_time_us FROM conversation_items
+                f"""SELECT seq, item_id, json, create_time_us, json_at FROM conversation_items
                 WHERE conversation_pk = ? AND item_id IN ({marks})""",
                 (pk, *(i.id for i in items)),
-            )
+            ).fetchall()
         }
         replayed = base.classify_append(conversation_id, items, existing)
         if replayed is not None:
@@ -1482,7 +1521,7 @@ def _insert_response_items(conn: sqlite3.Connection, response_pk: int, turn: Tur
                 position,
                 item.id,
                 _unless_large(item.json),
-                _large_value(conn, response_pk, item.json),
+                _large_value(conn, item.json, response_pk=response_pk),
             )
             for kind, items in enumerate((turn.input_items, turn.output_items))
             for position, item in enumerate(items, 1)
@@ -1504,10 +1543,15 @@ def _unless_large(data: bytes | memoryview) -> bytes | memoryview:
 
 
 def _large_value(
-    conn: sqlite3.Connection, response_pk: int, data: bytes | memoryview
+    conn: sqlite3.Connection,
+    data: bytes | memoryview,
+    *,
+    response_pk: int | None = None,
+    conversation_pk: int | None = None,
 ) -> int | None:
-    """Writes ``data`` into a row of large_values when it is large, and returns that row's pk
-    (None when it is not large: it is bound with its own row).
+    """Writes ``data`` into a row of large_values (a response's: ``response_pk``) or of
+    conversation_large_values (a conversation's item: ``conversation_pk``) when it is large,
+    and returns that row's pk (None when it is not large: it is bound with its own row).
 
     A value bound to a statement is copied by sqlite3 and again by SQLite as it builds the row,
     so that a long answer was held three times while it was written. Here the row is inserted
@@ -1517,17 +1561,22 @@ def _large_value(
     before the commit): else it would grow by the value's size too, up to its bound."""
     if len(data) < LARGE_JSON_BYTES:
         return None
+    if response_pk is not None:
+        table, owner_column, owner = "large_values", "response_pk", response_pk
+    else:
+        assert conversation_pk is not None
+        table, owner_column, owner = "conversation_large_values", "conversation_pk", conversation_pk
     cache = conn.execute("PRAGMA cache_size").fetchone()[0]
     conn.execute(f"PRAGMA cache_size = {-_LARGE_WRITE_CACHE_KIB}")
     try:
         cur = conn.execute(
-            "INSERT INTO large_values (response_pk, data) VALUES (?, zeroblob(?))",
-            (response_pk, len(data)),
+            f"INSERT INTO {table} ({owner_column}, data) VALUES (?, zeroblob(?))",
+            (owner, len(data)),
         )
         pk = cur.lastrowid
         assert pk is not None
         view = memoryview(data)
-        with conn.blobopen("large_values", "data", pk) as blob:
+        with conn.blobopen(table, "data", pk) as blob:
             for start in range(0, len(view), _LARGE_PIECE_BYTES):
                 blob.write(view[start : start + _LARGE_PIECE_BYTES])
     finally:
@@ -1537,8 +1586,8 @@ def _large_value(
 
 def _write_large_json(conn: sqlite3.Connection, pk: int, turn: Turn) -> None:
     """Writes the response JSON and event log of the row ``pk`` that _unless_large left out."""
-    json_at = _large_value(conn, pk, turn.response_json)
-    events_at = _large_value(conn, pk, turn.stream_events_json)
+    json_at = _large_value(conn, turn.response_json, response_pk=pk)
+    events_at = _large_value(conn, turn.stream_events_json, response_pk=pk)
     if json_at is not None or events_at is not None:
         conn.execute(
             "UPDATE responses SET response_json_at = ?, stream_events_at = ? WHERE pk = ?",
@@ -1556,33 +1605,71 @@ def _drop_large_values(conn: sqlite3.Connection, pk: int) -> None:
     )
 
 
-def _load_turn(conn: sqlite3.Connection, pk: int) -> Turn:
-    row = conn.execute(
-        """SELECT r.id, r.previous_response_id, r.conversation_id, r.idempotency_key,
-            coalesce(vj.data, r.response_json), r.create_time_us, r.expire_time_us,
-            coalesce(ve.data, r.stream_events_json), r.in_progress
-        FROM responses r LEFT JOIN large_values vj ON vj.pk = r.response_json_at
-            LEFT JOIN large_values ve ON ve.pk = r.stream_events_at
-        WHERE r.pk = ?""",
-        (pk,),
-    ).fetchone()
+def _read_large(conn: sqlite3.Connection, table: str, pk: int) -> bytes:
+    """The large value ``pk`` of ``table``, read through incremental blob I/O: sqlite3 makes
+    the bytes object and SQLite copies the value's pages straight into it. Selected as a
+    column, it is held twice (SQLite assembles it from its pages in a buffer of its own, which
+    sqlite3 copies into bytes); read in pieces into a buffer, it would be copied again by
+    whoever needs bytes (a gRPC message). The connection's page cache is made small meanwhile,
+    as when it is written (see _large_value)."""
+    cache = conn.execute("PRAGMA cache_size").fetchone()[0]
+    conn.execute(f"PRAGMA cache_size = {-_LARGE_WRITE_CACHE_KIB}")
+    try:
+        with conn.blobopen(table, "data", pk, readonly=True) as blob:
+            return blob.read()
+    finally:
+        conn.execute(f"PRAGMA cache_size = {int(cache)}")
+
+
+def _value(
+    conn: sqlite3.Connection, data: bytes, at: int | None, table: str = "large_values"
+) -> bytes:
+    """A value as its row holds it, or the large value it points at."""
+    return data if at is None else _read_large(conn, table, at)
+
+
+def _read_apart(
+    conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], index: int, table: str
+) -> list[tuple[Any, ...]]:
+    """``rows`` whose last column says where the value at ``index`` is: that value read from
+    ``table`` (see _read_large) where it is a large value, and the last column dropped."""
+    return [
+        row[:-1]
+        if row[-1] is None
+        else (*row[:index], _read_large(conn, table, row[-1]), *row[index + 1 : -1])
+        for row in rows
+    ]
+
+
+def _load_turn(conn: sqlite3.Connection, pk: int, *, with_items: bool = True) -> Turn:
+    """The response ``pk`` with its items (without: none), its large values read through blob
+    I/O (see _read_large)."""
+    head = """SELECT id, previous_response_id, conversation_id, idempotency_key, response_json,
+        create_time_us, expire_time_us, stream_events_json, in_progress, response_json_at,
+        stream_events_at
+    FROM responses WHERE pk = ?"""
+    items = """SELECT kind, position, item_id, json, json_at FROM response_items
+    WHERE response_pk = ? ORDER BY kind, position"""
+    row = conn.execute(head, (pk,)).fetchone()
     groups: tuple[list[Item], list[Item]] = ([], [])
-    for kind, position, item_id, data in conn.execute(
-        """SELECT i.kind, i.position, i.item_id, coalesce(v.data, i.json)
-        FROM response_items i LEFT JOIN large_values v ON v.pk = i.json_at
-        WHERE i.response_pk = ? ORDER BY i.kind, i.position""",
-        (pk,),
-    ):
-        groups[kind].append(Item(id=item_id, json=data, sequence=position, create_time_us=row[5]))
+    for kind, position, item_id, data, at in conn.execute(items, (pk,)) if with_items else ():
+        groups[kind].append(
+            Item(
+                id=item_id,
+                json=_value(conn, data, at),
+                sequence=position,
+                create_time_us=row[5],
+            )
+        )
     return Turn(
         id=row[0],
         previous_response_id=row[1],
         conversation_id=row[2],
         idempotency_key=row[3],
-        response_json=row[4],
+        response_json=_value(conn, row[4], row[9]),
         create_time_us=row[5],
         expire_time_us=row[6],
-        stream_events_json=row[7],
+        stream_events_json=_value(conn, row[7], row[10]),
         in_progress=bool(row[8]),
         input_items=tuple(groups[0]),
         output_items=tuple(groups[1]),
@@ -1614,11 +1701,19 @@ def _list_items(
         where, order = "seq > ?", "ASC"
         bound = 0 if after_sequence is None else after_sequence
     rows = conn.execute(
-        f"""SELECT seq, item_id, json, create_time_us FROM conversation_items
+        f"""SELECT seq, item_id, json, create_time_us, json_at FROM conversation_items
         WHERE conversation_pk = ? AND {where} ORDER BY seq {order} LIMIT ?""",
         (pk, bound, limit + 1),
     ).fetchall()
-    items = [Item(id=r[1], json=r[2], sequence=r[0], create_time_us=r[3]) for r in rows[:limit]]
+    items = [
+        Item(
+            id=r[1],
+            json=_value(conn, r[2], r[4], "conversation_large_values"),
+            sequence=r[0],
+            create_time_us=r[3],
+        )
+        for r in rows[:limit]
+    ]
     return ItemPage(items, len(rows) > limit)
 
 
@@ -1627,12 +1722,22 @@ def _get_items(conn: sqlite3.Connection, tenant: str, item_ids: Sequence[str]) -
         ITEMS_SQL,
         {"ids": orjson.dumps(list(item_ids)).decode(), "tenant": tenant, "now": base.now_us()},
     ).fetchall()
-    return base.newest_items(rows)
+    # Each copy carries where its JSON is (in its row, or a large value) in place of it, and
+    # only the copies chosen are read.
+    found = base.newest_items(
+        (item_id, (data, at, table), create_time_us, sequence, where, pk)
+        for item_id, data, create_time_us, sequence, where, pk, at, table in rows
+    )
+    read = {}
+    for item_id, item in found.items():
+        data, at, table = cast(tuple[bytes, int | None, str], item.json)
+        read[item_id] = replace(item, json=_value(conn, data, at, table))
+    return read
 
 
 def _get_item(conn: sqlite3.Connection, tenant: str, conversation_id: str, item_id: str) -> Item:
     row = conn.execute(
-        """SELECT i.seq, i.item_id, i.json, i.create_time_us
+        """SELECT i.seq, i.item_id, i.json, i.create_time_us, i.json_at
         FROM conversations c LEFT JOIN conversation_items i
             ON i.conversation_pk = c.pk AND i.item_id = :item_id
         WHERE c.tenant = :tenant AND c.id = :id
@@ -1643,18 +1748,26 @@ def _get_item(conn: sqlite3.Connection, tenant: str, conversation_id: str, item_
         raise errors.conversation_not_found(conversation_id)
     if row[0] is None:
         raise errors.item_not_found(conversation_id, item_id)
-    return Item(id=row[1], json=row[2], sequence=row[0], create_time_us=row[3])
+    json = _value(conn, row[2], row[4], "conversation_large_values")
+    return Item(id=row[1], json=json, sequence=row[0], create_time_us=row[3])
 
 
 def _delete_item(
     conn: sqlite3.Connection, tenant: str, conversation_id: str, item_id: str
 ) -> Conversation:
     pk, _ = _conversation_key(conn, tenant, conversation_id, base.now_us())
-    cur = conn.execute(
-        "DELETE FROM conversation_items WHERE conversation_pk = ? AND item_id = ?", (pk, item_id)
-    )
-    if cur.rowcount == 0:
+    gone = conn.execute(
+        """DELETE FROM conversation_items WHERE conversation_pk = ? AND item_id = ?
+        RETURNING json_at""",
+        (pk, item_id),
+    ).fetchall()
+    if not gone:
         raise errors.item_not_found(conversation_id, item_id)
+    if gone[0][0] is not None:
+        conn.execute(
+            "DELETE FROM conversation_large_values WHERE pk = ? AND conversation_pk = ?",
+            (gone[0][0], pk),
+        )
     return _find_conversation(conn, tenant, conversation_id)
 
 

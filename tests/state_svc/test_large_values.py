@@ -10,6 +10,7 @@ import sqlite3
 from collections.abc import Callable
 
 import asyncpg
+import grpc
 import orjson
 import pytest
 
@@ -227,6 +228,25 @@ async def test_sqlite_store_from_before_large_values_is_migrated(
     assert rows(path, "SELECT count(*) FROM large_values") == [(3,)]
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_sqlite_reads_a_response_without_its_items_when_asked(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    """GetResponseChunked sends no items: SQLite then reads none (a long answer's output item
+    is as long as the answer), and the long values are the same either way."""
+    running = await start()
+    client = connect(running.port)
+    await client.put_chunked(long_turn("resp_1"), piece_bytes=100_003)
+    whole = await running.backend.get_response(TENANT, response_id="resp_1")
+    bare = await running.backend.get_response(TENANT, response_id="resp_1", with_items=False)
+    assert (len(whole.input_items), len(whole.output_items)) == (1, 1)
+    assert (bare.input_items, bare.output_items) == ((), ())
+    sent = long_turn("resp_1")
+    for turn in (whole, bare):
+        assert bytes(turn.response_json) == sent.response_json_with_output_items
+        assert bytes(turn.stream_events_json) == sent.stream_events_json
+
+
 # --- conversations: a long item on every backend --------------------------------------------
 
 
@@ -264,6 +284,127 @@ async def test_long_conversation_items_read_back_and_deleted(client: Client) -> 
     )
     left = [(i.id, i.json) for i in await client.conversation_items(conversation)]
     assert left == [expected[0], *expected[2:]]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_sqlite_keeps_long_conversation_items_apart_and_drops_them_with_their_owner(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    """A conversation's long item is written in a row of its own, owned by the conversation (not
+    by the response it came with: the item outlives it), read back by GetItems too, and gone
+    with the item, the conversation, or the conversation's expiry."""
+    running = await start()
+    client = connect(running.port)
+    path = running.settings.sqlite_path
+    long_item = resources_pb2.Item(id="item_long", json=orjson.dumps(output("item")))
+    conversation = await client.conversation([item("item_first"), long_item])
+    assert rows(
+        path, "SELECT item_id, length(json), json_at IS NOT NULL FROM conversation_items"
+    ) == [("item_first", len(item("item_first").json), 0), ("item_long", 0, 1)]
+    assert rows(path, "SELECT length(data) FROM conversation_large_values") == [
+        (len(long_item.json),)
+    ]
+    # A turn in it: the response's copy and the conversation's copy, each apart.
+    turn = long_turn("resp_1", combined=False)
+    turn.conversation_id = conversation
+    await client.put(turn)
+    assert rows(path, "SELECT count(*) FROM conversation_large_values") == [(2,)]
+    await client.stub.DeleteResponse(pb.DeleteResponseRequest(tenant=TENANT, response_id="resp_1"))
+    assert rows(path, "SELECT count(*) FROM large_values") == [(0,)]
+    found = await client.items("item_long", "resp_1-out")
+    assert [(i.id, i.json) for i in found.items] == [
+        ("item_long", long_item.json),
+        ("resp_1-out", turn.output_items[0].json),
+    ]
+    # A turn whose item clashes with one already there is refused, and leaves no value behind.
+    clash = long_turn("resp_2", combined=False)
+    clash.conversation_id = conversation
+    clash.output_items[0].id = "item_long"
+    with pytest.raises(grpc.aio.AioRpcError):
+        await client.put(clash)
+    assert rows(path, "SELECT count(*) FROM conversation_large_values") == [(2,)]
+    # Gone with the item, then with the conversation.
+    await client.stub.DeleteConversationItem(
+        pb.DeleteConversationItemRequest(
+            tenant=TENANT, conversation_id=conversation, item_id="item_long"
+        )
+    )
+    assert rows(path, "SELECT count(*) FROM conversation_large_values") == [(1,)]
+    await client.stub.DeleteConversation(
+        pb.DeleteConversationRequest(tenant=TENANT, conversation_id=conversation)
+    )
+    assert rows(path, "SELECT count(*) FROM conversation_large_values") == [(0,)]
+    # Expired ones go with their conversation when swept.
+    await client.conversation([long_item])
+    await running.stop(0)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE conversations SET expire_time_us = 1")
+    again = await start()
+    assert await again.backend.sweep() == 1
+    assert rows(path, "SELECT count(*) FROM conversation_large_values") == [(0,)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_sqlite_store_from_before_conversation_values_is_migrated(
+    start: Start, connect: Callable[..., Client]
+) -> None:
+    """A store from before migration 10 (a conversation's long items in their rows) reads them
+    as they were once migrated, and writes new long items apart."""
+    first = await start()
+    client = connect(first.port)
+    path = first.settings.sqlite_path
+    long_item = resources_pb2.Item(id="item_long", json=orjson.dumps(output("item")))
+    conversation = await client.conversation([item("item_first"), long_item])
+    await first.stop(0)
+    with sqlite3.connect(path) as db:
+        for statement in (
+            """UPDATE conversation_items
+            SET json = (SELECT data FROM conversation_large_values WHERE pk = json_at)
+            WHERE json_at IS NOT NULL""",
+            "DROP TABLE conversation_large_values",
+            "ALTER TABLE conversation_items DROP COLUMN json_at",
+            "DELETE FROM schema_version WHERE version > 9",
+        ):
+            db.execute(statement)
+    assert rows(path, "SELECT length(json) > ? FROM conversation_items ORDER BY seq", LARGE) == [
+        (0,),
+        (1,),
+    ]
+
+    again = await start()
+    client = connect(again.port)
+    assert rows(path, "SELECT max(version) FROM schema_version") == [
+        (len(sqlite_backend.MIGRATIONS),)
+    ]
+    expected = [("item_first", item("item_first").json), ("item_long", long_item.json)]
+    assert [(i.id, i.json) for i in await client.conversation_items(conversation)] == expected
+    listed = await client.list_items(conversation)
+    assert [(i.id, i.json) for i in listed.items] == expected
+    assert [i.json for i in (await client.items("item_long")).items] == [long_item.json]
+    assert (await client.append(conversation, [long_item])).replayed
+    await client.append(
+        conversation, [resources_pb2.Item(id="item_long_2", json=orjson.dumps(output("item")))]
+    )
+    assert rows(path, "SELECT count(*) FROM conversation_large_values") == [(1,)]
+    await client.stub.DeleteConversationItem(
+        pb.DeleteConversationItemRequest(
+            tenant=TENANT, conversation_id=conversation, item_id="item_long"
+        )
+    )
+    assert [i.id for i in await client.conversation_items(conversation)] == [
+        "item_first",
+        "item_long_2",
+    ]
+    # Migrated again (a store whose version was set back by hand keeps the table and column).
+    await again.stop(0)
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM schema_version WHERE version > 9")
+    third = await start()
+    client = connect(third.port)
+    assert [i.json for i in await client.conversation_items(conversation)] == [
+        item("item_first").json,
+        orjson.dumps(output("item")),
+    ]
 
 
 # --- PostgreSQL: where the long values are --------------------------------------------------
