@@ -336,6 +336,24 @@ async def test_a_cookie_the_hub_set_is_never_sent_back() -> None:
     assert cookies == [None, None, None]
 
 
+async def test_a_long_stream_hands_back_what_it_freed_as_it_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Once per GIVE_BACK_EVERY bytes of the hub's stream, not per event, and not for a short one.
+    calls: list[int] = []
+    monkeypatch.setattr(hubmod.gctune, "give_back_now", lambda: calls.append(1))
+    event = b'data: {"choices": [{"delta": {"content": "abcd"}}]}\n\n'
+    many = event * (3 * hubmod.GIVE_BACK_EVERY // len(event) + 10)
+    async with serving(sse(many, b"data: [DONE]\n\n")) as url, client(url) as c:
+        got = await collect(c)
+        assert len(got) == many.count(b"data:")
+        assert len(calls) == 3
+        calls.clear()
+        async with serving(sse(event * 100, b"data: [DONE]\n\n")) as short, client(short) as d:
+            assert len(await collect(d)) == 100
+        assert calls == []
+
+
 def test_malformed_is_a_502_with_the_message() -> None:
     err = hubmod.malformed("no choices")
     assert (err.status, err.code, err.message) == (502, "upstream_malformed_response", "no choices")
